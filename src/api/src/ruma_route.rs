@@ -1,0 +1,212 @@
+//! Routing ruma's endpoint types: one generic glue function gives every endpoint the same
+//! shape (authenticate -> parse -> call the handler -> serialize), with paths and methods
+//! taken from ruma's metadata so they can never drift from the spec.
+
+use std::{collections::HashSet, future::Future};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{FromRequestParts, RawPathParams, Request},
+    response::Response,
+    routing::{MethodFilter, on},
+};
+use http::StatusCode;
+use ruma::api::{
+    IncomingRequest, IncomingRequestExt, OutgoingResponseExt,
+    auth_scheme::{
+        AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken,
+        NoAuthentication,
+    },
+    error::{DeserializationError, FromHttpRequestError},
+    path_builder::PathBuilder,
+};
+use trellis_core::{Error, Result};
+use trellis_service::accounts::Session;
+
+use crate::{
+    AppState,
+    response::{error_response, json_response},
+};
+
+/// What a handler gets besides its parsed request.
+pub struct Ctx {
+    pub services: AppState,
+    /// Present when the endpoint takes an access token and one was given.
+    pub session: Option<Session>,
+}
+
+impl Ctx {
+    /// The authenticated session; only call on endpoints that require a token.
+    pub fn session(&self) -> Result<&Session> {
+        self.session.as_ref().ok_or_else(Error::missing_token)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    None,
+    Optional,
+    Required,
+}
+
+/// Maps ruma's authentication scheme of an endpoint to what we check.
+pub trait AuthPolicy {
+    const KIND: AuthKind;
+}
+
+impl AuthPolicy for NoAuthentication {
+    const KIND: AuthKind = AuthKind::None;
+}
+impl AuthPolicy for NoAccessToken {
+    const KIND: AuthKind = AuthKind::None;
+}
+impl AuthPolicy for AccessToken {
+    const KIND: AuthKind = AuthKind::Required;
+}
+impl AuthPolicy for AccessTokenOptional {
+    const KIND: AuthKind = AuthKind::Optional;
+}
+impl AuthPolicy for AppserviceToken {
+    const KIND: AuthKind = AuthKind::Required;
+}
+impl AuthPolicy for AppserviceTokenOptional {
+    const KIND: AuthKind = AuthKind::Optional;
+}
+
+/// Registers `handler` for every path (stable, unstable, legacy) of endpoint `R`.
+pub fn add<R, F, Fut>(mut router: Router<AppState>, handler: F) -> Router<AppState>
+where
+    R: IncomingRequest + Send + 'static,
+    R::Authentication: AuthPolicy,
+    R::OutgoingResponse: Send,
+    F: Fn(Ctx, R) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::OutgoingResponse>> + Send + 'static,
+{
+    let filter = match MethodFilter::try_from(R::METHOD) {
+        Ok(f) => f,
+        Err(_) => return router,
+    };
+    let mut seen = HashSet::new();
+    for path in R::PATH_BUILDER.all_paths() {
+        if !seen.insert(path) {
+            continue;
+        }
+        let handler = handler.clone();
+        router = router.route(
+            path,
+            on(
+                filter,
+                move |axum::extract::State(state): axum::extract::State<AppState>, req: Request| {
+                    let handler = handler.clone();
+                    async move { dispatch::<R, F, Fut>(state, req, handler).await }
+                },
+            ),
+        );
+    }
+    router
+}
+
+async fn dispatch<R, F, Fut>(services: AppState, req: Request, handler: F) -> Response
+where
+    R: IncomingRequest,
+    R::Authentication: AuthPolicy,
+    F: Fn(Ctx, R) -> Fut,
+    Fut: Future<Output = Result<R::OutgoingResponse>>,
+{
+    match handle::<R, F, Fut>(services, req, handler).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn handle<R, F, Fut>(services: AppState, req: Request, handler: F) -> Result<Response>
+where
+    R: IncomingRequest,
+    R::Authentication: AuthPolicy,
+    F: Fn(Ctx, R) -> Fut,
+    Fut: Future<Output = Result<R::OutgoingResponse>>,
+{
+    let (mut parts, body) = req.into_parts();
+    let args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, &()).await {
+        Ok(params) => params.iter().map(|(_, v)| v.to_owned()).collect(),
+        Err(_) => return Err(Error::invalid_param("Path parameters are not valid UTF-8")),
+    };
+    let session = match <R::Authentication as AuthPolicy>::KIND {
+        AuthKind::None => None,
+        kind => match access_token(&parts) {
+            Some(token) => Some(services.accounts.authenticate(&token)?),
+            None if kind == AuthKind::Required => return Err(Error::missing_token()),
+            None => None,
+        },
+    };
+    let bytes = read_body(body).await?;
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let request = R::try_from_http_request(http::Request::from_parts(parts, &bytes[..]), &arg_refs)
+        .map_err(parse_error)?;
+
+    let response = handler(Ctx { services, session }, request).await?;
+    let http_resp = response
+        .try_into_http_response::<Vec<u8>>()
+        .map_err(|e| Error::internal("serializing a response", e))?;
+    let (parts, body) = http_resp.into_parts();
+    let mut resp = json_response(parts.status, body);
+    *resp.headers_mut() = parts.headers;
+    Ok(resp)
+}
+
+/// Reads the whole body; the size limit layer has already bounded it.
+async fn read_body(body: Body) -> Result<axum::body::Bytes> {
+    axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
+        // The limit error sits some layers down the source chain (axum wraps it twice).
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        let mut too_large = false;
+        while let Some(err) = source {
+            too_large |= err.is::<http_body_util::LengthLimitError>();
+            source = err.source();
+        }
+        if too_large {
+            Error::too_large("Request body is too large")
+        } else {
+            Error::new(
+                StatusCode::BAD_REQUEST,
+                trellis_core::error::code::UNKNOWN,
+                "Could not read request body",
+            )
+        }
+    })
+}
+
+/// `Authorization: Bearer` first; the deprecated `access_token` query parameter second.
+fn access_token(parts: &http::request::Parts) -> Option<String> {
+    if let Some(value) = parts.headers.get(http::header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
+    }
+    let query = parts.uri.query()?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "access_token")
+        .map(|(_, v)| v.into_owned())
+}
+
+fn parse_error(e: FromHttpRequestError) -> Error {
+    match e {
+        FromHttpRequestError::MethodMismatch { .. } => Error::method_not_allowed(),
+        FromHttpRequestError::Deserialization(d) => match d {
+            DeserializationError::Json(j) if j.is_syntax() || j.is_eof() => {
+                Error::not_json(format!("Request body is not valid JSON: {j}"))
+            }
+            DeserializationError::Json(j) => Error::bad_json(format!("Invalid request body: {j}")),
+            DeserializationError::Utf8(_) => Error::not_json("Request body is not UTF-8"),
+            DeserializationError::Query(q) => {
+                Error::invalid_param(format!("Invalid query string: {q}"))
+            }
+            DeserializationError::Ident(i) => {
+                Error::invalid_param(format!("Invalid identifier: {i}"))
+            }
+            DeserializationError::Header(h) => Error::invalid_param(format!("Invalid header: {h}")),
+            other => Error::bad_json(other.to_string()),
+        },
+        other => Error::bad_json(other.to_string()),
+    }
+}

@@ -1,0 +1,86 @@
+//! Endpoints about the server itself: the key server, federation version, `.well-known`
+//! discovery and health.
+
+use axum::{
+    Router,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use http::{StatusCode, header};
+use ruma::{
+    api::federation::discovery::{get_server_keys, get_server_version},
+    serde::Raw,
+};
+use serde_json::json;
+use trellis_core::{Error, Result};
+
+use crate::{
+    AppState,
+    response::{ApiError, json_response},
+    ruma_route::{self, Ctx},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<get_server_keys::v2::Request, _, _>(router, server_keys);
+    let router = ruma_route::add::<get_server_version::v1::Request, _, _>(router, server_version);
+    router
+        // The deprecated form with a key id in the path returns the same document.
+        .route("/_matrix/key/v2/server/{key_id}", get(server_keys_legacy))
+        .route("/.well-known/matrix/client", get(well_known_client))
+        .route("/.well-known/matrix/server", get(well_known_server))
+        .route("/health", get(health))
+}
+
+async fn server_keys(
+    ctx: Ctx,
+    _: get_server_keys::v2::Request,
+) -> Result<get_server_keys::v2::Response> {
+    let doc = ctx.services.keys.server_keys_document()?;
+    let raw: Raw<ruma::api::federation::discovery::ServerSigningKeys> = Raw::from_json(
+        serde_json::value::to_raw_value(&doc).map_err(|e| Error::internal("key document", e))?,
+    );
+    Ok(get_server_keys::v2::Response::new(raw))
+}
+
+async fn server_keys_legacy(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
+    match s.keys.server_keys_document() {
+        Ok(doc) => json_response(StatusCode::OK, serde_json::to_vec(&doc).unwrap_or_default()),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+async fn server_version(
+    _: Ctx,
+    _: get_server_version::v1::Request,
+) -> Result<get_server_version::v1::Response> {
+    let mut server = get_server_version::v1::Server::new();
+    server.name = Some("Trellis".into());
+    server.version = Some(trellis_core::VERSION.into());
+    let mut resp = get_server_version::v1::Response::new();
+    resp.server = Some(server);
+    Ok(resp)
+}
+
+async fn well_known_client(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
+    let base_url = &s.config.well_known.client;
+    if base_url.is_empty() {
+        return ApiError(Error::not_found("No client discovery information configured"))
+            .into_response();
+    }
+    json_response(
+        StatusCode::OK,
+        json!({ "m.homeserver": { "base_url": base_url } }).to_string().into_bytes(),
+    )
+}
+
+async fn well_known_server(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
+    let server = &s.config.well_known.server;
+    if server.is_empty() {
+        return ApiError(Error::not_found("No server delegation configured")).into_response();
+    }
+    json_response(StatusCode::OK, json!({ "m.server": server }).to_string().into_bytes())
+}
+
+async fn health() -> Response {
+    ([(header::CONTENT_TYPE, "text/plain")], "OK").into_response()
+}

@@ -1,0 +1,511 @@
+//! Server configuration: TOML with every key defaulted, plus `TRELLIS_<SECTION>__<KEY>`
+//! environment overrides.
+//!
+//! Validation reports *every* problem by its dotted key name rather than stopping at the
+//! first, because an operator fixing a config file wants the whole list at once.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// Prefix of environment variables that override config keys.
+pub const ENV_PREFIX: &str = "TRELLIS_";
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub http: HttpConfig,
+    pub well_known: WellKnownConfig,
+    pub federation: FederationConfig,
+    pub registration: RegistrationConfig,
+    pub logging: LoggingConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The server name: the part after the colon in user ids. Cannot change later.
+    pub server_name: String,
+    /// Address of the client-server (and, until TLS lands, federation) listener.
+    pub listen: SocketAddr,
+    /// Directory for all persistent state: the database and the signing key.
+    pub data_dir: PathBuf,
+    /// Signing key file; empty means `<data_dir>/signing.key`.
+    pub signing_key_path: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
+            data_dir: PathBuf::from("./data"),
+            signing_key_path: PathBuf::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Shared RocksDB block cache, in MiB.
+    pub block_cache_mb: u64,
+    /// Memtable size per column family, in MiB.
+    pub write_buffer_mb: u64,
+    /// Compression for all but the last level: `none`, `lz4` or `zstd`.
+    pub compression: Compression,
+    /// Compression for the bottommost level, where most data lives.
+    pub bottommost_compression: Compression,
+    /// Limit on open SST files (-1 = unlimited).
+    pub max_open_files: i32,
+    /// fsync the write-ahead log before acknowledging a write. Off still survives a
+    /// process crash (`kill -9`); on also survives power loss.
+    pub sync_writes: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            block_cache_mb: 256,
+            write_buffer_mb: 32,
+            compression: Compression::Lz4,
+            bottommost_compression: Compression::Zstd,
+            max_open_files: 1024,
+            sync_writes: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Lz4,
+    Zstd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Largest accepted request body, in bytes (media uploads have their own limit).
+    pub max_request_bytes: usize,
+    /// Seconds to wait for in-flight requests on shutdown before closing anyway.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { max_request_bytes: 1024 * 1024, shutdown_grace_seconds: 10 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WellKnownConfig {
+    /// Base URL clients should use (`m.homeserver.base_url`); empty disables
+    /// `/.well-known/matrix/client` (404).
+    pub client: String,
+    /// `host[:port]` other servers should use (`m.server`); empty disables
+    /// `/.well-known/matrix/server` (404).
+    pub server: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// How long other servers may cache our signing key (`valid_until_ts`), in hours.
+    pub key_validity_hours: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self { key_validity_hours: 24 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// `closed` (only admins create accounts) or `open` (anyone, `m.login.dummy`).
+    pub mode: RegistrationMode,
+    /// Seconds a user-interactive auth session lives.
+    pub uia_session_ttl_seconds: u64,
+    /// argon2id memory cost in KiB.
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations.
+    pub argon2_iterations: u32,
+    /// Minimum password length.
+    pub password_min_length: usize,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            mode: RegistrationMode::Closed,
+            uia_session_ttl_seconds: 600,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            password_min_length: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    Closed,
+    Open,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `info,trellis_api=debug`. `RUST_LOG` wins if set.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `/metrics` on `listen`.
+    pub enabled: bool,
+    /// A separate listener so metrics need not be exposed with the client API.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, listen: SocketAddr::from(([127, 0, 0, 1], 9108)) }
+    }
+}
+
+/// One problem found in a configuration, named by its dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Everything wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigIssue>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, issue) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Loads a config file (or defaults when `path` is `None`), then applies environment
+    /// overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![ConfigIssue {
+                    key: p.display().to_string(),
+                    message: format!("cannot read file: {e}"),
+                }])
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml_str(&text, env)
+    }
+
+    /// Parses TOML text, applies environment overrides and validates the result.
+    pub fn from_toml_str(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut user: Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![ConfigIssue {
+                key: "(file)".into(),
+                message: format!("not valid TOML: {}", e.message()),
+            }])
+        })?;
+        let mut issues = Vec::new();
+        apply_env_overrides(&mut user, env, &mut issues);
+
+        let defaults = defaults_table();
+        check_keys(&user, &defaults, "", &mut issues);
+        if !issues.is_empty() {
+            return Err(ConfigErrors(issues));
+        }
+        let config: Config =
+            Value::Table(user.clone()).try_into().map_err(|e: toml::de::Error| {
+                ConfigErrors(vec![ConfigIssue {
+                    key: "(config)".into(),
+                    message: e.message().into(),
+                }])
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Semantic checks that the type system cannot express.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut issues = Vec::new();
+        let mut bad =
+            |key: &str, message: String| issues.push(ConfigIssue { key: key.into(), message });
+        if let Err(e) = <&ruma::ServerName>::try_from(self.server.server_name.as_str()) {
+            bad("server.server_name", format!("not a valid Matrix server name: {e}"));
+        }
+        if self.server.data_dir.as_os_str().is_empty() {
+            bad("server.data_dir", "must not be empty".into());
+        }
+        if self.storage.block_cache_mb == 0 {
+            bad("storage.block_cache_mb", "must be at least 1".into());
+        }
+        if self.storage.write_buffer_mb == 0 {
+            bad("storage.write_buffer_mb", "must be at least 1".into());
+        }
+        if self.http.max_request_bytes < 1024 {
+            bad("http.max_request_bytes", "must be at least 1024".into());
+        }
+        if self.federation.key_validity_hours == 0 {
+            bad("federation.key_validity_hours", "must be at least 1".into());
+        }
+        if self.registration.argon2_memory_kib < 8 {
+            bad("registration.argon2_memory_kib", "must be at least 8".into());
+        }
+        if self.registration.argon2_iterations == 0 {
+            bad("registration.argon2_iterations", "must be at least 1".into());
+        }
+        let client = &self.well_known.client;
+        if !(client.is_empty() || client.starts_with("https://") || client.starts_with("http://")) {
+            bad("well_known.client", "must be an http(s) URL".into());
+        }
+        if tracing_filter_invalid(&self.logging.level) {
+            bad("logging.level", format!("not a valid log filter: {:?}", self.logging.level));
+        }
+        if self.metrics.enabled && self.metrics.listen == self.server.listen {
+            bad("metrics.listen", "must differ from server.listen".into());
+        }
+        if issues.is_empty() { Ok(()) } else { Err(ConfigErrors(issues)) }
+    }
+
+    /// The defaults as TOML, the basis of `config print-defaults`.
+    pub fn defaults_toml() -> String {
+        toml::to_string_pretty(&Config::default()).unwrap_or_default()
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        if self.server.signing_key_path.as_os_str().is_empty() {
+            self.server.data_dir.join("signing.key")
+        } else {
+            self.server.signing_key_path.clone()
+        }
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.server.data_dir.join("db")
+    }
+}
+
+fn tracing_filter_invalid(level: &str) -> bool {
+    // The filter syntax belongs to tracing-subscriber, which core does not depend on;
+    // reject only what can never be a directive list.
+    level.trim().is_empty() || level.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+fn defaults_table() -> Table {
+    match Value::try_from(Config::default()) {
+        Ok(Value::Table(t)) => t,
+        _ => Table::new(),
+    }
+}
+
+/// Walks the user's table against the defaults: unknown keys by name, and each known leaf
+/// deserialized on its own so that every bad value is reported, not just the first.
+fn check_keys(user: &Table, defaults: &Table, prefix: &str, issues: &mut Vec<ConfigIssue>) {
+    for (key, value) in user {
+        let dotted = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        let Some(default) = defaults.get(key) else {
+            issues.push(ConfigIssue { key: dotted, message: "unknown key".into() });
+            continue;
+        };
+        match (value, default) {
+            (Value::Table(u), Value::Table(d)) => check_keys(u, d, &dotted, issues),
+            (_, Value::Table(_)) => issues
+                .push(ConfigIssue { key: dotted, message: "expected a table (section)".into() }),
+            _ => {
+                if let Err(message) = check_leaf(&dotted, value) {
+                    issues.push(ConfigIssue { key: dotted, message });
+                }
+            }
+        }
+    }
+}
+
+/// Deserializes the defaults with only this one leaf replaced.
+fn check_leaf(dotted: &str, value: &Value) -> Result<(), String> {
+    let mut probe = defaults_table();
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().unwrap_or_default();
+    let mut table = &mut probe;
+    for part in parts {
+        table = match table.get_mut(part) {
+            Some(Value::Table(t)) => t,
+            _ => return Ok(()),
+        };
+    }
+    table.insert(last.to_string(), value.clone());
+    Value::Table(probe).try_into::<Config>().map(|_| ()).map_err(|e| e.message().trim().to_string())
+}
+
+/// `TRELLIS_SERVER__SERVER_NAME=example.org` sets `server.server_name`. Values are parsed
+/// as TOML when they can be (numbers, booleans, arrays) and taken as strings otherwise.
+fn apply_env_overrides(
+    user: &mut Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    issues: &mut Vec<ConfigIssue>,
+) {
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let Some((section, key)) = rest.split_once("__") else { continue };
+        let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+        if section.is_empty() || key.is_empty() {
+            continue;
+        }
+        let value = parse_env_value(&raw);
+        let entry = user.entry(section.clone()).or_insert_with(|| Value::Table(Table::new()));
+        match entry {
+            Value::Table(t) => {
+                t.insert(key, value);
+            }
+            _ => issues.push(ConfigIssue {
+                key: format!("{section}.{key}"),
+                message: format!("{name} overrides a key whose section is not a table"),
+            }),
+        }
+    }
+}
+
+fn parse_env_value(raw: &str) -> Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.into())),
+        Err(_) => Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::from_toml_str("", no_env()).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.server.server_name, "localhost");
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8008");
+    }
+
+    #[test]
+    fn defaults_round_trip() {
+        let text = Config::defaults_toml();
+        assert_eq!(Config::from_toml_str(&text, no_env()).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_invalid_key_is_reported() {
+        let text = r#"
+            bogus = 1
+            [server]
+            listen = "not an address"
+            nonsense = true
+            [storage]
+            block_cache_mb = "lots"
+            compression = "gzip"
+            [nosuch]
+            x = 1
+        "#;
+        let err = Config::from_toml_str(text, no_env()).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|i| i.key.as_str()).collect();
+        for expected in [
+            "bogus",
+            "server.listen",
+            "server.nonsense",
+            "storage.block_cache_mb",
+            "storage.compression",
+            "nosuch",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn semantic_errors_are_named() {
+        let text = "[server]\nserver_name = \"bad name!\"\n[storage]\nblock_cache_mb = 0\n";
+        let err = Config::from_toml_str(text, no_env()).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["server.server_name", "storage.block_cache_mb"]);
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_checked() {
+        let env = vec![
+            ("TRELLIS_SERVER__SERVER_NAME".to_string(), "example.org".to_string()),
+            ("TRELLIS_STORAGE__BLOCK_CACHE_MB".to_string(), "64".to_string()),
+            ("TRELLIS_STORAGE__SYNC_WRITES".to_string(), "false".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::from_toml_str("", env).unwrap();
+        assert_eq!(c.server.server_name, "example.org");
+        assert_eq!(c.storage.block_cache_mb, 64);
+        assert!(!c.storage.sync_writes);
+
+        let env = vec![("TRELLIS_STORAGE__NOPE".to_string(), "1".to_string())];
+        let err = Config::from_toml_str("", env).unwrap_err();
+        assert_eq!(err.0[0].key, "storage.nope");
+    }
+
+    #[test]
+    fn bad_toml_is_an_error_not_a_panic() {
+        assert!(Config::from_toml_str("[server", no_env()).is_err());
+        assert!(Config::from_toml_str("server = 3", no_env()).is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! `trellis`: the Matrix homeserver binary.
+
+mod serve;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use trellis_core::Config;
+
+/// The documented example configuration; a test keeps it equal to the defaults.
+const CONFIG_EXAMPLE: &str = include_str!("../../../config.example.toml");
+
+#[derive(Parser)]
+#[command(name = "trellis", version, about = "Trellis, a Matrix homeserver")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the homeserver. Without a config file every key takes its default:
+    /// server name `localhost`, client API on 127.0.0.1:8008, data in ./data.
+    Serve {
+        /// TOML config file; `TRELLIS_<SECTION>__<KEY>` environment variables override it.
+        #[arg(long, short, env = "TRELLIS_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Inspect configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file (with environment overrides applied) and list every problem.
+    Check { file: PathBuf },
+    /// Print the documented default configuration.
+    PrintDefaults,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let config = match Config::load(config.as_deref(), std::env::vars()) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("invalid configuration:\n{errors}");
+                    return ExitCode::from(78); // EX_CONFIG
+                }
+            };
+            serve::run(config)
+        }
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            match Config::load(Some(&file), std::env::vars()) {
+                Ok(_) => {
+                    println!("{}: OK", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    for issue in &errors.0 {
+                        eprintln!("{}: {issue}", file.display());
+                    }
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Config { command: ConfigCommand::PrintDefaults } => {
+            print!("{CONFIG_EXAMPLE}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_exactly_the_defaults() {
+        let parsed = Config::from_toml_str(CONFIG_EXAMPLE, Vec::new()).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn example_config_documents_every_key() {
+        let example: toml::Table = CONFIG_EXAMPLE.parse().unwrap();
+        let defaults: toml::Table = Config::defaults_toml().parse().unwrap();
+        for (section, keys) in &defaults {
+            let toml::Value::Table(keys) = keys else { continue };
+            for key in keys.keys() {
+                let present = example
+                    .get(section)
+                    .and_then(|s| s.as_table())
+                    .is_some_and(|s| s.contains_key(key));
+                assert!(present, "config.example.toml lacks {section}.{key}");
+            }
+        }
+    }
+}

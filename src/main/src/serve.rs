@@ -1,0 +1,148 @@
+//! `trellis serve`: wiring, listeners, signals and an orderly shutdown.
+
+use std::{process::ExitCode, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+use tracing_subscriber::EnvFilter;
+use trellis_core::{Config, config::LogFormat};
+use trellis_service::{ServerKeys, Services};
+
+pub fn run(config: Config) -> ExitCode {
+    if let Err(e) = init_logging(&config) {
+        eprintln!("logging.level: {e}");
+        return ExitCode::from(78);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("trellis: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) -> Result<(), String> {
+    let filter = match EnvFilter::try_from_default_env() {
+        Ok(f) => f,
+        Err(_) => EnvFilter::try_new(&config.logging.level).map_err(|e| e.to_string())?,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match config.logging.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let db_path = config.database_path();
+    let storage = config.storage.clone();
+    let db = tokio::task::spawn_blocking(move || trellis_store::open(&db_path, &storage))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| {
+            format!("opening the database at {}: {e}", config.database_path().display())
+        })?;
+    let keys = ServerKeys::load_or_generate(
+        &config.signing_key_path(),
+        &config.server.server_name,
+        config.federation.key_validity_hours,
+    )
+    .map_err(|e| format!("signing key: {e}"))?;
+
+    let listen = config.server.listen;
+    let metrics = config.metrics.enabled.then_some(config.metrics.listen);
+    let grace = Duration::from_secs(config.http.shutdown_grace_seconds);
+    let services = Services::new(config, db, keys);
+
+    let listener =
+        TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let app = trellis_api::main_router(services.clone());
+    tasks.spawn(serve_until_stopped(listener, app, stop_rx.clone()));
+    if let Some(addr) = metrics {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))?;
+        tasks.spawn(serve_until_stopped(
+            listener,
+            trellis_api::metrics_router(services.clone()),
+            stop_rx,
+        ));
+        tracing::info!(%addr, "metrics listening");
+    }
+    tracing::info!(
+        %listen,
+        server_name = services.server_name(),
+        version = trellis_core::VERSION,
+        "Trellis is listening"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            seconds = grace.as_secs(),
+            "requests still running after the grace period; closing them"
+        );
+        tasks.abort_all();
+    }
+
+    let db = services.db.clone();
+    drop(services);
+    tokio::task::spawn_blocking(move || db.flush())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("flushing storage: {e}"))?;
+    tracing::info!("storage flushed; goodbye");
+    Ok(())
+}
+
+async fn serve_until_stopped(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "listener failed");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

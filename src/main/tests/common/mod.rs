@@ -1,0 +1,182 @@
+//! Black-box test harness: runs the real `trellis` binary on loopback ports with a
+//! temporary data directory and talks HTTP to it.
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+}
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    pub metrics_base: String,
+    pub child: Option<Child>,
+    pub config_path: PathBuf,
+    pub client: reqwest::Client,
+    pub env: Vec<(String, String)>,
+}
+
+impl TestServer {
+    /// Starts a server whose config is the defaults plus `extra` TOML sections (which
+    /// must not be `[server]` or `[metrics]`: ports and data dir are filled in here).
+    pub async fn start(extra: &str) -> Self {
+        Self::start_with_env(extra, &[]).await
+    }
+
+    /// Like `start`, with environment overrides (`TRELLIS_SECTION__KEY`) for the process.
+    pub async fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let metrics_port = free_port();
+        let config = format!(
+            "{extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+            dir.path().join("data").display()
+        );
+        let config_path = dir.path().join("trellis.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut server = Self {
+            dir,
+            base: format!("http://127.0.0.1:{port}"),
+            metrics_base: format!("http://127.0.0.1:{metrics_port}"),
+            child: None,
+            config_path,
+            client: reqwest::Client::new(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        server.launch().await;
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// (Re)starts the process and waits until it answers `/versions`.
+    pub async fn launch(&mut self) {
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn trellis");
+        self.child = Some(child);
+        wait_ready(&self.client, &self.base, self.child.as_mut().unwrap()).await;
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        signal(&c, "TERM");
+        wait_exit(&mut c, Duration::from_secs(30))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        json_of(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        json_of(self.client.post(self.url(path)).json(body).send().await.unwrap()).await
+    }
+
+    pub async fn get_auth(&self, path: &str, token: &str) -> (u16, Value) {
+        json_of(self.client.get(self.url(path)).bearer_auth(token).send().await.unwrap()).await
+    }
+
+    /// Registers through the open `m.login.dummy` flow; returns (user_id, access_token).
+    pub async fn register(&self, username: &str) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/_matrix/client/v3/register",
+                &serde_json::json!({"username": username, "auth": {"type": "m.login.dummy"}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (
+            body["user_id"].as_str().unwrap().to_owned(),
+            body["access_token"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn json_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("status {status}: body is not JSON: {text:?}"));
+    (status, value)
+}
+
+pub async fn wait_ready(client: &reqwest::Client, base: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("trellis exited during start-up: {status}");
+        }
+        if let Ok(r) = client.get(format!("{base}/_matrix/client/versions")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "trellis did not become ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} failed");
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn run_cli(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(BIN).args(args).current_dir(cwd).output().unwrap()
+}

@@ -1,0 +1,41 @@
+//! The catalog of tables: one RocksDB column family each, with its tuning.
+
+/// How a table is used, which decides its tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Mostly point reads by full key: bloom filters pay off.
+    Point,
+    /// Mostly ordered range scans (timelines, per-user listings).
+    Scan,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct TableDef {
+    pub name: &'static str,
+    pub access: Access,
+}
+
+macro_rules! tables {
+    ($($ident:ident = $name:literal, $access:ident;)*) => {
+        $(pub static $ident: TableDef = TableDef { name: $name, access: Access::$access };)*
+        /// Every table, in catalog order.
+        pub static ALL: &[&TableDef] = &[$(&$ident),*];
+    };
+}
+
+tables! {
+    // Engine bookkeeping: schema version, server-wide counters.
+    META = "meta", Point;
+    // user localpart -> account record
+    USERS = "users", Point;
+    // sha256(access token) -> session (user, device)
+    ACCESS_TOKENS = "access_tokens", Point;
+    // (user localpart, device id) -> device record
+    DEVICES = "devices", Scan;
+    // UIA session id -> session record
+    UIA_SESSIONS = "uia_sessions", Point;
+}
+
+pub fn by_name(name: &str) -> Option<&'static TableDef> {
+    ALL.iter().copied().find(|t| t.name == name)
+}

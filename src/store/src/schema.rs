@@ -1,0 +1,168 @@
+//! Opening the store: the schema version kept in the database and the migrations that
+//! bring an older database up to it.
+
+use std::{path::Path, sync::Arc};
+
+use trellis_core::config::StorageConfig;
+
+use crate::{Batch, Db, Engine, RocksEngine, StoreError, StoreResult, Table, catalog};
+
+/// The layout this binary reads and writes. Bump it together with a migration.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: Table<String, u64> = Table::new(&catalog::META);
+const VERSION_KEY: &str = "schema_version";
+
+/// A migration from `version - 1` to `version`, run inside `open` before serving.
+struct Migration {
+    version: u64,
+    run: fn(&dyn Engine) -> StoreResult<()>,
+}
+
+/// Version 1 is the first layout; later versions append here.
+const MIGRATIONS: &[Migration] = &[];
+
+/// Opens (creating if needed) the RocksDB store at `path` and migrates it.
+pub fn open(path: &Path, cfg: &StorageConfig) -> StoreResult<Db> {
+    std::fs::create_dir_all(path)
+        .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", path.display())))?;
+    let engine = RocksEngine::open(path, cfg)?;
+    migrate(&engine, MIGRATIONS)?;
+    Ok(Arc::new(engine))
+}
+
+fn migrate(db: &dyn Engine, migrations: &[Migration]) -> StoreResult<()> {
+    let key = VERSION_KEY.to_string();
+    let found = META.get(db, &key)?;
+    let Some(mut current) = found else {
+        // A fresh database starts at the current layout.
+        let mut b = Batch::new();
+        META.put(&mut b, &key, &SCHEMA_VERSION);
+        return db.write(b);
+    };
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "database schema version {current} is newer than this binary's {SCHEMA_VERSION}; \
+             refusing to open it (downgrades are not supported)"
+        )));
+    }
+    while current < SCHEMA_VERSION {
+        let next = current + 1;
+        let step = migrations
+            .iter()
+            .find(|m| m.version == next)
+            .ok_or_else(|| StoreError::Schema(format!("no migration to version {next}")))?;
+        tracing::info!(from = current, to = next, "migrating database schema");
+        (step.run)(db)?;
+        let mut b = Batch::new();
+        META.put(&mut b, &key, &next);
+        db.write(b)?;
+        current = next;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Direction, Json};
+
+    fn cfg() -> StorageConfig {
+        StorageConfig { block_cache_mb: 8, sync_writes: false, ..Default::default() }
+    }
+
+    #[test]
+    fn fresh_db_gets_current_version_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open(dir.path(), &cfg()).unwrap();
+            assert_eq!(META.get(&*db, &VERSION_KEY.to_string()).unwrap(), Some(SCHEMA_VERSION));
+        }
+        let db = open(dir.path(), &cfg()).unwrap();
+        assert_eq!(META.get(&*db, &VERSION_KEY.to_string()).unwrap(), Some(SCHEMA_VERSION));
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = open(dir.path(), &cfg()).unwrap();
+            let mut b = Batch::new();
+            META.put(&mut b, &VERSION_KEY.to_string(), &(SCHEMA_VERSION + 1));
+            db.write(b).unwrap();
+        }
+        let err = open(dir.path(), &cfg()).err().unwrap();
+        assert!(matches!(err, StoreError::Schema(_)));
+    }
+
+    #[test]
+    fn migrations_run_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = RocksEngine::open(dir.path(), &cfg()).unwrap();
+        let mut b = Batch::new();
+        META.put(&mut b, &VERSION_KEY.to_string(), &0);
+        engine.write(b).unwrap();
+        fn to_v1(db: &dyn Engine) -> StoreResult<()> {
+            db.put(&catalog::META, b"migrated", b"yes")
+        }
+        migrate(&engine, &[Migration { version: 1, run: to_v1 }]).unwrap();
+        assert_eq!(engine.get(&catalog::META, b"migrated").unwrap(), Some(b"yes".to_vec()));
+        assert_eq!(META.get(&engine, &VERSION_KEY.to_string()).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn scans_both_directions_with_prefix_and_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path(), &cfg()).unwrap();
+        let t: Table<(String, u64), Json<String>> = Table::new(&catalog::DEVICES);
+        let mut b = Batch::new();
+        for (room, pos) in [("a", 1u64), ("a", 2), ("a", 10), ("ab", 1), ("b", 5)] {
+            t.put(&mut b, &(room.to_string(), pos), &Json(format!("{room}{pos}")));
+        }
+        db.write(b).unwrap();
+
+        let fwd: Vec<u64> = t
+            .scan_prefix(&*db, &"a".to_string(), Direction::Forward)
+            .unwrap()
+            .map(|r| r.unwrap().0.1)
+            .collect();
+        assert_eq!(fwd, [1, 2, 10]);
+        let back: Vec<u64> = t
+            .scan_prefix(&*db, &"a".to_string(), Direction::Backward)
+            .unwrap()
+            .map(|r| r.unwrap().0.1)
+            .collect();
+        assert_eq!(back, [10, 2, 1]);
+
+        use std::ops::Bound::*;
+        let lo = ("a".to_string(), 2u64);
+        let hi = ("ab".to_string(), 1u64);
+        let mid: Vec<(String, u64)> = t
+            .scan_range(&*db, Excluded(&lo), Included(&hi), Direction::Forward)
+            .unwrap()
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(mid, [("a".to_string(), 10), ("ab".to_string(), 1)]);
+        let mid_back: Vec<(String, u64)> = t
+            .scan_range(&*db, Included(&lo), Excluded(&hi), Direction::Backward)
+            .unwrap()
+            .map(|r| r.unwrap().0)
+            .collect();
+        assert_eq!(mid_back, [("a".to_string(), 10), ("a".to_string(), 2)]);
+    }
+
+    #[test]
+    fn batch_is_atomic_across_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path(), &cfg()).unwrap();
+        let mut b = Batch::new();
+        b.put_raw(&catalog::USERS, b"u".to_vec(), b"1".to_vec());
+        b.put_raw(&catalog::DEVICES, b"d".to_vec(), b"2".to_vec());
+        b.delete_raw(&catalog::USERS, b"u".to_vec());
+        db.write(b).unwrap();
+        assert_eq!(db.get(&catalog::USERS, b"u").unwrap(), None);
+        assert_eq!(db.get(&catalog::DEVICES, b"d").unwrap(), Some(b"2".to_vec()));
+        db.flush().unwrap();
+        assert!(db.stats().iter().any(|s| s.table == "devices"));
+    }
+}
