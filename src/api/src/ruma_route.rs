@@ -22,7 +22,7 @@ use ruma::api::{
     path_builder::PathBuilder,
 };
 use trellis_core::{Error, Result};
-use trellis_service::accounts::Session;
+use trellis_service::{Client, accounts::Session, ratelimit::Class};
 
 use crate::{
     AppState,
@@ -34,12 +34,33 @@ pub struct Ctx {
     pub services: AppState,
     /// Present when the endpoint takes an access token and one was given.
     pub session: Option<Session>,
+    /// Where the request came from.
+    pub client: Client,
 }
 
 impl Ctx {
     /// The authenticated session; only call on endpoints that require a token.
     pub fn session(&self) -> Result<&Session> {
         self.session.as_ref().ok_or_else(Error::missing_token)
+    }
+
+    /// The session's user must be `user_id` (for endpoints with a user id in the path).
+    pub fn require_self(&self, user_id: &ruma::UserId) -> Result<&Session> {
+        let session = self.session()?;
+        if self.services.accounts.local_part(user_id.as_str()) != Some(session.localpart.as_str()) {
+            return Err(Error::forbidden("You cannot act for another user"));
+        }
+        Ok(session)
+    }
+
+    /// Takes a token from the rate-limit bucket of `class` for this user (or address).
+    pub fn rate_limit(&self, class: Class) -> Result<()> {
+        let key = match (&self.session, &self.client.ip) {
+            (Some(s), _) => s.localpart.as_str(),
+            (None, Some(ip)) => ip.as_str(),
+            (None, None) => "-",
+        };
+        self.services.rate_limits.check(class, key)
     }
 }
 
@@ -132,20 +153,33 @@ where
         Ok(params) => params.iter().map(|(_, v)| v.to_owned()).collect(),
         Err(_) => return Err(Error::invalid_param("Path parameters are not valid UTF-8")),
     };
+    let client = Client::from_ip(client_ip(&parts, services.config.http.x_forwarded_for));
     let session = match <R::Authentication as AuthPolicy>::KIND {
         AuthKind::None => None,
         kind => match access_token(&parts) {
-            Some(token) => Some(services.accounts.authenticate(&token)?),
+            Some(token) => Some(services.accounts.authenticate(&token, &client)?),
             None if kind == AuthKind::Required => return Err(Error::missing_token()),
             None => None,
         },
     };
+    let ctx = Ctx { services, session, client };
+    if R::RATE_LIMITED {
+        ctx.rate_limit(Class::Default)?;
+    }
     let bytes = read_body(body).await?;
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let request = R::try_from_http_request(http::Request::from_parts(parts, &bytes[..]), &arg_refs)
-        .map_err(parse_error)?;
+    let http_request = http::Request::from_parts(parts, &bytes[..]);
+    // ruma's parsers are not all panic-free on hostile input (a missing `type` in a login
+    // body indexes a map); a panic there is the client's malformed request, not ours.
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        R::try_from_http_request(http_request, &arg_refs)
+    }));
+    let request = match parsed {
+        Ok(result) => result.map_err(parse_error)?,
+        Err(_) => return Err(Error::bad_json("Malformed request body")),
+    };
 
-    let response = handler(Ctx { services, session }, request).await?;
+    let response = handler(ctx, request).await?;
     let http_resp = response
         .try_into_http_response::<Vec<u8>>()
         .map_err(|e| Error::internal("serializing a response", e))?;
@@ -175,6 +209,25 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes> {
             )
         }
     })
+}
+
+/// The peer address, or with `x_forwarded_for` the left-most forwarded address.
+fn client_ip(parts: &http::request::Parts, trust_forwarded: bool) -> Option<std::net::IpAddr> {
+    if trust_forwarded {
+        let forwarded = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok());
+        if forwarded.is_some() {
+            return forwarded;
+        }
+    }
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip())
 }
 
 /// `Authorization: Bearer` first; the deprecated `access_token` query parameter second.

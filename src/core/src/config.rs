@@ -24,6 +24,8 @@ pub struct Config {
     pub well_known: WellKnownConfig,
     pub federation: FederationConfig,
     pub registration: RegistrationConfig,
+    pub auth: AuthConfig,
+    pub rate_limits: RateLimitsConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
 }
@@ -98,11 +100,14 @@ pub struct HttpConfig {
     pub max_request_bytes: usize,
     /// Seconds to wait for in-flight requests on shutdown before closing anyway.
     pub shutdown_grace_seconds: u64,
+    /// Take the client address from the left-most `X-Forwarded-For` entry (only behind a
+    /// reverse proxy that sets it), for per-address rate limits and the audit log.
+    pub x_forwarded_for: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { max_request_bytes: 1024 * 1024, shutdown_grace_seconds: 10 }
+        Self { max_request_bytes: 1024 * 1024, shutdown_grace_seconds: 10, x_forwarded_for: false }
     }
 }
 
@@ -135,24 +140,108 @@ impl Default for FederationConfig {
 pub struct RegistrationConfig {
     /// `closed` (only admins create accounts) or `open` (anyone, `m.login.dummy`).
     pub mode: RegistrationMode,
-    /// Seconds a user-interactive auth session lives.
-    pub uia_session_ttl_seconds: u64,
-    /// argon2id memory cost in KiB.
-    pub argon2_memory_kib: u32,
-    /// argon2id iterations.
-    pub argon2_iterations: u32,
-    /// Minimum password length.
-    pub password_min_length: usize,
+    /// Localparts nobody may register through the API (admins can still create them).
+    pub reserved_usernames: Vec<String>,
 }
 
 impl Default for RegistrationConfig {
     fn default() -> Self {
         Self {
             mode: RegistrationMode::Closed,
-            uia_session_ttl_seconds: 600,
+            reserved_usernames: [
+                "admin",
+                "administrator",
+                "root",
+                "support",
+                "abuse",
+                "postmaster",
+                "security",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Minimum password length.
+    pub password_min_length: usize,
+    /// argon2id memory cost in KiB.
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations.
+    pub argon2_iterations: u32,
+    /// Seconds a user-interactive auth session lives.
+    pub uia_session_ttl_seconds: u64,
+    /// Lifetime of access tokens issued with a refresh token, in seconds.
+    pub access_token_lifetime_seconds: u64,
+    /// Lifetime of `m.login.token` tokens from `/login/get_token`, in seconds.
+    pub login_token_lifetime_seconds: u64,
+    /// Failed logins (per account and per address) tolerated before backing off.
+    pub failed_login_threshold: u32,
+    /// Longest wait imposed after repeated failures, in seconds.
+    pub failed_login_max_backoff_seconds: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            password_min_length: 8,
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
-            password_min_length: 8,
+            uia_session_ttl_seconds: 600,
+            access_token_lifetime_seconds: 3600,
+            login_token_lifetime_seconds: 120,
+            failed_login_threshold: 5,
+            failed_login_max_backoff_seconds: 900,
+        }
+    }
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    pub const fn new(per_second: f64, burst: u32) -> Self {
+        Self { per_second, burst }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Turn all rate limiting off (for tests and benchmarks only).
+    pub enabled: bool,
+    /// Registrations per client address.
+    pub register: RateLimit,
+    /// Login attempts per client address.
+    pub login: RateLimit,
+    /// Every other rate-limited endpoint, per user (or per address when anonymous).
+    pub default: RateLimit,
+    /// Messages sent, per user.
+    pub message: RateLimit,
+    /// Room joins, per user.
+    pub join: RateLimit,
+    /// Media uploads, per user.
+    pub media_upload: RateLimit,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            register: RateLimit::new(0.2, 5),
+            login: RateLimit::new(0.5, 10),
+            default: RateLimit::new(20.0, 100),
+            message: RateLimit::new(10.0, 50),
+            join: RateLimit::new(1.0, 10),
+            media_upload: RateLimit::new(2.0, 20),
         }
     }
 }
@@ -304,11 +393,30 @@ impl Config {
         if self.federation.key_validity_hours == 0 {
             bad("federation.key_validity_hours", "must be at least 1".into());
         }
-        if self.registration.argon2_memory_kib < 8 {
-            bad("registration.argon2_memory_kib", "must be at least 8".into());
+        if self.auth.argon2_memory_kib < 8 {
+            bad("auth.argon2_memory_kib", "must be at least 8".into());
         }
-        if self.registration.argon2_iterations == 0 {
-            bad("registration.argon2_iterations", "must be at least 1".into());
+        if self.auth.argon2_iterations == 0 {
+            bad("auth.argon2_iterations", "must be at least 1".into());
+        }
+        if self.auth.access_token_lifetime_seconds == 0 {
+            bad("auth.access_token_lifetime_seconds", "must be at least 1".into());
+        }
+        let r = &self.rate_limits;
+        for (name, limit) in [
+            ("register", r.register),
+            ("login", r.login),
+            ("default", r.default),
+            ("message", r.message),
+            ("join", r.join),
+            ("media_upload", r.media_upload),
+        ] {
+            if !(limit.per_second.is_finite() && limit.per_second > 0.0) || limit.burst == 0 {
+                bad(
+                    &format!("rate_limits.{name}"),
+                    "per_second must be positive and burst at least 1".into(),
+                );
+            }
         }
         let client = &self.well_known.client;
         if !(client.is_empty() || client.starts_with("https://") || client.starts_with("http://")) {

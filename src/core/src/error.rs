@@ -27,6 +27,9 @@ pub mod code {
     pub const EXCLUSIVE: &str = "M_EXCLUSIVE";
     pub const WEAK_PASSWORD: &str = "M_WEAK_PASSWORD";
     pub const UNAUTHORIZED: &str = "M_UNAUTHORIZED";
+    pub const USER_DEACTIVATED: &str = "M_USER_DEACTIVATED";
+    pub const USER_LOCKED: &str = "M_USER_LOCKED";
+    pub const THREEPID_DENIED: &str = "M_THREEPID_DENIED";
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +90,22 @@ impl Error {
     pub fn unknown_token() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code::UNKNOWN_TOKEN, "Unknown access token")
             .with_field("soft_logout", false)
+    }
+    /// An expired access token: `soft_logout` tells the client to refresh, not log out.
+    pub fn expired_token() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code::UNKNOWN_TOKEN, "Access token has expired")
+            .with_field("soft_logout", true)
+    }
+    pub fn user_locked() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code::USER_LOCKED, "This account has been locked")
+            .with_field("soft_logout", true)
+    }
+    pub fn user_deactivated() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            code::USER_DEACTIVATED,
+            "This account has been deactivated",
+        )
     }
     pub fn limit_exceeded(retry_after_ms: u64) -> Self {
         Self::new(StatusCode::TOO_MANY_REQUESTS, code::LIMIT_EXCEEDED, "Too many requests")

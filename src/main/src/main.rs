@@ -1,6 +1,7 @@
 //! `trellis`: the Matrix homeserver binary.
 
 mod serve;
+mod user_cmd;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -25,6 +26,14 @@ enum Command {
         /// TOML config file; `TRELLIS_<SECTION>__<KEY>` environment variables override it.
         #[arg(long, short, env = "TRELLIS_CONFIG")]
         config: Option<PathBuf>,
+    },
+    /// Administer accounts (the server must be stopped: these open the database).
+    User {
+        /// TOML config file (for the data directory and server name).
+        #[arg(long, short, env = "TRELLIS_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: user_cmd::UserCommand,
     },
     /// Inspect configuration.
     Config {
@@ -53,6 +62,15 @@ fn main() -> ExitCode {
                 }
             };
             serve::run(config)
+        }
+        Command::User { config, command } => {
+            match Config::load(config.as_deref(), std::env::vars()) {
+                Ok(config) => user_cmd::run(config, command),
+                Err(errors) => {
+                    eprintln!("invalid configuration:\n{errors}");
+                    ExitCode::from(78)
+                }
+            }
         }
         Command::Config { command: ConfigCommand::Check { file } } => {
             match Config::load(Some(&file), std::env::vars()) {

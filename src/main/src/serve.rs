@@ -116,6 +116,7 @@ async fn serve_until_stopped(
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) {
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;

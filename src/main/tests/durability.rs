@@ -8,11 +8,8 @@ use std::{
     time::Duration,
 };
 
-use common::TestServer;
+use common::{OPEN, TestServer};
 use serde_json::json;
-
-const OPEN: &str =
-    "[registration]\nmode = \"open\"\nargon2_memory_kib = 64\nargon2_iterations = 1\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_kill_9() {

@@ -3,11 +3,8 @@
 
 mod common;
 
-use common::{TestServer, json_of};
+use common::{OPEN, TestServer, json_of};
 use serde_json::json;
-
-const OPEN: &str =
-    "[registration]\nmode = \"open\"\nargon2_memory_kib = 64\nargon2_iterations = 1\n";
 
 #[tokio::test]
 async fn versions_answers_with_json() {

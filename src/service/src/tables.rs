@@ -12,14 +12,27 @@ pub struct UserRecord {
     pub deactivated: bool,
     #[serde(default)]
     pub admin: bool,
+    /// Locked accounts cannot log in or use their tokens (admin action).
+    #[serde(default)]
+    pub locked: bool,
+    /// Suspended accounts can read but not write (admin action; enforced by writers).
+    #[serde(default)]
+    pub suspended: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeviceRecord {
     pub display_name: Option<String>,
     pub created_ms: u64,
-    /// sha256 of the device's current access token, so deleting the device can revoke it.
+    /// sha256 of the device's current access token, so deleting the device revokes it.
     pub token_hash: Option<Vec<u8>>,
+    /// sha256 of the device's current refresh token.
+    #[serde(default)]
+    pub refresh_hash: Option<Vec<u8>>,
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
+    #[serde(default)]
+    pub last_seen_ip: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -28,6 +41,22 @@ pub struct TokenRecord {
     pub device_id: String,
     /// Milliseconds since epoch after which the token is refused; `None` never expires.
     pub expires_ms: Option<u64>,
+    /// The refresh token this access token replaced: it stays usable until this access
+    /// token is first used (so a lost refresh response does not log the client out).
+    #[serde(default)]
+    pub supersedes_refresh: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RefreshRecord {
+    pub localpart: String,
+    pub device_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoginTokenRecord {
+    pub localpart: String,
+    pub expires_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -35,6 +64,21 @@ pub struct UiaSession {
     pub created_ms: u64,
     /// Stage types completed so far.
     pub completed: Vec<String>,
+    /// What the session authorises (e.g. `delete_devices:alice`): a session completed
+    /// for one request cannot authorise another.
+    #[serde(default)]
+    pub purpose: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditRecord {
+    /// The acting user (localpart) or the name tried, if known.
+    pub actor: Option<String>,
+    pub action: String,
+    pub client_ip: Option<String>,
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// user localpart -> account
@@ -43,5 +87,18 @@ pub const USERS: Table<String, Json<UserRecord>> = Table::new(&catalog::USERS);
 pub const DEVICES: Table<(String, String), Json<DeviceRecord>> = Table::new(&catalog::DEVICES);
 /// sha256(token) -> owner
 pub const ACCESS_TOKENS: Table<Vec<u8>, Json<TokenRecord>> = Table::new(&catalog::ACCESS_TOKENS);
+/// sha256(refresh token) -> owner
+pub const REFRESH_TOKENS: Table<Vec<u8>, Json<RefreshRecord>> =
+    Table::new(&catalog::REFRESH_TOKENS);
+/// sha256(login token) -> owner
+pub const LOGIN_TOKENS: Table<Vec<u8>, Json<LoginTokenRecord>> = Table::new(&catalog::LOGIN_TOKENS);
 /// session id -> UIA progress
 pub const UIA_SESSIONS: Table<String, Json<UiaSession>> = Table::new(&catalog::UIA_SESSIONS);
+/// (localpart, field) -> value
+pub const PROFILES: Table<(String, String), Json<serde_json::Value>> =
+    Table::new(&catalog::PROFILES);
+/// (localpart, room id or "", type) -> content
+pub const ACCOUNT_DATA: Table<(String, String, String), Json<serde_json::Value>> =
+    Table::new(&catalog::ACCOUNT_DATA);
+/// (ms, seq) -> audit record
+pub const AUDIT_LOG: Table<(u64, u64), Json<AuditRecord>> = Table::new(&catalog::AUDIT_LOG);

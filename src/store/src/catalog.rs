@@ -34,6 +34,16 @@ tables! {
     DEVICES = "devices", Scan;
     // UIA session id -> session record
     UIA_SESSIONS = "uia_sessions", Point;
+    // sha256(refresh token) -> owner
+    REFRESH_TOKENS = "refresh_tokens", Point;
+    // sha256(m.login.token) -> owner and expiry
+    LOGIN_TOKENS = "login_tokens", Point;
+    // (user localpart, field name) -> JSON value
+    PROFILES = "profiles", Scan;
+    // (user localpart, room id or "", event type) -> JSON content
+    ACCOUNT_DATA = "account_data", Scan;
+    // (timestamp ms, sequence) -> audit record
+    AUDIT_LOG = "audit_log", Scan;
 }
 
 pub fn by_name(name: &str) -> Option<&'static TableDef> {

@@ -1,13 +1,17 @@
-//! Registration, username availability and `whoami`.
+//! Registration, username availability, `whoami`, password change and deactivation.
 
 use axum::Router;
 use ruma::{
     OwnedUserId, UserId,
-    api::client::account::{get_username_availability, register, whoami},
+    api::client::account::{
+        ThirdPartyIdRemovalStatus, change_password, deactivate, get_username_availability,
+        register, whoami,
+    },
 };
 use trellis_core::{Error, Result};
-use trellis_service::accounts::RegisterRequest;
+use trellis_service::{accounts::RegisterRequest, ratelimit::Class};
 
+use super::uia::auth_input;
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -16,10 +20,12 @@ use crate::{
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<register::v3::Request, _, _>(router, register);
     let router = ruma_route::add::<get_username_availability::v3::Request, _, _>(router, available);
-    ruma_route::add::<whoami::v3::Request, _, _>(router, whoami)
+    let router = ruma_route::add::<whoami::v3::Request, _, _>(router, whoami);
+    let router = ruma_route::add::<change_password::v3::Request, _, _>(router, change_password);
+    ruma_route::add::<deactivate::v3::Request, _, _>(router, deactivate)
 }
 
-fn user_id(ctx: &Ctx, localpart: &str) -> Result<OwnedUserId> {
+pub fn user_id(ctx: &Ctx, localpart: &str) -> Result<OwnedUserId> {
     UserId::parse(ctx.services.accounts.user_id(localpart))
         .map_err(|e| Error::internal("building a user id", e))
 }
@@ -28,23 +34,29 @@ async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::
     if req.kind == register::RegistrationKind::Guest {
         return Err(Error::forbidden("Guest access is disabled"));
     }
+    ctx.rate_limit(Class::Register)?;
     let registered = ctx
         .services
         .accounts
-        .register(RegisterRequest {
-            username: req.username,
-            password: req.password,
-            device_id: req.device_id.map(|d| d.to_string()),
-            initial_device_display_name: req.initial_device_display_name,
-            inhibit_login: req.inhibit_login,
-            auth_type: req.auth.as_ref().and_then(|a| a.auth_type()).map(|t| t.to_string()),
-            auth_session: req.auth.as_ref().and_then(|a| a.session()).map(str::to_owned),
-        })
+        .register(
+            RegisterRequest {
+                username: req.username,
+                password: req.password,
+                device_id: req.device_id.map(|d| d.to_string()),
+                initial_device_display_name: req.initial_device_display_name,
+                inhibit_login: req.inhibit_login,
+                refresh_token: req.refresh_token,
+                auth: auth_input(req.auth.as_ref()),
+            },
+            &ctx.client,
+        )
         .await?;
     let mut resp = register::v3::Response::new(user_id(&ctx, &registered.localpart)?);
-    if let Some((device_id, token)) = registered.login {
-        resp.device_id = Some(device_id.into());
-        resp.access_token = Some(token);
+    if let Some(issued) = registered.login {
+        resp.device_id = Some(issued.device_id.into());
+        resp.access_token = Some(issued.access_token);
+        resp.refresh_token = issued.refresh_token;
+        resp.expires_in = issued.expires_in_ms.map(std::time::Duration::from_millis);
     }
     Ok(resp)
 }
@@ -62,4 +74,50 @@ async fn whoami(ctx: Ctx, _: whoami::v3::Request) -> Result<whoami::v3::Response
     let mut resp = whoami::v3::Response::new(user_id(&ctx, &session.localpart)?, false);
     resp.device_id = Some(session.device_id.clone().into());
     Ok(resp)
+}
+
+async fn change_password(
+    ctx: Ctx,
+    req: change_password::v3::Request,
+) -> Result<change_password::v3::Response> {
+    // Password reset by email (no access token) arrives with the email work.
+    let session = ctx.session()?.clone();
+    let accounts = &ctx.services.accounts;
+    accounts.check_password_policy(&req.new_password)?;
+    let flows = accounts.reauth_flows(&session.localpart)?;
+    accounts
+        .require_uia(
+            flows,
+            auth_input(req.auth.as_ref()).as_ref(),
+            Some(&session.localpart),
+            "password",
+        )
+        .await?;
+    accounts
+        .set_password(
+            &session.localpart,
+            req.new_password,
+            req.logout_devices,
+            Some(&session.device_id),
+            &ctx.client,
+        )
+        .await?;
+    Ok(change_password::v3::Response::new())
+}
+
+async fn deactivate(ctx: Ctx, req: deactivate::v3::Request) -> Result<deactivate::v3::Response> {
+    let session = ctx.session()?.clone();
+    let accounts = &ctx.services.accounts;
+    let flows = accounts.reauth_flows(&session.localpart)?;
+    accounts
+        .require_uia(
+            flows,
+            auth_input(req.auth.as_ref()).as_ref(),
+            Some(&session.localpart),
+            "deactivate",
+        )
+        .await?;
+    accounts.deactivate(&session.localpart, req.erase, &ctx.client).await?;
+    // No identity server binding is ever made, so there is nothing to unbind.
+    Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

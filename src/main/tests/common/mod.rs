@@ -13,6 +13,11 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 
+/// Open registration with cheap password hashing and no rate limits, for tests that
+/// create many accounts.
+pub const OPEN: &str = "[registration]\nmode = \"open\"\n[auth]\nargon2_memory_kib = 64\n\
+argon2_iterations = 1\n[rate_limits]\nenabled = false\n";
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
 }
@@ -108,12 +113,33 @@ impl TestServer {
         json_of(self.client.get(self.url(path)).bearer_auth(token).send().await.unwrap()).await
     }
 
-    /// Registers through the open `m.login.dummy` flow; returns (user_id, access_token).
+    pub async fn post_auth(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        json_of(
+            self.client.post(self.url(path)).bearer_auth(token).json(body).send().await.unwrap(),
+        )
+        .await
+    }
+
+    pub async fn put_auth(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        json_of(self.client.put(self.url(path)).bearer_auth(token).json(body).send().await.unwrap())
+            .await
+    }
+
+    pub async fn delete_auth(&self, path: &str, token: &str, body: &Value) -> (u16, Value) {
+        json_of(
+            self.client.delete(self.url(path)).bearer_auth(token).json(body).send().await.unwrap(),
+        )
+        .await
+    }
+
+    /// Registers through the open `m.login.dummy` flow with the password
+    /// `password123`; returns (user_id, access_token).
     pub async fn register(&self, username: &str) -> (String, String) {
         let (status, body) = self
             .post(
                 "/_matrix/client/v3/register",
-                &serde_json::json!({"username": username, "auth": {"type": "m.login.dummy"}}),
+                &serde_json::json!({"username": username, "password": "password123",
+                                    "auth": {"type": "m.login.dummy"}}),
             )
             .await;
         assert_eq!(status, 200, "{body}");

@@ -1,0 +1,81 @@
+//! Profiles: the whole profile and single fields (displayname, avatar_url and extended
+//! fields of spec v1.16).
+
+use axum::Router;
+use ruma::{
+    UserId,
+    api::client::profile::{
+        ProfileFieldValue, UserProfile, delete_profile_field, get_profile, get_profile_field,
+        set_profile_field,
+    },
+};
+use trellis_core::{Error, Result};
+
+use crate::{
+    AppState,
+    ruma_route::{self, Ctx},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<get_profile::v3::Request, _, _>(router, get_all);
+    let router = ruma_route::add::<get_profile_field::v3::Request, _, _>(router, get_field);
+    let router = ruma_route::add::<set_profile_field::v3::Request, _, _>(router, set_field);
+    ruma_route::add::<delete_profile_field::v3::Request, _, _>(router, delete_field)
+}
+
+/// The localpart of a local user who exists and is active, else 404.
+fn existing_local_user(ctx: &Ctx, user_id: &UserId) -> Result<String> {
+    let not_found = || Error::not_found("Profile not found");
+    let localpart = ctx.services.accounts.local_part(user_id.as_str()).ok_or_else(not_found)?;
+    match ctx.services.accounts.user(localpart)? {
+        Some(u) if !u.deactivated => Ok(localpart.to_owned()),
+        _ => Err(not_found()),
+    }
+}
+
+async fn get_all(ctx: Ctx, req: get_profile::v3::Request) -> Result<get_profile::v3::Response> {
+    let localpart = existing_local_user(&ctx, &req.user_id)?;
+    let mut profile = UserProfile::new();
+    for (field, value) in ctx.services.profiles.get_all(&localpart)? {
+        profile.set(field, value);
+    }
+    let mut resp = get_profile::v3::Response::new();
+    resp.data = profile;
+    Ok(resp)
+}
+
+async fn get_field(
+    ctx: Ctx,
+    req: get_profile_field::v3::Request,
+) -> Result<get_profile_field::v3::Response> {
+    let localpart = existing_local_user(&ctx, &req.user_id)?;
+    let field = req.field.as_str();
+    let value = ctx
+        .services
+        .profiles
+        .get(&localpart, field)?
+        .ok_or_else(|| Error::not_found("Profile field not set"))?;
+    let value = ProfileFieldValue::new(field, value)
+        .map_err(|e| Error::internal("stored profile field", e))?;
+    Ok(get_profile_field::v3::Response::new(value))
+}
+
+async fn set_field(
+    ctx: Ctx,
+    req: set_profile_field::v3::Request,
+) -> Result<set_profile_field::v3::Response> {
+    let localpart = ctx.require_self(&req.user_id)?.localpart.clone();
+    let field = req.value.field_name();
+    let value = req.value.value().into_owned();
+    ctx.services.profiles.set(&localpart, field.as_str(), value).await?;
+    Ok(set_profile_field::v3::Response::new())
+}
+
+async fn delete_field(
+    ctx: Ctx,
+    req: delete_profile_field::v3::Request,
+) -> Result<delete_profile_field::v3::Response> {
+    let localpart = ctx.require_self(&req.user_id)?.localpart.clone();
+    ctx.services.profiles.delete(&localpart, req.field.as_str()).await?;
+    Ok(delete_profile_field::v3::Response::new())
+}

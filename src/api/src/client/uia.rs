@@ -1,0 +1,20 @@
+//! Converting ruma's `auth` objects into what the accounts service checks.
+
+use ruma::api::client::uiaa::{AuthData, UserIdentifier};
+use trellis_service::accounts::AuthInput;
+
+pub fn auth_input(auth: Option<&AuthData>) -> Option<AuthInput> {
+    let auth = auth?;
+    let mut input = AuthInput {
+        session: auth.session().map(str::to_owned),
+        kind: auth.auth_type().map(|t| t.to_string()),
+        ..Default::default()
+    };
+    if let AuthData::Password(p) = auth {
+        input.password = Some(p.password.clone());
+        if let UserIdentifier::Matrix(id) = &p.identifier {
+            input.user = Some(id.user.clone());
+        }
+    }
+    Some(input)
+}

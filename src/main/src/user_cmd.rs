@@ -1,0 +1,134 @@
+//! `trellis user ...`: account administration on the server host. These commands open
+//! the database directly, so the server must be stopped (RocksDB allows one process).
+
+use std::{path::Path, process::ExitCode, sync::Arc};
+
+use clap::Subcommand;
+use trellis_core::Config;
+use trellis_service::{Accounts, Audit, Client};
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    /// Create an account (registration mode and reserved names do not apply).
+    Create {
+        name: String,
+        /// Make the account a server admin.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from this file (first line); without it, from standard input.
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
+        /// Create the account without a password (it can log in only by other means).
+        #[arg(long, conflicts_with = "password_file")]
+        no_password: bool,
+    },
+    /// Set a new password and sign the account out everywhere.
+    ResetPassword {
+        name: String,
+        #[arg(long)]
+        password_file: Option<std::path::PathBuf>,
+    },
+    /// Deactivate an account for good: it can never log in again.
+    Deactivate {
+        name: String,
+        /// Also erase the profile and account data.
+        #[arg(long)]
+        erase: bool,
+    },
+}
+
+pub fn run(config: Config, command: UserCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellis: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(config, command)) {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("trellis: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_password(file: Option<&Path>) -> Result<String, String> {
+    let text = match file {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?,
+        None => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .map_err(|e| format!("reading the password: {e}"))?;
+            line
+        }
+    };
+    let password = text.lines().next().unwrap_or("").to_owned();
+    if password.is_empty() {
+        return Err("the password is empty".into());
+    }
+    Ok(password)
+}
+
+async fn execute(config: Config, command: UserCommand) -> Result<String, String> {
+    let db = trellis_store::open(&config.database_path(), &config.storage).map_err(|e| {
+        format!(
+            "opening the database at {}: {e} (is the server running?)",
+            config.database_path().display()
+        )
+    })?;
+    let accounts = Accounts::new(
+        db.clone(),
+        config.server.server_name.clone(),
+        config.registration.clone(),
+        config.auth.clone(),
+        Arc::new(Audit::new(db.clone())),
+    );
+    let client = Client::cli();
+    let result = match command {
+        UserCommand::Create { name, admin, password_file, no_password } => {
+            let password =
+                if no_password { None } else { Some(read_password(password_file.as_deref())?) };
+            let user_id = accounts
+                .create_user(&name, password, admin)
+                .await
+                .map_err(|e| e.message.to_string())?;
+            format!("created {user_id}{}", if admin { " (admin)" } else { "" })
+        }
+        UserCommand::ResetPassword { name, password_file } => {
+            let localpart = known_user(&accounts, &name)?;
+            let password = read_password(password_file.as_deref())?;
+            accounts
+                .set_password(&localpart, password, true, None, &client)
+                .await
+                .map_err(|e| e.message.to_string())?;
+            format!(
+                "password of {} reset; all its devices are signed out",
+                accounts.user_id(&localpart)
+            )
+        }
+        UserCommand::Deactivate { name, erase } => {
+            let localpart = known_user(&accounts, &name)?;
+            accounts
+                .deactivate(&localpart, erase, &client)
+                .await
+                .map_err(|e| e.message.to_string())?;
+            format!("deactivated {}", accounts.user_id(&localpart))
+        }
+    };
+    db.flush().map_err(|e| format!("flushing storage: {e}"))?;
+    Ok(result)
+}
+
+fn known_user(accounts: &Accounts, name: &str) -> Result<String, String> {
+    let localpart = accounts.parse_username(name).map_err(|e| e.message.to_string())?;
+    match accounts.user(&localpart).map_err(|e| e.message.to_string())? {
+        Some(_) => Ok(localpart),
+        None => Err(format!("no such user: {}", accounts.user_id(&localpart))),
+    }
+}

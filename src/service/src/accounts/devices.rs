@@ -1,0 +1,113 @@
+//! A user's devices: listing, renaming, deleting (which signs them out).
+
+use trellis_core::{Error, Result};
+use trellis_store::{Batch, Direction, Json};
+
+use super::Accounts;
+use crate::{
+    audit::Client,
+    commit,
+    tables::{ACCESS_TOKENS, DEVICES, REFRESH_TOKENS},
+};
+
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub last_seen_ms: Option<u64>,
+    pub last_seen_ip: Option<String>,
+}
+
+impl Accounts {
+    pub fn devices(&self, localpart: &str) -> Result<Vec<DeviceInfo>> {
+        DEVICES
+            .scan_prefix(&*self.db, &localpart.to_owned(), Direction::Forward)?
+            .map(|entry| {
+                let ((_, device_id), Json(d)) = entry?;
+                Ok(DeviceInfo {
+                    device_id,
+                    display_name: d.display_name,
+                    last_seen_ms: d.last_seen_ms,
+                    last_seen_ip: d.last_seen_ip,
+                })
+            })
+            .collect()
+    }
+
+    pub fn device(&self, localpart: &str, device_id: &str) -> Result<DeviceInfo> {
+        let key = (localpart.to_owned(), device_id.to_owned());
+        let Json(d) =
+            DEVICES.get(&*self.db, &key)?.ok_or_else(|| Error::not_found("Device not found"))?;
+        Ok(DeviceInfo {
+            device_id: device_id.to_owned(),
+            display_name: d.display_name,
+            last_seen_ms: d.last_seen_ms,
+            last_seen_ip: d.last_seen_ip,
+        })
+    }
+
+    pub(super) fn device_ids(&self, localpart: &str) -> Result<Vec<String>> {
+        DEVICES
+            .scan_prefix(&*self.db, &localpart.to_owned(), Direction::Forward)?
+            .map(|entry| entry.map(|((_, id), _)| id).map_err(Into::into))
+            .collect()
+    }
+
+    /// Renames a device. `PUT /devices/{id}` on an unknown device is 404.
+    pub async fn rename_device(
+        &self,
+        localpart: &str,
+        device_id: &str,
+        name: Option<String>,
+    ) -> Result<()> {
+        let key = (localpart.to_owned(), device_id.to_owned());
+        let Json(mut d) =
+            DEVICES.get(&*self.db, &key)?.ok_or_else(|| Error::not_found("Device not found"))?;
+        d.display_name = name;
+        let mut batch = Batch::new();
+        DEVICES.put(&mut batch, &key, &Json(d));
+        commit(&self.db, batch).await
+    }
+
+    /// Deletes devices (unknown ids are ignored, as the spec asks for bulk deletion).
+    pub async fn delete_devices(
+        &self,
+        localpart: &str,
+        device_ids: &[String],
+        client: &Client,
+    ) -> Result<()> {
+        let mut batch = Batch::new();
+        for id in device_ids {
+            self.delete_device_into(&mut batch, localpart, id)?;
+        }
+        self.audit.add(
+            &mut batch,
+            Some(localpart),
+            "delete_devices",
+            client,
+            "ok",
+            Some(device_ids.join(",")),
+        );
+        commit(&self.db, batch).await
+    }
+
+    /// Adds the removal of a device and its tokens to `batch`.
+    pub(super) fn delete_device_into(
+        &self,
+        batch: &mut Batch,
+        localpart: &str,
+        device_id: &str,
+    ) -> Result<()> {
+        let key = (localpart.to_owned(), device_id.to_owned());
+        if let Some(Json(d)) = DEVICES.get(&*self.db, &key)? {
+            if let Some(h) = &d.token_hash {
+                ACCESS_TOKENS.delete(batch, h);
+            }
+            if let Some(h) = &d.refresh_hash {
+                REFRESH_TOKENS.delete(batch, h);
+            }
+            DEVICES.delete(batch, &key);
+        }
+        Ok(())
+    }
+}

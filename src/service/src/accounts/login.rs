@@ -1,0 +1,114 @@
+//! `POST /login`: password and `m.login.token` logins, with brute-force protection and
+//! an audit record for every attempt.
+
+use std::sync::OnceLock;
+
+use trellis_core::{Error, Result};
+use trellis_store::Batch;
+
+use super::{Accounts, Issued, new_device_id};
+use crate::{audit::Client, commit};
+
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// `user` is the `m.id.user` identifier (or deprecated `user` field).
+    Password {
+        user: Option<String>,
+        password: String,
+    },
+    Token(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct LoginRequest {
+    pub credential: Credential,
+    pub device_id: Option<String>,
+    pub initial_device_display_name: Option<String>,
+    pub refresh_token: bool,
+}
+
+fn bad_credentials() -> Error {
+    Error::forbidden("Invalid username or password")
+}
+
+/// A hash to verify against when the account does not exist, so that a wrong username
+/// costs as much time as a wrong password and does not reveal which accounts exist.
+fn decoy_hash(memory_kib: u32, iterations: u32) -> Option<String> {
+    static DECOY: OnceLock<Option<String>> = OnceLock::new();
+    DECOY
+        .get_or_init(|| crate::password::hash("decoy password", memory_kib, iterations).ok())
+        .clone()
+}
+
+impl Accounts {
+    pub async fn login(&self, req: LoginRequest, client: &Client) -> Result<(String, Issued)> {
+        let localpart = match req.credential {
+            Credential::Password { user, password } => {
+                let user = user
+                    .ok_or_else(|| Error::bad_json("A user identifier (m.id.user) is required"))?;
+                self.password_login(&user, password, client).await?
+            }
+            Credential::Token(token) => match self.take_login_token(&token).await? {
+                Some(lp) => lp,
+                None => {
+                    self.audit.log(None, "login_token", client, "failed", None).await;
+                    return Err(Error::forbidden("Invalid or expired login token"));
+                }
+            },
+        };
+        let user = self.user(&localpart)?.ok_or_else(bad_credentials)?;
+        if user.deactivated {
+            return Err(Error::user_deactivated());
+        }
+        if user.locked {
+            return Err(Error::user_locked());
+        }
+
+        let device_id = req.device_id.unwrap_or_else(new_device_id);
+        let mut batch = Batch::new();
+        let issued = self.issue_tokens(
+            &mut batch,
+            &localpart,
+            &device_id,
+            req.initial_device_display_name,
+            req.refresh_token,
+            client,
+        )?;
+        self.audit.add(&mut batch, Some(&localpart), "login", client, "ok", Some(device_id));
+        commit(&self.db, batch).await?;
+        Ok((localpart, issued))
+    }
+
+    async fn password_login(
+        &self,
+        user: &str,
+        password: String,
+        client: &Client,
+    ) -> Result<String> {
+        let ip_key = format!("ip:{}", client.ip.as_deref().unwrap_or("-"));
+        let localpart = self.parse_username(user).map_err(|_| bad_credentials())?;
+        let account_key = format!("user:{localpart}");
+        self.guard.check(&[&account_key, &ip_key])?;
+
+        let record = self.user(&localpart)?;
+        if record.as_ref().is_some_and(|u| u.deactivated) {
+            return Err(Error::user_deactivated());
+        }
+        let hash = record
+            .and_then(|u| u.password_hash)
+            .or_else(|| decoy_hash(self.auth.argon2_memory_kib, self.auth.argon2_iterations));
+        let ok = match hash {
+            Some(h) => self.verify_password(password, h).await? && self.user(&localpart)?.is_some(),
+            None => false,
+        };
+        if !ok {
+            self.guard.failed(&[&account_key, &ip_key]);
+            self.audit
+                .log(Some(&localpart), "login", client, "failed", Some("bad password".into()))
+                .await;
+            return Err(bad_credentials());
+        }
+        self.guard.succeeded(&account_key);
+        Ok(localpart)
+    }
+}

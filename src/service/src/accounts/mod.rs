@@ -1,0 +1,349 @@
+//! Accounts: registration, login, tokens, devices, passwords, deactivation.
+
+mod devices;
+mod guard;
+mod login;
+mod sessions;
+mod uia;
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use tokio::sync::Mutex;
+use trellis_core::{
+    Error, Result,
+    config::{AuthConfig, RegistrationConfig, RegistrationMode},
+    error::code,
+    now_millis,
+};
+use trellis_store::{Batch, Db, Direction, Json};
+
+pub use devices::DeviceInfo;
+pub use login::{Credential, LoginRequest};
+pub use sessions::{Issued, Session};
+pub use uia::{AuthInput, DUMMY, PASSWORD};
+
+use crate::{
+    audit::{Audit, Client},
+    commit, random,
+    tables::{ACCOUNT_DATA, PROFILES, USERS, UserRecord},
+};
+
+pub struct Accounts {
+    db: Db,
+    server_name: String,
+    registration: RegistrationConfig,
+    auth: AuthConfig,
+    audit: Arc<Audit>,
+    /// Serialises the check-then-create of a user id; registrations are rare enough that
+    /// one lock costs nothing and it rules out two accounts racing for one name.
+    create_lock: Mutex<()>,
+    guard: guard::LoginGuard,
+    seen: sessions::SeenCache,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RegisterRequest {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub device_id: Option<String>,
+    pub initial_device_display_name: Option<String>,
+    pub inhibit_login: bool,
+    pub refresh_token: bool,
+    pub auth: Option<AuthInput>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub localpart: String,
+    /// `None` with `inhibit_login`.
+    pub login: Option<Issued>,
+}
+
+impl Accounts {
+    pub fn new(
+        db: Db,
+        server_name: String,
+        registration: RegistrationConfig,
+        auth: AuthConfig,
+        audit: Arc<Audit>,
+    ) -> Self {
+        let guard = guard::LoginGuard::new(
+            auth.failed_login_threshold,
+            auth.failed_login_max_backoff_seconds,
+        );
+        Self {
+            db,
+            server_name,
+            registration,
+            auth,
+            audit,
+            create_lock: Mutex::new(()),
+            guard,
+            seen: Default::default(),
+        }
+    }
+
+    pub fn user_id(&self, localpart: &str) -> String {
+        format!("@{localpart}:{}", self.server_name)
+    }
+
+    /// The localpart of a user id on this server, if it is one.
+    pub fn local_part<'a>(&self, user_id: &'a str) -> Option<&'a str> {
+        let rest = user_id.strip_prefix('@')?;
+        let (lp, server) = rest.split_once(':')?;
+        (server == self.server_name).then_some(lp)
+    }
+
+    /// Validates a requested username (a bare localpart or a full user id on this
+    /// server) and returns the localpart.
+    pub fn parse_username(&self, username: &str) -> Result<String> {
+        let invalid =
+            |msg: &'static str| Error::new(StatusCode::BAD_REQUEST, code::INVALID_USERNAME, msg);
+        let localpart = if username.starts_with('@') {
+            self.local_part(username).ok_or_else(|| invalid("User ID must be on this server"))?
+        } else {
+            username
+        };
+        let localpart = localpart.to_lowercase();
+        let valid_chars = localpart
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._=-/+".contains(&b));
+        if localpart.is_empty() || !valid_chars {
+            return Err(invalid(
+                "Usernames may contain only a-z, 0-9, '.', '_', '=', '-', '/' and '+'",
+            ));
+        }
+        if self.user_id(&localpart).len() > 255 {
+            return Err(invalid("Username is too long"));
+        }
+        Ok(localpart)
+    }
+
+    /// Checks a username a client wants to register: valid, not reserved, not taken.
+    pub fn check_available(&self, username: &str) -> Result<String> {
+        let localpart = self.parse_username(username)?;
+        // `_` starts the namespaces of application services; all-digit names are what
+        // the server generates.
+        let reserved = localpart.starts_with('_')
+            || localpart.bytes().all(|b| b.is_ascii_digit())
+            || self
+                .registration
+                .reserved_usernames
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&localpart));
+        if reserved {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                code::INVALID_USERNAME,
+                "This username is reserved",
+            ));
+        }
+        if USERS.contains(&*self.db, &localpart)? {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                code::USER_IN_USE,
+                "User ID already taken",
+            ));
+        }
+        Ok(localpart)
+    }
+
+    pub fn user(&self, localpart: &str) -> Result<Option<UserRecord>> {
+        Ok(USERS.get(&*self.db, &localpart.to_owned())?.map(|j| j.0))
+    }
+
+    pub fn check_password_policy(&self, password: &str) -> Result<()> {
+        if password.chars().count() < self.auth.password_min_length {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                code::WEAK_PASSWORD,
+                format!("Password must be at least {} characters", self.auth.password_min_length),
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn register(&self, req: RegisterRequest, client: &Client) -> Result<Registered> {
+        if self.registration.mode == RegistrationMode::Closed {
+            return Err(Error::forbidden("Registration is disabled on this server"));
+        }
+        // Cheap checks before any user-interactive auth round trip, as clients expect.
+        let localpart = match &req.username {
+            Some(u) => Some(self.check_available(u)?),
+            None => None,
+        };
+        if let Some(pw) = &req.password {
+            self.check_password_policy(pw)?;
+        }
+        self.require_uia(&[&[DUMMY]], req.auth.as_ref(), None, "register").await?;
+
+        let password_hash = match req.password.clone() {
+            Some(pw) => Some(self.hash_password(pw).await?),
+            None => None,
+        };
+
+        let _guard = self.create_lock.lock().await;
+        let localpart = match localpart {
+            Some(lp) => self.check_available(&lp)?,
+            None => self.fresh_localpart()?,
+        };
+        let mut batch = Batch::new();
+        self.put_new_user(&mut batch, &localpart, password_hash, false);
+        let login = if req.inhibit_login {
+            None
+        } else {
+            let device_id = req.device_id.clone().unwrap_or_else(new_device_id);
+            Some(self.issue_tokens(
+                &mut batch,
+                &localpart,
+                &device_id,
+                req.initial_device_display_name.clone(),
+                req.refresh_token,
+                client,
+            )?)
+        };
+        self.audit.add(&mut batch, Some(&localpart), "register", client, "ok", None);
+        commit(&self.db, batch).await?;
+        tracing::info!(user = %self.user_id(&localpart), "registered");
+        Ok(Registered { localpart, login })
+    }
+
+    /// Creates an account outside the API (the `trellis user create` command), where
+    /// registration mode, reserved names and UIA do not apply.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: Option<String>,
+        admin: bool,
+    ) -> Result<String> {
+        let localpart = self.parse_username(username)?;
+        if let Some(pw) = &password {
+            self.check_password_policy(pw)?;
+        }
+        let hash = match password {
+            Some(pw) => Some(self.hash_password(pw).await?),
+            None => None,
+        };
+        let _guard = self.create_lock.lock().await;
+        if USERS.contains(&*self.db, &localpart)? {
+            return Err(Error::new(
+                StatusCode::BAD_REQUEST,
+                code::USER_IN_USE,
+                "User ID already taken",
+            ));
+        }
+        let mut batch = Batch::new();
+        self.put_new_user(&mut batch, &localpart, hash, admin);
+        self.audit.add(&mut batch, Some(&localpart), "user_create", &Client::cli(), "ok", None);
+        commit(&self.db, batch).await?;
+        Ok(self.user_id(&localpart))
+    }
+
+    fn put_new_user(
+        &self,
+        batch: &mut Batch,
+        localpart: &str,
+        password_hash: Option<String>,
+        admin: bool,
+    ) {
+        USERS.put(
+            batch,
+            &localpart.to_owned(),
+            &Json(UserRecord {
+                password_hash,
+                created_ms: now_millis(),
+                deactivated: false,
+                admin,
+                locked: false,
+                suspended: false,
+            }),
+        );
+    }
+
+    /// Sets a new password. With `logout_devices`, every device except `keep_device` is
+    /// deleted (and so signed out).
+    pub async fn set_password(
+        &self,
+        localpart: &str,
+        new_password: String,
+        logout_devices: bool,
+        keep_device: Option<&str>,
+        client: &Client,
+    ) -> Result<()> {
+        self.check_password_policy(&new_password)?;
+        let mut user = self.user(localpart)?.ok_or_else(|| Error::not_found("No such user"))?;
+        user.password_hash = Some(self.hash_password(new_password).await?);
+        let mut batch = Batch::new();
+        USERS.put(&mut batch, &localpart.to_owned(), &Json(user));
+        if logout_devices {
+            for device in self.device_ids(localpart)? {
+                if Some(device.as_str()) != keep_device {
+                    self.delete_device_into(&mut batch, localpart, &device)?;
+                }
+            }
+        }
+        self.audit.add(&mut batch, Some(localpart), "password_change", client, "ok", None);
+        commit(&self.db, batch).await
+    }
+
+    /// Deactivates an account: it can never log in again, all its devices and tokens are
+    /// gone, and with `erase` its profile and account data too.
+    pub async fn deactivate(&self, localpart: &str, erase: bool, client: &Client) -> Result<()> {
+        let mut user = self.user(localpart)?.ok_or_else(|| Error::not_found("No such user"))?;
+        user.deactivated = true;
+        user.password_hash = None;
+        let mut batch = Batch::new();
+        USERS.put(&mut batch, &localpart.to_owned(), &Json(user));
+        for device in self.device_ids(localpart)? {
+            self.delete_device_into(&mut batch, localpart, &device)?;
+        }
+        let owner = localpart.to_owned();
+        // Display name and avatar go either way (spec: a deactivated user has no profile);
+        // `erase` also removes everything else the user stored.
+        for entry in PROFILES.scan_prefix(&*self.db, &owner, Direction::Forward)? {
+            let (key, _) = entry?;
+            PROFILES.delete(&mut batch, &key);
+        }
+        if erase {
+            for entry in ACCOUNT_DATA.scan_prefix(&*self.db, &owner, Direction::Forward)? {
+                let (key, _) = entry?;
+                ACCOUNT_DATA.delete(&mut batch, &key);
+            }
+        }
+        let detail = erase.then(|| "erase".to_owned());
+        self.audit.add(&mut batch, Some(localpart), "deactivate", client, "ok", detail);
+        commit(&self.db, batch).await?;
+        tracing::info!(user = %self.user_id(localpart), erase, "deactivated");
+        Ok(())
+    }
+
+    fn fresh_localpart(&self) -> Result<String> {
+        loop {
+            // Generated names start with a letter, so they never collide with the
+            // all-digit names reserved above.
+            let candidate = format!("u{}", random::alphanumeric(11).to_lowercase());
+            if !USERS.contains(&*self.db, &candidate)? {
+                return Ok(candidate);
+            }
+        }
+    }
+
+    async fn hash_password(&self, password: String) -> Result<String> {
+        let (m, t) = (self.auth.argon2_memory_kib, self.auth.argon2_iterations);
+        // argon2 is deliberately slow; keep it off the async workers.
+        tokio::task::spawn_blocking(move || crate::password::hash(&password, m, t))
+            .await
+            .map_err(|e| Error::internal("password hashing task", e))?
+    }
+
+    async fn verify_password(&self, password: String, phc: String) -> Result<bool> {
+        tokio::task::spawn_blocking(move || crate::password::verify(&password, &phc))
+            .await
+            .map_err(|e| Error::internal("password verification task", e))
+    }
+}
+
+fn new_device_id() -> String {
+    random::alphanumeric(10).to_uppercase()
+}

@@ -1,0 +1,191 @@
+//! User-interactive authentication: flows of stages a client completes (possibly over
+//! several requests, tied together by a persisted session) before a sensitive action.
+
+use http::StatusCode;
+use serde_json::json;
+use trellis_core::{Error, Result, error::code, now_millis};
+use trellis_store::{Batch, Json};
+
+use super::Accounts;
+use crate::{
+    commit, random,
+    tables::{UIA_SESSIONS, UiaSession},
+};
+
+pub const DUMMY: &str = "m.login.dummy";
+pub const PASSWORD: &str = "m.login.password";
+
+/// The `auth` object of a request, as far as the stages we offer need it.
+#[derive(Debug, Clone, Default)]
+pub struct AuthInput {
+    pub session: Option<String>,
+    pub kind: Option<String>,
+    /// `identifier.user` (or the deprecated `user`) of a password stage.
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Accounts {
+    /// Succeeds once the client has completed one of `flows`; otherwise fails with the
+    /// 401 challenge that tells it what is left. `user` is the account a password stage
+    /// must prove; `purpose` binds the session to this kind of request.
+    pub async fn require_uia(
+        &self,
+        flows: &[&[&'static str]],
+        auth: Option<&AuthInput>,
+        user: Option<&str>,
+        purpose: &str,
+    ) -> Result<()> {
+        let ttl_ms = self.auth.uia_session_ttl_seconds.saturating_mul(1000);
+        let purpose = format!("{purpose}:{}", user.unwrap_or(""));
+        let Some(auth) = auth else {
+            return Err(self.challenge(flows, None, &[], &purpose).await?);
+        };
+
+        let mut session = match &auth.session {
+            Some(id) => match UIA_SESSIONS.get(&*self.db, id)?.map(|j| j.0) {
+                Some(s)
+                    if now_millis().saturating_sub(s.created_ms) <= ttl_ms
+                        && s.purpose == purpose =>
+                {
+                    Some((id.clone(), s))
+                }
+                _ => {
+                    return Err(Error::new(
+                        StatusCode::BAD_REQUEST,
+                        code::UNKNOWN,
+                        "Unknown or expired user-interactive auth session",
+                    ));
+                }
+            },
+            None => None,
+        };
+        let mut completed: Vec<String> =
+            session.as_ref().map(|(_, s)| s.completed.clone()).unwrap_or_default();
+        let offered = |stage: &str| flows.iter().any(|f| f.contains(&stage));
+
+        if let Some(kind) = auth.kind.as_deref() {
+            if !offered(kind) {
+                let err = self
+                    .challenge(
+                        flows,
+                        session.as_ref().map(|(id, _)| id.clone()),
+                        &completed,
+                        &purpose,
+                    )
+                    .await?;
+                return Err(with_error(
+                    err,
+                    code::UNRECOGNIZED,
+                    format!("Auth stage {kind} is not offered here"),
+                ));
+            }
+            // Dummy stages need no check; a password stage must prove the account.
+            if kind == PASSWORD && !self.password_stage_ok(auth, user).await? {
+                let err = self
+                    .challenge(
+                        flows,
+                        session.as_ref().map(|(id, _)| id.clone()),
+                        &completed,
+                        &purpose,
+                    )
+                    .await?;
+                return Err(with_error(err, code::FORBIDDEN, "Invalid password".into()));
+            }
+            if !completed.iter().any(|c| c == kind) {
+                completed.push(kind.to_owned());
+            }
+        }
+
+        let done =
+            flows.iter().any(|flow| flow.iter().all(|stage| completed.iter().any(|c| c == stage)));
+        if done {
+            if let Some((id, _)) = session {
+                let mut batch = Batch::new();
+                UIA_SESSIONS.delete(&mut batch, &id);
+                commit(&self.db, batch).await?;
+            }
+            return Ok(());
+        }
+        // Progress made but a flow is not finished: remember it in the session.
+        let id = match session.take() {
+            Some((id, mut s)) => {
+                s.completed = completed.clone();
+                let mut batch = Batch::new();
+                UIA_SESSIONS.put(&mut batch, &id, &Json(s));
+                commit(&self.db, batch).await?;
+                id
+            }
+            None => self.new_session(&completed, &purpose).await?,
+        };
+        Err(self.challenge(flows, Some(id), &completed, &purpose).await?)
+    }
+
+    async fn password_stage_ok(&self, auth: &AuthInput, user: Option<&str>) -> Result<bool> {
+        let (Some(expected), Some(password)) = (user, auth.password.clone()) else {
+            return Ok(false);
+        };
+        // The identifier, if given, must name the account being acted on.
+        if let Some(given) = &auth.user {
+            let given = self.parse_username(given).ok();
+            if given.as_deref() != Some(expected) {
+                return Ok(false);
+            }
+        }
+        let Some(hash) = self.user(expected)?.and_then(|u| u.password_hash) else {
+            return Ok(false);
+        };
+        self.verify_password(password, hash).await
+    }
+
+    async fn new_session(&self, completed: &[String], purpose: &str) -> Result<String> {
+        let id = random::alphanumeric(24);
+        let mut batch = Batch::new();
+        UIA_SESSIONS.put(
+            &mut batch,
+            &id,
+            &Json(UiaSession {
+                created_ms: now_millis(),
+                completed: completed.to_vec(),
+                purpose: purpose.to_owned(),
+            }),
+        );
+        commit(&self.db, batch).await?;
+        Ok(id)
+    }
+
+    async fn challenge(
+        &self,
+        flows: &[&[&'static str]],
+        session: Option<String>,
+        completed: &[String],
+        purpose: &str,
+    ) -> Result<Error> {
+        let session = match session {
+            Some(s) => s,
+            None => self.new_session(completed, purpose).await?,
+        };
+        let flows: Vec<_> = flows.iter().map(|f| json!({ "stages": f })).collect();
+        let mut err = Error::new(StatusCode::UNAUTHORIZED, "", "")
+            .with_field("flows", flows)
+            .with_field("params", json!({}))
+            .with_field("session", session);
+        if !completed.is_empty() {
+            err = err.with_field("completed", completed.to_vec());
+        }
+        Ok(err)
+    }
+
+    /// The flows for re-authenticating `localpart`: a password if the account has one,
+    /// otherwise (accounts made without a password) a dummy stage.
+    pub fn reauth_flows(&self, localpart: &str) -> Result<&'static [&'static [&'static str]]> {
+        let has_password = self.user(localpart)?.is_some_and(|u| u.password_hash.is_some());
+        Ok(if has_password { &[&[PASSWORD]] } else { &[&[DUMMY]] })
+    }
+}
+
+fn with_error(mut err: Error, errcode: &'static str, message: String) -> Error {
+    err.errcode = errcode;
+    err.message = message.into();
+    err
+}
