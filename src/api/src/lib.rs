@@ -1,5 +1,6 @@
 //! HTTP: axum routers for every API surface, and the layers every request passes through.
 
+mod admin;
 pub mod client;
 mod observe;
 pub mod response;
@@ -27,6 +28,7 @@ pub fn main_router(services: AppState) -> Router {
     let router = Router::new();
     let router = client::routes(router);
     let router = server::routes(router);
+    let router = admin::routes(router);
     let request_id = HeaderName::from_static("x-request-id");
 
     router

@@ -212,7 +212,10 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes> {
 }
 
 /// The peer address, or with `x_forwarded_for` the left-most forwarded address.
-fn client_ip(parts: &http::request::Parts, trust_forwarded: bool) -> Option<std::net::IpAddr> {
+pub(crate) fn client_ip(
+    parts: &http::request::Parts,
+    trust_forwarded: bool,
+) -> Option<std::net::IpAddr> {
     if trust_forwarded {
         let forwarded = parts
             .headers
@@ -231,7 +234,7 @@ fn client_ip(parts: &http::request::Parts, trust_forwarded: bool) -> Option<std:
 }
 
 /// `Authorization: Bearer` first; the deprecated `access_token` query parameter second.
-fn access_token(parts: &http::request::Parts) -> Option<String> {
+pub(crate) fn access_token(parts: &http::request::Parts) -> Option<String> {
     if let Some(value) = parts.headers.get(http::header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
         return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
@@ -242,14 +245,20 @@ fn access_token(parts: &http::request::Parts) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// A JSON body error: syntax errors are `M_NOT_JSON`, wrong shapes `M_BAD_JSON`.
+pub(crate) fn json_error(j: serde_json::Error) -> Error {
+    if j.is_syntax() || j.is_eof() {
+        Error::not_json(format!("Request body is not valid JSON: {j}"))
+    } else {
+        Error::bad_json(format!("Invalid request body: {j}"))
+    }
+}
+
 fn parse_error(e: FromHttpRequestError) -> Error {
     match e {
         FromHttpRequestError::MethodMismatch { .. } => Error::method_not_allowed(),
         FromHttpRequestError::Deserialization(d) => match d {
-            DeserializationError::Json(j) if j.is_syntax() || j.is_eof() => {
-                Error::not_json(format!("Request body is not valid JSON: {j}"))
-            }
-            DeserializationError::Json(j) => Error::bad_json(format!("Invalid request body: {j}")),
+            DeserializationError::Json(j) => json_error(j),
             DeserializationError::Utf8(_) => Error::not_json("Request body is not UTF-8"),
             DeserializationError::Query(q) => {
                 Error::invalid_param(format!("Invalid query string: {q}"))

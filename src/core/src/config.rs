@@ -138,7 +138,8 @@ impl Default for FederationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistrationConfig {
-    /// `closed` (only admins create accounts) or `open` (anyone, `m.login.dummy`).
+    /// `closed` (only admins create accounts), `open` (anyone, `m.login.dummy`) or
+    /// `token` (a registration token made by an admin is required).
     pub mode: RegistrationMode,
     /// Localparts nobody may register through the API (admins can still create them).
     pub reserved_usernames: Vec<String>,
@@ -251,6 +252,8 @@ impl Default for RateLimitsConfig {
 pub enum RegistrationMode {
     Closed,
     Open,
+    /// A registration token (`m.login.registration_token`) is required.
+    Token,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -550,3 +550,106 @@ async fn cli_user_commands() {
     let (status, body) = s.post(LOGIN, &password_login("admin", "cli password 2")).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_USER_DEACTIVATED")));
 }
+
+#[tokio::test]
+async fn registration_tokens_gate_registration() {
+    let config = OPEN.replace("mode = \"open\"", "mode = \"token\"");
+    let mut s = TestServer::start(&config).await;
+    s.terminate();
+    let pwfile = s.dir.path().join("pw");
+    std::fs::write(&pwfile, "admin password\n").unwrap();
+    let out = common::run_cli(
+        &[
+            "user",
+            "--config",
+            s.config_path.to_str().unwrap(),
+            "create",
+            "root_admin",
+            "--admin",
+            "--password-file",
+            pwfile.to_str().unwrap(),
+        ],
+        s.dir.path(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    s.launch().await;
+    let (_, b) = s.post(LOGIN, &password_login("root_admin", "admin password")).await;
+    let admin = b["access_token"].as_str().unwrap().to_owned();
+
+    let admin_api = "/_synapse/admin/v1/registration_tokens";
+    let (status, token) =
+        s.post_auth(&format!("{admin_api}/new"), &admin, &json!({"uses_allowed": 1})).await;
+    assert_eq!(status, 200, "{token}");
+    assert_eq!((token["uses_allowed"].as_u64(), token["completed"].as_u64()), (Some(1), Some(0)));
+    let code = token["token"].as_str().unwrap().to_owned();
+    assert_eq!(code.len(), 16);
+    let (status, _) =
+        s.post_auth(&format!("{admin_api}/new"), &admin, &json!({"token": code})).await;
+    assert_eq!(status, 400, "duplicate tokens are refused");
+
+    let validity = "/_matrix/client/v1/register/m.login.registration_token/validity?token=";
+    let (status, body) = s.get(&format!("{validity}{code}")).await;
+    assert_eq!((status, body["valid"].as_bool()), (200, Some(true)));
+    let (_, body) = s.get(&format!("{validity}nope")).await;
+    assert_eq!(body["valid"], false);
+
+    let (status, body) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "newbie", "password": "password123"}),
+        )
+        .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["flows"][0]["stages"][0], "m.login.registration_token");
+    let session = body["session"].as_str().unwrap().to_owned();
+    let (status, body) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "newbie", "password": "password123",
+            "auth": {"type": "m.login.registration_token", "token": "wrong", "session": session}}),
+        )
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_FORBIDDEN")));
+    let (status, body) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "newbie", "password": "password123",
+            "auth": {"type": "m.login.registration_token", "token": code, "session": session}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let newbie = body["access_token"].as_str().unwrap().to_owned();
+
+    // Used up: the next registration with it fails, and validity says so.
+    let (status, _) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "second",
+            "auth": {"type": "m.login.registration_token", "token": code}}),
+        )
+        .await;
+    assert_eq!(status, 401);
+    let (_, body) = s.get(&format!("{validity}{code}")).await;
+    assert_eq!(body["valid"], false);
+
+    let (status, body) = s.get_auth(&format!("{admin_api}/{code}"), &admin).await;
+    assert_eq!((status, body["completed"].as_u64()), (200, Some(1)));
+    let (status, body) = s.get_auth(&format!("{admin_api}?valid=false"), &admin).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["registration_tokens"].as_array().unwrap().len(), 1);
+    let (status, body) =
+        s.put_auth(&format!("{admin_api}/{code}"), &admin, &json!({"uses_allowed": null})).await;
+    assert_eq!((status, body["uses_allowed"].is_null()), (200, true));
+    let (_, body) = s.get(&format!("{validity}{code}")).await;
+    assert_eq!(body["valid"], true, "unlimited again");
+
+    let (status, body) = s.get_auth(admin_api, &newbie).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "only admins");
+    let (status, _) = s.get(admin_api).await;
+    assert_eq!(status, 401);
+
+    let (status, _) = s.delete_auth(&format!("{admin_api}/{code}"), &admin, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, body) = s.get_auth(&format!("{admin_api}/{code}"), &admin).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+}

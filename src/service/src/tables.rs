@@ -68,6 +68,18 @@ pub struct UiaSession {
     /// for one request cannot authorise another.
     #[serde(default)]
     pub purpose: String,
+    /// The registration token validated in this session, spent when registration ends.
+    #[serde(default)]
+    pub registration_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistrationTokenRecord {
+    /// How many registrations it may complete; `None` is unlimited.
+    pub uses_allowed: Option<u32>,
+    pub completed: u32,
+    /// Milliseconds since epoch after which it is invalid.
+    pub expiry_time: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -100,5 +112,8 @@ pub const PROFILES: Table<(String, String), Json<serde_json::Value>> =
 /// (localpart, room id or "", type) -> content
 pub const ACCOUNT_DATA: Table<(String, String, String), Json<serde_json::Value>> =
     Table::new(&catalog::ACCOUNT_DATA);
+/// token -> record
+pub const REGISTRATION_TOKENS: Table<String, Json<RegistrationTokenRecord>> =
+    Table::new(&catalog::REGISTRATION_TOKENS);
 /// (ms, seq) -> audit record
 pub const AUDIT_LOG: Table<(u64, u64), Json<AuditRecord>> = Table::new(&catalog::AUDIT_LOG);

@@ -42,6 +42,8 @@ tables! {
     PROFILES = "profiles", Scan;
     // (user localpart, room id or "", event type) -> JSON content
     ACCOUNT_DATA = "account_data", Scan;
+    // registration token -> limits and usage
+    REGISTRATION_TOKENS = "registration_tokens", Point;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

@@ -4,8 +4,8 @@ use axum::Router;
 use ruma::{
     OwnedUserId, UserId,
     api::client::account::{
-        ThirdPartyIdRemovalStatus, change_password, deactivate, get_username_availability,
-        register, whoami,
+        ThirdPartyIdRemovalStatus, change_password, check_registration_token_validity, deactivate,
+        get_username_availability, register, whoami,
     },
 };
 use trellis_core::{Error, Result};
@@ -22,7 +22,22 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<get_username_availability::v3::Request, _, _>(router, available);
     let router = ruma_route::add::<whoami::v3::Request, _, _>(router, whoami);
     let router = ruma_route::add::<change_password::v3::Request, _, _>(router, change_password);
+    let router = ruma_route::add::<check_registration_token_validity::v1::Request, _, _>(
+        router,
+        token_validity,
+    );
     ruma_route::add::<deactivate::v3::Request, _, _>(router, deactivate)
+}
+
+async fn token_validity(
+    ctx: Ctx,
+    req: check_registration_token_validity::v1::Request,
+) -> Result<check_registration_token_validity::v1::Response> {
+    if ctx.services.config.registration.mode != trellis_core::config::RegistrationMode::Token {
+        return Err(Error::forbidden("Registration does not use tokens on this server"));
+    }
+    let valid = ctx.services.accounts.registration_token_valid(&req.token)?;
+    Ok(check_registration_token_validity::v1::Response::new(valid))
 }
 
 pub fn user_id(ctx: &Ctx, localpart: &str) -> Result<OwnedUserId> {

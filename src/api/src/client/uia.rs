@@ -10,6 +10,9 @@ pub fn auth_input(auth: Option<&AuthData>) -> Option<AuthInput> {
         kind: auth.auth_type().map(|t| t.to_string()),
         ..Default::default()
     };
+    // ruma does not recognise the spec's stage name for registration tokens and keeps
+    // it as a custom stage, so read the token from the raw data.
+    input.token = auth.data().get("token").and_then(|v| v.as_str()).map(str::to_owned);
     if let AuthData::Password(p) = auth {
         input.password = Some(p.password.clone());
         if let UserIdentifier::Matrix(id) = &p.identifier {

@@ -3,6 +3,7 @@
 mod devices;
 mod guard;
 mod login;
+mod reg_tokens;
 mod sessions;
 mod uia;
 
@@ -20,8 +21,9 @@ use trellis_store::{Batch, Db, Direction, Json};
 
 pub use devices::DeviceInfo;
 pub use login::{Credential, LoginRequest};
+pub use reg_tokens::RegistrationToken;
 pub use sessions::{Issued, Session};
-pub use uia::{AuthInput, DUMMY, PASSWORD};
+pub use uia::{AuthInput, DUMMY, PASSWORD, REGISTRATION_TOKEN, UiaDone};
 
 use crate::{
     audit::{Audit, Client},
@@ -165,9 +167,13 @@ impl Accounts {
     }
 
     pub async fn register(&self, req: RegisterRequest, client: &Client) -> Result<Registered> {
-        if self.registration.mode == RegistrationMode::Closed {
-            return Err(Error::forbidden("Registration is disabled on this server"));
-        }
+        let flows: &[&[&str]] = match self.registration.mode {
+            RegistrationMode::Closed => {
+                return Err(Error::forbidden("Registration is disabled on this server"));
+            }
+            RegistrationMode::Open => &[&[DUMMY]],
+            RegistrationMode::Token => &[&[REGISTRATION_TOKEN]],
+        };
         // Cheap checks before any user-interactive auth round trip, as clients expect.
         let localpart = match &req.username {
             Some(u) => Some(self.check_available(u)?),
@@ -176,7 +182,7 @@ impl Accounts {
         if let Some(pw) = &req.password {
             self.check_password_policy(pw)?;
         }
-        self.require_uia(&[&[DUMMY]], req.auth.as_ref(), None, "register").await?;
+        let done = self.require_uia(flows, req.auth.as_ref(), None, "register").await?;
 
         let password_hash = match req.password.clone() {
             Some(pw) => Some(self.hash_password(pw).await?),
@@ -189,6 +195,9 @@ impl Accounts {
             None => self.fresh_localpart()?,
         };
         let mut batch = Batch::new();
+        if let Some(token) = &done.registration_token {
+            self.spend_registration_token(&mut batch, token)?;
+        }
         self.put_new_user(&mut batch, &localpart, password_hash, false);
         let login = if req.inhibit_login {
             None

@@ -14,6 +14,7 @@ use crate::{
 
 pub const DUMMY: &str = "m.login.dummy";
 pub const PASSWORD: &str = "m.login.password";
+pub const REGISTRATION_TOKEN: &str = "m.login.registration_token";
 
 /// The `auth` object of a request, as far as the stages we offer need it.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +24,15 @@ pub struct AuthInput {
     /// `identifier.user` (or the deprecated `user`) of a password stage.
     pub user: Option<String>,
     pub password: Option<String>,
+    /// `token` of a registration token stage.
+    pub token: Option<String>,
+}
+
+/// What a completed flow proved beyond "the client is allowed".
+#[derive(Debug, Clone, Default)]
+pub struct UiaDone {
+    /// The registration token the client presented, to be spent by the registration.
+    pub registration_token: Option<String>,
 }
 
 impl Accounts {
@@ -35,7 +45,7 @@ impl Accounts {
         auth: Option<&AuthInput>,
         user: Option<&str>,
         purpose: &str,
-    ) -> Result<()> {
+    ) -> Result<UiaDone> {
         let ttl_ms = self.auth.uia_session_ttl_seconds.saturating_mul(1000);
         let purpose = format!("{purpose}:{}", user.unwrap_or(""));
         let Some(auth) = auth else {
@@ -62,6 +72,8 @@ impl Accounts {
         };
         let mut completed: Vec<String> =
             session.as_ref().map(|(_, s)| s.completed.clone()).unwrap_or_default();
+        let mut registration_token =
+            session.as_ref().and_then(|(_, s)| s.registration_token.clone());
         let offered = |stage: &str| flows.iter().any(|f| f.contains(&stage));
 
         if let Some(kind) = auth.kind.as_deref() {
@@ -92,6 +104,25 @@ impl Accounts {
                     .await?;
                 return Err(with_error(err, code::FORBIDDEN, "Invalid password".into()));
             }
+            if kind == REGISTRATION_TOKEN {
+                let token = auth.token.clone().unwrap_or_default();
+                if !self.registration_token_valid(&token)? {
+                    let err = self
+                        .challenge(
+                            flows,
+                            session.as_ref().map(|(id, _)| id.clone()),
+                            &completed,
+                            &purpose,
+                        )
+                        .await?;
+                    return Err(with_error(
+                        err,
+                        code::FORBIDDEN,
+                        "Invalid registration token".into(),
+                    ));
+                }
+                registration_token = Some(token);
+            }
             if !completed.iter().any(|c| c == kind) {
                 completed.push(kind.to_owned());
             }
@@ -105,18 +136,19 @@ impl Accounts {
                 UIA_SESSIONS.delete(&mut batch, &id);
                 commit(&self.db, batch).await?;
             }
-            return Ok(());
+            return Ok(UiaDone { registration_token });
         }
         // Progress made but a flow is not finished: remember it in the session.
         let id = match session.take() {
             Some((id, mut s)) => {
                 s.completed = completed.clone();
+                s.registration_token = registration_token;
                 let mut batch = Batch::new();
                 UIA_SESSIONS.put(&mut batch, &id, &Json(s));
                 commit(&self.db, batch).await?;
                 id
             }
-            None => self.new_session(&completed, &purpose).await?,
+            None => self.new_session(&completed, &purpose, registration_token).await?,
         };
         Err(self.challenge(flows, Some(id), &completed, &purpose).await?)
     }
@@ -138,7 +170,12 @@ impl Accounts {
         self.verify_password(password, hash).await
     }
 
-    async fn new_session(&self, completed: &[String], purpose: &str) -> Result<String> {
+    async fn new_session(
+        &self,
+        completed: &[String],
+        purpose: &str,
+        registration_token: Option<String>,
+    ) -> Result<String> {
         let id = random::alphanumeric(24);
         let mut batch = Batch::new();
         UIA_SESSIONS.put(
@@ -148,6 +185,7 @@ impl Accounts {
                 created_ms: now_millis(),
                 completed: completed.to_vec(),
                 purpose: purpose.to_owned(),
+                registration_token,
             }),
         );
         commit(&self.db, batch).await?;
@@ -163,7 +201,7 @@ impl Accounts {
     ) -> Result<Error> {
         let session = match session {
             Some(s) => s,
-            None => self.new_session(completed, purpose).await?,
+            None => self.new_session(completed, purpose, None).await?,
         };
         let flows: Vec<_> = flows.iter().map(|f| json!({ "stages": f })).collect();
         let mut err = Error::new(StatusCode::UNAUTHORIZED, "", "")

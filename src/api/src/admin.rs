@@ -1,0 +1,162 @@
+//! The admin API. Paths and shapes follow Synapse's admin API where one exists, so that
+//! existing admin tools work against Trellis. Every call needs an admin's access token.
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Path, RawQuery, State},
+    http::request::Parts,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use http::StatusCode;
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::json;
+use trellis_core::{Error, Result};
+
+use crate::{
+    AppState,
+    response::{ApiError, json_response},
+    ruma_route::{access_token, client_ip, json_error},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    router
+        .route("/_synapse/admin/v1/registration_tokens", get(list_tokens))
+        .route("/_synapse/admin/v1/registration_tokens/new", axum::routing::post(create_token))
+        .route(
+            "/_synapse/admin/v1/registration_tokens/{token}",
+            get(get_token).put(update_token).delete(delete_token),
+        )
+}
+
+/// Checks that the caller is a server admin.
+fn require_admin(state: &AppState, parts: &Parts) -> Result<()> {
+    let token = access_token(parts).ok_or_else(Error::missing_token)?;
+    let client =
+        trellis_service::Client::from_ip(client_ip(parts, state.config.http.x_forwarded_for));
+    let session = state.accounts.authenticate(&token, &client)?;
+    match state.accounts.user(&session.localpart)? {
+        Some(u) if u.admin => Ok(()),
+        _ => Err(Error::forbidden("You are not a server admin")),
+    }
+}
+
+fn ok_json(value: serde_json::Value) -> Response {
+    json_response(StatusCode::OK, value.to_string().into_bytes())
+}
+
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+    let body: &[u8] = if body.is_empty() { b"{}" } else { body };
+    serde_json::from_slice(body).map_err(json_error)
+}
+
+fn respond(result: Result<serde_json::Value>) -> Response {
+    match result {
+        Ok(v) => ok_json(v),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+async fn list_tokens(
+    State(s): State<AppState>,
+    parts: Parts,
+    RawQuery(query): RawQuery,
+) -> Response {
+    respond((|| {
+        require_admin(&s, &parts)?;
+        let valid = match form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .find(|(k, _)| k == "valid")
+            .map(|(_, v)| v.into_owned())
+            .as_deref()
+        {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(_) => return Err(Error::invalid_param("valid must be true or false")),
+        };
+        Ok(json!({ "registration_tokens": s.accounts.registration_tokens(valid)? }))
+    })())
+}
+
+#[derive(Deserialize)]
+struct NewToken {
+    token: Option<String>,
+    length: Option<u32>,
+    uses_allowed: Option<u32>,
+    expiry_time: Option<u64>,
+}
+
+async fn create_token(State(s): State<AppState>, parts: Parts, body: Bytes) -> Response {
+    respond(
+        async {
+            require_admin(&s, &parts)?;
+            let req: NewToken = parse_body(&body)?;
+            let token = s
+                .accounts
+                .create_registration_token(req.token, req.length, req.uses_allowed, req.expiry_time)
+                .await?;
+            Ok(json!(token))
+        }
+        .await,
+    )
+}
+
+async fn get_token(State(s): State<AppState>, parts: Parts, Path(token): Path<String>) -> Response {
+    respond((|| {
+        require_admin(&s, &parts)?;
+        Ok(json!(s.accounts.registration_token(&token)?))
+    })())
+}
+
+/// `null` removes a limit; an absent field leaves it unchanged.
+#[derive(Deserialize)]
+struct UpdateToken {
+    #[serde(default, deserialize_with = "present")]
+    uses_allowed: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    expiry_time: Option<Option<u64>>,
+}
+
+fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+async fn update_token(
+    State(s): State<AppState>,
+    parts: Parts,
+    Path(token): Path<String>,
+    body: Bytes,
+) -> Response {
+    respond(
+        async {
+            require_admin(&s, &parts)?;
+            let req: UpdateToken = parse_body(&body)?;
+            Ok(json!(
+                s.accounts
+                    .update_registration_token(&token, req.uses_allowed, req.expiry_time)
+                    .await?
+            ))
+        }
+        .await,
+    )
+}
+
+async fn delete_token(
+    State(s): State<AppState>,
+    parts: Parts,
+    Path(token): Path<String>,
+) -> Response {
+    respond(
+        async {
+            require_admin(&s, &parts)?;
+            s.accounts.delete_registration_token(&token).await?;
+            Ok(json!({}))
+        }
+        .await,
+    )
+}
