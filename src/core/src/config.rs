@@ -25,6 +25,9 @@ pub struct Config {
     pub federation: FederationConfig,
     pub registration: RegistrationConfig,
     pub auth: AuthConfig,
+    pub jwt: JwtConfig,
+    pub email: EmailConfig,
+    pub user_directory: UserDirectoryConfig,
     pub rate_limits: RateLimitsConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
@@ -138,8 +141,9 @@ impl Default for FederationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistrationConfig {
-    /// `closed` (only admins create accounts), `open` (anyone, `m.login.dummy`) or
-    /// `token` (a registration token made by an admin is required).
+    /// `closed` (only admins create accounts), `open` (anyone, `m.login.dummy`),
+    /// `token` (a registration token made by an admin is required) or `email` (a verified
+    /// email address is required).
     pub mode: RegistrationMode,
     /// Localparts nobody may register through the API (admins can still create them).
     pub reserved_usernames: Vec<String>,
@@ -200,6 +204,96 @@ impl Default for AuthConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Offer `org.matrix.login.jwt`: log in (creating the account on first login) with a
+    /// JSON Web Token signed by a trusted issuer.
+    pub enabled: bool,
+    /// `HS256`, `HS384`, `HS512`, `RS256`, `RS384`, `RS512`, `ES256`, `ES384` or `EdDSA`.
+    pub algorithm: String,
+    /// The shared secret for the HS* algorithms.
+    pub secret: String,
+    /// PEM file with the issuer's public key for the RS*, ES* and EdDSA algorithms.
+    pub public_key_path: PathBuf,
+    /// When set, the token's `iss` must equal it.
+    pub issuer: String,
+    /// When set, the token's `aud` must contain one of these.
+    pub audiences: Vec<String>,
+    /// The claim holding the user (a localpart or a full user id on this server).
+    pub subject_claim: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            algorithm: "HS256".into(),
+            secret: String::new(),
+            public_key_path: PathBuf::new(),
+            issuer: String::new(),
+            audiences: Vec::new(),
+            subject_claim: "sub".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmailConfig {
+    /// Send mail: verification codes for registration, adding addresses and password
+    /// resets. Off, those endpoints answer `M_THREEPID_MEDIUM_NOT_SUPPORTED`.
+    pub enabled: bool,
+    pub smtp_host: String,
+    pub smtp_port: u16,
+    /// `starttls`, `tls` (implicit TLS, usually port 465) or `none` (local relays only).
+    pub smtp_security: SmtpSecurity,
+    pub smtp_username: String,
+    pub smtp_password: String,
+    /// The sender, e.g. `Trellis <noreply@example.org>`.
+    pub from: String,
+    /// Public base URL of this server for the links in mails, e.g.
+    /// `https://matrix.example.org`. Empty: `http://<server.listen>`.
+    pub public_base_url: String,
+    /// How long a mailed code or link stays valid, in seconds.
+    pub code_lifetime_seconds: u64,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            smtp_host: "localhost".into(),
+            smtp_port: 587,
+            smtp_security: SmtpSecurity::Starttls,
+            smtp_username: String::new(),
+            smtp_password: String::new(),
+            from: "Trellis <noreply@localhost>".into(),
+            public_base_url: String::new(),
+            code_lifetime_seconds: 900,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    Starttls,
+    Tls,
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserDirectoryConfig {
+    /// Let searches find every local user, not only those sharing a room with the
+    /// searcher or sitting in public rooms.
+    pub search_all_users: bool,
+}
+
+pub const JWT_ALGORITHMS: &[&str] =
+    &["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"];
+
 /// A token bucket: `burst` requests at once, refilled at `per_second`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -254,6 +348,8 @@ pub enum RegistrationMode {
     Open,
     /// A registration token (`m.login.registration_token`) is required.
     Token,
+    /// A verified email address (`m.login.email.identity`) is required.
+    Email,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -404,6 +500,29 @@ impl Config {
         }
         if self.auth.access_token_lifetime_seconds == 0 {
             bad("auth.access_token_lifetime_seconds", "must be at least 1".into());
+        }
+        let jwt = &self.jwt;
+        if !JWT_ALGORITHMS.contains(&jwt.algorithm.as_str()) {
+            bad("jwt.algorithm", format!("must be one of {}", JWT_ALGORITHMS.join(", ")));
+        } else if jwt.enabled && jwt.algorithm.starts_with("HS") && jwt.secret.is_empty() {
+            bad("jwt.secret", format!("required for {}", jwt.algorithm));
+        } else if jwt.enabled
+            && !jwt.algorithm.starts_with("HS")
+            && jwt.public_key_path.as_os_str().is_empty()
+        {
+            bad("jwt.public_key_path", format!("required for {}", jwt.algorithm));
+        }
+        if jwt.subject_claim.is_empty() {
+            bad("jwt.subject_claim", "must not be empty".into());
+        }
+        if self.registration.mode == RegistrationMode::Email && !self.email.enabled {
+            bad("registration.mode", "\"email\" needs email.enabled = true".into());
+        }
+        if self.email.enabled && self.email.smtp_host.is_empty() {
+            bad("email.smtp_host", "must not be empty".into());
+        }
+        if self.email.code_lifetime_seconds == 0 {
+            bad("email.code_lifetime_seconds", "must be at least 1".into());
         }
         let r = &self.rate_limits;
         for (name, limit) in [

@@ -30,6 +30,10 @@ pub mod code {
     pub const USER_DEACTIVATED: &str = "M_USER_DEACTIVATED";
     pub const USER_LOCKED: &str = "M_USER_LOCKED";
     pub const THREEPID_DENIED: &str = "M_THREEPID_DENIED";
+    pub const THREEPID_IN_USE: &str = "M_THREEPID_IN_USE";
+    pub const THREEPID_NOT_FOUND: &str = "M_THREEPID_NOT_FOUND";
+    pub const THREEPID_AUTH_FAILED: &str = "M_THREEPID_AUTH_FAILED";
+    pub const THREEPID_MEDIUM_NOT_SUPPORTED: &str = "M_THREEPID_MEDIUM_NOT_SUPPORTED";
 }
 
 #[derive(Debug, Clone)]

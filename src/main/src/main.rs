@@ -1,5 +1,6 @@
 //! `trellis`: the Matrix homeserver binary.
 
+mod bench;
 mod serve;
 mod user_cmd;
 
@@ -34,6 +35,11 @@ enum Command {
         config: Option<PathBuf>,
         #[command(subcommand)]
         command: user_cmd::UserCommand,
+    },
+    /// Load scenarios against a running homeserver (any implementation).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
     /// Inspect configuration.
     Config {
@@ -72,6 +78,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench { command } => bench::run(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
             match Config::load(Some(&file), std::env::vars()) {
                 Ok(_) => {

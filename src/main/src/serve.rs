@@ -61,7 +61,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let listen = config.server.listen;
     let metrics = config.metrics.enabled.then_some(config.metrics.listen);
     let grace = Duration::from_secs(config.http.shutdown_grace_seconds);
-    let services = Services::new(config, db, keys);
+    let services = Services::new(config, db, keys)?;
 
     let listener =
         TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;

@@ -653,3 +653,71 @@ async fn registration_tokens_gate_registration() {
     let (status, body) = s.get_auth(&format!("{admin_api}/{code}"), &admin).await;
     assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
 }
+
+#[tokio::test]
+async fn user_directory_search() {
+    let search = "/_matrix/client/v3/user_directory/search";
+    let s = TestServer::start(
+        &OPEN.replace("[rate_limits]", "[user_directory]\nsearch_all_users = true\n[rate_limits]"),
+    )
+    .await;
+    let (alice, alice_token) = s.register("alice.smith").await;
+    let (_, _) = s.register("alicia").await;
+    let (bob, bob_token) = s.register("bob").await;
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/profile/{alice}/displayname"),
+            &alice_token,
+            &json!({"displayname": "Wonder Woman"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let names = |body: &Value| -> Vec<String> {
+        body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["user_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (status, body) = s.post_auth(search, &bob_token, &json!({"search_term": "wond"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(names(&body), std::slice::from_ref(&alice));
+    assert_eq!(body["results"][0]["display_name"], "Wonder Woman");
+    let (_, body) = s.post_auth(search, &bob_token, &json!({"search_term": "smith WOM"})).await;
+    assert_eq!(names(&body), std::slice::from_ref(&alice));
+    let (_, body) = s.post_auth(search, &bob_token, &json!({"search_term": "ali"})).await;
+    assert_eq!(names(&body).len(), 2);
+    let (_, body) =
+        s.post_auth(search, &bob_token, &json!({"search_term": "ali", "limit": 1})).await;
+    assert_eq!((names(&body).len(), body["limited"].as_bool()), (1, Some(true)));
+    let (_, body) = s.post_auth(search, &bob_token, &json!({"search_term": "nobody here"})).await;
+    assert!(names(&body).is_empty());
+
+    // Renaming moves the user in the index.
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/profile/{alice}/displayname"),
+            &alice_token,
+            &json!({"displayname": "Queen"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, body) = s.post_auth(search, &bob_token, &json!({"search_term": "wonder"})).await;
+    assert!(names(&body).is_empty());
+    let (_, body) = s.post_auth(search, &bob_token, &json!({"search_term": "quee"})).await;
+    assert_eq!(names(&body), std::slice::from_ref(&alice));
+    let (status, _) = s.post(search, &json!({"search_term": "x"})).await;
+    assert_eq!(status, 401);
+
+    // By default only users sharing a room are found (and, without rooms, oneself).
+    let s2 = TestServer::start(OPEN).await;
+    let (carol, carol_token) = s2.register("carol").await;
+    s2.register("dave").await;
+    let (_, body) = s2.post_auth(search, &carol_token, &json!({"search_term": "dave"})).await;
+    assert!(names(&body).is_empty(), "{body}");
+    let (_, body) = s2.post_auth(search, &carol_token, &json!({"search_term": "carol"})).await;
+    assert_eq!(names(&body), [carol]);
+    assert_eq!(bob, "@bob:localhost");
+}

@@ -104,3 +104,36 @@ async fn serve_with_no_config_uses_defaults_in_cwd() {
     let status = wait_exit(&mut child, Duration::from_secs(30));
     assert!(status.success(), "{status}");
 }
+
+/// The bench harness stays working: each scenario at a tiny size against a real server
+/// (no timing assertions, only that it runs and reports).
+#[tokio::test]
+async fn bench_scenarios_smoke() {
+    let s = common::TestServer::start(common::OPEN).await;
+    let base = s.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args([
+                "bench",
+                "login-storm",
+                "--base-url",
+                &base,
+                "--logins",
+                "4",
+                "--concurrency",
+                "2",
+                "--idle-probes",
+                "3",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["scenario"], "login-storm");
+    assert_eq!(line["login_latency"]["count"], 4);
+    assert_eq!(line["whoami_idle"]["count"], 3);
+    assert_eq!(line["errors"], 0);
+}

@@ -3,7 +3,9 @@
 pub mod account_data;
 pub mod accounts;
 pub mod audit;
+pub mod directory;
 pub mod keys;
+pub mod mailer;
 pub mod password;
 pub mod profile;
 mod random;
@@ -32,34 +34,57 @@ pub struct Services {
     pub profiles: Profiles,
     pub account_data: AccountData,
     pub rate_limits: RateLimiter,
+    pub mailer: Option<mailer::Mailer>,
+    pub directory: directory::UserDirectory,
     pub metrics: Metrics,
 }
 
 impl Services {
-    pub fn new(config: Config, db: Db, keys: ServerKeys) -> Arc<Self> {
+    /// Builds every service; fails on configuration that can only be checked by loading
+    /// files (such as a JWT public key).
+    pub fn new(config: Config, db: Db, keys: ServerKeys) -> Result<Arc<Self>, String> {
         let audit = Arc::new(Audit::new(db.clone()));
-        let accounts = Accounts::new(
+        let jwt = accounts::jwt::JwtVerifier::from_config(&config.jwt)?;
+        let accounts = Accounts::with_jwt(
             db.clone(),
             config.server.server_name.clone(),
             config.registration.clone(),
             config.auth.clone(),
             audit.clone(),
-        );
-        Arc::new(Self {
+            jwt,
+        )
+        .with_email_code_lifetime(config.email.code_lifetime_seconds);
+        let mailer = mailer::Mailer::from_config(&config.email, &config.server.server_name)?;
+        Ok(Arc::new(Self {
             profiles: Profiles::new(db.clone()),
             account_data: AccountData::new(db.clone()),
             rate_limits: RateLimiter::new(config.rate_limits.clone()),
+            mailer,
+            directory: directory::UserDirectory::new(
+                db.clone(),
+                config.user_directory.search_all_users,
+            ),
             audit,
             accounts,
             keys,
             db,
             config,
             metrics: Metrics::new(),
-        })
+        }))
     }
 
     pub fn server_name(&self) -> &str {
         &self.config.server.server_name
+    }
+
+    /// The base URL for links this server hands out (in mails, `submit_url`).
+    pub fn public_base_url(&self) -> String {
+        let configured = self.config.email.public_base_url.trim_end_matches('/');
+        if configured.is_empty() {
+            format!("http://{}", self.config.server.listen)
+        } else {
+            configured.to_owned()
+        }
     }
 
     /// Refreshes the storage gauges; called when metrics are scraped.

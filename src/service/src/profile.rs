@@ -8,7 +8,7 @@ use serde_json::Value;
 use trellis_core::{Error, Result, error::code};
 use trellis_store::{Batch, Db, Direction, Json};
 
-use crate::{commit, tables::PROFILES};
+use crate::{commit, directory, tables::PROFILES};
 
 /// The spec caps a whole profile at 64 KiB of JSON.
 pub const MAX_PROFILE_BYTES: usize = 64 * 1024;
@@ -56,12 +56,25 @@ impl Profiles {
             return Err(Error::too_large("The profile would exceed 64 KiB"));
         }
         let mut batch = Batch::new();
+        if field == "displayname" {
+            let old = self.get(localpart, field)?;
+            directory::rename(
+                &mut batch,
+                localpart,
+                old.as_ref().and_then(|v| v.as_str()),
+                value.as_str(),
+            );
+        }
         PROFILES.put(&mut batch, &(localpart.to_owned(), field.to_owned()), &Json(value));
         commit(&self.db, batch).await
     }
 
     pub async fn delete(&self, localpart: &str, field: &str) -> Result<()> {
         let mut batch = Batch::new();
+        if field == "displayname" {
+            let old = self.get(localpart, field)?;
+            directory::rename(&mut batch, localpart, old.as_ref().and_then(|v| v.as_str()), None);
+        }
         PROFILES.delete(&mut batch, &(localpart.to_owned(), field.to_owned()));
         commit(&self.db, batch).await
     }

@@ -83,6 +83,29 @@ pub struct RegistrationTokenRecord {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ThreepidSession {
+    pub client_secret: String,
+    pub email: String,
+    /// `register`, `add` or `password`: what the validation may be used for.
+    pub purpose: String,
+    pub send_attempt: u64,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    /// sha256 of the 6-digit code and of the link token; cleared once validated.
+    pub code_hash: Option<Vec<u8>>,
+    pub link_hash: Option<Vec<u8>>,
+    pub failed_attempts: u32,
+    pub validated_ms: Option<u64>,
+    pub next_link: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserThreepid {
+    pub added_ms: u64,
+    pub validated_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AuditRecord {
     /// The acting user (localpart) or the name tried, if known.
     pub actor: Option<String>,
@@ -115,5 +138,15 @@ pub const ACCOUNT_DATA: Table<(String, String, String), Json<serde_json::Value>>
 /// token -> record
 pub const REGISTRATION_TOKENS: Table<String, Json<RegistrationTokenRecord>> =
     Table::new(&catalog::REGISTRATION_TOKENS);
+/// sid -> email validation session
+pub const THREEPID_SESSIONS: Table<String, Json<ThreepidSession>> =
+    Table::new(&catalog::THREEPID_SESSIONS);
+/// (medium, address) -> localpart
+pub const THREEPIDS: Table<(String, String), String> = Table::new(&catalog::THREEPIDS);
+/// (localpart, medium, address) -> details
+pub const USER_THREEPIDS: Table<(String, String, String), Json<UserThreepid>> =
+    Table::new(&catalog::USER_THREEPIDS);
+/// (word, localpart) -> ()
+pub const USER_DIRECTORY: Table<(String, String), ()> = Table::new(&catalog::USER_DIRECTORY);
 /// (ms, seq) -> audit record
 pub const AUDIT_LOG: Table<(u64, u64), Json<AuditRecord>> = Table::new(&catalog::AUDIT_LOG);

@@ -44,6 +44,14 @@ tables! {
     ACCOUNT_DATA = "account_data", Scan;
     // registration token -> limits and usage
     REGISTRATION_TOKENS = "registration_tokens", Point;
+    // validation session id -> email validation session
+    THREEPID_SESSIONS = "threepid_sessions", Point;
+    // (medium, address) -> user localpart
+    THREEPIDS = "threepids", Point;
+    // (user localpart, medium, address) -> when added and validated
+    USER_THREEPIDS = "user_threepids", Scan;
+    // (search word, user localpart) -> (): the user directory's prefix index
+    USER_DIRECTORY = "user_directory", Scan;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

@@ -4,8 +4,10 @@ mod account;
 mod account_data;
 mod capabilities;
 mod devices;
+mod directory;
 mod profile;
 mod session;
+mod threepid;
 mod uia;
 mod versions;
 
@@ -20,5 +22,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = devices::routes(router);
     let router = profile::routes(router);
     let router = account_data::routes(router);
+    let router = threepid::routes(router);
+    let router = directory::routes(router);
     capabilities::routes(router)
 }

@@ -29,16 +29,19 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 async fn login_types(
-    _: Ctx,
+    ctx: Ctx,
     _: get_login_types::v3::Request,
 ) -> Result<get_login_types::v3::Response> {
     use get_login_types::v3::{LoginType, PasswordLoginType, TokenLoginType};
     let mut token = TokenLoginType::new();
     token.get_login_token = true;
-    Ok(get_login_types::v3::Response::new(vec![
-        LoginType::Password(PasswordLoginType::new()),
-        LoginType::Token(token),
-    ]))
+    let mut flows = vec![LoginType::Password(PasswordLoginType::new()), LoginType::Token(token)];
+    if ctx.services.accounts.jwt_enabled() {
+        let jwt = LoginType::new(trellis_service::accounts::jwt::LOGIN_TYPE, Default::default())
+            .map_err(|e| Error::internal("login type", e))?;
+        flows.push(jwt);
+    }
+    Ok(get_login_types::v3::Response::new(flows))
 }
 
 // `user` is deprecated in favour of `identifier`, but older clients still send it.
@@ -57,6 +60,10 @@ async fn login(ctx: Ctx, req: login::v3::Request) -> Result<login::v3::Response>
             Credential::Password { user, password: p.password }
         }
         login::v3::LoginInfo::Token(t) => Credential::Token(t.token),
+        other if other.login_type() == trellis_service::accounts::jwt::LOGIN_TYPE => {
+            let token = other.data().get("token").and_then(|t| t.as_str()).map(str::to_owned);
+            Credential::Jwt(token.ok_or_else(|| Error::bad_json("A JWT login needs a token"))?)
+        }
         other => {
             return Err(Error::new(
                 http::StatusCode::BAD_REQUEST,

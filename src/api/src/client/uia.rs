@@ -13,6 +13,12 @@ pub fn auth_input(auth: Option<&AuthData>) -> Option<AuthInput> {
     // ruma does not recognise the spec's stage name for registration tokens and keeps
     // it as a custom stage, so read the token from the raw data.
     input.token = auth.data().get("token").and_then(|v| v.as_str()).map(str::to_owned);
+    let creds = auth.data().get("threepid_creds").cloned();
+    input.threepid_creds = creds.and_then(|c| {
+        let sid = c.get("sid")?.as_str()?.to_owned();
+        let secret = c.get("client_secret")?.as_str()?.to_owned();
+        Some((sid, secret))
+    });
     if let AuthData::Password(p) = auth {
         input.password = Some(p.password.clone());
         if let UserIdentifier::Matrix(id) = &p.identifier {

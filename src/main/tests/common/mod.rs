@@ -206,3 +206,122 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
 pub fn run_cli(args: &[&str], cwd: &Path) -> std::process::Output {
     Command::new(BIN).args(args).current_dir(cwd).output().unwrap()
 }
+
+/// A real SMTP server (Python's aiosmtpd) on loopback, storing what it receives in a
+/// maildir the tests read.
+pub struct SmtpServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl SmtpServer {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(dir.path().join("maildir"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 with aiosmtpd (installed by .ci/install-deps)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the SMTP server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { port, dir, child }
+    }
+
+    /// The `[email]` config section that sends here.
+    pub fn config(&self) -> String {
+        format!(
+            "[email]\nenabled = true\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nsmtp_security = \"none\"\n\
+             from = \"Trellis <noreply@test.example>\"\n",
+            self.port
+        )
+    }
+
+    /// All messages received so far, raw.
+    pub fn messages(&self) -> Vec<String> {
+        let new = self.dir.path().join("maildir/new");
+        let Ok(entries) = std::fs::read_dir(&new) else { return Vec::new() };
+        let mut files: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        files.iter().filter_map(|p| std::fs::read_to_string(p).ok()).collect()
+    }
+
+    /// Waits for the `n`-th (1-based) message to `to` and returns it.
+    pub async fn wait_for(&self, to: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found: Vec<String> = self
+                .messages()
+                .into_iter()
+                .filter(|m| {
+                    m.lines().any(|l| l.to_lowercase().starts_with("to:") && l.contains(to))
+                })
+                .collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            assert!(Instant::now() < deadline, "no mail #{n} to {to} arrived");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The 6-digit code in a verification mail.
+pub fn code_in(mail: &str) -> String {
+    mail.split(|c: char| !c.is_ascii_digit())
+        .find(|w| w.len() == 6)
+        .unwrap_or_else(|| panic!("no code in {mail}"))
+        .to_owned()
+}
+
+/// Undoes quoted-printable encoding (soft line breaks and `=XX` escapes), as a mail
+/// client would.
+pub fn decode_qp(mail: &str) -> String {
+    let joined = mail.replace("=\r\n", "").replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'='
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&joined[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The validation link in a verification mail.
+pub fn link_in(mail: &str) -> String {
+    decode_qp(mail)
+        .split_whitespace()
+        .find(|w| w.starts_with("http") && w.contains("/email/validate"))
+        .unwrap_or_else(|| panic!("no link in {mail}"))
+        .to_owned()
+}

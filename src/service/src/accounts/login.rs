@@ -17,6 +17,8 @@ pub enum Credential {
         password: String,
     },
     Token(String),
+    /// `org.matrix.login.jwt`.
+    Jwt(String),
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +50,7 @@ impl Accounts {
                     .ok_or_else(|| Error::bad_json("A user identifier (m.id.user) is required"))?;
                 self.password_login(&user, password, client).await?
             }
+            Credential::Jwt(token) => self.jwt_login(&token, client).await?,
             Credential::Token(token) => match self.take_login_token(&token).await? {
                 Some(lp) => lp,
                 None => {
@@ -77,6 +80,37 @@ impl Accounts {
         self.audit.add(&mut batch, Some(&localpart), "login", client, "ok", Some(device_id));
         commit(&self.db, batch).await?;
         Ok((localpart, issued))
+    }
+
+    /// Verifies the token and returns its user, creating the account on first login.
+    async fn jwt_login(&self, token: &str, client: &Client) -> Result<String> {
+        let verifier = self.jwt.as_ref().ok_or_else(|| {
+            Error::new(
+                http::StatusCode::BAD_REQUEST,
+                trellis_core::error::code::UNKNOWN,
+                "JWT login is not enabled",
+            )
+        })?;
+        let subject = match verifier.subject(token) {
+            Ok(s) => s,
+            Err(e) => {
+                self.audit
+                    .log(None, "login_jwt", client, "failed", Some(e.message.to_string()))
+                    .await;
+                return Err(e);
+            }
+        };
+        let localpart = self
+            .parse_username(&subject)
+            .map_err(|_| Error::forbidden("The token names an invalid user"))?;
+        let _guard = self.create_lock.lock().await;
+        if self.user(&localpart)?.is_none() {
+            let mut batch = Batch::new();
+            self.put_new_user(&mut batch, &localpart, None, false);
+            self.audit.add(&mut batch, Some(&localpart), "register_jwt", client, "ok", None);
+            commit(&self.db, batch).await?;
+        }
+        Ok(localpart)
     }
 
     async fn password_login(

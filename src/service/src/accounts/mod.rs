@@ -2,9 +2,11 @@
 
 mod devices;
 mod guard;
+pub mod jwt;
 mod login;
 mod reg_tokens;
 mod sessions;
+pub mod threepid;
 mod uia;
 
 use std::sync::Arc;
@@ -23,7 +25,7 @@ pub use devices::DeviceInfo;
 pub use login::{Credential, LoginRequest};
 pub use reg_tokens::RegistrationToken;
 pub use sessions::{Issued, Session};
-pub use uia::{AuthInput, DUMMY, PASSWORD, REGISTRATION_TOKEN, UiaDone};
+pub use uia::{AuthInput, DUMMY, EMAIL_IDENTITY, PASSWORD, REGISTRATION_TOKEN, UiaDone};
 
 use crate::{
     audit::{Audit, Client},
@@ -42,6 +44,8 @@ pub struct Accounts {
     create_lock: Mutex<()>,
     guard: guard::LoginGuard,
     seen: sessions::SeenCache,
+    jwt: Option<jwt::JwtVerifier>,
+    email_code_lifetime_ms: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -70,6 +74,17 @@ impl Accounts {
         auth: AuthConfig,
         audit: Arc<Audit>,
     ) -> Self {
+        Self::with_jwt(db, server_name, registration, auth, audit, None)
+    }
+
+    pub fn with_jwt(
+        db: Db,
+        server_name: String,
+        registration: RegistrationConfig,
+        auth: AuthConfig,
+        audit: Arc<Audit>,
+        jwt: Option<jwt::JwtVerifier>,
+    ) -> Self {
         let guard = guard::LoginGuard::new(
             auth.failed_login_threshold,
             auth.failed_login_max_backoff_seconds,
@@ -83,7 +98,15 @@ impl Accounts {
             create_lock: Mutex::new(()),
             guard,
             seen: Default::default(),
+            jwt,
+            email_code_lifetime_ms: 900_000,
         }
+    }
+
+    /// How long mailed validation codes stay valid.
+    pub fn with_email_code_lifetime(mut self, seconds: u64) -> Self {
+        self.email_code_lifetime_ms = seconds.saturating_mul(1000);
+        self
     }
 
     pub fn user_id(&self, localpart: &str) -> String {
@@ -155,6 +178,10 @@ impl Accounts {
         Ok(USERS.get(&*self.db, &localpart.to_owned())?.map(|j| j.0))
     }
 
+    pub fn jwt_enabled(&self) -> bool {
+        self.jwt.is_some()
+    }
+
     pub fn check_password_policy(&self, password: &str) -> Result<()> {
         if password.chars().count() < self.auth.password_min_length {
             return Err(Error::new(
@@ -173,6 +200,7 @@ impl Accounts {
             }
             RegistrationMode::Open => &[&[DUMMY]],
             RegistrationMode::Token => &[&[REGISTRATION_TOKEN]],
+            RegistrationMode::Email => &[&[EMAIL_IDENTITY]],
         };
         // Cheap checks before any user-interactive auth round trip, as clients expect.
         let localpart = match &req.username {
@@ -199,6 +227,9 @@ impl Accounts {
             self.spend_registration_token(&mut batch, token)?;
         }
         self.put_new_user(&mut batch, &localpart, password_hash, false);
+        if let Some((email, sid)) = &done.email {
+            self.bind_email_into(&mut batch, &localpart, email, sid)?;
+        }
         let login = if req.inhibit_login {
             None
         } else {
@@ -256,6 +287,7 @@ impl Accounts {
         password_hash: Option<String>,
         admin: bool,
     ) {
+        crate::directory::index_new_user(batch, localpart);
         USERS.put(
             batch,
             &localpart.to_owned(),
@@ -307,7 +339,13 @@ impl Accounts {
         for device in self.device_ids(localpart)? {
             self.delete_device_into(&mut batch, localpart, &device)?;
         }
+        // A deactivated account keeps no addresses: they can be used by a new account.
+        self.unbind_all_into(&mut batch, localpart)?;
         let owner = localpart.to_owned();
+        let display_name = PROFILES
+            .get(&*self.db, &(owner.clone(), "displayname".to_owned()))?
+            .and_then(|j| j.0.as_str().map(str::to_owned));
+        crate::directory::remove_user(&mut batch, localpart, display_name.as_deref());
         // Display name and avatar go either way (spec: a deactivated user has no profile);
         // `erase` also removes everything else the user stored.
         for entry in PROFILES.scan_prefix(&*self.db, &owner, Direction::Forward)? {

@@ -15,6 +15,7 @@ use crate::{
 pub const DUMMY: &str = "m.login.dummy";
 pub const PASSWORD: &str = "m.login.password";
 pub const REGISTRATION_TOKEN: &str = "m.login.registration_token";
+pub const EMAIL_IDENTITY: &str = "m.login.email.identity";
 
 /// The `auth` object of a request, as far as the stages we offer need it.
 #[derive(Debug, Clone, Default)]
@@ -26,6 +27,8 @@ pub struct AuthInput {
     pub password: Option<String>,
     /// `token` of a registration token stage.
     pub token: Option<String>,
+    /// `threepid_creds` of an email identity stage: (sid, client_secret).
+    pub threepid_creds: Option<(String, String)>,
 }
 
 /// What a completed flow proved beyond "the client is allowed".
@@ -33,6 +36,8 @@ pub struct AuthInput {
 pub struct UiaDone {
     /// The registration token the client presented, to be spent by the registration.
     pub registration_token: Option<String>,
+    /// The email address a `m.login.email.identity` stage proved, with its session id.
+    pub email: Option<(String, String)>,
 }
 
 impl Accounts {
@@ -74,6 +79,7 @@ impl Accounts {
             session.as_ref().map(|(_, s)| s.completed.clone()).unwrap_or_default();
         let mut registration_token =
             session.as_ref().and_then(|(_, s)| s.registration_token.clone());
+        let mut email = None;
         let offered = |stage: &str| flows.iter().any(|f| f.contains(&stage));
 
         if let Some(kind) = auth.kind.as_deref() {
@@ -123,6 +129,28 @@ impl Accounts {
                 }
                 registration_token = Some(token);
             }
+            if kind == EMAIL_IDENTITY {
+                let (sid, secret) = auth.threepid_creds.clone().unwrap_or_default();
+                let email_purpose = if purpose.starts_with("register") {
+                    super::threepid::Purpose::Register
+                } else {
+                    super::threepid::Purpose::Password
+                };
+                match self.validated_email(&sid, &secret, email_purpose) {
+                    Ok(address) => email = Some((address, sid)),
+                    Err(e) => {
+                        let err = self
+                            .challenge(
+                                flows,
+                                session.as_ref().map(|(id, _)| id.clone()),
+                                &completed,
+                                &purpose,
+                            )
+                            .await?;
+                        return Err(with_error(err, e.errcode, e.message.to_string()));
+                    }
+                }
+            }
             if !completed.iter().any(|c| c == kind) {
                 completed.push(kind.to_owned());
             }
@@ -136,7 +164,7 @@ impl Accounts {
                 UIA_SESSIONS.delete(&mut batch, &id);
                 commit(&self.db, batch).await?;
             }
-            return Ok(UiaDone { registration_token });
+            return Ok(UiaDone { registration_token, email });
         }
         // Progress made but a flow is not finished: remember it in the session.
         let id = match session.take() {

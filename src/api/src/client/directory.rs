@@ -1,0 +1,41 @@
+//! `POST /user_directory/search`.
+
+use axum::Router;
+use ruma::{
+    OwnedMxcUri, UserId,
+    api::client::user_directory::search_users::{self, v3::User},
+};
+use trellis_core::{Error, Result};
+
+use crate::{
+    AppState,
+    ruma_route::{self, Ctx},
+};
+
+/// The most results one search returns, whatever the client asks.
+const MAX_LIMIT: usize = 100;
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    ruma_route::add::<search_users::v3::Request, _, _>(router, search)
+}
+
+async fn search(ctx: Ctx, req: search_users::v3::Request) -> Result<search_users::v3::Response> {
+    let searcher = ctx.session()?.localpart.clone();
+    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(MAX_LIMIT).min(MAX_LIMIT);
+    // Without rooms yet, the only users anyone shares a room with are themselves; the
+    // room-based visibility rule joins here when rooms exist.
+    let (hits, limited) = ctx
+        .services
+        .directory
+        .search(&req.search_term, limit, |localpart| Ok(localpart == searcher))?;
+    let mut results = Vec::with_capacity(hits.len());
+    for hit in hits {
+        let user_id = UserId::parse(ctx.services.accounts.user_id(&hit.localpart))
+            .map_err(|e| Error::internal("user id", e))?;
+        let mut user = User::new(user_id);
+        user.display_name = hit.display_name;
+        user.avatar_url = hit.avatar_url.map(OwnedMxcUri::from);
+        results.push(user);
+    }
+    Ok(search_users::v3::Response::new(results, limited))
+}

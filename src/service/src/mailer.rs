@@ -1,0 +1,63 @@
+//! Outgoing mail over SMTP (lettre), for verification codes and password resets.
+
+use std::time::Duration;
+
+use lettre::{
+    AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    message::{Mailbox, header::ContentType},
+    transport::smtp::{authentication::Credentials, extension::ClientId},
+};
+use trellis_core::{
+    Error, Result,
+    config::{EmailConfig, SmtpSecurity},
+};
+
+pub struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Mailer {
+    /// `Ok(None)` when mail is disabled.
+    pub fn from_config(cfg: &EmailConfig, server_name: &str) -> Result<Option<Self>, String> {
+        if !cfg.enabled {
+            return Ok(None);
+        }
+        let from: Mailbox = cfg.from.parse().map_err(|e| format!("email.from: {e}"))?;
+        let builder = match cfg.smtp_security {
+            SmtpSecurity::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.smtp_host)
+            }
+            SmtpSecurity::Starttls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&cfg.smtp_host)
+                    .map_err(|e| format!("email.smtp_host: {e}"))?
+            }
+            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&cfg.smtp_host)
+                .map_err(|e| format!("email.smtp_host: {e}"))?,
+        };
+        let mut builder = builder
+            .port(cfg.smtp_port)
+            .timeout(Some(Duration::from_secs(15)))
+            .hello_name(ClientId::Domain(server_name.to_owned()));
+        if !cfg.smtp_username.is_empty() {
+            builder = builder.credentials(Credentials::new(
+                cfg.smtp_username.clone(),
+                cfg.smtp_password.clone(),
+            ));
+        }
+        Ok(Some(Self { transport: builder.build(), from }))
+    }
+
+    pub async fn send(&self, to: &str, subject: &str, body: String) -> Result<()> {
+        let to: Mailbox = to.parse().map_err(|_| Error::invalid_param("Invalid email address"))?;
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject)
+            .header(ContentType::TEXT_PLAIN)
+            .body(body)
+            .map_err(|e| Error::internal("building a mail", e))?;
+        self.transport.send(message).await.map_err(|e| Error::internal("sending mail", e))?;
+        Ok(())
+    }
+}
