@@ -177,6 +177,8 @@ pub struct AuthConfig {
     pub argon2_memory_kib: u32,
     /// argon2id iterations.
     pub argon2_iterations: u32,
+    /// Threads hashing passwords (at low priority); 0 = one per CPU core.
+    pub password_hash_threads: usize,
     /// Seconds a user-interactive auth session lives.
     pub uia_session_ttl_seconds: u64,
     /// Lifetime of access tokens issued with a refresh token, in seconds.
@@ -195,6 +197,7 @@ impl Default for AuthConfig {
             password_min_length: 8,
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
+            password_hash_threads: 0,
             uia_session_ttl_seconds: 600,
             access_token_lifetime_seconds: 3600,
             login_token_lifetime_seconds: 120,

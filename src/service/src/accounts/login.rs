@@ -1,8 +1,6 @@
 //! `POST /login`: password and `m.login.token` logins, with brute-force protection and
 //! an audit record for every attempt.
 
-use std::sync::OnceLock;
-
 use trellis_core::{Error, Result};
 use trellis_store::Batch;
 
@@ -31,15 +29,6 @@ pub struct LoginRequest {
 
 fn bad_credentials() -> Error {
     Error::forbidden("Invalid username or password")
-}
-
-/// A hash to verify against when the account does not exist, so that a wrong username
-/// costs as much time as a wrong password and does not reveal which accounts exist.
-fn decoy_hash(memory_kib: u32, iterations: u32) -> Option<String> {
-    static DECOY: OnceLock<Option<String>> = OnceLock::new();
-    DECOY
-        .get_or_init(|| crate::password::hash("decoy password", memory_kib, iterations).ok())
-        .clone()
 }
 
 impl Accounts {
@@ -113,6 +102,17 @@ impl Accounts {
         Ok(localpart)
     }
 
+    async fn decoy_hash(&self) -> Option<String> {
+        let (m, t) = (self.auth.argon2_memory_kib, self.auth.argon2_iterations);
+        self.decoy_hash
+            .get_or_init(|| async move {
+                let made = self.hasher.run(move || crate::password::hash("decoy password", m, t));
+                made.await.ok().and_then(Result::ok)
+            })
+            .await
+            .clone()
+    }
+
     async fn password_login(
         &self,
         user: &str,
@@ -128,9 +128,12 @@ impl Accounts {
         if record.as_ref().is_some_and(|u| u.deactivated) {
             return Err(Error::user_deactivated());
         }
-        let hash = record
-            .and_then(|u| u.password_hash)
-            .or_else(|| decoy_hash(self.auth.argon2_memory_kib, self.auth.argon2_iterations));
+        // For an unknown user, verify against a decoy hash so that a wrong username costs
+        // as much time as a wrong password and does not reveal which accounts exist.
+        let hash = match record.and_then(|u| u.password_hash) {
+            Some(h) => Some(h),
+            None => self.decoy_hash().await,
+        };
         let ok = match hash {
             Some(h) => self.verify_password(password, h).await? && self.user(&localpart)?.is_some(),
             None => false,

@@ -46,6 +46,9 @@ pub struct Accounts {
     seen: sessions::SeenCache,
     jwt: Option<jwt::JwtVerifier>,
     email_code_lifetime_ms: u64,
+    hasher: crate::password::HashPool,
+    /// A hash to verify against for unknown users (see `login.rs`), made on first use.
+    decoy_hash: tokio::sync::OnceCell<Option<String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -85,6 +88,7 @@ impl Accounts {
         audit: Arc<Audit>,
         jwt: Option<jwt::JwtVerifier>,
     ) -> Self {
+        let hasher = crate::password::HashPool::new(auth.password_hash_threads);
         let guard = guard::LoginGuard::new(
             auth.failed_login_threshold,
             auth.failed_login_max_backoff_seconds,
@@ -100,6 +104,8 @@ impl Accounts {
             seen: Default::default(),
             jwt,
             email_code_lifetime_ms: 900_000,
+            hasher,
+            decoy_hash: Default::default(),
         }
     }
 
@@ -378,16 +384,11 @@ impl Accounts {
 
     async fn hash_password(&self, password: String) -> Result<String> {
         let (m, t) = (self.auth.argon2_memory_kib, self.auth.argon2_iterations);
-        // argon2 is deliberately slow; keep it off the async workers.
-        tokio::task::spawn_blocking(move || crate::password::hash(&password, m, t))
-            .await
-            .map_err(|e| Error::internal("password hashing task", e))?
+        self.hasher.run(move || crate::password::hash(&password, m, t)).await?
     }
 
     async fn verify_password(&self, password: String, phc: String) -> Result<bool> {
-        tokio::task::spawn_blocking(move || crate::password::verify(&password, &phc))
-            .await
-            .map_err(|e| Error::internal("password verification task", e))
+        self.hasher.run(move || crate::password::verify(&password, &phc)).await
     }
 }
 
