@@ -56,19 +56,20 @@ impl HashPool {
         let rx = std::sync::Arc::new(Mutex::new(rx));
         for i in 0..threads {
             let rx = rx.clone();
-            let spawned = std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || {
-                lower_priority();
-                loop {
-                    let job = match rx.lock() {
-                        Ok(guard) => guard.recv(),
-                        Err(_) => return,
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
+            let spawned =
+                std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || {
+                    lower_priority();
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(guard) => guard.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
                     }
-                }
-            });
+                });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a password hashing thread");
             }
@@ -77,14 +78,19 @@ impl HashPool {
     }
 
     /// Runs `f` on a hashing thread.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = done_tx.send(f());
         });
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => Error::limit_exceeded(1000),
-            mpsc::TrySendError::Disconnected(_) => Error::internal("password hashing pool", "stopped"),
+            mpsc::TrySendError::Disconnected(_) => {
+                Error::internal("password hashing pool", "stopped")
+            }
         })?;
         done_rx.await.map_err(|e| Error::internal("password hashing pool", e))
     }
