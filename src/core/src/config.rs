@@ -253,6 +253,9 @@ pub struct EmailConfig {
     pub smtp_security: SmtpSecurity,
     pub smtp_username: String,
     pub smtp_password: String,
+    /// PEM file with extra CA certificates to trust for the SMTP server's certificate
+    /// (for relays with a private CA); the public web roots are always trusted.
+    pub smtp_ca_file: PathBuf,
     /// The sender, e.g. `Trellis <noreply@example.org>`.
     pub from: String,
     /// Public base URL of this server for the links in mails, e.g.
@@ -271,6 +274,7 @@ impl Default for EmailConfig {
             smtp_security: SmtpSecurity::Starttls,
             smtp_username: String::new(),
             smtp_password: String::new(),
+            smtp_ca_file: PathBuf::new(),
             from: "Trellis <noreply@localhost>".into(),
             public_base_url: String::new(),
             code_lifetime_seconds: 900,

@@ -205,3 +205,23 @@ async fn without_mail_configured_the_endpoints_say_so() {
     let (status, body) = request_token(&s, "register", "a@example.org", "x", 1).await;
     assert_eq!((status, body["errcode"].as_str()), (400, Some("M_THREEPID_MEDIUM_NOT_SUPPORTED")));
 }
+
+/// STARTTLS to a relay whose certificate comes from a private CA: mail goes through when
+/// the CA is configured, and is refused (no unverified TLS) when it is not.
+#[tokio::test]
+async fn starttls_with_a_private_ca() {
+    let smtp = SmtpServer::start_tls().await;
+    let tls = smtp.config().replace("smtp_security = \"none\"", "smtp_security = \"starttls\"");
+    let with_ca = format!("{OPEN}{tls}smtp_ca_file = \"{}\"\n", smtp.ca_file().display());
+    let s = TestServer::start(&with_ca).await;
+    let (status, body) = request_token(&s, "register", "tls@example.org", "t", 1).await;
+    assert_eq!(status, 200, "{body}");
+    let mail = smtp.wait_for("tls@example.org", 1).await;
+    assert_eq!(code_in(&mail).len(), 6);
+
+    let without_ca = format!("{OPEN}{tls}");
+    let s = TestServer::start(&without_ca).await;
+    let (status, body) = request_token(&s, "register", "untrusted@example.org", "u", 1).await;
+    assert_eq!((status, body["errcode"].as_str()), (500, Some("M_UNKNOWN")), "{body}");
+    assert_eq!(smtp.messages().iter().filter(|m| m.contains("untrusted@example.org")).count(), 0);
+}

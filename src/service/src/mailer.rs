@@ -5,7 +5,11 @@ use std::time::Duration;
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
     message::{Mailbox, header::ContentType},
-    transport::smtp::{authentication::Credentials, extension::ClientId},
+    transport::smtp::{
+        authentication::Credentials,
+        client::{Certificate, Tls, TlsParameters},
+        extension::ClientId,
+    },
 };
 use trellis_core::{
     Error, Result,
@@ -24,16 +28,23 @@ impl Mailer {
             return Ok(None);
         }
         let from: Mailbox = cfg.from.parse().map_err(|e| format!("email.from: {e}"))?;
+        let tls = |host: &str| -> Result<TlsParameters, String> {
+            let mut params = TlsParameters::builder(host.to_owned());
+            if !cfg.smtp_ca_file.as_os_str().is_empty() {
+                let pem = std::fs::read(&cfg.smtp_ca_file).map_err(|e| {
+                    format!("email.smtp_ca_file {}: {e}", cfg.smtp_ca_file.display())
+                })?;
+                let cert =
+                    Certificate::from_pem(&pem).map_err(|e| format!("email.smtp_ca_file: {e}"))?;
+                params = params.add_root_certificate(cert);
+            }
+            params.build_rustls().map_err(|e| format!("email TLS settings: {e}"))
+        };
+        let builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.smtp_host);
         let builder = match cfg.smtp_security {
-            SmtpSecurity::None => {
-                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&cfg.smtp_host)
-            }
-            SmtpSecurity::Starttls => {
-                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&cfg.smtp_host)
-                    .map_err(|e| format!("email.smtp_host: {e}"))?
-            }
-            SmtpSecurity::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&cfg.smtp_host)
-                .map_err(|e| format!("email.smtp_host: {e}"))?,
+            SmtpSecurity::None => builder,
+            SmtpSecurity::Starttls => builder.tls(Tls::Required(tls(&cfg.smtp_host)?)),
+            SmtpSecurity::Tls => builder.tls(Tls::Wrapper(tls(&cfg.smtp_host)?)),
         };
         let mut builder = builder
             .port(cfg.smtp_port)
