@@ -11,7 +11,7 @@ use ruma::{
 use trellis_core::{Error, Result};
 use trellis_service::{accounts::RegisterRequest, ratelimit::Class};
 
-use super::uia::auth_input;
+use super::uia::{auth_input, reauthenticate};
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -120,15 +120,7 @@ async fn change_password(
             .await?;
         return Ok(change_password::v3::Response::new());
     };
-    let flows = accounts.reauth_flows(&session.localpart)?;
-    accounts
-        .require_uia(
-            flows,
-            auth_input(req.auth.as_ref()).as_ref(),
-            Some(&session.localpart),
-            "password",
-        )
-        .await?;
+    reauthenticate(&ctx, req.auth.as_ref(), "password").await?;
     accounts
         .set_password(
             &session.localpart,
@@ -142,18 +134,8 @@ async fn change_password(
 }
 
 async fn deactivate(ctx: Ctx, req: deactivate::v3::Request) -> Result<deactivate::v3::Response> {
-    let session = ctx.session()?.clone();
-    let accounts = &ctx.services.accounts;
-    let flows = accounts.reauth_flows(&session.localpart)?;
-    accounts
-        .require_uia(
-            flows,
-            auth_input(req.auth.as_ref()).as_ref(),
-            Some(&session.localpart),
-            "deactivate",
-        )
-        .await?;
-    accounts.deactivate(&session.localpart, req.erase, &ctx.client).await?;
+    let localpart = reauthenticate(&ctx, req.auth.as_ref(), "deactivate").await?;
+    ctx.services.accounts.deactivate(&localpart, req.erase, &ctx.client).await?;
     // No identity server binding is ever made, so there is nothing to unbind.
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

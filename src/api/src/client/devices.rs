@@ -10,7 +10,7 @@ use ruma::{
 use trellis_core::Result;
 use trellis_service::accounts::DeviceInfo;
 
-use super::uia::auth_input;
+use super::uia::reauthenticate;
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -56,13 +56,8 @@ async fn delete(
     ids: Vec<String>,
     auth: Option<&ruma::api::client::uiaa::AuthData>,
 ) -> Result<()> {
-    let localpart = ctx.session()?.localpart.clone();
-    let accounts = &ctx.services.accounts;
-    let flows = accounts.reauth_flows(&localpart)?;
-    accounts
-        .require_uia(flows, auth_input(auth).as_ref(), Some(&localpart), "delete_devices")
-        .await?;
-    accounts.delete_devices(&localpart, &ids, &ctx.client).await
+    let localpart = reauthenticate(ctx, auth, "delete_devices").await?;
+    ctx.services.accounts.delete_devices(&localpart, &ids, &ctx.client).await
 }
 
 async fn delete_one(

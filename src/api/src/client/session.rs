@@ -13,7 +13,7 @@ use trellis_service::{
     ratelimit::Class,
 };
 
-use super::{account::user_id, uia::auth_input};
+use super::{account::user_id, uia::reauthenticate};
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -117,17 +117,7 @@ async fn get_token(
     ctx: Ctx,
     req: get_login_token::v1::Request,
 ) -> Result<get_login_token::v1::Response> {
-    let session = ctx.session()?.clone();
-    let accounts = &ctx.services.accounts;
-    let flows = accounts.reauth_flows(&session.localpart)?;
-    accounts
-        .require_uia(
-            flows,
-            auth_input(req.auth.as_ref()).as_ref(),
-            Some(&session.localpart),
-            "login_token",
-        )
-        .await?;
-    let (token, lifetime_ms) = accounts.create_login_token(&session.localpart).await?;
+    let localpart = reauthenticate(&ctx, req.auth.as_ref(), "login_token").await?;
+    let (token, lifetime_ms) = ctx.services.accounts.create_login_token(&localpart).await?;
     Ok(get_login_token::v1::Response::new(Duration::from_millis(lifetime_ms), token))
 }

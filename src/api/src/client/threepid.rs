@@ -23,7 +23,7 @@ use serde_json::json;
 use trellis_core::{Error, Result, error::code};
 use trellis_service::accounts::threepid::Purpose;
 
-use super::uia::auth_input;
+use super::uia::reauthenticate;
 use crate::{
     AppState,
     response::{ApiError, json_response},
@@ -146,13 +146,11 @@ async fn request_add(
 }
 
 async fn add(ctx: Ctx, req: add_3pid::v3::Request) -> Result<add_3pid::v3::Response> {
-    let localpart = ctx.session()?.localpart.clone();
-    let accounts = &ctx.services.accounts;
-    let flows = accounts.reauth_flows(&localpart)?;
-    accounts
-        .require_uia(flows, auth_input(req.auth.as_ref()).as_ref(), Some(&localpart), "add_3pid")
+    let localpart = reauthenticate(&ctx, req.auth.as_ref(), "add_3pid").await?;
+    ctx.services
+        .accounts
+        .add_email(&localpart, req.sid.as_str(), req.client_secret.as_str())
         .await?;
-    accounts.add_email(&localpart, req.sid.as_str(), req.client_secret.as_str()).await?;
     Ok(add_3pid::v3::Response::new())
 }
 

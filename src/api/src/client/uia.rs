@@ -1,7 +1,10 @@
 //! Converting ruma's `auth` objects into what the accounts service checks.
 
 use ruma::api::client::uiaa::{AuthData, UserIdentifier};
+use trellis_core::Result;
 use trellis_service::accounts::AuthInput;
+
+use crate::ruma_route::Ctx;
 
 pub fn auth_input(auth: Option<&AuthData>) -> Option<AuthInput> {
     let auth = auth?;
@@ -26,4 +29,14 @@ pub fn auth_input(auth: Option<&AuthData>) -> Option<AuthInput> {
         }
     }
     Some(input)
+}
+
+/// Re-authenticates the signed-in user before a sensitive action (password, or a dummy
+/// stage for accounts without one); returns the user's localpart.
+pub async fn reauthenticate(ctx: &Ctx, auth: Option<&AuthData>, purpose: &str) -> Result<String> {
+    let localpart = ctx.session()?.localpart.clone();
+    let accounts = &ctx.services.accounts;
+    let flows = accounts.reauth_flows(&localpart)?;
+    accounts.require_uia(flows, auth_input(auth).as_ref(), Some(&localpart), purpose).await?;
+    Ok(localpart)
 }

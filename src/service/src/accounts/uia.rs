@@ -31,6 +31,14 @@ pub struct AuthInput {
     pub threepid_creds: Option<(String, String)>,
 }
 
+/// What one completed stage proved.
+enum StageProof {
+    Nothing,
+    RegistrationToken(String),
+    /// The address and its validation session id.
+    Email(String, String),
+}
+
 /// What a completed flow proved beyond "the client is allowed".
 #[derive(Debug, Clone, Default)]
 pub struct UiaDone {
@@ -80,75 +88,18 @@ impl Accounts {
         let mut registration_token =
             session.as_ref().and_then(|(_, s)| s.registration_token.clone());
         let mut email = None;
-        let offered = |stage: &str| flows.iter().any(|f| f.contains(&stage));
 
         if let Some(kind) = auth.kind.as_deref() {
-            if !offered(kind) {
-                let err = self
-                    .challenge(
-                        flows,
-                        session.as_ref().map(|(id, _)| id.clone()),
-                        &completed,
-                        &purpose,
-                    )
-                    .await?;
-                return Err(with_error(
-                    err,
-                    code::UNRECOGNIZED,
-                    format!("Auth stage {kind} is not offered here"),
-                ));
-            }
-            // Dummy stages need no check; a password stage must prove the account.
-            if kind == PASSWORD && !self.password_stage_ok(auth, user).await? {
-                let err = self
-                    .challenge(
-                        flows,
-                        session.as_ref().map(|(id, _)| id.clone()),
-                        &completed,
-                        &purpose,
-                    )
-                    .await?;
-                return Err(with_error(err, code::FORBIDDEN, "Invalid password".into()));
-            }
-            if kind == REGISTRATION_TOKEN {
-                let token = auth.token.clone().unwrap_or_default();
-                if !self.registration_token_valid(&token)? {
-                    let err = self
-                        .challenge(
-                            flows,
-                            session.as_ref().map(|(id, _)| id.clone()),
-                            &completed,
-                            &purpose,
-                        )
-                        .await?;
-                    return Err(with_error(
-                        err,
-                        code::FORBIDDEN,
-                        "Invalid registration token".into(),
-                    ));
-                }
-                registration_token = Some(token);
-            }
-            if kind == EMAIL_IDENTITY {
-                let (sid, secret) = auth.threepid_creds.clone().unwrap_or_default();
-                let email_purpose = if purpose.starts_with("register") {
-                    super::threepid::Purpose::Register
-                } else {
-                    super::threepid::Purpose::Password
-                };
-                match self.validated_email(&sid, &secret, email_purpose) {
-                    Ok(address) => email = Some((address, sid)),
-                    Err(e) => {
-                        let err = self
-                            .challenge(
-                                flows,
-                                session.as_ref().map(|(id, _)| id.clone()),
-                                &completed,
-                                &purpose,
-                            )
-                            .await?;
-                        return Err(with_error(err, e.errcode, e.message.to_string()));
-                    }
+            // A failed stage answers with the challenge plus the error, so the client can
+            // try again within the same session.
+            match self.check_stage(kind, flows, auth, user, &purpose).await? {
+                Ok(StageProof::Nothing) => {}
+                Ok(StageProof::RegistrationToken(token)) => registration_token = Some(token),
+                Ok(StageProof::Email(address, sid)) => email = Some((address, sid)),
+                Err((errcode, message)) => {
+                    let id = session.as_ref().map(|(id, _)| id.clone());
+                    let err = self.challenge(flows, id, &completed, &purpose).await?;
+                    return Err(with_error(err, errcode, message));
                 }
             }
             if !completed.iter().any(|c| c == kind) {
@@ -179,6 +130,47 @@ impl Accounts {
             None => self.new_session(&completed, &purpose, registration_token).await?,
         };
         Err(self.challenge(flows, Some(id), &completed, &purpose).await?)
+    }
+
+    /// Checks one stage; the inner error is the errcode and message of a failed stage.
+    async fn check_stage(
+        &self,
+        kind: &str,
+        flows: &[&[&'static str]],
+        auth: &AuthInput,
+        user: Option<&str>,
+        purpose: &str,
+    ) -> Result<Result<StageProof, (&'static str, String)>> {
+        if !flows.iter().any(|f| f.contains(&kind)) {
+            return Ok(Err((code::UNRECOGNIZED, format!("Auth stage {kind} is not offered here"))));
+        }
+        Ok(match kind {
+            PASSWORD if !self.password_stage_ok(auth, user).await? => {
+                Err((code::FORBIDDEN, "Invalid password".into()))
+            }
+            REGISTRATION_TOKEN => {
+                let token = auth.token.clone().unwrap_or_default();
+                if self.registration_token_valid(&token)? {
+                    Ok(StageProof::RegistrationToken(token))
+                } else {
+                    Err((code::FORBIDDEN, "Invalid registration token".into()))
+                }
+            }
+            EMAIL_IDENTITY => {
+                let (sid, secret) = auth.threepid_creds.clone().unwrap_or_default();
+                let email_purpose = if purpose.starts_with("register") {
+                    super::threepid::Purpose::Register
+                } else {
+                    super::threepid::Purpose::Password
+                };
+                match self.validated_email(&sid, &secret, email_purpose) {
+                    Ok(address) => Ok(StageProof::Email(address, sid)),
+                    Err(e) => Err((e.errcode, e.message.to_string())),
+                }
+            }
+            // Dummy stages need no check.
+            _ => Ok(StageProof::Nothing),
+        })
     }
 
     async fn password_stage_ok(&self, auth: &AuthInput, user: Option<&str>) -> Result<bool> {
