@@ -31,11 +31,11 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 /// Checks that the caller is a server admin.
-fn require_admin(state: &AppState, parts: &Parts) -> Result<()> {
+async fn require_admin(state: &AppState, parts: &Parts) -> Result<()> {
     let token = access_token(parts).ok_or_else(Error::missing_token)?;
     let client =
         trellis_service::Client::from_ip(client_ip(parts, state.config.http.x_forwarded_for));
-    let session = state.accounts.authenticate(&token, &client)?;
+    let session = state.accounts.authenticate(&token, &client).await?;
     match state.accounts.user(&session.localpart)? {
         Some(u) if u.admin => Ok(()),
         _ => Err(Error::forbidden("You are not a server admin")),
@@ -63,20 +63,23 @@ async fn list_tokens(
     parts: Parts,
     RawQuery(query): RawQuery,
 ) -> Response {
-    respond((|| {
-        require_admin(&s, &parts)?;
-        let valid = match form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-            .find(|(k, _)| k == "valid")
-            .map(|(_, v)| v.into_owned())
-            .as_deref()
-        {
-            None => None,
-            Some("true") => Some(true),
-            Some("false") => Some(false),
-            Some(_) => return Err(Error::invalid_param("valid must be true or false")),
-        };
-        Ok(json!({ "registration_tokens": s.accounts.registration_tokens(valid)? }))
-    })())
+    respond(
+        async {
+            require_admin(&s, &parts).await?;
+            let valid = match form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                .find(|(k, _)| k == "valid")
+                .map(|(_, v)| v.into_owned())
+                .as_deref()
+            {
+                None => None,
+                Some("true") => Some(true),
+                Some("false") => Some(false),
+                Some(_) => return Err(Error::invalid_param("valid must be true or false")),
+            };
+            Ok(json!({ "registration_tokens": s.accounts.registration_tokens(valid)? }))
+        }
+        .await,
+    )
 }
 
 #[derive(Deserialize)]
@@ -90,7 +93,7 @@ struct NewToken {
 async fn create_token(State(s): State<AppState>, parts: Parts, body: Bytes) -> Response {
     respond(
         async {
-            require_admin(&s, &parts)?;
+            require_admin(&s, &parts).await?;
             let req: NewToken = parse_body(&body)?;
             let token = s
                 .accounts
@@ -103,10 +106,13 @@ async fn create_token(State(s): State<AppState>, parts: Parts, body: Bytes) -> R
 }
 
 async fn get_token(State(s): State<AppState>, parts: Parts, Path(token): Path<String>) -> Response {
-    respond((|| {
-        require_admin(&s, &parts)?;
-        Ok(json!(s.accounts.registration_token(&token)?))
-    })())
+    respond(
+        async {
+            require_admin(&s, &parts).await?;
+            Ok(json!(s.accounts.registration_token(&token)?))
+        }
+        .await,
+    )
 }
 
 /// `null` removes a limit; an absent field leaves it unchanged.
@@ -134,7 +140,7 @@ async fn update_token(
 ) -> Response {
     respond(
         async {
-            require_admin(&s, &parts)?;
+            require_admin(&s, &parts).await?;
             let req: UpdateToken = parse_body(&body)?;
             Ok(json!(
                 s.accounts
@@ -153,7 +159,7 @@ async fn delete_token(
 ) -> Response {
     respond(
         async {
-            require_admin(&s, &parts)?;
+            require_admin(&s, &parts).await?;
             s.accounts.delete_registration_token(&token).await?;
             Ok(json!({}))
         }

@@ -157,7 +157,7 @@ where
     let session = match <R::Authentication as AuthPolicy>::KIND {
         AuthKind::None => None,
         kind => match access_token(&parts) {
-            Some(token) => Some(services.accounts.authenticate(&token, &client)?),
+            Some(token) => Some(services.accounts.authenticate(&token, &client).await?),
             None if kind == AuthKind::Required => return Err(Error::missing_token()),
             None => None,
         },

@@ -12,6 +12,11 @@ pub fn run(config: Config) -> ExitCode {
         eprintln!("logging.level: {e}");
         return ExitCode::from(78);
     }
+    // Panics (caught per request by the HTTP layer) go to the log like everything else,
+    // inside the span of the request that caused them.
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "panic");
+    }));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -63,6 +68,8 @@ async fn serve(config: Config) -> Result<(), String> {
     let grace = Duration::from_secs(config.http.shutdown_grace_seconds);
     let services = Services::new(config, db, keys)?;
 
+    let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
+
     let listener =
         TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -101,6 +108,7 @@ async fn serve(config: Config) -> Result<(), String> {
         tasks.abort_all();
     }
 
+    janitor.abort();
     let db = services.db.clone();
     drop(services);
     tokio::task::spawn_blocking(move || db.flush())

@@ -14,6 +14,8 @@ pub mod tables;
 
 use std::sync::Arc;
 
+use tracing::Instrument;
+
 use trellis_core::{Config, Error, Result, metrics::Metrics};
 use trellis_store::{Batch, Db};
 
@@ -97,6 +99,25 @@ impl Services {
                     stat: stat.stat.to_string(),
                 })
                 .set(stat.value);
+        }
+    }
+}
+
+/// How often expired short-lived records are swept.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Background upkeep: sweeps expired UIA sessions, email validations and login tokens.
+/// Runs until the process ends.
+pub async fn run_janitor(services: Arc<Services>) {
+    let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let swept =
+            services.accounts.sweep_expired().instrument(tracing::info_span!("janitor")).await;
+        match swept {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "swept expired records"),
+            Err(e) => tracing::warn!(error = %e, "sweeping expired records failed"),
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod jwt;
 mod login;
 mod reg_tokens;
 mod sessions;
+mod sweep;
 pub mod threepid;
 mod uia;
 

@@ -131,7 +131,7 @@ impl Accounts {
     }
 
     /// Resolves an access token to its session.
-    pub fn authenticate(&self, token: &str, client: &Client) -> Result<Session> {
+    pub async fn authenticate(&self, token: &str, client: &Client) -> Result<Session> {
         let hash = hash_token(token);
         let record = ACCESS_TOKENS.get(&*self.db, &hash)?.ok_or_else(Error::unknown_token)?.0;
         if record.expires_ms.is_some_and(|exp| exp <= now_millis()) {
@@ -153,14 +153,14 @@ impl Accounts {
                 &hash,
                 &Json(TokenRecord { supersedes_refresh: None, ..record.clone() }),
             );
-            self.db.write(batch)?;
+            commit(&self.db, batch).await?;
         }
-        self.note_seen(&record.localpart, &record.device_id, client)?;
+        self.note_seen(&record.localpart, &record.device_id, client).await?;
         Ok(Session { localpart: record.localpart, device_id: record.device_id })
     }
 
     /// Records "last seen" for a device, writing at most once per interval.
-    fn note_seen(&self, localpart: &str, device_id: &str, client: &Client) -> Result<()> {
+    async fn note_seen(&self, localpart: &str, device_id: &str, client: &Client) -> Result<()> {
         let now = now_millis();
         let key = (localpart.to_owned(), device_id.to_owned());
         {
@@ -178,7 +178,7 @@ impl Accounts {
             device.last_seen_ip = client.ip.clone();
             let mut batch = Batch::new();
             DEVICES.put(&mut batch, &key, &Json(device));
-            self.db.write(batch)?;
+            commit(&self.db, batch).await?;
         }
         Ok(())
     }
