@@ -81,6 +81,10 @@ impl ServerKeys {
         })
     }
 
+    pub fn key_pair(&self) -> &Ed25519KeyPair {
+        &self.key_pair
+    }
+
     pub fn key_id(&self) -> &str {
         &self.key_id
     }

@@ -10,6 +10,7 @@ pub mod password;
 pub mod profile;
 mod random;
 pub mod ratelimit;
+pub mod rooms;
 pub mod tables;
 
 use std::sync::Arc;

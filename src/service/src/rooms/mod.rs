@@ -1,0 +1,9 @@
+//! Rooms as event DAGs. This first layer builds, hashes and signs PDUs for every room
+//! version and exposes them to ruma's event authorization; storage, state and the client
+//! room APIs build on it.
+
+pub mod builder;
+pub mod pdu;
+
+pub use builder::{EventRef, PduTemplate, build_pdu};
+pub use pdu::Pdu;
