@@ -52,6 +52,12 @@ tables! {
     USER_THREEPIDS = "user_threepids", Scan;
     // (search word, user localpart) -> (): the user directory's prefix index
     USER_DIRECTORY = "user_directory", Scan;
+    // interned ids: (kind, text) -> short id, and (kind, short id) -> text, where kind
+    // is event id, room id or (event type, state key)
+    SHORT_IDS = "short_ids", Point;
+    SHORT_IDS_REV = "short_ids_rev", Point;
+    // state snapshot id -> one layer (changes against a parent snapshot)
+    STATE_SNAPSHOTS = "state_snapshots", Point;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

@@ -4,6 +4,9 @@
 
 pub mod builder;
 pub mod pdu;
+pub mod short;
+pub mod state;
+pub mod stream;
 
 pub use builder::{EventRef, PduTemplate, build_pdu};
 pub use pdu::Pdu;
