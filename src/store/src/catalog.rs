@@ -56,6 +56,15 @@ tables! {
     // is event id, room id or (event type, state key)
     SHORT_IDS = "short_ids", Point;
     SHORT_IDS_REV = "short_ids_rev", Point;
+    // short room id -> room record (version, current state snapshot, extremities, depth)
+    ROOMS = "rooms", Point;
+    // short event id -> stored PDU with its metadata
+    EVENTS = "events", Point;
+    // (short room id, stream position) -> short event id: the timeline, in order
+    TIMELINE = "timeline", Scan;
+    // (short room id, user id) -> membership, and (user id, short room id) -> membership
+    ROOM_MEMBERS = "room_members", Scan;
+    USER_ROOMS = "user_rooms", Scan;
     // state snapshot id -> one layer (changes against a parent snapshot)
     STATE_SNAPSHOTS = "state_snapshots", Point;
     // (timestamp ms, sequence) -> audit record

@@ -1,0 +1,509 @@
+//! Appending local events to a room: choose `prev_events` (the forward extremities) and
+//! `auth_events` (from current state), build and sign the PDU, authorize it with ruma's
+//! rules against the state before it, and store it with its state, timeline position
+//! and membership changes in one atomic batch. Appends to one room are serialised by a
+//! per-room lock; different rooms proceed in parallel.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use ruma::{
+    CanonicalJsonObject, OwnedEventId, RoomVersionId, UserId,
+    events::{StateEventType, TimelineEventType},
+    state_res::{
+        auth_types_for_event, check_state_dependent_auth_rules, check_state_independent_auth_rules,
+    },
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use trellis_core::{Error, Result, now_millis};
+use trellis_store::{Batch, Db, Json, Table, catalog};
+
+use super::{
+    EventRef, Pdu, PduTemplate, build_pdu,
+    builder::room_id_from_create,
+    short::{Kind, ShortIds, state_key_text},
+    state::{StateSet, StateSnapshots},
+    stream::StreamPositions,
+};
+use crate::{commit, keys::ServerKeys};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RoomRecord {
+    pub room_id: String,
+    pub version: String,
+    /// Snapshot of the current state.
+    pub state: u64,
+    /// Short ids of the forward extremities.
+    pub extremities: Vec<u64>,
+    pub max_depth: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub room: u64,
+    /// The signed PDU.
+    pub json: Value,
+    pub reference_hash: String,
+    pub position: u64,
+    /// Snapshot of the state before the event.
+    pub state_before: u64,
+    pub rejected: bool,
+}
+
+const ROOMS: Table<u64, Json<RoomRecord>> = Table::new(&catalog::ROOMS);
+const EVENTS: Table<u64, Json<StoredEvent>> = Table::new(&catalog::EVENTS);
+const TIMELINE: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
+const ROOM_MEMBERS: Table<(u64, String), String> = Table::new(&catalog::ROOM_MEMBERS);
+const USER_ROOMS: Table<(String, u64), String> = Table::new(&catalog::USER_ROOMS);
+
+/// A local event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: String,
+    pub sender: String,
+    pub state_key: Option<String>,
+    pub content: Value,
+}
+
+pub struct Timeline {
+    db: Db,
+    keys: Arc<ServerKeys>,
+    server_name: ruma::OwnedServerName,
+    short: ShortIds,
+    snapshots: StateSnapshots,
+    pub stream: StreamPositions,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Timeline {
+    pub fn new(db: Db, keys: Arc<ServerKeys>, server_name: &str) -> Result<Self> {
+        let server_name = ruma::OwnedServerName::try_from(server_name)
+            .map_err(|e| Error::internal("server name", e))?;
+        let last = TIMELINE
+            .scan_range(
+                &*db,
+                std::ops::Bound::Unbounded,
+                std::ops::Bound::Unbounded,
+                trellis_store::Direction::Forward,
+            )?
+            .map(|e| e.map(|((_, pos), _)| pos))
+            .try_fold(0u64, |max, pos| pos.map(|p| max.max(p)))?;
+        Ok(Self {
+            short: ShortIds::new(db.clone())?,
+            snapshots: StateSnapshots::new(db.clone())?,
+            stream: StreamPositions::new(last),
+            db,
+            keys,
+            server_name,
+            locks: Mutex::default(),
+        })
+    }
+
+    fn room_lock(&self, room_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() > 10_000 {
+            // Drop locks nobody holds; a room's lock is re-made on its next append.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    pub fn room(&self, room_id: &str) -> Result<Option<(u64, RoomRecord)>> {
+        let Some(short) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
+        Ok(ROOMS.get(&*self.db, &short)?.map(|Json(r)| (short, r)))
+    }
+
+    pub fn event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
+        let Some(short) = self.short.get(Kind::Event, event_id)? else { return Ok(None) };
+        Ok(EVENTS.get(&*self.db, &short)?.map(|j| j.0))
+    }
+
+    fn pdu_by_short(&self, short: u64) -> Result<Option<Pdu>> {
+        let Some(Json(stored)) = EVENTS.get(&*self.db, &short)? else { return Ok(None) };
+        let json: CanonicalJsonObject =
+            serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
+        let id = OwnedEventId::try_from(stored.event_id)
+            .map_err(|e| Error::internal("stored event id", e))?;
+        Pdu::from_json(id, json).map(Some)
+    }
+
+    fn state_event(&self, state: &StateSet, kind: &StateEventType, key: &str) -> Option<Pdu> {
+        let sk = self.short.get(Kind::StateKey, &state_key_text(&kind.to_string(), key)).ok()??;
+        let ev = *state.get(&sk)?;
+        self.pdu_by_short(ev).ok()?
+    }
+
+    /// The current state of a room as `(type, state_key) -> event`.
+    pub fn current_state(&self, room_id: &str) -> Result<Vec<Pdu>> {
+        let (_, room) = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let state = self.snapshots.load(room.state)?;
+        state.values().filter_map(|ev| self.pdu_by_short(*ev).transpose()).collect()
+    }
+
+    /// The membership of `user_id` in the room, if any.
+    pub fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
+        Ok(ROOM_MEMBERS.get(&*self.db, &(room, user_id.to_owned()))?)
+    }
+
+    /// Creates a room with its create event; returns the room id.
+    pub async fn create_room(
+        &self,
+        creator: &str,
+        version: &RoomVersionId,
+        mut content: Value,
+    ) -> Result<String> {
+        if let Value::Object(map) = &mut content {
+            map.insert("room_version".into(), Value::String(version.to_string()));
+        }
+        let rules = version
+            .rules()
+            .ok_or_else(|| Error::bad_json(format!("unsupported room version {version}")))?;
+        let room_id = match rules.room_id_format {
+            ruma::room_version_rules::RoomIdFormatVersion::V1 => {
+                Some(format!("!{}:{}", crate::random::alphanumeric(18), self.server_name))
+            }
+            _ => None,
+        };
+        // Before room version 11 the create event names its creator in the content.
+        if !rules.authorization.use_room_create_sender
+            && let Value::Object(map) = &mut content
+        {
+            map.insert("creator".into(), Value::String(creator.to_owned()));
+        }
+        let template = PduTemplate {
+            room_id,
+            sender: creator.to_owned(),
+            kind: "m.room.create".into(),
+            state_key: Some(String::new()),
+            content,
+            redacts: None,
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            depth: 1,
+            origin_server_ts: now_millis(),
+        };
+        let (pdu, hash) = build_pdu(&self.keys, &self.server_name, version, template)?;
+        check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &ruma::EventId| {
+            None::<Pdu>
+        })
+        .map_err(Error::forbidden)?;
+        let room_id = match &pdu.room_id {
+            Some(r) => r.to_string(),
+            None => room_id_from_create(&pdu),
+        };
+        let lock = self.room_lock(&room_id);
+        let _guard = lock.lock().await;
+        let mut batch = Batch::new();
+        let room_short = self.short.get_or_create(&mut batch, Kind::Room, &room_id)?;
+        let empty = StateSet::new();
+        let before = self.snapshots.save(&mut batch, None, &empty)?;
+        // The empty "before" snapshot is not committed yet, so the create event's state is
+        // stored whole rather than as a layer on it.
+        self.store(&mut batch, room_short, &room_id, version, &pdu, hash, before, None, 0).await?;
+        Ok(room_id)
+    }
+
+    /// Appends a local event to an existing room.
+    pub async fn append(&self, room_id: &str, event: NewEvent) -> Result<Pdu> {
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        let (room_short, room) =
+            self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let version = RoomVersionId::try_from(room.version.as_str())
+            .map_err(|e| Error::internal("room version", e))?;
+        let rules =
+            version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
+        let state = self.snapshots.load(room.state)?;
+
+        let kind = TimelineEventType::from(event.kind.clone());
+        let sender = UserId::parse(&event.sender)
+            .map_err(|e| Error::bad_json(format!("bad sender: {e}")))?;
+        let content_raw = serde_json::value::to_raw_value(&event.content)
+            .map_err(|e| Error::bad_json(e.to_string()))?;
+        let auth_types = auth_types_for_event(
+            &kind,
+            &sender,
+            event.state_key.as_deref(),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(Error::bad_json)?;
+        let mut auth_events = Vec::new();
+        for (t, k) in &auth_types {
+            if let Some(pdu) = self.state_event(&state, t, k) {
+                let stored = self
+                    .event(pdu.event_id.as_str())?
+                    .ok_or_else(|| Error::internal("auth event", "missing"))?;
+                auth_events
+                    .push(EventRef { event_id: stored.event_id, sha256: stored.reference_hash });
+            }
+        }
+        let mut prev_events = Vec::new();
+        for short in &room.extremities {
+            if let Some(Json(stored)) = EVENTS.get(&*self.db, short)? {
+                prev_events
+                    .push(EventRef { event_id: stored.event_id, sha256: stored.reference_hash });
+            }
+        }
+        let template = PduTemplate {
+            room_id: Some(room_id.to_owned()),
+            sender: event.sender,
+            kind: event.kind,
+            state_key: event.state_key,
+            content: event.content,
+            redacts: None,
+            prev_events,
+            auth_events,
+            depth: room.max_depth + 1,
+            origin_server_ts: now_millis(),
+        };
+        let (pdu, hash) = build_pdu(&self.keys, &self.server_name, &version, template)?;
+        let fetch_event = |id: &ruma::EventId| {
+            self.event(id.as_str()).ok().flatten().and_then(|s| {
+                let json = serde_json::from_value(s.json).ok()?;
+                Pdu::from_json(id.to_owned(), json).ok()
+            })
+        };
+        check_state_independent_auth_rules(&rules.authorization, &pdu, fetch_event)
+            .map_err(Error::forbidden)?;
+        check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |t: &StateEventType, k: &str| self.state_event(&state, t, k),
+        )
+        .map_err(Error::forbidden)?;
+
+        let mut batch = Batch::new();
+        self.store(
+            &mut batch,
+            room_short,
+            room_id,
+            &version,
+            &pdu,
+            hash,
+            room.state,
+            Some((room.state, &state)),
+            room.max_depth,
+        )
+        .await?;
+        Ok(pdu)
+    }
+
+    /// Writes an accepted event with everything it changes, atomically.
+    #[allow(clippy::too_many_arguments)]
+    async fn store(
+        &self,
+        batch: &mut Batch,
+        room_short: u64,
+        room_id: &str,
+        version: &RoomVersionId,
+        pdu: &Pdu,
+        reference_hash: String,
+        state_before_id: u64,
+        before: Option<(u64, &StateSet)>,
+        max_depth: u64,
+    ) -> Result<()> {
+        let event_short = self.short.get_or_create(batch, Kind::Event, pdu.event_id.as_str())?;
+        let mut state_after_id = state_before_id;
+        if let Some(key) = &pdu.state_key {
+            let sk = self.short.get_or_create(
+                batch,
+                Kind::StateKey,
+                &state_key_text(&pdu.kind.to_string(), key),
+            )?;
+            let mut after = before.map(|(_, s)| s.clone()).unwrap_or_default();
+            after.insert(sk, event_short);
+            state_after_id = self.snapshots.save(batch, before, &after)?;
+            if pdu.kind == TimelineEventType::RoomMember {
+                let membership: Value = serde_json::from_str(pdu.content.get())
+                    .map_err(|e| Error::bad_json(e.to_string()))?;
+                let membership = membership["membership"].as_str().unwrap_or("leave").to_owned();
+                ROOM_MEMBERS.put(batch, &(room_short, key.clone()), &membership);
+                USER_ROOMS.put(batch, &(key.clone(), room_short), &membership);
+            }
+        }
+        let ticket = self.stream.dispatch();
+        let json = serde_json::to_value(&pdu.json).map_err(|e| Error::internal("event json", e))?;
+        EVENTS.put(
+            batch,
+            &event_short,
+            &Json(StoredEvent {
+                event_id: pdu.event_id.to_string(),
+                room: room_short,
+                json,
+                reference_hash,
+                position: ticket.position,
+                state_before: state_before_id,
+                rejected: false,
+            }),
+        );
+        TIMELINE.put(batch, &(room_short, ticket.position), &event_short);
+        ROOMS.put(
+            batch,
+            &room_short,
+            &Json(RoomRecord {
+                room_id: room_id.to_owned(),
+                version: version.to_string(),
+                state: state_after_id,
+                extremities: vec![event_short],
+                max_depth: max_depth.max(pdu.depth),
+            }),
+        );
+        let result = commit(&self.db, std::mem::take(batch)).await;
+        self.stream.retire(ticket);
+        result
+    }
+
+    /// Events of a room from newest to oldest, before stream position `before` (exclusive).
+    pub fn timeline_backwards(
+        &self,
+        room_id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Pdu)>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
+        let end = (room, before.unwrap_or(u64::MAX));
+        let start = (room, 0u64);
+        let mut out = Vec::new();
+        for entry in TIMELINE
+            .scan_range(
+                &*self.db,
+                std::ops::Bound::Included(&start),
+                std::ops::Bound::Excluded(&end),
+                trellis_store::Direction::Backward,
+            )?
+            .take(limit)
+        {
+            let ((_, pos), ev) = entry?;
+            if let Some(pdu) = self.pdu_by_short(ev)? {
+                out.push((pos, pdu));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use trellis_core::config::StorageConfig;
+
+    use super::*;
+
+    fn timeline() -> (tempfile::TempDir, Timeline) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig { block_cache_mb: 8, sync_writes: false, ..Default::default() };
+        let db = trellis_store::open(&dir.path().join("db"), &cfg).unwrap();
+        let keys =
+            ServerKeys::load_or_generate(&dir.path().join("key"), "example.org", 24).unwrap();
+        let t = Timeline::new(db, Arc::new(keys), "example.org").unwrap();
+        (dir, t)
+    }
+
+    fn ev(kind: &str, sender: &str, state_key: Option<&str>, content: Value) -> NewEvent {
+        NewEvent {
+            kind: kind.into(),
+            sender: sender.into(),
+            state_key: state_key.map(str::to_owned),
+            content,
+        }
+    }
+
+    async fn room_with_creator(t: &Timeline, version: RoomVersionId) -> String {
+        let alice = "@alice:example.org";
+        let room = t.create_room(alice, &version, json!({})).await.unwrap();
+        t.append(&room, ev("m.room.member", alice, Some(alice), json!({"membership": "join"})))
+            .await
+            .unwrap();
+        let mut users = json!({});
+        // Room version 12 gives creators unlimited power; they may not be listed.
+        if !version.rules().unwrap().authorization.explicitly_privilege_room_creators {
+            users[alice] = json!(100);
+        }
+        t.append(&room, ev("m.room.power_levels", alice, Some(""), json!({"users": users})))
+            .await
+            .unwrap();
+        t.append(&room, ev("m.room.join_rules", alice, Some(""), json!({"join_rule": "public"})))
+            .await
+            .unwrap();
+        room
+    }
+
+    #[tokio::test]
+    async fn a_room_grows_as_a_dag_with_authorized_events() {
+        for version in
+            [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12, RoomVersionId::V1]
+        {
+            let (_d, t) = timeline();
+            let room = room_with_creator(&t, version.clone()).await;
+            let bob = "@bob:example.org";
+            // Bob may join the public room and talk; Mallory, not joined, may not talk.
+            t.append(&room, ev("m.room.member", bob, Some(bob), json!({"membership": "join"})))
+                .await
+                .unwrap();
+            let msg = t
+                .append(
+                    &room,
+                    ev("m.room.message", bob, None, json!({"msgtype": "m.text", "body": "hi"})),
+                )
+                .await
+                .unwrap();
+            let err = t
+                .append(
+                    &room,
+                    ev("m.room.message", "@mallory:example.org", None, json!({"body": "x"})),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(err.errcode, "M_FORBIDDEN", "{version}");
+            // Bob has no power to change the name.
+            let err = t
+                .append(&room, ev("m.room.name", bob, Some(""), json!({"name": "n"})))
+                .await
+                .unwrap_err();
+            assert_eq!(err.errcode, "M_FORBIDDEN");
+
+            assert_eq!(t.membership(&room, bob).unwrap().as_deref(), Some("join"));
+            let state = t.current_state(&room).unwrap();
+            let kinds: Vec<String> = state.iter().map(|p| p.kind.to_string()).collect();
+            for k in ["m.room.create", "m.room.member", "m.room.power_levels", "m.room.join_rules"]
+            {
+                assert!(kinds.contains(&k.to_owned()), "{version}: {kinds:?}");
+            }
+            assert_eq!(state.iter().filter(|p| p.kind == TimelineEventType::RoomMember).count(), 2);
+
+            // The timeline, newest first, links each event to the previous one.
+            let events = t.timeline_backwards(&room, None, 100).unwrap();
+            assert_eq!(events.len(), 6, "{version}");
+            assert_eq!(events[0].1.event_id, msg.event_id);
+            for pair in events.windows(2) {
+                assert!(pair[0].0 > pair[1].0, "positions decrease");
+                assert_eq!(pair[0].1.prev_events, vec![pair[1].1.event_id.clone()], "{version}");
+                assert_eq!(pair[0].1.depth, pair[1].1.depth + 1);
+            }
+            let older = t.timeline_backwards(&room, Some(events[2].0), 2).unwrap();
+            assert_eq!(older.len(), 2);
+            assert_eq!(older[0].1.event_id, events[3].1.event_id);
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_rooms_and_versions_are_errors() {
+        let (_d, t) = timeline();
+        let err = t
+            .append("!nope:example.org", ev("m.room.message", "@a:example.org", None, json!({})))
+            .await
+            .unwrap_err();
+        assert_eq!(err.errcode, "M_NOT_FOUND");
+        assert!(
+            t.create_room("@a:example.org", &RoomVersionId::try_from("999").unwrap(), json!({}))
+                .await
+                .is_err()
+        );
+    }
+}
