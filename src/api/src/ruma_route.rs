@@ -110,38 +110,59 @@ where
     };
     let mut seen = HashSet::new();
     for path in R::PATH_BUILDER.all_paths() {
-        if !seen.insert(path) {
-            continue;
+        // A trailing `{state_key}` may be empty (`.../state/m.room.name` or `.../name/`),
+        // which the router cannot match as a parameter: mount those forms too, passing
+        // the empty key explicitly.
+        let mut forms = vec![(path.to_owned(), false)];
+        if let Some(prefix) = path.strip_suffix("/{state_key}") {
+            forms.push((prefix.to_owned(), true));
+            forms.push((format!("{prefix}/"), true));
         }
-        let handler = handler.clone();
-        router = router.route(
-            path,
-            on(
-                filter,
-                move |axum::extract::State(state): axum::extract::State<AppState>, req: Request| {
-                    let handler = handler.clone();
-                    async move { dispatch::<R, F, Fut>(state, req, handler).await }
-                },
-            ),
-        );
+        for (form, empty_key) in forms {
+            if !seen.insert(form.clone()) {
+                continue;
+            }
+            let handler = handler.clone();
+            router = router.route(
+                &form,
+                on(
+                    filter,
+                    move |axum::extract::State(state): axum::extract::State<AppState>,
+                          req: Request| {
+                        let handler = handler.clone();
+                        async move { dispatch::<R, F, Fut>(state, req, handler, empty_key).await }
+                    },
+                ),
+            );
+        }
     }
     router
 }
 
-async fn dispatch<R, F, Fut>(services: AppState, req: Request, handler: F) -> Response
+async fn dispatch<R, F, Fut>(
+    services: AppState,
+    req: Request,
+    handler: F,
+    empty_key: bool,
+) -> Response
 where
     R: IncomingRequest,
     R::Authentication: AuthPolicy,
     F: Fn(Ctx, R) -> Fut,
     Fut: Future<Output = Result<R::OutgoingResponse>>,
 {
-    match handle::<R, F, Fut>(services, req, handler).await {
+    match handle::<R, F, Fut>(services, req, handler, empty_key).await {
         Ok(resp) => resp,
         Err(e) => error_response(&e),
     }
 }
 
-async fn handle<R, F, Fut>(services: AppState, req: Request, handler: F) -> Result<Response>
+async fn handle<R, F, Fut>(
+    services: AppState,
+    req: Request,
+    handler: F,
+    empty_key: bool,
+) -> Result<Response>
 where
     R: IncomingRequest,
     R::Authentication: AuthPolicy,
@@ -149,10 +170,13 @@ where
     Fut: Future<Output = Result<R::OutgoingResponse>>,
 {
     let (mut parts, body) = req.into_parts();
-    let args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, &()).await {
+    let mut args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, &()).await {
         Ok(params) => params.iter().map(|(_, v)| v.to_owned()).collect(),
         Err(_) => return Err(Error::invalid_param("Path parameters are not valid UTF-8")),
     };
+    if empty_key {
+        args.push(String::new());
+    }
     let client = Client::from_ip(client_ip(&parts, services.config.http.x_forwarded_for));
     let session = match <R::Authentication as AuthPolicy>::KIND {
         AuthKind::None => None,

@@ -28,6 +28,7 @@ pub struct Config {
     pub jwt: JwtConfig,
     pub email: EmailConfig,
     pub user_directory: UserDirectoryConfig,
+    pub rooms: RoomsConfig,
     pub rate_limits: RateLimitsConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
@@ -298,6 +299,19 @@ pub struct UserDirectoryConfig {
     pub search_all_users: bool,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Room version of new rooms when the client does not choose one.
+    pub default_room_version: String,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { default_room_version: "11".into() }
+    }
+}
+
 pub const JWT_ALGORITHMS: &[&str] =
     &["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"];
 
@@ -530,6 +544,13 @@ impl Config {
         }
         if self.email.code_lifetime_seconds == 0 {
             bad("email.code_lifetime_seconds", "must be at least 1".into());
+        }
+        let supported = ruma::RoomVersionId::try_from(self.rooms.default_room_version.as_str())
+            .ok()
+            .and_then(|v| v.rules())
+            .is_some();
+        if !supported {
+            bad("rooms.default_room_version", "not a supported room version (1-12)".into());
         }
         let r = &self.rate_limits;
         for (name, limit) in [

@@ -719,5 +719,19 @@ async fn user_directory_search() {
     assert!(names(&body).is_empty(), "{body}");
     let (_, body) = s2.post_auth(search, &carol_token, &json!({"search_term": "carol"})).await;
     assert_eq!(names(&body), [carol]);
+    // Once they share a room, Dave is found.
+    let (_, dave_login) = s2.post(LOGIN, &password_login("dave", "password123")).await;
+    let dave_token = dave_login["access_token"].as_str().unwrap().to_owned();
+    let (status, room) = s2
+        .post_auth("/_matrix/client/v3/createRoom", &carol_token, &json!({"preset": "public_chat"}))
+        .await;
+    assert_eq!(status, 200);
+    let room_id = room["room_id"].as_str().unwrap();
+    let (status, _) = s2
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room_id}/join"), &dave_token, &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (_, body) = s2.post_auth(search, &carol_token, &json!({"search_term": "dave"})).await;
+    assert_eq!(names(&body), ["@dave:localhost"]);
     assert_eq!(bob, "@bob:localhost");
 }

@@ -31,7 +31,8 @@ pub use ratelimit::RateLimiter;
 pub struct Services {
     pub config: Config,
     pub db: Db,
-    pub keys: ServerKeys,
+    pub keys: Arc<ServerKeys>,
+    pub rooms: rooms::append::Timeline,
     pub audit: Arc<Audit>,
     pub accounts: Accounts,
     pub profiles: Profiles,
@@ -58,7 +59,12 @@ impl Services {
         )
         .with_email_code_lifetime(config.email.code_lifetime_seconds);
         let mailer = mailer::Mailer::from_config(&config.email, &config.server.server_name)?;
+        let keys = Arc::new(keys);
+        let rooms =
+            rooms::append::Timeline::new(db.clone(), keys.clone(), &config.server.server_name)
+                .map_err(|e| format!("loading rooms: {e}"))?;
         Ok(Arc::new(Self {
+            rooms,
             profiles: Profiles::new(db.clone()),
             account_data: AccountData::new(db.clone()),
             rate_limits: RateLimiter::new(config.rate_limits.clone()),

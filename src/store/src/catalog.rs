@@ -65,6 +65,8 @@ tables! {
     // (short room id, user id) -> membership, and (user id, short room id) -> membership
     ROOM_MEMBERS = "room_members", Scan;
     USER_ROOMS = "user_rooms", Scan;
+    // (user localpart, device id, transaction id) -> event id: idempotent sends
+    TXN_IDS = "txn_ids", Point;
     // state snapshot id -> one layer (changes against a parent snapshot)
     STATE_SNAPSHOTS = "state_snapshots", Point;
     // (timestamp ms, sequence) -> audit record

@@ -22,12 +22,16 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 async fn search(ctx: Ctx, req: search_users::v3::Request) -> Result<search_users::v3::Response> {
     let searcher = ctx.session()?.localpart.clone();
     let limit = usize::try_from(u64::from(req.limit)).unwrap_or(MAX_LIMIT).min(MAX_LIMIT);
-    // Without rooms yet, the only users anyone shares a room with are themselves; the
-    // room-based visibility rule joins here when rooms exist.
-    let (hits, limited) = ctx
-        .services
-        .directory
-        .search(&req.search_term, limit, |localpart| Ok(localpart == searcher))?;
+    // Visible: the searcher and everyone joined to a room the searcher is joined to.
+    let me = ctx.services.accounts.user_id(&searcher);
+    let mut visible = std::collections::HashSet::from([me.clone()]);
+    for room in ctx.services.rooms.rooms_of(&me, "join")? {
+        visible.extend(ctx.services.rooms.members(&room, "join")?);
+    }
+    let accounts = &ctx.services.accounts;
+    let (hits, limited) = ctx.services.directory.search(&req.search_term, limit, |localpart| {
+        Ok(visible.contains(&accounts.user_id(localpart)))
+    })?;
     let mut results = Vec::with_capacity(hits.len());
     for hit in hits {
         let user_id = UserId::parse(ctx.services.accounts.user_id(&hit.localpart))

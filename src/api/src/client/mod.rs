@@ -6,6 +6,7 @@ mod capabilities;
 mod devices;
 mod directory;
 mod profile;
+mod rooms;
 mod session;
 mod threepid;
 mod uia;
@@ -24,5 +25,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = account_data::routes(router);
     let router = threepid::routes(router);
     let router = directory::routes(router);
+    let router = rooms::routes(router);
     capabilities::routes(router)
 }

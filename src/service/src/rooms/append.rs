@@ -59,6 +59,7 @@ const EVENTS: Table<u64, Json<StoredEvent>> = Table::new(&catalog::EVENTS);
 const TIMELINE: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 const ROOM_MEMBERS: Table<(u64, String), String> = Table::new(&catalog::ROOM_MEMBERS);
 const USER_ROOMS: Table<(String, u64), String> = Table::new(&catalog::USER_ROOMS);
+const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TXN_IDS);
 
 /// A local event to append.
 #[derive(Debug, Clone)]
@@ -67,6 +68,8 @@ pub struct NewEvent {
     pub sender: String,
     pub state_key: Option<String>,
     pub content: Value,
+    /// `(localpart, device id, transaction id)`: a retried send returns the first event.
+    pub txn: Option<(String, String, String)>,
 }
 
 pub struct Timeline {
@@ -214,6 +217,13 @@ impl Timeline {
         let _guard = lock.lock().await;
         let (room_short, room) =
             self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        if let Some(txn) = &event.txn
+            && let Some(event_id) = TXN_IDS.get(&*self.db, txn)?
+            && let Some(short) = self.short.get(Kind::Event, &event_id)?
+            && let Some(pdu) = self.pdu_by_short(short)?
+        {
+            return Ok(pdu);
+        }
         let version = RoomVersionId::try_from(room.version.as_str())
             .map_err(|e| Error::internal("room version", e))?;
         let rules =
@@ -279,6 +289,9 @@ impl Timeline {
         .map_err(Error::forbidden)?;
 
         let mut batch = Batch::new();
+        if let Some(txn) = &event.txn {
+            TXN_IDS.put(&mut batch, txn, &pdu.event_id.to_string());
+        }
         self.store(
             &mut batch,
             room_short,
@@ -359,6 +372,74 @@ impl Timeline {
         result
     }
 
+    /// Events of a room from oldest to newest, after stream position `after` (exclusive).
+    pub fn timeline_forwards(
+        &self,
+        room_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Pdu)>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
+        let start = (room, after);
+        let end = (room, u64::MAX);
+        let mut out = Vec::new();
+        for entry in TIMELINE
+            .scan_range(
+                &*self.db,
+                std::ops::Bound::Excluded(&start),
+                std::ops::Bound::Included(&end),
+                trellis_store::Direction::Forward,
+            )?
+            .take(limit)
+        {
+            let ((_, pos), ev) = entry?;
+            if let Some(pdu) = self.pdu_by_short(ev)? {
+                out.push((pos, pdu));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rooms in which `user_id` has `membership`.
+    pub fn rooms_of(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in USER_ROOMS.scan_prefix(
+            &*self.db,
+            &user_id.to_owned(),
+            trellis_store::Direction::Forward,
+        )? {
+            let ((_, room), m) = entry?;
+            if m == membership
+                && let Some(Json(r)) = ROOMS.get(&*self.db, &room)?
+            {
+                out.push(r.room_id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Members of a room with `membership`.
+    pub fn members(&self, room_id: &str, membership: &str) -> Result<Vec<String>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for entry in
+            ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
+        {
+            let ((_, user), m) = entry?;
+            if m == membership {
+                out.push(user);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The current state event `(kind, state_key)` of a room.
+    pub fn state_of(&self, room_id: &str, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
+        let Some((_, room)) = self.room(room_id)? else { return Ok(None) };
+        let state = self.snapshots.load(room.state)?;
+        Ok(self.state_event(&state, &StateEventType::from(kind), state_key))
+    }
+
     /// Events of a room from newest to oldest, before stream position `before` (exclusive).
     pub fn timeline_backwards(
         &self,
@@ -411,6 +492,7 @@ mod tests {
             sender: sender.into(),
             state_key: state_key.map(str::to_owned),
             content,
+            txn: None,
         }
     }
 

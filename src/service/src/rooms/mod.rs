@@ -4,6 +4,7 @@
 
 pub mod append;
 pub mod builder;
+pub mod create;
 pub mod pdu;
 pub mod short;
 pub mod state;

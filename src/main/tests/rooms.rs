@@ -1,0 +1,238 @@
+//! Rooms through the client API: creation with presets, sending (idempotent per
+//! device), state, history pagination, membership changes enforced by the auth rules.
+
+mod common;
+
+use common::{OPEN, TestServer};
+use serde_json::{Value, json};
+
+async fn create(s: &TestServer, token: &str, body: Value) -> String {
+    let (status, resp) = s.post_auth("/_matrix/client/v3/createRoom", token, &body).await;
+    assert_eq!(status, 200, "{resp}");
+    resp["room_id"].as_str().unwrap().to_owned()
+}
+
+async fn send(s: &TestServer, token: &str, room: &str, txn: &str, body: &str) -> (u16, Value) {
+    s.put_auth(
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}"),
+        token,
+        &json!({"msgtype": "m.text", "body": body}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn private_room_lifecycle() {
+    let mut s = TestServer::start(OPEN).await;
+    let (alice, at) = s.register("alice").await;
+    let (bob, bt) = s.register("bob").await;
+    let room =
+        create(&s, &at, json!({"name": "Plans", "topic": "Weekend", "preset": "private_chat"}))
+            .await;
+
+    let (status, state) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state"), &at).await;
+    assert_eq!(status, 200);
+    let kinds: Vec<&str> =
+        state.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    for k in [
+        "m.room.create",
+        "m.room.member",
+        "m.room.power_levels",
+        "m.room.join_rules",
+        "m.room.history_visibility",
+        "m.room.name",
+        "m.room.topic",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    let (status, name) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name"), &at).await;
+    assert_eq!((status, name["name"].as_str()), (200, Some("Plans")));
+    let (_, rules) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.join_rules/"), &at).await;
+    assert_eq!(rules["join_rule"], "invite");
+
+    // Sending is idempotent per device and transaction id.
+    let (status, first) = send(&s, &at, &room, "t1", "hello").await;
+    assert_eq!(status, 200, "{first}");
+    let (_, again) = send(&s, &at, &room, "t1", "hello").await;
+    assert_eq!(first["event_id"], again["event_id"]);
+    let (status, event) = s
+        .get_auth(
+            &format!(
+                "/_matrix/client/v3/rooms/{room}/event/{}",
+                first["event_id"].as_str().unwrap()
+            ),
+            &at,
+        )
+        .await;
+    assert_eq!((status, event["content"]["body"].as_str()), (200, Some("hello")));
+    assert_eq!(event["sender"], alice.as_str());
+
+    // Bob may not join an invite-only room, nor read it, until invited.
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/join"), &bt, &json!({})).await;
+    assert_eq!(status, 403);
+    let (status, _) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b"), &bt).await;
+    assert_eq!(status, 403);
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            &at,
+            &json!({"user_id": bob}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/join"), &bt, &json!({})).await;
+    assert_eq!(status, 200);
+    let (_, members) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), &bt).await;
+    assert_eq!(members["joined"].as_object().unwrap().len(), 2, "{members}");
+    for i in 0..5 {
+        let (status, _) = send(&s, &bt, &room, &format!("b{i}"), &format!("msg {i}")).await;
+        assert_eq!(status, 200);
+    }
+    // Power levels hold: Bob (0) cannot rename the room; Alice (100) can.
+    let (status, body) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/"),
+            &bt,
+            &json!({"name": "x"}),
+        )
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+
+    // History, newest first, in pages.
+    let (status, page) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=3"), &bt).await;
+    assert_eq!(status, 200, "{page}");
+    let bodies = |p: &Value| -> Vec<String> {
+        p["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(bodies(&page), ["msg 4", "msg 3", "msg 2"]);
+    let end = page["end"].as_str().unwrap();
+    let (_, next) = s
+        .get_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=3&from={end}"),
+            &bt,
+        )
+        .await;
+    assert_eq!(bodies(&next), ["msg 1", "msg 0"]);
+    let (_, fwd) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=2"), &bt).await;
+    assert_eq!(fwd["chunk"][0]["type"], "m.room.create");
+    let (status, _) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&from=garbage"), &bt)
+        .await;
+    assert_eq!(status, 400);
+
+    let (_, joined) = s.get_auth("/_matrix/client/v3/joined_rooms", &bt).await;
+    assert_eq!(joined["joined_rooms"], json!([room]));
+
+    // Kick, then ban: Bob loses access; unban leaves him out.
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/kick"),
+            &at,
+            &json!({"user_id": bob, "reason": "bye"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state"), &bt).await;
+    assert_eq!(status, 403);
+    let (status, _) = s
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room}/ban"), &at, &json!({"user_id": bob}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            &at,
+            &json!({"user_id": bob}),
+        )
+        .await;
+    assert_eq!(status, 403, "a banned user cannot be invited");
+    let (status, _) = s
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room}/unban"), &at, &json!({"user_id": bob}))
+        .await;
+    assert_eq!(status, 200);
+
+    // Everything survives a restart, and the DAG continues from where it was.
+    s.terminate();
+    s.launch().await;
+    let (status, resent) = send(&s, &at, &room, "t2", "after restart").await;
+    assert_eq!(status, 200);
+    let (_, page) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=2"), &at).await;
+    assert_eq!(page["chunk"][0]["event_id"], resent["event_id"]);
+    assert_eq!(page["chunk"][1]["content"]["membership"], "leave");
+}
+
+#[tokio::test]
+async fn public_rooms_versions_and_errors() {
+    let s = TestServer::start(OPEN).await;
+    let (_, at) = s.register("carol").await;
+    let (_, bt) = s.register("dan").await;
+    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/join"), &bt, &json!({})).await;
+    assert_eq!(status, 200, "anyone may join a public room");
+
+    for version in ["1", "10", "12"] {
+        let room = create(&s, &at, json!({"room_version": version})).await;
+        let (_, create_ev) =
+            s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.create/"), &at).await;
+        assert_eq!(create_ev["room_version"], version);
+        let (status, _) = send(&s, &at, &room, "x", "works").await;
+        assert_eq!(status, 200, "room version {version}");
+    }
+    let (status, body) =
+        s.post_auth("/_matrix/client/v3/createRoom", &at, &json!({"room_version": "999"})).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_UNSUPPORTED_ROOM_VERSION")));
+    let (status, _) =
+        s.post_auth("/_matrix/client/v3/createRoom", &at, &json!({"preset": "nonsense"})).await;
+    assert_eq!(status, 400);
+    let (status, _) =
+        s.post_auth("/_matrix/client/v3/rooms/!nope:localhost/join", &bt, &json!({})).await;
+    assert_eq!(status, 404);
+    let (status, _) = send(&s, &bt, "!nope:localhost", "t", "x").await;
+    assert_eq!(status, 403);
+    let (status, _) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/$unknown"), &at).await;
+    assert_eq!(status, 404);
+    let (status, _) = s.post("/_matrix/client/v3/createRoom", &json!({})).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn profile_changes_reach_joined_rooms() {
+    let s = TestServer::start(OPEN).await;
+    let (erin, et) = s.register("erin").await;
+    let room = create(&s, &et, json!({})).await;
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/profile/{erin}/displayname"),
+            &et,
+            &json!({"displayname": "Erin E."}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, member) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{erin}"), &et)
+        .await;
+    assert_eq!(member["displayname"], "Erin E.");
+    assert_eq!(member["membership"], "join");
+    // A room created after the change gets the name from the start.
+    let room2 = create(&s, &et, json!({})).await;
+    let (_, member) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room2}/state/m.room.member/{erin}"), &et)
+        .await;
+    assert_eq!(member["displayname"], "Erin E.");
+}

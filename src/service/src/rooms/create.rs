@@ -1,0 +1,160 @@
+//! `createRoom`: the sequence of events that makes a new room, per the spec's presets.
+
+use ruma::RoomVersionId;
+use serde_json::{Value, json};
+use trellis_core::{Error, Result};
+
+use super::append::{NewEvent, Timeline};
+
+#[derive(Debug, Clone, Default)]
+pub struct CreateRoom {
+    /// `private_chat`, `trusted_private_chat` or `public_chat`.
+    pub preset: Option<String>,
+    pub public: bool,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub invite: Vec<String>,
+    pub is_direct: bool,
+    /// `(type, state_key, content)` sent after the preset's events (overriding them).
+    pub initial_state: Vec<(String, String, Value)>,
+    pub power_level_override: Option<Value>,
+    pub version: Option<String>,
+    pub creation_content: Option<Value>,
+    /// The creator's profile, copied into their membership event.
+    pub creator_displayname: Option<String>,
+    pub creator_avatar_url: Option<String>,
+}
+
+fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewEvent {
+    NewEvent {
+        kind: kind.into(),
+        sender: sender.into(),
+        state_key: Some(key.into()),
+        content,
+        txn: None,
+    }
+}
+
+impl Timeline {
+    /// Creates a room for `creator` (a user id) and returns its id.
+    pub async fn create_room_with(
+        &self,
+        creator: &str,
+        default_version: &str,
+        req: CreateRoom,
+    ) -> Result<String> {
+        let version_text = req.version.clone().unwrap_or_else(|| default_version.to_owned());
+        let version = RoomVersionId::try_from(version_text.as_str())
+            .ok()
+            .filter(|v| v.rules().is_some())
+            .ok_or_else(|| {
+                Error::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "M_UNSUPPORTED_ROOM_VERSION",
+                    format!("Room version {version_text} is not supported"),
+                )
+            })?;
+        let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
+        let preset = req
+            .preset
+            .clone()
+            .unwrap_or_else(|| if req.public { "public_chat" } else { "private_chat" }.to_owned());
+        if !["private_chat", "trusted_private_chat", "public_chat"].contains(&preset.as_str()) {
+            return Err(Error::bad_json(format!("Unknown preset {preset}")));
+        }
+        let mut creation = req.creation_content.clone().unwrap_or_else(|| json!({}));
+        if !creation.is_object() {
+            return Err(Error::bad_json("creation_content must be an object"));
+        }
+        if let Some(map) = creation.as_object_mut() {
+            map.remove("room_version");
+        }
+        let room_id = self.create_room(creator, &version, creation).await?;
+
+        let mut member = json!({"membership": "join"});
+        if let Some(name) = &req.creator_displayname {
+            member["displayname"] = json!(name);
+        }
+        if let Some(avatar) = &req.creator_avatar_url {
+            member["avatar_url"] = json!(avatar);
+        }
+        self.append(&room_id, state("m.room.member", creator, creator, member)).await?;
+
+        // Power levels: the spec's defaults, the preset's, then the client's override.
+        let mut users = serde_json::Map::new();
+        if !rules.authorization.explicitly_privilege_room_creators {
+            users.insert(creator.to_owned(), json!(100));
+        }
+        if preset == "trusted_private_chat" {
+            for invitee in &req.invite {
+                users.insert(invitee.clone(), json!(100));
+            }
+        }
+        let mut power = json!({
+            "users": users,
+            "users_default": 0,
+            "events": {
+                "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+                "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+                "m.room.server_acl": 100, "m.room.encryption": 100,
+            },
+            "events_default": 0,
+            "state_default": 50,
+            "ban": 50,
+            "kick": 50,
+            "redact": 50,
+            "invite": if preset == "public_chat" { 50 } else { 0 },
+            "notifications": {"room": 50},
+        });
+        if let Some(Value::Object(over)) = &req.power_level_override
+            && let Some(map) = power.as_object_mut()
+        {
+            for (k, v) in over {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        self.append(&room_id, state("m.room.power_levels", creator, "", power)).await?;
+
+        let join_rule = if preset == "public_chat" { "public" } else { "invite" };
+        self.append(
+            &room_id,
+            state("m.room.join_rules", creator, "", json!({"join_rule": join_rule})),
+        )
+        .await?;
+        self.append(
+            &room_id,
+            state(
+                "m.room.history_visibility",
+                creator,
+                "",
+                json!({"history_visibility": "shared"}),
+            ),
+        )
+        .await?;
+        if preset != "public_chat" {
+            self.append(
+                &room_id,
+                state("m.room.guest_access", creator, "", json!({"guest_access": "can_join"})),
+            )
+            .await?;
+        }
+        for (kind, key, content) in &req.initial_state {
+            self.append(&room_id, state(kind, creator, key, content.clone())).await?;
+        }
+        if let Some(name) = &req.name {
+            self.append(&room_id, state("m.room.name", creator, "", json!({"name": name}))).await?;
+        }
+        if let Some(topic) = &req.topic {
+            let content = json!({"topic": topic, "m.topic": {"m.text": [{"body": topic, "mimetype": "text/plain"}]}});
+            self.append(&room_id, state("m.room.topic", creator, "", content)).await?;
+        }
+        for invitee in &req.invite {
+            let mut content = json!({"membership": "invite"});
+            if req.is_direct {
+                content["is_direct"] = json!(true);
+            }
+            self.append(&room_id, state("m.room.member", creator, invitee, content)).await?;
+        }
+        Ok(room_id)
+    }
+}
