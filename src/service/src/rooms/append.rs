@@ -379,18 +379,53 @@ impl Timeline {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Pdu)>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.timeline_page(
+            room_id,
+            Excluded(after),
+            Unbounded,
+            trellis_store::Direction::Forward,
+            limit,
+        )
+    }
+
+    /// Events of a room from newest to oldest, before stream position `before` (exclusive).
+    pub fn timeline_backwards(
+        &self,
+        room_id: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Pdu)>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let end = before.map_or(Unbounded, Excluded);
+        self.timeline_page(room_id, Unbounded, end, trellis_store::Direction::Backward, limit)
+    }
+
+    /// Up to `limit` timeline events with positions within `(start, end)` of one room.
+    fn timeline_page(
+        &self,
+        room_id: &str,
+        start: std::ops::Bound<u64>,
+        end: std::ops::Bound<u64>,
+        direction: trellis_store::Direction,
+        limit: usize,
+    ) -> Result<Vec<(u64, Pdu)>> {
+        use std::ops::Bound::{Excluded, Included, Unbounded};
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
-        let start = (room, after);
-        let end = (room, u64::MAX);
+        // Unbounded positions still stay within the room's key range.
+        let lo = match start {
+            Included(p) => Included((room, p)),
+            Excluded(p) => Excluded((room, p)),
+            Unbounded => Included((room, 0)),
+        };
+        let hi = match end {
+            Included(p) => Included((room, p)),
+            Excluded(p) => Excluded((room, p)),
+            Unbounded => Included((room, u64::MAX)),
+        };
         let mut out = Vec::new();
-        for entry in TIMELINE
-            .scan_range(
-                &*self.db,
-                std::ops::Bound::Excluded(&start),
-                std::ops::Bound::Included(&end),
-                trellis_store::Direction::Forward,
-            )?
-            .take(limit)
+        for entry in
+            TIMELINE.scan_range(&*self.db, lo.as_ref(), hi.as_ref(), direction)?.take(limit)
         {
             let ((_, pos), ev) = entry?;
             if let Some(pdu) = self.pdu_by_short(ev)? {
@@ -438,34 +473,6 @@ impl Timeline {
         let Some((_, room)) = self.room(room_id)? else { return Ok(None) };
         let state = self.snapshots.load(room.state)?;
         Ok(self.state_event(&state, &StateEventType::from(kind), state_key))
-    }
-
-    /// Events of a room from newest to oldest, before stream position `before` (exclusive).
-    pub fn timeline_backwards(
-        &self,
-        room_id: &str,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<(u64, Pdu)>> {
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
-        let end = (room, before.unwrap_or(u64::MAX));
-        let start = (room, 0u64);
-        let mut out = Vec::new();
-        for entry in TIMELINE
-            .scan_range(
-                &*self.db,
-                std::ops::Bound::Included(&start),
-                std::ops::Bound::Excluded(&end),
-                trellis_store::Direction::Backward,
-            )?
-            .take(limit)
-        {
-            let ((_, pos), ev) = entry?;
-            if let Some(pdu) = self.pdu_by_short(ev)? {
-                out.push((pos, pdu));
-            }
-        }
-        Ok(out)
     }
 }
 
