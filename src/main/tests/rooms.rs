@@ -236,3 +236,95 @@ async fn profile_changes_reach_joined_rooms() {
         .await;
     assert_eq!(member["displayname"], "Erin E.");
 }
+
+#[tokio::test]
+async fn redactions_remove_content() {
+    let s = TestServer::start(OPEN).await;
+    let (_, at) = s.register("fay").await;
+    let (_, bt) = s.register("gus").await;
+    for version in ["10", "11"] {
+        let room = create(&s, &at, json!({"preset": "public_chat", "room_version": version})).await;
+        let (status, _) =
+            s.post_auth(&format!("/_matrix/client/v3/join/{room}"), &bt, &json!({})).await;
+        assert_eq!(status, 200, "join by id through /join/{{roomIdOrAlias}}");
+        let (_, mine) = send(&s, &at, &room, "a1", "alice's secret").await;
+        let (_, theirs) = send(&s, &bt, &room, "b1", "gus's secret").await;
+        let mine = mine["event_id"].as_str().unwrap().to_owned();
+        let theirs = theirs["event_id"].as_str().unwrap().to_owned();
+
+        // Gus (power 0) cannot redact Fay's message; he can redact his own.
+        let (status, body) = s
+            .put_auth(
+                &format!("/_matrix/client/v3/rooms/{room}/redact/{mine}/r1"),
+                &bt,
+                &json!({"reason": "no"}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["errcode"].as_str()),
+            (403, Some("M_FORBIDDEN")),
+            "{version}: {body}"
+        );
+        let (status, body) = s
+            .put_auth(
+                &format!("/_matrix/client/v3/rooms/{room}/redact/{theirs}/r2"),
+                &bt,
+                &json!({"reason": "oops"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        // Fay (power 100) can redact anyone's.
+        let (status, _) = s
+            .put_auth(&format!("/_matrix/client/v3/rooms/{room}/redact/{mine}/r3"), &at, &json!({}))
+            .await;
+        assert_eq!(status, 200);
+
+        for id in [&mine, &theirs] {
+            let (_, event) =
+                s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"), &at).await;
+            assert_eq!(event["content"], json!({}), "{version}: {event}");
+            assert_eq!(event["unsigned"]["redacted_because"]["type"], "m.room.redaction");
+        }
+        let (_, page) = s
+            .get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), &at)
+            .await;
+        let text = page.to_string();
+        assert!(!text.contains("secret"), "{text}");
+        let (status, _) = s
+            .put_auth(&format!("/_matrix/client/v3/rooms/{room}/redact/$nope/r4"), &at, &json!({}))
+            .await;
+        assert_eq!(status, 404);
+    }
+}
+
+#[tokio::test]
+async fn members_and_forget() {
+    let s = TestServer::start(OPEN).await;
+    let (hal, ht) = s.register("hal").await;
+    let (ivy, it) = s.register("ivy").await;
+    let room = create(&s, &ht, json!({"preset": "public_chat"})).await;
+    s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/join"), &it, &json!({})).await;
+    let (status, members) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/members"), &ht).await;
+    assert_eq!(status, 200);
+    assert_eq!(members["chunk"].as_array().unwrap().len(), 2);
+    let (_, left) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/members?membership=leave"), &ht).await;
+    assert_eq!(left["chunk"].as_array().unwrap().len(), 0);
+
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/forget"), &it, &json!({})).await;
+    assert_eq!(status, 400, "must leave first");
+    s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &it, &json!({})).await;
+    let (_, left) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/members?not_membership=join"), &ht)
+        .await;
+    assert_eq!(left["chunk"][0]["state_key"], ivy.as_str());
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/forget"), &it, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/join/%23alias:localhost"), &it, &json!({})).await;
+    assert_eq!(status, 404);
+    assert_eq!(hal, "@hal:localhost");
+}

@@ -99,6 +99,7 @@ async fn propagate(ctx: &Ctx, localpart: &str, field: &str, value: Option<serde_
             state_key: Some(user.clone()),
             content,
             txn: None,
+            redacts: None,
         };
         if let Err(e) = rooms.append(&room, event).await {
             tracing::info!(room, error = %e, "profile change not propagated to a room");

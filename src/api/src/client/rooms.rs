@@ -7,10 +7,12 @@ use ruma::{
         Direction,
         client::{
             membership::{
-                ban_user, invite_user, join_room_by_id, joined_members, joined_rooms, kick_user,
-                leave_room, unban_user,
+                ban_user, forget_room, get_member_events, invite_user, join_room_by_id,
+                join_room_by_id_or_alias, joined_members, joined_rooms, kick_user, leave_room,
+                unban_user,
             },
             message::{get_message_events, send_message_event},
+            redact::redact_event,
             room::{create_room, get_room_event},
             state::{get_state_event_for_key, get_state_events, send_state_event},
         },
@@ -45,7 +47,80 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<invite_user::v3::Request, _, _>(router, invite);
     let router = ruma_route::add::<kick_user::v3::Request, _, _>(router, kick);
     let router = ruma_route::add::<ban_user::v3::Request, _, _>(router, ban);
-    ruma_route::add::<unban_user::v3::Request, _, _>(router, unban)
+    let router = ruma_route::add::<unban_user::v3::Request, _, _>(router, unban);
+    let router = ruma_route::add::<join_room_by_id_or_alias::v3::Request, _, _>(router, join_any);
+    let router = ruma_route::add::<get_member_events::v3::Request, _, _>(router, member_events);
+    let router = ruma_route::add::<forget_room::v3::Request, _, _>(router, forget);
+    ruma_route::add::<redact_event::v3::Request, _, _>(router, redact)
+}
+
+async fn join_any(
+    ctx: Ctx,
+    req: join_room_by_id_or_alias::v3::Request,
+) -> Result<join_room_by_id_or_alias::v3::Response> {
+    ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
+    // Aliases are not stored yet, so none resolves.
+    let room_id = OwnedRoomId::try_from(req.room_id_or_alias.as_str())
+        .map_err(|_| Error::not_found("Room alias not found"))?;
+    if ctx.services.rooms.room(room_id.as_str())?.is_none() {
+        return Err(Error::not_found("Unknown room"));
+    }
+    let user = me(&ctx)?;
+    membership(&ctx, room_id.as_str(), &user, "join", req.reason).await?;
+    Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
+}
+
+async fn member_events(
+    ctx: Ctx,
+    req: get_member_events::v3::Request,
+) -> Result<get_member_events::v3::Response> {
+    let room_id = req.room_id.as_str();
+    require_joined(&ctx, room_id)?;
+    let wanted = req.membership.as_ref().map(|m| m.to_string());
+    let unwanted = req.not_membership.as_ref().map(|m| m.to_string());
+    let mut chunk = Vec::new();
+    for pdu in ctx.services.rooms.current_state(room_id)? {
+        if pdu.kind != ruma::events::TimelineEventType::RoomMember {
+            continue;
+        }
+        let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+        let membership = content["membership"].as_str().unwrap_or_default().to_owned();
+        if wanted.as_ref().is_some_and(|w| *w != membership)
+            || unwanted.as_ref().is_some_and(|u| *u == membership)
+        {
+            continue;
+        }
+        chunk.push(to_raw(&client_event(&pdu, room_id))?);
+    }
+    Ok(get_member_events::v3::Response::new(chunk))
+}
+
+async fn forget(ctx: Ctx, req: forget_room::v3::Request) -> Result<forget_room::v3::Response> {
+    ctx.services.rooms.forget(req.room_id.as_str(), &me(&ctx)?).await?;
+    Ok(forget_room::v3::Response::new())
+}
+
+async fn redact(ctx: Ctx, req: redact_event::v3::Request) -> Result<redact_event::v3::Response> {
+    let sender = require_joined(&ctx, req.room_id.as_str())?;
+    let session = ctx.session()?;
+    let mut content = json!({});
+    if let Some(reason) = &req.reason {
+        content["reason"] = json!(reason);
+    }
+    let event = NewEvent {
+        kind: "m.room.redaction".into(),
+        sender,
+        state_key: None,
+        content,
+        txn: Some((
+            session.localpart.clone(),
+            session.device_id.clone(),
+            format!("redact:{}", req.txn_id),
+        )),
+        redacts: Some(req.event_id.to_string()),
+    };
+    let pdu = ctx.services.rooms.append(req.room_id.as_str(), event).await?;
+    Ok(redact_event::v3::Response::new(pdu.event_id))
 }
 
 fn me(ctx: &Ctx) -> Result<String> {
@@ -76,6 +151,15 @@ fn client_event(pdu: &Pdu, room_id: &str) -> Value {
     });
     if let Some(key) = &pdu.state_key {
         event["state_key"] = json!(key);
+    }
+    // A redacted event carries `redacted_because` in its unsigned data.
+    if let Some(unsigned) = pdu.json.get("unsigned")
+        && let Ok(unsigned) = serde_json::to_value(unsigned)
+    {
+        event["unsigned"] = unsigned;
+    }
+    if let Some(redacts) = &pdu.redacts {
+        event["redacts"] = json!(redacts);
     }
     event
 }
@@ -150,6 +234,7 @@ async fn send(
         state_key: None,
         content: raw_value(&req.body)?,
         txn: Some((session.localpart.clone(), session.device_id.clone(), req.txn_id.to_string())),
+        redacts: None,
     };
     let pdu = ctx.services.rooms.append(req.room_id.as_str(), event).await?;
     Ok(send_message_event::v3::Response::new(pdu.event_id))
@@ -166,6 +251,7 @@ async fn put_state(
         state_key: Some(req.state_key.clone()),
         content: raw_value(&req.body)?,
         txn: None,
+        redacts: None,
     };
     let pdu = ctx.services.rooms.append(req.room_id.as_str(), event).await?;
     Ok(send_state_event::v3::Response::new(pdu.event_id))
@@ -324,6 +410,7 @@ async fn membership(
         state_key: Some(target.to_owned()),
         content,
         txn: None,
+        redacts: None,
     };
     Ok(ctx.services.rooms.append(room_id, event).await?.event_id)
 }

@@ -70,6 +70,8 @@ pub struct NewEvent {
     pub content: Value,
     /// `(localpart, device id, transaction id)`: a retried send returns the first event.
     pub txn: Option<(String, String, String)>,
+    /// For `m.room.redaction`: the event to redact.
+    pub redacts: Option<String>,
 }
 
 pub struct Timeline {
@@ -217,7 +219,11 @@ impl Timeline {
         let _guard = lock.lock().await;
         let (room_short, room) =
             self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        if let Some(txn) = &event.txn
+        // Transaction ids are scoped to the device and the room (the request path).
+        let txn_key = event.txn.as_ref().map(|(user, device, txn)| {
+            (user.clone(), device.clone(), format!("{room_id}\u{0}{txn}"))
+        });
+        if let Some(txn) = &txn_key
             && let Some(event_id) = TXN_IDS.get(&*self.db, txn)?
             && let Some(short) = self.short.get(Kind::Event, &event_id)?
             && let Some(pdu) = self.pdu_by_short(short)?
@@ -260,13 +266,25 @@ impl Timeline {
                     .push(EventRef { event_id: stored.event_id, sha256: stored.reference_hash });
             }
         }
+        // Where `redacts` goes depends on the room version (content from version 11).
+        let mut content = event.content;
+        let mut top_level_redacts = None;
+        if let Some(target) = &event.redacts {
+            if rules.redaction.keep_room_redaction_redacts {
+                if let Value::Object(map) = &mut content {
+                    map.insert("redacts".into(), Value::String(target.clone()));
+                }
+            } else {
+                top_level_redacts = Some(target.clone());
+            }
+        }
         let template = PduTemplate {
             room_id: Some(room_id.to_owned()),
             sender: event.sender,
             kind: event.kind,
             state_key: event.state_key,
-            content: event.content,
-            redacts: None,
+            content,
+            redacts: top_level_redacts,
             prev_events,
             auth_events,
             depth: room.max_depth + 1,
@@ -289,8 +307,11 @@ impl Timeline {
         .map_err(Error::forbidden)?;
 
         let mut batch = Batch::new();
-        if let Some(txn) = &event.txn {
+        if let Some(txn) = &txn_key {
             TXN_IDS.put(&mut batch, txn, &pdu.event_id.to_string());
+        }
+        if let Some(target) = &event.redacts {
+            self.redact_into(&mut batch, room_short, target, &pdu, &rules, &state)?;
         }
         self.store(
             &mut batch,
@@ -305,6 +326,77 @@ impl Timeline {
         )
         .await?;
         Ok(pdu)
+    }
+
+    /// Applies a redaction to its target in `batch`: the stored event keeps only what the
+    /// room version's redaction algorithm keeps, so the removed content is gone from
+    /// storage. Redacting someone else's event needs the `redact` power level.
+    fn redact_into(
+        &self,
+        batch: &mut Batch,
+        room_short: u64,
+        target: &str,
+        redaction: &Pdu,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+        state: &StateSet,
+    ) -> Result<()> {
+        let Some(short) = self.short.get(Kind::Event, target)? else {
+            return Err(Error::not_found("No such event to redact"));
+        };
+        let Some(Json(mut stored)) = EVENTS.get(&*self.db, &short)? else {
+            return Err(Error::not_found("No such event to redact"));
+        };
+        if stored.room != room_short {
+            return Err(Error::not_found("No such event in this room"));
+        }
+        let original: CanonicalJsonObject = serde_json::from_value(stored.json.clone())
+            .map_err(|e| Error::internal("stored event", e))?;
+        let original_sender = original.get("sender").and_then(|v| v.as_str()).unwrap_or_default();
+        if original_sender != redaction.sender.as_str() {
+            let power = self.state_event(state, &StateEventType::RoomPowerLevels, "");
+            let levels: Value = power
+                .map(|p| serde_json::from_str(p.content.get()).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            let creator_power = rules.authorization.explicitly_privilege_room_creators
+                && self
+                    .state_event(state, &StateEventType::RoomCreate, "")
+                    .is_some_and(|c| c.sender == redaction.sender);
+            let user_level = levels["users"][redaction.sender.as_str()]
+                .as_i64()
+                .or_else(|| levels["users_default"].as_i64())
+                .unwrap_or(0);
+            let needed = levels["redact"].as_i64().unwrap_or(50);
+            if !creator_power && user_level < needed {
+                return Err(Error::forbidden("You may not redact other users' events"));
+            }
+        }
+        let because = ruma::canonical_json::RedactedBecause::from_json(redaction.json.clone());
+        let redacted = ruma::canonical_json::redact(original, &rules.redaction, Some(because))
+            .map_err(|e| Error::internal("redacting an event", e))?;
+        stored.json =
+            serde_json::to_value(&redacted).map_err(|e| Error::internal("redacted event", e))?;
+        EVENTS.put(batch, &short, &Json(stored));
+        Ok(())
+    }
+
+    /// Drops a room from the user's list after they left it (`/forget`).
+    pub async fn forget(&self, room_id: &str, user_id: &str) -> Result<()> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else {
+            return Err(Error::not_found("Unknown room"));
+        };
+        match ROOM_MEMBERS.get(&*self.db, &(room, user_id.to_owned()))?.as_deref() {
+            Some("join") | Some("invite") | Some("knock") => Err(Error::new(
+                http::StatusCode::BAD_REQUEST,
+                trellis_core::error::code::UNKNOWN,
+                "Leave the room before forgetting it",
+            )),
+            None => Err(Error::not_found("You were never in this room")),
+            Some(_) => {
+                let mut batch = Batch::new();
+                USER_ROOMS.delete(&mut batch, &(user_id.to_owned(), room));
+                commit(&self.db, batch).await
+            }
+        }
     }
 
     /// Writes an accepted event with everything it changes, atomically.
@@ -500,6 +592,7 @@ mod tests {
             state_key: state_key.map(str::to_owned),
             content,
             txn: None,
+            redacts: None,
         }
     }
 

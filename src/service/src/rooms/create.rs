@@ -32,6 +32,7 @@ fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewEvent {
         state_key: Some(key.into()),
         content,
         txn: None,
+        redacts: None,
     }
 }
 
