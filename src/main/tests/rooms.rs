@@ -324,7 +324,7 @@ async fn members_and_forget() {
         s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/forget"), &it, &json!({})).await;
     assert_eq!(status, 200);
     let (status, _) =
-        s.post_auth(&format!("/_matrix/client/v3/join/%23alias:localhost"), &it, &json!({})).await;
+        s.post_auth("/_matrix/client/v3/join/%23alias:localhost", &it, &json!({})).await;
     assert_eq!(status, 404);
     assert_eq!(hal, "@hal:localhost");
 }
