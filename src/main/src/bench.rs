@@ -17,6 +17,24 @@ pub enum BenchCommand {
     /// Latency of a light authenticated request (`whoami`) while many password logins
     /// (argon2) run at once: shows whether hashing stalls other requests.
     LoginStorm(LoginStormArgs),
+    /// Message sending: `senders` users send `messages` messages in total, spread over
+    /// `rooms` rooms they all joined; latency per send and throughput.
+    Send(SendArgs),
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Concurrent senders (each a registered user).
+    #[arg(long, default_value_t = 10)]
+    pub senders: usize,
+    /// Messages to send in total.
+    #[arg(long, default_value_t = 2000)]
+    pub messages: usize,
+    /// Rooms the messages are spread over.
+    #[arg(long, default_value_t = 1)]
+    pub rooms: usize,
 }
 
 #[derive(Args)]
@@ -62,6 +80,12 @@ pub fn run(command: BenchCommand) -> ExitCode {
             BenchCommand::LoginStorm(args) => {
                 let limit = Duration::from_secs(args.common.max_seconds);
                 tokio::time::timeout(limit, login_storm(args))
+                    .await
+                    .map_err(|_| "time limit reached".to_owned())?
+            }
+            BenchCommand::Send(args) => {
+                let limit = Duration::from_secs(args.common.max_seconds);
+                tokio::time::timeout(limit, send(args))
                     .await
                     .map_err(|_| "time limit reached".to_owned())?
             }
@@ -206,6 +230,112 @@ async fn login_storm(args: LoginStormArgs) -> Result<Value, String> {
         "login_latency": summary(&mut logins),
         "whoami_idle": summary(&mut idle),
         "whoami_during_storm": summary(&mut during),
+        "errors": errors,
+    }))
+}
+
+/// Registers a bench user through open registration; returns its access token.
+async fn bench_user(client: &reqwest::Client, base: &str, name: &str) -> Result<String, String> {
+    let (status, body) = post(
+        client,
+        &format!("{base}/_matrix/client/v3/register"),
+        &json!({"username": name, "password": "bench password 1", "auth": {"type": "m.login.dummy"}}),
+    )
+    .await?;
+    match (status, body["access_token"].as_str()) {
+        (200, Some(t)) => Ok(t.to_owned()),
+        _ => Err(format!("registering {name}: {status} {body}")),
+    }
+}
+
+async fn authed_post(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &Value,
+) -> Result<(u16, Value), String> {
+    let resp =
+        client.post(url).bearer_auth(token).json(body).send().await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+async fn send(args: SendArgs) -> Result<Value, String> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.senders + 4)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let base = args.common.base_url.trim_end_matches('/').to_owned();
+    let run = std::process::id();
+    let mut tokens = Vec::new();
+    for i in 0..args.senders.max(1) {
+        tokens.push(bench_user(&client, &base, &format!("bench_send_{run}_{i}")).await?);
+    }
+    let mut rooms = Vec::new();
+    for _ in 0..args.rooms.max(1) {
+        let create_url = format!("{base}/_matrix/client/v3/createRoom");
+        let (status, body) =
+            authed_post(&client, &create_url, &tokens[0], &json!({"preset": "public_chat"}))
+                .await?;
+        let room = body["room_id"]
+            .as_str()
+            .filter(|_| status == 200)
+            .ok_or_else(|| format!("createRoom: {status} {body}"))?
+            .to_owned();
+        for token in &tokens[1..] {
+            let join_url = format!("{base}/_matrix/client/v3/rooms/{room}/join");
+            let (status, body) = authed_post(&client, &join_url, token, &json!({})).await?;
+            if status != 200 {
+                return Err(format!("join: {status} {body}"));
+            }
+        }
+        rooms.push(room);
+    }
+    let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(args.messages));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for (w, token) in tokens.into_iter().enumerate() {
+        let (client, base, rooms, remaining) =
+            (client.clone(), base.clone(), rooms.clone(), remaining.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let mut n = 0usize;
+            while remaining
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |r| r.checked_sub(1),
+                )
+                .is_ok()
+            {
+                let room = &rooms[(w + n) % rooms.len()];
+                let url =
+                    format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/b{w}_{n}");
+                n += 1;
+                let t = Instant::now();
+                let body = json!({"msgtype": "m.text", "body": "bench"});
+                match client.put(&url).bearer_auth(&token).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => latencies.push(t.elapsed()),
+                    _ => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await.map_err(|e| e.to_string())?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(json!({
+        "scenario": "send",
+        "params": {"senders": args.senders, "messages": args.messages, "rooms": args.rooms},
+        "messages_per_second": ((latencies.len() as f64 / elapsed) * 100.0).round() / 100.0,
+        "send_latency": summary(&mut latencies),
         "errors": errors,
     }))
 }

@@ -136,4 +136,30 @@ async fn bench_scenarios_smoke() {
     assert_eq!(line["login_latency"]["count"], 4);
     assert_eq!(line["whoami_idle"]["count"], 3);
     assert_eq!(line["errors"], 0);
+
+    let base = s.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args([
+                "bench",
+                "send",
+                "--base-url",
+                &base,
+                "--senders",
+                "2",
+                "--messages",
+                "6",
+                "--rooms",
+                "2",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["scenario"], "send");
+    assert_eq!(line["send_latency"]["count"], 6);
+    assert_eq!(line["errors"], 0);
 }
