@@ -328,3 +328,43 @@ async fn members_and_forget() {
     assert_eq!(status, 404);
     assert_eq!(hal, "@hal:localhost");
 }
+
+#[tokio::test]
+async fn context_around_an_event() {
+    let s = TestServer::start(OPEN).await;
+    let (_, t) = s.register("jo").await;
+    let room = create(&s, &t, json!({})).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let (_, r) = send(&s, &t, &room, &format!("c{i}"), &format!("m{i}")).await;
+        ids.push(r["event_id"].as_str().unwrap().to_owned());
+    }
+    let (status, c) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/context/{}?limit=4", ids[3]), &t)
+        .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["event"]["content"]["body"], "m3");
+    let body = |v: &Value| v["content"]["body"].as_str().unwrap_or("").to_owned();
+    let before: Vec<String> = c["events_before"].as_array().unwrap().iter().map(body).collect();
+    let after: Vec<String> = c["events_after"].as_array().unwrap().iter().map(body).collect();
+    assert_eq!(before, ["m2", "m1"]);
+    assert_eq!(after, ["m4", "m5"]);
+    // The tokens continue the pagination on both sides.
+    let start = c["start"].as_str().unwrap();
+    let (_, older) = s
+        .get_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1&from={start}"),
+            &t,
+        )
+        .await;
+    assert_eq!(older["chunk"][0]["content"]["body"], "m0");
+    let end = c["end"].as_str().unwrap();
+    let (_, newer) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=1&from={end}"), &t)
+        .await;
+    assert_eq!(newer["chunk"][0]["content"]["body"], "m6");
+    assert!(c["state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"));
+    let (status, _) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/context/$missing"), &t).await;
+    assert_eq!(status, 404);
+}

@@ -6,6 +6,7 @@ use ruma::{
     api::{
         Direction,
         client::{
+            context::get_context,
             membership::{
                 ban_user, forget_room, get_member_events, invite_user, join_room_by_id,
                 join_room_by_id_or_alias, joined_members, joined_rooms, kick_user, leave_room,
@@ -51,7 +52,43 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<join_room_by_id_or_alias::v3::Request, _, _>(router, join_any);
     let router = ruma_route::add::<get_member_events::v3::Request, _, _>(router, member_events);
     let router = ruma_route::add::<forget_room::v3::Request, _, _>(router, forget);
+    let router = ruma_route::add::<get_context::v3::Request, _, _>(router, context);
     ruma_route::add::<redact_event::v3::Request, _, _>(router, redact)
+}
+
+/// `/context`: an event with the events around it, for jumping into history.
+async fn context(ctx: Ctx, req: get_context::v3::Request) -> Result<get_context::v3::Response> {
+    let room_id = req.room_id.as_str();
+    require_joined(&ctx, room_id)?;
+    let rooms = &ctx.services.rooms;
+    let not_found = || Error::not_found("Event not found");
+    let stored = rooms.event(req.event_id.as_str())?.ok_or_else(not_found)?;
+    let json =
+        serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
+    let pdu = Pdu::from_json(req.event_id.clone(), json)?;
+    if pdu.room_id.as_ref().is_some_and(|r| r != &req.room_id) {
+        return Err(not_found());
+    }
+    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(MAX_PAGE).min(MAX_PAGE);
+    let before_count = limit / 2;
+    let after_count = limit - before_count;
+    let before = rooms.timeline_backwards(room_id, Some(stored.position), before_count)?;
+    let mut after = rooms.timeline_forwards(room_id, stored.position, after_count)?;
+    after.retain(|(pos, _)| *pos <= rooms.stream.visible());
+    let mut resp = get_context::v3::Response::new();
+    resp.start = Some(format!("t{}", before.last().map_or(stored.position, |(p, _)| *p)));
+    resp.end = Some(format!("t{}", after.last().map_or(stored.position, |(p, _)| *p) + 1));
+    resp.event = Some(to_raw(&client_event(&pdu, room_id))?);
+    resp.events_before =
+        before.iter().map(|(_, p)| to_raw(&client_event(p, room_id))).collect::<Result<_>>()?;
+    resp.events_after =
+        after.iter().map(|(_, p)| to_raw(&client_event(p, room_id))).collect::<Result<_>>()?;
+    resp.state = rooms
+        .current_state(room_id)?
+        .iter()
+        .map(|p| to_raw(&client_event(p, room_id)))
+        .collect::<Result<_>>()?;
+    Ok(resp)
 }
 
 async fn join_any(
