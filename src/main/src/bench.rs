@@ -103,6 +103,28 @@ pub fn run(command: BenchCommand) -> ExitCode {
     }
 }
 
+/// Claims one unit of the remaining work; false when none is left.
+fn take_one(remaining: &std::sync::atomic::AtomicUsize) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    remaining.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
+}
+
+type WorkerResult = (Vec<Duration>, usize);
+
+/// Waits for load workers; returns all their latencies and their error count.
+async fn join_workers(
+    workers: Vec<tokio::task::JoinHandle<WorkerResult>>,
+) -> Result<WorkerResult, String> {
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        let (l, e) = w.await.map_err(|e| e.to_string())?;
+        latencies.extend(l);
+        errors += e;
+    }
+    Ok((latencies, errors))
+}
+
 /// Latency percentiles in milliseconds.
 fn summary(samples: &mut [Duration]) -> Value {
     if samples.is_empty() {
@@ -190,14 +212,7 @@ async fn login_storm(args: LoginStormArgs) -> Result<Value, String> {
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut failures = 0usize;
-            while remaining
-                .fetch_update(
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                    |n| n.checked_sub(1),
-                )
-                .is_ok()
-            {
+            while take_one(&remaining) {
                 let t = Instant::now();
                 match client.post(&url).json(&body).send().await {
                     Ok(r) if r.status().is_success() => latencies.push(t.elapsed()),
@@ -216,12 +231,8 @@ async fn login_storm(args: LoginStormArgs) -> Result<Value, String> {
         errors += usize::from(!ok);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut logins = Vec::new();
-    for w in workers {
-        let (lat, failures) = w.await.map_err(|e| e.to_string())?;
-        logins.extend(lat);
-        errors += failures;
-    }
+    let (mut logins, failures) = join_workers(workers).await?;
+    errors += failures;
     let elapsed = started.elapsed().as_secs_f64();
     Ok(json!({
         "scenario": "login-storm",
@@ -301,14 +312,7 @@ async fn send(args: SendArgs) -> Result<Value, String> {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
             let mut n = 0usize;
-            while remaining
-                .fetch_update(
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                    |r| r.checked_sub(1),
-                )
-                .is_ok()
-            {
+            while take_one(&remaining) {
                 let room = &rooms[(w + n) % rooms.len()];
                 let url =
                     format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/b{w}_{n}");
@@ -323,13 +327,7 @@ async fn send(args: SendArgs) -> Result<Value, String> {
             (latencies, errors)
         }));
     }
-    let mut latencies = Vec::new();
-    let mut errors = 0;
-    for w in workers {
-        let (l, e) = w.await.map_err(|e| e.to_string())?;
-        latencies.extend(l);
-        errors += e;
-    }
+    let (mut latencies, errors) = join_workers(workers).await?;
     let elapsed = started.elapsed().as_secs_f64();
     Ok(json!({
         "scenario": "send",
