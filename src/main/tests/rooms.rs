@@ -368,3 +368,57 @@ async fn context_around_an_event() {
         s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/context/$missing"), &t).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn room_aliases() {
+    let s = TestServer::start(OPEN).await;
+    let (_, kt) = s.register("kim").await;
+    let (_, lt) = s.register("lou").await;
+    let room = create(&s, &kt, json!({"preset": "public_chat", "room_alias_name": "lounge"})).await;
+    let (status, body) = s.get("/_matrix/client/v3/directory/room/%23lounge:localhost").await;
+    assert_eq!((status, body["room_id"].as_str()), (200, Some(room.as_str())));
+    assert_eq!(body["servers"], json!(["localhost"]));
+    let (_, canonical) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.canonical_alias"), &kt)
+        .await;
+    assert_eq!(canonical["alias"], "#lounge:localhost");
+    let (status, body) = s
+        .post_auth("/_matrix/client/v3/createRoom", &kt, &json!({"room_alias_name": "lounge"}))
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_ROOM_IN_USE")));
+
+    // Join by alias.
+    let (status, body) =
+        s.post_auth("/_matrix/client/v3/join/%23lounge:localhost", &lt, &json!({})).await;
+    assert_eq!((status, body["room_id"].as_str()), (200, Some(room.as_str())));
+
+    let path = "/_matrix/client/v3/directory/room/%23second:localhost";
+    let (status, _) = s.put_auth(path, &lt, &json!({"room_id": room})).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.put_auth(path, &kt, &json!({"room_id": room})).await;
+    assert_eq!(status, 409);
+    let (status, _) = s
+        .put_auth(
+            "/_matrix/client/v3/directory/room/%23x:elsewhere.example",
+            &kt,
+            &json!({"room_id": room}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let (_, list) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/aliases"), &kt).await;
+    assert_eq!(list["aliases"].as_array().unwrap().len(), 2, "{list}");
+
+    // Lou (power 0) may remove his own alias but not Kim's.
+    let (status, _) = s
+        .delete_auth("/_matrix/client/v3/directory/room/%23lounge:localhost", &lt, &json!({}))
+        .await;
+    assert_eq!(status, 403);
+    let (status, _) = s.delete_auth(path, &lt, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) = s
+        .delete_auth("/_matrix/client/v3/directory/room/%23lounge:localhost", &kt, &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = s.get("/_matrix/client/v3/directory/room/%23lounge:localhost").await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+}

@@ -33,6 +33,7 @@ pub struct Services {
     pub db: Db,
     pub keys: Arc<ServerKeys>,
     pub rooms: rooms::append::Timeline,
+    pub aliases: rooms::aliases::Aliases,
     pub audit: Arc<Audit>,
     pub accounts: Accounts,
     pub profiles: Profiles,
@@ -65,6 +66,7 @@ impl Services {
                 .map_err(|e| format!("loading rooms: {e}"))?;
         Ok(Arc::new(Self {
             rooms,
+            aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
             profiles: Profiles::new(db.clone()),
             account_data: AccountData::new(db.clone()),
             rate_limits: RateLimiter::new(config.rate_limits.clone()),

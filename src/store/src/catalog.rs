@@ -67,6 +67,9 @@ tables! {
     USER_ROOMS = "user_rooms", Scan;
     // (user localpart, device id, transaction id) -> event id: idempotent sends
     TXN_IDS = "txn_ids", Point;
+    // room alias -> (room id, creator localpart); (room id, alias) -> ()
+    ALIASES = "aliases", Point;
+    ROOM_ALIASES = "room_aliases", Scan;
     // state snapshot id -> one layer (changes against a parent snapshot)
     STATE_SNAPSHOTS = "state_snapshots", Point;
     // (timestamp ms, sequence) -> audit record

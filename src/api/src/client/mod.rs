@@ -2,6 +2,7 @@
 
 mod account;
 mod account_data;
+mod aliases;
 mod capabilities;
 mod devices;
 mod directory;
@@ -26,5 +27,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = threepid::routes(router);
     let router = directory::routes(router);
     let router = rooms::routes(router);
+    let router = aliases::routes(router);
     capabilities::routes(router)
 }

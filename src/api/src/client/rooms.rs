@@ -96,9 +96,17 @@ async fn join_any(
     req: join_room_by_id_or_alias::v3::Request,
 ) -> Result<join_room_by_id_or_alias::v3::Response> {
     ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
-    // Aliases are not stored yet, so none resolves.
-    let room_id = OwnedRoomId::try_from(req.room_id_or_alias.as_str())
-        .map_err(|_| Error::not_found("Room alias not found"))?;
+    let target = req.room_id_or_alias.as_str();
+    let room_id = if target.starts_with('#') {
+        let record = ctx
+            .services
+            .aliases
+            .resolve(target)?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        OwnedRoomId::try_from(record.room_id).map_err(|e| Error::internal("room id", e))?
+    } else {
+        OwnedRoomId::try_from(target).map_err(|_| Error::invalid_param("Not a room id or alias"))?
+    };
     if ctx.services.rooms.room(room_id.as_str())?.is_none() {
         return Err(Error::not_found("Unknown room"));
     }
@@ -213,13 +221,24 @@ fn require_joined(ctx: &Ctx, room_id: &str) -> Result<String> {
 
 async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::v3::Response> {
     let creator = me(&ctx)?;
-    if req.room_alias_name.is_some() {
-        return Err(Error::new(
-            http::StatusCode::BAD_REQUEST,
-            trellis_core::error::code::UNRECOGNIZED,
-            "Room aliases are not supported yet",
-        ));
-    }
+    // The alias is checked before anything is created, and claimed right after.
+    let alias = match &req.room_alias_name {
+        Some(name) => {
+            let alias = ctx
+                .services
+                .aliases
+                .local_alias(&format!("#{name}:{}", ctx.services.server_name()))?;
+            if !ctx.services.aliases.is_free(&alias)? {
+                return Err(Error::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "M_ROOM_IN_USE",
+                    "This room alias is already in use",
+                ));
+            }
+            Some(alias)
+        }
+        None => None,
+    };
     let localpart = ctx.session()?.localpart.clone();
     let profile = &ctx.services.profiles;
     let text = |field: &str| -> Result<Option<String>> {
@@ -254,6 +273,19 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
     };
     let default_version = ctx.services.config.rooms.default_room_version.clone();
     let room_id = ctx.services.rooms.create_room_with(&creator, &default_version, options).await?;
+    if let Some(alias) = alias {
+        let localpart = ctx.session()?.localpart.clone();
+        ctx.services.aliases.set(&alias, &room_id, &localpart).await?;
+        let event = NewEvent {
+            kind: "m.room.canonical_alias".into(),
+            sender: creator.clone(),
+            state_key: Some(String::new()),
+            content: json!({"alias": alias}),
+            txn: None,
+            redacts: None,
+        };
+        ctx.services.rooms.append(&room_id, event).await?;
+    }
     let room_id = OwnedRoomId::try_from(room_id).map_err(|e| Error::internal("room id", e))?;
     Ok(create_room::v3::Response::new(room_id))
 }

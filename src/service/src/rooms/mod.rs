@@ -2,6 +2,7 @@
 //! version and exposes them to ruma's event authorization; storage, state and the client
 //! room APIs build on it.
 
+pub mod aliases;
 pub mod append;
 pub mod builder;
 pub mod create;

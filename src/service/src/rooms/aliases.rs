@@ -1,0 +1,93 @@
+//! Room aliases on this server: `#name:server` -> room id, with the user who made each.
+
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use trellis_core::{Error, Result, error::code};
+use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
+
+use crate::commit;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AliasRecord {
+    pub room_id: String,
+    /// Localpart of the user who created the alias (who may delete it).
+    pub creator: String,
+}
+
+const ALIASES: Table<String, Json<AliasRecord>> = Table::new(&catalog::ALIASES);
+const ROOM_ALIASES: Table<(String, String), ()> = Table::new(&catalog::ROOM_ALIASES);
+
+pub struct Aliases {
+    db: Db,
+    server_name: String,
+    /// Serialises check-then-set so two clients cannot take one alias.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Aliases {
+    pub fn new(db: Db, server_name: String) -> Self {
+        Self { db, server_name, lock: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Checks that an alias belongs to this server and returns it normalised.
+    pub fn local_alias(&self, alias: &str) -> Result<String> {
+        let Some((local, server)) = alias.strip_prefix('#').and_then(|a| a.split_once(':')) else {
+            return Err(Error::invalid_param("Not a room alias"));
+        };
+        if server != self.server_name {
+            return Err(Error::invalid_param("Room aliases must be on this server"));
+        }
+        if local.is_empty()
+            || local.chars().any(|c| c.is_whitespace() || c == ':' || c == '#')
+            || alias.len() > 255
+        {
+            return Err(Error::invalid_param("Invalid room alias"));
+        }
+        Ok(alias.to_owned())
+    }
+
+    pub fn resolve(&self, alias: &str) -> Result<Option<AliasRecord>> {
+        Ok(ALIASES.get(&*self.db, &alias.to_owned())?.map(|j| j.0))
+    }
+
+    pub fn is_free(&self, alias: &str) -> Result<bool> {
+        Ok(!ALIASES.contains(&*self.db, &alias.to_owned())?)
+    }
+
+    pub async fn set(&self, alias: &str, room_id: &str, creator: &str) -> Result<()> {
+        let alias = self.local_alias(alias)?;
+        let _guard = self.lock.lock().await;
+        if !self.is_free(&alias)? {
+            return Err(Error::new(
+                StatusCode::CONFLICT,
+                code::UNKNOWN,
+                "This room alias is already in use",
+            ));
+        }
+        let mut batch = Batch::new();
+        ALIASES.put(
+            &mut batch,
+            &alias,
+            &Json(AliasRecord { room_id: room_id.to_owned(), creator: creator.to_owned() }),
+        );
+        ROOM_ALIASES.put(&mut batch, &(room_id.to_owned(), alias.clone()), &());
+        commit(&self.db, batch).await
+    }
+
+    pub async fn delete(&self, alias: &str) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        let record =
+            self.resolve(alias)?.ok_or_else(|| Error::not_found("Room alias not found"))?;
+        let mut batch = Batch::new();
+        ALIASES.delete(&mut batch, &alias.to_owned());
+        ROOM_ALIASES.delete(&mut batch, &(record.room_id, alias.to_owned()));
+        commit(&self.db, batch).await
+    }
+
+    pub fn of_room(&self, room_id: &str) -> Result<Vec<String>> {
+        ROOM_ALIASES
+            .scan_prefix(&*self.db, &room_id.to_owned(), Direction::Forward)?
+            .map(|e| e.map(|((_, alias), ())| alias).map_err(Into::into))
+            .collect()
+    }
+}
