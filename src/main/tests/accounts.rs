@@ -441,6 +441,9 @@ async fn profiles_and_account_data() {
     // m.change_password may be omitted: absent means enabled.
     assert_ne!(caps["capabilities"]["m.change_password"]["enabled"], false, "{caps}");
     assert_eq!(caps["capabilities"]["m.3pid_changes"]["enabled"], false);
+    assert_eq!(caps["capabilities"]["m.room_versions"]["default"], "11");
+    assert_eq!(caps["capabilities"]["m.room_versions"]["available"]["12"], "stable");
+    assert_eq!(caps["capabilities"]["m.room_versions"]["available"].as_object().unwrap().len(), 12);
     assert_eq!(caps["capabilities"]["m.get_login_token"]["enabled"], true);
 }
 

@@ -6,7 +6,8 @@ use ruma::api::client::discovery::get_capabilities::{
     self,
     v3::{
         Capabilities, ChangePasswordCapability, GetLoginTokenCapability, ProfileFieldsCapability,
-        SetAvatarUrlCapability, SetDisplayNameCapability, ThirdPartyIdChangesCapability,
+        RoomVersionStability, RoomVersionsCapability, SetAvatarUrlCapability,
+        SetDisplayNameCapability, ThirdPartyIdChangesCapability,
     },
 };
 use trellis_core::Result;
@@ -32,9 +33,19 @@ async fn capabilities(
     caps.change_password = ChangePasswordCapability::new(true);
     caps.set_displayname = SetDisplayNameCapability::new(true);
     caps.set_avatar_url = SetAvatarUrlCapability::new(true);
-    // Email and phone numbers cannot be added yet.
-    caps.thirdparty_id_changes = ThirdPartyIdChangesCapability::new(false);
+    // Addresses can be added and removed when the server sends validation mail.
+    caps.thirdparty_id_changes = ThirdPartyIdChangesCapability::new(ctx.services.mailer.is_some());
     caps.get_login_token = GetLoginTokenCapability::new(true);
     caps.profile_fields = Some(ProfileFieldsCapability::new(true));
+    // Every version ruma has rules for is supported; the default comes from config.
+    let available = (1..=12)
+        .filter_map(|n| ruma::RoomVersionId::try_from(n.to_string().as_str()).ok())
+        .filter(|v| v.rules().is_some())
+        .map(|v| (v, RoomVersionStability::Stable))
+        .collect();
+    let default =
+        ruma::RoomVersionId::try_from(ctx.services.config.rooms.default_room_version.as_str())
+            .map_err(|e| trellis_core::Error::internal("default room version", e))?;
+    caps.room_versions = RoomVersionsCapability::new(default, available);
     Ok(get_capabilities::v3::Response::new(caps))
 }
