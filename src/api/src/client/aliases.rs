@@ -8,9 +8,9 @@ use ruma::{
         room::aliases,
     },
 };
-use serde_json::Value;
 use trellis_core::{Error, Result};
 
+use super::rooms::require_joined;
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -23,38 +23,18 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<aliases::v3::Request, _, _>(router, list)
 }
 
-fn joined(ctx: &Ctx, room_id: &str) -> Result<String> {
-    let user = ctx.services.accounts.user_id(&ctx.session()?.localpart);
-    match ctx.services.rooms.membership(room_id, &user)?.as_deref() {
-        Some("join") => Ok(user),
-        _ => Err(Error::forbidden("You are not a member of this room")),
-    }
-}
-
-/// The user's power in a room as its power levels state says, and the level needed to
-/// change its canonical alias. Creators of rooms that privilege them rank above all.
-fn alias_power(ctx: &Ctx, room_id: &str, user: &str) -> Result<(i64, i64)> {
-    let rooms = &ctx.services.rooms;
-    let levels: Value = rooms
-        .state_of(room_id, "m.room.power_levels", "")?
-        .map(|p| serde_json::from_str(p.content.get()).unwrap_or(Value::Null))
-        .unwrap_or(Value::Null);
-    let creator =
-        rooms.state_of(room_id, "m.room.create", "")?.is_some_and(|c| c.sender.as_str() == user);
-    let level = if creator && levels["users"][user].is_null() {
-        i64::MAX
-    } else {
-        levels["users"][user].as_i64().or_else(|| levels["users_default"].as_i64()).unwrap_or(0)
-    };
-    let needed = levels["events"]["m.room.canonical_alias"]
+/// Whether the user may change the room's canonical alias (and so remove its aliases).
+fn may_manage_aliases(ctx: &Ctx, room_id: &str, user: &str) -> Result<bool> {
+    let power = ctx.services.rooms.power(room_id, user)?;
+    let needed = power.levels["events"]["m.room.canonical_alias"]
         .as_i64()
-        .or_else(|| levels["state_default"].as_i64())
+        .or_else(|| power.levels["state_default"].as_i64())
         .unwrap_or(50);
-    Ok((level, needed))
+    Ok(power.level >= needed)
 }
 
 async fn create(ctx: Ctx, req: create_alias::v3::Request) -> Result<create_alias::v3::Response> {
-    joined(&ctx, req.room_id.as_str())?;
+    require_joined(&ctx, req.room_id.as_str())?;
     let localpart = ctx.session()?.localpart.clone();
     ctx.services.aliases.set(req.room_alias.as_str(), req.room_id.as_str(), &localpart).await?;
     Ok(create_alias::v3::Response::new())
@@ -83,8 +63,10 @@ async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias
         .ok_or_else(|| Error::not_found("Room alias not found"))?;
     let user = ctx.services.accounts.user_id(&session.localpart);
     let is_admin = ctx.services.accounts.user(&session.localpart)?.is_some_and(|u| u.admin);
-    let (level, needed) = alias_power(&ctx, &record.room_id, &user)?;
-    if record.creator != session.localpart && !is_admin && level < needed {
+    if record.creator != session.localpart
+        && !is_admin
+        && !may_manage_aliases(&ctx, &record.room_id, &user)?
+    {
         return Err(Error::forbidden("You may not remove this alias"));
     }
     ctx.services.aliases.delete(alias).await?;
@@ -92,7 +74,7 @@ async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias
 }
 
 async fn list(ctx: Ctx, req: aliases::v3::Request) -> Result<aliases::v3::Response> {
-    joined(&ctx, req.room_id.as_str())?;
+    require_joined(&ctx, req.room_id.as_str())?;
     let aliases = ctx
         .services
         .aliases

@@ -211,7 +211,7 @@ fn client_event(pdu: &Pdu, room_id: &str) -> Value {
 
 /// Reading a room needs a current membership of `join` (earlier memberships and
 /// history visibility come with the rest of the room work).
-fn require_joined(ctx: &Ctx, room_id: &str) -> Result<String> {
+pub(super) fn require_joined(ctx: &Ctx, room_id: &str) -> Result<String> {
     let user = me(ctx)?;
     match ctx.services.rooms.membership(room_id, &user)?.as_deref() {
         Some("join") => Ok(user),

@@ -61,6 +61,14 @@ const ROOM_MEMBERS: Table<(u64, String), String> = Table::new(&catalog::ROOM_MEM
 const USER_ROOMS: Table<(String, u64), String> = Table::new(&catalog::USER_ROOMS);
 const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TXN_IDS);
 
+/// A user's standing in a room's power levels.
+#[derive(Debug, Clone)]
+pub struct Power {
+    pub level: i64,
+    /// The `m.room.power_levels` content (`null` if the room has none).
+    pub levels: Value,
+}
+
 /// A local event to append.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -140,6 +148,41 @@ impl Timeline {
         let sk = self.short.get(Kind::StateKey, &state_key_text(&kind.to_string(), key)).ok()??;
         let ev = *state.get(&sk)?;
         self.pdu_by_short(ev).ok()?
+    }
+
+    /// A user's power in a state: its power levels content and the user's level, with
+    /// room creators above everyone where the room version privileges them.
+    fn power_in(
+        &self,
+        state: &StateSet,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+        user: &str,
+    ) -> Power {
+        let levels: Value = self
+            .state_event(state, &StateEventType::RoomPowerLevels, "")
+            .and_then(|p| serde_json::from_str(p.content.get()).ok())
+            .unwrap_or(Value::Null);
+        let creator = rules.authorization.explicitly_privilege_room_creators
+            && self
+                .state_event(state, &StateEventType::RoomCreate, "")
+                .is_some_and(|c| c.sender.as_str() == user);
+        let level = if creator {
+            i64::MAX
+        } else {
+            levels["users"][user].as_i64().or_else(|| levels["users_default"].as_i64()).unwrap_or(0)
+        };
+        Power { level, levels }
+    }
+
+    /// A user's power in the current state of a room.
+    pub fn power(&self, room_id: &str, user: &str) -> Result<Power> {
+        let (_, room) = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let version = RoomVersionId::try_from(room.version.as_str())
+            .map_err(|e| Error::internal("room version", e))?;
+        let rules =
+            version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
+        let state = self.snapshots.load(room.state)?;
+        Ok(self.power_in(&state, &rules, user))
     }
 
     /// The current state of a room as `(type, state_key) -> event`.
@@ -353,20 +396,8 @@ impl Timeline {
             .map_err(|e| Error::internal("stored event", e))?;
         let original_sender = original.get("sender").and_then(|v| v.as_str()).unwrap_or_default();
         if original_sender != redaction.sender.as_str() {
-            let power = self.state_event(state, &StateEventType::RoomPowerLevels, "");
-            let levels: Value = power
-                .map(|p| serde_json::from_str(p.content.get()).unwrap_or(Value::Null))
-                .unwrap_or(Value::Null);
-            let creator_power = rules.authorization.explicitly_privilege_room_creators
-                && self
-                    .state_event(state, &StateEventType::RoomCreate, "")
-                    .is_some_and(|c| c.sender == redaction.sender);
-            let user_level = levels["users"][redaction.sender.as_str()]
-                .as_i64()
-                .or_else(|| levels["users_default"].as_i64())
-                .unwrap_or(0);
-            let needed = levels["redact"].as_i64().unwrap_or(50);
-            if !creator_power && user_level < needed {
+            let power = self.power_in(state, rules, redaction.sender.as_str());
+            if power.level < power.levels["redact"].as_i64().unwrap_or(50) {
                 return Err(Error::forbidden("You may not redact other users' events"));
             }
         }
