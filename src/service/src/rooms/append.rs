@@ -39,6 +39,9 @@ pub struct RoomRecord {
     /// Short ids of the forward extremities.
     pub extremities: Vec<u64>,
     pub max_depth: u64,
+    /// Stream position of the room's newest event.
+    #[serde(default)]
+    pub last_position: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,14 +99,16 @@ impl Timeline {
     pub fn new(db: Db, keys: Arc<ServerKeys>, server_name: &str) -> Result<Self> {
         let server_name = ruma::OwnedServerName::try_from(server_name)
             .map_err(|e| Error::internal("server name", e))?;
-        let last = TIMELINE
+        // Positions resume after the newest event of any room: one row per room to read
+        // at start-up, not one per event.
+        let last = ROOMS
             .scan_range(
                 &*db,
                 std::ops::Bound::Unbounded,
                 std::ops::Bound::Unbounded,
                 trellis_store::Direction::Forward,
             )?
-            .map(|e| e.map(|((_, pos), _)| pos))
+            .map(|e| e.map(|(_, Json(r))| r.last_position))
             .try_fold(0u64, |max, pos| pos.map(|p| max.max(p)))?;
         Ok(Self {
             short: ShortIds::new(db.clone())?,
@@ -488,6 +493,7 @@ impl Timeline {
                 state: state_after_id,
                 extremities: vec![event_short],
                 max_depth: max_depth.max(pdu.depth),
+                last_position: ticket.position,
             }),
         );
         let result = commit(&self.db, std::mem::take(batch)).await;
