@@ -37,14 +37,16 @@ impl Audit {
         Self { db, seq: AtomicU64::new(now_millis().wrapping_mul(1000)) }
     }
 
-    fn record(
+    /// Adds a record to the batch of the action it describes (same atomic write).
+    pub fn add(
         &self,
+        batch: &mut Batch,
         actor: Option<&str>,
         action: &str,
         client: &Client,
         outcome: &str,
         detail: Option<String>,
-    ) -> ((u64, u64), Json<AuditRecord>) {
+    ) {
         tracing::info!(
             target: "audit",
             actor = actor.unwrap_or("-"),
@@ -61,21 +63,7 @@ impl Audit {
             outcome: outcome.to_owned(),
             detail,
         };
-        (key, Json(record))
-    }
-
-    /// Adds a record to the batch of the action it describes (same atomic write).
-    pub fn add(
-        &self,
-        batch: &mut Batch,
-        actor: Option<&str>,
-        action: &str,
-        client: &Client,
-        outcome: &str,
-        detail: Option<String>,
-    ) {
-        let (key, value) = self.record(actor, action, client, outcome, detail);
-        AUDIT_LOG.put(batch, &key, &value);
+        AUDIT_LOG.put(batch, &key, &Json(record));
     }
 
     /// Writes a record on its own (for attempts that change nothing else).
