@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use trellis_core::now_millis;
-use trellis_store::{Batch, Db, Direction, Json};
+use trellis_store::{Batch, Db, Json};
 
 use crate::tables::{AUDIT_LOG, AuditRecord};
 
@@ -80,22 +80,5 @@ impl Audit {
         if let Err(e) = crate::commit(&self.db, batch).await {
             tracing::error!(error = %e, "writing the audit log");
         }
-    }
-
-    /// The newest records first, at most `limit`.
-    pub fn recent(&self, limit: usize) -> trellis_core::Result<Vec<AuditRecord>> {
-        let mut out = Vec::new();
-        for entry in AUDIT_LOG
-            .scan_range(
-                &*self.db,
-                std::ops::Bound::Unbounded,
-                std::ops::Bound::Unbounded,
-                Direction::Backward,
-            )?
-            .take(limit)
-        {
-            out.push(entry?.1.0);
-        }
-        Ok(out)
     }
 }
