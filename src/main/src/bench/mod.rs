@@ -10,6 +10,8 @@ use std::{
 };
 
 use clap::{Args, Subcommand};
+
+mod rooms;
 use serde_json::{Value, json};
 
 #[derive(Subcommand)]
@@ -18,23 +20,15 @@ pub enum BenchCommand {
     /// (argon2) run at once: shows whether hashing stalls other requests.
     LoginStorm(LoginStormArgs),
     /// Message sending: `senders` users send `messages` messages in total, spread over
-    /// `rooms` rooms they all joined; latency per send and throughput.
-    Send(SendArgs),
-}
-
-#[derive(Args)]
-pub struct SendArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// Concurrent senders (each a registered user).
-    #[arg(long, default_value_t = 10)]
-    pub senders: usize,
-    /// Messages to send in total.
-    #[arg(long, default_value_t = 2000)]
-    pub messages: usize,
-    /// Rooms the messages are spread over.
-    #[arg(long, default_value_t = 1)]
-    pub rooms: usize,
+    /// `rooms` rooms they all joined; latency per send, throughput and (with
+    /// `--server-pid`) server CPU time per message.
+    Send(rooms::SendArgs),
+    /// History reading: fills one room with `events` messages, then measures `/messages`
+    /// pages of `page` events from random points of its history.
+    Messages(rooms::MessagesArgs),
+    /// Joining: fills one room with `members` members, then measures `joins` further
+    /// users joining it one after another.
+    Join(rooms::JoinArgs),
 }
 
 #[derive(Args)]
@@ -45,6 +39,23 @@ pub struct Common {
     /// Give up on the whole scenario after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub max_seconds: u64,
+    /// The server's process id, when it runs on this machine: the scenario then also
+    /// reports the CPU time the server spent on the measured phase.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc`.
+pub(crate) fn process_cpu(pid: Option<u32>) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_micros(ticks * 1_000_000 / per_second))
 }
 
 #[derive(Args)]
@@ -85,7 +96,19 @@ pub fn run(command: BenchCommand) -> ExitCode {
             }
             BenchCommand::Send(args) => {
                 let limit = Duration::from_secs(args.common.max_seconds);
-                tokio::time::timeout(limit, send(args))
+                tokio::time::timeout(limit, rooms::send(args))
+                    .await
+                    .map_err(|_| "time limit reached".to_owned())?
+            }
+            BenchCommand::Messages(args) => {
+                let limit = Duration::from_secs(args.common.max_seconds);
+                tokio::time::timeout(limit, rooms::messages(args))
+                    .await
+                    .map_err(|_| "time limit reached".to_owned())?
+            }
+            BenchCommand::Join(args) => {
+                let limit = Duration::from_secs(args.common.max_seconds);
+                tokio::time::timeout(limit, rooms::join(args))
                     .await
                     .map_err(|_| "time limit reached".to_owned())?
             }
@@ -104,15 +127,15 @@ pub fn run(command: BenchCommand) -> ExitCode {
 }
 
 /// Claims one unit of the remaining work; false when none is left.
-fn take_one(remaining: &std::sync::atomic::AtomicUsize) -> bool {
+pub(crate) fn take_one(remaining: &std::sync::atomic::AtomicUsize) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     remaining.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
 }
 
-type WorkerResult = (Vec<Duration>, usize);
+pub(crate) type WorkerResult = (Vec<Duration>, usize);
 
 /// Waits for load workers; returns all their latencies and their error count.
-async fn join_workers(
+pub(crate) async fn join_workers(
     workers: Vec<tokio::task::JoinHandle<WorkerResult>>,
 ) -> Result<WorkerResult, String> {
     let mut latencies = Vec::new();
@@ -126,7 +149,7 @@ async fn join_workers(
 }
 
 /// Latency percentiles in milliseconds.
-fn summary(samples: &mut [Duration]) -> Value {
+pub(crate) fn summary(samples: &mut [Duration]) -> Value {
     if samples.is_empty() {
         return json!(null);
     }
@@ -145,7 +168,11 @@ fn summary(samples: &mut [Duration]) -> Value {
     })
 }
 
-async fn post(client: &reqwest::Client, url: &str, body: &Value) -> Result<(u16, Value), String> {
+pub(crate) async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    body: &Value,
+) -> Result<(u16, Value), String> {
     let resp = client.post(url).json(body).send().await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let value = resp.json().await.unwrap_or(Value::Null);
@@ -241,99 +268,6 @@ async fn login_storm(args: LoginStormArgs) -> Result<Value, String> {
         "login_latency": summary(&mut logins),
         "whoami_idle": summary(&mut idle),
         "whoami_during_storm": summary(&mut during),
-        "errors": errors,
-    }))
-}
-
-/// Registers a bench user through open registration; returns its access token.
-async fn bench_user(client: &reqwest::Client, base: &str, name: &str) -> Result<String, String> {
-    let (status, body) = post(
-        client,
-        &format!("{base}/_matrix/client/v3/register"),
-        &json!({"username": name, "password": "bench password 1", "auth": {"type": "m.login.dummy"}}),
-    )
-    .await?;
-    match (status, body["access_token"].as_str()) {
-        (200, Some(t)) => Ok(t.to_owned()),
-        _ => Err(format!("registering {name}: {status} {body}")),
-    }
-}
-
-async fn authed_post(
-    client: &reqwest::Client,
-    url: &str,
-    token: &str,
-    body: &Value,
-) -> Result<(u16, Value), String> {
-    let resp =
-        client.post(url).bearer_auth(token).json(body).send().await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.json().await.unwrap_or(Value::Null)))
-}
-
-async fn send(args: SendArgs) -> Result<Value, String> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.senders + 4)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let base = args.common.base_url.trim_end_matches('/').to_owned();
-    let run = std::process::id();
-    let mut tokens = Vec::new();
-    for i in 0..args.senders.max(1) {
-        tokens.push(bench_user(&client, &base, &format!("bench_send_{run}_{i}")).await?);
-    }
-    let mut rooms = Vec::new();
-    for _ in 0..args.rooms.max(1) {
-        let create_url = format!("{base}/_matrix/client/v3/createRoom");
-        let (status, body) =
-            authed_post(&client, &create_url, &tokens[0], &json!({"preset": "public_chat"}))
-                .await?;
-        let room = body["room_id"]
-            .as_str()
-            .filter(|_| status == 200)
-            .ok_or_else(|| format!("createRoom: {status} {body}"))?
-            .to_owned();
-        for token in &tokens[1..] {
-            let join_url = format!("{base}/_matrix/client/v3/rooms/{room}/join");
-            let (status, body) = authed_post(&client, &join_url, token, &json!({})).await?;
-            if status != 200 {
-                return Err(format!("join: {status} {body}"));
-            }
-        }
-        rooms.push(room);
-    }
-    let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(args.messages));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for (w, token) in tokens.into_iter().enumerate() {
-        let (client, base, rooms, remaining) =
-            (client.clone(), base.clone(), rooms.clone(), remaining.clone());
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut errors = 0usize;
-            let mut n = 0usize;
-            while take_one(&remaining) {
-                let room = &rooms[(w + n) % rooms.len()];
-                let url =
-                    format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/b{w}_{n}");
-                n += 1;
-                let t = Instant::now();
-                let body = json!({"msgtype": "m.text", "body": "bench"});
-                match client.put(&url).bearer_auth(&token).json(&body).send().await {
-                    Ok(r) if r.status().is_success() => latencies.push(t.elapsed()),
-                    _ => errors += 1,
-                }
-            }
-            (latencies, errors)
-        }));
-    }
-    let (mut latencies, errors) = join_workers(workers).await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(json!({
-        "scenario": "send",
-        "params": {"senders": args.senders, "messages": args.messages, "rooms": args.rooms},
-        "messages_per_second": ((latencies.len() as f64 / elapsed) * 100.0).round() / 100.0,
-        "send_latency": summary(&mut latencies),
         "errors": errors,
     }))
 }
