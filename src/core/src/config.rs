@@ -304,12 +304,32 @@ pub struct UserDirectoryConfig {
 pub struct RoomsConfig {
     /// Room version of new rooms when the client does not choose one.
     pub default_room_version: String,
+    /// Who may publish a room in (or remove it from) the published room directory.
+    pub publish: RoomPublishing,
+    /// Require an access token for `GET /publicRooms` (the spec lets anyone list it).
+    pub public_rooms_require_auth: bool,
 }
 
 impl Default for RoomsConfig {
     fn default() -> Self {
-        Self { default_room_version: "11".into() }
+        Self {
+            default_room_version: "11".into(),
+            publish: RoomPublishing::AnyoneWithPower,
+            public_rooms_require_auth: false,
+        }
     }
+}
+
+/// Who may change a room's visibility in the published room directory. Server admins
+/// always may.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomPublishing {
+    /// Members of the room with the power to send `m.room.canonical_alias` (its
+    /// moderators and admins).
+    AnyoneWithPower,
+    /// Server admins only.
+    Admins,
 }
 
 pub const JWT_ALGORITHMS: &[&str] =

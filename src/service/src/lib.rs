@@ -34,6 +34,7 @@ pub struct Services {
     pub keys: Arc<ServerKeys>,
     pub rooms: rooms::append::Timeline,
     pub aliases: rooms::aliases::Aliases,
+    pub public_rooms: rooms::public::PublicRooms,
     pub audit: Arc<Audit>,
     pub accounts: Accounts,
     pub profiles: Profiles,
@@ -67,6 +68,7 @@ impl Services {
         Ok(Arc::new(Self {
             rooms,
             aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
+            public_rooms: rooms::public::PublicRooms::new(db.clone()),
             profiles: Profiles::new(db.clone()),
             account_data: AccountData::new(db.clone()),
             rate_limits: RateLimiter::new(config.rate_limits.clone()),

@@ -72,6 +72,22 @@ tables! {
     ROOM_ALIASES = "room_aliases", Scan;
     // state snapshot id -> one layer (changes against a parent snapshot)
     STATE_SNAPSHOTS = "state_snapshots", Point;
+    // (parent short event id, rel_type, child position) -> the relating event
+    RELATIONS = "relations", Scan;
+    // (target short event id, sender, key) -> reaction short event id: one per key
+    ANNOTATIONS = "annotations", Point;
+    // thread root short event id -> position of its latest reply
+    THREAD_LATEST = "thread_latest", Point;
+    // (short room id, latest reply position) -> thread root: threads by activity
+    THREADS = "threads", Scan;
+    // (short room id, user id, position) -> membership from that position on
+    MEMBERSHIP_LOG = "membership_log", Scan;
+    // (short room id, position) -> history visibility from that position on
+    VISIBILITY_LOG = "visibility_log", Scan;
+    // (short room id, origin_server_ts, position) -> short event id
+    EVENT_TIMES = "event_times", Scan;
+    // room id -> (): rooms published in the room directory
+    PUBLIC_ROOMS = "public_rooms", Scan;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

@@ -6,9 +6,15 @@ mod aliases;
 mod capabilities;
 mod devices;
 mod directory;
+mod events;
+mod history;
+mod membership;
 mod profile;
+mod relations;
+mod room_directory;
 mod rooms;
 mod session;
+mod spaces;
 mod threepid;
 mod uia;
 mod versions;
@@ -27,6 +33,11 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = threepid::routes(router);
     let router = directory::routes(router);
     let router = rooms::routes(router);
+    let router = history::routes(router);
+    let router = membership::routes(router);
+    let router = relations::routes(router);
     let router = aliases::routes(router);
+    let router = room_directory::routes(router);
+    let router = spaces::routes(router);
     capabilities::routes(router)
 }

@@ -84,6 +84,20 @@ impl Aliases {
         commit(&self.db, batch).await
     }
 
+    /// Points every alias of `from` at `to` (a room upgrade), in one batch.
+    pub async fn move_room(&self, from: &str, to: &str) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        let mut batch = Batch::new();
+        for alias in self.of_room(from)? {
+            let Some(mut record) = self.resolve(&alias)? else { continue };
+            record.room_id = to.to_owned();
+            ALIASES.put(&mut batch, &alias, &Json(record));
+            ROOM_ALIASES.delete(&mut batch, &(from.to_owned(), alias.clone()));
+            ROOM_ALIASES.put(&mut batch, &(to.to_owned(), alias), &());
+        }
+        commit(&self.db, batch).await
+    }
+
     pub fn of_room(&self, room_id: &str) -> Result<Vec<String>> {
         ROOM_ALIASES
             .scan_prefix(&*self.db, &room_id.to_owned(), Direction::Forward)?

@@ -58,11 +58,24 @@ pub struct StoredEvent {
 }
 
 const ROOMS: Table<u64, Json<RoomRecord>> = Table::new(&catalog::ROOMS);
-const EVENTS: Table<u64, Json<StoredEvent>> = Table::new(&catalog::EVENTS);
+pub(super) const EVENTS: Table<u64, Json<StoredEvent>> = Table::new(&catalog::EVENTS);
 const TIMELINE: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 const ROOM_MEMBERS: Table<(u64, String), String> = Table::new(&catalog::ROOM_MEMBERS);
 const USER_ROOMS: Table<(String, u64), String> = Table::new(&catalog::USER_ROOMS);
 const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TXN_IDS);
+
+/// Timeline entries one page looks at, at most.
+pub const SCAN_CAP: usize = 5_000;
+
+/// A page of a room's timeline.
+#[derive(Debug, Default)]
+pub struct TimelinePage {
+    pub events: Vec<(u64, Pdu)>,
+    /// The position of the last entry looked at (returned or filtered out).
+    pub last: Option<u64>,
+    /// Whether entries remain beyond `last`.
+    pub more: bool,
+}
 
 /// A user's standing in a room's power levels.
 #[derive(Debug, Clone)]
@@ -86,10 +99,10 @@ pub struct NewEvent {
 }
 
 pub struct Timeline {
-    db: Db,
+    pub(super) db: Db,
     keys: Arc<ServerKeys>,
     server_name: ruma::OwnedServerName,
-    short: ShortIds,
+    pub(super) short: ShortIds,
     snapshots: StateSnapshots,
     pub stream: StreamPositions,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -140,7 +153,7 @@ impl Timeline {
         Ok(EVENTS.get(&*self.db, &short)?.map(|j| j.0))
     }
 
-    fn pdu_by_short(&self, short: u64) -> Result<Option<Pdu>> {
+    pub(super) fn pdu_by_short(&self, short: u64) -> Result<Option<Pdu>> {
         let Some(Json(stored)) = EVENTS.get(&*self.db, &short)? else { return Ok(None) };
         let json: CanonicalJsonObject =
             serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
@@ -283,6 +296,7 @@ impl Timeline {
         let rules =
             version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
         let state = self.snapshots.load(room.state)?;
+        self.check_relation(room_short, &event.sender, &event.content)?;
 
         let kind = TimelineEventType::from(event.kind.clone());
         let sender = UserId::parse(&event.sender)
@@ -406,6 +420,7 @@ impl Timeline {
                 return Err(Error::forbidden("You may not redact other users' events"));
             }
         }
+        self.unindex_relation(batch, &stored, original_sender, &stored.json["content"])?;
         let because = ruma::canonical_json::RedactedBecause::from_json(redaction.json.clone());
         let redacted = ruma::canonical_json::redact(original, &rules.redaction, Some(because))
             .map_err(|e| Error::internal("redacting an event", e))?;
@@ -450,6 +465,8 @@ impl Timeline {
         max_depth: u64,
     ) -> Result<()> {
         let event_short = self.short.get_or_create(batch, Kind::Event, pdu.event_id.as_str())?;
+        let content: Value =
+            serde_json::from_str(pdu.content.get()).map_err(|e| Error::bad_json(e.to_string()))?;
         let mut state_after_id = state_before_id;
         if let Some(key) = &pdu.state_key {
             let sk = self.short.get_or_create(
@@ -461,15 +478,21 @@ impl Timeline {
             after.insert(sk, event_short);
             state_after_id = self.snapshots.save(batch, before, &after)?;
             if pdu.kind == TimelineEventType::RoomMember {
-                let membership: Value = serde_json::from_str(pdu.content.get())
-                    .map_err(|e| Error::bad_json(e.to_string()))?;
-                let membership = membership["membership"].as_str().unwrap_or("leave").to_owned();
+                let membership = content["membership"].as_str().unwrap_or("leave").to_owned();
                 ROOM_MEMBERS.put(batch, &(room_short, key.clone()), &membership);
                 USER_ROOMS.put(batch, &(key.clone(), room_short), &membership);
             }
         }
-        let ticket = self.stream.dispatch();
         let json = serde_json::to_value(&pdu.json).map_err(|e| Error::internal("event json", e))?;
+        let ticket = self.stream.dispatch();
+        // A dispatched position must be retired whatever happens, or the stream stalls.
+        if let Err(e) =
+            self.index_relation(batch, room_short, event_short, ticket.position, pdu, &content)
+        {
+            self.stream.retire(ticket);
+            return Err(e);
+        }
+        self.log_event(batch, room_short, event_short, ticket.position, pdu, &content);
         EVENTS.put(
             batch,
             &event_short,
@@ -509,13 +532,9 @@ impl Timeline {
         limit: usize,
     ) -> Result<Vec<(u64, Pdu)>> {
         use std::ops::Bound::{Excluded, Unbounded};
-        self.timeline_page(
-            room_id,
-            Excluded(after),
-            Unbounded,
-            trellis_store::Direction::Forward,
-            limit,
-        )
+        let page =
+            self.scan_timeline(room_id, Excluded(after), Unbounded, true, limit, |_, _| Ok(true))?;
+        Ok(page.events)
     }
 
     /// Events of a room from newest to oldest, before stream position `before` (exclusive).
@@ -527,20 +546,27 @@ impl Timeline {
     ) -> Result<Vec<(u64, Pdu)>> {
         use std::ops::Bound::{Excluded, Unbounded};
         let end = before.map_or(Unbounded, Excluded);
-        self.timeline_page(room_id, Unbounded, end, trellis_store::Direction::Backward, limit)
+        let page = self.scan_timeline(room_id, Unbounded, end, false, limit, |_, _| Ok(true))?;
+        Ok(page.events)
     }
 
-    /// Up to `limit` timeline events with positions within `(start, end)` of one room.
-    fn timeline_page(
+    /// Up to `limit` events with positions within `(start, end)` of one room that
+    /// `accept` lets through, oldest first when `forward`. Only events already visible
+    /// on the stream are returned, and at most [`SCAN_CAP`] entries are looked at, so a
+    /// sparse filter yields a short page with `more` set rather than a long scan.
+    pub fn scan_timeline(
         &self,
         room_id: &str,
         start: std::ops::Bound<u64>,
         end: std::ops::Bound<u64>,
-        direction: trellis_store::Direction,
+        forward: bool,
         limit: usize,
-    ) -> Result<Vec<(u64, Pdu)>> {
+        mut accept: impl FnMut(u64, &Pdu) -> Result<bool>,
+    ) -> Result<TimelinePage> {
         use std::ops::Bound::{Excluded, Included, Unbounded};
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
+        let mut page = TimelinePage { events: Vec::new(), last: None, more: false };
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(page) };
+        let visible = self.stream.visible();
         // Unbounded positions still stay within the room's key range.
         let lo = match start {
             Included(p) => Included((room, p)),
@@ -548,20 +574,31 @@ impl Timeline {
             Unbounded => Included((room, 0)),
         };
         let hi = match end {
-            Included(p) => Included((room, p)),
-            Excluded(p) => Excluded((room, p)),
-            Unbounded => Included((room, u64::MAX)),
+            Included(p) => Included((room, p.min(visible))),
+            Excluded(p) if p <= visible => Excluded((room, p)),
+            _ => Included((room, visible)),
         };
-        let mut out = Vec::new();
-        for entry in
-            TIMELINE.scan_range(&*self.db, lo.as_ref(), hi.as_ref(), direction)?.take(limit)
+        let direction = if forward {
+            trellis_store::Direction::Forward
+        } else {
+            trellis_store::Direction::Backward
+        };
+        for (scanned, entry) in
+            TIMELINE.scan_range(&*self.db, lo.as_ref(), hi.as_ref(), direction)?.enumerate()
         {
+            if page.events.len() == limit || scanned == SCAN_CAP {
+                page.more = true;
+                break;
+            }
             let ((_, pos), ev) = entry?;
-            if let Some(pdu) = self.pdu_by_short(ev)? {
-                out.push((pos, pdu));
+            page.last = Some(pos);
+            if let Some(pdu) = self.pdu_by_short(ev)?
+                && accept(pos, &pdu)?
+            {
+                page.events.push((pos, pdu));
             }
         }
-        Ok(out)
+        Ok(page)
     }
 
     /// Rooms in which `user_id` has `membership`.

@@ -6,10 +6,16 @@ pub mod aliases;
 pub mod append;
 pub mod builder;
 pub mod create;
+pub mod filter;
 pub mod pdu;
+pub mod public;
+pub mod relations;
+pub mod resolve;
 pub mod short;
 pub mod state;
 pub mod stream;
+pub mod upgrade;
+pub mod visibility;
 
 pub use builder::{EventRef, PduTemplate, build_pdu};
 pub use pdu::Pdu;

@@ -1,0 +1,150 @@
+//! Serving events to a user: what they may see (history visibility, ignored users) and
+//! how each event looks to them (client format with bundled aggregations).
+
+use std::collections::HashSet;
+
+use ruma::serde::Raw;
+use serde_json::{Value, json};
+use trellis_core::{Error, Result};
+use trellis_service::rooms::Pdu;
+
+use crate::ruma_route::Ctx;
+
+pub(super) fn me(ctx: &Ctx) -> Result<String> {
+    Ok(ctx.services.accounts.user_id(&ctx.session()?.localpart))
+}
+
+pub(super) fn raw_value<T>(raw: &Raw<T>) -> Result<Value> {
+    serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))
+}
+
+pub(super) fn to_raw<T>(value: &Value) -> Result<Raw<T>> {
+    serde_json::value::to_raw_value(value)
+        .map(Raw::from_json)
+        .map_err(|e| Error::internal("event json", e))
+}
+
+/// An event as clients see it, without aggregations.
+pub(super) fn client_event(pdu: &Pdu, room_id: &str) -> Value {
+    let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+    let mut event = json!({
+        "event_id": pdu.event_id,
+        "room_id": room_id,
+        "sender": pdu.sender,
+        "type": pdu.kind.to_string(),
+        "content": content,
+        "origin_server_ts": pdu.origin_server_ts,
+        "unsigned": {},
+    });
+    if let Some(key) = &pdu.state_key {
+        event["state_key"] = json!(key);
+    }
+    // A redacted event carries `redacted_because` in its unsigned data.
+    if let Some(unsigned) = pdu.json.get("unsigned")
+        && let Ok(unsigned) = serde_json::to_value(unsigned)
+    {
+        event["unsigned"] = unsigned;
+    }
+    if let Some(redacts) = &pdu.redacts {
+        event["redacts"] = json!(redacts);
+    }
+    event
+}
+
+/// Reading a room's current state needs a current membership of `join`.
+pub(super) fn require_joined(ctx: &Ctx, room_id: &str) -> Result<String> {
+    let user = me(ctx)?;
+    match ctx.services.rooms.membership(room_id, &user)?.as_deref() {
+        Some("join") => Ok(user),
+        _ => Err(Error::forbidden("You are not a member of this room")),
+    }
+}
+
+/// One user reading one room's history.
+pub(super) struct Viewer<'a> {
+    ctx: &'a Ctx,
+    pub room_id: &'a str,
+    pub user: String,
+    ignored: HashSet<String>,
+}
+
+impl<'a> Viewer<'a> {
+    /// A reader of `room_id`: someone who has been in the room, or anyone if the room is
+    /// world readable.
+    pub fn new(ctx: &'a Ctx, room_id: &'a str) -> Result<Self> {
+        let user = me(ctx)?;
+        if !ctx.services.rooms.may_read_room(room_id, &user)? {
+            return Err(Error::forbidden("You are not allowed to read this room"));
+        }
+        let localpart = &ctx.session()?.localpart;
+        let ignored = ctx
+            .services
+            .account_data
+            .get(localpart, None, "m.ignored_user_list")?
+            .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
+            .map(|users| users.keys().cloned().collect())
+            .unwrap_or_default();
+        Ok(Self { ctx, room_id, user, ignored })
+    }
+
+    /// Whether the viewer gets this event: visible to them and not from someone they
+    /// ignore.
+    pub fn sees(&self, position: u64, pdu: &Pdu) -> Result<bool> {
+        if self.ignored.contains(pdu.sender.as_str()) {
+            return Ok(false);
+        }
+        self.ctx.services.rooms.may_see(self.room_id, position, pdu, &self.user)
+    }
+
+    /// The event in client format with the aggregations the spec bundles with it.
+    pub fn render(&self, pdu: &Pdu) -> Result<Value> {
+        let mut event = client_event(pdu, self.room_id);
+        let bundle = self.ctx.services.rooms.bundle(pdu, &self.user)?;
+        if bundle.is_empty() {
+            return Ok(event);
+        }
+        let mut relations = json!({});
+        if let Some(edit) = &bundle.edit {
+            relations["m.replace"] = client_event(edit, self.room_id);
+        }
+        if let Some((latest, count, participated)) = &bundle.thread {
+            relations["m.thread"] = json!({
+                "latest_event": client_event(latest, self.room_id),
+                "count": count,
+                "current_user_participated": participated,
+            });
+        }
+        if !bundle.references.is_empty() {
+            let chunk: Vec<Value> =
+                bundle.references.iter().map(|id| json!({"event_id": id})).collect();
+            relations["m.reference"] = json!({"chunk": chunk});
+        }
+        if !event["unsigned"].is_object() {
+            event["unsigned"] = json!({});
+        }
+        event["unsigned"]["m.relations"] = relations;
+        Ok(event)
+    }
+
+    pub fn render_raw<T>(&self, pdu: &Pdu) -> Result<Raw<T>> {
+        to_raw(&self.render(pdu)?)
+    }
+
+    /// A stored event of this room the viewer may see, else 404 (not 403: whether an
+    /// event exists is not revealed).
+    pub fn event(&self, event_id: &str) -> Result<(u64, Pdu)> {
+        let not_found = || Error::not_found("Event not found");
+        let stored = self.ctx.services.rooms.event(event_id)?.ok_or_else(not_found)?;
+        let id = ruma::OwnedEventId::try_from(event_id).map_err(|_| not_found())?;
+        let json =
+            serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
+        let pdu = Pdu::from_json(id, json)?;
+        if pdu.room_id.as_ref().is_some_and(|r| r.as_str() != self.room_id)
+            || stored.rejected
+            || !self.sees(stored.position, &pdu)?
+        {
+            return Err(not_found());
+        }
+        Ok((stored.position, pdu))
+    }
+}

@@ -1,0 +1,196 @@
+//! Membership: joining (by id or alias), knocking, leaving, forgetting, invites, kicks
+//! and bans, and who is in a room.
+
+use axum::Router;
+use ruma::{
+    OwnedEventId, OwnedRoomId, OwnedUserId,
+    api::client::{
+        knock::knock_room,
+        membership::{
+            ban_user, forget_room, invite_user, join_room_by_id, join_room_by_id_or_alias,
+            joined_members, joined_rooms, kick_user, leave_room, unban_user,
+        },
+    },
+};
+use serde_json::{Value, json};
+use trellis_core::{Error, Result};
+use trellis_service::rooms::append::NewEvent;
+
+use super::events::{me, require_joined};
+use crate::{
+    AppState,
+    ruma_route::{self, Ctx},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<joined_rooms::v3::Request, _, _>(router, joined);
+    let router = ruma_route::add::<joined_members::v3::Request, _, _>(router, members);
+    let router = ruma_route::add::<join_room_by_id::v3::Request, _, _>(router, join);
+    let router = ruma_route::add::<join_room_by_id_or_alias::v3::Request, _, _>(router, join_any);
+    let router = ruma_route::add::<knock_room::v3::Request, _, _>(router, knock);
+    let router = ruma_route::add::<leave_room::v3::Request, _, _>(router, leave);
+    let router = ruma_route::add::<invite_user::v3::Request, _, _>(router, invite);
+    let router = ruma_route::add::<kick_user::v3::Request, _, _>(router, kick);
+    let router = ruma_route::add::<ban_user::v3::Request, _, _>(router, ban);
+    let router = ruma_route::add::<unban_user::v3::Request, _, _>(router, unban);
+    ruma_route::add::<forget_room::v3::Request, _, _>(router, forget)
+}
+
+/// A local room id, or the room a local alias points at.
+fn resolve_room(ctx: &Ctx, target: &str) -> Result<OwnedRoomId> {
+    let room_id = if target.starts_with('#') {
+        let record = ctx
+            .services
+            .aliases
+            .resolve(target)?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        OwnedRoomId::try_from(record.room_id).map_err(|e| Error::internal("room id", e))?
+    } else {
+        OwnedRoomId::try_from(target).map_err(|_| Error::invalid_param("Not a room id or alias"))?
+    };
+    if ctx.services.rooms.room(room_id.as_str())?.is_none() {
+        // Rooms on other servers arrive with federation.
+        return Err(Error::not_found("Unknown room"));
+    }
+    Ok(room_id)
+}
+
+async fn knock(ctx: Ctx, req: knock_room::v3::Request) -> Result<knock_room::v3::Response> {
+    ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
+    let room_id = resolve_room(&ctx, req.room_id_or_alias.as_str())?;
+    let user = me(&ctx)?;
+    membership(&ctx, room_id.as_str(), &user, "knock", req.reason).await?;
+    Ok(knock_room::v3::Response::new(room_id))
+}
+
+async fn join_any(
+    ctx: Ctx,
+    req: join_room_by_id_or_alias::v3::Request,
+) -> Result<join_room_by_id_or_alias::v3::Response> {
+    ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
+    let room_id = resolve_room(&ctx, req.room_id_or_alias.as_str())?;
+    let user = me(&ctx)?;
+    membership(&ctx, room_id.as_str(), &user, "join", req.reason).await?;
+    Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
+}
+
+async fn forget(ctx: Ctx, req: forget_room::v3::Request) -> Result<forget_room::v3::Response> {
+    ctx.services.rooms.forget(req.room_id.as_str(), &me(&ctx)?).await?;
+    Ok(forget_room::v3::Response::new())
+}
+
+async fn joined(ctx: Ctx, _: joined_rooms::v3::Request) -> Result<joined_rooms::v3::Response> {
+    let rooms = ctx.services.rooms.rooms_of(&me(&ctx)?, "join")?;
+    let rooms = rooms.into_iter().filter_map(|r| OwnedRoomId::try_from(r).ok()).collect();
+    Ok(joined_rooms::v3::Response::new(rooms))
+}
+
+async fn members(
+    ctx: Ctx,
+    req: joined_members::v3::Request,
+) -> Result<joined_members::v3::Response> {
+    require_joined(&ctx, req.room_id.as_str())?;
+    let mut joined = std::collections::BTreeMap::new();
+    for user in ctx.services.rooms.members(req.room_id.as_str(), "join")? {
+        let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else { continue };
+        let mut member = joined_members::v3::RoomMember::new();
+        if let Some(pdu) =
+            ctx.services.rooms.state_of(req.room_id.as_str(), "m.room.member", &user)?
+        {
+            let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+            member.display_name = content["displayname"].as_str().map(str::to_owned);
+            member.avatar_url = content["avatar_url"].as_str().map(|s| s.to_owned().into());
+        }
+        joined.insert(user_id, member);
+    }
+    Ok(joined_members::v3::Response::new(joined))
+}
+
+/// Appends a membership event for `target` sent by the requester.
+async fn membership(
+    ctx: &Ctx,
+    room_id: &str,
+    target: &str,
+    membership: &str,
+    reason: Option<String>,
+) -> Result<OwnedEventId> {
+    let sender = me(ctx)?;
+    let mut content = json!({"membership": membership});
+    if let Some(reason) = reason {
+        content["reason"] = json!(reason);
+    }
+    if membership == "join" {
+        let localpart = &ctx.session()?.localpart;
+        for field in ["displayname", "avatar_url"] {
+            if let Some(v) = ctx.services.profiles.get(localpart, field)? {
+                content[field] = v;
+            }
+        }
+    }
+    let event = NewEvent {
+        kind: "m.room.member".into(),
+        sender,
+        state_key: Some(target.to_owned()),
+        content,
+        txn: None,
+        redacts: None,
+    };
+    Ok(ctx.services.rooms.append(room_id, event).await?.event_id)
+}
+
+async fn join(
+    ctx: Ctx,
+    req: join_room_by_id::v3::Request,
+) -> Result<join_room_by_id::v3::Response> {
+    ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
+    if ctx.services.rooms.room(req.room_id.as_str())?.is_none() {
+        // Joining rooms on other servers arrives with federation.
+        return Err(Error::not_found("Unknown room"));
+    }
+    let user = me(&ctx)?;
+    membership(&ctx, req.room_id.as_str(), &user, "join", req.reason).await?;
+    Ok(join_room_by_id::v3::Response::new(req.room_id))
+}
+
+async fn leave(ctx: Ctx, req: leave_room::v3::Request) -> Result<leave_room::v3::Response> {
+    let user = me(&ctx)?;
+    if ctx.services.rooms.membership(req.room_id.as_str(), &user)?.is_none() {
+        return Err(Error::not_found("You are not in this room"));
+    }
+    membership(&ctx, req.room_id.as_str(), &user, "leave", req.reason).await?;
+    Ok(leave_room::v3::Response::new())
+}
+
+async fn invite(ctx: Ctx, req: invite_user::v3::Request) -> Result<invite_user::v3::Response> {
+    let invite_user::v3::InvitationRecipient::UserId(recipient) = &req.recipient else {
+        return Err(Error::new(
+            http::StatusCode::BAD_REQUEST,
+            trellis_core::error::code::UNRECOGNIZED,
+            "Third-party invites are not supported",
+        ));
+    };
+    membership(
+        &ctx,
+        req.room_id.as_str(),
+        recipient.user_id.as_str(),
+        "invite",
+        recipient.reason.clone(),
+    )
+    .await?;
+    Ok(invite_user::v3::Response::new())
+}
+
+async fn kick(ctx: Ctx, req: kick_user::v3::Request) -> Result<kick_user::v3::Response> {
+    membership(&ctx, req.room_id.as_str(), req.user_id.as_str(), "leave", req.reason).await?;
+    Ok(kick_user::v3::Response::new())
+}
+
+async fn ban(ctx: Ctx, req: ban_user::v3::Request) -> Result<ban_user::v3::Response> {
+    membership(&ctx, req.room_id.as_str(), req.user_id.as_str(), "ban", req.reason).await?;
+    Ok(ban_user::v3::Response::new())
+}
+
+async fn unban(ctx: Ctx, req: unban_user::v3::Request) -> Result<unban_user::v3::Response> {
+    membership(&ctx, req.room_id.as_str(), req.user_id.as_str(), "leave", req.reason).await?;
+    Ok(unban_user::v3::Response::new())
+}

@@ -1,0 +1,190 @@
+//! The published room directory: `GET/PUT /directory/list/room/{roomId}` and
+//! `GET/POST /publicRooms`; and room summaries, `GET /room_summary/{roomIdOrAlias}`.
+//!
+//! A `server` other than ours needs federation, which Trellis does not do yet: those
+//! requests get 501 `M_UNRECOGNIZED` ("not implemented") rather than a 404 (which would
+//! say the server has no directory) or an empty list (which would say it has no rooms).
+
+use axum::Router;
+use ruma::{
+    OwnedServerName,
+    api::{
+        IncomingRequest, Metadata,
+        auth_scheme::AccessTokenOptional,
+        client::{
+            directory::{
+                get_public_rooms, get_public_rooms_filtered, get_room_visibility,
+                set_room_visibility,
+            },
+            room::{Visibility, get_summary},
+        },
+        error::DeserializationError,
+    },
+    directory::RoomNetwork,
+    events::room::member::MembershipState,
+};
+use trellis_core::{Error, Result, error::code};
+use trellis_service::rooms::public::{DirectoryPage, DirectoryQuery};
+
+use crate::{
+    AppState,
+    ruma_route::{self, Ctx},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<get_room_visibility::v3::Request, _, _>(router, visibility);
+    let router = ruma_route::add::<set_room_visibility::v3::Request, _, _>(router, set_visibility);
+    let router = ruma_route::add::<PublicRoomsGet, _, _>(router, list);
+    let router = ruma_route::add::<get_public_rooms_filtered::v3::Request, _, _>(router, search);
+    ruma_route::add::<get_summary::v1::Request, _, _>(router, summary)
+}
+
+/// A room's summary for anyone who may preview it; 404 for everything else (unknown
+/// rooms and aliases, rooms on other servers, rooms the requester may not see).
+async fn summary(ctx: Ctx, req: get_summary::v1::Request) -> Result<get_summary::v1::Response> {
+    let user = match &ctx.session {
+        Some(session) => Some(ctx.services.accounts.user_id(&session.localpart)),
+        None => None,
+    };
+    let (info, membership) = trellis_service::rooms::public::summary(
+        &ctx.services.rooms,
+        &ctx.services.aliases,
+        req.room_id_or_alias.as_str(),
+        user.as_deref(),
+    )?;
+    let mut resp = get_summary::v1::Response::new(info.to_summary()?);
+    resp.membership = membership.as_deref().map(MembershipState::from);
+    Ok(resp)
+}
+
+async fn visibility(
+    ctx: Ctx,
+    req: get_room_visibility::v3::Request,
+) -> Result<get_room_visibility::v3::Response> {
+    let public = ctx.services.public_rooms.visibility(&ctx.services.rooms, req.room_id.as_str())?;
+    Ok(get_room_visibility::v3::Response::new(if public {
+        Visibility::Public
+    } else {
+        Visibility::Private
+    }))
+}
+
+async fn set_visibility(
+    ctx: Ctx,
+    req: set_room_visibility::v3::Request,
+) -> Result<set_room_visibility::v3::Response> {
+    let public = match req.visibility {
+        Visibility::Public => true,
+        Visibility::Private => false,
+        _ => return Err(Error::invalid_param("visibility must be public or private")),
+    };
+    let localpart = ctx.session()?.localpart.clone();
+    let user = ctx.services.accounts.user_id(&localpart);
+    let admin = ctx.services.accounts.user(&localpart)?.is_some_and(|u| u.admin);
+    ctx.services
+        .public_rooms
+        .set_visibility(
+            &ctx.services.rooms,
+            req.room_id.as_str(),
+            &user,
+            admin,
+            ctx.services.config.rooms.publish,
+            public,
+        )
+        .await?;
+    Ok(set_room_visibility::v3::Response::new())
+}
+
+/// `GET /publicRooms` as ruma defines it, but taking an optional access token so that
+/// `rooms.public_rooms_require_auth` can be enforced.
+struct PublicRoomsGet(get_public_rooms::v3::Request);
+
+type GetRequest = get_public_rooms::v3::Request;
+
+impl Metadata for PublicRoomsGet {
+    const METHOD: http::Method = <GetRequest as Metadata>::METHOD;
+    const RATE_LIMITED: bool = <GetRequest as Metadata>::RATE_LIMITED;
+    type Authentication = AccessTokenOptional;
+    type PathBuilder = <GetRequest as Metadata>::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = <GetRequest as Metadata>::PATH_BUILDER;
+}
+
+impl IncomingRequest for PublicRoomsGet {
+    type EndpointError = <GetRequest as IncomingRequest>::EndpointError;
+    type OutgoingResponse = get_public_rooms::v3::Response;
+
+    fn try_from_http_request_inner(
+        request: http::Request<&[u8]>,
+        path_args: &[&str],
+    ) -> Result<Self, DeserializationError> {
+        GetRequest::try_from_http_request_inner(request, path_args).map(Self)
+    }
+}
+
+/// Only our own directory can be listed (see the module documentation).
+fn check_server(ctx: &Ctx, server: Option<&OwnedServerName>) -> Result<()> {
+    match server {
+        Some(server) if server.as_str() != ctx.services.server_name() => Err(Error::new(
+            http::StatusCode::NOT_IMPLEMENTED,
+            code::UNRECOGNIZED,
+            "Listing another server's room directory needs federation, which this server \
+             does not support yet",
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn list(ctx: Ctx, req: PublicRoomsGet) -> Result<get_public_rooms::v3::Response> {
+    let req = req.0;
+    if ctx.services.config.rooms.public_rooms_require_auth && ctx.session.is_none() {
+        return Err(Error::missing_token());
+    }
+    check_server(&ctx, req.server.as_ref())?;
+    let query = DirectoryQuery {
+        limit: req.limit.map(u64::from),
+        since: req.since.as_deref(),
+        ..Default::default()
+    };
+    let page = ctx.services.public_rooms.list(&ctx.services.rooms, &query)?;
+    let (chunk, next_batch, prev_batch, total) = parts(page)?;
+    let mut resp = get_public_rooms::v3::Response::new(chunk);
+    resp.next_batch = next_batch;
+    resp.prev_batch = prev_batch;
+    resp.total_room_count_estimate = Some(total);
+    Ok(resp)
+}
+
+async fn search(
+    ctx: Ctx,
+    req: get_public_rooms_filtered::v3::Request,
+) -> Result<get_public_rooms_filtered::v3::Response> {
+    check_server(&ctx, req.server.as_ref())?;
+    let mut resp = get_public_rooms_filtered::v3::Response::new();
+    // No application services bridge other networks here: a third-party network has no
+    // rooms, and "all networks" is the Matrix one.
+    if let RoomNetwork::ThirdParty(_) = req.room_network {
+        resp.total_room_count_estimate = Some(ruma::UInt::MIN);
+        return Ok(resp);
+    }
+    let query = DirectoryQuery {
+        limit: req.limit.map(u64::from),
+        since: req.since.as_deref(),
+        search_term: req.filter.generic_search_term.as_deref(),
+        room_types: req.filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect(),
+    };
+    let page = ctx.services.public_rooms.list(&ctx.services.rooms, &query)?;
+    let (chunk, next_batch, prev_batch, total) = parts(page)?;
+    resp.chunk = chunk;
+    resp.next_batch = next_batch;
+    resp.prev_batch = prev_batch;
+    resp.total_room_count_estimate = Some(total);
+    Ok(resp)
+}
+
+type Parts = (Vec<ruma::directory::PublicRoomsChunk>, Option<String>, Option<String>, ruma::UInt);
+
+fn parts(page: DirectoryPage) -> Result<Parts> {
+    let chunk = page.rooms.iter().map(|r| r.to_chunk()).collect::<Result<_>>()?;
+    let total = ruma::UInt::try_from(page.total).unwrap_or(ruma::UInt::MAX);
+    Ok((chunk, page.next_batch, page.prev_batch, total))
+}

@@ -1,0 +1,362 @@
+//! Reading history: visibility rules, `/messages` filters and lazy-loaded members,
+//! `/timestamp_to_event`, `/members` at a point in time; and the room life events that
+//! change who reads what: knocking, upgrades, oversized events.
+
+mod common;
+
+use common::{OPEN, TestServer};
+use serde_json::{Value, json};
+
+async fn create(s: &TestServer, token: &str, body: Value) -> String {
+    let (status, resp) = s.post_auth("/_matrix/client/v3/createRoom", token, &body).await;
+    assert_eq!(status, 200, "{resp}");
+    resp["room_id"].as_str().unwrap().to_owned()
+}
+
+async fn say(s: &TestServer, token: &str, room: &str, body: &str) -> String {
+    let (status, resp) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}"),
+            token,
+            &json!({"msgtype": "m.text", "body": body}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resp}");
+    resp["event_id"].as_str().unwrap().to_owned()
+}
+
+async fn set_state(s: &TestServer, token: &str, room: &str, kind: &str, content: Value) {
+    let (status, resp) = s
+        .put_auth(&format!("/_matrix/client/v3/rooms/{room}/state/{kind}/"), token, &content)
+        .await;
+    assert_eq!(status, 200, "{resp}");
+}
+
+async fn join(s: &TestServer, token: &str, room: &str) {
+    let (status, resp) =
+        s.post_auth(&format!("/_matrix/client/v3/join/{room}"), token, &json!({})).await;
+    assert_eq!(status, 200, "{resp}");
+}
+
+/// Message bodies `token` reads, oldest first.
+async fn bodies(s: &TestServer, token: &str, room: &str) -> (u16, Vec<String>) {
+    let (status, resp) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=100"), token)
+        .await;
+    let bodies = resp["chunk"]
+        .as_array()
+        .map(|c| {
+            c.iter().filter_map(|e| e["content"]["body"].as_str().map(str::to_owned)).collect()
+        })
+        .unwrap_or_default();
+    (status, bodies)
+}
+
+#[tokio::test]
+async fn history_visibility_decides_what_each_user_reads() {
+    let s = TestServer::start(OPEN).await;
+    let (_alice, at) = s.register("alice").await;
+    let (_bob, bt) = s.register("bob").await;
+    let (_carol, ct) = s.register("carol").await;
+    let (_dave, dt) = s.register("dave").await;
+    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
+
+    // `joined`: Bob, joining later, does not see what came before him.
+    set_state(&s, &at, &room, "m.room.history_visibility", json!({"history_visibility": "joined"}))
+        .await;
+    say(&s, &at, &room, "before-bob").await;
+    join(&s, &bt, &room).await;
+    say(&s, &at, &room, "with-bob").await;
+    let (_, seen) = bodies(&s, &bt, &room).await;
+    assert_eq!(seen, vec!["with-bob"]);
+
+    // `shared`: Carol, joining later, sees everything since the switch to shared.
+    set_state(&s, &at, &room, "m.room.history_visibility", json!({"history_visibility": "shared"}))
+        .await;
+    say(&s, &at, &room, "shared-1").await;
+    join(&s, &ct, &room).await;
+    let (_, seen) = bodies(&s, &ct, &room).await;
+    assert_eq!(seen, vec!["shared-1"], "joined-era messages stay hidden");
+
+    // A user who left reads up to their departure, not after it.
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &bt, &json!({})).await;
+    assert_eq!(status, 200);
+    say(&s, &at, &room, "after-bob-left").await;
+    let (status, seen) = bodies(&s, &bt, &room).await;
+    assert_eq!(status, 200);
+    assert!(seen.contains(&"shared-1".to_owned()), "{seen:?}");
+    assert!(!seen.contains(&"after-bob-left".to_owned()), "{seen:?}");
+
+    // A user never in the room reads nothing, unless it is world readable.
+    let (status, _) = bodies(&s, &dt, &room).await;
+    assert_eq!(status, 403);
+    set_state(
+        &s,
+        &at,
+        &room,
+        "m.room.history_visibility",
+        json!({"history_visibility": "world_readable"}),
+    )
+    .await;
+    let open = say(&s, &at, &room, "for-everyone").await;
+    let (status, seen) = bodies(&s, &dt, &room).await;
+    assert_eq!(status, 200);
+    assert!(seen.contains(&"for-everyone".to_owned()));
+    assert!(!seen.contains(&"before-bob".to_owned()), "{seen:?}");
+    let (status, ev) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{open}"), &dt).await;
+    assert_eq!((status, ev["content"]["body"].as_str()), (200, Some("for-everyone")));
+}
+
+#[tokio::test]
+async fn message_filters_and_lazy_members() {
+    let s = TestServer::start(OPEN).await;
+    let (alice, at) = s.register("alice").await;
+    let (bob, bt) = s.register("bob").await;
+    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
+    join(&s, &bt, &room).await;
+    for i in 0..5 {
+        say(&s, &at, &room, &format!("a{i}")).await;
+        say(&s, &bt, &room, &format!("b{i}")).await;
+    }
+    let filter = |f: Value| {
+        let f = serde_json::to_string(&f).unwrap();
+        let f: String = url_encode(&f);
+        format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=3&filter={f}")
+    };
+    // Only Bob's messages, newest first, paged by 3 with the filter kept.
+    let (status, page) =
+        s.get_auth(&filter(json!({"senders": [bob], "types": ["m.room.*"]})), &at).await;
+    assert_eq!(status, 200, "{page}");
+    let got: Vec<&str> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["content"]["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(got, vec!["b4", "b3", "b2"]);
+    let end = page["end"].as_str().unwrap();
+    let (_, page2) = s
+        .get_auth(
+            &format!("{}&from={end}", filter(json!({"senders": [bob], "types": ["m.room.*"]}))),
+            &at,
+        )
+        .await;
+    let got: Vec<&str> = page2["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(got, vec!["b1", "b0"]);
+
+    // not_types drops messages; lazy loading returns the senders' member events.
+    let (_, page) = s
+        .get_auth(&filter(json!({"not_types": ["m.room.message"], "lazy_load_members": true})), &at)
+        .await;
+    assert!(page["chunk"].as_array().unwrap().iter().all(|e| e["type"] != "m.room.message"));
+    let (_, page) = s.get_auth(&filter(json!({"lazy_load_members": true})), &at).await;
+    let members: Vec<&str> = page["state"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state_key"].as_str().unwrap())
+        .collect();
+    assert!(members.contains(&alice.as_str()) && members.contains(&bob.as_str()), "{page}");
+
+    // A malformed filter is a clear error.
+    let (status, err) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&filter=%7Bnope"), &at)
+        .await;
+    assert_eq!(status, 400, "{err}");
+}
+
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn timestamps_and_members_at_a_point() {
+    let s = TestServer::start(OPEN).await;
+    let (alice, at) = s.register("alice").await;
+    let (bob, bt) = s.register("bob").await;
+    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
+    let first = say(&s, &at, &room, "first").await;
+    let (_, ev) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{first}"), &at).await;
+    let ts = ev["origin_server_ts"].as_u64().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    join(&s, &bt, &room).await;
+    let later = say(&s, &bt, &room, "later").await;
+
+    let url = |t: u64, dir: &str| {
+        format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts={t}&dir={dir}")
+    };
+    let (status, found) = s.get_auth(&url(ts, "b"), &at).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["event_id"], first.as_str());
+    assert_eq!(found["origin_server_ts"], ts);
+    let (_, found) = s.get_auth(&url(ts + 1, "f"), &at).await;
+    assert_ne!(found["event_id"], first.as_str());
+    let (status, err) = s.get_auth(&url(u64::from(u32::MAX) * 1000, "f"), &at).await;
+    assert_eq!((status, err["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+    let (status, _) = s.get_auth(&url(0, "b"), &at).await;
+    assert_eq!(status, 404);
+    let (status, _) =
+        s.get_auth(&format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts=1"), &at).await;
+    assert_eq!(status, 400, "dir is required");
+
+    // /members at a token from before Bob joined lists only Alice.
+    let (_, msgs) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=2"), &at).await;
+    assert_eq!(msgs["chunk"][0]["event_id"], later.as_str());
+    let before_bob = msgs["end"].as_str().unwrap();
+    let (status, members) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/members?at={before_bob}"), &at).await;
+    assert_eq!(status, 200, "{members}");
+    let who: Vec<&str> = members["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(who, vec![alice.as_str()]);
+    let (_, members) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/members"), &at).await;
+    assert_eq!(members["chunk"].as_array().unwrap().len(), 2);
+    let _ = bob;
+}
+
+#[tokio::test]
+async fn knocking_and_upgrades() {
+    let s = TestServer::start(OPEN).await;
+    let (alice, at) = s.register("alice").await;
+    let (bob, bt) = s.register("bob").await;
+    let (carol, ct) = s.register("carol").await;
+    let room = create(
+        &s,
+        &at,
+        json!({"preset": "private_chat", "room_version": "11", "room_alias_name": "club",
+            "name": "Club"}),
+    )
+    .await;
+
+    // Knocking needs the knock join rule.
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/knock/{room}"), &bt, &json!({})).await;
+    assert_eq!(status, 403);
+    set_state(&s, &at, &room, "m.room.join_rules", json!({"join_rule": "knock"})).await;
+    let (status, resp) = s
+        .post_auth(
+            "/_matrix/client/v3/knock/%23club:localhost",
+            &bt,
+            &json!({"reason": "let me in"}),
+        )
+        .await;
+    assert_eq!((status, resp["room_id"].as_str()), (200, Some(room.as_str())), "{resp}");
+    let (_, member) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{bob}"), &at)
+        .await;
+    assert_eq!(member["membership"], "knock");
+    assert_eq!(member["reason"], "let me in");
+    // A knocking user cannot just join; the moderator lets them in by inviting.
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/join"), &bt, &json!({})).await;
+    assert_eq!(status, 403);
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            &at,
+            &json!({"user_id": bob}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    join(&s, &bt, &room).await;
+
+    // Upgrades: only someone with the power to send a tombstone.
+    let upgrade = format!("/_matrix/client/v3/rooms/{room}/upgrade");
+    let (status, _) = s.post_auth(&upgrade, &bt, &json!({"new_version": "12"})).await;
+    assert_eq!(status, 403);
+    let (status, err) = s.post_auth(&upgrade, &at, &json!({"new_version": "99"})).await;
+    assert_eq!((status, err["errcode"].as_str()), (400, Some("M_UNSUPPORTED_ROOM_VERSION")));
+    let (status, banned) = s
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room}/ban"), &at, &json!({"user_id": carol}))
+        .await;
+    assert_eq!(status, 200, "{banned}");
+    let (status, resp) = s.post_auth(&upgrade, &at, &json!({"new_version": "12"})).await;
+    assert_eq!(status, 200, "{resp}");
+    let new_room = resp["replacement_room"].as_str().unwrap().to_owned();
+
+    let state = |room: &str, kind: &str| {
+        let url = format!("/_matrix/client/v3/rooms/{room}/state/{kind}/");
+        let token = at.clone();
+        let s = &s;
+        async move { s.get_auth(&url, &token).await }
+    };
+    let (_, tombstone) = state(&room, "m.room.tombstone").await;
+    assert_eq!(tombstone["replacement_room"], new_room.as_str());
+    let (_, create_ev) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{new_room}/state/m.room.create/"), &at).await;
+    assert_eq!(create_ev["predecessor"]["room_id"], room.as_str());
+    assert_eq!(create_ev["room_version"], "12");
+    let (_, name) = state(&new_room, "m.room.name").await;
+    assert_eq!(name["name"], "Club");
+    let (_, rules) = state(&new_room, "m.room.join_rules").await;
+    assert_eq!(rules["join_rule"], "knock");
+    let (_, alias) = s.get("/_matrix/client/v3/directory/room/%23club:localhost").await;
+    assert_eq!(alias["room_id"], new_room.as_str());
+    let (_, canonical) = state(&new_room, "m.room.canonical_alias").await;
+    assert_eq!(canonical["alias"], "#club:localhost");
+    let (_, ban) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{new_room}/state/m.room.member/{carol}"), &at)
+        .await;
+    assert_eq!(ban["membership"], "ban", "bans carry over");
+    // The old room is closed to ordinary members; the upgrader is a creator of the new.
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/late"),
+            &bt,
+            &json!({"msgtype": "m.text", "body": "late"}),
+        )
+        .await;
+    assert_eq!(status, 403);
+    let (_, levels) = state(&new_room, "m.room.power_levels").await;
+    assert!(levels["users"].get(&alice).is_none(), "v12 creators are not listed: {levels}");
+    let (status, _) = s.post_auth(&upgrade, &at, &json!({"new_version": "12"})).await;
+    assert_eq!(status, 400, "a room is upgraded once");
+    let _ = ct;
+}
+
+#[tokio::test]
+async fn oversized_events_are_refused() {
+    let s = TestServer::start(OPEN).await;
+    let (_alice, at) = s.register("alice").await;
+    let room = create(&s, &at, json!({})).await;
+    let big = "x".repeat(70_000);
+    let (status, err) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/big"),
+            &at,
+            &json!({"msgtype": "m.text", "body": big}),
+        )
+        .await;
+    assert_eq!((status, err["errcode"].as_str()), (413, Some("M_TOO_LARGE")), "{err}");
+    let (status, err) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/"),
+            &at,
+            &json!({"topic": big}),
+        )
+        .await;
+    assert_eq!((status, err["errcode"].as_str()), (413, Some("M_TOO_LARGE")));
+    // Nothing was stored: the last event is still the room's own setup.
+    let (_, msgs) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1"), &at).await;
+    assert_ne!(msgs["chunk"][0]["type"], "m.room.message");
+}

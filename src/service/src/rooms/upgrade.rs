@@ -1,0 +1,162 @@
+//! Room upgrades: a new room of the requested version that carries over the old room's
+//! settings, linked both ways (`predecessor` in the new create event, an
+//! `m.room.tombstone` in the old room), with the old room then muted for non-moderators.
+
+use ruma::RoomVersionId;
+use serde_json::{Value, json};
+use trellis_core::{Error, Result};
+
+use super::{
+    append::{NewEvent, Timeline},
+    create::CreateRoom,
+};
+
+/// State carried into the replacement room, as the spec lists it.
+const TRANSFERRED: &[&str] = &[
+    "m.room.server_acl",
+    "m.room.encryption",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.topic",
+    "m.room.guest_access",
+    "m.room.history_visibility",
+    "m.room.join_rules",
+];
+
+fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewEvent {
+    NewEvent {
+        kind: kind.into(),
+        sender: sender.into(),
+        state_key: Some(key.into()),
+        content,
+        txn: None,
+        redacts: None,
+    }
+}
+
+fn content_of(pdu: &super::Pdu) -> Value {
+    serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null)
+}
+
+impl Timeline {
+    /// Replaces `room_id` by a new room of `new_version`; returns the new room's id.
+    pub async fn upgrade_room(
+        &self,
+        room_id: &str,
+        user: &str,
+        new_version: &str,
+        additional_creators: Vec<String>,
+    ) -> Result<String> {
+        let version = RoomVersionId::try_from(new_version)
+            .ok()
+            .filter(|v| v.rules().is_some())
+            .ok_or_else(|| {
+                Error::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "M_UNSUPPORTED_ROOM_VERSION",
+                    format!("Room version {new_version} is not supported"),
+                )
+            })?;
+        let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
+        if self.membership(room_id, user)?.as_deref() != Some("join") {
+            return Err(Error::forbidden("You are not a member of this room"));
+        }
+        // Upgrading ends in a tombstone, so it needs the power to send one.
+        let power = self.power(room_id, user)?;
+        let needed = power.levels["events"]["m.room.tombstone"]
+            .as_i64()
+            .or_else(|| power.levels["state_default"].as_i64())
+            .unwrap_or(50);
+        if power.level < needed {
+            return Err(Error::forbidden("You may not upgrade this room"));
+        }
+        if self.state_of(room_id, "m.room.tombstone", "")?.is_some() {
+            return Err(Error::bad_json("This room has already been upgraded"));
+        }
+
+        let old_create = self
+            .state_of(room_id, "m.room.create", "")?
+            .map(|p| content_of(&p))
+            .ok_or_else(|| Error::not_found("Unknown room"))?;
+        let last_event = self
+            .timeline_backwards(room_id, None, 1)?
+            .into_iter()
+            .next()
+            .map(|(_, p)| p.event_id.to_string());
+        let mut creation = json!({"predecessor": {"room_id": room_id}});
+        if let Some(event_id) = last_event {
+            creation["predecessor"]["event_id"] = json!(event_id);
+        }
+        for field in ["type", "m.federate"] {
+            if let Some(v) = old_create.get(field) {
+                creation[field] = v.clone();
+            }
+        }
+        let privileged = rules.authorization.explicitly_privilege_room_creators;
+        if privileged && !additional_creators.is_empty() {
+            creation["additional_creators"] = json!(additional_creators);
+        }
+
+        // Power levels carry over; creators of a version that privileges them must not be
+        // listed, and elsewhere the upgrader keeps at least the level to run the room.
+        let mut levels = power.levels.clone();
+        if levels.is_object() {
+            let users = levels["users"].as_object_mut().map(std::mem::take).unwrap_or_default();
+            let mut users: serde_json::Map<String, Value> = users
+                .into_iter()
+                .filter(|(u, _)| !privileged || (u != user && !additional_creators.contains(u)))
+                .collect();
+            if !privileged {
+                let level = power.level.clamp(100, i64::from(i32::MAX));
+                users.insert(user.to_owned(), json!(level));
+            }
+            levels["users"] = Value::Object(users);
+        }
+        let mut initial_state = Vec::new();
+        for kind in TRANSFERRED {
+            if let Some(pdu) = self.state_of(room_id, kind, "")? {
+                initial_state.push(((*kind).to_owned(), String::new(), content_of(&pdu)));
+            }
+        }
+        let options = CreateRoom {
+            preset: Some("private_chat".into()),
+            initial_state,
+            power_level_override: levels.is_object().then_some(levels),
+            version: Some(version.to_string()),
+            creation_content: Some(creation),
+            ..CreateRoom::default()
+        };
+        let new_room = self.create_room_with(user, new_version, options).await?;
+
+        // Bans carry over so an upgrade is no way back in.
+        for banned in self.members(room_id, "ban")? {
+            let content = json!({"membership": "ban"});
+            self.append(&new_room, state("m.room.member", user, &banned, content)).await?;
+        }
+
+        let tombstone = json!({
+            "body": "This room has been replaced",
+            "replacement_room": new_room,
+        });
+        self.append(room_id, state("m.room.tombstone", user, "", tombstone)).await?;
+
+        // The old room stays readable but only moderators may still talk or invite.
+        let mut old_levels = power.levels;
+        if old_levels.is_object() {
+            let users_default = old_levels["users_default"].as_i64().unwrap_or(0);
+            let restricted = (users_default + 1).max(50);
+            for key in ["events_default", "invite"] {
+                let current = old_levels[key].as_i64().unwrap_or(0);
+                old_levels[key] = json!(current.max(restricted));
+            }
+            // The upgrade itself has happened; a moderator without the power to change
+            // levels leaves the old room as it was.
+            if let Err(e) =
+                self.append(room_id, state("m.room.power_levels", user, "", old_levels)).await
+            {
+                tracing::warn!(room_id, error = %e, "could not restrict the upgraded room");
+            }
+        }
+        Ok(new_room)
+    }
+}
