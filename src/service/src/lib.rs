@@ -4,6 +4,7 @@ pub mod account_data;
 pub mod accounts;
 pub mod audit;
 pub mod directory;
+pub mod durable;
 pub mod keys;
 pub mod mailer;
 pub mod password;

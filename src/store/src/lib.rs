@@ -123,6 +123,11 @@ pub trait Engine: Send + Sync + 'static {
         direction: Direction,
     ) -> StoreResult<KvIter<'a>>;
     fn write(&self, batch: Batch) -> StoreResult<()>;
+    /// Applies `batch` atomically and makes it visible to readers, surviving a process
+    /// crash but not yet a power loss; returns the ticket to pass to `sync_through`.
+    fn write_unsynced(&self, batch: Batch) -> StoreResult<u64>;
+    /// Returns once the write with `ticket` (and every earlier one) is durable.
+    fn sync_through(&self, ticket: u64) -> StoreResult<()>;
     /// Persists memtables and the WAL; called on shutdown.
     fn flush(&self) -> StoreResult<()>;
     fn stats(&self) -> Vec<TableStat>;

@@ -1,6 +1,14 @@
 //! The RocksDB engine: one column family per catalog table, one shared block cache.
 
-use std::{collections::HashSet, ops::Bound, path::Path};
+use std::{
+    collections::HashSet,
+    ops::Bound,
+    path::Path,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Options, ReadOptions,
@@ -16,7 +24,21 @@ use crate::{
 pub struct RocksEngine {
     db: DB,
     cache: Cache,
+    /// Writes go to the WAL without syncing it; durability comes from [`GroupSync`].
     write_opts: WriteOptions,
+    sync: Option<GroupSync>,
+}
+
+/// Group commit: writers append to the WAL (in the OS at once, so a process crash loses
+/// nothing) and then wait until one `fsync` covers their write. Concurrent writers share
+/// that `fsync`, so the cost of durability is paid per group, not per write.
+struct GroupSync {
+    /// Writes completed so far; a write's ticket is this count just after it.
+    written: AtomicU64,
+    /// Every write with a ticket up to this is synced.
+    synced: AtomicU64,
+    /// Held by the one writer syncing on behalf of the others.
+    lock: Mutex<()>,
 }
 
 fn engine_err(e: rocksdb::Error) -> StoreError {
@@ -63,8 +85,13 @@ impl RocksEngine {
 
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(engine_err)?;
         let mut write_opts = WriteOptions::default();
-        write_opts.set_sync(cfg.sync_writes);
-        Ok(Self { db, cache, write_opts })
+        write_opts.set_sync(false);
+        let sync = cfg.sync_writes.then(|| GroupSync {
+            written: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            lock: Mutex::new(()),
+        });
+        Ok(Self { db, cache, write_opts, sync })
     }
 
     fn cf(&self, table: &'static TableDef) -> StoreResult<&rocksdb::ColumnFamily> {
@@ -131,6 +158,11 @@ impl Engine for RocksEngine {
     }
 
     fn write(&self, batch: Batch) -> StoreResult<()> {
+        let ticket = self.write_unsynced(batch)?;
+        self.sync_through(ticket)
+    }
+
+    fn write_unsynced(&self, batch: Batch) -> StoreResult<u64> {
         let mut wb = WriteBatch::default();
         for op in batch.ops {
             match op {
@@ -138,7 +170,25 @@ impl Engine for RocksEngine {
                 Op::Delete { table, key } => wb.delete_cf(self.cf(table)?, key),
             }
         }
-        self.db.write_opt(wb, &self.write_opts).map_err(engine_err)
+        self.db.write_opt(wb, &self.write_opts).map_err(engine_err)?;
+        Ok(self.sync.as_ref().map_or(0, |s| s.written.fetch_add(1, Ordering::AcqRel) + 1))
+    }
+
+    fn sync_through(&self, ticket: u64) -> StoreResult<()> {
+        let Some(sync) = &self.sync else { return Ok(()) };
+        if sync.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        let _leader = sync.lock.lock().unwrap_or_else(|p| p.into_inner());
+        // Whoever held the lock before may have synced past this write already.
+        if sync.synced.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        // Every write counted by now is in the WAL, so one sync covers them all.
+        let target = sync.written.load(Ordering::Acquire);
+        self.db.flush_wal(true).map_err(engine_err)?;
+        sync.synced.fetch_max(target, Ordering::AcqRel);
+        Ok(())
     }
 
     fn flush(&self) -> StoreResult<()> {

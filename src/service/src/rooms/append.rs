@@ -24,6 +24,7 @@ use trellis_store::{Batch, Db, Json, Table, catalog};
 use super::{
     EventRef, Pdu, PduTemplate, build_pdu,
     builder::room_id_from_create,
+    cache::{CachedEvent, EventCache},
     short::{Kind, ShortIds, state_key_text},
     state::{StateSet, StateSnapshots},
     stream::StreamPositions,
@@ -64,6 +65,9 @@ const ROOM_MEMBERS: Table<(u64, String), String> = Table::new(&catalog::ROOM_MEM
 const USER_ROOMS: Table<(String, u64), String> = Table::new(&catalog::USER_ROOMS);
 const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TXN_IDS);
 
+/// Parsed events kept in memory (auth events of busy rooms, recent timelines).
+const EVENT_CACHE_ENTRIES: usize = 50_000;
+
 /// Timeline entries one page looks at, at most.
 pub const SCAN_CAP: usize = 5_000;
 
@@ -75,6 +79,13 @@ pub struct TimelinePage {
     pub last: Option<u64>,
     /// Whether entries remain beyond `last`.
     pub more: bool,
+}
+
+/// A stored event waiting to become durable and visible on the stream.
+#[must_use]
+struct Pending {
+    stream: super::stream::Ticket,
+    wal: u64,
 }
 
 /// A user's standing in a room's power levels.
@@ -106,6 +117,8 @@ pub struct Timeline {
     snapshots: StateSnapshots,
     pub stream: StreamPositions,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    cache: EventCache,
+    durability: Arc<crate::durable::Durability>,
 }
 
 impl Timeline {
@@ -123,6 +136,7 @@ impl Timeline {
             )?
             .map(|e| e.map(|(_, Json(r))| r.last_position))
             .try_fold(0u64, |max, pos| pos.map(|p| max.max(p)))?;
+        let durability = crate::durable::Durability::start(db.clone());
         Ok(Self {
             short: ShortIds::new(db.clone())?,
             snapshots: StateSnapshots::new(db.clone())?,
@@ -131,6 +145,8 @@ impl Timeline {
             keys,
             server_name,
             locks: Mutex::default(),
+            cache: EventCache::new(EVENT_CACHE_ENTRIES),
+            durability,
         })
     }
 
@@ -153,19 +169,45 @@ impl Timeline {
         Ok(EVENTS.get(&*self.db, &short)?.map(|j| j.0))
     }
 
-    pub(super) fn pdu_by_short(&self, short: u64) -> Result<Option<Pdu>> {
+    /// A stored event, parsed, through the event cache.
+    pub(super) fn cached(&self, short: u64) -> Result<Option<Arc<CachedEvent>>> {
+        let (hit, generation) = self.cache.get(short);
+        if hit.is_some() {
+            return Ok(hit);
+        }
         let Some(Json(stored)) = EVENTS.get(&*self.db, &short)? else { return Ok(None) };
         let json: CanonicalJsonObject =
             serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
         let id = OwnedEventId::try_from(stored.event_id)
             .map_err(|e| Error::internal("stored event id", e))?;
-        Pdu::from_json(id, json).map(Some)
+        let event = Arc::new(CachedEvent {
+            pdu: Arc::new(Pdu::from_json(id, json)?),
+            reference_hash: stored.reference_hash,
+            position: stored.position,
+            room: stored.room,
+            rejected: stored.rejected,
+        });
+        self.cache.insert(short, event.clone(), generation);
+        Ok(Some(event))
     }
 
-    fn state_event(&self, state: &StateSet, kind: &StateEventType, key: &str) -> Option<Pdu> {
+    pub(super) fn pdu_by_short(&self, short: u64) -> Result<Option<Pdu>> {
+        Ok(self.cached(short)?.map(|e| (*e.pdu).clone()))
+    }
+
+    fn state_event_cached(
+        &self,
+        state: &StateSet,
+        kind: &StateEventType,
+        key: &str,
+    ) -> Option<Arc<CachedEvent>> {
         let sk = self.short.get(Kind::StateKey, &state_key_text(&kind.to_string(), key)).ok()??;
         let ev = *state.get(&sk)?;
-        self.pdu_by_short(ev).ok()?
+        self.cached(ev).ok()?
+    }
+
+    fn state_event(&self, state: &StateSet, kind: &StateEventType, key: &str) -> Option<Arc<Pdu>> {
+        self.state_event_cached(state, kind, key).map(|e| e.pdu.clone())
     }
 
     /// A user's power in a state: its power levels content and the user's level, with
@@ -270,7 +312,10 @@ impl Timeline {
         let before = self.snapshots.save(&mut batch, None, &empty)?;
         // The empty "before" snapshot is not committed yet, so the create event's state is
         // stored whole rather than as a layer on it.
-        self.store(&mut batch, room_short, &room_id, version, &pdu, hash, before, None, 0).await?;
+        let pending =
+            self.store(&mut batch, room_short, &room_id, version, &pdu, hash, before, None, 0)?;
+        drop(_guard);
+        self.finish(pending).await?;
         Ok(room_id)
     }
 
@@ -313,19 +358,20 @@ impl Timeline {
         .map_err(Error::bad_json)?;
         let mut auth_events = Vec::new();
         for (t, k) in &auth_types {
-            if let Some(pdu) = self.state_event(&state, t, k) {
-                let stored = self
-                    .event(pdu.event_id.as_str())?
-                    .ok_or_else(|| Error::internal("auth event", "missing"))?;
-                auth_events
-                    .push(EventRef { event_id: stored.event_id, sha256: stored.reference_hash });
+            if let Some(ev) = self.state_event_cached(&state, t, k) {
+                auth_events.push(EventRef {
+                    event_id: ev.pdu.event_id.to_string(),
+                    sha256: ev.reference_hash.clone(),
+                });
             }
         }
         let mut prev_events = Vec::new();
         for short in &room.extremities {
-            if let Some(Json(stored)) = EVENTS.get(&*self.db, short)? {
-                prev_events
-                    .push(EventRef { event_id: stored.event_id, sha256: stored.reference_hash });
+            if let Some(ev) = self.cached(*short)? {
+                prev_events.push(EventRef {
+                    event_id: ev.pdu.event_id.to_string(),
+                    sha256: ev.reference_hash.clone(),
+                });
             }
         }
         // Where `redacts` goes depends on the room version (content from version 11).
@@ -354,10 +400,8 @@ impl Timeline {
         };
         let (pdu, hash) = build_pdu(&self.keys, &self.server_name, &version, template)?;
         let fetch_event = |id: &ruma::EventId| {
-            self.event(id.as_str()).ok().flatten().and_then(|s| {
-                let json = serde_json::from_value(s.json).ok()?;
-                Pdu::from_json(id.to_owned(), json).ok()
-            })
+            let short = self.short.get(Kind::Event, id.as_str()).ok()??;
+            self.cached(short).ok()?.map(|e| e.pdu.clone())
         };
         check_state_independent_auth_rules(&rules.authorization, &pdu, fetch_event)
             .map_err(Error::forbidden)?;
@@ -372,10 +416,13 @@ impl Timeline {
         if let Some(txn) = &txn_key {
             TXN_IDS.put(&mut batch, txn, &pdu.event_id.to_string());
         }
-        if let Some(target) = &event.redacts {
-            self.redact_into(&mut batch, room_short, target, &pdu, &rules, &state)?;
-        }
-        self.store(
+        let redacted = match &event.redacts {
+            Some(target) => {
+                Some(self.redact_into(&mut batch, room_short, target, &pdu, &rules, &state)?)
+            }
+            None => None,
+        };
+        let pending = self.store(
             &mut batch,
             room_short,
             room_id,
@@ -385,8 +432,12 @@ impl Timeline {
             room.state,
             Some((room.state, &state)),
             room.max_depth,
-        )
-        .await?;
+        )?;
+        if let Some(short) = redacted {
+            self.cache.invalidate(short);
+        }
+        drop(_guard);
+        self.finish(pending).await?;
         Ok(pdu)
     }
 
@@ -401,7 +452,7 @@ impl Timeline {
         redaction: &Pdu,
         rules: &ruma::room_version_rules::RoomVersionRules,
         state: &StateSet,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let Some(short) = self.short.get(Kind::Event, target)? else {
             return Err(Error::not_found("No such event to redact"));
         };
@@ -427,7 +478,7 @@ impl Timeline {
         stored.json =
             serde_json::to_value(&redacted).map_err(|e| Error::internal("redacted event", e))?;
         EVENTS.put(batch, &short, &Json(stored));
-        Ok(())
+        Ok(short)
     }
 
     /// Drops a room from the user's list after they left it (`/forget`).
@@ -452,7 +503,7 @@ impl Timeline {
 
     /// Writes an accepted event with everything it changes, atomically.
     #[allow(clippy::too_many_arguments)]
-    async fn store(
+    fn store(
         &self,
         batch: &mut Batch,
         room_short: u64,
@@ -463,7 +514,7 @@ impl Timeline {
         state_before_id: u64,
         before: Option<(u64, &StateSet)>,
         max_depth: u64,
-    ) -> Result<()> {
+    ) -> Result<Pending> {
         let event_short = self.short.get_or_create(batch, Kind::Event, pdu.event_id.as_str())?;
         let content: Value =
             serde_json::from_str(pdu.content.get()).map_err(|e| Error::bad_json(e.to_string()))?;
@@ -500,7 +551,7 @@ impl Timeline {
                 event_id: pdu.event_id.to_string(),
                 room: room_short,
                 json,
-                reference_hash,
+                reference_hash: reference_hash.clone(),
                 position: ticket.position,
                 state_before: state_before_id,
                 rejected: false,
@@ -519,9 +570,34 @@ impl Timeline {
                 last_position: ticket.position,
             }),
         );
-        let result = commit(&self.db, std::mem::take(batch)).await;
-        self.stream.retire(ticket);
-        result
+        // Applied now, so the next event of the room builds on it; made durable by
+        // `finish` outside the room lock, where concurrent appends share one sync.
+        let generation = self.cache.get(event_short).1;
+        match self.db.write_unsynced(std::mem::take(batch)) {
+            Ok(wal) => {
+                // The next event of the room refers to this one: keep it parsed.
+                let cached = CachedEvent {
+                    pdu: Arc::new(pdu.clone()),
+                    reference_hash,
+                    position: ticket.position,
+                    room: room_short,
+                    rejected: false,
+                };
+                self.cache.insert(event_short, Arc::new(cached), generation);
+                Ok(Pending { stream: ticket, wal })
+            }
+            Err(e) => {
+                self.stream.retire(ticket);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Waits until a stored event is durable, then lets readers of the stream see it.
+    async fn finish(&self, pending: Pending) -> Result<()> {
+        let synced = self.durability.wait(pending.wal).await;
+        self.stream.retire(pending.stream);
+        synced
     }
 
     /// Events of a room from oldest to newest, after stream position `after` (exclusive).
@@ -638,7 +714,7 @@ impl Timeline {
     pub fn state_of(&self, room_id: &str, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
         let Some((_, room)) = self.room(room_id)? else { return Ok(None) };
         let state = self.snapshots.load(room.state)?;
-        Ok(self.state_event(&state, &StateEventType::from(kind), state_key))
+        Ok(self.state_event(&state, &StateEventType::from(kind), state_key).map(|p| (*p).clone()))
     }
 }
 

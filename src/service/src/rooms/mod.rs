@@ -5,6 +5,7 @@
 pub mod aliases;
 pub mod append;
 pub mod builder;
+pub mod cache;
 pub mod create;
 pub mod filter;
 pub mod pdu;

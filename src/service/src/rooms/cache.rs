@@ -1,0 +1,115 @@
+//! Parsed events by short id. Appending reads the same few auth events (create, power
+//! levels, members) for every message, and parsing their stored JSON dominated the cost
+//! of a send; events are immutable except for redaction, which invalidates its target.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use super::Pdu;
+
+/// What readers need of a stored event without parsing it again.
+#[derive(Debug)]
+pub struct CachedEvent {
+    pub pdu: Arc<Pdu>,
+    pub reference_hash: String,
+    pub position: u64,
+    pub room: u64,
+    pub rejected: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<u64, Arc<CachedEvent>>,
+    /// Bumped by every invalidation: a reader that loaded an event before an
+    /// invalidation must not put its (possibly stale) copy in afterwards.
+    generation: u64,
+}
+
+pub struct EventCache {
+    inner: Mutex<Inner>,
+    capacity: usize,
+}
+
+impl EventCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { inner: Mutex::default(), capacity: capacity.max(1) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached event and the generation to pass to `insert` after a miss.
+    pub fn get(&self, short: u64) -> (Option<Arc<CachedEvent>>, u64) {
+        let inner = self.lock();
+        (inner.map.get(&short).cloned(), inner.generation)
+    }
+
+    /// Keeps `event` unless an invalidation happened since `generation` was read.
+    pub fn insert(&self, short: u64, event: Arc<CachedEvent>, generation: u64) {
+        let mut inner = self.lock();
+        if inner.generation != generation {
+            return;
+        }
+        if inner.map.len() >= self.capacity {
+            // Wholesale eviction keeps this simple and O(1) amortised; the hot auth
+            // events come back on the next append.
+            inner.map.clear();
+        }
+        inner.map.insert(short, event);
+    }
+
+    /// Forgets `short` (after its stored copy changed).
+    pub fn invalidate(&self, short: u64) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.map.remove(&short);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Arc<CachedEvent> {
+        let json: ruma::CanonicalJsonObject = serde_json::from_value(serde_json::json!({
+            "room_id": "!r:x", "sender": "@a:x", "origin_server_ts": 1, "type": "m.room.message",
+            "content": {}, "prev_events": [], "auth_events": [], "depth": 2,
+        }))
+        .unwrap();
+        let id = ruma::OwnedEventId::try_from("$e").unwrap();
+        Arc::new(CachedEvent {
+            pdu: Arc::new(Pdu::from_json(id, json).unwrap()),
+            reference_hash: String::new(),
+            position: 1,
+            room: 1,
+            rejected: false,
+        })
+    }
+
+    #[test]
+    fn a_load_racing_an_invalidation_is_not_kept() {
+        let cache = EventCache::new(10);
+        let (hit, generation) = cache.get(7);
+        assert!(hit.is_none());
+        // A redaction rewrites event 7 while the reader still holds its old copy.
+        cache.invalidate(7);
+        cache.insert(7, event(), generation);
+        assert!(cache.get(7).0.is_none());
+        let (_, generation) = cache.get(7);
+        cache.insert(7, event(), generation);
+        assert!(cache.get(7).0.is_some());
+    }
+
+    #[test]
+    fn capacity_is_bounded() {
+        let cache = EventCache::new(2);
+        for short in 0..5 {
+            let generation = cache.get(short).1;
+            cache.insert(short, event(), generation);
+        }
+        assert!(cache.lock().map.len() <= 2);
+    }
+}
