@@ -5,12 +5,16 @@
 
 use std::{
     sync::{Arc, Condvar, Mutex, Weak},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
 use trellis_core::{Error, Result};
 use trellis_store::Db;
+
+/// A sync starting this soon after the previous one waits `GATHER_FOR` for more writers.
+const GATHER_AFTER: Duration = Duration::from_millis(2);
+const GATHER_FOR: Duration = Duration::from_micros(300);
 
 pub struct Durability {
     /// The highest ticket some writer waits for.
@@ -63,6 +67,7 @@ impl Durability {
 
 fn sync_loop(db: &Db, this: &Weak<Durability>) {
     let mut done = 0u64;
+    let mut last_sync = Instant::now();
     loop {
         let Some(me) = this.upgrade() else { return };
         let target = {
@@ -83,10 +88,19 @@ fn sync_loop(db: &Db, this: &Weak<Durability>) {
         if target <= done {
             continue;
         }
+        // Under load (the previous sync just ended) wait a moment so the sync covers
+        // more writers: each sync costs CPU in the kernel, not only disk time.
+        let target = if last_sync.elapsed() < GATHER_AFTER {
+            std::thread::sleep(GATHER_FOR);
+            (*me.wanted.lock().unwrap_or_else(|p| p.into_inner())).max(target)
+        } else {
+            target
+        };
         let span = tracing::trace_span!("wal_sync", target);
         let _enter = span.enter();
         match db.sync_through(target) {
             Ok(()) => {
+                last_sync = Instant::now();
                 done = target;
                 me.synced.send_if_modified(|s| {
                     let advanced = *s < target;

@@ -24,7 +24,7 @@ use trellis_store::{Batch, Db, Json, Table, catalog};
 use super::{
     EventRef, Pdu, PduTemplate, build_pdu,
     builder::room_id_from_create,
-    cache::{CachedEvent, EventCache},
+    cache::{CachedEvent, EventCache, StateCache},
     short::{Kind, ShortIds, state_key_text},
     state::{StateSet, StateSnapshots},
     stream::StreamPositions,
@@ -67,6 +67,10 @@ const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TX
 
 /// Parsed events kept in memory (auth events of busy rooms, recent timelines).
 const EVENT_CACHE_ENTRIES: usize = 50_000;
+
+/// State entries (one per state event of a snapshot) kept in memory, summed over
+/// snapshots: current states of busy rooms stay loaded.
+const STATE_CACHE_ENTRIES: usize = 2_000_000;
 
 /// Timeline entries one page looks at, at most.
 pub const SCAN_CAP: usize = 5_000;
@@ -118,6 +122,7 @@ pub struct Timeline {
     pub stream: StreamPositions,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache: EventCache,
+    states: StateCache,
     durability: Arc<crate::durable::Durability>,
 }
 
@@ -146,6 +151,7 @@ impl Timeline {
             server_name,
             locks: Mutex::default(),
             cache: EventCache::new(EVENT_CACHE_ENTRIES),
+            states: StateCache::new(STATE_CACHE_ENTRIES),
             durability,
         })
     }
@@ -167,6 +173,16 @@ impl Timeline {
     pub fn event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
         let Some(short) = self.short.get(Kind::Event, event_id)? else { return Ok(None) };
         Ok(EVENTS.get(&*self.db, &short)?.map(|j| j.0))
+    }
+
+    /// The state of snapshot `id`, through the state cache.
+    fn state_at(&self, id: u64) -> Result<Arc<StateSet>> {
+        if let Some(state) = self.states.get(id) {
+            return Ok(state);
+        }
+        let state = Arc::new(self.snapshots.load(id)?);
+        self.states.insert(id, state.clone());
+        Ok(state)
     }
 
     /// A stored event, parsed, through the event cache.
@@ -241,14 +257,14 @@ impl Timeline {
             .map_err(|e| Error::internal("room version", e))?;
         let rules =
             version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
-        let state = self.snapshots.load(room.state)?;
+        let state = self.state_at(room.state)?;
         Ok(self.power_in(&state, &rules, user))
     }
 
     /// The current state of a room as `(type, state_key) -> event`.
     pub fn current_state(&self, room_id: &str) -> Result<Vec<Pdu>> {
         let (_, room) = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        let state = self.snapshots.load(room.state)?;
+        let state = self.state_at(room.state)?;
         state.values().filter_map(|ev| self.pdu_by_short(*ev).transpose()).collect()
     }
 
@@ -340,7 +356,7 @@ impl Timeline {
             .map_err(|e| Error::internal("room version", e))?;
         let rules =
             version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
-        let state = self.snapshots.load(room.state)?;
+        let state = self.state_at(room.state)?;
         self.check_relation(room_short, &event.sender, &event.content)?;
 
         let kind = TimelineEventType::from(event.kind.clone());
@@ -528,6 +544,7 @@ impl Timeline {
             let mut after = before.map(|(_, s)| s.clone()).unwrap_or_default();
             after.insert(sk, event_short);
             state_after_id = self.snapshots.save(batch, before, &after)?;
+            self.states.insert(state_after_id, Arc::new(after));
             if pdu.kind == TimelineEventType::RoomMember {
                 let membership = content["membership"].as_str().unwrap_or("leave").to_owned();
                 ROOM_MEMBERS.put(batch, &(room_short, key.clone()), &membership);
@@ -713,7 +730,7 @@ impl Timeline {
     /// The current state event `(kind, state_key)` of a room.
     pub fn state_of(&self, room_id: &str, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
         let Some((_, room)) = self.room(room_id)? else { return Ok(None) };
-        let state = self.snapshots.load(room.state)?;
+        let state = self.state_at(room.state)?;
         Ok(self.state_event(&state, &StateEventType::from(kind), state_key).map(|p| (*p).clone()))
     }
 }

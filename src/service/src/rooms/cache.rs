@@ -69,6 +69,36 @@ impl EventCache {
     }
 }
 
+/// Loaded state snapshots by id. Snapshots never change once written, so entries are
+/// never stale; the bound counts state entries, as one big room's state outweighs
+/// thousands of small ones.
+pub struct StateCache {
+    inner: Mutex<(HashMap<u64, Arc<super::state::StateSet>>, usize)>,
+    max_entries: usize,
+}
+
+impl StateCache {
+    pub fn new(max_entries: usize) -> Self {
+        Self { inner: Mutex::default(), max_entries }
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<super::state::StateSet>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).0.get(&id).cloned()
+    }
+
+    pub fn insert(&self, id: u64, state: Arc<super::state::StateSet>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.1 + state.len() > self.max_entries {
+            inner.0.clear();
+            inner.1 = 0;
+        }
+        inner.1 += state.len();
+        if let Some(old) = inner.0.insert(id, state) {
+            inner.1 -= old.len();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
