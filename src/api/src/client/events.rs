@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use ruma::serde::Raw;
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
-use trellis_service::rooms::Pdu;
+use trellis_service::rooms::{Pdu, visibility::VisibilityView};
 
 use crate::ruma_route::Ctx;
 
@@ -66,6 +66,7 @@ pub(super) struct Viewer<'a> {
     pub room_id: &'a str,
     pub user: String,
     ignored: HashSet<String>,
+    view: VisibilityView,
 }
 
 impl<'a> Viewer<'a> {
@@ -73,7 +74,8 @@ impl<'a> Viewer<'a> {
     /// world readable.
     pub fn new(ctx: &'a Ctx, room_id: &'a str) -> Result<Self> {
         let user = me(ctx)?;
-        if !ctx.services.rooms.may_read_room(room_id, &user)? {
+        let view = ctx.services.rooms.visibility_view(room_id, &user)?;
+        if !view.may_read() {
             return Err(Error::forbidden("You are not allowed to read this room"));
         }
         let localpart = &ctx.session()?.localpart;
@@ -84,7 +86,7 @@ impl<'a> Viewer<'a> {
             .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
             .map(|users| users.keys().cloned().collect())
             .unwrap_or_default();
-        Ok(Self { ctx, room_id, user, ignored })
+        Ok(Self { ctx, room_id, user, ignored, view })
     }
 
     /// Whether the viewer gets this event: visible to them and not from someone they
@@ -93,7 +95,7 @@ impl<'a> Viewer<'a> {
         if self.ignored.contains(pdu.sender.as_str()) {
             return Ok(false);
         }
-        self.ctx.services.rooms.may_see(self.room_id, position, pdu, &self.user)
+        Ok(self.view.may_see(position, pdu))
     }
 
     /// The event in client format with the aggregations the spec bundles with it.

@@ -23,6 +23,10 @@ pub struct SendArgs {
     /// Rooms the messages are spread over.
     #[arg(long, default_value_t = 1)]
     pub rooms: usize,
+    /// Offered load in messages per second (0: as fast as the senders go). Latency at
+    /// a fixed rate is what users feel; throughput alone hides queueing.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 #[derive(Args)]
@@ -160,18 +164,29 @@ async fn send_load(
     tokens: Vec<String>,
     rooms: &[String],
     messages: usize,
+    rate: u64,
 ) -> Result<(Vec<Duration>, usize), String> {
     let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(messages));
+    let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = tokio::time::Instant::now();
     let run = std::process::id();
     let mut workers = Vec::new();
     for (w, token) in tokens.into_iter().enumerate() {
-        let (client, base, rooms, remaining) =
-            (client.clone(), base.to_owned(), rooms.to_vec(), remaining.clone());
+        let (client, base, rooms, remaining, issued) =
+            (client.clone(), base.to_owned(), rooms.to_vec(), remaining.clone(), issued.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
             let mut n = 0usize;
             while take_one(&remaining) {
+                if rate > 0 {
+                    // Message k of the run is due k/rate seconds after the start.
+                    let k = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep_until(
+                        start + Duration::from_secs_f64(k as f64 / rate as f64),
+                    )
+                    .await;
+                }
                 let room = &rooms[(w + n) % rooms.len()];
                 let url = format!(
                     "{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/b{run}_{w}_{n}"
@@ -209,13 +224,15 @@ pub async fn send(args: SendArgs) -> Result<Value, String> {
     }
     let cpu_before = process_cpu(args.common.server_pid);
     let started = Instant::now();
-    let (mut latencies, errors) = send_load(&client, &base, tokens, &rooms, args.messages).await?;
+    let (mut latencies, errors) =
+        send_load(&client, &base, tokens, &rooms, args.messages, args.rate).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_before.zip(process_cpu(args.common.server_pid)).map(|(a, b)| b - a);
     let sent = latencies.len();
     Ok(json!({
         "scenario": "send",
-        "params": {"senders": args.senders, "messages": args.messages, "rooms": args.rooms},
+        "params": {"senders": args.senders, "messages": args.messages, "rooms": args.rooms,
+                   "rate": args.rate},
         "messages_per_second": per_second(sent, elapsed),
         "send_latency": summary(&mut latencies),
         "server_cpu_ms_per_message": cpu.map(|c| {
@@ -237,7 +254,7 @@ pub async fn messages(args: MessagesArgs) -> Result<Value, String> {
     }
     let fill_started = Instant::now();
     let (filled, fill_errors) =
-        send_load(&client, &base, tokens, std::slice::from_ref(&room), args.events).await?;
+        send_load(&client, &base, tokens, std::slice::from_ref(&room), args.events, 0).await?;
     let fill_seconds = fill_started.elapsed().as_secs_f64();
 
     // Pages start at tokens spread over the whole history: walk back once with large

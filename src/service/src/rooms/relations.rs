@@ -259,6 +259,13 @@ impl Timeline {
             return Ok(Bundle::default());
         };
         let mut bundle = Bundle::default();
+        // Most events have no relations at all: one seek on the all-types index says so.
+        let mut any =
+            RELATIONS.scan_prefix(&*self.db, &(short, String::new()), Direction::Forward)?;
+        if any.next().transpose()?.is_none() {
+            return Ok(bundle);
+        }
+        drop(any);
         // Only the original sender may edit, only with the same event type, and state
         // events are not edited.
         if pdu.state_key.is_none() {

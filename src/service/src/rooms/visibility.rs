@@ -3,7 +3,7 @@
 //! changes, keyed by stream position) so that checking an event is a couple of seeks
 //! instead of loading the room state at that event.
 
-use std::ops::Bound::{Excluded, Included};
+use std::ops::Bound::Included;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -55,69 +55,23 @@ impl Timeline {
         }
     }
 
-    /// The user's membership in effect at `position` (their own event at that position
-    /// included, so a user sees their own join).
-    fn membership_at(&self, room: u64, user: &str, position: u64) -> Result<Option<String>> {
-        let lo = Included((room, user.to_owned(), 0));
-        let hi = Included((room, user.to_owned(), position));
-        Ok(MEMBERSHIP_LOG
-            .scan_range(&*self.db, lo.as_ref(), hi.as_ref(), Direction::Backward)?
-            .next()
-            .transpose()?
-            .map(|(_, Json(m))| m.membership))
-    }
-
-    fn joined_after(&self, room: u64, user: &str, position: u64) -> Result<bool> {
-        let lo = Excluded((room, user.to_owned(), position));
-        let hi = Included((room, user.to_owned(), u64::MAX));
+    /// What one user may see of one room, loaded once: a page of history is then
+    /// checked in memory. A user's membership changes and a room's visibility changes
+    /// are few, so both lists are small.
+    pub fn visibility_view(&self, room_id: &str, user: &str) -> Result<VisibilityView> {
+        let mut view = VisibilityView { user: user.to_owned(), ..VisibilityView::default() };
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(view) };
         for row in
-            MEMBERSHIP_LOG.scan_range(&*self.db, lo.as_ref(), hi.as_ref(), Direction::Forward)?
+            MEMBERSHIP_LOG.scan_prefix(&*self.db, &(room, user.to_owned()), Direction::Forward)?
         {
-            if row?.1.0.membership == "join" {
-                return Ok(true);
-            }
+            let ((_, _, pos), Json(row)) = row?;
+            view.memberships.push((pos, row.membership));
         }
-        Ok(false)
-    }
-
-    fn visibility_at(&self, room: u64, position: u64) -> Result<String> {
-        let lo = Included((room, 0));
-        let hi = Included((room, position));
-        Ok(VISIBILITY_LOG
-            .scan_range(&*self.db, lo.as_ref(), hi.as_ref(), Direction::Backward)?
-            .next()
-            .transpose()?
-            .map_or_else(|| DEFAULT_VISIBILITY.to_owned(), |(_, v)| v))
-    }
-
-    /// The spec's history visibility rules for the event at `position` of `room_id`.
-    pub fn may_see(&self, room_id: &str, position: u64, pdu: &Pdu, user: &str) -> Result<bool> {
-        // Users always see their own membership changes (a kick or ban included).
-        if pdu.state_key.as_deref() == Some(user) && pdu.kind.to_string() == "m.room.member" {
-            return Ok(true);
+        for row in VISIBILITY_LOG.scan_prefix(&*self.db, &room, Direction::Forward)? {
+            let ((_, pos), visibility) = row?;
+            view.visibilities.push((pos, visibility));
         }
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(false) };
-        let visibility = self.visibility_at(room, position)?;
-        if visibility == "world_readable" {
-            return Ok(true);
-        }
-        let membership = self.membership_at(room, user, position)?;
-        Ok(match membership.as_deref() {
-            Some("join") => true,
-            Some("invite") if visibility == "invited" => true,
-            _ => visibility == "shared" && self.joined_after(room, user, position)?,
-        })
-    }
-
-    /// Whether a user may read a room at all: they have been in it, or anyone may read.
-    pub fn may_read_room(&self, room_id: &str, user: &str) -> Result<bool> {
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(false) };
-        let mut rows =
-            MEMBERSHIP_LOG.scan_prefix(&*self.db, &(room, user.to_owned()), Direction::Forward)?;
-        if rows.next().transpose()?.is_some() {
-            return Ok(true);
-        }
-        Ok(self.visibility_at(room, u64::MAX)? == "world_readable")
+        Ok(view)
     }
 
     /// The event closest to `ts` (ms): the first at or after it going forward, the last
@@ -184,5 +138,96 @@ impl Timeline {
             .next()
             .transpose()?
             .map(|((_, _, pos), _)| pos))
+    }
+}
+
+/// One user's view of one room's history (see [`Timeline::visibility_view`]).
+#[derive(Debug, Default)]
+pub struct VisibilityView {
+    user: String,
+    /// `(position, membership)` in position order.
+    memberships: Vec<(u64, String)>,
+    /// `(position, history visibility)` in position order.
+    visibilities: Vec<(u64, String)>,
+}
+
+/// The entry in effect at `position`: the last one at or before it.
+fn at(entries: &[(u64, String)], position: u64) -> Option<&str> {
+    let idx = entries.partition_point(|(p, _)| *p <= position);
+    idx.checked_sub(1).map(|i| entries[i].1.as_str())
+}
+
+impl VisibilityView {
+    /// The spec's history visibility rules for the event at `position`.
+    pub fn may_see(&self, position: u64, pdu: &Pdu) -> bool {
+        // Users always see their own membership changes (a kick or ban included).
+        if pdu.state_key.as_deref() == Some(self.user.as_str())
+            && pdu.kind.to_string() == "m.room.member"
+        {
+            return true;
+        }
+        let visibility = at(&self.visibilities, position).unwrap_or(DEFAULT_VISIBILITY);
+        if visibility == "world_readable" {
+            return true;
+        }
+        match at(&self.memberships, position) {
+            Some("join") => true,
+            Some("invite") if visibility == "invited" => true,
+            _ => {
+                visibility == "shared"
+                    && self.memberships.iter().any(|(p, m)| *p > position && m == "join")
+            }
+        }
+    }
+
+    /// Whether the user may read the room at all: they have been in it, or anyone may.
+    pub fn may_read(&self) -> bool {
+        !self.memberships.is_empty()
+            || self.visibilities.last().is_some_and(|(_, v)| v == "world_readable")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(memberships: &[(u64, &str)], visibilities: &[(u64, &str)]) -> VisibilityView {
+        let own = |v: &[(u64, &str)]| v.iter().map(|(p, s)| (*p, (*s).to_owned())).collect();
+        VisibilityView {
+            user: "@u:x".into(),
+            memberships: own(memberships),
+            visibilities: own(visibilities),
+        }
+    }
+
+    fn message() -> Pdu {
+        let json: ruma::CanonicalJsonObject = serde_json::from_value(serde_json::json!({
+            "room_id": "!r:x", "sender": "@a:x", "origin_server_ts": 1, "type": "m.room.message",
+            "content": {}, "prev_events": [], "auth_events": [], "depth": 2,
+        }))
+        .unwrap();
+        Pdu::from_json(ruma::OwnedEventId::try_from("$e").unwrap(), json).unwrap()
+    }
+
+    #[test]
+    fn the_spec_rules_by_position() {
+        let m = message();
+        // Joined at 10, left at 20, visibility `joined` from 5 and `shared` from 30.
+        let v = view(&[(10, "join"), (20, "leave")], &[(5, "joined"), (30, "shared")]);
+        assert!(!v.may_see(9, &m), "before joining");
+        assert!(v.may_see(15, &m), "while joined");
+        assert!(!v.may_see(25, &m), "after leaving");
+        assert!(!v.may_see(35, &m), "shared, but never joined again");
+        // Rejoining later makes `shared` history visible, not `joined` history.
+        let v =
+            view(&[(10, "join"), (20, "leave"), (40, "join")], &[(5, "joined"), (30, "shared")]);
+        assert!(v.may_see(35, &m));
+        assert!(!v.may_see(25, &m));
+        // `invited`: visible while invited; world_readable: visible to anyone.
+        let v = view(&[(10, "invite")], &[(1, "invited")]);
+        assert!(v.may_see(12, &m) && !v.may_see(9, &m));
+        let v = view(&[], &[(1, "world_readable")]);
+        assert!(v.may_see(2, &m) && v.may_read());
+        assert!(!view(&[], &[]).may_read());
     }
 }
