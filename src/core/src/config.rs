@@ -29,6 +29,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub user_directory: UserDirectoryConfig,
     pub rooms: RoomsConfig,
+    pub presence: PresenceConfig,
     pub rate_limits: RateLimitsConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
@@ -320,6 +321,22 @@ impl Default for RoomsConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Track and serve presence. Off, every user reads as `offline` and updates are
+    /// accepted but ignored (presence costs work on every request and sync).
+    pub enabled: bool,
+    /// Seconds without activity after which an `online` user reads as `unavailable`.
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { enabled: true, idle_timeout_seconds: 300 }
+    }
+}
+
 /// Who may change a room's visibility in the published room directory. Server admins
 /// always may.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -571,6 +588,9 @@ impl Config {
             .is_some();
         if !supported {
             bad("rooms.default_room_version", "not a supported room version (1-12)".into());
+        }
+        if self.presence.idle_timeout_seconds == 0 {
+            bad("presence.idle_timeout_seconds", "must be at least 1".into());
         }
         let r = &self.rate_limits;
         for (name, limit) in [

@@ -5,14 +5,22 @@ pub mod accounts;
 pub mod audit;
 pub mod directory;
 pub mod durable;
+pub mod filters;
 pub mod keys;
 pub mod mailer;
 pub mod password;
+pub mod presence;
 pub mod profile;
+pub mod push_rules;
+pub mod pushers;
 mod random;
 pub mod ratelimit;
+pub mod receipts;
 pub mod rooms;
+pub mod sliding;
+pub mod sync;
 pub mod tables;
+pub mod typing;
 
 use std::sync::Arc;
 
@@ -40,6 +48,13 @@ pub struct Services {
     pub accounts: Accounts,
     pub profiles: Profiles,
     pub account_data: AccountData,
+    pub push_rules: push_rules::PushRules,
+    pub pushers: pushers::Pushers,
+    pub presence: Arc<presence::Presence>,
+    pub filters: filters::Filters,
+    pub typing: Arc<typing::Typing>,
+    pub receipts: receipts::Receipts,
+    pub sliding: sliding::Connections,
     pub rate_limits: RateLimiter,
     pub mailer: Option<mailer::Mailer>,
     pub directory: directory::UserDirectory,
@@ -66,12 +81,20 @@ impl Services {
         let rooms =
             rooms::append::Timeline::new(db.clone(), keys.clone(), &config.server.server_name)
                 .map_err(|e| format!("loading rooms: {e}"))?;
+        let stream = rooms.stream.clone();
         Ok(Arc::new(Self {
             rooms,
             aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
             public_rooms: rooms::public::PublicRooms::new(db.clone()),
             profiles: Profiles::new(db.clone()),
-            account_data: AccountData::new(db.clone()),
+            account_data: AccountData::new(db.clone(), stream.clone()),
+            push_rules: push_rules::PushRules::new(db.clone(), stream.clone()),
+            pushers: pushers::Pushers::new(db.clone()),
+            presence: presence::Presence::new(db.clone(), stream.clone(), &config.presence),
+            filters: filters::Filters::new(db.clone()),
+            typing: typing::Typing::new(stream.clone()),
+            receipts: receipts::Receipts::new(db.clone(), stream),
+            sliding: sliding::Connections::default(),
             rate_limits: RateLimiter::new(config.rate_limits.clone()),
             mailer,
             directory: directory::UserDirectory::new(

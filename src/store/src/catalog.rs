@@ -86,8 +86,22 @@ tables! {
     VISIBILITY_LOG = "visibility_log", Scan;
     // (short room id, origin_server_ts, position) -> short event id
     EVENT_TIMES = "event_times", Scan;
+    // (user localpart, room id or "", event type) -> stream position of the last change
+    ACCOUNT_DATA_POSITIONS = "account_data_positions", Scan;
+    // (user localpart, filter id) -> filter definition
+    FILTERS = "filters", Point;
+    // (room id, user id, receipt type, thread id) -> receipt (event, ts, position)
+    RECEIPTS = "receipts", Scan;
+    // (room id, position) -> (user id, receipt type, thread id): one row per live receipt
+    RECEIPT_LOG = "receipt_log", Scan;
     // room id -> (): rooms published in the room directory
     PUBLIC_ROOMS = "public_rooms", Scan;
+    // (user localpart, app id, pushkey) -> pusher
+    PUSHERS = "pushers", Scan;
+    // (app id, pushkey, user localpart) -> (): every user holding a pushkey (for `append`)
+    PUSHER_KEYS = "pusher_keys", Scan;
+    // user id -> last presence state, status message and activity time
+    PRESENCE = "presence", Point;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

@@ -119,7 +119,7 @@ pub struct Timeline {
     server_name: ruma::OwnedServerName,
     pub(super) short: ShortIds,
     snapshots: StateSnapshots,
-    pub stream: StreamPositions,
+    pub stream: Arc<StreamPositions>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache: EventCache,
     states: StateCache,
@@ -145,7 +145,7 @@ impl Timeline {
         Ok(Self {
             short: ShortIds::new(db.clone())?,
             snapshots: StateSnapshots::new(db.clone())?,
-            stream: StreamPositions::new(last),
+            stream: Arc::new(StreamPositions::persistent(db.clone(), last)?),
             db,
             keys,
             server_name,
@@ -176,7 +176,7 @@ impl Timeline {
     }
 
     /// The state of snapshot `id`, through the state cache.
-    fn state_at(&self, id: u64) -> Result<Arc<StateSet>> {
+    pub(super) fn state_at(&self, id: u64) -> Result<Arc<StateSet>> {
         if let Some(state) = self.states.get(id) {
             return Ok(state);
         }

@@ -15,6 +15,7 @@ pub mod resolve;
 pub mod short;
 pub mod state;
 pub mod stream;
+pub mod sync_state;
 pub mod upgrade;
 pub mod visibility;
 

@@ -8,15 +8,25 @@
 use std::{collections::BTreeSet, sync::Mutex};
 
 use tokio::sync::watch;
+use trellis_store::{Batch, Db, Table, catalog};
+
+/// Positions are reserved in the database this many at a time, so that after a restart
+/// numbering resumes above anything handed out before, whatever table it went to.
+const RESERVE_BLOCK: u64 = 10_000;
+const META: Table<String, u64> = Table::new(&catalog::META);
+const RESERVED_KEY: &str = "stream_reserved";
 
 pub struct StreamPositions {
     inner: Mutex<Inner>,
     visible_tx: watch::Sender<u64>,
+    db: Option<Db>,
 }
 
 struct Inner {
     /// The last position handed out.
     last_dispatched: u64,
+    /// Positions up to this are reserved in the database.
+    reserved: u64,
     /// Dispatched and not yet retired.
     in_flight: BTreeSet<u64>,
 }
@@ -32,13 +42,48 @@ impl StreamPositions {
     pub fn new(persisted: u64) -> Self {
         let (visible_tx, _) = watch::channel(persisted);
         Self {
-            inner: Mutex::new(Inner { last_dispatched: persisted, in_flight: BTreeSet::new() }),
+            inner: Mutex::new(Inner {
+                last_dispatched: persisted,
+                reserved: u64::MAX,
+                in_flight: BTreeSet::new(),
+            }),
             visible_tx,
+            db: None,
         }
+    }
+
+    /// Positions backed by reservations in `db`: resumes above both `floor` (the highest
+    /// position found in the data) and the last reservation.
+    pub fn persistent(db: Db, floor: u64) -> trellis_core::Result<Self> {
+        let reserved = META.get(&*db, &RESERVED_KEY.to_owned())?.unwrap_or(0);
+        let start = floor.max(reserved);
+        let (visible_tx, _) = watch::channel(start);
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                last_dispatched: start,
+                reserved: start,
+                in_flight: BTreeSet::new(),
+            }),
+            visible_tx,
+            db: Some(db),
+        })
     }
 
     pub fn dispatch(&self) -> Ticket {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.last_dispatched >= inner.reserved
+            && let Some(db) = &self.db
+        {
+            // Once per block: a small synchronous write, so that no position is handed
+            // out that a restart could hand out again.
+            let next = inner.last_dispatched + RESERVE_BLOCK;
+            let mut batch = Batch::new();
+            META.put(&mut batch, &RESERVED_KEY.to_owned(), &next);
+            match db.write(batch) {
+                Ok(()) => inner.reserved = next,
+                Err(e) => tracing::error!(error = %e, "reserving stream positions failed"),
+            }
+        }
         inner.last_dispatched += 1;
         let position = inner.last_dispatched;
         inner.in_flight.insert(position);

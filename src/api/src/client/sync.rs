@@ -1,0 +1,283 @@
+//! `/sync` with long-polling, sync filters, and the ephemeral writes syncs deliver:
+//! typing, receipts and read markers.
+
+use std::time::Duration;
+
+use axum::Router;
+use ruma::api::{
+    IncomingRequest, Metadata, OutgoingBody, OutgoingResponse,
+    auth_scheme::AccessToken,
+    client::{
+        filter::{FilterDefinition, create_filter, get_filter},
+        read_marker::set_read_marker,
+        receipt::create_receipt::{self, v3::ReceiptType},
+        sync::sync_events::{self, v3::Filter},
+        typing::create_typing_event::{self, v3::Typing},
+    },
+    error::{DeserializationError, IntoHttpError},
+};
+use serde_json::{Value, json};
+use trellis_core::{Error, Result};
+use trellis_service::{filters, receipts, sync};
+
+use super::events::{Viewer, me};
+use crate::{
+    AppState,
+    ruma_route::{self, Ctx},
+};
+
+/// The longest a sync waits for something to happen, whatever the client asks.
+const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<SyncRequest, _, _>(router, sync_handler);
+    let router = ruma_route::add::<create_filter::v3::Request, _, _>(router, create);
+    let router = ruma_route::add::<get_filter::v3::Request, _, _>(router, get);
+    let router = ruma_route::add::<create_typing_event::v3::Request, _, _>(router, typing);
+    let router = ruma_route::add::<create_receipt::v3::Request, _, _>(router, receipt);
+    ruma_route::add::<set_read_marker::v3::Request, _, _>(router, read_markers)
+}
+
+/// `/sync` as ruma parses it, answered with JSON we build ourselves: the response is
+/// assembled from stored events without a round trip through typed event structs.
+struct SyncRequest(sync_events::v3::Request);
+
+type Inner = sync_events::v3::Request;
+
+impl Metadata for SyncRequest {
+    const METHOD: http::Method = <Inner as Metadata>::METHOD;
+    const RATE_LIMITED: bool = <Inner as Metadata>::RATE_LIMITED;
+    type Authentication = AccessToken;
+    type PathBuilder = <Inner as Metadata>::PathBuilder;
+    const PATH_BUILDER: Self::PathBuilder = <Inner as Metadata>::PATH_BUILDER;
+}
+
+impl IncomingRequest for SyncRequest {
+    type EndpointError = <Inner as IncomingRequest>::EndpointError;
+    type OutgoingResponse = JsonResponse;
+
+    fn try_from_http_request_inner(
+        request: http::Request<&[u8]>,
+        path_args: &[&str],
+    ) -> std::result::Result<Self, DeserializationError> {
+        Inner::try_from_http_request_inner(request, path_args).map(Self)
+    }
+}
+
+/// A 200 response with a JSON body.
+pub(super) struct JsonResponse(pub Value);
+
+pub(super) struct JsonBody(Vec<u8>);
+
+impl OutgoingBody for JsonBody {
+    type Error = std::convert::Infallible;
+
+    fn content_type(&self) -> Option<http::HeaderValue> {
+        Some(http::HeaderValue::from_static("application/json"))
+    }
+
+    fn try_into_buf<T: Default + bytes::BufMut + AsRef<[u8]>>(
+        self,
+    ) -> std::result::Result<T, Self::Error> {
+        let mut buf = T::default();
+        buf.put_slice(&self.0);
+        Ok(buf)
+    }
+}
+
+impl OutgoingResponse for JsonResponse {
+    type Body = JsonBody;
+
+    fn try_into_http_response_inner(
+        self,
+    ) -> std::result::Result<http::Response<Self::Body>, IntoHttpError> {
+        let body = serde_json::to_vec(&self.0)?;
+        Ok(http::Response::new(JsonBody(body)))
+    }
+}
+
+/// Sync tokens are `s<position>`; `/messages` tokens (`t<position>`) name the same
+/// point in the stream.
+fn parse_since(token: &str) -> Result<u64> {
+    token
+        .strip_prefix('s')
+        .or_else(|| token.strip_prefix('t'))
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| Error::invalid_param("Invalid sync token"))
+}
+
+fn resolve_filter(ctx: &Ctx, filter: Option<&Filter>) -> Result<FilterDefinition> {
+    match filter {
+        None => Ok(FilterDefinition::default()),
+        Some(Filter::FilterDefinition(def)) => Ok(def.clone()),
+        Some(Filter::FilterId(id)) => {
+            // Some clients send the definition inline where an id is expected.
+            if id.trim_start().starts_with('{') {
+                let value: Value = serde_json::from_str(id)
+                    .map_err(|e| Error::bad_json(format!("Invalid filter: {e}")))?;
+                return filters::parse(&value);
+            }
+            let localpart = &ctx.session()?.localpart;
+            let value = ctx
+                .services
+                .filters
+                .get(localpart, id)?
+                .ok_or_else(|| Error::not_found("Unknown filter"))?;
+            filters::parse(&value)
+        }
+        Some(_) => Err(Error::bad_json("Unsupported filter")),
+    }
+}
+
+async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
+    let req = req.0;
+    let user_id = me(&ctx)?;
+    let localpart = ctx.session()?.localpart.clone();
+    let filter = resolve_filter(&ctx, req.filter.as_ref())?;
+    let since = req.since.as_deref().map(parse_since).transpose()?;
+    // Syncing is activity, unless the client says it is offline or away.
+    match req.set_presence {
+        ruma::presence::PresenceState::Offline => {}
+        ruma::presence::PresenceState::Unavailable => {
+            let current = ctx.services.presence.status(&user_id)?;
+            if current.presence != "unavailable" {
+                let status_msg = current.status_msg;
+                ctx.services.presence.set_state(&user_id, "unavailable", status_msg).await?;
+            }
+        }
+        _ => ctx.services.presence.note_activity(&user_id),
+    }
+    let timeout = req.timeout.unwrap_or_default().min(MAX_TIMEOUT);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = ctx.services.rooms.stream.clone();
+    let request = sync::SyncRequest {
+        user_id: &user_id,
+        localpart: &localpart,
+        since,
+        full_state: req.full_state,
+        filter: &filter,
+        use_state_after: req.use_state_after,
+    };
+    let span = tracing::debug_span!("sync", since = ?since, timeout_ms = timeout.as_millis());
+    let _enter = span.enter();
+    // Subscribe before reading the position: a write in between still wakes us.
+    let mut changes = stream.subscribe();
+    loop {
+        let now = stream.visible();
+        // A client may hold a token from before a restart or from the future; never
+        // answer with a position below the one it has.
+        let now = now.max(since.unwrap_or(0));
+        let built = sync::build(&ctx.services, &request, now)?;
+        if built.has_updates || since.is_none() || req.full_state {
+            return Ok(JsonResponse(built.body));
+        }
+        let woke = tokio::time::timeout_at(deadline, changes.changed()).await;
+        match woke {
+            Ok(Ok(())) => continue,
+            // Timed out (or the stream is gone): an empty answer moving the token on.
+            _ => return Ok(JsonResponse(built.body)),
+        }
+    }
+}
+
+async fn create(ctx: Ctx, req: create_filter::v3::Request) -> Result<create_filter::v3::Response> {
+    let session = ctx.require_self(&req.user_id)?;
+    let definition =
+        serde_json::to_value(&req.filter).map_err(|e| Error::bad_json(e.to_string()))?;
+    let id = ctx.services.filters.create(&session.localpart, definition).await?;
+    Ok(create_filter::v3::Response::new(id))
+}
+
+async fn get(ctx: Ctx, req: get_filter::v3::Request) -> Result<get_filter::v3::Response> {
+    let session = ctx.require_self(&req.user_id)?;
+    let value = ctx
+        .services
+        .filters
+        .get(&session.localpart, &req.filter_id)?
+        .ok_or_else(|| Error::not_found("Unknown filter"))?;
+    Ok(get_filter::v3::Response::new(filters::parse(&value)?))
+}
+
+async fn typing(
+    ctx: Ctx,
+    req: create_typing_event::v3::Request,
+) -> Result<create_typing_event::v3::Response> {
+    ctx.require_self(&req.user_id)?;
+    let room_id = req.room_id.as_str();
+    super::events::require_joined(&ctx, room_id)?;
+    let timeout = match req.state {
+        Typing::Yes(info) => Some(info.timeout),
+        _ => None,
+    };
+    ctx.services.typing.set(room_id, req.user_id.as_str(), timeout);
+    Ok(create_typing_event::v3::Response::new())
+}
+
+/// Checks that `event_id` is an event of the room the user may see, for a receipt or
+/// read marker.
+fn seen_event(viewer: &Viewer<'_>, event_id: &str) -> Result<()> {
+    viewer.event(event_id).map(|_| ())
+}
+
+async fn receipt(
+    ctx: Ctx,
+    req: create_receipt::v3::Request,
+) -> Result<create_receipt::v3::Response> {
+    let room_id = req.room_id.as_str();
+    let user = super::events::require_joined(&ctx, room_id)?;
+    let viewer = Viewer::new(&ctx, room_id)?;
+    seen_event(&viewer, req.event_id.as_str())?;
+    let thread = req.thread.as_str();
+    match req.receipt_type {
+        ReceiptType::FullyRead => {
+            if thread.is_some() {
+                return Err(Error::invalid_param("m.fully_read cannot be threaded"));
+            }
+            set_fully_read(&ctx, room_id, req.event_id.as_str()).await?;
+        }
+        ReceiptType::Read => {
+            ctx.services
+                .receipts
+                .set(room_id, &user, receipts::READ, req.event_id.as_str(), thread)
+                .await?;
+        }
+        ReceiptType::ReadPrivate => {
+            ctx.services
+                .receipts
+                .set(room_id, &user, receipts::READ_PRIVATE, req.event_id.as_str(), thread)
+                .await?;
+        }
+        _ => return Err(Error::invalid_param("Unknown receipt type")),
+    }
+    Ok(create_receipt::v3::Response::new())
+}
+
+async fn set_fully_read(ctx: &Ctx, room_id: &str, event_id: &str) -> Result<()> {
+    let localpart = ctx.session()?.localpart.clone();
+    ctx.services
+        .account_data
+        .put(&localpart, Some(room_id), "m.fully_read", json!({"event_id": event_id}))
+        .await
+}
+
+async fn read_markers(
+    ctx: Ctx,
+    req: set_read_marker::v3::Request,
+) -> Result<set_read_marker::v3::Response> {
+    let room_id = req.room_id.as_str();
+    let user = super::events::require_joined(&ctx, room_id)?;
+    let viewer = Viewer::new(&ctx, room_id)?;
+    if let Some(event_id) = &req.fully_read {
+        seen_event(&viewer, event_id.as_str())?;
+        set_fully_read(&ctx, room_id, event_id.as_str()).await?;
+    }
+    for (kind, event_id) in
+        [(receipts::READ, &req.read_receipt), (receipts::READ_PRIVATE, &req.private_read_receipt)]
+    {
+        if let Some(event_id) = event_id {
+            seen_event(&viewer, event_id.as_str())?;
+            ctx.services.receipts.set(room_id, &user, kind, event_id.as_str(), None).await?;
+        }
+    }
+    Ok(set_read_marker::v3::Response::new())
+}

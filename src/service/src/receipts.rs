@@ -1,0 +1,130 @@
+//! Read receipts (`m.read`, `m.read.private`, threaded): the latest receipt per user,
+//! type and thread, plus a log by stream position holding one row per live receipt, so
+//! a sync reads only what changed and an initial sync reads each receipt once.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use trellis_core::{Error, Result, now_millis};
+use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
+
+use crate::{commit, rooms::stream::StreamPositions};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Receipt {
+    event_id: String,
+    ts: u64,
+    position: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LogEntry {
+    user: String,
+    kind: String,
+    thread: String,
+}
+
+/// (room id, user id, receipt type, thread id or "") -> receipt
+const RECEIPTS: Table<(String, String, String, String), Json<Receipt>> =
+    Table::new(&catalog::RECEIPTS);
+/// (room id, position) -> which receipt changed there
+const RECEIPT_LOG: Table<(String, u64), Json<LogEntry>> = Table::new(&catalog::RECEIPT_LOG);
+
+pub const READ: &str = "m.read";
+pub const READ_PRIVATE: &str = "m.read.private";
+
+pub struct Receipts {
+    db: Db,
+    stream: Arc<StreamPositions>,
+}
+
+impl Receipts {
+    pub fn new(db: Db, stream: Arc<StreamPositions>) -> Self {
+        Self { db, stream }
+    }
+
+    /// Records `user`'s receipt of `kind` at `event_id` (an event of the room, checked
+    /// by the caller); `thread` is `None` for an unthreaded receipt.
+    pub async fn set(
+        &self,
+        room_id: &str,
+        user: &str,
+        kind: &str,
+        event_id: &str,
+        thread: Option<&str>,
+    ) -> Result<()> {
+        if kind != READ && kind != READ_PRIVATE {
+            return Err(Error::invalid_param(format!("Unknown receipt type {kind}")));
+        }
+        let thread = thread.unwrap_or("").to_owned();
+        let key = (room_id.to_owned(), user.to_owned(), kind.to_owned(), thread.clone());
+        let ticket = self.stream.dispatch();
+        let mut batch = Batch::new();
+        let old = RECEIPTS.get(&*self.db, &key);
+        let old = match old {
+            Ok(old) => old,
+            Err(e) => {
+                self.stream.retire(ticket);
+                return Err(e.into());
+            }
+        };
+        if let Some(Json(old)) = old {
+            // One log row per live receipt: the replaced one's row goes.
+            RECEIPT_LOG.delete(&mut batch, &(room_id.to_owned(), old.position));
+        }
+        let receipt =
+            Receipt { event_id: event_id.to_owned(), ts: now_millis(), position: ticket.position };
+        RECEIPTS.put(&mut batch, &key, &Json(receipt));
+        let entry = LogEntry { user: user.to_owned(), kind: kind.to_owned(), thread };
+        RECEIPT_LOG.put(&mut batch, &(room_id.to_owned(), ticket.position), &Json(entry));
+        let result = commit(&self.db, batch).await;
+        self.stream.retire(ticket);
+        result
+    }
+
+    /// The `m.receipt` content of receipts in `room_id` that changed after `since`, as
+    /// `viewer` may see them (private receipts only their own); `None` when nothing did.
+    pub fn changed_since(&self, room_id: &str, since: u64, viewer: &str) -> Result<Option<Value>> {
+        use std::ops::Bound::{Excluded, Included};
+        let lo = (room_id.to_owned(), since);
+        let hi = (room_id.to_owned(), u64::MAX);
+        let mut content = json!({});
+        let mut any = false;
+        for row in
+            RECEIPT_LOG.scan_range(&*self.db, Excluded(&lo), Included(&hi), Direction::Forward)?
+        {
+            let ((_, position), Json(entry)) = row?;
+            if entry.kind == READ_PRIVATE && entry.user != viewer {
+                continue;
+            }
+            let key = (room_id.to_owned(), entry.user.clone(), entry.kind.clone(), entry.thread);
+            let Some(Json(receipt)) = RECEIPTS.get(&*self.db, &key)? else { continue };
+            if receipt.position != position {
+                continue;
+            }
+            let mut data = json!({"ts": receipt.ts});
+            if !key.3.is_empty() {
+                data["thread_id"] = json!(key.3);
+            }
+            content[&receipt.event_id][&entry.kind][&entry.user] = data;
+            any = true;
+        }
+        Ok(any.then_some(content))
+    }
+
+    /// The user's latest receipt event id in a room (any thread, either type), for
+    /// unread counts.
+    pub fn latest(&self, room_id: &str, user: &str) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for row in RECEIPTS.scan_prefix(
+            &*self.db,
+            &(room_id.to_owned(), user.to_owned()),
+            Direction::Forward,
+        )? {
+            let ((_, _, _, thread), Json(receipt)) = row?;
+            out.push((thread, receipt.event_id));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,88 @@
+//! Room state as a sync needs it: the state at a stream position, and what changed
+//! between two positions, as differences of state snapshots (no timeline walk).
+
+use std::{collections::BTreeMap, ops::Bound};
+
+use trellis_core::Result;
+
+use super::{Pdu, append::Timeline, short::Kind, state::StateSet};
+use crate::rooms::short::state_key_text;
+
+impl Timeline {
+    /// The state of `room_id` after its last event at or before `position` (empty
+    /// before the room existed).
+    pub fn state_at_position(&self, room_id: &str, position: u64) -> Result<StateSet> {
+        let page = self.scan_timeline(
+            room_id,
+            Bound::Unbounded,
+            Bound::Included(position),
+            false,
+            1,
+            |_, _| Ok(true),
+        )?;
+        let Some((_, pdu)) = page.events.first() else { return Ok(StateSet::new()) };
+        self.state_after_event(pdu)
+    }
+
+    /// The state just before `pdu`.
+    pub fn state_before_event(&self, pdu: &Pdu) -> Result<StateSet> {
+        let Some(stored) = self.event(pdu.event_id.as_str())? else {
+            return Ok(StateSet::new());
+        };
+        Ok((*self.state_at(stored.state_before)?).clone())
+    }
+
+    /// The state just after `pdu` (its own change included).
+    pub fn state_after_event(&self, pdu: &Pdu) -> Result<StateSet> {
+        let mut state = self.state_before_event(pdu)?;
+        if let Some(key) = &pdu.state_key
+            && let Some(sk) =
+                self.short.get(Kind::StateKey, &state_key_text(&pdu.kind.to_string(), key))?
+            && let Some(ev) = self.short.get(Kind::Event, pdu.event_id.as_str())?
+        {
+            state.insert(sk, ev);
+        }
+        Ok(state)
+    }
+
+    /// The current state's snapshot contents.
+    pub fn current_state_ids(&self, room_id: &str) -> Result<StateSet> {
+        match self.room(room_id)? {
+            Some((_, room)) => Ok((*self.state_at(room.state)?).clone()),
+            None => Ok(StateSet::new()),
+        }
+    }
+
+    /// Events of `to` that differ from `from` (state keys added or replaced).
+    pub fn state_diff(&self, from: &StateSet, to: &StateSet) -> Result<Vec<Pdu>> {
+        let changed: BTreeMap<u64, u64> =
+            to.iter().filter(|(k, v)| from.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+        self.state_events(&changed)
+    }
+
+    /// The events of a state set.
+    pub fn state_events(&self, state: &StateSet) -> Result<Vec<Pdu>> {
+        state.values().filter_map(|ev| self.pdu_by_short(*ev).transpose()).collect()
+    }
+
+    /// The stream position of a stored event.
+    pub fn position_of(&self, event_id: &str) -> Result<Option<u64>> {
+        Ok(self.event(event_id)?.map(|e| e.position))
+    }
+
+    /// Whether anything was appended to the room after `since`.
+    pub fn changed_after(&self, room_id: &str, since: u64) -> Result<bool> {
+        Ok(self.room(room_id)?.is_some_and(|(_, r)| r.last_position > since))
+    }
+
+    /// Rooms of `user_id` with their current membership, in room order.
+    pub fn memberships_of(&self, user_id: &str) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for membership in ["join", "invite", "leave", "ban", "knock"] {
+            for room in self.rooms_of(user_id, membership)? {
+                out.push((room, membership.to_owned()));
+            }
+        }
+        Ok(out)
+    }
+}

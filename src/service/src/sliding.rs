@@ -1,0 +1,502 @@
+//! Simplified sliding sync (MSC4186), the sync Element X uses: the client names lists
+//! of rooms (sorted by recent activity) with index ranges and room subscriptions, and
+//! per room the state it wants and how much timeline. The server remembers per
+//! connection which rooms the client already has, and up to which stream position, so
+//! later responses carry only what is new.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
+    ops::Bound,
+    sync::Mutex,
+};
+
+use serde_json::{Map, Value, json};
+use trellis_core::{Error, Result};
+
+use crate::{Services, rooms::Pdu, sync::sync_event};
+
+/// Positions handed out per connection that a client may still come back with.
+const KEPT_POSITIONS: usize = 4;
+/// Connections remembered at most (least recently used go first).
+const MAX_CONNECTIONS: usize = 10_000;
+const MAX_TIMELINE: usize = 100;
+
+/// What the client asked about one room.
+#[derive(Debug, Clone, Default)]
+pub struct RoomWants {
+    pub required_state: Vec<(String, String)>,
+    pub timeline_limit: usize,
+}
+
+impl RoomWants {
+    fn merge(&mut self, other: &RoomWants) {
+        for pair in &other.required_state {
+            if !self.required_state.contains(pair) {
+                self.required_state.push(pair.clone());
+            }
+        }
+        self.timeline_limit = self.timeline_limit.max(other.timeline_limit);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilters {
+    pub is_dm: Option<bool>,
+    pub is_encrypted: Option<bool>,
+    pub is_invite: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest {
+    pub ranges: Vec<(usize, usize)>,
+    pub wants: RoomWants,
+    pub filters: ListFilters,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Extensions {
+    pub to_device: bool,
+    pub e2ee: bool,
+    pub account_data: bool,
+    pub receipts: bool,
+    pub typing: bool,
+}
+
+pub struct SlidingRequest<'a> {
+    pub user_id: &'a str,
+    pub localpart: &'a str,
+    pub device_id: &'a str,
+    pub conn_id: &'a str,
+    pub pos: Option<&'a str>,
+    pub lists: BTreeMap<String, ListRequest>,
+    pub subscriptions: BTreeMap<String, RoomWants>,
+    pub extensions: Extensions,
+}
+
+pub struct SlidingResponse {
+    body: Value,
+    pub has_updates: bool,
+    key: (String, String, String),
+    snapshot: Snapshot,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    /// Stream position the client is up to for connection-wide data.
+    stream: u64,
+    /// Rooms the client has, and the stream position each is up to.
+    rooms: HashMap<String, u64>,
+    /// List counts last sent.
+    counts: BTreeMap<String, usize>,
+}
+
+#[derive(Default)]
+struct Connection {
+    snapshots: VecDeque<(String, Snapshot)>,
+    last_used: u64,
+}
+
+/// A connection is named by (user, device, `conn_id`).
+type ConnKey = (String, String, String);
+
+/// Per-connection memory of what each client has, with a use counter for eviction.
+#[derive(Default)]
+pub struct Connections {
+    inner: Mutex<(HashMap<ConnKey, Connection>, u64)>,
+}
+
+impl Connections {
+    fn lookup(&self, key: &(String, String, String), pos: Option<&str>) -> Result<Snapshot> {
+        let Some(pos) = pos else { return Ok(Snapshot::default()) };
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .0
+            .get(key)
+            .and_then(|c| c.snapshots.iter().find(|(p, _)| p == pos))
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| {
+                Error::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "M_UNKNOWN_POS",
+                    "Unknown position; start the connection again without `pos`",
+                )
+            })
+    }
+
+    fn store(&self, key: (String, String, String), snapshot: Snapshot) -> String {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.1 += 1;
+        let tick = inner.1;
+        if inner.0.len() >= MAX_CONNECTIONS && !inner.0.contains_key(&key) {
+            let oldest = inner.0.iter().min_by_key(|(_, c)| c.last_used).map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                inner.0.remove(&oldest);
+            }
+        }
+        let conn = inner.0.entry(key).or_default();
+        conn.last_used = tick;
+        let pos = format!("{}_{tick}", snapshot.stream);
+        conn.snapshots.push_back((pos.clone(), snapshot));
+        while conn.snapshots.len() > KEPT_POSITIONS {
+            conn.snapshots.pop_front();
+        }
+        pos
+    }
+}
+
+fn content(pdu: &Pdu) -> Value {
+    serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null)
+}
+
+fn stripped(pdu: &Pdu) -> Value {
+    json!({
+        "type": pdu.kind.to_string(),
+        "state_key": pdu.state_key.clone().unwrap_or_default(),
+        "content": content(pdu),
+        "sender": pdu.sender,
+    })
+}
+
+/// Whether a state event is one the client asked for with `(type, state_key)` pairs,
+/// where `*` matches anything, `$ME` the user and `$LAZY` the senders in `lazy`.
+fn wanted(pdu: &Pdu, wants: &[(String, String)], user: &str, lazy: &BTreeSet<String>) -> bool {
+    let kind = pdu.kind.to_string();
+    let key = pdu.state_key.as_deref().unwrap_or("");
+    wants.iter().any(|(t, k)| {
+        (t == "*" || *t == kind)
+            && (k == "*"
+                || k == key
+                || (k == "$ME" && key == user)
+                || (k == "$LAZY" && kind == "m.room.member" && lazy.contains(key)))
+    })
+}
+
+struct RoomInfo {
+    room_id: String,
+    membership: String,
+    bump: u64,
+}
+
+/// Builds one sliding sync response up to stream position `now`.
+pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<SlidingResponse> {
+    let key = (req.user_id.to_owned(), req.device_id.to_owned(), req.conn_id.to_owned());
+    let previous = services.sliding.lookup(&key, req.pos)?;
+    let rooms = &services.rooms;
+
+    // Every room of the user, most recent activity first.
+    let mut all: Vec<RoomInfo> = Vec::new();
+    for (room_id, membership) in rooms.memberships_of(req.user_id)? {
+        if !matches!(membership.as_str(), "join" | "invite" | "knock") {
+            continue;
+        }
+        let bump = match membership.as_str() {
+            "join" => rooms.room(&room_id)?.map_or(0, |(_, r)| r.last_position),
+            _ => rooms.last_membership_position(&room_id, req.user_id)?.unwrap_or(0),
+        };
+        all.push(RoomInfo { room_id, membership, bump: bump.min(now) });
+    }
+    all.sort_by(|a, b| b.bump.cmp(&a.bump).then_with(|| a.room_id.cmp(&b.room_id)));
+    let direct: HashSet<String> = services
+        .account_data
+        .get(req.localpart, None, "m.direct")?
+        .and_then(|v| v.as_object().cloned())
+        .map(|m| {
+            m.values()
+                .filter_map(Value::as_array)
+                .flatten()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let mut selected: BTreeMap<String, (RoomWants, String, u64)> = BTreeMap::new();
+    let mut lists = Map::new();
+    let mut counts = BTreeMap::new();
+    for (name, list) in &req.lists {
+        let mut matching = Vec::new();
+        for room in &all {
+            let f = &list.filters;
+            if f.is_invite.is_some_and(|want| want != (room.membership == "invite")) {
+                continue;
+            }
+            if f.is_dm.is_some_and(|want| want != direct.contains(&room.room_id)) {
+                continue;
+            }
+            if let Some(want) = f.is_encrypted {
+                let encrypted = rooms.state_of(&room.room_id, "m.room.encryption", "")?.is_some();
+                if want != encrypted {
+                    continue;
+                }
+            }
+            matching.push(room);
+        }
+        for (start, end) in &list.ranges {
+            for room in matching.iter().skip(*start).take(end.saturating_sub(*start) + 1) {
+                let entry = selected
+                    .entry(room.room_id.clone())
+                    .or_insert_with(|| (RoomWants::default(), room.membership.clone(), room.bump));
+                entry.0.merge(&list.wants);
+            }
+        }
+        counts.insert(name.clone(), matching.len());
+        lists.insert(name.clone(), json!({"count": matching.len()}));
+    }
+    for (room_id, wants) in &req.subscriptions {
+        let Some(room) = all.iter().find(|r| r.room_id == *room_id) else { continue };
+        let entry = selected
+            .entry(room_id.clone())
+            .or_insert_with(|| (RoomWants::default(), room.membership.clone(), room.bump));
+        entry.0.merge(wants);
+    }
+
+    let mut next = Snapshot { stream: now, rooms: previous.rooms.clone(), counts: counts.clone() };
+    let mut out_rooms = Map::new();
+    for (room_id, (wants, membership, bump)) in &selected {
+        let known = previous.rooms.get(room_id).copied();
+        let room = if membership == "join" {
+            joined_room(services, req.user_id, room_id, wants, known, now, *bump)?
+        } else {
+            invited_room(services, req.user_id, room_id, known, *bump)?
+        };
+        if let Some(room) = room {
+            out_rooms.insert(room_id.clone(), room);
+        }
+        next.rooms.insert(room_id.clone(), now);
+    }
+
+    let mut extensions = Map::new();
+    let since = previous.stream;
+    if req.extensions.account_data {
+        let changes = services.account_data.changed_since(req.localpart, since)?;
+        let global: Vec<Value> = changes
+            .iter()
+            .filter(|(r, _, _)| r.is_none())
+            .map(|(_, kind, c)| json!({"type": kind, "content": c}))
+            .collect();
+        let mut per_room = Map::new();
+        for (room, kind, c) in &changes {
+            if let Some(room) = room
+                && (selected.contains_key(room) || previous.rooms.contains_key(room))
+            {
+                let entry = per_room.entry(room.clone()).or_insert_with(|| json!([]));
+                if let Some(list) = entry.as_array_mut() {
+                    list.push(json!({"type": kind, "content": c}));
+                }
+            }
+        }
+        if !global.is_empty() || !per_room.is_empty() {
+            extensions.insert("account_data".into(), json!({"global": global, "rooms": per_room}));
+        }
+    }
+    let window: BTreeSet<&String> = selected.keys().chain(previous.rooms.keys()).collect();
+    if req.extensions.receipts {
+        let mut per_room = Map::new();
+        for room_id in &window {
+            let from = if previous.rooms.contains_key(*room_id) { since } else { 0 };
+            if let Some(c) = services.receipts.changed_since(room_id, from, req.user_id)? {
+                per_room.insert((*room_id).clone(), json!({"type": "m.receipt", "content": c}));
+            }
+        }
+        if !per_room.is_empty() {
+            extensions.insert("receipts".into(), json!({"rooms": per_room}));
+        }
+    }
+    if req.extensions.typing {
+        let mut per_room = Map::new();
+        for room_id in &window {
+            let from = if previous.rooms.contains_key(*room_id) { since } else { 0 };
+            if let Some(users) = services.typing.changed_since(room_id, from) {
+                per_room.insert(
+                    (*room_id).clone(),
+                    json!({"type": "m.typing", "content": {"user_ids": users}}),
+                );
+            }
+        }
+        if !per_room.is_empty() {
+            extensions.insert("typing".into(), json!({"rooms": per_room}));
+        }
+    }
+    let has_updates = !out_rooms.is_empty()
+        || !extensions.is_empty()
+        || counts != previous.counts
+        || req.pos.is_none();
+    if req.extensions.to_device {
+        extensions
+            .insert("to_device".into(), json!({"next_batch": format!("{now}"), "events": []}));
+    }
+    if req.extensions.e2ee {
+        extensions.insert(
+            "e2ee".into(),
+            json!({"device_lists": {"changed": [], "left": []}, "device_one_time_keys_count": {}}),
+        );
+    }
+    Ok(SlidingResponse {
+        body: json!({"lists": lists, "rooms": out_rooms, "extensions": extensions}),
+        has_updates,
+        key,
+        snapshot: next,
+    })
+}
+
+impl SlidingResponse {
+    /// Remembers what this response gives the client and returns it with its `pos`.
+    /// Only responses actually sent are remembered, so a long-poll that rebuilds its
+    /// answer does not push the client's own position out of the connection's memory.
+    pub fn send(self, services: &Services) -> Value {
+        let mut body = self.body;
+        body["pos"] = json!(services.sliding.store(self.key, self.snapshot));
+        body
+    }
+}
+
+fn counts_and_name(services: &Services, user: &str, room_id: &str, room: &mut Value) -> Result<()> {
+    let rooms = &services.rooms;
+    let joined = rooms.members(room_id, "join")?;
+    let invited = rooms.members(room_id, "invite")?;
+    room["joined_count"] = json!(joined.len());
+    room["invited_count"] = json!(invited.len());
+    if let Some(name) = rooms.state_of(room_id, "m.room.name", "")?
+        && let Some(n) = content(&name)["name"].as_str()
+        && !n.is_empty()
+    {
+        room["name"] = json!(n);
+    } else {
+        // Unnamed rooms are named by clients after their heroes.
+        let mut heroes = Vec::new();
+        for member in joined.iter().chain(invited.iter()).filter(|u| u.as_str() != user).take(5) {
+            let mut hero = json!({"user_id": member});
+            if let Some(ev) = rooms.state_of(room_id, "m.room.member", member)? {
+                let c = content(&ev);
+                if let Some(name) = c["displayname"].as_str() {
+                    hero["displayname"] = json!(name);
+                }
+                if let Some(avatar) = c["avatar_url"].as_str() {
+                    hero["avatar_url"] = json!(avatar);
+                }
+            }
+            heroes.push(hero);
+        }
+        room["heroes"] = json!(heroes);
+    }
+    if let Some(avatar) = rooms.state_of(room_id, "m.room.avatar", "")?
+        && let Some(url) = content(&avatar)["url"].as_str()
+    {
+        room["avatar"] = json!(url);
+    }
+    Ok(())
+}
+
+fn joined_room(
+    services: &Services,
+    user: &str,
+    room_id: &str,
+    wants: &RoomWants,
+    known: Option<u64>,
+    now: u64,
+    bump: u64,
+) -> Result<Option<Value>> {
+    let rooms = &services.rooms;
+    if let Some(known) = known
+        && !rooms.changed_after(room_id, known)?
+    {
+        return Ok(None);
+    }
+    let from = known.unwrap_or(0);
+    let view = rooms.visibility_view(room_id, user)?;
+    let limit = wants.timeline_limit.min(MAX_TIMELINE);
+    let page = rooms.scan_timeline(
+        room_id,
+        Bound::Excluded(from),
+        Bound::Included(now),
+        false,
+        limit,
+        |pos, pdu| Ok(view.may_see(pos, pdu)),
+    )?;
+    let mut events = page.events;
+    events.reverse();
+    let initial = known.is_none();
+    let lazy: BTreeSet<String> = events.iter().map(|(_, p)| p.sender.to_string()).collect();
+    let required: Vec<Value> = if initial {
+        rooms
+            .current_state(room_id)?
+            .iter()
+            .filter(|p| wanted(p, &wants.required_state, user, &lazy))
+            .map(sync_event)
+            .collect()
+    } else {
+        // State that changed since the client's position, as far as it asked for it.
+        let before = rooms.state_at_position(room_id, from)?;
+        let after = rooms.current_state_ids(room_id)?;
+        let mut changed: Vec<Pdu> = rooms.state_diff(&before, &after)?;
+        changed.retain(|p| wanted(p, &wants.required_state, user, &lazy));
+        // New senders' member events, for a lazy-loading client.
+        let want_lazy =
+            wants.required_state.iter().any(|(t, k)| t == "m.room.member" && k == "$LAZY");
+        if want_lazy {
+            for sender in &lazy {
+                if let Some(member) = rooms.state_of(room_id, "m.room.member", sender)?
+                    && !changed.iter().any(|p| p.event_id == member.event_id)
+                {
+                    changed.push(member);
+                }
+            }
+        }
+        changed.iter().map(sync_event).collect()
+    };
+    let first = events.first().map_or(now + 1, |(p, _)| *p);
+    let timeline: Vec<Value> = events.iter().map(|(_, p)| sync_event(p)).collect();
+    let mut room = json!({
+        "timeline": timeline,
+        "required_state": required,
+        "prev_batch": format!("t{first}"),
+        "limited": page.more,
+        "bump_stamp": bump,
+        "num_live": if initial { 0 } else { events.len() },
+    });
+    if initial {
+        room["initial"] = json!(true);
+    }
+    counts_and_name(services, user, room_id, &mut room)?;
+    let (notifications, highlights) = crate::sync::unread_counts(services, user, room_id, now)?;
+    // Flattened into the room object, as MSC4186 has it.
+    room["notification_count"] = json!(notifications);
+    room["highlight_count"] = json!(highlights);
+    Ok(Some(room))
+}
+
+fn invited_room(
+    services: &Services,
+    user: &str,
+    room_id: &str,
+    known: Option<u64>,
+    bump: u64,
+) -> Result<Option<Value>> {
+    if known.is_some() {
+        return Ok(None);
+    }
+    let rooms = &services.rooms;
+    let mut state = Vec::new();
+    for kind in [
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.encryption",
+        "m.room.topic",
+    ] {
+        if let Some(p) = rooms.state_of(room_id, kind, "")? {
+            state.push(stripped(&p));
+        }
+    }
+    if let Some(own) = rooms.state_of(room_id, "m.room.member", user)? {
+        if let Some(inviter) = rooms.state_of(room_id, "m.room.member", own.sender.as_str())? {
+            state.push(stripped(&inviter));
+        }
+        state.push(stripped(&own));
+    }
+    let mut room = json!({"invite_state": state, "initial": true, "bump_stamp": bump,
+        "timeline": [], "required_state": []});
+    counts_and_name(services, user, room_id, &mut room)?;
+    Ok(Some(room))
+}

@@ -1,0 +1,531 @@
+//! `/sync` (v3): what changed for one user between two stream positions, per room
+//! (timeline, state, ephemeral events, account data) and globally. Everything is read
+//! at positions up to `now` (the stream's visible position when the sync started), so
+//! the next sync starting at `now` neither misses nor repeats anything.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    ops::Bound,
+};
+
+use ruma::{
+    api::client::filter::{FilterDefinition, LazyLoadOptions, RoomEventFilter, RoomFilter},
+    events::TimelineEventType,
+};
+use serde_json::{Map, Value, json};
+use trellis_core::Result;
+
+use crate::{
+    Services,
+    rooms::{Pdu, filter, state::StateSet, visibility::VisibilityView},
+};
+
+/// Timeline events per room when the filter sets no limit.
+const DEFAULT_TIMELINE_LIMIT: usize = 10;
+const MAX_TIMELINE_LIMIT: usize = 100;
+
+/// State event types an invitee or knocker sees of a room they are not in.
+const STRIPPED_STATE: &[&str] = &[
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
+
+pub struct SyncRequest<'a> {
+    pub user_id: &'a str,
+    pub localpart: &'a str,
+    /// `None` for an initial sync.
+    pub since: Option<u64>,
+    pub full_state: bool,
+    pub filter: &'a FilterDefinition,
+    pub use_state_after: bool,
+}
+
+/// A built response and whether it carries anything (an empty incremental sync waits).
+pub struct SyncResponse {
+    pub body: Value,
+    pub has_updates: bool,
+}
+
+/// An event as clients see it in a sync (no `room_id`: the room is the map key).
+pub fn sync_event(pdu: &Pdu) -> Value {
+    let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+    let mut event = json!({
+        "event_id": pdu.event_id,
+        "sender": pdu.sender,
+        "type": pdu.kind.to_string(),
+        "content": content,
+        "origin_server_ts": pdu.origin_server_ts,
+        "unsigned": {},
+    });
+    if let Some(key) = &pdu.state_key {
+        event["state_key"] = json!(key);
+    }
+    if let Some(unsigned) = pdu.json.get("unsigned")
+        && let Ok(unsigned) = serde_json::to_value(unsigned)
+    {
+        event["unsigned"] = unsigned;
+    }
+    if let Some(redacts) = &pdu.redacts {
+        event["redacts"] = json!(redacts);
+    }
+    event
+}
+
+fn stripped(pdu: &Pdu) -> Value {
+    let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+    json!({
+        "type": pdu.kind.to_string(),
+        "state_key": pdu.state_key.clone().unwrap_or_default(),
+        "content": content,
+        "sender": pdu.sender,
+    })
+}
+
+fn room_allowed(filter: &RoomFilter, room_id: &str) -> bool {
+    !filter.not_rooms.iter().any(|r| r.as_str() == room_id)
+        && filter.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r.as_str() == room_id))
+}
+
+fn lazy(filter: &RoomEventFilter) -> bool {
+    !matches!(filter.lazy_load_options, LazyLoadOptions::Disabled)
+}
+
+/// Builds one sync response up to position `now`.
+pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<SyncResponse> {
+    let since = req.since.unwrap_or(0);
+    let ignored: HashSet<String> = services
+        .account_data
+        .get(req.localpart, None, "m.ignored_user_list")?
+        .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let builder = Builder { services, req, since, now, ignored };
+    let account_changes = services.account_data.changed_since(req.localpart, since)?;
+
+    let mut join = Map::new();
+    let mut invite = Map::new();
+    let mut leave = Map::new();
+    let mut knock = Map::new();
+    let room_filter = &req.filter.room;
+    for (room_id, membership) in services.rooms.memberships_of(req.user_id)? {
+        if !room_allowed(room_filter, &room_id) {
+            continue;
+        }
+        let changed_at = services.rooms.last_membership_position(&room_id, req.user_id)?;
+        // Membership changes not yet visible belong to a later sync.
+        let Some(changed_at) = changed_at.filter(|p| *p <= now) else { continue };
+        let room_account_data: Vec<Value> = account_changes
+            .iter()
+            .filter(|(room, kind, _)| {
+                room.as_deref() == Some(room_id.as_str())
+                    && room_account_data_allowed(&req.filter.room.account_data, kind)
+            })
+            .map(|(_, kind, content)| json!({"type": kind, "content": content}))
+            .collect();
+        match membership.as_str() {
+            "join" => {
+                if let Some(room) = builder.joined_room(&room_id, changed_at, room_account_data)? {
+                    join.insert(room_id, room);
+                }
+            }
+            "invite" | "knock" if changed_at > since => {
+                let Some(pdu) = services.rooms.state_of(&room_id, "m.room.member", req.user_id)?
+                else {
+                    continue;
+                };
+                if membership == "invite" && builder.ignored.contains(pdu.sender.as_str()) {
+                    continue;
+                }
+                let mut events = Vec::new();
+                for kind in STRIPPED_STATE {
+                    if let Some(p) = services.rooms.state_of(&room_id, kind, "")? {
+                        events.push(stripped(&p));
+                    }
+                }
+                if let Some(inviter) =
+                    services.rooms.state_of(&room_id, "m.room.member", pdu.sender.as_str())?
+                {
+                    events.push(stripped(&inviter));
+                }
+                events.push(sync_event(&pdu));
+                if membership == "invite" {
+                    invite.insert(room_id, json!({"invite_state": {"events": events}}));
+                } else {
+                    knock.insert(room_id, json!({"knock_state": {"events": events}}));
+                }
+            }
+            "leave" | "ban"
+                if changed_at > since && (req.since.is_some() || room_filter.include_leave) =>
+            {
+                if let Some(room) = builder.left_room(&room_id, changed_at, room_account_data)? {
+                    leave.insert(room_id, room);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let presence = presence_events(services, req.user_id, since)?;
+    let global: Vec<Value> = account_changes
+        .iter()
+        .filter(|(room, kind, _)| {
+            room.is_none() && filter_account_data(&req.filter.account_data, kind)
+        })
+        .map(|(_, kind, content)| json!({"type": kind, "content": content}))
+        .collect();
+    let has_updates = !join.is_empty()
+        || !invite.is_empty()
+        || !leave.is_empty()
+        || !knock.is_empty()
+        || !global.is_empty()
+        || !presence.is_empty();
+    let mut body = json!({
+        "next_batch": format!("s{now}"),
+        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
+        "account_data": {"events": global},
+        "presence": {"events": presence},
+        "to_device": {"events": []},
+        "device_lists": {"changed": [], "left": []},
+        "device_one_time_keys_count": {},
+    });
+    if let Some(map) = body.as_object_mut() {
+        map.retain(|_, v| !is_empty_section(v));
+        map.entry("next_batch").or_insert_with(|| json!(format!("s{now}")));
+    }
+    Ok(SyncResponse { body, has_updates })
+}
+
+/// Presence changes since `since` of the user and of users sharing a room with them.
+fn presence_events(services: &Services, user_id: &str, since: u64) -> Result<Vec<Value>> {
+    let changed = services.presence.changed_since(since);
+    if changed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mine: HashSet<String> = services.rooms.rooms_of(user_id, "join")?.into_iter().collect();
+    let mut out = Vec::new();
+    for other in changed {
+        let shares = other == user_id
+            || services.rooms.rooms_of(&other, "join")?.iter().any(|r| mine.contains(r));
+        if shares && let Some(content) = services.presence.presence_content(&other) {
+            out.push(json!({"type": "m.presence", "sender": other, "content": content}));
+        }
+    }
+    Ok(out)
+}
+
+fn is_empty_section(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.values().all(is_empty_section),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+fn filter_account_data(filter: &ruma::api::client::filter::Filter, kind: &str) -> bool {
+    !filter.not_types.iter().any(|t| filter::type_matches(t, kind))
+        && filter.types.as_ref().is_none_or(|ts| ts.iter().any(|t| filter::type_matches(t, kind)))
+}
+
+fn room_account_data_allowed(filter: &RoomEventFilter, kind: &str) -> bool {
+    !filter.not_types.iter().any(|t| filter::type_matches(t, kind))
+        && filter.types.as_ref().is_none_or(|ts| ts.iter().any(|t| filter::type_matches(t, kind)))
+}
+
+struct Builder<'a> {
+    services: &'a Services,
+    req: &'a SyncRequest<'a>,
+    since: u64,
+    now: u64,
+    ignored: HashSet<String>,
+}
+
+/// A room's timeline section: events in order, whether it was cut, and the token
+/// before its first event.
+struct Timeline {
+    events: Vec<(u64, Pdu)>,
+    limited: bool,
+    prev_batch: String,
+}
+
+impl Builder<'_> {
+    fn timeline_filter(&self) -> &RoomEventFilter {
+        &self.req.filter.room.timeline
+    }
+
+    fn timeline_limit(&self) -> usize {
+        self.timeline_filter()
+            .limit
+            .and_then(|l| usize::try_from(u64::from(l)).ok())
+            .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+            .clamp(1, MAX_TIMELINE_LIMIT)
+    }
+
+    /// The newest events of `(from, to]` the user may see, up to the filter's limit.
+    fn timeline(&self, room_id: &str, from: u64, to: u64) -> Result<Timeline> {
+        let view: VisibilityView =
+            self.services.rooms.visibility_view(room_id, self.req.user_id)?;
+        let filter = self.timeline_filter();
+        let limit = self.timeline_limit();
+        let page = self.services.rooms.scan_timeline(
+            room_id,
+            Bound::Excluded(from),
+            Bound::Included(to),
+            false,
+            limit,
+            |pos, pdu| {
+                Ok(!self.ignored.contains(pdu.sender.as_str())
+                    && filter::passes(filter, room_id, pdu)
+                    && view.may_see(pos, pdu))
+            },
+        )?;
+        let mut events = page.events;
+        events.reverse();
+        let first = events.first().map_or(to + 1, |(p, _)| *p);
+        Ok(Timeline { limited: page.more, events, prev_batch: format!("t{first}") })
+    }
+
+    /// State to send with a timeline: everything up to its start for a new view of the
+    /// room (initial sync, fresh join, `full_state`), else what changed between `since`
+    /// and its start.
+    fn state_section(&self, room_id: &str, timeline: &Timeline, fresh: bool) -> Result<Vec<Value>> {
+        let rooms = &self.services.rooms;
+        let at_start: StateSet = match timeline.events.first() {
+            Some((_, first)) => rooms.state_before_event(first)?,
+            None => rooms.state_at_position(room_id, self.now)?,
+        };
+        let base = if fresh || self.req.use_state_after {
+            StateSet::new()
+        } else {
+            rooms.state_at_position(room_id, self.since)?
+        };
+        let target = if self.req.use_state_after {
+            match timeline.events.last() {
+                Some((_, last)) => rooms.state_after_event(last)?,
+                None => at_start,
+            }
+        } else {
+            at_start
+        };
+        let mut events = rooms.state_diff(&base, &target)?;
+        let in_timeline: HashSet<&str> =
+            timeline.events.iter().map(|(_, p)| p.event_id.as_str()).collect();
+        let state_filter = &self.req.filter.room.state;
+        let lazy = lazy(state_filter);
+        let senders: BTreeSet<&str> =
+            timeline.events.iter().map(|(_, p)| p.sender.as_str()).collect();
+        events.retain(|p| {
+            (self.req.use_state_after || !in_timeline.contains(p.event_id.as_str()))
+                && filter::passes(state_filter, room_id, p)
+                && (!lazy
+                    || p.kind != TimelineEventType::RoomMember
+                    || p.state_key
+                        .as_deref()
+                        .is_some_and(|k| senders.contains(k) || k == self.req.user_id))
+        });
+        // A lazy-loading client on an incremental sync still needs the members behind
+        // new timeline events it may not know yet.
+        if lazy && !fresh {
+            let have: HashSet<String> = events.iter().filter_map(|p| p.state_key.clone()).collect();
+            for sender in senders {
+                if !have.contains(sender)
+                    && let Some(member) = rooms.state_of(room_id, "m.room.member", sender)?
+                    && !in_timeline.contains(member.event_id.as_str())
+                {
+                    events.push(member);
+                }
+            }
+        }
+        Ok(events.iter().map(sync_event).collect())
+    }
+
+    fn render(&self, pdu: &Pdu) -> Result<Value> {
+        let mut event = sync_event(pdu);
+        let bundle = self.services.rooms.bundle(pdu, self.req.user_id)?;
+        if bundle.is_empty() {
+            return Ok(event);
+        }
+        let mut relations = json!({});
+        if let Some(edit) = &bundle.edit {
+            relations["m.replace"] = sync_event(edit);
+        }
+        if let Some((latest, count, participated)) = &bundle.thread {
+            relations["m.thread"] = json!({
+                "latest_event": sync_event(latest),
+                "count": count,
+                "current_user_participated": participated,
+            });
+        }
+        if !bundle.references.is_empty() {
+            let chunk: Vec<Value> =
+                bundle.references.iter().map(|id| json!({"event_id": id})).collect();
+            relations["m.reference"] = json!({"chunk": chunk});
+        }
+        if !event["unsigned"].is_object() {
+            event["unsigned"] = json!({});
+        }
+        event["unsigned"]["m.relations"] = relations;
+        Ok(event)
+    }
+
+    fn joined_room(
+        &self,
+        room_id: &str,
+        joined_at: u64,
+        account_data: Vec<Value>,
+    ) -> Result<Option<Value>> {
+        let services = self.services;
+        let fresh = self.req.since.is_none() || self.req.full_state || joined_at > self.since;
+        let typing = services.typing.changed_since(room_id, self.since);
+        let receipts = services.receipts.changed_since(room_id, self.since, self.req.user_id)?;
+        let changed = services.rooms.changed_after(room_id, self.since)?;
+        if !fresh && !changed && typing.is_none() && receipts.is_none() && account_data.is_empty() {
+            return Ok(None);
+        }
+        let timeline = if fresh || changed {
+            self.timeline(room_id, self.since, self.now)?
+        } else {
+            Timeline {
+                events: Vec::new(),
+                limited: false,
+                prev_batch: format!("t{}", self.now + 1),
+            }
+        };
+        // A fresh view (a join since the last sync) gets the whole state at the start of
+        // its timeline, which still only covers what happened after `since`.
+        let state = self.state_section(room_id, &timeline, fresh)?;
+        let mut ephemeral = Vec::new();
+        if let Some(users) = typing {
+            ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
+        }
+        if let Some(content) = receipts {
+            ephemeral.push(json!({"type": "m.receipt", "content": content}));
+        }
+        let events: Vec<Value> =
+            timeline.events.iter().map(|(_, p)| self.render(p)).collect::<Result<_>>()?;
+        let mut room = json!({
+            "timeline": {
+                "events": events,
+                "limited": timeline.limited,
+                "prev_batch": timeline.prev_batch,
+            },
+            "ephemeral": {"events": ephemeral},
+            "account_data": {"events": account_data},
+            "unread_notifications": self.unread(room_id)?,
+        });
+        if self.req.use_state_after {
+            room["state_after"] = json!({"events": state});
+        } else {
+            room["state"] = json!({"events": state});
+        }
+        if fresh || changed {
+            room["summary"] = self.summary(room_id)?;
+        }
+        Ok(Some(room))
+    }
+
+    fn left_room(
+        &self,
+        room_id: &str,
+        left_at: u64,
+        account_data: Vec<Value>,
+    ) -> Result<Option<Value>> {
+        // What happened up to (and including) the departure.
+        let timeline = self.timeline(room_id, self.since, left_at)?;
+        let fresh = self.req.since.is_none() || self.req.full_state;
+        let state = self.state_section(room_id, &timeline, fresh)?;
+        let events: Vec<Value> =
+            timeline.events.iter().map(|(_, p)| self.render(p)).collect::<Result<_>>()?;
+        Ok(Some(json!({
+            "timeline": {
+                "events": events,
+                "limited": timeline.limited,
+                "prev_batch": timeline.prev_batch,
+            },
+            "state": {"events": state},
+            "account_data": {"events": account_data},
+        })))
+    }
+
+    /// Heroes and member counts, which clients use to name unnamed rooms.
+    fn summary(&self, room_id: &str) -> Result<Value> {
+        let rooms = &self.services.rooms;
+        let joined = rooms.members(room_id, "join")?;
+        let invited = rooms.members(room_id, "invite")?;
+        let mut heroes: Vec<&String> = joined
+            .iter()
+            .chain(invited.iter())
+            .filter(|u| u.as_str() != self.req.user_id)
+            .collect();
+        heroes.sort();
+        heroes.truncate(5);
+        Ok(json!({
+            "m.heroes": heroes,
+            "m.joined_member_count": joined.len(),
+            "m.invited_member_count": invited.len(),
+        }))
+    }
+
+    fn unread(&self, room_id: &str) -> Result<Value> {
+        let (notifications, highlights) =
+            unread_counts(self.services, self.req.user_id, room_id, self.now)?;
+        Ok(json!({"notification_count": notifications, "highlight_count": highlights}))
+    }
+}
+
+/// Unread counts: messages from others after the user's latest read receipt (or their
+/// join), with highlights for mentions of the user. Push-rule driven counts replace this
+/// once push rules are evaluated per event.
+pub fn unread_counts(
+    services: &Services,
+    user_id: &str,
+    room_id: &str,
+    now: u64,
+) -> Result<(u64, u64)> {
+    let mut read_at = 0u64;
+    for (thread, event_id) in services.receipts.latest(room_id, user_id)? {
+        if (thread.is_empty() || thread == "main")
+            && let Some(pos) = services.rooms.position_of(&event_id)?
+        {
+            read_at = read_at.max(pos);
+        }
+    }
+    if let Some(joined) = services.rooms.last_membership_position(room_id, user_id)? {
+        read_at = read_at.max(joined);
+    }
+    let localpart = user_id.trim_start_matches('@').split(':').next().unwrap_or(user_id);
+    let mut notifications = 0u64;
+    let mut highlights = 0u64;
+    let page = services.rooms.scan_timeline(
+        room_id,
+        Bound::Excluded(read_at),
+        Bound::Included(now),
+        true,
+        1000,
+        |_, pdu| Ok(pdu.sender.as_str() != user_id),
+    )?;
+    for (_, pdu) in &page.events {
+        let kind = pdu.kind.to_string();
+        if kind != "m.room.message" && kind != "m.room.encrypted" && kind != "m.sticker" {
+            continue;
+        }
+        // Edits do not count as new messages.
+        let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+        if content["m.relates_to"]["rel_type"] == "m.replace" {
+            continue;
+        }
+        notifications += 1;
+        let mentioned = content["m.mentions"]["user_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|id| id == user_id))
+            || content["body"].as_str().is_some_and(|b| b.contains(localpart));
+        if mentioned {
+            highlights += 1;
+        }
+    }
+    Ok((notifications, highlights))
+}
