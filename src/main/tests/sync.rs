@@ -382,3 +382,69 @@ async fn filters_account_data_and_lazy_members() {
     assert_eq!((status, err["errcode"].as_str()), (400, Some("M_INVALID_PARAM")));
     let _ = ct;
 }
+
+#[tokio::test]
+async fn push_rules_drive_counts_threads_and_the_notification_list() {
+    let s = TestServer::start(OPEN).await;
+    let (_alice, at) = s.register("alice").await;
+    let (bob, bt) = s.register("bob").await;
+    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
+    join(&s, &bt, &room).await;
+    let root = say(&s, &at, &room, "root").await;
+    for body in ["t1", "t2"] {
+        let (status, _) = s
+            .put_auth(
+                &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn()),
+                &at,
+                &json!({"msgtype": "m.text", "body": body,
+                    "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn()),
+            &at,
+            &json!({"msgtype": "m.text", "body": "ping", "m.mentions": {"user_ids": [bob]}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Thread-aware clients get thread counts apart; others get them folded in.
+    let filter = urlenc(r#"{"room":{"timeline":{"unread_thread_notifications":true}}}"#);
+    let threaded = sync(&s, &bt, &format!("filter={filter}")).await;
+    let r = &threaded["rooms"]["join"][&room];
+    assert_eq!(r["unread_notifications"]["notification_count"], 2, "{r}");
+    assert_eq!(r["unread_notifications"]["highlight_count"], 1);
+    assert_eq!(r["unread_thread_notifications"][&root]["notification_count"], 2, "{r}");
+    let plain = sync(&s, &bt, "").await;
+    assert_eq!(plain["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 4);
+
+    // The notification list, all and highlights only.
+    let (status, list) = s.get_auth("/_matrix/client/v3/notifications", &bt).await;
+    assert_eq!(status, 200, "{list}");
+    let all = list["notifications"].as_array().unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(all[0]["event"]["content"]["body"], "ping", "newest first");
+    assert_eq!(all[0]["read"], false);
+    let (_, high) = s.get_auth("/_matrix/client/v3/notifications?only=highlight", &bt).await;
+    assert_eq!(high["notifications"].as_array().unwrap().len(), 1);
+    let (_, page) = s.get_auth("/_matrix/client/v3/notifications?limit=3", &bt).await;
+    let next = page["next_token"].as_str().unwrap();
+    let (_, rest) = s.get_auth(&format!("/_matrix/client/v3/notifications?from={next}"), &bt).await;
+    assert_eq!(rest["notifications"].as_array().unwrap().len(), 1);
+
+    // Muting the room with a room rule: new messages no longer count.
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/pushrules/global/room/{room}"),
+            &bt,
+            &json!({"actions": []}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    say(&s, &at, &room, "muted").await;
+    let after = sync(&s, &bt, "").await;
+    assert_eq!(after["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 4);
+}

@@ -8,6 +8,7 @@ pub mod durable;
 pub mod filters;
 pub mod keys;
 pub mod mailer;
+pub mod notify;
 pub mod password;
 pub mod presence;
 pub mod profile;
@@ -54,6 +55,7 @@ pub struct Services {
     pub filters: filters::Filters,
     pub typing: Arc<typing::Typing>,
     pub receipts: receipts::Receipts,
+    pub notifier: notify::Notifier,
     pub sliding: sliding::Connections,
     pub rate_limits: RateLimiter,
     pub mailer: Option<mailer::Mailer>,
@@ -82,7 +84,7 @@ impl Services {
             rooms::append::Timeline::new(db.clone(), keys.clone(), &config.server.server_name)
                 .map_err(|e| format!("loading rooms: {e}"))?;
         let stream = rooms.stream.clone();
-        Ok(Arc::new(Self {
+        let services = Arc::new(Self {
             rooms,
             aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
             public_rooms: rooms::public::PublicRooms::new(db.clone()),
@@ -95,6 +97,7 @@ impl Services {
             typing: typing::Typing::new(stream.clone()),
             receipts: receipts::Receipts::new(db.clone(), stream),
             sliding: sliding::Connections::default(),
+            notifier: notify::Notifier::new(db.clone()),
             rate_limits: RateLimiter::new(config.rate_limits.clone()),
             mailer,
             directory: directory::UserDirectory::new(
@@ -107,7 +110,24 @@ impl Services {
             db,
             config,
             metrics: Metrics::new(),
-        }))
+        });
+        // Push rules are evaluated for each appended event before it is visible; the hook
+        // holds the services weakly (they own the timeline that holds the hook).
+        let weak = Arc::downgrade(&services);
+        services.rooms.set_hook(Arc::new(move |room_id, position, pdu| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                let Some(services) = weak.upgrade() else { return };
+                let span = tracing::debug_span!("push_rules", room_id, position);
+                let _enter = span.enter();
+                if let Err(e) =
+                    services.notifier.evaluate(&services, &room_id, position, &pdu).await
+                {
+                    tracing::warn!(error = %e, "evaluating push rules failed");
+                }
+            })
+        }));
+        Ok(services)
     }
 
     pub fn server_name(&self) -> &str {

@@ -33,11 +33,43 @@ pub struct PushRules {
     /// concurrent changes would both start from the same ruleset and the later write
     /// would drop the earlier change.
     write_lock: tokio::sync::Mutex<()>,
+    /// Parsed rulesets: every event is evaluated against every member's ruleset, which
+    /// must not mean parsing each from JSON per event. Only `store` changes a ruleset.
+    /// The counter bumps on every change, so a ruleset read before a change is not kept
+    /// after it.
+    cache: std::sync::Mutex<(std::collections::HashMap<String, Arc<Ruleset>>, u64)>,
 }
+
+/// Rulesets kept parsed, at most.
+const CACHED_RULESETS: usize = 10_000;
 
 impl PushRules {
     pub fn new(db: Db, stream: Arc<StreamPositions>) -> Self {
-        Self { account_data: AccountData::new(db, stream), write_lock: tokio::sync::Mutex::new(()) }
+        Self {
+            account_data: AccountData::new(db, stream),
+            write_lock: tokio::sync::Mutex::new(()),
+            cache: std::sync::Mutex::default(),
+        }
+    }
+
+    /// [`Self::ruleset`], parsed once and shared.
+    pub fn cached_ruleset(&self, user_id: &str) -> Result<Arc<Ruleset>> {
+        let generation = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = cache.0.get(user_id) {
+                return Ok(r.clone());
+            }
+            cache.1
+        };
+        let ruleset = Arc::new(self.ruleset(user_id)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.1 == generation {
+            if cache.0.len() >= CACHED_RULESETS {
+                cache.0.clear();
+            }
+            cache.0.insert(user_id.to_owned(), ruleset.clone());
+        }
+        Ok(ruleset)
     }
 
     /// The user's ruleset: the stored one, brought up to date with the current
@@ -131,7 +163,14 @@ impl PushRules {
         let global = serde_json::to_value(ruleset)
             .map_err(|e| Error::internal("serializing push rules", e))?;
         tracing::debug!(user = user_id, "push rules changed");
-        self.account_data.put(user.localpart(), None, EVENT_TYPE, json!({ "global": global })).await
+        let result = self
+            .account_data
+            .put(user.localpart(), None, EVENT_TYPE, json!({ "global": global }))
+            .await;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.1 += 1;
+        cache.0.remove(user_id);
+        result
     }
 }
 

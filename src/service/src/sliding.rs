@@ -457,7 +457,8 @@ fn joined_room(
         room["initial"] = json!(true);
     }
     counts_and_name(services, user, room_id, &mut room)?;
-    let (notifications, highlights) = crate::sync::unread_counts(services, user, room_id, now)?;
+    let ((notifications, highlights), _) =
+        crate::sync::unread_counts(services, user, room_id, false)?;
     // Flattened into the room object, as MSC4186 has it.
     room["notification_count"] = json!(notifications);
     room["highlight_count"] = json!(highlights);

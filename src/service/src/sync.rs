@@ -4,7 +4,7 @@
 //! the next sync starting at `now` neither misses nor repeats anything.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     ops::Bound,
 };
 
@@ -415,8 +415,8 @@ impl Builder<'_> {
             },
             "ephemeral": {"events": ephemeral},
             "account_data": {"events": account_data},
-            "unread_notifications": self.unread(room_id)?,
         });
+        self.unread(room_id, &mut room)?;
         if self.req.use_state_after {
             room["state_after"] = json!({"events": state});
         } else {
@@ -470,62 +470,39 @@ impl Builder<'_> {
         }))
     }
 
-    fn unread(&self, room_id: &str) -> Result<Value> {
-        let (notifications, highlights) =
-            unread_counts(self.services, self.req.user_id, room_id, self.now)?;
-        Ok(json!({"notification_count": notifications, "highlight_count": highlights}))
+    fn unread(&self, room_id: &str, room: &mut Value) -> Result<()> {
+        let separate = self.req.filter.room.timeline.unread_thread_notifications;
+        let ((n, h), threads) = unread_counts(self.services, self.req.user_id, room_id, separate)?;
+        room["unread_notifications"] = json!({"notification_count": n, "highlight_count": h});
+        if separate && !threads.is_empty() {
+            let per_thread: Map<String, Value> = threads
+                .into_iter()
+                .map(|(root, (n, h))| {
+                    (root, json!({"notification_count": n, "highlight_count": h}))
+                })
+                .collect();
+            room["unread_thread_notifications"] = Value::Object(per_thread);
+        }
+        Ok(())
     }
 }
 
-/// Unread counts: messages from others after the user's latest read receipt (or their
-/// join), with highlights for mentions of the user. Push-rule driven counts replace this
-/// once push rules are evaluated per event.
+/// Unread `(notifications, highlights)` of a room by push rules, and per thread; without
+/// `separate_threads` thread counts are folded into the room's.
 pub fn unread_counts(
     services: &Services,
     user_id: &str,
     room_id: &str,
-    now: u64,
-) -> Result<(u64, u64)> {
-    let mut read_at = 0u64;
-    for (thread, event_id) in services.receipts.latest(room_id, user_id)? {
-        if (thread.is_empty() || thread == "main")
-            && let Some(pos) = services.rooms.position_of(&event_id)?
-        {
-            read_at = read_at.max(pos);
-        }
+    separate_threads: bool,
+) -> Result<((u64, u64), BTreeMap<String, (u64, u64)>)> {
+    let counts = services.notifier.counts(services, user_id, room_id)?;
+    if separate_threads {
+        return Ok((counts.room, counts.threads));
     }
-    if let Some(joined) = services.rooms.last_membership_position(room_id, user_id)? {
-        read_at = read_at.max(joined);
+    let mut room = counts.room;
+    for (n, h) in counts.threads.values() {
+        room.0 += n;
+        room.1 += h;
     }
-    let localpart = user_id.trim_start_matches('@').split(':').next().unwrap_or(user_id);
-    let mut notifications = 0u64;
-    let mut highlights = 0u64;
-    let page = services.rooms.scan_timeline(
-        room_id,
-        Bound::Excluded(read_at),
-        Bound::Included(now),
-        true,
-        1000,
-        |_, pdu| Ok(pdu.sender.as_str() != user_id),
-    )?;
-    for (_, pdu) in &page.events {
-        let kind = pdu.kind.to_string();
-        if kind != "m.room.message" && kind != "m.room.encrypted" && kind != "m.sticker" {
-            continue;
-        }
-        // Edits do not count as new messages.
-        let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
-        if content["m.relates_to"]["rel_type"] == "m.replace" {
-            continue;
-        }
-        notifications += 1;
-        let mentioned = content["m.mentions"]["user_ids"]
-            .as_array()
-            .is_some_and(|ids| ids.iter().any(|id| id == user_id))
-            || content["body"].as_str().is_some_and(|b| b.contains(localpart));
-        if mentioned {
-            highlights += 1;
-        }
-    }
-    Ok((notifications, highlights))
+    Ok((room, BTreeMap::new()))
 }

@@ -102,6 +102,10 @@ tables! {
     PUSHER_KEYS = "pusher_keys", Scan;
     // user id -> last presence state, status message and activity time
     PRESENCE = "presence", Point;
+    // (user id, room id, position) -> unread notifying event (highlight, thread)
+    NOTIFY_UNREAD = "notify_unread", Scan;
+    // (user id, position) -> notification, for `/notifications`
+    NOTIFY_HISTORY = "notify_history", Scan;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

@@ -9,6 +9,7 @@ mod directory;
 mod events;
 mod history;
 mod membership;
+mod notifications;
 mod presence;
 mod profile;
 mod push_rules;
@@ -45,6 +46,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = directory::routes(router);
     let router = rooms::routes(router);
     let router = sync::routes(router);
+    let router = notifications::routes(router);
     let router = sliding::routes(router);
     let router = sync_ws::routes(router);
     let router = history::routes(router);

@@ -113,6 +113,14 @@ pub struct NewEvent {
     pub redacts: Option<String>,
 }
 
+/// Runs for every appended event after it is stored and before readers of the stream
+/// see it (push rule evaluation), with the room id, the event's position and the event.
+pub type AppendHook = Arc<
+    dyn Fn(String, u64, Arc<Pdu>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
 pub struct Timeline {
     pub(super) db: Db,
     keys: Arc<ServerKeys>,
@@ -124,6 +132,7 @@ pub struct Timeline {
     cache: EventCache,
     states: StateCache,
     durability: Arc<crate::durable::Durability>,
+    hook: std::sync::OnceLock<AppendHook>,
 }
 
 impl Timeline {
@@ -153,7 +162,13 @@ impl Timeline {
             cache: EventCache::new(EVENT_CACHE_ENTRIES),
             states: StateCache::new(STATE_CACHE_ENTRIES),
             durability,
+            hook: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the append hook (once, at start-up).
+    pub fn set_hook(&self, hook: AppendHook) {
+        let _ = self.hook.set(hook);
     }
 
     fn room_lock(&self, room_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -453,6 +468,9 @@ impl Timeline {
             self.cache.invalidate(short);
         }
         drop(_guard);
+        if let Some(hook) = self.hook.get() {
+            hook(room_id.to_owned(), pending.stream.position, Arc::new(pdu.clone())).await;
+        }
         self.finish(pending).await?;
         Ok(pdu)
     }
