@@ -54,6 +54,9 @@ pub struct Notifier {
     db: Db,
 }
 
+/// Notifications with their positions, and the position to continue from.
+pub type HistoryPage = (Vec<(u64, Notification)>, Option<u64>);
+
 fn content(pdu: &Pdu) -> Value {
     serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null)
 }
@@ -213,7 +216,7 @@ impl Notifier {
         from: Option<u64>,
         limit: usize,
         only_highlight: bool,
-    ) -> Result<(Vec<(u64, Notification)>, Option<u64>)> {
+    ) -> Result<HistoryPage> {
         let lo = (user.to_owned(), 0);
         let hi = (user.to_owned(), from.unwrap_or(u64::MAX));
         let hi = if from.is_some() { Excluded(&hi) } else { Included(&hi) };

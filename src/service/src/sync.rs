@@ -487,6 +487,9 @@ impl Builder<'_> {
     }
 }
 
+/// `(notifications, highlights)` of a room, and per thread root.
+pub type UnreadCounts = ((u64, u64), BTreeMap<String, (u64, u64)>);
+
 /// Unread `(notifications, highlights)` of a room by push rules, and per thread; without
 /// `separate_threads` thread counts are folded into the room's.
 pub fn unread_counts(
@@ -494,7 +497,7 @@ pub fn unread_counts(
     user_id: &str,
     room_id: &str,
     separate_threads: bool,
-) -> Result<((u64, u64), BTreeMap<String, (u64, u64)>)> {
+) -> Result<UnreadCounts> {
     let counts = services.notifier.counts(services, user_id, room_id)?;
     if separate_threads {
         return Ok((counts.room, counts.threads));
