@@ -69,6 +69,7 @@ impl AccountData {
         POSITIONS.put(&mut batch, &key, &ticket.position);
         let result = commit(&self.db, batch).await;
         self.stream.retire(ticket);
+        self.stream.wake(&crate::rooms::stream::user_key(localpart));
         result
     }
 

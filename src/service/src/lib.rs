@@ -114,6 +114,10 @@ impl Services {
         // Push rules are evaluated for each appended event before it is visible; the hook
         // holds the services weakly (they own the timeline that holds the hook).
         let weak = Arc::downgrade(&services);
+        let rooms_of = weak.clone();
+        services.rooms.stream.set_rooms_of(Box::new(move |user| {
+            rooms_of.upgrade().and_then(|s| s.rooms.rooms_of(user, "join").ok()).unwrap_or_default()
+        }));
         services.rooms.set_hook(Arc::new(move |room_id, position, pdu| {
             let weak = weak.clone();
             Box::pin(async move {

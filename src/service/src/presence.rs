@@ -238,6 +238,7 @@ impl Presence {
         };
         if let Some(ticket) = ticket {
             self.stream.retire(ticket);
+            self.stream.wake_co_members(user_id);
         }
         if start_timer {
             self.start_idle_timer(user_id);
@@ -304,6 +305,7 @@ impl Presence {
         PRESENCE.put(&mut batch, &user_id.to_owned(), &Json(record));
         let result = commit(&self.db, batch).await;
         self.stream.retire(ticket);
+        self.stream.wake_co_members(user_id);
         tracing::debug!(user = user_id, state, "presence set");
         result
     }
@@ -365,6 +367,7 @@ impl Presence {
             match lapsed {
                 Ok(ticket) => {
                     self.stream.retire(ticket);
+                    self.stream.wake_co_members(&user_id);
                     tracing::debug!(user = user_id, "presence lapsed to unavailable");
                     return;
                 }

@@ -80,6 +80,7 @@ impl Receipts {
         RECEIPT_LOG.put(&mut batch, &(room_id.to_owned(), ticket.position), &Json(entry));
         let result = commit(&self.db, batch).await;
         self.stream.retire(ticket);
+        self.stream.wake(room_id);
         result
     }
 

@@ -218,6 +218,17 @@ fn presence_events(services: &Services, user_id: &str, since: u64) -> Result<Vec
     Ok(out)
 }
 
+/// What a waiting sync of `user_id` must be woken for: their own key and their rooms.
+pub fn subscribe(services: &Services, user_id: &str) -> Result<crate::rooms::stream::Subscription> {
+    let mut keys = vec![crate::rooms::stream::user_key(user_id)];
+    for (room, membership) in services.rooms.memberships_of(user_id)? {
+        if matches!(membership.as_str(), "join" | "invite" | "knock") {
+            keys.push(room);
+        }
+    }
+    Ok(services.rooms.stream.subscribe_keys(keys))
+}
+
 fn is_empty_section(v: &Value) -> bool {
     match v {
         Value::Object(m) => m.values().all(is_empty_section),

@@ -52,6 +52,7 @@ impl Typing {
             room.changed_at = ticket.position;
         }
         self.stream.retire(ticket);
+        self.stream.wake(room_id);
         if let Some(t) = timeout {
             // Lapsing is a change too: syncs must learn that the user stopped.
             let this = self.clone();
@@ -82,6 +83,7 @@ impl Typing {
             }
         }
         self.stream.retire(ticket);
+        self.stream.wake(room_id);
     }
 
     /// Who is typing in `room_id`, if that changed after position `since`.

@@ -104,12 +104,18 @@ async fn refresh(ctx: Ctx, req: refresh_token::v3::Request) -> Result<refresh_to
 }
 
 async fn logout(ctx: Ctx, _: logout::v3::Request) -> Result<logout::v3::Response> {
-    ctx.services.accounts.logout(ctx.session()?, &ctx.client).await?;
+    let session = ctx.session()?;
+    ctx.services.accounts.logout(session, &ctx.client).await?;
+    // Open sync streams of the user re-check their token and end.
+    ctx.services.rooms.stream.wake(&format!("@{}", session.localpart));
+    ctx.services.pushers.remove_for_device(&session.localpart, &session.device_id).await?;
     Ok(logout::v3::Response::new())
 }
 
 async fn logout_all(ctx: Ctx, _: logout_all::v3::Request) -> Result<logout_all::v3::Response> {
-    ctx.services.accounts.logout_all(&ctx.session()?.localpart, &ctx.client).await?;
+    let localpart = ctx.session()?.localpart.clone();
+    ctx.services.accounts.logout_all(&localpart, &ctx.client).await?;
+    ctx.services.rooms.stream.wake(&format!("@{localpart}"));
     Ok(logout_all::v3::Response::new())
 }
 

@@ -108,16 +108,15 @@ async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
     let timeout = req.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = ctx.services.rooms.stream.clone();
-    let mut changes = stream.subscribe();
     loop {
+        let waiting = trellis_service::sync::subscribe(&ctx.services, &user_id)?;
         let now = stream.visible();
         let built = build(&ctx.services, &request, now)?;
         if built.has_updates || request.pos.is_none() {
             return Ok(JsonResponse(built.send(&ctx.services)));
         }
-        match tokio::time::timeout_at(deadline, changes.changed()).await {
-            Ok(Ok(())) => continue,
-            _ => return Ok(JsonResponse(built.send(&ctx.services))),
+        if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
+            return Ok(JsonResponse(built.send(&ctx.services)));
         }
     }
 }

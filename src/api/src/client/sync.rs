@@ -160,9 +160,9 @@ async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
     };
     let span = tracing::debug_span!("sync", since = ?since, timeout_ms = timeout.as_millis());
     let _enter = span.enter();
-    // Subscribe before reading the position: a write in between still wakes us.
-    let mut changes = stream.subscribe();
     loop {
+        // Subscribe before reading the position: a write in between still wakes us.
+        let waiting = sync::subscribe(&ctx.services, &user_id)?;
         let now = stream.visible();
         // A client may hold a token from before a restart or from the future; never
         // answer with a position below the one it has.
@@ -171,11 +171,9 @@ async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
         if built.has_updates || since.is_none() || req.full_state {
             return Ok(JsonResponse(built.body));
         }
-        let woke = tokio::time::timeout_at(deadline, changes.changed()).await;
-        match woke {
-            Ok(Ok(())) => continue,
-            // Timed out (or the stream is gone): an empty answer moving the token on.
-            _ => return Ok(JsonResponse(built.body)),
+        if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
+            // Timed out: an empty answer moving the token on.
+            return Ok(JsonResponse(built.body));
         }
     }
 }

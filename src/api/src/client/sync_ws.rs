@@ -118,7 +118,6 @@ async fn stream(
 ) -> Result<()> {
     let user_id = services.accounts.user_id(&session.localpart);
     let stream = services.rooms.stream.clone();
-    let mut changes = stream.subscribe();
     let mut since = params.since;
     let mut full_state = params.full_state;
     let mut ping = tokio::time::interval(PING_EVERY);
@@ -128,6 +127,7 @@ async fn stream(
             let _ = socket.send(Message::Close(None)).await;
             return Ok(());
         }
+        let waiting = sync::subscribe(&services, &user_id)?;
         let now = stream.visible().max(since.unwrap_or(0));
         let request = sync::SyncRequest {
             user_id: &user_id,
@@ -148,11 +148,7 @@ async fn stream(
             full_state = false;
         }
         tokio::select! {
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-            }
+            () = waiting.woken() => {}
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
                 // Pings are answered by the WebSocket layer; other messages are ignored.

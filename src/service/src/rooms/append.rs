@@ -90,6 +90,9 @@ pub struct TimelinePage {
 struct Pending {
     stream: super::stream::Ticket,
     wal: u64,
+    /// Wake-up keys of those waiting for this event: the room, and the user a
+    /// membership event is about (an invitee is not in the room yet).
+    wake: Vec<String>,
 }
 
 /// A user's standing in a room's power levels.
@@ -619,7 +622,13 @@ impl Timeline {
                     rejected: false,
                 };
                 self.cache.insert(event_short, Arc::new(cached), generation);
-                Ok(Pending { stream: ticket, wal })
+                let mut wake = vec![room_id.to_owned()];
+                if pdu.kind == TimelineEventType::RoomMember
+                    && let Some(target) = &pdu.state_key
+                {
+                    wake.push(super::stream::user_key(target));
+                }
+                Ok(Pending { stream: ticket, wal, wake })
             }
             Err(e) => {
                 self.stream.retire(ticket);
@@ -632,6 +641,9 @@ impl Timeline {
     async fn finish(&self, pending: Pending) -> Result<()> {
         let synced = self.durability.wait(pending.wal).await;
         self.stream.retire(pending.stream);
+        for key in &pending.wake {
+            self.stream.wake(key);
+        }
         synced
     }
 

@@ -5,9 +5,12 @@
 //! sync never skips over a write that commits late. Waiters subscribe before reading
 //! the position, so a wake-up between the two cannot be lost.
 
-use std::{collections::BTreeSet, sync::Mutex};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, OnceLock},
+};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use trellis_store::{Batch, Db, Table, catalog};
 
 /// Positions are reserved in the database this many at a time, so that after a restart
@@ -20,6 +23,57 @@ pub struct StreamPositions {
     inner: Mutex<Inner>,
     visible_tx: watch::Sender<u64>,
     db: Option<Db>,
+    /// Who waits for what: syncs register under their user's key (`@localpart`) and
+    /// their rooms' ids, and writers wake the keys their change concerns, so a message
+    /// wakes the room's members, not every waiting sync on the server.
+    waiters: Mutex<Registry>,
+    /// Rooms a user is joined to, for waking the people who share a room with them
+    /// (presence); installed at start-up.
+    rooms_of: OnceLock<RoomsOf>,
+}
+
+pub type RoomsOf = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    by_key: HashMap<String, HashMap<u64, Arc<Notify>>>,
+}
+
+/// A registration of one waiter under some keys; dropping it unregisters.
+pub struct Subscription {
+    stream: Arc<StreamPositions>,
+    id: u64,
+    keys: Vec<String>,
+    notify: Arc<Notify>,
+}
+
+impl Subscription {
+    /// Completes once one of the keys was woken after the subscription was made (a
+    /// wake-up in between is kept as a permit, never lost).
+    pub async fn woken(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut registry = self.stream.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            if let Some(waiters) = registry.by_key.get_mut(key) {
+                waiters.remove(&self.id);
+                if waiters.is_empty() {
+                    registry.by_key.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// The wake-up key of a user: their localpart (user ids of this server).
+pub fn user_key(user: &str) -> String {
+    let localpart = user.trim_start_matches('@').split(':').next().unwrap_or(user);
+    format!("@{localpart}")
 }
 
 struct Inner {
@@ -49,6 +103,8 @@ impl StreamPositions {
             }),
             visible_tx,
             db: None,
+            waiters: Mutex::default(),
+            rooms_of: OnceLock::new(),
         }
     }
 
@@ -66,6 +122,8 @@ impl StreamPositions {
             }),
             visible_tx,
             db: Some(db),
+            waiters: Mutex::default(),
+            rooms_of: OnceLock::new(),
         })
     }
 
@@ -112,6 +170,44 @@ impl StreamPositions {
         match inner.in_flight.first() {
             Some(&lowest) => lowest - 1,
             None => inner.last_dispatched,
+        }
+    }
+
+    /// Registers a waiter under `keys` (room ids, [`user_key`]s).
+    pub fn subscribe_keys(self: &Arc<Self>, keys: Vec<String>) -> Subscription {
+        let notify = Arc::new(Notify::new());
+        let mut registry = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        registry.next_id += 1;
+        let id = registry.next_id;
+        for key in &keys {
+            registry.by_key.entry(key.clone()).or_default().insert(id, notify.clone());
+        }
+        drop(registry);
+        Subscription { stream: self.clone(), id, keys, notify }
+    }
+
+    /// Wakes everyone waiting on `key`; call after the change is retired (visible).
+    pub fn wake(&self, key: &str) {
+        let registry = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(waiters) = registry.by_key.get(key) {
+            for notify in waiters.values() {
+                notify.notify_one();
+            }
+        }
+    }
+
+    /// Installs how to find a user's rooms (see [`Self::wake_co_members`]).
+    pub fn set_rooms_of(&self, rooms_of: RoomsOf) {
+        let _ = self.rooms_of.set(rooms_of);
+    }
+
+    /// Wakes the user and everyone sharing a room with them (through the rooms' keys).
+    pub fn wake_co_members(&self, user: &str) {
+        self.wake(&user_key(user));
+        if let Some(rooms_of) = self.rooms_of.get() {
+            for room in rooms_of(user) {
+                self.wake(&room);
+            }
         }
     }
 
