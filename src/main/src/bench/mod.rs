@@ -12,6 +12,7 @@ use std::{
 use clap::{Args, Subcommand};
 
 mod rooms;
+mod sync;
 use serde_json::{Value, json};
 
 #[derive(Subcommand)]
@@ -29,6 +30,9 @@ pub enum BenchCommand {
     /// Joining: fills one room with `members` members, then measures `joins` further
     /// users joining it one after another.
     Join(rooms::JoinArgs),
+    /// Sync: initial and incremental sync of a user in `rooms` rooms, then delivery
+    /// latency to `receivers` long-polling users while `idle` idle long-polls are held.
+    Sync(sync::SyncArgs),
 }
 
 #[derive(Args)]
@@ -103,6 +107,12 @@ pub fn run(command: BenchCommand) -> ExitCode {
             BenchCommand::Messages(args) => {
                 let limit = Duration::from_secs(args.common.max_seconds);
                 tokio::time::timeout(limit, rooms::messages(args))
+                    .await
+                    .map_err(|_| "time limit reached".to_owned())?
+            }
+            BenchCommand::Sync(args) => {
+                let limit = Duration::from_secs(args.common.max_seconds);
+                tokio::time::timeout(limit, sync::sync(args))
                     .await
                     .map_err(|_| "time limit reached".to_owned())?
             }
