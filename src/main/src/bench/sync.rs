@@ -193,14 +193,16 @@ pub async fn sync(args: SyncArgs) -> Result<Value, String> {
     let idle_errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut idle_tasks = Vec::new();
     for _ in 0..args.idle {
-        let (client, url, token, errors) = (
+        let (client, base, token, errors, mut since) = (
             client.clone(),
-            sync_url(&format!("since={bystander_since}&timeout=60000")),
+            base.clone(),
             bystander.clone(),
             idle_errors.clone(),
+            bystander_since.clone(),
         );
         idle_tasks.push(tokio::spawn(async move {
             while Instant::now() < stop {
+                let url = format!("{base}/_matrix/client/v3/sync?since={since}&timeout=60000");
                 let polled = tokio::time::timeout_at(
                     tokio::time::Instant::from_std(stop),
                     client.get(&url).bearer_auth(&token).send(),
@@ -209,7 +211,12 @@ pub async fn sync(args: SyncArgs) -> Result<Value, String> {
                 match polled {
                     Err(_) => break,
                     Ok(Ok(r)) if r.status().is_success() => {
-                        let _ = r.bytes().await;
+                        // Like a real client, continue from the returned token.
+                        if let Ok(body) = r.json::<Value>().await
+                            && let Some(next) = body["next_batch"].as_str()
+                        {
+                            since = next.to_owned();
+                        }
                     }
                     Ok(_) => {
                         errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
