@@ -37,11 +37,32 @@ pub const READ_PRIVATE: &str = "m.read.private";
 pub struct Receipts {
     db: Db,
     stream: Arc<StreamPositions>,
+    /// Position of each room's newest receipt, once known: most syncs ask about rooms
+    /// where no receipt changed, and this answers them without opening an iterator.
+    newest: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Receipts {
     pub fn new(db: Db, stream: Arc<StreamPositions>) -> Self {
-        Self { db, stream }
+        Self { db, stream, newest: std::sync::Mutex::default() }
+    }
+
+    fn newest(&self, room_id: &str) -> Result<u64> {
+        if let Some(p) = self.newest.lock().unwrap_or_else(|p| p.into_inner()).get(room_id) {
+            return Ok(*p);
+        }
+        let newest = RECEIPT_LOG
+            .scan_prefix(&*self.db, &room_id.to_owned(), Direction::Backward)?
+            .next()
+            .transpose()?
+            .map_or(0, |((_, p), _)| p);
+        let mut map = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        let entry = map.entry(room_id.to_owned()).or_insert(newest);
+        *entry = (*entry).max(newest);
+        Ok(*entry)
     }
 
     /// Records `user`'s receipt of `kind` at `event_id` (an event of the room, checked
@@ -79,6 +100,11 @@ impl Receipts {
         let entry = LogEntry { user: user.to_owned(), kind: kind.to_owned(), thread };
         RECEIPT_LOG.put(&mut batch, &(room_id.to_owned(), ticket.position), &Json(entry));
         let result = commit(&self.db, batch).await;
+        if result.is_ok() {
+            let mut map = self.newest.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = map.entry(room_id.to_owned()).or_insert(0);
+            *entry = (*entry).max(ticket.position);
+        }
         self.stream.retire(ticket);
         self.stream.wake(room_id);
         result
@@ -88,6 +114,9 @@ impl Receipts {
     /// `viewer` may see them (private receipts only their own); `None` when nothing did.
     pub fn changed_since(&self, room_id: &str, since: u64, viewer: &str) -> Result<Option<Value>> {
         use std::ops::Bound::{Excluded, Included};
+        if self.newest(room_id)? <= since {
+            return Ok(None);
+        }
         let lo = (room_id.to_owned(), since);
         let hi = (room_id.to_owned(), u64::MAX);
         let mut content = json!({});

@@ -509,7 +509,7 @@ impl Timeline {
             }
         }
         self.unindex_relation(batch, &stored, original_sender, &stored.json["content"])?;
-        let because = ruma::canonical_json::RedactedBecause::from_json(redaction.json.clone());
+        let because = ruma::canonical_json::RedactedBecause::from_json((*redaction.json).clone());
         let redacted = ruma::canonical_json::redact(original, &rules.redaction, Some(because))
             .map_err(|e| Error::internal("redacting an event", e))?;
         stored.json =
@@ -572,7 +572,8 @@ impl Timeline {
                 USER_ROOMS.put(batch, &(key.clone(), room_short), &membership);
             }
         }
-        let json = serde_json::to_value(&pdu.json).map_err(|e| Error::internal("event json", e))?;
+        let json =
+            serde_json::to_value(&*pdu.json).map_err(|e| Error::internal("event json", e))?;
         let ticket = self.stream.dispatch();
         // A dispatched position must be retired whatever happens, or the stream stalls.
         if let Err(e) =

@@ -285,7 +285,7 @@ mod tests {
             vec![EventRef { event_id: "$abc:example.org".into(), sha256: "aGFzaA".into() }];
         let (pdu, _) = build_pdu(&keys, server, &RoomVersionId::V1, t).unwrap();
         assert_eq!(pdu.prev_events[0].as_str(), "$abc:example.org");
-        let raw = serde_json::to_value(&pdu.json).unwrap();
+        let raw = serde_json::to_value(&*pdu.json).unwrap();
         assert_eq!(raw["prev_events"][0][1]["sha256"], "aGFzaA");
     }
 

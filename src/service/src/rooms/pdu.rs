@@ -22,8 +22,9 @@ pub struct Pdu {
     pub redacts: Option<OwnedEventId>,
     pub depth: u64,
     pub rejected: bool,
-    /// The full signed event as it is sent to other servers.
-    pub json: CanonicalJsonObject,
+    /// The full signed event as it is sent to other servers; shared, because events
+    /// are copied out of the cache for every reader and the JSON never changes.
+    pub json: std::sync::Arc<CanonicalJsonObject>,
 }
 
 fn field<'a>(obj: &'a CanonicalJsonObject, name: &str) -> Result<&'a CanonicalJsonValue> {
@@ -113,7 +114,7 @@ impl Pdu {
             redacts,
             depth,
             rejected: false,
-            json,
+            json: std::sync::Arc::new(json),
         })
     }
 }
