@@ -7,34 +7,10 @@ mod common;
 use common::{OPEN, TestServer};
 use serde_json::{Value, json};
 
-async fn create(s: &TestServer, token: &str, body: Value) -> String {
-    let (status, resp) = s.post_auth("/_matrix/client/v3/createRoom", token, &body).await;
-    assert_eq!(status, 200, "{resp}");
-    resp["room_id"].as_str().unwrap().to_owned()
-}
-
-async fn say(s: &TestServer, token: &str, room: &str, body: &str) -> String {
-    let (status, resp) = s
-        .put_auth(
-            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{body}"),
-            token,
-            &json!({"msgtype": "m.text", "body": body}),
-        )
-        .await;
-    assert_eq!(status, 200, "{resp}");
-    resp["event_id"].as_str().unwrap().to_owned()
-}
-
 async fn set_state(s: &TestServer, token: &str, room: &str, kind: &str, content: Value) {
     let (status, resp) = s
         .put_auth(&format!("/_matrix/client/v3/rooms/{room}/state/{kind}/"), token, &content)
         .await;
-    assert_eq!(status, 200, "{resp}");
-}
-
-async fn join(s: &TestServer, token: &str, room: &str) {
-    let (status, resp) =
-        s.post_auth(&format!("/_matrix/client/v3/join/{room}"), token, &json!({})).await;
     assert_eq!(status, 200, "{resp}");
 }
 
@@ -59,22 +35,22 @@ async fn history_visibility_decides_what_each_user_reads() {
     let (_bob, bt) = s.register("bob").await;
     let (_carol, ct) = s.register("carol").await;
     let (_dave, dt) = s.register("dave").await;
-    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
 
     // `joined`: Bob, joining later, does not see what came before him.
     set_state(&s, &at, &room, "m.room.history_visibility", json!({"history_visibility": "joined"}))
         .await;
-    say(&s, &at, &room, "before-bob").await;
-    join(&s, &bt, &room).await;
-    say(&s, &at, &room, "with-bob").await;
+    s.send_text(&at, &room, "before-bob").await;
+    s.join_room(&bt, &room).await;
+    s.send_text(&at, &room, "with-bob").await;
     let (_, seen) = bodies(&s, &bt, &room).await;
     assert_eq!(seen, vec!["with-bob"]);
 
     // `shared`: Carol, joining later, sees everything since the switch to shared.
     set_state(&s, &at, &room, "m.room.history_visibility", json!({"history_visibility": "shared"}))
         .await;
-    say(&s, &at, &room, "shared-1").await;
-    join(&s, &ct, &room).await;
+    s.send_text(&at, &room, "shared-1").await;
+    s.join_room(&ct, &room).await;
     let (_, seen) = bodies(&s, &ct, &room).await;
     assert_eq!(seen, vec!["shared-1"], "joined-era messages stay hidden");
 
@@ -82,7 +58,7 @@ async fn history_visibility_decides_what_each_user_reads() {
     let (status, _) =
         s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &bt, &json!({})).await;
     assert_eq!(status, 200);
-    say(&s, &at, &room, "after-bob-left").await;
+    s.send_text(&at, &room, "after-bob-left").await;
     let (status, seen) = bodies(&s, &bt, &room).await;
     assert_eq!(status, 200);
     assert!(seen.contains(&"shared-1".to_owned()), "{seen:?}");
@@ -99,7 +75,7 @@ async fn history_visibility_decides_what_each_user_reads() {
         json!({"history_visibility": "world_readable"}),
     )
     .await;
-    let open = say(&s, &at, &room, "for-everyone").await;
+    let open = s.send_text(&at, &room, "for-everyone").await;
     let (status, seen) = bodies(&s, &dt, &room).await;
     assert_eq!(status, 200);
     assert!(seen.contains(&"for-everyone".to_owned()));
@@ -114,15 +90,15 @@ async fn message_filters_and_lazy_members() {
     let s = TestServer::start(OPEN).await;
     let (alice, at) = s.register("alice").await;
     let (bob, bt) = s.register("bob").await;
-    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
-    join(&s, &bt, &room).await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
+    s.join_room(&bt, &room).await;
     for i in 0..5 {
-        say(&s, &at, &room, &format!("a{i}")).await;
-        say(&s, &bt, &room, &format!("b{i}")).await;
+        s.send_text(&at, &room, &format!("a{i}")).await;
+        s.send_text(&bt, &room, &format!("b{i}")).await;
     }
     let filter = |f: Value| {
         let f = serde_json::to_string(&f).unwrap();
-        let f: String = url_encode(&f);
+        let f: String = common::urlencode(&f);
         format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=3&filter={f}")
     };
     // Only Bob's messages, newest first, paged by 3 with the filter kept.
@@ -172,29 +148,18 @@ async fn message_filters_and_lazy_members() {
     assert_eq!(status, 400, "{err}");
 }
 
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn timestamps_and_members_at_a_point() {
     let s = TestServer::start(OPEN).await;
     let (alice, at) = s.register("alice").await;
     let (bob, bt) = s.register("bob").await;
-    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
-    let first = say(&s, &at, &room, "first").await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
+    let first = s.send_text(&at, &room, "first").await;
     let (_, ev) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{first}"), &at).await;
     let ts = ev["origin_server_ts"].as_u64().unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    join(&s, &bt, &room).await;
-    let later = say(&s, &bt, &room, "later").await;
+    s.join_room(&bt, &room).await;
+    let later = s.send_text(&bt, &room, "later").await;
 
     let url = |t: u64, dir: &str| {
         format!("/_matrix/client/v1/rooms/{room}/timestamp_to_event?ts={t}&dir={dir}")
@@ -239,13 +204,13 @@ async fn knocking_and_upgrades() {
     let (alice, at) = s.register("alice").await;
     let (bob, bt) = s.register("bob").await;
     let (carol, ct) = s.register("carol").await;
-    let room = create(
-        &s,
-        &at,
-        json!({"preset": "private_chat", "room_version": "11", "room_alias_name": "club",
+    let room = s
+        .create_room(
+            &at,
+            json!({"preset": "private_chat", "room_version": "11", "room_alias_name": "club",
             "name": "Club"}),
-    )
-    .await;
+        )
+        .await;
 
     // Knocking needs the knock join rule.
     let (status, _) =
@@ -277,7 +242,7 @@ async fn knocking_and_upgrades() {
         )
         .await;
     assert_eq!(status, 200);
-    join(&s, &bt, &room).await;
+    s.join_room(&bt, &room).await;
 
     // Upgrades: only someone with the power to send a tombstone.
     let upgrade = format!("/_matrix/client/v3/rooms/{room}/upgrade");
@@ -337,7 +302,7 @@ async fn knocking_and_upgrades() {
 async fn oversized_events_are_refused() {
     let s = TestServer::start(OPEN).await;
     let (_alice, at) = s.register("alice").await;
-    let room = create(&s, &at, json!({})).await;
+    let room = s.create_room(&at, json!({})).await;
     let big = "x".repeat(70_000);
     let (status, err) = s
         .put_auth(

@@ -8,35 +8,6 @@ use std::time::{Duration, Instant};
 use common::{OPEN, TestServer};
 use serde_json::{Value, json};
 
-async fn create(s: &TestServer, token: &str, body: Value) -> String {
-    let (status, resp) = s.post_auth("/_matrix/client/v3/createRoom", token, &body).await;
-    assert_eq!(status, 200, "{resp}");
-    resp["room_id"].as_str().unwrap().to_owned()
-}
-
-async fn say(s: &TestServer, token: &str, room: &str, body: &str) -> String {
-    let (status, resp) = s
-        .put_auth(
-            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn()),
-            token,
-            &json!({"msgtype": "m.text", "body": body}),
-        )
-        .await;
-    assert_eq!(status, 200, "{resp}");
-    resp["event_id"].as_str().unwrap().to_owned()
-}
-
-fn txn() -> String {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    format!("t{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
-}
-
-async fn join(s: &TestServer, token: &str, room: &str) {
-    let (status, resp) =
-        s.post_auth(&format!("/_matrix/client/v3/join/{room}"), token, &json!({})).await;
-    assert_eq!(status, 200, "{resp}");
-}
-
 async fn sync(s: &TestServer, token: &str, query: &str) -> Value {
     let (status, resp) = s.get_auth(&format!("/_matrix/client/v3/sync?{query}"), token).await;
     assert_eq!(status, 200, "{resp}");
@@ -57,8 +28,8 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_sent() {
     let s = TestServer::start(OPEN).await;
     let (_alice, at) = s.register("alice").await;
     let (_bob, bt) = s.register("bob").await;
-    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
-    join(&s, &bt, &room).await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
+    s.join_room(&bt, &room).await;
     let first = sync(&s, &bt, "").await;
     let since = first["next_batch"].as_str().unwrap().to_owned();
     // The whole short history fits the timeline, so `state` (what precedes it) is empty
@@ -85,7 +56,7 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_sent() {
         (started.elapsed(), resp.json::<Value>().await.unwrap())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    say(&s, &at, &room, "wake up").await;
+    s.send_text(&at, &room, "wake up").await;
     let (waited, resp) = waiting.await.unwrap();
     assert_eq!(bodies(&resp["rooms"]["join"][&room]), vec!["wake up"], "{resp}");
     // Woken by the send, not by the 20 s timeout.
@@ -97,9 +68,9 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_sent() {
 async fn gaps_are_marked_and_prev_batch_fills_them_exactly() {
     let s = TestServer::start(OPEN).await;
     let (_alice, at) = s.register("alice").await;
-    let room = create(&s, &at, json!({"name": "Gaps"})).await;
+    let room = s.create_room(&at, json!({"name": "Gaps"})).await;
     let filter = r#"{"room":{"timeline":{"limit":5}}}"#;
-    let first = sync(&s, &at, &format!("filter={}", urlenc(filter))).await;
+    let first = sync(&s, &at, &format!("filter={}", common::urlencode(filter))).await;
     let joined = &first["rooms"]["join"][&room];
     assert_eq!(joined["timeline"]["limited"], true, "{joined}");
     assert_eq!(joined["timeline"]["events"].as_array().unwrap().len(), 5);
@@ -108,12 +79,12 @@ async fn gaps_are_marked_and_prev_batch_fills_them_exactly() {
     let sent: Vec<String> = {
         let mut v = Vec::new();
         for i in 0..12 {
-            say(&s, &at, &room, &format!("m{i}")).await;
+            s.send_text(&at, &room, &format!("m{i}")).await;
             v.push(format!("m{i}"));
         }
         v
     };
-    let next = sync(&s, &at, &format!("since={since}&filter={}", urlenc(filter))).await;
+    let next = sync(&s, &at, &format!("since={since}&filter={}", common::urlencode(filter))).await;
     let r = &next["rooms"]["join"][&room];
     assert_eq!(r["timeline"]["limited"], true);
     assert_eq!(bodies(r), sent[7..].to_vec());
@@ -146,25 +117,14 @@ async fn gaps_are_marked_and_prev_batch_fills_them_exactly() {
         .await;
     assert_eq!(status, 200);
     for i in 0..8 {
-        say(&s, &at, &room, &format!("n{i}")).await;
+        s.send_text(&at, &room, &format!("n{i}")).await;
     }
-    let next = sync(&s, &at, &format!("since={since}&filter={}", urlenc(filter))).await;
+    let next = sync(&s, &at, &format!("since={since}&filter={}", common::urlencode(filter))).await;
     let r = &next["rooms"]["join"][&room];
     assert_eq!(r["timeline"]["limited"], true);
     let state = r["state"]["events"].as_array().unwrap();
     assert_eq!(state.len(), 1, "only the change in the gap: {state:?}");
     assert_eq!(state[0]["content"]["name"], "Renamed");
-}
-
-fn urlenc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[tokio::test]
@@ -173,14 +133,14 @@ async fn invites_leaves_typing_and_receipts_reach_members_only() {
     let (alice, at) = s.register("alice").await;
     let (bob, bt) = s.register("bob").await;
     let (_carol, ct) = s.register("carol").await;
-    let room = create(&s, &at, json!({"name": "Club", "invite": [bob]})).await;
+    let room = s.create_room(&at, json!({"name": "Club", "invite": [bob]})).await;
 
     let b0 = sync(&s, &bt, "").await;
     let invite = &b0["rooms"]["invite"][&room]["invite_state"]["events"];
     let kinds: Vec<&str> =
         invite.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
     assert!(kinds.contains(&"m.room.name") && kinds.contains(&"m.room.member"), "{kinds:?}");
-    join(&s, &bt, &room).await;
+    s.join_room(&bt, &room).await;
     let c0 = sync(&s, &ct, "").await;
     let a0 = sync(&s, &at, "").await;
 
@@ -231,7 +191,7 @@ async fn invites_leaves_typing_and_receipts_reach_members_only() {
     assert!(!strangers.iter().any(|e| e["sender"] == bob.as_str()), "{c_p}");
 
     // Receipts: public ones reach Alice, private ones do not.
-    let msg = say(&s, &at, &room, "read me").await;
+    let msg = s.send_text(&at, &room, "read me").await;
     let since = a1["next_batch"].as_str().unwrap().to_owned();
     let (status, _) = s
         .post_auth(
@@ -283,13 +243,13 @@ async fn unread_counts_rise_with_messages_and_reset_on_a_receipt() {
     let s = TestServer::start(OPEN).await;
     let (_alice, at) = s.register("alice").await;
     let (bob, bt) = s.register("bob").await;
-    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
-    join(&s, &bt, &room).await;
-    say(&s, &at, &room, "one").await;
-    say(&s, &at, &room, "two").await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
+    s.join_room(&bt, &room).await;
+    s.send_text(&at, &room, "one").await;
+    s.send_text(&at, &room, "two").await;
     let mention = s
         .put_auth(
-            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn()),
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", common::txn_id()),
             &at,
             &json!({"msgtype": "m.text", "body": "hey bob", "m.mentions": {"user_ids": [bob]}}),
         )
@@ -330,10 +290,10 @@ async fn filters_account_data_and_lazy_members() {
     let (alice, at) = s.register("alice").await;
     let (bob, bt) = s.register("bob").await;
     let (carol, ct) = s.register("carol").await;
-    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
-    join(&s, &bt, &room).await;
-    join(&s, &ct, &room).await;
-    say(&s, &bt, &room, "from bob").await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
+    s.join_room(&bt, &room).await;
+    s.join_room(&ct, &room).await;
+    s.send_text(&bt, &room, "from bob").await;
 
     // Stored filters: create, read back, use by id.
     let definition =
@@ -388,13 +348,16 @@ async fn push_rules_drive_counts_threads_and_the_notification_list() {
     let s = TestServer::start(OPEN).await;
     let (_alice, at) = s.register("alice").await;
     let (bob, bt) = s.register("bob").await;
-    let room = create(&s, &at, json!({"preset": "public_chat"})).await;
-    join(&s, &bt, &room).await;
-    let root = say(&s, &at, &room, "root").await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
+    s.join_room(&bt, &room).await;
+    let root = s.send_text(&at, &room, "root").await;
     for body in ["t1", "t2"] {
         let (status, _) = s
             .put_auth(
-                &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn()),
+                &format!(
+                    "/_matrix/client/v3/rooms/{room}/send/m.room.message/{}",
+                    common::txn_id()
+                ),
                 &at,
                 &json!({"msgtype": "m.text", "body": body,
                     "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
@@ -404,7 +367,7 @@ async fn push_rules_drive_counts_threads_and_the_notification_list() {
     }
     let (status, _) = s
         .put_auth(
-            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn()),
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", common::txn_id()),
             &at,
             &json!({"msgtype": "m.text", "body": "ping", "m.mentions": {"user_ids": [bob]}}),
         )
@@ -412,7 +375,7 @@ async fn push_rules_drive_counts_threads_and_the_notification_list() {
     assert_eq!(status, 200);
 
     // Thread-aware clients get thread counts apart; others get them folded in.
-    let filter = urlenc(r#"{"room":{"timeline":{"unread_thread_notifications":true}}}"#);
+    let filter = common::urlencode(r#"{"room":{"timeline":{"unread_thread_notifications":true}}}"#);
     let threaded = sync(&s, &bt, &format!("filter={filter}")).await;
     let r = &threaded["rooms"]["join"][&room];
     assert_eq!(r["unread_notifications"]["notification_count"], 2, "{r}");
@@ -444,7 +407,7 @@ async fn push_rules_drive_counts_threads_and_the_notification_list() {
         )
         .await;
     assert_eq!(status, 200);
-    say(&s, &at, &room, "muted").await;
+    s.send_text(&at, &room, "muted").await;
     let after = sync(&s, &bt, "").await;
     assert_eq!(after["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 4);
 }

@@ -13,7 +13,11 @@ use std::{
 use serde_json::{Map, Value, json};
 use trellis_core::{Error, Result};
 
-use crate::{Services, rooms::Pdu, sync::sync_event};
+use crate::{
+    Services,
+    rooms::Pdu,
+    sync::{STRIPPED_STATE, stripped, sync_event},
+};
 
 /// Positions handed out per connection that a client may still come back with.
 const KEPT_POSITIONS: usize = 4;
@@ -146,15 +150,6 @@ impl Connections {
 
 fn content(pdu: &Pdu) -> Value {
     serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null)
-}
-
-fn stripped(pdu: &Pdu) -> Value {
-    json!({
-        "type": pdu.kind.to_string(),
-        "state_key": pdu.state_key.clone().unwrap_or_default(),
-        "content": content(pdu),
-        "sender": pdu.sender,
-    })
 }
 
 /// Whether a state event is one the client asked for with `(type, state_key)` pairs,
@@ -477,15 +472,7 @@ fn invited_room(
     }
     let rooms = &services.rooms;
     let mut state = Vec::new();
-    for kind in [
-        "m.room.create",
-        "m.room.join_rules",
-        "m.room.name",
-        "m.room.avatar",
-        "m.room.canonical_alias",
-        "m.room.encryption",
-        "m.room.topic",
-    ] {
+    for kind in STRIPPED_STATE {
         if let Some(p) = rooms.state_of(room_id, kind, "")? {
             state.push(stripped(&p));
         }

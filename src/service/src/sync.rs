@@ -25,7 +25,7 @@ const DEFAULT_TIMELINE_LIMIT: usize = 10;
 const MAX_TIMELINE_LIMIT: usize = 100;
 
 /// State event types an invitee or knocker sees of a room they are not in.
-const STRIPPED_STATE: &[&str] = &[
+pub const STRIPPED_STATE: &[&str] = &[
     "m.room.create",
     "m.room.join_rules",
     "m.room.name",
@@ -76,7 +76,44 @@ pub fn sync_event(pdu: &Pdu) -> Value {
     event
 }
 
-fn stripped(pdu: &Pdu) -> Value {
+/// Adds the aggregations the spec bundles with `pdu` (for `viewer`) to `event`'s
+/// `unsigned.m.relations`, rendering related events with `render`.
+pub fn attach_bundle(
+    services: &Services,
+    pdu: &Pdu,
+    viewer: &str,
+    event: &mut Value,
+    render: impl Fn(&Pdu) -> Value,
+) -> Result<()> {
+    let bundle = services.rooms.bundle(pdu, viewer)?;
+    if bundle.is_empty() {
+        return Ok(());
+    }
+    let mut relations = json!({});
+    if let Some(edit) = &bundle.edit {
+        relations["m.replace"] = render(edit);
+    }
+    if let Some((latest, count, participated)) = &bundle.thread {
+        relations["m.thread"] = json!({
+            "latest_event": render(latest),
+            "count": count,
+            "current_user_participated": participated,
+        });
+    }
+    if !bundle.references.is_empty() {
+        let chunk: Vec<Value> =
+            bundle.references.iter().map(|id| json!({"event_id": id})).collect();
+        relations["m.reference"] = json!({"chunk": chunk});
+    }
+    if !event["unsigned"].is_object() {
+        event["unsigned"] = json!({});
+    }
+    event["unsigned"]["m.relations"] = relations;
+    Ok(())
+}
+
+/// An event as an invitee or knocker sees the room's state.
+pub fn stripped(pdu: &Pdu) -> Value {
     let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
     json!({
         "type": pdu.kind.to_string(),
@@ -356,31 +393,18 @@ impl Builder<'_> {
 
     fn render(&self, pdu: &Pdu) -> Result<Value> {
         let mut event = sync_event(pdu);
-        let bundle = self.services.rooms.bundle(pdu, self.req.user_id)?;
-        if bundle.is_empty() {
-            return Ok(event);
-        }
-        let mut relations = json!({});
-        if let Some(edit) = &bundle.edit {
-            relations["m.replace"] = sync_event(edit);
-        }
-        if let Some((latest, count, participated)) = &bundle.thread {
-            relations["m.thread"] = json!({
-                "latest_event": sync_event(latest),
-                "count": count,
-                "current_user_participated": participated,
-            });
-        }
-        if !bundle.references.is_empty() {
-            let chunk: Vec<Value> =
-                bundle.references.iter().map(|id| json!({"event_id": id})).collect();
-            relations["m.reference"] = json!({"chunk": chunk});
-        }
-        if !event["unsigned"].is_object() {
-            event["unsigned"] = json!({});
-        }
-        event["unsigned"]["m.relations"] = relations;
+        attach_bundle(self.services, pdu, self.req.user_id, &mut event, sync_event)?;
         Ok(event)
+    }
+
+    fn timeline_section(&self, timeline: &Timeline) -> Result<Value> {
+        let events: Vec<Value> =
+            timeline.events.iter().map(|(_, p)| self.render(p)).collect::<Result<_>>()?;
+        Ok(json!({
+            "events": events,
+            "limited": timeline.limited,
+            "prev_batch": timeline.prev_batch,
+        }))
     }
 
     fn joined_room(
@@ -416,14 +440,8 @@ impl Builder<'_> {
         if let Some(content) = receipts {
             ephemeral.push(json!({"type": "m.receipt", "content": content}));
         }
-        let events: Vec<Value> =
-            timeline.events.iter().map(|(_, p)| self.render(p)).collect::<Result<_>>()?;
         let mut room = json!({
-            "timeline": {
-                "events": events,
-                "limited": timeline.limited,
-                "prev_batch": timeline.prev_batch,
-            },
+            "timeline": self.timeline_section(&timeline)?,
             "ephemeral": {"events": ephemeral},
             "account_data": {"events": account_data},
         });
@@ -449,14 +467,8 @@ impl Builder<'_> {
         let timeline = self.timeline(room_id, self.since, left_at)?;
         let fresh = self.req.since.is_none() || self.req.full_state;
         let state = self.state_section(room_id, &timeline, fresh)?;
-        let events: Vec<Value> =
-            timeline.events.iter().map(|(_, p)| self.render(p)).collect::<Result<_>>()?;
         Ok(Some(json!({
-            "timeline": {
-                "events": events,
-                "limited": timeline.limited,
-                "prev_batch": timeline.prev_batch,
-            },
+            "timeline": self.timeline_section(&timeline)?,
             "state": {"events": state},
             "account_data": {"events": account_data},
         })))

@@ -26,28 +26,8 @@ pub(super) fn to_raw<T>(value: &Value) -> Result<Raw<T>> {
 
 /// An event as clients see it, without aggregations.
 pub(super) fn client_event(pdu: &Pdu, room_id: &str) -> Value {
-    let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
-    let mut event = json!({
-        "event_id": pdu.event_id,
-        "room_id": room_id,
-        "sender": pdu.sender,
-        "type": pdu.kind.to_string(),
-        "content": content,
-        "origin_server_ts": pdu.origin_server_ts,
-        "unsigned": {},
-    });
-    if let Some(key) = &pdu.state_key {
-        event["state_key"] = json!(key);
-    }
-    // A redacted event carries `redacted_because` in its unsigned data.
-    if let Some(unsigned) = pdu.json.get("unsigned")
-        && let Ok(unsigned) = serde_json::to_value(unsigned)
-    {
-        event["unsigned"] = unsigned;
-    }
-    if let Some(redacts) = &pdu.redacts {
-        event["redacts"] = json!(redacts);
-    }
+    let mut event = trellis_service::sync::sync_event(pdu);
+    event["room_id"] = json!(room_id);
     event
 }
 
@@ -101,30 +81,14 @@ impl<'a> Viewer<'a> {
     /// The event in client format with the aggregations the spec bundles with it.
     pub fn render(&self, pdu: &Pdu) -> Result<Value> {
         let mut event = client_event(pdu, self.room_id);
-        let bundle = self.ctx.services.rooms.bundle(pdu, &self.user)?;
-        if bundle.is_empty() {
-            return Ok(event);
-        }
-        let mut relations = json!({});
-        if let Some(edit) = &bundle.edit {
-            relations["m.replace"] = client_event(edit, self.room_id);
-        }
-        if let Some((latest, count, participated)) = &bundle.thread {
-            relations["m.thread"] = json!({
-                "latest_event": client_event(latest, self.room_id),
-                "count": count,
-                "current_user_participated": participated,
-            });
-        }
-        if !bundle.references.is_empty() {
-            let chunk: Vec<Value> =
-                bundle.references.iter().map(|id| json!({"event_id": id})).collect();
-            relations["m.reference"] = json!({"chunk": chunk});
-        }
-        if !event["unsigned"].is_object() {
-            event["unsigned"] = json!({});
-        }
-        event["unsigned"]["m.relations"] = relations;
+        let room_id = self.room_id;
+        trellis_service::sync::attach_bundle(
+            &self.ctx.services,
+            pdu,
+            &self.user,
+            &mut event,
+            |p| client_event(p, room_id),
+        )?;
         Ok(event)
     }
 

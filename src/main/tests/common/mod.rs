@@ -156,6 +156,54 @@ impl Drop for TestServer {
     }
 }
 
+/// Percent-encodes a query parameter value.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A transaction id unique within the test process.
+pub fn txn_id() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("txn{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
+impl TestServer {
+    /// `createRoom` with `body`; the new room's id.
+    pub async fn create_room(&self, token: &str, body: Value) -> String {
+        let (status, resp) = self.post_auth("/_matrix/client/v3/createRoom", token, &body).await;
+        assert_eq!(status, 200, "{resp}");
+        resp["room_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends an `m.text` message; its event id.
+    pub async fn send_text(&self, token: &str, room: &str, body: &str) -> String {
+        let (status, resp) = self
+            .put_auth(
+                &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn_id()),
+                token,
+                &serde_json::json!({"msgtype": "m.text", "body": body}),
+            )
+            .await;
+        assert_eq!(status, 200, "{resp}");
+        resp["event_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Joins a room by id or alias.
+    pub async fn join_room(&self, token: &str, room: &str) {
+        let (status, resp) = self
+            .post_auth(&format!("/_matrix/client/v3/join/{room}"), token, &serde_json::json!({}))
+            .await;
+        assert_eq!(status, 200, "{resp}");
+    }
+}
+
 pub async fn json_of(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();

@@ -25,6 +25,17 @@ pub struct CreateRoom {
     pub creator_avatar_url: Option<String>,
 }
 
+/// A room version this server implements, else 400 `M_UNSUPPORTED_ROOM_VERSION`.
+pub(super) fn supported_version(text: &str) -> Result<RoomVersionId> {
+    RoomVersionId::try_from(text).ok().filter(|v| v.rules().is_some()).ok_or_else(|| {
+        Error::new(
+            http::StatusCode::BAD_REQUEST,
+            "M_UNSUPPORTED_ROOM_VERSION",
+            format!("Room version {text} is not supported"),
+        )
+    })
+}
+
 fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewEvent {
     NewEvent {
         kind: kind.into(),
@@ -45,16 +56,7 @@ impl Timeline {
         req: CreateRoom,
     ) -> Result<String> {
         let version_text = req.version.clone().unwrap_or_else(|| default_version.to_owned());
-        let version = RoomVersionId::try_from(version_text.as_str())
-            .ok()
-            .filter(|v| v.rules().is_some())
-            .ok_or_else(|| {
-                Error::new(
-                    http::StatusCode::BAD_REQUEST,
-                    "M_UNSUPPORTED_ROOM_VERSION",
-                    format!("Room version {version_text} is not supported"),
-                )
-            })?;
+        let version = supported_version(&version_text)?;
         let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
         let preset = req
             .preset

@@ -2,7 +2,6 @@
 //! settings, linked both ways (`predecessor` in the new create event, an
 //! `m.room.tombstone` in the old room), with the old room then muted for non-moderators.
 
-use ruma::RoomVersionId;
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 
@@ -47,16 +46,7 @@ impl Timeline {
         new_version: &str,
         additional_creators: Vec<String>,
     ) -> Result<String> {
-        let version = RoomVersionId::try_from(new_version)
-            .ok()
-            .filter(|v| v.rules().is_some())
-            .ok_or_else(|| {
-                Error::new(
-                    http::StatusCode::BAD_REQUEST,
-                    "M_UNSUPPORTED_ROOM_VERSION",
-                    format!("Room version {new_version} is not supported"),
-                )
-            })?;
+        let version = super::create::supported_version(new_version)?;
         let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
         if self.membership(room_id, user)?.as_deref() != Some("join") {
             return Err(Error::forbidden("You are not a member of this room"));
