@@ -36,7 +36,7 @@ pub(super) fn supported_version(text: &str) -> Result<RoomVersionId> {
     })
 }
 
-fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewEvent {
+pub(super) fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewEvent {
     NewEvent {
         kind: kind.into(),
         sender: sender.into(),

@@ -6,8 +6,8 @@ use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 
 use super::{
-    append::{NewEvent, Timeline},
-    create::CreateRoom,
+    append::Timeline,
+    create::{CreateRoom, state},
 };
 
 /// State carried into the replacement room, as the spec lists it.
@@ -21,17 +21,6 @@ const TRANSFERRED: &[&str] = &[
     "m.room.history_visibility",
     "m.room.join_rules",
 ];
-
-fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewEvent {
-    NewEvent {
-        kind: kind.into(),
-        sender: sender.into(),
-        state_key: Some(key.into()),
-        content,
-        txn: None,
-        redacts: None,
-    }
-}
 
 fn content_of(pdu: &super::Pdu) -> Value {
     serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null)
