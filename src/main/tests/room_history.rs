@@ -325,3 +325,43 @@ async fn oversized_events_are_refused() {
         s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1"), &at).await;
     assert_ne!(msgs["chunk"][0]["type"], "m.room.message");
 }
+
+#[tokio::test]
+async fn state_reads_after_leaving_show_the_room_as_it_was() {
+    let s = TestServer::start(OPEN).await;
+    let (_alice, at) = s.register("alice").await;
+    let (_bob, bt) = s.register("bob").await;
+    let (_carol, ct) = s.register("carol").await;
+    let room = s.create_room(&at, json!({"preset": "public_chat", "name": "Before"})).await;
+    let early = s.send_text(&at, &room, "early").await;
+    s.join_room(&bt, &room).await;
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &bt, &json!({})).await;
+    assert_eq!(status, 200);
+    set_state(&s, &at, &room, "m.room.name", json!({"name": "After"})).await;
+
+    let (status, name) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/"), &bt).await;
+    assert_eq!((status, name["name"].as_str()), (200, Some("Before")), "{name}");
+    let (status, all) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state"), &bt).await;
+    assert_eq!(status, 200);
+    assert!(all.as_array().unwrap().iter().any(|e| e["content"]["name"] == "Before"));
+    // A stranger reads nothing; the members read the present.
+    let (status, _) = s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state"), &ct).await;
+    assert_eq!(status, 403);
+    let (_, name) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.name/"), &at).await;
+    assert_eq!(name["name"], "After");
+    // `/context` gives the state at the last event it returns, not today's.
+    let (status, ctx) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/context/{early}?limit=0"), &at).await;
+    assert_eq!(status, 200, "{ctx}");
+    let names: Vec<&Value> = ctx["state"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.name")
+        .map(|e| &e["content"]["name"])
+        .collect();
+    assert_eq!(names, vec![&json!("Before")]);
+}

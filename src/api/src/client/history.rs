@@ -150,8 +150,11 @@ async fn context(ctx: Ctx, req: get_context::v3::Request) -> Result<get_context:
         senders.insert(pdu.sender.as_str());
         senders.extend(before.events.iter().chain(&after.events).map(|(_, p)| p.sender.as_str()));
     }
+    // The spec's `state` is the room's state at the last event returned.
+    let last = after.events.last().map_or(&pdu, |(_, p)| p);
+    let state = rooms.state_after_event(last)?;
     resp.state = rooms
-        .current_state(room_id)?
+        .state_events(&state)?
         .iter()
         .filter(|p| {
             !lazy

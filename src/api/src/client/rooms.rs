@@ -178,11 +178,10 @@ async fn get_state_key(
     ctx: Ctx,
     req: get_state_event_for_key::v3::Request,
 ) -> Result<get_state_event_for_key::v3::Response> {
-    require_joined(&ctx, req.room_id.as_str())?;
-    let pdu = ctx
-        .services
-        .rooms
-        .state_of(req.room_id.as_str(), &req.event_type.to_string(), &req.state_key)?
+    let kind = req.event_type.to_string();
+    let pdu = readable_state(&ctx, req.room_id.as_str())?
+        .into_iter()
+        .find(|p| p.kind.to_string() == kind && p.state_key.as_deref() == Some(&req.state_key))
         .ok_or_else(|| Error::not_found("No such state event"))?;
     let body = match req.format {
         get_state_event_for_key::v3::StateEventFormat::Event => {
@@ -198,13 +197,37 @@ async fn get_state(
     ctx: Ctx,
     req: get_state_events::v3::Request,
 ) -> Result<get_state_events::v3::Response> {
-    require_joined(&ctx, req.room_id.as_str())?;
-    let state = ctx.services.rooms.current_state(req.room_id.as_str())?;
+    let state = readable_state(&ctx, req.room_id.as_str())?;
     let events = state
         .iter()
         .map(|p| to_raw(&client_event(p, req.room_id.as_str())))
         .collect::<Result<_>>()?;
     Ok(get_state_events::v3::Response::new(events))
+}
+
+/// The room state a user may read: the current state while joined (or when anyone may
+/// read the room), the state when they left for someone who left or was banned.
+fn readable_state(ctx: &Ctx, room_id: &str) -> Result<Vec<trellis_service::rooms::Pdu>> {
+    let user = me(ctx)?;
+    let rooms = &ctx.services.rooms;
+    if rooms.membership(room_id, &user)?.as_deref() == Some("join") {
+        return rooms.current_state(room_id);
+    }
+    if let Some("leave") | Some("ban") = rooms.membership(room_id, &user)?.as_deref() {
+        let left_at = rooms.last_membership_position(room_id, &user)?.unwrap_or(0);
+        let state = rooms.state_at_position(room_id, left_at)?;
+        return rooms.state_events(&state);
+    }
+    // Anyone else (invited, knocking, a stranger) reads only world-readable rooms.
+    let world_readable =
+        rooms.state_of(room_id, "m.room.history_visibility", "")?.is_some_and(|p| {
+            serde_json::from_str::<serde_json::Value>(p.content.get())
+                .is_ok_and(|c| c["history_visibility"] == "world_readable")
+        });
+    if !world_readable {
+        return Err(Error::forbidden("You are not a member of this room"));
+    }
+    rooms.current_state(room_id)
 }
 
 /// `/upgrade`: the new room, then the room's local aliases and canonical alias move to it.
