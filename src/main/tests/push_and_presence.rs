@@ -463,3 +463,28 @@ async fn presence_idle_timeout_and_disabled() {
     assert_eq!(status, 200);
     assert_eq!(body, json!({"presence": "offline"}));
 }
+
+#[tokio::test]
+async fn logging_out_removes_the_devices_pushers() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, first) = s.register("alice").await;
+    let (status, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": alice_id}, "password": "password123"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let second = login["access_token"].as_str().unwrap().to_owned();
+    let (status, _) = s
+        .post_auth(&format!("{PUSHERS}/set"), &second, &http_pusher("org.example.app", "phone"))
+        .await;
+    assert_eq!(status, 200);
+    let (_, body) = s.get_auth(PUSHERS, &first).await;
+    assert_eq!(body["pushers"].as_array().map(Vec::len), Some(1));
+    let (status, _) = s.post_auth("/_matrix/client/v3/logout", &second, &json!({})).await;
+    assert_eq!(status, 200);
+    let (_, body) = s.get_auth(PUSHERS, &first).await;
+    assert_eq!(body["pushers"], json!([]), "the phone's pusher went with its session");
+}

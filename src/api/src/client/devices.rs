@@ -57,7 +57,13 @@ async fn delete(
     auth: Option<&ruma::api::client::uiaa::AuthData>,
 ) -> Result<()> {
     let localpart = reauthenticate(ctx, auth, "delete_devices").await?;
-    ctx.services.accounts.delete_devices(&localpart, &ids, &ctx.client).await
+    ctx.services.accounts.delete_devices(&localpart, &ids, &ctx.client).await?;
+    // A deleted device's pushers stop, and its open sync streams re-check their token.
+    for id in &ids {
+        ctx.services.pushers.remove_for_device(&localpart, id).await?;
+    }
+    ctx.services.rooms.stream.wake(&format!("@{localpart}"));
+    Ok(())
 }
 
 async fn delete_one(
