@@ -737,4 +737,23 @@ async fn user_directory_search() {
     let (_, body) = s2.post_auth(search, &carol_token, &json!({"search_term": "dave"})).await;
     assert_eq!(names(&body), ["@dave:localhost"]);
     assert_eq!(bob, "@bob:localhost");
+
+    // Members of a room published in the directory are found by anyone; of an
+    // unpublished room, only by its members.
+    let (erin, _) = s2.register("erin").await;
+    let (_, erin_login) = s2.post(LOGIN, &password_login("erin", "password123")).await;
+    let erin_token = erin_login["access_token"].as_str().unwrap().to_owned();
+    let (status, _) = s2
+        .post_auth(
+            "/_matrix/client/v3/createRoom",
+            &dave_token,
+            &json!({"preset": "public_chat", "visibility": "public"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, body) = s2.post_auth(search, &erin_token, &json!({"search_term": "dave"})).await;
+    assert_eq!(names(&body), ["@dave:localhost"], "dave is in a published room");
+    let (_, body) = s2.post_auth(search, &erin_token, &json!({"search_term": "carol"})).await;
+    assert!(names(&body).is_empty(), "carol's room is not published: {body}");
+    assert_eq!(erin, "@erin:localhost");
 }

@@ -22,10 +22,15 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 async fn search(ctx: Ctx, req: search_users::v3::Request) -> Result<search_users::v3::Response> {
     let searcher = ctx.session()?.localpart.clone();
     let limit = usize::try_from(u64::from(req.limit)).unwrap_or(MAX_LIMIT).min(MAX_LIMIT);
-    // Visible: the searcher and everyone joined to a room the searcher is joined to.
+    // Visible: the searcher, everyone joined to a room the searcher is joined to, and
+    // the members of rooms published in the room directory.
     let me = ctx.services.accounts.user_id(&searcher);
     let mut visible = std::collections::HashSet::from([me.clone()]);
-    for room in ctx.services.rooms.rooms_of(&me, "join")? {
+    let mut rooms = ctx.services.rooms.rooms_of(&me, "join")?;
+    rooms.extend(ctx.services.public_rooms.published()?);
+    rooms.sort();
+    rooms.dedup();
+    for room in rooms {
         visible.extend(ctx.services.rooms.members(&room, "join")?);
     }
     let accounts = &ctx.services.accounts;
