@@ -74,6 +74,9 @@ tables! {
     STATE_SNAPSHOTS = "state_snapshots", Point;
     // (parent short event id, rel_type, child position) -> the relating event
     RELATIONS = "relations", Scan;
+    // parent short event id -> (): the event has (or had) relations; a point lookup with a
+    // bloom filter answers "none" for most events without opening an iterator
+    RELATED = "related", Point;
     // (target short event id, sender, key) -> reaction short event id: one per key
     ANNOTATIONS = "annotations", Point;
     // thread root short event id -> position of its latest reply

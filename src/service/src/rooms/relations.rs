@@ -19,6 +19,7 @@ use super::{
 /// so both kinds of listing stay in position order without merging.
 const RELATIONS: Table<(u64, String, u64), Json<RelationRow>> = Table::new(&catalog::RELATIONS);
 const ANNOTATIONS: Table<(u64, String, String), u64> = Table::new(&catalog::ANNOTATIONS);
+const RELATED: Table<u64, ()> = Table::new(&catalog::RELATED);
 const THREAD_LATEST: Table<u64, u64> = Table::new(&catalog::THREAD_LATEST);
 const THREADS: Table<(u64, u64), u64> = Table::new(&catalog::THREADS);
 
@@ -143,6 +144,7 @@ impl Timeline {
         });
         RELATIONS.put(batch, &(parent, rel.rel_type.clone(), position), &row);
         RELATIONS.put(batch, &(parent, String::new(), position), &row);
+        RELATED.put(batch, &parent, &());
         match rel.rel_type.as_str() {
             "m.annotation" => {
                 let key = (parent, pdu.sender.to_string(), rel.key.unwrap_or_default());
@@ -259,13 +261,10 @@ impl Timeline {
             return Ok(Bundle::default());
         };
         let mut bundle = Bundle::default();
-        // Most events have no relations at all: one seek on the all-types index says so.
-        let mut any =
-            RELATIONS.scan_prefix(&*self.db, &(short, String::new()), Direction::Forward)?;
-        if any.next().transpose()?.is_none() {
+        // Most events never had a relation: a bloom-filtered point lookup says so.
+        if !RELATED.contains(&*self.db, &short)? {
             return Ok(bundle);
         }
-        drop(any);
         // Only the original sender may edit, only with the same event type, and state
         // events are not edited.
         if pdu.state_key.is_none() {
