@@ -154,7 +154,7 @@ impl Timeline {
             .map(|e| e.map(|(_, Json(r))| r.last_position))
             .try_fold(0u64, |max, pos| pos.map(|p| max.max(p)))?;
         let durability = crate::durable::Durability::start(db.clone());
-        Ok(Self {
+        let timeline = Self {
             short: ShortIds::new(db.clone())?,
             snapshots: StateSnapshots::new(db.clone())?,
             stream: Arc::new(StreamPositions::persistent(db.clone(), last)?),
@@ -166,7 +166,9 @@ impl Timeline {
             states: StateCache::new(STATE_CACHE_ENTRIES),
             durability,
             hook: std::sync::OnceLock::new(),
-        })
+        };
+        timeline.backfill_indexes()?;
+        Ok(timeline)
     }
 
     /// Installs the append hook (once, at start-up).

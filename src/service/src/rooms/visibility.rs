@@ -22,11 +22,56 @@ const MEMBERSHIP_LOG: Table<(u64, String, u64), Json<MemberRow>> =
     Table::new(&catalog::MEMBERSHIP_LOG);
 const VISIBILITY_LOG: Table<(u64, u64), String> = Table::new(&catalog::VISIBILITY_LOG);
 const EVENT_TIMES: Table<(u64, u64, u64), u64> = Table::new(&catalog::EVENT_TIMES);
+const TIMELINE_ALL: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 
 /// What a room shows a user: the spec's default visibility is `shared`.
 const DEFAULT_VISIBILITY: &str = "shared";
 
+/// Set once the per-event indexes (membership and visibility logs, timestamps,
+/// relations) cover every stored event.
+const INDEXED_KEY: &str = "event_indexes_v1";
+const META: Table<String, u64> = Table::new(&catalog::META);
+/// Events indexed per batch while backfilling.
+const BACKFILL_BATCH: usize = 1_000;
+
 impl Timeline {
+    /// Databases written before these indexes existed get them built from the stored
+    /// timelines once, at start-up (in stream order, so relations find their parents).
+    pub(super) fn backfill_indexes(&self) -> Result<()> {
+        if META.get(&*self.db, &INDEXED_KEY.to_owned())?.is_some() {
+            return Ok(());
+        }
+        let mut entries = Vec::new();
+        for row in TIMELINE_ALL.scan_range(
+            &*self.db,
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Unbounded,
+            Direction::Forward,
+        )? {
+            let ((room, position), event) = row?;
+            entries.push((position, room, event));
+        }
+        entries.sort_unstable();
+        let total = entries.len();
+        for chunk in entries.chunks(BACKFILL_BATCH) {
+            let mut batch = Batch::new();
+            for (position, room, event) in chunk {
+                let Some(pdu) = self.pdu_by_short(*event)? else { continue };
+                let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+                self.log_event(&mut batch, *room, *event, *position, &pdu, &content);
+                self.index_relation(&mut batch, *room, *event, *position, &pdu, &content)?;
+            }
+            self.db.write(batch)?;
+        }
+        let mut batch = Batch::new();
+        META.put(&mut batch, &INDEXED_KEY.to_owned(), &1);
+        self.db.write(batch)?;
+        if total > 0 {
+            tracing::info!(events = total, "built the event indexes of existing rooms");
+        }
+        Ok(())
+    }
+
     /// Records what visibility checks and timestamp lookups need about a stored event.
     pub(super) fn log_event(
         &self,
@@ -229,5 +274,50 @@ mod tests {
         let v = view(&[], &[(1, "world_readable")]);
         assert!(v.may_see(2, &m) && v.may_read());
         assert!(!view(&[], &[]).may_read());
+    }
+
+    #[tokio::test]
+    async fn indexes_missing_from_an_older_database_are_rebuilt_at_start() {
+        use std::sync::Arc;
+
+        use trellis_core::config::StorageConfig;
+
+        use crate::{keys::ServerKeys, rooms::append::NewEvent};
+
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig { block_cache_mb: 8, sync_writes: false, ..Default::default() };
+        let db = trellis_store::open(&dir.path().join("db"), &cfg).unwrap();
+        let keys = Arc::new(
+            ServerKeys::load_or_generate(&dir.path().join("key"), "example.org", 24).unwrap(),
+        );
+        let t = Timeline::new(db.clone(), keys.clone(), "example.org").unwrap();
+        let alice = "@alice:example.org";
+        let room =
+            t.create_room(alice, &ruma::RoomVersionId::V11, serde_json::json!({})).await.unwrap();
+        let join = NewEvent {
+            kind: "m.room.member".into(),
+            sender: alice.into(),
+            state_key: Some(alice.into()),
+            content: serde_json::json!({"membership": "join"}),
+            txn: None,
+            redacts: None,
+        };
+        t.append(&room, join).await.unwrap();
+        assert!(t.visibility_view(&room, alice).unwrap().may_read());
+
+        // An older database: no membership log, no marker.
+        let mut batch = Batch::new();
+        let short = t.short.get(Kind::Room, &room).unwrap().unwrap();
+        for row in MEMBERSHIP_LOG.scan_prefix(&*db, &short, Direction::Forward).unwrap() {
+            let (key, _) = row.unwrap();
+            MEMBERSHIP_LOG.delete(&mut batch, &key);
+        }
+        META.delete(&mut batch, &INDEXED_KEY.to_owned());
+        db.write(batch).unwrap();
+        assert!(!t.visibility_view(&room, alice).unwrap().may_read(), "the log is gone");
+
+        let reopened = Timeline::new(db.clone(), keys, "example.org").unwrap();
+        assert!(reopened.visibility_view(&room, alice).unwrap().may_read(), "rebuilt");
+        assert_eq!(META.get(&*db, &INDEXED_KEY.to_owned()).unwrap(), Some(1));
     }
 }
