@@ -18,8 +18,22 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_trellis");
 pub const OPEN: &str = "[registration]\nmode = \"open\"\n[auth]\nargon2_memory_kib = 64\n\
 argon2_iterations = 1\n[rate_limits]\nenabled = false\n";
 
+/// A loopback port nobody listens on, never the same one twice in this process: tests
+/// run in parallel and two of them picking one port before either binds it made a test
+/// talk to another test's server.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub struct TestServer {
@@ -288,7 +302,7 @@ impl SmtpServer {
             cmd.arg("--tlscert").arg(dir.path().join("server.pem"));
             cmd.arg("--tlskey").arg(dir.path().join("server.key"));
         }
-        let child = cmd
+        let mut child = cmd
             .args(["-c", "aiosmtpd.handlers.Mailbox"])
             .arg(dir.path().join("maildir"))
             .stdout(Stdio::null())
@@ -298,8 +312,12 @@ impl SmtpServer {
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "the SMTP server did not start");
+            assert!(child.try_wait().unwrap().is_none(), "the SMTP server exited");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Something answered; make sure it is our server and it stays up.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(child.try_wait().unwrap().is_none(), "the SMTP server exited (port taken?)");
         Self { port, dir, child }
     }
 
