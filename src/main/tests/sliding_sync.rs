@@ -167,6 +167,26 @@ async fn subscriptions_invites_and_extensions() {
     let state = resp["rooms"][&room]["invite_state"].as_array().unwrap();
     assert!(state.iter().any(|e| e["type"] == "m.room.name"), "{resp}");
 
+    // Lists by room type: spaces apart from rooms.
+    let (status, _) = s
+        .post_auth(
+            "/_matrix/client/v3/createRoom",
+            &at,
+            &json!({"name": "Space", "creation_content": {"type": "m.space"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let typed = json!({"lists": {
+        "spaces": {"ranges": [[0, 9]], "timeline_limit": 0, "required_state": [],
+            "filters": {"room_types": ["m.space"]}},
+        "rooms": {"ranges": [[0, 9]], "timeline_limit": 0, "required_state": [],
+            "filters": {"not_room_types": ["m.space"]}},
+    }});
+    let (status, resp) = slide(&s, &at, "", &typed).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["lists"]["spaces"]["count"], 1, "{resp}");
+    assert_eq!(resp["lists"]["rooms"]["count"], 1);
+
     // A room subscription without lists; typing and account data extensions.
     let body = json!({
         "room_subscriptions": {room.clone(): {"required_state": [["*", "*"]], "timeline_limit": 5}},

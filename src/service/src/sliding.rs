@@ -48,6 +48,9 @@ pub struct ListFilters {
     pub is_dm: Option<bool>,
     pub is_encrypted: Option<bool>,
     pub is_invite: Option<bool>,
+    /// Room types to keep (`None` is a room without a type); empty keeps all.
+    pub room_types: Vec<Option<String>>,
+    pub not_room_types: Vec<Option<String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -216,6 +219,16 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
             }
             if f.is_dm.is_some_and(|want| want != direct.contains(&room.room_id)) {
                 continue;
+            }
+            if !f.room_types.is_empty() || !f.not_room_types.is_empty() {
+                let room_type = rooms
+                    .state_of(&room.room_id, "m.room.create", "")?
+                    .and_then(|c| content(&c)["type"].as_str().map(str::to_owned));
+                if (!f.room_types.is_empty() && !f.room_types.contains(&room_type))
+                    || f.not_room_types.contains(&room_type)
+                {
+                    continue;
+                }
             }
             if let Some(want) = f.is_encrypted {
                 let encrypted = rooms.state_of(&room.room_id, "m.room.encryption", "")?.is_some();

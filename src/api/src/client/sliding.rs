@@ -71,9 +71,22 @@ async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
         .lists
         .iter()
         .map(|(name, list)| {
-            let filters = list.filters.as_ref().map_or_else(ListFilters::default, |f| {
-                ListFilters { is_dm: f.is_dm, is_encrypted: f.is_encrypted, is_invite: f.is_invite }
-            });
+            let filters =
+                list.filters.as_ref().map_or_else(ListFilters::default, |f| ListFilters {
+                    is_dm: f.is_dm,
+                    is_encrypted: f.is_encrypted,
+                    is_invite: f.is_invite,
+                    room_types: f
+                        .room_types
+                        .iter()
+                        .map(|t| t.as_str().map(str::to_owned))
+                        .collect(),
+                    not_room_types: f
+                        .not_room_types
+                        .iter()
+                        .map(|t| t.as_str().map(str::to_owned))
+                        .collect(),
+                });
             let request = ListRequest {
                 ranges: list.ranges.iter().map(|(a, b)| (to_usize(*a), to_usize(*b))).collect(),
                 wants: wants(&list.room_details.required_state, list.room_details.timeline_limit),
