@@ -43,6 +43,19 @@ impl Filters {
         Ok(id)
     }
 
+    /// A filter given by id, or inline as JSON (some clients send the definition where
+    /// an id is expected).
+    pub fn resolve(&self, localpart: &str, filter: &str) -> Result<FilterDefinition> {
+        if filter.trim_start().starts_with('{') {
+            let value: Value = serde_json::from_str(filter)
+                .map_err(|e| Error::bad_json(format!("Invalid filter: {e}")))?;
+            return parse(&value);
+        }
+        let value =
+            self.get(localpart, filter)?.ok_or_else(|| Error::not_found("Unknown filter"))?;
+        parse(&value)
+    }
+
     pub fn get(&self, localpart: &str, id: &str) -> Result<Option<Value>> {
         Ok(FILTERS.get(&*self.db, &(localpart.to_owned(), id.to_owned()))?.map(|j| j.0))
     }

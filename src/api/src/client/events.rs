@@ -100,17 +100,14 @@ impl<'a> Viewer<'a> {
     /// event exists is not revealed).
     pub fn event(&self, event_id: &str) -> Result<(u64, Pdu)> {
         let not_found = || Error::not_found("Event not found");
-        let stored = self.ctx.services.rooms.event(event_id)?.ok_or_else(not_found)?;
-        let id = ruma::OwnedEventId::try_from(event_id).map_err(|_| not_found())?;
-        let json =
-            serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
-        let pdu = Pdu::from_json(id, json)?;
+        let stored = self.ctx.services.rooms.cached_event(event_id)?.ok_or_else(not_found)?;
+        let pdu = &stored.pdu;
         if pdu.room_id.as_ref().is_some_and(|r| r.as_str() != self.room_id)
             || stored.rejected
-            || !self.sees(stored.position, &pdu)?
+            || !self.sees(stored.position, pdu)?
         {
             return Err(not_found());
         }
-        Ok((stored.position, pdu))
+        Ok((stored.position, (**pdu).clone()))
     }
 }

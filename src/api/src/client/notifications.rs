@@ -3,12 +3,11 @@
 
 use axum::Router;
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, UInt,
+    MilliSecondsSinceUnixEpoch, OwnedRoomId, UInt,
     api::client::push::get_notifications::v3::{Notification, Request, Response},
 };
 use serde_json::json;
 use trellis_core::{Error, Result};
-use trellis_service::rooms::Pdu;
 
 use super::events::{me, to_raw};
 use crate::{
@@ -40,12 +39,8 @@ async fn notifications(ctx: Ctx, req: Request) -> Result<Response> {
     let (rows, next) = services.notifier.history(&user, from, limit, only_highlight)?;
     let mut out = Vec::with_capacity(rows.len());
     for (position, n) in rows {
-        let Ok(event_id) = OwnedEventId::try_from(n.event_id.as_str()) else { continue };
-        let Some(stored) = services.rooms.event(event_id.as_str())? else { continue };
-        let json =
-            serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
-        let pdu = Pdu::from_json(event_id, json)?;
-        let mut event = trellis_service::sync::sync_event(&pdu);
+        let Some(stored) = services.rooms.cached_event(&n.event_id)? else { continue };
+        let mut event = trellis_service::sync::sync_event(&stored.pdu);
         event["room_id"] = json!(n.room_id);
         // Read once a receipt (unthreaded or main) is at or after the event.
         let mut read = false;

@@ -96,35 +96,11 @@ impl OutgoingResponse for JsonResponse {
     }
 }
 
-/// Sync tokens are `s<position>`; `/messages` tokens (`t<position>`) name the same
-/// point in the stream.
-fn parse_since(token: &str) -> Result<u64> {
-    token
-        .strip_prefix('s')
-        .or_else(|| token.strip_prefix('t'))
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| Error::invalid_param("Invalid sync token"))
-}
-
 fn resolve_filter(ctx: &Ctx, filter: Option<&Filter>) -> Result<FilterDefinition> {
     match filter {
         None => Ok(FilterDefinition::default()),
         Some(Filter::FilterDefinition(def)) => Ok(def.clone()),
-        Some(Filter::FilterId(id)) => {
-            // Some clients send the definition inline where an id is expected.
-            if id.trim_start().starts_with('{') {
-                let value: Value = serde_json::from_str(id)
-                    .map_err(|e| Error::bad_json(format!("Invalid filter: {e}")))?;
-                return filters::parse(&value);
-            }
-            let localpart = &ctx.session()?.localpart;
-            let value = ctx
-                .services
-                .filters
-                .get(localpart, id)?
-                .ok_or_else(|| Error::not_found("Unknown filter"))?;
-            filters::parse(&value)
-        }
+        Some(Filter::FilterId(id)) => ctx.services.filters.resolve(&ctx.session()?.localpart, id),
         Some(_) => Err(Error::bad_json("Unsupported filter")),
     }
 }
@@ -134,7 +110,7 @@ async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
     let user_id = me(&ctx)?;
     let localpart = ctx.session()?.localpart.clone();
     let filter = resolve_filter(&ctx, req.filter.as_ref())?;
-    let since = req.since.as_deref().map(parse_since).transpose()?;
+    let since = req.since.as_deref().map(super::history::parse_token).transpose()?;
     // Syncing is activity, unless the client says it is offline or away.
     match req.set_presence {
         ruma::presence::PresenceState::Offline => {}

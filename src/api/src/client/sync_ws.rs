@@ -15,9 +15,8 @@ use axum::{
     routing::get,
 };
 use ruma::api::client::filter::FilterDefinition;
-use serde_json::Value;
 use trellis_core::{Error, Result};
-use trellis_service::{Client, accounts::Session, filters, sync};
+use trellis_service::{Client, accounts::Session, sync};
 
 use crate::{AppState, response::ApiError};
 
@@ -49,29 +48,10 @@ fn bearer(headers: &HeaderMap, query: &HashMap<String, String>) -> Option<String
 }
 
 fn params(services: &AppState, session: &Session, q: &HashMap<String, String>) -> Result<Params> {
-    let since = q
-        .get("since")
-        .map(|t| {
-            t.strip_prefix('s')
-                .or_else(|| t.strip_prefix('t'))
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| Error::invalid_param("Invalid sync token"))
-        })
-        .transpose()?;
+    let since = q.get("since").map(|t| super::history::parse_token(t)).transpose()?;
     let filter = match q.get("filter") {
         None => FilterDefinition::default(),
-        Some(f) if f.trim_start().starts_with('{') => {
-            let value: Value = serde_json::from_str(f)
-                .map_err(|e| Error::bad_json(format!("Invalid filter: {e}")))?;
-            filters::parse(&value)?
-        }
-        Some(id) => {
-            let value = services
-                .filters
-                .get(&session.localpart, id)?
-                .ok_or_else(|| Error::not_found("Unknown filter"))?;
-            filters::parse(&value)?
-        }
+        Some(f) => services.filters.resolve(&session.localpart, f)?,
     };
     let flag = |name: &str| q.get(name).is_some_and(|v| v == "true");
     Ok(Params {

@@ -190,6 +190,13 @@ impl Timeline {
         Ok(ROOMS.get(&*self.db, &short)?.map(|Json(r)| (short, r)))
     }
 
+    /// A stored event, parsed, through the event cache (what readers want; `event`
+    /// gives the raw stored record).
+    pub fn cached_event(&self, event_id: &str) -> Result<Option<Arc<CachedEvent>>> {
+        let Some(short) = self.short.get(Kind::Event, event_id)? else { return Ok(None) };
+        self.cached(short)
+    }
+
     pub fn event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
         let Some(short) = self.short.get(Kind::Event, event_id)? else { return Ok(None) };
         Ok(EVENTS.get(&*self.db, &short)?.map(|j| j.0))

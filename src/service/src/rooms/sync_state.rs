@@ -67,7 +67,7 @@ impl Timeline {
 
     /// The stream position of a stored event.
     pub fn position_of(&self, event_id: &str) -> Result<Option<u64>> {
-        Ok(self.event(event_id)?.map(|e| e.position))
+        Ok(self.cached_event(event_id)?.map(|e| e.position))
     }
 
     /// Whether anything was appended to the room after `since`.
