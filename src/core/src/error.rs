@@ -34,6 +34,8 @@ pub mod code {
     pub const THREEPID_NOT_FOUND: &str = "M_THREEPID_NOT_FOUND";
     pub const THREEPID_AUTH_FAILED: &str = "M_THREEPID_AUTH_FAILED";
     pub const THREEPID_MEDIUM_NOT_SUPPORTED: &str = "M_THREEPID_MEDIUM_NOT_SUPPORTED";
+    pub const INVALID_SIGNATURE: &str = "M_INVALID_SIGNATURE";
+    pub const WRONG_ROOM_KEYS_VERSION: &str = "M_WRONG_ROOM_KEYS_VERSION";
 }
 
 #[derive(Debug, Clone)]

@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod audit;
 pub mod directory;
 pub mod durable;
+pub mod e2ee;
 pub mod filters;
 pub mod keys;
 pub mod mailer;
@@ -60,6 +61,7 @@ pub struct Services {
     pub rate_limits: RateLimiter,
     pub mailer: Option<mailer::Mailer>,
     pub directory: directory::UserDirectory,
+    pub e2ee: e2ee::E2ee,
     pub metrics: Metrics,
 }
 
@@ -84,6 +86,8 @@ impl Services {
             rooms::append::Timeline::new(db.clone(), keys.clone(), &config.server.server_name)
                 .map_err(|e| format!("loading rooms: {e}"))?;
         let stream = rooms.stream.clone();
+        accounts.set_stream(stream.clone());
+        let e2ee = e2ee::E2ee::new(db.clone(), stream.clone(), config.server.server_name.clone());
         let services = Arc::new(Self {
             rooms,
             aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
@@ -106,6 +110,7 @@ impl Services {
             ),
             audit,
             accounts,
+            e2ee,
             keys,
             db,
             config,

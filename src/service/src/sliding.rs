@@ -63,6 +63,9 @@ pub struct ListRequest {
 #[derive(Debug, Clone, Default)]
 pub struct Extensions {
     pub to_device: bool,
+    /// The to-device extension's `since`: messages up to it were received.
+    pub to_device_since: u64,
+    pub to_device_limit: usize,
     pub e2ee: bool,
     pub account_data: bool,
     pub receipts: bool,
@@ -328,16 +331,41 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
         || !extensions.is_empty()
         || counts != previous.counts
         || req.pos.is_none();
+    let mut e2ee_updates = false;
     if req.extensions.to_device {
+        let ext = &req.extensions;
+        let since = ext.to_device_since.min(now);
+        let limit = ext.to_device_limit.clamp(1, 1000);
+        let pending =
+            services.e2ee.pending_to_device(req.localpart, req.device_id, since, now, limit)?;
+        let upto = match pending.last() {
+            Some((pos, _)) if pending.len() == limit => *pos,
+            _ => now,
+        };
+        e2ee_updates |= !pending.is_empty();
+        let events: Vec<Value> = pending.into_iter().map(|(_, v)| v).collect();
         extensions
-            .insert("to_device".into(), json!({"next_batch": format!("{now}"), "events": []}));
+            .insert("to_device".into(), json!({"next_batch": upto.to_string(), "events": events}));
     }
     if req.extensions.e2ee {
+        let lists = match req.pos {
+            Some(_) => crate::e2ee::device_lists::changes(services, req.user_id, since, now)?,
+            None => Default::default(),
+        };
+        e2ee_updates |= !lists.is_empty();
+        let mut counts = services.e2ee.one_time_key_counts(req.localpart, req.device_id)?;
+        counts.entry("signed_curve25519".into()).or_insert(0);
+        let fallback = services.e2ee.unused_fallback_key_types(req.localpart, req.device_id)?;
         extensions.insert(
             "e2ee".into(),
-            json!({"device_lists": {"changed": [], "left": []}, "device_one_time_keys_count": {}}),
+            json!({
+                "device_lists": {"changed": lists.changed, "left": lists.left},
+                "device_one_time_keys_count": counts,
+                "device_unused_fallback_key_types": fallback,
+            }),
         );
     }
+    let has_updates = has_updates || e2ee_updates;
     Ok(SlidingResponse {
         body: json!({"lists": lists, "rooms": out_rooms, "extensions": extensions}),
         has_updates,

@@ -35,11 +35,45 @@ pub const STRIPPED_STATE: &[&str] = &[
     "m.room.topic",
 ];
 
+/// A sync token: `s<position>`, or `s<position>_<to-device position>` when a response
+/// carried only part of the waiting to-device messages (those after the second
+/// position are still to come).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncToken {
+    pub position: u64,
+    pub to_device: u64,
+}
+
+impl SyncToken {
+    pub fn parse(token: &str) -> Option<Self> {
+        let rest = token.strip_prefix('s')?;
+        let (position, to_device) = match rest.split_once('_') {
+            Some((p, td)) => (p.parse().ok()?, td.parse().ok()?),
+            None => {
+                let p = rest.parse().ok()?;
+                (p, p)
+            }
+        };
+        (to_device <= position).then_some(Self { position, to_device })
+    }
+
+    pub fn render(&self) -> String {
+        if self.to_device >= self.position {
+            format!("s{}", self.position)
+        } else {
+            format!("s{}_{}", self.position, self.to_device)
+        }
+    }
+}
+
 pub struct SyncRequest<'a> {
     pub user_id: &'a str,
     pub localpart: &'a str,
+    pub device_id: &'a str,
     /// `None` for an initial sync.
     pub since: Option<u64>,
+    /// To-device messages up to here were delivered (and acknowledged).
+    pub to_device_since: u64,
     pub full_state: bool,
     pub filter: &'a FilterDefinition,
     pub use_state_after: bool,
@@ -215,26 +249,73 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         })
         .map(|(_, kind, content)| json!({"type": kind, "content": content}))
         .collect();
+    let e2ee = E2eeSection::build(services, req, now)?;
     let has_updates = !join.is_empty()
         || !invite.is_empty()
         || !leave.is_empty()
         || !knock.is_empty()
         || !global.is_empty()
-        || !presence.is_empty();
+        || !presence.is_empty()
+        || !e2ee.to_device.is_empty()
+        || !e2ee.device_lists.is_empty();
+    let next_batch = SyncToken { position: now, to_device: e2ee.to_device_upto }.render();
     let mut body = json!({
-        "next_batch": format!("s{now}"),
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "account_data": {"events": global},
         "presence": {"events": presence},
-        "to_device": {"events": []},
-        "device_lists": {"changed": [], "left": []},
-        "device_one_time_keys_count": {},
+        "to_device": {"events": e2ee.to_device},
+        "device_lists": {"changed": e2ee.device_lists.changed, "left": e2ee.device_lists.left},
     });
     if let Some(map) = body.as_object_mut() {
         map.retain(|_, v| !is_empty_section(v));
-        map.entry("next_batch").or_insert_with(|| json!(format!("s{now}")));
+        map.insert("next_batch".into(), json!(next_batch));
+        // Always present: clients read a missing count as "unknown", and the fallback
+        // list's presence says the server supports fallback keys.
+        map.insert("device_one_time_keys_count".into(), json!(e2ee.one_time_keys_count));
+        map.insert(
+            "device_unused_fallback_key_types".into(),
+            json!(e2ee.unused_fallback_key_types),
+        );
     }
     Ok(SyncResponse { body, has_updates })
+}
+
+/// The encryption parts of a sync for one device.
+pub struct E2eeSection {
+    pub to_device: Vec<Value>,
+    /// To-device messages up to this position are in this response.
+    pub to_device_upto: u64,
+    pub device_lists: crate::e2ee::device_lists::DeviceLists,
+    pub one_time_keys_count: BTreeMap<String, u64>,
+    pub unused_fallback_key_types: Vec<String>,
+}
+
+impl E2eeSection {
+    pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Self> {
+        let e2ee = &services.e2ee;
+        let limit = crate::e2ee::to_device::DEFAULT_BATCH;
+        let pending =
+            e2ee.pending_to_device(req.localpart, req.device_id, req.to_device_since, now, limit)?;
+        // A full batch may have more behind it: the token then says how far it got.
+        let to_device_upto = match pending.last() {
+            Some((pos, _)) if pending.len() == limit => *pos,
+            _ => now,
+        };
+        let device_lists = match req.since {
+            Some(since) => crate::e2ee::device_lists::changes(services, req.user_id, since, now)?,
+            None => Default::default(),
+        };
+        let mut one_time_keys_count = e2ee.one_time_key_counts(req.localpart, req.device_id)?;
+        one_time_keys_count.entry("signed_curve25519".into()).or_insert(0);
+        Ok(Self {
+            to_device: pending.into_iter().map(|(_, v)| v).collect(),
+            to_device_upto,
+            device_lists,
+            one_time_keys_count,
+            unused_fallback_key_types: e2ee
+                .unused_fallback_key_types(req.localpart, req.device_id)?,
+        })
+    }
 }
 
 /// Presence changes since `since` of the user and of users sharing a room with them.

@@ -109,6 +109,28 @@ tables! {
     NOTIFY_UNREAD = "notify_unread", Scan;
     // (user id, position) -> notification, for `/notifications`
     NOTIFY_HISTORY = "notify_history", Scan;
+    // (user localpart, device id) -> the device's identity keys as uploaded
+    DEVICE_KEYS = "device_keys", Scan;
+    // (user localpart, device id, algorithm, key id) -> an unclaimed one-time key
+    ONE_TIME_KEYS = "one_time_keys", Scan;
+    // (user localpart, device id, algorithm) -> how many one-time keys are unclaimed
+    ONE_TIME_KEY_COUNTS = "one_time_key_counts", Scan;
+    // (user localpart, device id, algorithm) -> the fallback key and whether it was used
+    FALLBACK_KEYS = "fallback_keys", Scan;
+    // (user localpart, usage) -> the user's cross-signing key of that usage
+    CROSS_SIGNING_KEYS = "cross_signing_keys", Scan;
+    // (target user id, target key id, signer user id, signer key id) -> signature
+    KEY_SIGNATURES = "key_signatures", Scan;
+    // stream position -> user id whose devices or keys changed then
+    KEY_CHANGES = "key_changes", Scan;
+    // (short room id, stream position) -> user id whose membership changed then
+    MEMBER_CHANGES = "member_changes", Scan;
+    // (user localpart, device id, stream position) -> a to-device message
+    TO_DEVICE = "to_device", Scan;
+    // (user localpart, version) -> a key backup version
+    BACKUP_VERSIONS = "backup_versions", Scan;
+    // (user localpart, version, room id, session id) -> a backed-up room key
+    BACKUP_KEYS = "backup_keys", Scan;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

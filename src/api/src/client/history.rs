@@ -47,8 +47,8 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 pub(super) fn parse_token(token: &str) -> Result<u64> {
     token
         .strip_prefix('t')
-        .or_else(|| token.strip_prefix('s'))
         .and_then(|p| p.parse().ok())
+        .or_else(|| trellis_service::sync::SyncToken::parse(token).map(|t| t.position))
         .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
 }
 

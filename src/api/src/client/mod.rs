@@ -3,11 +3,13 @@
 mod account;
 mod account_data;
 mod aliases;
+mod backup;
 mod capabilities;
 mod devices;
 mod directory;
 mod events;
 mod history;
+mod keys;
 mod membership;
 mod notifications;
 mod presence;
@@ -24,6 +26,7 @@ mod sync;
 mod sync_ws;
 mod tags;
 mod threepid;
+mod to_device;
 mod uia;
 mod versions;
 
@@ -55,5 +58,8 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = aliases::routes(router);
     let router = room_directory::routes(router);
     let router = spaces::routes(router);
+    let router = keys::routes(router);
+    let router = backup::routes(router);
+    let router = to_device::routes(router);
     capabilities::routes(router)
 }

@@ -59,6 +59,9 @@ fn wants(
     }
 }
 
+/// To-device messages per response when the client sets no limit.
+const DEFAULT_TO_DEVICE: usize = 100;
+
 fn to_usize(v: ruma::UInt) -> usize {
     usize::try_from(u64::from(v)).unwrap_or(usize::MAX)
 }
@@ -103,6 +106,8 @@ async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
     let ext = &req.extensions;
     let extensions = Extensions {
         to_device: ext.to_device.enabled == Some(true),
+        to_device_since: ext.to_device.since.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
+        to_device_limit: ext.to_device.limit.map_or(DEFAULT_TO_DEVICE, to_usize),
         e2ee: ext.e2ee.enabled == Some(true),
         account_data: ext.account_data.enabled == Some(true),
         receipts: ext.receipts.enabled == Some(true),
@@ -118,6 +123,11 @@ async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
         subscriptions,
         extensions,
     };
+    if request.extensions.to_device && request.extensions.to_device_since > 0 {
+        // The extension's `since` acknowledges the messages it covered.
+        let since = request.extensions.to_device_since;
+        ctx.services.e2ee.ack_to_device(&session.localpart, &session.device_id, since).await?;
+    }
     let timeout = req.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = ctx.services.rooms.stream.clone();

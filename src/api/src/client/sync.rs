@@ -110,7 +110,13 @@ async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
     let user_id = me(&ctx)?;
     let localpart = ctx.session()?.localpart.clone();
     let filter = resolve_filter(&ctx, req.filter.as_ref())?;
-    let since = req.since.as_deref().map(super::history::parse_token).transpose()?;
+    let token = req.since.as_deref().map(parse_since).transpose()?;
+    let since = token.map(|t| t.position);
+    let device_id = ctx.session()?.device_id.clone();
+    if let Some(token) = token {
+        // Syncing from a token acknowledges the to-device messages it covered.
+        ctx.services.e2ee.ack_to_device(&localpart, &device_id, token.to_device).await?;
+    }
     // Syncing is activity, unless the client says it is offline or away.
     match req.set_presence {
         ruma::presence::PresenceState::Offline => {}
@@ -129,7 +135,9 @@ async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
     let request = sync::SyncRequest {
         user_id: &user_id,
         localpart: &localpart,
+        device_id: &device_id,
         since,
+        to_device_since: token.map_or(0, |t| t.to_device),
         full_state: req.full_state,
         filter: &filter,
         use_state_after: req.use_state_after,
@@ -152,6 +160,11 @@ async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
             return Ok(JsonResponse(built.body));
         }
     }
+}
+
+/// A `since` token of `/sync` (or of the WebSocket stream).
+pub(super) fn parse_since(token: &str) -> Result<sync::SyncToken> {
+    sync::SyncToken::parse(token).ok_or_else(|| Error::invalid_param("Invalid sync token"))
 }
 
 async fn create(ctx: Ctx, req: create_filter::v3::Request) -> Result<create_filter::v3::Response> {

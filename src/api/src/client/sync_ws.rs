@@ -31,7 +31,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 struct Params {
-    since: Option<u64>,
+    since: Option<sync::SyncToken>,
     filter: FilterDefinition,
     full_state: bool,
     use_state_after: bool,
@@ -48,7 +48,7 @@ fn bearer(headers: &HeaderMap, query: &HashMap<String, String>) -> Option<String
 }
 
 fn params(services: &AppState, session: &Session, q: &HashMap<String, String>) -> Result<Params> {
-    let since = q.get("since").map(|t| super::history::parse_token(t)).transpose()?;
+    let since = q.get("since").map(|t| super::sync::parse_since(t)).transpose()?;
     let filter = match q.get("filter") {
         None => FilterDefinition::default(),
         Some(f) => services.filters.resolve(&session.localpart, f)?,
@@ -89,6 +89,10 @@ async fn upgrade(
 
 /// Sends a batch whenever there is one; answers pings; ends when the client leaves or
 /// its token stops being valid (logout).
+///
+/// To-device messages are deleted once the client has surely received them: a pong to a
+/// ping sent after a batch proves the batch arrived (frames are ordered), as does
+/// reconnecting with a later `since`.
 async fn stream(
     services: AppState,
     session: Session,
@@ -98,7 +102,14 @@ async fn stream(
 ) -> Result<()> {
     let user_id = services.accounts.user_id(&session.localpart);
     let stream = services.rooms.stream.clone();
-    let mut since = params.since;
+    let mut since = params.since.map(|t| t.position);
+    let mut to_device_since = params.since.map_or(0, |t| t.to_device);
+    if params.since.is_some() {
+        services
+            .e2ee
+            .ack_to_device(&session.localpart, &session.device_id, to_device_since)
+            .await?;
+    }
     let mut full_state = params.full_state;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
@@ -112,7 +123,9 @@ async fn stream(
         let request = sync::SyncRequest {
             user_id: &user_id,
             localpart: &session.localpart,
+            device_id: &session.device_id,
             since,
+            to_device_since,
             full_state,
             filter: &params.filter,
             use_state_after: params.use_state_after,
@@ -126,19 +139,42 @@ async fn stream(
             }
             since = Some(now);
             full_state = false;
+            let delivered = built.body.get("next_batch").and_then(|t| t.as_str());
+            let delivered = delivered.and_then(sync::SyncToken::parse).map_or(now, |t| t.to_device);
+            if delivered > to_device_since && built.body.get("to_device").is_some() {
+                // Ask for a pong at once so the delivered messages can go.
+                if socket.send(ping_covering(delivered)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            to_device_since = delivered;
         }
         tokio::select! {
             () = waiting.woken() => {}
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                Some(Ok(Message::Pong(payload))) => {
+                    // The pong echoes the position its ping covered.
+                    if let Ok(bytes) = <[u8; 8]>::try_from(&payload[..]) {
+                        let upto = u64::from_be_bytes(bytes).min(to_device_since);
+                        let (lp, device) = (&session.localpart, &session.device_id);
+                        services.e2ee.ack_to_device(lp, device, upto).await?;
+                    }
+                }
                 // Pings are answered by the WebSocket layer; other messages are ignored.
                 Some(Ok(_)) => {}
             },
             _ = ping.tick() => {
-                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                if socket.send(ping_covering(to_device_since)).await.is_err() {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// A ping whose pong proves the client received every batch up to to-device position
+/// `upto` (the position rides in the payload, which the pong echoes).
+fn ping_covering(upto: u64) -> Message {
+    Message::Ping(upto.to_be_bytes().to_vec().into())
 }

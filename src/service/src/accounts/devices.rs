@@ -88,7 +88,7 @@ impl Accounts {
             "ok",
             Some(device_ids.join(",")),
         );
-        commit(&self.db, batch).await
+        self.commit_device_removal(batch, localpart).await
     }
 
     /// Adds the removal of a device and its tokens to `batch`.
@@ -107,6 +107,7 @@ impl Accounts {
                 REFRESH_TOKENS.delete(batch, h);
             }
             DEVICES.delete(batch, &key);
+            crate::e2ee::delete_device_rows(&self.db, batch, localpart, device_id)?;
         }
         Ok(())
     }

@@ -50,6 +50,9 @@ pub struct Accounts {
     hasher: crate::password::HashPool,
     /// A hash to verify against for unknown users (see `login.rs`), made on first use.
     decoy_hash: tokio::sync::OnceCell<Option<String>>,
+    /// The stream device-list changes are recorded on when devices go; unset in tools
+    /// that manage accounts offline.
+    stream: std::sync::OnceLock<Arc<crate::rooms::stream::StreamPositions>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -107,6 +110,7 @@ impl Accounts {
             email_code_lifetime_ms: 900_000,
             hasher,
             decoy_hash: Default::default(),
+            stream: Default::default(),
         }
     }
 
@@ -114,6 +118,29 @@ impl Accounts {
     pub fn with_email_code_lifetime(mut self, seconds: u64) -> Self {
         self.email_code_lifetime_ms = seconds.saturating_mul(1000);
         self
+    }
+
+    /// Records device removals on `stream` from now on (see [`Self::commit_device_removal`]).
+    pub fn set_stream(&self, stream: Arc<crate::rooms::stream::StreamPositions>) {
+        let _ = self.stream.set(stream);
+    }
+
+    /// Commits a batch that removes devices of `localpart`, noting a device-list change
+    /// in the same batch so that everyone sharing a room with the user re-reads the
+    /// user's devices.
+    pub(crate) async fn commit_device_removal(
+        &self,
+        mut batch: Batch,
+        localpart: &str,
+    ) -> Result<()> {
+        let Some(stream) = self.stream.get() else { return commit(&self.db, batch).await };
+        let user_id = self.user_id(localpart);
+        let ticket = stream.dispatch();
+        crate::e2ee::device_lists::note_change(&mut batch, ticket.position, &user_id);
+        let result = commit(&self.db, batch).await;
+        stream.retire(ticket);
+        stream.wake_co_members(&user_id);
+        result
     }
 
     pub fn user_id(&self, localpart: &str) -> String {
@@ -332,7 +359,11 @@ impl Accounts {
             }
         }
         self.audit.add(&mut batch, Some(localpart), "password_change", client, "ok", None);
-        commit(&self.db, batch).await
+        if logout_devices {
+            self.commit_device_removal(batch, localpart).await
+        } else {
+            commit(&self.db, batch).await
+        }
     }
 
     /// Deactivates an account: it can never log in again, all its devices and tokens are
@@ -367,7 +398,7 @@ impl Accounts {
         }
         let detail = erase.then(|| "erase".to_owned());
         self.audit.add(&mut batch, Some(localpart), "deactivate", client, "ok", detail);
-        commit(&self.db, batch).await?;
+        self.commit_device_removal(batch, localpart).await?;
         tracing::info!(user = %self.user_id(localpart), erase, "deactivated");
         Ok(())
     }

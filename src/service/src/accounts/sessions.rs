@@ -214,7 +214,7 @@ impl Accounts {
         let mut batch = Batch::new();
         self.delete_device_into(&mut batch, &session.localpart, &session.device_id)?;
         self.audit.add(&mut batch, Some(&session.localpart), "logout", client, "ok", None);
-        commit(&self.db, batch).await
+        self.commit_device_removal(batch, &session.localpart).await
     }
 
     /// `POST /logout/all`: every device of the user goes.
@@ -224,7 +224,7 @@ impl Accounts {
             self.delete_device_into(&mut batch, localpart, &device)?;
         }
         self.audit.add(&mut batch, Some(localpart), "logout_all", client, "ok", None);
-        commit(&self.db, batch).await
+        self.commit_device_removal(batch, localpart).await
     }
 
     /// A single-use `m.login.token` for signing in another device.

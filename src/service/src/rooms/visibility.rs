@@ -3,7 +3,7 @@
 //! changes, keyed by stream position) so that checking an event is a couple of seeks
 //! instead of loading the room state at that event.
 
-use std::ops::Bound::Included;
+use std::ops::Bound::{Excluded, Included};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,6 +21,9 @@ use super::{Pdu, append::Timeline, short::Kind};
 const MEMBERSHIP_LOG: Table<(u64, String, u64), Json<MemberRow>> =
     Table::new(&catalog::MEMBERSHIP_LOG);
 const VISIBILITY_LOG: Table<(u64, u64), String> = Table::new(&catalog::VISIBILITY_LOG);
+/// (room, position) -> user whose membership changed: device list tracking asks which
+/// members came and went between two positions.
+const MEMBER_CHANGES: Table<(u64, u64), String> = Table::new(&catalog::MEMBER_CHANGES);
 const EVENT_TIMES: Table<(u64, u64, u64), u64> = Table::new(&catalog::EVENT_TIMES);
 const TIMELINE_ALL: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 
@@ -30,6 +33,8 @@ const DEFAULT_VISIBILITY: &str = "shared";
 /// Set once the per-event indexes (membership and visibility logs, timestamps,
 /// relations) cover every stored event.
 const INDEXED_KEY: &str = "event_indexes_v1";
+/// Set once `MEMBER_CHANGES` covers the membership log.
+const MEMBER_CHANGES_KEY: &str = "member_changes_v1";
 const META: Table<String, u64> = Table::new(&catalog::META);
 /// Events indexed per batch while backfilling.
 const BACKFILL_BATCH: usize = 1_000;
@@ -38,6 +43,11 @@ impl Timeline {
     /// Databases written before these indexes existed get them built from the stored
     /// timelines once, at start-up (in stream order, so relations find their parents).
     pub(super) fn backfill_indexes(&self) -> Result<()> {
+        self.backfill_event_indexes()?;
+        self.backfill_member_changes()
+    }
+
+    fn backfill_event_indexes(&self) -> Result<()> {
         if META.get(&*self.db, &INDEXED_KEY.to_owned())?.is_some() {
             return Ok(());
         }
@@ -72,6 +82,37 @@ impl Timeline {
         Ok(())
     }
 
+    /// The membership-change index came after the membership log: derive it once.
+    fn backfill_member_changes(&self) -> Result<()> {
+        if META.get(&*self.db, &MEMBER_CHANGES_KEY.to_owned())?.is_some() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        for row in MEMBERSHIP_LOG.scan_range(
+            &*self.db,
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Unbounded,
+            Direction::Forward,
+        )? {
+            let ((room, user, position), _) = row?;
+            MEMBER_CHANGES.put(&mut batch, &(room, position), &user);
+        }
+        META.put(&mut batch, &MEMBER_CHANGES_KEY.to_owned(), &1);
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Users whose membership of `room_id` changed in `(since, now]`, in order.
+    pub fn member_changes(&self, room_id: &str, since: u64, now: u64) -> Result<Vec<String>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
+        let start = (room, since);
+        let end = (room, now);
+        MEMBER_CHANGES
+            .scan_range(&*self.db, Excluded(&start), Included(&end), Direction::Forward)?
+            .map(|row| row.map(|(_, user)| user).map_err(Into::into))
+            .collect()
+    }
+
     /// Records what visibility checks and timestamp lookups need about a stored event.
     pub(super) fn log_event(
         &self,
@@ -90,6 +131,7 @@ impl Timeline {
                 let membership = content["membership"].as_str().unwrap_or("leave");
                 let row = MemberRow { membership: membership.to_owned(), event: event_short };
                 MEMBERSHIP_LOG.put(batch, &(room, key.clone(), position), &Json(row));
+                MEMBER_CHANGES.put(batch, &(room, position), key);
             }
             "m.room.history_visibility" if key.is_empty() => {
                 let visibility =

@@ -1,0 +1,154 @@
+//! End-to-end encryption keys: `keys/upload`, `keys/query`, `keys/claim`,
+//! `keys/changes`, `keys/device_signing/upload`, `keys/signatures/upload`.
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use ruma::{
+    UInt,
+    api::client::keys::{
+        claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys,
+    },
+    serde::Raw,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use trellis_core::{Error, Result};
+use trellis_service::{
+    e2ee::{cross_signing::SigningUpload, device_keys::Upload, device_lists},
+    sync::SyncToken,
+};
+
+use super::{events::me, uia::reauthenticate};
+use crate::{
+    AppState,
+    ruma_route::{self, Ctx},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<upload_keys::v3::Request, _, _>(router, upload);
+    let router = ruma_route::add::<get_keys::v3::Request, _, _>(router, query);
+    let router = ruma_route::add::<claim_keys::v3::Request, _, _>(router, claim);
+    let router = ruma_route::add::<get_key_changes::v3::Request, _, _>(router, changes);
+    let router = ruma_route::add::<upload_signing_keys::v3::Request, _, _>(router, signing_keys);
+    ruma_route::add::<upload_signatures::v3::Request, _, _>(router, signatures)
+}
+
+/// A raw JSON value from a ruma `Raw`: bad JSON inside is the client's error.
+pub(super) fn raw_value<T>(raw: &Raw<T>) -> Result<Value> {
+    serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))
+}
+
+/// A ruma response field from the JSON the service built.
+pub(super) fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
+    serde_json::from_str(&value.to_string()).map_err(|e| Error::internal("building a response", e))
+}
+
+async fn upload(ctx: Ctx, req: upload_keys::v3::Request) -> Result<upload_keys::v3::Response> {
+    let session = ctx.session()?;
+    let mut input = Upload {
+        device_keys: req.device_keys.as_ref().map(raw_value).transpose()?,
+        ..Default::default()
+    };
+    for (id, key) in &req.one_time_keys {
+        input.one_time_keys.insert(id.to_string(), raw_value(key)?);
+    }
+    for (id, key) in &req.fallback_keys {
+        input.fallback_keys.insert(id.to_string(), raw_value(key)?);
+    }
+    let counts = ctx.services.e2ee.upload(&session.localpart, &session.device_id, input).await?;
+    let counts = counts.into_iter().map(|(alg, n)| (alg.into(), UInt::new_saturating(n))).collect();
+    Ok(upload_keys::v3::Response::new(counts))
+}
+
+async fn query(ctx: Ctx, req: get_keys::v3::Request) -> Result<get_keys::v3::Response> {
+    let user_id = me(&ctx)?;
+    let requested: BTreeMap<String, Vec<String>> = req
+        .device_keys
+        .iter()
+        .map(|(u, ds)| (u.to_string(), ds.iter().map(ToString::to_string).collect()))
+        .collect();
+    let out = ctx.services.e2ee.query(&user_id, &requested)?;
+    let mut resp = get_keys::v3::Response::new();
+    resp.device_keys = from_value(out["device_keys"].clone())?;
+    resp.master_keys = from_value(out["master_keys"].clone())?;
+    resp.self_signing_keys = from_value(out["self_signing_keys"].clone())?;
+    resp.user_signing_keys = from_value(out["user_signing_keys"].clone())?;
+    resp.failures = from_value(out["failures"].clone())?;
+    Ok(resp)
+}
+
+async fn claim(ctx: Ctx, req: claim_keys::v3::Request) -> Result<claim_keys::v3::Response> {
+    ctx.session()?;
+    let requested: BTreeMap<String, BTreeMap<String, String>> = req
+        .one_time_keys
+        .iter()
+        .map(|(u, ds)| {
+            let devices = ds.iter().map(|(d, alg)| (d.to_string(), alg.to_string())).collect();
+            (u.to_string(), devices)
+        })
+        .collect();
+    let (claimed, failures) = ctx.services.e2ee.claim(&requested).await?;
+    let mut resp = claim_keys::v3::Response::new(from_value(claimed)?);
+    resp.failures = from_value(failures)?;
+    Ok(resp)
+}
+
+async fn changes(
+    ctx: Ctx,
+    req: get_key_changes::v3::Request,
+) -> Result<get_key_changes::v3::Response> {
+    let user_id = me(&ctx)?;
+    let parse = |t: &str| {
+        SyncToken::parse(t)
+            .map(|t| t.position)
+            .ok_or_else(|| Error::invalid_param("Invalid stream token"))
+    };
+    let (from, to) = (parse(&req.from)?, parse(&req.to)?);
+    // `to` may not be ahead of what has been written.
+    let to = to.min(ctx.services.rooms.stream.visible());
+    let lists = device_lists::changes(&ctx.services, &user_id, from, to)?;
+    Ok(get_key_changes::v3::Response::new(
+        from_value(lists.changed.into())?,
+        from_value(lists.left.into())?,
+    ))
+}
+
+async fn signing_keys(
+    ctx: Ctx,
+    req: upload_signing_keys::v3::Request,
+) -> Result<upload_signing_keys::v3::Response> {
+    let localpart = ctx.session()?.localpart.clone();
+    let upload = SigningUpload {
+        master: req.master_key.as_ref().map(raw_value).transpose()?,
+        self_signing: req.self_signing_key.as_ref().map(raw_value).transpose()?,
+        user_signing: req.user_signing_key.as_ref().map(raw_value).transpose()?,
+    };
+    // Replacing existing keys needs the user's password; a first upload or a retry of
+    // the same keys does not.
+    if ctx.services.e2ee.signing_upload_needs_auth(&localpart, &upload)? {
+        reauthenticate(&ctx, req.auth.as_ref(), "device_signing_upload").await?;
+    }
+    ctx.services.e2ee.upload_signing_keys(&localpart, upload).await?;
+    Ok(upload_signing_keys::v3::Response::new())
+}
+
+async fn signatures(
+    ctx: Ctx,
+    req: upload_signatures::v3::Request,
+) -> Result<upload_signatures::v3::Response> {
+    let localpart = ctx.session()?.localpart.clone();
+    let mut signed: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for (user, keys) in &req.signed_keys {
+        let per_user = signed.entry(user.to_string()).or_default();
+        for (key_id, object) in keys.iter() {
+            let value =
+                serde_json::from_str(object.get()).map_err(|e| Error::bad_json(e.to_string()))?;
+            per_user.insert(key_id.to_string(), value);
+        }
+    }
+    let failures = ctx.services.e2ee.upload_signatures(&localpart, signed).await?;
+    let mut resp = upload_signatures::v3::Response::new();
+    resp.failures = from_value(failures)?;
+    Ok(resp)
+}

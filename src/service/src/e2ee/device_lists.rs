@@ -1,0 +1,101 @@
+//! Device list tracking: which users' devices or keys changed between two stream
+//! positions, as seen by one user (`device_lists` in sync, `keys/changes`). A user must
+//! hear about everyone they share a room with whose keys changed, about everyone who
+//! newly shares a room with them, and about those who no longer share any.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use trellis_core::Result;
+use trellis_store::{Batch, Direction, Table, catalog};
+
+use crate::Services;
+
+/// position -> user id whose devices or keys changed
+const KEY_CHANGES: Table<u64, String> = Table::new(&catalog::KEY_CHANGES);
+
+/// Records that `user_id`'s devices or keys change at `position`.
+pub(crate) fn note_change(batch: &mut Batch, position: u64, user_id: &str) {
+    KEY_CHANGES.put(batch, &position, &user_id.to_owned());
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DeviceLists {
+    pub changed: Vec<String>,
+    pub left: Vec<String>,
+}
+
+impl DeviceLists {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.left.is_empty()
+    }
+}
+
+/// What changed for `user_id` in `(since, now]`.
+pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Result<DeviceLists> {
+    if since >= now {
+        return Ok(DeviceLists::default());
+    }
+    let rooms = &services.rooms;
+    let mine: HashSet<String> = rooms.rooms_of(user_id, "join")?.into_iter().collect();
+    let mut shared_cache: HashMap<String, bool> = HashMap::new();
+    let mut shares = |other: &str| -> Result<bool> {
+        if other == user_id {
+            return Ok(true);
+        }
+        if let Some(&known) = shared_cache.get(other) {
+            return Ok(known);
+        }
+        let any = rooms.rooms_of(other, "join")?.iter().any(|r| mine.contains(r));
+        shared_cache.insert(other.to_owned(), any);
+        Ok(any)
+    };
+
+    let mut changed = BTreeSet::new();
+    let mut maybe_left = BTreeSet::new();
+    let range = (std::ops::Bound::Excluded(&since), std::ops::Bound::Included(&now));
+    for row in KEY_CHANGES.scan_range(&*services.db, range.0, range.1, Direction::Forward)? {
+        let (_, other) = row?;
+        if shares(&other)? {
+            changed.insert(other);
+        }
+    }
+
+    // Membership changes in the rooms the user is in, and in those they left.
+    let mut watched: Vec<String> = mine.iter().cloned().collect();
+    for (room, membership) in rooms.memberships_of(user_id)? {
+        if matches!(membership.as_str(), "leave" | "ban")
+            && rooms
+                .last_membership_position(&room, user_id)?
+                .is_some_and(|p| p > since && p <= now)
+        {
+            watched.push(room);
+        }
+    }
+    for room in &watched {
+        let movers = rooms.member_changes(room, since, now)?;
+        if movers.is_empty() {
+            continue;
+        }
+        let joined: HashSet<String> = rooms.members(room, "join")?.into_iter().collect();
+        for mover in movers {
+            if mover == user_id {
+                // The user joined (everyone there is new to them) or left (everyone
+                // there may now share nothing with them).
+                let target = if mine.contains(room) { &mut changed } else { &mut maybe_left };
+                target.extend(joined.iter().filter(|m| *m != user_id).cloned());
+            } else if joined.contains(&mover) {
+                changed.insert(mover);
+            } else {
+                maybe_left.insert(mover);
+            }
+        }
+    }
+    let mut left = Vec::new();
+    for other in maybe_left {
+        if !shares(&other)? {
+            changed.remove(&other);
+            left.push(other);
+        }
+    }
+    Ok(DeviceLists { changed: changed.into_iter().collect(), left })
+}

@@ -1,0 +1,159 @@
+//! To-device messages: sent to one device or all of a user's devices, queued per device
+//! at a stream position, delivered by sync and deleted once the client acknowledges
+//! them by syncing from a later token.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    ops::Bound::{Excluded, Included},
+    sync::Mutex,
+};
+
+use serde_json::{Value, json};
+use trellis_core::Result;
+use trellis_store::{Batch, Direction, Json, Table, catalog};
+
+use super::{E2ee, TO_DEVICE};
+use crate::{commit, rooms::stream::user_key, tables::DEVICES};
+
+/// (localpart, device id, "m.to_device <txn id>") -> (): idempotent sends per device
+const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TXN_IDS);
+
+/// Messages a device may have waiting; beyond this new ones are dropped (a device that
+/// never syncs must not fill the disk).
+pub const MAX_PENDING_PER_DEVICE: usize = 10_000;
+/// Messages per sync response.
+pub const DEFAULT_BATCH: usize = 100;
+
+/// How many messages each device has waiting, counted from storage the first time a
+/// device is touched after start-up.
+#[derive(Default)]
+pub struct InboxSizes(Mutex<HashMap<(String, String), usize>>);
+
+/// One send: `messages[user id][device id or "*"] = content`.
+pub struct Send<'a> {
+    pub sender_localpart: &'a str,
+    pub sender_device: &'a str,
+    pub txn_id: &'a str,
+    pub event_type: &'a str,
+    pub messages: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+impl E2ee {
+    /// Queues the messages of one `sendToDevice` request; a repeated transaction id of
+    /// the same device does nothing.
+    pub async fn send_to_device(&self, send: Send<'_>) -> Result<()> {
+        let txn = (
+            send.sender_localpart.to_owned(),
+            send.sender_device.to_owned(),
+            format!("m.to_device {}", send.txn_id),
+        );
+        if TXN_IDS.contains(&*self.db, &txn)? {
+            return Ok(());
+        }
+        let sender = self.user_id(send.sender_localpart);
+        let ticket = self.stream.dispatch();
+        let mut batch = Batch::new();
+        let mut recipients = Vec::new();
+        let mut added: Vec<(String, String)> = Vec::new();
+        for (user_id, devices) in &send.messages {
+            // Other servers' users are reached over federation, which comes later.
+            let Some(localpart) = self.local_part(user_id) else { continue };
+            let mut targets: Vec<(String, &Value)> = Vec::new();
+            for (device, content) in devices {
+                if device == "*" {
+                    for row in
+                        DEVICES.scan_prefix(&*self.db, &localpart.to_owned(), Direction::Forward)?
+                    {
+                        let ((_, id), _) = row?;
+                        targets.push((id, content));
+                    }
+                } else if DEVICES.contains(&*self.db, &(localpart.to_owned(), device.clone()))? {
+                    targets.push((device.clone(), content));
+                }
+            }
+            for (device, content) in targets {
+                if !self.inbox_has_room(localpart, &device)? {
+                    tracing::warn!(user = %user_id, device, "to-device inbox full; message dropped");
+                    continue;
+                }
+                let message =
+                    json!({"type": send.event_type, "sender": sender, "content": content});
+                let row = (localpart.to_owned(), device.clone(), ticket.position);
+                TO_DEVICE.put(&mut batch, &row, &Json(message));
+                added.push((localpart.to_owned(), device));
+            }
+            recipients.push(localpart.to_owned());
+        }
+        TXN_IDS.put(&mut batch, &txn, &String::new());
+        let result = commit(&self.db, batch).await;
+        self.stream.retire(ticket);
+        if result.is_ok() {
+            self.count_added(&added);
+        }
+        for localpart in recipients {
+            self.stream.wake(&user_key(&localpart));
+        }
+        result
+    }
+
+    fn inbox_has_room(&self, localpart: &str, device: &str) -> Result<bool> {
+        let key = (localpart.to_owned(), device.to_owned());
+        let mut sizes = self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&n) = sizes.get(&key) {
+            return Ok(n < MAX_PENDING_PER_DEVICE);
+        }
+        let n = TO_DEVICE.scan_prefix(&*self.db, &key, Direction::Forward)?.count();
+        sizes.insert(key, n);
+        Ok(n < MAX_PENDING_PER_DEVICE)
+    }
+
+    fn count_added(&self, added: &[(String, String)]) {
+        let mut sizes = self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner());
+        for key in added {
+            *sizes.entry(key.clone()).or_insert(0) += 1;
+        }
+    }
+
+    /// Messages for the device queued in `(after, upto]`, oldest first, at most `limit`,
+    /// with their positions.
+    pub fn pending_to_device(
+        &self,
+        localpart: &str,
+        device_id: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Value)>> {
+        let start = (localpart.to_owned(), device_id.to_owned(), after);
+        let end = (localpart.to_owned(), device_id.to_owned(), upto);
+        TO_DEVICE
+            .scan_range(&*self.db, Excluded(&start), Included(&end), Direction::Forward)?
+            .take(limit)
+            .map(|row| row.map(|((_, _, pos), Json(v))| (pos, v)).map_err(Into::into))
+            .collect()
+    }
+
+    /// Deletes the device's messages up to `upto`: the client has them.
+    pub async fn ack_to_device(&self, localpart: &str, device_id: &str, upto: u64) -> Result<()> {
+        let start = (localpart.to_owned(), device_id.to_owned(), 0);
+        let end = (localpart.to_owned(), device_id.to_owned(), upto);
+        let mut batch = Batch::new();
+        let mut removed = 0;
+        for row in
+            TO_DEVICE.scan_range(&*self.db, Included(&start), Included(&end), Direction::Forward)?
+        {
+            TO_DEVICE.delete(&mut batch, &row?.0);
+            removed += 1;
+        }
+        if removed == 0 {
+            return Ok(());
+        }
+        commit(&self.db, batch).await?;
+        let key = (localpart.to_owned(), device_id.to_owned());
+        let mut sizes = self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = sizes.get_mut(&key) {
+            *n = n.saturating_sub(removed);
+        }
+        Ok(())
+    }
+}
