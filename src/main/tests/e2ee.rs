@@ -617,6 +617,19 @@ async fn device_list_changes_reach_users_who_share_a_room() {
     let got = bob.sync(&s, Some(&since)).await;
     assert_eq!(got["device_lists"]["changed"], json!([alice.user_id]), "{got}");
     let since = got["next_batch"].as_str().unwrap().to_owned();
+    // ...and the deleted device's keys are gone with it.
+    let (_, q) = s
+        .post_auth(
+            "/_matrix/client/v3/keys/query",
+            &bob.token,
+            &json!({"device_keys": {&alice.user_id: []}}),
+        )
+        .await;
+    let devices: Vec<&String> =
+        q["device_keys"][&alice.user_id].as_object().unwrap().keys().collect();
+    assert_eq!(devices, vec![&alice.device_id], "{q}");
+    let none = claim(&s, &bob.token, &alice.user_id, &alice2.device_id).await;
+    assert!(none.is_null(), "{none}");
 
     // Carol leaving the only room she shares with Bob puts her in `left`.
     s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &carol.token, &json!({})).await;
