@@ -2,6 +2,8 @@
 
 mod admin;
 pub mod client;
+mod convert;
+mod federation;
 mod observe;
 pub mod response;
 pub mod ruma_route;
@@ -28,6 +30,7 @@ pub fn main_router(services: AppState) -> Router {
     let router = Router::new();
     let router = client::routes(router);
     let router = server::routes(router);
+    let router = federation::routes(router);
     let router = admin::routes(router);
     let request_id = HeaderName::from_static("x-request-id");
 

@@ -36,9 +36,22 @@ pub struct Ctx {
     pub session: Option<Session>,
     /// Where the request came from.
     pub client: Client,
+    /// For server-server endpoints: the other server, as its X-Matrix signature proved.
+    pub origin: Option<String>,
 }
 
 impl Ctx {
+    /// The authenticated origin server of a federation request.
+    pub fn origin(&self) -> Result<&str> {
+        self.origin.as_deref().ok_or_else(|| {
+            Error::new(
+                StatusCode::UNAUTHORIZED,
+                trellis_core::error::code::UNAUTHORIZED,
+                "Not signed",
+            )
+        })
+    }
+
     /// The authenticated session; only call on endpoints that require a token.
     pub fn session(&self) -> Result<&Session> {
         self.session.as_ref().ok_or_else(Error::missing_token)
@@ -69,6 +82,8 @@ pub enum AuthKind {
     None,
     Optional,
     Required,
+    /// Another server's X-Matrix signature.
+    Server,
 }
 
 /// Maps ruma's authentication scheme of an endpoint to what we check.
@@ -93,6 +108,9 @@ impl AuthPolicy for AppserviceToken {
 }
 impl AuthPolicy for AppserviceTokenOptional {
     const KIND: AuthKind = AuthKind::Optional;
+}
+impl AuthPolicy for ruma::api::federation::authentication::ServerSignatures {
+    const KIND: AuthKind = AuthKind::Server;
 }
 
 /// Registers `handler` for every path (stable, unstable, legacy) of endpoint `R`.
@@ -179,18 +197,35 @@ where
     }
     let client = Client::from_ip(client_ip(&parts, services.config.http.x_forwarded_for));
     let session = match <R::Authentication as AuthPolicy>::KIND {
-        AuthKind::None => None,
+        AuthKind::None | AuthKind::Server => None,
         kind => match access_token(&parts) {
             Some(token) => Some(services.accounts.authenticate(&token, &client).await?),
             None if kind == AuthKind::Required => return Err(Error::missing_token()),
             None => None,
         },
     };
-    let ctx = Ctx { services, session, client };
+    let mut bytes = read_body(body).await?;
+    let origin = if <R::Authentication as AuthPolicy>::KIND == AuthKind::Server {
+        let signed = http::Request::builder()
+            .method(parts.method.clone())
+            .uri(parts.uri.clone())
+            .body(&bytes[..])
+            .map_err(|e| Error::internal("request", e))?;
+        let (mut signed_parts, body) = signed.into_parts();
+        signed_parts.headers = parts.headers.clone();
+        Some(
+            services
+                .federation
+                .verify_request(&http::Request::from_parts(signed_parts, body))
+                .await?,
+        )
+    } else {
+        None
+    };
+    let ctx = Ctx { services, session, client, origin };
     if R::RATE_LIMITED {
         ctx.rate_limit(Class::Default)?;
     }
-    let mut bytes = read_body(body).await?;
     // Some clients (matrix-nio's join, for one) send no body where every field is
     // optional; an empty body reads as the empty object, as other homeservers do.
     if bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {

@@ -130,13 +130,37 @@ pub struct WellKnownConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FederationConfig {
+    /// Whether this server talks to other servers at all: when off, federation endpoints
+    /// answer 403 and nothing is sent out.
+    pub enabled: bool,
     /// How long other servers may cache our signing key (`valid_until_ts`), in hours.
     pub key_validity_hours: u64,
+    /// The TLS listener other servers connect to (the spec's default port is 8448);
+    /// unset when a reverse proxy terminates TLS and forwards to `server.listen`.
+    pub tls_listen: Option<std::net::SocketAddr>,
+    /// PEM certificate chain and private key of the TLS listener; re-read on SIGHUP.
+    pub tls_certificate: Option<std::path::PathBuf>,
+    pub tls_private_key: Option<std::path::PathBuf>,
+    /// Extra PEM CA certificates trusted for outbound federation, besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Seconds an outbound federation request may take.
+    pub request_timeout_seconds: u64,
+    /// Server names never contacted and whose requests are refused.
+    pub denied_servers: Vec<String>,
 }
 
 impl Default for FederationConfig {
     fn default() -> Self {
-        Self { key_validity_hours: 24 }
+        Self {
+            enabled: true,
+            key_validity_hours: 24,
+            tls_listen: None,
+            tls_certificate: None,
+            tls_private_key: None,
+            ca_file: None,
+            request_timeout_seconds: 30,
+            denied_servers: Vec::new(),
+        }
     }
 }
 
@@ -546,6 +570,18 @@ impl Config {
         }
         if self.http.max_request_bytes < 1024 {
             bad("http.max_request_bytes", "must be at least 1024".into());
+        }
+        if self.federation.tls_listen.is_some()
+            && (self.federation.tls_certificate.is_none()
+                || self.federation.tls_private_key.is_none())
+        {
+            bad(
+                "federation.tls_listen",
+                "needs federation.tls_certificate and federation.tls_private_key".into(),
+            );
+        }
+        if self.federation.request_timeout_seconds == 0 {
+            bad("federation.request_timeout_seconds", "must be at least 1".into());
         }
         if self.federation.key_validity_hours == 0 {
             bad("federation.key_validity_hours", "must be at least 1".into());

@@ -2,6 +2,7 @@
 
 mod bench;
 mod serve;
+mod tls;
 mod user_cmd;
 
 use std::{path::PathBuf, process::ExitCode};

@@ -64,6 +64,16 @@ async fn serve(config: Config) -> Result<(), String> {
     .map_err(|e| format!("signing key: {e}"))?;
 
     let listen = config.server.listen;
+    let tls = match (
+        config.federation.tls_listen,
+        &config.federation.tls_certificate,
+        &config.federation.tls_private_key,
+    ) {
+        (Some(addr), Some(cert), Some(key)) => {
+            Some((addr, std::sync::Arc::new(crate::tls::Certificate::load(cert, key)?)))
+        }
+        _ => None,
+    };
     let metrics = config.metrics.enabled.then_some(config.metrics.listen);
     let grace = Duration::from_secs(config.http.shutdown_grace_seconds);
     let services = Services::new(config, db, keys)?;
@@ -76,7 +86,16 @@ async fn serve(config: Config) -> Result<(), String> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let app = trellis_api::main_router(services.clone());
-    tasks.spawn(serve_until_stopped(listener, app, stop_rx.clone()));
+    tasks.spawn(serve_until_stopped(listener, app.clone(), stop_rx.clone()));
+    let mut reloader = None;
+    if let Some((addr, certificate)) = tls {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (federation TLS): {e}"))?;
+        reloader = Some(tokio::spawn(crate::tls::reload_on_sighup(certificate.clone())));
+        tasks.spawn(crate::tls::serve(listener, app, certificate, stop_rx.clone()));
+        tracing::info!(%addr, "federation TLS listening");
+    }
     if let Some(addr) = metrics {
         let listener = TcpListener::bind(addr)
             .await
@@ -109,6 +128,9 @@ async fn serve(config: Config) -> Result<(), String> {
     }
 
     janitor.abort();
+    if let Some(r) = reloader {
+        r.abort();
+    }
     let db = services.db.clone();
     drop(services);
     tokio::task::spawn_blocking(move || db.flush())

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod directory;
 pub mod durable;
 pub mod e2ee;
+pub mod federation;
 pub mod filters;
 pub mod keys;
 pub mod mailer;
@@ -62,6 +63,7 @@ pub struct Services {
     pub mailer: Option<mailer::Mailer>,
     pub directory: directory::UserDirectory,
     pub e2ee: e2ee::E2ee,
+    pub federation: federation::Federation,
     pub metrics: Metrics,
 }
 
@@ -88,6 +90,12 @@ impl Services {
         let stream = rooms.stream.clone();
         accounts.set_stream(stream.clone());
         let e2ee = e2ee::E2ee::new(db.clone(), stream.clone(), config.server.server_name.clone());
+        let federation = federation::Federation::new(
+            db.clone(),
+            config.server.server_name.clone(),
+            keys.clone(),
+            config.federation.clone(),
+        )?;
         let services = Arc::new(Self {
             rooms,
             aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
@@ -111,6 +119,7 @@ impl Services {
             audit,
             accounts,
             e2ee,
+            federation,
             keys,
             db,
             config,

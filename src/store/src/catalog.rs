@@ -131,6 +131,10 @@ tables! {
     BACKUP_VERSIONS = "backup_versions", Scan;
     // (user localpart, version, room id, session id) -> a backed-up room key
     BACKUP_KEYS = "backup_keys", Scan;
+    // (server name, key id) -> another server's verify key and its validity
+    REMOTE_KEYS = "remote_keys", Point;
+    // server name -> its last key server response, as received (served as a notary)
+    REMOTE_KEY_RESPONSES = "remote_key_responses", Point;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
 }

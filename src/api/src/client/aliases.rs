@@ -41,6 +41,18 @@ async fn create(ctx: Ctx, req: create_alias::v3::Request) -> Result<create_alias
 }
 
 async fn get(ctx: Ctx, req: get_alias::v3::Request) -> Result<get_alias::v3::Response> {
+    if req.room_alias.server_name().as_str() != ctx.services.server_name() {
+        let answer = ctx.services.federation.remote_alias(req.room_alias.as_str()).await?;
+        let room_id = answer["room_id"]
+            .as_str()
+            .and_then(|r| OwnedRoomId::try_from(r).ok())
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        let servers = answer["servers"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|s| s.as_str()?.try_into().ok()).collect())
+            .unwrap_or_default();
+        return Ok(get_alias::v3::Response::new(room_id, servers));
+    }
     let record = ctx
         .services
         .aliases

@@ -18,9 +18,9 @@ use serde_json::Value;
 use trellis_core::{Error, Result};
 use trellis_service::e2ee::backup::Sessions;
 
-use super::keys::{from_value, raw_value};
 use crate::{
     AppState,
+    convert::{from_value, raw_value},
     ruma_route::{self, Ctx},
 };
 

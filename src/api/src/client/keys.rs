@@ -9,9 +9,7 @@ use ruma::{
     api::client::keys::{
         claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys,
     },
-    serde::Raw,
 };
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use trellis_core::{Error, Result};
 use trellis_service::{
@@ -22,6 +20,7 @@ use trellis_service::{
 use super::{events::me, uia::reauthenticate};
 use crate::{
     AppState,
+    convert::{from_value, raw_value},
     ruma_route::{self, Ctx},
 };
 
@@ -32,16 +31,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<get_key_changes::v3::Request, _, _>(router, changes);
     let router = ruma_route::add::<upload_signing_keys::v3::Request, _, _>(router, signing_keys);
     ruma_route::add::<upload_signatures::v3::Request, _, _>(router, signatures)
-}
-
-/// A raw JSON value from a ruma `Raw`: bad JSON inside is the client's error.
-pub(super) fn raw_value<T>(raw: &Raw<T>) -> Result<Value> {
-    serde_json::from_str(raw.json().get()).map_err(|e| Error::bad_json(e.to_string()))
-}
-
-/// A ruma response field from the JSON the service built.
-pub(super) fn from_value<T: DeserializeOwned>(value: Value) -> Result<T> {
-    serde_json::from_str(&value.to_string()).map_err(|e| Error::internal("building a response", e))
 }
 
 async fn upload(ctx: Ctx, req: upload_keys::v3::Request) -> Result<upload_keys::v3::Response> {
@@ -68,7 +57,27 @@ async fn query(ctx: Ctx, req: get_keys::v3::Request) -> Result<get_keys::v3::Res
         .iter()
         .map(|(u, ds)| (u.to_string(), ds.iter().map(ToString::to_string).collect()))
         .collect();
-    let out = ctx.services.e2ee.query(&user_id, &requested)?;
+    let (local, remote) = split_by_server(&ctx, requested);
+    let mut out = ctx.services.e2ee.query(Some(&user_id), &local)?;
+    if !remote.is_empty() {
+        let (answers, failures) = ctx
+            .services
+            .federation
+            .remote_keys("/_matrix/federation/v1/user/keys/query", "device_keys", remote)
+            .await;
+        for answer in answers {
+            for field in ["device_keys", "master_keys", "self_signing_keys"] {
+                if let (Some(into), Some(from)) =
+                    (out[field].as_object_mut(), answer.get(field).and_then(Value::as_object))
+                {
+                    into.extend(from.clone());
+                }
+            }
+        }
+        if let Some(into) = out["failures"].as_object_mut() {
+            into.extend(failures);
+        }
+    }
     let mut resp = get_keys::v3::Response::new();
     resp.device_keys = from_value(out["device_keys"].clone())?;
     resp.master_keys = from_value(out["master_keys"].clone())?;
@@ -88,7 +97,25 @@ async fn claim(ctx: Ctx, req: claim_keys::v3::Request) -> Result<claim_keys::v3:
             (u.to_string(), devices)
         })
         .collect();
-    let (claimed, failures) = ctx.services.e2ee.claim(&requested).await?;
+    let (local, remote) = split_by_server(&ctx, requested);
+    let (mut claimed, mut failures) = ctx.services.e2ee.claim(&local).await?;
+    if !remote.is_empty() {
+        let (answers, remote_failures) = ctx
+            .services
+            .federation
+            .remote_keys("/_matrix/federation/v1/user/keys/claim", "one_time_keys", remote)
+            .await;
+        for answer in answers {
+            if let (Some(into), Some(from)) =
+                (claimed.as_object_mut(), answer.get("one_time_keys").and_then(Value::as_object))
+            {
+                into.extend(from.clone());
+            }
+        }
+        if let Some(into) = failures.as_object_mut() {
+            into.extend(remote_failures);
+        }
+    }
     let mut resp = claim_keys::v3::Response::new(from_value(claimed)?);
     resp.failures = from_value(failures)?;
     Ok(resp)
@@ -151,4 +178,22 @@ async fn signatures(
     let mut resp = upload_signatures::v3::Response::new();
     resp.failures = from_value(failures)?;
     Ok(resp)
+}
+
+/// Splits a per-user request into this server's users and, by server, everyone else's.
+fn split_by_server<T: serde::Serialize>(
+    ctx: &Ctx,
+    requested: BTreeMap<String, T>,
+) -> (BTreeMap<String, T>, BTreeMap<String, Value>) {
+    let mut local = BTreeMap::new();
+    let mut remote: BTreeMap<String, Value> = BTreeMap::new();
+    for (user, wanted) in requested {
+        if ctx.services.accounts.local_part(&user).is_some() {
+            local.insert(user, wanted);
+        } else if let Some(server) = trellis_service::federation::server_of(&user) {
+            let entry = remote.entry(server.to_owned()).or_insert_with(|| serde_json::json!({}));
+            entry[user.as_str()] = serde_json::to_value(&wanted).unwrap_or(Value::Null);
+        }
+    }
+    (local, remote)
 }

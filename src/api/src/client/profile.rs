@@ -33,7 +33,28 @@ fn existing_local_user(ctx: &Ctx, user_id: &UserId) -> Result<String> {
     }
 }
 
+/// Another server's user's profile, asked over federation.
+async fn remote_profile(ctx: &Ctx, user_id: &UserId, field: Option<&str>) -> Result<UserProfile> {
+    let value = ctx.services.federation.remote_profile(user_id.as_str(), field).await?;
+    let mut profile = UserProfile::new();
+    if let Some(fields) = value.as_object() {
+        for (name, v) in fields {
+            profile.set(name.clone(), v.clone());
+        }
+    }
+    Ok(profile)
+}
+
+fn is_local(ctx: &Ctx, user_id: &UserId) -> bool {
+    ctx.services.accounts.local_part(user_id.as_str()).is_some()
+}
+
 async fn get_all(ctx: Ctx, req: get_profile::v3::Request) -> Result<get_profile::v3::Response> {
+    if !is_local(&ctx, &req.user_id) {
+        let mut resp = get_profile::v3::Response::new();
+        resp.data = remote_profile(&ctx, &req.user_id, None).await?;
+        return Ok(resp);
+    }
     let localpart = existing_local_user(&ctx, &req.user_id)?;
     let mut profile = UserProfile::new();
     for (field, value) in ctx.services.profiles.get_all(&localpart)? {
@@ -48,13 +69,15 @@ async fn get_field(
     ctx: Ctx,
     req: get_profile_field::v3::Request,
 ) -> Result<get_profile_field::v3::Response> {
-    let localpart = existing_local_user(&ctx, &req.user_id)?;
     let field = req.field.as_str();
-    let value = ctx
-        .services
-        .profiles
-        .get(&localpart, field)?
-        .ok_or_else(|| Error::not_found("Profile field not set"))?;
+    let value = if is_local(&ctx, &req.user_id) {
+        let localpart = existing_local_user(&ctx, &req.user_id)?;
+        ctx.services.profiles.get(&localpart, field)?
+    } else {
+        let profile = remote_profile(&ctx, &req.user_id, Some(field)).await?;
+        profile.get(field).cloned()
+    };
+    let value = value.ok_or_else(|| Error::not_found("Profile field not set"))?;
     let value = ProfileFieldValue::new(field, value)
         .map_err(|e| Error::internal("stored profile field", e))?;
     Ok(get_profile_field::v3::Response::new(value))

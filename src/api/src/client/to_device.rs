@@ -7,9 +7,9 @@ use ruma::api::client::to_device::send_event_to_device;
 use trellis_core::{Error, Result};
 use trellis_service::e2ee::to_device::Send;
 
-use super::keys::raw_value;
 use crate::{
     AppState,
+    convert::raw_value,
     ruma_route::{self, Ctx},
 };
 

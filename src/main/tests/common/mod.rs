@@ -367,7 +367,7 @@ impl Drop for SmtpServer {
 }
 
 /// A test CA and a server certificate for 127.0.0.1 signed by it, made with openssl.
-fn mint_certificates(dir: &Path) {
+pub fn mint_certificates(dir: &Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));

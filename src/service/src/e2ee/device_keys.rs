@@ -190,9 +190,11 @@ impl E2ee {
     }
 
     /// `keys/query`: `requested` maps user ids to device ids (empty for all devices).
+    /// `requester` is the local user asking (who alone sees their user-signing key);
+    /// `None` for another server.
     pub fn query(
         &self,
-        requester: &str,
+        requester: Option<&str>,
         requested: &BTreeMap<String, Vec<String>>,
     ) -> Result<Value> {
         let mut device_keys = Map::new();
@@ -233,7 +235,7 @@ impl E2ee {
             if let Some(k) = cross.self_signing {
                 self_signing_keys.insert(user_id.clone(), k);
             }
-            if user_id == requester
+            if requester == Some(user_id.as_str())
                 && let Some(k) = cross.user_signing
             {
                 user_signing_keys.insert(user_id.clone(), k);
@@ -309,6 +311,30 @@ impl E2ee {
             return Ok(Some(out));
         }
         Ok(None)
+    }
+
+    /// A user's devices as another server asks for them (`/user/devices`): every device,
+    /// with its keys when it published some, and the cross-signing keys.
+    pub fn user_devices(&self, localpart: &str) -> Result<Value> {
+        let mut devices = Vec::new();
+        for row in DEVICES.scan_prefix(&*self.db, &localpart.to_owned(), Direction::Forward)? {
+            let ((_, device_id), Json(record)) = row?;
+            let Some(keys) = self.published_device_keys(localpart, &device_id)? else { continue };
+            let mut device = json!({"device_id": device_id, "keys": keys});
+            if let Some(name) = record.display_name {
+                device["device_display_name"] = json!(name);
+            }
+            devices.push(device);
+        }
+        let cross = self.cross_signing_keys(localpart)?;
+        let mut out = json!({"devices": devices, "stream_id": self.stream.visible()});
+        if let Some(k) = cross.master {
+            out["master_key"] = k;
+        }
+        if let Some(k) = cross.self_signing {
+            out["self_signing_key"] = k;
+        }
+        Ok(out)
     }
 
     /// The user's device ids that have published keys.

@@ -1,0 +1,154 @@
+//! The server-server API: queries other servers make of this one (profiles, aliases,
+//! devices and keys) and the notary key server. Every endpoint but the notary requires
+//! a valid X-Matrix signature (checked in `ruma_route`).
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use ruma::{
+    OwnedRoomId, OwnedServerName, UInt,
+    api::federation::{
+        device::get_devices,
+        discovery::{get_remote_server_keys, get_remote_server_keys_batch},
+        keys::{claim_keys, get_keys},
+        query::{get_profile_information, get_room_information},
+    },
+    serde::Raw,
+};
+use serde_json::Value;
+use trellis_core::{Error, Result};
+
+use crate::{
+    AppState,
+    convert::from_value,
+    ruma_route::{self, Ctx},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<get_profile_information::v1::Request, _, _>(router, profile);
+    let router = ruma_route::add::<get_room_information::v1::Request, _, _>(router, directory);
+    let router = ruma_route::add::<get_devices::v1::Request, _, _>(router, devices);
+    let router = ruma_route::add::<get_keys::v1::Request, _, _>(router, query_keys);
+    let router = ruma_route::add::<claim_keys::v1::Request, _, _>(router, claim);
+    let router = ruma_route::add::<get_remote_server_keys::v2::Request, _, _>(router, notary_one);
+    ruma_route::add::<get_remote_server_keys_batch::v2::Request, _, _>(router, notary_batch)
+}
+
+/// The localpart of an active local user, else 404.
+fn local_user(ctx: &Ctx, user_id: &str) -> Result<String> {
+    let not_found = || Error::not_found("No such user");
+    let localpart = ctx.services.accounts.local_part(user_id).ok_or_else(not_found)?;
+    match ctx.services.accounts.user(localpart)? {
+        Some(u) if !u.deactivated => Ok(localpart.to_owned()),
+        _ => Err(not_found()),
+    }
+}
+
+async fn profile(
+    ctx: Ctx,
+    req: get_profile_information::v1::Request,
+) -> Result<get_profile_information::v1::Response> {
+    let localpart = local_user(&ctx, req.user_id.as_str())?;
+    let mut profile = ruma::api::federation::query::get_profile_information::v1::Response::new();
+    for (field, value) in ctx.services.profiles.get_all(&localpart)? {
+        if req.field.as_ref().is_none_or(|f| f.as_str() == field) {
+            profile.data.set(field, value);
+        }
+    }
+    Ok(profile)
+}
+
+async fn directory(
+    ctx: Ctx,
+    req: get_room_information::v1::Request,
+) -> Result<get_room_information::v1::Response> {
+    let record = ctx
+        .services
+        .aliases
+        .resolve(req.room_alias.as_str())?
+        .ok_or_else(|| Error::not_found("Room alias not found"))?;
+    let room_id =
+        OwnedRoomId::try_from(record.room_id).map_err(|e| Error::internal("room id", e))?;
+    let server = OwnedServerName::try_from(ctx.services.server_name())
+        .map_err(|e| Error::internal("server name", e))?;
+    Ok(get_room_information::v1::Response::new(room_id, vec![server]))
+}
+
+async fn devices(ctx: Ctx, req: get_devices::v1::Request) -> Result<get_devices::v1::Response> {
+    let localpart = local_user(&ctx, req.user_id.as_str())?;
+    let out = ctx.services.e2ee.user_devices(&localpart)?;
+    let devices = from_value(out["devices"].clone())?;
+    let stream_id = UInt::new_saturating(out["stream_id"].as_u64().unwrap_or(0));
+    let mut resp = get_devices::v1::Response::new(req.user_id, stream_id);
+    resp.devices = devices;
+    resp.master_key = out.get("master_key").map(|k| from_value(k.clone())).transpose()?;
+    resp.self_signing_key =
+        out.get("self_signing_key").map(|k| from_value(k.clone())).transpose()?;
+    Ok(resp)
+}
+
+async fn query_keys(ctx: Ctx, req: get_keys::v1::Request) -> Result<get_keys::v1::Response> {
+    let origin = ctx.origin()?.to_owned();
+    // Only this server's users; another server's user-signing keys are never shown.
+    let requested: BTreeMap<String, Vec<String>> = req
+        .device_keys
+        .iter()
+        .filter(|(u, _)| ctx.services.accounts.local_part(u.as_str()).is_some())
+        .map(|(u, ds)| (u.to_string(), ds.iter().map(ToString::to_string).collect()))
+        .collect();
+    tracing::debug!(origin, users = requested.len(), "federation keys query");
+    let out = ctx.services.e2ee.query(None, &requested)?;
+    let mut resp = get_keys::v1::Response::new(from_value(out["device_keys"].clone())?);
+    resp.master_keys = from_value(out["master_keys"].clone())?;
+    resp.self_signing_keys = from_value(out["self_signing_keys"].clone())?;
+    Ok(resp)
+}
+
+async fn claim(ctx: Ctx, req: claim_keys::v1::Request) -> Result<claim_keys::v1::Response> {
+    ctx.origin()?;
+    let requested: BTreeMap<String, BTreeMap<String, String>> = req
+        .one_time_keys
+        .iter()
+        .filter(|(u, _)| ctx.services.accounts.local_part(u.as_str()).is_some())
+        .map(|(u, ds)| {
+            (u.to_string(), ds.iter().map(|(d, a)| (d.to_string(), a.to_string())).collect())
+        })
+        .collect();
+    let (claimed, _) = ctx.services.e2ee.claim(&requested).await?;
+    Ok(claim_keys::v1::Response::new(from_value(claimed)?))
+}
+
+fn signed_keys(
+    responses: Vec<Value>,
+) -> Result<Vec<Raw<ruma::api::federation::discovery::ServerSigningKeys>>> {
+    responses.into_iter().map(|r| from_value(r)).collect()
+}
+
+async fn notary_one(
+    ctx: Ctx,
+    req: get_remote_server_keys::v2::Request,
+) -> Result<get_remote_server_keys::v2::Response> {
+    let servers = BTreeMap::from([(
+        req.server_name.to_string(),
+        u64::from(req.minimum_valid_until_ts.get()),
+    )]);
+    let out = ctx.services.federation.notary(&servers).await?;
+    Ok(get_remote_server_keys::v2::Response::new(signed_keys(out)?))
+}
+
+async fn notary_batch(
+    ctx: Ctx,
+    req: get_remote_server_keys_batch::v2::Request,
+) -> Result<get_remote_server_keys_batch::v2::Response> {
+    let mut servers = BTreeMap::new();
+    for (server, keys) in &req.server_keys {
+        let minimum = keys
+            .values()
+            .filter_map(|c| c.minimum_valid_until_ts.map(|t| u64::from(t.get())))
+            .max()
+            .unwrap_or(0);
+        servers.insert(server.to_string(), minimum);
+    }
+    let out = ctx.services.federation.notary(&servers).await?;
+    Ok(get_remote_server_keys_batch::v2::Response::new(signed_keys(out)?))
+}

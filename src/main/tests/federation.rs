@@ -1,0 +1,214 @@
+//! Federation between two real Trellis servers on loopback, each with a TLS federation
+//! listener whose certificate comes from a test CA both trust: signed requests, key
+//! fetching, the notary, and the queries that cross servers (profiles, aliases, device
+//! keys). Unsigned and badly signed requests are refused.
+
+mod common;
+
+use common::{OPEN, TestServer, free_port, mint_certificates};
+use serde_json::{Value, json};
+
+struct Peer {
+    server: TestServer,
+    name: String,
+    _certs: tempfile::TempDir,
+}
+
+async fn peer() -> Peer {
+    let certs = tempfile::tempdir().unwrap();
+    mint_certificates(certs.path());
+    let tls_port = free_port();
+    let name = format!("127.0.0.1:{tls_port}");
+    let dir = certs.path().display();
+    let config = format!(
+        "{OPEN}[federation]\ntls_listen = \"{name}\"\ntls_certificate = \"{dir}/server.pem\"\n\
+         tls_private_key = \"{dir}/server.key\"\nca_file = \"{dir}/ca.pem\"\n"
+    );
+    // Each server trusts its own test CA; the other's CA is added below by pointing both
+    // at one CA, which is simpler: peers share the first server's certificates.
+    let server =
+        TestServer::start_with_env(&config, &[("TRELLIS_SERVER__SERVER_NAME", name.as_str())])
+            .await;
+    Peer { server, name, _certs: certs }
+}
+
+/// Two servers whose certificates come from one CA.
+async fn pair() -> (Peer, Peer) {
+    let certs = tempfile::tempdir().unwrap();
+    mint_certificates(certs.path());
+    let dir = certs.path().display().to_string();
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let tls_port = free_port();
+        let name = format!("127.0.0.1:{tls_port}");
+        let config = format!(
+            "{OPEN}[federation]\ntls_listen = \"{name}\"\ntls_certificate = \"{dir}/server.pem\"\n\
+             tls_private_key = \"{dir}/server.key\"\nca_file = \"{dir}/ca.pem\"\n"
+        );
+        let server =
+            TestServer::start_with_env(&config, &[("TRELLIS_SERVER__SERVER_NAME", name.as_str())])
+                .await;
+        peers.push((server, name));
+    }
+    let (b_server, b_name) = peers.pop().unwrap();
+    let (a_server, a_name) = peers.pop().unwrap();
+    let keep = tempfile::tempdir().unwrap();
+    (
+        Peer { server: a_server, name: a_name, _certs: certs },
+        Peer { server: b_server, name: b_name, _certs: keep },
+    )
+}
+
+#[tokio::test]
+async fn profiles_aliases_and_device_keys_cross_servers() {
+    let (a, b) = pair().await;
+    let (alice, alice_token) = a.server.register("alice").await;
+    assert!(alice.ends_with(&format!(":{}", a.name)), "{alice}");
+    let (_, bob_token) = b.server.register("bob").await;
+    let (status, _) = a
+        .server
+        .put_auth(
+            &format!("/_matrix/client/v3/profile/{alice}/displayname"),
+            &alice_token,
+            &json!({"displayname": "Alice of A"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Bob, on B, reads Alice's profile: B signs a request to A, A fetches B's key.
+    let (status, profile) =
+        b.server.get_auth(&format!("/_matrix/client/v3/profile/{alice}"), &bob_token).await;
+    assert_eq!(status, 200, "{profile}");
+    assert_eq!(profile["displayname"], "Alice of A");
+    let (status, name) = b
+        .server
+        .get_auth(&format!("/_matrix/client/v3/profile/{alice}/displayname"), &bob_token)
+        .await;
+    assert_eq!((status, &name["displayname"]), (200, &json!("Alice of A")), "{name}");
+    // An unknown user over there is 404 here too.
+    let ghost = format!("@ghost:{}", a.name);
+    let (status, body) =
+        b.server.get_auth(&format!("/_matrix/client/v3/profile/{ghost}"), &bob_token).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+
+    // An alias of A resolves on B.
+    let room = a
+        .server
+        .create_room(&alice_token, json!({"preset": "public_chat", "room_alias_name": "lobby"}))
+        .await;
+    let alias = common::urlencode(&format!("#lobby:{}", a.name));
+    let (status, body) =
+        b.server.get_auth(&format!("/_matrix/client/v3/directory/room/{alias}"), &bob_token).await;
+    assert_eq!((status, body["room_id"].as_str()), (200, Some(room.as_str())), "{body}");
+    assert_eq!(body["servers"], json!([a.name]));
+
+    // Alice's device keys and one-time keys reach Bob's server.
+    let (_, who) = a.server.get_auth("/_matrix/client/v3/account/whoami", &alice_token).await;
+    let device = who["device_id"].as_str().unwrap().to_owned();
+    let upload =
+        json!({"one_time_keys": {"curve25519:AAAA": "b3RrMQ", "curve25519:AAAB": "b3RrMg"}});
+    let (status, _) =
+        a.server.post_auth("/_matrix/client/v3/keys/upload", &alice_token, &upload).await;
+    assert_eq!(status, 200);
+    let (status, claimed) = b
+        .server
+        .post_auth(
+            "/_matrix/client/v3/keys/claim",
+            &bob_token,
+            &json!({"one_time_keys": {&alice: {&device: "curve25519"}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{claimed}");
+    let keys = claimed["one_time_keys"][&alice][&device].as_object().unwrap();
+    assert_eq!(keys.len(), 1, "{claimed}");
+    let (status, q) = b
+        .server
+        .post_auth(
+            "/_matrix/client/v3/keys/query",
+            &bob_token,
+            &json!({"device_keys": {&alice: []}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{q}");
+    assert!(q["device_keys"][&alice].is_object(), "{q}");
+    assert!(q.get("failures").is_none_or(|f| f.get(&a.name).is_none()), "{q}");
+}
+
+#[tokio::test]
+async fn unsigned_and_forged_federation_requests_are_refused() {
+    let (a, b) = pair().await;
+    let (alice, _) = a.server.register("alice").await;
+    let path =
+        format!("/_matrix/federation/v1/query/profile?user_id={}", common::urlencode(&alice));
+    let (status, body) = a.server.get(&path).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{body}");
+
+    // A signature that does not verify with B's real key.
+    let forged = format!(
+        "X-Matrix origin=\"{}\",destination=\"{}\",key=\"ed25519:a_bcde\",sig=\"{}\"",
+        b.name,
+        a.name,
+        "A".repeat(86)
+    );
+    let resp = a
+        .server
+        .client
+        .get(a.server.url(&path))
+        .header("Authorization", forged)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::json_of(resp).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{body}");
+    // An origin that is not a server at all.
+    let bogus = "X-Matrix origin=\"127.0.0.1:1\",key=\"ed25519:x\",sig=\"AAAA\"";
+    let resp = a
+        .server
+        .client
+        .get(a.server.url(&path))
+        .header("Authorization", bogus)
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = common::json_of(resp).await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn the_notary_serves_other_servers_keys_with_its_own_signature() {
+    let (a, b) = pair().await;
+    let (_, body) = b.server.get("/_matrix/key/v2/server").await;
+    let b_key_id = body["verify_keys"].as_object().unwrap().keys().next().unwrap().clone();
+
+    let (status, body) = a.server.get(&format!("/_matrix/key/v2/query/{}", b.name)).await;
+    assert_eq!(status, 200, "{body}");
+    let keys: &Value = &body["server_keys"][0];
+    assert_eq!(keys["server_name"], b.name);
+    assert!(keys["verify_keys"].get(&b_key_id).is_some(), "{keys}");
+    assert!(keys["signatures"][&b.name].is_object(), "B's own signature stays");
+    assert!(keys["signatures"][&a.name].is_object(), "A countersigns: {keys}");
+
+    let (status, body) = a
+        .server
+        .post("/_matrix/key/v2/query", &json!({"server_keys": {&b.name: {}, &a.name: {}}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["server_keys"].as_array().unwrap().len(), 2, "{body}");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_clean_error() {
+    let a = peer().await;
+    let (_, token) = a.server.register("alice").await;
+    let nobody = format!("@x:127.0.0.1:{}", free_port());
+    let (status, body) =
+        a.server.get_auth(&format!("/_matrix/client/v3/profile/{nobody}"), &token).await;
+    assert!(status >= 500 || status == 404, "{status} {body}");
+    assert!(body["errcode"].is_string());
+    let (status, q) = a
+        .server
+        .post_auth("/_matrix/client/v3/keys/query", &token, &json!({"device_keys": {&nobody: []}}))
+        .await;
+    assert_eq!(status, 200, "{q}");
+    assert!(q["failures"].as_object().is_some_and(|f| !f.is_empty()), "{q}");
+}
