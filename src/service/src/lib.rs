@@ -8,6 +8,7 @@ pub mod durable;
 pub mod filters;
 pub mod keys;
 pub mod mailer;
+pub mod media;
 pub mod notify;
 pub mod password;
 pub mod presence;
@@ -60,6 +61,7 @@ pub struct Services {
     pub rate_limits: RateLimiter,
     pub mailer: Option<mailer::Mailer>,
     pub directory: directory::UserDirectory,
+    pub media: media::Media,
     pub metrics: Metrics,
 }
 
@@ -84,6 +86,7 @@ impl Services {
             rooms::append::Timeline::new(db.clone(), keys.clone(), &config.server.server_name)
                 .map_err(|e| format!("loading rooms: {e}"))?;
         let stream = rooms.stream.clone();
+        let media = media::Media::new(&config, db.clone(), None)?;
         let services = Arc::new(Self {
             rooms,
             aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
@@ -104,6 +107,7 @@ impl Services {
                 db.clone(),
                 config.user_directory.search_all_users,
             ),
+            media,
             audit,
             accounts,
             keys,
