@@ -530,7 +530,18 @@ impl Media {
             height: encoded.height,
             size: spooled.size,
         };
-        let _file = self.stripe(&variant.sha256).lock().await;
+        // Lock order: the original's stripe, then the variant's (never the reverse), so a
+        // thumbnail finishing while its original is deleted cannot outlive it.
+        let original = self.stripe(of);
+        let _original = original.lock().await;
+        let mut refs =
+            MEDIA_BLOB_REFS.scan_prefix(&*self.0.db, &of.to_owned(), Direction::Forward)?;
+        if refs.next().is_none() {
+            return Err(Error::not_found("The original is gone"));
+        }
+        drop(refs);
+        let file = self.stripe(&variant.sha256);
+        let _file = if std::ptr::eq(file, original) { None } else { Some(file.lock().await) };
         self.0.store.put_file(&variant.sha256, &spooled.path, spooled.size).await?;
         let mut batch = Batch::new();
         let referrer = format!("variant:{of}:{key}");
