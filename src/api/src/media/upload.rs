@@ -45,12 +45,23 @@ fn upload_of(
     }
 }
 
+/// A refused upload may leave the body unread, and the connection then cannot carry
+/// another request: say so, or a client reusing it sees its next request fail.
+fn respond_upload(result: Result<Response>) -> Response {
+    let failed = result.is_err();
+    let mut resp = respond(result);
+    if failed {
+        resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
+}
+
 fn ok(value: serde_json::Value) -> Response {
     json_response(StatusCode::OK, value.to_string().into_bytes())
 }
 
 pub async fn upload(State(s): State<AppState>, req: Request) -> Response {
-    respond(
+    respond_upload(
         async {
             let (parts, body) = req.into_parts();
             let session = session(&s, &parts).await?;
@@ -80,7 +91,7 @@ pub async fn upload_to(
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    respond(
+    respond_upload(
         async {
             let (parts, body) = req.into_parts();
             let session = session(&s, &parts).await?;
