@@ -28,6 +28,11 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
             "/_synapse/admin/v1/registration_tokens/{token}",
             get(get_token).put(update_token).delete(delete_token),
         )
+        .route(
+            "/_synapse/admin/v1/media/quarantine/{server}/{id}",
+            axum::routing::post(quarantine_media),
+        )
+        .route("/_synapse/admin/v1/media/{server}/{id}", axum::routing::delete(delete_media))
 }
 
 /// Checks that the caller is a server admin.
@@ -162,6 +167,38 @@ async fn delete_token(
             require_admin(&s, &parts).await?;
             s.accounts.delete_registration_token(&token).await?;
             Ok(json!({}))
+        }
+        .await,
+    )
+}
+
+/// Quarantined media is served to nobody; the file stays for the admin to inspect.
+async fn quarantine_media(
+    State(s): State<AppState>,
+    parts: Parts,
+    Path((server, id)): Path<(String, String)>,
+) -> Response {
+    respond(
+        async {
+            require_admin(&s, &parts).await?;
+            s.media.quarantine(&server, &id).await?;
+            Ok(json!({}))
+        }
+        .await,
+    )
+}
+
+/// Deletes a media item; its file goes once no other media item has the same content.
+async fn delete_media(
+    State(s): State<AppState>,
+    parts: Parts,
+    Path((server, id)): Path<(String, String)>,
+) -> Response {
+    respond(
+        async {
+            require_admin(&s, &parts).await?;
+            s.media.delete(&server, &id).await?;
+            Ok(json!({ "deleted_media": [id], "total": 1 }))
         }
         .await,
     )

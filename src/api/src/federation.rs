@@ -121,7 +121,7 @@ async fn claim(ctx: Ctx, req: claim_keys::v1::Request) -> Result<claim_keys::v1:
 fn signed_keys(
     responses: Vec<Value>,
 ) -> Result<Vec<Raw<ruma::api::federation::discovery::ServerSigningKeys>>> {
-    responses.into_iter().map(|r| from_value(r)).collect()
+    responses.into_iter().map(from_value).collect()
 }
 
 async fn notary_one(

@@ -4,6 +4,7 @@ mod admin;
 pub mod client;
 mod convert;
 mod federation;
+mod media;
 mod observe;
 pub mod response;
 pub mod ruma_route;
@@ -32,6 +33,10 @@ pub fn main_router(services: AppState) -> Router {
     let router = server::routes(router);
     let router = federation::routes(router);
     let router = admin::routes(router);
+    // `layer` wraps only the routes added so far: media uploads, added after it, are
+    // bounded by their own streaming limit instead of the whole-body one.
+    let router = router.layer(RequestBodyLimitLayer::new(max_body));
+    let router = media::routes(router);
     let request_id = HeaderName::from_static("x-request-id");
 
     router
@@ -39,10 +44,9 @@ pub fn main_router(services: AppState) -> Router {
             response::ApiError(trellis_core::Error::unrecognized("Unrecognized request"))
         })
         .with_state(services.clone())
-        // Layers run outermost-last: the body limit is checked first, panics and
-        // framework errors are turned into Matrix JSON, and every response gets CORS.
+        // Layers run outermost-last: panics and framework errors are turned into Matrix
+        // JSON, and every response gets CORS.
         .layer(DefaultBodyLimit::disable())
-        .layer(RequestBodyLimitLayer::new(max_body))
         .layer(middleware::from_fn_with_state(services, observe::observe))
         .layer(CatchPanicLayer::custom(response::panic_response))
         .layer(middleware::map_response(response::matrix_errors))

@@ -31,6 +31,7 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub presence: PresenceConfig,
     pub rate_limits: RateLimitsConfig,
+    pub media: MediaConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
 }
@@ -136,13 +137,15 @@ pub struct FederationConfig {
     /// How long other servers may cache our signing key (`valid_until_ts`), in hours.
     pub key_validity_hours: u64,
     /// The TLS listener other servers connect to (the spec's default port is 8448);
-    /// unset when a reverse proxy terminates TLS and forwards to `server.listen`.
-    pub tls_listen: Option<std::net::SocketAddr>,
+    /// empty when a reverse proxy terminates TLS and forwards to `server.listen`.
+    pub tls_listen: String,
     /// PEM certificate chain and private key of the TLS listener; re-read on SIGHUP.
-    pub tls_certificate: Option<std::path::PathBuf>,
-    pub tls_private_key: Option<std::path::PathBuf>,
-    /// Extra PEM CA certificates trusted for outbound federation, besides the system's.
-    pub ca_file: Option<std::path::PathBuf>,
+    /// Empty paths: unset.
+    pub tls_certificate: PathBuf,
+    pub tls_private_key: PathBuf,
+    /// Extra PEM CA certificates trusted for outbound federation, besides the system's
+    /// (empty: none).
+    pub ca_file: PathBuf,
     /// Seconds an outbound federation request may take.
     pub request_timeout_seconds: u64,
     /// Server names never contacted and whose requests are refused.
@@ -154,10 +157,10 @@ impl Default for FederationConfig {
         Self {
             enabled: true,
             key_validity_hours: 24,
-            tls_listen: None,
-            tls_certificate: None,
-            tls_private_key: None,
-            ca_file: None,
+            tls_listen: String::new(),
+            tls_certificate: PathBuf::new(),
+            tls_private_key: PathBuf::new(),
+            ca_file: PathBuf::new(),
             request_timeout_seconds: 30,
             denied_servers: Vec::new(),
         }
@@ -423,6 +426,112 @@ impl Default for RateLimitsConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Where file contents live: `filesystem` (under `path`) or `s3` (the `s3_*` keys).
+    /// Metadata is always in the database.
+    pub backend: MediaBackend,
+    /// Directory of the filesystem backend, and of upload temp files for every backend;
+    /// empty means `<data_dir>/media`.
+    pub path: PathBuf,
+    /// Largest upload in bytes (advertised as `m.upload.size`).
+    pub max_upload_bytes: u64,
+    /// Bytes each user may have uploaded in total; 0 = no quota.
+    pub user_quota_bytes: u64,
+    /// Content types that may be uploaded (`image/png`, or `image/*`); empty allows any.
+    pub allowed_content_types: Vec<String>,
+    /// Serve the deprecated unauthenticated `/_matrix/media/v3/download` and `/thumbnail`
+    /// endpoints. Off, they answer 404 `M_NOT_FOUND` for all media (the spec's freeze).
+    pub legacy_unauthenticated: bool,
+    /// Longest a download may wait for an async upload to arrive (`timeout_ms` cap).
+    pub max_download_wait_seconds: u64,
+    /// How long an id from `/create` stays valid for its upload, in seconds.
+    pub unused_id_lifetime_seconds: u64,
+    /// Images with more pixels than this are never decoded (decompression bombs); their
+    /// thumbnails answer 413 `M_TOO_LARGE`.
+    pub max_image_pixels: u64,
+    /// Thumbnails generated at once (each decodes a whole image in memory).
+    pub thumbnail_concurrency: usize,
+    /// Images wider or taller than this get a downscaled rendition, kept beside the
+    /// untouched original, that thumbnails are made from.
+    pub rendition_max_side: u32,
+    /// Serve `preview_url`.
+    pub url_preview: bool,
+    /// Addresses (CIDR, e.g. `127.0.0.1/32`) previews may fetch from even though they are
+    /// private, loopback or link-local (which are refused by default).
+    pub url_preview_ip_allow: Vec<String>,
+    /// More addresses (CIDR) previews must never fetch from.
+    pub url_preview_ip_deny: Vec<String>,
+    /// Largest page or image a preview downloads, in bytes.
+    pub url_preview_max_bytes: u64,
+    /// Time limit for fetching one preview (page and image), in seconds.
+    pub url_preview_timeout_seconds: u64,
+    /// How long a preview is served from the cache, in seconds.
+    pub url_preview_cache_seconds: u64,
+    /// S3 bucket (backend `s3`).
+    pub s3_bucket: String,
+    pub s3_region: String,
+    /// Endpoint URL for S3-compatible services (MinIO, Garage...); empty means AWS.
+    pub s3_endpoint: String,
+    /// Credentials; empty takes them from the environment (`AWS_ACCESS_KEY_ID`...).
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
+    /// Key prefix inside the bucket.
+    pub s3_prefix: String,
+    /// Allow a plain `http://` endpoint (local test servers only).
+    pub s3_allow_http: bool,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            backend: MediaBackend::Filesystem,
+            path: PathBuf::new(),
+            max_upload_bytes: 100 * 1024 * 1024,
+            user_quota_bytes: 0,
+            allowed_content_types: Vec::new(),
+            legacy_unauthenticated: false,
+            max_download_wait_seconds: 60,
+            unused_id_lifetime_seconds: 24 * 3600,
+            max_image_pixels: 64_000_000,
+            thumbnail_concurrency: 2,
+            rendition_max_side: 2048,
+            url_preview: true,
+            url_preview_ip_allow: Vec::new(),
+            url_preview_ip_deny: Vec::new(),
+            url_preview_max_bytes: 4 * 1024 * 1024,
+            url_preview_timeout_seconds: 10,
+            url_preview_cache_seconds: 24 * 3600,
+            s3_bucket: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_endpoint: String::new(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
+            s3_prefix: String::new(),
+            s3_allow_http: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaBackend {
+    Filesystem,
+    S3,
+}
+
+/// Parses `addr/prefix` (or a bare address, a single host) into a network.
+pub fn parse_cidr(text: &str) -> Option<(std::net::IpAddr, u8)> {
+    let (addr, len) = match text.split_once('/') {
+        Some((a, l)) => (a.trim().parse::<std::net::IpAddr>().ok()?, Some(l.trim().parse().ok()?)),
+        None => (text.trim().parse().ok()?, None),
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let len = len.unwrap_or(max);
+    (len <= max).then_some((addr, len))
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RegistrationMode {
@@ -571,14 +680,18 @@ impl Config {
         if self.http.max_request_bytes < 1024 {
             bad("http.max_request_bytes", "must be at least 1024".into());
         }
-        if self.federation.tls_listen.is_some()
-            && (self.federation.tls_certificate.is_none()
-                || self.federation.tls_private_key.is_none())
-        {
-            bad(
-                "federation.tls_listen",
-                "needs federation.tls_certificate and federation.tls_private_key".into(),
-            );
+        if !self.federation.tls_listen.is_empty() {
+            if self.federation.tls_listen.parse::<std::net::SocketAddr>().is_err() {
+                bad("federation.tls_listen", "must be an address like 0.0.0.0:8448".into());
+            }
+            if self.federation.tls_certificate.as_os_str().is_empty()
+                || self.federation.tls_private_key.as_os_str().is_empty()
+            {
+                bad(
+                    "federation.tls_listen",
+                    "needs federation.tls_certificate and federation.tls_private_key".into(),
+                );
+            }
         }
         if self.federation.request_timeout_seconds == 0 {
             bad("federation.request_timeout_seconds", "must be at least 1".into());
@@ -644,6 +757,40 @@ impl Config {
                 );
             }
         }
+        let m = &self.media;
+        if m.max_upload_bytes == 0 {
+            bad("media.max_upload_bytes", "must be at least 1".into());
+        }
+        if m.thumbnail_concurrency == 0 {
+            bad("media.thumbnail_concurrency", "must be at least 1".into());
+        }
+        if m.max_image_pixels == 0 {
+            bad("media.max_image_pixels", "must be at least 1".into());
+        }
+        if m.rendition_max_side < 800 {
+            bad("media.rendition_max_side", "must be at least 800 (the largest thumbnail)".into());
+        }
+        if m.url_preview_timeout_seconds == 0 {
+            bad("media.url_preview_timeout_seconds", "must be at least 1".into());
+        }
+        for (key, list) in [
+            ("url_preview_ip_allow", &m.url_preview_ip_allow),
+            ("url_preview_ip_deny", &m.url_preview_ip_deny),
+        ] {
+            for entry in list {
+                if parse_cidr(entry).is_none() {
+                    bad(&format!("media.{key}"), format!("not an address or CIDR: {entry:?}"));
+                }
+            }
+        }
+        for t in &m.allowed_content_types {
+            if !t.contains('/') {
+                bad("media.allowed_content_types", format!("not a content type: {t:?}"));
+            }
+        }
+        if m.backend == MediaBackend::S3 && m.s3_bucket.is_empty() {
+            bad("media.s3_bucket", "required for backend \"s3\"".into());
+        }
         let client = &self.well_known.client;
         if !(client.is_empty() || client.starts_with("https://") || client.starts_with("http://")) {
             bad("well_known.client", "must be an http(s) URL".into());
@@ -672,6 +819,14 @@ impl Config {
 
     pub fn database_path(&self) -> PathBuf {
         self.server.data_dir.join("db")
+    }
+
+    pub fn media_path(&self) -> PathBuf {
+        if self.media.path.as_os_str().is_empty() {
+            self.server.data_dir.join("media")
+        } else {
+            self.media.path.clone()
+        }
     }
 }
 

@@ -36,6 +36,9 @@ pub mod code {
     pub const THREEPID_MEDIUM_NOT_SUPPORTED: &str = "M_THREEPID_MEDIUM_NOT_SUPPORTED";
     pub const INVALID_SIGNATURE: &str = "M_INVALID_SIGNATURE";
     pub const WRONG_ROOM_KEYS_VERSION: &str = "M_WRONG_ROOM_KEYS_VERSION";
+    pub const RESOURCE_LIMIT_EXCEEDED: &str = "M_RESOURCE_LIMIT_EXCEEDED";
+    pub const CANNOT_OVERWRITE_MEDIA: &str = "M_CANNOT_OVERWRITE_MEDIA";
+    pub const NOT_YET_UPLOADED: &str = "M_NOT_YET_UPLOADED";
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +114,24 @@ impl Error {
             StatusCode::FORBIDDEN,
             code::USER_DEACTIVATED,
             "This account has been deactivated",
+        )
+    }
+    /// A per-user allowance (such as the media quota) is used up.
+    pub fn resource_limit(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code::RESOURCE_LIMIT_EXCEEDED, message)
+    }
+    pub fn cannot_overwrite_media() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            code::CANNOT_OVERWRITE_MEDIA,
+            "Media has already been uploaded to this id",
+        )
+    }
+    pub fn not_yet_uploaded() -> Self {
+        Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            code::NOT_YET_UPLOADED,
+            "Content has not yet been uploaded",
         )
     }
     pub fn limit_exceeded(retry_after_ms: u64) -> Self {

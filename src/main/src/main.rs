@@ -59,6 +59,9 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for every rustls user in the process (URL previews, S3,
+    // SMTP); ring is the one built in. Installing fails only if one is already set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Serve { config } => {
             let config = match Config::load(config.as_deref(), std::env::vars()) {

@@ -64,15 +64,14 @@ async fn serve(config: Config) -> Result<(), String> {
     .map_err(|e| format!("signing key: {e}"))?;
 
     let listen = config.server.listen;
-    let tls = match (
-        config.federation.tls_listen,
-        &config.federation.tls_certificate,
-        &config.federation.tls_private_key,
-    ) {
-        (Some(addr), Some(cert), Some(key)) => {
-            Some((addr, std::sync::Arc::new(crate::tls::Certificate::load(cert, key)?)))
+    let tls = match config.federation.tls_listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => {
+            let fed = &config.federation;
+            let certificate =
+                crate::tls::Certificate::load(&fed.tls_certificate, &fed.tls_private_key)?;
+            Some((addr, std::sync::Arc::new(certificate)))
         }
-        _ => None,
+        Err(_) => None,
     };
     let metrics = config.metrics.enabled.then_some(config.metrics.listen);
     let grace = Duration::from_secs(config.http.shutdown_grace_seconds);

@@ -10,6 +10,7 @@ pub mod federation;
 pub mod filters;
 pub mod keys;
 pub mod mailer;
+pub mod media;
 pub mod notify;
 pub mod password;
 pub mod presence;
@@ -64,6 +65,7 @@ pub struct Services {
     pub directory: directory::UserDirectory,
     pub e2ee: e2ee::E2ee,
     pub federation: federation::Federation,
+    pub media: media::Media,
     pub metrics: Metrics,
 }
 
@@ -96,6 +98,7 @@ impl Services {
             keys.clone(),
             config.federation.clone(),
         )?;
+        let media = media::Media::new(&config, db.clone(), None)?;
         let services = Arc::new(Self {
             rooms,
             aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
@@ -116,6 +119,7 @@ impl Services {
                 db.clone(),
                 config.user_directory.search_all_users,
             ),
+            media,
             audit,
             accounts,
             e2ee,

@@ -150,3 +150,53 @@ pub const USER_THREEPIDS: Table<(String, String, String), Json<UserThreepid>> =
 pub const USER_DIRECTORY: Table<(String, String), ()> = Table::new(&catalog::USER_DIRECTORY);
 /// (ms, seq) -> audit record
 pub const AUDIT_LOG: Table<(u64, u64), Json<AuditRecord>> = Table::new(&catalog::AUDIT_LOG);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MediaRecord {
+    /// The uploader's localpart; empty for media the server stored itself (preview images).
+    pub owner: String,
+    pub created_ms: u64,
+    /// Hex SHA-256 of the content; `None` while an id from `/create` awaits its upload.
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub size: u64,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    /// For ids from `/create`: when the id expires if nothing was uploaded to it.
+    #[serde(default)]
+    pub expires_ms: Option<u64>,
+    /// Quarantined media is served to nobody (admin action).
+    #[serde(default)]
+    pub quarantined: bool,
+    /// Displayed pixel size (after EXIF orientation) of images we can decode.
+    #[serde(default)]
+    pub dimensions: Option<(u32, u32)>,
+}
+
+/// A file derived from an upload's content: a thumbnail or the downscaled rendition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MediaVariant {
+    pub sha256: String,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UrlPreviewRecord {
+    pub fetched_ms: u64,
+    pub og: serde_json::Value,
+}
+
+/// (server name, media id) -> media
+pub const MEDIA: Table<(String, String), Json<MediaRecord>> = Table::new(&catalog::MEDIA);
+/// (content sha256, variant name) -> derived file
+pub const MEDIA_VARIANTS: Table<(String, String), Json<MediaVariant>> =
+    Table::new(&catalog::MEDIA_VARIANTS);
+/// (file sha256, referrer) -> ()
+pub const MEDIA_BLOB_REFS: Table<(String, String), ()> = Table::new(&catalog::MEDIA_BLOB_REFS);
+/// localpart -> bytes uploaded
+pub const MEDIA_USAGE: Table<String, u64> = Table::new(&catalog::MEDIA_USAGE);
+/// URL -> cached preview
+pub const URL_PREVIEWS: Table<String, Json<UrlPreviewRecord>> = Table::new(&catalog::URL_PREVIEWS);

@@ -137,6 +137,16 @@ tables! {
     REMOTE_KEY_RESPONSES = "remote_key_responses", Point;
     // (timestamp ms, sequence) -> audit record
     AUDIT_LOG = "audit_log", Scan;
+    // (server name, media id) -> media record (owner, content hash, type, name, state)
+    MEDIA = "media", Point;
+    // (content sha256 hex, variant such as `crop-96x96`) -> thumbnail or rendition record
+    MEDIA_VARIANTS = "media_variants", Scan;
+    // (blob sha256 hex, referrer) -> (): who uses a stored file; it goes when none do
+    MEDIA_BLOB_REFS = "media_blob_refs", Scan;
+    // user localpart -> bytes uploaded, for the quota
+    MEDIA_USAGE = "media_usage", Point;
+    // URL -> cached preview (OpenGraph JSON and when it was fetched)
+    URL_PREVIEWS = "url_previews", Point;
 }
 
 pub fn by_name(name: &str) -> Option<&'static TableDef> {

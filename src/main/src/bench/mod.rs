@@ -11,6 +11,7 @@ use std::{
 
 use clap::{Args, Subcommand};
 
+mod media;
 mod rooms;
 mod sync;
 use serde_json::{Value, json};
@@ -33,6 +34,10 @@ pub enum BenchCommand {
     /// Sync: initial and incremental sync of a user in `rooms` rooms, then delivery
     /// latency to `receivers` long-polling users while `idle` idle long-polls are held.
     Sync(sync::SyncArgs),
+    /// Media: upload and download throughput of a `size-mb` file beside a plain file
+    /// copy, thumbnail latency for a large JPEG, and (with `--server-pid`) server memory
+    /// while `clients` upload at once.
+    Media(media::MediaArgs),
 }
 
 #[derive(Args)]
@@ -113,6 +118,12 @@ pub fn run(command: BenchCommand) -> ExitCode {
             BenchCommand::Sync(args) => {
                 let limit = Duration::from_secs(args.common.max_seconds);
                 tokio::time::timeout(limit, sync::sync(args))
+                    .await
+                    .map_err(|_| "time limit reached".to_owned())?
+            }
+            BenchCommand::Media(args) => {
+                let limit = Duration::from_secs(args.common.max_seconds);
+                tokio::time::timeout(limit, media::media(args))
                     .await
                     .map_err(|_| "time limit reached".to_owned())?
             }

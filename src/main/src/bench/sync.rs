@@ -51,7 +51,11 @@ fn server_rss_mb(pid: Option<u32>) -> Option<f64> {
     Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
-async fn register(client: &reqwest::Client, base: &str, name: &str) -> Result<String, String> {
+pub(crate) async fn register(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+) -> Result<String, String> {
     let resp = client
         .post(format!("{base}/_matrix/client/v3/register"))
         .json(&json!({"username": name, "password": "bench password 1",

@@ -45,7 +45,8 @@ pub fn build_client(
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    if let Some(path) = &config.ca_file {
+    if !config.ca_file.as_os_str().is_empty() {
+        let path = &config.ca_file;
         let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut added = 0;
         for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {

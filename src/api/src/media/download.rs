@@ -1,0 +1,173 @@
+//! Downloads and thumbnails, authenticated (`/_matrix/client/v1/media`) and legacy.
+
+use std::time::Duration;
+
+use axum::{
+    extract::{Path, Request, State},
+    response::Response,
+};
+use http::{StatusCode, header, request::Parts};
+use trellis_core::{Error, Result, error::code};
+use trellis_service::media::{Method, Spec, ThumbnailRequest};
+
+use super::{param, query, respond, response::serve, session};
+use crate::AppState;
+
+/// The spec's default for `timeout_ms`.
+const DEFAULT_WAIT_MS: u64 = 20_000;
+
+fn wait(query: &[(String, String)]) -> Result<Duration> {
+    match param(query, "timeout_ms") {
+        None => Ok(Duration::from_millis(DEFAULT_WAIT_MS)),
+        Some(v) => v
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| Error::invalid_param("timeout_ms must be a non-negative integer")),
+    }
+}
+
+async fn download_inner(
+    s: &AppState,
+    parts: &Parts,
+    server: &str,
+    id: &str,
+    filename: Option<&str>,
+) -> Result<Response> {
+    let query = query(parts);
+    let content = s.media.content(server, id, wait(&query)?).await?;
+    let filename = filename.or(content.filename.as_deref());
+    serve(s, &content, filename, parts.headers.get(header::RANGE)).await
+}
+
+async fn thumbnail_inner(s: &AppState, parts: &Parts, server: &str, id: &str) -> Result<Response> {
+    let query = query(parts);
+    let dimension = |name: &str| -> Result<u32> {
+        let value = param(&query, name).ok_or_else(|| {
+            Error::new(StatusCode::BAD_REQUEST, code::MISSING_PARAM, format!("Missing {name}"))
+        })?;
+        value
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| Error::invalid_param(format!("{name} must be a positive integer")))
+    };
+    let method = match param(&query, "method") {
+        None | Some("scale") => Method::Scale,
+        Some("crop") => Method::Crop,
+        Some(_) => return Err(Error::invalid_param("method must be crop or scale")),
+    };
+    let animated = match param(&query, "animated") {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return Err(Error::invalid_param("animated must be true or false")),
+    };
+    let request = ThumbnailRequest {
+        spec: Spec::new(dimension("width")?, dimension("height")?, method),
+        animated,
+    };
+    let content = s.media.thumbnail(server, id, request, wait(&query)?).await?;
+    serve(s, &content, content.filename.as_deref(), parts.headers.get(header::RANGE)).await
+}
+
+pub async fn download(
+    State(s): State<AppState>,
+    Path((server, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            session(&s, &parts).await?;
+            download_inner(&s, &parts, &server, &id, None).await
+        }
+        .await,
+    )
+}
+
+pub async fn download_as(
+    State(s): State<AppState>,
+    Path((server, id, filename)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            session(&s, &parts).await?;
+            download_inner(&s, &parts, &server, &id, Some(&filename)).await
+        }
+        .await,
+    )
+}
+
+pub async fn thumbnail(
+    State(s): State<AppState>,
+    Path((server, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            session(&s, &parts).await?;
+            thumbnail_inner(&s, &parts, &server, &id).await
+        }
+        .await,
+    )
+}
+
+/// The deprecated unauthenticated endpoints exist only when the operator lifted the
+/// freeze; otherwise no media is found through them.
+fn legacy_allowed(s: &AppState) -> Result<()> {
+    if s.media.config().legacy_unauthenticated {
+        Ok(())
+    } else {
+        Err(Error::not_found(
+            "Unauthenticated media access is disabled; use /_matrix/client/v1/media",
+        ))
+    }
+}
+
+pub async fn legacy_download(
+    State(s): State<AppState>,
+    Path((server, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            legacy_allowed(&s)?;
+            download_inner(&s, &parts, &server, &id, None).await
+        }
+        .await,
+    )
+}
+
+pub async fn legacy_download_as(
+    State(s): State<AppState>,
+    Path((server, id, filename)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            legacy_allowed(&s)?;
+            download_inner(&s, &parts, &server, &id, Some(&filename)).await
+        }
+        .await,
+    )
+}
+
+pub async fn legacy_thumbnail(
+    State(s): State<AppState>,
+    Path((server, id)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            legacy_allowed(&s)?;
+            thumbnail_inner(&s, &parts, &server, &id).await
+        }
+        .await,
+    )
+}

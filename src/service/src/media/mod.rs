@@ -1,0 +1,815 @@
+//! The media repository: uploads (direct and async), downloads, thumbnails, URL previews
+//! and the admin actions on media.
+//!
+//! Contents are stored once per distinct SHA-256 behind [`BlobStore`] (filesystem or
+//! S3); everything else — media records, who references which file, thumbnails, quotas,
+//! cached previews — is in the database. A file is deleted when its last reference goes.
+//! Reference changes and the file operations they imply happen under a per-hash lock, so
+//! an upload of the same bytes can never race a deletion into a dangling record.
+
+mod preview;
+mod spool;
+pub mod store;
+mod store_fs;
+mod store_s3;
+pub mod thumbnail;
+
+use std::{
+    ops::Range,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde_json::{Map, Value};
+use tokio::sync::{Mutex, Semaphore, watch};
+use tracing::Instrument;
+use trellis_core::{
+    Error, Result,
+    config::{MediaBackend, MediaConfig},
+    error::code,
+    now_millis,
+};
+use trellis_store::{Batch, Db, Direction, Json};
+
+pub use preview::IpPolicy;
+use spool::{Limit, Spooled};
+pub use store::{BlobStore, BlobStream};
+pub use thumbnail::{Method, Spec};
+
+use crate::tables::{
+    MEDIA, MEDIA_BLOB_REFS, MEDIA_USAGE, MEDIA_VARIANTS, MediaRecord, MediaVariant, URL_PREVIEWS,
+    UrlPreviewRecord,
+};
+
+/// Characters of a media id: 190 bits from the CSPRNG, unguessable.
+const MEDIA_ID_LEN: usize = 32;
+/// Per-hash locks, striped: contention only between uploads whose hashes share a stripe.
+const LOCK_STRIPES: usize = 64;
+/// Stored thumbnail sizes per file beyond which on-demand sizes are served uncached, so a
+/// client cycling through sizes cannot fill the disk.
+const MAX_VARIANTS: usize = 32;
+/// Animated images up to this size are their own animated thumbnail.
+const ANIMATED_PASSTHROUGH_BYTES: u64 = 4 * 1024 * 1024;
+/// Preview fetches at once.
+const PREVIEW_CONCURRENCY: usize = 8;
+const RENDITION: &str = "rendition";
+
+/// Something to send to a client: a stored file and how to present it.
+#[derive(Debug, Clone)]
+pub struct Content {
+    pub sha256: String,
+    pub size: u64,
+    pub content_type: String,
+    pub filename: Option<String>,
+    /// Bytes served from memory rather than the store (thumbnails not worth keeping).
+    pub inline: Option<Bytes>,
+}
+
+/// A thumbnail request.
+#[derive(Debug, Clone, Copy)]
+pub struct ThumbnailRequest {
+    pub spec: Spec,
+    /// `Some(true)`: animation preferred; `Some(false)`: animation forbidden.
+    pub animated: Option<bool>,
+}
+
+/// What is known of an upload before its body arrives.
+#[derive(Debug, Clone)]
+pub struct UploadInfo {
+    pub owner: String,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    /// `Content-Length`, when the client sent one: checked before reading anything.
+    pub declared_len: Option<u64>,
+}
+
+/// The upload being received.
+pub struct Upload<S> {
+    pub info: UploadInfo,
+    pub body: S,
+}
+
+#[derive(Clone)]
+pub struct Media(Arc<Inner>);
+
+struct Inner {
+    db: Db,
+    config: MediaConfig,
+    server_name: String,
+    sync_writes: bool,
+    store: Box<dyn BlobStore>,
+    tmp_dir: PathBuf,
+    stripes: Vec<Mutex<()>>,
+    /// Serialises the read-check-write of records and usage counters.
+    commit: Mutex<()>,
+    /// Bumped whenever an upload completes; downloads waiting for an async upload watch it.
+    uploaded: watch::Sender<u64>,
+    thumbnails: Semaphore,
+    previews: Semaphore,
+    fetcher: preview::Fetcher,
+}
+
+impl Media {
+    pub fn new(
+        config: &trellis_core::Config,
+        db: Db,
+        store_override: Option<Box<dyn BlobStore>>,
+    ) -> Result<Self, String> {
+        let media = config.media.clone();
+        let root = config.media_path();
+        let tmp_dir = root.join("tmp");
+        std::fs::create_dir_all(&tmp_dir)
+            .map_err(|e| format!("creating {}: {e}", tmp_dir.display()))?;
+        // Temp files left by a crash were never referenced: clear them out.
+        if let Ok(entries) = std::fs::read_dir(&tmp_dir) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let store: Box<dyn BlobStore> = match (store_override, media.backend) {
+            (Some(store), _) => store,
+            (None, MediaBackend::Filesystem) => Box::new(
+                store_fs::FsStore::new(root.join("blobs"), config.storage.sync_writes)
+                    .map_err(|e| format!("creating {}: {e}", root.display()))?,
+            ),
+            (None, MediaBackend::S3) => Box::new(store_s3::S3Store::new(&media)?),
+        };
+        let fetcher = preview::Fetcher::new(&media)?;
+        Ok(Self(Arc::new(Inner {
+            db,
+            server_name: config.server.server_name.clone(),
+            sync_writes: config.storage.sync_writes,
+            store,
+            tmp_dir,
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            commit: Mutex::new(()),
+            uploaded: watch::channel(0).0,
+            thumbnails: Semaphore::new(media.thumbnail_concurrency),
+            previews: Semaphore::new(PREVIEW_CONCURRENCY),
+            fetcher,
+            config: media,
+        })))
+    }
+
+    pub fn config(&self) -> &MediaConfig {
+        &self.0.config
+    }
+
+    fn mxc(&self, id: &str) -> String {
+        format!("mxc://{}/{id}", self.0.server_name)
+    }
+
+    fn stripe(&self, hash: &str) -> &Mutex<()> {
+        let n = u8::from_str_radix(hash.get(0..2).unwrap_or("00"), 16).unwrap_or(0);
+        &self.0.stripes[usize::from(n) % LOCK_STRIPES]
+    }
+
+    /// The record of a media item on this server; remote media is not fetched yet (it
+    /// needs federation), so it is simply not found.
+    fn record(&self, server: &str, id: &str) -> Result<Option<MediaRecord>> {
+        if server != self.0.server_name || !valid_media_id(id) {
+            return Ok(None);
+        }
+        Ok(MEDIA.get(&*self.0.db, &(server.to_owned(), id.to_owned()))?.map(|j| j.0))
+    }
+
+    pub fn usage(&self, owner: &str) -> Result<u64> {
+        Ok(MEDIA_USAGE.get(&*self.0.db, &owner.to_owned())?.unwrap_or(0))
+    }
+
+    /// Whether uploads of `content_type` are allowed (`image/*` matches a whole family).
+    fn type_allowed(&self, content_type: &str) -> bool {
+        let allowed = &self.0.config.allowed_content_types;
+        let base = preview::base_type(content_type);
+        allowed.is_empty()
+            || allowed.iter().any(|a| {
+                let a = a.to_ascii_lowercase();
+                match a.strip_suffix("/*") {
+                    Some(family) => base.split('/').next() == Some(family),
+                    None => a == base,
+                }
+            })
+    }
+
+    /// Checks type, size and quota, then receives the body into a temp file.
+    async fn receive<S, E>(&self, upload: &UploadInfo, body: &mut S) -> Result<Spooled>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let content_type = upload.content_type.as_deref().unwrap_or("application/octet-stream");
+        if !self.type_allowed(content_type) {
+            return Err(Error::forbidden(format!(
+                "Uploads of type {content_type} are not allowed"
+            )));
+        }
+        let config = &self.0.config;
+        let mut limit = Limit::Size(config.max_upload_bytes);
+        if config.user_quota_bytes > 0 && !upload.owner.is_empty() {
+            let left = config.user_quota_bytes.saturating_sub(self.usage(&upload.owner)?);
+            if left < config.max_upload_bytes {
+                limit = Limit::Quota(left);
+            }
+        }
+        if let Some(n) = upload.declared_len
+            && n > config.max_upload_bytes.min(match limit {
+                Limit::Quota(left) => left,
+                Limit::Size(max) => max,
+            })
+        {
+            return Err(if n > config.max_upload_bytes {
+                Limit::Size(config.max_upload_bytes).error()
+            } else {
+                limit.error()
+            });
+        }
+        spool::spool(&self.0.tmp_dir, body, limit, self.0.sync_writes).await
+    }
+
+    /// `POST /upload`: stores the body under a new id; returns its `mxc://` URI.
+    pub async fn upload<S, E>(&self, upload: Upload<S>) -> Result<String>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let Upload { info, mut body } = upload;
+        let spooled = self.receive(&info, &mut body).await?;
+        drop(body);
+        let id = crate::random::alphanumeric(MEDIA_ID_LEN);
+        self.commit_upload(&info, &id, spooled, false).await?;
+        Ok(self.mxc(&id))
+    }
+
+    /// `POST /create`: reserves an id for a later upload; returns it and its expiry.
+    pub async fn create(&self, owner: &str) -> Result<(String, u64)> {
+        let id = crate::random::alphanumeric(MEDIA_ID_LEN);
+        let now = now_millis();
+        let expires = now + self.0.config.unused_id_lifetime_seconds * 1000;
+        let record = MediaRecord {
+            owner: owner.to_owned(),
+            created_ms: now,
+            sha256: None,
+            size: 0,
+            content_type: None,
+            filename: None,
+            expires_ms: Some(expires),
+            quarantined: false,
+            dimensions: None,
+        };
+        let mut batch = Batch::new();
+        MEDIA.put(&mut batch, &(self.0.server_name.clone(), id.clone()), &Json(record));
+        crate::commit(&self.0.db, batch).await?;
+        Ok((self.mxc(&id), expires))
+    }
+
+    /// `PUT /upload/{server}/{id}`: the content for an id from `/create`.
+    pub async fn upload_to<S, E>(&self, server: &str, id: &str, upload: Upload<S>) -> Result<()>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let Upload { info, mut body } = upload;
+        // Checked before reading the body, and again at commit (a concurrent upload).
+        self.pending_for(server, id, &info.owner)?;
+        let spooled = self.receive(&info, &mut body).await?;
+        drop(body);
+        self.commit_upload(&info, id, spooled, true).await
+    }
+
+    fn pending_for(&self, server: &str, id: &str, owner: &str) -> Result<()> {
+        let record =
+            self.record(server, id)?.ok_or_else(|| Error::not_found("Unknown media id"))?;
+        if record.owner != owner {
+            return Err(Error::forbidden("This media id belongs to another user"));
+        }
+        if record.sha256.is_some() {
+            return Err(Error::cannot_overwrite_media());
+        }
+        if record.expires_ms.is_some_and(|t| t < now_millis()) {
+            return Err(Error::not_found("This media id has expired"));
+        }
+        Ok(())
+    }
+
+    async fn commit_upload(
+        &self,
+        upload: &UploadInfo,
+        id: &str,
+        spooled: Spooled,
+        pending: bool,
+    ) -> Result<()> {
+        let content_type =
+            upload.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+        let dimensions = if thumbnail::can_thumbnail(&preview::base_type(&content_type)) {
+            let path = spooled.path.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(path).ok()?;
+                thumbnail::probe(std::io::BufReader::new(file))
+            })
+            .await
+            .unwrap_or(None)
+        } else {
+            None
+        };
+        let hash = spooled.sha256.clone();
+        let key = (self.0.server_name.clone(), id.to_owned());
+        let referrer = media_ref(&key.0, id);
+        let _file = self.stripe(&hash).lock().await;
+        self.0.store.put_file(&hash, &spooled.path, spooled.size).await?;
+        let committed = async {
+            let _commit = self.0.commit.lock().await;
+            let mut record = MediaRecord {
+                owner: upload.owner.clone(),
+                created_ms: now_millis(),
+                sha256: Some(hash.clone()),
+                size: spooled.size,
+                content_type: Some(content_type.clone()),
+                filename: upload.filename.clone(),
+                expires_ms: None,
+                quarantined: false,
+                dimensions,
+            };
+            if pending {
+                self.pending_for(&key.0, id, &upload.owner)?;
+                if let Some(existing) = self.record(&key.0, id)? {
+                    record.created_ms = existing.created_ms;
+                }
+            }
+            let mut batch = Batch::new();
+            if !upload.owner.is_empty() {
+                let used = self.usage(&upload.owner)? + spooled.size;
+                let quota = self.0.config.user_quota_bytes;
+                if quota > 0 && used > quota {
+                    return Err(Error::resource_limit("This upload would exceed your media quota"));
+                }
+                MEDIA_USAGE.put(&mut batch, &upload.owner, &used);
+            }
+            MEDIA.put(&mut batch, &key, &Json(record));
+            MEDIA_BLOB_REFS.put(&mut batch, &(hash.clone(), referrer), &());
+            crate::commit(&self.0.db, batch).await
+        }
+        .await;
+        if let Err(e) = committed {
+            self.release_if_unused(&hash).await?;
+            return Err(e);
+        }
+        drop(_file);
+        self.0.uploaded.send_modify(|n| *n += 1);
+        if let Some(dims) = dimensions {
+            self.spawn_pregeneration(hash, content_type, spooled.size, dims);
+        }
+        Ok(())
+    }
+
+    /// Deletes the file of `hash` if nothing references it. Call under its stripe lock.
+    async fn release_if_unused(&self, hash: &str) -> Result<()> {
+        let mut refs =
+            MEDIA_BLOB_REFS.scan_prefix(&*self.0.db, &hash.to_owned(), Direction::Forward)?;
+        if refs.next().is_none() {
+            self.0.store.delete(hash).await?;
+        }
+        Ok(())
+    }
+
+    /// The content of a servable media item, waiting up to `wait` for an async upload.
+    pub async fn content(&self, server: &str, id: &str, wait: Duration) -> Result<Content> {
+        let record = self.ready_record(server, id, wait).await?;
+        let content_type =
+            record.content_type.unwrap_or_else(|| "application/octet-stream".to_owned());
+        Ok(Content {
+            sha256: record.sha256.unwrap_or_default(),
+            size: record.size,
+            content_type,
+            filename: record.filename,
+            inline: None,
+        })
+    }
+
+    async fn ready_record(&self, server: &str, id: &str, wait: Duration) -> Result<MediaRecord> {
+        let not_found = || Error::not_found("Media not found");
+        let wait = wait.min(Duration::from_secs(self.0.config.max_download_wait_seconds));
+        let deadline = tokio::time::Instant::now() + wait;
+        // Subscribed before each check, so an upload landing in between is not missed.
+        let mut uploads = self.0.uploaded.subscribe();
+        loop {
+            let record = self.record(server, id)?.ok_or_else(not_found)?;
+            if record.quarantined {
+                return Err(not_found());
+            }
+            if record.sha256.is_some() {
+                return Ok(record);
+            }
+            if record.expires_ms.is_some_and(|t| t < now_millis()) {
+                return Err(not_found());
+            }
+            match tokio::time::timeout_at(deadline, uploads.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(Error::not_yet_uploaded()),
+            }
+        }
+    }
+
+    /// Streams `range` of `content` (all of it when `None`).
+    pub async fn open(&self, content: &Content, range: Option<Range<u64>>) -> Result<BlobStream> {
+        self.0.store.open(&content.sha256, range).await
+    }
+
+    /// A thumbnail of an image: a stored one, or made now (and stored).
+    pub async fn thumbnail(
+        &self,
+        server: &str,
+        id: &str,
+        request: ThumbnailRequest,
+        wait: Duration,
+    ) -> Result<Content> {
+        let record = self.ready_record(server, id, wait).await?;
+        let hash = record.sha256.clone().unwrap_or_default();
+        let content_type = record.content_type.clone().unwrap_or_default();
+        let base = preview::base_type(&content_type);
+        let cannot = || {
+            Error::new(
+                http::StatusCode::BAD_REQUEST,
+                code::UNKNOWN,
+                "Cannot generate a thumbnail of this content",
+            )
+        };
+        if !thumbnail::can_thumbnail(&base) {
+            return Err(cannot());
+        }
+        let original = Content {
+            sha256: hash.clone(),
+            size: record.size,
+            content_type: base.clone(),
+            filename: record.filename.clone(),
+            inline: None,
+        };
+        let may_animate = matches!(base.as_str(), "image/gif" | "image/webp");
+        if request.animated == Some(true)
+            && may_animate
+            && record.size <= ANIMATED_PASSTHROUGH_BYTES
+        {
+            return Ok(original);
+        }
+        let dims = record.dimensions.ok_or_else(cannot)?;
+        if u64::from(dims.0) * u64::from(dims.1) > self.0.config.max_image_pixels {
+            return Err(Error::too_large("The image is too large to thumbnail"));
+        }
+        let spec = request.spec;
+        // The spec: content smaller than asked is returned as it is — unless it might be
+        // animated and animation was ruled out.
+        if dims.0 <= spec.width && dims.1 <= spec.height && !may_animate {
+            return Ok(original);
+        }
+        let key = spec.key();
+        if let Some(v) = MEDIA_VARIANTS.get(&*self.0.db, &(hash.clone(), key.clone()))? {
+            return Ok(variant_content(v.0));
+        }
+        let rendition = MEDIA_VARIANTS.get(&*self.0.db, &(hash.clone(), RENDITION.to_owned()))?;
+        let ((sw, sh), _) = thumbnail::target(dims, spec);
+        let source = match rendition {
+            Some(r) if r.0.width >= sw && r.0.height >= sh => r.0.sha256,
+            _ => hash.clone(),
+        };
+        let lossless = base != "image/jpeg";
+        let bytes = self.0.store.read(&source).await?;
+        let max_pixels = self.0.config.max_image_pixels;
+        let _permit =
+            self.0.thumbnails.acquire().await.map_err(|e| Error::internal("thumbnailer", e))?;
+        let span = tracing::debug_span!("thumbnail", key = %key);
+        let encoded = tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let image = thumbnail::decode(&bytes, max_pixels)?;
+            thumbnail::encode(&thumbnail::render(&image, dims, spec), lossless)
+        })
+        .await
+        .map_err(|e| Error::internal("thumbnail task", e))?
+        .map_err(|e| match e {
+            thumbnail::ThumbError::TooLarge => {
+                Error::too_large("The image is too large to thumbnail")
+            }
+            thumbnail::ThumbError::Undecodable(_) => cannot(),
+            thumbnail::ThumbError::Encode(e) => Error::internal("encoding a thumbnail", e),
+        })?;
+        let stored = MEDIA_VARIANTS
+            .scan_prefix(&*self.0.db, &hash, Direction::Forward)?
+            .take(MAX_VARIANTS + 1)
+            .count();
+        if stored >= MAX_VARIANTS {
+            let mut content = variant_content(MediaVariant {
+                sha256: String::new(),
+                content_type: encoded.content_type.to_owned(),
+                width: encoded.width,
+                height: encoded.height,
+                size: encoded.bytes.len() as u64,
+            });
+            content.inline = Some(encoded.bytes.into());
+            return Ok(content);
+        }
+        Ok(variant_content(self.store_variant(&hash, &key, encoded).await?))
+    }
+
+    /// Stores a derived file and records it as variant `key` of the file `of`.
+    async fn store_variant(
+        &self,
+        of: &str,
+        key: &str,
+        encoded: thumbnail::Encoded,
+    ) -> Result<MediaVariant> {
+        let body = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::from(
+            encoded.bytes,
+        ))]);
+        let spooled =
+            spool::spool(&self.0.tmp_dir, body, Limit::Size(u64::MAX), self.0.sync_writes).await?;
+        let variant = MediaVariant {
+            sha256: spooled.sha256.clone(),
+            content_type: encoded.content_type.to_owned(),
+            width: encoded.width,
+            height: encoded.height,
+            size: spooled.size,
+        };
+        // Lock order: the original's stripe, then the variant's (never the reverse), so a
+        // thumbnail finishing while its original is deleted cannot outlive it.
+        let original = self.stripe(of);
+        let _original = original.lock().await;
+        let mut refs =
+            MEDIA_BLOB_REFS.scan_prefix(&*self.0.db, &of.to_owned(), Direction::Forward)?;
+        if refs.next().is_none() {
+            return Err(Error::not_found("The original is gone"));
+        }
+        drop(refs);
+        let file = self.stripe(&variant.sha256);
+        let _file = if std::ptr::eq(file, original) { None } else { Some(file.lock().await) };
+        self.0.store.put_file(&variant.sha256, &spooled.path, spooled.size).await?;
+        let mut batch = Batch::new();
+        let referrer = format!("variant:{of}:{key}");
+        MEDIA_BLOB_REFS.put(&mut batch, &(variant.sha256.clone(), referrer), &());
+        MEDIA_VARIANTS.put(&mut batch, &(of.to_owned(), key.to_owned()), &Json(variant.clone()));
+        crate::commit(&self.0.db, batch).await?;
+        Ok(variant)
+    }
+
+    /// Makes the standard thumbnails (and the rendition of a large image) in the
+    /// background, decoding the original once.
+    fn spawn_pregeneration(&self, hash: String, content_type: String, size: u64, dims: (u32, u32)) {
+        if u64::from(dims.0) * u64::from(dims.1) > self.0.config.max_image_pixels {
+            return;
+        }
+        let media = self.clone();
+        let span = tracing::info_span!("thumbnail_pregeneration", hash = %hash, size);
+        tokio::spawn(
+            async move {
+                if let Err(e) = media.pregenerate(&hash, &content_type, dims).await {
+                    tracing::info!(error = %e, "pre-generating thumbnails failed");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn pregenerate(&self, hash: &str, content_type: &str, dims: (u32, u32)) -> Result<()> {
+        let _permit =
+            self.0.thumbnails.acquire().await.map_err(|e| Error::internal("thumbnailer", e))?;
+        let bytes = self.0.store.read(hash).await?;
+        let max_pixels = self.0.config.max_image_pixels;
+        let max_side = self.0.config.rendition_max_side;
+        let lossless = preview::base_type(content_type) != "image/jpeg";
+        let may_animate =
+            matches!(preview::base_type(content_type).as_str(), "image/gif" | "image/webp");
+        let outputs = tokio::task::spawn_blocking(move || {
+            let image = match thumbnail::decode(&bytes, max_pixels) {
+                Ok(image) => image,
+                Err(e) => return Err(format!("{e:?}")),
+            };
+            let mut out = Vec::new();
+            let rendition = thumbnail::rendition(&image, max_side);
+            if let Some(r) = &rendition {
+                out.push((RENDITION.to_owned(), thumbnail::encode(r, lossless)));
+            }
+            for spec in thumbnail::STANDARD {
+                if dims.0 <= spec.width && dims.1 <= spec.height && !may_animate {
+                    continue; // served as the original
+                }
+                let ((sw, sh), _) = thumbnail::target(dims, spec);
+                let source = match &rendition {
+                    Some(r) if r.width() >= sw && r.height() >= sh => r,
+                    _ => &image,
+                };
+                out.push((
+                    spec.key(),
+                    thumbnail::encode(&thumbnail::render(source, dims, spec), lossless),
+                ));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::internal("thumbnail task", e))?
+        .map_err(|e| Error::internal("decoding an upload", e))?;
+        drop(_permit);
+        for (key, encoded) in outputs {
+            match encoded {
+                Ok(encoded) => {
+                    self.store_variant(hash, &key, encoded).await?;
+                }
+                Err(e) => tracing::info!(key, error = ?e, "encoding a thumbnail failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// `preview_url`: OpenGraph data of a page, its image stored as media.
+    pub async fn preview(&self, url: &str) -> Result<Value> {
+        let config = &self.0.config;
+        if !config.url_preview {
+            return Err(Error::forbidden("URL previews are disabled on this server"));
+        }
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|_| Error::invalid_param("url is not a valid absolute URL"))?;
+        if let Some(cached) = URL_PREVIEWS.get(&*self.0.db, &url.to_owned())?
+            && now_millis().saturating_sub(cached.0.fetched_ms)
+                < config.url_preview_cache_seconds * 1000
+        {
+            return Ok(cached.0.og);
+        }
+        let _permit =
+            self.0.previews.acquire().await.map_err(|e| Error::internal("previews", e))?;
+        let span = tracing::info_span!("url_preview", host = parsed.host_str().unwrap_or(""));
+        let og = self.build_preview(&parsed).instrument(span).await?;
+        let mut batch = Batch::new();
+        let record = UrlPreviewRecord { fetched_ms: now_millis(), og: og.clone() };
+        URL_PREVIEWS.put(&mut batch, &url.to_owned(), &Json(record));
+        crate::commit(&self.0.db, batch).await?;
+        Ok(og)
+    }
+
+    async fn build_preview(&self, url: &reqwest::Url) -> Result<Value> {
+        let page = self.0.fetcher.fetch(url).await.map_err(fetch_error)?;
+        let page_type = preview::base_type(&page.content_type);
+        let mut og = Map::new();
+        if page_type.starts_with("image/") {
+            if page.truncated {
+                return Err(fetch_error(preview::FetchError::TooLarge));
+            }
+            self.attach_image(&mut og, page).await?;
+        } else if page_type == "text/html" || page_type == "application/xhtml+xml" {
+            let html = String::from_utf8_lossy(&page.body);
+            og = preview::opengraph(&html, &page.url);
+            if let Some(image_url) = og.get("og:image").and_then(Value::as_str).map(str::to_owned) {
+                og.remove("og:image");
+                // A page is still worth previewing without its image.
+                let fetched = match reqwest::Url::parse(&image_url) {
+                    Ok(image_url) => self.0.fetcher.fetch(&image_url).await,
+                    Err(e) => Err(preview::FetchError::Failed(e.to_string())),
+                };
+                match fetched {
+                    Ok(image)
+                        if !image.truncated
+                            && preview::base_type(&image.content_type).starts_with("image/") =>
+                    {
+                        if let Err(e) = self.attach_image(&mut og, image).await {
+                            tracing::debug!(error = %e, "preview image not stored");
+                        }
+                    }
+                    Ok(_) => tracing::debug!("preview image too large or not an image"),
+                    Err(e) => tracing::debug!(error = ?e, "preview image not fetched"),
+                }
+            }
+        }
+        Ok(Value::Object(og))
+    }
+
+    /// Stores a fetched image as media and describes it in `og`.
+    async fn attach_image(
+        &self,
+        og: &mut Map<String, Value>,
+        image: preview::Fetched,
+    ) -> Result<()> {
+        let content_type = preview::base_type(&image.content_type);
+        let size = image.body.len() as u64;
+        let upload = Upload {
+            info: UploadInfo {
+                // Owned by the server, outside any quota: the user did not choose it.
+                owner: String::new(),
+                content_type: Some(content_type.clone()),
+                filename: None,
+                declared_len: Some(size),
+            },
+            body: futures_util::stream::iter([Ok::<_, std::convert::Infallible>(image.body)]),
+        };
+        let mxc = self.upload(upload).await?;
+        let id = mxc.rsplit('/').next().unwrap_or_default().to_owned();
+        if let Some((w, h)) = self.record(&self.0.server_name, &id)?.and_then(|r| r.dimensions) {
+            og.entry("og:image:width").or_insert(Value::from(w));
+            og.entry("og:image:height").or_insert(Value::from(h));
+        }
+        og.insert("og:image".into(), Value::String(mxc));
+        og.insert("og:image:type".into(), Value::String(content_type));
+        og.insert("matrix:image:size".into(), Value::from(size));
+        Ok(())
+    }
+
+    /// Admin: nobody is served this media item any more; its file is kept.
+    pub async fn quarantine(&self, server: &str, id: &str) -> Result<()> {
+        let _commit = self.0.commit.lock().await;
+        let mut record =
+            self.record(server, id)?.ok_or_else(|| Error::not_found("Media not found"))?;
+        record.quarantined = true;
+        let mut batch = Batch::new();
+        MEDIA.put(&mut batch, &(server.to_owned(), id.to_owned()), &Json(record));
+        crate::commit(&self.0.db, batch).await
+    }
+
+    /// Admin: removes a media item; its file (and thumbnails) go with the last reference.
+    pub async fn delete(&self, server: &str, id: &str) -> Result<()> {
+        let record = self.record(server, id)?.ok_or_else(|| Error::not_found("Media not found"))?;
+        let key = (server.to_owned(), id.to_owned());
+        let Some(hash) = record.sha256.clone() else {
+            let mut batch = Batch::new();
+            MEDIA.delete(&mut batch, &key);
+            return crate::commit(&self.0.db, batch).await;
+        };
+        let _file = self.stripe(&hash).lock().await;
+        {
+            let _commit = self.0.commit.lock().await;
+            let mut batch = Batch::new();
+            MEDIA.delete(&mut batch, &key);
+            MEDIA_BLOB_REFS.delete(&mut batch, &(hash.clone(), media_ref(server, id)));
+            if !record.owner.is_empty() {
+                let used = self.usage(&record.owner)?.saturating_sub(record.size);
+                MEDIA_USAGE.put(&mut batch, &record.owner, &used);
+            }
+            crate::commit(&self.0.db, batch).await?;
+        }
+        let mut refs = MEDIA_BLOB_REFS.scan_prefix(&*self.0.db, &hash, Direction::Forward)?;
+        if refs.next().is_some() {
+            return Ok(());
+        }
+        drop(refs);
+        // The last user of this content: its derived files go too.
+        let variants: Vec<(String, MediaVariant)> = MEDIA_VARIANTS
+            .scan_prefix(&*self.0.db, &hash, Direction::Forward)?
+            .filter_map(|row| row.ok())
+            .map(|((_, name), v)| (name, v.0))
+            .collect();
+        let mut batch = Batch::new();
+        for (name, v) in &variants {
+            MEDIA_VARIANTS.delete(&mut batch, &(hash.clone(), name.clone()));
+            MEDIA_BLOB_REFS
+                .delete(&mut batch, &(v.sha256.clone(), format!("variant:{hash}:{name}")));
+        }
+        crate::commit(&self.0.db, batch).await?;
+        self.0.store.delete(&hash).await?;
+        drop(_file);
+        for (_, v) in variants {
+            let _vfile = self.stripe(&v.sha256).lock().await;
+            self.release_if_unused(&v.sha256).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the file of `hash` is still stored (tests and tooling).
+    pub async fn stored(&self, hash: &str) -> Result<bool> {
+        self.0.store.contains(hash).await
+    }
+
+    pub fn tmp_dir(&self) -> &Path {
+        &self.0.tmp_dir
+    }
+}
+
+fn media_ref(server: &str, id: &str) -> String {
+    format!("media:{server}/{id}")
+}
+
+fn variant_content(v: MediaVariant) -> Content {
+    let ext = if v.content_type == "image/png" { "png" } else { "jpg" };
+    Content {
+        sha256: v.sha256,
+        size: v.size,
+        content_type: v.content_type,
+        filename: Some(format!("thumbnail.{ext}")),
+        inline: None,
+    }
+}
+
+fn fetch_error(e: preview::FetchError) -> Error {
+    match e {
+        preview::FetchError::Refused => {
+            Error::forbidden("URL previews of this address are not allowed")
+        }
+        preview::FetchError::TooLarge => Error::too_large("The linked content is too large"),
+        preview::FetchError::Failed(detail) => {
+            tracing::debug!(detail, "URL preview fetch failed");
+            Error::new(http::StatusCode::BAD_GATEWAY, code::UNKNOWN, "Could not fetch the URL")
+        }
+    }
+}
+
+/// The spec's sanitising rule for media ids: `A-Za-z0-9_-` only.
+pub fn valid_media_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 255
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
