@@ -212,3 +212,43 @@ async fn an_unreachable_server_is_a_clean_error() {
     assert_eq!(status, 200, "{q}");
     assert!(q["failures"].as_object().is_some_and(|f| !f.is_empty()), "{q}");
 }
+
+#[tokio::test]
+async fn media_of_another_server_is_fetched_over_federation_and_cached() {
+    let (a, b) = pair().await;
+    let (_, alice_token) = a.server.register("alice").await;
+    let (_, bob_token) = b.server.register("bob").await;
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let resp = a
+        .server
+        .client
+        .post(a.server.url("/_matrix/media/v3/upload?filename=data.bin"))
+        .bearer_auth(&alice_token)
+        .header("Content-Type", "application/octet-stream")
+        .body(content.clone())
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::json_of(resp).await;
+    assert_eq!(status, 200, "{body}");
+    let mxc = body["content_uri"].as_str().unwrap();
+    let (server, id) = mxc.trim_start_matches("mxc://").split_once('/').unwrap();
+    assert_eq!(server, a.name);
+
+    // Bob's server fetches it from A (signed), then serves it byte for byte.
+    let path = format!("/_matrix/client/v1/media/download/{server}/{id}");
+    for _ in 0..2 {
+        let resp =
+            b.server.client.get(b.server.url(&path)).bearer_auth(&bob_token).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        let disposition = resp.headers()["content-disposition"].to_str().unwrap().to_owned();
+        assert!(disposition.contains("data.bin"), "{disposition}");
+        assert_eq!(resp.bytes().await.unwrap().to_vec(), content);
+    }
+    // Unknown remote media is 404; A's federation media endpoint wants a signature.
+    let missing = format!("/_matrix/client/v1/media/download/{server}/NoSuchMediaIdAtAllHere00");
+    let (status, _) = b.server.get_auth(&missing, &bob_token).await;
+    assert_eq!(status, 404);
+    let (status, body) = a.server.get(&format!("/_matrix/federation/v1/media/download/{id}")).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{body}");
+}

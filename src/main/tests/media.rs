@@ -174,13 +174,18 @@ async fn upload_download_round_trip_headers_and_ranges() {
     assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
     for path in [
         format!("{MEDIA}/download/localhost/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
-        format!("{MEDIA}/download/other.example/{id}"),
         format!("{MEDIA}/download/localhost/bad.id"),
         format!("{MEDIA}/thumbnail/localhost/nothere?width=32&height=32"),
+        format!("{MEDIA}/download/other.example/bad.id"),
     ] {
         let (status, body) = json_of(get(&s, Some(&token), &path).await).await;
         assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{path}");
     }
+    // Another server's media is fetched over federation; one that cannot be reached is a
+    // gateway error (tests/federation.rs covers the fetch itself).
+    let path = format!("{MEDIA}/download/other.example/{id}");
+    let (status, body) = json_of(get(&s, Some(&token), &path).await).await;
+    assert_eq!((status, body["errcode"].as_str()), (502, Some("M_UNKNOWN")), "{path}");
     let (status, body) =
         json_of(get(&s, None, &format!("/_matrix/media/v3/download/{}", path_of(&mxc))).await)
             .await;

@@ -199,6 +199,11 @@ pub async fn run_janitor(services: Arc<Services>) {
     }
 }
 
+/// A random alphanumeric token of `len` characters from the OS CSPRNG.
+pub fn random_token(len: usize) -> String {
+    random::alphanumeric(len)
+}
+
 /// Writes a batch off the async workers: with `sync_writes` it waits for an fsync.
 pub(crate) async fn commit(db: &Db, batch: Batch) -> Result<()> {
     let db = db.clone();

@@ -34,12 +34,24 @@ async fn download_inner(
     filename: Option<&str>,
 ) -> Result<Response> {
     let query = query(parts);
+    super::federation::ensure_local_copy(s, server, id).await?;
     let content = s.media.content(server, id, wait(&query)?).await?;
     let filename = filename.or(content.filename.as_deref());
     serve(s, &content, filename, parts.headers.get(header::RANGE)).await
 }
 
 async fn thumbnail_inner(s: &AppState, parts: &Parts, server: &str, id: &str) -> Result<Response> {
+    let content = thumbnail_content(s, parts, server, id).await?;
+    serve(s, &content, content.filename.as_deref(), parts.headers.get(header::RANGE)).await
+}
+
+/// The thumbnail a request's query asks for.
+pub(super) async fn thumbnail_content(
+    s: &AppState,
+    parts: &Parts,
+    server: &str,
+    id: &str,
+) -> Result<trellis_service::media::Content> {
     let query = query(parts);
     let dimension = |name: &str| -> Result<u32> {
         let value = param(&query, name).ok_or_else(|| {
@@ -66,8 +78,8 @@ async fn thumbnail_inner(s: &AppState, parts: &Parts, server: &str, id: &str) ->
         spec: Spec::new(dimension("width")?, dimension("height")?, method),
         animated,
     };
-    let content = s.media.thumbnail(server, id, request, wait(&query)?).await?;
-    serve(s, &content, content.filename.as_deref(), parts.headers.get(header::RANGE)).await
+    super::federation::ensure_local_copy(s, server, id).await?;
+    s.media.thumbnail(server, id, request, wait(&query)?).await
 }
 
 pub async fn download(

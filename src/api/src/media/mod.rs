@@ -7,6 +7,7 @@
 //! uploads are bounded by `media.max_upload_bytes` as they arrive.
 
 mod download;
+mod federation;
 mod info;
 mod response;
 mod upload;
@@ -47,6 +48,8 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
             get(download::legacy_download_as),
         )
         .route("/_matrix/media/v3/thumbnail/{server}/{id}", get(download::legacy_thumbnail))
+        .route("/_matrix/federation/v1/media/download/{id}", get(federation::download))
+        .route("/_matrix/federation/v1/media/thumbnail/{id}", get(federation::thumbnail))
 }
 
 /// The caller's session; every media endpoint but the legacy downloads needs one.

@@ -44,14 +44,14 @@ const INLINE_SAFE: &[&str] = &[
     "audio/x-flac",
 ];
 
-fn inline_safe(content_type: &str) -> bool {
+pub(super) fn inline_safe(content_type: &str) -> bool {
     let base = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     INLINE_SAFE.contains(&base.as_str())
 }
 
 /// `inline` or `attachment`, with the file name as a quoted ASCII fallback and, when it
 /// is not plain ASCII, the exact name in RFC 5987 form.
-fn disposition(inline: bool, filename: Option<&str>) -> String {
+pub(super) fn disposition(inline: bool, filename: Option<&str>) -> String {
     let kind = if inline { "inline" } else { "attachment" };
     let Some(name) = filename.filter(|n| !n.is_empty()) else { return kind.to_owned() };
     let plain = |c: char| (c.is_ascii_graphic() || c == ' ') && c != '"' && c != '\\';

@@ -146,6 +146,80 @@ impl Federation {
         body: Option<&Value>,
         signed: bool,
     ) -> Result<Value> {
+        let (status, _, bytes) =
+            self.send_raw(server, method, path_and_query, body, signed, MAX_RESPONSE_BYTES).await?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|_| Self::unavailable(server, format!("non-JSON answer ({status})")))?;
+        if status.is_success() {
+            return Ok(value);
+        }
+        Err(Self::remote_error(server, status, &value))
+    }
+
+    /// The remote's Matrix error passed on (404 for an unknown profile, and so on).
+    fn remote_error(server: &str, status: StatusCode, value: &Value) -> Error {
+        let errcode = match value.get("errcode").and_then(Value::as_str) {
+            Some("M_NOT_FOUND") => code::NOT_FOUND,
+            Some("M_FORBIDDEN") => code::FORBIDDEN,
+            _ => code::UNKNOWN,
+        };
+        let message = value.get("error").and_then(Value::as_str).unwrap_or("Remote error");
+        Error::new(status, errcode, format!("{server}: {message}"))
+    }
+
+    /// A signed GET whose answer is not JSON (media): `(content type, body)` of a
+    /// success, at most `limit` bytes.
+    pub async fn get_bytes(
+        &self,
+        server: &str,
+        path_and_query: &str,
+        limit: usize,
+    ) -> Result<(Option<String>, bytes::Bytes)> {
+        let (status, content_type, bytes) =
+            self.send_raw(server, Method::GET, path_and_query, None, true, limit).await?;
+        if status.is_success() {
+            return Ok((content_type, bytes));
+        }
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Err(Self::remote_error(server, status, &value))
+    }
+
+    /// A plain GET of a URL another server pointed to (a media redirect), at most
+    /// `limit` bytes.
+    pub async fn get_url(&self, url: &str, limit: usize) -> Result<(Option<String>, bytes::Bytes)> {
+        let parsed = reqwest::Url::parse(url).map_err(|_| Error::invalid_param("Invalid URL"))?;
+        if parsed.scheme() != "https" {
+            return Err(Self::unavailable(url, "only https redirects are followed"));
+        }
+        let mut response =
+            self.client.get(parsed).send().await.map_err(|e| Self::unavailable(url, e))?;
+        if !response.status().is_success() {
+            return Err(Self::unavailable(url, response.status()));
+        }
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| Self::unavailable(url, e))? {
+            if buf.len() + chunk.len() > limit {
+                return Err(Self::unavailable(url, "response too large"));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok((content_type, buf.freeze()))
+    }
+
+    async fn send_raw(
+        &self,
+        server: &str,
+        method: Method,
+        path_and_query: &str,
+        body: Option<&Value>,
+        signed: bool,
+        limit: usize,
+    ) -> Result<(StatusCode, Option<String>, bytes::Bytes)> {
         if !self.config.enabled {
             return Err(Error::forbidden("Federation is disabled on this server"));
         }
@@ -181,29 +255,27 @@ impl Federation {
         let span =
             tracing::debug_span!("federation_request", server, %method, path = path_and_query);
         let _enter = span.enter();
-        let response = request.send().await.map_err(|e| Self::unavailable(server, e))?;
-        let status = response.status();
-        if response.content_length().is_some_and(|n| n > MAX_RESPONSE_BYTES as u64) {
+        let mut response = request.send().await.map_err(|e| Self::unavailable(server, e))?;
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        if response.content_length().is_some_and(|n| n > limit as u64) {
             return Err(Self::unavailable(server, "response too large"));
         }
-        let bytes = response.bytes().await.map_err(|e| Self::unavailable(server, e))?;
-        if bytes.len() > MAX_RESPONSE_BYTES {
-            return Err(Self::unavailable(server, "response too large"));
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // Read in chunks so a server that lies about (or omits) its length cannot make
+        // us buffer more than the limit.
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| Self::unavailable(server, e))? {
+            if buf.len() + chunk.len() > limit {
+                return Err(Self::unavailable(server, "response too large"));
+            }
+            buf.extend_from_slice(&chunk);
         }
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|_| Self::unavailable(server, format!("non-JSON answer ({status})")))?;
-        if status.is_success() {
-            return Ok(value);
-        }
-        // Pass the remote's Matrix error on (404 for an unknown profile, and so on).
-        let errcode = match value.get("errcode").and_then(Value::as_str) {
-            Some("M_NOT_FOUND") => code::NOT_FOUND,
-            Some("M_FORBIDDEN") => code::FORBIDDEN,
-            _ => code::UNKNOWN,
-        };
-        let message = value.get("error").and_then(Value::as_str).unwrap_or("Remote error");
-        let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        Err(Error::new(status, errcode, format!("{server}: {message}")))
+        Ok((status, content_type, buf.freeze()))
     }
 
     /// The X-Matrix `Authorization` header for a request to `destination`.

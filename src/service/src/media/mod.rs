@@ -7,6 +7,7 @@
 //! Reference changes and the file operations they imply happen under a per-hash lock, so
 //! an upload of the same bytes can never race a deletion into a dangling record.
 
+pub mod multipart;
 mod preview;
 mod spool;
 pub mod store;
@@ -170,7 +171,8 @@ impl Media {
     /// The record of a media item on this server; remote media is not fetched yet (it
     /// needs federation), so it is simply not found.
     fn record(&self, server: &str, id: &str) -> Result<Option<MediaRecord>> {
-        if server != self.0.server_name || !valid_media_id(id) {
+        // Other servers' media is here only as a cached copy, under its own server name.
+        if !valid_media_id(id) {
             return Ok(None);
         }
         Ok(MEDIA.get(&*self.0.db, &(server.to_owned(), id.to_owned()))?.map(|j| j.0))
@@ -239,7 +241,8 @@ impl Media {
         let spooled = self.receive(&info, &mut body).await?;
         drop(body);
         let id = crate::random::alphanumeric(MEDIA_ID_LEN);
-        self.commit_upload(&info, &id, spooled, false).await?;
+        let server = self.0.server_name.clone();
+        self.commit_upload(&info, &server, &id, spooled, false).await?;
         Ok(self.mxc(&id))
     }
 
@@ -272,11 +275,43 @@ impl Media {
         E: std::fmt::Display,
     {
         let Upload { info, mut body } = upload;
+        if server != self.0.server_name {
+            return Err(Error::not_found("Unknown media id"));
+        }
         // Checked before reading the body, and again at commit (a concurrent upload).
         self.pending_for(server, id, &info.owner)?;
         let spooled = self.receive(&info, &mut body).await?;
         drop(body);
-        self.commit_upload(&info, id, spooled, true).await
+        self.commit_upload(&info, server, id, spooled, true).await
+    }
+
+    /// Whether this server has a record of `(server, id)` (any state).
+    pub fn known(&self, server: &str, id: &str) -> Result<bool> {
+        Ok(self.record(server, id)?.is_some())
+    }
+
+    /// Caches media fetched from another server under its own `(server, id)`; it counts
+    /// against nobody's quota.
+    pub async fn store_remote(
+        &self,
+        server: &str,
+        id: &str,
+        content_type: Option<String>,
+        filename: Option<String>,
+        body: Bytes,
+    ) -> Result<()> {
+        if !valid_media_id(id) {
+            return Err(Error::not_found("Media not found"));
+        }
+        let info = UploadInfo {
+            owner: String::new(),
+            content_type,
+            filename,
+            declared_len: Some(body.len() as u64),
+        };
+        let mut stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(body)]);
+        let spooled = self.receive(&info, &mut stream).await?;
+        self.commit_upload(&info, server, id, spooled, false).await
     }
 
     fn pending_for(&self, server: &str, id: &str, owner: &str) -> Result<()> {
@@ -297,6 +332,7 @@ impl Media {
     async fn commit_upload(
         &self,
         upload: &UploadInfo,
+        server: &str,
         id: &str,
         spooled: Spooled,
         pending: bool,
@@ -315,7 +351,7 @@ impl Media {
             None
         };
         let hash = spooled.sha256.clone();
-        let key = (self.0.server_name.clone(), id.to_owned());
+        let key = (server.to_owned(), id.to_owned());
         let referrer = media_ref(&key.0, id);
         let _file = self.stripe(&hash).lock().await;
         self.0.store.put_file(&hash, &spooled.path, spooled.size).await?;
