@@ -145,7 +145,15 @@ async fn serve_until_stopped(
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) {
+    use axum::serve::ListenerExt;
     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    // Streamed bodies go out in several writes; with Nagle's algorithm a small one waits
+    // for the client's delayed ACK (40 ms on Linux).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;

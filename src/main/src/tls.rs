@@ -110,6 +110,7 @@ pub async fn serve(
             },
             () = async { let _ = stop.wait_for(|s| *s).await; } => break,
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let watcher = graceful.watcher();

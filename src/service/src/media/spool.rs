@@ -6,14 +6,15 @@ use std::path::Path;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
+use std::io::Write;
 use tempfile::TempPath;
-use tokio::io::AsyncWriteExt;
 use trellis_core::{Error, Result};
 
 use super::store::hex;
 
-/// Bytes gathered before each write to the file: few, large writes.
-const WRITE_BUFFER: usize = 1024 * 1024;
+/// Small chunks are gathered into writes of this size; larger ones bypass the buffer
+/// (std's `BufWriter` writes them straight through), saving a copy.
+const WRITE_BUFFER: usize = 256 * 1024;
 
 /// A complete upload in a temp file (removed when dropped unless the store took it).
 pub struct Spooled {
@@ -45,6 +46,12 @@ impl Limit {
     }
 }
 
+/// Chunks in flight between the receiving task and each of the two workers.
+const PIPELINE_DEPTH: usize = 16;
+
+/// Receives `body` into a temp file. Receiving, hashing and writing overlap: the async
+/// task only hands each chunk (a cheap `Bytes` clone) to a hashing thread and a
+/// writing thread, so an upload costs about its slowest stage, not the sum of all three.
 pub async fn spool<S, E>(tmp_dir: &Path, mut body: S, limit: Limit, sync: bool) -> Result<Spooled>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -53,32 +60,60 @@ where
     let io = |e: std::io::Error| Error::internal("spooling an upload", e);
     let named = tempfile::Builder::new().prefix("upload-").tempfile_in(tmp_dir).map_err(io)?;
     let (file, path) = named.into_parts();
-    let mut out =
-        tokio::io::BufWriter::with_capacity(WRITE_BUFFER, tokio::fs::File::from_std(file));
-    let mut hasher = Sha256::new();
+    let (to_hasher, mut from_body) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+    let (to_writer, mut for_file) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = from_body.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher.finalize()
+    });
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+        while let Some(chunk) = for_file.blocking_recv() {
+            out.write_all(&chunk)?;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        if sync {
+            // Durable before the database says the media exists.
+            file.sync_all()?;
+        }
+        Ok(())
+    });
     let mut size = 0u64;
+    let mut failure = None;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            tracing::debug!(error = %e, "upload body ended early");
-            Error::new(
-                http::StatusCode::BAD_REQUEST,
-                trellis_core::error::code::UNKNOWN,
-                "Could not read the upload body",
-            )
-        })?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "upload body ended early");
+                failure = Some(Error::new(
+                    http::StatusCode::BAD_REQUEST,
+                    trellis_core::error::code::UNKNOWN,
+                    "Could not read the upload body",
+                ));
+                break;
+            }
+        };
         size += chunk.len() as u64;
         if size > limit.bytes() {
-            return Err(limit.error());
+            failure = Some(limit.error());
+            break;
         }
-        hasher.update(&chunk);
-        out.write_all(&chunk).await.map_err(io)?;
+        // A full pipeline makes this task wait: the workers are the bottleneck then, and
+        // that back-pressure keeps memory bounded.
+        if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
+            break;
+        }
     }
-    out.flush().await.map_err(io)?;
-    let file = out.into_inner();
-    if sync {
-        // Durable before the database says the media exists.
-        file.sync_all().await.map_err(io)?;
+    drop(to_hasher);
+    drop(to_writer);
+    let written = writer.await.map_err(|e| Error::internal("upload writer", e))?;
+    let digest = hasher.await.map_err(|e| Error::internal("upload hasher", e))?;
+    if let Some(e) = failure {
+        return Err(e);
     }
-    drop(file);
-    Ok(Spooled { path, sha256: hex(&hasher.finalize()), size })
+    written.map_err(io)?;
+    Ok(Spooled { path, sha256: hex(&digest), size })
 }
