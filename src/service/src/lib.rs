@@ -183,7 +183,8 @@ impl Services {
 /// How often expired short-lived records are swept.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Background upkeep: sweeps expired UIA sessions, email validations and login tokens.
+/// Background upkeep: sweeps expired UIA sessions, email validations and login tokens,
+/// media ids reserved by `/create` and never used, and stale URL previews.
 /// Runs until the process ends.
 pub async fn run_janitor(services: Arc<Services>) {
     let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
@@ -195,6 +196,12 @@ pub async fn run_janitor(services: Arc<Services>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "swept expired records"),
             Err(e) => tracing::warn!(error = %e, "sweeping expired records failed"),
+        }
+        let swept = services.media.sweep().instrument(tracing::info_span!("media_janitor")).await;
+        match swept {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "swept unused media ids and stale previews"),
+            Err(e) => tracing::warn!(error = %e, "sweeping media records failed"),
         }
     }
 }

@@ -60,34 +60,28 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
         }
     }
 
-    // Membership changes in the rooms the user is in, and in those they left.
-    let mut watched: Vec<String> = mine.iter().cloned().collect();
-    for (room, membership) in rooms.memberships_of(user_id)? {
-        if matches!(membership.as_str(), "leave" | "ban")
-            && rooms
-                .last_membership_position(&room, user_id)?
-                .is_some_and(|p| p > since && p <= now)
-        {
-            watched.push(room);
-        }
-    }
-    for room in &watched {
-        let movers = rooms.member_changes(room, since, now)?;
-        if movers.is_empty() {
+    // Membership changes in the rooms the user is in, and in those they left: one scan
+    // of every room's changes in the window, which is short for incremental syncs.
+    let mut joined_cache: HashMap<String, HashSet<String>> = HashMap::new();
+    for (room, mover) in rooms.member_changes(since, now)? {
+        let is_me = mover == user_id;
+        if !is_me && !mine.contains(&room) {
             continue;
         }
-        let joined: HashSet<String> = rooms.members(room, "join")?.into_iter().collect();
-        for mover in movers {
-            if mover == user_id {
-                // The user joined (everyone there is new to them) or left (everyone
-                // there may now share nothing with them).
-                let target = if mine.contains(room) { &mut changed } else { &mut maybe_left };
-                target.extend(joined.iter().filter(|m| *m != user_id).cloned());
-            } else if joined.contains(&mover) {
-                changed.insert(mover);
-            } else {
-                maybe_left.insert(mover);
-            }
+        if !joined_cache.contains_key(&room) {
+            let members: HashSet<String> = rooms.members(&room, "join")?.into_iter().collect();
+            joined_cache.insert(room.clone(), members);
+        }
+        let joined = &joined_cache[&room];
+        if is_me {
+            // The user joined (everyone there is new to them) or left (everyone there
+            // may now share nothing with them).
+            let target = if mine.contains(&room) { &mut changed } else { &mut maybe_left };
+            target.extend(joined.iter().filter(|m| *m != user_id).cloned());
+        } else if joined.contains(&mover) {
+            changed.insert(mover);
+        } else {
+            maybe_left.insert(mover);
         }
     }
     let mut left = Vec::new();

@@ -680,6 +680,46 @@ impl Media {
         Ok(og)
     }
 
+    /// Removes ids from `/create` that expired unused and cached previews older than the
+    /// cache lifetime; returns how many records went. Scans the tables: run rarely.
+    pub async fn sweep(&self) -> Result<usize> {
+        let now = now_millis();
+        let mut batch = Batch::new();
+        let mut removed = 0;
+        {
+            let _commit = self.0.commit.lock().await;
+            for row in MEDIA.scan_range(
+                &*self.0.db,
+                std::ops::Bound::Unbounded,
+                std::ops::Bound::Unbounded,
+                Direction::Forward,
+            )? {
+                let (key, Json(record)) = row?;
+                if record.sha256.is_none() && record.expires_ms.is_some_and(|t| t < now) {
+                    MEDIA.delete(&mut batch, &key);
+                    removed += 1;
+                }
+            }
+            let lifetime = self.0.config.url_preview_cache_seconds.saturating_mul(1000);
+            for row in URL_PREVIEWS.scan_range(
+                &*self.0.db,
+                std::ops::Bound::Unbounded,
+                std::ops::Bound::Unbounded,
+                Direction::Forward,
+            )? {
+                let (url, Json(record)) = row?;
+                if now.saturating_sub(record.fetched_ms) >= lifetime {
+                    URL_PREVIEWS.delete(&mut batch, &url);
+                    removed += 1;
+                }
+            }
+            if removed > 0 {
+                crate::commit(&self.0.db, batch).await?;
+            }
+        }
+        Ok(removed)
+    }
+
     async fn build_preview(&self, url: &reqwest::Url) -> Result<Value> {
         let page = self.0.fetcher.fetch(url).await.map_err(fetch_error)?;
         let page_type = preview::base_type(&page.content_type);
@@ -848,4 +888,33 @@ pub fn valid_media_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 255
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_janitor_drops_unused_ids_and_stale_previews() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = trellis_core::Config::default();
+        config.server.data_dir = dir.path().to_owned();
+        config.media.unused_id_lifetime_seconds = 0;
+        config.media.url_preview_cache_seconds = 0;
+        let storage =
+            trellis_core::config::StorageConfig { sync_writes: false, ..Default::default() };
+        let db = trellis_store::open(&dir.path().join("db"), &storage).unwrap();
+        let media = Media::new(&config, db.clone(), None).unwrap();
+        let (mxc, _) = media.create("alice").await.unwrap();
+        let id = mxc.rsplit('/').next().unwrap().to_owned();
+        let mut batch = Batch::new();
+        let record = UrlPreviewRecord { fetched_ms: 1, og: serde_json::json!({}) };
+        URL_PREVIEWS.put(&mut batch, &"https://example.org/".to_owned(), &Json(record));
+        db.write(batch).unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
+        assert_eq!(media.sweep().await.unwrap(), 2);
+        assert!(!media.known(&config.server.server_name, &id).unwrap());
+        assert_eq!(media.sweep().await.unwrap(), 0, "nothing left to sweep");
+    }
 }

@@ -24,6 +24,8 @@ const VISIBILITY_LOG: Table<(u64, u64), String> = Table::new(&catalog::VISIBILIT
 /// (room, position) -> user whose membership changed: device list tracking asks which
 /// members came and went between two positions.
 const MEMBER_CHANGES: Table<(u64, u64), String> = Table::new(&catalog::MEMBER_CHANGES);
+/// Changes between two positions are read with one scan however many rooms a user is
+/// in: the key is (position, room).
 const EVENT_TIMES: Table<(u64, u64, u64), u64> = Table::new(&catalog::EVENT_TIMES);
 const TIMELINE_ALL: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 
@@ -34,7 +36,7 @@ const DEFAULT_VISIBILITY: &str = "shared";
 /// relations) cover every stored event.
 const INDEXED_KEY: &str = "event_indexes_v1";
 /// Set once `MEMBER_CHANGES` covers the membership log.
-const MEMBER_CHANGES_KEY: &str = "member_changes_v1";
+const MEMBER_CHANGES_KEY: &str = "member_changes_v2";
 const META: Table<String, u64> = Table::new(&catalog::META);
 /// Events indexed per batch while backfilling.
 const BACKFILL_BATCH: usize = 1_000;
@@ -95,22 +97,39 @@ impl Timeline {
             Direction::Forward,
         )? {
             let ((room, user, position), _) = row?;
-            MEMBER_CHANGES.put(&mut batch, &(room, position), &user);
+            MEMBER_CHANGES.put(&mut batch, &(position, room), &user);
         }
         META.put(&mut batch, &MEMBER_CHANGES_KEY.to_owned(), &1);
         self.db.write(batch)?;
         Ok(())
     }
 
-    /// Users whose membership of `room_id` changed in `(since, now]`, in order.
-    pub fn member_changes(&self, room_id: &str, since: u64, now: u64) -> Result<Vec<String>> {
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
-        let start = (room, since);
-        let end = (room, now);
-        MEMBER_CHANGES
-            .scan_range(&*self.db, Excluded(&start), Included(&end), Direction::Forward)?
-            .map(|row| row.map(|(_, user)| user).map_err(Into::into))
-            .collect()
+    /// Membership changes in `(since, now]` in every room, in order: `(room id, user)`.
+    pub fn member_changes(&self, since: u64, now: u64) -> Result<Vec<(String, String)>> {
+        let start = (since, u64::MAX);
+        let end = (now, u64::MAX);
+        let mut rooms: std::collections::HashMap<u64, Option<String>> = Default::default();
+        let mut out = Vec::new();
+        for row in MEMBER_CHANGES.scan_range(
+            &*self.db,
+            Excluded(&start),
+            Included(&end),
+            Direction::Forward,
+        )? {
+            let ((_, room), user) = row?;
+            let room_id = match rooms.get(&room) {
+                Some(id) => id.clone(),
+                None => {
+                    let id = self.short.text(Kind::Room, room)?;
+                    rooms.insert(room, id.clone());
+                    id
+                }
+            };
+            if let Some(room_id) = room_id {
+                out.push((room_id, user));
+            }
+        }
+        Ok(out)
     }
 
     /// Records what visibility checks and timestamp lookups need about a stored event.
@@ -131,7 +150,7 @@ impl Timeline {
                 let membership = content["membership"].as_str().unwrap_or("leave");
                 let row = MemberRow { membership: membership.to_owned(), event: event_short };
                 MEMBERSHIP_LOG.put(batch, &(room, key.clone(), position), &Json(row));
-                MEMBER_CHANGES.put(batch, &(room, position), key);
+                MEMBER_CHANGES.put(batch, &(position, room), key);
             }
             "m.room.history_visibility" if key.is_empty() => {
                 let visibility =
