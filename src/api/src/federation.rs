@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use axum::Router;
 use ruma::{
-    OwnedRoomId, OwnedServerName, UInt,
+    UInt,
     api::federation::{
         device::get_devices,
         discovery::{get_remote_server_keys, get_remote_server_keys_batch},
@@ -62,16 +62,8 @@ async fn directory(
     ctx: Ctx,
     req: get_room_information::v1::Request,
 ) -> Result<get_room_information::v1::Response> {
-    let record = ctx
-        .services
-        .aliases
-        .resolve(req.room_alias.as_str())?
-        .ok_or_else(|| Error::not_found("Room alias not found"))?;
-    let room_id =
-        OwnedRoomId::try_from(record.room_id).map_err(|e| Error::internal("room id", e))?;
-    let server = OwnedServerName::try_from(ctx.services.server_name())
-        .map_err(|e| Error::internal("server name", e))?;
-    Ok(get_room_information::v1::Response::new(room_id, vec![server]))
+    let (room_id, servers) = crate::client::local_alias(&ctx.services, req.room_alias.as_str())?;
+    Ok(get_room_information::v1::Response::new(room_id, servers))
 }
 
 async fn devices(ctx: Ctx, req: get_devices::v1::Request) -> Result<get_devices::v1::Response> {
@@ -114,7 +106,7 @@ async fn claim(ctx: Ctx, req: claim_keys::v1::Request) -> Result<claim_keys::v1:
             (u.to_string(), ds.iter().map(|(d, a)| (d.to_string(), a.to_string())).collect())
         })
         .collect();
-    let (claimed, _) = ctx.services.e2ee.claim(&requested).await?;
+    let claimed = ctx.services.e2ee.claim(&requested).await?;
     Ok(claim_keys::v1::Response::new(from_value(claimed)?))
 }
 

@@ -14,21 +14,25 @@ struct Peer {
     _certs: tempfile::TempDir,
 }
 
-async fn peer() -> Peer {
-    let certs = tempfile::tempdir().unwrap();
-    mint_certificates(certs.path());
-    let tls_port = free_port();
-    let name = format!("127.0.0.1:{tls_port}");
-    let dir = certs.path().display();
+/// A server named `127.0.0.1:<its TLS port>` with the certificates in `certs` (which
+/// come from one test CA every server here trusts).
+async fn server_with(certs: &std::path::Path) -> (TestServer, String) {
+    let dir = certs.display();
+    let name = format!("127.0.0.1:{}", free_port());
     let config = format!(
         "{OPEN}[federation]\ntls_listen = \"{name}\"\ntls_certificate = \"{dir}/server.pem\"\n\
          tls_private_key = \"{dir}/server.key\"\nca_file = \"{dir}/ca.pem\"\n"
     );
-    // Each server trusts its own test CA; the other's CA is added below by pointing both
-    // at one CA, which is simpler: peers share the first server's certificates.
     let server =
         TestServer::start_with_env(&config, &[("TRELLIS_SERVER__SERVER_NAME", name.as_str())])
             .await;
+    (server, name)
+}
+
+async fn peer() -> Peer {
+    let certs = tempfile::tempdir().unwrap();
+    mint_certificates(certs.path());
+    let (server, name) = server_with(certs.path()).await;
     Peer { server, name, _certs: certs }
 }
 
@@ -36,22 +40,8 @@ async fn peer() -> Peer {
 async fn pair() -> (Peer, Peer) {
     let certs = tempfile::tempdir().unwrap();
     mint_certificates(certs.path());
-    let dir = certs.path().display().to_string();
-    let mut peers = Vec::new();
-    for _ in 0..2 {
-        let tls_port = free_port();
-        let name = format!("127.0.0.1:{tls_port}");
-        let config = format!(
-            "{OPEN}[federation]\ntls_listen = \"{name}\"\ntls_certificate = \"{dir}/server.pem\"\n\
-             tls_private_key = \"{dir}/server.key\"\nca_file = \"{dir}/ca.pem\"\n"
-        );
-        let server =
-            TestServer::start_with_env(&config, &[("TRELLIS_SERVER__SERVER_NAME", name.as_str())])
-                .await;
-        peers.push((server, name));
-    }
-    let (b_server, b_name) = peers.pop().unwrap();
-    let (a_server, a_name) = peers.pop().unwrap();
+    let (a_server, a_name) = server_with(certs.path()).await;
+    let (b_server, b_name) = server_with(certs.path()).await;
     let keep = tempfile::tempdir().unwrap();
     (
         Peer { server: a_server, name: a_name, _certs: certs },

@@ -40,6 +40,20 @@ async fn create(ctx: Ctx, req: create_alias::v3::Request) -> Result<create_alias
     Ok(create_alias::v3::Response::new())
 }
 
+/// The room a local alias names, and this server as the one to join through.
+pub(crate) fn local_alias(
+    services: &trellis_service::Services,
+    alias: &str,
+) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
+    let record =
+        services.aliases.resolve(alias)?.ok_or_else(|| Error::not_found("Room alias not found"))?;
+    let room_id =
+        OwnedRoomId::try_from(record.room_id).map_err(|e| Error::internal("room id", e))?;
+    let server = OwnedServerName::try_from(services.server_name())
+        .map_err(|e| Error::internal("server name", e))?;
+    Ok((room_id, vec![server]))
+}
+
 async fn get(ctx: Ctx, req: get_alias::v3::Request) -> Result<get_alias::v3::Response> {
     if req.room_alias.server_name().as_str() != ctx.services.server_name() {
         let answer = ctx.services.federation.remote_alias(req.room_alias.as_str()).await?;
@@ -53,16 +67,8 @@ async fn get(ctx: Ctx, req: get_alias::v3::Request) -> Result<get_alias::v3::Res
             .unwrap_or_default();
         return Ok(get_alias::v3::Response::new(room_id, servers));
     }
-    let record = ctx
-        .services
-        .aliases
-        .resolve(req.room_alias.as_str())?
-        .ok_or_else(|| Error::not_found("Room alias not found"))?;
-    let room_id =
-        OwnedRoomId::try_from(record.room_id).map_err(|e| Error::internal("room id", e))?;
-    let server = OwnedServerName::try_from(ctx.services.server_name())
-        .map_err(|e| Error::internal("server name", e))?;
-    Ok(get_alias::v3::Response::new(room_id, vec![server]))
+    let (room_id, servers) = local_alias(&ctx.services, req.room_alias.as_str())?;
+    Ok(get_alias::v3::Response::new(room_id, servers))
 }
 
 async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias::v3::Response> {

@@ -98,7 +98,8 @@ async fn claim(ctx: Ctx, req: claim_keys::v3::Request) -> Result<claim_keys::v3:
         })
         .collect();
     let (local, remote) = split_by_server(&ctx, requested);
-    let (mut claimed, mut failures) = ctx.services.e2ee.claim(&local).await?;
+    let mut claimed = ctx.services.e2ee.claim(&local).await?;
+    let mut failures = serde_json::json!({});
     if !remote.is_empty() {
         let (answers, remote_failures) = ctx
             .services

@@ -32,6 +32,8 @@ mod versions;
 
 use axum::Router;
 
+pub(crate) use aliases::local_alias;
+
 use crate::AppState;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {

@@ -184,33 +184,6 @@ impl Federation {
         Err(Self::remote_error(server, status, &value))
     }
 
-    /// A plain GET of a URL another server pointed to (a media redirect), at most
-    /// `limit` bytes.
-    pub async fn get_url(&self, url: &str, limit: usize) -> Result<(Option<String>, bytes::Bytes)> {
-        let parsed = reqwest::Url::parse(url).map_err(|_| Error::invalid_param("Invalid URL"))?;
-        if parsed.scheme() != "https" {
-            return Err(Self::unavailable(url, "only https redirects are followed"));
-        }
-        let mut response =
-            self.client.get(parsed).send().await.map_err(|e| Self::unavailable(url, e))?;
-        if !response.status().is_success() {
-            return Err(Self::unavailable(url, response.status()));
-        }
-        let content_type = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let mut buf = bytes::BytesMut::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| Self::unavailable(url, e))? {
-            if buf.len() + chunk.len() > limit {
-                return Err(Self::unavailable(url, "response too large"));
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok((content_type, buf.freeze()))
-    }
-
     async fn send_raw(
         &self,
         server: &str,
@@ -261,21 +234,8 @@ impl Federation {
         if response.content_length().is_some_and(|n| n > limit as u64) {
             return Err(Self::unavailable(server, "response too large"));
         }
-        let content_type = response
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        // Read in chunks so a server that lies about (or omits) its length cannot make
-        // us buffer more than the limit.
-        let mut buf = bytes::BytesMut::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| Self::unavailable(server, e))? {
-            if buf.len() + chunk.len() > limit {
-                return Err(Self::unavailable(server, "response too large"));
-            }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok((status, content_type, buf.freeze()))
+        let (content_type, body) = read_limited(&mut response, server, limit).await?;
+        Ok((status, content_type, body))
     }
 
     /// The X-Matrix `Authorization` header for a request to `destination`.
@@ -339,6 +299,28 @@ impl Federation {
             .map_err(|_| unauthorized("Invalid X-Matrix signature"))?;
         Ok(origin)
     }
+}
+
+/// A response's content type and body, read in chunks so that a peer that lies about
+/// (or omits) its length cannot make us buffer more than `limit`.
+async fn read_limited(
+    response: &mut reqwest::Response,
+    peer: &str,
+    limit: usize,
+) -> Result<(Option<String>, bytes::Bytes)> {
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| Federation::unavailable(peer, e))? {
+        if buf.len() + chunk.len() > limit {
+            return Err(Federation::unavailable(peer, "response too large"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok((content_type, buf.freeze()))
 }
 
 /// Percent-encodes a query parameter or path segment.
