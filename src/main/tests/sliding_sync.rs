@@ -218,3 +218,39 @@ async fn subscriptions_invites_and_extensions() {
     let global = next["extensions"]["account_data"]["global"].as_array().unwrap();
     assert!(global.iter().any(|e| e["type"] == "org.example.x"), "{next}");
 }
+
+#[tokio::test]
+async fn reactions_and_state_changes_do_not_bump_a_room() {
+    let s = TestServer::start(OPEN).await;
+    let (_, at) = s.register("alice").await;
+    let x = create(&s, &at, "X").await;
+    let y = create(&s, &at, "Y").await;
+    let message = s.send_text(&at, &x, "x-message").await;
+    say(&s, &at, &y, "y-message").await;
+    // X gets a reaction and a new topic after Y's message: Y stays the most active.
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{x}/send/m.reaction/{}", common::txn_id()),
+            &at,
+            &json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": message, "key": "👍"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{x}/state/m.room.topic"),
+            &at,
+            &json!({"topic": "t"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let body = json!({"lists": {"all": {"ranges": [[0, 0]], "timeline_limit": 1}}});
+    let (status, resp) = slide(&s, &at, "", &body).await;
+    assert_eq!(status, 200, "{resp}");
+    let rooms = resp["rooms"].as_object().unwrap();
+    assert!(rooms.contains_key(&y) && !rooms.contains_key(&x), "{resp}");
+    // A new message in X does move it up.
+    say(&s, &at, &x, "x-again").await;
+    let (_, resp) = slide(&s, &at, "", &body).await;
+    assert!(resp["rooms"].as_object().unwrap().contains_key(&x), "{resp}");
+}

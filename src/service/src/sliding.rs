@@ -191,7 +191,7 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
             continue;
         }
         let bump = match membership.as_str() {
-            "join" => rooms.room(&room_id)?.map_or(0, |(_, r)| r.last_position),
+            "join" => rooms.room(&room_id)?.map_or(0, |(_, r)| r.bump()),
             _ => rooms.last_membership_position(&room_id, req.user_id)?.unwrap_or(0),
         };
         all.push(RoomInfo { room_id, membership, bump: bump.min(now) });

@@ -43,6 +43,30 @@ pub struct RoomRecord {
     /// Stream position of the room's newest event.
     #[serde(default)]
     pub last_position: u64,
+    /// Stream position of the newest event that moves the room up a client's room list
+    /// ([`BUMP_EVENT_TYPES`]); 0 in records written before it existed.
+    #[serde(default)]
+    pub bump_position: u64,
+}
+
+/// Event types that make a room "active" in sliding sync's ordering (`bump_stamp`):
+/// messages and the like, not reactions, receipts of edits or state churn.
+pub const BUMP_EVENT_TYPES: &[&str] = &[
+    "m.room.create",
+    "m.room.message",
+    "m.room.encrypted",
+    "m.sticker",
+    "m.call.invite",
+    "m.poll.start",
+    "org.matrix.msc3381.poll.start",
+    "m.beacon_info",
+];
+
+impl RoomRecord {
+    /// The position that orders this room by activity.
+    pub fn bump(&self) -> u64 {
+        if self.bump_position > 0 { self.bump_position } else { self.last_position }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -606,6 +630,12 @@ impl Timeline {
             }),
         );
         TIMELINE.put(batch, &(room_short, ticket.position), &event_short);
+        let kind = pdu.kind.to_string();
+        let bump_position = if BUMP_EVENT_TYPES.contains(&kind.as_str()) {
+            ticket.position
+        } else {
+            ROOMS.get(&*self.db, &room_short)?.map_or(0, |r| r.0.bump_position)
+        };
         ROOMS.put(
             batch,
             &room_short,
@@ -616,6 +646,7 @@ impl Timeline {
                 extremities: vec![event_short],
                 max_depth: max_depth.max(pdu.depth),
                 last_position: ticket.position,
+                bump_position,
             }),
         );
         // Applied now, so the next event of the room builds on it; made durable by
