@@ -356,11 +356,14 @@ pub struct PresenceConfig {
     pub enabled: bool,
     /// Seconds without activity after which an `online` user reads as `unavailable`.
     pub idle_timeout_seconds: u64,
+    /// Seconds without any activity (no sync, no request) after which a user who was
+    /// `online` reads as `offline`: their clients have gone away.
+    pub offline_timeout_seconds: u64,
 }
 
 impl Default for PresenceConfig {
     fn default() -> Self {
-        Self { enabled: true, idle_timeout_seconds: 300 }
+        Self { enabled: true, idle_timeout_seconds: 300, offline_timeout_seconds: 1800 }
     }
 }
 
@@ -692,6 +695,12 @@ impl Config {
                     "needs federation.tls_certificate and federation.tls_private_key".into(),
                 );
             }
+        }
+        if self.presence.offline_timeout_seconds <= self.presence.idle_timeout_seconds {
+            bad(
+                "presence.offline_timeout_seconds",
+                "must be longer than presence.idle_timeout_seconds".into(),
+            );
         }
         if self.federation.request_timeout_seconds == 0 {
             bad("federation.request_timeout_seconds", "must be at least 1".into());

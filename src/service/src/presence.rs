@@ -97,6 +97,7 @@ pub struct Presence {
     stream: Arc<StreamPositions>,
     enabled: bool,
     idle_timeout_ms: u64,
+    offline_timeout_ms: u64,
     users: Mutex<HashMap<String, Entry>>,
     /// Serialises table writes so that a late write of an activity time can never put
     /// back a state that a newer `set_state` replaced: each write stores the in-memory
@@ -111,6 +112,7 @@ impl Presence {
             stream,
             enabled: config.enabled,
             idle_timeout_ms: config.idle_timeout_seconds.saturating_mul(1000),
+            offline_timeout_ms: config.offline_timeout_seconds.saturating_mul(1000),
             users: Mutex::default(),
             write_lock: tokio::sync::Mutex::new(()),
         });
@@ -153,6 +155,7 @@ impl Presence {
         let last = record.last_active_ms;
         let since = now.saturating_sub(last);
         let presence = match record.state.as_str() {
+            ONLINE if last > 0 && since >= self.offline_timeout_ms => OFFLINE,
             ONLINE if last == 0 || since >= self.idle_timeout_ms => UNAVAILABLE,
             ONLINE => ONLINE,
             UNAVAILABLE => UNAVAILABLE,
@@ -337,39 +340,55 @@ impl Presence {
     }
 
     /// Sleeps until the user's idle deadline (pushed back by any activity meanwhile),
-    /// then records the lapse to `unavailable` as a change.
+    /// records the lapse to `unavailable` as a change, then does the same for the lapse
+    /// to `offline`.
     async fn watch_idle(self: Arc<Self>, user_id: String) {
+        // The last activity whose lapses were recorded, and how far (1 idle, 2 offline).
+        let mut recorded: (u64, u8) = (0, 0);
         loop {
             let now = now_millis();
-            // `Ok(ticket)` once lapsed, else `Err(deadline)` to sleep until.
+            // `Ok((ticket, done))` once a lapse is due, else `Err(deadline)`.
             let lapsed = {
                 let mut users = self.lock();
                 let Some(entry) = users.get_mut(&user_id) else { return };
-                let deadline = match &entry.record {
-                    Some(r) if r.state == ONLINE => {
-                        r.last_active_ms.saturating_add(self.idle_timeout_ms)
-                    }
+                let last = match &entry.record {
+                    Some(r) if r.state == ONLINE => r.last_active_ms,
                     // No longer online: nothing can lapse.
                     _ => {
                         entry.idle_timer = false;
                         return;
                     }
                 };
+                if recorded.0 != last {
+                    // Activity since: start over.
+                    recorded = (last, 0);
+                }
+                let idle = last.saturating_add(self.idle_timeout_ms);
+                let offline = last.saturating_add(self.offline_timeout_ms);
+                let (stage, deadline) = if recorded.1 == 0 { (1, idle) } else { (2, offline) };
                 if now < deadline {
                     Err(deadline)
                 } else {
-                    entry.idle_timer = false;
+                    // Past both deadlines at once (a restart): one change says it all.
+                    let stage = if now >= offline { 2 } else { stage };
+                    recorded.1 = stage;
+                    if stage == 2 {
+                        entry.idle_timer = false;
+                    }
                     let ticket = self.stream.dispatch();
                     entry.changed_at = ticket.position;
-                    Ok(ticket)
+                    Ok((ticket, stage == 2))
                 }
             };
             match lapsed {
-                Ok(ticket) => {
+                Ok((ticket, done)) => {
                     self.stream.retire(ticket);
                     self.stream.wake_co_members(&user_id);
-                    tracing::debug!(user = user_id, "presence lapsed to unavailable");
-                    return;
+                    let to = if done { OFFLINE } else { UNAVAILABLE };
+                    tracing::debug!(user = user_id, to, "presence lapsed");
+                    if done {
+                        return;
+                    }
                 }
                 Err(deadline) => {
                     // A few milliseconds late, so the deadline has surely passed on waking.
@@ -429,7 +448,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = trellis_store::open(dir.path(), &Default::default()).unwrap();
         let stream = Arc::new(StreamPositions::new(0));
-        let config = PresenceConfig { enabled: true, idle_timeout_seconds };
+        let config = PresenceConfig {
+            enabled: true,
+            idle_timeout_seconds,
+            offline_timeout_seconds: idle_timeout_seconds * 2,
+        };
         (dir, Presence::new(db, stream, &config))
     }
 
@@ -473,13 +496,19 @@ mod tests {
         assert!(p.stream.visible() > before, "the lapse took no stream position");
         assert_eq!(p.changed_since(before), vec!["@b:x".to_owned()]);
         assert_eq!(p.status("@b:x").unwrap().presence, UNAVAILABLE);
+        // Still nothing after the offline timeout: offline, again as a change.
+        let idle_at = p.stream.visible();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(p.stream.visible() > idle_at, "the offline lapse took no stream position");
+        assert_eq!(p.status("@b:x").unwrap().presence, OFFLINE);
+        assert!(p.status("@b:x").unwrap().last_active_ago.is_some());
     }
 
     #[tokio::test]
     async fn disabled_reads_offline_and_ignores_updates() {
         let dir = tempfile::tempdir().unwrap();
         let db = trellis_store::open(dir.path(), &Default::default()).unwrap();
-        let config = PresenceConfig { enabled: false, idle_timeout_seconds: 300 };
+        let config = PresenceConfig { enabled: false, ..Default::default() };
         let p = Presence::new(db, Arc::new(StreamPositions::new(0)), &config);
         p.set_state("@c:x", ONLINE, Some("hi".into())).await.unwrap();
         p.note_activity("@c:x");
