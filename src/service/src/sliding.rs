@@ -336,14 +336,9 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
         let ext = &req.extensions;
         let since = ext.to_device_since.min(now);
         let limit = ext.to_device_limit.clamp(1, 1000);
-        let pending =
-            services.e2ee.pending_to_device(req.localpart, req.device_id, since, now, limit)?;
-        let upto = match pending.last() {
-            Some((pos, _)) if pending.len() == limit => *pos,
-            _ => now,
-        };
-        e2ee_updates |= !pending.is_empty();
-        let events: Vec<Value> = pending.into_iter().map(|(_, v)| v).collect();
+        let (events, upto) =
+            services.e2ee.to_device_batch(req.localpart, req.device_id, since, now, limit)?;
+        e2ee_updates |= !events.is_empty();
         extensions
             .insert("to_device".into(), json!({"next_batch": upto.to_string(), "events": events}));
     }
@@ -353,8 +348,7 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
             None => Default::default(),
         };
         e2ee_updates |= !lists.is_empty();
-        let mut counts = services.e2ee.one_time_key_counts(req.localpart, req.device_id)?;
-        counts.entry("signed_curve25519".into()).or_insert(0);
+        let counts = services.e2ee.one_time_key_counts(req.localpart, req.device_id)?;
         let fallback = services.e2ee.unused_fallback_key_types(req.localpart, req.device_id)?;
         extensions.insert(
             "e2ee".into(),

@@ -294,21 +294,16 @@ impl E2eeSection {
     pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Self> {
         let e2ee = &services.e2ee;
         let limit = crate::e2ee::to_device::DEFAULT_BATCH;
-        let pending =
-            e2ee.pending_to_device(req.localpart, req.device_id, req.to_device_since, now, limit)?;
         // A full batch may have more behind it: the token then says how far it got.
-        let to_device_upto = match pending.last() {
-            Some((pos, _)) if pending.len() == limit => *pos,
-            _ => now,
-        };
+        let (to_device, to_device_upto) =
+            e2ee.to_device_batch(req.localpart, req.device_id, req.to_device_since, now, limit)?;
         let device_lists = match req.since {
             Some(since) => crate::e2ee::device_lists::changes(services, req.user_id, since, now)?,
             None => Default::default(),
         };
-        let mut one_time_keys_count = e2ee.one_time_key_counts(req.localpart, req.device_id)?;
-        one_time_keys_count.entry("signed_curve25519".into()).or_insert(0);
+        let one_time_keys_count = e2ee.one_time_key_counts(req.localpart, req.device_id)?;
         Ok(Self {
-            to_device: pending.into_iter().map(|(_, v)| v).collect(),
+            to_device,
             to_device_upto,
             device_lists,
             one_time_keys_count,

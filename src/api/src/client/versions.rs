@@ -14,7 +14,7 @@ use crate::{
 /// Spec versions advertised to clients: accounts, rooms, `/sync` and media work, which
 /// is what a client needs to start. v1.11 is what tells clients to use the authenticated
 /// media endpoints (the unauthenticated ones are frozen by default); areas still missing
-/// (end-to-end encryption) answer 404 `M_UNRECOGNIZED` as the spec says for unknown
+/// (shared rooms over federation) answer 404 `M_UNRECOGNIZED` as the spec says for unknown
 /// endpoints. docs/spec-coverage.md lists what each area covers.
 pub const SUPPORTED_VERSIONS: &[&str] =
     &["v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];

@@ -82,19 +82,59 @@ pub(super) async fn thumbnail_content(
     s.media.thumbnail(server, id, request, wait(&query)?).await
 }
 
+/// Who may fetch: a signed-in user, or anyone on the deprecated endpoints when the
+/// operator lifted the freeze.
+#[derive(Clone, Copy)]
+enum Access {
+    Token,
+    Legacy,
+}
+
+async fn check(s: &AppState, parts: &Parts, access: Access) -> Result<()> {
+    match access {
+        Access::Token => session(s, parts).await.map(|_| ()),
+        Access::Legacy => legacy_allowed(s),
+    }
+}
+
+async fn download_with(
+    s: AppState,
+    req: Request,
+    access: Access,
+    (server, id, filename): (String, String, Option<String>),
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            check(&s, &parts, access).await?;
+            download_inner(&s, &parts, &server, &id, filename.as_deref()).await
+        }
+        .await,
+    )
+}
+
+async fn thumbnail_with(
+    s: AppState,
+    req: Request,
+    access: Access,
+    (server, id): (String, String),
+) -> Response {
+    let parts = req.into_parts().0;
+    respond(
+        async {
+            check(&s, &parts, access).await?;
+            thumbnail_inner(&s, &parts, &server, &id).await
+        }
+        .await,
+    )
+}
+
 pub async fn download(
     State(s): State<AppState>,
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    let parts = req.into_parts().0;
-    respond(
-        async {
-            session(&s, &parts).await?;
-            download_inner(&s, &parts, &server, &id, None).await
-        }
-        .await,
-    )
+    download_with(s, req, Access::Token, (server, id, None)).await
 }
 
 pub async fn download_as(
@@ -102,29 +142,15 @@ pub async fn download_as(
     Path((server, id, filename)): Path<(String, String, String)>,
     req: Request,
 ) -> Response {
-    let parts = req.into_parts().0;
-    respond(
-        async {
-            session(&s, &parts).await?;
-            download_inner(&s, &parts, &server, &id, Some(&filename)).await
-        }
-        .await,
-    )
+    download_with(s, req, Access::Token, (server, id, Some(filename))).await
 }
 
 pub async fn thumbnail(
     State(s): State<AppState>,
-    Path((server, id)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    let parts = req.into_parts().0;
-    respond(
-        async {
-            session(&s, &parts).await?;
-            thumbnail_inner(&s, &parts, &server, &id).await
-        }
-        .await,
-    )
+    thumbnail_with(s, req, Access::Token, path).await
 }
 
 /// The deprecated unauthenticated endpoints exist only when the operator lifted the
@@ -144,14 +170,7 @@ pub async fn legacy_download(
     Path((server, id)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    let parts = req.into_parts().0;
-    respond(
-        async {
-            legacy_allowed(&s)?;
-            download_inner(&s, &parts, &server, &id, None).await
-        }
-        .await,
-    )
+    download_with(s, req, Access::Legacy, (server, id, None)).await
 }
 
 pub async fn legacy_download_as(
@@ -159,27 +178,13 @@ pub async fn legacy_download_as(
     Path((server, id, filename)): Path<(String, String, String)>,
     req: Request,
 ) -> Response {
-    let parts = req.into_parts().0;
-    respond(
-        async {
-            legacy_allowed(&s)?;
-            download_inner(&s, &parts, &server, &id, Some(&filename)).await
-        }
-        .await,
-    )
+    download_with(s, req, Access::Legacy, (server, id, Some(filename))).await
 }
 
 pub async fn legacy_thumbnail(
     State(s): State<AppState>,
-    Path((server, id)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    let parts = req.into_parts().0;
-    respond(
-        async {
-            legacy_allowed(&s)?;
-            thumbnail_inner(&s, &parts, &server, &id).await
-        }
-        .await,
-    )
+    thumbnail_with(s, req, Access::Legacy, path).await
 }

@@ -128,19 +128,10 @@ impl Accounts {
     /// Commits a batch that removes devices of `localpart`, noting a device-list change
     /// in the same batch so that everyone sharing a room with the user re-reads the
     /// user's devices.
-    pub(crate) async fn commit_device_removal(
-        &self,
-        mut batch: Batch,
-        localpart: &str,
-    ) -> Result<()> {
+    pub(crate) async fn commit_device_removal(&self, batch: Batch, localpart: &str) -> Result<()> {
         let Some(stream) = self.stream.get() else { return commit(&self.db, batch).await };
-        let user_id = self.user_id(localpart);
-        let ticket = stream.dispatch();
-        crate::e2ee::device_lists::note_change(&mut batch, ticket.position, &user_id);
-        let result = commit(&self.db, batch).await;
-        stream.retire(ticket);
-        stream.wake_co_members(&user_id);
-        result
+        let changed = [self.user_id(localpart)];
+        crate::e2ee::device_lists::commit_with_changes(&self.db, stream, batch, &changed).await
     }
 
     pub fn user_id(&self, localpart: &str) -> String {

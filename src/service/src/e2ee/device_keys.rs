@@ -9,8 +9,7 @@ use trellis_core::{Error, Result, error::code};
 use trellis_store::{Batch, Direction, Json};
 
 use super::{
-    DEVICE_KEYS, E2ee, FALLBACK_KEYS, ONE_TIME_KEY_COUNTS, ONE_TIME_KEYS, cross_signing, object,
-    signing,
+    DEVICE_KEYS, E2ee, FALLBACK_KEYS, ONE_TIME_KEY_COUNTS, ONE_TIME_KEYS, object, signing,
 };
 use crate::tables::DEVICES;
 
@@ -71,7 +70,8 @@ impl E2ee {
             }
         }
 
-        let mut counts = self.one_time_key_counts(localpart, device_id)?;
+        let mut counts = self.stored_key_counts(localpart, device_id)?;
+        let mut touched = HashSet::new();
         for (id, key) in &upload.one_time_keys {
             let (alg, key_id) = split_key_id(id)?;
             check_signed_key(key, id, &user_id, device_id, signing_key.as_deref())?;
@@ -96,14 +96,9 @@ impl E2ee {
             }
             *count += 1;
             ONE_TIME_KEYS.put(&mut batch, &row, &Json(key.clone()));
+            touched.insert(alg.to_owned());
         }
-        // Repeated key ids within one request count once.
-        let mut seen = HashSet::new();
-        for id in upload.one_time_keys.keys() {
-            let (alg, _) = split_key_id(id)?;
-            seen.insert(alg.to_owned());
-        }
-        for alg in seen {
+        for alg in touched {
             let count = counts.get(&alg).copied().unwrap_or(0);
             ONE_TIME_KEY_COUNTS.put(
                 &mut batch,
@@ -133,17 +128,20 @@ impl E2ee {
             self.commit_with_changes(batch, &changed).await?;
         }
         counts.retain(|_, n| *n > 0);
-        // Clients top up on seeing the count; an absent one reads as "unknown" to some.
-        counts.entry("signed_curve25519".into()).or_insert(0);
-        Ok(counts)
+        Ok(with_signed_curve25519(counts))
     }
 
-    /// Unclaimed one-time keys of a device, by algorithm.
+    /// Unclaimed one-time keys of a device by algorithm, as clients are told them.
     pub fn one_time_key_counts(
         &self,
         localpart: &str,
         device_id: &str,
     ) -> Result<BTreeMap<String, u64>> {
+        Ok(with_signed_curve25519(self.stored_key_counts(localpart, device_id)?))
+    }
+
+    /// Unclaimed one-time keys of a device, by algorithm (only those with some).
+    fn stored_key_counts(&self, localpart: &str, device_id: &str) -> Result<BTreeMap<String, u64>> {
         let device = (localpart.to_owned(), device_id.to_owned());
         let mut counts = BTreeMap::new();
         for row in ONE_TIME_KEY_COUNTS.scan_prefix(&*self.db, &device, Direction::Forward)? {
@@ -219,7 +217,7 @@ impl E2ee {
                 }
             }
             device_keys.insert(user_id.clone(), Value::Object(found));
-            let cross = self.cross_signing_keys(localpart)?;
+            let cross = self.published_cross_signing(localpart)?;
             if let Some(k) = cross.master {
                 master_keys.insert(user_id.clone(), k);
             }
@@ -310,7 +308,7 @@ impl E2ee {
             }
             devices.push(device);
         }
-        let cross = self.cross_signing_keys(localpart)?;
+        let cross = self.published_cross_signing(localpart)?;
         let mut out = json!({"devices": devices, "stream_id": self.stream.visible()});
         if let Some(k) = cross.master {
             out["master_key"] = k;
@@ -336,11 +334,13 @@ impl E2ee {
     ) -> Result<Option<Value>> {
         Ok(DEVICE_KEYS.get(&*self.db, &(localpart.to_owned(), device_id.to_owned()))?.map(|j| j.0))
     }
+}
 
-    /// The published cross-signing keys of a user (see [`cross_signing`]).
-    fn cross_signing_keys(&self, localpart: &str) -> Result<cross_signing::Published> {
-        self.published_cross_signing(localpart)
-    }
+/// Clients top up one-time keys on seeing the count, and some read an absent count as
+/// "unknown": the usual algorithm is always listed.
+fn with_signed_curve25519(mut counts: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    counts.entry("signed_curve25519".into()).or_insert(0);
+    counts
 }
 
 /// The device's own ed25519 key from its keys object.

@@ -13,9 +13,31 @@ use crate::Services;
 /// position -> user id whose devices or keys changed
 const KEY_CHANGES: Table<u64, String> = Table::new(&catalog::KEY_CHANGES);
 
-/// Records that `user_id`'s devices or keys change at `position`.
-pub(crate) fn note_change(batch: &mut Batch, position: u64, user_id: &str) {
-    KEY_CHANGES.put(batch, &position, &user_id.to_owned());
+/// Commits `batch` with a key-change entry for each of `changed` (user ids) at new
+/// stream positions, then wakes everyone sharing a room with them, so that they learn
+/// to re-query those users' keys. Without `changed` it is a plain commit.
+pub(crate) async fn commit_with_changes(
+    db: &trellis_store::Db,
+    stream: &crate::rooms::stream::StreamPositions,
+    mut batch: Batch,
+    changed: &[String],
+) -> Result<()> {
+    let tickets: Vec<_> = changed
+        .iter()
+        .map(|user| {
+            let ticket = stream.dispatch();
+            KEY_CHANGES.put(&mut batch, &ticket.position, user);
+            ticket
+        })
+        .collect();
+    let result = crate::commit(db, batch).await;
+    for ticket in tickets {
+        stream.retire(ticket);
+    }
+    for user in changed {
+        stream.wake_co_members(user);
+    }
+    result
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]

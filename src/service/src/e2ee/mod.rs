@@ -15,10 +15,7 @@ use std::sync::Arc;
 use trellis_core::{Error, Result};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
-use crate::{
-    commit,
-    rooms::stream::{StreamPositions, Ticket},
-};
+use crate::rooms::stream::StreamPositions;
 
 /// (localpart, device id) -> the device keys object as uploaded (signatures included)
 pub(crate) const DEVICE_KEYS: Table<(String, String), Json<serde_json::Value>> =
@@ -73,28 +70,9 @@ impl E2ee {
         self.key_locks[(h.finish() as usize) % LOCK_STRIPES].lock().await
     }
 
-    /// Commits `batch` with a key-change entry for each of `changed` (user ids), so
-    /// that everyone sharing a room with them learns to re-query their keys.
-    async fn commit_with_changes(&self, mut batch: Batch, changed: &[String]) -> Result<()> {
-        if changed.is_empty() {
-            return commit(&self.db, batch).await;
-        }
-        let tickets: Vec<Ticket> = changed
-            .iter()
-            .map(|user| {
-                let ticket = self.stream.dispatch();
-                device_lists::note_change(&mut batch, ticket.position, user);
-                ticket
-            })
-            .collect();
-        let result = commit(&self.db, batch).await;
-        for ticket in tickets {
-            self.stream.retire(ticket);
-        }
-        for user in changed {
-            self.stream.wake_co_members(user);
-        }
-        result
+    /// Commits `batch` with a key-change entry for each of `changed` (user ids).
+    async fn commit_with_changes(&self, batch: Batch, changed: &[String]) -> Result<()> {
+        device_lists::commit_with_changes(&self.db, &self.stream, batch, changed).await
     }
 }
 

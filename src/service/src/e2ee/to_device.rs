@@ -114,23 +114,31 @@ impl E2ee {
         }
     }
 
-    /// Messages for the device queued in `(after, upto]`, oldest first, at most `limit`,
-    /// with their positions.
-    pub fn pending_to_device(
+    /// Messages for the device queued in `(after, now]`, oldest first, at most `limit`,
+    /// and the position they cover: `now`, or the last one's when the batch is full
+    /// (more may be behind it, for the next request).
+    pub fn to_device_batch(
         &self,
         localpart: &str,
         device_id: &str,
         after: u64,
-        upto: u64,
+        now: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Value)>> {
+    ) -> Result<(Vec<Value>, u64)> {
         let start = (localpart.to_owned(), device_id.to_owned(), after);
-        let end = (localpart.to_owned(), device_id.to_owned(), upto);
-        TO_DEVICE
+        let end = (localpart.to_owned(), device_id.to_owned(), now);
+        let mut events = Vec::new();
+        let mut last = now;
+        for row in TO_DEVICE
             .scan_range(&*self.db, Excluded(&start), Included(&end), Direction::Forward)?
             .take(limit)
-            .map(|row| row.map(|((_, _, pos), Json(v))| (pos, v)).map_err(Into::into))
-            .collect()
+        {
+            let ((_, _, pos), Json(event)) = row?;
+            last = pos;
+            events.push(event);
+        }
+        let upto = if events.len() == limit { last } else { now };
+        Ok((events, upto))
     }
 
     /// Deletes the device's messages up to `upto`: the client has them.
