@@ -39,6 +39,9 @@ pub mod code {
     pub const RESOURCE_LIMIT_EXCEEDED: &str = "M_RESOURCE_LIMIT_EXCEEDED";
     pub const CANNOT_OVERWRITE_MEDIA: &str = "M_CANNOT_OVERWRITE_MEDIA";
     pub const NOT_YET_UPLOADED: &str = "M_NOT_YET_UPLOADED";
+    pub const UNABLE_TO_AUTHORISE_JOIN: &str = "M_UNABLE_TO_AUTHORISE_JOIN";
+    pub const UNABLE_TO_GRANT_JOIN: &str = "M_UNABLE_TO_GRANT_JOIN";
+    pub const INCOMPATIBLE_ROOM_VERSION: &str = "M_INCOMPATIBLE_ROOM_VERSION";
 }
 
 #[derive(Debug, Clone)]

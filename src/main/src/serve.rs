@@ -78,6 +78,10 @@ async fn serve(config: Config) -> Result<(), String> {
     let services = Services::new(config, db, keys)?;
 
     let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
+    // Transactions queued for other servers before a restart go out again.
+    if let Err(e) = trellis_service::federation::sender::resume(&services) {
+        tracing::warn!(error = %e, "resuming the federation queue failed");
+    }
 
     let listener =
         TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;

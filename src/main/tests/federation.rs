@@ -242,3 +242,107 @@ async fn media_of_another_server_is_fetched_over_federation_and_cached() {
     let (status, body) = a.server.get(&format!("/_matrix/federation/v1/media/download/{id}")).await;
     assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{body}");
 }
+
+/// Polls `room`'s recent history on `server` until an event satisfies `pred`.
+async fn wait_for_event(
+    server: &TestServer,
+    token: &str,
+    room: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let path =
+        format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", common::urlencode(room));
+    for _ in 0..100 {
+        let (status, body) = server.get_auth(&path, token).await;
+        if status == 200
+            && let Some(found) = body["chunk"].as_array().and_then(|c| c.iter().find(|e| pred(e)))
+        {
+            return found.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, body) = server.get_auth(&path, token).await;
+    panic!("event never arrived; history: {body}");
+}
+
+fn text_is(body: &'static str) -> impl Fn(&Value) -> bool {
+    move |e: &Value| e["type"] == "m.room.message" && e["content"]["body"] == body
+}
+
+#[tokio::test]
+async fn a_room_is_shared_across_servers() {
+    let (a, b) = pair().await;
+    let (alice, alice_token) = a.server.register("alice").await;
+    let (bob, bob_token) = b.server.register("bob").await;
+    let (status, _) = b
+        .server
+        .put_auth(
+            &format!("/_matrix/client/v3/profile/{bob}/displayname"),
+            &bob_token,
+            &json!({"displayname": "Bob of B"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let room = a
+        .server
+        .create_room(&alice_token, json!({"preset": "public_chat", "room_alias_name": "square"}))
+        .await;
+
+    // Bob joins through the alias: B asks A for the room (make_join/send_join).
+    let alias = common::urlencode(&format!("#square:{}", a.name));
+    let (status, body) = b
+        .server
+        .post_auth(&format!("/_matrix/client/v3/join/{alias}"), &bob_token, &json!({}))
+        .await;
+    assert_eq!((status, body["room_id"].as_str()), (200, Some(room.as_str())), "{body}");
+
+    // Both servers see both members, with Bob's profile in his membership.
+    for (server, token) in [(&a.server, &alice_token), (&b.server, &bob_token)] {
+        let path = format!("/_matrix/client/v3/rooms/{}/joined_members", common::urlencode(&room));
+        let (status, members) = server.get_auth(&path, token).await;
+        assert_eq!(status, 200, "{members}");
+        assert_eq!(members["joined"][&bob]["display_name"], "Bob of B", "{members}");
+        assert!(members["joined"].get(&alice).is_some(), "{members}");
+    }
+
+    // Messages go both ways.
+    b.server.send_text(&bob_token, &room, "hello from B").await;
+    let seen = wait_for_event(&a.server, &alice_token, &room, text_is("hello from B")).await;
+    assert_eq!(seen["sender"], bob);
+    a.server.send_text(&alice_token, &room, "hello from A").await;
+    let seen = wait_for_event(&b.server, &bob_token, &room, text_is("hello from A")).await;
+    assert_eq!(seen["sender"], alice);
+
+    // State changes too: the room's name set on A is current state on B.
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", common::urlencode(&room));
+    let (status, _) = a.server.put_auth(&path, &alice_token, &json!({"name": "Square"})).await;
+    assert_eq!(status, 200);
+    wait_for_event(&b.server, &bob_token, &room, |e| e["type"] == "m.room.name").await;
+    let (status, name) = b.server.get_auth(&path, &bob_token).await;
+    assert_eq!((status, &name["name"]), (200, &json!("Square")), "{name}");
+
+    // Bob's sync on B has the room with both messages.
+    let (status, sync) = b.server.get_auth("/_matrix/client/v3/sync", &bob_token).await;
+    assert_eq!(status, 200);
+    let timeline = &sync["rooms"]["join"][&room]["timeline"]["events"];
+    let bodies: Vec<&str> =
+        timeline.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert!(bodies.contains(&"hello from A") && bodies.contains(&"hello from B"), "{sync}");
+
+    // Bob leaves; A sees it.
+    let (status, _) = b
+        .server
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{}/leave", common::urlencode(&room)),
+            &bob_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    wait_for_event(&a.server, &alice_token, &room, |e| {
+        e["type"] == "m.room.member"
+            && e["state_key"] == bob
+            && e["content"]["membership"] == "leave"
+    })
+    .await;
+}

@@ -147,6 +147,15 @@ impl Services {
                 {
                     tracing::warn!(error = %e, "evaluating push rules failed");
                 }
+                if pdu.kind == ruma::events::TimelineEventType::RoomMember {
+                    services.federation.outbox.membership_changed(&room_id);
+                }
+                // This server's own events go to the other servers in the room.
+                if pdu.sender.server_name().as_str() == services.server_name()
+                    && let Err(e) = federation::sender::send_pdu(&services, &room_id, &pdu).await
+                {
+                    tracing::warn!(error = %e, "queueing an event for federation failed");
+                }
             })
         }));
         Ok(services)

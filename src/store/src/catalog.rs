@@ -147,6 +147,10 @@ tables! {
     MEDIA_USAGE = "media_usage", Point;
     // URL -> cached preview (OpenGraph JSON and when it was fetched)
     URL_PREVIEWS = "url_previews", Point;
+    // (destination server, sequence) -> a PDU or EDU waiting to be sent there
+    FEDERATION_OUTBOX = "federation_outbox", Scan;
+    // (origin server, transaction id) -> the answer given, for retried transactions
+    FEDERATION_TXNS = "federation_txns", Point;
 }
 
 pub fn by_name(name: &str) -> Option<&'static TableDef> {

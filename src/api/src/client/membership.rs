@@ -14,7 +14,10 @@ use ruma::{
 };
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
-use trellis_service::rooms::append::NewEvent;
+use trellis_service::{
+    federation::{membership::join_remote, sender::room_servers, server_of},
+    rooms::append::NewEvent,
+};
 
 use super::events::{me, require_joined};
 use crate::{
@@ -49,10 +52,69 @@ fn resolve_room(ctx: &Ctx, target: &str) -> Result<OwnedRoomId> {
         OwnedRoomId::try_from(target).map_err(|_| Error::invalid_param("Not a room id or alias"))?
     };
     if ctx.services.rooms.room(room_id.as_str())?.is_none() {
-        // Rooms on other servers arrive with federation.
         return Err(Error::not_found("Unknown room"));
     }
     Ok(room_id)
+}
+
+/// The room a join targets (aliases of other servers asked over federation) and the
+/// servers that may help join it if this server is not in it.
+async fn join_target(
+    ctx: &Ctx,
+    target: &str,
+    via: &[ruma::OwnedServerName],
+) -> Result<(OwnedRoomId, Vec<String>)> {
+    let mut servers: Vec<String> = via.iter().map(ToString::to_string).collect();
+    let room_id = if target.starts_with('#') {
+        match ctx.services.aliases.resolve(target)? {
+            Some(record) => record.room_id,
+            None if server_of(target).is_some_and(|s| s != ctx.services.server_name()) => {
+                let answer = ctx.services.federation.remote_alias(target).await?;
+                let listed = answer["servers"].as_array().into_iter().flatten();
+                servers.extend(listed.filter_map(Value::as_str).map(str::to_owned));
+                answer["room_id"].as_str().unwrap_or_default().to_owned()
+            }
+            None => return Err(Error::not_found("Room alias not found")),
+        }
+    } else {
+        target.to_owned()
+    };
+    let room_id = OwnedRoomId::try_from(room_id)
+        .map_err(|_| Error::invalid_param("Not a room id or alias"))?;
+    if let Some(server) = server_of(room_id.as_str()) {
+        servers.push(server.to_owned());
+    }
+    Ok((room_id, servers))
+}
+
+/// Joins the requester to a room: locally when this server is in it, else through one
+/// of `servers` over federation.
+async fn join_room(
+    ctx: &Ctx,
+    room_id: &OwnedRoomId,
+    mut servers: Vec<String>,
+    reason: Option<String>,
+) -> Result<()> {
+    let services = &ctx.services;
+    let user = me(ctx)?;
+    let known = services.rooms.room(room_id.as_str())?.is_some();
+    if known {
+        let suffix = format!(":{}", services.server_name());
+        let resident =
+            services.rooms.members(room_id.as_str(), "join")?.iter().any(|m| m.ends_with(&suffix));
+        servers.extend(room_servers(services, room_id.as_str())?.iter().cloned());
+        servers.retain(|s| s != services.server_name());
+        if resident || servers.is_empty() {
+            membership(ctx, room_id.as_str(), &user, "join", reason).await?;
+            return Ok(());
+        }
+    }
+    servers.retain(|s| s != services.server_name());
+    if servers.is_empty() {
+        return Err(Error::not_found("Unknown room; no server to join it through"));
+    }
+    let content = member_content(ctx, "join", reason)?;
+    join_remote(services, &user, room_id.as_str(), &servers, content).await
 }
 
 async fn knock(ctx: Ctx, req: knock_room::v3::Request) -> Result<knock_room::v3::Response> {
@@ -68,9 +130,8 @@ async fn join_any(
     req: join_room_by_id_or_alias::v3::Request,
 ) -> Result<join_room_by_id_or_alias::v3::Response> {
     ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
-    let room_id = resolve_room(&ctx, req.room_id_or_alias.as_str())?;
-    let user = me(&ctx)?;
-    membership(&ctx, room_id.as_str(), &user, "join", req.reason).await?;
+    let (room_id, servers) = join_target(&ctx, req.room_id_or_alias.as_str(), &req.via).await?;
+    join_room(&ctx, &room_id, servers, req.reason).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 
@@ -106,15 +167,8 @@ async fn members(
     Ok(joined_members::v3::Response::new(joined))
 }
 
-/// Appends a membership event for `target` sent by the requester.
-async fn membership(
-    ctx: &Ctx,
-    room_id: &str,
-    target: &str,
-    membership: &str,
-    reason: Option<String>,
-) -> Result<OwnedEventId> {
-    let sender = me(ctx)?;
+/// A membership event's content: the reason and, for a join, the requester's profile.
+fn member_content(ctx: &Ctx, membership: &str, reason: Option<String>) -> Result<Value> {
     let mut content = json!({"membership": membership});
     if let Some(reason) = reason {
         content["reason"] = json!(reason);
@@ -127,6 +181,19 @@ async fn membership(
             }
         }
     }
+    Ok(content)
+}
+
+/// Appends a membership event for `target` sent by the requester.
+async fn membership(
+    ctx: &Ctx,
+    room_id: &str,
+    target: &str,
+    membership: &str,
+    reason: Option<String>,
+) -> Result<OwnedEventId> {
+    let sender = me(ctx)?;
+    let content = member_content(ctx, membership, reason)?;
     let event = NewEvent {
         kind: "m.room.member".into(),
         sender,
@@ -143,13 +210,9 @@ async fn join(
     req: join_room_by_id::v3::Request,
 ) -> Result<join_room_by_id::v3::Response> {
     ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
-    if ctx.services.rooms.room(req.room_id.as_str())?.is_none() {
-        // Joining rooms on other servers arrives with federation.
-        return Err(Error::not_found("Unknown room"));
-    }
-    let user = me(&ctx)?;
-    membership(&ctx, req.room_id.as_str(), &user, "join", req.reason).await?;
-    Ok(join_room_by_id::v3::Response::new(req.room_id))
+    let (room_id, servers) = join_target(&ctx, req.room_id.as_str(), &[]).await?;
+    join_room(&ctx, &room_id, servers, req.reason).await?;
+    Ok(join_room_by_id::v3::Response::new(room_id))
 }
 
 async fn leave(ctx: Ctx, req: leave_room::v3::Request) -> Result<leave_room::v3::Response> {

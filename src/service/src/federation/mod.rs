@@ -1,8 +1,14 @@
 //! The server-server API's plumbing: where other servers are (`discovery`), their keys
 //! (`keys`), and requests signed and verified with X-Matrix authorization.
 
+pub mod acl;
 pub mod discovery;
+pub mod events;
 pub mod keys;
+pub mod membership;
+pub mod pdus;
+pub mod sender;
+pub mod transactions;
 
 use std::{
     collections::HashMap,
@@ -33,6 +39,9 @@ pub struct Federation {
     resolver: Arc<discovery::Resolver>,
     key_cache: keys::KeyCache,
     limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    pub outbox: sender::Outbox,
+    /// Inbound transactions are handled one at a time per origin.
+    inbound: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The client for outbound federation: HTTP/1.1 over TLS (ring) trusting the system's
@@ -87,7 +96,6 @@ impl Federation {
         let resolver = Arc::new(discovery::Resolver::new());
         let client = build_client(&config, resolver.clone())?;
         Ok(Self {
-            db,
             server_name,
             keys,
             config,
@@ -95,6 +103,9 @@ impl Federation {
             resolver,
             key_cache: keys::KeyCache::default(),
             limits: Mutex::default(),
+            outbox: sender::Outbox::new(db.clone()).map_err(|e| e.to_string())?,
+            inbound: Mutex::default(),
+            db,
         })
     }
 
@@ -104,6 +115,15 @@ impl Federation {
 
     fn denied(&self, server: &str) -> bool {
         self.config.denied_servers.iter().any(|d| d == server)
+    }
+
+    /// The lock that orders the inbound transactions of `origin`.
+    pub fn inbound_lock(&self, origin: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() > 10_000 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(origin.to_owned()).or_default().clone()
     }
 
     fn limit(&self, server: &str) -> Arc<Semaphore> {
@@ -297,6 +317,7 @@ impl Federation {
         header
             .verify_http_request(request, &destination, &map)
             .map_err(|_| unauthorized("Invalid X-Matrix signature"))?;
+        self.outbox.peer_alive(&origin);
         Ok(origin)
     }
 }

@@ -63,6 +63,15 @@ pub const BUMP_EVENT_TYPES: &[&str] = &[
 ];
 
 impl RoomRecord {
+    /// The room's version and its rules.
+    pub fn rules(&self) -> Result<(RoomVersionId, ruma::room_version_rules::RoomVersionRules)> {
+        let version = RoomVersionId::try_from(self.version.as_str())
+            .map_err(|e| Error::internal("room version", e))?;
+        let rules =
+            version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
+        Ok((version, rules))
+    }
+
     /// The position that orders this room by activity.
     pub fn bump(&self) -> u64 {
         if self.bump_position > 0 { self.bump_position } else { self.last_position }
@@ -80,6 +89,10 @@ pub struct StoredEvent {
     /// Snapshot of the state before the event.
     pub state_before: u64,
     pub rejected: bool,
+    /// Passed authorization but failed it against the room's current state: kept for the
+    /// DAG, never served to clients (position 0, no timeline entry).
+    #[serde(default)]
+    pub soft_failed: bool,
 }
 
 const ROOMS: Table<u64, Json<RoomRecord>> = Table::new(&catalog::ROOMS);
@@ -111,12 +124,28 @@ pub struct TimelinePage {
 
 /// A stored event waiting to become durable and visible on the stream.
 #[must_use]
-struct Pending {
-    stream: super::stream::Ticket,
+pub(super) struct Pending {
+    pub(super) stream: super::stream::Ticket,
     wal: u64,
     /// Wake-up keys of those waiting for this event: the room, and the user a
     /// membership event is about (an invitee is not in the room yet).
     wake: Vec<String>,
+}
+
+/// Where a stored event stands in its room.
+pub(super) enum Placement {
+    /// A new head: the event's state becomes the room's and it the only forward extremity.
+    Head,
+    /// An event from another server: the forward extremities after it and, when the DAG
+    /// forked, the room's resolved current state (`None`: the state after the event).
+    Remote { extremities: Vec<u64>, current: Option<StateSet> },
+}
+
+impl Placement {
+    /// Whether the room's state comes from resolution rather than from the event alone.
+    fn resolved(&self) -> bool {
+        matches!(self, Placement::Remote { current: Some(_), .. })
+    }
 }
 
 /// A user's standing in a room's power levels.
@@ -150,16 +179,16 @@ pub type AppendHook = Arc<
 
 pub struct Timeline {
     pub(super) db: Db,
-    keys: Arc<ServerKeys>,
-    server_name: ruma::OwnedServerName,
+    pub(super) keys: Arc<ServerKeys>,
+    pub(super) server_name: ruma::OwnedServerName,
     pub(super) short: ShortIds,
-    snapshots: StateSnapshots,
+    pub(super) snapshots: StateSnapshots,
     pub stream: Arc<StreamPositions>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    cache: EventCache,
-    states: StateCache,
+    pub(super) cache: EventCache,
+    pub(super) states: StateCache,
     durability: Arc<crate::durable::Durability>,
-    hook: std::sync::OnceLock<AppendHook>,
+    pub(super) hook: std::sync::OnceLock<AppendHook>,
 }
 
 impl Timeline {
@@ -200,13 +229,29 @@ impl Timeline {
         let _ = self.hook.set(hook);
     }
 
-    fn room_lock(&self, room_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn room_lock(&self, room_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         if locks.len() > 10_000 {
             // Drop locks nobody holds; a room's lock is re-made on its next append.
             locks.retain(|_, l| Arc::strong_count(l) > 1);
         }
         locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    pub(super) fn room_by_short(&self, short: u64) -> Result<Option<RoomRecord>> {
+        Ok(ROOMS.get(&*self.db, &short)?.map(|Json(r)| r))
+    }
+
+    /// Records a user's membership in both directions (room -> users, user -> rooms).
+    pub(super) fn index_membership(
+        &self,
+        batch: &mut Batch,
+        room_short: u64,
+        user: &str,
+        membership: &str,
+    ) {
+        ROOM_MEMBERS.put(batch, &(room_short, user.to_owned()), &membership.to_owned());
+        USER_ROOMS.put(batch, &(user.to_owned(), room_short), &membership.to_owned());
     }
 
     pub fn room(&self, room_id: &str) -> Result<Option<(u64, RoomRecord)>> {
@@ -247,12 +292,15 @@ impl Timeline {
             serde_json::from_value(stored.json).map_err(|e| Error::internal("stored event", e))?;
         let id = OwnedEventId::try_from(stored.event_id)
             .map_err(|e| Error::internal("stored event id", e))?;
+        let mut pdu = Pdu::from_json(id, json)?;
+        pdu.rejected = stored.rejected;
         let event = Arc::new(CachedEvent {
-            pdu: Arc::new(Pdu::from_json(id, json)?),
+            pdu: Arc::new(pdu),
             reference_hash: stored.reference_hash,
             position: stored.position,
             room: stored.room,
             rejected: stored.rejected,
+            soft_failed: stored.soft_failed,
         });
         self.cache.insert(short, event.clone(), generation);
         Ok(Some(event))
@@ -262,7 +310,7 @@ impl Timeline {
         Ok(self.cached(short)?.map(|e| (*e.pdu).clone()))
     }
 
-    fn state_event_cached(
+    pub(super) fn state_event_cached(
         &self,
         state: &StateSet,
         kind: &StateEventType,
@@ -273,13 +321,18 @@ impl Timeline {
         self.cached(ev).ok()?
     }
 
-    fn state_event(&self, state: &StateSet, kind: &StateEventType, key: &str) -> Option<Arc<Pdu>> {
+    pub(super) fn state_event(
+        &self,
+        state: &StateSet,
+        kind: &StateEventType,
+        key: &str,
+    ) -> Option<Arc<Pdu>> {
         self.state_event_cached(state, kind, key).map(|e| e.pdu.clone())
     }
 
     /// A user's power in a state: its power levels content and the user's level, with
     /// room creators above everyone where the room version privileges them.
-    fn power_in(
+    pub(super) fn power_in(
         &self,
         state: &StateSet,
         rules: &ruma::room_version_rules::RoomVersionRules,
@@ -304,10 +357,7 @@ impl Timeline {
     /// A user's power in the current state of a room.
     pub fn power(&self, room_id: &str, user: &str) -> Result<Power> {
         let (_, room) = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        let version = RoomVersionId::try_from(room.version.as_str())
-            .map_err(|e| Error::internal("room version", e))?;
-        let rules =
-            version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
+        let (_, rules) = room.rules()?;
         let state = self.state_at(room.state)?;
         Ok(self.power_in(&state, &rules, user))
     }
@@ -379,8 +429,18 @@ impl Timeline {
         let before = self.snapshots.save(&mut batch, None, &empty)?;
         // The empty "before" snapshot is not committed yet, so the create event's state is
         // stored whole rather than as a layer on it.
-        let pending =
-            self.store(&mut batch, room_short, &room_id, version, &pdu, hash, before, None, 0)?;
+        let pending = self.store(
+            &mut batch,
+            room_short,
+            &room_id,
+            version,
+            &pdu,
+            hash,
+            before,
+            None,
+            0,
+            Placement::Head,
+        )?;
         drop(_guard);
         self.finish(pending).await?;
         Ok(room_id)
@@ -403,13 +463,75 @@ impl Timeline {
         {
             return Ok(pdu);
         }
-        let version = RoomVersionId::try_from(room.version.as_str())
-            .map_err(|e| Error::internal("room version", e))?;
-        let rules =
-            version.rules().ok_or_else(|| Error::internal("room version", "unsupported"))?;
+        let (version, rules) = room.rules()?;
         let state = self.state_at(room.state)?;
         self.check_relation(room_short, &event.sender, &event.content)?;
 
+        let redacts = event.redacts.clone();
+        let template = self.template(room_id, &room, &rules, &state, event)?;
+        let (pdu, hash) = build_pdu(&self.keys, &self.server_name, &version, template)?;
+        let fetch_event = |id: &ruma::EventId| {
+            let short = self.short.get(Kind::Event, id.as_str()).ok()??;
+            self.cached(short).ok()?.map(|e| e.pdu.clone())
+        };
+        check_state_independent_auth_rules(&rules.authorization, &pdu, fetch_event)
+            .map_err(Error::forbidden)?;
+        check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |t: &StateEventType, k: &str| self.state_event(&state, t, k),
+        )
+        .map_err(Error::forbidden)?;
+
+        let mut batch = Batch::new();
+        if let Some(txn) = &txn_key {
+            TXN_IDS.put(&mut batch, txn, &pdu.event_id.to_string());
+        }
+        let redacted = match &redacts {
+            Some(target) => {
+                Some(self.redact_into(&mut batch, room_short, target, &pdu, &rules, &state)?)
+            }
+            None => None,
+        };
+        let pending = self.store(
+            &mut batch,
+            room_short,
+            room_id,
+            &version,
+            &pdu,
+            hash,
+            room.state,
+            Some((room.state, &state)),
+            room.max_depth,
+            Placement::Head,
+        )?;
+        if let Some(short) = redacted {
+            self.cache.invalidate(short);
+        }
+        drop(_guard);
+        self.publish(room_id, pending, &pdu).await?;
+        Ok(pdu)
+    }
+
+    /// Runs the append hook for a stored event, then makes it durable and visible.
+    pub(super) async fn publish(&self, room_id: &str, pending: Pending, pdu: &Pdu) -> Result<()> {
+        if let Some(hook) = self.hook.get() {
+            hook(room_id.to_owned(), pending.stream.position, Arc::new(pdu.clone())).await;
+        }
+        self.finish(pending).await
+    }
+
+    /// The next event of a room as `event` describes it: `prev_events` are the forward
+    /// extremities, `auth_events` come from `state` (the current state), and `redacts`
+    /// goes where the room version puts it.
+    pub(super) fn template(
+        &self,
+        room_id: &str,
+        room: &RoomRecord,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+        state: &StateSet,
+        event: NewEvent,
+    ) -> Result<PduTemplate> {
         let kind = TimelineEventType::from(event.kind.clone());
         let sender = UserId::parse(&event.sender)
             .map_err(|e| Error::bad_json(format!("bad sender: {e}")))?;
@@ -425,7 +547,7 @@ impl Timeline {
         .map_err(Error::bad_json)?;
         let mut auth_events = Vec::new();
         for (t, k) in &auth_types {
-            if let Some(ev) = self.state_event_cached(&state, t, k) {
+            if let Some(ev) = self.state_event_cached(state, t, k) {
                 auth_events.push(EventRef {
                     event_id: ev.pdu.event_id.to_string(),
                     sha256: ev.reference_hash.clone(),
@@ -453,7 +575,7 @@ impl Timeline {
                 top_level_redacts = Some(target.clone());
             }
         }
-        let template = PduTemplate {
+        Ok(PduTemplate {
             room_id: Some(room_id.to_owned()),
             sender: event.sender,
             kind: event.kind,
@@ -464,57 +586,13 @@ impl Timeline {
             auth_events,
             depth: room.max_depth + 1,
             origin_server_ts: now_millis(),
-        };
-        let (pdu, hash) = build_pdu(&self.keys, &self.server_name, &version, template)?;
-        let fetch_event = |id: &ruma::EventId| {
-            let short = self.short.get(Kind::Event, id.as_str()).ok()??;
-            self.cached(short).ok()?.map(|e| e.pdu.clone())
-        };
-        check_state_independent_auth_rules(&rules.authorization, &pdu, fetch_event)
-            .map_err(Error::forbidden)?;
-        check_state_dependent_auth_rules(
-            &rules.authorization,
-            &pdu,
-            |t: &StateEventType, k: &str| self.state_event(&state, t, k),
-        )
-        .map_err(Error::forbidden)?;
-
-        let mut batch = Batch::new();
-        if let Some(txn) = &txn_key {
-            TXN_IDS.put(&mut batch, txn, &pdu.event_id.to_string());
-        }
-        let redacted = match &event.redacts {
-            Some(target) => {
-                Some(self.redact_into(&mut batch, room_short, target, &pdu, &rules, &state)?)
-            }
-            None => None,
-        };
-        let pending = self.store(
-            &mut batch,
-            room_short,
-            room_id,
-            &version,
-            &pdu,
-            hash,
-            room.state,
-            Some((room.state, &state)),
-            room.max_depth,
-        )?;
-        if let Some(short) = redacted {
-            self.cache.invalidate(short);
-        }
-        drop(_guard);
-        if let Some(hook) = self.hook.get() {
-            hook(room_id.to_owned(), pending.stream.position, Arc::new(pdu.clone())).await;
-        }
-        self.finish(pending).await?;
-        Ok(pdu)
+        })
     }
 
     /// Applies a redaction to its target in `batch`: the stored event keeps only what the
     /// room version's redaction algorithm keeps, so the removed content is gone from
     /// storage. Redacting someone else's event needs the `redact` power level.
-    fn redact_into(
+    pub(super) fn redact_into(
         &self,
         batch: &mut Batch,
         room_short: u64,
@@ -573,7 +651,7 @@ impl Timeline {
 
     /// Writes an accepted event with everything it changes, atomically.
     #[allow(clippy::too_many_arguments)]
-    fn store(
+    pub(super) fn store(
         &self,
         batch: &mut Batch,
         room_short: u64,
@@ -584,6 +662,7 @@ impl Timeline {
         state_before_id: u64,
         before: Option<(u64, &StateSet)>,
         max_depth: u64,
+        placement: Placement,
     ) -> Result<Pending> {
         let event_short = self.short.get_or_create(batch, Kind::Event, pdu.event_id.as_str())?;
         let content: Value =
@@ -599,12 +678,19 @@ impl Timeline {
             after.insert(sk, event_short);
             state_after_id = self.snapshots.save(batch, before, &after)?;
             self.states.insert(state_after_id, Arc::new(after));
-            if pdu.kind == TimelineEventType::RoomMember {
-                let membership = content["membership"].as_str().unwrap_or("leave").to_owned();
-                ROOM_MEMBERS.put(batch, &(room_short, key.clone()), &membership);
-                USER_ROOMS.put(batch, &(key.clone(), room_short), &membership);
+            if pdu.kind == TimelineEventType::RoomMember && !placement.resolved() {
+                let membership = content["membership"].as_str().unwrap_or("leave");
+                self.index_membership(batch, room_short, key, membership);
             }
         }
+        let (room_state, extremities) = match placement {
+            Placement::Head => (state_after_id, vec![event_short]),
+            Placement::Remote { extremities, current: None } => (state_after_id, extremities),
+            Placement::Remote { extremities, current: Some(current) } => {
+                let id = self.save_resolved_state(batch, room_short, &current)?;
+                (id, extremities)
+            }
+        };
         let json =
             serde_json::to_value(&*pdu.json).map_err(|e| Error::internal("event json", e))?;
         let ticket = self.stream.dispatch();
@@ -627,6 +713,7 @@ impl Timeline {
                 position: ticket.position,
                 state_before: state_before_id,
                 rejected: false,
+                soft_failed: false,
             }),
         );
         TIMELINE.put(batch, &(room_short, ticket.position), &event_short);
@@ -642,8 +729,8 @@ impl Timeline {
             &Json(RoomRecord {
                 room_id: room_id.to_owned(),
                 version: version.to_string(),
-                state: state_after_id,
-                extremities: vec![event_short],
+                state: room_state,
+                extremities,
                 max_depth: max_depth.max(pdu.depth),
                 last_position: ticket.position,
                 bump_position,
@@ -661,6 +748,7 @@ impl Timeline {
                     position: ticket.position,
                     room: room_short,
                     rejected: false,
+                    soft_failed: false,
                 };
                 self.cache.insert(event_short, Arc::new(cached), generation);
                 let mut wake = vec![room_id.to_owned()];
@@ -679,7 +767,7 @@ impl Timeline {
     }
 
     /// Waits until a stored event is durable, then lets readers of the stream see it.
-    async fn finish(&self, pending: Pending) -> Result<()> {
+    pub(super) async fn finish(&self, pending: Pending) -> Result<()> {
         let synced = self.durability.wait(pending.wal).await;
         self.stream.retire(pending.stream);
         for key in &pending.wake {

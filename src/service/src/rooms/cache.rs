@@ -17,6 +17,7 @@ pub struct CachedEvent {
     pub position: u64,
     pub room: u64,
     pub rejected: bool,
+    pub soft_failed: bool,
 }
 
 #[derive(Default)]
@@ -116,6 +117,7 @@ mod tests {
             position: 1,
             room: 1,
             rejected: false,
+            soft_failed: false,
         })
     }
 

@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cache;
 pub mod create;
 pub mod filter;
+pub mod intake;
 pub mod pdu;
 pub mod public;
 pub mod relations;

@@ -24,7 +24,10 @@ use crate::{
     ruma_route::{self, Ctx},
 };
 
+mod rooms;
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = rooms::routes(router);
     let router = ruma_route::add::<get_profile_information::v1::Request, _, _>(router, profile);
     let router = ruma_route::add::<get_room_information::v1::Request, _, _>(router, directory);
     let router = ruma_route::add::<get_devices::v1::Request, _, _>(router, devices);

@@ -1,0 +1,231 @@
+//! The server-server room endpoints: transactions, joining and leaving, and reading a
+//! room's DAG (events, state, auth chains, missing events, backfill).
+
+use axum::Router;
+use ruma::{
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName,
+    api::federation::{
+        authorization::get_event_authorization,
+        backfill::get_backfill,
+        event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
+        membership::{
+            create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
+        },
+        transactions::send_transaction_message,
+    },
+};
+use serde_json::{Value, value::RawValue};
+use trellis_core::{Error, Result};
+use trellis_service::{
+    federation::{events, membership, transactions},
+    rooms::Pdu,
+};
+
+use crate::{
+    AppState,
+    ruma_route::{self, Ctx},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = ruma_route::add::<send_transaction_message::v1::Request, _, _>(router, send);
+    let router = ruma_route::add::<prepare_join_event::v1::Request, _, _>(router, make_join);
+    let router = ruma_route::add::<create_join_event::v2::Request, _, _>(router, send_join);
+    let router = ruma_route::add::<prepare_leave_event::v1::Request, _, _>(router, make_leave);
+    let router = ruma_route::add::<create_leave_event::v2::Request, _, _>(router, send_leave);
+    let router = ruma_route::add::<get_event::v1::Request, _, _>(router, event);
+    let router = ruma_route::add::<get_room_state::v1::Request, _, _>(router, state);
+    let router = ruma_route::add::<get_room_state_ids::v1::Request, _, _>(router, state_ids);
+    let router = ruma_route::add::<get_event_authorization::v1::Request, _, _>(router, event_auth);
+    let router = ruma_route::add::<get_missing_events::v1::Request, _, _>(router, missing_events);
+    ruma_route::add::<get_backfill::v1::Request, _, _>(router, backfill)
+}
+
+fn raw(value: &Value) -> Result<Box<RawValue>> {
+    serde_json::value::to_raw_value(value).map_err(|e| Error::internal("event json", e))
+}
+
+fn raw_pdu(pdu: &Pdu) -> Result<Box<RawValue>> {
+    serde_json::value::to_raw_value(&*pdu.json).map_err(|e| Error::internal("event json", e))
+}
+
+fn raw_pdus(pdus: &[Pdu]) -> Result<Vec<Box<RawValue>>> {
+    pdus.iter().map(raw_pdu).collect()
+}
+
+fn own_name(ctx: &Ctx) -> Result<OwnedServerName> {
+    OwnedServerName::try_from(ctx.services.server_name())
+        .map_err(|e| Error::internal("own server name", e))
+}
+
+fn parse(raw: &RawValue) -> Result<Value> {
+    serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(e.to_string()))
+}
+
+async fn send(
+    ctx: Ctx,
+    req: send_transaction_message::v1::Request,
+) -> Result<send_transaction_message::v1::Response> {
+    let origin = ctx.origin()?.to_owned();
+    if req.origin.as_str() != origin {
+        return Err(Error::forbidden("The transaction's origin is not the signing server"));
+    }
+    let pdus = req.pdus.iter().map(|p| parse(p)).collect::<Result<Vec<_>>>()?;
+    let edus = req.edus.iter().map(|e| parse(e.json())).collect::<Result<Vec<_>>>()?;
+    let answer =
+        transactions::receive(&ctx.services, &origin, req.transaction_id.as_str(), pdus, edus)
+            .await?;
+    let mut resp = send_transaction_message::v1::Response::new(Default::default());
+    if let Some(results) = answer["pdus"].as_object() {
+        for (id, result) in results {
+            let Ok(id) = OwnedEventId::try_from(id.as_str()) else { continue };
+            let outcome = match result.get("error").and_then(Value::as_str) {
+                Some(error) => Err(error.to_owned()),
+                None => Ok(()),
+            };
+            resp.pdus.insert(id, outcome);
+        }
+    }
+    Ok(resp)
+}
+
+async fn make_join(
+    ctx: Ctx,
+    req: prepare_join_event::v1::Request,
+) -> Result<prepare_join_event::v1::Response> {
+    let versions: Vec<String> = req.ver.iter().map(ToString::to_string).collect();
+    let answer = membership::make_membership(
+        &ctx.services,
+        ctx.origin()?,
+        req.room_id.as_str(),
+        req.user_id.as_str(),
+        "join",
+        &versions,
+    )?;
+    let mut resp = prepare_join_event::v1::Response::new(raw(&answer["event"])?);
+    resp.room_version = answer["room_version"].as_str().and_then(|v| v.try_into().ok());
+    Ok(resp)
+}
+
+async fn send_join(
+    ctx: Ctx,
+    req: create_join_event::v2::Request,
+) -> Result<create_join_event::v2::Response> {
+    let origin = ctx.origin()?.to_owned();
+    let join = membership::receive_membership(
+        &ctx.services,
+        &origin,
+        req.room_id.as_str(),
+        req.event_id.as_str(),
+        "join",
+        parse(&req.pdu)?,
+    )
+    .await?;
+    let (state, chain) =
+        events::state_at(&ctx.services, req.room_id.as_str(), join.event_id.as_str())?;
+    let mut room_state = create_join_event::v2::RoomState::new();
+    room_state.state = raw_pdus(&state)?;
+    room_state.auth_chain = raw_pdus(&chain)?;
+    room_state.event = Some(raw_pdu(&join)?);
+    Ok(create_join_event::v2::Response::new(room_state))
+}
+
+async fn make_leave(
+    ctx: Ctx,
+    req: prepare_leave_event::v1::Request,
+) -> Result<prepare_leave_event::v1::Response> {
+    let answer = membership::make_membership(
+        &ctx.services,
+        ctx.origin()?,
+        req.room_id.as_str(),
+        req.user_id.as_str(),
+        "leave",
+        &[],
+    )?;
+    let version = answer["room_version"].as_str().and_then(|v| v.try_into().ok());
+    Ok(prepare_leave_event::v1::Response::new(version, raw(&answer["event"])?))
+}
+
+async fn send_leave(
+    ctx: Ctx,
+    req: create_leave_event::v2::Request,
+) -> Result<create_leave_event::v2::Response> {
+    let origin = ctx.origin()?.to_owned();
+    membership::receive_membership(
+        &ctx.services,
+        &origin,
+        req.room_id.as_str(),
+        req.event_id.as_str(),
+        "leave",
+        parse(&req.pdu)?,
+    )
+    .await?;
+    Ok(create_leave_event::v2::Response::new())
+}
+
+async fn event(ctx: Ctx, req: get_event::v1::Request) -> Result<get_event::v1::Response> {
+    let pdu = events::event_for(&ctx.services, ctx.origin()?, req.event_id.as_str())?;
+    Ok(get_event::v1::Response::new(
+        own_name(&ctx)?,
+        MilliSecondsSinceUnixEpoch::now(),
+        raw_pdu(&pdu)?,
+    ))
+}
+
+async fn state(ctx: Ctx, req: get_room_state::v1::Request) -> Result<get_room_state::v1::Response> {
+    events::require_in_room(&ctx.services, req.room_id.as_str(), ctx.origin()?)?;
+    let (state, chain) =
+        events::state_at(&ctx.services, req.room_id.as_str(), req.event_id.as_str())?;
+    Ok(get_room_state::v1::Response::new(raw_pdus(&chain)?, raw_pdus(&state)?))
+}
+
+async fn state_ids(
+    ctx: Ctx,
+    req: get_room_state_ids::v1::Request,
+) -> Result<get_room_state_ids::v1::Response> {
+    events::require_in_room(&ctx.services, req.room_id.as_str(), ctx.origin()?)?;
+    let (state, chain) =
+        events::state_at(&ctx.services, req.room_id.as_str(), req.event_id.as_str())?;
+    let ids = |pdus: &[Pdu]| pdus.iter().map(|p| p.event_id.clone()).collect::<Vec<_>>();
+    Ok(get_room_state_ids::v1::Response::new(ids(&chain), ids(&state)))
+}
+
+async fn event_auth(
+    ctx: Ctx,
+    req: get_event_authorization::v1::Request,
+) -> Result<get_event_authorization::v1::Response> {
+    events::require_in_room(&ctx.services, req.room_id.as_str(), ctx.origin()?)?;
+    let chain = ctx.services.rooms.auth_chain(&[req.event_id])?;
+    Ok(get_event_authorization::v1::Response::new(raw_pdus(&chain)?))
+}
+
+async fn missing_events(
+    ctx: Ctx,
+    req: get_missing_events::v1::Request,
+) -> Result<get_missing_events::v1::Response> {
+    events::require_in_room(&ctx.services, req.room_id.as_str(), ctx.origin()?)?;
+    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(usize::MAX);
+    let mut found = events::walk_back(
+        &ctx.services,
+        req.room_id.as_str(),
+        &req.latest_events,
+        &req.earliest_events,
+        false,
+        limit,
+        u64::from(req.min_depth),
+    )?;
+    // Oldest first, so the receiver can take them in order.
+    found.reverse();
+    Ok(get_missing_events::v1::Response::new(raw_pdus(&found)?))
+}
+
+async fn backfill(ctx: Ctx, req: get_backfill::v1::Request) -> Result<get_backfill::v1::Response> {
+    events::require_in_room(&ctx.services, req.room_id.as_str(), ctx.origin()?)?;
+    let limit = usize::try_from(u64::from(req.limit)).unwrap_or(usize::MAX);
+    let found =
+        events::walk_back(&ctx.services, req.room_id.as_str(), &req.v, &[], true, limit, 0)?;
+    Ok(get_backfill::v1::Response::new(
+        own_name(&ctx)?,
+        MilliSecondsSinceUnixEpoch::now(),
+        raw_pdus(&found)?,
+    ))
+}

@@ -1,0 +1,266 @@
+//! Joining and leaving over federation, both sides. A server whose user wants into a
+//! room it is not in asks a resident server for a join template (`make_join`), signs
+//! it, and hands it back (`send_join`), receiving the room's state and auth chain, from
+//! which it builds its own copy of the room. The resident side serves those requests,
+//! and the same for leaving and knocking.
+
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
+use serde_json::{Value, json};
+use trellis_core::{Error, Result, error::code, now_millis};
+
+use super::{encode, server_of, transactions::handle_pdu};
+use crate::{
+    Services,
+    rooms::{EventRef, Pdu, PduTemplate, build_pdu, intake::Intake},
+};
+
+/// The room versions this server can join, as `make_join` query parameters.
+fn supported_versions_query() -> String {
+    (1..=12).map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&")
+}
+
+/// `make_join` / `make_leave` / `make_knock` on the resident side.
+pub fn make_membership(
+    services: &Services,
+    origin: &str,
+    room_id: &str,
+    user_id: &str,
+    membership: &str,
+    versions: &[String],
+) -> Result<Value> {
+    if server_of(user_id) != Some(origin) {
+        return Err(Error::forbidden("The user does not belong to the requesting server"));
+    }
+    let Some((_, room)) = services.rooms.room(room_id)? else {
+        return Err(Error::not_found("Unknown room"));
+    };
+    if !super::acl::allows(services, room_id, origin)? {
+        return Err(Error::forbidden("Server is banned from the room by ACL"));
+    }
+    // Without `ver`, a server supports version 1 only.
+    let understood = if versions.is_empty() {
+        room.version == "1"
+    } else {
+        versions.contains(&room.version)
+    };
+    if membership != "leave" && !understood {
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            code::INCOMPATIBLE_ROOM_VERSION,
+            format!("The room has version {}, which your server does not support", room.version),
+        )
+        .with_field("room_version", room.version.clone()));
+    }
+    let (version, event) = services.rooms.member_template(room_id, user_id, membership)?;
+    Ok(json!({ "room_version": version.as_str(), "event": event }))
+}
+
+/// `send_join` / `send_leave` / `send_knock` on the resident side: checks the signed
+/// membership event, takes it into the room and passes it on to the other servers.
+pub async fn receive_membership(
+    services: &Arc<Services>,
+    origin: &str,
+    room_id: &str,
+    event_id: &str,
+    membership: &str,
+    value: Value,
+) -> Result<Pdu> {
+    let (_, room) =
+        services.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    if !super::acl::allows(services, room_id, origin)? {
+        return Err(Error::forbidden("Server is banned from the room by ACL"));
+    }
+    let (_, rules) = room.rules()?;
+    let (pdu, hash) = services.federation.verify_pdu(&rules, value).await?;
+    let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
+    let sender = pdu.sender.as_str();
+    if pdu.event_id.as_str() != event_id
+        || pdu.room_id.as_ref().is_none_or(|r| r.as_str() != room_id)
+        || pdu.kind.to_string() != "m.room.member"
+        || pdu.state_key.as_deref() != Some(sender)
+        || content["membership"].as_str() != Some(membership)
+    {
+        return Err(Error::bad_json(format!(
+            "Not a {membership} event of its sender for this room and event id"
+        )));
+    }
+    if server_of(sender) != Some(origin) {
+        return Err(Error::forbidden("The sender does not belong to the requesting server"));
+    }
+    let pdu =
+        if vouched_by_us(services, &content) { countersign(services, &rules, pdu)? } else { pdu };
+    match handle_pdu(services, origin, room_id, pdu.clone(), hash).await? {
+        Intake::Accepted | Intake::Known => {}
+        Intake::SoftFailed => return Err(Error::forbidden("The event fails the room's rules")),
+        Intake::Rejected(reason) => return Err(Error::forbidden(reason)),
+    }
+    super::sender::send_pdu_except(services, room_id, &pdu, Some(origin)).await?;
+    Ok(pdu)
+}
+
+fn vouched_by_us(services: &Services, content: &Value) -> bool {
+    content["join_authorised_via_users_server"]
+        .as_str()
+        .and_then(server_of)
+        .is_some_and(|s| s == services.server_name())
+}
+
+/// Adds this server's signature to another server's event (a restricted join it vouched
+/// for).
+fn countersign(services: &Services, rules: &RoomVersionRules, pdu: Pdu) -> Result<Pdu> {
+    let mut json = (*pdu.json).clone();
+    ruma::signatures::hash_and_sign_event(
+        services.server_name(),
+        services.keys.key_pair(),
+        &mut json,
+        &rules.redaction,
+    )
+    .map_err(|e| Error::internal("signing an event", e))?;
+    Pdu::from_json(pdu.event_id, json)
+}
+
+pub fn pdu_json(pdu: &Pdu) -> Value {
+    serde_json::to_value(&*pdu.json).unwrap_or(Value::Null)
+}
+
+/// Joins `user_id` (local) to a room this server is not in, through the first of
+/// `servers` that helps. `content` is the membership content to add (profile, reason).
+pub async fn join_remote(
+    services: &Arc<Services>,
+    user_id: &str,
+    room_id: &str,
+    servers: &[String],
+    content: Value,
+) -> Result<()> {
+    let mut last = Error::not_found("No server in the room could be reached to join it");
+    let mut tried = Vec::new();
+    for server in servers {
+        if server == services.server_name() || tried.contains(server) {
+            continue;
+        }
+        tried.push(server.clone());
+        match join_through(services, server, user_id, room_id, &content).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::info!(server, room_id, error = %e.message, "joining through a server failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn join_through(
+    services: &Arc<Services>,
+    server: &str,
+    user_id: &str,
+    room_id: &str,
+    extra: &Value,
+) -> Result<()> {
+    let fed = &services.federation;
+    let path = format!(
+        "/_matrix/federation/v1/make_join/{}/{}?{}",
+        encode(room_id),
+        encode(user_id),
+        supported_versions_query()
+    );
+    let answer = fed.request(server, Method::GET, &path, None).await?;
+    let version = answer["room_version"].as_str().unwrap_or("1");
+    let version = RoomVersionId::try_from(version)
+        .ok()
+        .filter(|v| v.rules().is_some())
+        .ok_or_else(|| Error::bad_json(format!("{server} offered an unsupported room version")))?;
+    let rules = version.rules().ok_or_else(|| Error::bad_json("unsupported room version"))?;
+    let template = signed_template(&answer["event"], user_id, room_id, "join", extra)?;
+    let keys = &services.keys;
+    let own: &ruma::ServerName =
+        services.server_name().try_into().map_err(|e| Error::internal("own server name", e))?;
+    let (join, hash) = build_pdu(keys, own, &version, template)?;
+    let path = format!(
+        "/_matrix/federation/v2/send_join/{}/{}",
+        encode(room_id),
+        encode(join.event_id.as_str())
+    );
+    let answer = fed.request(server, Method::PUT, &path, Some(&pdu_json(&join))).await?;
+    // A resident that vouched for a restricted join returns the event with its signature.
+    let (join, hash) = match answer.get("event").filter(|e| e.is_object()) {
+        Some(event) => match fed.verify_pdu(&rules, event.clone()).await {
+            Ok((signed, h)) if signed.event_id == join.event_id => (signed, h),
+            _ => (join, hash),
+        },
+        None => (join, hash),
+    };
+    let list = |field: &str| answer[field].as_array().cloned().unwrap_or_default();
+    let state = fed.verify_pdus(&rules, list("state")).await;
+    let chain = fed.verify_pdus(&rules, list("auth_chain")).await;
+    let state_ids = state.iter().map(|(p, _)| p.event_id.clone()).collect();
+    let mut all = chain;
+    all.extend(state);
+    services.rooms.store_outliers(room_id, &version, all).await?;
+    match services.rooms.import_room(room_id, &version, state_ids, join, hash).await? {
+        Intake::Accepted | Intake::Known => Ok(()),
+        Intake::SoftFailed => Err(Error::forbidden("The join fails the room's current rules")),
+        Intake::Rejected(reason) => Err(Error::forbidden(reason)),
+    }
+}
+
+/// A resident server's membership template made into ours: its `prev_events`,
+/// `auth_events` and depth, our content, our timestamp.
+fn signed_template(
+    event: &Value,
+    user_id: &str,
+    room_id: &str,
+    membership: &str,
+    extra: &Value,
+) -> Result<PduTemplate> {
+    let bad = |what: &str| Error::bad_json(format!("Bad membership template: {what}"));
+    if event["room_id"].as_str() != Some(room_id)
+        || event["state_key"].as_str() != Some(user_id)
+        || event["sender"].as_str() != Some(user_id)
+        || event["type"].as_str() != Some("m.room.member")
+    {
+        return Err(bad("it is not this user's membership in this room"));
+    }
+    let refs = |field: &str| -> Result<Vec<EventRef>> {
+        let items = event[field].as_array().ok_or_else(|| bad(field))?;
+        items
+            .iter()
+            .map(|item| match item {
+                Value::String(id) => Ok(EventRef { event_id: id.clone(), sha256: String::new() }),
+                Value::Array(pair) => Ok(EventRef {
+                    event_id: pair
+                        .first()
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| bad(field))?
+                        .into(),
+                    sha256: pair.get(1).and_then(|h| h["sha256"].as_str()).unwrap_or("").into(),
+                }),
+                _ => Err(bad(field)),
+            })
+            .collect()
+    };
+    let mut content = json!({ "membership": membership });
+    if let Some(via) = event["content"]["join_authorised_via_users_server"].as_str() {
+        content["join_authorised_via_users_server"] = json!(via);
+    }
+    if let Value::Object(extra) = extra {
+        for (k, v) in extra {
+            content[k] = v.clone();
+        }
+    }
+    Ok(PduTemplate {
+        room_id: Some(room_id.to_owned()),
+        sender: user_id.to_owned(),
+        kind: "m.room.member".into(),
+        state_key: Some(user_id.to_owned()),
+        content,
+        redacts: None,
+        prev_events: refs("prev_events")?,
+        auth_events: refs("auth_events")?,
+        depth: event["depth"].as_u64().ok_or_else(|| bad("depth"))?,
+        origin_server_ts: now_millis(),
+    })
+}

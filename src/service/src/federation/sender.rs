@@ -1,0 +1,320 @@
+//! Outbound federation: a persistent queue per destination. Whatever this server must
+//! tell another (its users' events, receipts, typing, to-device messages) is written to
+//! the queue first, then sent by that destination's worker in transactions of at most
+//! 50 PDUs and 100 EDUs. A destination that fails is retried with exponential backoff
+//! (capped), sooner when it shows up again by sending us a request; what it missed stays
+//! queued, across restarts, until it is delivered. Each destination has its own worker,
+//! so a dead server never holds up the others.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use http::Method;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tracing::Instrument;
+use trellis_core::{Result, now_millis};
+use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
+
+use crate::{Services, rooms::Pdu};
+
+const OUTBOX: Table<(String, u64), Json<Value>> = Table::new(&catalog::FEDERATION_OUTBOX);
+
+/// The spec's limits on one transaction.
+const MAX_PDUS: usize = 50;
+const MAX_EDUS: usize = 100;
+/// Items looked at per transaction (PDUs and EDUs interleave in the queue).
+const MAX_SCAN: usize = MAX_PDUS + MAX_EDUS;
+/// Backoff after failures: 2^n seconds, at most this.
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// A worker with nothing to send stops after this long.
+const IDLE: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Worker {
+    /// New items are queued.
+    queued: Notify,
+    /// The destination contacted us: retry now rather than after the backoff.
+    alive: Notify,
+}
+
+pub struct Outbox {
+    db: Db,
+    next: AtomicU64,
+    workers: Mutex<HashMap<String, Arc<Worker>>>,
+    /// Destinations per room (servers of joined members), dropped on membership changes.
+    room_servers: Mutex<HashMap<String, Arc<Vec<String>>>>,
+}
+
+impl Outbox {
+    pub fn new(db: Db) -> Result<Self> {
+        // Sequence numbers only need to grow per destination; starting from the clock
+        // keeps them above anything queued before a restart.
+        let next = AtomicU64::new(now_millis() * 1000);
+        Ok(Self { db, next, workers: Mutex::default(), room_servers: Mutex::default() })
+    }
+
+    fn seq(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Destinations with queued items (to start their workers after a restart).
+    fn pending_destinations(&self) -> Result<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        for row in OUTBOX.scan_range(
+            &*self.db,
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Unbounded,
+            Direction::Forward,
+        )? {
+            let ((dest, _), _) = row?;
+            if out.last() != Some(&dest) {
+                out.push(dest);
+            }
+        }
+        Ok(out)
+    }
+
+    fn has_items(&self, dest: &str) -> bool {
+        OUTBOX
+            .scan_prefix(&*self.db, &dest.to_owned(), Direction::Forward)
+            .ok()
+            .and_then(|mut rows| rows.next())
+            .is_some()
+    }
+
+    /// Forgets the cached destinations of a room (its membership changed).
+    pub fn membership_changed(&self, room_id: &str) {
+        self.room_servers.lock().unwrap_or_else(|p| p.into_inner()).remove(room_id);
+    }
+
+    /// The destination has shown it is up: a worker in backoff retries now.
+    pub fn peer_alive(&self, dest: &str) {
+        if let Some(w) = self.workers.lock().unwrap_or_else(|p| p.into_inner()).get(dest) {
+            w.alive.notify_one();
+        }
+    }
+}
+
+/// Other servers with members joined to a room.
+pub fn room_servers(services: &Services, room_id: &str) -> Result<Arc<Vec<String>>> {
+    let outbox = &services.federation.outbox;
+    if let Some(s) = outbox.room_servers.lock().unwrap_or_else(|p| p.into_inner()).get(room_id) {
+        return Ok(s.clone());
+    }
+    let own = services.server_name();
+    let mut servers: Vec<String> = services
+        .rooms
+        .members(room_id, "join")?
+        .iter()
+        .filter_map(|u| super::server_of(u))
+        .filter(|s| *s != own)
+        .map(str::to_owned)
+        .collect();
+    servers.sort();
+    servers.dedup();
+    let servers = Arc::new(servers);
+    let mut cache = outbox.room_servers.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.len() > 10_000 {
+        cache.clear();
+    }
+    cache.insert(room_id.to_owned(), servers.clone());
+    Ok(servers)
+}
+
+/// Sends a local event to every other server in its room (and, for a membership event,
+/// to the server of the user it is about).
+pub async fn send_pdu(services: &Arc<Services>, room_id: &str, pdu: &Pdu) -> Result<()> {
+    send_pdu_except(services, room_id, pdu, None).await
+}
+
+/// [`send_pdu`], leaving out `except` (the server the event came from).
+pub async fn send_pdu_except(
+    services: &Arc<Services>,
+    room_id: &str,
+    pdu: &Pdu,
+    except: Option<&str>,
+) -> Result<()> {
+    if !services.federation.enabled() {
+        return Ok(());
+    }
+    if pdu.kind == ruma::events::TimelineEventType::RoomMember {
+        services.federation.outbox.membership_changed(room_id);
+    }
+    let mut destinations: Vec<String> = room_servers(services, room_id)?.to_vec();
+    if let Some(target) =
+        pdu.state_key.as_deref().filter(|_| pdu.kind == ruma::events::TimelineEventType::RoomMember)
+        && let Some(server) = super::server_of(target)
+        && server != services.server_name()
+        && !destinations.iter().any(|d| d == server)
+    {
+        destinations.push(server.to_owned());
+    }
+    destinations.retain(|d| Some(d.as_str()) != except);
+    let item = json!({ "pdu": serde_json::to_value(&*pdu.json).unwrap_or(Value::Null) });
+    enqueue(services, &destinations, item).await
+}
+
+/// Sends an EDU (`{"edu_type": ..., "content": ...}`) to `destinations`.
+pub async fn send_edu(services: &Arc<Services>, destinations: &[String], edu: Value) -> Result<()> {
+    if !services.federation.enabled() {
+        return Ok(());
+    }
+    enqueue(services, destinations, json!({ "edu": edu })).await
+}
+
+async fn enqueue(services: &Arc<Services>, destinations: &[String], item: Value) -> Result<()> {
+    if destinations.is_empty() {
+        return Ok(());
+    }
+    let outbox = &services.federation.outbox;
+    let mut batch = Batch::new();
+    for dest in destinations {
+        OUTBOX.put(&mut batch, &(dest.clone(), outbox.seq()), &Json(item.clone()));
+    }
+    crate::commit(&services.db, batch).await?;
+    for dest in destinations {
+        wake(services, dest);
+    }
+    Ok(())
+}
+
+/// Starts the workers of destinations with items queued before a restart.
+pub fn resume(services: &Arc<Services>) -> Result<()> {
+    for dest in services.federation.outbox.pending_destinations()? {
+        wake(services, &dest);
+    }
+    Ok(())
+}
+
+/// Tells `dest`'s worker there is work, starting it if needed.
+fn wake(services: &Arc<Services>, dest: &str) {
+    let mut workers = services.federation.outbox.workers.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(w) = workers.get(dest) {
+        w.queued.notify_one();
+        return;
+    }
+    let worker = Arc::new(Worker::default());
+    workers.insert(dest.to_owned(), worker.clone());
+    let span = tracing::info_span!("federation_sender", destination = dest);
+    tokio::spawn(run(Arc::downgrade(services), dest.to_owned(), worker).instrument(span));
+}
+
+/// One transaction's worth of queued items.
+#[derive(Default)]
+struct Batched {
+    keys: Vec<(String, u64)>,
+    pdus: Vec<Value>,
+    edus: Vec<Value>,
+}
+
+fn next_batch(db: &Db, dest: &str) -> Result<Batched> {
+    let Batched { mut keys, mut pdus, mut edus } = Batched::default();
+    for row in OUTBOX.scan_prefix(&**db, &dest.to_owned(), Direction::Forward)?.take(MAX_SCAN) {
+        let (key, Json(mut item)) = row?;
+        if let Some(pdu) = item.get_mut("pdu").map(Value::take) {
+            if pdus.len() == MAX_PDUS {
+                break;
+            }
+            pdus.push(pdu);
+        } else if let Some(edu) = item.get_mut("edu").map(Value::take) {
+            if edus.len() == MAX_EDUS {
+                break;
+            }
+            edus.push(edu);
+        }
+        keys.push(key);
+    }
+    Ok(Batched { keys, pdus, edus })
+}
+
+async fn run(services: Weak<Services>, dest: String, worker: Arc<Worker>) {
+    let mut failures: u32 = 0;
+    loop {
+        let Some(s) = services.upgrade() else { return };
+        let Batched { keys, pdus, edus } = match next_batch(&s.db, &dest) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the federation queue failed");
+                Batched::default()
+            }
+        };
+        if keys.is_empty() {
+            drop(s);
+            if tokio::time::timeout(IDLE, worker.queued.notified()).await.is_ok() {
+                continue;
+            }
+            let Some(s) = services.upgrade() else { return };
+            let outbox = &s.federation.outbox;
+            let mut workers = outbox.workers.lock().unwrap_or_else(|p| p.into_inner());
+            // Enqueuers commit before they look for a worker: with the lock held, no
+            // items means none can be missed.
+            if !outbox.has_items(&dest) {
+                workers.remove(&dest);
+                return;
+            }
+            continue;
+        }
+        let txn_id = format!("{}", keys[0].1);
+        let body = json!({
+            "origin": s.server_name(),
+            "origin_server_ts": now_millis(),
+            "pdus": pdus,
+            "edus": edus,
+        });
+        let path = format!("/_matrix/federation/v1/send/{txn_id}");
+        match s.federation.request(&dest, Method::PUT, &path, Some(&body)).await {
+            Ok(answer) => {
+                failures = 0;
+                if let Some(results) = answer.get("pdus").and_then(Value::as_object) {
+                    for (id, r) in results {
+                        if let Some(error) = r.get("error") {
+                            tracing::info!(event_id = id, %error, "destination refused an event");
+                        }
+                    }
+                }
+                let mut batch = Batch::new();
+                for key in &keys {
+                    OUTBOX.delete(&mut batch, key);
+                }
+                if let Err(e) = crate::commit(&s.db, batch).await {
+                    tracing::warn!(error = %e, "clearing sent items failed");
+                }
+            }
+            Err(e) if refused(&e) => {
+                // The destination understood and refused the transaction: sending it
+                // again would get the same answer.
+                tracing::warn!(error = %e, "destination refused a transaction; dropping it");
+                let mut batch = Batch::new();
+                for key in &keys {
+                    OUTBOX.delete(&mut batch, key);
+                }
+                if let Err(e) = crate::commit(&s.db, batch).await {
+                    tracing::warn!(error = %e, "clearing refused items failed");
+                }
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_secs(1u64 << failures.min(10)).min(MAX_BACKOFF);
+                tracing::info!(error = %e, retry_in = ?delay, "sending a transaction failed");
+                drop(s);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = worker.alive.notified() => {}
+                }
+            }
+        }
+    }
+}
+
+/// A client error other than rate limiting or authentication (which may pass later).
+fn refused(e: &trellis_core::Error) -> bool {
+    let status = e.status.as_u16();
+    (400..500).contains(&status) && status != 429 && status != 401
+}
