@@ -3,7 +3,7 @@
 mod admin;
 pub mod client;
 mod convert;
-mod federation;
+pub(crate) mod federation;
 mod media;
 mod observe;
 pub mod response;

@@ -265,6 +265,24 @@ async fn wait_for_event(
     panic!("event never arrived; history: {body}");
 }
 
+/// Syncs (incrementally, long-polling) until a response satisfies `pred`.
+async fn sync_until(server: &TestServer, token: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let mut since: Option<String> = None;
+    for _ in 0..40 {
+        let path = match &since {
+            Some(s) => format!("/_matrix/client/v3/sync?timeout=500&since={s}"),
+            None => "/_matrix/client/v3/sync".to_owned(),
+        };
+        let (status, body) = server.get_auth(&path, token).await;
+        assert_eq!(status, 200, "{body}");
+        if pred(&body) {
+            return body;
+        }
+        since = body["next_batch"].as_str().map(str::to_owned);
+    }
+    panic!("sync never showed what was expected");
+}
+
 fn text_is(body: &'static str) -> impl Fn(&Value) -> bool {
     move |e: &Value| e["type"] == "m.room.message" && e["content"]["body"] == body
 }
@@ -328,6 +346,68 @@ async fn a_room_is_shared_across_servers() {
     let bodies: Vec<&str> =
         timeline.as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert!(bodies.contains(&"hello from A") && bodies.contains(&"hello from B"), "{sync}");
+
+    // Typing, read receipts and to-device messages cross too.
+    let typing = format!(
+        "/_matrix/client/v3/rooms/{}/typing/{}",
+        common::urlencode(&room),
+        common::urlencode(&bob)
+    );
+    let (status, _) =
+        b.server.put_auth(&typing, &bob_token, &json!({"typing": true, "timeout": 20000})).await;
+    assert_eq!(status, 200);
+    let room_key = room.clone();
+    let bob_id = bob.clone();
+    sync_until(&a.server, &alice_token, move |s| {
+        s["rooms"]["join"][&room_key]["ephemeral"]["events"].as_array().is_some_and(|evs| {
+            evs.iter().any(|e| {
+                e["type"] == "m.typing"
+                    && e["content"]["user_ids"]
+                        .as_array()
+                        .is_some_and(|u| u.contains(&json!(bob_id)))
+            })
+        })
+    })
+    .await;
+    let from_b = wait_for_event(&a.server, &alice_token, &room, text_is("hello from B")).await;
+    let event_id = from_b["event_id"].as_str().unwrap().to_owned();
+    let receipt = format!(
+        "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+        common::urlencode(&room),
+        common::urlencode(&event_id)
+    );
+    let (status, _) = a.server.post_auth(&receipt, &alice_token, &json!({})).await;
+    assert_eq!(status, 200);
+    let (room_key, alice_id) = (room.clone(), alice.clone());
+    sync_until(&b.server, &bob_token, move |s| {
+        s["rooms"]["join"][&room_key]["ephemeral"]["events"].as_array().is_some_and(|evs| {
+            evs.iter().any(|e| {
+                e["type"] == "m.receipt"
+                    && e["content"][&event_id]["m.read"].get(&alice_id).is_some()
+            })
+        })
+    })
+    .await;
+    let (status, _) = a
+        .server
+        .put_auth(
+            "/_matrix/client/v3/sendToDevice/org.example.ping/t1",
+            &alice_token,
+            &json!({"messages": {&bob: {"*": {"hello": "bob"}}}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let alice_id = alice.clone();
+    sync_until(&b.server, &bob_token, move |s| {
+        s["to_device"]["events"].as_array().is_some_and(|evs| {
+            evs.iter().any(|e| {
+                e["type"] == "org.example.ping"
+                    && e["sender"] == alice_id
+                    && e["content"]["hello"] == "bob"
+            })
+        })
+    })
+    .await;
 
     // Bob leaves; A sees it.
     let (status, _) = b

@@ -61,6 +61,7 @@ async fn delete(
     // A deleted device's pushers stop, and its open sync streams re-check their token.
     for id in &ids {
         ctx.services.pushers.remove_for_device(&localpart, id).await?;
+        crate::federation::device_changed(ctx, id, true).await;
     }
     ctx.services.rooms.stream.wake(&format!("@{localpart}"));
     Ok(())

@@ -45,7 +45,11 @@ async fn upload(ctx: Ctx, req: upload_keys::v3::Request) -> Result<upload_keys::
     for (id, key) in &req.fallback_keys {
         input.fallback_keys.insert(id.to_string(), raw_value(key)?);
     }
+    let announce = input.device_keys.is_some();
     let counts = ctx.services.e2ee.upload(&session.localpart, &session.device_id, input).await?;
+    if announce {
+        crate::federation::device_changed(&ctx, &session.device_id, false).await;
+    }
     let counts = counts.into_iter().map(|(alg, n)| (alg.into(), UInt::new_saturating(n))).collect();
     Ok(upload_keys::v3::Response::new(counts))
 }
@@ -158,6 +162,7 @@ async fn signing_keys(
         reauthenticate(&ctx, req.auth.as_ref(), "device_signing_upload").await?;
     }
     ctx.services.e2ee.upload_signing_keys(&localpart, upload).await?;
+    crate::federation::device_changed(&ctx, "", false).await;
     Ok(upload_signing_keys::v3::Response::new())
 }
 
@@ -176,6 +181,7 @@ async fn signatures(
         }
     }
     let failures = ctx.services.e2ee.upload_signatures(&localpart, signed).await?;
+    crate::federation::device_changed(&ctx, "", false).await;
     let mut resp = upload_signatures::v3::Response::new();
     resp.failures = from_value(failures)?;
     Ok(resp)

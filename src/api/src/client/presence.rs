@@ -10,6 +10,8 @@ use ruma::{
 use trellis_core::{Error, Result};
 
 use super::events::me;
+use trellis_service::federation::edus;
+
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -58,5 +60,6 @@ async fn put(ctx: Ctx, req: set_presence::v3::Request) -> Result<set_presence::v
         .presence
         .set_state(req.user_id.as_str(), req.presence.as_str(), req.status_msg)
         .await?;
+    crate::federation::logged(edus::presence(&ctx.services, req.user_id.as_str()).await);
     Ok(set_presence::v3::Response::new())
 }

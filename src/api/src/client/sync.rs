@@ -21,6 +21,8 @@ use trellis_core::{Error, Result};
 use trellis_service::{filters, receipts, sync};
 
 use super::events::{Viewer, me};
+use trellis_service::federation::edus;
+
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -197,6 +199,8 @@ async fn typing(
         _ => None,
     };
     ctx.services.typing.set(room_id, req.user_id.as_str(), timeout);
+    let typing = edus::typing(&ctx.services, room_id, req.user_id.as_str(), timeout.is_some());
+    crate::federation::logged(typing.await);
     Ok(create_typing_event::v3::Response::new())
 }
 
@@ -227,6 +231,9 @@ async fn receipt(
                 .receipts
                 .set(room_id, &user, receipts::READ, req.event_id.as_str(), thread)
                 .await?;
+            let sent =
+                edus::read_receipt(&ctx.services, room_id, &user, req.event_id.as_str(), thread);
+            crate::federation::logged(sent.await);
         }
         ReceiptType::ReadPrivate => {
             ctx.services
@@ -264,6 +271,11 @@ async fn read_markers(
         if let Some(event_id) = event_id {
             seen_event(&viewer, event_id.as_str())?;
             ctx.services.receipts.set(room_id, &user, kind, event_id.as_str(), None).await?;
+            if kind == receipts::READ {
+                let sent =
+                    edus::read_receipt(&ctx.services, room_id, &user, event_id.as_str(), None);
+                crate::federation::logged(sent.await);
+            }
         }
     }
     Ok(set_read_marker::v3::Response::new())

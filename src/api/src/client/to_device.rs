@@ -7,6 +7,8 @@ use ruma::api::client::to_device::send_event_to_device;
 use trellis_core::{Error, Result};
 use trellis_service::e2ee::to_device::Send;
 
+use trellis_service::federation::edus;
+
 use crate::{
     AppState,
     convert::raw_value,
@@ -42,9 +44,12 @@ async fn send(
         messages.insert(user.to_string(), per_device);
     }
     let event_type = req.event_type.to_string();
-    ctx.services
+    let sender = ctx.services.accounts.user_id(&session.localpart);
+    let remote = ctx
+        .services
         .e2ee
         .send_to_device(Send {
+            sender: &sender,
             sender_localpart: &session.localpart,
             sender_device: &session.device_id,
             txn_id: req.txn_id.as_str(),
@@ -52,5 +57,10 @@ async fn send(
             messages,
         })
         .await?;
+    // The sending device's transaction id is unique to it; other servers see it with
+    // the device, so one device's retries stay recognisable.
+    let message_id = format!("{}_{}", session.device_id, req.txn_id);
+    let sent = edus::to_device(&ctx.services, &sender, &event_type, &message_id, remote);
+    crate::federation::logged(sent.await);
     Ok(send_event_to_device::v3::Response::new())
 }

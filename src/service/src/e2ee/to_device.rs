@@ -29,8 +29,15 @@ pub const DEFAULT_BATCH: usize = 100;
 #[derive(Default)]
 pub struct InboxSizes(Mutex<HashMap<(String, String), usize>>);
 
+/// Messages for other servers' users: `[server][user id][device id or "*"] = content`.
+pub type RemoteMessages = BTreeMap<String, BTreeMap<String, BTreeMap<String, Value>>>;
+
 /// One send: `messages[user id][device id or "*"] = content`.
 pub struct Send<'a> {
+    /// The sending user's id.
+    pub sender: &'a str,
+    /// Who the transaction id is unique for: the sender's localpart and device, or
+    /// (for messages from another server) that server's name and an empty device.
     pub sender_localpart: &'a str,
     pub sender_device: &'a str,
     pub txn_id: &'a str,
@@ -39,25 +46,34 @@ pub struct Send<'a> {
 }
 
 impl E2ee {
-    /// Queues the messages of one `sendToDevice` request; a repeated transaction id of
-    /// the same device does nothing.
-    pub async fn send_to_device(&self, send: Send<'_>) -> Result<()> {
+    /// Queues the messages of one `sendToDevice` request for this server's users; a
+    /// repeated transaction id of the same device does nothing. Returns the messages
+    /// for other servers' users, by server, for the caller to send over federation.
+    pub async fn send_to_device(&self, send: Send<'_>) -> Result<RemoteMessages> {
         let txn = (
             send.sender_localpart.to_owned(),
             send.sender_device.to_owned(),
             format!("m.to_device {}", send.txn_id),
         );
+        let mut remote = RemoteMessages::new();
         if TXN_IDS.contains(&*self.db, &txn)? {
-            return Ok(());
+            return Ok(remote);
         }
-        let sender = self.user_id(send.sender_localpart);
+        let sender = send.sender;
         let ticket = self.stream.dispatch();
         let mut batch = Batch::new();
         let mut recipients = Vec::new();
         let mut added: Vec<(String, String)> = Vec::new();
         for (user_id, devices) in &send.messages {
-            // Other servers' users are reached over federation, which comes later.
-            let Some(localpart) = self.local_part(user_id) else { continue };
+            let Some(localpart) = self.local_part(user_id) else {
+                if let Some(server) = crate::federation::server_of(user_id) {
+                    remote
+                        .entry(server.to_owned())
+                        .or_default()
+                        .insert(user_id.clone(), devices.clone());
+                }
+                continue;
+            };
             let mut targets: Vec<(String, &Value)> = Vec::new();
             for (device, content) in devices {
                 if device == "*" {
@@ -93,7 +109,7 @@ impl E2ee {
         for localpart in recipients {
             self.stream.wake(&user_key(&localpart));
         }
-        result
+        result.map(|()| remote)
     }
 
     fn inbox_has_room(&self, localpart: &str, device: &str) -> Result<bool> {

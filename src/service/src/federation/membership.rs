@@ -41,11 +41,8 @@ pub fn make_membership(
         return Err(Error::forbidden("Server is banned from the room by ACL"));
     }
     // Without `ver`, a server supports version 1 only.
-    let understood = if versions.is_empty() {
-        room.version == "1"
-    } else {
-        versions.contains(&room.version)
-    };
+    let understood =
+        if versions.is_empty() { room.version == "1" } else { versions.contains(&room.version) };
     if membership != "leave" && !understood {
         return Err(Error::new(
             StatusCode::BAD_REQUEST,

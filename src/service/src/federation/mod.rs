@@ -3,6 +3,7 @@
 
 pub mod acl;
 pub mod discovery;
+pub mod edus;
 pub mod events;
 pub mod keys;
 pub mod membership;

@@ -2,7 +2,8 @@
 //! hashes, then the rooms' checks on receipt) in per-room depth order, with missing
 //! `prev_events` fetched from the origin (`get_missing_events`), missing auth events
 //! fetched (`event_auth`), and the state fetched (`state`) when a gap cannot be filled.
-//! EDUs: typing and receipts. A retried transaction gets the first answer again.
+//! EDUs: typing, receipts, presence, to-device messages and device list changes. A
+//! retried transaction gets the first answer again.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -277,6 +278,50 @@ async fn handle_edu(services: &Arc<Services>, origin: &str, edu: Value) -> Resul
                         }
                     }
                 }
+            }
+        }
+        "m.presence" => {
+            for update in content["push"].as_array().into_iter().flatten() {
+                let user = update["user_id"].as_str().unwrap_or_default();
+                let state = update["presence"].as_str().unwrap_or_default();
+                if server_of(user) == Some(origin) {
+                    let status = update["status_msg"].as_str().map(str::to_owned);
+                    services.presence.set_state(user, state, status).await?;
+                }
+            }
+        }
+        "m.direct_to_device" => {
+            let sender = content["sender"].as_str().unwrap_or_default();
+            if server_of(sender) != Some(origin) {
+                return Ok(());
+            }
+            let messages: BTreeMap<String, BTreeMap<String, Value>> =
+                serde_json::from_value(content["messages"].clone()).unwrap_or_default();
+            let own = services.server_name();
+            let messages =
+                messages.into_iter().filter(|(u, _)| server_of(u) == Some(own)).collect();
+            services
+                .e2ee
+                .send_to_device(crate::e2ee::to_device::Send {
+                    sender,
+                    sender_localpart: origin,
+                    sender_device: "",
+                    txn_id: content["message_id"].as_str().unwrap_or_default(),
+                    event_type: content["type"].as_str().unwrap_or_default(),
+                    messages,
+                })
+                .await?;
+        }
+        "m.device_list_update" | "m.signing_key_update" => {
+            let user = content["user_id"].as_str().unwrap_or_default();
+            if server_of(user) == Some(origin) {
+                crate::e2ee::device_lists::commit_with_changes(
+                    &services.db,
+                    &services.rooms.stream,
+                    trellis_store::Batch::new(),
+                    &[user.to_owned()],
+                )
+                .await?;
             }
         }
         _ => tracing::debug!(origin, kind, "EDU type not handled"),
