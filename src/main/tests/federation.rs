@@ -426,3 +426,80 @@ async fn a_room_is_shared_across_servers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn invites_cross_servers_and_can_be_accepted_or_rejected() {
+    let (a, b) = pair().await;
+    let (alice, alice_token) = a.server.register("alice").await;
+    let (bob, bob_token) = b.server.register("bob").await;
+    let (carol, carol_token) = b.server.register("carol").await;
+    let room = a
+        .server
+        .create_room(&alice_token, json!({"preset": "private_chat", "name": "Private"}))
+        .await;
+    let room_path = common::urlencode(&room);
+
+    // An invite to a room Bob's server is not in shows up in Bob's sync, with the
+    // room's name from the invite state.
+    for target in [&bob, &carol] {
+        let (status, body) = a
+            .server
+            .post_auth(
+                &format!("/_matrix/client/v3/rooms/{room_path}/invite"),
+                &alice_token,
+                &json!({"user_id": target}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let room_key = room.clone();
+    let sync =
+        sync_until(&b.server, &bob_token, move |s| s["rooms"]["invite"].get(&room_key).is_some())
+            .await;
+    let state = sync["rooms"]["invite"][&room]["invite_state"]["events"].as_array().unwrap();
+    assert!(
+        state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Private"),
+        "{sync}"
+    );
+    assert!(
+        state.iter().any(|e| e["type"] == "m.room.member"
+            && e["state_key"] == bob
+            && e["content"]["membership"] == "invite"
+            && e["sender"] == alice),
+        "{sync}"
+    );
+
+    // Bob accepts by joining; the room is private, so only the invite lets him in.
+    let (status, body) = b
+        .server
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room_path}/join"), &bob_token, &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    b.server.send_text(&bob_token, &room, "thanks for the invite").await;
+    wait_for_event(&a.server, &alice_token, &room, text_is("thanks for the invite")).await;
+
+    // Carol rejects hers: Alice's server records her leave.
+    let (status, body) = b
+        .server
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room_path}/leave"), &carol_token, &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let carol_id = carol.clone();
+    wait_for_event(&a.server, &alice_token, &room, move |e| {
+        e["type"] == "m.room.member"
+            && e["state_key"] == carol_id
+            && e["content"]["membership"] == "leave"
+    })
+    .await;
+    // A stranger on B cannot join the private room.
+    let (_, dave_token) = b.server.register("dave").await;
+    let (status, body) = b
+        .server
+        .post_auth(
+            &format!("/_matrix/client/v3/join/{room_path}?server_name={}", a.name),
+            &dave_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+}

@@ -240,6 +240,19 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             _ => {}
         }
     }
+    for (room_id, pending) in crate::federation::invites::pending_for(services, req.user_id)? {
+        if pending.position <= since
+            || pending.position > now
+            || invite.contains_key(&room_id)
+            || !room_allowed(room_filter, &room_id)
+        {
+            continue;
+        }
+        let sender = pending.event["sender"].as_str().unwrap_or_default();
+        if !builder.ignored.contains(sender) {
+            invite.insert(room_id, json!({"invite_state": {"events": pending.stripped}}));
+        }
+    }
 
     let presence = presence_events(services, req.user_id, since)?;
     let global: Vec<Value> = account_changes

@@ -151,6 +151,8 @@ tables! {
     FEDERATION_OUTBOX = "federation_outbox", Scan;
     // (origin server, transaction id) -> the answer given, for retried transactions
     FEDERATION_TXNS = "federation_txns", Point;
+    // (invited user id, room id) -> an invite to a room this server is not in
+    REMOTE_INVITES = "remote_invites", Scan;
 }
 
 pub fn by_name(name: &str) -> Option<&'static TableDef> {

@@ -15,7 +15,7 @@ use ruma::{
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 use trellis_service::{
-    federation::{membership::join_remote, sender::room_servers, server_of},
+    federation::{invites, membership::join_remote, sender::room_servers, server_of},
     rooms::append::NewEvent,
 };
 
@@ -97,6 +97,12 @@ async fn join_room(
 ) -> Result<()> {
     let services = &ctx.services;
     let user = me(ctx)?;
+    // An invite to a room this server is not in names the server to join through.
+    if let Some(invite) = invites::pending(services, &user, room_id.as_str())?
+        && let Some(server) = invite.event["sender"].as_str().and_then(server_of)
+    {
+        servers.insert(0, server.to_owned());
+    }
     let known = services.rooms.room(room_id.as_str())?.is_some();
     if known {
         let suffix = format!(":{}", services.server_name());
@@ -218,7 +224,9 @@ async fn join(
 async fn leave(ctx: Ctx, req: leave_room::v3::Request) -> Result<leave_room::v3::Response> {
     let user = me(&ctx)?;
     if ctx.services.rooms.membership(req.room_id.as_str(), &user)?.is_none() {
-        return Err(Error::not_found("You are not in this room"));
+        // Rejecting an invite to a room on another server.
+        invites::reject(&ctx.services, &user, req.room_id.as_str()).await?;
+        return Ok(leave_room::v3::Response::new());
     }
     membership(&ctx, req.room_id.as_str(), &user, "leave", req.reason).await?;
     Ok(leave_room::v3::Response::new())
@@ -232,14 +240,18 @@ async fn invite(ctx: Ctx, req: invite_user::v3::Request) -> Result<invite_user::
             "Third-party invites are not supported",
         ));
     };
-    membership(
-        &ctx,
-        req.room_id.as_str(),
-        recipient.user_id.as_str(),
-        "invite",
-        recipient.reason.clone(),
-    )
-    .await?;
+    let target = recipient.user_id.as_str();
+    if recipient.user_id.server_name().as_str() != ctx.services.server_name()
+        && ctx.services.federation.enabled()
+    {
+        // The invitee's server must countersign the invite before it enters the room.
+        let content = member_content(&ctx, "invite", recipient.reason.clone())?;
+        let sender = me(&ctx)?;
+        invites::invite_remote(&ctx.services, req.room_id.as_str(), &sender, target, content)
+            .await?;
+        return Ok(invite_user::v3::Response::new());
+    }
+    membership(&ctx, req.room_id.as_str(), target, "invite", recipient.reason.clone()).await?;
     Ok(invite_user::v3::Response::new())
 }
 

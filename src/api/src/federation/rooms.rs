@@ -9,7 +9,8 @@ use ruma::{
         backfill::get_backfill,
         event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
         membership::{
-            create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
+            RawStrippedState, create_invite, create_join_event, create_leave_event,
+            prepare_join_event, prepare_leave_event,
         },
         transactions::send_transaction_message,
     },
@@ -17,7 +18,7 @@ use ruma::{
 use serde_json::{Value, value::RawValue};
 use trellis_core::{Error, Result};
 use trellis_service::{
-    federation::{events, membership, transactions},
+    federation::{events, invites, membership, transactions},
     rooms::Pdu,
 };
 
@@ -32,6 +33,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<create_join_event::v2::Request, _, _>(router, send_join);
     let router = ruma_route::add::<prepare_leave_event::v1::Request, _, _>(router, make_leave);
     let router = ruma_route::add::<create_leave_event::v2::Request, _, _>(router, send_leave);
+    let router = ruma_route::add::<create_invite::v2::Request, _, _>(router, invite);
     let router = ruma_route::add::<get_event::v1::Request, _, _>(router, event);
     let router = ruma_route::add::<get_room_state::v1::Request, _, _>(router, state);
     let router = ruma_route::add::<get_room_state_ids::v1::Request, _, _>(router, state_ids);
@@ -160,6 +162,34 @@ async fn send_leave(
     )
     .await?;
     Ok(create_leave_event::v2::Response::new())
+}
+
+async fn invite(ctx: Ctx, req: create_invite::v2::Request) -> Result<create_invite::v2::Response> {
+    let origin = ctx.origin()?.to_owned();
+    let state =
+        req.invite_room_state.iter().map(stripped_state_json).collect::<Result<Vec<_>>>()?;
+    let signed = invites::receive_invite(
+        &ctx.services,
+        &origin,
+        req.room_id.as_str(),
+        req.event_id.as_str(),
+        req.room_version.as_str(),
+        parse(&req.event)?,
+        state,
+    )
+    .await?;
+    Ok(create_invite::v2::Response::new(raw(&signed)?))
+}
+
+/// One entry of an invite's room state: a full PDU (Matrix 1.16 and later) or, from
+/// older servers, a stripped event.
+#[allow(deprecated)]
+fn stripped_state_json(state: &RawStrippedState) -> Result<Value> {
+    match state {
+        RawStrippedState::Pdu(pdu) => parse(pdu),
+        RawStrippedState::Stripped(raw) => parse(raw.json()),
+        _ => Err(Error::bad_json("Unknown invite room state entry")),
+    }
 }
 
 async fn event(ctx: Ctx, req: get_event::v1::Request) -> Result<get_event::v1::Response> {

@@ -107,7 +107,7 @@ fn vouched_by_us(services: &Services, content: &Value) -> bool {
 
 /// Adds this server's signature to another server's event (a restricted join it vouched
 /// for).
-fn countersign(services: &Services, rules: &RoomVersionRules, pdu: Pdu) -> Result<Pdu> {
+pub(super) fn countersign(services: &Services, rules: &RoomVersionRules, pdu: Pdu) -> Result<Pdu> {
     let mut json = (*pdu.json).clone();
     ruma::signatures::hash_and_sign_event(
         services.server_name(),
@@ -150,6 +150,53 @@ pub async fn join_remote(
     Err(last)
 }
 
+/// Asks `server` for a membership template (`make_join`, `make_leave`) and signs it:
+/// the room version and our event.
+async fn make_and_sign(
+    services: &Services,
+    server: &str,
+    user_id: &str,
+    room_id: &str,
+    membership: &str,
+    extra: &Value,
+) -> Result<(RoomVersionId, Pdu, String)> {
+    let query = if membership == "join" { supported_versions_query() } else { String::new() };
+    let path = format!(
+        "/_matrix/federation/v1/make_{membership}/{}/{}?{query}",
+        encode(room_id),
+        encode(user_id),
+    );
+    let answer = services.federation.request(server, Method::GET, &path, None).await?;
+    let version = answer["room_version"].as_str().unwrap_or("1");
+    let version = RoomVersionId::try_from(version)
+        .ok()
+        .filter(|v| v.rules().is_some())
+        .ok_or_else(|| Error::bad_json(format!("{server} offered an unsupported room version")))?;
+    let template = signed_template(&answer["event"], user_id, room_id, membership, extra)?;
+    let own: &ruma::ServerName =
+        services.server_name().try_into().map_err(|e| Error::internal("own server name", e))?;
+    let (pdu, hash) = build_pdu(&services.keys, own, &version, template)?;
+    Ok((version, pdu, hash))
+}
+
+/// Leaves a room this server is not in (rejecting an invite) through `server`.
+pub async fn leave_remote(
+    services: &Services,
+    server: &str,
+    user_id: &str,
+    room_id: &str,
+) -> Result<()> {
+    let (_, leave, _) =
+        make_and_sign(services, server, user_id, room_id, "leave", &json!({})).await?;
+    let path = format!(
+        "/_matrix/federation/v2/send_leave/{}/{}",
+        encode(room_id),
+        encode(leave.event_id.as_str())
+    );
+    services.federation.request(server, Method::PUT, &path, Some(&pdu_json(&leave))).await?;
+    Ok(())
+}
+
 async fn join_through(
     services: &Arc<Services>,
     server: &str,
@@ -158,24 +205,9 @@ async fn join_through(
     extra: &Value,
 ) -> Result<()> {
     let fed = &services.federation;
-    let path = format!(
-        "/_matrix/federation/v1/make_join/{}/{}?{}",
-        encode(room_id),
-        encode(user_id),
-        supported_versions_query()
-    );
-    let answer = fed.request(server, Method::GET, &path, None).await?;
-    let version = answer["room_version"].as_str().unwrap_or("1");
-    let version = RoomVersionId::try_from(version)
-        .ok()
-        .filter(|v| v.rules().is_some())
-        .ok_or_else(|| Error::bad_json(format!("{server} offered an unsupported room version")))?;
+    let (version, join, hash) =
+        make_and_sign(services, server, user_id, room_id, "join", extra).await?;
     let rules = version.rules().ok_or_else(|| Error::bad_json("unsupported room version"))?;
-    let template = signed_template(&answer["event"], user_id, room_id, "join", extra)?;
-    let keys = &services.keys;
-    let own: &ruma::ServerName =
-        services.server_name().try_into().map_err(|e| Error::internal("own server name", e))?;
-    let (join, hash) = build_pdu(keys, own, &version, template)?;
     let path = format!(
         "/_matrix/federation/v2/send_join/{}/{}",
         encode(room_id),
@@ -198,7 +230,9 @@ async fn join_through(
     all.extend(state);
     services.rooms.store_outliers(room_id, &version, all).await?;
     match services.rooms.import_room(room_id, &version, state_ids, join, hash).await? {
-        Intake::Accepted | Intake::Known => Ok(()),
+        Intake::Accepted | Intake::Known => {
+            super::invites::forget(services, user_id, room_id).await
+        }
         Intake::SoftFailed => Err(Error::forbidden("The join fails the room's current rules")),
         Intake::Rejected(reason) => Err(Error::forbidden(reason)),
     }

@@ -5,6 +5,7 @@ pub mod acl;
 pub mod discovery;
 pub mod edus;
 pub mod events;
+pub mod invites;
 pub mod keys;
 pub mod membership;
 pub mod pdus;

@@ -468,20 +468,7 @@ impl Timeline {
         self.check_relation(room_short, &event.sender, &event.content)?;
 
         let redacts = event.redacts.clone();
-        let template = self.template(room_id, &room, &rules, &state, event)?;
-        let (pdu, hash) = build_pdu(&self.keys, &self.server_name, &version, template)?;
-        let fetch_event = |id: &ruma::EventId| {
-            let short = self.short.get(Kind::Event, id.as_str()).ok()??;
-            self.cached(short).ok()?.map(|e| e.pdu.clone())
-        };
-        check_state_independent_auth_rules(&rules.authorization, &pdu, fetch_event)
-            .map_err(Error::forbidden)?;
-        check_state_dependent_auth_rules(
-            &rules.authorization,
-            &pdu,
-            |t: &StateEventType, k: &str| self.state_event(&state, t, k),
-        )
-        .map_err(Error::forbidden)?;
+        let (pdu, hash) = self.build_checked(room_id, &room, &state, event)?;
 
         let mut batch = Batch::new();
         if let Some(txn) = &txn_key {
@@ -511,6 +498,43 @@ impl Timeline {
         drop(_guard);
         self.publish(room_id, pending, &pdu).await?;
         Ok(pdu)
+    }
+
+    /// Builds, signs and authorizes the next event of a room against `state` (its current
+    /// state), without storing it.
+    fn build_checked(
+        &self,
+        room_id: &str,
+        room: &RoomRecord,
+        state: &StateSet,
+        event: NewEvent,
+    ) -> Result<(Pdu, String)> {
+        let (version, rules) = room.rules()?;
+        let template = self.template(room_id, room, &rules, state, event)?;
+        let (pdu, hash) = build_pdu(&self.keys, &self.server_name, &version, template)?;
+        let fetch_event = |id: &ruma::EventId| {
+            let short = self.short.get(Kind::Event, id.as_str()).ok()??;
+            self.cached(short).ok()?.map(|e| e.pdu.clone())
+        };
+        check_state_independent_auth_rules(&rules.authorization, &pdu, fetch_event)
+            .map_err(Error::forbidden)?;
+        check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |t: &StateEventType, k: &str| self.state_event(state, t, k),
+        )
+        .map_err(Error::forbidden)?;
+        Ok((pdu, hash))
+    }
+
+    /// The next event of a room, built and authorized but not stored: for events another
+    /// server must countersign first (invites).
+    pub fn prepare(&self, room_id: &str, event: NewEvent) -> Result<(Pdu, String)> {
+        let (room_short, room) =
+            self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        self.check_relation(room_short, &event.sender, &event.content)?;
+        let state = self.state_at(room.state)?;
+        self.build_checked(room_id, &room, &state, event)
     }
 
     /// Runs the append hook for a stored event, then makes it durable and visible.
