@@ -503,3 +503,185 @@ async fn invites_cross_servers_and_can_be_accepted_or_rejected() {
         .await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
 }
+
+/// Acting as server B (with B's own signing key): an X-Matrix signed request to A.
+async fn send_as(
+    from: &Peer,
+    keys: &trellis_service::ServerKeys,
+    to: &Peer,
+    ca: &std::path::Path,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let mut signing: ruma::CanonicalJsonObject = serde_json::from_value(json!({
+        "method": "PUT", "uri": path, "origin": from.name, "destination": to.name, "content": body,
+    }))
+    .unwrap();
+    keys.sign_json(&mut signing).unwrap();
+    let sig = signing["signatures"].as_object().unwrap()[&from.name].as_object().unwrap()
+        [keys.key_id()]
+    .as_str()
+    .unwrap()
+    .to_owned();
+    let header = format!(
+        "X-Matrix origin=\"{}\",destination=\"{}\",key=\"{}\",sig=\"{sig}\"",
+        from.name,
+        to.name,
+        keys.key_id()
+    );
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let resp = client
+        .put(format!("https://{}{path}", to.name))
+        .header("Authorization", header)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    common::json_of(resp).await
+}
+
+#[tokio::test]
+async fn a_peer_sending_garbage_gets_errors_while_the_room_stays_correct() {
+    use trellis_service::rooms::{EventRef, PduTemplate, build_pdu};
+
+    let (a, b) = pair().await;
+    let (_, alice_token) = a.server.register("alice").await;
+    let (bob, bob_token) = b.server.register("bob").await;
+    let room = a.server.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let room_path = common::urlencode(&room);
+    let (status, body) = b
+        .server
+        .post_auth(
+            &format!("/_matrix/client/v3/join/{room_path}?server_name={}", a.name),
+            &bob_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // What B's next events build on, as A sees the room.
+    let (_, state) = a
+        .server
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room_path}/state"), &alice_token)
+        .await;
+    let id_of = |kind: &str, key: &str| -> String {
+        state
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"] == kind && e["state_key"] == key)
+            .unwrap()["event_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let auth: Vec<EventRef> = [
+        id_of("m.room.create", ""),
+        id_of("m.room.power_levels", ""),
+        id_of("m.room.member", &bob),
+    ]
+    .into_iter()
+    .map(|event_id| EventRef { event_id, sha256: String::new() })
+    .collect();
+    let latest = id_of("m.room.member", &bob);
+    let keys = trellis_service::ServerKeys::load_or_generate(
+        &b.server.data_dir().join("signing.key"),
+        &b.name,
+        24,
+    )
+    .unwrap();
+    let server: &ruma::ServerName = b.name.as_str().try_into().unwrap();
+    let version = ruma::RoomVersionId::V11;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let event = |kind: &str, state_key: Option<&str>, content: Value| {
+        let template = PduTemplate {
+            room_id: Some(room.clone()),
+            sender: bob.clone(),
+            kind: kind.into(),
+            state_key: state_key.map(str::to_owned),
+            content,
+            redacts: None,
+            prev_events: vec![EventRef { event_id: latest.clone(), sha256: String::new() }],
+            auth_events: auth.clone(),
+            depth: 100,
+            origin_server_ts: now_ms,
+        };
+        let (pdu, _) = build_pdu(&keys, server, &version, template).unwrap();
+        (pdu.event_id.to_string(), serde_json::to_value(&*pdu.json).unwrap())
+    };
+    let (good_id, good) =
+        event("m.room.message", None, json!({"msgtype": "m.text", "body": "legit"}));
+    let (forged_id, mut forged) = event("m.room.message", None, json!({"body": "forged"}));
+    let sigs = forged["signatures"][&b.name].as_object_mut().unwrap();
+    for sig in sigs.values_mut() {
+        *sig = json!("A".repeat(86));
+    }
+    let (unsigned_id, mut unsigned) = event("m.room.message", None, json!({"body": "unsigned"}));
+    unsigned.as_object_mut().unwrap().remove("signatures");
+    let (coup_id, coup) =
+        event("m.room.power_levels", Some(""), json!({"users": {&bob: 100}, "users_default": 0}));
+    let (tampered_id, mut tampered) = event("m.room.message", None, json!({"body": "original"}));
+    tampered["content"]["body"] = json!("tampered");
+    let malformed = json!({"room_id": room, "type": "m.room.message", "sender": bob});
+
+    let txn = json!({
+        "origin": b.name,
+        "origin_server_ts": now_ms,
+        "pdus": [good, forged, unsigned, coup, tampered, malformed],
+    });
+    let ca = a._certs.path().join("ca.pem");
+    let (status, answer) =
+        send_as(&b, &keys, &a, &ca, "/_matrix/federation/v1/send/t1", &txn).await;
+    assert_eq!(status, 200, "{answer}");
+    let results = &answer["pdus"];
+    assert_eq!(results[&good_id], json!({}), "{answer}");
+    for refused in [&forged_id, &unsigned_id, &coup_id] {
+        assert!(results[refused]["error"].is_string(), "{refused}: {answer}");
+    }
+    // A content hash mismatch is redacted, not dropped: the event stays in the DAG.
+    assert_eq!(results[&tampered_id], json!({}), "{answer}");
+
+    // Alice sees the legitimate message, the tampered one without its content, and
+    // nothing of the rest; the power levels are unchanged.
+    wait_for_event(&a.server, &alice_token, &room, text_is("legit")).await;
+    let (status, ev) = a
+        .server
+        .get_auth(
+            &format!(
+                "/_matrix/client/v3/rooms/{room_path}/event/{}",
+                common::urlencode(&tampered_id)
+            ),
+            &alice_token,
+        )
+        .await;
+    assert_eq!(status, 200, "{ev}");
+    assert!(ev["content"].get("body").is_none(), "redacted: {ev}");
+    for hidden in [&forged_id, &unsigned_id, &coup_id] {
+        let path =
+            format!("/_matrix/client/v3/rooms/{room_path}/event/{}", common::urlencode(hidden));
+        let (status, _) = a.server.get_auth(&path, &alice_token).await;
+        assert_eq!(status, 404, "{hidden}");
+    }
+    let (_, levels) = a
+        .server
+        .get_auth(
+            &format!("/_matrix/client/v3/rooms/{room_path}/state/m.room.power_levels/"),
+            &alice_token,
+        )
+        .await;
+    assert!(levels["users"].get(&bob).is_none(), "{levels}");
+
+    // The same transaction id again gets the same answer; a body claiming another origin
+    // than the signature is refused.
+    let (status, again) = send_as(&b, &keys, &a, &ca, "/_matrix/federation/v1/send/t1", &txn).await;
+    assert_eq!((status, &again), (200, &answer));
+    let mut lying = txn.clone();
+    lying["origin"] = json!("evil.example");
+    let (status, body) =
+        send_as(&b, &keys, &a, &ca, "/_matrix/federation/v1/send/t2", &lying).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+}
