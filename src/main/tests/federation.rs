@@ -36,17 +36,24 @@ async fn peer() -> Peer {
     Peer { server, name, _certs: certs }
 }
 
-/// Two servers whose certificates come from one CA.
-async fn pair() -> (Peer, Peer) {
+/// `n` servers whose certificates come from one CA (the first peer keeps the CA).
+async fn peers(n: usize) -> Vec<Peer> {
     let certs = tempfile::tempdir().unwrap();
     mint_certificates(certs.path());
-    let (a_server, a_name) = server_with(certs.path()).await;
-    let (b_server, b_name) = server_with(certs.path()).await;
-    let keep = tempfile::tempdir().unwrap();
-    (
-        Peer { server: a_server, name: a_name, _certs: certs },
-        Peer { server: b_server, name: b_name, _certs: keep },
-    )
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let (server, name) = server_with(certs.path()).await;
+        out.push(Peer { server, name, _certs: tempfile::tempdir().unwrap() });
+    }
+    out[0]._certs = certs;
+    out
+}
+
+/// Two servers whose certificates come from one CA.
+async fn pair() -> (Peer, Peer) {
+    let mut both = peers(2).await;
+    let b = both.pop().unwrap();
+    (both.pop().unwrap(), b)
 }
 
 #[tokio::test]
@@ -593,10 +600,9 @@ async fn a_peer_sending_garbage_gets_errors_while_the_room_stays_correct() {
     .unwrap();
     let server: &ruma::ServerName = b.name.as_str().try_into().unwrap();
     let version = ruma::RoomVersionId::V11;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as u64;
     let event = |kind: &str, state_key: Option<&str>, content: Value| {
         let template = PduTemplate {
             room_id: Some(room.clone()),
@@ -684,4 +690,101 @@ async fn a_peer_sending_garbage_gets_errors_while_the_room_stays_correct() {
     let (status, body) =
         send_as(&b, &keys, &a, &ca, "/_matrix/federation/v1/send/t2", &lying).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+}
+
+/// The current state of a room as one server's client sees it: (type, state_key) ->
+/// event id, for comparing servers.
+async fn state_ids(
+    server: &TestServer,
+    token: &str,
+    room: &str,
+) -> std::collections::BTreeMap<(String, String), String> {
+    let path = format!("/_matrix/client/v3/rooms/{}/state", common::urlencode(room));
+    let (status, state) = server.get_auth(&path, token).await;
+    assert_eq!(status, 200, "{state}");
+    state
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let key = (
+                e["type"].as_str().unwrap().to_owned(),
+                e["state_key"].as_str().unwrap().to_owned(),
+            );
+            (key, e["event_id"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_netsplit_heals_with_the_same_state_on_every_server() {
+    let mut all = peers(3).await;
+    let (alice, alice_token) = all[0].server.register("alice").await;
+    let (bob, bob_token) = all[1].server.register("bob").await;
+    let (carol, carol_token) = all[2].server.register("carol").await;
+    let room = all[0].server.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let room_path = common::urlencode(&room);
+    // Everyone may change the name and topic.
+    let levels = format!("/_matrix/client/v3/rooms/{room_path}/state/m.room.power_levels/");
+    let (_, mut pl) = all[0].server.get_auth(&levels, &alice_token).await;
+    pl["events"]["m.room.name"] = json!(0);
+    pl["events"]["m.room.topic"] = json!(0);
+    let (status, _) = all[0].server.put_auth(&levels, &alice_token, &pl).await;
+    assert_eq!(status, 200);
+    let a_name = all[0].name.clone();
+    for (peer, token) in [(&all[1], &bob_token), (&all[2], &carol_token)] {
+        let (status, body) = peer
+            .server
+            .post_auth(
+                &format!("/_matrix/client/v3/join/{room_path}?server_name={a_name}"),
+                token,
+                &json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    all[1].server.send_text(&bob_token, &room, "before the split").await;
+    wait_for_event(&all[2].server, &carol_token, &room, text_is("before the split")).await;
+
+    // C goes down hard; A and B carry on, changing state.
+    all[2].server.kill9();
+    all[0].server.send_text(&alice_token, &room, "during the split").await;
+    let name = format!("/_matrix/client/v3/rooms/{room_path}/state/m.room.name/");
+    let (status, _) =
+        all[1].server.put_auth(&name, &bob_token, &json!({"name": "Named by B"})).await;
+    assert_eq!(status, 200);
+    wait_for_event(&all[0].server, &alice_token, &room, |e| e["type"] == "m.room.name").await;
+
+    // C comes back and, before it has heard anything, changes the topic on its own branch.
+    all[2].server.launch().await;
+    let topic = format!("/_matrix/client/v3/rooms/{room_path}/state/m.room.topic/");
+    let (status, _) =
+        all[2].server.put_auth(&topic, &carol_token, &json!({"topic": "Topic from C"})).await;
+    assert_eq!(status, 200);
+    all[2].server.send_text(&carol_token, &room, "after the split").await;
+
+    // Everything reaches everyone, and the branches resolve to one state everywhere.
+    wait_for_event(&all[2].server, &carol_token, &room, text_is("during the split")).await;
+    wait_for_event(&all[0].server, &alice_token, &room, text_is("after the split")).await;
+    wait_for_event(&all[1].server, &bob_token, &room, text_is("after the split")).await;
+    let tokens = [&alice_token, &bob_token, &carol_token];
+    let mut states = Vec::new();
+    for _ in 0..50 {
+        states.clear();
+        for (peer, token) in all.iter().zip(tokens) {
+            states.push(state_ids(&peer.server, token, &room).await);
+        }
+        if states.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "states differ: {states:#?}");
+    let (_, n) = all[2].server.get_auth(&name, &carol_token).await;
+    assert_eq!(n["name"], "Named by B");
+    let (_, t) = all[0].server.get_auth(&topic, &alice_token).await;
+    assert_eq!(t["topic"], "Topic from C");
+    for user in [&alice, &bob, &carol] {
+        assert!(states[0].contains_key(&("m.room.member".to_owned(), user.clone())));
+    }
 }

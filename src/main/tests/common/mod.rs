@@ -87,7 +87,7 @@ impl TestServer {
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("TEST_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -202,7 +202,8 @@ fn wake(services: &Arc<Services>, dest: &str) {
     }
     let worker = Arc::new(Worker::default());
     workers.insert(dest.to_owned(), worker.clone());
-    let span = tracing::info_span!("federation_sender", destination = dest);
+    // Detached from whatever request queued the first item: the worker outlives it.
+    let span = tracing::info_span!(parent: None, "federation_sender", destination = dest);
     tokio::spawn(run(Arc::downgrade(services), dest.to_owned(), worker).instrument(span));
 }
 

@@ -98,7 +98,9 @@ impl StateSnapshots {
             removed: Vec::new(),
         };
         let layer = match parent {
-            Some((parent_id, parent_state)) => {
+            // A parent saved in the same uncommitted batch is not readable yet: such a
+            // state (made when a fork is resolved) is stored whole.
+            Some((parent_id, parent_state)) if SNAPSHOTS.get(&*self.db, &parent_id)?.is_some() => {
                 let parent_depth = self.layer(parent_id)?.depth;
                 let set: Vec<(u64, u64)> = state
                     .iter()
@@ -114,7 +116,7 @@ impl StateSnapshots {
                     full
                 }
             }
-            None => full,
+            _ => full,
         };
         SNAPSHOTS.put(batch, &id, &Json(layer));
         Ok(id)
