@@ -76,11 +76,14 @@ impl Timeline {
     /// `None` when one is missing.
     fn auth_state(
         &self,
+        rules: &RoomVersionRules,
         pdu: &Pdu,
         extra: &HashMap<OwnedEventId, Pdu>,
     ) -> Option<HashMap<(StateEventType, String), Pdu>> {
         let mut state = HashMap::new();
-        for id in &pdu.auth_events {
+        // From room version 12 the create event is not listed: the room id names it.
+        let create = create_event_id(rules, pdu);
+        for id in pdu.auth_events.iter().chain(create.iter()) {
             let event = extra.get(id).cloned().or_else(|| self.stored_pdu(id))?;
             if event.rejected {
                 continue;
@@ -104,7 +107,7 @@ impl Timeline {
         if pdu.kind == TimelineEventType::RoomCreate {
             return Ok(());
         }
-        let state = self.auth_state(pdu, extra).ok_or("missing auth events")?;
+        let state = self.auth_state(rules, pdu, extra).ok_or("missing auth events")?;
         check_state_dependent_auth_rules(
             &rules.authorization,
             pdu,
@@ -264,6 +267,9 @@ impl Timeline {
                 remaining.push((pdu, hash));
             }
         }
+        // Auth events come before the events they authorize (lower depth, the create
+        // event first), so one pass usually stores everything.
+        remaining.sort_by_key(|(pdu, _)| (pdu.kind != TimelineEventType::RoomCreate, pdu.depth));
         let mut done: HashMap<OwnedEventId, Pdu> = HashMap::new();
         let mut accepted = 0;
         // Each pass stores the events whose auth events are all known; a chain of n
@@ -272,10 +278,11 @@ impl Timeline {
             let before = remaining.len();
             let mut next = Vec::new();
             for (mut pdu, hash) in remaining {
-                let ready = pdu
-                    .auth_events
-                    .iter()
-                    .all(|id| done.contains_key(id) || self.is_known(id.as_str()).unwrap_or(false));
+                let implied = create_event_id(&rules, &pdu);
+                let ready =
+                    pdu.auth_events.iter().chain(implied.iter()).all(|id| {
+                        done.contains_key(id) || self.is_known(id.as_str()).unwrap_or(false)
+                    });
                 if !ready {
                     next.push((pdu, hash));
                     continue;
@@ -591,6 +598,18 @@ impl Timeline {
         }
         Ok(out)
     }
+}
+
+/// The create event a room version 12+ event implies (its room id is the create
+/// event's id); `None` for earlier versions and for the create event itself.
+fn create_event_id(rules: &RoomVersionRules, pdu: &Pdu) -> Option<OwnedEventId> {
+    if !rules.authorization.room_create_event_id_as_room_id
+        || pdu.kind == TimelineEventType::RoomCreate
+    {
+        return None;
+    }
+    let room_id = pdu.room_id.as_ref()?;
+    OwnedEventId::try_from(format!("${}", room_id.as_str().trim_start_matches('!'))).ok()
 }
 
 /// `content.redacts` of a room version 11+ redaction.
