@@ -788,3 +788,47 @@ async fn a_netsplit_heals_with_the_same_state_on_every_server() {
         assert!(states[0].contains_key(&("m.room.member".to_owned(), user.clone())));
     }
 }
+
+#[tokio::test]
+async fn history_from_before_a_join_is_backfilled_from_the_other_server() {
+    let (a, b) = pair().await;
+    let (_, alice_token) = a.server.register("alice").await;
+    let (_, bob_token) = b.server.register("bob").await;
+    let room = a.server.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let room_path = common::urlencode(&room);
+    for i in 0..30 {
+        a.server.send_text(&alice_token, &room, &format!("early {i}")).await;
+    }
+    let (status, body) = b
+        .server
+        .post_auth(
+            &format!("/_matrix/client/v3/join/{room_path}?server_name={}", a.name),
+            &bob_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // B has only Bob's join; paging back fetches the rest from A, oldest last.
+    let mut bodies = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..10 {
+        let mut path = format!("/_matrix/client/v3/rooms/{room_path}/messages?dir=b&limit=20");
+        if let Some(f) = &from {
+            path.push_str(&format!("&from={f}"));
+        }
+        let (status, page) = b.server.get_auth(&path, &bob_token).await;
+        assert_eq!(status, 200, "{page}");
+        for e in page["chunk"].as_array().unwrap() {
+            if let Some(body) = e["content"]["body"].as_str() {
+                bodies.push(body.to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..30).rev().map(|i| format!("early {i}")).collect();
+    assert_eq!(bodies, expected);
+}

@@ -26,6 +26,8 @@ use trellis_core::{Error, Result};
 use trellis_service::rooms::{Pdu, filter};
 
 use super::events::{Viewer, client_event, to_raw};
+use trellis_service::federation::backfill;
+
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -98,8 +100,24 @@ async fn messages(
         Direction::Backward => {
             let from = from.unwrap_or_else(|| rooms.stream.visible() + 1);
             let lo = to.map_or(Unbounded, Included);
-            let page = rooms.scan_timeline(room_id, lo, Excluded(from), false, limit, accept)?;
-            let end = page.last.filter(|_| page.more).map(|p| format!("t{p}"));
+            let mut page =
+                rooms.scan_timeline(room_id, lo, Excluded(from), false, limit, accept)?;
+            // The start of what this server has is not the start of the room: ask
+            // another server in it for the history before (once per page).
+            if !page.more && page.events.len() < limit && to.is_none() {
+                let wanted = limit - page.events.len();
+                let fetched = backfill::backfill(&ctx.services, room_id, wanted).await;
+                if fetched.as_ref().is_ok_and(|n| *n > 0) {
+                    page =
+                        rooms.scan_timeline(room_id, lo, Excluded(from), false, limit, accept)?;
+                }
+            }
+            // More may be had from other servers even when nothing more is here.
+            let more = page.more
+                || (to.is_none()
+                    && page.last.is_some()
+                    && backfill::more_remote(&ctx.services, room_id)?);
+            let end = page.last.filter(|_| more).map(|p| format!("t{p}"));
             (from, page, end)
         }
         Direction::Forward => {

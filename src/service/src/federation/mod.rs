@@ -2,6 +2,7 @@
 //! (`keys`), and requests signed and verified with X-Matrix authorization.
 
 pub mod acl;
+pub mod backfill;
 pub mod discovery;
 pub mod edus;
 pub mod events;

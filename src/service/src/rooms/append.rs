@@ -97,7 +97,7 @@ pub struct StoredEvent {
 
 const ROOMS: Table<u64, Json<RoomRecord>> = Table::new(&catalog::ROOMS);
 pub(super) const EVENTS: Table<u64, Json<StoredEvent>> = Table::new(&catalog::EVENTS);
-const TIMELINE: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
+pub(super) const TIMELINE: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 const ROOM_MEMBERS: Table<(u64, String), String> = Table::new(&catalog::ROOM_MEMBERS);
 const USER_ROOMS: Table<(String, u64), String> = Table::new(&catalog::USER_ROOMS);
 const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TXN_IDS);

@@ -19,11 +19,11 @@ use ruma::{
 };
 use serde_json::Value;
 use trellis_core::{Error, Result};
-use trellis_store::{Batch, Json};
+use trellis_store::{Batch, Direction, Json};
 
 use super::{
     Pdu,
-    append::{EVENTS, Placement, StoredEvent, Timeline},
+    append::{EVENTS, Placement, StoredEvent, TIMELINE, Timeline},
     resolve::{resolve_states, soft_fail},
     short::{Kind, state_key_text},
     state::StateSet,
@@ -506,6 +506,11 @@ impl Timeline {
         // The state must be stored before the join can be layered on it.
         let before_id = self.snapshots.save(&mut batch, None, &set)?;
         self.states.insert(before_id, Arc::new(set.clone()));
+        if let Some(event) = self.state_event(&set, &StateEventType::RoomHistoryVisibility, "") {
+            let content: Value = serde_json::from_str(event.content.get()).unwrap_or_default();
+            let visibility = content["history_visibility"].as_str().unwrap_or("shared");
+            self.log_imported_visibility(&mut batch, room_short, visibility);
+        }
         for ev in set.values() {
             if let Some(event) = self.cached(*ev)?
                 && event.pdu.kind == TimelineEventType::RoomMember
@@ -534,6 +539,53 @@ impl Timeline {
         drop(guard);
         self.publish(room_id, pending, &join).await?;
         Ok(Intake::Accepted)
+    }
+
+    /// The oldest event of a room's timeline here, with its position.
+    pub fn oldest_event(&self, room_id: &str) -> Result<Option<(u64, Pdu)>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
+        let first =
+            TIMELINE.scan_prefix(&*self.db, &room, Direction::Forward)?.next().transpose()?;
+        let Some(((_, position), short)) = first else { return Ok(None) };
+        Ok(self.pdu_by_short(short)?.map(|pdu| (position, pdu)))
+    }
+
+    /// Gives events fetched from another server's history (already stored as outliers
+    /// by [`Self::store_outliers`]) places in the timeline before `below`, newest first,
+    /// so that paginating backwards reaches them. Returns how many were placed.
+    pub async fn place_backfilled(
+        &self,
+        room_id: &str,
+        newest_first: &[OwnedEventId],
+        below: u64,
+    ) -> Result<usize> {
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        let Some(room_short) = self.short.get(Kind::Room, room_id)? else { return Ok(0) };
+        let mut batch = Batch::new();
+        let mut position = below;
+        let mut placed = Vec::new();
+        for id in newest_first {
+            let Some(short) = self.short.get(Kind::Event, id.as_str())? else { continue };
+            let Some(Json(mut stored)) = EVENTS.get(&*self.db, &short)? else { continue };
+            if stored.rejected || stored.position != 0 || stored.room != room_short || position <= 1
+            {
+                continue;
+            }
+            position -= 1;
+            stored.position = position;
+            let Some(pdu) = self.pdu_by_short(short)? else { continue };
+            let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
+            self.log_event(&mut batch, room_short, short, position, &pdu, &content);
+            TIMELINE.put(&mut batch, &(room_short, position), &short);
+            EVENTS.put(&mut batch, &short, &Json(stored));
+            placed.push(short);
+        }
+        commit(&self.db, batch).await?;
+        for short in &placed {
+            self.cache.invalidate(*short);
+        }
+        Ok(placed.len())
     }
 
     /// The state before a stored timeline event, as event ids.

@@ -19,6 +19,9 @@ const RESERVE_BLOCK: u64 = 10_000;
 const META: Table<String, u64> = Table::new(&catalog::META);
 const RESERVED_KEY: &str = "stream_reserved";
 
+/// Stream positions below this are for backfilled history (see [`StreamPositions::persistent`]).
+pub const BACKFILL_SPACE: u64 = 1 << 32;
+
 pub struct StreamPositions {
     inner: Mutex<Inner>,
     visible_tx: watch::Sender<u64>,
@@ -110,9 +113,11 @@ impl StreamPositions {
 
     /// Positions backed by reservations in `db`: resumes above both `floor` (the highest
     /// position found in the data) and the last reservation.
+    /// Positions start above this, leaving the room below for history fetched from
+    /// other servers (backfill), which is placed before a room's first local event.
     pub fn persistent(db: Db, floor: u64) -> trellis_core::Result<Self> {
         let reserved = META.get(&*db, &RESERVED_KEY.to_owned())?.unwrap_or(0);
-        let start = floor.max(reserved);
+        let start = floor.max(reserved).max(BACKFILL_SPACE);
         let (visible_tx, _) = watch::channel(start);
         Ok(Self {
             inner: Mutex::new(Inner {

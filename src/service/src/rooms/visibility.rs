@@ -161,6 +161,12 @@ impl Timeline {
         }
     }
 
+    /// The history visibility a room had when this server joined it over federation
+    /// (its state then came whole, not as logged events): in force from the start.
+    pub(super) fn log_imported_visibility(&self, batch: &mut Batch, room: u64, visibility: &str) {
+        VISIBILITY_LOG.put(batch, &(room, 0), &visibility.to_owned());
+    }
+
     /// What one user may see of one room, loaded once: a page of history is then
     /// checked in memory. A user's membership changes and a room's visibility changes
     /// are few, so both lists are small.
