@@ -29,7 +29,35 @@ impl Timeline {
         let Some(stored) = self.event(pdu.event_id.as_str())? else {
             return Ok(StateSet::new());
         };
+        if stored.state_before == 0 {
+            // Backfilled history comes without its state: show it with the earliest
+            // state known here, that of the first later event that has one.
+            return self.earliest_state_after(stored.room, stored.position);
+        }
         Ok((*self.state_at(stored.state_before)?).clone())
+    }
+
+    fn earliest_state_after(&self, room: u64, position: u64) -> Result<StateSet> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let rows = super::append::TIMELINE.scan_range(
+            &*self.db,
+            Excluded(&(room, position)),
+            Unbounded,
+            trellis_store::Direction::Forward,
+        )?;
+        for row in rows.take(super::append::SCAN_CAP) {
+            let ((r, _), short) = row?;
+            if r != room {
+                break;
+            }
+            if let Some(trellis_store::Json(stored)) =
+                super::append::EVENTS.get(&*self.db, &short)?
+                && stored.state_before != 0
+            {
+                return Ok((*self.state_at(stored.state_before)?).clone());
+            }
+        }
+        Ok(StateSet::new())
     }
 
     /// The state just after `pdu` (its own change included).
