@@ -13,7 +13,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Common, summary};
+use super::{Api, Common, ServerProbe, rss_mb, summary};
 
 #[derive(Args)]
 pub struct MediaArgs {
@@ -54,18 +54,6 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 fn round(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
-}
-
-fn rss_mb(pid: Option<u32>) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(round(kb / 1024.0))
 }
 
 /// Best and median of throughputs in MB/s.
@@ -149,14 +137,11 @@ fn jpeg(megapixels: f64) -> Result<Vec<u8>, String> {
 }
 
 pub async fn media(args: MediaArgs) -> Result<Value, String> {
-    let base = args.common.base_url.trim_end_matches('/').to_owned();
     let pid = args.common.server_pid;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients + 4)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let name = format!("bench_media_{}", std::process::id());
-    let token = super::sync::register(&client, &base, &name).await?;
+    let api = Api::new(&args.common, args.clients)?;
+    let (client, base) = (api.client.clone(), api.base.clone());
+    let token = api.register(&format!("bench_media_{}", std::process::id())).await?;
+    let probe = ServerProbe::start(pid);
     let size = args.size_mb * 1024 * 1024;
     let data = noise(size, 1);
     let scratch = args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -217,6 +202,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
 
     // Memory while `clients` upload at once, bodies generated as they are sent.
     let mut memory = json!(null);
+    let mut errors = 0;
     if args.clients > 0 {
         let before = rss_mb(pid);
         let started = Instant::now();
@@ -237,7 +223,6 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
             peak = peak.max(rss_mb(pid).unwrap_or(0.0));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut errors = 0;
         for u in uploads {
             if !matches!(u.await, Ok(Ok(_))) {
                 errors += 1;
@@ -268,5 +253,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
             "stored_size": summary(&mut stored),
         },
         "concurrent_uploads": memory,
+        "errors": errors,
+        "server": probe.report(),
     }))
 }
