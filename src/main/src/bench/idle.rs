@@ -99,12 +99,14 @@ pub(crate) fn hold_polls(
 }
 
 impl HeldPolls {
-    /// Waits for the polls to end at `stop`; returns (lost, answered).
-    pub async fn finish(self) -> (usize, usize) {
+    /// Ends the polls now; returns how many were lost, answered, and still held.
+    pub async fn finish(self) -> (usize, usize, usize) {
+        let held = self.tasks.iter().filter(|t| !t.is_finished()).count();
         for task in self.tasks {
+            task.abort();
             let _ = task.await;
         }
-        (self.lost.load(Relaxed), self.answered.load(Relaxed))
+        (self.lost.load(Relaxed), self.answered.load(Relaxed), held)
     }
 }
 
@@ -128,12 +130,7 @@ pub async fn idle(args: IdleArgs) -> Result<Value, String> {
     let (mut under_load, failed) = whoami_probes(&api, &prober, args.probes, interval).await;
     errors += failed;
     let cpu = probe.cpu();
-    // Every poll still held has survived: stop them now instead of at the margin's end.
-    let still_held = held.tasks.iter().filter(|t| !t.is_finished()).count();
-    for task in &held.tasks {
-        task.abort();
-    }
-    let (lost, answered) = held.finish().await;
+    let (lost, answered, still_held) = held.finish().await;
     Ok(json!({
         "scenario": "idle",
         "params": {"connections": args.connections, "users": args.users, "probes": args.probes,

@@ -163,15 +163,22 @@ pub async fn incremental_sync(args: IncrementalSyncArgs) -> Result<Value, String
 /// Message bodies the sender sent, by body, with the moment each send started.
 type SentAt = Arc<Mutex<HashMap<String, Instant>>>;
 
-/// One receiver: long-polls until `stop`, noting when each tagged message arrives.
-async fn receive(api: Api, token: String, sent_at: SentAt, stop: Instant) -> Vec<Duration> {
+/// One receiver: long-polls until it has seen `expected` messages or `stop` comes,
+/// noting when each tagged message arrives.
+async fn receive(
+    api: Api,
+    token: String,
+    sent_at: SentAt,
+    expected: usize,
+    stop: Instant,
+) -> Vec<Duration> {
     let mut latencies = Vec::new();
     // A filter with room for every message of one poll, so none is cut off the timeline.
     let filter = "filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A100%7D%7D%7D";
     let Ok(mut since) = api.sync(&token, filter).await.and_then(|b| next_batch(&b)) else {
         return latencies;
     };
-    while Instant::now() < stop {
+    while Instant::now() < stop && latencies.len() < expected {
         let query = format!("{filter}&since={since}&timeout=5000");
         let Ok(body) = api.sync(&token, &query).await else { break };
         let received = Instant::now();
@@ -209,13 +216,16 @@ pub async fn delivery(args: DeliveryArgs) -> Result<Value, String> {
     }
 
     let sent_at: SentAt = Arc::default();
+    let total = args.rate * args.seconds;
     let tasks: Vec<_> = receivers
         .into_iter()
-        .map(|token| tokio::spawn(receive(api.clone(), token, sent_at.clone(), stop)))
+        .map(|token| {
+            let receiver = receive(api.clone(), token, sent_at.clone(), total as usize, stop);
+            tokio::spawn(receiver)
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let probe = ServerProbe::start(args.common.server_pid);
-    let total = args.rate * args.seconds;
     let start = tokio::time::Instant::now();
     let mut send_errors = 0usize;
     let mut send_latency = Vec::with_capacity(total as usize);
@@ -241,7 +251,7 @@ pub async fn delivery(args: DeliveryArgs) -> Result<Value, String> {
     for t in tasks {
         delivered.extend(t.await.map_err(|e| e.to_string())?);
     }
-    let (idle_lost, _) = held.finish().await;
+    let (idle_lost, _, _) = held.finish().await;
     let expected = total as usize * args.receivers;
     Ok(json!({
         "scenario": "delivery",
