@@ -88,12 +88,15 @@ async fn upload(
     base: &str,
     token: &str,
     body: reqwest::Body,
+    length: usize,
     content_type: &str,
 ) -> Result<String, String> {
+    // Streamed bodies get a length too: Synapse refuses uploads without one.
     let resp = client
         .post(format!("{base}/_matrix/media/v3/upload"))
         .bearer_auth(token)
         .header("content-type", content_type)
+        .header("content-length", length)
         .body(body)
         .send()
         .await
@@ -153,7 +156,8 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
         let mut bytes = data.clone();
         bytes[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
         let started = Instant::now();
-        let path = upload(&client, &base, &token, Bytes::from(bytes).into(), "video/mp4").await?;
+        let path =
+            upload(&client, &base, &token, Bytes::from(bytes).into(), size, "video/mp4").await?;
         up.push(size as f64 / MB / started.elapsed().as_secs_f64());
         let started = Instant::now();
         let url = format!("{base}/_matrix/client/v1/media/download/{path}");
@@ -168,7 +172,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
     // new sizes once the rendition exists, then stored sizes.
     let jpeg = jpeg(args.megapixels)?;
     let jpeg_bytes = jpeg.len();
-    let photo = upload(&client, &base, &token, jpeg.into(), "image/jpeg").await?;
+    let photo = upload(&client, &base, &token, jpeg.into(), jpeg_bytes, "image/jpeg").await?;
     let thumb = |w: u32, h: u32| {
         format!(
             "{base}/_matrix/client/v1/media/thumbnail/{photo}?width={w}&height={h}&method=scale"
@@ -215,7 +219,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
             }));
             uploads.push(tokio::spawn(async move {
                 let body = reqwest::Body::wrap_stream(chunks);
-                upload(&client, &base, &token, body, "application/octet-stream").await
+                upload(&client, &base, &token, body, size, "application/octet-stream").await
             }));
         }
         let mut peak = before.unwrap_or(0.0);
@@ -224,8 +228,16 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         for u in uploads {
-            if !matches!(u.await, Ok(Ok(_))) {
-                errors += 1;
+            match u.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    errors += 1;
+                    eprintln!("concurrent upload: {e}");
+                }
+                Err(e) => {
+                    errors += 1;
+                    eprintln!("concurrent upload: {e}");
+                }
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
