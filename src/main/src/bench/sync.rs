@@ -162,39 +162,42 @@ pub async fn incremental_sync(args: IncrementalSyncArgs) -> Result<Value, String
 
 /// Message bodies the sender sent, by body, with the moment each send started.
 type SentAt = Arc<Mutex<HashMap<String, Instant>>>;
+/// Delivery latencies noted by all receivers.
+type Delivered = Arc<Mutex<Vec<Duration>>>;
 
-/// One receiver: long-polls until it has seen `expected` messages or `stop` comes,
-/// noting when each tagged message arrives.
-async fn receive(
-    api: Api,
-    token: String,
-    sent_at: SentAt,
-    expected: usize,
-    stop: Instant,
-) -> Vec<Duration> {
-    let mut latencies = Vec::new();
+/// Time receivers are given after the last send's answer to see the last messages.
+const DELIVERY_GRACE: Duration = Duration::from_secs(5);
+
+/// One receiver: long-polls until it has seen `expected` messages (or is stopped), noting
+/// when each tagged message arrives.
+async fn receive(api: Api, token: String, sent_at: SentAt, delivered: Delivered, expected: usize) {
     // A filter with room for every message of one poll, so none is cut off the timeline.
     let filter = "filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A100%7D%7D%7D";
-    let Ok(mut since) = api.sync(&token, filter).await.and_then(|b| next_batch(&b)) else {
-        return latencies;
+    let mut since = match api.sync(&token, filter).await.and_then(|b| next_batch(&b)) {
+        Ok(since) => since,
+        Err(e) => return eprintln!("receiver: {e}"),
     };
-    while Instant::now() < stop && latencies.len() < expected {
+    let mut seen = 0;
+    while seen < expected {
         let query = format!("{filter}&since={since}&timeout=5000");
-        let Ok(body) = api.sync(&token, &query).await else { break };
+        let body = match api.sync(&token, &query).await {
+            Ok(body) => body,
+            Err(e) => return eprintln!("receiver: {e}"),
+        };
         let received = Instant::now();
-        let Ok(next) = next_batch(&body) else { break };
+        let Ok(next) = next_batch(&body) else { return };
         since = next;
         for room in body["rooms"]["join"].as_object().into_iter().flat_map(|r| r.values()) {
             for event in room["timeline"]["events"].as_array().into_iter().flatten() {
                 let Some(tag) = event["content"]["body"].as_str() else { continue };
                 let sent = sent_at.lock().ok().and_then(|m| m.get(tag).copied());
-                if let Some(sent) = sent {
-                    latencies.push(received.saturating_duration_since(sent));
+                if let (Some(sent), Ok(mut delivered)) = (sent, delivered.lock()) {
+                    delivered.push(received.saturating_duration_since(sent));
+                    seen += 1;
                 }
             }
         }
     }
-    latencies
 }
 
 pub async fn delivery(args: DeliveryArgs) -> Result<Value, String> {
@@ -207,33 +210,33 @@ pub async fn delivery(args: DeliveryArgs) -> Result<Value, String> {
         api.join(token, &room).await?;
     }
     let idle_users = idle::idle_users(&api, &format!("bench_bystander_{run}"), args.idle).await?;
-    // Everything ends a little after the send phase: 2 s for the idle polls to connect,
-    // 0.5 s for receivers to start, the sends, then 3 s for the last deliveries.
-    let stop = Instant::now() + Duration::from_secs_f64(args.seconds as f64 + 5.5);
-    let held = idle::hold_polls(&api, &idle_users, args.idle, stop);
+    // Idle polls are held until the scenario's own time limit at most, and ended after
+    // the deliveries.
+    let limit = Instant::now() + Duration::from_secs(args.common.max_seconds);
+    let held = idle::hold_polls(&api, &idle_users, args.idle, limit);
     if args.idle > 0 {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
     let sent_at: SentAt = Arc::default();
-    let total = args.rate * args.seconds;
-    let tasks: Vec<_> = receivers
+    let delivered: Delivered = Arc::default();
+    let total = (args.rate * args.seconds) as usize;
+    let receivers: Vec<_> = receivers
         .into_iter()
         .map(|token| {
-            let receiver = receive(api.clone(), token, sent_at.clone(), total as usize, stop);
-            tokio::spawn(receiver)
+            tokio::spawn(receive(api.clone(), token, sent_at.clone(), delivered.clone(), total))
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Open loop: each message is sent at its time whether or not earlier sends have been
+    // answered, so a slow server faces the same offered rate.
     let probe = ServerProbe::start(args.common.server_pid);
     let start = tokio::time::Instant::now();
-    let mut send_errors = 0usize;
-    let mut send_latency = Vec::with_capacity(total as usize);
+    let mut sends = tokio::task::JoinSet::new();
     for k in 0..total {
-        tokio::time::sleep_until(
-            start + Duration::from_secs_f64(k as f64 / args.rate.max(1) as f64),
-        )
-        .await;
+        let due = start + Duration::from_secs_f64(k as f64 / args.rate.max(1) as f64);
+        tokio::time::sleep_until(due).await;
         let tag = format!("d{run}_{k}");
         // Delivery is measured from the moment the send starts (a receiver may see the
         // event before the sender has its answer), so it includes the send itself.
@@ -241,18 +244,28 @@ pub async fn delivery(args: DeliveryArgs) -> Result<Value, String> {
         if let Ok(mut m) = sent_at.lock() {
             m.insert(tag.clone(), started);
         }
-        match api.send_text(&sender, &room, &tag, &tag).await {
-            Ok(()) => send_latency.push(started.elapsed()),
-            Err(_) => send_errors += 1,
+        let (api, sender, room) = (api.clone(), sender.clone(), room.clone());
+        sends.spawn(async move {
+            api.send_text(&sender, &room, &tag, &tag).await.map(|()| started.elapsed())
+        });
+    }
+    let (mut send_latency, mut send_errors) = (Vec::with_capacity(total), 0usize);
+    while let Some(sent) = sends.join_next().await {
+        match sent {
+            Ok(Ok(latency)) => send_latency.push(latency),
+            _ => send_errors += 1,
         }
     }
     let cpu = probe.cpu();
-    let mut delivered = Vec::new();
-    for t in tasks {
-        delivered.extend(t.await.map_err(|e| e.to_string())?);
+    let grace = tokio::time::Instant::now() + DELIVERY_GRACE;
+    for mut receiver in receivers {
+        if tokio::time::timeout_at(grace, &mut receiver).await.is_err() {
+            receiver.abort();
+        }
     }
     let (idle_lost, _, _) = held.finish().await;
-    let expected = total as usize * args.receivers;
+    let mut delivered = delivered.lock().map(|d| d.clone()).unwrap_or_default();
+    let expected = total * args.receivers;
     Ok(json!({
         "scenario": "delivery",
         "params": {"receivers": args.receivers, "rate": args.rate, "seconds": args.seconds,
