@@ -35,15 +35,14 @@ pub struct IdleArgs {
     pub ramp_seconds: u64,
 }
 
-/// Users for idle long-polls: at most `polls` (and at most 10) users, each with the
-/// token of its first sync.
+/// `n` users for idle long-polls, each with the token of its first sync.
 pub(crate) async fn idle_users(
     api: &Api,
     prefix: &str,
-    polls: usize,
+    n: usize,
 ) -> Result<Vec<(String, String)>, String> {
-    let mut users = Vec::new();
-    for token in api.register_many(prefix, polls.min(10)).await? {
+    let mut users = Vec::with_capacity(n);
+    for token in api.register_many(prefix, n).await? {
         let since = next_batch(&api.sync(&token, "").await?)?;
         users.push((token, since));
     }

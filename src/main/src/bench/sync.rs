@@ -55,7 +55,7 @@ pub struct DeliveryArgs {
     /// Length of the sending phase in seconds.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Idle long-polls held open (by users in no busy room) meanwhile.
+    /// Idle long-polls held open meanwhile, by up to 10 users in no busy room.
     #[arg(long, default_value_t = 0)]
     pub idle: usize,
 }
@@ -209,7 +209,9 @@ pub async fn delivery(args: DeliveryArgs) -> Result<Value, String> {
     for token in &receivers {
         api.join(token, &room).await?;
     }
-    let idle_users = idle::idle_users(&api, &format!("bench_bystander_{run}"), args.idle).await?;
+    // Idle polls are spread over up to 10 quiet users.
+    let bystanders = format!("bench_bystander_{run}");
+    let idle_users = idle::idle_users(&api, &bystanders, args.idle.min(10)).await?;
     // Idle polls are held until the scenario's own time limit at most, and ended after
     // the deliveries.
     let limit = Instant::now() + Duration::from_secs(args.common.max_seconds);
