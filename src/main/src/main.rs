@@ -37,7 +37,10 @@ enum Command {
         #[command(subcommand)]
         command: user_cmd::UserCommand,
     },
-    /// Load scenarios against a running homeserver (any implementation).
+    /// Load scenarios against a running homeserver (any implementation), through the
+    /// client-server API only. Each prints one JSON line; `scripts/bench-compare` runs them
+    /// against Trellis and Synapse (docs/performance.md). Not yet: a two-server
+    /// (federation) delivery scenario, which waits for federated rooms.
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,

@@ -13,7 +13,7 @@ use clap::Args;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-use super::{Common, summary};
+use super::{Api, Common, ServerProbe, rss_mb, summary};
 
 #[derive(Args)]
 pub struct MediaArgs {
@@ -56,18 +56,6 @@ fn round(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-fn rss_mb(pid: Option<u32>) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(round(kb / 1024.0))
-}
-
 /// Best and median of throughputs in MB/s.
 fn rates(rates: &mut [f64]) -> Value {
     rates.sort_by(|a, b| b.total_cmp(a));
@@ -100,12 +88,15 @@ async fn upload(
     base: &str,
     token: &str,
     body: reqwest::Body,
+    length: usize,
     content_type: &str,
 ) -> Result<String, String> {
+    // Streamed bodies get a length too: Synapse refuses uploads without one.
     let resp = client
         .post(format!("{base}/_matrix/media/v3/upload"))
         .bearer_auth(token)
         .header("content-type", content_type)
+        .header("content-length", length)
         .body(body)
         .send()
         .await
@@ -149,14 +140,11 @@ fn jpeg(megapixels: f64) -> Result<Vec<u8>, String> {
 }
 
 pub async fn media(args: MediaArgs) -> Result<Value, String> {
-    let base = args.common.base_url.trim_end_matches('/').to_owned();
     let pid = args.common.server_pid;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.clients + 4)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let name = format!("bench_media_{}", std::process::id());
-    let token = super::sync::register(&client, &base, &name).await?;
+    let api = Api::new(&args.common, args.clients)?;
+    let (client, base) = (api.client.clone(), api.base.clone());
+    let token = api.register(&format!("bench_media_{}", std::process::id())).await?;
+    let probe = ServerProbe::start(pid);
     let size = args.size_mb * 1024 * 1024;
     let data = noise(size, 1);
     let scratch = args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
@@ -168,7 +156,8 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
         let mut bytes = data.clone();
         bytes[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
         let started = Instant::now();
-        let path = upload(&client, &base, &token, Bytes::from(bytes).into(), "video/mp4").await?;
+        let path =
+            upload(&client, &base, &token, Bytes::from(bytes).into(), size, "video/mp4").await?;
         up.push(size as f64 / MB / started.elapsed().as_secs_f64());
         let started = Instant::now();
         let url = format!("{base}/_matrix/client/v1/media/download/{path}");
@@ -183,7 +172,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
     // new sizes once the rendition exists, then stored sizes.
     let jpeg = jpeg(args.megapixels)?;
     let jpeg_bytes = jpeg.len();
-    let photo = upload(&client, &base, &token, jpeg.into(), "image/jpeg").await?;
+    let photo = upload(&client, &base, &token, jpeg.into(), jpeg_bytes, "image/jpeg").await?;
     let thumb = |w: u32, h: u32| {
         format!(
             "{base}/_matrix/client/v1/media/thumbnail/{photo}?width={w}&height={h}&method=scale"
@@ -217,6 +206,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
 
     // Memory while `clients` upload at once, bodies generated as they are sent.
     let mut memory = json!(null);
+    let mut errors = 0;
     if args.clients > 0 {
         let before = rss_mb(pid);
         let started = Instant::now();
@@ -229,7 +219,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
             }));
             uploads.push(tokio::spawn(async move {
                 let body = reqwest::Body::wrap_stream(chunks);
-                upload(&client, &base, &token, body, "application/octet-stream").await
+                upload(&client, &base, &token, body, size, "application/octet-stream").await
             }));
         }
         let mut peak = before.unwrap_or(0.0);
@@ -237,10 +227,17 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
             peak = peak.max(rss_mb(pid).unwrap_or(0.0));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut errors = 0;
         for u in uploads {
-            if !matches!(u.await, Ok(Ok(_))) {
-                errors += 1;
+            match u.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    errors += 1;
+                    eprintln!("concurrent upload: {e}");
+                }
+                Err(e) => {
+                    errors += 1;
+                    eprintln!("concurrent upload: {e}");
+                }
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
@@ -268,5 +265,7 @@ pub async fn media(args: MediaArgs) -> Result<Value, String> {
             "stored_size": summary(&mut stored),
         },
         "concurrent_uploads": memory,
+        "errors": errors,
+        "server": probe.report(),
     }))
 }

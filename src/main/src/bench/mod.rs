@@ -2,25 +2,40 @@
 //! client-server API only, so Trellis and other servers are measured alike. Each
 //! scenario prints one JSON line with its parameters and figures. Every loop is bounded
 //! in count and time.
+//!
+//! The shared pieces live here: the HTTP helper every scenario talks through (one
+//! connection pool per run, rate-limit answers honoured and counted, registration that
+//! follows user-interactive auth), latency summaries, and the server probe (CPU time and
+//! memory of the server's process when it runs on this machine).
 
 use std::{
     process::ExitCode,
-    sync::Arc,
+    sync::atomic::{AtomicUsize, Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
 use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
 
+mod accounts;
+mod idle;
 mod media;
 mod rooms;
 mod sync;
-use serde_json::{Value, json};
 
+/// The scenarios. A two-server delivery scenario (a message sent on one homeserver, timed
+/// until a user on another sees it) waits for federated rooms, which Trellis does not
+/// have yet.
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Registration: `users` accounts registered by `concurrency` clients at once
+    /// (`m.login.dummy`, following the server's user-interactive auth); users/s and
+    /// latency.
+    Register(accounts::RegisterArgs),
     /// Latency of a light authenticated request (`whoami`) while many password logins
-    /// (argon2) run at once: shows whether hashing stalls other requests.
-    LoginStorm(LoginStormArgs),
+    /// run at once: shows whether password hashing stalls other requests.
+    LoginStorm(accounts::LoginStormArgs),
     /// Message sending: `senders` users send `messages` messages in total, spread over
     /// `rooms` rooms they all joined; latency per send, throughput and (with
     /// `--server-pid`) server CPU time per message.
@@ -31,9 +46,20 @@ pub enum BenchCommand {
     /// Joining: fills one room with `members` members, then measures `joins` further
     /// users joining it one after another.
     Join(rooms::JoinArgs),
-    /// Sync: initial and incremental sync of a user in `rooms` rooms, then delivery
-    /// latency to `receivers` long-polling users while `idle` idle long-polls are held.
-    Sync(sync::SyncArgs),
+    /// Initial sync (no `since`) of a user in `rooms` rooms of `messages-per-room`
+    /// messages each.
+    InitialSync(sync::InitialSyncArgs),
+    /// Incremental sync (`timeout=0`) of a user in `rooms` rooms: with nothing new, and
+    /// with one new message since the last sync.
+    IncrementalSync(sync::IncrementalSyncArgs),
+    /// Delivery: `receivers` users long-poll `/sync` in one room while a sender sends
+    /// `rate` messages a second for `seconds`; latency from the start of each send until
+    /// each receiver's sync returns it. Optionally with `idle` long-polls held beside.
+    Delivery(sync::DeliveryArgs),
+    /// Idle connections: `connections` long-polls held open by users in no busy room;
+    /// latency of a light request (`whoami`) before and under that load, polls lost, and
+    /// the server's memory while they are held.
+    Idle(idle::IdleArgs),
     /// Media: upload and download throughput of a `size-mb` file beside a plain file
     /// copy, thumbnail latency for a large JPEG, and (with `--server-pid`) server memory
     /// while `clients` upload at once.
@@ -49,42 +75,41 @@ pub struct Common {
     #[arg(long, default_value_t = 300)]
     pub max_seconds: u64,
     /// The server's process id, when it runs on this machine: the scenario then also
-    /// reports the CPU time the server spent on the measured phase.
+    /// reports the server's CPU time over the measured phase and its memory (RSS).
     #[arg(long)]
     pub server_pid: Option<u32>,
 }
 
-/// CPU time (user + system) a process has used so far, from `/proc`.
-pub(crate) fn process_cpu(pid: Option<u32>) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
-    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf only reads a system constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let per_second = u64::try_from(per_second).ok().filter(|t| *t > 0)?;
-    Some(Duration::from_micros(ticks * 1_000_000 / per_second))
-}
+impl BenchCommand {
+    fn common(&self) -> &Common {
+        match self {
+            Self::Register(a) => &a.common,
+            Self::LoginStorm(a) => &a.common,
+            Self::Send(a) => &a.common,
+            Self::Messages(a) => &a.common,
+            Self::Join(a) => &a.common,
+            Self::InitialSync(a) => &a.common,
+            Self::IncrementalSync(a) => &a.common,
+            Self::Delivery(a) => &a.common,
+            Self::Idle(a) => &a.common,
+            Self::Media(a) => &a.common,
+        }
+    }
 
-#[derive(Args)]
-pub struct LoginStormArgs {
-    #[command(flatten)]
-    pub common: Common,
-    /// Total logins to perform.
-    #[arg(long, default_value_t = 200)]
-    pub logins: usize,
-    /// Logins in flight at once.
-    #[arg(long, default_value_t = 50)]
-    pub concurrency: usize,
-    /// `whoami` requests measured before the storm (idle baseline).
-    #[arg(long, default_value_t = 200)]
-    pub idle_probes: usize,
-    /// Existing account to log in as; without it one is registered (open registration).
-    #[arg(long)]
-    pub user: Option<String>,
-    #[arg(long, default_value = "bench password 1")]
-    pub password: String,
+    async fn execute(self) -> Result<Value, String> {
+        match self {
+            Self::Register(a) => accounts::register(a).await,
+            Self::LoginStorm(a) => accounts::login_storm(a).await,
+            Self::Send(a) => rooms::send(a).await,
+            Self::Messages(a) => rooms::messages(a).await,
+            Self::Join(a) => rooms::join(a).await,
+            Self::InitialSync(a) => sync::initial_sync(a).await,
+            Self::IncrementalSync(a) => sync::incremental_sync(a).await,
+            Self::Delivery(a) => sync::delivery(a).await,
+            Self::Idle(a) => idle::idle(a).await,
+            Self::Media(a) => media::media(a).await,
+        }
+    }
 }
 
 pub fn run(command: BenchCommand) -> ExitCode {
@@ -95,48 +120,19 @@ pub fn run(command: BenchCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        match command {
-            BenchCommand::LoginStorm(args) => {
-                let limit = Duration::from_secs(args.common.max_seconds);
-                tokio::time::timeout(limit, login_storm(args))
-                    .await
-                    .map_err(|_| "time limit reached".to_owned())?
-            }
-            BenchCommand::Send(args) => {
-                let limit = Duration::from_secs(args.common.max_seconds);
-                tokio::time::timeout(limit, rooms::send(args))
-                    .await
-                    .map_err(|_| "time limit reached".to_owned())?
-            }
-            BenchCommand::Messages(args) => {
-                let limit = Duration::from_secs(args.common.max_seconds);
-                tokio::time::timeout(limit, rooms::messages(args))
-                    .await
-                    .map_err(|_| "time limit reached".to_owned())?
-            }
-            BenchCommand::Sync(args) => {
-                let limit = Duration::from_secs(args.common.max_seconds);
-                tokio::time::timeout(limit, sync::sync(args))
-                    .await
-                    .map_err(|_| "time limit reached".to_owned())?
-            }
-            BenchCommand::Media(args) => {
-                let limit = Duration::from_secs(args.common.max_seconds);
-                tokio::time::timeout(limit, media::media(args))
-                    .await
-                    .map_err(|_| "time limit reached".to_owned())?
-            }
-            BenchCommand::Join(args) => {
-                let limit = Duration::from_secs(args.common.max_seconds);
-                tokio::time::timeout(limit, rooms::join(args))
-                    .await
-                    .map_err(|_| "time limit reached".to_owned())?
-            }
-        }
+    let limit = Duration::from_secs(command.common().max_seconds);
+    let result = runtime.block_on(async move {
+        tokio::time::timeout(limit, command.execute())
+            .await
+            .map_err(|_| format!("time limit of {} s reached", limit.as_secs()))?
     });
+    // Tasks still waiting (held long-polls) are dropped, not awaited.
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
-        Ok(line) => {
+        Ok(mut line) => {
+            if let Some(fields) = line.as_object_mut() {
+                fields.insert("rate_limited".into(), json!(RATE_LIMITED.load(Relaxed)));
+            }
             println!("{line}");
             ExitCode::SUCCESS
         }
@@ -147,9 +143,167 @@ pub fn run(command: BenchCommand) -> ExitCode {
     }
 }
 
+/// Rate-limit answers (429) received and waited out, over the whole scenario.
+static RATE_LIMITED: AtomicUsize = AtomicUsize::new(0);
+
+/// How often one request is retried after 429 answers before it counts as failed.
+const RATE_LIMIT_RETRIES: usize = 20;
+
+/// The password of every account the scenarios register.
+pub(crate) const PASSWORD: &str = "bench password 1";
+
+/// The client API of the server under test, over one pool of reused connections.
+#[derive(Clone)]
+pub(crate) struct Api {
+    pub client: reqwest::Client,
+    pub base: String,
+}
+
+impl Api {
+    /// `connections`: how many requests the scenario keeps in flight at once (idle
+    /// connections kept for reuse).
+    pub fn new(common: &Common, connections: usize) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(connections + 4)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { client, base: common.base_url.trim_end_matches('/').to_owned() })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request and reads its JSON answer (`null` when it has none). A 429 answer
+    /// is waited out as its `retry_after_ms` says (1 s without one, 10 s at most) and the
+    /// request sent again; every such answer is counted in the scenario's `rate_limited`.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), String> {
+        for _ in 0..=RATE_LIMIT_RETRIES {
+            let mut req = self.client.request(method.clone(), self.url(path));
+            if let Some(token) = token {
+                req = req.bearer_auth(token);
+            }
+            if let Some(body) = body {
+                req = req.json(body);
+            }
+            let resp = req.send().await.map_err(|e| format!("{method} {path}: {e}"))?;
+            let status = resp.status().as_u16();
+            let value = resp.json().await.unwrap_or(Value::Null);
+            if status != 429 {
+                return Ok((status, value));
+            }
+            RATE_LIMITED.fetch_add(1, Relaxed);
+            let wait = value["retry_after_ms"].as_u64().unwrap_or(1000).min(10_000);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        Err(format!("{method} {path}: still rate limited after {RATE_LIMIT_RETRIES} retries"))
+    }
+
+    /// An authenticated request that must succeed (2xx); returns its JSON answer.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, String> {
+        let (status, value) = self.request(method.clone(), path, Some(token), body).await?;
+        if !(200..300).contains(&status) {
+            return Err(format!("{method} {path}: {status} {value}"));
+        }
+        Ok(value)
+    }
+
+    /// Registers `name` with [`PASSWORD`] through the `m.login.dummy` stage, answering a
+    /// 401 user-interactive auth challenge with its session; returns the access token.
+    pub async fn register(&self, name: &str) -> Result<String, String> {
+        let path = "/_matrix/client/v3/register";
+        let mut body =
+            json!({"username": name, "password": PASSWORD, "auth": {"type": "m.login.dummy"}});
+        for _ in 0..2 {
+            let (status, answer) = self.request(Method::POST, path, None, Some(&body)).await?;
+            match (status, answer["access_token"].as_str(), answer["session"].as_str()) {
+                (200, Some(token), _) => return Ok(token.to_owned()),
+                (401, _, Some(session)) => body["auth"]["session"] = json!(session),
+                _ => return Err(format!("registering {name}: {status} {answer}")),
+            }
+        }
+        Err(format!("registering {name}: the dummy stage did not complete registration"))
+    }
+
+    /// Registers `{prefix}_{i}` for i in 0..n, eight at a time; returns their tokens.
+    pub async fn register_many(&self, prefix: &str, n: usize) -> Result<Vec<String>, String> {
+        let mut tokens = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(8) {
+            let batch = chunk.iter().map(|i| {
+                let (api, name) = (self.clone(), format!("{prefix}_{i}"));
+                async move { api.register(&name).await }
+            });
+            for token in join_all(batch).await? {
+                tokens.push(token?);
+            }
+        }
+        Ok(tokens)
+    }
+
+    pub async fn create_room(&self, token: &str, body: &Value) -> Result<String, String> {
+        let answer =
+            self.call(Method::POST, "/_matrix/client/v3/createRoom", token, Some(body)).await?;
+        answer["room_id"].as_str().map(str::to_owned).ok_or_else(|| format!("createRoom: {answer}"))
+    }
+
+    pub async fn join(&self, token: &str, room: &str) -> Result<(), String> {
+        let path = format!("/_matrix/client/v3/rooms/{room}/join");
+        self.call(Method::POST, &path, token, Some(&json!({}))).await.map(drop)
+    }
+
+    /// Sends an `m.text` message with transaction id `txn`.
+    pub async fn send_text(
+        &self,
+        token: &str,
+        room: &str,
+        txn: &str,
+        text: &str,
+    ) -> Result<(), String> {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}");
+        let body = json!({"msgtype": "m.text", "body": text});
+        self.call(Method::PUT, &path, token, Some(&body)).await.map(drop)
+    }
+
+    /// `/sync` with the given query string.
+    pub async fn sync(&self, token: &str, query: &str) -> Result<Value, String> {
+        self.call(Method::GET, &format!("/_matrix/client/v3/sync?{query}"), token, None).await
+    }
+}
+
+/// The `next_batch` token of a sync answer.
+pub(crate) fn next_batch(sync: &Value) -> Result<String, String> {
+    sync["next_batch"].as_str().map(str::to_owned).ok_or_else(|| "sync without next_batch".into())
+}
+
+/// Runs futures concurrently as tasks and collects their outputs in order.
+pub(crate) async fn join_all<F>(futures: impl Iterator<Item = F>) -> Result<Vec<F::Output>, String>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(task.await.map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
 /// Claims one unit of the remaining work; false when none is left.
-pub(crate) fn take_one(remaining: &std::sync::atomic::AtomicUsize) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
+pub(crate) fn take_one(remaining: &AtomicUsize) -> bool {
     remaining.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok()
 }
 
@@ -169,6 +323,15 @@ pub(crate) async fn join_workers(
     Ok((latencies, errors))
 }
 
+/// Rounds to two decimals.
+pub(crate) fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+pub(crate) fn per_second(count: usize, elapsed: Duration) -> f64 {
+    round2(count as f64 / elapsed.as_secs_f64().max(1e-9))
+}
+
 /// Latency percentiles in milliseconds.
 pub(crate) fn summary(samples: &mut [Duration]) -> Value {
     if samples.is_empty() {
@@ -179,116 +342,88 @@ pub(crate) fn summary(samples: &mut [Duration]) -> Value {
         let idx = ((samples.len() as f64 - 1.0) * q).round() as usize;
         samples[idx].as_secs_f64() * 1000.0
     };
-    let round = |v: f64| (v * 100.0).round() / 100.0;
     json!({
         "count": samples.len(),
-        "p50_ms": round(pick(0.5)),
-        "p95_ms": round(pick(0.95)),
-        "p99_ms": round(pick(0.99)),
-        "max_ms": round(pick(1.0)),
+        "p50_ms": round2(pick(0.5)),
+        "p95_ms": round2(pick(0.95)),
+        "p99_ms": round2(pick(0.99)),
+        "max_ms": round2(pick(1.0)),
     })
 }
 
-pub(crate) async fn post(
-    client: &reqwest::Client,
-    url: &str,
-    body: &Value,
-) -> Result<(u16, Value), String> {
-    let resp = client.post(url).json(body).send().await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let value = resp.json().await.unwrap_or(Value::Null);
-    Ok((status, value))
+/// Times `probes` calls of `whoami`, `interval` apart; returns latencies and failures.
+pub(crate) async fn whoami_probes(
+    api: &Api,
+    token: &str,
+    probes: usize,
+    interval: Duration,
+) -> (Vec<Duration>, usize) {
+    let mut latencies = Vec::with_capacity(probes);
+    let mut errors = 0;
+    for _ in 0..probes {
+        let started = Instant::now();
+        match api.call(Method::GET, "/_matrix/client/v3/account/whoami", token, None).await {
+            Ok(_) => latencies.push(started.elapsed()),
+            Err(_) => errors += 1,
+        }
+        tokio::time::sleep(interval).await;
+    }
+    (latencies, errors)
 }
 
-async fn login_storm(args: LoginStormArgs) -> Result<Value, String> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency + 4)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let base = args.common.base_url.trim_end_matches('/').to_owned();
-    let user = match args.user.clone() {
-        Some(u) => u,
-        None => {
-            let name = format!("bench_{}", std::process::id());
-            let (status, body) = post(
-                &client,
-                &format!("{base}/_matrix/client/v3/register"),
-                &json!({"username": name, "password": args.password, "auth": {"type": "m.login.dummy"}}),
-            )
-            .await?;
-            if status != 200 {
-                return Err(format!("registering {name}: {status} {body}"));
-            }
-            name
-        }
-    };
-    let login_body = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user},
-                            "password": args.password});
-    let login_url = format!("{base}/_matrix/client/v3/login");
-    let (status, body) = post(&client, &login_url, &login_body).await?;
-    let token = match (status, body["access_token"].as_str()) {
-        (200, Some(t)) => t.to_owned(),
-        _ => return Err(format!("logging in: {status} {body}")),
-    };
-    let whoami_url = format!("{base}/_matrix/client/v3/account/whoami");
-    let probe = |client: reqwest::Client, url: String, token: String| async move {
-        let started = Instant::now();
-        let ok = client
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        (started.elapsed(), ok)
-    };
+/// CPU time (user + system) a process has used so far, from `/proc`.
+fn process_cpu(pid: Option<u32>) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid?)).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let per_second = u64::try_from(per_second).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_micros(ticks * 1_000_000 / per_second))
+}
 
-    let mut idle = Vec::with_capacity(args.idle_probes);
-    let mut errors = 0usize;
-    for _ in 0..args.idle_probes {
-        let (d, ok) = probe(client.clone(), whoami_url.clone(), token.clone()).await;
-        idle.push(d);
-        errors += usize::from(!ok);
+/// Resident memory of a process in MB, from `/proc`.
+pub(crate) fn rss_mb(pid: Option<u32>) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// The server's CPU time over a measured phase and its memory, when its pid is known.
+pub(crate) struct ServerProbe {
+    pid: Option<u32>,
+    cpu_before: Option<Duration>,
+}
+
+impl ServerProbe {
+    /// Starts the measured phase.
+    pub fn start(pid: Option<u32>) -> Self {
+        Self { pid, cpu_before: process_cpu(pid) }
     }
 
-    // The storm: `concurrency` workers share `logins` logins.
-    let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(args.logins));
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for _ in 0..args.concurrency.max(1) {
-        let (client, url, body, remaining) =
-            (client.clone(), login_url.clone(), login_body.clone(), remaining.clone());
-        workers.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = 0usize;
-            while take_one(&remaining) {
-                let t = Instant::now();
-                match client.post(&url).json(&body).send().await {
-                    Ok(r) if r.status().is_success() => latencies.push(t.elapsed()),
-                    _ => failures += 1,
-                }
-            }
-            (latencies, failures)
-        }));
+    /// Server CPU time since `start`.
+    pub fn cpu(&self) -> Option<Duration> {
+        self.cpu_before.zip(process_cpu(self.pid)).map(|(a, b)| b.saturating_sub(a))
     }
-    // Probe whoami until every login is done.
-    let mut during = Vec::new();
-    let storm_done = || workers.iter().all(|w| w.is_finished());
-    while !storm_done() {
-        let (d, ok) = probe(client.clone(), whoami_url.clone(), token.clone()).await;
-        during.push(d);
-        errors += usize::from(!ok);
-        tokio::time::sleep(Duration::from_millis(5)).await;
+
+    /// Server CPU milliseconds per unit of work (`n` units) since `start`.
+    pub fn cpu_ms_per(&self, n: usize) -> Option<f64> {
+        self.cpu().map(|c| (c.as_secs_f64() * 1000.0 / n.max(1) as f64 * 1000.0).round() / 1000.0)
     }
-    let (mut logins, failures) = join_workers(workers).await?;
-    errors += failures;
-    let elapsed = started.elapsed().as_secs_f64();
-    Ok(json!({
-        "scenario": "login-storm",
-        "params": {"logins": args.logins, "concurrency": args.concurrency, "idle_probes": args.idle_probes},
-        "logins_per_second": ((logins.len() as f64 / elapsed) * 100.0).round() / 100.0,
-        "login_latency": summary(&mut logins),
-        "whoami_idle": summary(&mut idle),
-        "whoami_during_storm": summary(&mut during),
-        "errors": errors,
-    }))
+
+    /// `{"cpu_seconds", "rss_mb"}`: CPU since `start` and memory now (nulls without pid).
+    pub fn report(&self) -> Value {
+        json!({
+            "cpu_seconds": self.cpu().map(|c| round2(c.as_secs_f64())),
+            "rss_mb": rss_mb(self.pid),
+        })
+    }
 }

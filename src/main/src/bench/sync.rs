@@ -1,5 +1,5 @@
 //! Sync scenarios: initial and incremental sync latency for a user in many rooms, and
-//! delivery latency to long-polling receivers while many idle long-polls are held.
+//! delivery latency to long-polling receivers.
 
 use std::{
     collections::HashMap,
@@ -10,311 +10,275 @@ use std::{
 use clap::Args;
 use serde_json::{Value, json};
 
-use super::{Common, process_cpu, summary};
+use super::{Api, Common, ServerProbe, idle, join_all, next_batch, summary};
 
 #[derive(Args)]
-pub struct SyncArgs {
+pub struct InitialSyncArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Rooms of the measured user (initial/incremental sync).
+    /// Rooms of the measured user.
     #[arg(long, default_value_t = 50)]
     pub rooms: usize,
     /// Messages in each of those rooms.
     #[arg(long, default_value_t = 20)]
     pub messages_per_room: usize,
-    /// Syncs measured of each kind.
-    #[arg(long, default_value_t = 50)]
+    /// Initial syncs measured.
+    #[arg(long, default_value_t = 30)]
     pub samples: usize,
-    /// Receivers long-polling one room while a sender sends (0: skip delivery).
+}
+
+#[derive(Args)]
+pub struct IncrementalSyncArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Rooms of the measured user.
+    #[arg(long, default_value_t = 50)]
+    pub rooms: usize,
+    /// Messages in each of those rooms before measuring.
+    #[arg(long, default_value_t = 5)]
+    pub messages_per_room: usize,
+    /// Incremental syncs measured of each kind (nothing new; one new message).
+    #[arg(long, default_value_t = 100)]
+    pub samples: usize,
+}
+
+#[derive(Args)]
+pub struct DeliveryArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Receivers long-polling the room.
     #[arg(long, default_value_t = 20)]
     pub receivers: usize,
-    /// Messages per second the sender sends during the delivery phase.
+    /// Messages per second the sender sends.
     #[arg(long, default_value_t = 20)]
     pub rate: u64,
-    /// Length of the delivery phase in seconds.
+    /// Length of the sending phase in seconds.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// Idle long-polls held open (by a user in no busy room) during delivery.
-    #[arg(long, default_value_t = 1000)]
+    /// Idle long-polls held open meanwhile, by up to 10 users in no busy room.
+    #[arg(long, default_value_t = 0)]
     pub idle: usize,
 }
 
-fn server_rss_mb(pid: Option<u32>) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some((kb / 1024.0 * 10.0).round() / 10.0)
-}
-
-pub(crate) async fn register(
-    client: &reqwest::Client,
-    base: &str,
+/// A user in `rooms` rooms of `messages` messages each; returns its token and rooms.
+async fn user_in_rooms(
+    api: &Api,
     name: &str,
-) -> Result<String, String> {
-    let resp = client
-        .post(format!("{base}/_matrix/client/v3/register"))
-        .json(&json!({"username": name, "password": "bench password 1",
-            "auth": {"type": "m.login.dummy"}}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let body: Value = resp.json().await.map_err(|e| e.to_string())?;
-    body["access_token"].as_str().map(str::to_owned).ok_or_else(|| format!("register: {body}"))
-}
-
-async fn call(
-    client: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    token: &str,
-    body: Option<Value>,
-) -> Result<Value, String> {
-    let mut req = client.request(method, url).bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body: Value = resp.json().await.map_err(|e| e.to_string())?;
-    if !status.is_success() {
-        return Err(format!("{status}: {body}"));
-    }
-    Ok(body)
-}
-
-pub async fn sync(args: SyncArgs) -> Result<Value, String> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.idle + args.receivers + 16)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let base = args.common.base_url.trim_end_matches('/').to_owned();
-    let run = std::process::id();
-    let pid = args.common.server_pid;
-    let idle_rss = server_rss_mb(pid);
-
-    // A user in `rooms` rooms with `messages_per_room` messages each.
-    let user = register(&client, &base, &format!("bench_sync_{run}")).await?;
-    for r in 0..args.rooms {
-        let room = call(
-            &client,
-            reqwest::Method::POST,
-            format!("{base}/_matrix/client/v3/createRoom"),
-            &user,
-            Some(json!({"name": format!("room {r}")})),
-        )
-        .await?["room_id"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or("no room id")?;
-        for m in 0..args.messages_per_room {
-            call(
-                &client,
-                reqwest::Method::PUT,
-                format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/s{r}_{m}"),
-                &user,
-                Some(json!({"msgtype": "m.text", "body": format!("message {m}")})),
-            )
-            .await?;
+    rooms: usize,
+    messages: usize,
+) -> Result<(String, Vec<String>), String> {
+    let token = api.register(name).await?;
+    let mut ids = Vec::with_capacity(rooms);
+    // Rooms are filled eight at a time.
+    for chunk in (0..rooms).collect::<Vec<_>>().chunks(8) {
+        let fills = chunk.iter().map(|&r| {
+            let (api, token) = (api.clone(), token.clone());
+            async move {
+                let room = api.create_room(&token, &json!({"name": format!("room {r}")})).await?;
+                for m in 0..messages {
+                    api.send_text(&token, &room, &format!("s{r}_{m}"), &format!("message {m}"))
+                        .await?;
+                }
+                Ok::<_, String>(room)
+            }
+        });
+        for room in join_all(fills).await? {
+            ids.push(room?);
         }
     }
-    let sync_url = |query: &str| format!("{base}/_matrix/client/v3/sync?{query}");
-    let mut initial = Vec::new();
-    let mut since = String::new();
-    for _ in 0..args.samples {
-        let t = Instant::now();
-        let body = call(&client, reqwest::Method::GET, sync_url(""), &user, None).await?;
-        initial.push(t.elapsed());
-        since = body["next_batch"].as_str().unwrap_or_default().to_owned();
-    }
-    let mut incremental = Vec::new();
-    for _ in 0..args.samples {
-        let t = Instant::now();
-        call(
-            &client,
-            reqwest::Method::GET,
-            sync_url(&format!("since={since}&timeout=0")),
-            &user,
-            None,
-        )
-        .await?;
-        incremental.push(t.elapsed());
-    }
+    Ok((token, ids))
+}
 
-    let mut result = json!({
-        "scenario": "sync",
+pub async fn initial_sync(args: InitialSyncArgs) -> Result<Value, String> {
+    let api = Api::new(&args.common, 8)?;
+    let name = format!("bench_isync_{}", std::process::id());
+    let (token, _) = user_in_rooms(&api, &name, args.rooms, args.messages_per_room).await?;
+    let mut latencies = Vec::with_capacity(args.samples);
+    let (mut errors, mut rooms_seen) = (0, 0);
+    let probe = ServerProbe::start(args.common.server_pid);
+    for _ in 0..args.samples {
+        let t = Instant::now();
+        match api.sync(&token, "").await {
+            Ok(body) => {
+                latencies.push(t.elapsed());
+                rooms_seen = body["rooms"]["join"].as_object().map_or(0, |r| r.len());
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    Ok(json!({
+        "scenario": "initial-sync",
         "params": {"rooms": args.rooms, "messages_per_room": args.messages_per_room,
-            "samples": args.samples, "receivers": args.receivers, "rate": args.rate,
-            "seconds": args.seconds, "idle": args.idle},
-        "server_rss_mb_at_start": idle_rss,
-        "initial_sync": summary(&mut initial),
-        "incremental_sync": summary(&mut incremental),
-    });
-    if args.receivers == 0 {
-        return Ok(result);
-    }
+                   "samples": args.samples},
+        "rooms_in_answer": rooms_seen,
+        "initial_sync": summary(&mut latencies),
+        "server_cpu_ms_per_sync": probe.cpu_ms_per(args.samples),
+        "errors": errors,
+        "server": probe.report(),
+    }))
+}
 
-    // Delivery: receivers long-poll one room while a sender sends at `rate`, and idle
-    // long-polls are held by a user in no busy room.
-    let sender = register(&client, &base, &format!("bench_sender_{run}")).await?;
-    let room = call(
-        &client,
-        reqwest::Method::POST,
-        format!("{base}/_matrix/client/v3/createRoom"),
-        &sender,
-        Some(json!({"preset": "public_chat"})),
-    )
-    .await?["room_id"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or("no room id")?;
-    let mut receivers = Vec::new();
-    for i in 0..args.receivers {
-        let token = register(&client, &base, &format!("bench_recv_{run}_{i}")).await?;
-        call(
-            &client,
-            reqwest::Method::POST,
-            format!("{base}/_matrix/client/v3/rooms/{room}/join"),
-            &token,
-            Some(json!({})),
-        )
-        .await?;
-        receivers.push(token);
+pub async fn incremental_sync(args: IncrementalSyncArgs) -> Result<Value, String> {
+    let api = Api::new(&args.common, 8)?;
+    let run = std::process::id();
+    let name = format!("bench_incsync_{run}");
+    let (token, rooms) = user_in_rooms(&api, &name, args.rooms, args.messages_per_room).await?;
+    let mut since = next_batch(&api.sync(&token, "").await?)?;
+    let probe = ServerProbe::start(args.common.server_pid);
+    let (mut empty, mut one_new, mut errors) = (Vec::new(), Vec::new(), 0);
+    for i in 0..args.samples {
+        // Nothing new since the last sync.
+        let t = Instant::now();
+        match api.sync(&token, &format!("since={since}&timeout=0")).await {
+            Ok(body) => {
+                empty.push(t.elapsed());
+                since = next_batch(&body)?;
+            }
+            Err(_) => errors += 1,
+        }
+        // One new message (sent untimed) since the last sync.
+        if let Some(room) = rooms.get(i % rooms.len().max(1)) {
+            api.send_text(&token, room, &format!("n{run}_{i}"), "new").await?;
+            let t = Instant::now();
+            match api.sync(&token, &format!("since={since}&timeout=0")).await {
+                Ok(body) => {
+                    one_new.push(t.elapsed());
+                    since = next_batch(&body)?;
+                }
+                Err(_) => errors += 1,
+            }
+        }
     }
-    let bystander = register(&client, &base, &format!("bench_idle_{run}")).await?;
-    let bystander_since = call(&client, reqwest::Method::GET, sync_url(""), &bystander, None)
-        .await?["next_batch"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    // Everything ends a little after the send phase: 2 s for the idle polls to connect,
-    // 0.5 s for receivers to start, the sends, then 3 s for the last deliveries.
-    let stop = Instant::now() + Duration::from_secs_f64(args.seconds as f64 + 5.5);
-    let idle_errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut idle_tasks = Vec::new();
-    for _ in 0..args.idle {
-        let (client, base, token, errors, mut since) = (
-            client.clone(),
-            base.clone(),
-            bystander.clone(),
-            idle_errors.clone(),
-            bystander_since.clone(),
-        );
-        idle_tasks.push(tokio::spawn(async move {
-            while Instant::now() < stop {
-                let url = format!("{base}/_matrix/client/v3/sync?since={since}&timeout=60000");
-                let polled = tokio::time::timeout_at(
-                    tokio::time::Instant::from_std(stop),
-                    client.get(&url).bearer_auth(&token).send(),
-                )
-                .await;
-                match polled {
-                    Err(_) => break,
-                    Ok(Ok(r)) if r.status().is_success() => {
-                        // Like a real client, continue from the returned token.
-                        if let Ok(body) = r.json::<Value>().await
-                            && let Some(next) = body["next_batch"].as_str()
-                        {
-                            since = next.to_owned();
-                        }
-                    }
-                    Ok(_) => {
-                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+    Ok(json!({
+        "scenario": "incremental-sync",
+        "params": {"rooms": args.rooms, "messages_per_room": args.messages_per_room,
+                   "samples": args.samples},
+        "incremental_sync_nothing_new": summary(&mut empty),
+        "incremental_sync_one_message": summary(&mut one_new),
+        "errors": errors,
+        "server": probe.report(),
+    }))
+}
+
+/// Message bodies the sender sent, by body, with the moment each send started.
+type SentAt = Arc<Mutex<HashMap<String, Instant>>>;
+/// Delivery latencies noted by all receivers.
+type Delivered = Arc<Mutex<Vec<Duration>>>;
+
+/// Time receivers are given after the last send's answer to see the last messages.
+const DELIVERY_GRACE: Duration = Duration::from_secs(5);
+
+/// One receiver: long-polls until it has seen `expected` messages (or is stopped), noting
+/// when each tagged message arrives.
+async fn receive(api: Api, token: String, sent_at: SentAt, delivered: Delivered, expected: usize) {
+    // A filter with room for every message of one poll, so none is cut off the timeline.
+    let filter = "filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A100%7D%7D%7D";
+    let mut since = match api.sync(&token, filter).await.and_then(|b| next_batch(&b)) {
+        Ok(since) => since,
+        Err(e) => return eprintln!("receiver: {e}"),
+    };
+    let mut seen = 0;
+    while seen < expected {
+        let query = format!("{filter}&since={since}&timeout=5000");
+        let body = match api.sync(&token, &query).await {
+            Ok(body) => body,
+            Err(e) => return eprintln!("receiver: {e}"),
+        };
+        let received = Instant::now();
+        let Ok(next) = next_batch(&body) else { return };
+        since = next;
+        for room in body["rooms"]["join"].as_object().into_iter().flat_map(|r| r.values()) {
+            for event in room["timeline"]["events"].as_array().into_iter().flatten() {
+                let Some(tag) = event["content"]["body"].as_str() else { continue };
+                let sent = sent_at.lock().ok().and_then(|m| m.get(tag).copied());
+                if let (Some(sent), Ok(mut delivered)) = (sent, delivered.lock()) {
+                    delivered.push(received.saturating_duration_since(sent));
+                    seen += 1;
                 }
             }
-        }));
+        }
     }
-    // Let the idle polls connect before measuring.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_with_idle = server_rss_mb(pid);
+}
 
-    let sent_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let mut receiver_tasks = Vec::new();
-    for token in receivers {
-        let (client, base, sent_at) = (client.clone(), base.clone(), sent_at.clone());
-        receiver_tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut since = call(
-                &client,
-                reqwest::Method::GET,
-                format!("{base}/_matrix/client/v3/sync?filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A50%7D%7D%7D"),
-                &token,
-                None,
-            )
-            .await
-            .map(|b| b["next_batch"].as_str().unwrap_or_default().to_owned())
-            .unwrap_or_default();
-            while Instant::now() < stop {
-                let url = format!("{base}/_matrix/client/v3/sync?since={since}&timeout=5000");
-                let Ok(body) = call(&client, reqwest::Method::GET, url, &token, None).await else {
-                    break;
-                };
-                let received = Instant::now();
-                since = body["next_batch"].as_str().unwrap_or_default().to_owned();
-                if let Some(rooms) = body["rooms"]["join"].as_object() {
-                    for room in rooms.values() {
-                        for ev in room["timeline"]["events"].as_array().into_iter().flatten() {
-                            let Some(tag) = ev["content"]["body"].as_str() else { continue };
-                            let sent = sent_at.lock().ok().and_then(|m| m.get(tag).copied());
-                            if let Some(sent) = sent {
-                                latencies.push(received.saturating_duration_since(sent));
-                            }
-                        }
-                    }
-                }
-            }
-            latencies
-        }));
+pub async fn delivery(args: DeliveryArgs) -> Result<Value, String> {
+    let api = Api::new(&args.common, args.idle + args.receivers + 8)?;
+    let run = std::process::id();
+    let sender = api.register(&format!("bench_sender_{run}")).await?;
+    let room = api.create_room(&sender, &json!({"preset": "public_chat"})).await?;
+    let receivers = api.register_many(&format!("bench_recv_{run}"), args.receivers).await?;
+    for token in &receivers {
+        api.join(token, &room).await?;
     }
+    // Idle polls are spread over up to 10 quiet users.
+    let bystanders = format!("bench_bystander_{run}");
+    let idle_users = idle::idle_users(&api, &bystanders, args.idle.min(10)).await?;
+    // Idle polls are held until the scenario's own time limit at most, and ended after
+    // the deliveries.
+    let limit = Instant::now() + Duration::from_secs(args.common.max_seconds);
+    let held = idle::hold_polls(&api, &idle_users, args.idle, limit);
+    if args.idle > 0 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    let sent_at: SentAt = Arc::default();
+    let delivered: Delivered = Arc::default();
+    let total = (args.rate * args.seconds) as usize;
+    let receivers: Vec<_> = receivers
+        .into_iter()
+        .map(|token| {
+            tokio::spawn(receive(api.clone(), token, sent_at.clone(), delivered.clone(), total))
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu_before = process_cpu(pid);
-    let total = args.rate * args.seconds;
+
+    // Open loop: each message is sent at its time whether or not earlier sends have been
+    // answered, so a slow server faces the same offered rate.
+    let probe = ServerProbe::start(args.common.server_pid);
     let start = tokio::time::Instant::now();
-    let mut send_errors = 0usize;
+    let mut sends = tokio::task::JoinSet::new();
     for k in 0..total {
-        tokio::time::sleep_until(
-            start + Duration::from_secs_f64(k as f64 / args.rate.max(1) as f64),
-        )
-        .await;
+        let due = start + Duration::from_secs_f64(k as f64 / args.rate.max(1) as f64);
+        tokio::time::sleep_until(due).await;
         let tag = format!("d{run}_{k}");
         // Delivery is measured from the moment the send starts (a receiver may see the
         // event before the sender has its answer), so it includes the send itself.
+        let started = Instant::now();
         if let Ok(mut m) = sent_at.lock() {
-            m.insert(tag.clone(), Instant::now());
+            m.insert(tag.clone(), started);
         }
-        let url = format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/{tag}");
-        let ok = call(
-            &client,
-            reqwest::Method::PUT,
-            url,
-            &sender,
-            Some(json!({"msgtype": "m.text", "body": tag})),
-        )
-        .await
-        .is_ok();
-        if !ok {
-            send_errors += 1;
+        let (api, sender, room) = (api.clone(), sender.clone(), room.clone());
+        sends.spawn(async move {
+            api.send_text(&sender, &room, &tag, &tag).await.map(|()| started.elapsed())
+        });
+    }
+    let (mut send_latency, mut send_errors) = (Vec::with_capacity(total), 0usize);
+    while let Some(sent) = sends.join_next().await {
+        match sent {
+            Ok(Ok(latency)) => send_latency.push(latency),
+            _ => send_errors += 1,
         }
     }
-    let cpu = cpu_before.zip(process_cpu(pid)).map(|(a, b)| b - a);
-    let mut delivery = Vec::new();
-    for t in receiver_tasks {
-        delivery.extend(t.await.map_err(|e| e.to_string())?);
+    let cpu = probe.cpu();
+    let grace = tokio::time::Instant::now() + DELIVERY_GRACE;
+    for mut receiver in receivers {
+        if tokio::time::timeout_at(grace, &mut receiver).await.is_err() {
+            receiver.abort();
+        }
     }
-    for t in idle_tasks {
-        let _ = t.await;
-    }
-    result["delivery"] = summary(&mut delivery);
-    result["expected_deliveries"] = json!(total as usize * args.receivers);
-    result["send_errors"] = json!(send_errors);
-    result["idle_poll_errors"] = json!(idle_errors.load(std::sync::atomic::Ordering::Relaxed));
-    result["server_rss_mb_with_idle_polls"] = json!(rss_with_idle);
-    result["server_cpu_seconds_delivery_phase"] = json!(cpu.map(|c| c.as_secs_f64()));
-    Ok(result)
+    let (idle_lost, _, _) = held.finish().await;
+    let mut delivered = delivered.lock().map(|d| d.clone()).unwrap_or_default();
+    let expected = total * args.receivers;
+    Ok(json!({
+        "scenario": "delivery",
+        "params": {"receivers": args.receivers, "rate": args.rate, "seconds": args.seconds,
+                   "idle": args.idle},
+        "expected_deliveries": expected,
+        "missed_deliveries": expected.saturating_sub(delivered.len()),
+        "delivery": summary(&mut delivered),
+        "send_latency": summary(&mut send_latency),
+        "idle_polls_lost": idle_lost,
+        "server_cpu_seconds_sending_phase": cpu.map(|c| super::round2(c.as_secs_f64())),
+        "errors": send_errors,
+        "server": probe.report(),
+    }))
 }
