@@ -832,3 +832,24 @@ async fn history_from_before_a_join_is_backfilled_from_the_other_server() {
     let expected: Vec<String> = (0..30).rev().map(|i| format!("early {i}")).collect();
     assert_eq!(bodies, expected);
 }
+
+/// Keeps the two-server bench scenario working (tiny sizes, no timing asserted).
+#[tokio::test]
+async fn the_federation_bench_scenario_runs() {
+    let (a, b) = pair().await;
+    let out = tokio::process::Command::new(common::BIN)
+        .args(["bench", "federation", "--base-url"])
+        .arg(a.server.url(""))
+        .arg("--peer-url")
+        .arg(b.server.url(""))
+        .args(["--members", "3", "--messages", "10", "--concurrency", "2", "--max-seconds", "60"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line["scenario"], "federation");
+    assert_eq!((line["missed"].as_u64(), line["errors"].as_u64()), (Some(0), Some(0)), "{line}");
+    assert!(line["join_ms"].is_number() && line["delivery"]["count"] == 10, "{line}");
+}

@@ -108,7 +108,9 @@ impl Notifier {
     ) -> Result<()> {
         let rooms = &services.rooms;
         let body = content(pdu);
-        let mut targets = rooms.members(room_id, "join")?;
+        let joined = rooms.members(room_id, "join")?;
+        let member_count = UInt::try_from(joined.len()).unwrap_or_default();
+        let mut targets = joined;
         // An invite concerns the invitee, who is not a member yet.
         if pdu.kind.to_string() == "m.room.member"
             && body["membership"] == "invite"
@@ -117,13 +119,13 @@ impl Notifier {
         {
             targets.push(invitee.clone());
         }
-        targets.retain(|u| u.as_str() != pdu.sender.as_str());
+        // Other servers' users are notified by their own servers.
+        let own = format!(":{}", services.server_name());
+        targets.retain(|u| u.as_str() != pdu.sender.as_str() && u.ends_with(&own));
         if targets.is_empty() {
             return Ok(());
         }
         let Ok(room) = OwnedRoomId::try_from(room_id) else { return Ok(()) };
-        let member_count =
-            UInt::try_from(rooms.members(room_id, "join")?.len()).unwrap_or_default();
         let power_levels = power_levels_ctx(services, room_id);
         let mut event = crate::sync::sync_event(pdu);
         event["room_id"] = json!(room_id);
@@ -131,6 +133,8 @@ impl Notifier {
             Ok(r) => Raw::from_json(r),
             Err(_) => return Ok(()),
         };
+        // Flattened once for all members (ruma's `get_actions` would per member).
+        let flat = ruma::push::FlattenedJson::from_raw(&raw);
         let thread = (body["m.relates_to"]["rel_type"] == "m.thread")
             .then(|| body["m.relates_to"]["event_id"].as_str().map(str::to_owned))
             .flatten();
@@ -146,7 +150,13 @@ impl Notifier {
                 PushConditionRoomCtx::new(room.clone(), member_count, user_id, display_name);
             ctx.power_levels = power_levels.clone();
             let ruleset = services.push_rules.cached_ruleset(&user)?;
-            let actions = ruleset.get_actions(&raw, &ctx).await;
+            let mut actions: &[Action] = &[];
+            for rule in ruleset.iter() {
+                if rule.applies(&flat, &ctx).await {
+                    actions = rule.actions();
+                    break;
+                }
+            }
             if !actions.iter().any(|a| matches!(a, Action::Notify)) {
                 continue;
             }

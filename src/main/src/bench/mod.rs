@@ -19,14 +19,13 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 mod accounts;
+mod federation;
 mod idle;
 mod media;
 mod rooms;
 mod sync;
 
-/// The scenarios. A two-server delivery scenario (a message sent on one homeserver, timed
-/// until a user on another sees it) waits for federated rooms, which Trellis does not
-/// have yet.
+/// The scenarios.
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Registration: `users` accounts registered by `concurrency` clients at once
@@ -64,6 +63,11 @@ pub enum BenchCommand {
     /// copy, thumbnail latency for a large JPEG, and (with `--server-pid`) server memory
     /// while `clients` upload at once.
     Media(media::MediaArgs),
+    /// Two servers: a room of `members` members on the `--base-url` server is joined by a
+    /// user of the `--peer-url` server (timed), who then sends `messages` messages while a
+    /// member long-polls; PDUs/s the hosting server takes in and send-to-sync latency.
+    /// `scripts/bench-federation` starts the two servers with a test CA.
+    Federation(federation::FederationArgs),
 }
 
 #[derive(Args)]
@@ -93,6 +97,7 @@ impl BenchCommand {
             Self::Delivery(a) => &a.common,
             Self::Idle(a) => &a.common,
             Self::Media(a) => &a.common,
+            Self::Federation(a) => &a.common,
         }
     }
 
@@ -108,6 +113,7 @@ impl BenchCommand {
             Self::Delivery(a) => sync::delivery(a).await,
             Self::Idle(a) => idle::idle(a).await,
             Self::Media(a) => media::media(a).await,
+            Self::Federation(a) => federation::federation(a).await,
         }
     }
 }

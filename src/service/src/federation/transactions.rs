@@ -20,7 +20,10 @@ use trellis_store::{Batch, Json, Table, catalog};
 use super::{encode, server_of};
 use crate::{
     Services,
-    rooms::{Pdu, intake::Intake},
+    rooms::{
+        Pdu,
+        intake::{Deferred, Intake},
+    },
 };
 
 const TXNS: Table<(String, String), Json<Value>> = Table::new(&catalog::FEDERATION_TXNS);
@@ -81,19 +84,25 @@ pub async fn receive(
             }
         }
     }
+    // Accepted events become durable together, with one sync, before the answer.
+    let mut deferred = Vec::new();
     for (room_id, mut events) in by_room {
         events.sort_by_key(|(pdu, _)| pdu.depth);
         for (pdu, hash) in events {
             let id = pdu.event_id.to_string();
-            let outcome = handle_pdu(services, origin, &room_id, pdu, hash).await;
+            let outcome = handle_pdu_deferred(services, origin, &room_id, pdu, hash).await;
             let result = match outcome {
-                Ok(Intake::Rejected(reason)) => json!({"error": reason}),
-                Ok(_) => json!({}),
+                Ok((Intake::Rejected(reason), _)) => json!({"error": reason}),
+                Ok((_, pending)) => {
+                    deferred.extend(pending);
+                    json!({})
+                }
                 Err(e) => json!({"error": e.message}),
             };
             results.insert(id, result);
         }
     }
+    services.rooms.finish_all(deferred).await?;
     for edu in edus {
         if let Err(e) = handle_edu(services, origin, edu).await {
             tracing::info!(origin, error = %e.message, "ignoring an EDU");
@@ -126,14 +135,27 @@ pub async fn handle_pdu(
     pdu: Pdu,
     hash: String,
 ) -> Result<Intake> {
+    let (intake, deferred) = handle_pdu_deferred(services, origin, room_id, pdu, hash).await?;
+    services.rooms.finish_all(deferred.into_iter().collect()).await?;
+    Ok(intake)
+}
+
+/// [`handle_pdu`], leaving the accepted event's durability to the caller.
+async fn handle_pdu_deferred(
+    services: &Arc<Services>,
+    origin: &str,
+    room_id: &str,
+    pdu: Pdu,
+    hash: String,
+) -> Result<(Intake, Option<Deferred>)> {
     let rooms = &services.rooms;
     if rooms.is_known(pdu.event_id.as_str())? {
-        return Ok(Intake::Known);
+        return Ok((Intake::Known, None));
     }
     let (_, room) = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
     let (version, rules) = room.rules()?;
     if pdu.room_id.as_ref().is_none_or(|r| r.as_str() != room_id) {
-        return Ok(Intake::Rejected("The event belongs to another room".into()));
+        return Ok((Intake::Rejected("The event belongs to another room".into()), None));
     }
     if missing_auth(services, &pdu)? {
         let path = format!(
@@ -154,7 +176,7 @@ pub async fn handle_pdu(
             state_before = Some(fetch_state(services, origin, room_id, &pdu.event_id).await?);
         }
     }
-    rooms.accept_remote(room_id, pdu, hash, state_before).await
+    rooms.accept_remote_deferred(room_id, pdu, hash, state_before).await
 }
 
 fn missing_auth(services: &Services, pdu: &Pdu) -> Result<bool> {

@@ -539,10 +539,14 @@ impl Timeline {
 
     /// Runs the append hook for a stored event, then makes it durable and visible.
     pub(super) async fn publish(&self, room_id: &str, pending: Pending, pdu: &Pdu) -> Result<()> {
+        self.run_hook(room_id, &pending, pdu).await;
+        self.finish(pending).await
+    }
+
+    pub(super) async fn run_hook(&self, room_id: &str, pending: &Pending, pdu: &Pdu) {
         if let Some(hook) = self.hook.get() {
             hook(room_id.to_owned(), pending.stream.position, Arc::new(pdu.clone())).await;
         }
-        self.finish(pending).await
     }
 
     /// The next event of a room as `event` describes it: `prev_events` are the forward

@@ -33,6 +33,10 @@ use crate::commit;
 /// Events an auth chain walk visits at most (see `resolve::MAX_AUTH_CHAIN_EVENTS`).
 const MAX_CHAIN: usize = 100_000;
 
+/// An accepted event not yet durable nor visible: hand it to [`Timeline::finish_all`].
+#[must_use]
+pub struct Deferred(super::append::Pending);
+
 /// What became of a received event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intake {
@@ -315,14 +319,31 @@ impl Timeline {
     pub async fn accept_remote(
         &self,
         room_id: &str,
-        mut pdu: Pdu,
+        pdu: Pdu,
         reference_hash: String,
         state_before: Option<Vec<OwnedEventId>>,
     ) -> Result<Intake> {
+        let (intake, pending) =
+            self.accept_remote_deferred(room_id, pdu, reference_hash, state_before).await?;
+        if let Some(pending) = pending {
+            self.finish(pending.0).await?;
+        }
+        Ok(intake)
+    }
+
+    /// [`Self::accept_remote`], leaving an accepted event's durability to the caller
+    /// ([`Self::finish_all`]): the events of one transaction then share one sync.
+    pub async fn accept_remote_deferred(
+        &self,
+        room_id: &str,
+        mut pdu: Pdu,
+        reference_hash: String,
+        state_before: Option<Vec<OwnedEventId>>,
+    ) -> Result<(Intake, Option<Deferred>)> {
         let lock = self.room_lock(room_id);
         let guard = lock.lock().await;
         if self.is_known(pdu.event_id.as_str())? {
-            return Ok(Intake::Known);
+            return Ok((Intake::Known, None));
         }
         let (room_short, room) =
             self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
@@ -337,7 +358,7 @@ impl Timeline {
         if let Err(reason) = self.check_auth_events(&rules, &pdu, &HashMap::new()) {
             let outcome = reject(&mut batch, &mut pdu, reason)?;
             commit(&self.db, batch).await?;
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
 
         let before = match state_before {
@@ -362,13 +383,13 @@ impl Timeline {
         {
             let outcome = reject(&mut batch, &mut pdu, reason)?;
             commit(&self.db, batch).await?;
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         let current = self.state_at(room.state)?;
         if soft_fail(&rules, &pdu, |t, k| self.state_event(&current, t, k).map(|p| (*p).clone())) {
             self.store_hidden(&mut batch, room_short, &pdu, &reference_hash, false, true)?;
             commit(&self.db, batch).await?;
-            return Ok(Intake::SoftFailed);
+            return Ok((Intake::SoftFailed, None));
         }
 
         let event_short =
@@ -433,8 +454,20 @@ impl Timeline {
             Placement::Remote { extremities, current: resolved_current },
         )?;
         drop(guard);
-        self.publish(room_id, pending, &pdu).await?;
-        Ok(Intake::Accepted)
+        self.run_hook(room_id, &pending, &pdu).await;
+        Ok((Intake::Accepted, Some(Deferred(pending))))
+    }
+
+    /// Makes deferred events durable (one sync for all) and visible.
+    pub async fn finish_all(&self, deferred: Vec<Deferred>) -> Result<()> {
+        let mut result = Ok(());
+        for d in deferred {
+            // Every one must be retired, whatever happens to the others.
+            if let Err(e) = self.finish(d.0).await {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     /// [`Self::resolve`], where `pdu` (not stored yet) may be one of the states' events.
