@@ -853,3 +853,43 @@ async fn the_federation_bench_scenario_runs() {
     assert_eq!((line["missed"].as_u64(), line["errors"].as_u64()), (Some(0), Some(0)), "{line}");
     assert!(line["join_ms"].is_number() && line["delivery"]["count"] == 10, "{line}");
 }
+
+#[tokio::test]
+async fn another_servers_room_directory_is_listed_over_federation() {
+    let (a, b) = pair().await;
+    let (_, alice_token) = a.server.register("alice").await;
+    let (_, bob_token) = b.server.register("bob").await;
+    let room = a
+        .server
+        .create_room(
+            &alice_token,
+            json!({"preset": "public_chat", "visibility": "public", "name": "Town square"}),
+        )
+        .await;
+    let (status, list) = b
+        .server
+        .get_auth(&format!("/_matrix/client/v3/publicRooms?server={}", a.name), &bob_token)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["chunk"][0]["room_id"], room, "{list}");
+    assert_eq!(list["chunk"][0]["name"], "Town square");
+    let (status, found) = b
+        .server
+        .post_auth(
+            &format!("/_matrix/client/v3/publicRooms?server={}", a.name),
+            &bob_token,
+            &json!({"filter": {"generic_search_term": "town"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found["chunk"].as_array().map(Vec::len), Some(1), "{found}");
+    let (status, none) = b
+        .server
+        .post_auth(
+            &format!("/_matrix/client/v3/publicRooms?server={}", a.name),
+            &bob_token,
+            &json!({"filter": {"generic_search_term": "nothing like it"}}),
+        )
+        .await;
+    assert_eq!((status, none["chunk"].as_array().map(Vec::len)), (200, Some(0)), "{none}");
+}

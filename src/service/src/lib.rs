@@ -147,7 +147,11 @@ impl Services {
                 {
                     tracing::warn!(error = %e, "evaluating push rules failed");
                 }
-                if pdu.kind == ruma::events::TimelineEventType::RoomMember {
+                if matches!(
+                    pdu.kind,
+                    ruma::events::TimelineEventType::RoomMember
+                        | ruma::events::TimelineEventType::RoomServerAcl
+                ) {
                     services.federation.outbox.membership_changed(&room_id);
                 }
                 // This server's own events go to the other servers in the room.

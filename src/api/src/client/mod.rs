@@ -17,7 +17,7 @@ mod profile;
 mod push_rules;
 mod pushers;
 mod relations;
-mod room_directory;
+pub(crate) mod room_directory;
 mod rooms;
 mod session;
 mod sliding;

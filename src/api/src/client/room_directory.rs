@@ -1,11 +1,13 @@
 //! The published room directory: `GET/PUT /directory/list/room/{roomId}` and
 //! `GET/POST /publicRooms`; and room summaries, `GET /room_summary/{roomIdOrAlias}`.
 //!
-//! A `server` other than ours needs federation, which Trellis does not do yet: those
-//! requests get 501 `M_UNRECOGNIZED` ("not implemented") rather than a 404 (which would
-//! say the server has no directory) or an empty list (which would say it has no rooms).
+//! A `server` other than ours is asked over federation (`/_matrix/federation/v1/publicRooms`);
+//! with federation disabled those requests get 501 `M_UNRECOGNIZED` ("not implemented")
+//! rather than a 404 (which would say the server has no directory) or an empty list
+//! (which would say it has no rooms).
 
 use axum::Router;
+use http::Method;
 use ruma::{
     OwnedServerName,
     api::{
@@ -23,11 +25,16 @@ use ruma::{
     directory::RoomNetwork,
     events::room::member::MembershipState,
 };
+use serde_json::{Value, json};
 use trellis_core::{Error, Result, error::code};
-use trellis_service::rooms::public::{DirectoryPage, DirectoryQuery};
+use trellis_service::{
+    federation::encode,
+    rooms::public::{DirectoryPage, DirectoryQuery},
+};
 
 use crate::{
     AppState,
+    convert::from_value,
     ruma_route::{self, Ctx},
 };
 
@@ -121,7 +128,30 @@ impl IncomingRequest for PublicRoomsGet {
     }
 }
 
-/// Only our own directory can be listed (see the module documentation).
+/// Another server's directory, when one is asked for (see the module documentation).
+fn remote_server<'a>(ctx: &Ctx, server: Option<&'a OwnedServerName>) -> Result<Option<&'a str>> {
+    match server {
+        Some(server) if server.as_str() != ctx.services.server_name() => {
+            if ctx.services.federation.enabled() {
+                Ok(Some(server.as_str()))
+            } else {
+                check_server(ctx, Some(server)).map(|()| None)
+            }
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A remote directory answer's fields.
+fn remote_parts(answer: Value) -> Result<Parts> {
+    let chunk = from_value(answer["chunk"].clone())?;
+    let text = |field: &str| answer[field].as_str().map(str::to_owned);
+    let total = answer["total_room_count_estimate"].as_u64().unwrap_or(0);
+    let total = ruma::UInt::try_from(total).unwrap_or(ruma::UInt::MAX);
+    Ok((chunk, text("next_batch"), text("prev_batch"), total))
+}
+
+/// Only our own directory can be listed without federation.
 fn check_server(ctx: &Ctx, server: Option<&OwnedServerName>) -> Result<()> {
     match server {
         Some(server) if server.as_str() != ctx.services.server_name() => Err(Error::new(
@@ -139,14 +169,27 @@ async fn list(ctx: Ctx, req: PublicRoomsGet) -> Result<get_public_rooms::v3::Res
     if ctx.services.config.rooms.public_rooms_require_auth && ctx.session.is_none() {
         return Err(Error::missing_token());
     }
-    check_server(&ctx, req.server.as_ref())?;
-    let query = DirectoryQuery {
-        limit: req.limit.map(u64::from),
-        since: req.since.as_deref(),
-        ..Default::default()
+    let (chunk, next_batch, prev_batch, total) = match remote_server(&ctx, req.server.as_ref())? {
+        Some(server) => {
+            let mut path = "/_matrix/federation/v1/publicRooms?".to_owned();
+            if let Some(limit) = req.limit {
+                path.push_str(&format!("limit={limit}&"));
+            }
+            if let Some(since) = &req.since {
+                path.push_str(&format!("since={}", encode(since)));
+            }
+            let answer = ctx.services.federation.request(server, Method::GET, &path, None).await?;
+            remote_parts(answer)?
+        }
+        None => {
+            let query = DirectoryQuery {
+                limit: req.limit.map(u64::from),
+                since: req.since.as_deref(),
+                ..Default::default()
+            };
+            parts(ctx.services.public_rooms.list(&ctx.services.rooms, &query)?)?
+        }
     };
-    let page = ctx.services.public_rooms.list(&ctx.services.rooms, &query)?;
-    let (chunk, next_batch, prev_batch, total) = parts(page)?;
     let mut resp = get_public_rooms::v3::Response::new(chunk);
     resp.next_batch = next_batch;
     resp.prev_batch = prev_batch;
@@ -158,7 +201,7 @@ async fn search(
     ctx: Ctx,
     req: get_public_rooms_filtered::v3::Request,
 ) -> Result<get_public_rooms_filtered::v3::Response> {
-    check_server(&ctx, req.server.as_ref())?;
+    let remote = remote_server(&ctx, req.server.as_ref())?;
     let mut resp = get_public_rooms_filtered::v3::Response::new();
     // No application services bridge other networks here: a third-party network has no
     // rooms, and "all networks" is the Matrix one.
@@ -172,8 +215,23 @@ async fn search(
         search_term: req.filter.generic_search_term.as_deref(),
         room_types: req.filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect(),
     };
-    let page = ctx.services.public_rooms.list(&ctx.services.rooms, &query)?;
-    let (chunk, next_batch, prev_batch, total) = parts(page)?;
+    let (chunk, next_batch, prev_batch, total) = match remote {
+        Some(server) => {
+            let body = json!({
+                "limit": query.limit,
+                "since": query.since,
+                "filter": {
+                    "generic_search_term": query.search_term,
+                    "room_types": query.room_types,
+                },
+            });
+            let path = "/_matrix/federation/v1/publicRooms";
+            let answer =
+                ctx.services.federation.request(server, Method::POST, path, Some(&body)).await?;
+            remote_parts(answer)?
+        }
+        None => parts(ctx.services.public_rooms.list(&ctx.services.rooms, &query)?)?,
+    };
     resp.chunk = chunk;
     resp.next_batch = next_batch;
     resp.prev_batch = prev_batch;
@@ -181,9 +239,10 @@ async fn search(
     Ok(resp)
 }
 
-type Parts = (Vec<ruma::directory::PublicRoomsChunk>, Option<String>, Option<String>, ruma::UInt);
+pub(crate) type Parts =
+    (Vec<ruma::directory::PublicRoomsChunk>, Option<String>, Option<String>, ruma::UInt);
 
-fn parts(page: DirectoryPage) -> Result<Parts> {
+pub(crate) fn parts(page: DirectoryPage) -> Result<Parts> {
     let chunk = page.rooms.iter().map(|r| r.to_chunk()).collect::<Result<_>>()?;
     let total = ruma::UInt::try_from(page.total).unwrap_or(ruma::UInt::MAX);
     Ok((chunk, page.next_batch, page.prev_batch, total))

@@ -7,10 +7,14 @@ use ruma::{
     api::federation::{
         authorization::get_event_authorization,
         backfill::get_backfill,
-        event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
+        directory::{get_public_rooms, get_public_rooms_filtered},
+        event::{
+            get_event, get_event_by_timestamp, get_missing_events, get_room_state,
+            get_room_state_ids,
+        },
         membership::{
-            RawStrippedState, create_invite, create_join_event, create_leave_event,
-            prepare_join_event, prepare_leave_event,
+            RawStrippedState, create_invite, create_join_event, create_knock_event,
+            create_leave_event, prepare_join_event, prepare_knock_event, prepare_leave_event,
         },
         transactions::send_transaction_message,
     },
@@ -34,11 +38,17 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<prepare_leave_event::v1::Request, _, _>(router, make_leave);
     let router = ruma_route::add::<create_leave_event::v2::Request, _, _>(router, send_leave);
     let router = ruma_route::add::<create_invite::v2::Request, _, _>(router, invite);
+    let router = ruma_route::add::<prepare_knock_event::v1::Request, _, _>(router, make_knock);
+    let router = ruma_route::add::<create_knock_event::v1::Request, _, _>(router, send_knock);
     let router = ruma_route::add::<get_event::v1::Request, _, _>(router, event);
     let router = ruma_route::add::<get_room_state::v1::Request, _, _>(router, state);
     let router = ruma_route::add::<get_room_state_ids::v1::Request, _, _>(router, state_ids);
     let router = ruma_route::add::<get_event_authorization::v1::Request, _, _>(router, event_auth);
     let router = ruma_route::add::<get_missing_events::v1::Request, _, _>(router, missing_events);
+    let router = ruma_route::add::<get_event_by_timestamp::v1::Request, _, _>(router, by_time);
+    let router = ruma_route::add::<get_public_rooms::v1::Request, _, _>(router, public_rooms);
+    let router =
+        ruma_route::add::<get_public_rooms_filtered::v1::Request, _, _>(router, search_rooms);
     ruma_route::add::<get_backfill::v1::Request, _, _>(router, backfill)
 }
 
@@ -258,4 +268,111 @@ async fn backfill(ctx: Ctx, req: get_backfill::v1::Request) -> Result<get_backfi
         MilliSecondsSinceUnixEpoch::now(),
         raw_pdus(&found)?,
     ))
+}
+
+async fn by_time(
+    ctx: Ctx,
+    req: get_event_by_timestamp::v1::Request,
+) -> Result<get_event_by_timestamp::v1::Response> {
+    let room_id = req.room_id.as_str();
+    events::require_in_room(&ctx.services, room_id, ctx.origin()?)?;
+    let forward = req.dir == ruma::api::Direction::Forward;
+    let rooms = &ctx.services.rooms;
+    let (_, pdu) = rooms
+        .event_near_time(room_id, u64::from(req.ts.get()), forward, |_, pdu| {
+            Ok(rooms.pdu_for_federation(room_id, pdu.event_id.as_str())?.is_some())
+        })?
+        .ok_or_else(|| Error::not_found("No event found near that time"))?;
+    Ok(get_event_by_timestamp::v1::Response::new(pdu.event_id, pdu.origin_server_ts))
+}
+
+/// This server's published rooms, for another server's users.
+fn directory_page(
+    ctx: &Ctx,
+    query: &trellis_service::rooms::public::DirectoryQuery<'_>,
+) -> Result<crate::client::room_directory::Parts> {
+    ctx.origin()?;
+    let page = ctx.services.public_rooms.list(&ctx.services.rooms, query)?;
+    crate::client::room_directory::parts(page)
+}
+
+async fn public_rooms(
+    ctx: Ctx,
+    req: get_public_rooms::v1::Request,
+) -> Result<get_public_rooms::v1::Response> {
+    let query = trellis_service::rooms::public::DirectoryQuery {
+        limit: req.limit.map(u64::from),
+        since: req.since.as_deref(),
+        ..Default::default()
+    };
+    let (chunk, next_batch, prev_batch, total) = directory_page(&ctx, &query)?;
+    let mut resp = get_public_rooms::v1::Response::new();
+    resp.chunk = chunk;
+    resp.next_batch = next_batch;
+    resp.prev_batch = prev_batch;
+    resp.total_room_count_estimate = Some(total);
+    Ok(resp)
+}
+
+async fn search_rooms(
+    ctx: Ctx,
+    req: get_public_rooms_filtered::v1::Request,
+) -> Result<get_public_rooms_filtered::v1::Response> {
+    let query = trellis_service::rooms::public::DirectoryQuery {
+        limit: req.limit.map(u64::from),
+        since: req.since.as_deref(),
+        search_term: req.filter.generic_search_term.as_deref(),
+        room_types: req.filter.room_types.iter().map(|t| t.as_str().map(str::to_owned)).collect(),
+    };
+    let (chunk, next_batch, prev_batch, total) = directory_page(&ctx, &query)?;
+    let mut resp = get_public_rooms_filtered::v1::Response::new();
+    resp.chunk = chunk;
+    resp.next_batch = next_batch;
+    resp.prev_batch = prev_batch;
+    resp.total_room_count_estimate = Some(total);
+    Ok(resp)
+}
+
+async fn make_knock(
+    ctx: Ctx,
+    req: prepare_knock_event::v1::Request,
+) -> Result<prepare_knock_event::v1::Response> {
+    let versions: Vec<String> = req.ver.iter().map(ToString::to_string).collect();
+    let answer = membership::make_membership(
+        &ctx.services,
+        ctx.origin()?,
+        req.room_id.as_str(),
+        req.user_id.as_str(),
+        "knock",
+        &versions,
+    )?;
+    let version = answer["room_version"]
+        .as_str()
+        .and_then(|v| v.try_into().ok())
+        .ok_or_else(|| Error::internal("make_knock", "no room version"))?;
+    Ok(prepare_knock_event::v1::Response::new(version, raw(&answer["event"])?))
+}
+
+async fn send_knock(
+    ctx: Ctx,
+    req: create_knock_event::v1::Request,
+) -> Result<create_knock_event::v1::Response> {
+    let origin = ctx.origin()?.to_owned();
+    membership::receive_membership(
+        &ctx.services,
+        &origin,
+        req.room_id.as_str(),
+        req.event_id.as_str(),
+        "knock",
+        parse(&req.pdu)?,
+    )
+    .await?;
+    // What the knocking user's client shows of the room, as full PDUs (v1.16).
+    let mut state = Vec::new();
+    for kind in trellis_service::sync::STRIPPED_STATE {
+        if let Some(pdu) = ctx.services.rooms.state_of(req.room_id.as_str(), kind, "")? {
+            state.push(RawStrippedState::Pdu(raw_pdu(&pdu)?));
+        }
+    }
+    Ok(create_knock_event::v1::Response::new(state))
 }

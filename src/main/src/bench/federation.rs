@@ -47,7 +47,13 @@ pub async fn federation(args: FederationArgs) -> Result<Value, String> {
     let room = host.create_room(&owner, &json!({"preset": "public_chat"})).await?;
     // Room ids have `!` and `:`, both fine in a path segment.
     let room_path = room.clone();
-    let server = room.split_once(':').map(|(_, s)| s.to_owned()).ok_or("room id without server")?;
+    // The hosting server's name, from its user's id (room ids of version 12 have none).
+    let whoami = host.call(Method::GET, "/_matrix/client/v3/account/whoami", &owner, None).await?;
+    let server = whoami["user_id"]
+        .as_str()
+        .and_then(|u| u.split_once(':'))
+        .map(|(_, s)| s.to_owned())
+        .ok_or("whoami without a user id")?;
     let members = host.register_many(&format!("bench_fed_m{run}"), args.members).await?;
     for chunk in members.chunks(8) {
         let joins = chunk.iter().map(|token| {

@@ -89,7 +89,7 @@ impl Outbox {
             .is_some()
     }
 
-    /// Forgets the cached destinations of a room (its membership changed).
+    /// Forgets the cached destinations of a room (its membership or ACL changed).
     pub fn membership_changed(&self, room_id: &str) {
         self.room_servers.lock().unwrap_or_else(|p| p.into_inner()).remove(room_id);
     }
@@ -102,7 +102,7 @@ impl Outbox {
     }
 }
 
-/// Other servers with members joined to a room.
+/// Other servers with members joined to a room, as far as its server ACL allows.
 pub fn room_servers(services: &Services, room_id: &str) -> Result<Arc<Vec<String>>> {
     let outbox = &services.federation.outbox;
     if let Some(s) = outbox.room_servers.lock().unwrap_or_else(|p| p.into_inner()).get(room_id) {
@@ -119,6 +119,14 @@ pub fn room_servers(services: &Services, room_id: &str) -> Result<Arc<Vec<String
         .collect();
     servers.sort();
     servers.dedup();
+    // Servers the room's ACL bans get nothing of it.
+    let mut allowed = Vec::with_capacity(servers.len());
+    for server in servers {
+        if super::acl::allows(services, room_id, &server)? {
+            allowed.push(server);
+        }
+    }
+    let servers = allowed;
     let servers = Arc::new(servers);
     let mut cache = outbox.room_servers.lock().unwrap_or_else(|p| p.into_inner());
     if cache.len() > 10_000 {
