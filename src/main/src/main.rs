@@ -39,8 +39,8 @@ enum Command {
     },
     /// Load scenarios against a running homeserver (any implementation), through the
     /// client-server API only. Each prints one JSON line; `scripts/bench-compare` runs them
-    /// against Trellis and Synapse (docs/performance.md). Not yet: a two-server
-    /// (federation) delivery scenario, which waits for federated rooms.
+    /// against Trellis and Synapse, `scripts/bench-federation` the two-server scenario
+    /// (docs/performance.md).
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
