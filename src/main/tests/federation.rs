@@ -893,3 +893,12 @@ async fn another_servers_room_directory_is_listed_over_federation() {
         .await;
     assert_eq!((status, none["chunk"].as_array().map(Vec::len)), (200, Some(0)), "{none}");
 }
+
+/// Real crypto clients (matrix-nio with libolm) on two servers: Alice on A, Bob and his
+/// second device on B; Megolm messages both ways and a forwarded room key, all over
+/// federation (invite, join, device keys, one-time key claims, to-device messages).
+#[tokio::test]
+async fn encrypted_messages_cross_servers_between_real_crypto_clients() {
+    let (a, b) = pair().await;
+    common::run_nio_scenario(&[a.server.base.clone(), b.server.base.clone()]).await;
+}

@@ -98,12 +98,21 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
         let key = ev["state_key"].as_str().unwrap_or("");
         initial_state.push((kind.to_owned(), key.to_owned(), ev["content"].clone()));
     }
+    // Other servers' users are invited once the room exists: their servers must
+    // countersign each invite.
+    let own_server = ctx.services.server_name().to_owned();
+    let federated = ctx.services.federation.enabled();
+    let (local_invites, remote_invites): (Vec<String>, Vec<String>) = req
+        .invite
+        .iter()
+        .map(|u| u.to_string())
+        .partition(|u| !federated || u.ends_with(&format!(":{own_server}")));
     let options = CreateRoom {
         preset: req.preset.as_ref().map(|p| p.to_string()),
         public,
         name: req.name.clone(),
         topic: req.topic.clone(),
-        invite: req.invite.iter().map(|u| u.to_string()).collect(),
+        invite: local_invites,
         is_direct: req.is_direct,
         initial_state,
         power_level_override: req
@@ -120,6 +129,24 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
     let room_id = ctx.services.rooms.create_room_with(&creator, &default_version, options).await?;
     if public {
         ctx.services.public_rooms.publish(&room_id, true).await?;
+    }
+    for invitee in &remote_invites {
+        let mut content = json!({"membership": "invite"});
+        if req.is_direct {
+            content["is_direct"] = json!(true);
+        }
+        let invited = trellis_service::federation::invites::invite_remote(
+            &ctx.services,
+            &room_id,
+            &creator,
+            invitee,
+            content,
+        )
+        .await;
+        // The room exists; an invitee whose server cannot be reached is left out.
+        if let Err(e) = invited {
+            tracing::warn!(room_id, invitee, error = %e, "inviting another server's user failed");
+        }
     }
     if let Some(alias) = alias {
         let localpart = ctx.session()?.localpart.clone();

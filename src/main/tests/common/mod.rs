@@ -465,3 +465,33 @@ pub fn link_in(mail: &str) -> String {
         .unwrap_or_else(|| panic!("no link in {mail}"))
         .to_owned()
 }
+
+/// Runs the matrix-nio E2EE scenario (`interop/e2ee_nio.py`) against `bases` (one
+/// server, or Alice's and Bob's); panics with its output unless every step passed.
+#[allow(dead_code)]
+pub async fn run_nio_scenario(bases: &[String]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/e2ee_nio.py");
+    let args = bases.to_vec();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3").arg(script).args(args).output().expect("python3 runs")
+    });
+    let output = tokio::time::timeout(Duration::from_secs(300), output)
+        .await
+        .expect("the interop scenario finishes in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "matrix-nio scenario failed (is matrix-nio[e2e] installed? run .ci/install-deps)\n\
+         stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in [
+        "bob decrypted alice's message",
+        "alice decrypted bob's message",
+        "bob's new device decrypted the history with a forwarded key",
+        "OK",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+}

@@ -3,7 +3,9 @@ Trellis server: two users exchange Megolm-encrypted messages and each decrypts t
 other's; then a newly logged-in device of the receiver gets the room key forwarded by
 its other (verified) device and decrypts the history too.
 
-Usage: e2ee_nio.py <homeserver base URL>. Exits non-zero with a message on failure.
+Usage: e2ee_nio.py <homeserver base URL> [<Bob's homeserver base URL>]. With a second
+server Bob and his second device live there and everything crosses federation. Exits
+non-zero with a message on failure.
 """
 
 import asyncio
@@ -92,9 +94,9 @@ async def until_text(client, room_id, body, others=()):
     fail(f"{client.user_id} never decrypted {body!r}")
 
 
-async def main(base):
+async def main(base, bob_base):
     alice = await new_client(base, "alice", register=True)
-    bob = await new_client(base, "bob", register=True)
+    bob = await new_client(bob_base, "bob", register=True)
     for client in (alice, bob):
         await step(client)
 
@@ -135,7 +137,7 @@ async def main(base):
     print("alice decrypted bob's message")
 
     # A new device of Bob's: it learns of his first device and they trust each other.
-    bob2 = await new_client(base, "bob", register=False)
+    bob2 = await new_client(bob_base, "bob", register=False)
     for _ in range(3):
         for client in (bob2, bob, bob2):
             await step(client)
@@ -180,4 +182,4 @@ async def main(base):
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else sys.argv[1]))
