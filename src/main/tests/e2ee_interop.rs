@@ -10,5 +10,5 @@ use common::{OPEN, TestServer};
 #[tokio::test]
 async fn matrix_nio_clients_exchange_encrypted_messages_and_forward_keys() {
     let s = TestServer::start(OPEN).await;
-    common::run_nio_scenario(&[s.base.clone()]).await;
+    common::run_nio_scenario(std::slice::from_ref(&s.base)).await;
 }
