@@ -416,6 +416,34 @@ async fn a_room_is_shared_across_servers() {
     })
     .await;
 
+    // Presence too: Bob's status set on B reads on A.
+    let (status, _) = b
+        .server
+        .put_auth(
+            &format!("/_matrix/client/v3/presence/{bob}/status"),
+            &bob_token,
+            &json!({"presence": "unavailable", "status_msg": "lunch"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut seen = Value::Null;
+    for _ in 0..50 {
+        let (_, p) = a
+            .server
+            .get_auth(&format!("/_matrix/client/v3/presence/{bob}/status"), &alice_token)
+            .await;
+        seen = p;
+        if seen["status_msg"] == "lunch" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        (&seen["presence"], &seen["status_msg"]),
+        (&json!("unavailable"), &json!("lunch")),
+        "{seen}"
+    );
+
     // Bob leaves; A sees it.
     let (status, _) = b
         .server

@@ -35,6 +35,9 @@ const MAX_SCAN: usize = MAX_PDUS + MAX_EDUS;
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 /// A worker with nothing to send stops after this long.
 const IDLE: Duration = Duration::from_secs(60);
+/// Items kept for one destination at most; beyond that new ones are dropped (a server
+/// that comes back catches up on room events through `get_missing_events`).
+const MAX_QUEUED: usize = 50_000;
 
 #[derive(Default)]
 struct Worker {
@@ -50,6 +53,8 @@ pub struct Outbox {
     workers: Mutex<HashMap<String, Arc<Worker>>>,
     /// Destinations per room (servers of joined members), dropped on membership changes.
     room_servers: Mutex<HashMap<String, Arc<Vec<String>>>>,
+    /// Items queued per destination, counted from storage on first use.
+    sizes: Mutex<HashMap<String, usize>>,
 }
 
 impl Outbox {
@@ -57,7 +62,37 @@ impl Outbox {
         // Sequence numbers only need to grow per destination; starting from the clock
         // keeps them above anything queued before a restart.
         let next = AtomicU64::new(now_millis() * 1000);
-        Ok(Self { db, next, workers: Mutex::default(), room_servers: Mutex::default() })
+        Ok(Self {
+            db,
+            next,
+            workers: Mutex::default(),
+            room_servers: Mutex::default(),
+            sizes: Mutex::default(),
+        })
+    }
+
+    /// Takes a place in `dest`'s queue; false when it is full.
+    fn reserve(&self, dest: &str) -> bool {
+        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        let size = sizes.entry(dest.to_owned()).or_insert_with(|| {
+            OUTBOX
+                .scan_prefix(&*self.db, &dest.to_owned(), Direction::Forward)
+                .map(|rows| rows.count())
+                .unwrap_or(0)
+        });
+        if *size >= MAX_QUEUED {
+            return false;
+        }
+        *size += 1;
+        true
+    }
+
+    /// Gives back `n` places of `dest`'s queue (sent or dropped items).
+    fn release(&self, dest: &str, n: usize) {
+        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(size) = sizes.get_mut(dest) {
+            *size = size.saturating_sub(n);
+        }
     }
 
     fn seq(&self) -> u64 {
@@ -184,6 +219,10 @@ async fn enqueue(services: &Arc<Services>, destinations: &[String], item: Value)
     let outbox = &services.federation.outbox;
     let mut batch = Batch::new();
     for dest in destinations {
+        if !outbox.reserve(dest) {
+            tracing::warn!(destination = dest, "federation queue full; item dropped");
+            continue;
+        }
         OUTBOX.put(&mut batch, &(dest.clone(), outbox.seq()), &Json(item.clone()));
     }
     crate::commit(&services.db, batch).await?;
@@ -288,25 +327,13 @@ async fn run(services: Weak<Services>, dest: String, worker: Arc<Worker>) {
                         }
                     }
                 }
-                let mut batch = Batch::new();
-                for key in &keys {
-                    OUTBOX.delete(&mut batch, key);
-                }
-                if let Err(e) = crate::commit(&s.db, batch).await {
-                    tracing::warn!(error = %e, "clearing sent items failed");
-                }
+                clear(&s, &dest, &keys).await;
             }
             Err(e) if refused(&e) => {
                 // The destination understood and refused the transaction: sending it
                 // again would get the same answer.
                 tracing::warn!(error = %e, "destination refused a transaction; dropping it");
-                let mut batch = Batch::new();
-                for key in &keys {
-                    OUTBOX.delete(&mut batch, key);
-                }
-                if let Err(e) = crate::commit(&s.db, batch).await {
-                    tracing::warn!(error = %e, "clearing refused items failed");
-                }
+                clear(&s, &dest, &keys).await;
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -322,8 +349,46 @@ async fn run(services: Weak<Services>, dest: String, worker: Arc<Worker>) {
     }
 }
 
+/// Removes sent (or refused) items from `dest`'s queue.
+async fn clear(services: &Services, dest: &str, keys: &[(String, u64)]) {
+    let mut batch = Batch::new();
+    for key in keys {
+        OUTBOX.delete(&mut batch, key);
+    }
+    match crate::commit(&services.db, batch).await {
+        Ok(()) => services.federation.outbox.release(dest, keys.len()),
+        Err(e) => tracing::warn!(error = %e, "clearing sent items failed"),
+    }
+}
+
 /// A client error other than rate limiting or authentication (which may pass later).
 fn refused(e: &trellis_core::Error) -> bool {
     let status = e.status.as_u16();
     (400..500).contains(&status) && status != 429 && status != 401
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_core::config::StorageConfig;
+
+    use super::*;
+
+    #[test]
+    fn a_destinations_queue_is_bounded_and_places_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig { block_cache_mb: 8, sync_writes: false, ..Default::default() };
+        let db = trellis_store::open(dir.path(), &cfg).unwrap();
+        // Items left from before a restart count.
+        let mut batch = Batch::new();
+        OUTBOX.put(&mut batch, &("b.example".to_owned(), 1), &Json(json!({"edu": {}})));
+        db.write(batch).unwrap();
+        let outbox = Outbox::new(db).unwrap();
+        for _ in 1..MAX_QUEUED {
+            assert!(outbox.reserve("b.example"));
+        }
+        assert!(!outbox.reserve("b.example"), "full");
+        assert!(outbox.reserve("c.example"), "other destinations are not held up");
+        outbox.release("b.example", 10);
+        assert!(outbox.reserve("b.example"));
+    }
 }
