@@ -539,7 +539,8 @@ async fn invites_cross_servers_and_can_be_accepted_or_rejected() {
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
 }
 
-/// Acting as server B (with B's own signing key): an X-Matrix signed request to A.
+/// Acting as server B (with B's own signing key): an X-Matrix signed request to A, a
+/// PUT of `body`, or a GET when `body` is null.
 async fn send_as(
     from: &Peer,
     keys: &trellis_service::ServerKeys,
@@ -548,10 +549,14 @@ async fn send_as(
     path: &str,
     body: &Value,
 ) -> (u16, Value) {
-    let mut signing: ruma::CanonicalJsonObject = serde_json::from_value(json!({
-        "method": "PUT", "uri": path, "origin": from.name, "destination": to.name, "content": body,
-    }))
-    .unwrap();
+    let method = if body.is_null() { "GET" } else { "PUT" };
+    let mut request = json!({
+        "method": method, "uri": path, "origin": from.name, "destination": to.name,
+    });
+    if !body.is_null() {
+        request["content"] = body.clone();
+    }
+    let mut signing: ruma::CanonicalJsonObject = serde_json::from_value(request).unwrap();
     keys.sign_json(&mut signing).unwrap();
     let sig = signing["signatures"].as_object().unwrap()[&from.name].as_object().unwrap()
         [keys.key_id()]
@@ -566,13 +571,9 @@ async fn send_as(
     );
     let ca = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
     let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
-    let resp = client
-        .put(format!("https://{}{path}", to.name))
-        .header("Authorization", header)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    let url = format!("https://{}{path}", to.name);
+    let req = if body.is_null() { client.get(url) } else { client.put(url).json(body) };
+    let resp = req.header("Authorization", header).send().await.unwrap();
     common::json_of(resp).await
 }
 
@@ -929,4 +930,87 @@ async fn another_servers_room_directory_is_listed_over_federation() {
 async fn encrypted_messages_cross_servers_between_real_crypto_clients() {
     let (a, b) = pair().await;
     common::run_nio_scenario(&[a.server.base.clone(), b.server.base.clone()]).await;
+}
+
+#[tokio::test]
+async fn another_servers_user_can_knock() {
+    use trellis_service::rooms::{EventRef, PduTemplate, build_pdu};
+
+    let (a, b) = pair().await;
+    let (_, alice_token) = a.server.register("alice").await;
+    let room = a
+        .server
+        .create_room(
+            &alice_token,
+            json!({"preset": "private_chat", "room_version": "11", "name": "Knock knock",
+                   "initial_state": [{"type": "m.room.join_rules", "state_key": "",
+                                      "content": {"join_rule": "knock"}}]}),
+        )
+        .await;
+    let room_path = common::urlencode(&room);
+    let bob = format!("@bob:{}", b.name);
+    let keys = trellis_service::ServerKeys::load_or_generate(
+        &b.server.data_dir().join("signing.key"),
+        &b.name,
+        24,
+    )
+    .unwrap();
+    let ca = a._certs.path().join("ca.pem");
+
+    // B asks A for a knock template, signs it as Bob's server, and hands it back.
+    let path =
+        format!("/_matrix/federation/v1/make_knock/{room_path}/{}?ver=11", common::urlencode(&bob));
+    let (status, made) = send_as(&b, &keys, &a, &ca, &path, &Value::Null).await;
+    assert_eq!(status, 200, "{made}");
+    assert_eq!(made["room_version"], "11");
+    let template = &made["event"];
+    assert_eq!(template["content"]["membership"], "knock");
+    let refs = |field: &str| -> Vec<EventRef> {
+        template[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| EventRef { event_id: id.as_str().unwrap().to_owned(), sha256: String::new() })
+            .collect()
+    };
+    let server: &ruma::ServerName = b.name.as_str().try_into().unwrap();
+    let (knock, _) = build_pdu(
+        &keys,
+        server,
+        &ruma::RoomVersionId::V11,
+        PduTemplate {
+            room_id: Some(room.clone()),
+            sender: bob.clone(),
+            kind: "m.room.member".into(),
+            state_key: Some(bob.clone()),
+            content: json!({"membership": "knock", "reason": "let me in"}),
+            redacts: None,
+            prev_events: refs("prev_events"),
+            auth_events: refs("auth_events"),
+            depth: template["depth"].as_u64().unwrap(),
+            origin_server_ts: template["origin_server_ts"].as_u64().unwrap(),
+        },
+    )
+    .unwrap();
+    let path = format!(
+        "/_matrix/federation/v1/send_knock/{room_path}/{}",
+        common::urlencode(knock.event_id.as_str())
+    );
+    let (status, answer) =
+        send_as(&b, &keys, &a, &ca, &path, &serde_json::to_value(&*knock.json).unwrap()).await;
+    assert_eq!(status, 200, "{answer}");
+    let state = answer["knock_room_state"].as_array().unwrap();
+    assert!(
+        state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Knock knock"),
+        "{answer}"
+    );
+
+    // Alice sees Bob knocking and can let him in with an invite.
+    let path = format!(
+        "/_matrix/client/v3/rooms/{room_path}/state/m.room.member/{}",
+        common::urlencode(&bob)
+    );
+    let (status, member) = a.server.get_auth(&path, &alice_token).await;
+    assert_eq!((status, &member["membership"]), (200, &json!("knock")), "{member}");
+    assert_eq!(member["reason"], "let me in");
 }
