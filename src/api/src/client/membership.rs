@@ -105,9 +105,8 @@ async fn join_room(
     }
     let known = services.rooms.room(room_id.as_str())?.is_some();
     if known {
-        let suffix = format!(":{}", services.server_name());
         let resident =
-            services.rooms.members(room_id.as_str(), "join")?.iter().any(|m| m.ends_with(&suffix));
+            services.rooms.has_member_from(room_id.as_str(), services.server_name(), &["join"])?;
         servers.extend(room_servers(services, room_id.as_str())?.iter().cloned());
         servers.retain(|s| s != services.server_name());
         if resident || servers.is_empty() {

@@ -105,7 +105,7 @@ async fn make_join(
     req: prepare_join_event::v1::Request,
 ) -> Result<prepare_join_event::v1::Response> {
     let versions: Vec<String> = req.ver.iter().map(ToString::to_string).collect();
-    let answer = membership::make_membership(
+    let (version, event) = membership::make_membership(
         &ctx.services,
         ctx.origin()?,
         req.room_id.as_str(),
@@ -113,8 +113,8 @@ async fn make_join(
         "join",
         &versions,
     )?;
-    let mut resp = prepare_join_event::v1::Response::new(raw(&answer["event"])?);
-    resp.room_version = answer["room_version"].as_str().and_then(|v| v.try_into().ok());
+    let mut resp = prepare_join_event::v1::Response::new(raw(&event)?);
+    resp.room_version = Some(version);
     Ok(resp)
 }
 
@@ -145,7 +145,7 @@ async fn make_leave(
     ctx: Ctx,
     req: prepare_leave_event::v1::Request,
 ) -> Result<prepare_leave_event::v1::Response> {
-    let answer = membership::make_membership(
+    let (version, event) = membership::make_membership(
         &ctx.services,
         ctx.origin()?,
         req.room_id.as_str(),
@@ -153,8 +153,7 @@ async fn make_leave(
         "leave",
         &[],
     )?;
-    let version = answer["room_version"].as_str().and_then(|v| v.try_into().ok());
-    Ok(prepare_leave_event::v1::Response::new(version, raw(&answer["event"])?))
+    Ok(prepare_leave_event::v1::Response::new(Some(version), raw(&event)?))
 }
 
 async fn send_leave(
@@ -338,7 +337,7 @@ async fn make_knock(
     req: prepare_knock_event::v1::Request,
 ) -> Result<prepare_knock_event::v1::Response> {
     let versions: Vec<String> = req.ver.iter().map(ToString::to_string).collect();
-    let answer = membership::make_membership(
+    let (version, event) = membership::make_membership(
         &ctx.services,
         ctx.origin()?,
         req.room_id.as_str(),
@@ -346,11 +345,7 @@ async fn make_knock(
         "knock",
         &versions,
     )?;
-    let version = answer["room_version"]
-        .as_str()
-        .and_then(|v| v.try_into().ok())
-        .ok_or_else(|| Error::internal("make_knock", "no room version"))?;
-    Ok(prepare_knock_event::v1::Response::new(version, raw(&answer["event"])?))
+    Ok(prepare_knock_event::v1::Response::new(version, raw(&event)?))
 }
 
 async fn send_knock(

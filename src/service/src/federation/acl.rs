@@ -8,11 +8,13 @@ use crate::Services;
 
 /// Whether the room's ACL lets `server` take part (no ACL: everyone).
 pub fn allows(services: &Services, room_id: &str, server: &str) -> Result<bool> {
-    let Some(acl) = services.rooms.state_of(room_id, "m.room.server_acl", "")? else {
-        return Ok(true);
-    };
-    let content: Value = serde_json::from_str(acl.content.get()).unwrap_or(Value::Null);
-    Ok(acl_allows(&content, server))
+    Ok(room_acl(services, room_id)?.is_none_or(|acl| acl_allows(&acl, server)))
+}
+
+/// The content of the room's current ACL, if it has one.
+pub fn room_acl(services: &Services, room_id: &str) -> Result<Option<Value>> {
+    let acl = services.rooms.state_of(room_id, "m.room.server_acl", "")?;
+    Ok(acl.map(|acl| serde_json::from_str(acl.content.get()).unwrap_or(Value::Null)))
 }
 
 /// The spec's evaluation: IP literals first, then deny, then allow (empty allow: none).

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use http::Method;
-use serde_json::Value;
 use trellis_core::Result;
 
 use super::encode;
@@ -53,10 +52,9 @@ pub async fn backfill(services: &Arc<Services>, room_id: &str, wanted: usize) ->
                 continue;
             }
         };
-        let pdus = answer["pdus"].as_array().cloned().unwrap_or_default();
         let mut events: Vec<_> = services
             .federation
-            .verify_pdus(&rules, pdus.into_iter().filter(Value::is_object).collect())
+            .verify_pdus(&rules, super::pdus::pdus_in(&answer, "pdus"))
             .await
             .into_iter()
             .filter(|(p, _)| p.room_id.as_ref().is_some_and(|r| r.as_str() == room_id))

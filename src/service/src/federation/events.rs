@@ -2,12 +2,11 @@
 //! chains, missing events between two points and backfill. Only servers with a user in
 //! the room (and allowed by its ACL) are served.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use ruma::OwnedEventId;
 use trellis_core::{Error, Result};
 
-use super::server_of;
 use crate::{Services, rooms::Pdu};
 
 /// The most events one answer walks over.
@@ -21,15 +20,8 @@ pub fn require_in_room(services: &Services, room_id: &str, origin: &str) -> Resu
     if !super::acl::allows(services, room_id, origin)? {
         return Err(Error::forbidden("Server is banned from the room by ACL"));
     }
-    let present = ["join", "invite", "leave", "knock", "ban"].iter().any(|m| {
-        services
-            .rooms
-            .members(room_id, m)
-            .unwrap_or_default()
-            .iter()
-            .any(|u| server_of(u) == Some(origin))
-    });
-    if !present {
+    let memberships = ["join", "invite", "leave", "knock", "ban"];
+    if !services.rooms.has_member_from(room_id, origin, &memberships)? {
         return Err(Error::forbidden("Your server has no user in this room"));
     }
     Ok(())
@@ -103,15 +95,4 @@ pub fn state_at(
     }
     let chain = rooms.auth_chain(&ids)?;
     Ok((state, chain))
-}
-
-/// The servers with joined members in a room (this one included).
-pub fn servers_in_room(services: &Services, room_id: &str) -> Result<Vec<String>> {
-    let servers: BTreeSet<String> = services
-        .rooms
-        .members(room_id, "join")?
-        .iter()
-        .filter_map(|u| server_of(u).map(str::to_owned))
-        .collect();
-    Ok(servers.into_iter().collect())
 }

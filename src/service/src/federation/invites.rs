@@ -82,7 +82,7 @@ pub async fn invite_remote(
             format!("{server} sent no signed invite"),
         )
     })?;
-    let (signed, _) = services.federation.verify_pdu(&rules, signed).await?;
+    let (signed, _) = services.federation.verify_pdu(&rules, &signed).await?;
     if signed.event_id != pdu.event_id {
         return Err(Error::new(
             StatusCode::BAD_GATEWAY,
@@ -121,7 +121,7 @@ pub async fn receive_invite(
             .with_field("room_version", room_version)
         })?;
     let rules = version.rules().ok_or_else(|| Error::bad_json("unsupported room version"))?;
-    let (pdu, _) = services.federation.verify_pdu(&rules, event).await?;
+    let (pdu, _) = services.federation.verify_pdu(&rules, &event).await?;
     let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
     let target = pdu.state_key.clone().unwrap_or_default();
     if pdu.event_id.as_str() != event_id
@@ -142,9 +142,8 @@ pub async fn receive_invite(
         return Err(Error::not_found("No such user"));
     }
     let signed = super::membership::countersign(services, &rules, pdu)?;
-    let suffix = format!(":{}", services.server_name());
     let resident = services.rooms.room(room_id)?.is_some()
-        && services.rooms.members(room_id, "join")?.iter().any(|m| m.ends_with(&suffix));
+        && services.rooms.has_member_from(room_id, services.server_name(), &["join"])?;
     // A room this server is in learns of the invite as any other event, from /send.
     if !resident {
         // Full PDUs (as Matrix 1.16 sends them) or stripped events; clients get the latter.

@@ -11,7 +11,7 @@ use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
 use serde_json::{Value, json};
 use trellis_core::{Error, Result, error::code, now_millis};
 
-use super::{encode, server_of, transactions::handle_pdu};
+use super::{encode, pdus::pdus_in, server_of, transactions::handle_pdu};
 use crate::{
     Services,
     rooms::{EventRef, Pdu, PduTemplate, build_pdu, intake::Intake},
@@ -30,7 +30,7 @@ pub fn make_membership(
     user_id: &str,
     membership: &str,
     versions: &[String],
-) -> Result<Value> {
+) -> Result<(RoomVersionId, Value)> {
     if server_of(user_id) != Some(origin) {
         return Err(Error::forbidden("The user does not belong to the requesting server"));
     }
@@ -51,8 +51,7 @@ pub fn make_membership(
         )
         .with_field("room_version", room.version.clone()));
     }
-    let (version, event) = services.rooms.member_template(room_id, user_id, membership)?;
-    Ok(json!({ "room_version": version.as_str(), "event": event }))
+    services.rooms.member_template(room_id, user_id, membership)
 }
 
 /// `send_join` / `send_leave` / `send_knock` on the resident side: checks the signed
@@ -71,7 +70,7 @@ pub async fn receive_membership(
         return Err(Error::forbidden("Server is banned from the room by ACL"));
     }
     let (_, rules) = room.rules()?;
-    let (pdu, hash) = services.federation.verify_pdu(&rules, value).await?;
+    let (pdu, hash) = services.federation.verify_pdu(&rules, &value).await?;
     let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
     let sender = pdu.sender.as_str();
     if pdu.event_id.as_str() != event_id
@@ -216,15 +215,14 @@ async fn join_through(
     let answer = fed.request(server, Method::PUT, &path, Some(&pdu_json(&join))).await?;
     // A resident that vouched for a restricted join returns the event with its signature.
     let (join, hash) = match answer.get("event").filter(|e| e.is_object()) {
-        Some(event) => match fed.verify_pdu(&rules, event.clone()).await {
+        Some(event) => match fed.verify_pdu(&rules, event).await {
             Ok((signed, h)) if signed.event_id == join.event_id => (signed, h),
             _ => (join, hash),
         },
         None => (join, hash),
     };
-    let list = |field: &str| answer[field].as_array().cloned().unwrap_or_default();
-    let state = fed.verify_pdus(&rules, list("state")).await;
-    let chain = fed.verify_pdus(&rules, list("auth_chain")).await;
+    let state = fed.verify_pdus(&rules, pdus_in(&answer, "state")).await;
+    let chain = fed.verify_pdus(&rules, pdus_in(&answer, "auth_chain")).await;
     let state_ids = state.iter().map(|(p, _)| p.event_id.clone()).collect();
     let mut all = chain;
     all.extend(state);

@@ -19,13 +19,13 @@ impl Federation {
     pub async fn verify_pdu(
         &self,
         rules: &RoomVersionRules,
-        value: Value,
+        value: &Value,
     ) -> Result<(Pdu, String)> {
-        let size = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(value).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > MAX_PDU_BYTES {
             return Err(Error::too_large("The event exceeds 65536 bytes"));
         }
-        let mut object: CanonicalJsonObject = serde_json::from_value(value)
+        let mut object: CanonicalJsonObject = serde_json::from_value(value.clone())
             .map_err(|e| Error::bad_json(format!("The event is not canonical JSON: {e}")))?;
         // What the sender put in `unsigned` is not covered by its signature.
         object.remove("unsigned");
@@ -86,11 +86,16 @@ impl Federation {
     ) -> Vec<(Pdu, String)> {
         let mut out = Vec::with_capacity(values.len());
         for value in values {
-            match self.verify_pdu(rules, value).await {
+            match self.verify_pdu(rules, &value).await {
                 Ok(checked) => out.push(checked),
                 Err(e) => tracing::info!(error = %e, "dropping a received event"),
             }
         }
         out
     }
+}
+
+/// The events listed under `field` of another server's answer.
+pub fn pdus_in(answer: &Value, field: &str) -> Vec<Value> {
+    answer.get(field).and_then(Value::as_array).cloned().unwrap_or_default()
 }

@@ -155,13 +155,9 @@ pub fn room_servers(services: &Services, room_id: &str) -> Result<Arc<Vec<String
     servers.sort();
     servers.dedup();
     // Servers the room's ACL bans get nothing of it.
-    let mut allowed = Vec::with_capacity(servers.len());
-    for server in servers {
-        if super::acl::allows(services, room_id, &server)? {
-            allowed.push(server);
-        }
+    if let Some(acl) = super::acl::room_acl(services, room_id)? {
+        servers.retain(|server| super::acl::acl_allows(&acl, server));
     }
-    let servers = allowed;
     let servers = Arc::new(servers);
     let mut cache = outbox.room_servers.lock().unwrap_or_else(|p| p.into_inner());
     if cache.len() > 10_000 {
@@ -186,9 +182,6 @@ pub async fn send_pdu_except(
 ) -> Result<()> {
     if !services.federation.enabled() {
         return Ok(());
-    }
-    if pdu.kind == ruma::events::TimelineEventType::RoomMember {
-        services.federation.outbox.membership_changed(room_id);
     }
     let mut destinations: Vec<String> = room_servers(services, room_id)?.to_vec();
     if let Some(target) =

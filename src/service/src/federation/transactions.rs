@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 use trellis_store::{Batch, Json, Table, catalog};
 
-use super::{encode, server_of};
+use super::{encode, pdus::pdus_in, server_of};
 use crate::{
     Services,
     rooms::{
@@ -67,18 +67,17 @@ pub async fn receive(
             continue;
         };
         let (_, rules) = room.rules()?;
-        let id = event_id_of(&rules, &value);
         if !super::acl::allows(services, &room_id, origin)? {
-            if let Some(id) = id {
+            if let Some(id) = event_id_of(&rules, &value) {
                 results.insert(id, json!({"error": "Server is banned from the room by ACL"}));
             }
             continue;
         }
-        match services.federation.verify_pdu(&rules, value).await {
+        match services.federation.verify_pdu(&rules, &value).await {
             Ok(checked) => by_room.entry(room_id).or_default().push(checked),
             Err(e) => {
                 tracing::info!(origin, error = %e.message, "refusing a PDU");
-                if let Some(id) = id {
+                if let Some(id) = event_id_of(&rules, &value) {
                     results.insert(id, json!({"error": e.message}));
                 }
             }
@@ -164,7 +163,7 @@ async fn handle_pdu_deferred(
             encode(pdu.event_id.as_str())
         );
         if let Ok(answer) = services.federation.request(origin, Method::GET, &path, None).await {
-            let chain = array(&answer, "auth_chain");
+            let chain = pdus_in(&answer, "auth_chain");
             let events = services.federation.verify_pdus(&rules, chain).await;
             rooms.store_outliers(room_id, &version, events).await?;
         }
@@ -186,10 +185,6 @@ fn missing_auth(services: &Services, pdu: &Pdu) -> Result<bool> {
         }
     }
     Ok(false)
-}
-
-fn array(answer: &Value, field: &str) -> Vec<Value> {
-    answer.get(field).and_then(Value::as_array).cloned().unwrap_or_default()
 }
 
 /// Fetches the events between the room's forward extremities and `pdu` from `origin`
@@ -216,7 +211,7 @@ async fn fill_gap(
             return Ok(());
         }
     };
-    let mut events = services.federation.verify_pdus(rules, array(&answer, "events")).await;
+    let mut events = services.federation.verify_pdus(rules, pdus_in(&answer, "events")).await;
     events.sort_by_key(|(p, _)| p.depth);
     for (event, hash) in events {
         if event.room_id.as_ref().is_none_or(|r| r.as_str() != room_id)
@@ -250,8 +245,8 @@ async fn fetch_state(
         encode(event_id.as_str())
     );
     let answer = services.federation.request(origin, Method::GET, &path, None).await?;
-    let state = services.federation.verify_pdus(&rules, array(&answer, "pdus")).await;
-    let chain = services.federation.verify_pdus(&rules, array(&answer, "auth_chain")).await;
+    let state = services.federation.verify_pdus(&rules, pdus_in(&answer, "pdus")).await;
+    let chain = services.federation.verify_pdus(&rules, pdus_in(&answer, "auth_chain")).await;
     let ids: Vec<OwnedEventId> = state.iter().map(|(p, _)| p.event_id.clone()).collect();
     let mut all = chain;
     all.extend(state);

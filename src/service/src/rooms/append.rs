@@ -914,6 +914,27 @@ impl Timeline {
         Ok(out)
     }
 
+    /// Whether a user of `server` has one of `memberships` in the room (one scan).
+    pub fn has_member_from(
+        &self,
+        room_id: &str,
+        server: &str,
+        memberships: &[&str],
+    ) -> Result<bool> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(false) };
+        for entry in
+            ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
+        {
+            let ((_, user), m) = entry?;
+            if memberships.contains(&m.as_str())
+                && user.split_once(':').is_some_and(|(_, s)| s == server)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The current state event `(kind, state_key)` of a room.
     pub fn state_of(&self, room_id: &str, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
         let Some((_, room)) = self.room(room_id)? else { return Ok(None) };

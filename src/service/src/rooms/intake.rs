@@ -435,9 +435,10 @@ impl Timeline {
             self.states.insert(id, Arc::new(before.clone()));
             id
         };
+        let mut redacted = None;
         if let Some(target) = pdu.redacts.clone().or_else(|| redacts_in_content(&pdu)) {
             match self.redact_into(&mut batch, room_short, target.as_str(), &pdu, &rules, &before) {
-                Ok(short) => self.cache.invalidate(short),
+                Ok(short) => redacted = Some(short),
                 Err(e) => tracing::debug!(error = %e, "remote redaction not applied"),
             }
         }
@@ -453,6 +454,10 @@ impl Timeline {
             room.max_depth,
             Placement::Remote { extremities, current: resolved_current },
         )?;
+        // After the write, so that no reader caches the unredacted copy again.
+        if let Some(short) = redacted {
+            self.cache.invalidate(short);
+        }
         drop(guard);
         self.run_hook(room_id, &pending, &pdu).await;
         Ok((Intake::Accepted, Some(Deferred(pending))))

@@ -97,11 +97,14 @@ impl StateSnapshots {
             set: state.iter().map(|(k, v)| (*k, *v)).collect(),
             removed: Vec::new(),
         };
+        // A parent saved in the same uncommitted batch is not readable yet: such a state
+        // (made when a fork is resolved) is stored whole.
+        let parent = match parent {
+            Some((id, state)) => SNAPSHOTS.get(&*self.db, &id)?.map(|Json(l)| (id, state, l.depth)),
+            None => None,
+        };
         let layer = match parent {
-            // A parent saved in the same uncommitted batch is not readable yet: such a
-            // state (made when a fork is resolved) is stored whole.
-            Some((parent_id, parent_state)) if SNAPSHOTS.get(&*self.db, &parent_id)?.is_some() => {
-                let parent_depth = self.layer(parent_id)?.depth;
+            Some((parent_id, parent_state, parent_depth)) => {
                 let set: Vec<(u64, u64)> = state
                     .iter()
                     .filter(|(k, v)| parent_state.get(k) != Some(v))
@@ -116,7 +119,7 @@ impl StateSnapshots {
                     full
                 }
             }
-            _ => full,
+            None => full,
         };
         SNAPSHOTS.put(batch, &id, &Json(layer));
         Ok(id)
