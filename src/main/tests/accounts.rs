@@ -757,3 +757,36 @@ async fn user_directory_search() {
     assert!(names(&body).is_empty(), "carol's room is not published: {body}");
     assert_eq!(erin, "@erin:localhost");
 }
+
+#[tokio::test]
+async fn openid_tokens_prove_who_the_user_is() {
+    let s = TestServer::start(OPEN).await;
+    let (alice, token) = s.register("alice").await;
+    let (_, bob_token) = s.register("bob").await;
+    let path = |user: &str| format!("/_matrix/client/v3/user/{user}/openid/request_token");
+
+    let (status, body) = s.post_auth(&path(&alice), &token, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["matrix_server_name"], alice.split(':').nth(1).unwrap());
+    assert_eq!(body["expires_in"], 3600);
+    let openid = body["access_token"].as_str().unwrap().to_owned();
+
+    // Another service asks who the token is, without signing (it is not a homeserver).
+    let userinfo = |t: &str| format!("/_matrix/federation/v1/openid/userinfo?access_token={t}");
+    let (status, body) = s.get(&userinfo(&openid)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["sub"], alice);
+
+    // The token grants nothing on the client API.
+    let (status, body) = s.get_auth(WHOAMI, &openid).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
+    // An access token is not an OpenID token.
+    let (status, body) = s.get(&userinfo(&token)).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
+    let (status, body) = s.get(&userinfo("nonsense")).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
+    // Nobody gets a token in another user's name.
+    let (status, body) = s.post_auth(&path(&alice), &bob_token, &json!({})).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+}

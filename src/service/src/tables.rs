@@ -127,6 +127,9 @@ pub const REFRESH_TOKENS: Table<Vec<u8>, Json<RefreshRecord>> =
     Table::new(&catalog::REFRESH_TOKENS);
 /// sha256(login token) -> owner
 pub const LOGIN_TOKENS: Table<Vec<u8>, Json<LoginTokenRecord>> = Table::new(&catalog::LOGIN_TOKENS);
+/// sha256(OpenID token) -> owner and expiry (same record as a login token)
+pub const OPENID_TOKENS: Table<Vec<u8>, Json<LoginTokenRecord>> =
+    Table::new(&catalog::OPENID_TOKENS);
 /// session id -> UIA progress
 pub const UIA_SESSIONS: Table<String, Json<UiaSession>> = Table::new(&catalog::UIA_SESSIONS);
 /// (localpart, field) -> value

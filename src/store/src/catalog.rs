@@ -153,6 +153,8 @@ tables! {
     FEDERATION_TXNS = "federation_txns", Point;
     // (invited user id, room id) -> an invite to a room this server is not in
     REMOTE_INVITES = "remote_invites", Scan;
+    // sha256(OpenID token) -> owner and expiry, for other services to ask who it is
+    OPENID_TOKENS = "openid_tokens", Point;
 }
 
 pub fn by_name(name: &str) -> Option<&'static TableDef> {

@@ -12,6 +12,7 @@ mod history;
 mod keys;
 mod membership;
 mod notifications;
+mod openid;
 mod presence;
 mod profile;
 mod push_rules;
@@ -52,6 +53,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = rooms::routes(router);
     let router = sync::routes(router);
     let router = notifications::routes(router);
+    let router = openid::routes(router);
     let router = sliding::routes(router);
     let router = sync_ws::routes(router);
     let router = history::routes(router);

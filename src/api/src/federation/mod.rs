@@ -11,6 +11,7 @@ use ruma::{
         device::get_devices,
         discovery::{get_remote_server_keys, get_remote_server_keys_batch},
         keys::{claim_keys, get_keys},
+        openid::get_openid_userinfo,
         query::{get_profile_information, get_room_information},
     },
     serde::Raw,
@@ -33,6 +34,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<get_devices::v1::Request, _, _>(router, devices);
     let router = ruma_route::add::<get_keys::v1::Request, _, _>(router, query_keys);
     let router = ruma_route::add::<claim_keys::v1::Request, _, _>(router, claim);
+    let router = ruma_route::add::<get_openid_userinfo::v1::Request, _, _>(router, userinfo);
     let router = ruma_route::add::<get_remote_server_keys::v2::Request, _, _>(router, notary_one);
     ruma_route::add::<get_remote_server_keys_batch::v2::Request, _, _>(router, notary_batch)
 }
@@ -67,6 +69,25 @@ fn local_user(ctx: &Ctx, user_id: &str) -> Result<String> {
         Some(u) if !u.deactivated => Ok(localpart.to_owned()),
         _ => Err(not_found()),
     }
+}
+
+/// Who an OpenID token (from `/openid/request_token`) belongs to. Asked by services
+/// that are not homeservers, so the request is not signed; an unknown or expired token
+/// is 401 `M_UNKNOWN_TOKEN`.
+async fn userinfo(
+    ctx: Ctx,
+    req: get_openid_userinfo::v1::Request,
+) -> Result<get_openid_userinfo::v1::Response> {
+    let localpart = ctx.services.accounts.openid_owner(&req.access_token)?.ok_or_else(|| {
+        Error::new(
+            http::StatusCode::UNAUTHORIZED,
+            trellis_core::error::code::UNKNOWN_TOKEN,
+            "Unknown or expired OpenID token",
+        )
+    })?;
+    let user = ruma::UserId::parse(ctx.services.accounts.user_id(&localpart))
+        .map_err(|e| Error::internal("user id", e))?;
+    Ok(get_openid_userinfo::v1::Response::new(user))
 }
 
 async fn profile(

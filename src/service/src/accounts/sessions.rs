@@ -12,8 +12,8 @@ use crate::{
     audit::Client,
     commit, random,
     tables::{
-        ACCESS_TOKENS, DEVICES, DeviceRecord, LOGIN_TOKENS, LoginTokenRecord, REFRESH_TOKENS,
-        RefreshRecord, TokenRecord, USERS,
+        ACCESS_TOKENS, DEVICES, DeviceRecord, LOGIN_TOKENS, LoginTokenRecord, OPENID_TOKENS,
+        REFRESH_TOKENS, RefreshRecord, TokenRecord, USERS,
     },
 };
 
@@ -44,6 +44,9 @@ pub(super) struct SeenCache(std::sync::Mutex<HashMap<(String, String), u64>>);
 pub fn hash_token(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
+
+/// How long an OpenID token may be checked: an hour, as other servers give.
+const OPENID_TOKEN_LIFETIME_MS: u64 = 3600 * 1000;
 
 fn new_token(prefix: &str) -> String {
     format!("{prefix}_{}", random::alphanumeric(40))
@@ -242,6 +245,32 @@ impl Accounts {
         );
         commit(&self.db, batch).await?;
         Ok((token, lifetime_ms))
+    }
+
+    /// An OpenID token: proof of the user's identity for another service (an
+    /// integration manager, a widget), which asks this server's federation API whose it
+    /// is. It grants nothing on this server.
+    pub async fn create_openid_token(&self, localpart: &str) -> Result<(String, u64)> {
+        let token = new_token("trl_openid");
+        let mut batch = Batch::new();
+        OPENID_TOKENS.put(
+            &mut batch,
+            &hash_token(&token),
+            &Json(LoginTokenRecord {
+                localpart: localpart.to_owned(),
+                expires_ms: now_millis().saturating_add(OPENID_TOKEN_LIFETIME_MS),
+            }),
+        );
+        commit(&self.db, batch).await?;
+        Ok((token, OPENID_TOKEN_LIFETIME_MS))
+    }
+
+    /// The owner of an unexpired OpenID token (it stays valid until it expires).
+    pub fn openid_owner(&self, token: &str) -> Result<Option<String>> {
+        let Some(Json(record)) = OPENID_TOKENS.get(&*self.db, &hash_token(token))? else {
+            return Ok(None);
+        };
+        Ok((record.expires_ms > now_millis()).then_some(record.localpart))
     }
 
     /// Spends a login token; `None` if it is unknown, used or expired.

@@ -1,5 +1,5 @@
 //! Removal of expired short-lived records (UIA sessions, email validations, login
-//! tokens), so abandoned ones cannot pile up without bound.
+//! and OpenID tokens), so abandoned ones cannot pile up without bound.
 
 use trellis_core::{Result, now_millis};
 use trellis_store::{Batch, Direction, Json, KeyCodec, Table, ValueCodec};
@@ -7,7 +7,7 @@ use trellis_store::{Batch, Direction, Json, KeyCodec, Table, ValueCodec};
 use super::Accounts;
 use crate::{
     commit,
-    tables::{LOGIN_TOKENS, THREEPID_SESSIONS, UIA_SESSIONS},
+    tables::{LOGIN_TOKENS, OPENID_TOKENS, THREEPID_SESSIONS, UIA_SESSIONS},
 };
 
 /// Deletes written per batch.
@@ -29,6 +29,7 @@ impl Accounts {
             })
             .await?;
         removed += self.sweep(LOGIN_TOKENS, |Json(t)| t.expires_ms < now).await?;
+        removed += self.sweep(OPENID_TOKENS, |Json(t)| t.expires_ms < now).await?;
         Ok(removed)
     }
 
