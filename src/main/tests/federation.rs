@@ -527,7 +527,7 @@ async fn invites_cross_servers_and_can_be_accepted_or_rejected() {
     })
     .await;
     // A stranger on B cannot join the private room.
-    let (_, dave_token) = b.server.register("dave").await;
+    let (dave, dave_token) = b.server.register("dave").await;
     let (status, body) = b
         .server
         .post_auth(
@@ -537,6 +537,36 @@ async fn invites_cross_servers_and_can_be_accepted_or_rejected() {
         )
         .await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+
+    // createRoom's invite list reaches other servers' users, and the trusted preset
+    // gives them the creator's power as it does local invitees.
+    let direct = a
+        .server
+        .create_room(
+            &alice_token,
+            json!({"preset": "trusted_private_chat", "invite": [dave], "is_direct": true}),
+        )
+        .await;
+    let key = direct.clone();
+    let sync =
+        sync_until(&b.server, &dave_token, move |s| s["rooms"]["invite"].get(&key).is_some()).await;
+    let state = sync["rooms"]["invite"][&direct]["invite_state"]["events"].as_array().unwrap();
+    assert!(
+        state.iter().any(|e| e["state_key"] == dave && e["content"]["is_direct"] == true),
+        "{sync}"
+    );
+    let (status, power) = a
+        .server
+        .get_auth(
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.power_levels/",
+                common::urlencode(&direct)
+            ),
+            &alice_token,
+        )
+        .await;
+    assert_eq!(status, 200, "{power}");
+    assert_eq!(power["users"][&dave], 100, "{power}");
 }
 
 /// Acting as server B (with B's own signing key): an X-Matrix signed request to A, a
@@ -1013,4 +1043,199 @@ async fn another_servers_user_can_knock() {
     let (status, member) = a.server.get_auth(&path, &alice_token).await;
     assert_eq!((status, &member["membership"]), (200, &json!("knock")), "{member}");
     assert_eq!(member["reason"], "let me in");
+}
+
+/// A user's knock on another server's room: the knock and the room's name show in the
+/// user's sync, the resident sees it and can let the user in with an invite; a knock
+/// withdrawn reaches the resident as a leave and the knocker's sync as a left room.
+#[tokio::test]
+async fn a_user_knocks_on_another_servers_room() {
+    let (a, b) = pair().await;
+    let (_, alice_token) = a.server.register("alice").await;
+    let (bob, bob_token) = b.server.register("bob").await;
+    let (carol, carol_token) = b.server.register("carol").await;
+    let room = a
+        .server
+        .create_room(
+            &alice_token,
+            json!({"preset": "private_chat", "name": "Knock knock",
+                   "initial_state": [{"type": "m.room.join_rules", "state_key": "",
+                                      "content": {"join_rule": "knock"}}]}),
+        )
+        .await;
+    let room_path = common::urlencode(&room);
+    let path = format!("/_matrix/client/v3/knock/{room_path}?via={}", a.name);
+    let (status, body) =
+        b.server.post_auth(&path, &bob_token, &json!({"reason": "let me in"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["room_id"], room);
+
+    let key = room.clone();
+    let sync =
+        sync_until(&b.server, &bob_token, move |s| s["rooms"]["knock"].get(&key).is_some()).await;
+    let state = sync["rooms"]["knock"][&room]["knock_state"]["events"].as_array().unwrap();
+    assert!(
+        state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Knock knock"),
+        "{sync}"
+    );
+    assert!(
+        state.iter().any(|e| e["type"] == "m.room.member"
+            && e["state_key"] == bob
+            && e["content"]["membership"] == "knock"),
+        "{sync}"
+    );
+    let member = format!("/_matrix/client/v3/rooms/{room_path}/state/m.room.member/");
+    let (status, knocked) =
+        a.server.get_auth(&format!("{member}{}", common::urlencode(&bob)), &alice_token).await;
+    assert_eq!(status, 200, "{knocked}");
+    assert_eq!(
+        (knocked["membership"].as_str(), knocked["reason"].as_str()),
+        (Some("knock"), Some("let me in"))
+    );
+
+    // Alice lets Bob in: the invite replaces the knock, and Bob joins.
+    let (status, body) = a
+        .server
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room_path}/invite"),
+            &alice_token,
+            &json!({"user_id": bob}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let key = room.clone();
+    sync_until(&b.server, &bob_token, move |s| s["rooms"]["invite"].get(&key).is_some()).await;
+    let (status, body) = b
+        .server
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room_path}/join"), &bob_token, &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    b.server.send_text(&bob_token, &room, "knocked and came in").await;
+    wait_for_event(&a.server, &alice_token, &room, text_is("knocked and came in")).await;
+
+    // Carol knocks and thinks better of it.
+    let (status, first) = b.server.get_auth("/_matrix/client/v3/sync", &carol_token).await;
+    assert_eq!(status, 200, "{first}");
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let (status, body) = b.server.post_auth(&path, &carol_token, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = b
+        .server
+        .post_auth(&format!("/_matrix/client/v3/rooms/{room_path}/leave"), &carol_token, &json!({}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let carol_id = carol.clone();
+    wait_for_event(&a.server, &alice_token, &room, move |e| {
+        e["type"] == "m.room.member"
+            && e["state_key"] == carol_id
+            && e["content"]["membership"] == "leave"
+    })
+    .await;
+    let (status, after) =
+        b.server.get_auth(&format!("/_matrix/client/v3/sync?since={since}"), &carol_token).await;
+    assert_eq!(status, 200, "{after}");
+    let left = &after["rooms"]["leave"][&room]["timeline"]["events"];
+    assert!(
+        left.as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["state_key"] == carol && e["content"]["membership"] == "leave"),
+        "{after}"
+    );
+    assert!(after["rooms"]["knock"].get(&room).is_none(), "{after}");
+}
+
+/// A space on another server: a member's server walks the rooms it is not in by asking
+/// the server their `m.space.child` events name; rooms the user may not see are left out.
+#[tokio::test]
+async fn a_space_on_another_server_is_walked_over_federation() {
+    let (a, b) = pair().await;
+    let (_, alice_token) = a.server.register("alice").await;
+    let (_, bob_token) = b.server.register("bob").await;
+    let public = |name: &str, space: bool| {
+        let mut body = json!({"preset": "public_chat", "name": name});
+        if space {
+            body["creation_content"] = json!({"type": "m.space"});
+        }
+        body
+    };
+    let space = a.server.create_room(&alice_token, public("Outer space", true)).await;
+    let lobby = a.server.create_room(&alice_token, public("Lobby", false)).await;
+    let inner = a.server.create_room(&alice_token, public("Inner space", true)).await;
+    let deep = a.server.create_room(&alice_token, public("Deep room", false)).await;
+    let secret = a
+        .server
+        .create_room(&alice_token, json!({"preset": "private_chat", "name": "Secret"}))
+        .await;
+    let link = |parent: &str, child: &str, order: &str| {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/m.space.child/{}",
+            common::urlencode(parent),
+            common::urlencode(child)
+        );
+        (path, json!({"via": [a.name], "order": order}))
+    };
+    for (parent, child, order) in
+        [(&space, &lobby, "a"), (&space, &inner, "b"), (&space, &secret, "c"), (&inner, &deep, "a")]
+    {
+        let (path, body) = link(parent, child, order);
+        let (status, answer) = a.server.put_auth(&path, &alice_token, &body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    // Bob's server is in the space only.
+    let (status, body) = b
+        .server
+        .post_auth(
+            &format!(
+                "/_matrix/client/v3/join/{}?server_name={}",
+                common::urlencode(&space),
+                a.name
+            ),
+            &bob_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, page) = b
+        .server
+        .get_auth(
+            &format!("/_matrix/client/v1/rooms/{}/hierarchy", common::urlencode(&space)),
+            &bob_token,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let rooms = page["rooms"].as_array().unwrap();
+    let ids: Vec<&str> = rooms.iter().map(|r| r["room_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [space.as_str(), lobby.as_str(), inner.as_str(), deep.as_str()], "{page}");
+    assert_eq!(rooms[1]["name"], "Lobby");
+    assert_eq!(rooms[2]["room_type"], "m.space");
+    assert_eq!(rooms[2]["children_state"][0]["state_key"], deep, "{page}");
+    assert_eq!(rooms[3]["name"], "Deep room");
+    assert_eq!(rooms[0]["children_state"].as_array().map(Vec::len), Some(3), "{page}");
+
+    // What A tells B directly: the secret room is a child B's users cannot see.
+    let keys = trellis_service::ServerKeys::load_or_generate(
+        &b.server.data_dir().join("signing.key"),
+        &b.name,
+        24,
+    )
+    .unwrap();
+    let ca = a._certs.path().join("ca.pem");
+    let path = format!("/_matrix/federation/v1/hierarchy/{}", common::urlencode(&space));
+    let (status, answer) = send_as(&b, &keys, &a, &ca, &path, &Value::Null).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["room"]["room_id"], space);
+    assert_eq!(answer["inaccessible_children"], json!([secret]), "{answer}");
+    let children: Vec<&str> = answer["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["room_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(children.len(), 2, "{answer}");
+    assert!(children.contains(&lobby.as_str()) && children.contains(&inner.as_str()));
+    let path = format!("/_matrix/federation/v1/hierarchy/{}", common::urlencode(&secret));
+    let (status, answer) = send_as(&b, &keys, &a, &ca, &path, &Value::Null).await;
+    assert_eq!((status, answer["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{answer}");
 }

@@ -248,9 +248,22 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         {
             continue;
         }
-        let sender = pending.event["sender"].as_str().unwrap_or_default();
-        if !builder.ignored.contains(sender) {
-            invite.insert(room_id, json!({"invite_state": {"events": pending.stripped}}));
+        match pending.membership.as_str() {
+            "knock" if !knock.contains_key(&room_id) => {
+                knock.insert(room_id, json!({"knock_state": {"events": pending.stripped}}));
+            }
+            "leave" if req.since.is_some() || room_filter.include_leave => {
+                leave.entry(room_id).or_insert_with(
+                    || json!({"timeline": {"events": pending.stripped}, "state": {"events": []}}),
+                );
+            }
+            "invite" => {
+                let sender = pending.event["sender"].as_str().unwrap_or_default();
+                if !builder.ignored.contains(sender) {
+                    invite.insert(room_id, json!({"invite_state": {"events": pending.stripped}}));
+                }
+            }
+            _ => {}
         }
     }
 

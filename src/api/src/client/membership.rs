@@ -15,7 +15,12 @@ use ruma::{
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 use trellis_service::{
-    federation::{invites, membership::join_remote, sender::room_servers, server_of},
+    federation::{
+        invites,
+        membership::{join_remote, knock_remote},
+        sender::room_servers,
+        server_of,
+    },
     rooms::append::NewEvent,
 };
 
@@ -37,24 +42,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<ban_user::v3::Request, _, _>(router, ban);
     let router = ruma_route::add::<unban_user::v3::Request, _, _>(router, unban);
     ruma_route::add::<forget_room::v3::Request, _, _>(router, forget)
-}
-
-/// A local room id, or the room a local alias points at.
-fn resolve_room(ctx: &Ctx, target: &str) -> Result<OwnedRoomId> {
-    let room_id = if target.starts_with('#') {
-        let record = ctx
-            .services
-            .aliases
-            .resolve(target)?
-            .ok_or_else(|| Error::not_found("Room alias not found"))?;
-        OwnedRoomId::try_from(record.room_id).map_err(|e| Error::internal("room id", e))?
-    } else {
-        OwnedRoomId::try_from(target).map_err(|_| Error::invalid_param("Not a room id or alias"))?
-    };
-    if ctx.services.rooms.room(room_id.as_str())?.is_none() {
-        return Err(Error::not_found("Unknown room"));
-    }
-    Ok(room_id)
 }
 
 /// The room a join targets (aliases of other servers asked over federation) and the
@@ -122,11 +109,22 @@ async fn join_room(
     join_remote(services, &user, room_id.as_str(), &servers, content).await
 }
 
+/// Knocks: locally when this server is in the room, else through the servers the
+/// request, the alias or the room id name.
 async fn knock(ctx: Ctx, req: knock_room::v3::Request) -> Result<knock_room::v3::Response> {
     ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
-    let room_id = resolve_room(&ctx, req.room_id_or_alias.as_str())?;
+    let services = &ctx.services;
+    let (room_id, mut servers) = join_target(&ctx, req.room_id_or_alias.as_str(), &req.via).await?;
     let user = me(&ctx)?;
-    membership(&ctx, room_id.as_str(), &user, "knock", req.reason).await?;
+    let resident = services.rooms.room(room_id.as_str())?.is_some()
+        && services.rooms.has_member_from(room_id.as_str(), services.server_name(), &["join"])?;
+    servers.retain(|s| s != services.server_name());
+    if resident || servers.is_empty() {
+        membership(&ctx, room_id.as_str(), &user, "knock", req.reason).await?;
+    } else {
+        let content = member_content(&ctx, "knock", req.reason)?;
+        knock_remote(services, &user, room_id.as_str(), &servers, content).await?;
+    }
     Ok(knock_room::v3::Response::new(room_id))
 }
 

@@ -22,7 +22,7 @@ pub(crate) mod room_directory;
 mod rooms;
 mod session;
 mod sliding;
-mod spaces;
+pub(crate) mod spaces;
 mod sync;
 mod sync_ws;
 mod tags;

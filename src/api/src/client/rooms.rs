@@ -113,6 +113,7 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
         name: req.name.clone(),
         topic: req.topic.clone(),
         invite: local_invites,
+        invite_after: remote_invites.clone(),
         is_direct: req.is_direct,
         initial_state,
         power_level_override: req

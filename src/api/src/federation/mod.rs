@@ -26,9 +26,11 @@ use crate::{
 };
 
 mod rooms;
+mod spaces;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = rooms::routes(router);
+    let router = spaces::routes(router);
     let router = ruma_route::add::<get_profile_information::v1::Request, _, _>(router, profile);
     let router = ruma_route::add::<get_room_information::v1::Request, _, _>(router, directory);
     let router = ruma_route::add::<get_devices::v1::Request, _, _>(router, devices);

@@ -2,7 +2,10 @@
 //! is built and checked here, countersigned by the invitee's server, then taken into the
 //! room. Being invited to a room this server is not in: the invite is countersigned and
 //! kept, with the stripped state the inviter sent, until the user joins or rejects it
-//! (rejecting goes through `make_leave`/`send_leave` at the inviting server).
+//! (rejecting goes through `make_leave`/`send_leave` at the inviting server). Knocks on
+//! rooms this server is not in are kept the same way, until an invite replaces them or
+//! the user takes them back; a rejected invite or withdrawn knock stays as a leave so
+//! that syncs tell clients the room is gone.
 
 use std::sync::Arc;
 
@@ -27,10 +30,87 @@ const INVITES: Table<(String, String), Json<RemoteInvite>> = Table::new(&catalog
 pub struct RemoteInvite {
     /// Stream position at which the invite arrived (sync shows it once).
     pub position: u64,
-    /// The invite event, countersigned.
+    /// The invite event, countersigned (for a knock, the knock; for a leave, the leave).
     pub event: Value,
-    /// The room's state as the inviting server described it (stripped events).
+    /// The room's state as the inviting server described it (stripped events), ending
+    /// with the membership event in the client format.
     pub stripped: Vec<Value>,
+    /// `invite`, `knock`, or `leave` once the user rejected or withdrew it.
+    #[serde(default = "invite_membership")]
+    pub membership: String,
+    /// The server to leave through (the inviter's, or the one knocked through).
+    #[serde(default)]
+    pub server: Option<String>,
+}
+
+fn invite_membership() -> String {
+    "invite".to_owned()
+}
+
+impl RemoteInvite {
+    /// An invite or a knock still waiting for an answer.
+    pub fn is_pending(&self) -> bool {
+        self.membership != "leave"
+    }
+}
+
+/// State events (full PDUs or stripped ones) in the stripped form clients get, at most
+/// 50 of them.
+fn stripped(events: &[Value]) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|s| s.is_object())
+        .take(50)
+        .map(|s| {
+            json!({
+                "type": s["type"], "state_key": s["state_key"],
+                "content": s["content"], "sender": s["sender"],
+            })
+        })
+        .collect()
+}
+
+/// Writes the user's membership of a room this server is not in at a new stream
+/// position, and wakes the user's syncs.
+async fn keep(
+    services: &Services,
+    user_id: &str,
+    room_id: &str,
+    make: impl FnOnce(u64) -> RemoteInvite,
+) -> Result<()> {
+    let stream = &services.rooms.stream;
+    let ticket = stream.dispatch();
+    let mut batch = Batch::new();
+    INVITES.put(
+        &mut batch,
+        &(user_id.to_owned(), room_id.to_owned()),
+        &Json(make(ticket.position)),
+    );
+    let result = crate::commit(&services.db, batch).await;
+    stream.retire(ticket);
+    stream.wake(&crate::rooms::stream::user_key(user_id));
+    result
+}
+
+/// Keeps a knock sent to another server's room, with the state it answered with.
+pub async fn keep_knock(
+    services: &Services,
+    user_id: &str,
+    room_id: &str,
+    server: &str,
+    knock: &crate::rooms::Pdu,
+    knock_room_state: &[Value],
+) -> Result<()> {
+    let mut state = stripped(knock_room_state);
+    state.push(crate::sync::sync_event(knock));
+    keep(services, user_id, room_id, |position| RemoteInvite {
+        position,
+        event: pdu_json(knock),
+        stripped: state,
+        membership: "knock".into(),
+        server: Some(server.to_owned()),
+    })
+    .await
 }
 
 /// Invites another server's user to a room of this server: returns the event id.
@@ -147,36 +227,22 @@ pub async fn receive_invite(
     // A room this server is in learns of the invite as any other event, from /send.
     if !resident {
         // Full PDUs (as Matrix 1.16 sends them) or stripped events; clients get the latter.
-        let mut stripped_state: Vec<Value> = invite_room_state
-            .iter()
-            .filter(|s| s.is_object())
-            .take(50)
-            .map(|s| {
-                json!({
-                    "type": s["type"], "state_key": s["state_key"],
-                    "content": s["content"], "sender": s["sender"],
-                })
-            })
-            .collect();
-        stripped_state.push(crate::sync::sync_event(&signed));
-        let stream = &services.rooms.stream;
-        let ticket = stream.dispatch();
-        let mut batch = Batch::new();
-        let invite = RemoteInvite {
-            position: ticket.position,
-            event: pdu_json(&signed),
-            stripped: stripped_state,
-        };
-        INVITES.put(&mut batch, &(target.clone(), room_id.to_owned()), &Json(invite));
-        let result = crate::commit(&services.db, batch).await;
-        stream.retire(ticket);
-        stream.wake(&crate::rooms::stream::user_key(&target));
-        result?;
+        let mut state = stripped(&invite_room_state);
+        state.push(crate::sync::sync_event(&signed));
+        let event = pdu_json(&signed);
+        keep(services, &target, room_id, |position| RemoteInvite {
+            position,
+            event,
+            stripped: state,
+            membership: "invite".into(),
+            server: Some(origin.to_owned()),
+        })
+        .await?;
     }
     Ok(pdu_json(&signed))
 }
 
-/// A user's invites to rooms this server is not in.
+/// A user's invites, knocks and recent leaves of rooms this server is not in.
 pub fn pending_for(services: &Services, user_id: &str) -> Result<Vec<(String, RemoteInvite)>> {
     let mut out = Vec::new();
     for row in INVITES.scan_prefix(&*services.db, &user_id.to_owned(), Direction::Forward)? {
@@ -186,9 +252,10 @@ pub fn pending_for(services: &Services, user_id: &str) -> Result<Vec<(String, Re
     Ok(out)
 }
 
-/// The pending invite of a user to a room, if any.
+/// The pending invite or knock of a user to a room, if any.
 pub fn pending(services: &Services, user_id: &str, room_id: &str) -> Result<Option<RemoteInvite>> {
-    Ok(INVITES.get(&*services.db, &(user_id.to_owned(), room_id.to_owned()))?.map(|j| j.0))
+    let row = INVITES.get(&*services.db, &(user_id.to_owned(), room_id.to_owned()))?;
+    Ok(row.map(|j| j.0).filter(RemoteInvite::is_pending))
 }
 
 /// Drops a pending invite (the user joined or rejected it).
@@ -198,15 +265,46 @@ pub async fn forget(services: &Services, user_id: &str, room_id: &str) -> Result
     crate::commit(&services.db, batch).await
 }
 
-/// Rejects a pending invite: tells the inviting server (best effort), then forgets it.
+/// Rejects a pending invite or withdraws a knock: tells the server it came through (best
+/// effort), then keeps the leave for the user's syncs.
 pub async fn reject(services: &Arc<Services>, user_id: &str, room_id: &str) -> Result<()> {
     let Some(invite) = pending(services, user_id, room_id)? else {
         return Err(Error::not_found("You are not in this room"));
     };
-    if let Some(server) = invite.event["sender"].as_str().and_then(server_of)
-        && let Err(e) = super::membership::leave_remote(services, server, user_id, room_id).await
-    {
-        tracing::info!(server, room_id, error = %e.message, "rejecting an invite remotely failed");
+    let server = invite
+        .server
+        .clone()
+        .or_else(|| invite.event["sender"].as_str().and_then(server_of).map(str::to_owned));
+    let mut leave = None;
+    if let Some(server) = &server {
+        match super::membership::leave_remote(services, server, user_id, room_id).await {
+            Ok(pdu) => leave = Some(pdu),
+            Err(e) => {
+                tracing::info!(server, room_id, error = %e.message, "leaving remotely failed");
+            }
+        }
     }
-    forget(services, user_id, room_id).await
+    // Without the other server's word, the user's clients still learn the room is gone
+    // from an event of this server's own making.
+    let client_event = match &leave {
+        Some(pdu) => crate::sync::sync_event(pdu),
+        None => json!({
+            "type": "m.room.member",
+            "state_key": user_id,
+            "sender": user_id,
+            "content": {"membership": "leave"},
+            "event_id": format!("${}", crate::random::alphanumeric(43)),
+            "origin_server_ts": trellis_core::now_millis(),
+            "room_id": room_id,
+        }),
+    };
+    let event = leave.as_ref().map_or_else(|| client_event.clone(), pdu_json);
+    keep(services, user_id, room_id, |position| RemoteInvite {
+        position,
+        event,
+        stripped: vec![client_event],
+        membership: "leave".into(),
+        server,
+    })
+    .await
 }

@@ -159,7 +159,7 @@ async fn make_and_sign(
     membership: &str,
     extra: &Value,
 ) -> Result<(RoomVersionId, Pdu, String)> {
-    let query = if membership == "join" { supported_versions_query() } else { String::new() };
+    let query = if membership == "leave" { String::new() } else { supported_versions_query() };
     let path = format!(
         "/_matrix/federation/v1/make_{membership}/{}/{}?{query}",
         encode(room_id),
@@ -178,13 +178,14 @@ async fn make_and_sign(
     Ok((version, pdu, hash))
 }
 
-/// Leaves a room this server is not in (rejecting an invite) through `server`.
+/// Leaves a room this server is not in (rejecting an invite, withdrawing a knock)
+/// through `server`: the leave event sent.
 pub async fn leave_remote(
     services: &Services,
     server: &str,
     user_id: &str,
     room_id: &str,
-) -> Result<()> {
+) -> Result<Pdu> {
     let (_, leave, _) =
         make_and_sign(services, server, user_id, room_id, "leave", &json!({})).await?;
     let path = format!(
@@ -193,7 +194,53 @@ pub async fn leave_remote(
         encode(leave.event_id.as_str())
     );
     services.federation.request(server, Method::PUT, &path, Some(&pdu_json(&leave))).await?;
-    Ok(())
+    Ok(leave)
+}
+
+/// Knocks on a room this server is not in, through the first of `servers` that takes
+/// the knock; it is kept for the user's syncs with the state the server answered with.
+pub async fn knock_remote(
+    services: &Arc<Services>,
+    user_id: &str,
+    room_id: &str,
+    servers: &[String],
+    content: Value,
+) -> Result<()> {
+    let mut last = Error::not_found("No server in the room could be reached to knock on it");
+    let mut tried = Vec::new();
+    for server in servers {
+        if server == services.server_name() || tried.contains(server) {
+            continue;
+        }
+        tried.push(server.clone());
+        match knock_through(services, server, user_id, room_id, &content).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::info!(server, room_id, error = %e.message, "knocking through a server failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn knock_through(
+    services: &Arc<Services>,
+    server: &str,
+    user_id: &str,
+    room_id: &str,
+    extra: &Value,
+) -> Result<()> {
+    let (_, knock, _) = make_and_sign(services, server, user_id, room_id, "knock", extra).await?;
+    let path = format!(
+        "/_matrix/federation/v1/send_knock/{}/{}",
+        encode(room_id),
+        encode(knock.event_id.as_str())
+    );
+    let answer =
+        services.federation.request(server, Method::PUT, &path, Some(&pdu_json(&knock))).await?;
+    let state = answer["knock_room_state"].as_array().cloned().unwrap_or_default();
+    super::invites::keep_knock(services, user_id, room_id, server, &knock, &state).await
 }
 
 async fn join_through(

@@ -14,6 +14,9 @@ pub struct CreateRoom {
     pub name: Option<String>,
     pub topic: Option<String>,
     pub invite: Vec<String>,
+    /// Invitees the caller invites once the room exists (other servers' users, whose
+    /// servers countersign): they get the preset's invitee power all the same.
+    pub invite_after: Vec<String>,
     pub is_direct: bool,
     /// `(type, state_key, content)` sent after the preset's events (overriding them).
     pub initial_state: Vec<(String, String, Value)>,
@@ -89,7 +92,7 @@ impl Timeline {
             users.insert(creator.to_owned(), json!(100));
         }
         if preset == "trusted_private_chat" {
-            for invitee in &req.invite {
+            for invitee in req.invite.iter().chain(&req.invite_after) {
                 users.insert(invitee.clone(), json!(100));
             }
         }

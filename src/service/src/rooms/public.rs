@@ -134,6 +134,46 @@ impl RoomInfo {
     }
 }
 
+impl RoomInfo {
+    /// A room as another server summarised it (`/hierarchy`); `None` without a valid
+    /// room id.
+    fn from_summary(summary: &Value) -> Option<Self> {
+        let room_id = summary["room_id"].as_str()?;
+        OwnedRoomId::try_from(room_id).ok()?;
+        let text = |field: &str| summary[field].as_str().map(str::to_owned);
+        let join_rule = match summary["join_rule"].as_str() {
+            // The field was optional before v1.15; such rooms were listed as public.
+            None => "public".to_owned(),
+            Some(
+                rule @ ("public" | "knock" | "invite" | "restricted" | "knock_restricted"
+                | "private"),
+            ) => rule.to_owned(),
+            Some(_) => "invite".to_owned(),
+        };
+        Some(Self {
+            room_id: room_id.to_owned(),
+            room_version: text("room_version").unwrap_or_default(),
+            name: text("name"),
+            topic: text("topic"),
+            canonical_alias: text("canonical_alias"),
+            alt_aliases: Vec::new(),
+            avatar_url: text("avatar_url"),
+            num_joined_members: summary["num_joined_members"].as_u64().unwrap_or(0),
+            world_readable: summary["world_readable"].as_bool().unwrap_or(false),
+            guest_can_join: summary["guest_can_join"].as_bool().unwrap_or(false),
+            join_rule,
+            allowed_room_ids: summary["allowed_room_ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect(),
+            room_type: text("room_type"),
+            encryption: text("encryption").or_else(|| text("im.nheko.summary.encryption")),
+        })
+    }
+}
+
 fn content(pdu: &Pdu) -> Value {
     serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null)
 }
@@ -263,6 +303,43 @@ pub struct SpaceChild {
 }
 
 impl SpaceChild {
+    /// A child link from its event's parts; `None` when it is not one (the state key is
+    /// not a room id, or `via` is missing, empty or not all strings).
+    fn from_parts(
+        room_id: String,
+        sender: String,
+        origin_server_ts: u64,
+        content: Value,
+    ) -> Option<Self> {
+        OwnedRoomId::try_from(room_id.as_str()).ok()?;
+        let via = content["via"].as_array()?;
+        if via.is_empty() || !via.iter().all(Value::is_string) {
+            return None;
+        }
+        let order = content["order"]
+            .as_str()
+            .filter(|o| o.len() <= 50 && o.bytes().all(|b| (0x20..=0x7E).contains(&b)))
+            .map(str::to_owned);
+        Some(SpaceChild {
+            room_id,
+            sender,
+            origin_server_ts,
+            suggested: content["suggested"].as_bool().unwrap_or(false),
+            order,
+            content,
+        })
+    }
+
+    /// The servers the link says can be asked about the child.
+    pub fn via(&self) -> Vec<String> {
+        self.content["via"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
     /// The event as a stripped state event with `origin_server_ts` (`children_state`).
     pub fn stripped(&self) -> Value {
         json!({
@@ -279,32 +356,43 @@ impl SpaceChild {
 /// (lexicographically), then by the child event's timestamp, then by room id. Events
 /// without a non-empty `via` list are not links and are left out.
 pub fn space_children(rooms: &Timeline, room_id: &str) -> Result<Vec<SpaceChild>> {
-    let mut children: Vec<SpaceChild> = rooms
+    let children = rooms
         .current_state(room_id)?
         .into_iter()
         .filter(|p| p.kind.to_string() == "m.space.child")
         .filter_map(|p| {
-            let key = p.state_key.clone()?;
-            OwnedRoomId::try_from(key.as_str()).ok()?;
-            let content = content(&p);
-            let via = content["via"].as_array()?;
-            if via.is_empty() || !via.iter().all(Value::is_string) {
-                return None;
-            }
-            let order = content["order"]
-                .as_str()
-                .filter(|o| o.len() <= 50 && o.bytes().all(|b| (0x20..=0x7E).contains(&b)))
-                .map(str::to_owned);
-            Some(SpaceChild {
-                room_id: key,
-                sender: p.sender.to_string(),
-                origin_server_ts: u64::from(p.origin_server_ts.0),
-                suggested: content["suggested"].as_bool().unwrap_or(false),
-                order,
-                content,
-            })
+            SpaceChild::from_parts(
+                p.state_key.clone()?,
+                p.sender.to_string(),
+                u64::from(p.origin_server_ts.0),
+                content(&p),
+            )
         })
         .collect();
+    Ok(sorted(children))
+}
+
+/// Children as another server's `/hierarchy` gave them (`children_state`), in the spec's
+/// order; malformed entries are left out.
+fn remote_children(children_state: &Value) -> Vec<SpaceChild> {
+    let children = children_state
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "m.space.child")
+        .filter_map(|e| {
+            SpaceChild::from_parts(
+                e["state_key"].as_str()?.to_owned(),
+                e["sender"].as_str()?.to_owned(),
+                e["origin_server_ts"].as_u64()?,
+                e["content"].clone(),
+            )
+        })
+        .collect();
+    sorted(children)
+}
+
+fn sorted(mut children: Vec<SpaceChild>) -> Vec<SpaceChild> {
     children.sort_by(|a, b| {
         // `None` sorts after every order value.
         (a.order.is_none(), &a.order, a.origin_server_ts, &a.room_id).cmp(&(
@@ -314,7 +402,7 @@ pub fn space_children(rooms: &Timeline, room_id: &str) -> Result<Vec<SpaceChild>
             &b.room_id,
         ))
     });
-    Ok(children)
+    children
 }
 
 /// One `/hierarchy` request's parameters, as the client gave them.
@@ -383,18 +471,79 @@ impl HierarchyToken {
     }
 }
 
+/// Rooms of other servers one `/hierarchy` request asks about, at most.
+const HIERARCHY_MAX_REMOTE: usize = 50;
+
+/// A room as the walk knows it: its summary, and its children once known (rooms that
+/// are not spaces have none).
+struct Node {
+    info: RoomInfo,
+    children: Option<Vec<SpaceChild>>,
+}
+
+/// What a walk has learnt from other servers' `/hierarchy` answers, by room id.
+struct Remote<F> {
+    fetch: F,
+    known: std::collections::HashMap<String, Node>,
+    asked: usize,
+}
+
+impl<F, Fut> Remote<F>
+where
+    F: Fn(String, Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = Option<Value>>,
+{
+    /// A room this server is not in, from what other servers said; asking `via` when
+    /// its summary or (for a space) its children are not known yet.
+    async fn node(&mut self, room_id: &str, via: Vec<String>) -> Option<Node> {
+        let complete = |n: &Node| n.children.is_some() || !n.info.is_space();
+        if !self.known.get(room_id).is_some_and(complete) && self.asked < HIERARCHY_MAX_REMOTE {
+            self.asked += 1;
+            if let Some(answer) = (self.fetch)(room_id.to_owned(), via).await {
+                self.learn(room_id, &answer);
+            }
+        }
+        let node = self.known.get(room_id)?;
+        Some(Node { info: node.info.clone(), children: node.children.clone() })
+    }
+
+    fn learn(&mut self, room_id: &str, answer: &Value) {
+        // The answer is about the room asked for, or it is ignored whole.
+        let Some(info) = RoomInfo::from_summary(&answer["room"]) else { return };
+        if info.room_id != room_id {
+            return;
+        }
+        let children = remote_children(&answer["room"]["children_state"]);
+        for child in answer["children"].as_array().into_iter().flatten() {
+            if let Some(child) = RoomInfo::from_summary(child) {
+                self.known
+                    .entry(child.room_id.clone())
+                    .or_insert(Node { info: child, children: None });
+            }
+        }
+        self.known.insert(room_id.to_owned(), Node { info, children: Some(children) });
+    }
+}
+
 /// A page of the space tree under `root` as `user` may see it: a depth-first walk in
 /// the spec's child order, each room once (loops are cut), rooms the user may not
-/// preview and rooms unknown here (no federation yet) left out together with what is
-/// below them. Spaces carry their child events even at `max_depth`; only rooms deeper
-/// than it are left out. With `suggested_only`, only suggested children are followed
-/// and listed.
-pub fn hierarchy(
+/// preview and rooms nobody could tell us about left out together with what is below
+/// them. Rooms this server is not in are asked of the servers in their `m.space.child`
+/// event's `via` through `fetch(room_id, via)`, which gives the other server's
+/// `/hierarchy` answer. Spaces carry their child events even at `max_depth`; only rooms
+/// deeper than it are left out. With `suggested_only`, only suggested children are
+/// followed and listed.
+pub async fn hierarchy<F, Fut>(
     rooms: &Timeline,
     root: &str,
     user: &str,
     query: &HierarchyQuery<'_>,
-) -> Result<HierarchyPage> {
+    fetch: F,
+) -> Result<HierarchyPage>
+where
+    F: Fn(String, Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = Option<Value>>,
+{
     let limit = match query.limit {
         Some(0) => return Err(Error::invalid_param("limit must be greater than zero")),
         Some(n) => n.min(HIERARCHY_MAX_LIMIT),
@@ -417,19 +566,18 @@ pub fn hierarchy(
             token.skip
         }
     };
-    let forbidden = || Error::forbidden("You are not allowed to view this room");
-    let root_info = room_info(rooms, root)?.ok_or_else(forbidden)?;
-    if !may_preview(rooms, &root_info, Some(user))? {
-        return Err(forbidden());
-    }
+    let mut remote = Remote { fetch, known: Default::default(), asked: 0 };
+    // A root this server is not in can only be asked of the server in its id (rooms
+    // before version 12 have one).
+    let root_via = crate::federation::server_of(root).map(str::to_owned).into_iter().collect();
 
     let mut seen = std::collections::HashSet::new();
-    // (room, depth, its info if already loaded); popped from the end.
-    let mut stack = vec![(root.to_owned(), 0u64, Some(root_info))];
+    // (room, depth, servers to ask about it); popped from the end.
+    let mut stack: Vec<(String, u64, Vec<String>)> = vec![(root.to_owned(), 0, root_via)];
     let mut emitted = 0usize;
     let mut out = Vec::new();
     let mut more = false;
-    while let Some((room_id, depth, info)) = stack.pop() {
+    while let Some((room_id, depth, via)) = stack.pop() {
         if seen.contains(&room_id) {
             continue;
         }
@@ -437,31 +585,38 @@ pub fn hierarchy(
             break;
         }
         seen.insert(room_id.clone());
-        let info = match info {
-            Some(info) => info,
-            None => match room_info(rooms, &room_id)? {
-                Some(info) if may_preview(rooms, &info, Some(user))? => info,
-                _ => continue,
-            },
+        let node = match room_info(rooms, &room_id)? {
+            Some(info) => Some(Node { info, children: None }),
+            None => remote.node(&room_id, via).await,
+        };
+        let node = match node {
+            Some(node) if may_preview(rooms, &node.info, Some(user))? => node,
+            _ if depth == 0 => {
+                return Err(Error::forbidden("You are not allowed to view this room"));
+            }
+            _ => continue,
         };
         if emitted >= skip + limit {
             more = true;
             break;
         }
-        let mut children =
-            if info.is_space() { space_children(rooms, &room_id)? } else { Vec::new() };
+        let mut children = match node.children {
+            Some(children) => children,
+            None if node.info.is_space() => space_children(rooms, &room_id)?,
+            None => Vec::new(),
+        };
         if query.suggested_only {
             children.retain(|c| c.suggested);
         }
         if depth < max_depth {
             for child in children.iter().rev() {
                 if !seen.contains(&child.room_id) {
-                    stack.push((child.room_id.clone(), depth + 1, None));
+                    stack.push((child.room_id.clone(), depth + 1, child.via()));
                 }
             }
         }
         if emitted >= skip {
-            out.push(HierarchyRoom { info, children });
+            out.push(HierarchyRoom { info: node.info, children });
         }
         emitted += 1;
     }
@@ -475,6 +630,58 @@ pub fn hierarchy(
         .encode()
     });
     Ok(HierarchyPage { rooms: out, next_batch })
+}
+
+/// Whether another server may see a room's summary: when anyone may preview it, for
+/// restricted rooms (the asking server checks its own users against the allowed rooms,
+/// as the spec has it), and when one of its users is in the room or invited.
+pub fn server_may_preview(rooms: &Timeline, info: &RoomInfo, server: &str) -> Result<bool> {
+    if info.world_readable
+        || matches!(info.join_rule.as_str(), "public" | "knock" | "knock_restricted" | "restricted")
+    {
+        return Ok(true);
+    }
+    rooms.has_member_from(&info.room_id, server, &["join", "invite"])
+}
+
+/// A space as `/_matrix/federation/v1/hierarchy` shows it to another server.
+#[derive(Debug, Clone)]
+pub struct ServerHierarchy {
+    pub room: HierarchyRoom,
+    /// Children this server knows and the asking server may see.
+    pub children: Vec<RoomInfo>,
+    /// Children this server knows that the asking server may not see.
+    pub inaccessible: Vec<String>,
+}
+
+/// The room and its direct children for `server`; 404 when the room is unknown here or
+/// the server may not see it. Children this server is not in are left out: it cannot
+/// tell anything about them.
+pub fn server_hierarchy(
+    rooms: &Timeline,
+    room_id: &str,
+    server: &str,
+    suggested_only: bool,
+) -> Result<ServerHierarchy> {
+    let not_found = || Error::not_found("Room not found");
+    let info = room_info(rooms, room_id)?.ok_or_else(not_found)?;
+    if !server_may_preview(rooms, &info, server)? {
+        return Err(not_found());
+    }
+    let mut children = if info.is_space() { space_children(rooms, room_id)? } else { Vec::new() };
+    if suggested_only {
+        children.retain(|c| c.suggested);
+    }
+    let mut visible = Vec::new();
+    let mut inaccessible = Vec::new();
+    for child in &children {
+        match room_info(rooms, &child.room_id)? {
+            Some(child) if server_may_preview(rooms, &child, server)? => visible.push(child),
+            Some(child) => inaccessible.push(child.room_id),
+            None => {}
+        }
+    }
+    Ok(ServerHierarchy { room: HierarchyRoom { info, children }, children: visible, inaccessible })
 }
 
 /// One `/publicRooms` request's parameters, as the client gave them.
