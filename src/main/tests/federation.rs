@@ -567,6 +567,21 @@ async fn invites_cross_servers_and_can_be_accepted_or_rejected() {
         .await;
     assert_eq!(status, 200, "{power}");
     assert_eq!(power["users"][&dave], 100, "{power}");
+    // The invitee's client can show the room before joining: its server asks the
+    // inviting one for the summary.
+    let (status, summary) = b
+        .server
+        .get_auth(
+            &format!("/_matrix/client/v1/room_summary/{}", common::urlencode(&direct)),
+            &dave_token,
+        )
+        .await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(
+        (summary["membership"].as_str(), summary["join_rule"].as_str()),
+        (Some("invite"), Some("invite")),
+        "{summary}"
+    );
 }
 
 /// Acting as server B (with B's own signing key): an X-Matrix signed request to A, a
@@ -1213,6 +1228,19 @@ async fn a_space_on_another_server_is_walked_over_federation() {
     assert_eq!(rooms[2]["children_state"][0]["state_key"], deep, "{page}");
     assert_eq!(rooms[3]["name"], "Deep room");
     assert_eq!(rooms[0]["children_state"].as_array().map(Vec::len), Some(3), "{page}");
+
+    // Summaries of rooms B is not in come from A too, for those Bob may see.
+    let summary_of = |room: &str| {
+        format!("/_matrix/client/v1/room_summary/{}?via={}", common::urlencode(room), a.name)
+    };
+    let (status, summary) = b.server.get_auth(&summary_of(&lobby), &bob_token).await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(
+        (summary["name"].as_str(), summary["membership"].as_str()),
+        (Some("Lobby"), Some("leave"))
+    );
+    let (status, summary) = b.server.get_auth(&summary_of(&secret), &bob_token).await;
+    assert_eq!((status, summary["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{summary}");
 
     // What A tells B directly: the secret room is a child B's users cannot see.
     let keys = trellis_service::ServerKeys::load_or_generate(

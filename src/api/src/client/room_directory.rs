@@ -28,8 +28,8 @@ use ruma::{
 use serde_json::{Value, json};
 use trellis_core::{Error, Result, error::code};
 use trellis_service::{
-    federation::encode,
-    rooms::public::{DirectoryPage, DirectoryQuery},
+    federation::{encode, invites, server_of},
+    rooms::public::{DirectoryPage, DirectoryQuery, RoomInfo, may_preview},
 };
 
 use crate::{
@@ -53,15 +53,68 @@ async fn summary(ctx: Ctx, req: get_summary::v1::Request) -> Result<get_summary:
         Some(session) => Some(ctx.services.accounts.user_id(&session.localpart)),
         None => None,
     };
-    let (info, membership) = trellis_service::rooms::public::summary(
+    let target = req.room_id_or_alias.as_str();
+    let local = trellis_service::rooms::public::summary(
         &ctx.services.rooms,
         &ctx.services.aliases,
-        req.room_id_or_alias.as_str(),
+        target,
         user.as_deref(),
-    )?;
+    );
+    let (info, membership) = match local {
+        Err(e) if e.status == http::StatusCode::NOT_FOUND && ctx.services.federation.enabled() => {
+            remote_summary(&ctx, target, &req.via, user.as_deref()).await?.ok_or(e)?
+        }
+        other => other?,
+    };
     let mut resp = get_summary::v1::Response::new(info.to_summary()?);
     resp.membership = membership.as_deref().map(MembershipState::from);
     Ok(resp)
+}
+
+/// The summary of a room this server is not in (or an alias of another server), from
+/// the `/hierarchy` of a server the request's `via`, the alias, the room id or a pending
+/// invite or knock names; `None` when none tells, or the user may not see it.
+async fn remote_summary(
+    ctx: &Ctx,
+    target: &str,
+    via: &[OwnedServerName],
+    user: Option<&str>,
+) -> Result<Option<(RoomInfo, Option<String>)>> {
+    let services = &ctx.services;
+    let mut servers: Vec<String> = via.iter().map(ToString::to_string).collect();
+    let room_id = if target.starts_with('#') {
+        if server_of(target).is_none_or(|s| s == services.server_name()) {
+            return Ok(None);
+        }
+        let answer = services.federation.remote_alias(target).await?;
+        let listed = answer["servers"].as_array().into_iter().flatten();
+        servers.extend(listed.filter_map(Value::as_str).map(str::to_owned));
+        answer["room_id"].as_str().unwrap_or_default().to_owned()
+    } else {
+        target.to_owned()
+    };
+    let pending = match user {
+        Some(user) => invites::pending(services, user, &room_id)?,
+        None => None,
+    };
+    if let Some(server) = pending.as_ref().and_then(|p| p.server.clone()) {
+        servers.insert(0, server);
+    }
+    servers.extend(server_of(&room_id).map(str::to_owned));
+    let Some(answer) =
+        crate::client::spaces::ask_servers(services.clone(), room_id.clone(), servers, false).await
+    else {
+        return Ok(None);
+    };
+    let Some(info) = RoomInfo::from_summary(&answer["room"]).filter(|i| i.room_id == room_id)
+    else {
+        return Ok(None);
+    };
+    let membership = pending.map(|p| p.membership).filter(|m| m != "leave");
+    if membership.is_none() && !may_preview(&services.rooms, &info, user)? {
+        return Ok(None);
+    }
+    Ok(Some((info, user.map(|_| membership.unwrap_or_else(|| "leave".into())))))
 }
 
 async fn visibility(

@@ -51,7 +51,7 @@ async fn hierarchy(
 }
 
 /// The first answer of another server's `/hierarchy` for the room, if any gives one.
-async fn ask_servers(
+pub(crate) async fn ask_servers(
     services: AppState,
     room_id: String,
     via: Vec<String>,

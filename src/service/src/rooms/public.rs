@@ -137,7 +137,7 @@ impl RoomInfo {
 impl RoomInfo {
     /// A room as another server summarised it (`/hierarchy`); `None` without a valid
     /// room id.
-    fn from_summary(summary: &Value) -> Option<Self> {
+    pub fn from_summary(summary: &Value) -> Option<Self> {
         let room_id = summary["room_id"].as_str()?;
         OwnedRoomId::try_from(room_id).ok()?;
         let text = |field: &str| summary[field].as_str().map(str::to_owned);
