@@ -139,14 +139,17 @@ impl Services {
         services.rooms.set_hook(Arc::new(move |room_id, position, pdu| {
             let weak = weak.clone();
             Box::pin(async move {
-                let Some(services) = weak.upgrade() else { return };
+                let services = weak.upgrade()?;
                 let span = tracing::debug_span!("push_rules", room_id, position);
                 let _enter = span.enter();
-                if let Err(e) =
-                    services.notifier.evaluate(&services, &room_id, position, &pdu).await
-                {
-                    tracing::warn!(error = %e, "evaluating push rules failed");
-                }
+                let wal =
+                    match services.notifier.evaluate(&services, &room_id, position, &pdu).await {
+                        Ok(wal) => wal,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "evaluating push rules failed");
+                            None
+                        }
+                    };
                 if matches!(
                     pdu.kind,
                     ruma::events::TimelineEventType::RoomMember
@@ -160,6 +163,7 @@ impl Services {
                 {
                     tracing::warn!(error = %e, "queueing an event for federation failed");
                 }
+                wal
             })
         }));
         Ok(services)

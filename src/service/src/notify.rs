@@ -18,9 +18,9 @@ use ruma::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use trellis_core::{Result, now_millis};
-use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
+use trellis_store::{Batch, Db, Direction, Json, Table, ValueCodec, catalog};
 
-use crate::{Services, commit, rooms::Pdu};
+use crate::{Services, rooms::Pdu};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Unread {
@@ -93,19 +93,105 @@ fn power_levels_ctx(services: &Services, room_id: &str) -> Option<PushConditionP
     ))
 }
 
+/// A user no event can single out: no state key, mention or message body names it.
+const NOBODY: &str = "@_trellis_push_nobody_7f3a9c_:trellis.invalid";
+const NOBODY_NAME: &str = "_trellis_push_nobody_7f3a9c_";
+static NOBODY_ID: std::sync::LazyLock<OwnedUserId> =
+    std::sync::LazyLock::new(|| OwnedUserId::try_from(NOBODY).expect("a valid user id"));
+static NOBODY_RULES: std::sync::LazyLock<ruma::push::Ruleset> =
+    std::sync::LazyLock::new(|| ruma::push::Ruleset::server_default(&NOBODY_ID));
+
+/// The stored values of a notification shared by many users.
+struct Encoded {
+    unread: Vec<u8>,
+    notification: Vec<u8>,
+}
+
+/// Whether the actions notify, and if so whether they highlight.
+fn notifies(actions: &[Action]) -> Option<bool> {
+    actions.iter().any(|a| matches!(a, Action::Notify)).then(|| {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes))))
+    })
+}
+
+/// What in an event may single a user out for the server-default push rules: being its
+/// state key (`.m.rule.invite_for_me`), being in `m.mentions.user_ids`
+/// (`.m.rule.is_user_mention`), or having their display name or localpart in the body
+/// (the legacy `.m.rule.contains_display_name` and `.m.rule.contains_user_name`). The
+/// body test is a plain case-insensitive substring test, wider than the rules'
+/// word-boundary match, so it never misses a user the rules would single out.
+struct SinglesOut<'a> {
+    state_key: Option<&'a str>,
+    mentioned: Vec<&'a str>,
+    body: Option<String>,
+}
+
+impl<'a> SinglesOut<'a> {
+    fn of(pdu: &'a Pdu, content: &'a Value) -> Self {
+        Self {
+            state_key: pdu.state_key.as_deref(),
+            mentioned: content["m.mentions"]["user_ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect(),
+            body: content["body"].as_str().map(str::to_lowercase),
+        }
+    }
+
+    /// Whether the event may be an `@room` mention (the only case where the default
+    /// rules look at the sender's power).
+    fn may_mention_room(&self, content: &Value) -> bool {
+        content["m.mentions"]["room"] == true
+            || self.body.as_deref().is_some_and(|b| b.contains("@room"))
+    }
+
+    /// By id: the state key or a mention.
+    fn by_id(&self, user_id: &str) -> bool {
+        self.state_key == Some(user_id) || self.mentioned.contains(&user_id)
+    }
+
+    /// By name in the body: the display name or the localpart.
+    fn by_name(&self, user_id: &str, display_name: &str) -> bool {
+        let Some(body) = &self.body else { return false };
+        let localpart = user_id.trim_start_matches('@').split(':').next().unwrap_or_default();
+        [display_name, localpart]
+            .iter()
+            .any(|name| !name.is_empty() && body.contains(&name.to_lowercase()))
+    }
+}
+
+/// The actions of the first rule of `ruleset` that applies (none: do nothing).
+async fn first_match(
+    ruleset: &ruma::push::Ruleset,
+    flat: &ruma::push::FlattenedJson,
+    ctx: &PushConditionRoomCtx,
+) -> Vec<Action> {
+    for rule in ruleset.iter() {
+        if rule.applies(flat, ctx).await {
+            return rule.actions().to_vec();
+        }
+    }
+    Vec::new()
+}
+
 impl Notifier {
     pub fn new(db: Db) -> Self {
         Self { db }
     }
 
-    /// Evaluates a stored event for the members it may notify and records the results.
+    /// Evaluates a stored event for the members it may notify and records the results,
+    /// written unsynced: the answer is the WAL ticket the event's own sync must cover.
     pub async fn evaluate(
         &self,
         services: &Services,
         room_id: &str,
         position: u64,
         pdu: &Pdu,
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         let rooms = &services.rooms;
         let body = content(pdu);
         let joined = rooms.members(room_id, "join")?;
@@ -123,62 +209,108 @@ impl Notifier {
         let own = format!(":{}", services.server_name());
         targets.retain(|u| u.as_str() != pdu.sender.as_str() && u.ends_with(&own));
         if targets.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let Ok(room) = OwnedRoomId::try_from(room_id) else { return Ok(()) };
-        let power_levels = power_levels_ctx(services, room_id);
+        let Ok(room) = OwnedRoomId::try_from(room_id) else { return Ok(None) };
         let mut event = crate::sync::sync_event(pdu);
         event["room_id"] = json!(room_id);
         let raw: Raw<Value> = match serde_json::value::to_raw_value(&event) {
             Ok(r) => Raw::from_json(r),
-            Err(_) => return Ok(()),
+            Err(_) => return Ok(None),
         };
         // Flattened once for all members (ruma's `get_actions` would per member).
         let flat = ruma::push::FlattenedJson::from_raw(&raw);
         let thread = (body["m.relates_to"]["rel_type"] == "m.thread")
             .then(|| body["m.relates_to"]["event_id"].as_str().map(str::to_owned))
             .flatten();
+        let singles = SinglesOut::of(pdu, &body);
+        let rulesets = targets
+            .iter()
+            .map(|user| services.push_rules.cached_ruleset(user))
+            .collect::<Result<Vec<_>>>()?;
+        // The default rules ask for the sender's power only about room mentions; other
+        // rulesets may ask about anything.
+        let power_levels =
+            if singles.may_mention_room(&body) || rulesets.iter().any(|r| !r.is_default) {
+                power_levels_ctx(services, room_id)
+            } else {
+                None
+            };
+        // Display names matter when the event has a body they could be in, or for users
+        // evaluated one by one.
+        let names = if singles.body.is_some() || rulesets.iter().any(|r| !r.is_default) {
+            rooms.display_names(room_id, &targets)?
+        } else {
+            vec![None; targets.len()]
+        };
         let mut batch = Batch::new();
         let mut any = false;
-        for user in targets {
+        // What the default rules give a user the event does not single out, worked out
+        // once (with a user nobody can mention) instead of once per member; and its
+        // stored form, encoded once.
+        let mut unsingled: Option<(Vec<Action>, Option<Encoded>)> = None;
+        let nobody_unsingled = !singles.by_id(NOBODY) && !singles.by_name(NOBODY, NOBODY_NAME);
+        let unread_of = |highlight| Unread { highlight, thread: thread.clone() };
+        let notification_of = |highlight, actions: &[Action]| Notification {
+            room_id: room_id.to_owned(),
+            event_id: pdu.event_id.to_string(),
+            highlight,
+            ts: now_millis(),
+            actions: serde_json::to_value(actions).unwrap_or(Value::Null),
+        };
+        for ((user, rules), name) in targets.into_iter().zip(rulesets).zip(names) {
             let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else { continue };
-            let display_name = rooms
-                .state_of(room_id, "m.room.member", &user)?
-                .and_then(|m| content(&m)["displayname"].as_str().map(str::to_owned))
-                .unwrap_or_else(|| user_id.localpart().to_owned());
+            let display_name = name.unwrap_or_else(|| user_id.localpart().to_owned());
+            let shared = nobody_unsingled
+                && rules.is_default
+                && !singles.by_id(&user)
+                && !singles.by_name(&user, &display_name);
+            if shared {
+                if unsingled.is_none() {
+                    let mut ctx = PushConditionRoomCtx::new(
+                        room.clone(),
+                        member_count,
+                        NOBODY_ID.clone(),
+                        NOBODY_NAME.to_owned(),
+                    );
+                    ctx.power_levels = power_levels.clone();
+                    let actions = first_match(&NOBODY_RULES, &flat, &ctx).await;
+                    let encoded = notifies(&actions).map(|highlight| Encoded {
+                        unread: Json(unread_of(highlight)).to_value(),
+                        notification: Json(notification_of(highlight, &actions)).to_value(),
+                    });
+                    unsingled = Some((actions, encoded));
+                }
+                if let Some((_, Some(encoded))) = &unsingled {
+                    UNREAD.put_encoded(
+                        &mut batch,
+                        &(user.clone(), room_id.to_owned(), position),
+                        encoded.unread.clone(),
+                    );
+                    HISTORY.put_encoded(
+                        &mut batch,
+                        &(user, position),
+                        encoded.notification.clone(),
+                    );
+                    any = true;
+                }
+                continue;
+            }
             let mut ctx =
                 PushConditionRoomCtx::new(room.clone(), member_count, user_id, display_name);
             ctx.power_levels = power_levels.clone();
-            let ruleset = services.push_rules.cached_ruleset(&user)?;
-            let mut actions: &[Action] = &[];
-            for rule in ruleset.iter() {
-                if rule.applies(&flat, &ctx).await {
-                    actions = rule.actions();
-                    break;
-                }
-            }
-            if !actions.iter().any(|a| matches!(a, Action::Notify)) {
-                continue;
-            }
-            let highlight = actions
-                .iter()
-                .any(|a| matches!(a, Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes))));
-            let unread = Unread { highlight, thread: thread.clone() };
+            let actions = first_match(&rules.ruleset, &flat, &ctx).await;
+            let Some(highlight) = notifies(&actions) else { continue };
+            let unread = unread_of(highlight);
             UNREAD.put(&mut batch, &(user.clone(), room_id.to_owned(), position), &Json(unread));
-            let notification = Notification {
-                room_id: room_id.to_owned(),
-                event_id: pdu.event_id.to_string(),
-                highlight,
-                ts: now_millis(),
-                actions: serde_json::to_value(actions).unwrap_or(Value::Null),
-            };
-            HISTORY.put(&mut batch, &(user, position), &Json(notification));
+            HISTORY.put(&mut batch, &(user, position), &Json(notification_of(highlight, &actions)));
             any = true;
         }
-        if any {
-            commit(&self.db, batch).await?;
+        if !any {
+            return Ok(None);
         }
-        Ok(())
+        // Into the memtable and the WAL buffer only; no disk wait on this thread.
+        Ok(Some(self.db.write_unsynced(batch)?))
     }
 
     /// Unread counts of `user` in `room_id`: notifying events after the user's read
@@ -244,5 +376,110 @@ impl Notifier {
             out.push((pos, n));
         }
         Ok((out, next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::push::{FlattenedJson, Ruleset};
+
+    use super::*;
+
+    fn event(kind: &str, state_key: Option<&str>, content: Value) -> (Value, Option<String>) {
+        let mut event = json!({
+            "type": kind, "content": content, "sender": "@carol:example.org",
+            "event_id": "$e", "room_id": "!r:example.org", "origin_server_ts": 1,
+        });
+        if let Some(key) = state_key {
+            event["state_key"] = json!(key);
+        }
+        (event, state_key.map(str::to_owned))
+    }
+
+    async fn actions_for(user: &str, name: &str, event: &Value, members: u32) -> Vec<Action> {
+        let user_id = OwnedUserId::try_from(user).unwrap();
+        let ruleset = Ruleset::server_default(&user_id);
+        let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(event).unwrap());
+        let flat = FlattenedJson::from_raw(&raw);
+        let room = OwnedRoomId::try_from("!r:example.org").unwrap();
+        let ctx = PushConditionRoomCtx::new(room, UInt::from(members), user_id, name.to_owned());
+        first_match(&ruleset, &flat, &ctx).await
+    }
+
+    /// The shortcut's premise: with the server-default rules, a user an event does not
+    /// single out gets exactly what the user nobody can mention gets.
+    #[tokio::test]
+    async fn users_not_singled_out_get_what_nobody_gets() {
+        let alice = ("@alice:example.org", "Alice Liddell");
+        let events = [
+            event("m.room.message", None, json!({"msgtype": "m.text", "body": "hello all"})),
+            event("m.room.message", None, json!({"msgtype": "m.notice", "body": "a bot"})),
+            event("m.room.message", None, json!({"msgtype": "m.text", "body": "@room look"})),
+            event(
+                "m.room.message",
+                None,
+                json!({"msgtype": "m.text", "body": "hey Alice Liddell"}),
+            ),
+            event("m.room.message", None, json!({"msgtype": "m.text", "body": "hey ALICE"})),
+            event(
+                "m.room.message",
+                None,
+                json!({"msgtype": "m.text", "body": "hi", "m.mentions": {"user_ids": ["@bob:example.org"]}}),
+            ),
+            event(
+                "m.room.message",
+                None,
+                json!({"msgtype": "m.text", "body": "hi", "m.mentions": {"user_ids": [alice.0]}}),
+            ),
+            event("m.room.encrypted", None, json!({"algorithm": "m.megolm.v1.aes-sha2"})),
+            event(
+                "m.reaction",
+                None,
+                json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": "$x", "key": "+1"}}),
+            ),
+            event("m.room.member", Some(alice.0), json!({"membership": "invite"})),
+            event("m.room.member", Some("@bob:example.org"), json!({"membership": "invite"})),
+            event(
+                "m.room.tombstone",
+                Some(""),
+                json!({"body": "gone", "replacement_room": "!n:x"}),
+            ),
+            event("m.call.invite", None, json!({"call_id": "c", "version": 1})),
+        ];
+        let mut singled = 0;
+        for (event, key) in &events {
+            let content = event["content"].clone();
+            let pdu_like = SinglesOut {
+                state_key: key.as_deref(),
+                mentioned: content["m.mentions"]["user_ids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect(),
+                body: content["body"].as_str().map(str::to_lowercase),
+            };
+            assert!(!pdu_like.by_id(NOBODY) && !pdu_like.by_name(NOBODY, NOBODY_NAME));
+            for members in [2, 20] {
+                let mine = actions_for(alice.0, alice.1, event, members).await;
+                let nobodys = actions_for(NOBODY, NOBODY_NAME, event, members).await;
+                if pdu_like.by_id(alice.0) || pdu_like.by_name(alice.0, alice.1) {
+                    singled += 1;
+                } else {
+                    let json = |a: &[Action]| serde_json::to_value(a).unwrap();
+                    assert_eq!(json(&mine), json(&nobodys), "{event}");
+                }
+            }
+        }
+        // The name, the localpart, the mention and the invite single Alice out.
+        assert_eq!(singled, 8);
+        // And they matter: the mention highlights for Alice, not for nobody.
+        let (mention, _) = &events[6];
+        let highlight = |a: &[Action]| {
+            a.iter()
+                .any(|a| matches!(a, Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes))))
+        };
+        assert!(highlight(&actions_for(alice.0, alice.1, mention, 20).await));
+        assert!(!highlight(&actions_for(NOBODY, NOBODY_NAME, mention, 20).await));
     }
 }

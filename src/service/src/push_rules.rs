@@ -37,7 +37,16 @@ pub struct PushRules {
     /// must not mean parsing each from JSON per event. Only `store` changes a ruleset.
     /// The counter bumps on every change, so a ruleset read before a change is not kept
     /// after it.
-    cache: std::sync::Mutex<(std::collections::HashMap<String, Arc<Ruleset>>, u64)>,
+    cache: std::sync::Mutex<(std::collections::HashMap<String, CachedRuleset>, u64)>,
+}
+
+/// A user's ruleset as evaluation wants it.
+#[derive(Clone)]
+pub struct CachedRuleset {
+    pub ruleset: Arc<Ruleset>,
+    /// The user never changed a rule: theirs is exactly the server default, so an event
+    /// that does not single them out gets what it gets for any such user.
+    pub is_default: bool,
 }
 
 /// Rulesets kept parsed, at most.
@@ -53,7 +62,7 @@ impl PushRules {
     }
 
     /// [`Self::ruleset`], parsed once and shared.
-    pub fn cached_ruleset(&self, user_id: &str) -> Result<Arc<Ruleset>> {
+    pub fn cached_ruleset(&self, user_id: &str) -> Result<CachedRuleset> {
         let generation = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(r) = cache.0.get(user_id) {
@@ -61,25 +70,31 @@ impl PushRules {
             }
             cache.1
         };
-        let ruleset = Arc::new(self.ruleset(user_id)?);
+        let (ruleset, is_default) = self.ruleset_and_origin(user_id)?;
+        let cached = CachedRuleset { ruleset: Arc::new(ruleset), is_default };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.1 == generation {
             if cache.0.len() >= CACHED_RULESETS {
                 cache.0.clear();
             }
-            cache.0.insert(user_id.to_owned(), ruleset.clone());
+            cache.0.insert(user_id.to_owned(), cached.clone());
         }
-        Ok(ruleset)
+        Ok(cached)
     }
 
     /// The user's ruleset: the stored one, brought up to date with the current
     /// server-default rules, or the server defaults when the user changed nothing. This is
     /// what notification counting and pushers evaluate events against.
     pub fn ruleset(&self, user_id: &str) -> Result<Ruleset> {
+        Ok(self.ruleset_and_origin(user_id)?.0)
+    }
+
+    /// The ruleset, and whether it is the server default (the user changed nothing).
+    fn ruleset_and_origin(&self, user_id: &str) -> Result<(Ruleset, bool)> {
         let user = parse_user(user_id)?;
         let defaults = Ruleset::server_default(&user);
         let Some(content) = self.account_data.get(user.localpart(), None, EVENT_TYPE)? else {
-            return Ok(defaults);
+            return Ok((defaults, true));
         };
         let global = content.get("global").cloned().unwrap_or(Value::Null);
         let mut ruleset: Ruleset = serde_json::from_value(global)
@@ -87,7 +102,7 @@ impl PushRules {
         // Server-default rules added or changed since the ruleset was stored take effect,
         // keeping the user's `enabled` and `actions` of the ones they already had.
         ruleset.update_with_server_default(defaults);
-        Ok(ruleset)
+        Ok((ruleset, false))
     }
 
     /// One rule, or 404 `M_NOT_FOUND`.

@@ -171,8 +171,14 @@ pub struct NewEvent {
 
 /// Runs for every appended event after it is stored and before readers of the stream
 /// see it (push rule evaluation), with the room id, the event's position and the event.
+/// It answers the WAL ticket of what it wrote unsynced, if anything: the event's own
+/// sync then covers that too, instead of a sync of its own.
 pub type AppendHook = Arc<
-    dyn Fn(String, u64, Arc<Pdu>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    dyn Fn(
+            String,
+            u64,
+            Arc<Pdu>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send>>
         + Send
         + Sync,
 >;
@@ -538,14 +544,22 @@ impl Timeline {
     }
 
     /// Runs the append hook for a stored event, then makes it durable and visible.
-    pub(super) async fn publish(&self, room_id: &str, pending: Pending, pdu: &Pdu) -> Result<()> {
-        self.run_hook(room_id, &pending, pdu).await;
+    pub(super) async fn publish(
+        &self,
+        room_id: &str,
+        mut pending: Pending,
+        pdu: &Pdu,
+    ) -> Result<()> {
+        self.run_hook(room_id, &mut pending, pdu).await;
         self.finish(pending).await
     }
 
-    pub(super) async fn run_hook(&self, room_id: &str, pending: &Pending, pdu: &Pdu) {
-        if let Some(hook) = self.hook.get() {
-            hook(room_id.to_owned(), pending.stream.position, Arc::new(pdu.clone())).await;
+    pub(super) async fn run_hook(&self, room_id: &str, pending: &mut Pending, pdu: &Pdu) {
+        if let Some(hook) = self.hook.get()
+            && let Some(wal) =
+                hook(room_id.to_owned(), pending.stream.position, Arc::new(pdu.clone())).await
+        {
+            pending.wal = pending.wal.max(wal);
         }
     }
 
@@ -936,6 +950,25 @@ impl Timeline {
     }
 
     /// The current state event `(kind, state_key)` of a room.
+    /// The display names in the room's current state of `users` (`None`: no member
+    /// event or no name), read from one state snapshot.
+    pub fn display_names(&self, room_id: &str, users: &[String]) -> Result<Vec<Option<String>>> {
+        #[derive(serde::Deserialize)]
+        struct Named {
+            displayname: Option<String>,
+        }
+        let Some((_, room)) = self.room(room_id)? else { return Ok(vec![None; users.len()]) };
+        let state = self.state_at(room.state)?;
+        let kind = StateEventType::RoomMember;
+        Ok(users
+            .iter()
+            .map(|user| {
+                let event = self.state_event_cached(&state, &kind, user)?;
+                serde_json::from_str::<Named>(event.pdu.content.get()).ok()?.displayname
+            })
+            .collect())
+    }
+
     pub fn state_of(&self, room_id: &str, kind: &str, state_key: &str) -> Result<Option<Pdu>> {
         let Some((_, room)) = self.room(room_id)? else { return Ok(None) };
         let state = self.state_at(room.state)?;

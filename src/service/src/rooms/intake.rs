@@ -442,7 +442,7 @@ impl Timeline {
                 Err(e) => tracing::debug!(error = %e, "remote redaction not applied"),
             }
         }
-        let pending = self.store(
+        let mut pending = self.store(
             &mut batch,
             room_short,
             room_id,
@@ -459,7 +459,7 @@ impl Timeline {
             self.cache.invalidate(short);
         }
         drop(guard);
-        self.run_hook(room_id, &pending, &pdu).await;
+        self.run_hook(room_id, &mut pending, &pdu).await;
         Ok((Intake::Accepted, Some(Deferred(pending))))
     }
 
