@@ -129,9 +129,9 @@ struct SinglesOut<'a> {
 }
 
 impl<'a> SinglesOut<'a> {
-    fn of(pdu: &'a Pdu, content: &'a Value) -> Self {
+    fn of(state_key: Option<&'a str>, content: &'a Value) -> Self {
         Self {
-            state_key: pdu.state_key.as_deref(),
+            state_key,
             mentioned: content["m.mentions"]["user_ids"]
                 .as_array()
                 .into_iter()
@@ -223,7 +223,7 @@ impl Notifier {
         let thread = (body["m.relates_to"]["rel_type"] == "m.thread")
             .then(|| body["m.relates_to"]["event_id"].as_str().map(str::to_owned))
             .flatten();
-        let singles = SinglesOut::of(pdu, &body);
+        let singles = SinglesOut::of(pdu.state_key.as_deref(), &body);
         let rulesets = targets
             .iter()
             .map(|user| services.push_rules.cached_ruleset(user))
@@ -449,16 +449,7 @@ mod tests {
         let mut singled = 0;
         for (event, key) in &events {
             let content = event["content"].clone();
-            let pdu_like = SinglesOut {
-                state_key: key.as_deref(),
-                mentioned: content["m.mentions"]["user_ids"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                    .collect(),
-                body: content["body"].as_str().map(str::to_lowercase),
-            };
+            let pdu_like = SinglesOut::of(key.as_deref(), &content);
             assert!(!pdu_like.by_id(NOBODY) && !pdu_like.by_name(NOBODY, NOBODY_NAME));
             for members in [2, 20] {
                 let mine = actions_for(alice.0, alice.1, event, members).await;

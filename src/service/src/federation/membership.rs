@@ -131,17 +131,36 @@ pub async fn join_remote(
     servers: &[String],
     content: Value,
 ) -> Result<()> {
-    let mut last = Error::not_found("No server in the room could be reached to join it");
-    let mut tried = Vec::new();
+    through_first(services, servers, room_id, "join", |server| {
+        join_through(services, server, user_id, room_id, &content)
+    })
+    .await
+}
+
+/// Tries `attempt` with each of `servers` (other than this one, each once) until one
+/// succeeds; the last error otherwise.
+async fn through_first<'a, F, Fut>(
+    services: &Services,
+    servers: &'a [String],
+    room_id: &str,
+    what: &str,
+    attempt: F,
+) -> Result<()>
+where
+    F: Fn(&'a str) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut last = Error::not_found(format!("No server in the room could be reached to {what} it"));
+    let mut tried: Vec<&str> = Vec::new();
     for server in servers {
-        if server == services.server_name() || tried.contains(server) {
+        if server == services.server_name() || tried.contains(&server.as_str()) {
             continue;
         }
-        tried.push(server.clone());
-        match join_through(services, server, user_id, room_id, &content).await {
+        tried.push(server);
+        match attempt(server).await {
             Ok(()) => return Ok(()),
             Err(e) => {
-                tracing::info!(server, room_id, error = %e.message, "joining through a server failed");
+                tracing::info!(server, room_id, what, error = %e.message, "through a server failed");
                 last = e;
             }
         }
@@ -206,22 +225,10 @@ pub async fn knock_remote(
     servers: &[String],
     content: Value,
 ) -> Result<()> {
-    let mut last = Error::not_found("No server in the room could be reached to knock on it");
-    let mut tried = Vec::new();
-    for server in servers {
-        if server == services.server_name() || tried.contains(server) {
-            continue;
-        }
-        tried.push(server.clone());
-        match knock_through(services, server, user_id, room_id, &content).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                tracing::info!(server, room_id, error = %e.message, "knocking through a server failed");
-                last = e;
-            }
-        }
-    }
-    Err(last)
+    through_first(services, servers, room_id, "knock on", |server| {
+        knock_through(services, server, user_id, room_id, &content)
+    })
+    .await
 }
 
 async fn knock_through(
