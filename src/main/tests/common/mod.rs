@@ -310,7 +310,18 @@ impl SmtpServer {
             .spawn()
             .expect("python3 with aiosmtpd (installed by .ci/install-deps)");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // Ready when it greets: a bare connect can succeed with nobody listening (a
+        // loopback connect from the same ephemeral port connects to itself).
+        let greets = || -> bool {
+            use std::io::Read;
+            let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return false;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut banner = [0u8; 3];
+            stream.read_exact(&mut banner).is_ok() && &banner == b"220"
+        };
+        while !greets() {
             assert!(Instant::now() < deadline, "the SMTP server did not start");
             assert!(child.try_wait().unwrap().is_none(), "the SMTP server exited");
             tokio::time::sleep(Duration::from_millis(50)).await;
