@@ -789,4 +789,14 @@ async fn openid_tokens_prove_who_the_user_is() {
     // Nobody gets a token in another user's name.
     let (status, body) = s.post_auth(&path(&alice), &bob_token, &json!({})).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
+
+    // A deactivated account proves nothing any more.
+    let deactivate = "/_matrix/client/v3/account/deactivate";
+    let (_, body) = s.post_auth(deactivate, &token, &json!({})).await;
+    let session = body["session"].as_str().unwrap();
+    let auth = json!({"auth": password_auth("alice", "password123", session)});
+    let (status, body) = s.post_auth(deactivate, &token, &auth).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s.get(&userinfo(&openid)).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
 }

@@ -1190,10 +1190,21 @@ async fn a_space_on_another_server_is_walked_over_federation() {
         );
         (path, json!({"via": [a.name], "order": order}))
     };
-    for (parent, child, order) in
-        [(&space, &lobby, "a"), (&space, &inner, "b"), (&space, &secret, "c"), (&inner, &deep, "a")]
-    {
-        let (path, body) = link(parent, child, order);
+    // A space A has, linked from the inner space only through a server nobody can
+    // reach: B's server learns its summary from A's answer about the inner space and
+    // cannot ask about its children.
+    let far = a.server.create_room(&alice_token, public("Far space", true)).await;
+    for (parent, child, order) in [
+        (&space, &lobby, "a"),
+        (&space, &inner, "b"),
+        (&space, &secret, "c"),
+        (&inner, &deep, "a"),
+        (&inner, &far, "b"),
+    ] {
+        let (path, mut body) = link(parent, child, order);
+        if child == &far {
+            body["via"] = json!(["127.0.0.1:1"]);
+        }
         let (status, answer) = a.server.put_auth(&path, &alice_token, &body).await;
         assert_eq!(status, 200, "{answer}");
     }
@@ -1222,10 +1233,16 @@ async fn a_space_on_another_server_is_walked_over_federation() {
     assert_eq!(status, 200, "{page}");
     let rooms = page["rooms"].as_array().unwrap();
     let ids: Vec<&str> = rooms.iter().map(|r| r["room_id"].as_str().unwrap()).collect();
-    assert_eq!(ids, [space.as_str(), lobby.as_str(), inner.as_str(), deep.as_str()], "{page}");
+    assert_eq!(
+        ids,
+        [space.as_str(), lobby.as_str(), inner.as_str(), deep.as_str(), far.as_str()],
+        "{page}"
+    );
+    assert_eq!(rooms[4]["children_state"], json!([]), "{page}");
     assert_eq!(rooms[1]["name"], "Lobby");
     assert_eq!(rooms[2]["room_type"], "m.space");
     assert_eq!(rooms[2]["children_state"][0]["state_key"], deep, "{page}");
+    assert_eq!(rooms[4]["name"], "Far space", "{page}");
     assert_eq!(rooms[3]["name"], "Deep room");
     assert_eq!(rooms[0]["children_state"].as_array().map(Vec::len), Some(3), "{page}");
 

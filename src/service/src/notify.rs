@@ -93,7 +93,7 @@ fn power_levels_ctx(services: &Services, room_id: &str) -> Option<PushConditionP
     ))
 }
 
-/// A user no event can single out: no state key, mention or message body names it.
+/// A user no event can single out: no state key or mention names it.
 const NOBODY: &str = "@_trellis_push_nobody_7f3a9c_:trellis.invalid";
 const NOBODY_NAME: &str = "_trellis_push_nobody_7f3a9c_";
 static NOBODY_ID: std::sync::LazyLock<OwnedUserId> =
@@ -117,11 +117,10 @@ fn notifies(actions: &[Action]) -> Option<bool> {
 }
 
 /// What in an event may single a user out for the server-default push rules: being its
-/// state key (`.m.rule.invite_for_me`), being in `m.mentions.user_ids`
-/// (`.m.rule.is_user_mention`), or having their display name or localpart in the body
-/// (the legacy `.m.rule.contains_display_name` and `.m.rule.contains_user_name`). The
-/// body test is a plain case-insensitive substring test, wider than the rules'
-/// word-boundary match, so it never misses a user the rules would single out.
+/// state key (`.m.rule.invite_for_me`) or in `m.mentions.user_ids`
+/// (`.m.rule.is_user_mention`). The default rule set has no rule reading the user's
+/// display name or localpart any more (the legacy body-matching mention rules are gone
+/// from it); the unit test below fails if that changes.
 struct SinglesOut<'a> {
     state_key: Option<&'a str>,
     mentioned: Vec<&'a str>,
@@ -152,15 +151,6 @@ impl<'a> SinglesOut<'a> {
     /// By id: the state key or a mention.
     fn by_id(&self, user_id: &str) -> bool {
         self.state_key == Some(user_id) || self.mentioned.contains(&user_id)
-    }
-
-    /// By name in the body: the display name or the localpart.
-    fn by_name(&self, user_id: &str, display_name: &str) -> bool {
-        let Some(body) = &self.body else { return false };
-        let localpart = user_id.trim_start_matches('@').split(':').next().unwrap_or_default();
-        [display_name, localpart]
-            .iter()
-            .any(|name| !name.is_empty() && body.contains(&name.to_lowercase()))
     }
 }
 
@@ -236,9 +226,9 @@ impl Notifier {
             } else {
                 None
             };
-        // Display names matter when the event has a body they could be in, or for users
+        // Display names matter to users evaluated one by one only.
         // evaluated one by one.
-        let names = if singles.body.is_some() || rulesets.iter().any(|r| !r.is_default) {
+        let names = if rulesets.iter().any(|r| !r.is_default) {
             rooms.display_names(room_id, &targets)?
         } else {
             vec![None; targets.len()]
@@ -249,7 +239,7 @@ impl Notifier {
         // once (with a user nobody can mention) instead of once per member; and its
         // stored form, encoded once.
         let mut unsingled: Option<(Vec<Action>, Option<Encoded>)> = None;
-        let nobody_unsingled = !singles.by_id(NOBODY) && !singles.by_name(NOBODY, NOBODY_NAME);
+        let nobody_unsingled = !singles.by_id(NOBODY);
         let unread_of = |highlight| Unread { highlight, thread: thread.clone() };
         let notification_of = |highlight, actions: &[Action]| Notification {
             room_id: room_id.to_owned(),
@@ -260,11 +250,7 @@ impl Notifier {
         };
         for ((user, rules), name) in targets.into_iter().zip(rulesets).zip(names) {
             let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else { continue };
-            let display_name = name.unwrap_or_else(|| user_id.localpart().to_owned());
-            let shared = nobody_unsingled
-                && rules.is_default
-                && !singles.by_id(&user)
-                && !singles.by_name(&user, &display_name);
+            let shared = nobody_unsingled && rules.is_default && !singles.by_id(&user);
             if shared {
                 if unsingled.is_none() {
                     let mut ctx = PushConditionRoomCtx::new(
@@ -296,6 +282,7 @@ impl Notifier {
                 }
                 continue;
             }
+            let display_name = name.unwrap_or_else(|| user_id.localpart().to_owned());
             let mut ctx =
                 PushConditionRoomCtx::new(room.clone(), member_count, user_id, display_name);
             ctx.power_levels = power_levels.clone();
@@ -450,11 +437,11 @@ mod tests {
         for (event, key) in &events {
             let content = event["content"].clone();
             let pdu_like = SinglesOut::of(key.as_deref(), &content);
-            assert!(!pdu_like.by_id(NOBODY) && !pdu_like.by_name(NOBODY, NOBODY_NAME));
+            assert!(!pdu_like.by_id(NOBODY));
             for members in [2, 20] {
                 let mine = actions_for(alice.0, alice.1, event, members).await;
                 let nobodys = actions_for(NOBODY, NOBODY_NAME, event, members).await;
-                if pdu_like.by_id(alice.0) || pdu_like.by_name(alice.0, alice.1) {
+                if pdu_like.by_id(alice.0) {
                     singled += 1;
                 } else {
                     let json = |a: &[Action]| serde_json::to_value(a).unwrap();
@@ -462,8 +449,8 @@ mod tests {
                 }
             }
         }
-        // The name, the localpart, the mention and the invite single Alice out.
-        assert_eq!(singled, 8);
+        // The mention and the invite single Alice out; her name in a body does not.
+        assert_eq!(singled, 4);
         // And they matter: the mention highlights for Alice, not for nobody.
         let (mention, _) = &events[6];
         let highlight = |a: &[Action]| {

@@ -248,6 +248,10 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         {
             continue;
         }
+        // Once this server is in the room, the user's membership there says it all.
+        if services.rooms.membership(&room_id, req.user_id)?.is_some() {
+            continue;
+        }
         match pending.membership.as_str() {
             "knock" if !knock.contains_key(&room_id) => {
                 knock.insert(room_id, json!({"knock_state": {"events": pending.stripped}}));

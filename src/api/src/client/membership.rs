@@ -116,10 +116,15 @@ async fn knock(ctx: Ctx, req: knock_room::v3::Request) -> Result<knock_room::v3:
     let services = &ctx.services;
     let (room_id, mut servers) = join_target(&ctx, req.room_id_or_alias.as_str(), &req.via).await?;
     let user = me(&ctx)?;
-    let resident = services.rooms.room(room_id.as_str())?.is_some()
+    let known = services.rooms.room(room_id.as_str())?.is_some();
+    let resident = known
         && services.rooms.has_member_from(room_id.as_str(), services.server_name(), &["join"])?;
+    if known && !resident {
+        // A room this server left: the servers still in it can take the knock.
+        servers.extend(room_servers(services, room_id.as_str())?.iter().cloned());
+    }
     servers.retain(|s| s != services.server_name());
-    if resident || servers.is_empty() {
+    if resident || (!known && servers.is_empty()) {
         membership(&ctx, room_id.as_str(), &user, "knock", req.reason).await?;
     } else {
         let content = member_content(&ctx, "knock", req.reason)?;

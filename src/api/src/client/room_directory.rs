@@ -62,6 +62,8 @@ async fn summary(ctx: Ctx, req: get_summary::v1::Request) -> Result<get_summary:
     );
     let (info, membership) = match local {
         Err(e) if e.status == http::StatusCode::NOT_FOUND && ctx.services.federation.enabled() => {
+            // Each such request makes this server ask others: rate-limited like joins.
+            ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
             remote_summary(&ctx, target, &req.via, user.as_deref()).await?.ok_or(e)?
         }
         other => other?,

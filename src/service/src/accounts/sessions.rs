@@ -265,12 +265,18 @@ impl Accounts {
         Ok((token, OPENID_TOKEN_LIFETIME_MS))
     }
 
-    /// The owner of an unexpired OpenID token (it stays valid until it expires).
+    /// The owner of an unexpired OpenID token (it stays valid until it expires), while
+    /// the account is active.
     pub fn openid_owner(&self, token: &str) -> Result<Option<String>> {
         let Some(Json(record)) = OPENID_TOKENS.get(&*self.db, &hash_token(token))? else {
             return Ok(None);
         };
-        Ok((record.expires_ms > now_millis()).then_some(record.localpart))
+        if record.expires_ms <= now_millis()
+            || self.user(&record.localpart)?.is_none_or(|u| u.deactivated)
+        {
+            return Ok(None);
+        }
+        Ok(Some(record.localpart))
     }
 
     /// Spends a login token; `None` if it is unknown, used or expired.

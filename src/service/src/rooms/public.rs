@@ -473,6 +473,11 @@ impl HierarchyToken {
 
 /// Rooms of other servers one `/hierarchy` request asks about, at most.
 const HIERARCHY_MAX_REMOTE: usize = 50;
+/// How long one `/hierarchy` request spends asking other servers, at most; rooms not
+/// known by then are left out.
+const HIERARCHY_REMOTE_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+/// Children of a space another server describes that are looked at, at most.
+const REMOTE_CHILDREN_MAX: usize = 50;
 
 /// A room as the walk knows it: its summary, and its children once known (rooms that
 /// are not spaces have none).
@@ -485,7 +490,10 @@ struct Node {
 struct Remote<F> {
     fetch: F,
     known: std::collections::HashMap<String, Node>,
+    /// Rooms a server said the asking server may not see: not asked about again.
+    refused: std::collections::HashSet<String>,
     asked: usize,
+    deadline: std::time::Instant,
 }
 
 impl<F, Fut> Remote<F>
@@ -497,9 +505,14 @@ where
     /// its summary or (for a space) its children are not known yet.
     async fn node(&mut self, room_id: &str, via: Vec<String>) -> Option<Node> {
         let complete = |n: &Node| n.children.is_some() || !n.info.is_space();
-        if !self.known.get(room_id).is_some_and(complete) && self.asked < HIERARCHY_MAX_REMOTE {
+        if !self.known.get(room_id).is_some_and(complete)
+            && !self.refused.contains(room_id)
+            && self.asked < HIERARCHY_MAX_REMOTE
+        {
             self.asked += 1;
-            if let Some(answer) = (self.fetch)(room_id.to_owned(), via).await {
+            let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+            let asked = tokio::time::timeout(left, (self.fetch)(room_id.to_owned(), via));
+            if let Ok(Some(answer)) = asked.await {
                 self.learn(room_id, &answer);
             }
         }
@@ -513,8 +526,15 @@ where
         if info.room_id != room_id {
             return;
         }
-        let children = remote_children(&answer["room"]["children_state"]);
-        for child in answer["children"].as_array().into_iter().flatten() {
+        let mut children = remote_children(&answer["room"]["children_state"]);
+        children.truncate(REMOTE_CHILDREN_MAX);
+        for refused in answer["inaccessible_children"].as_array().into_iter().flatten() {
+            if let Some(room) = refused.as_str() {
+                self.refused.insert(room.to_owned());
+            }
+        }
+        let described = answer["children"].as_array().into_iter().flatten();
+        for child in described.take(REMOTE_CHILDREN_MAX) {
             if let Some(child) = RoomInfo::from_summary(child) {
                 self.known
                     .entry(child.room_id.clone())
@@ -566,7 +586,13 @@ where
             token.skip
         }
     };
-    let mut remote = Remote { fetch, known: Default::default(), asked: 0 };
+    let mut remote = Remote {
+        fetch,
+        known: Default::default(),
+        refused: Default::default(),
+        asked: 0,
+        deadline: std::time::Instant::now() + HIERARCHY_REMOTE_BUDGET,
+    };
     // A root this server is not in can only be asked of the server in its id (rooms
     // before version 12 have one).
     let root_via = crate::federation::server_of(root).map(str::to_owned).into_iter().collect();
@@ -585,7 +611,9 @@ where
             break;
         }
         seen.insert(room_id.clone());
-        let node = match room_info(rooms, &room_id)? {
+        let local = room_info(rooms, &room_id)?;
+        let is_local = local.is_some();
+        let node = match local {
             Some(info) => Some(Node { info, children: None }),
             None => remote.node(&room_id, via).await,
         };
@@ -600,9 +628,11 @@ where
             more = true;
             break;
         }
+        // A space of another server whose children nobody told us about shows
+        // without them.
         let mut children = match node.children {
             Some(children) => children,
-            None if node.info.is_space() => space_children(rooms, &room_id)?,
+            None if is_local && node.info.is_space() => space_children(rooms, &room_id)?,
             None => Vec::new(),
         };
         if query.suggested_only {
