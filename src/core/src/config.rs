@@ -150,6 +150,19 @@ pub struct FederationConfig {
     pub request_timeout_seconds: u64,
     /// Server names never contacted and whose requests are refused.
     pub denied_servers: Vec<String>,
+    /// Signing keys this server used before (key rotation): published as
+    /// `old_verify_keys` so that events and requests they signed still verify.
+    pub old_signing_keys: Vec<OldSigningKey>,
+}
+
+/// A retired signing key: its id, its public key (unpadded base64, as the key server
+/// published it) and when it stopped being used (ms since the epoch).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OldSigningKey {
+    pub key_id: String,
+    pub public_key: String,
+    pub expired_ts: u64,
 }
 
 impl Default for FederationConfig {
@@ -163,6 +176,7 @@ impl Default for FederationConfig {
             ca_file: PathBuf::new(),
             request_timeout_seconds: 30,
             denied_servers: Vec::new(),
+            old_signing_keys: Vec::new(),
         }
     }
 }
@@ -707,6 +721,26 @@ impl Config {
         }
         if self.federation.key_validity_hours == 0 {
             bad("federation.key_validity_hours", "must be at least 1".into());
+        }
+        for old in &self.federation.old_signing_keys {
+            let version = old.key_id.strip_prefix("ed25519:").unwrap_or_default();
+            if version.is_empty() || !version.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                bad(
+                    "federation.old_signing_keys",
+                    format!("key_id {:?} is not `ed25519:<version>`", old.key_id),
+                );
+            }
+            // 32 bytes are 43 characters of unpadded base64.
+            let key = old.public_key.trim_end_matches('=');
+            if key.len() != 43
+                || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/')
+            {
+                bad(
+                    "federation.old_signing_keys",
+                    format!("public_key of {} is not 32 bytes of base64", old.key_id),
+                );
+            }
         }
         if self.auth.argon2_memory_kib < 8 {
             bad("auth.argon2_memory_kib", "must be at least 8".into());

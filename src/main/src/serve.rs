@@ -61,7 +61,8 @@ async fn serve(config: Config) -> Result<(), String> {
         &config.server.server_name,
         config.federation.key_validity_hours,
     )
-    .map_err(|e| format!("signing key: {e}"))?;
+    .map_err(|e| format!("signing key: {e}"))?
+    .with_old_keys(config.federation.old_signing_keys.clone());
 
     let listen = config.server.listen;
     let tls = match config.federation.tls_listen.parse::<std::net::SocketAddr>() {

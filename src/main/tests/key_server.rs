@@ -66,3 +66,37 @@ async fn key_document_is_signed_and_stable_across_restarts() {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
 }
+
+/// Key rotation: the old key goes into `federation.old_signing_keys`, a new key file is
+/// made, and the key server publishes the new key with the old one as
+/// `old_verify_keys` (with its `expired_ts`), all signed by the new key.
+#[tokio::test]
+async fn a_rotated_key_is_published_as_an_old_verify_key() {
+    let mut s =
+        TestServer::start_with_env("", &[("TRELLIS_SERVER__SERVER_NAME", "keys.example")]).await;
+    let (old_id, old_key) = fetch_and_verify(&s, "keys.example").await;
+    s.terminate();
+    std::fs::rename(s.data_dir().join("signing.key"), s.dir.path().join("retired.key")).unwrap();
+    let mut config = std::fs::read_to_string(&s.config_path).unwrap();
+    config.push_str(&format!(
+        "\n[federation]\nold_signing_keys = [{{ key_id = \"{old_id}\", public_key = \"{old_key}\", \
+         expired_ts = 1700000000000 }}]\n"
+    ));
+    std::fs::write(&s.config_path, config).unwrap();
+    s.launch().await;
+
+    let (new_id, new_key) = fetch_and_verify(&s, "keys.example").await;
+    assert_ne!(new_key, old_key, "a new key was made");
+    let (_, body) = s.get("/_matrix/key/v2/server").await;
+    assert_eq!(body["old_verify_keys"][&old_id]["key"], old_key.as_str(), "{body}");
+    assert_eq!(body["old_verify_keys"][&old_id]["expired_ts"], 1_700_000_000_000u64);
+    assert!(body["old_verify_keys"].get(&new_id).is_none());
+
+    // A malformed old key is a configuration error, not a silently broken document.
+    s.terminate();
+    let config = std::fs::read_to_string(&s.config_path).unwrap().replace(&old_key, "short");
+    std::fs::write(&s.config_path, config).unwrap();
+    let out = common::run_cli(&["config", "check", s.config_path.to_str().unwrap()], s.dir.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("old_signing_keys"), "{out:?}");
+}

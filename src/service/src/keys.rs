@@ -21,6 +21,8 @@ pub struct ServerKeys {
     key_id: String,
     public_key_b64: String,
     validity_ms: u64,
+    /// Keys used before this one (from config), published as `old_verify_keys`.
+    old_keys: Vec<trellis_core::config::OldSigningKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +80,26 @@ impl ServerKeys {
             key_pair,
             public_key_b64,
             validity_ms: validity_hours.saturating_mul(3_600_000),
+            old_keys: Vec::new(),
         })
+    }
+
+    /// The keys this server signed with before (key rotation).
+    pub fn with_old_keys(mut self, old_keys: Vec<trellis_core::config::OldSigningKey>) -> Self {
+        self.old_keys = old_keys;
+        self
+    }
+
+    /// The public key `key_id` of this server as of `at_ms`: the current key, or a
+    /// retired one for what it signed before it expired.
+    pub fn public_key_at(&self, key_id: &str, at_ms: u64) -> Option<String> {
+        if key_id == self.key_id {
+            return Some(self.public_key_b64.clone());
+        }
+        self.old_keys
+            .iter()
+            .find(|k| k.key_id == key_id && at_ms <= k.expired_ts)
+            .map(|k| k.public_key.trim_end_matches('=').to_owned())
     }
 
     pub fn key_pair(&self) -> &Ed25519KeyPair {
@@ -110,7 +131,20 @@ impl ServerKeys {
         let mut doc = CanonicalJsonObject::new();
         doc.insert("server_name".into(), CanonicalJsonValue::String(self.server_name.clone()));
         doc.insert("verify_keys".into(), CanonicalJsonValue::Object(verify_keys));
-        doc.insert("old_verify_keys".into(), CanonicalJsonValue::Object(Default::default()));
+        let mut old_verify_keys = CanonicalJsonObject::new();
+        for old in &self.old_keys {
+            let mut entry = CanonicalJsonObject::new();
+            let key = old.public_key.trim_end_matches('=').to_owned();
+            entry.insert("key".into(), CanonicalJsonValue::String(key));
+            entry.insert(
+                "expired_ts".into(),
+                CanonicalJsonValue::Integer(
+                    ruma::Int::try_from(old.expired_ts).unwrap_or(ruma::Int::MAX),
+                ),
+            );
+            old_verify_keys.insert(old.key_id.clone(), CanonicalJsonValue::Object(entry));
+        }
+        doc.insert("old_verify_keys".into(), CanonicalJsonValue::Object(old_verify_keys));
         doc.insert(
             "valid_until_ts".into(),
             CanonicalJsonValue::Integer(ruma::Int::try_from(valid_until).unwrap_or(ruma::Int::MAX)),

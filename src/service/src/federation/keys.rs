@@ -105,9 +105,7 @@ impl Federation {
         at_ms: u64,
     ) -> Result<Option<String>> {
         if server == self.server_name {
-            return Ok(
-                (key_id == self.keys.key_id()).then(|| self.keys.public_key_base64().to_owned())
-            );
+            return Ok(self.keys.public_key_at(key_id, at_ms));
         }
         if let Some(k) = self.cached_key(server, key_id)?
             && k.valid_until_ts >= at_ms
