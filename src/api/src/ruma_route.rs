@@ -222,6 +222,11 @@ where
     } else {
         None
     };
+    // Held until the answer is built: one server's requests take their turns.
+    let _turn = match &origin {
+        Some(origin) => Some(services.federation.inbound_turn(origin).await?),
+        None => None,
+    };
     let ctx = Ctx { services, session, client, origin };
     if R::RATE_LIMITED {
         ctx.rate_limit(Class::Default)?;

@@ -30,6 +30,10 @@ use crate::keys::ServerKeys;
 
 /// Requests in flight to one server at a time; more wait their turn.
 const PER_DESTINATION: usize = 8;
+/// Requests of one other server handled at a time; more wait their turn, for at most
+/// [`INBOUND_WAIT`], then get 429.
+const PER_ORIGIN: usize = 16;
+const INBOUND_WAIT: Duration = Duration::from_secs(5);
 /// The largest response accepted from another server.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -45,6 +49,40 @@ pub struct Federation {
     pub outbox: sender::Outbox,
     /// Inbound transactions are handled one at a time per origin.
     inbound: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Inbound requests in flight per origin.
+    origin_turns: OriginTurns,
+}
+
+/// Turns for the requests of each other server: at most [`PER_ORIGIN`] at a time, so
+/// that one server cannot take all of this one.
+#[derive(Default)]
+struct OriginTurns(Mutex<HashMap<String, Arc<Semaphore>>>);
+
+impl OriginTurns {
+    /// A turn for one request of `origin`; 429 `M_LIMIT_EXCEEDED` after waiting `wait`.
+    async fn take(
+        &self,
+        origin: &str,
+        wait: Duration,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = {
+            let mut limits = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            if limits.len() > 10_000 {
+                limits.retain(|_, s| s.available_permits() < PER_ORIGIN);
+            }
+            limits
+                .entry(origin.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(PER_ORIGIN)))
+                .clone()
+        };
+        match tokio::time::timeout(wait, semaphore.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                tracing::info!(origin, "too many concurrent requests from a server");
+                Err(Error::limit_exceeded(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)))
+            }
+        }
+    }
 }
 
 /// The client for outbound federation: HTTP/1.1 over TLS (ring) trusting the system's
@@ -108,6 +146,7 @@ impl Federation {
             limits: Mutex::default(),
             outbox: sender::Outbox::new(db.clone()).map_err(|e| e.to_string())?,
             inbound: Mutex::default(),
+            origin_turns: OriginTurns::default(),
             db,
         })
     }
@@ -127,6 +166,12 @@ impl Federation {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
         }
         locks.entry(origin.to_owned()).or_default().clone()
+    }
+
+    /// A turn for one request of `origin` (see [`OriginTurns`]), waiting at most
+    /// [`INBOUND_WAIT`].
+    pub async fn inbound_turn(&self, origin: &str) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.origin_turns.take(origin, INBOUND_WAIT).await
     }
 
     fn limit(&self, server: &str) -> Arc<Semaphore> {
@@ -410,5 +455,27 @@ impl Federation {
             }
         }
         (answers, failures)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_server_gets_a_bounded_number_of_turns() {
+        let turns = OriginTurns::default();
+        let wait = Duration::from_millis(20);
+        let mut held = Vec::new();
+        for _ in 0..PER_ORIGIN {
+            held.push(turns.take("busy.example", wait).await.unwrap());
+        }
+        let refused = turns.take("busy.example", wait).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        // Other servers are not held up by the busy one.
+        assert!(turns.take("other.example", wait).await.is_ok());
+        // A finished request gives its turn to the next.
+        held.pop();
+        assert!(turns.take("busy.example", wait).await.is_ok());
     }
 }
