@@ -236,6 +236,14 @@ where
     if bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {
         bytes = axum::body::Bytes::from_static(b"{}");
     }
+    // ruma's login body parser indexes `type` without checking that it is there.
+    if parts.method == http::Method::POST
+        && parts.uri.path().ends_with("/login")
+        && let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(&bytes)
+        && !body.get("type").is_some_and(serde_json::Value::is_string)
+    {
+        return Err(Error::bad_json("A login needs a `type`"));
+    }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let http_request = http::Request::from_parts(parts, &bytes[..]);
     // ruma's parsers are not all panic-free on hostile input (a missing `type` in a login
