@@ -190,7 +190,12 @@ fn remote_server<'a>(ctx: &Ctx, server: Option<&'a OwnedServerName>) -> Result<O
             if ctx.services.federation.enabled() {
                 Ok(Some(server.as_str()))
             } else {
-                check_server(ctx, Some(server)).map(|()| None)
+                Err(Error::new(
+                    http::StatusCode::NOT_IMPLEMENTED,
+                    code::UNRECOGNIZED,
+                    "Listing another server's room directory needs federation, which is \
+                     disabled on this server",
+                ))
             }
         }
         _ => Ok(None),
@@ -204,19 +209,6 @@ fn remote_parts(answer: Value) -> Result<Parts> {
     let total = answer["total_room_count_estimate"].as_u64().unwrap_or(0);
     let total = ruma::UInt::try_from(total).unwrap_or(ruma::UInt::MAX);
     Ok((chunk, text("next_batch"), text("prev_batch"), total))
-}
-
-/// Only our own directory can be listed without federation.
-fn check_server(ctx: &Ctx, server: Option<&OwnedServerName>) -> Result<()> {
-    match server {
-        Some(server) if server.as_str() != ctx.services.server_name() => Err(Error::new(
-            http::StatusCode::NOT_IMPLEMENTED,
-            code::UNRECOGNIZED,
-            "Listing another server's room directory needs federation, which this server \
-             does not support yet",
-        )),
-        _ => Ok(()),
-    }
 }
 
 async fn list(ctx: Ctx, req: PublicRoomsGet) -> Result<get_public_rooms::v3::Response> {

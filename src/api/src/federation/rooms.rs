@@ -100,20 +100,32 @@ async fn send(
     Ok(resp)
 }
 
+/// A `make_*` template for the origin's user: the room version and the event.
+fn template(
+    ctx: &Ctx,
+    room_id: &ruma::RoomId,
+    user_id: &ruma::UserId,
+    membership: &str,
+    ver: &[ruma::RoomVersionId],
+) -> Result<(ruma::RoomVersionId, Box<RawValue>)> {
+    let versions: Vec<String> = ver.iter().map(ToString::to_string).collect();
+    let (version, event) = membership::make_membership(
+        &ctx.services,
+        ctx.origin()?,
+        room_id.as_str(),
+        user_id.as_str(),
+        membership,
+        &versions,
+    )?;
+    Ok((version, raw(&event)?))
+}
+
 async fn make_join(
     ctx: Ctx,
     req: prepare_join_event::v1::Request,
 ) -> Result<prepare_join_event::v1::Response> {
-    let versions: Vec<String> = req.ver.iter().map(ToString::to_string).collect();
-    let (version, event) = membership::make_membership(
-        &ctx.services,
-        ctx.origin()?,
-        req.room_id.as_str(),
-        req.user_id.as_str(),
-        "join",
-        &versions,
-    )?;
-    let mut resp = prepare_join_event::v1::Response::new(raw(&event)?);
+    let (version, event) = template(&ctx, &req.room_id, &req.user_id, "join", &req.ver)?;
+    let mut resp = prepare_join_event::v1::Response::new(event);
     resp.room_version = Some(version);
     Ok(resp)
 }
@@ -145,15 +157,8 @@ async fn make_leave(
     ctx: Ctx,
     req: prepare_leave_event::v1::Request,
 ) -> Result<prepare_leave_event::v1::Response> {
-    let (version, event) = membership::make_membership(
-        &ctx.services,
-        ctx.origin()?,
-        req.room_id.as_str(),
-        req.user_id.as_str(),
-        "leave",
-        &[],
-    )?;
-    Ok(prepare_leave_event::v1::Response::new(Some(version), raw(&event)?))
+    let (version, event) = template(&ctx, &req.room_id, &req.user_id, "leave", &[])?;
+    Ok(prepare_leave_event::v1::Response::new(Some(version), event))
 }
 
 async fn send_leave(
@@ -336,16 +341,8 @@ async fn make_knock(
     ctx: Ctx,
     req: prepare_knock_event::v1::Request,
 ) -> Result<prepare_knock_event::v1::Response> {
-    let versions: Vec<String> = req.ver.iter().map(ToString::to_string).collect();
-    let (version, event) = membership::make_membership(
-        &ctx.services,
-        ctx.origin()?,
-        req.room_id.as_str(),
-        req.user_id.as_str(),
-        "knock",
-        &versions,
-    )?;
-    Ok(prepare_knock_event::v1::Response::new(version, raw(&event)?))
+    let (version, event) = template(&ctx, &req.room_id, &req.user_id, "knock", &req.ver)?;
+    Ok(prepare_knock_event::v1::Response::new(version, event))
 }
 
 async fn send_knock(
