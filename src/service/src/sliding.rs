@@ -186,12 +186,13 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
 
     // Every room of the user, most recent activity first.
     let mut all: Vec<RoomInfo> = Vec::new();
-    for (room_id, membership) in rooms.memberships_of(req.user_id)? {
+    for room in rooms.user_rooms(req.user_id)? {
+        let (room_id, membership) = (room.room_id, room.membership);
         if !matches!(membership.as_str(), "join" | "invite" | "knock") {
             continue;
         }
         let bump = match membership.as_str() {
-            "join" => rooms.room(&room_id)?.map_or(0, |(_, r)| r.bump()),
+            "join" => room.bump_position,
             _ => rooms.last_membership_position(&room_id, req.user_id)?.unwrap_or(0),
         };
         all.push(RoomInfo { room_id, membership, bump: bump.min(now) });

@@ -17,7 +17,7 @@ use trellis_core::Result;
 
 use crate::{
     Services,
-    rooms::{Pdu, filter, state::StateSet, visibility::VisibilityView},
+    rooms::{Pdu, append::UserRoom, filter, state::StateSet, visibility::VisibilityView},
 };
 
 /// Timeline events per room when the filter sets no limit.
@@ -83,6 +83,9 @@ pub struct SyncRequest<'a> {
 pub struct SyncResponse {
     pub body: Value,
     pub has_updates: bool,
+    /// The user's rooms as this build read them, for the next wait's subscription
+    /// ([`subscribe_rooms`]).
+    pub rooms: Vec<UserRoom>,
 }
 
 /// An event as clients see it in a sync (no `room_id`: the room is the map key).
@@ -168,6 +171,10 @@ fn lazy(filter: &RoomEventFilter) -> bool {
 
 /// Builds one sync response up to position `now`.
 pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<SyncResponse> {
+    // Read after `now` was taken: every event at or before it has already moved its
+    // room's `last_position`, so a room whose position is not past `since` really is
+    // quiet.
+    let rooms = services.rooms.user_rooms(req.user_id)?;
     let since = req.since.unwrap_or(0);
     let ignored: HashSet<String> = services
         .account_data
@@ -183,13 +190,21 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
     let mut leave = Map::new();
     let mut knock = Map::new();
     let room_filter = &req.filter.room;
-    for (room_id, membership) in services.rooms.memberships_of(req.user_id)? {
+    for room in &rooms {
+        let (room_id, membership) = (room.room_id.clone(), &room.membership);
         if !room_allowed(room_filter, &room_id) {
             continue;
         }
-        let changed_at = services.rooms.last_membership_position(&room_id, req.user_id)?;
-        // Membership changes not yet visible belong to a later sync.
-        let Some(changed_at) = changed_at.filter(|p| *p <= now) else { continue };
+        let changed_at = if req.since.is_some() && room.last_position <= since {
+            // Nothing happened in the room, so neither did the membership: it stands as
+            // of `since` (only ephemeral events and account data can be new).
+            since
+        } else {
+            let changed_at = services.rooms.last_membership_position(&room_id, req.user_id)?;
+            // Membership changes not yet visible belong to a later sync.
+            let Some(changed_at) = changed_at.filter(|p| *p <= now) else { continue };
+            changed_at
+        };
         let room_account_data: Vec<Value> = account_changes
             .iter()
             .filter(|(room, kind, _)| {
@@ -200,8 +215,8 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             .collect();
         match membership.as_str() {
             "join" => {
-                if let Some(room) = builder.joined_room(&room_id, changed_at, room_account_data)? {
-                    join.insert(room_id, room);
+                if let Some(section) = builder.joined_room(room, changed_at, room_account_data)? {
+                    join.insert(room_id, section);
                 }
             }
             "invite" | "knock" if changed_at > since => {
@@ -209,7 +224,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                 else {
                     continue;
                 };
-                if membership == "invite" && builder.ignored.contains(pdu.sender.as_str()) {
+                if *membership == "invite" && builder.ignored.contains(pdu.sender.as_str()) {
                     continue;
                 }
                 let mut events = Vec::new();
@@ -224,7 +239,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                     events.push(stripped(&inviter));
                 }
                 events.push(sync_event(&pdu));
-                if membership == "invite" {
+                if *membership == "invite" {
                     invite.insert(room_id, json!({"invite_state": {"events": events}}));
                 } else {
                     knock.insert(room_id, json!({"knock_state": {"events": events}}));
@@ -307,7 +322,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             json!(e2ee.unused_fallback_key_types),
         );
     }
-    Ok(SyncResponse { body, has_updates })
+    Ok(SyncResponse { body, has_updates, rooms })
 }
 
 /// The encryption parts of a sync for one device.
@@ -363,13 +378,24 @@ fn presence_events(services: &Services, user_id: &str, since: u64) -> Result<Vec
 
 /// What a waiting sync of `user_id` must be woken for: their own key and their rooms.
 pub fn subscribe(services: &Services, user_id: &str) -> Result<crate::rooms::stream::Subscription> {
+    Ok(subscribe_rooms(services, user_id, &services.rooms.user_rooms(user_id)?))
+}
+
+/// [`subscribe`] with the user's rooms as read before it (a previous build's): a room
+/// joined since then also woke the user's own key, and a join made visible before the
+/// position is read is in the build that follows.
+pub fn subscribe_rooms(
+    services: &Services,
+    user_id: &str,
+    rooms: &[UserRoom],
+) -> crate::rooms::stream::Subscription {
     let mut keys = vec![crate::rooms::stream::user_key(user_id)];
-    for (room, membership) in services.rooms.memberships_of(user_id)? {
-        if matches!(membership.as_str(), "join" | "invite" | "knock") {
-            keys.push(room);
+    for room in rooms {
+        if matches!(room.membership.as_str(), "join" | "invite" | "knock") {
+            keys.push(room.room_id.clone());
         }
     }
-    Ok(services.rooms.stream.subscribe_keys(keys))
+    services.rooms.stream.subscribe_keys(keys)
 }
 
 fn is_empty_section(v: &Value) -> bool {
@@ -515,15 +541,16 @@ impl Builder<'_> {
 
     fn joined_room(
         &self,
-        room_id: &str,
+        room: &UserRoom,
         joined_at: u64,
         account_data: Vec<Value>,
     ) -> Result<Option<Value>> {
         let services = self.services;
+        let room_id = room.room_id.as_str();
         let fresh = self.req.since.is_none() || self.req.full_state || joined_at > self.since;
         let typing = services.typing.changed_since(room_id, self.since);
         let receipts = services.receipts.changed_since(room_id, self.since, self.req.user_id)?;
-        let changed = services.rooms.changed_after(room_id, self.since)?;
+        let changed = room.last_position > self.since;
         if !fresh && !changed && typing.is_none() && receipts.is_none() && account_data.is_empty() {
             return Ok(None);
         }
@@ -546,21 +573,21 @@ impl Builder<'_> {
         if let Some(content) = receipts {
             ephemeral.push(json!({"type": "m.receipt", "content": content}));
         }
-        let mut room = json!({
+        let mut section = json!({
             "timeline": self.timeline_section(&timeline)?,
             "ephemeral": {"events": ephemeral},
             "account_data": {"events": account_data},
         });
-        self.unread(room_id, &mut room)?;
+        self.unread(room_id, &mut section)?;
         if self.req.use_state_after {
-            room["state_after"] = json!({"events": state});
+            section["state_after"] = json!({"events": state});
         } else {
-            room["state"] = json!({"events": state});
+            section["state"] = json!({"events": state});
         }
         if fresh || changed {
-            room["summary"] = self.summary(room_id)?;
+            section["summary"] = self.summary(room_id)?;
         }
-        Ok(Some(room))
+        Ok(Some(section))
     }
 
     fn left_room(

@@ -135,7 +135,8 @@ async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
         let waiting = trellis_service::sync::subscribe(&ctx.services, &user_id)?;
         let now = stream.visible();
         let built = build(&ctx.services, &request, now)?;
-        if built.has_updates || request.pos.is_none() {
+        // A reached deadline answers now, not at the timer wheel's next tick.
+        if built.has_updates || request.pos.is_none() || tokio::time::Instant::now() >= deadline {
             return Ok(JsonResponse(built.send(&ctx.services)));
         }
         if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {

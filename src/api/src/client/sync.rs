@@ -146,21 +146,29 @@ async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
     };
     let span = tracing::debug_span!("sync", since = ?since, timeout_ms = timeout.as_millis());
     let _enter = span.enter();
+    let mut rooms = ctx.services.rooms.user_rooms(&user_id)?;
     loop {
         // Subscribe before reading the position: a write in between still wakes us.
-        let waiting = sync::subscribe(&ctx.services, &user_id)?;
+        let waiting = sync::subscribe_rooms(&ctx.services, &user_id, &rooms);
         let now = stream.visible();
         // A client may hold a token from before a restart or from the future; never
         // answer with a position below the one it has.
         let now = now.max(since.unwrap_or(0));
         let built = sync::build(&ctx.services, &request, now)?;
-        if built.has_updates || since.is_none() || req.full_state {
+        // A deadline already reached answers now: a timer would first wait for the
+        // timer wheel's next tick (a millisecond).
+        if built.has_updates
+            || since.is_none()
+            || req.full_state
+            || tokio::time::Instant::now() >= deadline
+        {
             return Ok(JsonResponse(built.body));
         }
         if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
             // Timed out: an empty answer moving the token on.
             return Ok(JsonResponse(built.body));
         }
+        rooms = built.rooms;
     }
 }
 

@@ -113,12 +113,13 @@ async fn stream(
     let mut full_state = params.full_state;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
+    let mut rooms = services.rooms.user_rooms(&user_id)?;
     loop {
         if services.accounts.authenticate(&token, &Client::from_ip(None)).await.is_err() {
             let _ = socket.send(Message::Close(None)).await;
             return Ok(());
         }
-        let waiting = sync::subscribe(&services, &user_id)?;
+        let waiting = sync::subscribe_rooms(&services, &user_id, &rooms);
         let now = stream.visible().max(since.unwrap_or(0));
         let request = sync::SyncRequest {
             user_id: &user_id,
@@ -149,6 +150,7 @@ async fn stream(
             }
             to_device_since = delivered;
         }
+        rooms = built.rooms;
         tokio::select! {
             () = waiting.woken() => {}
             incoming = socket.recv() => match incoming {

@@ -24,7 +24,7 @@ use trellis_store::{Batch, Db, Json, Table, catalog};
 use super::{
     EventRef, Pdu, PduTemplate, build_pdu,
     builder::room_id_from_create,
-    cache::{CachedEvent, EventCache, StateCache},
+    cache::{CachedEvent, EventCache, ShortCache, StateCache},
     short::{Kind, ShortIds, state_key_text},
     state::{StateSet, StateSnapshots},
     stream::StreamPositions,
@@ -46,6 +46,19 @@ pub struct RoomRecord {
     /// Stream position of the newest event that moves the room up a client's room list
     /// ([`BUMP_EVENT_TYPES`]); 0 in records written before it existed.
     #[serde(default)]
+    pub bump_position: u64,
+}
+
+/// A room in a user's list (see [`Timeline::user_rooms`]).
+#[derive(Debug, Clone)]
+pub struct UserRoom {
+    pub room_id: String,
+    /// The user's current membership.
+    pub membership: String,
+    /// Stream position of the room's newest event: nothing in the room, the user's
+    /// membership included, changed after it.
+    pub last_position: u64,
+    /// See [`RoomRecord::bump`].
     pub bump_position: u64,
 }
 
@@ -104,6 +117,8 @@ const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TX
 
 /// Parsed events kept in memory (auth events of busy rooms, recent timelines).
 const EVENT_CACHE_ENTRIES: usize = 50_000;
+/// A record is ~200 bytes parsed: 100k rooms is ~20 MB at most.
+const ROOM_CACHE_ENTRIES: usize = 100_000;
 
 /// State entries (one per state event of a snapshot) kept in memory, summed over
 /// snapshots: current states of busy rooms stay loaded.
@@ -192,6 +207,8 @@ pub struct Timeline {
     pub stream: Arc<StreamPositions>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(super) cache: EventCache,
+    /// Room records: every sync reads one per room of the user.
+    records: ShortCache<RoomRecord>,
     pub(super) states: StateCache,
     durability: Arc<crate::durable::Durability>,
     pub(super) hook: std::sync::OnceLock<AppendHook>,
@@ -222,6 +239,7 @@ impl Timeline {
             server_name,
             locks: Mutex::default(),
             cache: EventCache::new(EVENT_CACHE_ENTRIES),
+            records: ShortCache::new(ROOM_CACHE_ENTRIES),
             states: StateCache::new(STATE_CACHE_ENTRIES),
             durability,
             hook: std::sync::OnceLock::new(),
@@ -245,7 +263,19 @@ impl Timeline {
     }
 
     pub(super) fn room_by_short(&self, short: u64) -> Result<Option<RoomRecord>> {
-        Ok(ROOMS.get(&*self.db, &short)?.map(|Json(r)| r))
+        Ok(self.record(short)?.map(|r| (*r).clone()))
+    }
+
+    /// A room's record, through the cache.
+    fn record(&self, short: u64) -> Result<Option<Arc<RoomRecord>>> {
+        let (hit, generation) = self.records.get(short);
+        if hit.is_some() {
+            return Ok(hit);
+        }
+        let Some(Json(record)) = ROOMS.get(&*self.db, &short)? else { return Ok(None) };
+        let record = Arc::new(record);
+        self.records.insert(short, record.clone(), generation);
+        Ok(Some(record))
     }
 
     /// Records a user's membership in both directions (room -> users, user -> rooms).
@@ -262,7 +292,7 @@ impl Timeline {
 
     pub fn room(&self, room_id: &str) -> Result<Option<(u64, RoomRecord)>> {
         let Some(short) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
-        Ok(ROOMS.get(&*self.db, &short)?.map(|Json(r)| (short, r)))
+        Ok(self.room_by_short(short)?.map(|r| (short, r)))
     }
 
     /// A stored event, parsed, through the event cache (what readers want; `event`
@@ -763,26 +793,26 @@ impl Timeline {
         let bump_position = if BUMP_EVENT_TYPES.contains(&kind.as_str()) {
             ticket.position
         } else {
-            ROOMS.get(&*self.db, &room_short)?.map_or(0, |r| r.0.bump_position)
+            self.record(room_short)?.map_or(0, |r| r.bump_position)
         };
-        ROOMS.put(
-            batch,
-            &room_short,
-            &Json(RoomRecord {
-                room_id: room_id.to_owned(),
-                version: version.to_string(),
-                state: room_state,
-                extremities,
-                max_depth: max_depth.max(pdu.depth),
-                last_position: ticket.position,
-                bump_position,
-            }),
-        );
+        let record = RoomRecord {
+            room_id: room_id.to_owned(),
+            version: version.to_string(),
+            state: room_state,
+            extremities,
+            max_depth: max_depth.max(pdu.depth),
+            last_position: ticket.position,
+            bump_position,
+        };
+        ROOMS.put(batch, &room_short, &Json(record.clone()));
         // Applied now, so the next event of the room builds on it; made durable by
         // `finish` outside the room lock, where concurrent appends share one sync.
         let generation = self.cache.get(event_short).1;
         match self.db.write_unsynced(std::mem::take(batch)) {
             Ok(wal) => {
+                // Before the position is retired: a sync that sees the event also sees
+                // the room's new position.
+                self.records.put(room_short, Arc::new(record));
                 // The next event of the room refers to this one: keep it parsed.
                 let cached = CachedEvent {
                     pdu: Arc::new(pdu.clone()),
@@ -895,6 +925,29 @@ impl Timeline {
         Ok(page)
     }
 
+    /// Every room in `user_id`'s list (any membership, forgotten rooms excepted), with
+    /// what a sync needs to skip the rooms where nothing happened: one scan of the
+    /// user's index and one record read per room.
+    pub fn user_rooms(&self, user_id: &str) -> Result<Vec<UserRoom>> {
+        let mut out = Vec::new();
+        for entry in USER_ROOMS.scan_prefix(
+            &*self.db,
+            &user_id.to_owned(),
+            trellis_store::Direction::Forward,
+        )? {
+            let ((_, room), membership) = entry?;
+            if let Some(r) = self.record(room)? {
+                out.push(UserRoom {
+                    room_id: r.room_id.clone(),
+                    membership,
+                    last_position: r.last_position,
+                    bump_position: r.bump(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Rooms in which `user_id` has `membership`.
     pub fn rooms_of(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
         let mut out = Vec::new();
@@ -905,9 +958,9 @@ impl Timeline {
         )? {
             let ((_, room), m) = entry?;
             if m == membership
-                && let Some(Json(r)) = ROOMS.get(&*self.db, &room)?
+                && let Some(r) = self.record(room)?
             {
-                out.push(r.room_id);
+                out.push(r.room_id.clone());
             }
         }
         Ok(out)

@@ -20,46 +20,64 @@ pub struct CachedEvent {
     pub soft_failed: bool,
 }
 
-#[derive(Default)]
-struct Inner {
-    map: HashMap<u64, Arc<CachedEvent>>,
+struct Inner<V> {
+    map: HashMap<u64, Arc<V>>,
     /// Bumped by every invalidation: a reader that loaded an event before an
     /// invalidation must not put its (possibly stale) copy in afterwards.
     generation: u64,
 }
 
-pub struct EventCache {
-    inner: Mutex<Inner>,
+/// Stored records by short id, kept parsed. Readers take the generation with their
+/// lookup and pass it back with what they loaded after a miss; a writer's change bumps
+/// it, so a copy read before the change is never kept after it.
+pub struct ShortCache<V> {
+    inner: Mutex<Inner<V>>,
     capacity: usize,
 }
 
-impl EventCache {
+/// Parsed events (see the module's note).
+pub type EventCache = ShortCache<CachedEvent>;
+
+impl<V> ShortCache<V> {
     pub fn new(capacity: usize) -> Self {
-        Self { inner: Mutex::default(), capacity: capacity.max(1) }
+        let inner = Inner { map: HashMap::new(), generation: 0 };
+        Self { inner: Mutex::new(inner), capacity: capacity.max(1) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<V>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached event and the generation to pass to `insert` after a miss.
-    pub fn get(&self, short: u64) -> (Option<Arc<CachedEvent>>, u64) {
+    /// The cached value and the generation to pass to `insert` after a miss.
+    pub fn get(&self, short: u64) -> (Option<Arc<V>>, u64) {
         let inner = self.lock();
         (inner.map.get(&short).cloned(), inner.generation)
     }
 
-    /// Keeps `event` unless an invalidation happened since `generation` was read.
-    pub fn insert(&self, short: u64, event: Arc<CachedEvent>, generation: u64) {
+    /// Keeps `value` unless an invalidation happened since `generation` was read.
+    pub fn insert(&self, short: u64, value: Arc<V>, generation: u64) {
         let mut inner = self.lock();
         if inner.generation != generation {
             return;
         }
-        if inner.map.len() >= self.capacity {
-            // Wholesale eviction keeps this simple and O(1) amortised; the hot auth
-            // events come back on the next append.
+        Self::make_room(&mut inner, self.capacity);
+        inner.map.insert(short, value);
+    }
+
+    fn make_room(inner: &mut Inner<V>, capacity: usize) {
+        if inner.map.len() >= capacity {
+            // Wholesale eviction keeps this simple and O(1) amortised; the hot entries
+            // come back on their next use.
             inner.map.clear();
         }
-        inner.map.insert(short, event);
+    }
+
+    /// Replaces `short`'s entry with what a writer just stored for it.
+    pub fn put(&self, short: u64, value: Arc<V>) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        Self::make_room(&mut inner, self.capacity);
+        inner.map.insert(short, value);
     }
 
     /// Forgets `short` (after its stored copy changed).
@@ -133,6 +151,16 @@ mod tests {
         let (_, generation) = cache.get(7);
         cache.insert(7, event(), generation);
         assert!(cache.get(7).0.is_some());
+    }
+
+    #[test]
+    fn a_load_racing_a_writers_put_does_not_replace_it() {
+        let cache: ShortCache<u64> = ShortCache::new(10);
+        let (_, generation) = cache.get(3);
+        // A writer stores version 2 while a reader still holds version 1 from disk.
+        cache.put(3, Arc::new(2));
+        cache.insert(3, Arc::new(1), generation);
+        assert_eq!(cache.get(3).0.as_deref(), Some(&2));
     }
 
     #[test]

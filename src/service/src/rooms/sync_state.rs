@@ -105,12 +105,6 @@ impl Timeline {
 
     /// Rooms of `user_id` with their current membership, in room order.
     pub fn memberships_of(&self, user_id: &str) -> Result<Vec<(String, String)>> {
-        let mut out = Vec::new();
-        for membership in ["join", "invite", "leave", "ban", "knock"] {
-            for room in self.rooms_of(user_id, membership)? {
-                out.push((room, membership.to_owned()));
-            }
-        }
-        Ok(out)
+        Ok(self.user_rooms(user_id)?.into_iter().map(|r| (r.room_id, r.membership)).collect())
     }
 }
