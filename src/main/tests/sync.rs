@@ -262,19 +262,33 @@ async fn unread_counts_rise_with_messages_and_reset_on_a_receipt() {
     let counts = &b0["rooms"]["join"][&room]["unread_notifications"];
     assert_eq!(counts["notification_count"], 3, "{counts}");
     assert_eq!(counts["highlight_count"], 1);
+    // Counted again on the next sync (the server extends what it counted before).
+    let four = s.send_text(&at, &room, "four").await;
+    let since = |b: &Value| format!("since={}&timeout=5000", b["next_batch"].as_str().unwrap());
+    let b1 = sync(&s, &bt, &since(&b0)).await;
+    let counts = &b1["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!(counts["notification_count"], 4, "{counts}");
+    assert_eq!(counts["highlight_count"], 1);
     let (status, _) = s
         .post_auth(
             &format!("/_matrix/client/v3/rooms/{room}/read_markers"),
             &bt,
-            &json!({"m.fully_read": mention, "m.read": mention}),
+            &json!({"m.fully_read": mention, "m.read": four}),
         )
         .await;
     assert_eq!(status, 200);
-    let b1 =
-        sync(&s, &bt, &format!("since={}&timeout=5000", b0["next_batch"].as_str().unwrap())).await;
+    let b1 = sync(&s, &bt, &since(&b1)).await;
     let r = &b1["rooms"]["join"][&room];
     assert_eq!(r["unread_notifications"]["notification_count"], 0, "{r}");
     assert_eq!(r["unread_notifications"]["highlight_count"], 0);
+    // And rise again from the receipt on.
+    for (body, expected) in [("five", 1), ("six", 2)] {
+        s.send_text(&at, &room, body).await;
+        let next = sync(&s, &bt, &since(&b1)).await;
+        let counts = &next["rooms"]["join"][&room]["unread_notifications"];
+        assert_eq!(counts["notification_count"], expected, "{counts}");
+        assert_eq!(counts["highlight_count"], 0);
+    }
     let fully_read = r["account_data"]["events"]
         .as_array()
         .unwrap()

@@ -1,5 +1,18 @@
 //! The domain: everything the server does, independent of HTTP.
 
+/// A JSON object built from owned values, moved in. `serde_json::json!` serialises each
+/// value it is given into a new tree: a deep copy of every `Value` nested in it, which
+/// made a sync response cost several copies of itself.
+#[macro_export]
+macro_rules! object {
+    ($($key:literal : $value:expr),* $(,)?) => {{
+        #[allow(unused_mut)]
+        let mut map = ::serde_json::Map::new();
+        $( map.insert(::std::string::String::from($key), ::serde_json::Value::from($value)); )*
+        ::serde_json::Value::Object(map)
+    }};
+}
+
 pub mod account_data;
 pub mod accounts;
 pub mod audit;

@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     ops::Bound::{Excluded, Included},
+    sync::Mutex,
 };
 
 use ruma::{
@@ -44,14 +45,28 @@ const UNREAD: Table<(String, String, u64), Json<Unread>> = Table::new(&catalog::
 const HISTORY: Table<(String, u64), Json<Notification>> = Table::new(&catalog::NOTIFY_HISTORY);
 
 /// Unread counts of one room: `(notifications, highlights)` and the same per thread.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Counts {
     pub room: (u64, u64),
     pub threads: BTreeMap<String, (u64, u64)>,
 }
 
+/// Counts of one user's room as last computed: valid while the receipts they were
+/// computed against stand, and extended by the rows after `upto`.
+struct Counted {
+    receipts: Vec<(String, String)>,
+    counts: Counts,
+    upto: u64,
+}
+
+/// Rooms whose counts are kept; past this the memo starts over.
+const COUNTED_MAX: usize = 100_000;
+
 pub struct Notifier {
     db: Db,
+    /// (user, room) -> counts so far. A busy room nobody reads grows its unread rows
+    /// with every message, and every sync of every member would count them again.
+    counted: Mutex<HashMap<(String, String), Counted>>,
 }
 
 /// Notifications with their positions, and the position to continue from.
@@ -170,7 +185,7 @@ async fn first_match(
 
 impl Notifier {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self { db, counted: Mutex::default() }
     }
 
     /// Evaluates a stored event for the members it may notify and records the results,
@@ -300,26 +315,44 @@ impl Notifier {
         Ok(Some(self.db.write_unsynced(batch)?))
     }
 
-    /// Unread counts of `user` in `room_id`: notifying events after the user's read
-    /// receipts (an unthreaded receipt covers everything up to it; a `main` receipt the
-    /// main timeline; a thread receipt that thread).
-    pub fn counts(&self, services: &Services, user: &str, room_id: &str) -> Result<Counts> {
+    /// Unread counts of `user` in `room_id` up to stream position `upto` (a sync's
+    /// visible position, so every row at or before it is written): notifying events
+    /// after the user's read receipts (an unthreaded receipt covers everything up to
+    /// it; a `main` receipt the main timeline; a thread receipt that thread).
+    pub fn counts(
+        &self,
+        services: &Services,
+        user: &str,
+        room_id: &str,
+        upto: u64,
+    ) -> Result<Counts> {
+        let receipts = services.receipts.latest(room_id, user)?;
+        let key = (user.to_owned(), room_id.to_owned());
+        let known = {
+            let counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+            counted
+                .get(&key)
+                .filter(|c| c.receipts == receipts && c.upto <= upto)
+                .map(|c| (c.counts.clone(), c.upto))
+        };
         let mut unthreaded = 0u64;
         let mut per_thread: HashMap<String, u64> = HashMap::new();
-        for (thread, event_id) in services.receipts.latest(room_id, user)? {
-            let Some(pos) = services.rooms.position_of(&event_id)? else { continue };
+        for (thread, event_id) in &receipts {
+            let Some(pos) = services.rooms.position_of(event_id)? else { continue };
             if thread.is_empty() {
                 unthreaded = unthreaded.max(pos);
             } else {
-                let entry = per_thread.entry(thread).or_default();
+                let entry = per_thread.entry(thread.clone()).or_default();
                 *entry = (*entry).max(pos);
             }
         }
         let main_read = unthreaded.max(per_thread.get("main").copied().unwrap_or(0));
         let lowest = per_thread.values().copied().chain([unthreaded, main_read]).min().unwrap_or(0);
-        let lo = (user.to_owned(), room_id.to_owned(), lowest);
-        let hi = (user.to_owned(), room_id.to_owned(), u64::MAX);
-        let mut counts = Counts::default();
+        // Rows are counted alike whenever they are read, so counts so far plus those of
+        // the rows since are the counts from scratch.
+        let (mut counts, from) = known.unwrap_or((Counts::default(), lowest));
+        let lo = (user.to_owned(), room_id.to_owned(), from.max(lowest));
+        let hi = (user.to_owned(), room_id.to_owned(), upto);
         for row in UNREAD.scan_range(&*self.db, Excluded(&lo), Included(&hi), Direction::Forward)? {
             let ((_, _, pos), Json(unread)) = row?;
             let (read, slot) = match &unread.thread {
@@ -335,6 +368,13 @@ impl Notifier {
             }
         }
         counts.threads.retain(|_, c| c.0 > 0);
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        if counted.get(&key).is_none_or(|c| c.upto <= upto) {
+            if counted.len() >= COUNTED_MAX {
+                counted.clear();
+            }
+            counted.insert(key, Counted { receipts, counts: counts.clone(), upto });
+        }
         Ok(counts)
     }
 

@@ -7,7 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     ops::Bound,
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use serde_json::{Map, Value, json};
@@ -382,8 +382,7 @@ impl SlidingResponse {
 
 fn counts_and_name(services: &Services, user: &str, room_id: &str, room: &mut Value) -> Result<()> {
     let rooms = &services.rooms;
-    let joined = rooms.members(room_id, "join")?;
-    let invited = rooms.members(room_id, "invite")?;
+    let (joined, invited) = rooms.joined_and_invited(room_id)?;
     room["joined_count"] = json!(joined.len());
     room["invited_count"] = json!(invited.len());
     if let Some(name) = rooms.state_of(room_id, "m.room.name", "")?
@@ -458,7 +457,7 @@ fn joined_room(
         // State that changed since the client's position, as far as it asked for it.
         let before = rooms.state_at_position(room_id, from)?;
         let after = rooms.current_state_ids(room_id)?;
-        let mut changed: Vec<Pdu> = rooms.state_diff(&before, &after)?;
+        let mut changed: Vec<Arc<Pdu>> = rooms.state_diff(&before, &after)?;
         changed.retain(|p| wanted(p, &wants.required_state, user, &lazy));
         // New senders' member events, for a lazy-loading client.
         let want_lazy =
@@ -468,11 +467,11 @@ fn joined_room(
                 if let Some(member) = rooms.state_of(room_id, "m.room.member", sender)?
                     && !changed.iter().any(|p| p.event_id == member.event_id)
                 {
-                    changed.push(member);
+                    changed.push(Arc::new(member));
                 }
             }
         }
-        changed.iter().map(sync_event).collect()
+        changed.iter().map(|p| sync_event(p)).collect()
     };
     let first = events.first().map_or(now + 1, |(p, _)| *p);
     let timeline: Vec<Value> = events.iter().map(|(_, p)| sync_event(p)).collect();
@@ -489,7 +488,7 @@ fn joined_room(
     }
     counts_and_name(services, user, room_id, &mut room)?;
     let ((notifications, highlights), _) =
-        crate::sync::unread_counts(services, user, room_id, false)?;
+        crate::sync::unread_counts(services, user, room_id, false, now)?;
     // Flattened into the room object, as MSC4186 has it.
     room["notification_count"] = json!(notifications);
     room["highlight_count"] = json!(highlights);

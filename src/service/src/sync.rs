@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     ops::Bound,
+    sync::Arc,
 };
 
 use ruma::{
@@ -91,26 +92,21 @@ pub struct SyncResponse {
 /// An event as clients see it in a sync (no `room_id`: the room is the map key).
 pub fn sync_event(pdu: &Pdu) -> Value {
     let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
-    let mut event = json!({
-        "event_id": pdu.event_id,
-        "sender": pdu.sender,
-        "type": pdu.kind.to_string(),
-        "content": content,
-        "origin_server_ts": pdu.origin_server_ts,
-        "unsigned": {},
-    });
+    let unsigned = pdu.json.get("unsigned").and_then(|u| serde_json::to_value(u).ok());
+    let mut event = Map::new();
+    event.insert("event_id".into(), pdu.event_id.as_str().into());
+    event.insert("sender".into(), pdu.sender.as_str().into());
+    event.insert("type".into(), pdu.kind.to_string().into());
+    event.insert("content".into(), content);
+    event.insert("origin_server_ts".into(), u64::from(pdu.origin_server_ts.get()).into());
+    event.insert("unsigned".into(), unsigned.unwrap_or_else(|| Value::Object(Map::new())));
     if let Some(key) = &pdu.state_key {
-        event["state_key"] = json!(key);
-    }
-    if let Some(unsigned) = pdu.json.get("unsigned")
-        && let Ok(unsigned) = serde_json::to_value(unsigned)
-    {
-        event["unsigned"] = unsigned;
+        event.insert("state_key".into(), key.as_str().into());
     }
     if let Some(redacts) = &pdu.redacts {
-        event["redacts"] = json!(redacts);
+        event.insert("redacts".into(), redacts.as_str().into());
     }
-    event
+    Value::Object(event)
 }
 
 /// Adds the aggregations the spec bundles with `pdu` (for `viewer`) to `event`'s
@@ -126,21 +122,21 @@ pub fn attach_bundle(
     if bundle.is_empty() {
         return Ok(());
     }
-    let mut relations = json!({});
+    let mut relations = Value::Object(Map::new());
     if let Some(edit) = &bundle.edit {
         relations["m.replace"] = render(edit);
     }
     if let Some((latest, count, participated)) = &bundle.thread {
-        relations["m.thread"] = json!({
+        relations["m.thread"] = crate::object! {
             "latest_event": render(latest),
-            "count": count,
-            "current_user_participated": participated,
-        });
+            "count": *count,
+            "current_user_participated": *participated,
+        };
     }
     if !bundle.references.is_empty() {
         let chunk: Vec<Value> =
             bundle.references.iter().map(|id| json!({"event_id": id})).collect();
-        relations["m.reference"] = json!({"chunk": chunk});
+        relations["m.reference"] = crate::object! {"chunk": chunk};
     }
     if !event["unsigned"].is_object() {
         event["unsigned"] = json!({});
@@ -152,12 +148,12 @@ pub fn attach_bundle(
 /// An event as an invitee or knocker sees the room's state.
 pub fn stripped(pdu: &Pdu) -> Value {
     let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
-    json!({
+    crate::object! {
         "type": pdu.kind.to_string(),
         "state_key": pdu.state_key.clone().unwrap_or_default(),
         "content": content,
-        "sender": pdu.sender,
-    })
+        "sender": pdu.sender.as_str(),
+    }
 }
 
 fn room_allowed(filter: &RoomFilter, room_id: &str) -> bool {
@@ -240,9 +236,11 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                 }
                 events.push(sync_event(&pdu));
                 if *membership == "invite" {
-                    invite.insert(room_id, json!({"invite_state": {"events": events}}));
+                    let section = crate::object! {"events": events};
+                    invite.insert(room_id, crate::object! {"invite_state": section});
                 } else {
-                    knock.insert(room_id, json!({"knock_state": {"events": events}}));
+                    let section = crate::object! {"events": events};
+                    knock.insert(room_id, crate::object! {"knock_state": section});
                 }
             }
             "leave" | "ban"
@@ -304,13 +302,16 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         || !e2ee.to_device.is_empty()
         || !e2ee.device_lists.is_empty();
     let next_batch = SyncToken { position: now, to_device: e2ee.to_device_upto }.render();
-    let mut body = json!({
-        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
-        "account_data": {"events": global},
-        "presence": {"events": presence},
-        "to_device": {"events": e2ee.to_device},
-        "device_lists": {"changed": e2ee.device_lists.changed, "left": e2ee.device_lists.left},
-    });
+    let mut body = crate::object! {
+        "rooms": crate::object! {"join": join, "invite": invite, "leave": leave, "knock": knock},
+        "account_data": crate::object! {"events": global},
+        "presence": crate::object! {"events": presence},
+        "to_device": crate::object! {"events": e2ee.to_device},
+        "device_lists": crate::object! {
+            "changed": e2ee.device_lists.changed,
+            "left": e2ee.device_lists.left,
+        },
+    };
     if let Some(map) = body.as_object_mut() {
         map.retain(|_, v| !is_empty_section(v));
         map.insert("next_batch".into(), json!(next_batch));
@@ -427,7 +428,7 @@ struct Builder<'a> {
 /// A room's timeline section: events in order, whether it was cut, and the token
 /// before its first event.
 struct Timeline {
-    events: Vec<(u64, Pdu)>,
+    events: Vec<(u64, Arc<Pdu>)>,
     limited: bool,
     prev_batch: String,
 }
@@ -516,11 +517,11 @@ impl Builder<'_> {
                     && let Some(member) = rooms.state_of(room_id, "m.room.member", sender)?
                     && !in_timeline.contains(member.event_id.as_str())
                 {
-                    events.push(member);
+                    events.push(Arc::new(member));
                 }
             }
         }
-        Ok(events.iter().map(sync_event).collect())
+        Ok(events.iter().map(|p| sync_event(p)).collect())
     }
 
     fn render(&self, pdu: &Pdu) -> Result<Value> {
@@ -532,11 +533,11 @@ impl Builder<'_> {
     fn timeline_section(&self, timeline: &Timeline) -> Result<Value> {
         let events: Vec<Value> =
             timeline.events.iter().map(|(_, p)| self.render(p)).collect::<Result<_>>()?;
-        Ok(json!({
+        Ok(crate::object! {
             "events": events,
             "limited": timeline.limited,
-            "prev_batch": timeline.prev_batch,
-        }))
+            "prev_batch": timeline.prev_batch.as_str(),
+        })
     }
 
     fn joined_room(
@@ -573,17 +574,14 @@ impl Builder<'_> {
         if let Some(content) = receipts {
             ephemeral.push(json!({"type": "m.receipt", "content": content}));
         }
-        let mut section = json!({
+        let mut section = crate::object! {
             "timeline": self.timeline_section(&timeline)?,
-            "ephemeral": {"events": ephemeral},
-            "account_data": {"events": account_data},
-        });
+            "ephemeral": crate::object! {"events": ephemeral},
+            "account_data": crate::object! {"events": account_data},
+        };
         self.unread(room_id, &mut section)?;
-        if self.req.use_state_after {
-            section["state_after"] = json!({"events": state});
-        } else {
-            section["state"] = json!({"events": state});
-        }
+        let key = if self.req.use_state_after { "state_after" } else { "state" };
+        section[key] = crate::object! {"events": state};
         if fresh || changed {
             section["summary"] = self.summary(room_id)?;
         }
@@ -600,18 +598,17 @@ impl Builder<'_> {
         let timeline = self.timeline(room_id, self.since, left_at)?;
         let fresh = self.req.since.is_none() || self.req.full_state;
         let state = self.state_section(room_id, &timeline, fresh)?;
-        Ok(Some(json!({
+        Ok(Some(crate::object! {
             "timeline": self.timeline_section(&timeline)?,
-            "state": {"events": state},
-            "account_data": {"events": account_data},
-        })))
+            "state": crate::object! {"events": state},
+            "account_data": crate::object! {"events": account_data},
+        }))
     }
 
     /// Heroes and member counts, which clients use to name unnamed rooms.
     fn summary(&self, room_id: &str) -> Result<Value> {
         let rooms = &self.services.rooms;
-        let joined = rooms.members(room_id, "join")?;
-        let invited = rooms.members(room_id, "invite")?;
+        let (joined, invited) = rooms.joined_and_invited(room_id)?;
         let mut heroes: Vec<&String> = joined
             .iter()
             .chain(invited.iter())
@@ -628,7 +625,8 @@ impl Builder<'_> {
 
     fn unread(&self, room_id: &str, room: &mut Value) -> Result<()> {
         let separate = self.req.filter.room.timeline.unread_thread_notifications;
-        let ((n, h), threads) = unread_counts(self.services, self.req.user_id, room_id, separate)?;
+        let user = self.req.user_id;
+        let ((n, h), threads) = unread_counts(self.services, user, room_id, separate, self.now)?;
         room["unread_notifications"] = json!({"notification_count": n, "highlight_count": h});
         if separate && !threads.is_empty() {
             let per_thread: Map<String, Value> = threads
@@ -647,14 +645,16 @@ impl Builder<'_> {
 pub type UnreadCounts = ((u64, u64), BTreeMap<String, (u64, u64)>);
 
 /// Unread `(notifications, highlights)` of a room by push rules, and per thread; without
-/// `separate_threads` thread counts are folded into the room's.
+/// `separate_threads` thread counts are folded into the room's. Counted up to stream
+/// position `upto`.
 pub fn unread_counts(
     services: &Services,
     user_id: &str,
     room_id: &str,
     separate_threads: bool,
+    upto: u64,
 ) -> Result<UnreadCounts> {
-    let counts = services.notifier.counts(services, user_id, room_id)?;
+    let counts = services.notifier.counts(services, user_id, room_id, upto)?;
     if separate_threads {
         return Ok((counts.room, counts.threads));
     }

@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeSet,
     ops::Bound::{Excluded, Included, Unbounded},
+    sync::Arc,
 };
 
 use axum::Router;
@@ -68,7 +69,11 @@ async fn get_event(
 }
 
 /// The member events a lazy-loading client needs with `events`: their senders'.
-fn lazy_members<T>(ctx: &Ctx, viewer: &Viewer<'_>, events: &[(u64, Pdu)]) -> Result<Vec<Raw<T>>> {
+fn lazy_members<T>(
+    ctx: &Ctx,
+    viewer: &Viewer<'_>,
+    events: &[(u64, Arc<Pdu>)],
+) -> Result<Vec<Raw<T>>> {
     let senders: BTreeSet<&str> = events.iter().map(|(_, p)| p.sender.as_str()).collect();
     let mut state = Vec::new();
     for sender in senders {

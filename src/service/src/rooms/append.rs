@@ -130,7 +130,8 @@ pub const SCAN_CAP: usize = 5_000;
 /// A page of a room's timeline.
 #[derive(Debug, Default)]
 pub struct TimelinePage {
-    pub events: Vec<(u64, Pdu)>,
+    /// Shared with the event cache: a page is read, rarely changed.
+    pub events: Vec<(u64, Arc<Pdu>)>,
     /// The position of the last entry looked at (returned or filtered out).
     pub last: Option<u64>,
     /// Whether entries remain beyond `last`.
@@ -335,6 +336,7 @@ impl Timeline {
             reference_hash: stored.reference_hash,
             position: stored.position,
             room: stored.room,
+            state_before: stored.state_before,
             rejected: stored.rejected,
             soft_failed: stored.soft_failed,
         });
@@ -819,6 +821,7 @@ impl Timeline {
                     reference_hash,
                     position: ticket.position,
                     room: room_short,
+                    state_before: state_before_id,
                     rejected: false,
                     soft_failed: false,
                 };
@@ -854,7 +857,7 @@ impl Timeline {
         room_id: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Pdu)>> {
+    ) -> Result<Vec<(u64, Arc<Pdu>)>> {
         use std::ops::Bound::{Excluded, Unbounded};
         let page =
             self.scan_timeline(room_id, Excluded(after), Unbounded, true, limit, |_, _| Ok(true))?;
@@ -867,7 +870,7 @@ impl Timeline {
         room_id: &str,
         before: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<(u64, Pdu)>> {
+    ) -> Result<Vec<(u64, Arc<Pdu>)>> {
         use std::ops::Bound::{Excluded, Unbounded};
         let end = before.map_or(Unbounded, Excluded);
         let page = self.scan_timeline(room_id, Unbounded, end, false, limit, |_, _| Ok(true))?;
@@ -916,10 +919,10 @@ impl Timeline {
             }
             let ((_, pos), ev) = entry?;
             page.last = Some(pos);
-            if let Some(pdu) = self.pdu_by_short(ev)?
-                && accept(pos, &pdu)?
+            if let Some(event) = self.cached(ev)?
+                && accept(pos, &event.pdu)?
             {
-                page.events.push((pos, pdu));
+                page.events.push((pos, event.pdu.clone()));
             }
         }
         Ok(page)
@@ -964,6 +967,25 @@ impl Timeline {
             }
         }
         Ok(out)
+    }
+
+    /// Joined and invited members of a room, in one scan.
+    pub fn joined_and_invited(&self, room_id: &str) -> Result<(Vec<String>, Vec<String>)> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else {
+            return Ok(Default::default());
+        };
+        let (mut joined, mut invited) = (Vec::new(), Vec::new());
+        for entry in
+            ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
+        {
+            let ((_, user), m) = entry?;
+            match m.as_str() {
+                "join" => joined.push(user),
+                "invite" => invited.push(user),
+                _ => {}
+            }
+        }
+        Ok((joined, invited))
     }
 
     /// Members of a room with `membership`.

@@ -16,6 +16,8 @@ pub struct CachedEvent {
     pub reference_hash: String,
     pub position: u64,
     pub room: u64,
+    /// Snapshot id of the state before the event; 0 for events stored without it.
+    pub state_before: u64,
     pub rejected: bool,
     pub soft_failed: bool,
 }
@@ -134,6 +136,7 @@ mod tests {
             reference_hash: String::new(),
             position: 1,
             room: 1,
+            state_before: 0,
             rejected: false,
             soft_failed: false,
         })

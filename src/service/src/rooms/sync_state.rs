@@ -1,7 +1,7 @@
 //! Room state as a sync needs it: the state at a stream position, and what changed
 //! between two positions, as differences of state snapshots (no timeline walk).
 
-use std::{collections::BTreeMap, ops::Bound};
+use std::{ops::Bound, sync::Arc};
 
 use trellis_core::Result;
 
@@ -26,7 +26,7 @@ impl Timeline {
 
     /// The state just before `pdu`.
     pub fn state_before_event(&self, pdu: &Pdu) -> Result<StateSet> {
-        let Some(stored) = self.event(pdu.event_id.as_str())? else {
+        let Some(stored) = self.cached_event(pdu.event_id.as_str())? else {
             return Ok(StateSet::new());
         };
         if stored.state_before == 0 {
@@ -82,10 +82,16 @@ impl Timeline {
     }
 
     /// Events of `to` that differ from `from` (state keys added or replaced).
-    pub fn state_diff(&self, from: &StateSet, to: &StateSet) -> Result<Vec<Pdu>> {
-        let changed: BTreeMap<u64, u64> =
-            to.iter().filter(|(k, v)| from.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
-        self.state_events(&changed)
+    pub fn state_diff(&self, from: &StateSet, to: &StateSet) -> Result<Vec<Arc<Pdu>>> {
+        let mut out = Vec::new();
+        for (key, event) in to {
+            if from.get(key) != Some(event)
+                && let Some(cached) = self.cached(*event)?
+            {
+                out.push(cached.pdu.clone());
+            }
+        }
+        Ok(out)
     }
 
     /// The events of a state set.
