@@ -199,9 +199,9 @@ impl Notifier {
     ) -> Result<Option<u64>> {
         let rooms = &services.rooms;
         let body = content(pdu);
-        let joined = rooms.members(room_id, "join")?;
+        let joined = rooms.joined_members(room_id)?;
         let member_count = UInt::try_from(joined.len()).unwrap_or_default();
-        let mut targets = joined;
+        let mut targets = (*joined).clone();
         // An invite concerns the invitee, who is not a member yet.
         if pdu.kind.to_string() == "m.room.member"
             && body["membership"] == "invite"

@@ -119,6 +119,8 @@ const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TX
 const EVENT_CACHE_ENTRIES: usize = 50_000;
 /// A record is ~200 bytes parsed: 100k rooms is ~20 MB at most.
 const ROOM_CACHE_ENTRIES: usize = 100_000;
+/// Member lists are the size of their rooms: fewer of them.
+const JOINED_CACHE_ENTRIES: usize = 10_000;
 
 /// State entries (one per state event of a snapshot) kept in memory, summed over
 /// snapshots: current states of busy rooms stay loaded.
@@ -210,6 +212,9 @@ pub struct Timeline {
     pub(super) cache: EventCache,
     /// Room records: every sync reads one per room of the user.
     records: ShortCache<RoomRecord>,
+    /// Joined members by room, with the state snapshot they belong to: every event
+    /// notifies them, and messages leave the snapshot as it is.
+    joined: ShortCache<(u64, Arc<Vec<String>>)>,
     pub(super) states: StateCache,
     durability: Arc<crate::durable::Durability>,
     pub(super) hook: std::sync::OnceLock<AppendHook>,
@@ -241,6 +246,7 @@ impl Timeline {
             locks: Mutex::default(),
             cache: EventCache::new(EVENT_CACHE_ENTRIES),
             records: ShortCache::new(ROOM_CACHE_ENTRIES),
+            joined: ShortCache::new(JOINED_CACHE_ENTRIES),
             states: StateCache::new(STATE_CACHE_ENTRIES),
             durability,
             hook: std::sync::OnceLock::new(),
@@ -967,6 +973,23 @@ impl Timeline {
             }
         }
         Ok(out)
+    }
+
+    /// Joined members of a room as of its current state. Kept per state snapshot, which
+    /// changes with every membership change (the member index is written in the same
+    /// batch as the room's new snapshot), so an entry is never stale for its snapshot.
+    pub fn joined_members(&self, room_id: &str) -> Result<Arc<Vec<String>>> {
+        let Some(short) = self.short.get(Kind::Room, room_id)? else { return Ok(Arc::default()) };
+        let Some(record) = self.record(short)? else { return Ok(Arc::default()) };
+        let (hit, generation) = self.joined.get(short);
+        if let Some(hit) = hit
+            && hit.0 == record.state
+        {
+            return Ok(hit.1.clone());
+        }
+        let members = Arc::new(self.members(room_id, "join")?);
+        self.joined.insert(short, Arc::new((record.state, members.clone())), generation);
+        Ok(members)
     }
 
     /// Joined and invited members of a room, in one scan.
