@@ -1,6 +1,7 @@
 //! `trellis`: the Matrix homeserver binary.
 
 mod bench;
+mod plain;
 mod serve;
 mod tls;
 mod user_cmd;

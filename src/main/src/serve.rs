@@ -90,7 +90,7 @@ async fn serve(config: Config) -> Result<(), String> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let app = trellis_api::main_router(services.clone());
-    tasks.spawn(serve_until_stopped(listener, app.clone(), stop_rx.clone()));
+    tasks.spawn(crate::plain::serve(listener, app.clone(), stop_rx.clone()));
     let mut reloader = None;
     if let Some((addr, certificate)) = tls {
         let listener = TcpListener::bind(addr)
@@ -104,7 +104,7 @@ async fn serve(config: Config) -> Result<(), String> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr} (metrics): {e}"))?;
-        tasks.spawn(serve_until_stopped(
+        tasks.spawn(crate::plain::serve(
             listener,
             trellis_api::metrics_router(services.clone()),
             stop_rx,
@@ -143,30 +143,6 @@ async fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| format!("flushing storage: {e}"))?;
     tracing::info!("storage flushed; goodbye");
     Ok(())
-}
-
-async fn serve_until_stopped(
-    listener: TcpListener,
-    app: axum::Router,
-    mut stop: watch::Receiver<bool>,
-) {
-    use axum::serve::ListenerExt;
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    // Streamed bodies go out in several writes; with Nagle's algorithm a small one waits
-    // for the client's delayed ACK (40 ms on Linux).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-        }
-    });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "listener failed");
-    }
 }
 
 async fn shutdown_signal() {

@@ -315,3 +315,23 @@ async fn odd_input_never_crashes_the_server() {
     let (status, _) = s.get("/_matrix/client/versions").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn the_plain_listener_speaks_http2_with_prior_knowledge() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = TestServer::start(OPEN).await;
+    let addr = s.base.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // The connection preface, then an empty SETTINGS frame (length 0, type 4, no flags,
+    // stream 0).
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_exact(&mut head))
+        .await
+        .expect("the server answers the preface")
+        .unwrap();
+    // An HTTP/2 server's first frame is its own SETTINGS, on stream 0.
+    assert_eq!(head[3], 4, "frame type of {head:?}");
+    assert_eq!(&head[5..9], &[0, 0, 0, 0], "stream of {head:?}");
+}

@@ -1,0 +1,115 @@
+//! The plain-HTTP listener: HTTP/1.1 (with upgrades, for the WebSocket stream) and
+//! HTTP/2 with prior knowledge, told apart by peeking at the first bytes.
+//!
+//! Peeking rather than reading matters for idle long-polls: hyper-util's automatic
+//! builder reads a 24-byte prefix first and hands it back to hyper, whose read buffer
+//! then grows from 8 to 16 KiB on the next read and stays there for the connection's
+//! life, the largest part of what each held `/sync` costs.
+
+use std::{net::SocketAddr, pin::pin, time::Duration};
+
+use axum::extract::ConnectInfo;
+use hyper::server::conn::{http1, http2};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    service::TowerToHyperService,
+};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tower::ServiceExt;
+
+/// The HTTP/2 connection preface starts with this, which no HTTP/1 method does.
+const H2_PREFIX: &[u8] = b"PRI";
+/// How long a connection may dribble in its first bytes before it is taken as HTTP/1.
+const PEEK_TRIES: u32 = 50;
+
+/// Serves `app` on `listener` until `stop` turns true, then lets open connections finish
+/// their requests (the caller bounds how long).
+pub async fn serve(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, usually: wait instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        while connections.try_join_next().is_some() {}
+        connections.spawn(connection(tcp, peer, app.clone(), stop.clone()));
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Streamed bodies go out in several writes; with Nagle's algorithm a small one waits
+    // for the client's delayed ACK (40 ms on Linux).
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+    }
+    let Some(h2) = is_h2(&tcp).await else { return };
+    let service = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+        req
+    });
+    let service = TowerToHyperService::new(service);
+    let io = TokioIo::new(tcp);
+    // The same steps for both protocols: serve until done or told to stop, then let the
+    // requests in flight finish.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let mut conn = pin!($conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }};
+    }
+    if h2 {
+        drive!(http2::Builder::new(TokioExecutor::new()).serve_connection(io, service));
+    } else {
+        drive!(http1::Builder::new().serve_connection(io, service).with_upgrades());
+    }
+}
+
+/// Completes once `stop` turns true (the borrow it returns is not held across awaits).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Whether the client speaks HTTP/2 with prior knowledge; `None` if it closed or
+/// failed before sending anything.
+async fn is_h2(tcp: &TcpStream) -> Option<bool> {
+    let mut head = [0u8; 3];
+    for _ in 0..PEEK_TRIES {
+        let n = tcp.peek(&mut head).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n == head.len() || head[..n] != H2_PREFIX[..n] {
+            return Some(head[..n] == *H2_PREFIX);
+        }
+        // A partial "PRI": peeking again at once would return the same bytes.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Some(false)
+}
