@@ -10,10 +10,13 @@
 //! Allocating it per hash made the server's RSS climb by about that much per hash up to
 //! ~400 MB: glibc raises its mmap threshold after the first large block is freed, serves
 //! later ones from the thread's heap and keeps what they free (docs/performance.md).
+//! A thread idle for [`RELEASE_AFTER`] gives the memory's pages back to the kernel (the
+//! allocation stays, so the next hash faults them in again instead of growing a heap).
 
 use std::{
     cell::RefCell,
     sync::{Mutex, mpsc},
+    time::Duration,
 };
 
 use argon2::{
@@ -26,9 +29,34 @@ use trellis_core::{Error, Result};
 /// memory cost allocates its own and frees it.
 const MAX_KEPT_BLOCKS: usize = 256 * 1024;
 
+/// How long a hashing thread waits for work before releasing its memory's pages.
+const RELEASE_AFTER: Duration = Duration::from_secs(10);
+
 thread_local! {
     static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Hands the pages of this thread's argon2 memory back to the kernel. Their contents
+/// read as zeros afterwards, which is fine: argon2 writes every block before reading it.
+#[cfg(target_os = "linux")]
+fn release_memory() {
+    MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        let bytes = std::mem::size_of_val(&memory[..]);
+        let start = memory.as_mut_ptr() as usize;
+        // Whole pages inside the buffer only: the allocator's bookkeeping around it stays.
+        const PAGE: usize = 4096;
+        let (lo, hi) = (start.next_multiple_of(PAGE), (start + bytes) / PAGE * PAGE);
+        if hi > lo {
+            // SAFETY: [lo, hi) lies within the buffer this thread owns exclusively (the
+            // RefCell is borrowed mutably), and zeroed pages are valid `Block`s.
+            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_DONTNEED) };
+        }
+    });
+}
+
+#[cfg(not(target_os = "linux"))]
+fn release_memory() {}
 
 /// Runs `f` with `blocks` blocks of this thread's reusable argon2 memory.
 fn with_memory<T>(blocks: usize, f: impl FnOnce(&mut [Block]) -> T) -> T {
@@ -128,12 +156,13 @@ impl HashPool {
                     lower_priority();
                     loop {
                         let job = match rx.lock() {
-                            Ok(guard) => guard.recv(),
+                            Ok(guard) => guard.recv_timeout(RELEASE_AFTER),
                             Err(_) => return,
                         };
                         match job {
                             Ok(job) => job(),
-                            Err(_) => return,
+                            Err(mpsc::RecvTimeoutError::Timeout) => release_memory(),
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
                         }
                     }
                 });
@@ -204,6 +233,20 @@ mod tests {
         let mine = hash("pw", 128, 1).unwrap();
         let parsed = PasswordHash::new(&mine).unwrap();
         assert!(Argon2::default().verify_password(b"pw", &parsed).is_ok());
+    }
+
+    #[test]
+    fn hashes_after_the_memory_was_released_are_unchanged() {
+        let salt = SaltString::encode_b64(b"sixteen byte slt").unwrap();
+        let params = Params::new(4096, 1, 1, None).unwrap();
+        let hash_here = || {
+            hash_with(Algorithm::Argon2id, Version::V0x13, params.clone(), b"pw", salt.as_salt())
+                .unwrap()
+                .to_string()
+        };
+        let before = hash_here();
+        release_memory();
+        assert_eq!(hash_here(), before);
     }
 
     #[test]
