@@ -25,6 +25,8 @@ use tower::ServiceExt;
 const H2_PREFIX: &[u8] = b"PRI";
 /// How long a connection may dribble in its first bytes before it is taken as HTTP/1.
 const PEEK_TRIES: u32 = 50;
+/// How long a new connection may stay silent before it is closed.
+const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(60);
 
 /// Serves `app` on `listener` until `stop` turns true, then lets open connections finish
 /// their requests (the caller bounds how long).
@@ -60,7 +62,12 @@ async fn connection(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "setting TCP_NODELAY failed");
     }
-    let Some(h2) = is_h2(&tcp).await else { return };
+    // A silent connection neither holds its task forever nor delays a shutdown.
+    let h2 = tokio::select! {
+        h2 = tokio::time::timeout(FIRST_BYTES_WITHIN, is_h2(&tcp)) => h2,
+        () = stopped(&mut stop) => return,
+    };
+    let Ok(Some(h2)) = h2 else { return };
     let service = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
         req
@@ -85,7 +92,10 @@ async fn connection(
         }};
     }
     if h2 {
-        drive!(http2::Builder::new(TokioExecutor::new()).serve_connection(io, service));
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        // WebSockets over HTTP/2 (RFC 8441), as axum's own server allows.
+        builder.enable_connect_protocol();
+        drive!(builder.serve_connection(io, service));
     } else {
         drive!(http1::Builder::new().serve_connection(io, service).with_upgrades());
     }

@@ -68,8 +68,8 @@ impl AccountData {
         ACCOUNT_DATA.put(&mut batch, &key, &Json(content));
         POSITIONS.put(&mut batch, &key, &ticket.position);
         let result = commit(&self.db, batch).await;
-        self.stream.retire(ticket);
-        self.stream.wake(&crate::rooms::stream::user_key(localpart));
+        let retired = self.stream.retire(ticket);
+        self.stream.wake_for(retired, &crate::rooms::stream::user_key(localpart));
         result
     }
 

@@ -326,6 +326,9 @@ impl Notifier {
         room_id: &str,
         upto: u64,
     ) -> Result<Counts> {
+        // A client's token may run ahead of what is visible (a restored database): rows
+        // beyond the visible position may not be written yet.
+        let upto = upto.min(services.rooms.stream.visible());
         let receipts = services.receipts.latest(room_id, user)?;
         let key = (user.to_owned(), room_id.to_owned());
         let known = {

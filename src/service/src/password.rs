@@ -45,8 +45,13 @@ fn release_memory() {
         let bytes = std::mem::size_of_val(&memory[..]);
         let start = memory.as_mut_ptr() as usize;
         // Whole pages inside the buffer only: the allocator's bookkeeping around it stays.
-        const PAGE: usize = 4096;
-        let (lo, hi) = (start.next_multiple_of(PAGE), (start + bytes) / PAGE * PAGE);
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let Ok(page) = usize::try_from(page) else { return };
+        if page == 0 {
+            return;
+        }
+        let (lo, hi) = (start.next_multiple_of(page), (start + bytes) / page * page);
         if hi > lo {
             // SAFETY: [lo, hi) lies within the buffer this thread owns exclusively (the
             // RefCell is borrowed mutably), and zeroed pages are valid `Block`s.

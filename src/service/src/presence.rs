@@ -240,8 +240,8 @@ impl Presence {
             (ticket, persist, start_timer)
         };
         if let Some(ticket) = ticket {
-            self.stream.retire(ticket);
-            self.stream.wake_co_members(user_id);
+            let retired = self.stream.retire(ticket);
+            self.stream.wake_co_members(retired, user_id);
         }
         if start_timer {
             self.start_idle_timer(user_id);
@@ -307,8 +307,8 @@ impl Presence {
         let mut batch = Batch::new();
         PRESENCE.put(&mut batch, &user_id.to_owned(), &Json(record));
         let result = commit(&self.db, batch).await;
-        self.stream.retire(ticket);
-        self.stream.wake_co_members(user_id);
+        let retired = self.stream.retire(ticket);
+        self.stream.wake_co_members(retired, user_id);
         tracing::debug!(user = user_id, state, "presence set");
         result
     }
@@ -382,8 +382,8 @@ impl Presence {
             };
             match lapsed {
                 Ok((ticket, done)) => {
-                    self.stream.retire(ticket);
-                    self.stream.wake_co_members(&user_id);
+                    let retired = self.stream.retire(ticket);
+                    self.stream.wake_co_members(retired, &user_id);
                     let to = if done { OFFLINE } else { UNAVAILABLE };
                     tracing::debug!(user = user_id, to, "presence lapsed");
                     if done {

@@ -105,8 +105,8 @@ impl Receipts {
             let entry = map.entry(room_id.to_owned()).or_insert(0);
             *entry = (*entry).max(ticket.position);
         }
-        self.stream.retire(ticket);
-        self.stream.wake(room_id);
+        let retired = self.stream.retire(ticket);
+        self.stream.wake_for(retired, room_id);
         result
     }
 

@@ -191,7 +191,8 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         if !room_allowed(room_filter, &room_id) {
             continue;
         }
-        let changed_at = if req.since.is_some() && room.last_position <= since {
+        let quiet = req.since.is_some() && room.last_position <= since;
+        let changed_at = if quiet {
             // Nothing happened in the room, so neither did the membership: it stands as
             // of `since` (only ephemeral events and account data can be new).
             since
@@ -211,7 +212,8 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             .collect();
         match membership.as_str() {
             "join" => {
-                if let Some(section) = builder.joined_room(room, changed_at, room_account_data)? {
+                let joined = builder.joined_room(room, changed_at, quiet, room_account_data)?;
+                if let Some(section) = joined {
                     join.insert(room_id, section);
                 }
             }
@@ -544,6 +546,7 @@ impl Builder<'_> {
         &self,
         room: &UserRoom,
         joined_at: u64,
+        quiet: bool,
         account_data: Vec<Value>,
     ) -> Result<Option<Value>> {
         let services = self.services;
@@ -554,6 +557,15 @@ impl Builder<'_> {
         let changed = room.last_position > self.since;
         if !fresh && !changed && typing.is_none() && receipts.is_none() && account_data.is_empty() {
             return Ok(None);
+        }
+        if quiet {
+            // The room's record is replaced just after its new events are written, so a
+            // join written a moment ago (not visible yet) can show with the old record:
+            // only a membership from before `since` makes this a joined room already.
+            let joined = services.rooms.last_membership_position(room_id, self.req.user_id)?;
+            if joined.is_none_or(|p| p > self.since) {
+                return Ok(None);
+            }
         }
         let timeline = if fresh || changed {
             self.timeline(room_id, self.since, self.now)?

@@ -31,11 +31,9 @@ pub(crate) async fn commit_with_changes(
         })
         .collect();
     let result = crate::commit(db, batch).await;
-    for ticket in tickets {
-        stream.retire(ticket);
-    }
-    for user in changed {
-        stream.wake_co_members(user);
+    let retired: Vec<_> = tickets.into_iter().map(|ticket| stream.retire(ticket)).collect();
+    for (user, retired) in changed.iter().zip(retired) {
+        stream.wake_co_members(retired, user);
     }
     result
 }

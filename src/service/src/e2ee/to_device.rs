@@ -102,12 +102,12 @@ impl E2ee {
         }
         TXN_IDS.put(&mut batch, &txn, &String::new());
         let result = commit(&self.db, batch).await;
-        self.stream.retire(ticket);
+        let retired = self.stream.retire(ticket);
         if result.is_ok() {
             self.count_added(&added);
         }
         for localpart in recipients {
-            self.stream.wake(&user_key(&localpart));
+            self.stream.wake_for(retired, &user_key(&localpart));
         }
         result.map(|()| remote)
     }

@@ -87,8 +87,8 @@ async fn keep(
         &Json(make(ticket.position)),
     );
     let result = crate::commit(&services.db, batch).await;
-    stream.retire(ticket);
-    stream.wake(&crate::rooms::stream::user_key(user_id));
+    let retired = stream.retire(ticket);
+    stream.wake_for(retired, &crate::rooms::stream::user_key(user_id));
     result
 }
 

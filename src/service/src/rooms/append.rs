@@ -773,6 +773,8 @@ impl Timeline {
         };
         let json =
             serde_json::to_value(&*pdu.json).map_err(|e| Error::internal("event json", e))?;
+        // Read before a position is drawn: nothing may fail between drawing and retiring.
+        let previous_bump = self.record(room_short)?.map_or(0, |r| r.bump_position);
         let ticket = self.stream.dispatch();
         // A dispatched position must be retired whatever happens, or the stream stalls.
         if let Err(e) =
@@ -798,11 +800,8 @@ impl Timeline {
         );
         TIMELINE.put(batch, &(room_short, ticket.position), &event_short);
         let kind = pdu.kind.to_string();
-        let bump_position = if BUMP_EVENT_TYPES.contains(&kind.as_str()) {
-            ticket.position
-        } else {
-            self.record(room_short)?.map_or(0, |r| r.bump_position)
-        };
+        let bump_position =
+            if BUMP_EVENT_TYPES.contains(&kind.as_str()) { ticket.position } else { previous_bump };
         let record = RoomRecord {
             room_id: room_id.to_owned(),
             version: version.to_string(),
@@ -850,9 +849,9 @@ impl Timeline {
     /// Waits until a stored event is durable, then lets readers of the stream see it.
     pub(super) async fn finish(&self, pending: Pending) -> Result<()> {
         let synced = self.durability.wait(pending.wal).await;
-        self.stream.retire(pending.stream);
+        let retired = self.stream.retire(pending.stream);
         for key in &pending.wake {
-            self.stream.wake(key);
+            self.stream.wake_for(retired, key);
         }
         synced
     }

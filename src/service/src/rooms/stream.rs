@@ -86,7 +86,14 @@ struct Inner {
     reserved: u64,
     /// Dispatched and not yet retired.
     in_flight: BTreeSet<u64>,
+    /// Wake-ups for retired writes still behind an earlier one in flight: `(position,
+    /// key)`, fired once the visible position reaches them.
+    deferred: Vec<(u64, String)>,
 }
+
+/// A retired write's position, to wake its waiters by (see [`StreamPositions::wake_for`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Retired(u64);
 
 /// A drawn position; retire it after the write commits (or fails).
 #[must_use = "a dispatched position must be retired or readers stall"]
@@ -103,6 +110,7 @@ impl StreamPositions {
                 last_dispatched: persisted,
                 reserved: u64::MAX,
                 in_flight: BTreeSet::new(),
+                deferred: Vec::new(),
             }),
             visible_tx,
             db: None,
@@ -124,6 +132,7 @@ impl StreamPositions {
                 last_dispatched: start,
                 reserved: start,
                 in_flight: BTreeSet::new(),
+                deferred: Vec::new(),
             }),
             visible_tx,
             db: Some(db),
@@ -154,12 +163,22 @@ impl StreamPositions {
     }
 
     /// Marks the write at `ticket` as finished and wakes readers if the visible position
-    /// moved.
-    pub fn retire(&self, ticket: Ticket) {
-        let visible = {
+    /// moved (with the wake-ups that were waiting for it).
+    pub fn retire(&self, ticket: Ticket) -> Retired {
+        let (visible, due) = {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             inner.in_flight.remove(&ticket.position);
-            Self::visible_of(&inner)
+            let visible = Self::visible_of(&inner);
+            let due: Vec<String> = if inner.deferred.iter().any(|(p, _)| *p <= visible) {
+                let (due, later) = std::mem::take(&mut inner.deferred)
+                    .into_iter()
+                    .partition(|(p, _)| *p <= visible);
+                inner.deferred = later;
+                due.into_iter().map(|(_, key)| key).collect()
+            } else {
+                Vec::new()
+            };
+            (visible, due)
         };
         self.visible_tx.send_if_modified(|v| {
             if visible > *v {
@@ -169,6 +188,24 @@ impl StreamPositions {
                 false
             }
         });
+        for key in due {
+            self.wake(&key);
+        }
+        Retired(ticket.position)
+    }
+
+    /// Wakes those waiting on `key` for the write that `retired` ended, once it is
+    /// visible: woken while an earlier write is still in flight, a sync would read below
+    /// it, find nothing, and wait again with the wake-up spent.
+    pub fn wake_for(&self, retired: Retired, key: &str) {
+        {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if Self::visible_of(&inner) < retired.0 {
+                inner.deferred.push((retired.0, key.to_owned()));
+                return;
+            }
+        }
+        self.wake(key);
     }
 
     fn visible_of(inner: &Inner) -> u64 {
@@ -206,12 +243,13 @@ impl StreamPositions {
         let _ = self.rooms_of.set(rooms_of);
     }
 
-    /// Wakes the user and everyone sharing a room with them (through the rooms' keys).
-    pub fn wake_co_members(&self, user: &str) {
-        self.wake(&user_key(user));
+    /// Wakes the user and everyone sharing a room with them (through the rooms' keys),
+    /// once the write `retired` ended is visible.
+    pub fn wake_co_members(&self, retired: Retired, user: &str) {
+        self.wake_for(retired, &user_key(user));
         if let Some(rooms_of) = self.rooms_of.get() {
             for room in rooms_of(user) {
-                self.wake(&room);
+                self.wake_for(retired, &room);
             }
         }
     }
@@ -259,6 +297,24 @@ mod tests {
         });
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_behind_an_earlier_write_waits_until_it_is_visible() {
+        let s = std::sync::Arc::new(StreamPositions::new(0));
+        let slow = s.dispatch();
+        let fast = s.dispatch();
+        let waiting = s.subscribe_keys(vec!["!room".into()]);
+        let retired = s.retire(fast);
+        s.wake_for(retired, "!room");
+        // Position 2 is not visible yet: a reader woken now would not see it.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), waiting.woken());
+        assert!(early.await.is_err());
+        s.retire(slow);
+        assert_eq!(s.visible(), 2);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting.woken())
+            .await
+            .expect("woken once the earlier write retired");
     }
 
     #[test]
