@@ -32,19 +32,7 @@ const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(60);
 /// their requests (the caller bounds how long).
 pub async fn serve(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors, usually: wait instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stopped(&mut stop) => break,
-        };
+    while let Some((tcp, peer)) = accept(&listener, &mut stop).await {
         while connections.try_join_next().is_some() {}
         connections.spawn(connection(tcp, peer, app.clone(), stop.clone()));
     }
@@ -98,6 +86,26 @@ async fn connection(
         drive!(builder.serve_connection(io, service));
     } else {
         drive!(http1::Builder::new().serve_connection(io, service).with_upgrades());
+    }
+}
+
+/// The next connection, or `None` once `stop` turns true (shared with the TLS listener).
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    // Out of descriptors, usually: wait instead of spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = stopped(stop) => return None,
+        }
     }
 }
 

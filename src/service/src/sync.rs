@@ -286,7 +286,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         }
     }
 
-    let presence = presence_events(services, req.user_id, since)?;
+    let presence = presence_events(services, req.user_id, &rooms, since)?;
     let global: Vec<Value> = account_changes
         .iter()
         .filter(|(room, kind, _)| {
@@ -362,16 +362,22 @@ impl E2eeSection {
 }
 
 /// Presence changes since `since` of the user and of users sharing a room with them.
-fn presence_events(services: &Services, user_id: &str, since: u64) -> Result<Vec<Value>> {
+fn presence_events(
+    services: &Services,
+    user_id: &str,
+    rooms: &[UserRoom],
+    since: u64,
+) -> Result<Vec<Value>> {
     let changed = services.presence.changed_since(since);
     if changed.is_empty() {
         return Ok(Vec::new());
     }
-    let mine: HashSet<String> = services.rooms.rooms_of(user_id, "join")?.into_iter().collect();
+    let mine: HashSet<&str> =
+        rooms.iter().filter(|r| r.membership == "join").map(|r| r.room_id.as_str()).collect();
     let mut out = Vec::new();
     for other in changed {
         let shares = other == user_id
-            || services.rooms.rooms_of(&other, "join")?.iter().any(|r| mine.contains(r));
+            || services.rooms.rooms_of(&other, "join")?.iter().any(|r| mine.contains(r.as_str()));
         if shares && let Some(content) = services.presence.presence_content(&other) {
             out.push(json!({"type": "m.presence", "sender": other, "content": content}));
         }

@@ -958,20 +958,8 @@ impl Timeline {
 
     /// Rooms in which `user_id` has `membership`.
     pub fn rooms_of(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        for entry in USER_ROOMS.scan_prefix(
-            &*self.db,
-            &user_id.to_owned(),
-            trellis_store::Direction::Forward,
-        )? {
-            let ((_, room), m) = entry?;
-            if m == membership
-                && let Some(r) = self.record(room)?
-            {
-                out.push(r.room_id.clone());
-            }
-        }
-        Ok(out)
+        let rooms = self.user_rooms(user_id)?.into_iter();
+        Ok(rooms.filter(|r| r.membership == membership).map(|r| r.room_id).collect())
     }
 
     /// Joined members of a room as of its current state. Kept per state snapshot, which

@@ -108,9 +108,4 @@ impl Timeline {
     pub fn changed_after(&self, room_id: &str, since: u64) -> Result<bool> {
         Ok(self.room(room_id)?.is_some_and(|(_, r)| r.last_position > since))
     }
-
-    /// Rooms of `user_id` with their current membership, in room order.
-    pub fn memberships_of(&self, user_id: &str) -> Result<Vec<(String, String)>> {
-        Ok(self.user_rooms(user_id)?.into_iter().map(|r| (r.room_id, r.membership)).collect())
-    }
 }
