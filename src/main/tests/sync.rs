@@ -26,7 +26,7 @@ fn bodies(room: &Value) -> Vec<String> {
 #[tokio::test]
 async fn a_long_poll_returns_as_soon_as_a_message_is_sent() {
     let s = TestServer::start(OPEN).await;
-    let (_alice, at) = s.register("alice").await;
+    let (alice, at) = s.register("alice").await;
     let (_bob, bt) = s.register("bob").await;
     let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
     s.join_room(&bt, &room).await;
@@ -59,6 +59,16 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_sent() {
     s.send_text(&at, &room, "wake up").await;
     let (waited, resp) = waiting.await.unwrap();
     assert_eq!(bodies(&resp["rooms"]["join"][&room]), vec!["wake up"], "{resp}");
+    // Events as clients see them: no federation fields, the room is the key, and the
+    // time since sending is in `unsigned.age`.
+    let event = &resp["rooms"]["join"][&room]["timeline"]["events"][0];
+    assert_eq!(event["sender"], alice.as_str(), "{event}");
+    assert!(event["event_id"].as_str().is_some_and(|id| id.starts_with('$')), "{event}");
+    assert!(event["origin_server_ts"].as_u64().is_some(), "{event}");
+    assert!(event["unsigned"]["age"].as_u64().is_some_and(|age| age < 60_000), "{event}");
+    for absent in ["room_id", "hashes", "signatures", "auth_events", "prev_events", "depth"] {
+        assert!(event.get(absent).is_none(), "{absent} in {event}");
+    }
     // Woken by the send, not by the 20 s timeout.
     assert!(waited < Duration::from_secs(15), "{waited:?}");
     assert_ne!(resp["next_batch"].as_str().unwrap(), since);

@@ -25,6 +25,7 @@ pub mod keys;
 pub mod mailer;
 pub mod media;
 pub mod notify;
+pub mod out;
 pub mod password;
 pub mod presence;
 pub mod profile;

@@ -18,6 +18,7 @@ use trellis_core::Result;
 
 use crate::{
     Services,
+    out::{ClientEvent, EventView, Key, Out, Unsigned},
     rooms::{Pdu, append::UserRoom, filter, state::StateSet, visibility::VisibilityView},
 };
 
@@ -82,7 +83,10 @@ pub struct SyncRequest<'a> {
 
 /// A built response and whether it carries anything (an empty incremental sync waits).
 pub struct SyncResponse {
-    pub body: Value,
+    pub body: Out,
+    pub next_batch: String,
+    /// The body carries to-device messages.
+    pub has_to_device: bool,
     pub has_updates: bool,
     /// The user's rooms as this build read them, for the next wait's subscription
     /// ([`subscribe_rooms`]).
@@ -91,22 +95,7 @@ pub struct SyncResponse {
 
 /// An event as clients see it in a sync (no `room_id`: the room is the map key).
 pub fn sync_event(pdu: &Pdu) -> Value {
-    let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
-    let unsigned = pdu.json.get("unsigned").and_then(|u| serde_json::to_value(u).ok());
-    let mut event = Map::new();
-    event.insert("event_id".into(), pdu.event_id.as_str().into());
-    event.insert("sender".into(), pdu.sender.as_str().into());
-    event.insert("type".into(), pdu.kind.to_string().into());
-    event.insert("content".into(), content);
-    event.insert("origin_server_ts".into(), u64::from(pdu.origin_server_ts.get()).into());
-    event.insert("unsigned".into(), unsigned.unwrap_or_else(|| Value::Object(Map::new())));
-    if let Some(key) = &pdu.state_key {
-        event.insert("state_key".into(), key.as_str().into());
-    }
-    if let Some(redacts) = &pdu.redacts {
-        event.insert("redacts".into(), redacts.as_str().into());
-    }
-    Value::Object(event)
+    EventView { pdu, unsigned: &Unsigned::default() }.to_value()
 }
 
 /// Adds the aggregations the spec bundles with `pdu` (for `viewer`) to `event`'s
@@ -118,9 +107,26 @@ pub fn attach_bundle(
     event: &mut Value,
     render: impl Fn(&Pdu) -> Value,
 ) -> Result<()> {
+    let Some(relations) = bundled_relations(services, pdu, viewer, render)? else {
+        return Ok(());
+    };
+    if !event["unsigned"].is_object() {
+        event["unsigned"] = json!({});
+    }
+    event["unsigned"]["m.relations"] = relations;
+    Ok(())
+}
+
+/// The `m.relations` object the spec bundles with `pdu` for `viewer`, if any.
+fn bundled_relations(
+    services: &Services,
+    pdu: &Pdu,
+    viewer: &str,
+    render: impl Fn(&Pdu) -> Value,
+) -> Result<Option<Value>> {
     let bundle = services.rooms.bundle(pdu, viewer)?;
     if bundle.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let mut relations = Value::Object(Map::new());
     if let Some(edit) = &bundle.edit {
@@ -138,11 +144,7 @@ pub fn attach_bundle(
             bundle.references.iter().map(|id| json!({"event_id": id})).collect();
         relations["m.reference"] = crate::object! {"chunk": chunk};
     }
-    if !event["unsigned"].is_object() {
-        event["unsigned"] = json!({});
-    }
-    event["unsigned"]["m.relations"] = relations;
-    Ok(())
+    Ok(Some(relations))
 }
 
 /// An event as an invitee or knocker sees the room's state.
@@ -178,12 +180,13 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
-    let builder = Builder { services, req, since, now, ignored };
+    let now_ms = trellis_core::now_millis();
+    let builder = Builder { services, req, since, now, now_ms, ignored };
     let account_changes = services.account_data.changed_since(req.localpart, since)?;
 
-    let mut join = Map::new();
+    let mut join: Vec<(Key, Out)> = Vec::new();
     let mut invite = Map::new();
-    let mut leave = Map::new();
+    let mut leave: Vec<(Key, Out)> = Vec::new();
     let mut knock = Map::new();
     let room_filter = &req.filter.room;
     for room in &rooms {
@@ -214,7 +217,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             "join" => {
                 let joined = builder.joined_room(room, changed_at, quiet, room_account_data)?;
                 if let Some(section) = joined {
-                    join.insert(room_id, section);
+                    join.push((room_id.into(), section));
                 }
             }
             "invite" | "knock" if changed_at > since => {
@@ -249,7 +252,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                 if changed_at > since && (req.since.is_some() || room_filter.include_leave) =>
             {
                 if let Some(room) = builder.left_room(&room_id, changed_at, room_account_data)? {
-                    leave.insert(room_id, room);
+                    leave.push((room_id.into(), room));
                 }
             }
             _ => {}
@@ -271,10 +274,13 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             "knock" if !knock.contains_key(&room_id) => {
                 knock.insert(room_id, json!({"knock_state": {"events": pending.stripped}}));
             }
-            "leave" if req.since.is_some() || room_filter.include_leave => {
-                leave.entry(room_id).or_insert_with(
-                    || json!({"timeline": {"events": pending.stripped}, "state": {"events": []}}),
-                );
+            "leave"
+                if (req.since.is_some() || room_filter.include_leave)
+                    && !leave.iter().any(|(id, _)| *id == room_id) =>
+            {
+                let section =
+                    json!({"timeline": {"events": pending.stripped}, "state": {"events": []}});
+                leave.push((room_id.into(), section.into()));
             }
             "invite" => {
                 let sender = pending.event["sender"].as_str().unwrap_or_default();
@@ -304,8 +310,14 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         || !e2ee.to_device.is_empty()
         || !e2ee.device_lists.is_empty();
     let next_batch = SyncToken { position: now, to_device: e2ee.to_device_upto }.render();
-    let mut body = crate::object! {
-        "rooms": crate::object! {"join": join, "invite": invite, "leave": leave, "knock": knock},
+    let has_to_device = !e2ee.to_device.is_empty();
+    let body = crate::out_object! {
+        "rooms": crate::out_object! {
+            "join": Out::Object(join),
+            "invite": Value::Object(invite),
+            "leave": Out::Object(leave),
+            "knock": Value::Object(knock),
+        },
         "account_data": crate::object! {"events": global},
         "presence": crate::object! {"events": presence},
         "to_device": crate::object! {"events": e2ee.to_device},
@@ -314,18 +326,15 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             "left": e2ee.device_lists.left,
         },
     };
-    if let Some(map) = body.as_object_mut() {
-        map.retain(|_, v| !is_empty_section(v));
-        map.insert("next_batch".into(), json!(next_batch));
-        // Always present: clients read a missing count as "unknown", and the fallback
-        // list's presence says the server supports fallback keys.
-        map.insert("device_one_time_keys_count".into(), json!(e2ee.one_time_keys_count));
-        map.insert(
-            "device_unused_fallback_key_types".into(),
-            json!(e2ee.unused_fallback_key_types),
-        );
-    }
-    Ok(SyncResponse { body, has_updates, rooms })
+    let Out::Object(mut fields) = body else { unreachable!("out_object! builds an object") };
+    fields.retain(|(_, v)| !v.is_empty_section());
+    let mut body = Out::Object(fields);
+    body.insert("next_batch", next_batch.as_str());
+    // Always present: clients read a missing count as "unknown", and the fallback list's
+    // presence says the server supports fallback keys.
+    body.insert("device_one_time_keys_count", json!(e2ee.one_time_keys_count));
+    body.insert("device_unused_fallback_key_types", json!(e2ee.unused_fallback_key_types));
+    Ok(SyncResponse { body, next_batch, has_to_device, has_updates, rooms })
 }
 
 /// The encryption parts of a sync for one device.
@@ -407,14 +416,6 @@ pub fn subscribe_rooms(
     services.rooms.stream.subscribe_keys(keys)
 }
 
-fn is_empty_section(v: &Value) -> bool {
-    match v {
-        Value::Object(m) => m.values().all(is_empty_section),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
-    }
-}
-
 fn filter_account_data(filter: &ruma::api::client::filter::Filter, kind: &str) -> bool {
     !filter.not_types.iter().any(|t| filter::type_matches(t, kind))
         && filter.types.as_ref().is_none_or(|ts| ts.iter().any(|t| filter::type_matches(t, kind)))
@@ -430,6 +431,8 @@ struct Builder<'a> {
     req: &'a SyncRequest<'a>,
     since: u64,
     now: u64,
+    /// The clock when the build started, for the events' `age`.
+    now_ms: u64,
     ignored: HashSet<String>,
 }
 
@@ -481,7 +484,7 @@ impl Builder<'_> {
     /// State to send with a timeline: everything up to its start for a new view of the
     /// room (initial sync, fresh join, `full_state`), else what changed between `since`
     /// and its start.
-    fn state_section(&self, room_id: &str, timeline: &Timeline, fresh: bool) -> Result<Vec<Value>> {
+    fn state_section(&self, room_id: &str, timeline: &Timeline, fresh: bool) -> Result<Vec<Out>> {
         let rooms = &self.services.rooms;
         let at_start: StateSet = match timeline.events.first() {
             Some((_, first)) => rooms.state_before_event(first)?,
@@ -529,19 +532,31 @@ impl Builder<'_> {
                 }
             }
         }
-        Ok(events.iter().map(|p| sync_event(p)).collect())
+        Ok(events.into_iter().map(|p| self.client_event(p).into()).collect())
     }
 
-    fn render(&self, pdu: &Pdu) -> Result<Value> {
-        let mut event = sync_event(pdu);
-        attach_bundle(self.services, pdu, self.req.user_id, &mut event, sync_event)?;
-        Ok(event)
+    /// `pdu` in the client format with its `age` as of this build.
+    fn client_event(&self, pdu: Arc<Pdu>) -> ClientEvent {
+        let age = self.now_ms.saturating_sub(u64::from(pdu.origin_server_ts.get()));
+        let mut event = ClientEvent::new(pdu);
+        event.unsigned.age = Some(age);
+        event
     }
 
-    fn timeline_section(&self, timeline: &Timeline) -> Result<Value> {
-        let events: Vec<Value> =
+    fn render(&self, pdu: &Arc<Pdu>) -> Result<Out> {
+        let mut event = self.client_event(pdu.clone());
+        if let Some(relations) =
+            bundled_relations(self.services, pdu, self.req.user_id, sync_event)?
+        {
+            event.unsigned.relations = Some(relations);
+        }
+        Ok(event.into())
+    }
+
+    fn timeline_section(&self, timeline: &Timeline) -> Result<Out> {
+        let events: Vec<Out> =
             timeline.events.iter().map(|(_, p)| self.render(p)).collect::<Result<_>>()?;
-        Ok(crate::object! {
+        Ok(crate::out_object! {
             "events": events,
             "limited": timeline.limited,
             "prev_batch": timeline.prev_batch.as_str(),
@@ -554,7 +569,7 @@ impl Builder<'_> {
         joined_at: u64,
         quiet: bool,
         account_data: Vec<Value>,
-    ) -> Result<Option<Value>> {
+    ) -> Result<Option<Out>> {
         let services = self.services;
         let room_id = room.room_id.as_str();
         let fresh = self.req.since.is_none() || self.req.full_state || joined_at > self.since;
@@ -592,16 +607,16 @@ impl Builder<'_> {
         if let Some(content) = receipts {
             ephemeral.push(json!({"type": "m.receipt", "content": content}));
         }
-        let mut section = crate::object! {
+        let mut section = crate::out_object! {
             "timeline": self.timeline_section(&timeline)?,
             "ephemeral": crate::object! {"events": ephemeral},
             "account_data": crate::object! {"events": account_data},
         };
         self.unread(room_id, &mut section)?;
         let key = if self.req.use_state_after { "state_after" } else { "state" };
-        section[key] = crate::object! {"events": state};
+        section.insert(key, crate::out_object! {"events": state});
         if fresh || changed {
-            section["summary"] = self.summary(room_id)?;
+            section.insert("summary", self.summary(room_id)?);
         }
         Ok(Some(section))
     }
@@ -611,14 +626,14 @@ impl Builder<'_> {
         room_id: &str,
         left_at: u64,
         account_data: Vec<Value>,
-    ) -> Result<Option<Value>> {
+    ) -> Result<Option<Out>> {
         // What happened up to (and including) the departure.
         let timeline = self.timeline(room_id, self.since, left_at)?;
         let fresh = self.req.since.is_none() || self.req.full_state;
         let state = self.state_section(room_id, &timeline, fresh)?;
-        Ok(Some(crate::object! {
+        Ok(Some(crate::out_object! {
             "timeline": self.timeline_section(&timeline)?,
-            "state": crate::object! {"events": state},
+            "state": crate::out_object! {"events": state},
             "account_data": crate::object! {"events": account_data},
         }))
     }
@@ -641,11 +656,11 @@ impl Builder<'_> {
         }))
     }
 
-    fn unread(&self, room_id: &str, room: &mut Value) -> Result<()> {
+    fn unread(&self, room_id: &str, room: &mut Out) -> Result<()> {
         let separate = self.req.filter.room.timeline.unread_thread_notifications;
         let user = self.req.user_id;
         let ((n, h), threads) = unread_counts(self.services, user, room_id, separate, self.now)?;
-        room["unread_notifications"] = json!({"notification_count": n, "highlight_count": h});
+        room.insert("unread_notifications", json!({"notification_count": n, "highlight_count": h}));
         if separate && !threads.is_empty() {
             let per_thread: Map<String, Value> = threads
                 .into_iter()
@@ -653,7 +668,7 @@ impl Builder<'_> {
                     (root, json!({"notification_count": n, "highlight_count": h}))
                 })
                 .collect();
-            room["unread_thread_notifications"] = Value::Object(per_thread);
+            room.insert("unread_thread_notifications", Value::Object(per_thread));
         }
         Ok(())
     }

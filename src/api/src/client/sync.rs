@@ -56,7 +56,7 @@ impl Metadata for SyncRequest {
 
 impl IncomingRequest for SyncRequest {
     type EndpointError = <Inner as IncomingRequest>::EndpointError;
-    type OutgoingResponse = JsonResponse;
+    type OutgoingResponse = JsonResponse<trellis_service::out::Out>;
 
     fn try_from_http_request_inner(
         request: http::Request<&[u8]>,
@@ -67,7 +67,7 @@ impl IncomingRequest for SyncRequest {
 }
 
 /// A 200 response with a JSON body.
-pub(super) struct JsonResponse(pub Value);
+pub(super) struct JsonResponse<T = Value>(pub T);
 
 pub(super) struct JsonBody(Vec<u8>);
 
@@ -87,7 +87,7 @@ impl OutgoingBody for JsonBody {
     }
 }
 
-impl OutgoingResponse for JsonResponse {
+impl<T: serde::Serialize> OutgoingResponse for JsonResponse<T> {
     type Body = JsonBody;
 
     fn try_into_http_response_inner(
@@ -107,7 +107,10 @@ fn resolve_filter(ctx: &Ctx, filter: Option<&Filter>) -> Result<FilterDefinition
     }
 }
 
-async fn sync_handler(ctx: Ctx, req: SyncRequest) -> Result<JsonResponse> {
+async fn sync_handler(
+    ctx: Ctx,
+    req: SyncRequest,
+) -> Result<JsonResponse<trellis_service::out::Out>> {
     let req = req.0;
     let user_id = me(&ctx)?;
     let localpart = ctx.session()?.localpart.clone();

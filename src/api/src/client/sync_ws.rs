@@ -140,9 +140,8 @@ async fn stream(
             }
             since = Some(now);
             full_state = false;
-            let delivered = built.body.get("next_batch").and_then(|t| t.as_str());
-            let delivered = delivered.and_then(sync::SyncToken::parse).map_or(now, |t| t.to_device);
-            if delivered > to_device_since && built.body.get("to_device").is_some() {
+            let delivered = sync::SyncToken::parse(&built.next_batch).map_or(now, |t| t.to_device);
+            if delivered > to_device_since && built.has_to_device {
                 // Ask for a pong at once so the delivered messages can go.
                 if socket.send(ping_covering(delivered)).await.is_err() {
                     return Ok(());

@@ -15,15 +15,22 @@ pub fn type_matches(pattern: &str, kind: &str) -> bool {
 
 /// Whether `pdu` of `room_id` passes `filter` (the `not_` lists win over the others).
 pub fn passes(filter: &RoomEventFilter, room_id: &str, pdu: &Pdu) -> bool {
-    let kind = pdu.kind.to_string();
     if filter.not_rooms.iter().any(|r| r.as_str() == room_id)
         || filter.rooms.as_ref().is_some_and(|rs| !rs.iter().any(|r| r.as_str() == room_id))
         || filter.not_senders.contains(&pdu.sender)
         || filter.senders.as_ref().is_some_and(|ss| !ss.contains(&pdu.sender))
-        || filter.not_types.iter().any(|t| type_matches(t, &kind))
-        || filter.types.as_ref().is_some_and(|ts| !ts.iter().any(|t| type_matches(t, &kind)))
     {
         return false;
+    }
+    // The type's text is built only for a filter on types: most filters have none, and
+    // this runs for every event a sync or a page reads.
+    if !filter.not_types.is_empty() || filter.types.is_some() {
+        let kind = pdu.kind.to_string();
+        if filter.not_types.iter().any(|t| type_matches(t, &kind))
+            || filter.types.as_ref().is_some_and(|ts| !ts.iter().any(|t| type_matches(t, &kind)))
+        {
+            return false;
+        }
     }
     match &filter.url_filter {
         None => true,

@@ -22,6 +22,10 @@ pub struct Pdu {
     pub redacts: Option<OwnedEventId>,
     pub depth: u64,
     pub rejected: bool,
+    /// What the server itself keeps in the event's `unsigned` (`redacted_because`), for
+    /// clients; converted once, because reading it out of `json` for every event a sync
+    /// sends cost more than writing the event.
+    pub unsigned: Option<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
     /// The full signed event as it is sent to other servers; shared, because events
     /// are copied out of the cache for every reader and the JSON never changes.
     pub json: std::sync::Arc<CanonicalJsonObject>,
@@ -114,6 +118,10 @@ impl Pdu {
             redacts,
             depth,
             rejected: false,
+            unsigned: match json.get("unsigned").map(serde_json::to_value) {
+                Some(Ok(serde_json::Value::Object(m))) => Some(std::sync::Arc::new(m)),
+                _ => None,
+            },
             json: std::sync::Arc::new(json),
         })
     }
