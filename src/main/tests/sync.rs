@@ -435,3 +435,45 @@ async fn push_rules_drive_counts_threads_and_the_notification_list() {
     let after = sync(&s, &bt, "").await;
     assert_eq!(after["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 4);
 }
+
+#[tokio::test]
+async fn only_the_sending_device_gets_its_transaction_id_back() {
+    let s = TestServer::start(OPEN).await;
+    let (_alice, phone) = s.register("alice").await;
+    let (_bob, bt) = s.register("bob").await;
+    let (status, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password",
+                    "identifier": {"type": "m.id.user", "user": "alice"},
+                    "password": "password123"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let laptop = login["access_token"].as_str().unwrap().to_owned();
+    let room = s.create_room(&phone, json!({"preset": "public_chat"})).await;
+    s.join_room(&bt, &room).await;
+    let (status, sent) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/echo-1"),
+            &phone,
+            &json!({"msgtype": "m.text", "body": "local echo"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{sent}");
+    let event_id = sent["event_id"].as_str().unwrap();
+    let txn_of = |body: &Value| {
+        let events = body["rooms"]["join"][&room]["timeline"]["events"].as_array().cloned();
+        let event = events.unwrap_or_default().into_iter().find(|e| e["event_id"] == event_id);
+        event.map(|e| e["unsigned"]["transaction_id"].clone())
+    };
+    assert_eq!(txn_of(&sync(&s, &phone, "").await), Some(json!("echo-1")));
+    assert_eq!(txn_of(&sync(&s, &laptop, "").await), Some(Value::Null));
+    assert_eq!(txn_of(&sync(&s, &bt, "").await), Some(Value::Null));
+    // The same holds where events are read outside sync.
+    let path = format!("/_matrix/client/v3/rooms/{room}/event/{event_id}");
+    let (_, event) = s.get_auth(&path, &phone).await;
+    assert_eq!(event["unsigned"]["transaction_id"], "echo-1", "{event}");
+    let (_, event) = s.get_auth(&path, &bt).await;
+    assert!(event["unsigned"].get("transaction_id").is_none(), "{event}");
+}

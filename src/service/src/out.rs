@@ -123,6 +123,25 @@ pub struct Unsigned {
     pub age: Option<u64>,
     /// Bundled aggregations.
     pub relations: Option<Value>,
+    /// The transaction id the reading device sent the event with.
+    pub transaction_id: Option<String>,
+}
+
+impl Unsigned {
+    /// The `unsigned` fields of `pdu` for a reader (`user_id` on `device_id`) at
+    /// `now_ms`.
+    pub fn for_reader(pdu: &Pdu, user_id: &str, device_id: &str, now_ms: u64) -> Self {
+        let transaction_id = pdu
+            .transaction
+            .as_ref()
+            .filter(|t| t.device_id == device_id && pdu.sender.as_str() == user_id)
+            .map(|t| t.txn_id.clone());
+        Self {
+            age: Some(now_ms.saturating_sub(u64::from(pdu.origin_server_ts.get()))),
+            relations: None,
+            transaction_id,
+        }
+    }
 }
 
 impl ClientEvent {
@@ -187,7 +206,7 @@ struct UnsignedView<'a> {
 impl Serialize for UnsignedView<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(None)?;
-        let added = ["age", "m.relations"];
+        let added = ["age", "m.relations", "transaction_id"];
         for (key, value) in self.stored.into_iter().flatten() {
             if !added.contains(&key.as_str()) {
                 map.serialize_entry(key, value)?;
@@ -198,6 +217,9 @@ impl Serialize for UnsignedView<'_> {
         }
         if let Some(relations) = &self.added.relations {
             map.serialize_entry("m.relations", relations)?;
+        }
+        if let Some(txn_id) = &self.added.transaction_id {
+            map.serialize_entry("transaction_id", txn_id)?;
         }
         map.end()
     }

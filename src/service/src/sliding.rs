@@ -16,7 +16,7 @@ use trellis_core::{Error, Result};
 use crate::{
     Services,
     rooms::Pdu,
-    sync::{STRIPPED_STATE, stripped, sync_event},
+    sync::{STRIPPED_STATE, attach_bundle, reader_event, stripped, sync_event},
 };
 
 /// Positions handed out per connection that a client may still come back with.
@@ -266,7 +266,7 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
     for (room_id, (wants, membership, bump)) in &selected {
         let known = previous.rooms.get(room_id).copied();
         let room = if membership == "join" {
-            joined_room(services, req.user_id, room_id, wants, known, now, *bump)?
+            joined_room(services, req, room_id, wants, known, now, *bump)?
         } else {
             invited_room(services, req.user_id, room_id, known, *bump)?
         };
@@ -418,7 +418,7 @@ fn counts_and_name(services: &Services, user: &str, room_id: &str, room: &mut Va
 
 fn joined_room(
     services: &Services,
-    user: &str,
+    req: &SlidingRequest<'_>,
     room_id: &str,
     wants: &RoomWants,
     known: Option<u64>,
@@ -426,6 +426,7 @@ fn joined_room(
     bump: u64,
 ) -> Result<Option<Value>> {
     let rooms = &services.rooms;
+    let user = req.user_id;
     if let Some(known) = known
         && !rooms.changed_after(room_id, known)?
     {
@@ -474,7 +475,14 @@ fn joined_room(
         changed.iter().map(|p| sync_event(p)).collect()
     };
     let first = events.first().map_or(now + 1, |(p, _)| *p);
-    let timeline: Vec<Value> = events.iter().map(|(_, p)| sync_event(p)).collect();
+    let timeline: Vec<Value> = events
+        .iter()
+        .map(|(_, p)| {
+            let mut event = reader_event(p, user, req.device_id);
+            attach_bundle(services, p, user, &mut event, sync_event)?;
+            Ok(event)
+        })
+        .collect::<Result<_>>()?;
     let mut room = json!({
         "timeline": timeline,
         "required_state": required,

@@ -98,6 +98,13 @@ pub fn sync_event(pdu: &Pdu) -> Value {
     EventView { pdu, unsigned: &Unsigned::default() }.to_value()
 }
 
+/// An event as a reader (`user_id` on `device_id`) gets it outside a sync answer: with
+/// its `age` and, for the device that sent it, its transaction id.
+pub fn reader_event(pdu: &Pdu, user_id: &str, device_id: &str) -> Value {
+    let now_ms = trellis_core::now_millis();
+    EventView { pdu, unsigned: &Unsigned::for_reader(pdu, user_id, device_id, now_ms) }.to_value()
+}
+
 /// Adds the aggregations the spec bundles with `pdu` (for `viewer`) to `event`'s
 /// `unsigned.m.relations`, rendering related events with `render`.
 pub fn attach_bundle(
@@ -535,11 +542,12 @@ impl Builder<'_> {
         Ok(events.into_iter().map(|p| self.client_event(p).into()).collect())
     }
 
-    /// `pdu` in the client format with its `age` as of this build.
+    /// `pdu` in the client format for this device, its `age` as of this build.
     fn client_event(&self, pdu: Arc<Pdu>) -> ClientEvent {
-        let age = self.now_ms.saturating_sub(u64::from(pdu.origin_server_ts.get()));
+        let unsigned =
+            Unsigned::for_reader(&pdu, self.req.user_id, self.req.device_id, self.now_ms);
         let mut event = ClientEvent::new(pdu);
-        event.unsigned.age = Some(age);
+        event.unsigned = unsigned;
         event
     }
 

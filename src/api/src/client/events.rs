@@ -45,6 +45,7 @@ pub(super) struct Viewer<'a> {
     ctx: &'a Ctx,
     pub room_id: &'a str,
     pub user: String,
+    device_id: String,
     ignored: HashSet<String>,
     view: VisibilityView,
 }
@@ -59,6 +60,7 @@ impl<'a> Viewer<'a> {
             return Err(Error::forbidden("You are not allowed to read this room"));
         }
         let localpart = &ctx.session()?.localpart;
+        let device_id = ctx.session()?.device_id.clone();
         let ignored = ctx
             .services
             .account_data
@@ -66,7 +68,7 @@ impl<'a> Viewer<'a> {
             .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
             .map(|users| users.keys().cloned().collect())
             .unwrap_or_default();
-        Ok(Self { ctx, room_id, user, ignored, view })
+        Ok(Self { ctx, room_id, user, device_id, ignored, view })
     }
 
     /// Whether the viewer gets this event: visible to them and not from someone they
@@ -80,7 +82,8 @@ impl<'a> Viewer<'a> {
 
     /// The event in client format with the aggregations the spec bundles with it.
     pub fn render(&self, pdu: &Pdu) -> Result<Value> {
-        let mut event = client_event(pdu, self.room_id);
+        let mut event = trellis_service::sync::reader_event(pdu, &self.user, &self.device_id);
+        event["room_id"] = json!(self.room_id);
         let room_id = self.room_id;
         trellis_service::sync::attach_bundle(
             &self.ctx.services,

@@ -106,6 +106,9 @@ pub struct StoredEvent {
     /// DAG, never served to clients (position 0, no timeline entry).
     #[serde(default)]
     pub soft_failed: bool,
+    /// The sending device's transaction, for local events sent with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction: Option<super::pdu::LocalTransaction>,
 }
 
 const ROOMS: Table<u64, Json<RoomRecord>> = Table::new(&catalog::ROOMS);
@@ -337,6 +340,7 @@ impl Timeline {
             .map_err(|e| Error::internal("stored event id", e))?;
         let mut pdu = Pdu::from_json(id, json)?;
         pdu.rejected = stored.rejected;
+        pdu.transaction = stored.transaction.map(Arc::new);
         let event = Arc::new(CachedEvent {
             pdu: Arc::new(pdu),
             reference_hash: stored.reference_hash,
@@ -512,7 +516,14 @@ impl Timeline {
         self.check_relation(room_short, &event.sender, &event.content)?;
 
         let redacts = event.redacts.clone();
-        let (pdu, hash) = self.build_checked(room_id, &room, &state, event)?;
+        let transaction = event.txn.as_ref().map(|(_, device_id, txn_id)| {
+            Arc::new(super::pdu::LocalTransaction {
+                device_id: device_id.clone(),
+                txn_id: txn_id.clone(),
+            })
+        });
+        let (mut pdu, hash) = self.build_checked(room_id, &room, &state, event)?;
+        pdu.transaction = transaction;
 
         let mut batch = Batch::new();
         if let Some(txn) = &txn_key {
@@ -796,6 +807,7 @@ impl Timeline {
                 state_before: state_before_id,
                 rejected: false,
                 soft_failed: false,
+                transaction: pdu.transaction.as_deref().cloned(),
             }),
         );
         TIMELINE.put(batch, &(room_short, ticket.position), &event_short);

@@ -248,6 +248,7 @@ impl Timeline {
                 state_before: 0,
                 rejected,
                 soft_failed,
+                transaction: None,
             }),
         );
         Ok(())

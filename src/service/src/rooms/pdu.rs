@@ -8,6 +8,14 @@ use ruma::{
 use serde_json::value::RawValue;
 use trellis_core::{Error, Result};
 
+/// The device and transaction id a local event was sent with, which the sending device
+/// gets back in `unsigned.transaction_id` to match the event with its local echo.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocalTransaction {
+    pub device_id: String,
+    pub txn_id: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct Pdu {
     pub event_id: OwnedEventId,
@@ -26,6 +34,8 @@ pub struct Pdu {
     /// clients; converted once, because reading it out of `json` for every event a sync
     /// sends cost more than writing the event.
     pub unsigned: Option<std::sync::Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// Set for events sent by a local client with a transaction id.
+    pub transaction: Option<std::sync::Arc<LocalTransaction>>,
     /// The full signed event as it is sent to other servers; shared, because events
     /// are copied out of the cache for every reader and the JSON never changes.
     pub json: std::sync::Arc<CanonicalJsonObject>,
@@ -122,6 +132,7 @@ impl Pdu {
                 Some(Ok(serde_json::Value::Object(m))) => Some(std::sync::Arc::new(m)),
                 _ => None,
             },
+            transaction: None,
             json: std::sync::Arc::new(json),
         })
     }
