@@ -434,6 +434,36 @@ async fn push_rules_drive_counts_threads_and_the_notification_list() {
     s.send_text(&at, &room, "muted").await;
     let after = sync(&s, &bt, "").await;
     assert_eq!(after["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 4);
+    let (_, list) = s.get_auth("/_matrix/client/v3/notifications", &bt).await;
+    assert_eq!(list["notifications"].as_array().unwrap().len(), 4, "{list}");
+
+    // Someone joining later is notified of what comes after their join only, and what
+    // notifies everyone still reaches each member once.
+    let (_carol, ct) = s.register("carol").await;
+    s.join_room(&ct, &room).await;
+    let joined = sync(&s, &ct, "").await;
+    let counts = &joined["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!(counts["notification_count"], 0, "{counts}");
+    s.send_text(&at, &room, "welcome").await;
+    let later = sync(&s, &ct, "").await;
+    let counts = &later["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!(counts["notification_count"], 1, "{counts}");
+    let (_, list) = s.get_auth("/_matrix/client/v3/notifications", &ct).await;
+    let list = list["notifications"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["event"]["content"]["body"], "welcome");
+    assert_eq!(list[0]["room_id"], room.as_str());
+    // The sender is not notified of their own message; bob's room stays muted.
+    let (_, list) = s.get_auth("/_matrix/client/v3/notifications", &at).await;
+    assert!(
+        list["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["event"]["content"]["body"] != "welcome")
+    );
+    let muted = sync(&s, &bt, "").await;
+    assert_eq!(muted["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 4);
 }
 
 #[tokio::test]

@@ -1,7 +1,9 @@
 //! Push rule evaluation: every stored event is evaluated against the push rules of each
 //! member it may concern (ruma's evaluator), before it becomes visible on the stream.
-//! What notifies is recorded per user and room, which gives the unread counts (per room
-//! and per thread) and the `/notifications` history.
+//! What notifies is recorded, which gives the unread counts (per room and per thread)
+//! and the `/notifications` history: one row per event for the members who all get the
+//! same from the server-default rules (most of them, most of the time), and rows per
+//! user for the others.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,7 +21,7 @@ use ruma::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use trellis_core::{Result, now_millis};
-use trellis_store::{Batch, Db, Direction, Json, Table, ValueCodec, catalog};
+use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::{Services, rooms::Pdu};
 
@@ -43,6 +45,40 @@ pub struct Notification {
 const UNREAD: Table<(String, String, u64), Json<Unread>> = Table::new(&catalog::NOTIFY_UNREAD);
 /// (user id, position) -> the notification, for `/notifications`
 const HISTORY: Table<(String, u64), Json<Notification>> = Table::new(&catalog::NOTIFY_HISTORY);
+/// (room id, position) -> the notification of every member joined at that position but
+/// the excluded
+const SHARED: Table<(String, u64), Json<Shared>> = Table::new(&catalog::NOTIFY_SHARED);
+
+/// An event's notification for the members it does not single out and whose rules are
+/// the server defaults: written once instead of twice per member, which was most of
+/// the cost of storing a message in a room of many members.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Shared {
+    unread: Unread,
+    /// The sender and every member evaluated on their own (whatever their rules gave).
+    excluded: Vec<String>,
+    event_id: String,
+    ts: u64,
+    actions: Value,
+}
+
+impl Shared {
+    /// Whether this notification is `user`'s, given their memberships in the room.
+    fn concerns(&self, user: &str, position: u64, memberships: &[(u64, String)]) -> bool {
+        !self.excluded.iter().any(|u| u == user)
+            && crate::rooms::visibility::at(memberships, position) == Some("join")
+    }
+
+    fn notification(&self, room_id: &str) -> Notification {
+        Notification {
+            room_id: room_id.to_owned(),
+            event_id: self.event_id.clone(),
+            highlight: self.unread.highlight,
+            ts: self.ts,
+            actions: self.actions.clone(),
+        }
+    }
+}
 
 /// Unread counts of one room: `(notifications, highlights)` and the same per thread.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -58,6 +94,9 @@ struct Counted {
     counts: Counts,
     upto: u64,
 }
+
+/// Shared notification rows one `/notifications` request reads per room at most.
+const HISTORY_SCAN_PER_ROOM: usize = 2_000;
 
 /// Rooms whose counts are kept; past this the memo starts over.
 const COUNTED_MAX: usize = 100_000;
@@ -115,12 +154,6 @@ static NOBODY_ID: std::sync::LazyLock<OwnedUserId> =
     std::sync::LazyLock::new(|| OwnedUserId::try_from(NOBODY).expect("a valid user id"));
 static NOBODY_RULES: std::sync::LazyLock<ruma::push::Ruleset> =
     std::sync::LazyLock::new(|| ruma::push::Ruleset::server_default(&NOBODY_ID));
-
-/// The stored values of a notification shared by many users.
-struct Encoded {
-    unread: Vec<u8>,
-    notification: Vec<u8>,
-}
 
 /// Whether the actions notify, and if so whether they highlight.
 fn notifies(actions: &[Action]) -> Option<bool> {
@@ -251,9 +284,9 @@ impl Notifier {
         let mut batch = Batch::new();
         let mut any = false;
         // What the default rules give a user the event does not single out, worked out
-        // once (with a user nobody can mention) instead of once per member; and its
-        // stored form, encoded once.
-        let mut unsingled: Option<(Vec<Action>, Option<Encoded>)> = None;
+        // once (with a user nobody can mention) instead of once per member.
+        let mut unsingled: Option<Vec<Action>> = None;
+        let mut excluded = vec![pdu.sender.to_string()];
         let nobody_unsingled = !singles.by_id(NOBODY);
         let unread_of = |highlight| Unread { highlight, thread: thread.clone() };
         let notification_of = |highlight, actions: &[Action]| Notification {
@@ -275,28 +308,11 @@ impl Notifier {
                         NOBODY_NAME.to_owned(),
                     );
                     ctx.power_levels = power_levels.clone();
-                    let actions = first_match(&NOBODY_RULES, &flat, &ctx).await;
-                    let encoded = notifies(&actions).map(|highlight| Encoded {
-                        unread: Json(unread_of(highlight)).to_value(),
-                        notification: Json(notification_of(highlight, &actions)).to_value(),
-                    });
-                    unsingled = Some((actions, encoded));
-                }
-                if let Some((_, Some(encoded))) = &unsingled {
-                    UNREAD.put_encoded(
-                        &mut batch,
-                        &(user.clone(), room_id.to_owned(), position),
-                        encoded.unread.clone(),
-                    );
-                    HISTORY.put_encoded(
-                        &mut batch,
-                        &(user, position),
-                        encoded.notification.clone(),
-                    );
-                    any = true;
+                    unsingled = Some(first_match(&NOBODY_RULES, &flat, &ctx).await);
                 }
                 continue;
             }
+            excluded.push(user.clone());
             let display_name = name.unwrap_or_else(|| user_id.localpart().to_owned());
             let mut ctx =
                 PushConditionRoomCtx::new(room.clone(), member_count, user_id, display_name);
@@ -306,6 +322,19 @@ impl Notifier {
             let unread = unread_of(highlight);
             UNREAD.put(&mut batch, &(user.clone(), room_id.to_owned(), position), &Json(unread));
             HISTORY.put(&mut batch, &(user, position), &Json(notification_of(highlight, &actions)));
+            any = true;
+        }
+        if let Some(actions) = unsingled
+            && let Some(highlight) = notifies(&actions)
+        {
+            let shared = Shared {
+                unread: unread_of(highlight),
+                excluded,
+                event_id: pdu.event_id.to_string(),
+                ts: now_millis(),
+                actions: serde_json::to_value(&actions).unwrap_or(Value::Null),
+            };
+            SHARED.put(&mut batch, &(room_id.to_owned(), position), &Json(shared));
             any = true;
         }
         if !any {
@@ -354,10 +383,8 @@ impl Notifier {
         // Rows are counted alike whenever they are read, so counts so far plus those of
         // the rows since are the counts from scratch.
         let (mut counts, from) = known.unwrap_or((Counts::default(), lowest));
-        let lo = (user.to_owned(), room_id.to_owned(), from.max(lowest));
-        let hi = (user.to_owned(), room_id.to_owned(), upto);
-        for row in UNREAD.scan_range(&*self.db, Excluded(&lo), Included(&hi), Direction::Forward)? {
-            let ((_, _, pos), Json(unread)) = row?;
+        let from = from.max(lowest);
+        let mut tally = |pos: u64, unread: &Unread| {
             let (read, slot) = match &unread.thread {
                 Some(root) => {
                     let read = unthreaded.max(per_thread.get(root).copied().unwrap_or(0));
@@ -368,6 +395,24 @@ impl Notifier {
             if pos > read {
                 slot.0 += 1;
                 slot.1 += u64::from(unread.highlight);
+            }
+        };
+        let lo = (user.to_owned(), room_id.to_owned(), from);
+        let hi = (user.to_owned(), room_id.to_owned(), upto);
+        for row in UNREAD.scan_range(&*self.db, Excluded(&lo), Included(&hi), Direction::Forward)? {
+            let ((_, _, pos), Json(unread)) = row?;
+            tally(pos, &unread);
+        }
+        let lo = (room_id.to_owned(), from);
+        let hi = (room_id.to_owned(), upto);
+        let mut memberships = None;
+        for row in SHARED.scan_range(&*self.db, Excluded(&lo), Included(&hi), Direction::Forward)? {
+            let ((_, pos), Json(shared)) = row?;
+            if memberships.is_none() {
+                memberships = Some(services.rooms.membership_log(room_id, user)?);
+            }
+            if shared.concerns(user, pos, memberships.as_deref().unwrap_or_default()) {
+                tally(pos, &shared.unread);
             }
         }
         counts.threads.retain(|_, c| c.0 > 0);
@@ -381,31 +426,66 @@ impl Notifier {
         Ok(counts)
     }
 
-    /// The user's notifications, newest first, before position `from`.
+    /// The user's notifications, newest first, before position `from`: their own rows
+    /// merged with the shared rows of every room they have been in.
     pub fn history(
         &self,
+        services: &Services,
         user: &str,
         from: Option<u64>,
         limit: usize,
         only_highlight: bool,
     ) -> Result<HistoryPage> {
+        let limit = limit.max(1);
+        let before = from.unwrap_or(u64::MAX);
+        let mut found: Vec<(u64, Notification)> = Vec::new();
         let lo = (user.to_owned(), 0);
-        let hi = (user.to_owned(), from.unwrap_or(u64::MAX));
-        let hi = if from.is_some() { Excluded(&hi) } else { Included(&hi) };
-        let mut out = Vec::new();
-        let mut next = None;
-        for row in HISTORY.scan_range(&*self.db, Included(&lo), hi, Direction::Backward)? {
+        let hi = (user.to_owned(), before);
+        for row in
+            HISTORY.scan_range(&*self.db, Included(&lo), Excluded(&hi), Direction::Backward)?
+        {
             let ((_, pos), Json(n)) = row?;
             if only_highlight && !n.highlight {
                 continue;
             }
-            if out.len() == limit {
-                next = out.last().map(|(p, _): &(u64, Notification)| *p);
+            found.push((pos, n));
+            if found.len() > limit {
                 break;
             }
-            out.push((pos, n));
         }
-        Ok((out, next))
+        for room in services.rooms.user_rooms(user)? {
+            let room_id = room.room_id.as_str();
+            let memberships = services.rooms.membership_log(room_id, user)?;
+            let Some(&(first_member, _)) = memberships.first() else { continue };
+            let lo = (room_id.to_owned(), first_member);
+            let hi = (room_id.to_owned(), before);
+            let mut taken = 0;
+            // A room the user muted has rows that are never theirs: how far back one
+            // request looks in a room is bounded.
+            let rows = SHARED
+                .scan_range(&*self.db, Included(&lo), Excluded(&hi), Direction::Backward)?
+                .take(HISTORY_SCAN_PER_ROOM);
+            for row in rows {
+                let ((_, pos), Json(shared)) = row?;
+                if (only_highlight && !shared.unread.highlight)
+                    || !shared.concerns(user, pos, &memberships)
+                {
+                    continue;
+                }
+                found.push((pos, shared.notification(room_id)));
+                taken += 1;
+                if taken > limit {
+                    break;
+                }
+            }
+        }
+        found.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
+        let mut next = None;
+        if found.len() > limit {
+            found.truncate(limit);
+            next = found.last().map(|(p, _)| *p);
+        }
+        Ok((found, next))
     }
 }
 

@@ -109,6 +109,9 @@ tables! {
     NOTIFY_UNREAD = "notify_unread", Scan;
     // (user id, position) -> notification, for `/notifications`
     NOTIFY_HISTORY = "notify_history", Scan;
+    // (room id, position) -> what a notifying event counts as for every member then
+    // joined but those it lists (their rows, if any, are in the two tables above)
+    NOTIFY_SHARED = "notify_shared", Scan;
     // (user localpart, device id) -> the device's identity keys as uploaded
     DEVICE_KEYS = "device_keys", Scan;
     // (user localpart, device id, algorithm, key id) -> an unclaimed one-time key

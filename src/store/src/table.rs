@@ -33,11 +33,6 @@ impl<K: KeyCodec + 'static, V: ValueCodec + 'static> Table<K, V> {
         batch.put_raw(self.def, key.to_key(), value.to_value());
     }
 
-    /// [`Self::put`] of a value already encoded (one value written under many keys).
-    pub fn put_encoded(&self, batch: &mut Batch, key: &K, encoded: Vec<u8>) {
-        batch.put_raw(self.def, key.to_key(), encoded);
-    }
-
     pub fn delete(&self, batch: &mut Batch, key: &K) {
         batch.delete_raw(self.def, key.to_key());
     }

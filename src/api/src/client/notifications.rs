@@ -36,7 +36,7 @@ async fn notifications(ctx: Ctx, req: Request) -> Result<Response> {
         .clamp(1, MAX_LIMIT);
     let only_highlight = req.only.as_deref() == Some("highlight");
     let services = &ctx.services;
-    let (rows, next) = services.notifier.history(&user, from, limit, only_highlight)?;
+    let (rows, next) = services.notifier.history(services, &user, from, limit, only_highlight)?;
     let mut out = Vec::with_capacity(rows.len());
     for (position, n) in rows {
         let Some(stored) = services.rooms.cached_event(&n.event_id)? else { continue };

@@ -170,6 +170,16 @@ impl Timeline {
     /// What one user may see of one room, loaded once: a page of history is then
     /// checked in memory. A user's membership changes and a room's visibility changes
     /// are few, so both lists are small.
+    /// The user's membership changes in the room, `(position, membership)` in order.
+    pub fn membership_log(&self, room_id: &str, user: &str) -> Result<Vec<(u64, String)>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
+        MEMBERSHIP_LOG
+            .scan_prefix(&*self.db, &(room, user.to_owned()), Direction::Forward)?
+            .map(|row| row.map(|((_, _, pos), Json(row))| (pos, row.membership)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Into::into)
+    }
+
     pub fn visibility_view(&self, room_id: &str, user: &str) -> Result<VisibilityView> {
         let mut view = VisibilityView { user: user.to_owned(), ..VisibilityView::default() };
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(view) };
@@ -264,7 +274,7 @@ pub struct VisibilityView {
 }
 
 /// The entry in effect at `position`: the last one at or before it.
-fn at(entries: &[(u64, String)], position: u64) -> Option<&str> {
+pub fn at(entries: &[(u64, String)], position: u64) -> Option<&str> {
     let idx = entries.partition_point(|(p, _)| *p <= position);
     idx.checked_sub(1).map(|i| entries[i].1.as_str())
 }
