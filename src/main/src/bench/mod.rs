@@ -287,6 +287,28 @@ impl Api {
     pub async fn sync(&self, token: &str, query: &str) -> Result<Value, String> {
         self.call(Method::GET, &format!("/_matrix/client/v3/sync?{query}"), token, None).await
     }
+
+    /// [`Self::sync`] with the time until its whole answer arrived: the load generator
+    /// parsing a large answer into a tree afterwards is not the server's time.
+    pub async fn sync_timed(&self, token: &str, query: &str) -> Result<(Duration, Value), String> {
+        let path = format!("/_matrix/client/v3/sync?{query}");
+        let started = Instant::now();
+        let resp = self
+            .client
+            .get(self.url(&path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(|e| format!("GET {path}: {e}"))?;
+        let elapsed = started.elapsed();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status != 200 {
+            return Err(format!("GET {path}: {status} {value}"));
+        }
+        Ok((elapsed, value))
+    }
 }
 
 /// The `next_batch` token of a sync answer.

@@ -97,10 +97,9 @@ pub async fn initial_sync(args: InitialSyncArgs) -> Result<Value, String> {
     let (mut errors, mut rooms_seen) = (0, 0);
     let probe = ServerProbe::start(args.common.server_pid);
     for _ in 0..args.samples {
-        let t = Instant::now();
-        match api.sync(&token, "").await {
-            Ok(body) => {
-                latencies.push(t.elapsed());
+        match api.sync_timed(&token, "").await {
+            Ok((elapsed, body)) => {
+                latencies.push(elapsed);
                 rooms_seen = body["rooms"]["join"].as_object().map_or(0, |r| r.len());
             }
             Err(_) => errors += 1,
