@@ -464,6 +464,21 @@ async fn push_rules_drive_counts_threads_and_the_notification_list() {
     );
     let muted = sync(&s, &bt, "").await;
     assert_eq!(muted["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 4);
+
+    // After leaving, what came while carol was in the room stays in her list and what
+    // comes after does not join it.
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &ct, &json!({})).await;
+    assert_eq!(status, 200);
+    s.send_text(&at, &room, "after carol left").await;
+    let (_, list) = s.get_auth("/_matrix/client/v3/notifications", &ct).await;
+    let bodies: Vec<&Value> = list["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| &n["event"]["content"]["body"])
+        .collect();
+    assert_eq!(bodies, vec!["welcome"], "{list}");
 }
 
 #[tokio::test]

@@ -55,7 +55,8 @@ const SHARED: Table<(String, u64), Json<Shared>> = Table::new(&catalog::NOTIFY_S
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Shared {
     unread: Unread,
-    /// The sender and every member evaluated on their own (whatever their rules gave).
+    /// The sender and every member evaluated on their own (whatever their rules gave),
+    /// sorted.
     excluded: Vec<String>,
     event_id: String,
     ts: u64,
@@ -65,7 +66,7 @@ struct Shared {
 impl Shared {
     /// Whether this notification is `user`'s, given their memberships in the room.
     fn concerns(&self, user: &str, position: u64, memberships: &[(u64, String)]) -> bool {
-        !self.excluded.iter().any(|u| u == user)
+        self.excluded.binary_search_by(|u| u.as_str().cmp(user)).is_err()
             && crate::rooms::visibility::at(memberships, position) == Some("join")
     }
 
@@ -327,6 +328,7 @@ impl Notifier {
         if let Some(actions) = unsingled
             && let Some(highlight) = notifies(&actions)
         {
+            excluded.sort_unstable();
             let shared = Shared {
                 unread: unread_of(highlight),
                 excluded,
@@ -403,17 +405,34 @@ impl Notifier {
             let ((_, _, pos), Json(unread)) = row?;
             tally(pos, &unread);
         }
-        let lo = (room_id.to_owned(), from);
+        // The shared rows since `from`; the member's membership log is read at the first
+        // one, and rows from before they first joined (a member without any receipt
+        // counts from 0) are skipped over with one seek instead of read.
         let hi = (room_id.to_owned(), upto);
-        let mut memberships = None;
-        for row in SHARED.scan_range(&*self.db, Excluded(&lo), Included(&hi), Direction::Forward)? {
-            let ((_, pos), Json(shared)) = row?;
-            if memberships.is_none() {
-                memberships = Some(services.rooms.membership_log(room_id, user)?);
+        let mut start = from;
+        let mut memberships: Option<Vec<(u64, String)>> = None;
+        'scan: loop {
+            let lo = (room_id.to_owned(), start);
+            let rows =
+                SHARED.scan_range(&*self.db, Excluded(&lo), Included(&hi), Direction::Forward)?;
+            for row in rows {
+                let ((_, pos), Json(shared)) = row?;
+                let log = match &memberships {
+                    Some(log) => log,
+                    None => memberships.insert(services.rooms.membership_log(room_id, user)?),
+                };
+                let first_join =
+                    crate::rooms::visibility::joined_stretches(log).first().map(|s| s.0);
+                let Some(first_join) = first_join else { break 'scan };
+                if pos < first_join && start < first_join {
+                    start = first_join;
+                    continue 'scan;
+                }
+                if shared.concerns(user, pos, log) {
+                    tally(pos, &shared.unread);
+                }
             }
-            if shared.concerns(user, pos, memberships.as_deref().unwrap_or_default()) {
-                tally(pos, &shared.unread);
-            }
+            break;
         }
         counts.threads.retain(|_, c| c.0 > 0);
         let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
@@ -436,7 +455,6 @@ impl Notifier {
         limit: usize,
         only_highlight: bool,
     ) -> Result<HistoryPage> {
-        let limit = limit.max(1);
         let before = from.unwrap_or(u64::MAX);
         let mut found: Vec<(u64, Notification)> = Vec::new();
         let lo = (user.to_owned(), 0);
@@ -453,37 +471,75 @@ impl Notifier {
                 break;
             }
         }
+        // Rows at or below `floor` may be missing from this page: a room whose scan hit
+        // its cap was not read below it, so the page stops there and the next starts
+        // below it.
+        let mut floor = 0;
+        // Once a page and one are found, older rows cannot make it: later rooms are read
+        // only above the oldest of those.
+        let oldest_needed = |found: &mut Vec<(u64, Notification)>| {
+            if found.len() > limit {
+                found.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
+                found.truncate(limit + 1);
+                found.last().map_or(0, |(p, _)| *p)
+            } else {
+                0
+            }
+        };
+        let mut above = oldest_needed(&mut found);
         for room in services.rooms.user_rooms(user)? {
             let room_id = room.room_id.as_str();
             let memberships = services.rooms.membership_log(room_id, user)?;
-            let Some(&(first_member, _)) = memberships.first() else { continue };
-            let lo = (room_id.to_owned(), first_member);
-            let hi = (room_id.to_owned(), before);
-            let mut taken = 0;
-            // A room the user muted has rows that are never theirs: how far back one
-            // request looks in a room is bounded.
-            let rows = SHARED
-                .scan_range(&*self.db, Included(&lo), Excluded(&hi), Direction::Backward)?
-                .take(HISTORY_SCAN_PER_ROOM);
-            for row in rows {
-                let ((_, pos), Json(shared)) = row?;
-                if (only_highlight && !shared.unread.highlight)
-                    || !shared.concerns(user, pos, &memberships)
-                {
+            let mut budget = HISTORY_SCAN_PER_ROOM;
+            // Only the stretches the user was joined, newest first.
+            for (first, last) in
+                crate::rooms::visibility::joined_stretches(&memberships).into_iter().rev()
+            {
+                let top = last.min(before.saturating_sub(1));
+                let bottom = first.max(above).max(floor);
+                if top < bottom || budget == 0 {
                     continue;
                 }
-                found.push((pos, shared.notification(room_id)));
-                taken += 1;
-                if taken > limit {
-                    break;
+                let lo = (room_id.to_owned(), bottom);
+                let hi = (room_id.to_owned(), top);
+                let rows = SHARED.scan_range(
+                    &*self.db,
+                    Included(&lo),
+                    Included(&hi),
+                    Direction::Backward,
+                )?;
+                let mut taken = 0;
+                for row in rows {
+                    let ((_, pos), Json(shared)) = row?;
+                    budget -= 1;
+                    if (!only_highlight || shared.unread.highlight)
+                        && shared.concerns(user, pos, &memberships)
+                    {
+                        found.push((pos, shared.notification(room_id)));
+                        taken += 1;
+                    }
+                    if budget == 0 {
+                        // A muted room's rows are never the user's: how far one request
+                        // reads in a room is bounded.
+                        floor = floor.max(pos);
+                        break;
+                    }
+                    if taken > limit {
+                        break;
+                    }
                 }
             }
+            above = oldest_needed(&mut found);
         }
+        found.retain(|(p, _)| *p >= floor);
         found.sort_by_key(|(p, _)| std::cmp::Reverse(*p));
         let mut next = None;
         if found.len() > limit {
             found.truncate(limit);
             next = found.last().map(|(p, _)| *p);
+        } else if floor > 0 {
+            // The rows below the cut are still to be read.
+            next = Some(floor);
         }
         Ok((found, next))
     }

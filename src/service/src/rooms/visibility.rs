@@ -167,9 +167,6 @@ impl Timeline {
         VISIBILITY_LOG.put(batch, &(room, 0), &visibility.to_owned());
     }
 
-    /// What one user may see of one room, loaded once: a page of history is then
-    /// checked in memory. A user's membership changes and a room's visibility changes
-    /// are few, so both lists are small.
     /// The user's membership changes in the room, `(position, membership)` in order.
     pub fn membership_log(&self, room_id: &str, user: &str) -> Result<Vec<(u64, String)>> {
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
@@ -180,6 +177,9 @@ impl Timeline {
             .map_err(Into::into)
     }
 
+    /// What one user may see of one room, loaded once: a page of history is then
+    /// checked in memory. A user's membership changes and a room's visibility changes
+    /// are few, so both lists are small.
     pub fn visibility_view(&self, room_id: &str, user: &str) -> Result<VisibilityView> {
         let mut view = VisibilityView { user: user.to_owned(), ..VisibilityView::default() };
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(view) };
@@ -273,6 +273,22 @@ pub struct VisibilityView {
     visibilities: Vec<(u64, String)>,
 }
 
+/// The stretches of `memberships` (a [`Timeline::membership_log`]) during which the user
+/// was joined, `(first position, last position)`, oldest first.
+pub fn joined_stretches(memberships: &[(u64, String)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (i, (pos, membership)) in memberships.iter().enumerate() {
+        if membership == "join" && (i == 0 || memberships[i - 1].1 != "join") {
+            let end = memberships[i + 1..]
+                .iter()
+                .find(|(_, m)| m != "join")
+                .map_or(u64::MAX, |(p, _)| p.saturating_sub(1));
+            out.push((*pos, end));
+        }
+    }
+    out
+}
+
 /// The entry in effect at `position`: the last one at or before it.
 pub fn at(entries: &[(u64, String)], position: u64) -> Option<&str> {
     let idx = entries.partition_point(|(p, _)| *p <= position);
@@ -312,6 +328,19 @@ impl VisibilityView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joined_stretches_run_from_a_join_to_the_position_before_the_next_non_join() {
+        let log = |v: &[(u64, &str)]| -> Vec<(u64, String)> {
+            v.iter().map(|(p, s)| (*p, (*s).to_owned())).collect()
+        };
+        assert_eq!(joined_stretches(&log(&[])), vec![]);
+        assert_eq!(joined_stretches(&log(&[(3, "invite")])), vec![]);
+        // A profile change (join after join) does not start a new stretch.
+        let rejoined = log(&[(2, "invite"), (5, "join"), (9, "join"), (12, "leave"), (20, "join")]);
+        assert_eq!(joined_stretches(&rejoined), vec![(5, 11), (20, u64::MAX)]);
+        assert_eq!(joined_stretches(&log(&[(1, "join"), (4, "ban")])), vec![(1, 3)]);
+    }
 
     fn view(memberships: &[(u64, &str)], visibilities: &[(u64, &str)]) -> VisibilityView {
         let own = |v: &[(u64, &str)]| v.iter().map(|(p, s)| (*p, (*s).to_owned())).collect();
