@@ -46,8 +46,12 @@ const UNREAD: Table<(String, String, u64), Json<Unread>> = Table::new(&catalog::
 /// (user id, position) -> the notification, for `/notifications`
 const HISTORY: Table<(String, u64), Json<Notification>> = Table::new(&catalog::NOTIFY_HISTORY);
 /// (room id, position) -> the notification of every member joined at that position but
-/// the excluded
+/// its sender and the excluded
 const SHARED: Table<(String, u64), Json<Shared>> = Table::new(&catalog::NOTIFY_SHARED);
+/// (room id, position, user id) -> (): members evaluated on their own, whatever their
+/// rules gave; kept apart from the shared row, which every member's count reads, so that
+/// row stays small in a large room where many members have rules of their own
+const EXCLUDED: Table<(String, u64, String), ()> = Table::new(&catalog::NOTIFY_EXCLUDED);
 
 /// An event's notification for the members it does not single out and whose rules are
 /// the server defaults: written once instead of twice per member, which was most of
@@ -55,19 +59,26 @@ const SHARED: Table<(String, u64), Json<Shared>> = Table::new(&catalog::NOTIFY_S
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Shared {
     unread: Unread,
-    /// The sender and every member evaluated on their own (whatever their rules gave),
-    /// sorted.
-    excluded: Vec<String>,
+    sender: String,
     event_id: String,
     ts: u64,
     actions: Value,
 }
 
 impl Shared {
-    /// Whether this notification is `user`'s, given their memberships in the room.
-    fn concerns(&self, user: &str, position: u64, memberships: &[(u64, String)]) -> bool {
-        self.excluded.binary_search_by(|u| u.as_str().cmp(user)).is_err()
+    /// Whether the shared row of `room_id` at `position` is `user`'s, given their
+    /// memberships in the room.
+    fn concerns(
+        &self,
+        db: &dyn trellis_store::Engine,
+        room_id: &str,
+        position: u64,
+        user: &str,
+        memberships: &[(u64, String)],
+    ) -> Result<bool> {
+        Ok(self.sender != user
             && crate::rooms::visibility::at(memberships, position) == Some("join")
+            && !EXCLUDED.contains(db, &(room_id.to_owned(), position, user.to_owned()))?)
     }
 
     fn notification(&self, room_id: &str) -> Notification {
@@ -287,7 +298,7 @@ impl Notifier {
         // What the default rules give a user the event does not single out, worked out
         // once (with a user nobody can mention) instead of once per member.
         let mut unsingled: Option<Vec<Action>> = None;
-        let mut excluded = vec![pdu.sender.to_string()];
+        let mut individual = Vec::new();
         let nobody_unsingled = !singles.by_id(NOBODY);
         let unread_of = |highlight| Unread { highlight, thread: thread.clone() };
         let notification_of = |highlight, actions: &[Action]| Notification {
@@ -313,7 +324,7 @@ impl Notifier {
                 }
                 continue;
             }
-            excluded.push(user.clone());
+            individual.push(user.clone());
             let display_name = name.unwrap_or_else(|| user_id.localpart().to_owned());
             let mut ctx =
                 PushConditionRoomCtx::new(room.clone(), member_count, user_id, display_name);
@@ -328,10 +339,12 @@ impl Notifier {
         if let Some(actions) = unsingled
             && let Some(highlight) = notifies(&actions)
         {
-            excluded.sort_unstable();
+            for user in individual {
+                EXCLUDED.put(&mut batch, &(room_id.to_owned(), position, user), &());
+            }
             let shared = Shared {
                 unread: unread_of(highlight),
-                excluded,
+                sender: pdu.sender.to_string(),
                 event_id: pdu.event_id.to_string(),
                 ts: now_millis(),
                 actions: serde_json::to_value(&actions).unwrap_or(Value::Null),
@@ -428,7 +441,7 @@ impl Notifier {
                     start = first_join;
                     continue 'scan;
                 }
-                if shared.concerns(user, pos, log) {
+                if shared.concerns(&*self.db, room_id, pos, user, log)? {
                     tally(pos, &shared.unread);
                 }
             }
@@ -513,7 +526,7 @@ impl Notifier {
                     let ((_, pos), Json(shared)) = row?;
                     budget -= 1;
                     if (!only_highlight || shared.unread.highlight)
-                        && shared.concerns(user, pos, &memberships)
+                        && shared.concerns(&*self.db, room_id, pos, user, &memberships)?
                     {
                         found.push((pos, shared.notification(room_id)));
                         taken += 1;

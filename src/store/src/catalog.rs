@@ -110,8 +110,11 @@ tables! {
     // (user id, position) -> notification, for `/notifications`
     NOTIFY_HISTORY = "notify_history", Scan;
     // (room id, position) -> what a notifying event counts as for every member then
-    // joined but those it lists (their rows, if any, are in the two tables above)
+    // joined but its sender and those in `notify_excluded`
     NOTIFY_SHARED = "notify_shared", Scan;
+    // (room id, position, user id) -> (): a member the event was evaluated for on their
+    // own (their rows, if any, are in `notify_unread` and `notify_history`)
+    NOTIFY_EXCLUDED = "notify_excluded", Point;
     // (user localpart, device id) -> the device's identity keys as uploaded
     DEVICE_KEYS = "device_keys", Scan;
     // (user localpart, device id, algorithm, key id) -> an unclaimed one-time key
