@@ -423,7 +423,9 @@ impl Notifier {
         // counts from 0) are skipped over with one seek instead of read.
         let hi = (room_id.to_owned(), upto);
         let mut start = from;
+        // The member's membership log and first join, read at the first row.
         let mut memberships: Option<Vec<(u64, String)>> = None;
+        let mut first_join = None;
         'scan: loop {
             let lo = (room_id.to_owned(), start);
             let rows =
@@ -432,10 +434,12 @@ impl Notifier {
                 let ((_, pos), Json(shared)) = row?;
                 let log = match &memberships {
                     Some(log) => log,
-                    None => memberships.insert(services.rooms.membership_log(room_id, user)?),
+                    None => {
+                        let log = services.rooms.membership_log(room_id, user)?;
+                        first_join = log.iter().find(|(_, m)| m == "join").map(|(p, _)| *p);
+                        memberships.insert(log)
+                    }
                 };
-                let first_join =
-                    crate::rooms::visibility::joined_stretches(log).first().map(|s| s.0);
                 let Some(first_join) = first_join else { break 'scan };
                 if pos < first_join && start < first_join {
                     start = first_join;

@@ -48,6 +48,13 @@ impl Out {
         }
     }
 
+    /// Leaves out the fields of an object that are empty sections.
+    pub fn drop_empty_sections(&mut self) {
+        if let Out::Object(fields) = self {
+            fields.retain(|(_, v)| !v.is_empty_section());
+        }
+    }
+
     /// Sets `key` of an object (replacing an earlier value); no-op on anything else.
     pub fn insert(&mut self, key: &'static str, value: impl Into<Out>) {
         if let Out::Object(fields) = self {
@@ -146,8 +153,8 @@ impl Unsigned {
 
 impl ClientEvent {
     /// The sync form: no `room_id`, the room being the key the event is filed under.
-    pub fn new(pdu: Arc<Pdu>) -> Self {
-        Self { pdu, unsigned: Unsigned::default() }
+    pub fn new(pdu: Arc<Pdu>, unsigned: Unsigned) -> Self {
+        Self { pdu, unsigned }
     }
 
     fn view(&self) -> EventView<'_> {

@@ -318,7 +318,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         || !e2ee.device_lists.is_empty();
     let next_batch = SyncToken { position: now, to_device: e2ee.to_device_upto }.render();
     let has_to_device = !e2ee.to_device.is_empty();
-    let body = crate::out_object! {
+    let mut body = crate::out_object! {
         "rooms": crate::out_object! {
             "join": Out::Object(join),
             "invite": Value::Object(invite),
@@ -333,9 +333,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             "left": e2ee.device_lists.left,
         },
     };
-    let Out::Object(mut fields) = body else { unreachable!("out_object! builds an object") };
-    fields.retain(|(_, v)| !v.is_empty_section());
-    let mut body = Out::Object(fields);
+    body.drop_empty_sections();
     body.insert("next_batch", next_batch.as_str());
     // Always present: clients read a missing count as "unknown", and the fallback list's
     // presence says the server supports fallback keys.
@@ -546,9 +544,7 @@ impl Builder<'_> {
     fn client_event(&self, pdu: Arc<Pdu>) -> ClientEvent {
         let unsigned =
             Unsigned::for_reader(&pdu, self.req.user_id, self.req.device_id, self.now_ms);
-        let mut event = ClientEvent::new(pdu);
-        event.unsigned = unsigned;
-        event
+        ClientEvent::new(pdu, unsigned)
     }
 
     fn render(&self, pdu: &Arc<Pdu>) -> Result<Out> {

@@ -183,12 +183,7 @@ impl Timeline {
     pub fn visibility_view(&self, room_id: &str, user: &str) -> Result<VisibilityView> {
         let mut view = VisibilityView { user: user.to_owned(), ..VisibilityView::default() };
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(view) };
-        for row in
-            MEMBERSHIP_LOG.scan_prefix(&*self.db, &(room, user.to_owned()), Direction::Forward)?
-        {
-            let ((_, _, pos), Json(row)) = row?;
-            view.memberships.push((pos, row.membership));
-        }
+        view.memberships = self.membership_log(room_id, user)?;
         for row in VISIBILITY_LOG.scan_prefix(&*self.db, &room, Direction::Forward)? {
             let ((_, pos), visibility) = row?;
             view.visibilities.push((pos, visibility));
