@@ -2,7 +2,7 @@
 //! shape (authenticate -> parse -> call the handler -> serialize), with paths and methods
 //! taken from ruma's metadata so they can never drift from the spec.
 
-use std::{collections::HashSet, future::Future};
+use std::{collections::HashSet, future::Future, pin::Pin};
 
 use axum::{
     Router,
@@ -187,6 +187,9 @@ where
     F: Fn(Ctx, R) -> Fut,
     Fut: Future<Output = Result<R::OutgoingResponse>>,
 {
+    // A request's future is allocated whole, at the size of its largest step, for as
+    // long as the request runs: for a held `/sync`, the poll's lifetime. Each large step
+    // is boxed so that the future only holds the step running now.
     let (mut parts, body) = req.into_parts();
     let mut args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, &()).await {
         Ok(params) => params.iter().map(|(_, v)| v.to_owned()).collect(),
@@ -199,12 +202,12 @@ where
     let session = match <R::Authentication as AuthPolicy>::KIND {
         AuthKind::None | AuthKind::Server => None,
         kind => match access_token(&parts) {
-            Some(token) => Some(services.accounts.authenticate(&token, &client).await?),
+            Some(token) => Some(Box::pin(services.accounts.authenticate(&token, &client)).await?),
             None if kind == AuthKind::Required => return Err(Error::missing_token()),
             None => None,
         },
     };
-    let mut bytes = read_body(body).await?;
+    let bytes = Box::pin(read_body(body)).await?;
     let origin = if <R::Authentication as AuthPolicy>::KIND == AuthKind::Server {
         let signed = http::Request::builder()
             .method(parts.method.clone())
@@ -214,23 +217,47 @@ where
         let (mut signed_parts, body) = signed.into_parts();
         signed_parts.headers = parts.headers.clone();
         Some(
-            services
-                .federation
-                .verify_request(&http::Request::from_parts(signed_parts, body))
-                .await?,
+            Box::pin(
+                services.federation.verify_request(&http::Request::from_parts(signed_parts, body)),
+            )
+            .await?,
         )
     } else {
         None
     };
     // Held until the answer is built: one server's requests take their turns.
     let _turn = match &origin {
-        Some(origin) => Some(services.federation.inbound_turn(origin).await?),
+        Some(origin) => Some(Box::pin(services.federation.inbound_turn(origin)).await?),
         None => None,
     };
     let ctx = Ctx { services, session, client, origin };
     if R::RATE_LIMITED {
         ctx.rate_limit(Class::Default)?;
     }
+    let future = start::<R, F, Fut>(ctx, parts, bytes, &args, &handler)?;
+    let response = future.await?;
+    let http_resp = response
+        .try_into_http_response::<Vec<u8>>()
+        .map_err(|e| Error::internal("serializing a response", e))?;
+    let (parts, body) = http_resp.into_parts();
+    let mut resp = json_response(parts.status, body);
+    *resp.headers_mut() = parts.headers;
+    Ok(resp)
+}
+
+/// Parses the request and starts its handler. A plain function, so that the parsed
+/// request (kilobytes for some endpoints) is never part of the request's future.
+fn start<R, F, Fut>(
+    ctx: Ctx,
+    parts: http::request::Parts,
+    mut bytes: axum::body::Bytes,
+    args: &[String],
+    handler: &F,
+) -> Result<Pin<Box<Fut>>>
+where
+    R: IncomingRequest,
+    F: Fn(Ctx, R) -> Fut,
+{
     // Some clients (matrix-nio's join, for one) send no body where every field is
     // optional; an empty body reads as the empty object, as other homeservers do.
     if bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {
@@ -255,15 +282,7 @@ where
         Ok(result) => result.map_err(parse_error)?,
         Err(_) => return Err(Error::bad_json("Malformed request body")),
     };
-
-    let response = handler(ctx, request).await?;
-    let http_resp = response
-        .try_into_http_response::<Vec<u8>>()
-        .map_err(|e| Error::internal("serializing a response", e))?;
-    let (parts, body) = http_resp.into_parts();
-    let mut resp = json_response(parts.status, body);
-    *resp.headers_mut() = parts.headers;
-    Ok(resp)
+    Ok(Box::pin(handler(ctx, request)))
 }
 
 /// Reads the whole body; the size limit layer has already bounded it.

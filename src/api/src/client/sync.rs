@@ -17,6 +17,7 @@ use ruma::api::{
     error::{DeserializationError, IntoHttpError},
 };
 use serde_json::{Value, json};
+use tracing::Instrument;
 use trellis_core::{Error, Result};
 use trellis_service::{filters, receipts, sync};
 
@@ -107,34 +108,61 @@ fn resolve_filter(ctx: &Ctx, filter: Option<&Filter>) -> Result<FilterDefinition
     }
 }
 
-async fn sync_handler(
+/// What a sync needs from its request, taken out of it by a plain function: a held poll
+/// keeps its future's whole state for as long as it waits, and the parsed request (with
+/// its inline filter) is some kilobytes.
+struct Params {
+    filter: Box<FilterDefinition>,
+    token: Option<sync::SyncToken>,
+    timeout: Duration,
+    full_state: bool,
+    use_state_after: bool,
+    set_presence: ruma::presence::PresenceState,
+}
+
+fn params(ctx: &Ctx, req: SyncRequest) -> Result<Params> {
+    let req = req.0;
+    Ok(Params {
+        filter: Box::new(resolve_filter(ctx, req.filter.as_ref())?),
+        token: req.since.as_deref().map(parse_since).transpose()?,
+        timeout: req.timeout.unwrap_or_default().min(MAX_TIMEOUT),
+        full_state: req.full_state,
+        use_state_after: req.use_state_after,
+        set_presence: req.set_presence,
+    })
+}
+
+fn sync_handler(
     ctx: Ctx,
     req: SyncRequest,
-) -> Result<JsonResponse<trellis_service::out::Out>> {
-    let req = req.0;
+) -> impl Future<Output = Result<JsonResponse<trellis_service::out::Out>>> {
+    let params = params(&ctx, req);
+    async move { sync_with(ctx, params?).await }
+}
+
+async fn sync_with(ctx: Ctx, params: Params) -> Result<JsonResponse<trellis_service::out::Out>> {
+    let Params { filter, token, timeout, full_state, use_state_after, set_presence } = params;
     let user_id = me(&ctx)?;
     let localpart = ctx.session()?.localpart.clone();
-    let filter = resolve_filter(&ctx, req.filter.as_ref())?;
-    let token = req.since.as_deref().map(parse_since).transpose()?;
     let since = token.map(|t| t.position);
     let device_id = ctx.session()?.device_id.clone();
     if let Some(token) = token {
         // Syncing from a token acknowledges the to-device messages it covered.
-        ctx.services.e2ee.ack_to_device(&localpart, &device_id, token.to_device).await?;
+        Box::pin(ctx.services.e2ee.ack_to_device(&localpart, &device_id, token.to_device)).await?;
     }
     // Syncing is activity, unless the client says it is offline or away.
-    match req.set_presence {
+    match set_presence {
         ruma::presence::PresenceState::Offline => {}
         ruma::presence::PresenceState::Unavailable => {
             let current = ctx.services.presence.status(&user_id)?;
             if current.presence != "unavailable" {
                 let status_msg = current.status_msg;
-                ctx.services.presence.set_state(&user_id, "unavailable", status_msg).await?;
+                Box::pin(ctx.services.presence.set_state(&user_id, "unavailable", status_msg))
+                    .await?;
             }
         }
         _ => ctx.services.presence.note_activity(&user_id),
     }
-    let timeout = req.timeout.unwrap_or_default().min(MAX_TIMEOUT);
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = ctx.services.rooms.stream.clone();
     let request = sync::SyncRequest {
@@ -143,36 +171,39 @@ async fn sync_handler(
         device_id: &device_id,
         since,
         to_device_since: token.map_or(0, |t| t.to_device),
-        full_state: req.full_state,
+        full_state,
         filter: &filter,
-        use_state_after: req.use_state_after,
+        use_state_after,
     };
     let span = tracing::debug_span!("sync", since = ?since, timeout_ms = timeout.as_millis());
-    let _enter = span.enter();
-    let mut rooms = ctx.services.rooms.user_rooms(&user_id)?;
-    loop {
-        // Subscribe before reading the position: a write in between still wakes us.
-        let waiting = sync::subscribe_rooms(&ctx.services, &user_id, &rooms);
-        let now = stream.visible();
-        // A client may hold a token from before a restart or from the future; never
-        // answer with a position below the one it has.
-        let now = now.max(since.unwrap_or(0));
-        let built = sync::build(&ctx.services, &request, now)?;
-        // A deadline already reached answers now: a timer would first wait for the
-        // timer wheel's next tick (a millisecond).
-        if built.has_updates
-            || since.is_none()
-            || req.full_state
-            || tokio::time::Instant::now() >= deadline
-        {
-            return Ok(JsonResponse(built.body));
+    async {
+        let mut rooms = ctx.services.rooms.user_rooms(&user_id)?;
+        loop {
+            // Subscribe before reading the position: a write in between still wakes us.
+            let waiting = sync::subscribe_rooms(&ctx.services, &user_id, &rooms);
+            let now = stream.visible();
+            // A client may hold a token from before a restart or from the future; never
+            // answer with a position below the one it has.
+            let now = now.max(since.unwrap_or(0));
+            let built = sync::build(&ctx.services, &request, now)?;
+            // A deadline already reached answers now: a timer would first wait for the
+            // timer wheel's next tick (a millisecond).
+            if built.has_updates
+                || since.is_none()
+                || full_state
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(JsonResponse(built.body));
+            }
+            if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
+                // Timed out: an empty answer moving the token on.
+                return Ok(JsonResponse(built.body));
+            }
+            rooms = built.rooms;
         }
-        if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
-            // Timed out: an empty answer moving the token on.
-            return Ok(JsonResponse(built.body));
-        }
-        rooms = built.rooms;
     }
+    .instrument(span)
+    .await
 }
 
 /// A `since` token of `/sync` (or of the WebSocket stream).
