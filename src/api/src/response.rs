@@ -45,7 +45,7 @@ pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
 }
 
 /// Rewrites framework-generated error responses (which are plain text) as Matrix errors.
-pub async fn matrix_errors(resp: Response) -> Response {
+pub fn matrix_errors(resp: Response) -> Response {
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)

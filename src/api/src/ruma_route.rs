@@ -147,8 +147,7 @@ where
                     filter,
                     move |axum::extract::State(state): axum::extract::State<AppState>,
                           req: Request| {
-                        let handler = handler.clone();
-                        async move { dispatch::<R, F, Fut>(state, req, handler, empty_key).await }
+                        dispatch::<R, F, Fut>(state, req, handler.clone(), empty_key)
                     },
                 ),
             );
@@ -157,39 +156,61 @@ where
     router
 }
 
-async fn dispatch<R, F, Fut>(
+/// Answers one request. Not an `async fn`: an async function's arguments stay in its
+/// future for its whole life, and a request's future is allocated whole, at the size of
+/// its largest step, for as long as the request runs (for a held `/sync`, the poll's
+/// lifetime). The preparation is boxed and freed once done, the parsed request never
+/// enters the future (see [`start`]) and the handler's future is boxed by itself.
+fn dispatch<R, F, Fut>(
     services: AppState,
     req: Request,
     handler: F,
     empty_key: bool,
-) -> Response
+) -> impl Future<Output = Response>
 where
     R: IncomingRequest,
     R::Authentication: AuthPolicy,
     F: Fn(Ctx, R) -> Fut,
     Fut: Future<Output = Result<R::OutgoingResponse>>,
 {
-    match handle::<R, F, Fut>(services, req, handler, empty_key).await {
-        Ok(resp) => resp,
-        Err(e) => error_response(&e),
+    let prepared = Box::pin(prepare::<R>(services, req, empty_key));
+    async move {
+        let answered = async {
+            let Prepared { ctx, parts, bytes, args, turn } = prepared.await?;
+            let future = start::<R, F, Fut>(ctx, parts, bytes, &args, &handler)?;
+            drop(args);
+            let response = future.await?;
+            drop(turn);
+            let http_resp = response
+                .try_into_http_response::<Vec<u8>>()
+                .map_err(|e| Error::internal("serializing a response", e))?;
+            let (parts, body) = http_resp.into_parts();
+            let mut resp = json_response(parts.status, body);
+            *resp.headers_mut() = parts.headers;
+            Ok::<_, Error>(resp)
+        };
+        match answered.await {
+            Ok(resp) => resp,
+            Err(e) => error_response(&e),
+        }
     }
 }
 
-async fn handle<R, F, Fut>(
-    services: AppState,
-    req: Request,
-    handler: F,
-    empty_key: bool,
-) -> Result<Response>
+/// A request authenticated and read, ready for its handler.
+struct Prepared {
+    ctx: Ctx,
+    parts: http::request::Parts,
+    bytes: axum::body::Bytes,
+    args: Vec<String>,
+    /// Held until the answer is built: one server's requests take their turns.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+async fn prepare<R>(services: AppState, req: Request, empty_key: bool) -> Result<Prepared>
 where
     R: IncomingRequest,
     R::Authentication: AuthPolicy,
-    F: Fn(Ctx, R) -> Fut,
-    Fut: Future<Output = Result<R::OutgoingResponse>>,
 {
-    // A request's future is allocated whole, at the size of its largest step, for as
-    // long as the request runs: for a held `/sync`, the poll's lifetime. Each large step
-    // is boxed so that the future only holds the step running now.
     let (mut parts, body) = req.into_parts();
     let mut args: Vec<String> = match RawPathParams::from_request_parts(&mut parts, &()).await {
         Ok(params) => params.iter().map(|(_, v)| v.to_owned()).collect(),
@@ -202,12 +223,12 @@ where
     let session = match <R::Authentication as AuthPolicy>::KIND {
         AuthKind::None | AuthKind::Server => None,
         kind => match access_token(&parts) {
-            Some(token) => Some(Box::pin(services.accounts.authenticate(&token, &client)).await?),
+            Some(token) => Some(services.accounts.authenticate(&token, &client).await?),
             None if kind == AuthKind::Required => return Err(Error::missing_token()),
             None => None,
         },
     };
-    let bytes = Box::pin(read_body(body)).await?;
+    let bytes = read_body(body).await?;
     let origin = if <R::Authentication as AuthPolicy>::KIND == AuthKind::Server {
         let signed = http::Request::builder()
             .method(parts.method.clone())
@@ -217,32 +238,23 @@ where
         let (mut signed_parts, body) = signed.into_parts();
         signed_parts.headers = parts.headers.clone();
         Some(
-            Box::pin(
-                services.federation.verify_request(&http::Request::from_parts(signed_parts, body)),
-            )
-            .await?,
+            services
+                .federation
+                .verify_request(&http::Request::from_parts(signed_parts, body))
+                .await?,
         )
     } else {
         None
     };
-    // Held until the answer is built: one server's requests take their turns.
-    let _turn = match &origin {
-        Some(origin) => Some(Box::pin(services.federation.inbound_turn(origin)).await?),
+    let turn = match &origin {
+        Some(origin) => Some(services.federation.inbound_turn(origin).await?),
         None => None,
     };
     let ctx = Ctx { services, session, client, origin };
     if R::RATE_LIMITED {
         ctx.rate_limit(Class::Default)?;
     }
-    let future = start::<R, F, Fut>(ctx, parts, bytes, &args, &handler)?;
-    let response = future.await?;
-    let http_resp = response
-        .try_into_http_response::<Vec<u8>>()
-        .map_err(|e| Error::internal("serializing a response", e))?;
-    let (parts, body) = http_resp.into_parts();
-    let mut resp = json_response(parts.status, body);
-    *resp.headers_mut() = parts.headers;
-    Ok(resp)
+    Ok(Prepared { ctx, parts, bytes, args, turn })
 }
 
 /// Parses the request and starts its handler. A plain function, so that the parsed

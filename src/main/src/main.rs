@@ -1,6 +1,7 @@
 //! `trellis`: the Matrix homeserver binary.
 
 mod bench;
+mod http1;
 mod plain;
 mod serve;
 mod tls;

@@ -1,10 +1,5 @@
-//! The plain-HTTP listener: HTTP/1.1 (with upgrades, for the WebSocket stream) and
-//! HTTP/2 with prior knowledge, told apart by peeking at the first bytes.
-//!
-//! Peeking rather than reading matters for idle long-polls: hyper-util's automatic
-//! builder reads a 24-byte prefix first and hands it back to hyper, whose read buffer
-//! then grows from 8 to 16 KiB on the next read and stays there for the connection's
-//! life, the largest part of what each held `/sync` costs.
+//! The plain-HTTP listener: HTTP/1.1 (served by [`crate::http1`], upgrades by hyper) and
+//! HTTP/2 with prior knowledge (hyper), told apart by peeking at the first bytes.
 
 use std::{net::SocketAddr, pin::pin, time::Duration};
 
@@ -39,6 +34,24 @@ pub async fn serve(listener: TcpListener, app: axum::Router, mut stop: watch::Re
     while connections.join_next().await.is_some() {}
 }
 
+/// A hyper connection's life: served until done or told to stop, then the requests in
+/// flight finish (a macro: hyper's HTTP/1 and HTTP/2 connections share no trait for it).
+macro_rules! drive {
+    ($conn:expr, $peer:expr, $stop:expr) => {{
+        let mut conn = pin!($conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            () = stopped(&mut $stop) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %$peer, error = %e, "connection ended with an error");
+        }
+    }};
+}
+
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -55,38 +68,55 @@ async fn connection(
         h2 = tokio::time::timeout(FIRST_BYTES_WITHIN, is_h2(&tcp)) => h2,
         () = stopped(&mut stop) => return,
     };
-    let Ok(Some(h2)) = h2 else { return };
+    match h2 {
+        Ok(Some(false)) => crate::http1::serve(tcp, peer, app, stop).await,
+        // Boxed: a connection task is allocated at the size of its largest path, and
+        // hyper's HTTP/2 connection is several times the size of an idle HTTP/1 one.
+        Ok(Some(true)) => Box::pin(serve_h2(tcp, peer, app, stop)).await,
+        _ => {}
+    }
+}
+
+async fn serve_h2(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    // WebSockets over HTTP/2 (RFC 8441), as axum's own server allows.
+    builder.enable_connect_protocol();
+    let service = hyper_service(app, peer);
+    drive!(builder.serve_connection(TokioIo::new(tcp), service), peer, stop);
+}
+
+/// Serves an HTTP/1 connection whose request upgrades it (a WebSocket) with hyper, which
+/// axum's upgrade support needs.
+pub async fn serve_hyper_http1(
+    io: crate::http1::Replay,
+    peer: SocketAddr,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = hyper_service(app, peer);
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(io), service).with_upgrades();
+    drive!(conn, peer, stop);
+}
+
+fn hyper_service(
+    app: axum::Router,
+    peer: SocketAddr,
+) -> TowerToHyperService<
+    tower::util::MapRequest<
+        axum::Router,
+        impl FnMut(http::Request<hyper::body::Incoming>) -> http::Request<hyper::body::Incoming> + Clone,
+    >,
+> {
     let service = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
         req
     });
-    let service = TowerToHyperService::new(service);
-    let io = TokioIo::new(tcp);
-    // The same steps for both protocols: serve until done or told to stop, then let the
-    // requests in flight finish.
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let mut conn = pin!($conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                () = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        }};
-    }
-    if h2 {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        // WebSockets over HTTP/2 (RFC 8441), as axum's own server allows.
-        builder.enable_connect_protocol();
-        drive!(builder.serve_connection(io, service));
-    } else {
-        drive!(http1::Builder::new().serve_connection(io, service).with_upgrades());
-    }
+    TowerToHyperService::new(service)
 }
 
 /// The next connection, or `None` once `stop` turns true (shared with the TLS listener).
@@ -110,7 +140,7 @@ pub async fn accept(
 }
 
 /// Completes once `stop` turns true (the borrow it returns is not held across awaits).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 

@@ -119,6 +119,20 @@ async fn cors_headers_on_responses_and_preflight() {
     for name in ["x-requested-with", "content-type", "authorization"] {
         assert!(headers.contains(name), "{headers}");
     }
+
+    // Any OPTIONS request is answered so, without running the endpoint (here: no account
+    // gets registered), and error responses carry the headers too.
+    let resp = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/_matrix/client/v3/register"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    let resp = s.client.get(s.url("/_matrix/client/v3/no-such-endpoint")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
 }
 
 #[tokio::test]

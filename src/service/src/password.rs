@@ -15,7 +15,10 @@
 
 use std::{
     cell::RefCell,
-    sync::{Mutex, mpsc},
+    sync::{
+        Mutex,
+        mpsc::{self, RecvTimeoutError::Disconnected},
+    },
     time::Duration,
 };
 
@@ -29,8 +32,10 @@ use trellis_core::{Error, Result};
 /// memory cost allocates its own and frees it.
 const MAX_KEPT_BLOCKS: usize = 256 * 1024;
 
-/// How long a hashing thread waits for work before releasing its memory's pages.
-const RELEASE_AFTER: Duration = Duration::from_secs(10);
+/// How long a hashing thread waits for work before releasing its memory's pages: long
+/// enough to keep them through a burst of logins, short enough that a few registrations
+/// do not leave the server holding 19 MiB per thread.
+const RELEASE_AFTER: Duration = Duration::from_secs(2);
 
 thread_local! {
     static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
@@ -159,15 +164,24 @@ impl HashPool {
             let spawned =
                 std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || {
                     lower_priority();
+                    // Once the memory is released, an idle thread sleeps until work comes.
+                    let mut holding = false;
                     loop {
                         let job = match rx.lock() {
-                            Ok(guard) => guard.recv_timeout(RELEASE_AFTER),
+                            Ok(guard) if holding => guard.recv_timeout(RELEASE_AFTER),
+                            Ok(guard) => guard.recv().map_err(|_| Disconnected),
                             Err(_) => return,
                         };
                         match job {
-                            Ok(job) => job(),
-                            Err(mpsc::RecvTimeoutError::Timeout) => release_memory(),
-                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                            Ok(job) => {
+                                job();
+                                holding = true;
+                            }
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                release_memory();
+                                holding = false;
+                            }
+                            Err(Disconnected) => return,
                         }
                     }
                 });
