@@ -15,10 +15,7 @@
 
 use std::{
     cell::RefCell,
-    sync::{
-        Mutex,
-        mpsc::{self, RecvTimeoutError::Disconnected},
-    },
+    sync::{Mutex, mpsc},
     time::Duration,
 };
 
@@ -164,12 +161,13 @@ impl HashPool {
             let spawned =
                 std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || {
                     lower_priority();
-                    // Once the memory is released, an idle thread sleeps until work comes.
+                    // The thread waiting for work holds the receiver's lock, so every wait
+                    // is bounded: the others queue on the lock and must get their turn to
+                    // release their memory.
                     let mut holding = false;
                     loop {
                         let job = match rx.lock() {
-                            Ok(guard) if holding => guard.recv_timeout(RELEASE_AFTER),
-                            Ok(guard) => guard.recv().map_err(|_| Disconnected),
+                            Ok(guard) => guard.recv_timeout(RELEASE_AFTER),
                             Err(_) => return,
                         };
                         match job {
@@ -177,11 +175,12 @@ impl HashPool {
                                 job();
                                 holding = true;
                             }
-                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                            Err(mpsc::RecvTimeoutError::Timeout) if holding => {
                                 release_memory();
                                 holding = false;
                             }
-                            Err(Disconnected) => return,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {}
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
                         }
                     }
                 });
