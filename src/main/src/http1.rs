@@ -196,6 +196,10 @@ pub async fn serve(
         let keep_alive = keep_alive && body_done;
         match Box::pin(write_response(&shared.tcp, response, &method, version, keep_alive)).await {
             Ok(true) if keep_alive => {}
+            Ok(_) if !body_done => {
+                Box::pin(linger(&shared.tcp)).await;
+                return;
+            }
             Ok(_) => return,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "writing a response failed");
@@ -206,6 +210,35 @@ pub async fn serve(
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// How much of an unwanted body is read and dropped after answering, and for how long.
+const LINGER_BYTES: usize = 1024 * 1024;
+const LINGER_FOR: Duration = Duration::from_secs(2);
+
+/// Closes a connection whose client is still sending a body nobody read (an upload
+/// refused early). Closing a socket with unread data resets the connection, and a reset
+/// can reach the client before it has read the answer explaining the refusal; so the
+/// sending side is shut first and what still arrives is read and dropped, for a while.
+async fn linger(tcp: &TcpStream) {
+    if socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let mut sink = vec![0u8; 16 * 1024];
+    let mut dropped = 0;
+    let deadline = tokio::time::Instant::now() + LINGER_FOR;
+    while dropped < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, tcp.readable()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        match tcp.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(n) => dropped += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
 
 /// Completes with `true` once the client closed its side, with `false` once it sent
 /// more bytes (a pipelined request), without taking any of them.
