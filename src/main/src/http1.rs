@@ -38,6 +38,8 @@ const MAX_HEADERS: usize = 128;
 const FIRST_READ: usize = 4096;
 /// The largest piece of a request body read from the socket at once.
 const BODY_READ: usize = 64 * 1024;
+/// A body read goes into a fresh block when the current one has less room than this.
+const READ_AT_LEAST: usize = 1024;
 /// A response body piece up to this size goes out in the same write as the head.
 const COALESCE: usize = 16 * 1024;
 /// How long a request head may take to arrive once it has started.
@@ -47,6 +49,8 @@ const HEAD_WITHIN: Duration = Duration::from_secs(60);
 struct Shared {
     tcp: TcpStream,
     body: Mutex<BodyState>,
+    /// Signalled when a request body has been read to its end.
+    body_read: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -74,6 +78,9 @@ struct BodyState {
     continue_left: &'static [u8],
     /// Set once the response is being written: later reads fail.
     detached: bool,
+    /// Which request of the connection the state belongs to: a body kept alive past its
+    /// request must not read the next one's.
+    generation: u64,
 }
 
 impl BodyState {
@@ -112,7 +119,11 @@ pub async fn serve(
     mut app: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) {
-    let shared = Arc::new(Shared { tcp, body: Mutex::new(BodyState::default()) });
+    let shared = Arc::new(Shared {
+        tcp,
+        body: Mutex::new(BodyState::default()),
+        body_read: tokio::sync::Notify::new(),
+    });
     // Bytes read past the previous request (a pipelined next request).
     let mut carry = BytesMut::new();
     loop {
@@ -130,7 +141,10 @@ pub async fn serve(
                 return;
             }
             Err(HeadError::Reject(status, why)) => {
-                let _ = Box::pin(write_all(&shared.tcp, &rejection(status, why))).await;
+                if Box::pin(write_all(&shared.tcp, &rejection(status, why))).await.is_ok() {
+                    // The client may still be sending what was refused.
+                    Box::pin(linger(&shared.tcp)).await;
+                }
                 return;
             }
         };
@@ -142,21 +156,23 @@ pub async fn serve(
         let method = parts.method.clone();
         let version = parts.version;
         let has_body = !matches!(framing, Framing::Length(0));
-        {
+        let generation = {
             let mut body = shared.body();
             *body = BodyState {
                 framing: has_body.then_some(framing.clone()),
                 pending: std::mem::take(&mut carry),
                 continue_left: if expect_continue && has_body { CONTINUE } else { b"" },
                 detached: false,
+                generation: body.generation + 1,
             };
-        }
+            body.generation
+        };
         let body = if has_body {
             let exact = match framing {
                 Framing::Length(n) => Some(n),
                 Framing::Chunked(_) => None,
             };
-            axum::body::Body::new(RequestBody { shared: shared.clone(), exact })
+            axum::body::Body::new(RequestBody { shared: shared.clone(), exact, generation })
         } else {
             axum::body::Body::empty()
         };
@@ -164,12 +180,20 @@ pub async fn serve(
         let request = Request::from_parts(parts, body);
         let response = {
             let mut call = pin!(Service::call(&mut app, request));
-            // A request without a body leaves the socket to us while it runs: a client
-            // that hangs up (a long-poll given up) ends the request at once.
+            // Once the request's body is read (or if it has none) the socket is ours
+            // while the request runs: a client that hangs up (a long-poll given up) ends
+            // the request at once.
             let mut watch_hangup = !has_body;
+            let mut body_pending = has_body;
             loop {
                 tokio::select! {
                     response = call.as_mut() => break response,
+                    () = shared.body_read.notified(), if body_pending => {
+                        body_pending = false;
+                        let body = shared.body();
+                        // Bytes past the body are a pipelined request: not a hang-up.
+                        watch_hangup = body.complete() && body.pending.is_empty();
+                    }
                     gone = hung_up(&shared.tcp), if watch_hangup => {
                         if gone {
                             return;
@@ -193,7 +217,7 @@ pub async fn serve(
             }
             done
         };
-        let keep_alive = keep_alive && body_done;
+        let keep_alive = keep_alive && body_done && !asks_to_close(&response);
         match Box::pin(write_response(&shared.tcp, response, &method, version, keep_alive)).await {
             Ok(true) if keep_alive => {}
             Ok(_) if !body_done => {
@@ -210,6 +234,11 @@ pub async fn serve(
 }
 
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Whether a handler asked for the connection to close after its answer.
+fn asks_to_close(response: &Response<axum::body::Body>) -> bool {
+    has_token(response.headers(), header::CONNECTION, "close")
+}
 
 /// How much of an unwanted body is read and dropped after answering, and for how long.
 const LINGER_BYTES: usize = 1024 * 1024;
@@ -273,8 +302,10 @@ impl From<io::Error> for HeadError {
 /// requests. What follows the head stays in `carry`.
 async fn read_head(tcp: &TcpStream, carry: &mut BytesMut) -> Result<Option<Head>, HeadError> {
     // Wait for the first byte without a buffer: an idle keep-alive connection holds none.
-    if carry.is_empty() {
-        tcp.readable().await?;
+    // A peek, not `readable()`: readiness left over from the previous request would
+    // report data that is not there (and start the head's clock on an idle connection).
+    if carry.is_empty() && tcp.peek(&mut [0u8; 1]).await? == 0 {
+        return Ok(None);
     }
     let mut buf = std::mem::take(carry);
     let read = async {
@@ -350,6 +381,10 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
         let name = header::HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| BAD)?;
         let value = HeaderValue::from_bytes(field.value).map_err(|_| BAD)?;
         headers.append(name, value);
+    }
+    if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+        // HTTP/1.0 has no transfer codings (RFC 9112 section 6.1): faulty framing.
+        return Err(BAD);
     }
     let framing = framing(&headers)?;
     let keep_alive = match version {
@@ -440,6 +475,7 @@ fn rejection(status: StatusCode, why: &str) -> Vec<u8> {
 struct RequestBody {
     shared: Arc<Shared>,
     exact: Option<u64>,
+    generation: u64,
 }
 
 impl http_body::Body for RequestBody {
@@ -452,7 +488,7 @@ impl http_body::Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let shared = &self.shared;
         let mut state = shared.body();
-        if state.detached {
+        if state.detached || state.generation != self.generation {
             return Poll::Ready(Some(Err(io::Error::other("the request has been answered"))));
         }
         // The client waits for this before it sends the body.
@@ -470,6 +506,7 @@ impl http_body::Body for RequestBody {
             match framing {
                 Framing::Length(0) => {
                     state.framing = None;
+                    shared.body_read.notify_one();
                     return Poll::Ready(None);
                 }
                 Framing::Length(left) => {
@@ -479,13 +516,13 @@ impl http_body::Body for RequestBody {
                         *left -= data.len() as u64;
                         if *left == 0 {
                             state.framing = None;
+                            shared.body_read.notify_one();
                         }
                         return Poll::Ready(Some(Ok(Frame::data(data.freeze()))));
                     }
                     let want = usize::try_from(*left).unwrap_or(usize::MAX).min(BODY_READ);
-                    let mut buf = BytesMut::with_capacity(want);
-                    ready!(poll_read(&shared.tcp, cx, &mut buf, want))?;
-                    state.pending = buf;
+                    let result = poll_read(&shared.tcp, cx, &mut state.pending, want);
+                    ready!(result)?;
                 }
                 Framing::Chunked(decoder) => {
                     if !state.pending.is_empty() {
@@ -493,17 +530,14 @@ impl http_body::Body for RequestBody {
                             Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                             Ok(None) if decoder.is_done() => {
                                 state.framing = None;
+                                shared.body_read.notify_one();
                                 return Poll::Ready(None);
                             }
                             Ok(None) => {}
                             Err(e) => return Poll::Ready(Some(Err(e))),
                         }
                     }
-                    let mut buf = std::mem::take(&mut state.pending);
-                    buf.reserve(BODY_READ.min(8192));
-                    let result = poll_read(&shared.tcp, cx, &mut buf, BODY_READ);
-                    state.pending = buf;
-                    ready!(result)?;
+                    ready!(poll_read(&shared.tcp, cx, &mut state.pending, BODY_READ))?;
                 }
             }
         }
@@ -522,13 +556,18 @@ impl http_body::Body for RequestBody {
 }
 
 /// Reads at most `max` more bytes into `buf`; the end of the stream is an error (the
-/// body was cut short).
+/// body was cut short). Reads go into what is left of `buf`'s block, a new block only
+/// when little is: the frames handed out share the block, so a fresh block per read
+/// would keep a whole block alive for every small read a handler collects.
 fn poll_read(
     tcp: &TcpStream,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
     max: usize,
 ) -> Poll<io::Result<()>> {
+    if buf.capacity() - buf.len() < READ_AT_LEAST {
+        buf.reserve(max.clamp(READ_AT_LEAST, BODY_READ));
+    }
     loop {
         ready!(tcp.poll_read_ready(cx))?;
         let start = buf.len();
@@ -698,6 +737,10 @@ impl tokio::io::AsyncRead for Replay {
             let n = self.read.len().min(buf.remaining());
             buf.put_slice(&self.read[..n]);
             self.read.advance(n);
+            if self.read.is_empty() {
+                // The replayed bytes' block is not kept for the socket's life.
+                self.read = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.tcp).poll_read(cx, buf)

@@ -15,6 +15,8 @@ enum State {
     /// Reading the chunk size's hex digits.
     #[default]
     Size,
+    /// Whitespace after the size, before an extension or the line's end.
+    SizeWhitespace,
     /// Skipping a chunk extension up to the line's CR.
     Extension,
     SizeLf,
@@ -79,9 +81,17 @@ impl ChunkedDecoder {
                     self.digits += 1;
                     State::Size
                 }
-                (State::Size, b';' | b' ' | b'\t') if self.digits > 0 => State::Extension,
+                (State::Size, b';') if self.digits > 0 => State::Extension,
+                (State::Size, b' ' | b'\t') if self.digits > 0 => State::SizeWhitespace,
                 (State::Size, b'\r') if self.digits > 0 => State::SizeLf,
                 (State::Size, _) => return Err(invalid("chunk size")),
+                (State::SizeWhitespace, b' ' | b'\t') => {
+                    self.skip()?;
+                    State::SizeWhitespace
+                }
+                (State::SizeWhitespace, b';') => State::Extension,
+                (State::SizeWhitespace, b'\r') => State::SizeLf,
+                (State::SizeWhitespace, _) => return Err(invalid("chunk size")),
                 (State::Extension, b'\r') => State::SizeLf,
                 (State::Extension, b'\n') => return Err(invalid("bare LF")),
                 (State::Extension, _) => {
@@ -145,7 +155,7 @@ mod tests {
 
     #[test]
     fn chunks_extensions_and_trailers_decode_whatever_the_read_sizes() {
-        let body = b"5;name=value\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\nGET /next";
+        let body = b"5 ;name=value\r\nhello\r\n7\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\nGET /next";
         for step in [1, 2, 3, 7, body.len()] {
             let (data, rest) = decode_in_steps(body, step).unwrap();
             assert_eq!(data, b"hello, world", "step {step}");
@@ -159,13 +169,14 @@ mod tests {
     #[test]
     fn malformed_framing_is_refused() {
         for bad in [
-            &b"\r\n"[..],                // no size
-            b"-5\r\nhello\r\n0\r\n\r\n", // sign
-            b"5\nhello\r\n0\r\n\r\n",    // bare LF after the size
-            b"5\r\nhelloX\r\n0\r\n\r\n", // data longer than its size
-            b"5\r\nhello\r\n0\r\n\n",    // bare LF at the end
-            b"10000000000000000\r\n",    // 2^64 overflows
-            b"0\r\nTrailer\n\r\n",       // bare LF in a trailer
+            &b"\r\n"[..],                    // no size
+            b"-5\r\nhello\r\n0\r\n\r\n",     // sign
+            b"5\nhello\r\n0\r\n\r\n",        // bare LF after the size
+            b"5\r\nhelloX\r\n0\r\n\r\n",     // data longer than its size
+            b"5\r\nhello\r\n0\r\n\n",        // bare LF at the end
+            b"10000000000000000\r\n",        // 2^64 overflows
+            b"0\r\nTrailer\n\r\n",           // bare LF in a trailer
+            b"5 junk\r\nhello\r\n0\r\n\r\n", // text after the size that is no extension
         ] {
             assert!(decode_in_steps(bad, 3).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }

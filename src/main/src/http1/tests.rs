@@ -40,9 +40,22 @@ async fn server(dropped: Arc<AtomicBool>) -> (SocketAddr, watch::Sender<bool>) {
                 Body::from_stream(pieces)
             }),
         )
+        .route("/close", get(|| async { ([(http::header::CONNECTION, "close")], "bye") }))
         .route(
             "/forever",
-            get(move || {
+            get({
+                let dropped = dropped.clone();
+                move || {
+                    let flag = DropFlag(dropped.clone());
+                    async move {
+                        let _flag = flag;
+                        std::future::pending::<()>().await;
+                        "never"
+                    }
+                }
+            })
+            // A long-poll by POST (sliding sync): the body is read, then it waits.
+            .post(move |_body: Bytes| {
                 let flag = DropFlag(dropped.clone());
                 async move {
                     let _flag = flag;
@@ -237,18 +250,63 @@ async fn malformed_or_ambiguous_requests_are_refused_and_closed() {
 
 #[tokio::test]
 async fn a_client_hanging_up_ends_its_waiting_request() {
-    let dropped = Arc::new(AtomicBool::new(false));
-    let (addr, _stop) = server(dropped.clone()).await;
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!dropped.load(Ordering::SeqCst));
-    drop(tcp);
-    for _ in 0..100 {
-        if dropped.load(Ordering::SeqCst) {
-            return;
+    for request in [
+        &b"GET /forever HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"POST /forever HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /forever HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ] {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (addr, _stop) = server(dropped.clone()).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!dropped.load(Ordering::SeqCst));
+        drop(tcp);
+        let mut ended = false;
+        for _ in 0..100 {
+            if dropped.load(Ordering::SeqCst) {
+                ended = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let request = String::from_utf8_lossy(request);
+        assert!(ended, "the request kept running after its client left: {request}");
     }
-    panic!("the request kept running after its client left");
+}
+
+#[tokio::test]
+async fn a_handler_may_close_the_connection_and_http_1_0_has_no_transfer_codings() {
+    let (addr, _stop) = server(Arc::default()).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let answer = read_until(&mut tcp, "never appears", 1).await;
+    assert!(answer.contains("connection: close\r\n") && answer.ends_with("bye"), "{answer}");
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut tcp, "never appears", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+}
+
+#[tokio::test]
+async fn a_body_dribbled_in_byte_by_byte_arrives_whole() {
+    let (addr, _stop) = server(Arc::default()).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let body: Vec<u8> = (0..200u8).map(|i| b'a' + i % 26).collect();
+    tcp.write_all(
+        format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len())
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for byte in &body {
+        tcp.write_all(std::slice::from_ref(byte)).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let expected = String::from_utf8(body).unwrap();
+    let answer = read_until(&mut tcp, &expected, 1).await;
+    assert!(answer.ends_with(&expected), "{answer}");
 }
