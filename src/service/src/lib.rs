@@ -155,15 +155,18 @@ impl Services {
             Box::pin(async move {
                 let services = weak.upgrade()?;
                 let span = tracing::debug_span!("push_rules", room_id, position);
-                let _enter = span.enter();
-                let wal =
-                    match services.notifier.evaluate(&services, &room_id, position, &pdu).await {
-                        Ok(wal) => wal,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "evaluating push rules failed");
-                            None
-                        }
-                    };
+                let evaluated = services
+                    .notifier
+                    .evaluate(&services, &room_id, position, &pdu)
+                    .instrument(span)
+                    .await;
+                let wal = match evaluated {
+                    Ok(wal) => wal,
+                    Err(e) => {
+                        tracing::warn!(room_id, position, error = %e, "evaluating push rules failed");
+                        None
+                    }
+                };
                 if matches!(
                     pdu.kind,
                     ruma::events::TimelineEventType::RoomMember

@@ -18,6 +18,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
+use tracing::Instrument;
 
 use http::{Method, StatusCode};
 use ruma::{OwnedServerName, api::federation::authentication::XMatrix, signatures::PublicKeyMap};
@@ -295,15 +296,20 @@ impl Federation {
         let _permit = self.limit(server).acquire_owned().await;
         let span =
             tracing::debug_span!("federation_request", server, %method, path = path_and_query);
-        let _enter = span.enter();
-        let mut response = request.send().await.map_err(|e| Self::unavailable(server, e))?;
-        let status =
-            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-        if response.content_length().is_some_and(|n| n > limit as u64) {
-            return Err(Self::unavailable(server, "response too large"));
+        // Attached to the future rather than entered: an entered span would stay current
+        // on the worker thread for whatever task runs there while this one waits.
+        async {
+            let mut response = request.send().await.map_err(|e| Self::unavailable(server, e))?;
+            let status =
+                StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            if response.content_length().is_some_and(|n| n > limit as u64) {
+                return Err(Self::unavailable(server, "response too large"));
+            }
+            let (content_type, body) = read_limited(&mut response, server, limit).await?;
+            Ok((status, content_type, body))
         }
-        let (content_type, body) = read_limited(&mut response, server, limit).await?;
-        Ok((status, content_type, body))
+        .instrument(span)
+        .await
     }
 
     /// The X-Matrix `Authorization` header for a request to `destination`.
