@@ -150,14 +150,14 @@ impl Services {
         services.rooms.stream.set_rooms_of(Box::new(move |user| {
             rooms_of.upgrade().and_then(|s| s.rooms.rooms_of(user, "join").ok()).unwrap_or_default()
         }));
-        services.rooms.set_hook(Arc::new(move |room_id, position, pdu| {
+        services.rooms.set_hook(Arc::new(move |room_id, position, pdu, members| {
             let weak = weak.clone();
             Box::pin(async move {
                 let services = weak.upgrade()?;
                 let span = tracing::debug_span!("push_rules", room_id, position);
                 let evaluated = services
                     .notifier
-                    .evaluate(&services, &room_id, position, &pdu)
+                    .evaluate(&services, &room_id, position, &pdu, members)
                     .instrument(span)
                     .await;
                 let wal = match evaluated {

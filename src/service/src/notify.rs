@@ -241,10 +241,16 @@ impl Notifier {
         room_id: &str,
         position: u64,
         pdu: &Pdu,
+        members: Option<std::sync::Arc<Vec<String>>>,
     ) -> Result<Option<u64>> {
         let rooms = &services.rooms;
         let body = content(pdu);
-        let joined = rooms.joined_members(room_id)?;
+        // The members as the event left them (read under the room's lock when it was
+        // stored): by now a later event may have let someone in or out.
+        let joined = match members {
+            Some(members) => members,
+            None => rooms.joined_members(room_id)?,
+        };
         let member_count = UInt::try_from(joined.len()).unwrap_or_default();
         let mut targets = (*joined).clone();
         // An invite concerns the invitee, who is not a member yet.

@@ -151,6 +151,11 @@ pub(super) struct Pending {
     /// Wake-up keys of those waiting for this event: the room, and the user a
     /// membership event is about (an invitee is not in the room yet).
     wake: Vec<String>,
+    /// The event as cached, handed to the append hook.
+    pdu: Arc<Pdu>,
+    /// The room's joined members just after the event, read under the room's lock: the
+    /// hook runs after it, when later events may have changed them.
+    members: Option<Arc<Vec<String>>>,
 }
 
 /// Where a stored event stands in its room.
@@ -191,7 +196,8 @@ pub struct NewEvent {
 }
 
 /// Runs for every appended event after it is stored and before readers of the stream
-/// see it (push rule evaluation), with the room id, the event's position and the event.
+/// see it (push rule evaluation), with the room id, the event's position, the event and
+/// the room's joined members just after it (`None` if they could not be read).
 /// It answers the WAL ticket of what it wrote unsynced, if anything: the event's own
 /// sync then covers that too, instead of a sync of its own.
 pub type AppendHook = Arc<
@@ -199,6 +205,7 @@ pub type AppendHook = Arc<
             String,
             u64,
             Arc<Pdu>,
+            Option<Arc<Vec<String>>>,
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send>>
         + Send
         + Sync,
@@ -551,7 +558,7 @@ impl Timeline {
             self.cache.invalidate(short);
         }
         drop(_guard);
-        self.publish(room_id, pending, &pdu).await?;
+        self.publish(room_id, pending).await?;
         Ok(pdu)
     }
 
@@ -593,22 +600,18 @@ impl Timeline {
     }
 
     /// Runs the append hook for a stored event, then makes it durable and visible.
-    pub(super) async fn publish(
-        &self,
-        room_id: &str,
-        mut pending: Pending,
-        pdu: &Pdu,
-    ) -> Result<()> {
-        self.run_hook(room_id, &mut pending, pdu).await;
+    pub(super) async fn publish(&self, room_id: &str, mut pending: Pending) -> Result<()> {
+        self.run_hook(room_id, &mut pending).await;
         self.finish(pending).await
     }
 
-    pub(super) async fn run_hook(&self, room_id: &str, pending: &mut Pending, pdu: &Pdu) {
-        if let Some(hook) = self.hook.get()
-            && let Some(wal) =
-                hook(room_id.to_owned(), pending.stream.position, Arc::new(pdu.clone())).await
-        {
-            pending.wal = pending.wal.max(wal);
+    pub(super) async fn run_hook(&self, room_id: &str, pending: &mut Pending) {
+        if let Some(hook) = self.hook.get() {
+            let (pdu, members) = (pending.pdu.clone(), pending.members.take());
+            if let Some(wal) = hook(room_id.to_owned(), pending.stream.position, pdu, members).await
+            {
+                pending.wal = pending.wal.max(wal);
+            }
         }
     }
 
@@ -833,8 +836,9 @@ impl Timeline {
                 // the room's new position.
                 self.records.put(room_short, Arc::new(record));
                 // The next event of the room refers to this one: keep it parsed.
+                let shared = Arc::new(pdu.clone());
                 let cached = CachedEvent {
-                    pdu: Arc::new(pdu.clone()),
+                    pdu: shared.clone(),
                     reference_hash,
                     position: ticket.position,
                     room: room_short,
@@ -849,7 +853,14 @@ impl Timeline {
                 {
                     wake.push(super::stream::user_key(target));
                 }
-                Ok(Pending { stream: ticket, wal, wake })
+                let members = match self.joined_members(room_id) {
+                    Ok(members) => Some(members),
+                    Err(e) => {
+                        tracing::warn!(room_id, error = %e, "reading the joined members failed");
+                        None
+                    }
+                };
+                Ok(Pending { stream: ticket, wal, wake, pdu: shared, members })
             }
             Err(e) => {
                 self.stream.retire(ticket);

@@ -460,7 +460,7 @@ impl Timeline {
             self.cache.invalidate(short);
         }
         drop(guard);
-        self.run_hook(room_id, &mut pending, &pdu).await;
+        self.run_hook(room_id, &mut pending).await;
         Ok((Intake::Accepted, Some(Deferred(pending))))
     }
 
@@ -576,7 +576,7 @@ impl Timeline {
             Placement::Head,
         )?;
         drop(guard);
-        self.publish(room_id, pending, &join).await?;
+        self.publish(room_id, pending).await?;
         Ok(Intake::Accepted)
     }
 
