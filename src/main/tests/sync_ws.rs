@@ -69,6 +69,12 @@ async fn batches_stream_over_a_websocket() {
     socket.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
     let pong = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.unwrap();
     assert!(matches!(pong, Some(Ok(Message::Pong(_)))), "{pong:?}");
+    // A message far larger than the stream's initial read buffer is taken (and ignored)
+    // without ending the stream.
+    socket.send(Message::Text("x".repeat(200_000).into())).await.unwrap();
+    socket.send(Message::Ping(b"again".to_vec().into())).await.unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), socket.next()).await.unwrap();
+    assert!(matches!(&pong, Some(Ok(Message::Pong(p))) if &p[..] == b"again"), "{pong:?}");
     drop(socket);
 
     // Resuming from the last token delivers only what came after it.

@@ -22,6 +22,9 @@ use crate::{AppState, response::ApiError};
 
 pub const PATH: &str = "/_trellis/client/v1/sync";
 
+/// The WebSocket read buffer a stream starts with.
+const READ_BUFFER: usize = 4096;
+
 /// How often the server pings an idle socket, so proxies keep it open and dead peers
 /// are noticed.
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -79,7 +82,11 @@ async fn upgrade(
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
     };
-    ws.on_upgrade(move |socket| async move {
+    // tungstenite's default read buffer is 128 KiB, zero-filled at the first read: a
+    // stream that has seen one pong held it for its life (160 KB per connection in all).
+    // What clients send here is pings, pongs and small control messages; a larger
+    // message still grows the buffer as it needs.
+    ws.read_buffer_size(READ_BUFFER).on_upgrade(move |socket| async move {
         let span = tracing::debug_span!("sync_ws", user = %session.localpart);
         let _ =
             tracing::Instrument::instrument(stream(services, session, token, params, socket), span)
