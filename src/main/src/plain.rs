@@ -63,6 +63,12 @@ async fn connection(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "setting TCP_NODELAY failed");
     }
+    // A client that vanished without closing (a phone changing networks) leaves no trace
+    // on the socket: probes after a quiet minute end its connection, and the long-poll
+    // or idle keep-alive it held, within about two minutes instead of never.
+    if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive()) {
+        tracing::debug!(error = %e, "setting TCP keepalive failed");
+    }
     // A silent connection neither holds its task forever nor delays a shutdown.
     let h2 = tokio::select! {
         h2 = tokio::time::timeout(FIRST_BYTES_WITHIN, is_h2(&tcp)) => h2,
@@ -88,6 +94,13 @@ async fn serve_h2(
     builder.enable_connect_protocol();
     let service = hyper_service(app, peer);
     drive!(builder.serve_connection(TokioIo::new(tcp), service), peer, stop);
+}
+
+fn keepalive() -> socket2::TcpKeepalive {
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive.with_interval(Duration::from_secs(15)).with_retries(4);
+    keepalive
 }
 
 /// Serves an HTTP/1 connection whose request upgrades it (a WebSocket) with hyper, which
