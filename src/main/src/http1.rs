@@ -76,16 +76,15 @@ struct BodyState {
     pending: BytesMut,
     /// The rest of an interim `100 Continue` still to be written before reading.
     continue_left: &'static [u8],
-    /// Set once the response is being written: later reads fail.
-    detached: bool,
-    /// Which request of the connection the state belongs to: a body kept alive past its
-    /// request must not read the next one's.
+    /// Advanced when a request is answered: a body whose generation differs (kept alive
+    /// past its request) reads nothing more, neither its own rest nor the next body.
     generation: u64,
 }
 
 impl BodyState {
+    /// Whether the body has been read to its end (a `Length` framing never stays at 0).
     fn complete(&self) -> bool {
-        matches!(self.framing, None | Some(Framing::Length(0)))
+        self.framing.is_none()
     }
 
     /// Consumes a body that arrived whole with the head but that the handler never read,
@@ -141,7 +140,12 @@ pub async fn serve(
                 return;
             }
             Err(HeadError::Reject(status, why)) => {
-                if Box::pin(write_all(&shared.tcp, &rejection(status, why))).await.is_ok() {
+                let error =
+                    trellis_core::Error::new(status, trellis_core::error::code::UNKNOWN, why);
+                let answer = trellis_api::response::error_response(&error);
+                let written =
+                    write_response(&shared.tcp, answer, &Method::GET, Version::HTTP_11, false);
+                if Box::pin(written).await.is_ok() {
                     // The client may still be sending what was refused.
                     Box::pin(linger(&shared.tcp)).await;
                 }
@@ -162,8 +166,7 @@ pub async fn serve(
                 framing: has_body.then_some(framing.clone()),
                 pending: std::mem::take(&mut carry),
                 continue_left: if expect_continue && has_body { CONTINUE } else { b"" },
-                detached: false,
-                generation: body.generation + 1,
+                generation: body.generation,
             };
             body.generation
         };
@@ -209,7 +212,7 @@ pub async fn serve(
         // carry another request.
         let body_done = {
             let mut body = shared.body();
-            body.detached = true;
+            body.generation += 1;
             body.settle();
             let done = body.complete();
             if done {
@@ -331,17 +334,13 @@ async fn read_head(tcp: &TcpStream, carry: &mut BytesMut) -> Result<Option<Head>
                     None => {}
                 }
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(if buf.capacity() == 0 { FIRST_READ } else { buf.capacity() });
-            }
-            tcp.readable().await?;
-            match tcp.try_read_buf(&mut buf) {
-                Ok(0) if buf.is_empty() => return Ok(None),
-                Ok(0) => {
-                    return Err(HeadError::Io(io::ErrorKind::UnexpectedEof.into()));
+            // A head's buffer doubles as it fills, from a first read most heads fit in.
+            let grow = buf.capacity().max(FIRST_READ);
+            match std::future::poll_fn(|cx| poll_read(tcp, cx, &mut buf, grow)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && buf.is_empty() => {
+                    return Ok(None);
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -459,18 +458,6 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
     })
 }
 
-/// A plain response refusing a request the server could not parse.
-fn rejection(status: StatusCode, why: &str) -> Vec<u8> {
-    let body = serde_json::json!({"errcode": "M_UNKNOWN", "error": why}).to_string();
-    format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len(),
-    )
-    .into_bytes()
-}
-
 /// The body of the request being served, read from the socket as it is polled.
 struct RequestBody {
     shared: Arc<Shared>,
@@ -488,7 +475,7 @@ impl http_body::Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let shared = &self.shared;
         let mut state = shared.body();
-        if state.detached || state.generation != self.generation {
+        if state.generation != self.generation {
             return Poll::Ready(Some(Err(io::Error::other("the request has been answered"))));
         }
         // The client waits for this before it sends the body.
@@ -504,11 +491,6 @@ impl http_body::Body for RequestBody {
             let state = &mut *state;
             let Some(framing) = &mut state.framing else { return Poll::Ready(None) };
             match framing {
-                Framing::Length(0) => {
-                    state.framing = None;
-                    shared.body_read.notify_one();
-                    return Poll::Ready(None);
-                }
                 Framing::Length(left) => {
                     if !state.pending.is_empty() {
                         let take = usize::try_from(*left).unwrap_or(usize::MAX);
@@ -636,7 +618,7 @@ async fn write_response(
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(date::now().as_bytes());
+        date::append(&mut out);
         out.extend_from_slice(b"\r\n");
     }
     if !keep_alive {
@@ -773,7 +755,7 @@ mod date {
         static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     }
 
-    pub fn now() -> String {
+    pub fn append(out: &mut Vec<u8>) {
         let now = SystemTime::now();
         let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         CACHED.with(|cached| {
@@ -781,7 +763,7 @@ mod date {
             if cached.0 != secs || cached.1.is_empty() {
                 *cached = (secs, httpdate::fmt_http_date(now));
             }
-            cached.1.clone()
+            out.extend_from_slice(cached.1.as_bytes());
         })
     }
 }

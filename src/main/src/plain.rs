@@ -58,17 +58,6 @@ async fn connection(
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) {
-    // Streamed bodies go out in several writes; with Nagle's algorithm a small one waits
-    // for the client's delayed ACK (40 ms on Linux).
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "setting TCP_NODELAY failed");
-    }
-    // A client that vanished without closing (a phone changing networks) leaves no trace
-    // on the socket: probes after a quiet minute end its connection, and the long-poll
-    // or idle keep-alive it held, within about two minutes instead of never.
-    if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive()) {
-        tracing::debug!(error = %e, "setting TCP keepalive failed");
-    }
     // A silent connection neither holds its task forever nor delays a shutdown.
     let h2 = tokio::select! {
         h2 = tokio::time::timeout(FIRST_BYTES_WITHIN, is_h2(&tcp)) => h2,
@@ -116,7 +105,8 @@ pub async fn serve_hyper_http1(
     drive!(conn, peer, stop);
 }
 
-fn hyper_service(
+/// `app` as hyper serves it, with the peer's address where axum's extractors look.
+pub fn hyper_service(
     app: axum::Router,
     peer: SocketAddr,
 ) -> TowerToHyperService<
@@ -132,7 +122,8 @@ fn hyper_service(
     TowerToHyperService::new(service)
 }
 
-/// The next connection, or `None` once `stop` turns true (shared with the TLS listener).
+/// The next connection, configured, or `None` once `stop` turns true (shared with the
+/// TLS listener).
 pub async fn accept(
     listener: &TcpListener,
     stop: &mut watch::Receiver<bool>,
@@ -140,7 +131,10 @@ pub async fn accept(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => return Some(a),
+                Ok((tcp, peer)) => {
+                    configure(&tcp);
+                    return Some((tcp, peer));
+                }
                 Err(e) => {
                     // Out of descriptors, usually: wait instead of spinning.
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -149,6 +143,21 @@ pub async fn accept(
             },
             () = stopped(stop) => return None,
         }
+    }
+}
+
+/// Socket options of every accepted connection.
+fn configure(tcp: &TcpStream) {
+    // Streamed bodies go out in several writes; with Nagle's algorithm a small one waits
+    // for the client's delayed ACK (40 ms on Linux).
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "setting TCP_NODELAY failed");
+    }
+    // A client that vanished without closing (a phone changing networks) leaves no trace
+    // on the socket: probes after a quiet minute end its connection, and the long-poll
+    // or idle keep-alive it held, within about two minutes instead of never.
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive()) {
+        tracing::debug!(error = %e, "setting TCP keepalive failed");
     }
 }
 

@@ -3,17 +3,14 @@
 //! restart).
 
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
 };
 
-use axum::extract::ConnectInfo;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::{conn::auto::Builder, graceful::GracefulShutdown},
-    service::TowerToHyperService,
 };
 use rustls::{
     crypto::CryptoProvider,
@@ -22,7 +19,6 @@ use rustls::{
     sign::CertifiedKey,
 };
 use tokio::{net::TcpListener, sync::watch};
-use tower::ServiceExt;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,7 +95,6 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let graceful = GracefulShutdown::new();
     while let Some((tcp, peer)) = crate::plain::accept(&listener, &mut stop).await {
-        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone();
         let watcher = graceful.watcher();
@@ -112,15 +107,9 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
-            let service = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req
-            });
+            let service = crate::plain::hyper_service(app, peer);
             let builder = Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(tls),
-                TowerToHyperService::new(service),
-            );
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "TLS connection ended with an error");
             }

@@ -76,6 +76,13 @@ async fn server(dropped: Arc<AtomicBool>) -> (SocketAddr, watch::Sender<bool>) {
     (addr, stop_tx)
 }
 
+/// A new connection that has sent `bytes`.
+async fn connect_and_send(addr: SocketAddr, bytes: &[u8]) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    tcp
+}
+
 /// Reads until the server closes the connection or `until` appears `times` times.
 async fn read_until(tcp: &mut TcpStream, until: &str, times: usize) -> String {
     let mut got = Vec::new();
@@ -102,8 +109,7 @@ async fn closed(tcp: &mut TcpStream) -> bool {
 #[tokio::test]
 async fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     let (addr, _stop) = server(Arc::default()).await;
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut tcp = connect_and_send(addr, b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let first = read_until(&mut tcp, "hello", 1).await;
     assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
     assert!(first.contains("content-length: 5\r\n") && first.contains("date: "), "{first}");
@@ -130,10 +136,11 @@ async fn read_until_more(tcp: &mut TcpStream, mut so_far: String, until: &str) -
 async fn bodies_arrive_split_chunked_or_after_100_continue() {
     let (addr, _stop) = server(Arc::default()).await;
     // A length-delimited body in pieces.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello")
-        .await
-        .unwrap();
+    let mut tcp = connect_and_send(
+        addr,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     tcp.write_all(b" world").await.unwrap();
     let answer = read_until(&mut tcp, "hello world", 1).await;
@@ -150,12 +157,11 @@ async fn bodies_arrive_split_chunked_or_after_100_continue() {
     let answer = read_until(&mut tcp, "abcde", 1).await;
     assert!(answer.contains("\r\n\r\nabcde"), "{answer}");
     // The client waits for the interim response before sending its body.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(
+    let mut tcp = connect_and_send(
+        addr,
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
     )
-    .await
-    .unwrap();
+    .await;
     let interim = read_until(&mut tcp, "\r\n\r\n", 1).await;
     assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
     tcp.write_all(b"ok").await.unwrap();
@@ -166,20 +172,20 @@ async fn bodies_arrive_split_chunked_or_after_100_continue() {
 #[tokio::test]
 async fn an_unread_body_keeps_the_connection_only_if_it_arrived_whole() {
     let (addr, _stop) = server(Arc::default()).await;
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"POST /ignore HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
-        .await
-        .unwrap();
+    let mut tcp =
+        connect_and_send(addr, b"POST /ignore HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+            .await;
     let answer = read_until(&mut tcp, "ignored", 1).await;
     assert!(!answer.contains("connection: close"), "{answer}");
     tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     assert!(read_until(&mut tcp, "hello", 1).await.contains("hello"));
     // Most of the body is still to come: the answer closes the connection instead of
     // reading a body nobody wants.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"POST /ignore HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
-        .await
-        .unwrap();
+    let tcp = connect_and_send(
+        addr,
+        b"POST /ignore HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc",
+    )
+    .await;
     // The client goes on sending its body meanwhile, as uploaders do: the answer still
     // arrives whole (the server drains instead of resetting the connection).
     let (mut read, mut write) = tcp.into_split();
@@ -204,19 +210,17 @@ async fn an_unread_body_keeps_the_connection_only_if_it_arrived_whole() {
 #[tokio::test]
 async fn streamed_bodies_are_chunked_for_http_1_1_and_close_delimited_for_1_0() {
     let (addr, _stop) = server(Arc::default()).await;
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut tcp = connect_and_send(addr, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let answer = read_until(&mut tcp, "0\r\n\r\n", 1).await;
     assert!(answer.contains("transfer-encoding: chunked\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\n3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n"), "{answer}");
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /stream HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut tcp = connect_and_send(addr, b"GET /stream HTTP/1.0\r\n\r\n").await;
     let answer = read_until(&mut tcp, "never appears", 1).await;
     assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nonetwo"), "{answer}");
     // HTTP/1.0 keeps the connection only when asked to.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await.unwrap();
+    let mut tcp =
+        connect_and_send(addr, b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await;
     let answer = read_until(&mut tcp, "hello", 1).await;
     assert!(answer.contains("connection: keep-alive\r\n"), "{answer}");
     tcp.write_all(b"GET /hello HTTP/1.0\r\n\r\n").await.unwrap();
@@ -235,8 +239,7 @@ async fn malformed_or_ambiguous_requests_are_refused_and_closed() {
         (b"NOT HTTP\r\n\r\n", "400"),
     ];
     for (request, status) in cases {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(request).await.unwrap();
+        let mut tcp = connect_and_send(addr, request).await;
         let answer = read_until(&mut tcp, "never appears", 1).await;
         assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
         assert!(answer.contains("\"errcode\":\"M_UNKNOWN\""), "{answer}");
@@ -257,8 +260,7 @@ async fn a_client_hanging_up_ends_its_waiting_request() {
     ] {
         let dropped = Arc::new(AtomicBool::new(false));
         let (addr, _stop) = server(dropped.clone()).await;
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(request).await.unwrap();
+        let tcp = connect_and_send(addr, request).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!dropped.load(Ordering::SeqCst));
         drop(tcp);
@@ -278,14 +280,14 @@ async fn a_client_hanging_up_ends_its_waiting_request() {
 #[tokio::test]
 async fn a_handler_may_close_the_connection_and_http_1_0_has_no_transfer_codings() {
     let (addr, _stop) = server(Arc::default()).await;
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut tcp = connect_and_send(addr, b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let answer = read_until(&mut tcp, "never appears", 1).await;
     assert!(answer.contains("connection: close\r\n") && answer.ends_with("bye"), "{answer}");
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-        .await
-        .unwrap();
+    let mut tcp = connect_and_send(
+        addr,
+        b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
     let answer = read_until(&mut tcp, "never appears", 1).await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
 }
