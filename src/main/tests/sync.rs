@@ -74,6 +74,54 @@ async fn a_long_poll_returns_as_soon_as_a_message_is_sent() {
     assert_ne!(resp["next_batch"].as_str().unwrap(), since);
 }
 
+/// A poll whose token is behind only on other users' activity waits from where it found
+/// nothing; what it answers, and the token it answers with, lose nothing and repeat
+/// nothing.
+#[tokio::test]
+async fn a_poll_behind_on_unrelated_activity_waits_and_loses_nothing() {
+    let s = TestServer::start(OPEN).await;
+    let (_alice, at) = s.register("alice").await;
+    let (_bob, bt) = s.register("bob").await;
+    let (_carol, ct) = s.register("carol").await;
+    let room = s.create_room(&at, json!({"preset": "public_chat"})).await;
+    s.join_room(&bt, &room).await;
+    let elsewhere = s.create_room(&ct, json!({"preset": "private_chat"})).await;
+    let first = sync(&s, &bt, "").await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    for n in 0..3 {
+        s.send_text(&ct, &elsewhere, &format!("unrelated {n}")).await;
+    }
+
+    let waiting = {
+        let (base, token, since) = (s.base.clone(), bt.clone(), since.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=20000"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            resp.json::<Value>().await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.send_text(&ct, &elsewhere, "unrelated, while waiting").await;
+    s.send_text(&at, &room, "hello").await;
+    let woken = waiting.await.unwrap();
+    assert_eq!(bodies(&woken["rooms"]["join"][&room]), vec!["hello"], "{woken}");
+    assert!(woken["rooms"]["join"].get(&elsewhere).is_none(), "{woken}");
+
+    // Timing out answers nothing new, with a token from which the next message comes.
+    let next = woken["next_batch"].as_str().unwrap();
+    s.send_text(&ct, &elsewhere, "unrelated, before the timeout").await;
+    let quiet = sync(&s, &bt, &format!("since={next}&timeout=300")).await;
+    assert!(quiet["rooms"]["join"].get(&room).is_none(), "{quiet}");
+    let after_quiet = quiet["next_batch"].as_str().unwrap();
+    s.send_text(&at, &room, "after").await;
+    let last = sync(&s, &bt, &format!("since={after_quiet}&timeout=0")).await;
+    assert_eq!(bodies(&last["rooms"]["join"][&room]), vec!["after"], "{last}");
+}
+
 #[tokio::test]
 async fn gaps_are_marked_and_prev_batch_fills_them_exactly() {
     let s = TestServer::start(OPEN).await;

@@ -165,7 +165,7 @@ async fn sync_with(ctx: Ctx, params: Params) -> Result<JsonResponse<trellis_serv
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = ctx.services.rooms.stream.clone();
-    let request = sync::SyncRequest {
+    let mut request = sync::SyncRequest {
         user_id: &user_id,
         localpart: &localpart,
         device_id: &device_id,
@@ -181,24 +181,34 @@ async fn sync_with(ctx: Ctx, params: Params) -> Result<JsonResponse<trellis_serv
         loop {
             // Subscribe before reading the position: a write in between still wakes us.
             let waiting = sync::subscribe_rooms(&ctx.services, &user_id, &rooms);
-            let now = stream.visible();
             // A client may hold a token from before a restart or from the future; never
             // answer with a position below the one it has.
-            let now = now.max(since.unwrap_or(0));
-            let built = sync::build(&ctx.services, &request, now)?;
+            let now = stream.visible().max(request.since.unwrap_or(0));
             // A deadline already reached answers now: a timer would first wait for the
             // timer wheel's next tick (a millisecond).
-            if built.has_updates
-                || since.is_none()
-                || full_state
-                || tokio::time::Instant::now() >= deadline
-            {
+            let may_wait =
+                request.since.is_some() && !full_state && tokio::time::Instant::now() < deadline;
+            // Every part of a sync answer is written at a stream position, so a token at
+            // the visible position with all its to-device messages has nothing to fetch:
+            // wait first instead of building an empty answer (a receiver re-polls after
+            // every message, and that build was half of what delivering it cost).
+            let caught_up =
+                request.since.is_some_and(|s| s >= now) && request.to_device_since >= now;
+            if caught_up && may_wait {
+                if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
+                    // Timed out: an empty answer moving the token on.
+                    return Ok(JsonResponse(sync::build(&ctx.services, &request, now)?.body));
+                }
+                continue;
+            }
+            let built = sync::build(&ctx.services, &request, now)?;
+            if built.has_updates || !may_wait {
                 return Ok(JsonResponse(built.body));
             }
-            if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
-                // Timed out: an empty answer moving the token on.
-                return Ok(JsonResponse(built.body));
-            }
+            // Nothing for this user up to `now`: wait from there, holding nothing built
+            // (10,000 waiting polls held 11 MB of empty answers).
+            request.since = Some(now);
+            request.to_device_since = now;
             rooms = built.rooms;
         }
     }
