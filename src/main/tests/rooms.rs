@@ -306,7 +306,18 @@ async fn members_and_forget() {
     let (hal, ht) = s.register("hal").await;
     let (ivy, it) = s.register("ivy").await;
     let room = create(&s, &ht, json!({"preset": "public_chat"})).await;
+    let joined_rooms = |token: String| {
+        let s = &s;
+        async move {
+            let (status, body) = s.get_auth("/_matrix/client/v3/joined_rooms", &token).await;
+            assert_eq!(status, 200, "{body}");
+            body["joined_rooms"].clone()
+        }
+    };
+    // Read before each change: a list kept from before a change must not be served.
+    assert_eq!(joined_rooms(it.clone()).await, json!([]));
     s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/join"), &it, &json!({})).await;
+    assert_eq!(joined_rooms(it.clone()).await, json!([room]));
     let (status, members) =
         s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/members"), &ht).await;
     assert_eq!(status, 200);
@@ -323,9 +334,16 @@ async fn members_and_forget() {
         .get_auth(&format!("/_matrix/client/v3/rooms/{room}/members?not_membership=join"), &ht)
         .await;
     assert_eq!(left["chunk"][0]["state_key"], ivy.as_str());
+    assert_eq!(joined_rooms(it.clone()).await, json!([]));
+    let with_left = r#"{"room":{"include_leave":true}}"#;
+    let sync_path = format!("/_matrix/client/v3/sync?filter={with_left}");
+    let (_, before) = s.get_auth(&sync_path, &it).await;
+    assert!(before["rooms"]["leave"].get(&room).is_some(), "{before}");
     let (status, _) =
         s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/forget"), &it, &json!({})).await;
     assert_eq!(status, 200);
+    let (_, after) = s.get_auth(&sync_path, &it).await;
+    assert!(after["rooms"]["leave"].get(&room).is_none(), "{after}");
     let (status, _) =
         s.post_auth("/_matrix/client/v3/join/%23alias:localhost", &it, &json!({})).await;
     assert_eq!(status, 404);

@@ -68,6 +68,7 @@ impl AccountData {
         ACCOUNT_DATA.put(&mut batch, &key, &Json(content));
         POSITIONS.put(&mut batch, &key, &ticket.position);
         let result = commit(&self.db, batch).await;
+        self.stream.note_change(&change_key(localpart), ticket.position);
         let retired = self.stream.retire(ticket);
         self.stream.wake_for(retired, &crate::rooms::stream::user_key(localpart));
         result
@@ -77,6 +78,10 @@ impl AccountData {
     /// `since` is 0), global and per room.
     pub fn changed_since(&self, localpart: &str, since: u64) -> Result<Vec<Change>> {
         let mut out = Vec::new();
+        // Every sync asks; most find nothing new, and need not scan to know it.
+        if !self.stream.changed_after(&change_key(localpart), since) {
+            return Ok(out);
+        }
         for row in POSITIONS.scan_prefix(&*self.db, &localpart.to_owned(), Direction::Forward)? {
             let ((_, room, kind), position) = row?;
             if position <= since {
@@ -89,4 +94,9 @@ impl AccountData {
         }
         Ok(out)
     }
+}
+
+/// The stream's note for a user's account data (see `StreamPositions::note_change`).
+fn change_key(localpart: &str) -> String {
+    format!("account_data {localpart}")
 }

@@ -265,7 +265,9 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             _ => {}
         }
     }
-    for (room_id, pending) in crate::federation::invites::pending_for(services, req.user_id)? {
+    for (room_id, pending) in
+        crate::federation::invites::pending_since(services, req.user_id, since)?
+    {
         if pending.position <= since
             || pending.position > now
             || invite.contains_key(&room_id)

@@ -24,8 +24,10 @@ pub const MAX_PENDING_PER_DEVICE: usize = 10_000;
 /// Messages per sync response.
 pub const DEFAULT_BATCH: usize = 100;
 
-/// How many messages each device has waiting, counted from storage the first time a
-/// device is touched after start-up.
+/// How many messages each device has waiting: counted from storage when first needed
+/// (and again after an acknowledgement), then kept up to date as messages arrive. A
+/// count is never below what the inbox holds, as syncs skip reading an inbox counted
+/// empty.
 #[derive(Default)]
 pub struct InboxSizes(Mutex<HashMap<(String, String), usize>>);
 
@@ -102,10 +104,12 @@ impl E2ee {
         }
         TXN_IDS.put(&mut batch, &txn, &String::new());
         let result = commit(&self.db, batch).await;
-        let retired = self.stream.retire(ticket);
+        // Counted before the position is retired: a sync that can see a message must not
+        // find its inbox counted empty (see `to_device_batch`).
         if result.is_ok() {
             self.count_added(&added);
         }
+        let retired = self.stream.retire(ticket);
         for localpart in recipients {
             self.stream.wake_for(retired, &user_key(&localpart));
         }
@@ -146,9 +150,13 @@ impl E2ee {
         now: u64,
         limit: usize,
     ) -> Result<(Vec<Value>, u64)> {
+        let mut events = Vec::new();
+        // Most devices have nothing waiting, which the counted size says without a scan.
+        if self.inbox_size((localpart.to_owned(), device_id.to_owned()))? == 0 {
+            return Ok((events, now));
+        }
         let start = (localpart.to_owned(), device_id.to_owned(), after);
         let end = (localpart.to_owned(), device_id.to_owned(), now);
-        let mut events = Vec::new();
         let mut last = now;
         for row in TO_DEVICE
             .scan_range(&*self.db, Excluded(&start), Included(&end), Direction::Forward)?
@@ -183,10 +191,10 @@ impl E2ee {
             return Ok(());
         }
         commit(&self.db, batch).await?;
-        let mut sizes = self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = sizes.get_mut(&key) {
-            *n = n.saturating_sub(removed);
-        }
+        // Counted again when next needed rather than decremented: two syncs of a device
+        // acknowledging the same messages at once would both subtract them, and an inbox
+        // counted empty while holding messages would never deliver them.
+        self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
         Ok(())
     }
 }

@@ -87,9 +87,30 @@ async fn keep(
         &Json(make(ticket.position)),
     );
     let result = crate::commit(&services.db, batch).await;
+    stream.note_change(&change_key(user_id), ticket.position);
     let retired = stream.retire(ticket);
     stream.wake_for(retired, &crate::rooms::stream::user_key(user_id));
     result
+}
+
+/// The stream's note for a user's invites and knocks of other servers' rooms.
+fn change_key(user_id: &str) -> String {
+    format!("remote_invites {user_id}")
+}
+
+/// Invites and knocks of the user to other servers' rooms written after `since` (every
+/// one of them when `since` is 0).
+pub fn pending_since(
+    services: &Services,
+    user_id: &str,
+    since: u64,
+) -> Result<Vec<(String, RemoteInvite)>> {
+    if !services.rooms.stream.changed_after(&change_key(user_id), since) {
+        return Ok(Vec::new());
+    }
+    let mut all = pending_for(services, user_id)?;
+    all.retain(|(_, invite)| invite.position > since);
+    Ok(all)
 }
 
 /// Keeps a knock sent to another server's room, with the state it answered with.

@@ -124,6 +124,8 @@ const EVENT_CACHE_ENTRIES: usize = 50_000;
 const ROOM_CACHE_ENTRIES: usize = 100_000;
 /// Member lists are the size of their rooms: fewer of them.
 const JOINED_CACHE_ENTRIES: usize = 10_000;
+/// Users whose room lists are kept (a short id and membership per room).
+const USER_ROOMS_CACHE_ENTRIES: usize = 50_000;
 
 /// State entries (one per state event of a snapshot) kept in memory, summed over
 /// snapshots: current states of busy rooms stay loaded.
@@ -225,6 +227,9 @@ pub struct Timeline {
     /// Joined members by room, with the state snapshot they belong to: every event
     /// notifies them, and messages leave the snapshot as it is.
     joined: ShortCache<(u64, Arc<Vec<String>>)>,
+    /// Each user's rooms and membership there (short ids): every sync reads them twice.
+    /// Writers of the membership index clear it once their batch is written.
+    user_rooms: ShortCache<Vec<(u64, String)>, String>,
     pub(super) states: StateCache,
     durability: Arc<crate::durable::Durability>,
     pub(super) hook: std::sync::OnceLock<AppendHook>,
@@ -257,6 +262,7 @@ impl Timeline {
             cache: EventCache::new(EVENT_CACHE_ENTRIES),
             records: ShortCache::new(ROOM_CACHE_ENTRIES),
             joined: ShortCache::new(JOINED_CACHE_ENTRIES),
+            user_rooms: ShortCache::new(USER_ROOMS_CACHE_ENTRIES),
             states: StateCache::new(STATE_CACHE_ENTRIES),
             durability,
             hook: std::sync::OnceLock::new(),
@@ -285,7 +291,7 @@ impl Timeline {
 
     /// A room's record, through the cache.
     fn record(&self, short: u64) -> Result<Option<Arc<RoomRecord>>> {
-        let (hit, generation) = self.records.get(short);
+        let (hit, generation) = self.records.get(&short);
         if hit.is_some() {
             return Ok(hit);
         }
@@ -296,6 +302,7 @@ impl Timeline {
     }
 
     /// Records a user's membership in both directions (room -> users, user -> rooms).
+    /// Whoever writes the batch calls [`Self::memberships_written`] after it.
     pub(super) fn index_membership(
         &self,
         batch: &mut Batch,
@@ -305,6 +312,13 @@ impl Timeline {
     ) {
         ROOM_MEMBERS.put(batch, &(room_short, user.to_owned()), &membership.to_owned());
         USER_ROOMS.put(batch, &(user.to_owned(), room_short), &membership.to_owned());
+    }
+
+    /// Drops the cached room lists once a batch changing memberships is written: a
+    /// list read before the write is then never kept. Membership changes are rare next
+    /// to syncs, so all lists go rather than tracking whose changed.
+    pub(super) fn memberships_written(&self) {
+        self.user_rooms.clear();
     }
 
     pub fn room(&self, room_id: &str) -> Result<Option<(u64, RoomRecord)>> {
@@ -336,7 +350,7 @@ impl Timeline {
 
     /// A stored event, parsed, through the event cache.
     pub(super) fn cached(&self, short: u64) -> Result<Option<Arc<CachedEvent>>> {
-        let (hit, generation) = self.cache.get(short);
+        let (hit, generation) = self.cache.get(&short);
         if hit.is_some() {
             return Ok(hit);
         }
@@ -555,7 +569,7 @@ impl Timeline {
             Placement::Head,
         )?;
         if let Some(short) = redacted {
-            self.cache.invalidate(short);
+            self.cache.invalidate(&short);
         }
         drop(_guard);
         self.publish(room_id, pending).await?;
@@ -738,7 +752,9 @@ impl Timeline {
             Some(_) => {
                 let mut batch = Batch::new();
                 USER_ROOMS.delete(&mut batch, &(user_id.to_owned(), room));
-                commit(&self.db, batch).await
+                let written = commit(&self.db, batch).await;
+                self.memberships_written();
+                written
             }
         }
     }
@@ -762,6 +778,7 @@ impl Timeline {
         let content: Value =
             serde_json::from_str(pdu.content.get()).map_err(|e| Error::bad_json(e.to_string()))?;
         let mut state_after_id = state_before_id;
+        let indexed_memberships = pdu.kind == TimelineEventType::RoomMember || placement.resolved();
         if let Some(key) = &pdu.state_key {
             let sk = self.short.get_or_create(
                 batch,
@@ -829,12 +846,15 @@ impl Timeline {
         ROOMS.put(batch, &room_short, &Json(record.clone()));
         // Applied now, so the next event of the room builds on it; made durable by
         // `finish` outside the room lock, where concurrent appends share one sync.
-        let generation = self.cache.get(event_short).1;
+        let generation = self.cache.get(&event_short).1;
         match self.db.write_unsynced(std::mem::take(batch)) {
             Ok(wal) => {
                 // Before the position is retired: a sync that sees the event also sees
-                // the room's new position.
+                // the room's new position (and, for a membership, the user's rooms).
                 self.records.put(room_short, Arc::new(record));
+                if indexed_memberships {
+                    self.memberships_written();
+                }
                 // The next event of the room refers to this one: keep it parsed.
                 let shared = Arc::new(pdu.clone());
                 let cached = CachedEvent {
@@ -960,17 +980,26 @@ impl Timeline {
     /// what a sync needs to skip the rooms where nothing happened: one scan of the
     /// user's index and one record read per room.
     pub fn user_rooms(&self, user_id: &str) -> Result<Vec<UserRoom>> {
-        let mut out = Vec::new();
-        for entry in USER_ROOMS.scan_prefix(
-            &*self.db,
-            &user_id.to_owned(),
-            trellis_store::Direction::Forward,
-        )? {
-            let ((_, room), membership) = entry?;
-            if let Some(r) = self.record(room)? {
+        let user = user_id.to_owned();
+        let (hit, generation) = self.user_rooms.get(&user);
+        let memberships = match hit {
+            Some(hit) => hit,
+            None => {
+                let rows = USER_ROOMS
+                    .scan_prefix(&*self.db, &user, trellis_store::Direction::Forward)?
+                    .map(|entry| entry.map(|((_, room), membership)| (room, membership)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let rows = Arc::new(rows);
+                self.user_rooms.insert(user, rows.clone(), generation);
+                rows
+            }
+        };
+        let mut out = Vec::with_capacity(memberships.len());
+        for (room, membership) in memberships.iter() {
+            if let Some(r) = self.record(*room)? {
                 out.push(UserRoom {
                     room_id: r.room_id.clone(),
-                    membership,
+                    membership: membership.clone(),
                     last_position: r.last_position,
                     bump_position: r.bump(),
                 });
@@ -991,7 +1020,7 @@ impl Timeline {
     pub fn joined_members(&self, room_id: &str) -> Result<Arc<Vec<String>>> {
         let Some(short) = self.short.get(Kind::Room, room_id)? else { return Ok(Arc::default()) };
         let Some(record) = self.record(short)? else { return Ok(Arc::default()) };
-        let (hit, generation) = self.joined.get(short);
+        let (hit, generation) = self.joined.get(&short);
         if let Some(hit) = hit
             && hit.0 == record.state
         {

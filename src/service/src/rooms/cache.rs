@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    hash::Hash,
     sync::{Arc, Mutex},
 };
 
@@ -22,42 +23,42 @@ pub struct CachedEvent {
     pub soft_failed: bool,
 }
 
-struct Inner<V> {
-    map: HashMap<u64, Arc<V>>,
+struct Inner<K, V> {
+    map: HashMap<K, Arc<V>>,
     /// Bumped by every invalidation: a reader that loaded an event before an
     /// invalidation must not put its (possibly stale) copy in afterwards.
     generation: u64,
 }
 
-/// Stored records by short id, kept parsed. Readers take the generation with their
-/// lookup and pass it back with what they loaded after a miss; a writer's change bumps
-/// it, so a copy read before the change is never kept after it.
-pub struct ShortCache<V> {
-    inner: Mutex<Inner<V>>,
+/// Stored records by short id (or another key), kept parsed. Readers take the
+/// generation with their lookup and pass it back with what they loaded after a miss; a
+/// writer's change bumps it, so a copy read before the change is never kept after it.
+pub struct ShortCache<V, K = u64> {
+    inner: Mutex<Inner<K, V>>,
     capacity: usize,
 }
 
 /// Parsed events (see the module's note).
 pub type EventCache = ShortCache<CachedEvent>;
 
-impl<V> ShortCache<V> {
+impl<V, K: Hash + Eq> ShortCache<V, K> {
     pub fn new(capacity: usize) -> Self {
         let inner = Inner { map: HashMap::new(), generation: 0 };
         Self { inner: Mutex::new(inner), capacity: capacity.max(1) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<V>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, V>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The cached value and the generation to pass to `insert` after a miss.
-    pub fn get(&self, short: u64) -> (Option<Arc<V>>, u64) {
+    pub fn get(&self, short: &K) -> (Option<Arc<V>>, u64) {
         let inner = self.lock();
-        (inner.map.get(&short).cloned(), inner.generation)
+        (inner.map.get(short).cloned(), inner.generation)
     }
 
     /// Keeps `value` unless an invalidation happened since `generation` was read.
-    pub fn insert(&self, short: u64, value: Arc<V>, generation: u64) {
+    pub fn insert(&self, short: K, value: Arc<V>, generation: u64) {
         let mut inner = self.lock();
         if inner.generation != generation {
             return;
@@ -66,7 +67,7 @@ impl<V> ShortCache<V> {
         inner.map.insert(short, value);
     }
 
-    fn make_room(inner: &mut Inner<V>, capacity: usize) {
+    fn make_room(inner: &mut Inner<K, V>, capacity: usize) {
         if inner.map.len() >= capacity {
             // Wholesale eviction keeps this simple and O(1) amortised; the hot entries
             // come back on their next use.
@@ -75,7 +76,7 @@ impl<V> ShortCache<V> {
     }
 
     /// Replaces `short`'s entry with what a writer just stored for it.
-    pub fn put(&self, short: u64, value: Arc<V>) {
+    pub fn put(&self, short: K, value: Arc<V>) {
         let mut inner = self.lock();
         inner.generation += 1;
         Self::make_room(&mut inner, self.capacity);
@@ -83,10 +84,17 @@ impl<V> ShortCache<V> {
     }
 
     /// Forgets `short` (after its stored copy changed).
-    pub fn invalidate(&self, short: u64) {
+    pub fn invalidate(&self, short: &K) {
         let mut inner = self.lock();
         inner.generation += 1;
-        inner.map.remove(&short);
+        inner.map.remove(short);
+    }
+
+    /// Forgets everything (after a change whose extent the writer does not track).
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.map.clear();
     }
 }
 
@@ -145,34 +153,44 @@ mod tests {
     #[test]
     fn a_load_racing_an_invalidation_is_not_kept() {
         let cache = EventCache::new(10);
-        let (hit, generation) = cache.get(7);
+        let (hit, generation) = cache.get(&7);
         assert!(hit.is_none());
         // A redaction rewrites event 7 while the reader still holds its old copy.
-        cache.invalidate(7);
+        cache.invalidate(&7);
         cache.insert(7, event(), generation);
-        assert!(cache.get(7).0.is_none());
-        let (_, generation) = cache.get(7);
+        assert!(cache.get(&7).0.is_none());
+        let (_, generation) = cache.get(&7);
         cache.insert(7, event(), generation);
-        assert!(cache.get(7).0.is_some());
+        assert!(cache.get(&7).0.is_some());
     }
 
     #[test]
     fn a_load_racing_a_writers_put_does_not_replace_it() {
         let cache: ShortCache<u64> = ShortCache::new(10);
-        let (_, generation) = cache.get(3);
+        let (_, generation) = cache.get(&3);
         // A writer stores version 2 while a reader still holds version 1 from disk.
         cache.put(3, Arc::new(2));
         cache.insert(3, Arc::new(1), generation);
-        assert_eq!(cache.get(3).0.as_deref(), Some(&2));
+        assert_eq!(cache.get(&3).0.as_deref(), Some(&2));
     }
 
     #[test]
     fn capacity_is_bounded() {
         let cache = EventCache::new(2);
         for short in 0..5 {
-            let generation = cache.get(short).1;
+            let generation = cache.get(&short).1;
             cache.insert(short, event(), generation);
         }
         assert!(cache.lock().map.len() <= 2);
+    }
+
+    #[test]
+    fn a_load_racing_a_clear_is_not_kept() {
+        let cache: ShortCache<Vec<u64>, String> = ShortCache::new(10);
+        let (_, generation) = cache.get(&"@a:x".to_owned());
+        // A membership change is written while a reader holds the list from before it.
+        cache.clear();
+        cache.insert("@a:x".to_owned(), Arc::new(vec![1]), generation);
+        assert!(cache.get(&"@a:x".to_owned()).0.is_none());
     }
 }

@@ -457,7 +457,7 @@ impl Timeline {
         )?;
         // After the write, so that no reader caches the unredacted copy again.
         if let Some(short) = redacted {
-            self.cache.invalidate(short);
+            self.cache.invalidate(&short);
         }
         drop(guard);
         self.run_hook(room_id, &mut pending).await;
@@ -561,7 +561,9 @@ impl Timeline {
                 self.index_membership(&mut batch, room_short, user, membership);
             }
         }
-        commit(&self.db, batch).await?;
+        let written = commit(&self.db, batch).await;
+        self.memberships_written();
+        written?;
         let mut batch = Batch::new();
         let pending = self.store(
             &mut batch,
@@ -622,7 +624,7 @@ impl Timeline {
         }
         commit(&self.db, batch).await?;
         for short in &placed {
-            self.cache.invalidate(*short);
+            self.cache.invalidate(short);
         }
         Ok(placed.len())
     }

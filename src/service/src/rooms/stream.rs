@@ -33,7 +33,18 @@ pub struct StreamPositions {
     /// Rooms a user is joined to, for waking the people who share a room with them
     /// (presence); installed at start-up.
     rooms_of: OnceLock<RoomsOf>,
+    /// Where noted keys last changed (see [`Self::changed_after`]).
+    changes: Mutex<Changes>,
 }
+
+/// Changes noted since `from`: a key missing from `latest` did not change after it.
+struct Changes {
+    from: u64,
+    latest: HashMap<String, u64>,
+}
+
+/// Keys noted at most; beyond this the notes start over from the current position.
+const MAX_NOTED_KEYS: usize = 100_000;
 
 pub type RoomsOf = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
@@ -116,6 +127,7 @@ impl StreamPositions {
             db: None,
             waiters: Mutex::default(),
             rooms_of: OnceLock::new(),
+            changes: Mutex::new(Changes { from: persisted, latest: HashMap::new() }),
         }
     }
 
@@ -138,6 +150,7 @@ impl StreamPositions {
             db: Some(db),
             waiters: Mutex::default(),
             rooms_of: OnceLock::new(),
+            changes: Mutex::new(Changes { from: start, latest: HashMap::new() }),
         })
     }
 
@@ -254,6 +267,29 @@ impl StreamPositions {
         }
     }
 
+    /// Notes that `key` changed at `position`. Call it before retiring the position, so
+    /// that a reader who can see the change also sees the note.
+    pub fn note_change(&self, key: &str, position: u64) {
+        let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        if changes.latest.len() >= MAX_NOTED_KEYS && !changes.latest.contains_key(key) {
+            // Every position dispatched so far may be unnoted from here on; changes
+            // after them all will be noted.
+            let dispatched = self.inner.lock().unwrap_or_else(|p| p.into_inner()).last_dispatched;
+            changes.from = dispatched;
+            changes.latest.clear();
+        }
+        let latest = changes.latest.entry(key.to_owned()).or_insert(0);
+        *latest = (*latest).max(position);
+    }
+
+    /// Whether `key` may have changed after `since`: false only when it is known not
+    /// to have (every change of it since `from` is noted, and none is later), so a
+    /// reader can skip looking.
+    pub fn changed_after(&self, key: &str, since: u64) -> bool {
+        let changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        since < changes.from || changes.latest.get(key).is_some_and(|p| *p > since)
+    }
+
     /// The highest position below which every write has committed.
     pub fn visible(&self) -> u64 {
         *self.visible_tx.borrow()
@@ -340,5 +376,19 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 4000);
         assert_eq!(s.visible(), 4000);
+    }
+
+    #[test]
+    fn noted_changes_say_when_nothing_changed() {
+        let s = StreamPositions::new(100);
+        // Before start-up nothing is noted: it may have changed.
+        assert!(s.changed_after("k", 99));
+        assert!(!s.changed_after("k", 100));
+        let t = s.dispatch();
+        s.note_change("k", t.position);
+        s.retire(t);
+        assert!(s.changed_after("k", 100));
+        assert!(!s.changed_after("k", 101));
+        assert!(!s.changed_after("other", 100));
     }
 }
