@@ -430,7 +430,7 @@ impl Notifier {
         let hi = (room_id.to_owned(), upto);
         let mut start = from;
         // The member's membership log and first join, read at the first row.
-        let mut memberships: Option<Vec<(u64, String)>> = None;
+        let mut memberships: Option<std::sync::Arc<Vec<(u64, String)>>> = None;
         let mut first_join = None;
         'scan: loop {
             let lo = (room_id.to_owned(), start);

@@ -646,19 +646,13 @@ impl Builder<'_> {
 
     /// Heroes and member counts, which clients use to name unnamed rooms.
     fn summary(&self, room_id: &str) -> Result<Value> {
-        let rooms = &self.services.rooms;
-        let (joined, invited) = rooms.joined_and_invited(room_id)?;
-        let mut heroes: Vec<&String> = joined
-            .iter()
-            .chain(invited.iter())
-            .filter(|u| u.as_str() != self.req.user_id)
-            .collect();
-        heroes.sort();
-        heroes.truncate(5);
+        let members = self.services.rooms.member_summary(room_id)?;
+        let heroes: Vec<&String> =
+            members.first.iter().filter(|u| u.as_str() != self.req.user_id).take(5).collect();
         Ok(json!({
             "m.heroes": heroes,
-            "m.joined_member_count": joined.len(),
-            "m.invited_member_count": invited.len(),
+            "m.joined_member_count": members.joined,
+            "m.invited_member_count": members.invited,
         }))
     }
 

@@ -124,6 +124,18 @@ const EVENT_CACHE_ENTRIES: usize = 50_000;
 const ROOM_CACHE_ENTRIES: usize = 100_000;
 /// Member lists are the size of their rooms: fewer of them.
 const JOINED_CACHE_ENTRIES: usize = 10_000;
+/// Members a summary keeps by name: five heroes, and one more in case the reader is
+/// among them.
+const SUMMARY_FIRST_MEMBERS: usize = 6;
+
+/// Joined and invited members of a room: how many, and the first by user id.
+#[derive(Debug, Clone, Default)]
+pub struct MemberSummary {
+    pub joined: usize,
+    pub invited: usize,
+    pub first: Vec<String>,
+}
+
 /// Users whose room lists are kept (a short id and membership per room).
 const USER_ROOMS_CACHE_ENTRIES: usize = 50_000;
 
@@ -230,6 +242,11 @@ pub struct Timeline {
     /// Each user's rooms and membership there (short ids): every sync reads them twice.
     /// Writers of the membership index clear it once their batch is written.
     user_rooms: ShortCache<Vec<(u64, String)>, String>,
+    /// Membership and history visibility logs (see `visibility.rs`), cleared alike.
+    pub(super) logs: super::visibility::LogCaches,
+    /// Member counts and the first members by name, per room and state snapshot: every
+    /// sync's room summary, which would otherwise read the whole member list.
+    summaries: ShortCache<(u64, MemberSummary)>,
     pub(super) states: StateCache,
     durability: Arc<crate::durable::Durability>,
     pub(super) hook: std::sync::OnceLock<AppendHook>,
@@ -263,6 +280,8 @@ impl Timeline {
             records: ShortCache::new(ROOM_CACHE_ENTRIES),
             joined: ShortCache::new(JOINED_CACHE_ENTRIES),
             user_rooms: ShortCache::new(USER_ROOMS_CACHE_ENTRIES),
+            logs: super::visibility::LogCaches::new(),
+            summaries: ShortCache::new(JOINED_CACHE_ENTRIES),
             states: StateCache::new(STATE_CACHE_ENTRIES),
             durability,
             hook: std::sync::OnceLock::new(),
@@ -319,6 +338,7 @@ impl Timeline {
     /// to syncs, so all lists go rather than tracking whose changed.
     pub(super) fn memberships_written(&self) {
         self.user_rooms.clear();
+        self.logs.clear();
     }
 
     pub fn room(&self, room_id: &str) -> Result<Option<(u64, RoomRecord)>> {
@@ -778,7 +798,8 @@ impl Timeline {
         let content: Value =
             serde_json::from_str(pdu.content.get()).map_err(|e| Error::bad_json(e.to_string()))?;
         let mut state_after_id = state_before_id;
-        let indexed_memberships = pdu.kind == TimelineEventType::RoomMember || placement.resolved();
+        // Memberships, or the history visibility log (state events are few).
+        let indexed_memberships = pdu.state_key.is_some() || placement.resolved();
         if let Some(key) = &pdu.state_key {
             let sk = self.short.get_or_create(
                 batch,
@@ -1032,6 +1053,27 @@ impl Timeline {
     }
 
     /// Joined and invited members of a room, in one scan.
+    /// What a sync's room summary says of the members, as of the room's current state.
+    pub fn member_summary(&self, room_id: &str) -> Result<MemberSummary> {
+        let Some(short) = self.short.get(Kind::Room, room_id)? else {
+            return Ok(Default::default());
+        };
+        let Some(record) = self.record(short)? else { return Ok(Default::default()) };
+        let (hit, generation) = self.summaries.get(&short);
+        if let Some(hit) = hit
+            && hit.0 == record.state
+        {
+            return Ok(hit.1.clone());
+        }
+        let (joined, invited) = self.joined_and_invited(room_id)?;
+        let mut first: Vec<String> = joined.iter().chain(invited.iter()).cloned().collect();
+        first.sort();
+        first.truncate(SUMMARY_FIRST_MEMBERS);
+        let summary = MemberSummary { joined: joined.len(), invited: invited.len(), first };
+        self.summaries.insert(short, Arc::new((record.state, summary.clone())), generation);
+        Ok(summary)
+    }
+
     pub fn joined_and_invited(&self, room_id: &str) -> Result<(Vec<String>, Vec<String>)> {
         let Some(room) = self.short.get(Kind::Room, room_id)? else {
             return Ok(Default::default());

@@ -622,7 +622,10 @@ impl Timeline {
             EVENTS.put(&mut batch, &short, &Json(stored));
             placed.push(short);
         }
-        commit(&self.db, batch).await?;
+        let written = commit(&self.db, batch).await;
+        // Backfilled members and visibility changes went into the logs.
+        self.memberships_written();
+        written?;
         for short in &placed {
             self.cache.invalidate(short);
         }

@@ -3,7 +3,10 @@
 //! changes, keyed by stream position) so that checking an event is a couple of seeks
 //! instead of loading the room state at that event.
 
-use std::ops::Bound::{Excluded, Included};
+use std::{
+    ops::Bound::{Excluded, Included},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,7 +19,25 @@ struct MemberRow {
     event: u64,
 }
 
-use super::{Pdu, append::Timeline, short::Kind};
+use super::{Pdu, append::Timeline, cache::ShortCache, short::Kind};
+
+/// The two logs as read, kept until a batch writing to them is written (see
+/// `Timeline::memberships_written`): every sync reads them for each room that changed.
+pub(super) struct LogCaches {
+    memberships: ShortCache<Vec<(u64, String)>, (u64, String)>,
+    visibilities: ShortCache<Vec<(u64, String)>>,
+}
+
+impl LogCaches {
+    pub(super) fn new() -> Self {
+        Self { memberships: ShortCache::new(100_000), visibilities: ShortCache::new(10_000) }
+    }
+
+    pub(super) fn clear(&self) {
+        self.memberships.clear();
+        self.visibilities.clear();
+    }
+}
 
 const MEMBERSHIP_LOG: Table<(u64, String, u64), Json<MemberRow>> =
     Table::new(&catalog::MEMBERSHIP_LOG);
@@ -168,13 +189,35 @@ impl Timeline {
     }
 
     /// The user's membership changes in the room, `(position, membership)` in order.
-    pub fn membership_log(&self, room_id: &str, user: &str) -> Result<Vec<(u64, String)>> {
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
-        MEMBERSHIP_LOG
-            .scan_prefix(&*self.db, &(room, user.to_owned()), Direction::Forward)?
+    pub fn membership_log(&self, room_id: &str, user: &str) -> Result<Arc<Vec<(u64, String)>>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Arc::default()) };
+        let key = (room, user.to_owned());
+        let (hit, generation) = self.logs.memberships.get(&key);
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        let log: Vec<(u64, String)> = MEMBERSHIP_LOG
+            .scan_prefix(&*self.db, &key, Direction::Forward)?
             .map(|row| row.map(|((_, _, pos), Json(row))| (pos, row.membership)))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(Into::into)
+            .collect::<std::result::Result<_, _>>()?;
+        let log = Arc::new(log);
+        self.logs.memberships.insert(key, log.clone(), generation);
+        Ok(log)
+    }
+
+    /// A room's history visibility changes, `(position, visibility)` oldest first.
+    fn visibility_log(&self, room: u64) -> Result<Arc<Vec<(u64, String)>>> {
+        let (hit, generation) = self.logs.visibilities.get(&room);
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        let log: Vec<(u64, String)> = VISIBILITY_LOG
+            .scan_prefix(&*self.db, &room, Direction::Forward)?
+            .map(|row| row.map(|((_, pos), visibility)| (pos, visibility)))
+            .collect::<std::result::Result<_, _>>()?;
+        let log = Arc::new(log);
+        self.logs.visibilities.insert(room, log.clone(), generation);
+        Ok(log)
     }
 
     /// What one user may see of one room, loaded once: a page of history is then
@@ -184,10 +227,7 @@ impl Timeline {
         let mut view = VisibilityView { user: user.to_owned(), ..VisibilityView::default() };
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(view) };
         view.memberships = self.membership_log(room_id, user)?;
-        for row in VISIBILITY_LOG.scan_prefix(&*self.db, &room, Direction::Forward)? {
-            let ((_, pos), visibility) = row?;
-            view.visibilities.push((pos, visibility));
-        }
+        view.visibilities = self.visibility_log(room)?;
         Ok(view)
     }
 
@@ -249,12 +289,7 @@ impl Timeline {
 
     /// The stream position of the user's latest membership change in the room.
     pub fn last_membership_position(&self, room_id: &str, user: &str) -> Result<Option<u64>> {
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
-        Ok(MEMBERSHIP_LOG
-            .scan_prefix(&*self.db, &(room, user.to_owned()), Direction::Backward)?
-            .next()
-            .transpose()?
-            .map(|((_, _, pos), _)| pos))
+        Ok(self.membership_log(room_id, user)?.last().map(|(pos, _)| *pos))
     }
 }
 
@@ -263,9 +298,9 @@ impl Timeline {
 pub struct VisibilityView {
     user: String,
     /// `(position, membership)` in position order.
-    memberships: Vec<(u64, String)>,
+    memberships: Arc<Vec<(u64, String)>>,
     /// `(position, history visibility)` in position order.
-    visibilities: Vec<(u64, String)>,
+    visibilities: Arc<Vec<(u64, String)>>,
 }
 
 /// The stretches of `memberships` (a [`Timeline::membership_log`]) during which the user
@@ -338,7 +373,8 @@ mod tests {
     }
 
     fn view(memberships: &[(u64, &str)], visibilities: &[(u64, &str)]) -> VisibilityView {
-        let own = |v: &[(u64, &str)]| v.iter().map(|(p, s)| (*p, (*s).to_owned())).collect();
+        let own =
+            |v: &[(u64, &str)]| Arc::new(v.iter().map(|(p, s)| (*p, (*s).to_owned())).collect());
         VisibilityView {
             user: "@u:x".into(),
             memberships: own(memberships),
@@ -415,6 +451,7 @@ mod tests {
         }
         META.delete(&mut batch, &INDEXED_KEY.to_owned());
         db.write(batch).unwrap();
+        t.memberships_written();
         assert!(!t.visibility_view(&room, alice).unwrap().may_read(), "the log is gone");
 
         let reopened = Timeline::new(db.clone(), keys, "example.org").unwrap();
