@@ -12,13 +12,13 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use trellis_core::Config;
 
-/// The documented example configuration; a test keeps it equal to the defaults.
-// mimalloc: sending a message took 15% less CPU than with glibc's allocator, and
-// delivering it to waiting syncs 20% less. Built without transparent huge pages, which
-// held 12 MB more at idle.
+// mimalloc: sending a message took 12-15% less server CPU than with glibc's allocator,
+// delivering it to waiting syncs about 10% less. Built without transparent huge pages,
+// which held 12 MB more at idle.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The documented example configuration; a test keeps it equal to the defaults.
 const CONFIG_EXAMPLE: &str = include_str!("../../../config.example.toml");
 
 #[derive(Parser)]

@@ -51,8 +51,10 @@ impl Typing {
             }
             room.changed_at = ticket.position;
         }
-        self.stream.retire(ticket);
-        self.stream.wake(room_id);
+        // Woken once visible: a sync woken while an earlier write is in flight would
+        // find nothing below it and wait again with the wake-up spent.
+        let retired = self.stream.retire(ticket);
+        self.stream.wake_for(retired, room_id);
         if let Some(t) = timeout {
             // Lapsing is a change too: syncs must learn that the user stopped.
             let this = self.clone();
@@ -82,8 +84,10 @@ impl Typing {
                 room.changed_at = ticket.position;
             }
         }
-        self.stream.retire(ticket);
-        self.stream.wake(room_id);
+        // Woken once visible: a sync woken while an earlier write is in flight would
+        // find nothing below it and wait again with the wake-up spent.
+        let retired = self.stream.retire(ticket);
+        self.stream.wake_for(retired, room_id);
     }
 
     /// Who is typing in `room_id`, if that changed after position `since`.

@@ -24,10 +24,9 @@ pub const MAX_PENDING_PER_DEVICE: usize = 10_000;
 /// Messages per sync response.
 pub const DEFAULT_BATCH: usize = 100;
 
-/// How many messages each device has waiting: counted from storage when first needed
-/// (and again after an acknowledgement), then kept up to date as messages arrive. A
-/// count is never below what the inbox holds, as syncs skip reading an inbox counted
-/// empty.
+/// How many messages each device has waiting: counted from storage when first needed,
+/// then kept up to date as messages arrive and are acknowledged. A count is never below
+/// what the inbox holds, as syncs skip reading an inbox counted empty.
 #[derive(Default)]
 pub struct InboxSizes(Mutex<HashMap<(String, String), usize>>);
 
@@ -104,11 +103,10 @@ impl E2ee {
         }
         TXN_IDS.put(&mut batch, &txn, &String::new());
         let result = commit(&self.db, batch).await;
-        // Counted before the position is retired: a sync that can see a message must not
-        // find its inbox counted empty (see `to_device_batch`).
-        if result.is_ok() {
-            self.count_added(&added);
-        }
+        // Counted before the position is retired, whether or not the sync succeeded (the
+        // rows may be written all the same): a sync that can see a message must not find
+        // its inbox counted empty (see `to_device_batch`); counting too many is harmless.
+        self.count_added(&added);
         let retired = self.stream.retire(ticket);
         for localpart in recipients {
             self.stream.wake_for(retired, &user_key(&localpart));
@@ -118,6 +116,12 @@ impl E2ee {
 
     fn inbox_has_room(&self, localpart: &str, device: &str) -> Result<bool> {
         let key = (localpart.to_owned(), device.to_owned());
+        if self.inbox_size(key.clone())? < MAX_PENDING_PER_DEVICE {
+            return Ok(true);
+        }
+        // Counts may run high (a deleted device's inbox is emptied without them): count
+        // again before turning a message away.
+        self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
         Ok(self.inbox_size(key)? < MAX_PENDING_PER_DEVICE)
     }
 
@@ -177,6 +181,10 @@ impl E2ee {
         if self.inbox_size(key.clone())? == 0 {
             return Ok(());
         }
+        // One acknowledgement of a user's at a time: two syncs of a device acknowledging
+        // the same messages at once would both subtract them, and an inbox counted empty
+        // while holding messages would never deliver them.
+        let _serial = self.lock_user(localpart).await;
         let start = (localpart.to_owned(), device_id.to_owned(), 0);
         let end = (localpart.to_owned(), device_id.to_owned(), upto);
         let mut batch = Batch::new();
@@ -191,10 +199,10 @@ impl E2ee {
             return Ok(());
         }
         commit(&self.db, batch).await?;
-        // Counted again when next needed rather than decremented: two syncs of a device
-        // acknowledging the same messages at once would both subtract them, and an inbox
-        // counted empty while holding messages would never deliver them.
-        self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        let mut sizes = self.inbox_sizes.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = sizes.get_mut(&key) {
+            *n = n.saturating_sub(removed);
+        }
         Ok(())
     }
 }
