@@ -201,16 +201,19 @@ async fn sync_with(ctx: Ctx, params: Params) -> Result<JsonResponse<trellis_serv
                 }
                 continue;
             }
-            let built = sync::build(&ctx.services, &request, now)?;
-            if built.has_updates || !may_wait {
-                return Ok(JsonResponse(built.body));
+            {
+                let built = sync::build(&ctx.services, &request, now)?;
+                if built.has_updates || !may_wait {
+                    return Ok(JsonResponse(built.body));
+                }
+                rooms = built.rooms;
+                // The empty answer is dropped here, not held through the wait.
             }
             // Nothing for this user up to `now`: wait from there, holding nothing built
             // (10,000 waiting polls held 11 MB of empty answers). The wait is the
             // subscription made before `now` was read, so nothing after it is missed.
             request.since = Some(now);
             request.to_device_since = now;
-            rooms = built.rooms;
             if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
                 return Ok(JsonResponse(sync::build(&ctx.services, &request, now)?.body));
             }
