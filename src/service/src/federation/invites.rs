@@ -98,8 +98,8 @@ fn change_key(user_id: &str) -> String {
     format!("remote_invites {user_id}")
 }
 
-/// Invites and knocks of the user to other servers' rooms written after `since` (every
-/// one of them when `since` is 0).
+/// The user's invites, knocks and recent leaves of rooms this server is not in, written
+/// after `since` (every one of them when `since` is 0).
 pub fn pending_since(
     services: &Services,
     user_id: &str,
@@ -108,9 +108,14 @@ pub fn pending_since(
     if !services.rooms.stream.changed_after(&change_key(user_id), since) {
         return Ok(Vec::new());
     }
-    let mut all = pending_for(services, user_id)?;
-    all.retain(|(_, invite)| invite.position > since);
-    Ok(all)
+    let mut out = Vec::new();
+    for row in INVITES.scan_prefix(&*services.db, &user_id.to_owned(), Direction::Forward)? {
+        let ((_, room), Json(invite)) = row?;
+        if invite.position > since {
+            out.push((room, invite));
+        }
+    }
+    Ok(out)
 }
 
 /// Keeps a knock sent to another server's room, with the state it answered with.
@@ -261,16 +266,6 @@ pub async fn receive_invite(
         .await?;
     }
     Ok(pdu_json(&signed))
-}
-
-/// A user's invites, knocks and recent leaves of rooms this server is not in.
-pub fn pending_for(services: &Services, user_id: &str) -> Result<Vec<(String, RemoteInvite)>> {
-    let mut out = Vec::new();
-    for row in INVITES.scan_prefix(&*services.db, &user_id.to_owned(), Direction::Forward)? {
-        let ((_, room), Json(invite)) = row?;
-        out.push((room, invite));
-    }
-    Ok(out)
 }
 
 /// The pending invite or knock of a user to a room, if any.
