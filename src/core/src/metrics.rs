@@ -24,7 +24,8 @@ pub struct RouteLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StorageLabels {
-    pub table: String,
+    /// The RocksDB column family: a table's own, or one shared by small tables.
+    pub family: String,
     pub stat: String,
 }
 
@@ -62,7 +63,11 @@ impl Metrics {
             "HTTP request latency by route",
             http_duration.clone(),
         );
-        registry.register("storage", "Storage engine statistics per table", storage.clone());
+        registry.register(
+            "storage",
+            "Storage engine statistics per column family",
+            storage.clone(),
+        );
         Self { registry, http_requests, http_duration, storage }
     }
 

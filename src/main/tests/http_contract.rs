@@ -179,7 +179,10 @@ async fn health_metrics_and_request_ids() {
     );
     assert!(text.contains("route=\"unmatched\",status=\"404\""), "{text}");
     assert!(text.contains("trellis_http_request_duration_seconds_bucket"));
-    assert!(text.contains("trellis_storage{table=\"users\",stat=\"estimated_keys\"}"), "{text}");
+    assert!(
+        text.contains("trellis_storage{family=\"shared_point\",stat=\"estimated_keys\"}"),
+        "{text}"
+    );
     // Metrics are not served on the client listener.
     let (status, _) = s.get("/metrics").await;
     assert_eq!(status, 404);

@@ -206,7 +206,7 @@ impl Services {
             self.metrics
                 .storage
                 .get_or_create(&trellis_core::metrics::StorageLabels {
-                    table: stat.table,
+                    family: stat.family,
                     stat: stat.stat.to_string(),
                 })
                 .set(stat.value);

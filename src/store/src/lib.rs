@@ -104,10 +104,11 @@ impl Batch {
 
 pub type KvIter<'a> = Box<dyn Iterator<Item = StoreResult<(Vec<u8>, Vec<u8>)>> + Send + 'a>;
 
-/// One statistic of one table, for `/metrics`.
+/// One statistic of one column family (tables sharing a family are counted together),
+/// for `/metrics`.
 #[derive(Debug, Clone)]
-pub struct TableStat {
-    pub table: String,
+pub struct FamilyStat {
+    pub family: String,
     pub stat: &'static str,
     pub value: f64,
 }
@@ -130,7 +131,7 @@ pub trait Engine: Send + Sync + 'static {
     fn sync_through(&self, ticket: u64) -> StoreResult<()>;
     /// Persists memtables and the WAL; called on shutdown.
     fn flush(&self) -> StoreResult<()>;
-    fn stats(&self) -> Vec<TableStat>;
+    fn stats(&self) -> Vec<FamilyStat>;
 
     fn put(&self, table: &'static TableDef, key: &[u8], value: &[u8]) -> StoreResult<()> {
         let mut b = Batch::new();

@@ -1,6 +1,8 @@
-//! The RocksDB engine: one column family per catalog table, one shared block cache.
+//! The RocksDB engine: the catalog's column families (a table's own, or one shared by
+//! tag), one shared block cache.
 
 use std::{
+    borrow::Cow,
     collections::HashSet,
     ops::Bound,
     path::Path,
@@ -17,7 +19,7 @@ use rocksdb::{
 use trellis_core::config::{Compression, StorageConfig};
 
 use crate::{
-    Batch, Direction, Engine, KeyRange, KvIter, Op, StoreError, StoreResult, TableDef, TableStat,
+    Batch, Direction, Engine, FamilyStat, KeyRange, KvIter, Op, StoreError, StoreResult, TableDef,
     catalog::{self, Access},
 };
 
@@ -75,13 +77,17 @@ impl RocksEngine {
 
         let existing: HashSet<String> =
             DB::list_cf(&db_opts, path).map(|v| v.into_iter().collect()).unwrap_or_default();
-        let mut descriptors: Vec<ColumnFamilyDescriptor> = catalog::ALL
+        let families = catalog::families();
+        let mut descriptors: Vec<ColumnFamilyDescriptor> = families
             .iter()
-            .map(|t| ColumnFamilyDescriptor::new(t.name, table_options(t, cfg, &cache)))
+            .map(|(name, access)| {
+                ColumnFamilyDescriptor::new(*name, family_options(*access, cfg, &cache))
+            })
             .collect();
-        // Tables a newer version created must still be opened, or RocksDB refuses to open.
+        // Every existing family must be opened, or RocksDB refuses to open: those a newer
+        // version created, and tables of an older layout until they are moved.
         for name in &existing {
-            if name != "default" && catalog::by_name(name).is_none() {
+            if name != "default" && !families.iter().any(|(f, _)| f == name) {
                 descriptors.push(ColumnFamilyDescriptor::new(name, Options::default()));
             }
         }
@@ -98,18 +104,72 @@ impl RocksEngine {
     }
 
     fn cf(&self, table: &'static TableDef) -> StoreResult<&rocksdb::ColumnFamily> {
-        self.db.cf_handle(table.name).ok_or(StoreError::UnknownTable(table.name))
+        self.db.cf_handle(table.family).ok_or(StoreError::UnknownTable(table.name))
+    }
+
+    /// Moves the rows of tables that had a column family of their own in an older layout
+    /// into their shared family, then drops the old family. Safe to run again after an
+    /// interruption: rows are copied as they are, and a family is dropped only once all
+    /// of its rows are written (and synced, with `sync_writes`). Returns the tables moved.
+    pub(crate) fn move_tables_to_shared_families(&mut self) -> StoreResult<Vec<&'static str>> {
+        const BATCH_BYTES: usize = 4 * 1024 * 1024;
+        let mut moved = Vec::new();
+        for table in catalog::ALL.iter().copied().filter(|t| t.tag.is_some()) {
+            let Some(old) = self.db.cf_handle(table.name) else { continue };
+            let mut raw = self.db.raw_iterator_cf(old);
+            raw.seek_to_first();
+            let (mut batch, mut bytes, mut rows) = (Batch::new(), 0, 0u64);
+            while let (Some(k), Some(v)) = (raw.key(), raw.value()) {
+                bytes += k.len() + v.len();
+                batch.put_raw(table, k.to_vec(), v.to_vec());
+                rows += 1;
+                if bytes >= BATCH_BYTES {
+                    self.write(std::mem::take(&mut batch))?;
+                    bytes = 0;
+                }
+                raw.next();
+            }
+            raw.status().map_err(engine_err)?;
+            drop(raw);
+            if !batch.is_empty() {
+                self.write(batch)?;
+            }
+            self.db.drop_cf(table.name).map_err(engine_err)?;
+            tracing::info!(table = table.name, family = table.family, rows, "moved table");
+            moved.push(table.name);
+        }
+        Ok(moved)
     }
 }
 
-fn table_options(table: &TableDef, cfg: &StorageConfig, cache: &Cache) -> Options {
+/// The key as stored: behind the table's tag in a shared family.
+fn stored_key(table: &TableDef, key: &[u8]) -> Vec<u8> {
+    match table.tag {
+        Some(tag) => {
+            let mut k = Vec::with_capacity(key.len() + 1);
+            k.push(tag);
+            k.extend_from_slice(key);
+            k
+        }
+        None => key.to_vec(),
+    }
+}
+
+fn stored_key_ref<'k>(table: &TableDef, key: &'k [u8]) -> Cow<'k, [u8]> {
+    match table.tag {
+        Some(_) => Cow::Owned(stored_key(table, key)),
+        None => Cow::Borrowed(key),
+    }
+}
+
+fn family_options(access: Access, cfg: &StorageConfig, cache: &Cache) -> Options {
     let mut block = BlockBasedOptions::default();
     block.set_block_cache(cache);
     block.set_block_size(16 * 1024);
     block.set_cache_index_and_filter_blocks(true);
     block.set_pin_l0_filter_and_index_blocks_in_cache(true);
     block.set_format_version(6);
-    if table.access == Access::Point {
+    if access == Access::Point {
         block.set_bloom_filter(10.0, false);
     }
 
@@ -128,7 +188,11 @@ fn table_options(table: &TableDef, cfg: &StorageConfig, cache: &Cache) -> Option
 impl Engine for RocksEngine {
     fn get(&self, table: &'static TableDef, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         let cf = self.cf(table)?;
-        Ok(self.db.get_pinned_cf(cf, key).map_err(engine_err)?.map(|v| v.to_vec()))
+        Ok(self
+            .db
+            .get_pinned_cf(cf, stored_key_ref(table, key))
+            .map_err(engine_err)?
+            .map(|v| v.to_vec()))
     }
 
     fn scan<'a>(
@@ -140,27 +204,39 @@ impl Engine for RocksEngine {
         let cf = self.cf(table)?;
         let mut ro = ReadOptions::default();
         match range.start {
-            Bound::Included(k) => ro.set_iterate_lower_bound(k),
-            Bound::Excluded(mut k) => {
+            Bound::Included(k) => ro.set_iterate_lower_bound(stored_key(table, &k)),
+            Bound::Excluded(k) => {
+                let mut k = stored_key(table, &k);
                 k.push(0);
                 ro.set_iterate_lower_bound(k)
             }
-            Bound::Unbounded => {}
+            Bound::Unbounded => {
+                if let Some(tag) = table.tag {
+                    ro.set_iterate_lower_bound(vec![tag]);
+                }
+            }
         }
         match range.end {
-            Bound::Excluded(k) => ro.set_iterate_upper_bound(k),
-            Bound::Included(mut k) => {
+            Bound::Excluded(k) => ro.set_iterate_upper_bound(stored_key(table, &k)),
+            Bound::Included(k) => {
+                let mut k = stored_key(table, &k);
                 k.push(0);
                 ro.set_iterate_upper_bound(k)
             }
-            Bound::Unbounded => {}
+            Bound::Unbounded => {
+                // The catalog keeps tags below 255, so `tag + 1` exists.
+                if let Some(tag) = table.tag {
+                    ro.set_iterate_upper_bound(vec![tag + 1]);
+                }
+            }
         }
         let mut raw = self.db.raw_iterator_cf_opt(cf, ro);
         match direction {
             Direction::Forward => raw.seek_to_first(),
             Direction::Backward => raw.seek_to_last(),
         }
-        Ok(Box::new(RawIter { raw, direction, done: false }))
+        let skip = usize::from(table.tag.is_some());
+        Ok(Box::new(RawIter { raw, direction, skip, done: false }))
     }
 
     fn write(&self, batch: Batch) -> StoreResult<()> {
@@ -172,8 +248,12 @@ impl Engine for RocksEngine {
         let mut wb = WriteBatch::default();
         for op in batch.ops {
             match op {
-                Op::Put { table, key, value } => wb.put_cf(self.cf(table)?, key, value),
-                Op::Delete { table, key } => wb.delete_cf(self.cf(table)?, key),
+                Op::Put { table, key, value } => {
+                    wb.put_cf(self.cf(table)?, stored_key_ref(table, &key), value)
+                }
+                Op::Delete { table, key } => {
+                    wb.delete_cf(self.cf(table)?, stored_key_ref(table, &key))
+                }
             }
         }
         self.db.write_opt(wb, &self.write_opts).map_err(engine_err)?;
@@ -199,26 +279,28 @@ impl Engine for RocksEngine {
 
     fn flush(&self) -> StoreResult<()> {
         self.db.flush_wal(true).map_err(engine_err)?;
-        let cfs: Vec<_> = catalog::ALL.iter().filter_map(|t| self.db.cf_handle(t.name)).collect();
+        let cfs: Vec<_> =
+            catalog::families().iter().filter_map(|(f, _)| self.db.cf_handle(f)).collect();
         self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default()).map_err(engine_err)
     }
 
-    fn stats(&self) -> Vec<TableStat> {
+    fn stats(&self) -> Vec<FamilyStat> {
         let mut out = Vec::new();
-        for table in catalog::ALL {
-            let Some(cf) = self.db.cf_handle(table.name) else { continue };
+        // Per column family: a shared family's tables are not told apart by RocksDB.
+        for (family, _) in catalog::families() {
+            let Some(cf) = self.db.cf_handle(family) else { continue };
             for (stat, prop) in [
                 ("estimated_keys", "rocksdb.estimate-num-keys"),
                 ("sst_bytes", "rocksdb.total-sst-files-size"),
                 ("memtable_bytes", "rocksdb.cur-size-all-mem-tables"),
             ] {
                 if let Ok(Some(v)) = self.db.property_int_value_cf(cf, prop) {
-                    out.push(TableStat { table: table.name.into(), stat, value: v as f64 });
+                    out.push(FamilyStat { family: family.into(), stat, value: v as f64 });
                 }
             }
         }
-        out.push(TableStat {
-            table: "_all".into(),
+        out.push(FamilyStat {
+            family: "_all".into(),
             stat: "block_cache_bytes",
             value: self.cache.get_usage() as f64,
         });
@@ -229,6 +311,8 @@ impl Engine for RocksEngine {
 struct RawIter<'a> {
     raw: rocksdb::DBRawIteratorWithThreadMode<'a, DB>,
     direction: Direction,
+    /// Bytes of tag before each stored key.
+    skip: usize,
     done: bool,
 }
 
@@ -246,7 +330,7 @@ impl Iterator for RawIter<'_> {
             return self.raw.status().err().map(|e| Err(engine_err(e)));
         }
         let item = match (self.raw.key(), self.raw.value()) {
-            (Some(k), Some(v)) => (k.to_vec(), v.to_vec()),
+            (Some(k), Some(v)) if k.len() >= self.skip => (k[self.skip..].to_vec(), v.to_vec()),
             _ => {
                 self.done = true;
                 return None;

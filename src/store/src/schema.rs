@@ -8,32 +8,37 @@ use trellis_core::config::StorageConfig;
 use crate::{Batch, Db, Engine, RocksEngine, StoreError, StoreResult, Table, catalog};
 
 /// The layout this binary reads and writes. Bump it together with a migration.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
+// `meta` keeps a column family of its own in every layout, so that an older binary finds
+// the version where it looks and refuses a newer database.
 const META: Table<String, u64> = Table::new(&catalog::META);
 const VERSION_KEY: &str = "schema_version";
 
 /// A migration from `version - 1` to `version`, run inside `open` before serving.
 struct Migration {
     version: u64,
-    run: fn(&dyn Engine) -> StoreResult<()>,
+    run: fn(&mut RocksEngine) -> StoreResult<()>,
 }
 
 /// Version 1 is the first layout; later versions append here.
-const MIGRATIONS: &[Migration] = &[];
+const MIGRATIONS: &[Migration] = &[
+    // Small tables share two column families, told apart by a key tag.
+    Migration { version: 2, run: |db| db.move_tables_to_shared_families().map(drop) },
+];
 
 /// Opens (creating if needed) the RocksDB store at `path` and migrates it.
 pub fn open(path: &Path, cfg: &StorageConfig) -> StoreResult<Db> {
     std::fs::create_dir_all(path)
         .map_err(|e| StoreError::Engine(format!("cannot create {}: {e}", path.display())))?;
-    let engine = RocksEngine::open(path, cfg)?;
-    migrate(&engine, MIGRATIONS)?;
+    let mut engine = RocksEngine::open(path, cfg)?;
+    migrate(&mut engine, MIGRATIONS)?;
     Ok(Arc::new(engine))
 }
 
-fn migrate(db: &dyn Engine, migrations: &[Migration]) -> StoreResult<()> {
+fn migrate(db: &mut RocksEngine, migrations: &[Migration]) -> StoreResult<()> {
     let key = VERSION_KEY.to_string();
-    let found = META.get(db, &key)?;
+    let found = META.get(&*db, &key)?;
     let Some(mut current) = found else {
         // A fresh database starts at the current layout.
         let mut b = Batch::new();
@@ -98,16 +103,22 @@ mod tests {
     #[test]
     fn migrations_run_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = RocksEngine::open(dir.path(), &cfg()).unwrap();
+        let mut engine = RocksEngine::open(dir.path(), &cfg()).unwrap();
         let mut b = Batch::new();
         META.put(&mut b, &VERSION_KEY.to_string(), &0);
         engine.write(b).unwrap();
-        fn to_v1(db: &dyn Engine) -> StoreResult<()> {
+        fn to_v1(db: &mut RocksEngine) -> StoreResult<()> {
             db.put(&catalog::META, b"migrated", b"yes")
         }
-        migrate(&engine, &[Migration { version: 1, run: to_v1 }]).unwrap();
+        fn to_v2(db: &mut RocksEngine) -> StoreResult<()> {
+            assert_eq!(db.get(&catalog::META, b"migrated")?, Some(b"yes".to_vec()));
+            db.put(&catalog::META, b"second", b"yes")
+        }
+        let steps = [Migration { version: 2, run: to_v2 }, Migration { version: 1, run: to_v1 }];
+        migrate(&mut engine, &steps).unwrap();
         assert_eq!(engine.get(&catalog::META, b"migrated").unwrap(), Some(b"yes".to_vec()));
-        assert_eq!(META.get(&engine, &VERSION_KEY.to_string()).unwrap(), Some(1));
+        assert_eq!(engine.get(&catalog::META, b"second").unwrap(), Some(b"yes".to_vec()));
+        assert_eq!(META.get(&engine, &VERSION_KEY.to_string()).unwrap(), Some(2));
     }
 
     #[test]
@@ -163,6 +174,94 @@ mod tests {
         assert_eq!(db.get(&catalog::USERS, b"u").unwrap(), None);
         assert_eq!(db.get(&catalog::DEVICES, b"d").unwrap(), Some(b"2".to_vec()));
         db.flush().unwrap();
-        assert!(db.stats().iter().any(|s| s.table == "devices"));
+        assert!(db.stats().iter().any(|s| s.family == catalog::SHARED_SCAN));
+    }
+
+    #[test]
+    fn tables_sharing_a_family_stay_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path(), &cfg()).unwrap();
+        // Neighbouring tags in one family, and a table of the other family.
+        let tables = [&catalog::USERS, &catalog::ACCESS_TOKENS, &catalog::DEVICES];
+        let mut b = Batch::new();
+        for (i, t) in tables.iter().enumerate() {
+            assert!(t.tag.is_some());
+            for key in [&b""[..], b"k", b"\xff\xff"] {
+                b.put_raw(t, key.to_vec(), vec![i as u8]);
+            }
+        }
+        db.write(b).unwrap();
+        db.delete(&catalog::ACCESS_TOKENS, b"k").unwrap();
+        for (i, t) in tables.iter().enumerate() {
+            for direction in [Direction::Forward, Direction::Backward] {
+                let rows: Vec<_> = db
+                    .scan(t, crate::KeyRange::all(), direction)
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .collect();
+                let mut keys: Vec<Vec<u8>> =
+                    vec![b"".to_vec(), b"k".to_vec(), b"\xff\xff".to_vec()];
+                if t.name == "access_tokens" {
+                    keys.remove(1);
+                }
+                if direction == Direction::Backward {
+                    keys.reverse();
+                }
+                assert_eq!(
+                    rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(),
+                    keys,
+                    "{}",
+                    t.name
+                );
+                assert!(rows.iter().all(|r| r.1 == [i as u8]), "{}", t.name);
+            }
+        }
+        assert_eq!(db.get(&catalog::ACCESS_TOKENS, b"k").unwrap(), None);
+        assert_eq!(db.get(&catalog::USERS, b"k").unwrap(), Some(vec![0]));
+    }
+
+    /// A database of the first layout, with each table in a column family of its own
+    /// and, as if an earlier move was cut off, one row already copied.
+    fn write_first_layout(path: &std::path::Path) {
+        use crate::{KeyCodec, ValueCodec};
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let names = ["meta", "users", "receipts", "events", catalog::SHARED_POINT];
+        let raw = rocksdb::DB::open_cf(&opts, path, names).unwrap();
+        let cf = |n: &str| raw.cf_handle(n).unwrap();
+        raw.put_cf(cf("meta"), VERSION_KEY.to_string().to_key(), 1u64.to_value()).unwrap();
+        raw.put_cf(cf("users"), b"alice", b"a").unwrap();
+        raw.put_cf(cf("users"), b"bob", b"b").unwrap();
+        raw.put_cf(cf("receipts"), b"r1", b"x").unwrap();
+        raw.put_cf(cf("events"), b"e1", b"{}").unwrap();
+        let mut copied = vec![catalog::USERS.tag.unwrap()];
+        copied.extend_from_slice(b"alice");
+        raw.put_cf(cf(catalog::SHARED_POINT), copied, b"a").unwrap();
+    }
+
+    #[test]
+    fn first_layout_moves_into_shared_families() {
+        let dir = tempfile::tempdir().unwrap();
+        write_first_layout(dir.path());
+        for _ in 0..2 {
+            let db = open(dir.path(), &cfg()).unwrap();
+            assert_eq!(META.get(&*db, &VERSION_KEY.to_string()).unwrap(), Some(SCHEMA_VERSION));
+            let users: Vec<_> = db
+                .scan(&catalog::USERS, crate::KeyRange::all(), Direction::Forward)
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            assert_eq!(
+                users,
+                [(b"alice".to_vec(), b"a".to_vec()), (b"bob".to_vec(), b"b".to_vec())]
+            );
+            assert_eq!(db.get(&catalog::RECEIPTS, b"r1").unwrap(), Some(b"x".to_vec()));
+            assert_eq!(db.get(&catalog::EVENTS, b"e1").unwrap(), Some(b"{}".to_vec()));
+            drop(db);
+            let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), dir.path()).unwrap();
+            assert!(!families.iter().any(|f| f == "users" || f == "receipts"), "{families:?}");
+            assert!(families.iter().any(|f| f == "events"));
+        }
     }
 }
