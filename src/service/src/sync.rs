@@ -498,9 +498,9 @@ impl Builder<'_> {
             None => rooms.state_at_position(room_id, self.now)?,
         };
         let base = if fresh || self.req.use_state_after {
-            StateSet::new()
+            Arc::new(StateSet::new())
         } else {
-            rooms.state_at_position(room_id, self.since)?
+            rooms.shared_state_at_position(room_id, self.since)?
         };
         let target = if self.req.use_state_after {
             match timeline.events.last() {

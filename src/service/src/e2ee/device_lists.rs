@@ -13,6 +13,9 @@ use crate::Services;
 /// position -> user id whose devices or keys changed
 const KEY_CHANGES: Table<u64, String> = Table::new(&catalog::KEY_CHANGES);
 
+/// The stream's note for key changes of anyone (see `StreamPositions::note_change`).
+const KEY_CHANGES_NOTE: &str = "key_changes";
+
 /// Commits `batch` with a key-change entry for each of `changed` (user ids) at new
 /// stream positions, then wakes everyone sharing a room with them, so that they learn
 /// to re-query those users' keys. Without `changed` it is a plain commit.
@@ -27,6 +30,7 @@ pub(crate) async fn commit_with_changes(
         .map(|user| {
             let ticket = stream.dispatch();
             KEY_CHANGES.put(&mut batch, &ticket.position, user);
+            stream.note_change(KEY_CHANGES_NOTE, ticket.position);
             ticket
         })
         .collect();
@@ -56,6 +60,14 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
         return Ok(DeviceLists::default());
     }
     let rooms = &services.rooms;
+    // Most syncs follow a message: neither a key nor a membership changed anywhere
+    // since the token, and the three scans below would find nothing.
+    let keys_changed = rooms.stream.changed_after(KEY_CHANGES_NOTE, since);
+    if !keys_changed
+        && !rooms.stream.changed_after(crate::rooms::visibility::MEMBER_CHANGES_NOTE, since)
+    {
+        return Ok(DeviceLists::default());
+    }
     let mine: HashSet<String> = rooms.rooms_of(user_id, "join")?.into_iter().collect();
     let mut shared_cache: HashMap<String, bool> = HashMap::new();
     let mut shares = |other: &str| -> Result<bool> {
@@ -73,7 +85,12 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
     let mut changed = BTreeSet::new();
     let mut maybe_left = BTreeSet::new();
     let range = (std::ops::Bound::Excluded(&since), std::ops::Bound::Included(&now));
-    for row in KEY_CHANGES.scan_range(&*services.db, range.0, range.1, Direction::Forward)? {
+    let key_rows = if keys_changed {
+        Some(KEY_CHANGES.scan_range(&*services.db, range.0, range.1, Direction::Forward)?)
+    } else {
+        None
+    };
+    for row in key_rows.into_iter().flatten() {
         let (_, other) = row?;
         if shares(&other)? {
             changed.insert(other);

@@ -143,6 +143,9 @@ const USER_ROOMS_CACHE_ENTRIES: usize = 50_000;
 /// snapshots: current states of busy rooms stay loaded.
 const STATE_CACHE_ENTRIES: usize = 2_000_000;
 
+/// Rooms' states at sync positions kept (each shares a loaded snapshot).
+const POSITION_STATE_CACHE_ENTRIES: usize = 4_096;
+
 /// Timeline entries one page looks at, at most.
 pub const SCAN_CAP: usize = 5_000;
 
@@ -248,6 +251,8 @@ pub struct Timeline {
     /// sync's room summary, which would otherwise read the whole member list.
     summaries: ShortCache<(u64, MemberSummary)>,
     pub(super) states: StateCache,
+    /// A room's state at a stream position (`shared_state_at_position`).
+    pub(super) position_states: ShortCache<StateSet, (String, u64)>,
     durability: Arc<crate::durable::Durability>,
     pub(super) hook: std::sync::OnceLock<AppendHook>,
 }
@@ -283,6 +288,7 @@ impl Timeline {
             logs: super::visibility::LogCaches::new(),
             summaries: ShortCache::new(JOINED_CACHE_ENTRIES),
             states: StateCache::new(STATE_CACHE_ENTRIES),
+            position_states: ShortCache::new(POSITION_STATE_CACHE_ENTRIES),
             durability,
             hook: std::sync::OnceLock::new(),
         };

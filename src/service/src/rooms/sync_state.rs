@@ -12,6 +12,26 @@ impl Timeline {
     /// The state of `room_id` after its last event at or before `position` (empty
     /// before the room existed).
     pub fn state_at_position(&self, room_id: &str, position: u64) -> Result<StateSet> {
+        Ok((*self.shared_state_at_position(room_id, position)?).clone())
+    }
+
+    /// The same, shared. The members of a room sync from the same token after each
+    /// message, so each asks for the state at that position; once the position is
+    /// visible the answer cannot change (history fetched later goes below the room's
+    /// earliest event, and a room with nothing at or before the position is not kept).
+    /// Kept only when the event there is not a state event: the answer is then the
+    /// loaded snapshot itself, shared with the state cache, not a copy.
+    pub fn shared_state_at_position(
+        &self,
+        room_id: &str,
+        position: u64,
+    ) -> Result<std::sync::Arc<StateSet>> {
+        let key = (room_id.to_owned(), position);
+        let settled = position <= self.stream.visible();
+        let (hit, generation) = self.position_states.get(&key);
+        if let Some(state) = hit.filter(|_| settled) {
+            return Ok(state);
+        }
         let page = self.scan_timeline(
             room_id,
             Bound::Unbounded,
@@ -20,8 +40,20 @@ impl Timeline {
             1,
             |_, _| Ok(true),
         )?;
-        let Some((_, pdu)) = page.events.first() else { return Ok(StateSet::new()) };
-        self.state_after_event(pdu)
+        let Some((_, pdu)) = page.events.first() else {
+            return Ok(std::sync::Arc::new(StateSet::new()));
+        };
+        if pdu.state_key.is_none()
+            && let Some(stored) = self.cached_event(pdu.event_id.as_str())?
+            && stored.state_before != 0
+        {
+            let state = self.state_at(stored.state_before)?;
+            if settled {
+                self.position_states.insert(key, state.clone(), generation);
+            }
+            return Ok(state);
+        }
+        Ok(std::sync::Arc::new(self.state_after_event(pdu)?))
     }
 
     /// The state just before `pdu`.

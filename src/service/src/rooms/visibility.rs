@@ -56,6 +56,11 @@ const DEFAULT_VISIBILITY: &str = "shared";
 /// Set once the per-event indexes (membership and visibility logs, timestamps,
 /// relations) cover every stored event.
 const INDEXED_KEY: &str = "event_indexes_v1";
+/// The stream's note for membership changes in any room (see
+/// `StreamPositions::note_change`): noted while the batch is built, before its position
+/// is retired.
+pub const MEMBER_CHANGES_NOTE: &str = "member_changes";
+
 /// Set once `MEMBER_CHANGES` covers the membership log.
 const MEMBER_CHANGES_KEY: &str = "member_changes_v2";
 const META: Table<String, u64> = Table::new(&catalog::META);
@@ -172,6 +177,7 @@ impl Timeline {
                 let row = MemberRow { membership: membership.to_owned(), event: event_short };
                 MEMBERSHIP_LOG.put(batch, &(room, key.clone(), position), &Json(row));
                 MEMBER_CHANGES.put(batch, &(position, room), key);
+                self.stream.note_change(MEMBER_CHANGES_NOTE, position);
             }
             "m.room.history_visibility" if key.is_empty() => {
                 let visibility =
