@@ -110,7 +110,7 @@ impl RocksEngine {
     /// Moves the rows of tables that had a column family of their own in an older layout
     /// into their shared family, then drops the old family. Safe to run again after an
     /// interruption: rows are copied as they are, and a family is dropped only once all
-    /// of its rows are written (and synced, with `sync_writes`). Returns the tables moved.
+    /// of its rows are written and synced. Returns the tables moved.
     pub(crate) fn move_tables_to_shared_families(&mut self) -> StoreResult<Vec<&'static str>> {
         const BATCH_BYTES: usize = 4 * 1024 * 1024;
         let mut moved = Vec::new();
@@ -134,6 +134,9 @@ impl RocksEngine {
             if !batch.is_empty() {
                 self.write(batch)?;
             }
+            // The copies must be on disk before the originals go, even without
+            // `sync_writes`.
+            self.db.flush_wal(true).map_err(engine_err)?;
             self.db.drop_cf(table.name).map_err(engine_err)?;
             tracing::info!(table = table.name, family = table.family, rows, "moved table");
             moved.push(table.name);
