@@ -51,10 +51,7 @@ impl Typing {
             }
             room.changed_at = ticket.position;
         }
-        // Woken once visible: a sync woken while an earlier write is in flight would
-        // find nothing below it and wait again with the wake-up spent.
-        let retired = self.stream.retire(ticket);
-        self.stream.wake_for(retired, room_id);
+        self.publish(ticket, room_id);
         if let Some(t) = timeout {
             // Lapsing is a change too: syncs must learn that the user stopped.
             let this = self.clone();
@@ -84,8 +81,13 @@ impl Typing {
                 room.changed_at = ticket.position;
             }
         }
-        // Woken once visible: a sync woken while an earlier write is in flight would
-        // find nothing below it and wait again with the wake-up spent.
+        self.publish(ticket, room_id);
+    }
+
+    /// Retires a change's position and wakes the room's syncs once it is visible: a sync
+    /// woken while an earlier write is in flight would find nothing below it and wait
+    /// again with the wake-up spent.
+    fn publish(&self, ticket: crate::rooms::stream::Ticket, room_id: &str) {
         let retired = self.stream.retire(ticket);
         self.stream.wake_for(retired, room_id);
     }

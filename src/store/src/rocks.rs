@@ -110,10 +110,9 @@ impl RocksEngine {
     /// Moves the rows of tables that had a column family of their own in an older layout
     /// into their shared family, then drops the old family. Safe to run again after an
     /// interruption: rows are copied as they are, and a family is dropped only once all
-    /// of its rows are written and synced. Returns the tables moved.
-    pub(crate) fn move_tables_to_shared_families(&mut self) -> StoreResult<Vec<&'static str>> {
+    /// of its rows are written and synced.
+    pub(crate) fn move_tables_to_shared_families(&mut self) -> StoreResult<()> {
         const BATCH_BYTES: usize = 4 * 1024 * 1024;
-        let mut moved = Vec::new();
         for table in catalog::ALL.iter().copied().filter(|t| t.tag.is_some()) {
             let Some(old) = self.db.cf_handle(table.name) else { continue };
             let mut raw = self.db.raw_iterator_cf(old);
@@ -139,9 +138,8 @@ impl RocksEngine {
             self.db.flush_wal(true).map_err(engine_err)?;
             self.db.drop_cf(table.name).map_err(engine_err)?;
             tracing::info!(table = table.name, family = table.family, rows, "moved table");
-            moved.push(table.name);
         }
-        Ok(moved)
+        Ok(())
     }
 }
 

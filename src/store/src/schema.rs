@@ -24,7 +24,7 @@ struct Migration {
 /// Version 1 is the first layout; later versions append here.
 const MIGRATIONS: &[Migration] = &[
     // Small tables share two column families, told apart by a key tag.
-    Migration { version: 2, run: |db| db.move_tables_to_shared_families().map(drop) },
+    Migration { version: 2, run: RocksEngine::move_tables_to_shared_families },
 ];
 
 /// Opens (creating if needed) the RocksDB store at `path` and migrates it.

@@ -85,15 +85,12 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
     let mut changed = BTreeSet::new();
     let mut maybe_left = BTreeSet::new();
     let range = (std::ops::Bound::Excluded(&since), std::ops::Bound::Included(&now));
-    let key_rows = if keys_changed {
-        Some(KEY_CHANGES.scan_range(&*services.db, range.0, range.1, Direction::Forward)?)
-    } else {
-        None
-    };
-    for row in key_rows.into_iter().flatten() {
-        let (_, other) = row?;
-        if shares(&other)? {
-            changed.insert(other);
+    if keys_changed {
+        for row in KEY_CHANGES.scan_range(&*services.db, range.0, range.1, Direction::Forward)? {
+            let (_, other) = row?;
+            if shares(&other)? {
+                changed.insert(other);
+            }
         }
     }
 

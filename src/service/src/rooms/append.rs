@@ -1008,19 +1008,12 @@ impl Timeline {
     /// user's index and one record read per room.
     pub fn user_rooms(&self, user_id: &str) -> Result<Vec<UserRoom>> {
         let user = user_id.to_owned();
-        let (hit, generation) = self.user_rooms.get(&user);
-        let memberships = match hit {
-            Some(hit) => hit,
-            None => {
-                let rows = USER_ROOMS
-                    .scan_prefix(&*self.db, &user, trellis_store::Direction::Forward)?
-                    .map(|entry| entry.map(|((_, room), membership)| (room, membership)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let rows = Arc::new(rows);
-                self.user_rooms.insert(user, rows.clone(), generation);
-                rows
-            }
-        };
+        let memberships = self.user_rooms.get_or_load(user.clone(), || {
+            USER_ROOMS
+                .scan_prefix(&*self.db, &user, trellis_store::Direction::Forward)?
+                .map(|entry| entry.map(|((_, room), membership)| (room, membership)))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
         let mut out = Vec::with_capacity(memberships.len());
         for (room, membership) in memberships.iter() {
             if let Some(r) = self.record(*room)? {
@@ -1058,7 +1051,6 @@ impl Timeline {
         Ok(members)
     }
 
-    /// Joined and invited members of a room, in one scan.
     /// What a sync's room summary says of the members, as of the room's current state.
     pub fn member_summary(&self, room_id: &str) -> Result<MemberSummary> {
         let Some(short) = self.short.get(Kind::Room, room_id)? else {
@@ -1080,6 +1072,7 @@ impl Timeline {
         Ok(summary)
     }
 
+    /// Joined and invited members of a room, in one scan.
     pub fn joined_and_invited(&self, room_id: &str) -> Result<(Vec<String>, Vec<String>)> {
         let Some(room) = self.short.get(Kind::Room, room_id)? else {
             return Ok(Default::default());

@@ -57,6 +57,18 @@ impl<V, K: Hash + Eq> ShortCache<V, K> {
         (inner.map.get(short).cloned(), inner.generation)
     }
 
+    /// The cached value, or what `load` reads from storage, kept for the next reader
+    /// unless an invalidation happened meanwhile.
+    pub fn get_or_load<E>(&self, key: K, load: impl FnOnce() -> Result<V, E>) -> Result<Arc<V>, E> {
+        let (hit, generation) = self.get(&key);
+        if let Some(hit) = hit {
+            return Ok(hit);
+        }
+        let value = Arc::new(load()?);
+        self.insert(key, value.clone(), generation);
+        Ok(value)
+    }
+
     /// Keeps `value` unless an invalidation happened since `generation` was read.
     pub fn insert(&self, short: K, value: Arc<V>, generation: u64) {
         let mut inner = self.lock();

@@ -198,31 +198,23 @@ impl Timeline {
     pub fn membership_log(&self, room_id: &str, user: &str) -> Result<Arc<Vec<(u64, String)>>> {
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Arc::default()) };
         let key = (room, user.to_owned());
-        let (hit, generation) = self.logs.memberships.get(&key);
-        if let Some(hit) = hit {
-            return Ok(hit);
-        }
-        let log: Vec<(u64, String)> = MEMBERSHIP_LOG
-            .scan_prefix(&*self.db, &key, Direction::Forward)?
-            .map(|row| row.map(|((_, _, pos), Json(row))| (pos, row.membership)))
-            .collect::<std::result::Result<_, _>>()?;
-        let log = Arc::new(log);
-        self.logs.memberships.insert(key, log.clone(), generation);
+        let log = self.logs.memberships.get_or_load(key.clone(), || {
+            MEMBERSHIP_LOG
+                .scan_prefix(&*self.db, &key, Direction::Forward)?
+                .map(|row| row.map(|((_, _, pos), Json(row))| (pos, row.membership)))
+                .collect::<std::result::Result<_, _>>()
+        })?;
         Ok(log)
     }
 
     /// A room's history visibility changes, `(position, visibility)` oldest first.
     fn visibility_log(&self, room: u64) -> Result<Arc<Vec<(u64, String)>>> {
-        let (hit, generation) = self.logs.visibilities.get(&room);
-        if let Some(hit) = hit {
-            return Ok(hit);
-        }
-        let log: Vec<(u64, String)> = VISIBILITY_LOG
-            .scan_prefix(&*self.db, &room, Direction::Forward)?
-            .map(|row| row.map(|((_, pos), visibility)| (pos, visibility)))
-            .collect::<std::result::Result<_, _>>()?;
-        let log = Arc::new(log);
-        self.logs.visibilities.insert(room, log.clone(), generation);
+        let log = self.logs.visibilities.get_or_load(room, || {
+            VISIBILITY_LOG
+                .scan_prefix(&*self.db, &room, Direction::Forward)?
+                .map(|row| row.map(|((_, pos), visibility)| (pos, visibility)))
+                .collect::<std::result::Result<_, _>>()
+        })?;
         Ok(log)
     }
 
