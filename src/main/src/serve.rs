@@ -92,7 +92,7 @@ async fn serve(config: Config) -> Result<(), String> {
 
     let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
     // Transactions queued for other servers before a restart go out again.
-    if let Err(e) = trellis_service::federation::sender::resume(&services) {
+    if let Err(e) = trellis_service::federation::sender::resume(&services.federation) {
         tracing::warn!(error = %e, "resuming the federation queue failed");
     }
 

@@ -27,6 +27,7 @@ pub mod media;
 pub mod notify;
 pub mod out;
 pub mod password;
+pub mod pipeline;
 pub mod presence;
 pub mod profile;
 pub mod push_rules;
@@ -59,26 +60,30 @@ pub struct Services {
     pub config: Config,
     pub db: Db,
     pub keys: Arc<ServerKeys>,
-    pub rooms: rooms::append::Timeline,
+    /// Rooms as stored: what every read path reads.
+    pub rooms: Arc<rooms::Rooms>,
+    /// Appends to rooms (local events and events from other servers) and runs the event
+    /// pipeline on each.
+    pub timeline: rooms::append::Timeline,
     pub aliases: rooms::aliases::Aliases,
     pub public_rooms: rooms::public::PublicRooms,
     pub audit: Arc<Audit>,
     pub accounts: Accounts,
     pub profiles: Profiles,
     pub account_data: AccountData,
-    pub push_rules: push_rules::PushRules,
+    pub push_rules: Arc<push_rules::PushRules>,
     pub pushers: pushers::Pushers,
     pub presence: Arc<presence::Presence>,
     pub filters: filters::Filters,
     pub typing: Arc<typing::Typing>,
     pub receipts: receipts::Receipts,
-    pub notifier: notify::Notifier,
+    pub notifier: Arc<notify::Notifier>,
     pub sliding: sliding::Connections,
     pub rate_limits: RateLimiter,
     pub mailer: Option<mailer::Mailer>,
     pub directory: directory::UserDirectory,
     pub e2ee: e2ee::E2ee,
-    pub federation: federation::Federation,
+    pub federation: Arc<federation::Federation>,
     pub media: media::Media,
     pub metrics: Metrics,
 }
@@ -87,46 +92,60 @@ impl Services {
     /// Builds every service; fails on configuration that can only be checked by loading
     /// files (such as a JWT public key).
     pub fn new(config: Config, db: Db, keys: ServerKeys) -> Result<Arc<Self>, String> {
+        let server_name = config.server.server_name.clone();
+        let rooms = Arc::new(
+            rooms::Rooms::open(db.clone(), &server_name)
+                .map_err(|e| format!("loading rooms: {e}"))?,
+        );
+        let stream = rooms.stream.clone();
         let audit = Arc::new(Audit::new(db.clone()));
         let jwt = accounts::jwt::JwtVerifier::from_config(&config.jwt)?;
         let accounts = Accounts::with_jwt(
             db.clone(),
-            config.server.server_name.clone(),
+            server_name.clone(),
             config.registration.clone(),
             config.auth.clone(),
             audit.clone(),
             jwt,
         )
-        .with_email_code_lifetime(config.email.code_lifetime_seconds);
-        let mailer = mailer::Mailer::from_config(&config.email, &config.server.server_name)?;
+        .with_email_code_lifetime(config.email.code_lifetime_seconds)
+        .with_device_changes(rooms.clone());
+        let mailer = mailer::Mailer::from_config(&config.email, &server_name)?;
         let keys = Arc::new(keys);
-        let rooms =
-            rooms::append::Timeline::new(db.clone(), keys.clone(), &config.server.server_name)
-                .map_err(|e| format!("loading rooms: {e}"))?;
-        let stream = rooms.stream.clone();
-        accounts.set_stream(stream.clone());
-        let e2ee = e2ee::E2ee::new(db.clone(), stream.clone(), config.server.server_name.clone());
-        let federation = federation::Federation::new(
+        let e2ee = e2ee::E2ee::new(db.clone(), rooms.clone(), server_name.clone());
+        let federation = Arc::new(federation::Federation::new(
             db.clone(),
-            config.server.server_name.clone(),
+            server_name.clone(),
             keys.clone(),
             config.federation.clone(),
-        )?;
+        )?);
         let media = media::Media::new(&config, db.clone(), None)?;
-        let services = Arc::new(Self {
-            rooms,
-            aliases: rooms::aliases::Aliases::new(db.clone(), config.server.server_name.clone()),
+        let push_rules = Arc::new(push_rules::PushRules::new(db.clone(), stream.clone()));
+        let notifier = Arc::new(notify::Notifier::new(
+            db.clone(),
+            rooms.clone(),
+            push_rules.clone(),
+            &server_name,
+        ));
+        // The event pipeline, in order (see `pipeline.rs` for what comes next).
+        let pipeline = pipeline::Pipeline::new(vec![
+            notifier.clone(),
+            Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
+        ]);
+        let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
+        Ok(Arc::new(Self {
+            aliases: rooms::aliases::Aliases::new(db.clone(), server_name.clone()),
             public_rooms: rooms::public::PublicRooms::new(db.clone()),
             profiles: Profiles::new(db.clone()),
             account_data: AccountData::new(db.clone(), stream.clone()),
-            push_rules: push_rules::PushRules::new(db.clone(), stream.clone()),
+            push_rules,
             pushers: pushers::Pushers::new(db.clone()),
-            presence: presence::Presence::new(db.clone(), stream.clone(), &config.presence),
+            presence: presence::Presence::new(db.clone(), rooms.clone(), &config.presence),
             filters: filters::Filters::new(db.clone()),
             typing: typing::Typing::new(stream.clone()),
             receipts: receipts::Receipts::new(db.clone(), stream),
             sliding: sliding::Connections::default(),
-            notifier: notify::Notifier::new(db.clone()),
+            notifier,
             rate_limits: RateLimiter::new(config.rate_limits.clone()),
             mailer,
             directory: directory::UserDirectory::new(
@@ -138,52 +157,13 @@ impl Services {
             accounts,
             e2ee,
             federation,
+            rooms,
+            timeline,
             keys,
             db,
             config,
             metrics: Metrics::new(),
-        });
-        // Push rules are evaluated for each appended event before it is visible; the hook
-        // holds the services weakly (they own the timeline that holds the hook).
-        let weak = Arc::downgrade(&services);
-        let rooms_of = weak.clone();
-        services.rooms.stream.set_rooms_of(Box::new(move |user| {
-            rooms_of.upgrade().and_then(|s| s.rooms.rooms_of(user, "join").ok()).unwrap_or_default()
-        }));
-        services.rooms.set_hook(Arc::new(move |room_id, position, pdu, members| {
-            let weak = weak.clone();
-            Box::pin(async move {
-                let services = weak.upgrade()?;
-                let span = tracing::debug_span!("push_rules", room_id, position);
-                let evaluated = services
-                    .notifier
-                    .evaluate(&services, &room_id, position, &pdu, members)
-                    .instrument(span)
-                    .await;
-                let wal = match evaluated {
-                    Ok(wal) => wal,
-                    Err(e) => {
-                        tracing::warn!(room_id, position, error = %e, "evaluating push rules failed");
-                        None
-                    }
-                };
-                if matches!(
-                    pdu.kind,
-                    ruma::events::TimelineEventType::RoomMember
-                        | ruma::events::TimelineEventType::RoomServerAcl
-                ) {
-                    services.federation.outbox.membership_changed(&room_id);
-                }
-                // This server's own events go to the other servers in the room.
-                if pdu.sender.server_name().as_str() == services.server_name()
-                    && let Err(e) = federation::sender::send_pdu(&services, &room_id, &pdu).await
-                {
-                    tracing::warn!(error = %e, "queueing an event for federation failed");
-                }
-                wal
-            })
-        }));
-        Ok(services)
+        }))
     }
 
     pub fn server_name(&self) -> &str {

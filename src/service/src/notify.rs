@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     ops::Bound::{Excluded, Included},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use ruma::{
@@ -23,7 +23,12 @@ use serde_json::{Value, json};
 use trellis_core::{Result, now_millis};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
-use crate::{Services, rooms::Pdu};
+use crate::{
+    Services,
+    pipeline::{Appended, Consumer},
+    push_rules::PushRules,
+    rooms::{Pdu, Rooms},
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Unread {
@@ -115,6 +120,11 @@ const COUNTED_MAX: usize = 100_000;
 
 pub struct Notifier {
     db: Db,
+    /// What evaluation reads: the room's state and members, and their push rules.
+    rooms: Arc<Rooms>,
+    push_rules: Arc<PushRules>,
+    /// `:server`: other servers' users are notified by their own servers.
+    own_suffix: String,
     /// (user, room) -> counts so far. A busy room nobody reads grows its unread rows
     /// with every message, and every sync of every member would count them again.
     counted: Mutex<HashMap<(String, String), Counted>>,
@@ -128,8 +138,7 @@ fn content(pdu: &Pdu) -> Value {
 }
 
 /// The power levels part of the push condition context (for `@room` permission).
-fn power_levels_ctx(services: &Services, room_id: &str) -> Option<PushConditionPowerLevelsCtx> {
-    let rooms = &services.rooms;
+fn power_levels_ctx(rooms: &Rooms, room_id: &str) -> Option<PushConditionPowerLevelsCtx> {
     let levels = rooms.state_of(room_id, "m.room.power_levels", "").ok()??;
     let levels = content(&levels);
     let create = rooms.state_of(room_id, "m.room.create", "").ok()??;
@@ -229,21 +238,21 @@ async fn first_match(
 }
 
 impl Notifier {
-    pub fn new(db: Db) -> Self {
-        Self { db, counted: Mutex::default() }
+    pub fn new(db: Db, rooms: Arc<Rooms>, push_rules: Arc<PushRules>, server_name: &str) -> Self {
+        let own_suffix = format!(":{server_name}");
+        Self { db, rooms, push_rules, own_suffix, counted: Mutex::default() }
     }
 
     /// Evaluates a stored event for the members it may notify and records the results,
     /// written unsynced: the answer is the WAL ticket the event's own sync must cover.
     pub async fn evaluate(
         &self,
-        services: &Services,
         room_id: &str,
         position: u64,
         pdu: &Pdu,
-        members: Option<std::sync::Arc<Vec<String>>>,
+        members: Option<Arc<Vec<String>>>,
     ) -> Result<Option<u64>> {
-        let rooms = &services.rooms;
+        let rooms = &self.rooms;
         let body = content(pdu);
         // The members as the event left them (read under the room's lock when it was
         // stored): by now a later event may have let someone in or out.
@@ -262,8 +271,7 @@ impl Notifier {
             targets.push(invitee.clone());
         }
         // Other servers' users are notified by their own servers.
-        let own = format!(":{}", services.server_name());
-        targets.retain(|u| u.as_str() != pdu.sender.as_str() && u.ends_with(&own));
+        targets.retain(|u| u.as_str() != pdu.sender.as_str() && u.ends_with(&self.own_suffix));
         if targets.is_empty() {
             return Ok(None);
         }
@@ -282,13 +290,13 @@ impl Notifier {
         let singles = SinglesOut::of(pdu.state_key.as_deref(), &body);
         let rulesets = targets
             .iter()
-            .map(|user| services.push_rules.cached_ruleset(user))
+            .map(|user| self.push_rules.cached_ruleset(user))
             .collect::<Result<Vec<_>>>()?;
         // The default rules ask for the sender's power only about room mentions; other
         // rulesets may ask about anything.
         let power_levels =
             if singles.may_mention_room(&body) || rulesets.iter().any(|r| !r.is_default) {
-                power_levels_ctx(services, room_id)
+                power_levels_ctx(rooms, room_id)
             } else {
                 None
             };
@@ -565,6 +573,20 @@ impl Notifier {
             next = Some(floor);
         }
         Ok((found, next))
+    }
+}
+
+/// First step of the event pipeline: push rules decide whom the event notifies, which
+/// the unread counts and `/notifications` are read from.
+#[async_trait::async_trait]
+impl Consumer for Notifier {
+    fn name(&self) -> &'static str {
+        "push_rules"
+    }
+
+    async fn on_event(&self, event: &Appended<'_>) -> Result<Option<u64>> {
+        let members = event.members.cloned();
+        self.evaluate(event.room_id.as_str(), event.position, event.pdu, members).await
     }
 }
 

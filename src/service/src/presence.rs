@@ -21,7 +21,10 @@ use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::{
     commit,
-    rooms::stream::{StreamPositions, Ticket},
+    rooms::{
+        Rooms,
+        stream::{StreamPositions, Ticket},
+    },
 };
 
 /// user id -> the state last set and the last activity
@@ -94,6 +97,8 @@ struct Entry {
 
 pub struct Presence {
     db: Db,
+    /// A change wakes everyone sharing a room with the user.
+    rooms: Arc<Rooms>,
     stream: Arc<StreamPositions>,
     enabled: bool,
     idle_timeout_ms: u64,
@@ -106,10 +111,11 @@ pub struct Presence {
 }
 
 impl Presence {
-    pub fn new(db: Db, stream: Arc<StreamPositions>, config: &PresenceConfig) -> Arc<Self> {
+    pub fn new(db: Db, rooms: Arc<Rooms>, config: &PresenceConfig) -> Arc<Self> {
         let presence = Arc::new(Self {
             db,
-            stream,
+            stream: rooms.stream.clone(),
+            rooms,
             enabled: config.enabled,
             idle_timeout_ms: config.idle_timeout_seconds.saturating_mul(1000),
             offline_timeout_ms: config.offline_timeout_seconds.saturating_mul(1000),
@@ -241,7 +247,7 @@ impl Presence {
         };
         if let Some(ticket) = ticket {
             let retired = self.stream.retire(ticket);
-            self.stream.wake_co_members(retired, user_id);
+            self.rooms.wake_co_members(retired, user_id);
         }
         if start_timer {
             self.start_idle_timer(user_id);
@@ -308,7 +314,7 @@ impl Presence {
         PRESENCE.put(&mut batch, &user_id.to_owned(), &Json(record));
         let result = commit(&self.db, batch).await;
         let retired = self.stream.retire(ticket);
-        self.stream.wake_co_members(retired, user_id);
+        self.rooms.wake_co_members(retired, user_id);
         tracing::debug!(user = user_id, state, "presence set");
         result
     }
@@ -383,7 +389,7 @@ impl Presence {
             match lapsed {
                 Ok((ticket, done)) => {
                     let retired = self.stream.retire(ticket);
-                    self.stream.wake_co_members(retired, &user_id);
+                    self.rooms.wake_co_members(retired, &user_id);
                     let to = if done { OFFLINE } else { UNAVAILABLE };
                     tracing::debug!(user = user_id, to, "presence lapsed");
                     if done {
@@ -447,13 +453,13 @@ mod tests {
     fn presence(idle_timeout_seconds: u64) -> (tempfile::TempDir, Arc<Presence>) {
         let dir = tempfile::tempdir().unwrap();
         let db = trellis_store::open(dir.path(), &Default::default()).unwrap();
-        let stream = Arc::new(StreamPositions::new(0));
+        let rooms = Arc::new(Rooms::open(db.clone(), "example.org").unwrap());
         let config = PresenceConfig {
             enabled: true,
             idle_timeout_seconds,
             offline_timeout_seconds: idle_timeout_seconds * 2,
         };
-        (dir, Presence::new(db, stream, &config))
+        (dir, Presence::new(db, rooms, &config))
     }
 
     #[tokio::test]
@@ -509,7 +515,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = trellis_store::open(dir.path(), &Default::default()).unwrap();
         let config = PresenceConfig { enabled: false, ..Default::default() };
-        let p = Presence::new(db, Arc::new(StreamPositions::new(0)), &config);
+        let rooms = Arc::new(Rooms::open(db.clone(), "example.org").unwrap());
+        let p = Presence::new(db, rooms, &config);
         p.set_state("@c:x", ONLINE, Some("hi".into())).await.unwrap();
         p.note_activity("@c:x");
         assert_eq!(p.status("@c:x").unwrap(), PresenceStatus::offline());

@@ -94,7 +94,9 @@ async fn join_room(
     if known {
         let resident =
             services.rooms.has_member_from(room_id.as_str(), services.server_name(), &["join"])?;
-        servers.extend(room_servers(services, room_id.as_str())?.iter().cloned());
+        servers.extend(
+            room_servers(&services.federation, &services.rooms, room_id.as_str())?.iter().cloned(),
+        );
         servers.retain(|s| s != services.server_name());
         if resident || servers.is_empty() {
             membership(ctx, room_id.as_str(), &user, "join", reason).await?;
@@ -121,7 +123,9 @@ async fn knock(ctx: Ctx, req: knock_room::v3::Request) -> Result<knock_room::v3:
         && services.rooms.has_member_from(room_id.as_str(), services.server_name(), &["join"])?;
     if known && !resident {
         // A room this server left: the servers still in it can take the knock.
-        servers.extend(room_servers(services, room_id.as_str())?.iter().cloned());
+        servers.extend(
+            room_servers(&services.federation, &services.rooms, room_id.as_str())?.iter().cloned(),
+        );
     }
     servers.retain(|s| s != services.server_name());
     if resident || (!known && servers.is_empty()) {
@@ -144,7 +148,7 @@ async fn join_any(
 }
 
 async fn forget(ctx: Ctx, req: forget_room::v3::Request) -> Result<forget_room::v3::Response> {
-    ctx.services.rooms.forget(req.room_id.as_str(), &me(&ctx)?).await?;
+    ctx.services.timeline.forget(req.room_id.as_str(), &me(&ctx)?).await?;
     Ok(forget_room::v3::Response::new())
 }
 
@@ -210,7 +214,7 @@ async fn membership(
         txn: None,
         redacts: None,
     };
-    Ok(ctx.services.rooms.append(room_id, event).await?.event_id)
+    Ok(ctx.services.timeline.append(room_id, event).await?.event_id)
 }
 
 async fn join(

@@ -124,7 +124,7 @@ async fn propagate(ctx: &Ctx, localpart: &str, field: &str, value: Option<serde_
             txn: None,
             redacts: None,
         };
-        if let Err(e) = rooms.append(&room, event).await {
+        if let Err(e) = ctx.services.timeline.append(&room, event).await {
             tracing::info!(room, error = %e, "profile change not propagated to a room");
         }
     }

@@ -51,7 +51,7 @@ async fn redact(ctx: Ctx, req: redact_event::v3::Request) -> Result<redact_event
         )),
         redacts: Some(req.event_id.to_string()),
     };
-    let pdu = ctx.services.rooms.append(req.room_id.as_str(), event).await?;
+    let pdu = ctx.services.timeline.append(req.room_id.as_str(), event).await?;
     Ok(redact_event::v3::Response::new(pdu.event_id))
 }
 
@@ -127,7 +127,8 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
         creator_avatar_url: text("avatar_url")?,
     };
     let default_version = ctx.services.config.rooms.default_room_version.clone();
-    let room_id = ctx.services.rooms.create_room_with(&creator, &default_version, options).await?;
+    let room_id =
+        ctx.services.timeline.create_room_with(&creator, &default_version, options).await?;
     if public {
         ctx.services.public_rooms.publish(&room_id, true).await?;
     }
@@ -160,7 +161,7 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
             txn: None,
             redacts: None,
         };
-        ctx.services.rooms.append(&room_id, event).await?;
+        ctx.services.timeline.append(&room_id, event).await?;
     }
     let room_id = OwnedRoomId::try_from(room_id).map_err(|e| Error::internal("room id", e))?;
     Ok(create_room::v3::Response::new(room_id))
@@ -181,7 +182,7 @@ async fn send(
         txn: Some((session.localpart.clone(), session.device_id.clone(), req.txn_id.to_string())),
         redacts: None,
     };
-    let pdu = ctx.services.rooms.append(req.room_id.as_str(), event).await?;
+    let pdu = ctx.services.timeline.append(req.room_id.as_str(), event).await?;
     Ok(send_message_event::v3::Response::new(pdu.event_id))
 }
 
@@ -198,7 +199,7 @@ async fn put_state(
         txn: None,
         redacts: None,
     };
-    let pdu = ctx.services.rooms.append(req.room_id.as_str(), event).await?;
+    let pdu = ctx.services.timeline.append(req.room_id.as_str(), event).await?;
     Ok(send_state_event::v3::Response::new(pdu.event_id))
 }
 
@@ -264,7 +265,8 @@ async fn upgrade(ctx: Ctx, req: upgrade_room::v3::Request) -> Result<upgrade_roo
     let old = req.room_id.as_str();
     let rooms = &ctx.services.rooms;
     let creators = req.additional_creators.iter().map(|u| u.to_string()).collect();
-    let new_room = rooms.upgrade_room(old, &user, req.new_version.as_str(), creators).await?;
+    let new_room =
+        ctx.services.timeline.upgrade_room(old, &user, req.new_version.as_str(), creators).await?;
     ctx.services.aliases.move_room(old, &new_room).await?;
     if let Some(canonical) = rooms.state_of(old, "m.room.canonical_alias", "")? {
         let content: serde_json::Value =
@@ -280,7 +282,7 @@ async fn upgrade(ctx: Ctx, req: upgrade_room::v3::Request) -> Result<upgrade_roo
             };
             // The aliases already point at the new room; a missing power in one of the
             // rooms only leaves its canonical alias event as it was.
-            if let Err(e) = rooms.append(room, event).await {
+            if let Err(e) = ctx.services.timeline.append(room, event).await {
                 tracing::warn!(room, error = %e, "could not move the canonical alias");
             }
         }

@@ -50,9 +50,9 @@ pub struct Accounts {
     hasher: crate::password::HashPool,
     /// A hash to verify against for unknown users (see `login.rs`), made on first use.
     decoy_hash: tokio::sync::OnceCell<Option<String>>,
-    /// The stream device-list changes are recorded on when devices go; unset in tools
+    /// The rooms whose members hear of device-list changes when devices go; unset in tools
     /// that manage accounts offline.
-    stream: std::sync::OnceLock<Arc<crate::rooms::stream::StreamPositions>>,
+    device_changes: Option<Arc<crate::rooms::Rooms>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -110,7 +110,7 @@ impl Accounts {
             email_code_lifetime_ms: 900_000,
             hasher,
             decoy_hash: Default::default(),
-            stream: Default::default(),
+            device_changes: None,
         }
     }
 
@@ -120,18 +120,20 @@ impl Accounts {
         self
     }
 
-    /// Records device removals on `stream` from now on (see [`Self::commit_device_removal`]).
-    pub fn set_stream(&self, stream: Arc<crate::rooms::stream::StreamPositions>) {
-        let _ = self.stream.set(stream);
+    /// Records device removals as device-list changes seen by the members of `rooms`
+    /// (see [`Self::commit_device_removal`]).
+    pub fn with_device_changes(mut self, rooms: Arc<crate::rooms::Rooms>) -> Self {
+        self.device_changes = Some(rooms);
+        self
     }
 
     /// Commits a batch that removes devices of `localpart`, noting a device-list change
     /// in the same batch so that everyone sharing a room with the user re-reads the
     /// user's devices.
     pub(crate) async fn commit_device_removal(&self, batch: Batch, localpart: &str) -> Result<()> {
-        let Some(stream) = self.stream.get() else { return commit(&self.db, batch).await };
+        let Some(rooms) = &self.device_changes else { return commit(&self.db, batch).await };
         let changed = [self.user_id(localpart)];
-        crate::e2ee::device_lists::commit_with_changes(&self.db, stream, batch, &changed).await
+        crate::e2ee::device_lists::commit_with_changes(&self.db, rooms, batch, &changed).await
     }
 
     pub fn user_id(&self, localpart: &str) -> String {

@@ -21,10 +21,11 @@ const KEY_CHANGES_NOTE: &str = "key_changes";
 /// to re-query those users' keys. Without `changed` it is a plain commit.
 pub(crate) async fn commit_with_changes(
     db: &trellis_store::Db,
-    stream: &crate::rooms::stream::StreamPositions,
+    rooms: &crate::rooms::Rooms,
     mut batch: Batch,
     changed: &[String],
 ) -> Result<()> {
+    let stream = &rooms.stream;
     let tickets: Vec<_> = changed
         .iter()
         .map(|user| {
@@ -37,7 +38,7 @@ pub(crate) async fn commit_with_changes(
     let result = crate::commit(db, batch).await;
     let retired: Vec<_> = tickets.into_iter().map(|ticket| stream.retire(ticket)).collect();
     for (user, retired) in changed.iter().zip(retired) {
-        stream.wake_co_members(retired, user);
+        rooms.wake_co_members(retired, user);
     }
     result
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use trellis_core::{Error, Result};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
-use crate::rooms::stream::StreamPositions;
+use crate::rooms::{Rooms, stream::StreamPositions};
 
 /// (localpart, device id) -> the device keys object as uploaded (signatures included)
 pub(crate) const DEVICE_KEYS: Table<(String, String), Json<serde_json::Value>> =
@@ -38,6 +38,8 @@ const LOCK_STRIPES: usize = 64;
 
 pub struct E2ee {
     db: Db,
+    /// Key changes wake everyone sharing a room with the user.
+    rooms: Arc<Rooms>,
     stream: Arc<StreamPositions>,
     server_name: String,
     /// Uploads and claims of one user's keys run one at a time, so that each one-time
@@ -48,9 +50,10 @@ pub struct E2ee {
 }
 
 impl E2ee {
-    pub fn new(db: Db, stream: Arc<StreamPositions>, server_name: String) -> Self {
+    pub fn new(db: Db, rooms: Arc<Rooms>, server_name: String) -> Self {
         let key_locks = (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
-        Self { db, stream, server_name, key_locks, inbox_sizes: Default::default() }
+        let stream = rooms.stream.clone();
+        Self { db, rooms, stream, server_name, key_locks, inbox_sizes: Default::default() }
     }
 
     fn user_id(&self, localpart: &str) -> String {
@@ -72,7 +75,7 @@ impl E2ee {
 
     /// Commits `batch` with a key-change entry for each of `changed` (user ids).
     async fn commit_with_changes(&self, batch: Batch, changed: &[String]) -> Result<()> {
-        device_lists::commit_with_changes(&self.db, &self.stream, batch, changed).await
+        device_lists::commit_with_changes(&self.db, &self.rooms, batch, changed).await
     }
 }
 

@@ -4,16 +4,16 @@
 use serde_json::Value;
 use trellis_core::Result;
 
-use crate::Services;
+use crate::{Services, rooms::Rooms};
 
 /// Whether the room's ACL lets `server` take part (no ACL: everyone).
 pub fn allows(services: &Services, room_id: &str, server: &str) -> Result<bool> {
-    Ok(room_acl(services, room_id)?.is_none_or(|acl| acl_allows(&acl, server)))
+    Ok(room_acl(&services.rooms, room_id)?.is_none_or(|acl| acl_allows(&acl, server)))
 }
 
 /// The content of the room's current ACL, if it has one.
-pub fn room_acl(services: &Services, room_id: &str) -> Result<Option<Value>> {
-    let acl = services.rooms.state_of(room_id, "m.room.server_acl", "")?;
+pub fn room_acl(rooms: &Rooms, room_id: &str) -> Result<Option<Value>> {
+    let acl = rooms.state_of(room_id, "m.room.server_acl", "")?;
     Ok(acl.map(|acl| serde_json::from_str(acl.content.get()).unwrap_or(Value::Null)))
 }
 

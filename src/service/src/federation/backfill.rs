@@ -39,7 +39,10 @@ pub async fn backfill(services: &Arc<Services>, room_id: &str, wanted: usize) ->
     let Some((_, room)) = rooms.room(room_id)? else { return Ok(0) };
     let (version, rules) = room.rules()?;
     let limit = wanted.clamp(1, BACKFILL_LIMIT);
-    for server in super::sender::room_servers(services, room_id)?.iter().take(SERVERS_TRIED) {
+    for server in super::sender::room_servers(&services.federation, &services.rooms, room_id)?
+        .iter()
+        .take(SERVERS_TRIED)
+    {
         let path = format!(
             "/_matrix/federation/v1/backfill/{}?v={}&limit={limit}",
             encode(room_id),
@@ -61,8 +64,8 @@ pub async fn backfill(services: &Arc<Services>, room_id: &str, wanted: usize) ->
             .collect();
         events.sort_by_key(|(p, _)| std::cmp::Reverse(p.depth));
         let ids: Vec<_> = events.iter().map(|(p, _)| p.event_id.clone()).collect();
-        rooms.store_outliers(room_id, &version, events).await?;
-        let placed = rooms.place_backfilled(room_id, &ids, oldest_position).await?;
+        services.timeline.store_outliers(room_id, &version, events).await?;
+        let placed = services.timeline.place_backfilled(room_id, &ids, oldest_position).await?;
         if placed > 0 {
             return Ok(placed);
         }

@@ -18,7 +18,7 @@ fn edu(kind: &str, content: Value) -> Value {
 fn servers_sharing(services: &Services, user_id: &str) -> Result<Vec<String>> {
     let mut servers = BTreeSet::new();
     for room in services.rooms.rooms_of(user_id, "join")? {
-        servers.extend(room_servers(services, &room)?.iter().cloned());
+        servers.extend(room_servers(&services.federation, &services.rooms, &room)?.iter().cloned());
     }
     Ok(servers.into_iter().collect())
 }
@@ -29,9 +29,9 @@ pub async fn typing(
     user_id: &str,
     typing: bool,
 ) -> Result<()> {
-    let servers = room_servers(services, room_id)?;
+    let servers = room_servers(&services.federation, &services.rooms, room_id)?;
     let content = json!({ "room_id": room_id, "user_id": user_id, "typing": typing });
-    send_edu(services, &servers, edu("m.typing", content)).await
+    send_edu(&services.federation, &servers, edu("m.typing", content)).await
 }
 
 /// A public read receipt (private ones never leave the server).
@@ -42,7 +42,7 @@ pub async fn read_receipt(
     event_id: &str,
     thread: Option<&str>,
 ) -> Result<()> {
-    let servers = room_servers(services, room_id)?;
+    let servers = room_servers(&services.federation, &services.rooms, room_id)?;
     let mut data = json!({ "ts": now_millis() });
     if let Some(thread) = thread {
         data["thread_id"] = json!(thread);
@@ -50,7 +50,7 @@ pub async fn read_receipt(
     let content = json!({
         room_id: { "m.read": { user_id: { "event_ids": [event_id], "data": data } } }
     });
-    send_edu(services, &servers, edu("m.receipt", content)).await
+    send_edu(&services.federation, &servers, edu("m.receipt", content)).await
 }
 
 /// A user's presence, to every server sharing a room with them.
@@ -58,7 +58,7 @@ pub async fn presence(services: &Arc<Services>, user_id: &str) -> Result<()> {
     let Some(mut content) = services.presence.presence_content(user_id) else { return Ok(()) };
     content["user_id"] = json!(user_id);
     let servers = servers_sharing(services, user_id)?;
-    send_edu(services, &servers, edu("m.presence", json!({ "push": [content] }))).await
+    send_edu(&services.federation, &servers, edu("m.presence", json!({ "push": [content] }))).await
 }
 
 /// To-device messages for other servers' users, one EDU per server.
@@ -76,7 +76,7 @@ pub async fn to_device(
             "message_id": message_id,
             "messages": messages,
         });
-        send_edu(services, &[server], edu("m.direct_to_device", content)).await?;
+        send_edu(&services.federation, &[server], edu("m.direct_to_device", content)).await?;
     }
     Ok(())
 }
@@ -97,5 +97,5 @@ pub async fn device_list_update(
         "prev_id": [],
         "deleted": deleted,
     });
-    send_edu(services, &servers, edu("m.device_list_update", content)).await
+    send_edu(&services.federation, &servers, edu("m.device_list_update", content)).await
 }

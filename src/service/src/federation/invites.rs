@@ -157,7 +157,7 @@ pub async fn invite_remote(
         txn: None,
         redacts: None,
     };
-    let (pdu, hash) = rooms.prepare(room_id, event)?;
+    let (pdu, hash) = services.timeline.prepare(room_id, event)?;
     let (_, room) = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
     let (_, rules) = room.rules()?;
     let mut invite_state = Vec::new();
@@ -197,7 +197,7 @@ pub async fn invite_remote(
         ));
     }
     let event_id = signed.event_id.clone();
-    match rooms.accept_remote(room_id, signed, hash, None).await? {
+    match services.timeline.accept_remote(room_id, signed, hash, None).await? {
         Intake::Accepted | Intake::Known => Ok(event_id),
         Intake::SoftFailed => Err(Error::forbidden("The invite fails the room's current rules")),
         Intake::Rejected(reason) => Err(Error::forbidden(reason)),

@@ -51,7 +51,7 @@ pub fn make_membership(
         )
         .with_field("room_version", room.version.clone()));
     }
-    services.rooms.member_template(room_id, user_id, membership)
+    services.timeline.member_template(room_id, user_id, membership)
 }
 
 /// `send_join` / `send_leave` / `send_knock` on the resident side: checks the signed
@@ -93,7 +93,14 @@ pub async fn receive_membership(
         Intake::SoftFailed => return Err(Error::forbidden("The event fails the room's rules")),
         Intake::Rejected(reason) => return Err(Error::forbidden(reason)),
     }
-    super::sender::send_pdu_except(services, room_id, &pdu, Some(origin)).await?;
+    super::sender::send_pdu_except(
+        &services.federation,
+        &services.rooms,
+        room_id,
+        &pdu,
+        Some(origin),
+    )
+    .await?;
     Ok(pdu)
 }
 
@@ -280,8 +287,8 @@ async fn join_through(
     let state_ids = state.iter().map(|(p, _)| p.event_id.clone()).collect();
     let mut all = chain;
     all.extend(state);
-    services.rooms.store_outliers(room_id, &version, all).await?;
-    match services.rooms.import_room(room_id, &version, state_ids, join, hash).await? {
+    services.timeline.store_outliers(room_id, &version, all).await?;
+    match services.timeline.import_room(room_id, &version, state_ids, join, hash).await? {
         Intake::Accepted | Intake::Known => {
             super::invites::forget(services, user_id, room_id).await
         }

@@ -22,7 +22,11 @@ use tracing::Instrument;
 use trellis_core::{Result, now_millis};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
-use crate::{Services, rooms::Pdu};
+use super::Federation;
+use crate::{
+    pipeline::{Appended, Consumer},
+    rooms::{Pdu, Rooms},
+};
 
 const OUTBOX: Table<(String, u64), Json<Value>> = Table::new(&catalog::FEDERATION_OUTBOX);
 
@@ -138,14 +142,17 @@ impl Outbox {
 }
 
 /// Other servers with members joined to a room, as far as its server ACL allows.
-pub fn room_servers(services: &Services, room_id: &str) -> Result<Arc<Vec<String>>> {
-    let outbox = &services.federation.outbox;
+pub fn room_servers(
+    federation: &Federation,
+    rooms: &Rooms,
+    room_id: &str,
+) -> Result<Arc<Vec<String>>> {
+    let outbox = &federation.outbox;
     if let Some(s) = outbox.room_servers.lock().unwrap_or_else(|p| p.into_inner()).get(room_id) {
         return Ok(s.clone());
     }
-    let own = services.server_name();
-    let mut servers: Vec<String> = services
-        .rooms
+    let own = federation.server_name.as_str();
+    let mut servers: Vec<String> = rooms
         .members(room_id, "join")?
         .iter()
         .filter_map(|u| super::server_of(u))
@@ -155,7 +162,7 @@ pub fn room_servers(services: &Services, room_id: &str) -> Result<Arc<Vec<String
     servers.sort();
     servers.dedup();
     // Servers the room's ACL bans get nothing of it.
-    if let Some(acl) = super::acl::room_acl(services, room_id)? {
+    if let Some(acl) = super::acl::room_acl(rooms, room_id)? {
         servers.retain(|server| super::acl::acl_allows(&acl, server));
     }
     let servers = Arc::new(servers);
@@ -168,48 +175,49 @@ pub fn room_servers(services: &Services, room_id: &str) -> Result<Arc<Vec<String
 }
 
 /// Sends a local event to every other server in its room (and, for a membership event,
-/// to the server of the user it is about).
-pub async fn send_pdu(services: &Arc<Services>, room_id: &str, pdu: &Pdu) -> Result<()> {
-    send_pdu_except(services, room_id, pdu, None).await
-}
-
-/// [`send_pdu`], leaving out `except` (the server the event came from).
+/// to the server of the user it is about), leaving out `except` (the server the event
+/// came from, if any).
 pub async fn send_pdu_except(
-    services: &Arc<Services>,
+    federation: &Arc<Federation>,
+    rooms: &Rooms,
     room_id: &str,
     pdu: &Pdu,
     except: Option<&str>,
 ) -> Result<()> {
-    if !services.federation.enabled() {
+    if !federation.enabled() {
         return Ok(());
     }
-    let mut destinations: Vec<String> = room_servers(services, room_id)?.to_vec();
+    let mut destinations: Vec<String> = room_servers(federation, rooms, room_id)?.to_vec();
     if let Some(target) =
         pdu.state_key.as_deref().filter(|_| pdu.kind == ruma::events::TimelineEventType::RoomMember)
         && let Some(server) = super::server_of(target)
-        && server != services.server_name()
+        && server != federation.server_name
         && !destinations.iter().any(|d| d == server)
     {
         destinations.push(server.to_owned());
     }
     destinations.retain(|d| Some(d.as_str()) != except);
     let item = json!({ "pdu": serde_json::to_value(&*pdu.json).unwrap_or(Value::Null) });
-    enqueue(services, &destinations, item).await
+    enqueue(federation, &destinations, item).await
 }
 
 /// Sends an EDU (`{"edu_type": ..., "content": ...}`) to `destinations`.
-pub async fn send_edu(services: &Arc<Services>, destinations: &[String], edu: Value) -> Result<()> {
-    if !services.federation.enabled() {
+pub async fn send_edu(
+    federation: &Arc<Federation>,
+    destinations: &[String],
+    edu: Value,
+) -> Result<()> {
+    if !federation.enabled() {
         return Ok(());
     }
-    enqueue(services, destinations, json!({ "edu": edu })).await
+    enqueue(federation, destinations, json!({ "edu": edu })).await
 }
 
-async fn enqueue(services: &Arc<Services>, destinations: &[String], item: Value) -> Result<()> {
+async fn enqueue(federation: &Arc<Federation>, destinations: &[String], item: Value) -> Result<()> {
     if destinations.is_empty() {
         return Ok(());
     }
-    let outbox = &services.federation.outbox;
+    let outbox = &federation.outbox;
     let mut batch = Batch::new();
     for dest in destinations {
         if !outbox.reserve(dest) {
@@ -218,24 +226,24 @@ async fn enqueue(services: &Arc<Services>, destinations: &[String], item: Value)
         }
         OUTBOX.put(&mut batch, &(dest.clone(), outbox.seq()), &Json(item.clone()));
     }
-    crate::commit(&services.db, batch).await?;
+    crate::commit(&federation.db, batch).await?;
     for dest in destinations {
-        wake(services, dest);
+        wake(federation, dest);
     }
     Ok(())
 }
 
 /// Starts the workers of destinations with items queued before a restart.
-pub fn resume(services: &Arc<Services>) -> Result<()> {
-    for dest in services.federation.outbox.pending_destinations()? {
-        wake(services, &dest);
+pub fn resume(federation: &Arc<Federation>) -> Result<()> {
+    for dest in federation.outbox.pending_destinations()? {
+        wake(federation, &dest);
     }
     Ok(())
 }
 
 /// Tells `dest`'s worker there is work, starting it if needed.
-fn wake(services: &Arc<Services>, dest: &str) {
-    let mut workers = services.federation.outbox.workers.lock().unwrap_or_else(|p| p.into_inner());
+fn wake(federation: &Arc<Federation>, dest: &str) {
+    let mut workers = federation.outbox.workers.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(w) = workers.get(dest) {
         w.queued.notify_one();
         return;
@@ -244,7 +252,43 @@ fn wake(services: &Arc<Services>, dest: &str) {
     workers.insert(dest.to_owned(), worker.clone());
     // Detached from whatever request queued the first item: the worker outlives it.
     let span = tracing::info_span!(parent: None, "federation_sender", destination = dest);
-    tokio::spawn(run(Arc::downgrade(services), dest.to_owned(), worker).instrument(span));
+    tokio::spawn(run(Arc::downgrade(federation), dest.to_owned(), worker).instrument(span));
+}
+
+/// The event pipeline's federation step: this server's events go to the other servers
+/// in their rooms, and the cached destinations of a room are dropped when its members
+/// or ACL change.
+pub struct FanOut {
+    federation: Arc<Federation>,
+    rooms: Arc<Rooms>,
+}
+
+impl FanOut {
+    pub fn new(federation: Arc<Federation>, rooms: Arc<Rooms>) -> Self {
+        Self { federation, rooms }
+    }
+}
+
+#[async_trait::async_trait]
+impl Consumer for FanOut {
+    fn name(&self) -> &'static str {
+        "federation"
+    }
+
+    async fn on_event(&self, event: &Appended<'_>) -> Result<Option<u64>> {
+        let (room_id, pdu) = (event.room_id.as_str(), event.pdu);
+        if matches!(
+            pdu.kind,
+            ruma::events::TimelineEventType::RoomMember
+                | ruma::events::TimelineEventType::RoomServerAcl
+        ) {
+            self.federation.outbox.membership_changed(room_id);
+        }
+        if pdu.sender.server_name().as_str() == self.federation.server_name {
+            send_pdu_except(&self.federation, &self.rooms, room_id, pdu, None).await?;
+        }
+        Ok(None)
+    }
 }
 
 /// One transaction's worth of queued items.
@@ -275,10 +319,10 @@ fn next_batch(db: &Db, dest: &str) -> Result<Batched> {
     Ok(Batched { keys, pdus, edus })
 }
 
-async fn run(services: Weak<Services>, dest: String, worker: Arc<Worker>) {
+async fn run(federation: Weak<Federation>, dest: String, worker: Arc<Worker>) {
     let mut failures: u32 = 0;
     loop {
-        let Some(s) = services.upgrade() else { return };
+        let Some(s) = federation.upgrade() else { return };
         let Batched { keys, pdus, edus } = match next_batch(&s.db, &dest) {
             Ok(b) => b,
             Err(e) => {
@@ -291,8 +335,8 @@ async fn run(services: Weak<Services>, dest: String, worker: Arc<Worker>) {
             if tokio::time::timeout(IDLE, worker.queued.notified()).await.is_ok() {
                 continue;
             }
-            let Some(s) = services.upgrade() else { return };
-            let outbox = &s.federation.outbox;
+            let Some(s) = federation.upgrade() else { return };
+            let outbox = &s.outbox;
             let mut workers = outbox.workers.lock().unwrap_or_else(|p| p.into_inner());
             // Enqueuers commit before they look for a worker: with the lock held, no
             // items means none can be missed.
@@ -304,13 +348,13 @@ async fn run(services: Weak<Services>, dest: String, worker: Arc<Worker>) {
         }
         let txn_id = format!("{}", keys[0].1);
         let body = json!({
-            "origin": s.server_name(),
+            "origin": s.server_name,
             "origin_server_ts": now_millis(),
             "pdus": pdus,
             "edus": edus,
         });
         let path = format!("/_matrix/federation/v1/send/{txn_id}");
-        match s.federation.request(&dest, Method::PUT, &path, Some(&body)).await {
+        match s.request(&dest, Method::PUT, &path, Some(&body)).await {
             Ok(answer) => {
                 failures = 0;
                 if let Some(results) = answer.get("pdus").and_then(Value::as_object) {
@@ -343,13 +387,13 @@ async fn run(services: Weak<Services>, dest: String, worker: Arc<Worker>) {
 }
 
 /// Removes sent (or refused) items from `dest`'s queue.
-async fn clear(services: &Services, dest: &str, keys: &[(String, u64)]) {
+async fn clear(federation: &Federation, dest: &str, keys: &[(String, u64)]) {
     let mut batch = Batch::new();
     for key in keys {
         OUTBOX.delete(&mut batch, key);
     }
-    match crate::commit(&services.db, batch).await {
-        Ok(()) => services.federation.outbox.release(dest, keys.len()),
+    match crate::commit(&federation.db, batch).await {
+        Ok(()) => federation.outbox.release(dest, keys.len()),
         Err(e) => tracing::warn!(error = %e, "clearing sent items failed"),
     }
 }

@@ -101,7 +101,7 @@ pub async fn receive(
             results.insert(id, result);
         }
     }
-    services.rooms.finish_all(deferred).await?;
+    services.timeline.finish_all(deferred).await?;
     for edu in edus {
         if let Err(e) = handle_edu(services, origin, edu).await {
             tracing::info!(origin, error = %e.message, "ignoring an EDU");
@@ -135,7 +135,7 @@ pub async fn handle_pdu(
     hash: String,
 ) -> Result<Intake> {
     let (intake, deferred) = handle_pdu_deferred(services, origin, room_id, pdu, hash).await?;
-    services.rooms.finish_all(deferred.into_iter().collect()).await?;
+    services.timeline.finish_all(deferred.into_iter().collect()).await?;
     Ok(intake)
 }
 
@@ -165,7 +165,7 @@ async fn handle_pdu_deferred(
         if let Ok(answer) = services.federation.request(origin, Method::GET, &path, None).await {
             let chain = pdus_in(&answer, "auth_chain");
             let events = services.federation.verify_pdus(&rules, chain).await;
-            rooms.store_outliers(room_id, &version, events).await?;
+            services.timeline.store_outliers(room_id, &version, events).await?;
         }
     }
     let mut state_before = None;
@@ -175,7 +175,7 @@ async fn handle_pdu_deferred(
             state_before = Some(fetch_state(services, origin, room_id, &pdu.event_id).await?);
         }
     }
-    rooms.accept_remote_deferred(room_id, pdu, hash, state_before).await
+    services.timeline.accept_remote_deferred(room_id, pdu, hash, state_before).await
 }
 
 fn missing_auth(services: &Services, pdu: &Pdu) -> Result<bool> {
@@ -222,7 +222,7 @@ async fn fill_gap(
             continue;
         }
         let id = event.event_id.clone();
-        if let Err(e) = rooms.accept_remote(room_id, event, hash, None).await {
+        if let Err(e) = services.timeline.accept_remote(room_id, event, hash, None).await {
             tracing::info!(event_id = %id, error = %e.message, "a missing event was not taken in");
         }
     }
@@ -250,7 +250,7 @@ async fn fetch_state(
     let ids: Vec<OwnedEventId> = state.iter().map(|(p, _)| p.event_id.clone()).collect();
     let mut all = chain;
     all.extend(state);
-    services.rooms.store_outliers(room_id, &version, all).await?;
+    services.timeline.store_outliers(room_id, &version, all).await?;
     Ok(ids)
 }
 
@@ -334,7 +334,7 @@ async fn handle_edu(services: &Arc<Services>, origin: &str, edu: Value) -> Resul
             if server_of(user) == Some(origin) {
                 crate::e2ee::device_lists::commit_with_changes(
                     &services.db,
-                    &services.rooms.stream,
+                    &services.rooms,
                     trellis_store::Batch::new(),
                     &[user.to_owned()],
                 )

@@ -22,8 +22,9 @@ use trellis_core::{Error, Result};
 use trellis_store::{Batch, Direction, Json};
 
 use super::{
-    Pdu,
-    append::{EVENTS, Placement, StoredEvent, TIMELINE, Timeline},
+    Pdu, Rooms,
+    append::{Placement, Timeline},
+    reads::{EVENTS, StoredEvent, TIMELINE},
     resolve::{resolve_states, soft_fail},
     short::{Kind, state_key_text},
     state::StateSet,
@@ -49,33 +50,6 @@ pub enum Intake {
 }
 
 impl Timeline {
-    /// Whether an event is stored (accepted, rejected, soft-failed or outlier).
-    pub fn is_known(&self, event_id: &str) -> Result<bool> {
-        let Some(short) = self.short.get(Kind::Event, event_id)? else { return Ok(false) };
-        Ok(self.cached(short)?.is_some())
-    }
-
-    /// A stored event with its rejection flag, for authorization and resolution.
-    fn stored_pdu(&self, id: &EventId) -> Option<Pdu> {
-        let short = self.short.get(Kind::Event, id.as_str()).ok()??;
-        self.cached(short).ok()?.map(|e| (*e.pdu).clone())
-    }
-
-    /// The `prev_events` of `pdu` this server does not have in the timeline.
-    pub fn missing_prev_events(&self, pdu: &Pdu) -> Result<Vec<OwnedEventId>> {
-        let mut missing = Vec::new();
-        for prev in &pdu.prev_events {
-            let placed = match self.short.get(Kind::Event, prev.as_str())? {
-                Some(short) => self.cached(short)?.is_some_and(|e| e.position > 0),
-                None => false,
-            };
-            if !placed {
-                missing.push(prev.clone());
-            }
-        }
-        Ok(missing)
-    }
-
     /// The auth events of `pdu` as a state map, looked up in the store and in `extra`;
     /// `None` when one is missing.
     fn auth_state(
@@ -88,7 +62,7 @@ impl Timeline {
         // From room version 12 the create event is not listed: the room id names it.
         let create = create_event_id(rules, pdu);
         for id in pdu.auth_events.iter().chain(create.iter()) {
-            let event = extra.get(id).cloned().or_else(|| self.stored_pdu(id))?;
+            let event = extra.get(id).cloned().or_else(|| self.rooms.stored_pdu(id))?;
             if event.rejected {
                 continue;
             }
@@ -106,7 +80,7 @@ impl Timeline {
         pdu: &Pdu,
         extra: &HashMap<OwnedEventId, Pdu>,
     ) -> std::result::Result<(), String> {
-        let fetch = |id: &EventId| extra.get(id).cloned().or_else(|| self.stored_pdu(id));
+        let fetch = |id: &EventId| extra.get(id).cloned().or_else(|| self.rooms.stored_pdu(id));
         check_state_independent_auth_rules(&rules.authorization, pdu, fetch)?;
         if pdu.kind == TimelineEventType::RoomCreate {
             return Ok(());
@@ -119,20 +93,6 @@ impl Timeline {
         )
     }
 
-    /// A snapshot's state as `(type, state_key) -> event id`.
-    pub(super) fn state_map(&self, set: &StateSet) -> Result<StateMap<OwnedEventId>> {
-        let mut map = StateMap::new();
-        for &ev in set.values() {
-            let Some(event) = self.cached(ev)? else { continue };
-            let Some(key) = &event.pdu.state_key else { continue };
-            map.insert(
-                (StateEventType::from(event.pdu.kind.to_string()), key.clone()),
-                event.pdu.event_id.clone(),
-            );
-        }
-        Ok(map)
-    }
-
     /// Stored events as a snapshot state (events this server lacks are left out).
     fn state_set<'a>(
         &self,
@@ -141,14 +101,14 @@ impl Timeline {
     ) -> Result<StateSet> {
         let mut set = StateSet::new();
         for id in ids {
-            let Some(short) = self.short.get(Kind::Event, id.as_str())? else { continue };
-            let Some(event) = self.cached(short)? else { continue };
+            let Some(short) = self.rooms.short.get(Kind::Event, id.as_str())? else { continue };
+            let Some(event) = self.rooms.cached(short)? else { continue };
             let Some(key) = &event.pdu.state_key else { continue };
             if event.rejected {
                 continue;
             }
             let text = state_key_text(&event.pdu.kind.to_string(), key);
-            set.insert(self.short.get_or_create(batch, Kind::StateKey, &text)?, short);
+            set.insert(self.rooms.short.get_or_create(batch, Kind::StateKey, &text)?, short);
         }
         Ok(set)
     }
@@ -156,15 +116,15 @@ impl Timeline {
     /// The state after a stored timeline event; `None` for outliers, whose state this
     /// server does not know.
     fn state_after(&self, short: u64) -> Result<Option<StateSet>> {
-        let Some(Json(stored)) = EVENTS.get(&*self.db, &short)? else { return Ok(None) };
+        let Some(Json(stored)) = EVENTS.get(&*self.rooms.db, &short)? else { return Ok(None) };
         if stored.state_before == 0 {
             return Ok(None);
         }
-        let mut state = (*self.state_at(stored.state_before)?).clone();
+        let mut state = (*self.rooms.state_at(stored.state_before)?).clone();
         if !stored.rejected
             && let Some(key) = stored.json.get("state_key").and_then(Value::as_str)
             && let Some(kind) = stored.json.get("type").and_then(Value::as_str)
-            && let Some(sk) = self.short.get(Kind::StateKey, &state_key_text(kind, key))?
+            && let Some(sk) = self.rooms.short.get(Kind::StateKey, &state_key_text(kind, key))?
         {
             state.insert(sk, short);
         }
@@ -182,8 +142,8 @@ impl Timeline {
         if distinct.len() <= 1 {
             return Ok(distinct.pop().unwrap_or_default());
         }
-        let maps = distinct.iter().map(|s| self.state_map(s)).collect::<Result<Vec<_>>>()?;
-        let resolved = resolve_states(rules, &maps, |id| self.stored_pdu(id))?;
+        let maps = distinct.iter().map(|s| self.rooms.state_map(s)).collect::<Result<Vec<_>>>()?;
+        let resolved = resolve_states(rules, &maps, |id| self.rooms.stored_pdu(id))?;
         let mut batch = Batch::new();
         // State keys of resolved events all exist already (they came from stored
         // states), so nothing is written.
@@ -198,26 +158,30 @@ impl Timeline {
         room_short: u64,
         current: &StateSet,
     ) -> Result<u64> {
-        let room = self.room_by_short(room_short)?;
+        let room = self.rooms.room_by_short(room_short)?;
         let previous = match &room {
-            Some(r) => Some((r.state, self.state_at(r.state)?)),
+            Some(r) => Some((r.state, self.rooms.state_at(r.state)?)),
             None => None,
         };
-        let id = self.snapshots.save(batch, previous.as_ref().map(|(i, s)| (*i, &**s)), current)?;
-        self.states.insert(id, Arc::new(current.clone()));
+        let id = self.rooms.snapshots.save(
+            batch,
+            previous.as_ref().map(|(i, s)| (*i, &**s)),
+            current,
+        )?;
+        self.rooms.states.insert(id, Arc::new(current.clone()));
         let old = previous.map(|(_, s)| s).unwrap_or_default();
         for (sk, ev) in current {
             if old.get(sk) == Some(ev) {
                 continue;
             }
-            let Some(event) = self.cached(*ev)? else { continue };
+            let Some(event) = self.rooms.cached(*ev)? else { continue };
             if event.pdu.kind != TimelineEventType::RoomMember {
                 continue;
             }
             let Some(user) = &event.pdu.state_key else { continue };
             let content: Value = serde_json::from_str(event.pdu.content.get()).unwrap_or_default();
             let membership = content["membership"].as_str().unwrap_or("leave").to_owned();
-            self.index_membership(batch, room_short, user, &membership);
+            self.rooms.index_membership(batch, room_short, user, &membership);
         }
         Ok(id)
     }
@@ -233,7 +197,7 @@ impl Timeline {
         rejected: bool,
         soft_failed: bool,
     ) -> Result<()> {
-        let short = self.short.get_or_create(batch, Kind::Event, pdu.event_id.as_str())?;
+        let short = self.rooms.short.get_or_create(batch, Kind::Event, pdu.event_id.as_str())?;
         let json =
             serde_json::to_value(&*pdu.json).map_err(|e| Error::internal("event json", e))?;
         EVENTS.put(
@@ -265,10 +229,10 @@ impl Timeline {
     ) -> Result<usize> {
         let rules = version.rules().ok_or_else(|| Error::bad_json("unsupported room version"))?;
         let mut batch = Batch::new();
-        let room_short = self.short.get_or_create(&mut batch, Kind::Room, room_id)?;
+        let room_short = self.rooms.short.get_or_create(&mut batch, Kind::Room, room_id)?;
         let mut remaining = Vec::new();
         for (pdu, hash) in events {
-            if !self.is_known(pdu.event_id.as_str())? {
+            if !self.rooms.is_known(pdu.event_id.as_str())? {
                 remaining.push((pdu, hash));
             }
         }
@@ -284,10 +248,9 @@ impl Timeline {
             let mut next = Vec::new();
             for (mut pdu, hash) in remaining {
                 let implied = create_event_id(&rules, &pdu);
-                let ready =
-                    pdu.auth_events.iter().chain(implied.iter()).all(|id| {
-                        done.contains_key(id) || self.is_known(id.as_str()).unwrap_or(false)
-                    });
+                let ready = pdu.auth_events.iter().chain(implied.iter()).all(|id| {
+                    done.contains_key(id) || self.rooms.is_known(id.as_str()).unwrap_or(false)
+                });
                 if !ready {
                     next.push((pdu, hash));
                     continue;
@@ -310,7 +273,7 @@ impl Timeline {
         if !remaining.is_empty() {
             tracing::info!(room_id, left_out = remaining.len(), "outliers without auth events");
         }
-        commit(&self.db, batch).await?;
+        commit(&self.rooms.db, batch).await?;
         Ok(accepted)
     }
 
@@ -343,11 +306,11 @@ impl Timeline {
     ) -> Result<(Intake, Option<Deferred>)> {
         let lock = self.room_lock(room_id);
         let guard = lock.lock().await;
-        if self.is_known(pdu.event_id.as_str())? {
+        if self.rooms.is_known(pdu.event_id.as_str())? {
             return Ok((Intake::Known, None));
         }
         let (room_short, room) =
-            self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+            self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         let (version, rules) = room.rules()?;
         let mut batch = Batch::new();
         let reject = |batch: &mut Batch, pdu: &mut Pdu, reason: String| -> Result<Intake> {
@@ -358,7 +321,7 @@ impl Timeline {
         };
         if let Err(reason) = self.check_auth_events(&rules, &pdu, &HashMap::new()) {
             let outcome = reject(&mut batch, &mut pdu, reason)?;
-            commit(&self.db, batch).await?;
+            commit(&self.rooms.db, batch).await?;
             return Ok((outcome, None));
         }
 
@@ -367,7 +330,7 @@ impl Timeline {
             None => {
                 let mut states = Vec::new();
                 for prev in &pdu.prev_events {
-                    if let Some(short) = self.short.get(Kind::Event, prev.as_str())?
+                    if let Some(short) = self.rooms.short.get(Kind::Event, prev.as_str())?
                         && let Some(state) = self.state_after(short)?
                     {
                         states.push(state);
@@ -379,25 +342,27 @@ impl Timeline {
                 self.resolve(&rules, states)?
             }
         };
-        let state_fn = |t: &StateEventType, k: &str| self.state_event(&before, t, k);
+        let state_fn = |t: &StateEventType, k: &str| self.rooms.state_event(&before, t, k);
         if let Err(reason) = check_state_dependent_auth_rules(&rules.authorization, &pdu, state_fn)
         {
             let outcome = reject(&mut batch, &mut pdu, reason)?;
-            commit(&self.db, batch).await?;
+            commit(&self.rooms.db, batch).await?;
             return Ok((outcome, None));
         }
-        let current = self.state_at(room.state)?;
-        if soft_fail(&rules, &pdu, |t, k| self.state_event(&current, t, k).map(|p| (*p).clone())) {
+        let current = self.rooms.state_at(room.state)?;
+        if soft_fail(&rules, &pdu, |t, k| {
+            self.rooms.state_event(&current, t, k).map(|p| (*p).clone())
+        }) {
             self.store_hidden(&mut batch, room_short, &pdu, &reference_hash, false, true)?;
-            commit(&self.db, batch).await?;
+            commit(&self.rooms.db, batch).await?;
             return Ok((Intake::SoftFailed, None));
         }
 
         let event_short =
-            self.short.get_or_create(&mut batch, Kind::Event, pdu.event_id.as_str())?;
+            self.rooms.short.get_or_create(&mut batch, Kind::Event, pdu.event_id.as_str())?;
         let mut prevs = HashSet::new();
         for prev in &pdu.prev_events {
-            if let Some(short) = self.short.get(Kind::Event, prev.as_str())? {
+            if let Some(short) = self.rooms.short.get(Kind::Event, prev.as_str())? {
                 prevs.insert(short);
             }
         }
@@ -418,7 +383,7 @@ impl Timeline {
             if let Some(key) = &pdu.state_key {
                 let text = state_key_text(&pdu.kind.to_string(), key);
                 after.insert(
-                    self.short.get_or_create(&mut batch, Kind::StateKey, &text)?,
+                    self.rooms.short.get_or_create(&mut batch, Kind::StateKey, &text)?,
                     event_short,
                 );
             }
@@ -432,8 +397,9 @@ impl Timeline {
         let before_id = if before == *current {
             room.state
         } else {
-            let id = self.snapshots.save(&mut batch, Some((room.state, &current)), &before)?;
-            self.states.insert(id, Arc::new(before.clone()));
+            let id =
+                self.rooms.snapshots.save(&mut batch, Some((room.state, &current)), &before)?;
+            self.rooms.states.insert(id, Arc::new(before.clone()));
             id
         };
         let mut redacted = None;
@@ -457,10 +423,10 @@ impl Timeline {
         )?;
         // After the write, so that no reader caches the unredacted copy again.
         if let Some(short) = redacted {
-            self.cache.invalidate(&short);
+            self.rooms.cache.invalidate(&short);
         }
         drop(guard);
-        self.run_hook(room_id, &mut pending).await;
+        self.run_pipeline(room_id, &mut pending).await;
         Ok((Intake::Accepted, Some(Deferred(pending))))
     }
 
@@ -486,14 +452,15 @@ impl Timeline {
         let maps =
             states.iter().map(|s| self.state_map_with(s, pdu)).collect::<Result<Vec<_>>>()?;
         let resolved = resolve_states(rules, &maps, |id| {
-            if *id == *pdu.event_id { Some(pdu.clone()) } else { self.stored_pdu(id) }
+            if *id == *pdu.event_id { Some(pdu.clone()) } else { self.rooms.stored_pdu(id) }
         })?;
         let mut set = StateSet::new();
         for ((kind, key), id) in resolved {
             let text = state_key_text(&kind.to_string(), &key);
-            let (Some(sk), Some(ev)) =
-                (self.short.get(Kind::StateKey, &text)?, self.short.get(Kind::Event, id.as_str())?)
-            else {
+            let (Some(sk), Some(ev)) = (
+                self.rooms.short.get(Kind::StateKey, &text)?,
+                self.rooms.short.get(Kind::Event, id.as_str())?,
+            ) else {
                 continue;
             };
             set.insert(sk, ev);
@@ -502,8 +469,8 @@ impl Timeline {
     }
 
     fn state_map_with(&self, set: &StateSet, pdu: &Pdu) -> Result<StateMap<OwnedEventId>> {
-        let mut map = self.state_map(set)?;
-        let own = self.short.get(Kind::Event, pdu.event_id.as_str())?;
+        let mut map = self.rooms.state_map(set)?;
+        let own = self.rooms.short.get(Kind::Event, pdu.event_id.as_str())?;
         if let Some(key) = &pdu.state_key
             && own.is_some_and(|own| set.values().any(|v| *v == own))
         {
@@ -527,42 +494,44 @@ impl Timeline {
         join: Pdu,
         reference_hash: String,
     ) -> Result<Intake> {
-        if self.room(room_id)?.is_some() {
+        if self.rooms.room(room_id)?.is_some() {
             return self.accept_remote(room_id, join, reference_hash, Some(state)).await;
         }
         let rules = version.rules().ok_or_else(|| Error::bad_json("unsupported room version"))?;
         let lock = self.room_lock(room_id);
         let guard = lock.lock().await;
         let mut batch = Batch::new();
-        let room_short = self.short.get_or_create(&mut batch, Kind::Room, room_id)?;
+        let room_short = self.rooms.short.get_or_create(&mut batch, Kind::Room, room_id)?;
         let set = self.state_set(&mut batch, state.iter().map(|id| &**id))?;
         if set.is_empty() {
             return Err(Error::bad_json("The room's state is empty"));
         }
-        let state_fn = |t: &StateEventType, k: &str| self.state_event(&set, t, k);
+        let state_fn = |t: &StateEventType, k: &str| self.rooms.state_event(&set, t, k);
         check_state_dependent_auth_rules(&rules.authorization, &join, state_fn)
             .map_err(|e| Error::forbidden(format!("The join event fails authorization: {e}")))?;
         // The state must be stored before the join can be layered on it.
-        let before_id = self.snapshots.save(&mut batch, None, &set)?;
-        self.states.insert(before_id, Arc::new(set.clone()));
-        if let Some(event) = self.state_event(&set, &StateEventType::RoomHistoryVisibility, "") {
+        let before_id = self.rooms.snapshots.save(&mut batch, None, &set)?;
+        self.rooms.states.insert(before_id, Arc::new(set.clone()));
+        if let Some(event) =
+            self.rooms.state_event(&set, &StateEventType::RoomHistoryVisibility, "")
+        {
             let content: Value = serde_json::from_str(event.content.get()).unwrap_or_default();
             let visibility = content["history_visibility"].as_str().unwrap_or("shared");
-            self.log_imported_visibility(&mut batch, room_short, visibility);
+            self.rooms.log_imported_visibility(&mut batch, room_short, visibility);
         }
         for ev in set.values() {
-            if let Some(event) = self.cached(*ev)?
+            if let Some(event) = self.rooms.cached(*ev)?
                 && event.pdu.kind == TimelineEventType::RoomMember
                 && let Some(user) = &event.pdu.state_key
             {
                 let content: Value =
                     serde_json::from_str(event.pdu.content.get()).unwrap_or_default();
                 let membership = content["membership"].as_str().unwrap_or("leave");
-                self.index_membership(&mut batch, room_short, user, membership);
+                self.rooms.index_membership(&mut batch, room_short, user, membership);
             }
         }
-        let written = commit(&self.db, batch).await;
-        self.memberships_written();
+        let written = commit(&self.rooms.db, batch).await;
+        self.rooms.memberships_written();
         written?;
         let mut batch = Batch::new();
         let pending = self.store(
@@ -582,15 +551,6 @@ impl Timeline {
         Ok(Intake::Accepted)
     }
 
-    /// The oldest event of a room's timeline here, with its position.
-    pub fn oldest_event(&self, room_id: &str) -> Result<Option<(u64, Pdu)>> {
-        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
-        let first =
-            TIMELINE.scan_prefix(&*self.db, &room, Direction::Forward)?.next().transpose()?;
-        let Some(((_, position), short)) = first else { return Ok(None) };
-        Ok(self.pdu_by_short(short)?.map(|pdu| (position, pdu)))
-    }
-
     /// Gives events fetched from another server's history (already stored as outliers
     /// by [`Self::store_outliers`]) places in the timeline before `below`, newest first,
     /// so that paginating backwards reaches them. Returns how many were placed.
@@ -602,34 +562,87 @@ impl Timeline {
     ) -> Result<usize> {
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        let Some(room_short) = self.short.get(Kind::Room, room_id)? else { return Ok(0) };
+        let Some(room_short) = self.rooms.short.get(Kind::Room, room_id)? else { return Ok(0) };
         let mut batch = Batch::new();
         let mut position = below;
         let mut placed = Vec::new();
         for id in newest_first {
-            let Some(short) = self.short.get(Kind::Event, id.as_str())? else { continue };
-            let Some(Json(mut stored)) = EVENTS.get(&*self.db, &short)? else { continue };
+            let Some(short) = self.rooms.short.get(Kind::Event, id.as_str())? else { continue };
+            let Some(Json(mut stored)) = EVENTS.get(&*self.rooms.db, &short)? else { continue };
             if stored.rejected || stored.position != 0 || stored.room != room_short || position <= 1
             {
                 continue;
             }
             position -= 1;
             stored.position = position;
-            let Some(pdu) = self.pdu_by_short(short)? else { continue };
+            let Some(pdu) = self.rooms.pdu_by_short(short)? else { continue };
             let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or_default();
-            self.log_event(&mut batch, room_short, short, position, &pdu, &content);
+            self.rooms.log_event(&mut batch, room_short, short, position, &pdu, &content);
             TIMELINE.put(&mut batch, &(room_short, position), &short);
             EVENTS.put(&mut batch, &short, &Json(stored));
             placed.push(short);
         }
-        let written = commit(&self.db, batch).await;
+        let written = commit(&self.rooms.db, batch).await;
         // Backfilled members and visibility changes went into the logs.
-        self.memberships_written();
+        self.rooms.memberships_written();
         written?;
         for short in &placed {
-            self.cache.invalidate(short);
+            self.rooms.cache.invalidate(short);
         }
         Ok(placed.len())
+    }
+}
+
+/// What federation reads of a room's DAG.
+impl Rooms {
+    /// Whether an event is stored (accepted, rejected, soft-failed or outlier).
+    pub fn is_known(&self, event_id: &str) -> Result<bool> {
+        let Some(short) = self.short.get(Kind::Event, event_id)? else { return Ok(false) };
+        Ok(self.cached(short)?.is_some())
+    }
+
+    /// A stored event with its rejection flag, for authorization and resolution.
+    pub(super) fn stored_pdu(&self, id: &EventId) -> Option<Pdu> {
+        let short = self.short.get(Kind::Event, id.as_str()).ok()??;
+        self.cached(short).ok()?.map(|e| (*e.pdu).clone())
+    }
+
+    /// The `prev_events` of `pdu` this server does not have in the timeline.
+    pub fn missing_prev_events(&self, pdu: &Pdu) -> Result<Vec<OwnedEventId>> {
+        let mut missing = Vec::new();
+        for prev in &pdu.prev_events {
+            let placed = match self.short.get(Kind::Event, prev.as_str())? {
+                Some(short) => self.cached(short)?.is_some_and(|e| e.position > 0),
+                None => false,
+            };
+            if !placed {
+                missing.push(prev.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// A snapshot's state as `(type, state_key) -> event id`.
+    pub(super) fn state_map(&self, set: &StateSet) -> Result<StateMap<OwnedEventId>> {
+        let mut map = StateMap::new();
+        for &ev in set.values() {
+            let Some(event) = self.cached(ev)? else { continue };
+            let Some(key) = &event.pdu.state_key else { continue };
+            map.insert(
+                (StateEventType::from(event.pdu.kind.to_string()), key.clone()),
+                event.pdu.event_id.clone(),
+            );
+        }
+        Ok(map)
+    }
+
+    /// The oldest event of a room's timeline here, with its position.
+    pub fn oldest_event(&self, room_id: &str) -> Result<Option<(u64, Pdu)>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
+        let first =
+            TIMELINE.scan_prefix(&*self.db, &room, Direction::Forward)?.next().transpose()?;
+        let Some(((_, position), short)) = first else { return Ok(None) };
+        Ok(self.pdu_by_short(short)?.map(|pdu| (position, pdu)))
     }
 
     /// The state before a stored timeline event, as event ids.
@@ -728,9 +741,10 @@ impl Timeline {
         user_id: &str,
         membership: &str,
     ) -> Result<(RoomVersionId, Value)> {
-        let (_, room) = self.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let (_, room) =
+            self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         let (version, rules) = room.rules()?;
-        let state = self.state_at(room.state)?;
+        let state = self.rooms.state_at(room.state)?;
         let mut content = serde_json::json!({ "membership": membership });
         if membership == "join"
             && let Some(authoriser) = self.join_authoriser(room_id, &state, &rules, user_id)?
@@ -746,8 +760,8 @@ impl Timeline {
             redacts: None,
         };
         let template = self.template(room_id, &room, &rules, &state, event)?;
-        let (pdu, _) = super::build_pdu(&self.keys, &self.server_name, &version, template)?;
-        let state_fn = |t: &StateEventType, k: &str| self.state_event(&state, t, k);
+        let (pdu, _) = super::build_pdu(&self.keys, &self.rooms.server_name, &version, template)?;
+        let state_fn = |t: &StateEventType, k: &str| self.rooms.state_event(&state, t, k);
         check_state_dependent_auth_rules(&rules.authorization, &pdu, state_fn)
             .map_err(Error::forbidden)?;
         let mut json = (*pdu.json).clone();
@@ -766,21 +780,24 @@ impl Timeline {
         rules: &RoomVersionRules,
         user_id: &str,
     ) -> Result<Option<String>> {
-        let Some(rule) = self.state_event(state, &StateEventType::RoomJoinRules, "") else {
+        let Some(rule) = self.rooms.state_event(state, &StateEventType::RoomJoinRules, "") else {
             return Ok(None);
         };
         let content: Value = serde_json::from_str(rule.content.get()).unwrap_or_default();
         let restricted =
             matches!(content["join_rule"].as_str(), Some("restricted" | "knock_restricted"));
         if !restricted
-            || matches!(self.membership(room_id, user_id)?.as_deref(), Some("join" | "invite"))
+            || matches!(
+                self.rooms.membership(room_id, user_id)?.as_deref(),
+                Some("join" | "invite")
+            )
         {
             return Ok(None);
         }
         let allowed = content["allow"].as_array().into_iter().flatten().any(|a| {
             a["type"] == "m.room_membership"
                 && a["room_id"].as_str().is_some_and(|r| {
-                    self.membership(r, user_id).ok().flatten().as_deref() == Some("join")
+                    self.rooms.membership(r, user_id).ok().flatten().as_deref() == Some("join")
                 })
         });
         if !allowed {
@@ -790,12 +807,12 @@ impl Timeline {
                 "The user is in none of the rooms the join rule allows",
             ));
         }
-        let suffix = format!(":{}", self.server_name);
-        for member in self.members(room_id, "join")? {
+        let suffix = format!(":{}", self.rooms.server_name);
+        for member in self.rooms.members(room_id, "join")? {
             if !member.ends_with(&suffix) {
                 continue;
             }
-            let power = self.power_in(state, rules, &member);
+            let power = self.rooms.power_in(state, rules, &member);
             if power.level >= power.levels["invite"].as_i64().unwrap_or(0) {
                 return Ok(Some(member));
             }

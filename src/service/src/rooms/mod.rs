@@ -11,6 +11,7 @@ pub mod filter;
 pub mod intake;
 pub mod pdu;
 pub mod public;
+pub mod reads;
 pub mod relations;
 pub mod resolve;
 pub mod short;
@@ -22,3 +23,4 @@ pub mod visibility;
 
 pub use builder::{EventRef, PduTemplate, build_pdu};
 pub use pdu::Pdu;
+pub use reads::Rooms;

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use trellis_core::{Error, Result, config::RoomPublishing};
 use trellis_store::{Batch, Db, Direction, Table, catalog};
 
-use super::{Pdu, aliases::Aliases, append::Timeline};
+use super::{Pdu, Rooms, aliases::Aliases};
 use crate::commit;
 
 const PUBLIC_ROOMS: Table<String, ()> = Table::new(&catalog::PUBLIC_ROOMS);
@@ -185,7 +185,7 @@ fn text(pdu: Option<&Pdu>, field: &str) -> Option<String> {
 }
 
 /// The room as others see it, from its current state; `None` for an unknown room.
-pub fn room_info(rooms: &Timeline, room_id: &str) -> Result<Option<RoomInfo>> {
+pub fn room_info(rooms: &Rooms, room_id: &str) -> Result<Option<RoomInfo>> {
     let Some((_, record)) = rooms.room(room_id)? else { return Ok(None) };
     let state = |kind: &str| rooms.state_of(room_id, kind, "");
     let create = state("m.room.create")?;
@@ -235,7 +235,7 @@ pub fn room_info(rooms: &Timeline, room_id: &str) -> Result<Option<RoomInfo>> {
 
 /// Whether `user` (a user id; `None` when unauthenticated) may see the room's summary
 /// (see the module documentation).
-pub fn may_preview(rooms: &Timeline, info: &RoomInfo, user: Option<&str>) -> Result<bool> {
+pub fn may_preview(rooms: &Rooms, info: &RoomInfo, user: Option<&str>) -> Result<bool> {
     let membership = match user {
         Some(user) => rooms.membership(&info.room_id, user)?,
         None => None,
@@ -267,7 +267,7 @@ pub fn may_preview(rooms: &Timeline, info: &RoomInfo, user: Option<&str>) -> Res
 /// unauthenticated), with the user's membership (`leave` when they have none). Rooms
 /// the user may not preview are reported exactly like unknown ones: 404.
 pub fn summary(
-    rooms: &Timeline,
+    rooms: &Rooms,
     aliases: &Aliases,
     room_or_alias: &str,
     user: Option<&str>,
@@ -355,7 +355,7 @@ impl SpaceChild {
 /// The children of a room, in the spec's order: valid `order` values first
 /// (lexicographically), then by the child event's timestamp, then by room id. Events
 /// without a non-empty `via` list are not links and are left out.
-pub fn space_children(rooms: &Timeline, room_id: &str) -> Result<Vec<SpaceChild>> {
+pub fn space_children(rooms: &Rooms, room_id: &str) -> Result<Vec<SpaceChild>> {
     let children = rooms
         .current_state(room_id)?
         .into_iter()
@@ -554,7 +554,7 @@ where
 /// deeper than it are left out. With `suggested_only`, only suggested children are
 /// followed and listed.
 pub async fn hierarchy<F, Fut>(
-    rooms: &Timeline,
+    rooms: &Rooms,
     root: &str,
     user: &str,
     query: &HierarchyQuery<'_>,
@@ -665,7 +665,7 @@ where
 /// Whether another server may see a room's summary: when anyone may preview it, for
 /// restricted rooms (the asking server checks its own users against the allowed rooms,
 /// as the spec has it), and when one of its users is in the room or invited.
-pub fn server_may_preview(rooms: &Timeline, info: &RoomInfo, server: &str) -> Result<bool> {
+pub fn server_may_preview(rooms: &Rooms, info: &RoomInfo, server: &str) -> Result<bool> {
     if info.world_readable
         || matches!(info.join_rule.as_str(), "public" | "knock" | "knock_restricted" | "restricted")
     {
@@ -688,7 +688,7 @@ pub struct ServerHierarchy {
 /// the server may not see it. Children this server is not in are left out: it cannot
 /// tell anything about them.
 pub fn server_hierarchy(
-    rooms: &Timeline,
+    rooms: &Rooms,
     room_id: &str,
     server: &str,
     suggested_only: bool,
@@ -821,7 +821,7 @@ impl PublicRooms {
     /// the power to send `m.room.canonical_alias`.
     pub fn may_publish(
         &self,
-        rooms: &Timeline,
+        rooms: &Rooms,
         room_id: &str,
         user: &str,
         server_admin: bool,
@@ -850,7 +850,7 @@ impl PublicRooms {
     /// permission (see `may_publish`).
     pub async fn set_visibility(
         &self,
-        rooms: &Timeline,
+        rooms: &Rooms,
         room_id: &str,
         user: &str,
         server_admin: bool,
@@ -875,7 +875,7 @@ impl PublicRooms {
 
     /// `GET /directory/list/room/{roomId}`: whether the room is published; 404 for an
     /// unknown room.
-    pub fn visibility(&self, rooms: &Timeline, room_id: &str) -> Result<bool> {
+    pub fn visibility(&self, rooms: &Rooms, room_id: &str) -> Result<bool> {
         if rooms.room(room_id)?.is_none() {
             return Err(Error::not_found("Room not found"));
         }
@@ -885,7 +885,7 @@ impl PublicRooms {
     /// A page of the directory: published rooms matching the filter, most joined
     /// members first (then by room id), with keyset tokens so that a room moving in the
     /// order shifts a page by at most that room.
-    pub fn list(&self, rooms: &Timeline, query: &DirectoryQuery<'_>) -> Result<DirectoryPage> {
+    pub fn list(&self, rooms: &Rooms, query: &DirectoryQuery<'_>) -> Result<DirectoryPage> {
         let limit =
             query.limit.unwrap_or(DIRECTORY_DEFAULT_LIMIT).clamp(1, DIRECTORY_MAX_LIMIT) as usize;
         let since = query.since.map(decode_directory_token).transpose()?;

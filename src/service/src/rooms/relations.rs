@@ -10,8 +10,8 @@ use trellis_core::{Error, Result};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{
-    Pdu,
-    append::{EVENTS, StoredEvent, Timeline},
+    Pdu, Rooms,
+    reads::{EVENTS, StoredEvent},
     short::Kind,
 };
 
@@ -75,7 +75,7 @@ pub struct RelationsPage {
     pub next: Option<u64>,
 }
 
-impl Timeline {
+impl Rooms {
     /// The parent of a relation when it is an event of the same room.
     fn relation_parent(&self, room_short: u64, parent: &str) -> Result<Option<(u64, StoredEvent)>> {
         let Some(short) = self.short.get(Kind::Event, parent)? else { return Ok(None) };

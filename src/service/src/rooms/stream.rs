@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
 };
 
 use tokio::sync::{Notify, watch};
@@ -30,9 +30,6 @@ pub struct StreamPositions {
     /// their rooms' ids, and writers wake the keys their change concerns, so a message
     /// wakes the room's members, not every waiting sync on the server.
     waiters: Mutex<Registry>,
-    /// Rooms a user is joined to, for waking the people who share a room with them
-    /// (presence); installed at start-up.
-    rooms_of: OnceLock<RoomsOf>,
     /// Where noted keys last changed (see [`Self::changed_after`]).
     changes: Mutex<Changes>,
 }
@@ -45,8 +42,6 @@ struct Changes {
 
 /// Keys noted at most; beyond this the notes start over from the current position.
 const MAX_NOTED_KEYS: usize = 100_000;
-
-pub type RoomsOf = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 
 #[derive(Default)]
 struct Registry {
@@ -126,7 +121,6 @@ impl StreamPositions {
             visible_tx,
             db: None,
             waiters: Mutex::default(),
-            rooms_of: OnceLock::new(),
             changes: Mutex::new(Changes { from: persisted, latest: HashMap::new() }),
         }
     }
@@ -149,7 +143,6 @@ impl StreamPositions {
             visible_tx,
             db: Some(db),
             waiters: Mutex::default(),
-            rooms_of: OnceLock::new(),
             changes: Mutex::new(Changes { from: start, latest: HashMap::new() }),
         })
     }
@@ -247,22 +240,6 @@ impl StreamPositions {
         if let Some(waiters) = registry.by_key.get(key) {
             for notify in waiters.values() {
                 notify.notify_one();
-            }
-        }
-    }
-
-    /// Installs how to find a user's rooms (see [`Self::wake_co_members`]).
-    pub fn set_rooms_of(&self, rooms_of: RoomsOf) {
-        let _ = self.rooms_of.set(rooms_of);
-    }
-
-    /// Wakes the user and everyone sharing a room with them (through the rooms' keys),
-    /// once the write `retired` ended is visible.
-    pub fn wake_co_members(&self, retired: Retired, user: &str) {
-        self.wake_for(retired, &user_key(user));
-        if let Some(rooms_of) = self.rooms_of.get() {
-            for room in rooms_of(user) {
-                self.wake_for(retired, &room);
             }
         }
     }

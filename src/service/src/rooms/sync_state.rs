@@ -5,10 +5,10 @@ use std::{ops::Bound, sync::Arc};
 
 use trellis_core::Result;
 
-use super::{Pdu, append::Timeline, short::Kind, state::StateSet};
+use super::{Pdu, Rooms, short::Kind, state::StateSet};
 use crate::rooms::short::state_key_text;
 
-impl Timeline {
+impl Rooms {
     /// The state of `room_id` after its last event at or before `position` (empty
     /// before the room existed).
     pub fn state_at_position(&self, room_id: &str, position: u64) -> Result<StateSet> {
@@ -71,19 +71,19 @@ impl Timeline {
 
     fn earliest_state_after(&self, room: u64, position: u64) -> Result<StateSet> {
         use std::ops::Bound::{Excluded, Unbounded};
-        let rows = super::append::TIMELINE.scan_range(
+        let rows = super::reads::TIMELINE.scan_range(
             &*self.db,
             Excluded(&(room, position)),
             Unbounded,
             trellis_store::Direction::Forward,
         )?;
-        for row in rows.take(super::append::SCAN_CAP) {
+        for row in rows.take(super::reads::SCAN_CAP) {
             let ((r, _), short) = row?;
             if r != room {
                 break;
             }
             if let Some(trellis_store::Json(stored)) =
-                super::append::EVENTS.get(&*self.db, &short)?
+                super::reads::EVENTS.get(&*self.db, &short)?
                 && stored.state_before != 0
             {
                 return Ok((*self.state_at(stored.state_before)?).clone());

@@ -37,11 +37,11 @@ impl Timeline {
     ) -> Result<String> {
         let version = super::create::supported_version(new_version)?;
         let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
-        if self.membership(room_id, user)?.as_deref() != Some("join") {
+        if self.rooms.membership(room_id, user)?.as_deref() != Some("join") {
             return Err(Error::forbidden("You are not a member of this room"));
         }
         // Upgrading ends in a tombstone, so it needs the power to send one.
-        let power = self.power(room_id, user)?;
+        let power = self.rooms.power(room_id, user)?;
         let needed = power.levels["events"]["m.room.tombstone"]
             .as_i64()
             .or_else(|| power.levels["state_default"].as_i64())
@@ -49,15 +49,17 @@ impl Timeline {
         if power.level < needed {
             return Err(Error::forbidden("You may not upgrade this room"));
         }
-        if self.state_of(room_id, "m.room.tombstone", "")?.is_some() {
+        if self.rooms.state_of(room_id, "m.room.tombstone", "")?.is_some() {
             return Err(Error::bad_json("This room has already been upgraded"));
         }
 
         let old_create = self
+            .rooms
             .state_of(room_id, "m.room.create", "")?
             .map(|p| content_of(&p))
             .ok_or_else(|| Error::not_found("Unknown room"))?;
         let last_event = self
+            .rooms
             .timeline_backwards(room_id, None, 1)?
             .into_iter()
             .next()
@@ -93,7 +95,7 @@ impl Timeline {
         }
         let mut initial_state = Vec::new();
         for kind in TRANSFERRED {
-            if let Some(pdu) = self.state_of(room_id, kind, "")? {
+            if let Some(pdu) = self.rooms.state_of(room_id, kind, "")? {
                 initial_state.push(((*kind).to_owned(), String::new(), content_of(&pdu)));
             }
         }
@@ -108,7 +110,7 @@ impl Timeline {
         let new_room = self.create_room_with(user, new_version, options).await?;
 
         // Bans carry over so an upgrade is no way back in.
-        for banned in self.members(room_id, "ban")? {
+        for banned in self.rooms.members(room_id, "ban")? {
             let content = json!({"membership": "ban"});
             self.append(&new_room, state("m.room.member", user, &banned, content)).await?;
         }

@@ -19,10 +19,10 @@ struct MemberRow {
     event: u64,
 }
 
-use super::{Pdu, append::Timeline, cache::ShortCache, short::Kind};
+use super::{Pdu, Rooms, cache::ShortCache, short::Kind};
 
 /// The two logs as read, kept until a batch writing to them is written (see
-/// `Timeline::memberships_written`): every sync reads them for each room that changed.
+/// `Rooms::memberships_written`): every sync reads them for each room that changed.
 pub(super) struct LogCaches {
     memberships: ShortCache<Vec<(u64, String)>, (u64, String)>,
     visibilities: ShortCache<Vec<(u64, String)>>,
@@ -67,7 +67,7 @@ const META: Table<String, u64> = Table::new(&catalog::META);
 /// Events indexed per batch while backfilling.
 const BACKFILL_BATCH: usize = 1_000;
 
-impl Timeline {
+impl Rooms {
     /// Databases written before these indexes existed get them built from the stored
     /// timelines once, at start-up (in stream order, so relations find their parents).
     pub(super) fn backfill_indexes(&self) -> Result<()> {
@@ -291,7 +291,7 @@ impl Timeline {
     }
 }
 
-/// One user's view of one room's history (see [`Timeline::visibility_view`]).
+/// One user's view of one room's history (see [`Rooms::visibility_view`]).
 #[derive(Debug, Default)]
 pub struct VisibilityView {
     user: String,
@@ -301,7 +301,7 @@ pub struct VisibilityView {
     visibilities: Arc<Vec<(u64, String)>>,
 }
 
-/// The stretches of `memberships` (a [`Timeline::membership_log`]) during which the user
+/// The stretches of `memberships` (a [`Rooms::membership_log`]) during which the user
 /// was joined, `(first position, last position)`, oldest first.
 pub fn joined_stretches(memberships: &[(u64, String)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -417,7 +417,10 @@ mod tests {
 
         use trellis_core::config::StorageConfig;
 
-        use crate::{keys::ServerKeys, rooms::append::NewEvent};
+        use crate::{
+            keys::ServerKeys,
+            rooms::append::{NewEvent, Timeline},
+        };
 
         let dir = tempfile::tempdir().unwrap();
         let cfg = StorageConfig { block_cache_mb: 8, sync_writes: false, ..Default::default() };
@@ -425,7 +428,8 @@ mod tests {
         let keys = Arc::new(
             ServerKeys::load_or_generate(&dir.path().join("key"), "example.org", 24).unwrap(),
         );
-        let t = Timeline::new(db.clone(), keys.clone(), "example.org").unwrap();
+        let rooms = Arc::new(Rooms::open(db.clone(), "example.org").unwrap());
+        let t = Timeline::new(rooms.clone(), keys.clone(), crate::pipeline::Pipeline::empty());
         let alice = "@alice:example.org";
         let room =
             t.create_room(alice, &ruma::RoomVersionId::V11, serde_json::json!({})).await.unwrap();
@@ -438,21 +442,21 @@ mod tests {
             redacts: None,
         };
         t.append(&room, join).await.unwrap();
-        assert!(t.visibility_view(&room, alice).unwrap().may_read());
+        assert!(rooms.visibility_view(&room, alice).unwrap().may_read());
 
         // An older database: no membership log, no marker.
         let mut batch = Batch::new();
-        let short = t.short.get(Kind::Room, &room).unwrap().unwrap();
+        let short = rooms.short.get(Kind::Room, &room).unwrap().unwrap();
         for row in MEMBERSHIP_LOG.scan_prefix(&*db, &short, Direction::Forward).unwrap() {
             let (key, _) = row.unwrap();
             MEMBERSHIP_LOG.delete(&mut batch, &key);
         }
         META.delete(&mut batch, &INDEXED_KEY.to_owned());
         db.write(batch).unwrap();
-        t.memberships_written();
-        assert!(!t.visibility_view(&room, alice).unwrap().may_read(), "the log is gone");
+        rooms.memberships_written();
+        assert!(!rooms.visibility_view(&room, alice).unwrap().may_read(), "the log is gone");
 
-        let reopened = Timeline::new(db.clone(), keys, "example.org").unwrap();
+        let reopened = Rooms::open(db.clone(), "example.org").unwrap();
         assert!(reopened.visibility_view(&room, alice).unwrap().may_read(), "rebuilt");
         assert_eq!(META.get(&*db, &INDEXED_KEY.to_owned()).unwrap(), Some(1));
     }
