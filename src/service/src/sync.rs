@@ -19,7 +19,7 @@ use trellis_core::Result;
 use crate::{
     Services,
     out::{ClientEvent, EventView, Key, Out, Unsigned},
-    rooms::{Pdu, filter, reads::UserRoom, state::StateSet, visibility::VisibilityView},
+    rooms::{Pdu, filter, members::UserRoom, state::StateSet, visibility::VisibilityView},
 };
 
 /// Timeline events per room when the filter sets no limit.

@@ -24,10 +24,8 @@ use super::{
     EventRef, Pdu, PduTemplate, Rooms, build_pdu,
     builder::room_id_from_create,
     cache::CachedEvent,
-    reads::{
-        BUMP_EVENT_TYPES, EVENTS, ROOM_MEMBERS, ROOMS, RoomRecord, StoredEvent, TIMELINE,
-        USER_ROOMS,
-    },
+    members::{ROOM_MEMBERS, USER_ROOMS},
+    reads::{BUMP_EVENT_TYPES, EVENTS, ROOMS, RoomRecord, StoredEvent, TIMELINE},
     short::{Kind, state_key_text},
     state::StateSet,
 };

@@ -1,0 +1,226 @@
+//! Memberships as the rooms store them: both directions of the member index (room ->
+//! users, user -> rooms), and what read paths ask of it (a user's room list, joined
+//! members, member summaries, display names), through the shared caches that writers
+//! of the index clear (`memberships_written`).
+
+use std::sync::Arc;
+
+use ruma::events::StateEventType;
+use trellis_core::Result;
+use trellis_store::{Batch, Table, catalog};
+
+use super::{Rooms, short::Kind, stream::Retired};
+
+pub(super) const ROOM_MEMBERS: Table<(u64, String), String> = Table::new(&catalog::ROOM_MEMBERS);
+pub(super) const USER_ROOMS: Table<(String, u64), String> = Table::new(&catalog::USER_ROOMS);
+
+/// Members a summary keeps by name: five heroes, and one more in case the reader is
+/// among them.
+const SUMMARY_FIRST_MEMBERS: usize = 6;
+
+/// A room in a user's list (see [`Rooms::user_rooms`]).
+#[derive(Debug, Clone)]
+pub struct UserRoom {
+    pub room_id: String,
+    /// The user's current membership.
+    pub membership: String,
+    /// Stream position of the room's newest event: nothing in the room, the user's
+    /// membership included, changed after it.
+    pub last_position: u64,
+    /// See [`RoomRecord::bump`].
+    pub bump_position: u64,
+}
+
+/// Joined and invited members of a room: how many, and the first by user id.
+#[derive(Debug, Clone, Default)]
+pub struct MemberSummary {
+    pub joined: usize,
+    pub invited: usize,
+    pub first: Vec<String>,
+}
+
+impl Rooms {
+    /// Wakes the user and everyone sharing a room with them (through the rooms' keys),
+    /// once the write `retired` ended is visible: presence and device-list changes.
+    pub fn wake_co_members(&self, retired: Retired, user: &str) {
+        self.stream.wake_for(retired, &super::stream::user_key(user));
+        match self.rooms_of(user, "join") {
+            Ok(rooms) => {
+                for room in rooms {
+                    self.stream.wake_for(retired, &room);
+                }
+            }
+            Err(e) => tracing::warn!(user, error = %e, "reading a user's rooms failed"),
+        }
+    }
+
+    /// Records a user's membership in both directions (room -> users, user -> rooms).
+    /// Whoever writes the batch calls [`Self::memberships_written`] after it.
+    pub(super) fn index_membership(
+        &self,
+        batch: &mut Batch,
+        room_short: u64,
+        user: &str,
+        membership: &str,
+    ) {
+        ROOM_MEMBERS.put(batch, &(room_short, user.to_owned()), &membership.to_owned());
+        USER_ROOMS.put(batch, &(user.to_owned(), room_short), &membership.to_owned());
+    }
+
+    /// Drops the cached room lists once a batch changing memberships is written: a
+    /// list read before the write is then never kept. Membership changes are rare next
+    /// to syncs, so all lists go rather than tracking whose changed.
+    pub(super) fn memberships_written(&self) {
+        self.user_rooms.clear();
+        self.logs.clear();
+    }
+
+    /// The membership of `user_id` in the room, if any.
+    pub fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
+        Ok(ROOM_MEMBERS.get(&*self.db, &(room, user_id.to_owned()))?)
+    }
+
+    /// Every room in `user_id`'s list (any membership, forgotten rooms excepted), with
+    /// what a sync needs to skip the rooms where nothing happened: one scan of the
+    /// user's index and one record read per room.
+    pub fn user_rooms(&self, user_id: &str) -> Result<Vec<UserRoom>> {
+        let user = user_id.to_owned();
+        let memberships = self.user_rooms.get_or_load(user.clone(), || {
+            USER_ROOMS
+                .scan_prefix(&*self.db, &user, trellis_store::Direction::Forward)?
+                .map(|entry| entry.map(|((_, room), membership)| (room, membership)))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let mut out = Vec::with_capacity(memberships.len());
+        for (room, membership) in memberships.iter() {
+            if let Some(r) = self.record(*room)? {
+                out.push(UserRoom {
+                    room_id: r.room_id.clone(),
+                    membership: membership.clone(),
+                    last_position: r.last_position,
+                    bump_position: r.bump(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rooms in which `user_id` has `membership`.
+    pub fn rooms_of(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
+        let rooms = self.user_rooms(user_id)?.into_iter();
+        Ok(rooms.filter(|r| r.membership == membership).map(|r| r.room_id).collect())
+    }
+
+    /// Joined members of a room as of its current state. Kept per state snapshot, which
+    /// changes with every membership change (the member index is written in the same
+    /// batch as the room's new snapshot), so an entry is never stale for its snapshot.
+    pub fn joined_members(&self, room_id: &str) -> Result<Arc<Vec<String>>> {
+        let Some(short) = self.short.get(Kind::Room, room_id)? else { return Ok(Arc::default()) };
+        let Some(record) = self.record(short)? else { return Ok(Arc::default()) };
+        let (hit, generation) = self.joined.get(&short);
+        if let Some(hit) = hit
+            && hit.0 == record.state
+        {
+            return Ok(hit.1.clone());
+        }
+        let members = Arc::new(self.members(room_id, "join")?);
+        self.joined.insert(short, Arc::new((record.state, members.clone())), generation);
+        Ok(members)
+    }
+
+    /// What a sync's room summary says of the members, as of the room's current state.
+    pub fn member_summary(&self, room_id: &str) -> Result<MemberSummary> {
+        let Some(short) = self.short.get(Kind::Room, room_id)? else {
+            return Ok(Default::default());
+        };
+        let Some(record) = self.record(short)? else { return Ok(Default::default()) };
+        let (hit, generation) = self.summaries.get(&short);
+        if let Some(hit) = hit
+            && hit.0 == record.state
+        {
+            return Ok(hit.1.clone());
+        }
+        let (joined, invited) = self.joined_and_invited(room_id)?;
+        let mut first: Vec<String> = joined.iter().chain(invited.iter()).cloned().collect();
+        first.sort();
+        first.truncate(SUMMARY_FIRST_MEMBERS);
+        let summary = MemberSummary { joined: joined.len(), invited: invited.len(), first };
+        self.summaries.insert(short, Arc::new((record.state, summary.clone())), generation);
+        Ok(summary)
+    }
+
+    /// Joined and invited members of a room, in one scan.
+    pub fn joined_and_invited(&self, room_id: &str) -> Result<(Vec<String>, Vec<String>)> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else {
+            return Ok(Default::default());
+        };
+        let (mut joined, mut invited) = (Vec::new(), Vec::new());
+        for entry in
+            ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
+        {
+            let ((_, user), m) = entry?;
+            match m.as_str() {
+                "join" => joined.push(user),
+                "invite" => invited.push(user),
+                _ => {}
+            }
+        }
+        Ok((joined, invited))
+    }
+
+    /// Members of a room with `membership`.
+    pub fn members(&self, room_id: &str, membership: &str) -> Result<Vec<String>> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for entry in
+            ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
+        {
+            let ((_, user), m) = entry?;
+            if m == membership {
+                out.push(user);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a user of `server` has one of `memberships` in the room (one scan).
+    pub fn has_member_from(
+        &self,
+        room_id: &str,
+        server: &str,
+        memberships: &[&str],
+    ) -> Result<bool> {
+        let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(false) };
+        for entry in
+            ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
+        {
+            let ((_, user), m) = entry?;
+            if memberships.contains(&m.as_str())
+                && user.split_once(':').is_some_and(|(_, s)| s == server)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The display names in the room's current state of `users` (`None`: no member
+    /// event or no name), read from one state snapshot.
+    pub fn display_names(&self, room_id: &str, users: &[String]) -> Result<Vec<Option<String>>> {
+        #[derive(serde::Deserialize)]
+        struct Named {
+            displayname: Option<String>,
+        }
+        let Some((_, room)) = self.room(room_id)? else { return Ok(vec![None; users.len()]) };
+        let state = self.state_at(room.state)?;
+        let kind = StateEventType::RoomMember;
+        Ok(users
+            .iter()
+            .map(|user| {
+                let event = self.state_event_cached(&state, &kind, user)?;
+                serde_json::from_str::<Named>(event.pdu.content.get()).ok()?.displayname
+            })
+            .collect())
+    }
+}
