@@ -13,33 +13,21 @@ macro_rules! object {
     }};
 }
 
-pub mod account_data;
 pub mod accounts;
 pub mod audit;
-pub mod directory;
 pub mod durable;
 pub mod e2ee;
 pub mod federation;
-pub mod filters;
 pub mod keys;
 pub mod mailer;
 pub mod media;
-pub mod notify;
-pub mod out;
-pub mod password;
 pub mod pipeline;
-pub mod presence;
-pub mod profile;
-pub mod push_rules;
-pub mod pushers;
+pub mod push;
 mod random;
 pub mod ratelimit;
-pub mod receipts;
+pub mod realtime;
 pub mod rooms;
-pub mod sliding;
-pub mod sync;
 pub mod tables;
-pub mod typing;
 
 use std::sync::Arc;
 
@@ -48,11 +36,10 @@ use tracing::Instrument;
 use trellis_core::{Config, Error, Result, metrics::Metrics};
 use trellis_store::{Batch, Db};
 
-pub use account_data::AccountData;
 pub use accounts::Accounts;
+pub use accounts::{account_data::AccountData, profile::Profiles};
 pub use audit::{Audit, Client};
 pub use keys::ServerKeys;
-pub use profile::Profiles;
 pub use ratelimit::RateLimiter;
 
 /// Every service, built once at start-up and shared by all requests.
@@ -71,17 +58,17 @@ pub struct Services {
     pub accounts: Accounts,
     pub profiles: Profiles,
     pub account_data: AccountData,
-    pub push_rules: Arc<push_rules::PushRules>,
-    pub pushers: pushers::Pushers,
-    pub presence: Arc<presence::Presence>,
-    pub filters: filters::Filters,
-    pub typing: Arc<typing::Typing>,
-    pub receipts: receipts::Receipts,
-    pub notifier: Arc<notify::Notifier>,
-    pub sliding: sliding::Connections,
+    pub push_rules: Arc<push::rules::PushRules>,
+    pub pushers: push::pushers::Pushers,
+    pub presence: Arc<realtime::presence::Presence>,
+    pub filters: realtime::filters::Filters,
+    pub typing: Arc<realtime::typing::Typing>,
+    pub receipts: realtime::receipts::Receipts,
+    pub notifier: Arc<push::notify::Notifier>,
+    pub sliding: realtime::sliding::Connections,
     pub rate_limits: RateLimiter,
     pub mailer: Option<mailer::Mailer>,
-    pub directory: directory::UserDirectory,
+    pub directory: accounts::directory::UserDirectory,
     pub e2ee: e2ee::E2ee,
     pub federation: Arc<federation::Federation>,
     pub media: media::Media,
@@ -120,8 +107,8 @@ impl Services {
             config.federation.clone(),
         )?);
         let media = media::Media::new(&config, db.clone(), None)?;
-        let push_rules = Arc::new(push_rules::PushRules::new(db.clone(), stream.clone()));
-        let notifier = Arc::new(notify::Notifier::new(
+        let push_rules = Arc::new(push::rules::PushRules::new(db.clone(), stream.clone()));
+        let notifier = Arc::new(push::notify::Notifier::new(
             db.clone(),
             rooms.clone(),
             push_rules.clone(),
@@ -139,16 +126,20 @@ impl Services {
             profiles: Profiles::new(db.clone()),
             account_data: AccountData::new(db.clone(), stream.clone()),
             push_rules,
-            pushers: pushers::Pushers::new(db.clone()),
-            presence: presence::Presence::new(db.clone(), rooms.clone(), &config.presence),
-            filters: filters::Filters::new(db.clone()),
-            typing: typing::Typing::new(stream.clone()),
-            receipts: receipts::Receipts::new(db.clone(), stream),
-            sliding: sliding::Connections::default(),
+            pushers: push::pushers::Pushers::new(db.clone()),
+            presence: realtime::presence::Presence::new(
+                db.clone(),
+                rooms.clone(),
+                &config.presence,
+            ),
+            filters: realtime::filters::Filters::new(db.clone()),
+            typing: realtime::typing::Typing::new(stream.clone()),
+            receipts: realtime::receipts::Receipts::new(db.clone(), stream),
+            sliding: realtime::sliding::Connections::default(),
             notifier,
             rate_limits: RateLimiter::new(config.rate_limits.clone()),
             mailer,
-            directory: directory::UserDirectory::new(
+            directory: accounts::directory::UserDirectory::new(
                 db.clone(),
                 config.user_directory.search_all_users,
             ),

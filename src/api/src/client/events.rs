@@ -26,7 +26,7 @@ pub(super) fn to_raw<T>(value: &Value) -> Result<Raw<T>> {
 
 /// An event as clients see it, without aggregations.
 pub(super) fn client_event(pdu: &Pdu, room_id: &str) -> Value {
-    let mut event = trellis_service::sync::sync_event(pdu);
+    let mut event = trellis_service::realtime::sync::sync_event(pdu);
     event["room_id"] = json!(room_id);
     event
 }
@@ -82,10 +82,11 @@ impl<'a> Viewer<'a> {
 
     /// The event in client format with the aggregations the spec bundles with it.
     pub fn render(&self, pdu: &Pdu) -> Result<Value> {
-        let mut event = trellis_service::sync::reader_event(pdu, &self.user, &self.device_id);
+        let mut event =
+            trellis_service::realtime::sync::reader_event(pdu, &self.user, &self.device_id);
         event["room_id"] = json!(self.room_id);
         let room_id = self.room_id;
-        trellis_service::sync::attach_bundle(
+        trellis_service::realtime::sync::attach_bundle(
             &self.ctx.services,
             pdu,
             &self.user,

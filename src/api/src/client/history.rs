@@ -51,7 +51,7 @@ pub(super) fn parse_token(token: &str) -> Result<u64> {
     token
         .strip_prefix('t')
         .and_then(|p| p.parse().ok())
-        .or_else(|| trellis_service::sync::SyncToken::parse(token).map(|t| t.position))
+        .or_else(|| trellis_service::realtime::sync::SyncToken::parse(token).map(|t| t.position))
         .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
 }
 

@@ -14,7 +14,7 @@ use serde_json::Value;
 use trellis_core::{Error, Result};
 use trellis_service::{
     e2ee::{cross_signing::SigningUpload, device_keys::Upload, device_lists},
-    sync::SyncToken,
+    realtime::sync::SyncToken,
 };
 
 use super::{events::me, uia::reauthenticate};

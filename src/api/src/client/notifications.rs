@@ -40,7 +40,7 @@ async fn notifications(ctx: Ctx, req: Request) -> Result<Response> {
     let mut out = Vec::with_capacity(rows.len());
     for (position, n) in rows {
         let Some(stored) = services.rooms.cached_event(&n.event_id)? else { continue };
-        let mut event = trellis_service::sync::sync_event(&stored.pdu);
+        let mut event = trellis_service::realtime::sync::sync_event(&stored.pdu);
         event["room_id"] = json!(n.room_id);
         // Read once a receipt (unthreaded or main) is at or after the event.
         let mut read = false;

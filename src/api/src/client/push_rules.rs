@@ -15,7 +15,7 @@ use ruma::api::{
 };
 use serde_json::Value;
 use trellis_core::{Error, Result};
-use trellis_service::push_rules;
+use trellis_service::push::rules;
 
 use super::events::me;
 use crate::{
@@ -114,7 +114,7 @@ async fn set_rule(
     let [kind, rule_id] = req.path.as_slice() else {
         return Err(Error::invalid_param("Expected a rule kind and id in the path"));
     };
-    let rule = push_rules::new_rule(kind, rule_id, &req.json()?)?;
+    let rule = rules::new_rule(kind, rule_id, &req.json()?)?;
     let (before, after) = (req.query_param("before"), req.query_param("after"));
     ctx.services.push_rules.set_rule(&user, rule, before.as_deref(), after.as_deref()).await?;
     Ok(set_pushrule::v3::Response::new())

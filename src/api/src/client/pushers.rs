@@ -3,7 +3,7 @@
 use axum::Router;
 use ruma::api::client::push::{Pusher, get_pushers, set_pusher};
 use trellis_core::{Error, Result};
-use trellis_service::pushers::PusherChange;
+use trellis_service::push::pushers::PusherChange;
 
 use super::push_rules::Unparsed;
 use crate::{

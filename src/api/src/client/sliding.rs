@@ -10,7 +10,7 @@ use ruma::api::{
     error::DeserializationError,
 };
 use trellis_core::Result;
-use trellis_service::sliding::{
+use trellis_service::realtime::sliding::{
     Extensions, ListFilters, ListRequest, RoomWants, SlidingRequest, build,
 };
 
@@ -132,7 +132,7 @@ async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = ctx.services.rooms.stream.clone();
     loop {
-        let waiting = trellis_service::sync::subscribe(&ctx.services, &user_id)?;
+        let waiting = trellis_service::realtime::sync::subscribe(&ctx.services, &user_id)?;
         let now = stream.visible();
         let built = build(&ctx.services, &request, now)?;
         // A reached deadline answers now, not at the timer wheel's next tick.

@@ -19,7 +19,7 @@ use ruma::api::{
 use serde_json::{Value, json};
 use tracing::Instrument;
 use trellis_core::{Error, Result};
-use trellis_service::{filters, receipts, sync};
+use trellis_service::realtime::{filters, receipts, sync};
 
 use super::events::{Viewer, me};
 use trellis_service::federation::edus;
@@ -57,7 +57,7 @@ impl Metadata for SyncRequest {
 
 impl IncomingRequest for SyncRequest {
     type EndpointError = <Inner as IncomingRequest>::EndpointError;
-    type OutgoingResponse = JsonResponse<trellis_service::out::Out>;
+    type OutgoingResponse = JsonResponse<trellis_service::realtime::out::Out>;
 
     fn try_from_http_request_inner(
         request: http::Request<&[u8]>,
@@ -135,12 +135,15 @@ fn params(ctx: &Ctx, req: SyncRequest) -> Result<Params> {
 fn sync_handler(
     ctx: Ctx,
     req: SyncRequest,
-) -> impl Future<Output = Result<JsonResponse<trellis_service::out::Out>>> {
+) -> impl Future<Output = Result<JsonResponse<trellis_service::realtime::out::Out>>> {
     let params = params(&ctx, req);
     async move { sync_with(ctx, params?).await }
 }
 
-async fn sync_with(ctx: Ctx, params: Params) -> Result<JsonResponse<trellis_service::out::Out>> {
+async fn sync_with(
+    ctx: Ctx,
+    params: Params,
+) -> Result<JsonResponse<trellis_service::realtime::out::Out>> {
     let Params { filter, token, timeout, full_state, use_state_after, set_presence } = params;
     let user_id = me(&ctx)?;
     let localpart = ctx.session()?.localpart.clone();

@@ -16,7 +16,7 @@ use axum::{
 };
 use ruma::api::client::filter::FilterDefinition;
 use trellis_core::{Error, Result};
-use trellis_service::{Client, accounts::Session, sync};
+use trellis_service::{Client, accounts::Session, realtime::sync};
 
 use crate::{AppState, response::ApiError};
 

@@ -3,7 +3,7 @@
 
 use axum::Router;
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName,
+    MilliSecondsSinceUnixEpoch, OwnedServerName,
     api::federation::{
         authorization::get_event_authorization,
         backfill::get_backfill,
@@ -83,21 +83,10 @@ async fn send(
     }
     let pdus = req.pdus.iter().map(|p| parse(p)).collect::<Result<Vec<_>>>()?;
     let edus = req.edus.iter().map(|e| parse(e.json())).collect::<Result<Vec<_>>>()?;
-    let answer =
+    let results =
         transactions::receive(&ctx.services, &origin, req.transaction_id.as_str(), pdus, edus)
             .await?;
-    let mut resp = send_transaction_message::v1::Response::new(Default::default());
-    if let Some(results) = answer["pdus"].as_object() {
-        for (id, result) in results {
-            let Ok(id) = OwnedEventId::try_from(id.as_str()) else { continue };
-            let outcome = match result.get("error").and_then(Value::as_str) {
-                Some(error) => Err(error.to_owned()),
-                None => Ok(()),
-            };
-            resp.pdus.insert(id, outcome);
-        }
-    }
-    Ok(resp)
+    Ok(send_transaction_message::v1::Response::new(results))
 }
 
 /// A `make_*` template for the origin's user: the room version and the event.
@@ -361,7 +350,7 @@ async fn send_knock(
     .await?;
     // What the knocking user's client shows of the room, as full PDUs (v1.16).
     let mut state = Vec::new();
-    for kind in trellis_service::sync::STRIPPED_STATE {
+    for kind in trellis_service::realtime::sync::STRIPPED_STATE {
         if let Some(pdu) = ctx.services.rooms.state_of(req.room_id.as_str(), kind, "")? {
             state.push(RawStrippedState::Pdu(raw_pdu(&pdu)?));
         }

@@ -106,7 +106,9 @@ impl Accounts {
         let (m, t) = (self.auth.argon2_memory_kib, self.auth.argon2_iterations);
         self.decoy_hash
             .get_or_init(|| async move {
-                let made = self.hasher.run(move || crate::password::hash("decoy password", m, t));
+                let made = self
+                    .hasher
+                    .run(move || crate::accounts::password::hash("decoy password", m, t));
                 made.await.ok().and_then(Result::ok)
             })
             .await

@@ -1,9 +1,13 @@
 //! Accounts: registration, login, tokens, devices, passwords, deactivation.
 
+pub mod account_data;
 mod devices;
+pub mod directory;
 mod guard;
 pub mod jwt;
 mod login;
+pub mod password;
+pub mod profile;
 mod reg_tokens;
 mod sessions;
 mod sweep;
@@ -47,7 +51,7 @@ pub struct Accounts {
     seen: sessions::SeenCache,
     jwt: Option<jwt::JwtVerifier>,
     email_code_lifetime_ms: u64,
-    hasher: crate::password::HashPool,
+    hasher: crate::accounts::password::HashPool,
     /// A hash to verify against for unknown users (see `login.rs`), made on first use.
     decoy_hash: tokio::sync::OnceCell<Option<String>>,
     /// The rooms whose members hear of device-list changes when devices go; unset in tools
@@ -92,7 +96,7 @@ impl Accounts {
         audit: Arc<Audit>,
         jwt: Option<jwt::JwtVerifier>,
     ) -> Self {
-        let hasher = crate::password::HashPool::new(auth.password_hash_threads);
+        let hasher = crate::accounts::password::HashPool::new(auth.password_hash_threads);
         let guard = guard::LoginGuard::new(
             auth.failed_login_threshold,
             auth.failed_login_max_backoff_seconds,
@@ -314,7 +318,7 @@ impl Accounts {
         password_hash: Option<String>,
         admin: bool,
     ) {
-        crate::directory::index_new_user(batch, localpart);
+        crate::accounts::directory::index_new_user(batch, localpart);
         USERS.put(
             batch,
             &localpart.to_owned(),
@@ -376,7 +380,7 @@ impl Accounts {
         let display_name = PROFILES
             .get(&*self.db, &(owner.clone(), "displayname".to_owned()))?
             .and_then(|j| j.0.as_str().map(str::to_owned));
-        crate::directory::remove_user(&mut batch, localpart, display_name.as_deref());
+        crate::accounts::directory::remove_user(&mut batch, localpart, display_name.as_deref());
         // Display name and avatar go either way (spec: a deactivated user has no profile);
         // `erase` also removes everything else the user stored.
         for entry in PROFILES.scan_prefix(&*self.db, &owner, Direction::Forward)? {
@@ -409,11 +413,11 @@ impl Accounts {
 
     async fn hash_password(&self, password: String) -> Result<String> {
         let (m, t) = (self.auth.argon2_memory_kib, self.auth.argon2_iterations);
-        self.hasher.run(move || crate::password::hash(&password, m, t)).await?
+        self.hasher.run(move || crate::accounts::password::hash(&password, m, t)).await?
     }
 
     async fn verify_password(&self, password: String, phc: String) -> Result<bool> {
-        self.hasher.run(move || crate::password::verify(&password, &phc)).await
+        self.hasher.run(move || crate::accounts::password::verify(&password, &phc)).await
     }
 }
 

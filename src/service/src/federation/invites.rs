@@ -19,8 +19,8 @@ use trellis_store::{Batch, Direction, Json, Table, catalog};
 use super::{encode, membership::pdu_json, server_of};
 use crate::{
     Services,
+    realtime::sync::STRIPPED_STATE,
     rooms::{append::NewEvent, intake::Intake},
-    sync::STRIPPED_STATE,
 };
 
 /// (invited user id, room id) -> an invite to a room this server is not in
@@ -128,7 +128,7 @@ pub async fn keep_knock(
     knock_room_state: &[Value],
 ) -> Result<()> {
     let mut state = stripped(knock_room_state);
-    state.push(crate::sync::sync_event(knock));
+    state.push(crate::realtime::sync::sync_event(knock));
     keep(services, user_id, room_id, |position| RemoteInvite {
         position,
         event: pdu_json(knock),
@@ -254,7 +254,7 @@ pub async fn receive_invite(
     if !resident {
         // Full PDUs (as Matrix 1.16 sends them) or stripped events; clients get the latter.
         let mut state = stripped(&invite_room_state);
-        state.push(crate::sync::sync_event(&signed));
+        state.push(crate::realtime::sync::sync_event(&signed));
         let event = pdu_json(&signed);
         keep(services, &target, room_id, |position| RemoteInvite {
             position,
@@ -303,7 +303,7 @@ pub async fn reject(services: &Arc<Services>, user_id: &str, room_id: &str) -> R
     // Without the other server's word, the user's clients still learn the room is gone
     // from an event of this server's own making.
     let client_event = match &leave {
-        Some(pdu) => crate::sync::sync_event(pdu),
+        Some(pdu) => crate::realtime::sync::sync_event(pdu),
         None => json!({
             "type": "m.room.member",
             "state_key": user_id,

@@ -36,14 +36,17 @@ const MISSING_EVENTS_LIMIT: usize = 20;
 /// How long a remote user's typing notification lasts without renewal.
 const REMOTE_TYPING: Duration = Duration::from_secs(30);
 
-/// Handles one inbound transaction; the per-PDU results (`{}` or `{"error": ...}`).
+/// What became of each PDU of a transaction: accepted (or kept), or why not.
+pub type PduResults = BTreeMap<OwnedEventId, std::result::Result<(), String>>;
+
+/// Handles one inbound transaction; the per-PDU results.
 pub async fn receive(
     services: &Arc<Services>,
     origin: &str,
     txn_id: &str,
     pdus: Vec<Value>,
     edus: Vec<Value>,
-) -> Result<Value> {
+) -> Result<PduResults> {
     if pdus.len() > MAX_PDUS || edus.len() > MAX_EDUS {
         return Err(Error::bad_json(format!(
             "A transaction holds at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs"
@@ -53,7 +56,7 @@ pub async fn receive(
     let _guard = lock.lock().await;
     let key = (origin.to_owned(), txn_id.to_owned());
     if let Some(Json(answer)) = TXNS.get(&*services.db, &key)? {
-        return Ok(answer);
+        return Ok(pdu_results(&answer));
     }
     let mut results = serde_json::Map::new();
     let mut by_room: BTreeMap<String, Vec<(Pdu, String)>> = BTreeMap::new();
@@ -111,7 +114,24 @@ pub async fn receive(
     let mut batch = Batch::new();
     TXNS.put(&mut batch, &key, &Json(answer.clone()));
     crate::commit(&services.db, batch).await?;
-    Ok(answer)
+    Ok(pdu_results(&answer))
+}
+
+/// The results of a transaction's answer as stored (`{"pdus": {id: {} or {"error":
+/// reason}}}`, the wire format, kept so a retry gets the same answer).
+fn pdu_results(answer: &Value) -> PduResults {
+    let Some(results) = answer["pdus"].as_object() else { return PduResults::new() };
+    results
+        .iter()
+        .filter_map(|(id, result)| {
+            let id = OwnedEventId::try_from(id.as_str()).ok()?;
+            let outcome = match result.get("error").and_then(Value::as_str) {
+                Some(error) => Err(error.to_owned()),
+                None => Ok(()),
+            };
+            Some((id, outcome))
+        })
+        .collect()
 }
 
 /// The id of a received event as far as it can be told before any check (to report

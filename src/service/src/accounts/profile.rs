@@ -8,7 +8,7 @@ use serde_json::Value;
 use trellis_core::{Error, Result, error::code};
 use trellis_store::{Batch, Db, Direction, Json};
 
-use crate::{commit, directory, tables::PROFILES};
+use crate::{accounts::directory, commit, tables::PROFILES};
 
 /// The spec caps a whole profile at 64 KiB of JSON.
 pub const MAX_PROFILE_BYTES: usize = 64 * 1024;

@@ -26,7 +26,7 @@ use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 use crate::{
     Services,
     pipeline::{Appended, Consumer},
-    push_rules::PushRules,
+    push::rules::PushRules,
     rooms::{Pdu, Rooms},
 };
 
@@ -276,7 +276,7 @@ impl Notifier {
             return Ok(None);
         }
         let Ok(room) = OwnedRoomId::try_from(room_id) else { return Ok(None) };
-        let mut event = crate::sync::sync_event(pdu);
+        let mut event = crate::realtime::sync::sync_event(pdu);
         event["room_id"] = json!(room_id);
         let raw: Raw<Value> = match serde_json::value::to_raw_value(&event) {
             Ok(r) => Raw::from_json(r),

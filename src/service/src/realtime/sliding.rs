@@ -15,8 +15,8 @@ use trellis_core::{Error, Result};
 
 use crate::{
     Services,
+    realtime::sync::{STRIPPED_STATE, attach_bundle, reader_event, stripped, sync_event},
     rooms::Pdu,
-    sync::{STRIPPED_STATE, attach_bundle, reader_event, stripped, sync_event},
 };
 
 /// Positions handed out per connection that a client may still come back with.
@@ -496,7 +496,7 @@ fn joined_room(
     }
     counts_and_name(services, user, room_id, &mut room)?;
     let ((notifications, highlights), _) =
-        crate::sync::unread_counts(services, user, room_id, false, now)?;
+        crate::realtime::sync::unread_counts(services, user, room_id, false, now)?;
     // Flattened into the room object, as MSC4186 has it.
     room["notification_count"] = json!(notifications);
     room["highlight_count"] = json!(highlights);

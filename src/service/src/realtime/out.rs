@@ -30,8 +30,8 @@ pub type Key = Cow<'static, str>;
 #[macro_export]
 macro_rules! out_object {
     ($($key:literal : $value:expr),* $(,)?) => {
-        $crate::out::Out::Object(vec![
-            $( (::std::borrow::Cow::Borrowed($key), $crate::out::Out::from($value)), )*
+        $crate::realtime::out::Out::Object(vec![
+            $( (::std::borrow::Cow::Borrowed($key), $crate::realtime::out::Out::from($value)), )*
         ])
     };
 }

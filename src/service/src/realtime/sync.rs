@@ -18,7 +18,7 @@ use trellis_core::Result;
 
 use crate::{
     Services,
-    out::{ClientEvent, EventView, Key, Out, Unsigned},
+    realtime::out::{ClientEvent, EventView, Key, Out, Unsigned},
     rooms::{Pdu, filter, members::UserRoom, state::StateSet, visibility::VisibilityView},
 };
 
