@@ -9,6 +9,7 @@ pub mod cache;
 pub mod create;
 pub mod filter;
 pub mod intake;
+pub mod membership;
 pub mod pdu;
 pub mod public;
 pub mod relations;
