@@ -55,8 +55,7 @@ async fn join_any(
     ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
     let user = user(&ctx)?;
     let room_id =
-        membership::join(&ctx.services, &user, &req.room_id_or_alias, &req.via, req.reason)
-            .await?;
+        membership::join(&ctx.services, &user, &req.room_id_or_alias, &req.via, req.reason).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id))
 }
 
@@ -136,8 +135,15 @@ async fn invite(ctx: Ctx, req: invite_user::v3::Request) -> Result<invite_user::
 /// POST /_matrix/client/v3/rooms/{roomId}/kick
 async fn kick(ctx: Ctx, req: kick_user::v3::Request) -> Result<kick_user::v3::Response> {
     let (sender, leave) = (user(&ctx)?, MembershipState::Leave);
-    membership::set_membership(&ctx.services, &sender, &req.room_id, &req.user_id, leave, req.reason)
-        .await?;
+    membership::set_membership(
+        &ctx.services,
+        &sender,
+        &req.room_id,
+        &req.user_id,
+        leave,
+        req.reason,
+    )
+    .await?;
     Ok(kick_user::v3::Response::new())
 }
 
@@ -152,7 +158,14 @@ async fn ban(ctx: Ctx, req: ban_user::v3::Request) -> Result<ban_user::v3::Respo
 /// POST /_matrix/client/v3/rooms/{roomId}/unban
 async fn unban(ctx: Ctx, req: unban_user::v3::Request) -> Result<unban_user::v3::Response> {
     let (sender, leave) = (user(&ctx)?, MembershipState::Leave);
-    membership::set_membership(&ctx.services, &sender, &req.room_id, &req.user_id, leave, req.reason)
-        .await?;
+    membership::set_membership(
+        &ctx.services,
+        &sender,
+        &req.room_id,
+        &req.user_id,
+        leave,
+        req.reason,
+    )
+    .await?;
     Ok(unban_user::v3::Response::new())
 }

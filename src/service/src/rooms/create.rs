@@ -203,7 +203,8 @@ pub async fn create_room(
     // The alias is checked before anything is created, and claimed right after.
     let alias = match &req.alias_name {
         Some(name) => {
-            let alias = services.aliases.local_alias(&format!("#{name}:{}", services.server_name()))?;
+            let alias =
+                services.aliases.local_alias(&format!("#{name}:{}", services.server_name()))?;
             if !services.aliases.is_free(&alias)? {
                 return Err(Error::new(
                     http::StatusCode::BAD_REQUEST,
@@ -224,10 +225,7 @@ pub async fn create_room(
         return Err(Error::forbidden("Only server admins may publish rooms in the directory"));
     }
     let text = |field: &str| -> Result<Option<String>> {
-        Ok(services
-            .profiles
-            .get(&localpart, field)?
-            .and_then(|v| v.as_str().map(str::to_owned)))
+        Ok(services.profiles.get(&localpart, field)?.and_then(|v| v.as_str().map(str::to_owned)))
     };
     // Other servers' users are invited once the room exists: their servers must
     // countersign each invite.
