@@ -32,6 +32,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<redact_event::v3::Request, _, _>(router, redact)
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
 async fn redact(ctx: Ctx, req: redact_event::v3::Request) -> Result<redact_event::v3::Response> {
     let sender = require_joined(&ctx, req.room_id.as_str())?;
     let session = ctx.session()?;
@@ -89,6 +90,7 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
     Ok(create_room::v3::Response::new(room_id))
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}
 async fn send(
     ctx: Ctx,
     req: send_message_event::v3::Request,
@@ -108,6 +110,7 @@ async fn send(
     Ok(send_message_event::v3::Response::new(pdu.event_id))
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
 async fn put_state(
     ctx: Ctx,
     req: send_state_event::v3::Request,
@@ -125,6 +128,7 @@ async fn put_state(
     Ok(send_state_event::v3::Response::new(pdu.event_id))
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
 async fn get_state_key(
     ctx: Ctx,
     req: get_state_event_for_key::v3::Request,
@@ -144,6 +148,7 @@ async fn get_state_key(
     Ok(get_state_event_for_key::v3::Response::new(body))
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/state
 async fn get_state(
     ctx: Ctx,
     req: get_state_events::v3::Request,
@@ -181,6 +186,8 @@ fn readable_state(ctx: &Ctx, room_id: &str) -> Result<Vec<trellis_service::rooms
     rooms.current_state(room_id)
 }
 
+/// POST /_matrix/client/v3/rooms/{roomId}/upgrade
+///
 /// `/upgrade`: the new room, then the room's local aliases and canonical alias move to it.
 async fn upgrade(ctx: Ctx, req: upgrade_room::v3::Request) -> Result<upgrade_room::v3::Response> {
     let user = me(&ctx)?;
