@@ -63,6 +63,7 @@ fn respond(result: Result<serde_json::Value>) -> Response {
     }
 }
 
+/// GET /_synapse/admin/v1/registration_tokens
 async fn list_tokens(
     State(s): State<AppState>,
     parts: Parts,
@@ -95,6 +96,7 @@ struct NewToken {
     expiry_time: Option<u64>,
 }
 
+/// POST /_synapse/admin/v1/registration_tokens/new
 async fn create_token(State(s): State<AppState>, parts: Parts, body: Bytes) -> Response {
     respond(
         async {
@@ -110,6 +112,7 @@ async fn create_token(State(s): State<AppState>, parts: Parts, body: Bytes) -> R
     )
 }
 
+/// GET /_synapse/admin/v1/registration_tokens/{token}
 async fn get_token(State(s): State<AppState>, parts: Parts, Path(token): Path<String>) -> Response {
     respond(
         async {
@@ -137,6 +140,7 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
+/// PUT /_synapse/admin/v1/registration_tokens/{token}
 async fn update_token(
     State(s): State<AppState>,
     parts: Parts,
@@ -157,6 +161,7 @@ async fn update_token(
     )
 }
 
+/// DELETE /_synapse/admin/v1/registration_tokens/{token}
 async fn delete_token(
     State(s): State<AppState>,
     parts: Parts,
@@ -172,6 +177,8 @@ async fn delete_token(
     )
 }
 
+/// POST /_synapse/admin/v1/media/quarantine/{serverName}/{mediaId}
+///
 /// Quarantined media is served to nobody; the file stays for the admin to inspect.
 async fn quarantine_media(
     State(s): State<AppState>,
@@ -188,6 +195,8 @@ async fn quarantine_media(
     )
 }
 
+/// DELETE /_synapse/admin/v1/media/{serverName}/{mediaId}
+///
 /// Deletes a media item; its file goes once no other media item has the same content.
 async fn delete_media(
     State(s): State<AppState>,

@@ -31,6 +31,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/health", get(health))
 }
 
+/// GET /_matrix/key/v2/server
 async fn server_keys(
     ctx: Ctx,
     _: get_server_keys::v2::Request,
@@ -42,6 +43,7 @@ async fn server_keys(
     Ok(get_server_keys::v2::Response::new(raw))
 }
 
+/// GET /_matrix/key/v2/server/{keyId}
 async fn server_keys_legacy(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
     match s.keys.server_keys_document() {
         Ok(doc) => json_response(StatusCode::OK, serde_json::to_vec(&doc).unwrap_or_default()),
@@ -49,6 +51,7 @@ async fn server_keys_legacy(axum::extract::State(s): axum::extract::State<AppSta
     }
 }
 
+/// GET /_matrix/federation/v1/version
 async fn server_version(
     _: Ctx,
     _: get_server_version::v1::Request,
@@ -61,6 +64,7 @@ async fn server_version(
     Ok(resp)
 }
 
+/// GET /.well-known/matrix/client
 async fn well_known_client(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
     let base_url = &s.config.well_known.client;
     if base_url.is_empty() {
@@ -73,6 +77,7 @@ async fn well_known_client(axum::extract::State(s): axum::extract::State<AppStat
     )
 }
 
+/// GET /.well-known/matrix/server
 async fn well_known_server(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
     let server = &s.config.well_known.server;
     if server.is_empty() {
@@ -81,6 +86,7 @@ async fn well_known_server(axum::extract::State(s): axum::extract::State<AppStat
     json_response(StatusCode::OK, json!({ "m.server": server }).to_string().into_bytes())
 }
 
+/// GET /health
 async fn health() -> Response {
     ([(header::CONTENT_TYPE, "text/plain")], "OK").into_response()
 }

@@ -29,6 +29,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<deactivate::v3::Request, _, _>(router, deactivate)
 }
 
+/// GET /_matrix/client/v1/register/m.login.registration_token/validity
 async fn token_validity(
     ctx: Ctx,
     req: check_registration_token_validity::v1::Request,
@@ -45,6 +46,7 @@ pub fn user_id(ctx: &Ctx, localpart: &str) -> Result<OwnedUserId> {
         .map_err(|e| Error::internal("building a user id", e))
 }
 
+/// POST /_matrix/client/v3/register
 async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::Response> {
     if req.kind == register::RegistrationKind::Guest {
         return Err(Error::forbidden("Guest access is disabled"));
@@ -76,6 +78,7 @@ async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::
     Ok(resp)
 }
 
+/// GET /_matrix/client/v3/register/available
 async fn available(
     ctx: Ctx,
     req: get_username_availability::v3::Request,
@@ -84,6 +87,7 @@ async fn available(
     Ok(get_username_availability::v3::Response::new(true))
 }
 
+/// GET /_matrix/client/v3/account/whoami
 async fn whoami(ctx: Ctx, _: whoami::v3::Request) -> Result<whoami::v3::Response> {
     let session = ctx.session()?;
     let mut resp = whoami::v3::Response::new(user_id(&ctx, &session.localpart)?, false);
@@ -91,6 +95,7 @@ async fn whoami(ctx: Ctx, _: whoami::v3::Request) -> Result<whoami::v3::Response
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/account/password
 async fn change_password(
     ctx: Ctx,
     req: change_password::v3::Request,
@@ -133,6 +138,7 @@ async fn change_password(
     Ok(change_password::v3::Response::new())
 }
 
+/// POST /_matrix/client/v3/account/deactivate
 async fn deactivate(ctx: Ctx, req: deactivate::v3::Request) -> Result<deactivate::v3::Response> {
     let localpart = reauthenticate(&ctx, req.auth.as_ref(), "deactivate").await?;
     ctx.services.accounts.deactivate(&localpart, req.erase, &ctx.client).await?;

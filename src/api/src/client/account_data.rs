@@ -37,6 +37,7 @@ fn not_found() -> Error {
     Error::not_found("No account data of this type")
 }
 
+/// GET /_matrix/client/v3/user/{userId}/account_data/{eventType}
 async fn get_global(
     ctx: Ctx,
     req: get_global_account_data::v3::Request,
@@ -50,6 +51,7 @@ async fn get_global(
     Ok(get_global_account_data::v3::Response::new(to_raw(&content)?))
 }
 
+/// PUT /_matrix/client/v3/user/{userId}/account_data/{eventType}
 async fn set_global(
     ctx: Ctx,
     req: set_global_account_data::v3::Request,
@@ -60,6 +62,7 @@ async fn set_global(
     Ok(set_global_account_data::v3::Response::new())
 }
 
+/// GET /_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{eventType}
 async fn get_room(
     ctx: Ctx,
     req: get_room_account_data::v3::Request,
@@ -73,6 +76,7 @@ async fn get_room(
     Ok(get_room_account_data::v3::Response::new(to_raw(&content)?))
 }
 
+/// PUT /_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{eventType}
 async fn set_room(
     ctx: Ctx,
     req: set_room_account_data::v3::Request,

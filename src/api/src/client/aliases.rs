@@ -33,6 +33,7 @@ fn may_manage_aliases(ctx: &Ctx, room_id: &str, user: &str) -> Result<bool> {
     Ok(power.level >= needed)
 }
 
+/// PUT /_matrix/client/v3/directory/room/{roomAlias}
 async fn create(ctx: Ctx, req: create_alias::v3::Request) -> Result<create_alias::v3::Response> {
     require_joined(&ctx, req.room_id.as_str())?;
     let localpart = ctx.session()?.localpart.clone();
@@ -54,6 +55,7 @@ pub(crate) fn local_alias(
     Ok((room_id, vec![server]))
 }
 
+/// GET /_matrix/client/v3/directory/room/{roomAlias}
 async fn get(ctx: Ctx, req: get_alias::v3::Request) -> Result<get_alias::v3::Response> {
     if req.room_alias.server_name().as_str() != ctx.services.server_name() {
         let answer = ctx.services.federation.remote_alias(req.room_alias.as_str()).await?;
@@ -71,6 +73,7 @@ async fn get(ctx: Ctx, req: get_alias::v3::Request) -> Result<get_alias::v3::Res
     Ok(get_alias::v3::Response::new(room_id, servers))
 }
 
+/// DELETE /_matrix/client/v3/directory/room/{roomAlias}
 async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias::v3::Response> {
     let session = ctx.session()?.clone();
     let alias = req.room_alias.as_str();
@@ -91,6 +94,7 @@ async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias
     Ok(delete_alias::v3::Response::new())
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/aliases
 async fn list(ctx: Ctx, req: aliases::v3::Request) -> Result<aliases::v3::Response> {
     require_joined(&ctx, req.room_id.as_str())?;
     let aliases = ctx

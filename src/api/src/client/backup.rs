@@ -66,6 +66,7 @@ fn sessions_of<T>(sessions: &BTreeMap<String, Raw<T>>) -> Result<BTreeMap<String
     sessions.iter().map(|(id, data)| Ok((id.clone(), raw_value(data)?))).collect()
 }
 
+/// POST /_matrix/client/v3/room_keys/version
 async fn create(
     ctx: Ctx,
     req: create_backup_version::v3::Request,
@@ -89,6 +90,7 @@ fn info_parts(
     Ok((algorithm, n, etag, version))
 }
 
+/// GET /_matrix/client/v3/room_keys/version
 async fn latest(
     ctx: Ctx,
     _: get_latest_backup_info::v3::Request,
@@ -98,6 +100,7 @@ async fn latest(
     Ok(get_latest_backup_info::v3::Response::new(algorithm, n, etag, version))
 }
 
+/// GET /_matrix/client/v3/room_keys/version/{version}
 async fn info(
     ctx: Ctx,
     req: get_backup_info::v3::Request,
@@ -107,6 +110,7 @@ async fn info(
     Ok(get_backup_info::v3::Response::new(algorithm, n, etag, version))
 }
 
+/// PUT /_matrix/client/v3/room_keys/version/{version}
 async fn update(
     ctx: Ctx,
     req: update_backup_version::v3::Request,
@@ -121,6 +125,7 @@ async fn update(
     Ok(update_backup_version::v3::Response::new())
 }
 
+/// DELETE /_matrix/client/v3/room_keys/version/{version}
 async fn delete(
     ctx: Ctx,
     req: delete_backup_version::v3::Request,
@@ -134,6 +139,7 @@ async fn put(ctx: &Ctx, version: &str, rooms: Sessions) -> Result<(String, UInt)
     Ok((etag, count(n)))
 }
 
+/// PUT /_matrix/client/v3/room_keys/keys
 async fn put_all(
     ctx: Ctx,
     req: add_backup_keys::v3::Request,
@@ -146,6 +152,7 @@ async fn put_all(
     Ok(add_backup_keys::v3::Response::new(etag, n))
 }
 
+/// PUT /_matrix/client/v3/room_keys/keys/{roomId}
 async fn put_room(
     ctx: Ctx,
     req: add_backup_keys_for_room::v3::Request,
@@ -155,6 +162,7 @@ async fn put_room(
     Ok(add_backup_keys_for_room::v3::Response::new(etag, n))
 }
 
+/// PUT /_matrix/client/v3/room_keys/keys/{roomId}/{sessionId}
 async fn put_session(
     ctx: Ctx,
     req: add_backup_keys_for_session::v3::Request,
@@ -169,6 +177,7 @@ fn to_ruma_sessions(sessions: BTreeMap<String, Value>) -> Result<RoomKeyBackup> 
     Ok(RoomKeyBackup::new(from_value(Value::Object(sessions.into_iter().collect()))?))
 }
 
+/// GET /_matrix/client/v3/room_keys/keys
 async fn get_all(
     ctx: Ctx,
     req: get_backup_keys::v3::Request,
@@ -182,6 +191,7 @@ async fn get_all(
     Ok(get_backup_keys::v3::Response::new(out))
 }
 
+/// GET /_matrix/client/v3/room_keys/keys/{roomId}
 async fn get_room(
     ctx: Ctx,
     req: get_backup_keys_for_room::v3::Request,
@@ -193,6 +203,7 @@ async fn get_room(
     Ok(get_backup_keys_for_room::v3::Response::new(to_ruma_sessions(sessions)?.sessions))
 }
 
+/// GET /_matrix/client/v3/room_keys/keys/{roomId}/{sessionId}
 async fn get_session(
     ctx: Ctx,
     req: get_backup_keys_for_session::v3::Request,
@@ -217,6 +228,7 @@ async fn remove(
     Ok((etag, count(n)))
 }
 
+/// DELETE /_matrix/client/v3/room_keys/keys
 async fn delete_all(
     ctx: Ctx,
     req: delete_backup_keys::v3::Request,
@@ -225,6 +237,7 @@ async fn delete_all(
     Ok(delete_backup_keys::v3::Response::new(etag, n))
 }
 
+/// DELETE /_matrix/client/v3/room_keys/keys/{roomId}
 async fn delete_room(
     ctx: Ctx,
     req: delete_backup_keys_for_room::v3::Request,
@@ -233,6 +246,7 @@ async fn delete_room(
     Ok(delete_backup_keys_for_room::v3::Response::new(etag, n))
 }
 
+/// DELETE /_matrix/client/v3/room_keys/keys/{roomId}/{sessionId}
 async fn delete_session(
     ctx: Ctx,
     req: delete_backup_keys_for_session::v3::Request,

@@ -23,6 +23,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 
 // The per-field capabilities are deprecated since v1.16 in favour of `m.profile_fields`,
 // but clients written against older versions still read them.
+/// GET /_matrix/client/v3/capabilities
 #[allow(deprecated)]
 async fn capabilities(
     ctx: Ctx,

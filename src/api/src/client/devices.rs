@@ -32,16 +32,19 @@ fn to_ruma(d: DeviceInfo) -> device::Device {
     out
 }
 
+/// GET /_matrix/client/v3/devices
 async fn list(ctx: Ctx, _: get_devices::v3::Request) -> Result<get_devices::v3::Response> {
     let devices = ctx.services.accounts.devices(&ctx.session()?.localpart)?;
     Ok(get_devices::v3::Response::new(devices.into_iter().map(to_ruma).collect()))
 }
 
+/// GET /_matrix/client/v3/devices/{deviceId}
 async fn get(ctx: Ctx, req: get_device::v3::Request) -> Result<get_device::v3::Response> {
     let device = ctx.services.accounts.device(&ctx.session()?.localpart, req.device_id.as_str())?;
     Ok(get_device::v3::Response::new(to_ruma(device)))
 }
 
+/// PUT /_matrix/client/v3/devices/{deviceId}
 async fn update(ctx: Ctx, req: update_device::v3::Request) -> Result<update_device::v3::Response> {
     let localpart = ctx.session()?.localpart.clone();
     ctx.services
@@ -67,6 +70,7 @@ async fn delete(
     Ok(())
 }
 
+/// DELETE /_matrix/client/v3/devices/{deviceId}
 async fn delete_one(
     ctx: Ctx,
     req: delete_device::v3::Request,
@@ -77,6 +81,7 @@ async fn delete_one(
     Ok(delete_device::v3::Response::new())
 }
 
+/// POST /_matrix/client/v3/delete_devices
 async fn delete_many(
     ctx: Ctx,
     req: delete_devices::v3::Request,

@@ -19,6 +19,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<search_users::v3::Request, _, _>(router, search)
 }
 
+/// POST /_matrix/client/v3/user_directory/search
 async fn search(ctx: Ctx, req: search_users::v3::Request) -> Result<search_users::v3::Response> {
     let searcher = ctx.session()?.localpart.clone();
     let limit = usize::try_from(u64::from(req.limit)).unwrap_or(MAX_LIMIT).min(MAX_LIMIT);

@@ -59,6 +59,7 @@ fn page_limit(limit: UInt) -> usize {
     usize::try_from(u64::from(limit)).unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE)
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}
 async fn get_event(
     ctx: Ctx,
     req: get_room_event::v3::Request,
@@ -88,6 +89,7 @@ fn lazy(filter: &RoomEventFilter) -> bool {
     !matches!(filter.lazy_load_options, LazyLoadOptions::Disabled)
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/messages
 async fn messages(
     ctx: Ctx,
     req: get_message_events::v3::Request,
@@ -143,6 +145,8 @@ async fn messages(
     Ok(resp)
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}
+///
 /// `/context`: an event with the events around it, for jumping into history.
 async fn context(ctx: Ctx, req: get_context::v3::Request) -> Result<get_context::v3::Response> {
     let room_id = req.room_id.as_str();
@@ -189,6 +193,7 @@ async fn context(ctx: Ctx, req: get_context::v3::Request) -> Result<get_context:
     Ok(resp)
 }
 
+/// GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event
 async fn by_timestamp(
     ctx: Ctx,
     req: get_event_by_timestamp::v1::Request,
@@ -209,6 +214,8 @@ async fn by_timestamp(
     ))
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/members
+///
 /// `/members`: the member events now, or at a pagination token (`at`), with the
 /// `membership`/`not_membership` filters.
 async fn member_events(

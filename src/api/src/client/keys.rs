@@ -33,6 +33,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<upload_signatures::v3::Request, _, _>(router, signatures)
 }
 
+/// POST /_matrix/client/v3/keys/upload
 async fn upload(ctx: Ctx, req: upload_keys::v3::Request) -> Result<upload_keys::v3::Response> {
     let session = ctx.session()?;
     let mut input = Upload {
@@ -54,6 +55,7 @@ async fn upload(ctx: Ctx, req: upload_keys::v3::Request) -> Result<upload_keys::
     Ok(upload_keys::v3::Response::new(counts))
 }
 
+/// POST /_matrix/client/v3/keys/query
 async fn query(ctx: Ctx, req: get_keys::v3::Request) -> Result<get_keys::v3::Response> {
     let user_id = me(&ctx)?;
     let requested: BTreeMap<String, Vec<String>> = req
@@ -91,6 +93,7 @@ async fn query(ctx: Ctx, req: get_keys::v3::Request) -> Result<get_keys::v3::Res
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/keys/claim
 async fn claim(ctx: Ctx, req: claim_keys::v3::Request) -> Result<claim_keys::v3::Response> {
     ctx.session()?;
     let requested: BTreeMap<String, BTreeMap<String, String>> = req
@@ -126,6 +129,7 @@ async fn claim(ctx: Ctx, req: claim_keys::v3::Request) -> Result<claim_keys::v3:
     Ok(resp)
 }
 
+/// GET /_matrix/client/v3/keys/changes
 async fn changes(
     ctx: Ctx,
     req: get_key_changes::v3::Request,
@@ -146,6 +150,7 @@ async fn changes(
     ))
 }
 
+/// POST /_matrix/client/v3/keys/device_signing/upload
 async fn signing_keys(
     ctx: Ctx,
     req: upload_signing_keys::v3::Request,
@@ -166,6 +171,7 @@ async fn signing_keys(
     Ok(upload_signing_keys::v3::Response::new())
 }
 
+/// POST /_matrix/client/v3/keys/signatures/upload
 async fn signatures(
     ctx: Ctx,
     req: upload_signatures::v3::Request,

@@ -22,6 +22,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<Request, _, _>(router, notifications)
 }
 
+/// GET /_matrix/client/v3/notifications
 async fn notifications(ctx: Ctx, req: Request) -> Result<Response> {
     let user = me(&ctx)?;
     let from = req

@@ -19,6 +19,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<request_openid_token::v3::Request, _, _>(router, request_token)
 }
 
+/// POST /_matrix/client/v3/user/{userId}/openid/request_token
 async fn request_token(
     ctx: Ctx,
     req: request_openid_token::v3::Request,

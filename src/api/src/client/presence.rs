@@ -41,6 +41,7 @@ fn require_visible(ctx: &Ctx, viewer: &str, target: &str) -> Result<()> {
     }
 }
 
+/// GET /_matrix/client/v3/presence/{userId}/status
 async fn get(ctx: Ctx, req: get_presence::v3::Request) -> Result<get_presence::v3::Response> {
     let viewer = me(&ctx)?;
     let target = req.user_id.as_str();
@@ -53,6 +54,7 @@ async fn get(ctx: Ctx, req: get_presence::v3::Request) -> Result<get_presence::v
     Ok(response)
 }
 
+/// PUT /_matrix/client/v3/presence/{userId}/status
 async fn put(ctx: Ctx, req: set_presence::v3::Request) -> Result<set_presence::v3::Response> {
     ctx.require_self(&req.user_id)?;
     // A status message left out clears the previous one: the request sets the whole state.

@@ -49,6 +49,7 @@ fn is_local(ctx: &Ctx, user_id: &UserId) -> bool {
     ctx.services.accounts.local_part(user_id.as_str()).is_some()
 }
 
+/// GET /_matrix/client/v3/profile/{userId}
 async fn get_all(ctx: Ctx, req: get_profile::v3::Request) -> Result<get_profile::v3::Response> {
     if !is_local(&ctx, &req.user_id) {
         let mut resp = get_profile::v3::Response::new();
@@ -65,6 +66,7 @@ async fn get_all(ctx: Ctx, req: get_profile::v3::Request) -> Result<get_profile:
     Ok(resp)
 }
 
+/// GET /_matrix/client/v3/profile/{userId}/{field}
 async fn get_field(
     ctx: Ctx,
     req: get_profile_field::v3::Request,
@@ -83,6 +85,7 @@ async fn get_field(
     Ok(get_profile_field::v3::Response::new(value))
 }
 
+/// PUT /_matrix/client/v3/profile/{userId}/{field}
 async fn set_field(
     ctx: Ctx,
     req: set_profile_field::v3::Request,
@@ -130,6 +133,7 @@ async fn propagate(ctx: &Ctx, localpart: &str, field: &str, value: Option<serde_
     }
 }
 
+/// DELETE /_matrix/client/v3/profile/{userId}/{field}
 async fn delete_field(
     ctx: Ctx,
     req: delete_profile_field::v3::Request,

@@ -85,6 +85,7 @@ impl<R: IncomingRequest> IncomingRequest for Unparsed<R> {
     }
 }
 
+/// GET /_matrix/client/v3/pushrules/
 async fn get_all(
     ctx: Ctx,
     _req: get_pushrules_all::v3::Request,
@@ -93,6 +94,7 @@ async fn get_all(
     Ok(get_pushrules_all::v3::Response::new(ruleset))
 }
 
+/// GET /_matrix/client/v3/pushrules/global/
 async fn get_global(
     ctx: Ctx,
     _req: get_pushrules_global_scope::v3::Request,
@@ -101,11 +103,13 @@ async fn get_global(
     Ok(get_pushrules_global_scope::v3::Response::new(ruleset))
 }
 
+/// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}
 async fn get_rule(ctx: Ctx, req: get_pushrule::v3::Request) -> Result<get_pushrule::v3::Response> {
     let rule = ctx.services.push_rules.rule(&me(&ctx)?, &req.kind, &req.rule_id)?;
     Ok(get_pushrule::v3::Response::new(PushRule::from(rule)))
 }
 
+/// PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}
 async fn set_rule(
     ctx: Ctx,
     req: Unparsed<set_pushrule::v3::Request>,
@@ -120,6 +124,7 @@ async fn set_rule(
     Ok(set_pushrule::v3::Response::new())
 }
 
+/// DELETE /_matrix/client/v3/pushrules/global/{kind}/{ruleId}
 async fn delete_rule(
     ctx: Ctx,
     req: delete_pushrule::v3::Request,
@@ -128,6 +133,7 @@ async fn delete_rule(
     Ok(delete_pushrule::v3::Response::new())
 }
 
+/// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled
 async fn get_enabled(
     ctx: Ctx,
     req: get_pushrule_enabled::v3::Request,
@@ -136,6 +142,7 @@ async fn get_enabled(
     Ok(get_pushrule_enabled::v3::Response::new(rule.enabled()))
 }
 
+/// PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled
 async fn set_enabled(
     ctx: Ctx,
     req: set_pushrule_enabled::v3::Request,
@@ -145,6 +152,7 @@ async fn set_enabled(
     Ok(set_pushrule_enabled::v3::Response::new())
 }
 
+/// GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions
 async fn get_actions(
     ctx: Ctx,
     req: get_pushrule_actions::v3::Request,
@@ -153,6 +161,7 @@ async fn get_actions(
     Ok(get_pushrule_actions::v3::Response::new(rule.actions().to_vec()))
 }
 
+/// PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions
 async fn set_actions(
     ctx: Ctx,
     req: set_pushrule_actions::v3::Request,

@@ -16,6 +16,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<Unparsed<set_pusher::v3::Request>, _, _>(router, set)
 }
 
+/// GET /_matrix/client/v3/pushers
 async fn get(ctx: Ctx, _req: get_pushers::v3::Request) -> Result<get_pushers::v3::Response> {
     let localpart = &ctx.session()?.localpart;
     let pushers = ctx
@@ -32,6 +33,8 @@ async fn get(ctx: Ctx, _req: get_pushers::v3::Request) -> Result<get_pushers::v3
     Ok(get_pushers::v3::Response::new(pushers))
 }
 
+/// POST /_matrix/client/v3/pushers/set
+///
 /// ruma's body parser reports a missing `data.url` or `lang` as `M_BAD_JSON`; the spec
 /// wants `M_MISSING_PARAM`/`M_INVALID_PARAM`, so the service validates the raw body.
 async fn set(ctx: Ctx, req: Unparsed<set_pusher::v3::Request>) -> Result<set_pusher::v3::Response> {

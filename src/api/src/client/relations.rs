@@ -99,6 +99,7 @@ fn relations<T>(ctx: &Ctx, room_id: &str, q: Query<'_>) -> Result<Page<T>> {
     })
 }
 
+/// GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}
 async fn all(
     ctx: Ctx,
     req: get_relating_events::v1::Request,
@@ -120,6 +121,7 @@ async fn all(
     Ok(resp)
 }
 
+/// GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}
 async fn by_rel(
     ctx: Ctx,
     req: get_relating_events_with_rel_type::v1::Request,
@@ -141,6 +143,7 @@ async fn by_rel(
     Ok(resp)
 }
 
+/// GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}/{eventType}
 async fn by_rel_and_type(
     ctx: Ctx,
     req: get_relating_events_with_rel_type_and_event_type::v1::Request,
@@ -162,6 +165,8 @@ async fn by_rel_and_type(
     Ok(resp)
 }
 
+/// GET /_matrix/client/v1/rooms/{roomId}/threads
+///
 /// `/threads`: thread roots by latest activity, newest first.
 async fn threads(ctx: Ctx, req: get_threads::v1::Request) -> Result<get_threads::v1::Response> {
     let room_id = req.room_id.as_str();

@@ -46,6 +46,8 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_summary::v1::Request, _, _>(router, summary)
 }
 
+/// GET /_matrix/client/v1/room_summary/{roomIdOrAlias}
+///
 /// A room's summary for anyone who may preview it; 404 for everything else (unknown
 /// rooms and aliases, rooms on other servers, rooms the requester may not see).
 async fn summary(ctx: Ctx, req: get_summary::v1::Request) -> Result<get_summary::v1::Response> {
@@ -119,6 +121,7 @@ async fn remote_summary(
     Ok(Some((info, user.map(|_| membership.unwrap_or_else(|| "leave".into())))))
 }
 
+/// GET /_matrix/client/v3/directory/list/room/{roomId}
 async fn visibility(
     ctx: Ctx,
     req: get_room_visibility::v3::Request,
@@ -131,6 +134,7 @@ async fn visibility(
     }))
 }
 
+/// PUT /_matrix/client/v3/directory/list/room/{roomId}
 async fn set_visibility(
     ctx: Ctx,
     req: set_room_visibility::v3::Request,
@@ -211,6 +215,7 @@ fn remote_parts(answer: Value) -> Result<Parts> {
     Ok((chunk, text("next_batch"), text("prev_batch"), total))
 }
 
+/// GET /_matrix/client/v3/publicRooms
 async fn list(ctx: Ctx, req: PublicRoomsGet) -> Result<get_public_rooms::v3::Response> {
     let req = req.0;
     if ctx.services.config.rooms.public_rooms_require_auth && ctx.session.is_none() {
@@ -244,6 +249,7 @@ async fn list(ctx: Ctx, req: PublicRoomsGet) -> Result<get_public_rooms::v3::Res
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/publicRooms
 async fn search(
     ctx: Ctx,
     req: get_public_rooms_filtered::v3::Request,

@@ -2,7 +2,7 @@
 
 use axum::Router;
 use ruma::{
-    OwnedRoomId,
+    OwnedRoomId, OwnedUserId,
     api::client::{
         message::send_message_event,
         redact::redact_event,
@@ -12,7 +12,7 @@ use ruma::{
 };
 use serde_json::json;
 use trellis_core::{Error, Result};
-use trellis_service::rooms::{append::NewEvent, create::CreateRoom};
+use trellis_service::rooms::{append::NewEvent, create::CreateRoomRequest};
 
 pub(super) use super::events::require_joined;
 use super::events::{client_event, me, raw_value, to_raw};
@@ -32,6 +32,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<redact_event::v3::Request, _, _>(router, redact)
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
 async fn redact(ctx: Ctx, req: redact_event::v3::Request) -> Result<redact_event::v3::Response> {
     let sender = require_joined(&ctx, req.room_id.as_str())?;
     let session = ctx.session()?;
@@ -55,40 +56,9 @@ async fn redact(ctx: Ctx, req: redact_event::v3::Request) -> Result<redact_event
     Ok(redact_event::v3::Response::new(pdu.event_id))
 }
 
+/// POST /_matrix/client/v3/createRoom
 async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::v3::Response> {
-    let creator = me(&ctx)?;
-    // The alias is checked before anything is created, and claimed right after.
-    let alias = match &req.room_alias_name {
-        Some(name) => {
-            let alias = ctx
-                .services
-                .aliases
-                .local_alias(&format!("#{name}:{}", ctx.services.server_name()))?;
-            if !ctx.services.aliases.is_free(&alias)? {
-                return Err(Error::new(
-                    http::StatusCode::BAD_REQUEST,
-                    "M_ROOM_IN_USE",
-                    "This room alias is already in use",
-                ));
-            }
-            Some(alias)
-        }
-        None => None,
-    };
-    let localpart = ctx.session()?.localpart.clone();
-    let public = req.visibility == ruma::api::client::room::Visibility::Public;
-    // Under `rooms.publish = "admins"` only a server admin may publish, so asking for a
-    // public room is refused before anything is created.
-    if public
-        && ctx.services.config.rooms.publish == trellis_core::config::RoomPublishing::Admins
-        && !ctx.services.accounts.user(&localpart)?.is_some_and(|u| u.admin)
-    {
-        return Err(Error::forbidden("Only server admins may publish rooms in the directory"));
-    }
-    let profile = &ctx.services.profiles;
-    let text = |field: &str| -> Result<Option<String>> {
-        Ok(profile.get(&localpart, field)?.and_then(|v| v.as_str().map(str::to_owned)))
-    };
+    let creator = OwnedUserId::try_from(me(&ctx)?).map_err(|e| Error::internal("user id", e))?;
     let mut initial_state = Vec::new();
     for raw in &req.initial_state {
         let ev = raw_value(raw)?;
@@ -98,22 +68,13 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
         let key = ev["state_key"].as_str().unwrap_or("");
         initial_state.push((kind.to_owned(), key.to_owned(), ev["content"].clone()));
     }
-    // Other servers' users are invited once the room exists: their servers must
-    // countersign each invite.
-    let own_server = ctx.services.server_name().to_owned();
-    let federated = ctx.services.federation.enabled();
-    let (local_invites, remote_invites): (Vec<String>, Vec<String>) = req
-        .invite
-        .iter()
-        .map(|u| u.to_string())
-        .partition(|u| !federated || u.ends_with(&format!(":{own_server}")));
-    let options = CreateRoom {
+    let request = CreateRoomRequest {
+        alias_name: req.room_alias_name,
+        public: req.visibility == ruma::api::client::room::Visibility::Public,
         preset: req.preset.as_ref().map(|p| p.to_string()),
-        public,
-        name: req.name.clone(),
-        topic: req.topic.clone(),
-        invite: local_invites,
-        invite_after: remote_invites.clone(),
+        name: req.name,
+        topic: req.topic,
+        invite: req.invite,
         is_direct: req.is_direct,
         initial_state,
         power_level_override: req
@@ -123,50 +84,13 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
             .transpose()?,
         version: req.room_version.as_ref().map(|v| v.to_string()),
         creation_content: req.creation_content.as_ref().map(raw_value).transpose()?,
-        creator_displayname: text("displayname")?,
-        creator_avatar_url: text("avatar_url")?,
     };
-    let default_version = ctx.services.config.rooms.default_room_version.clone();
     let room_id =
-        ctx.services.timeline.create_room_with(&creator, &default_version, options).await?;
-    if public {
-        ctx.services.public_rooms.publish(&room_id, true).await?;
-    }
-    for invitee in &remote_invites {
-        let mut content = json!({"membership": "invite"});
-        if req.is_direct {
-            content["is_direct"] = json!(true);
-        }
-        let invited = trellis_service::federation::invites::invite_remote(
-            &ctx.services,
-            &room_id,
-            &creator,
-            invitee,
-            content,
-        )
-        .await;
-        // The room exists; an invitee whose server cannot be reached is left out.
-        if let Err(e) = invited {
-            tracing::warn!(room_id, invitee, error = %e, "inviting another server's user failed");
-        }
-    }
-    if let Some(alias) = alias {
-        let localpart = ctx.session()?.localpart.clone();
-        ctx.services.aliases.set(&alias, &room_id, &localpart).await?;
-        let event = NewEvent {
-            kind: "m.room.canonical_alias".into(),
-            sender: creator.clone(),
-            state_key: Some(String::new()),
-            content: json!({"alias": alias}),
-            txn: None,
-            redacts: None,
-        };
-        ctx.services.timeline.append(&room_id, event).await?;
-    }
-    let room_id = OwnedRoomId::try_from(room_id).map_err(|e| Error::internal("room id", e))?;
+        trellis_service::rooms::create::create_room(&ctx.services, &creator, request).await?;
     Ok(create_room::v3::Response::new(room_id))
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}
 async fn send(
     ctx: Ctx,
     req: send_message_event::v3::Request,
@@ -186,6 +110,7 @@ async fn send(
     Ok(send_message_event::v3::Response::new(pdu.event_id))
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
 async fn put_state(
     ctx: Ctx,
     req: send_state_event::v3::Request,
@@ -203,6 +128,7 @@ async fn put_state(
     Ok(send_state_event::v3::Response::new(pdu.event_id))
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}
 async fn get_state_key(
     ctx: Ctx,
     req: get_state_event_for_key::v3::Request,
@@ -222,6 +148,7 @@ async fn get_state_key(
     Ok(get_state_event_for_key::v3::Response::new(body))
 }
 
+/// GET /_matrix/client/v3/rooms/{roomId}/state
 async fn get_state(
     ctx: Ctx,
     req: get_state_events::v3::Request,
@@ -259,6 +186,8 @@ fn readable_state(ctx: &Ctx, room_id: &str) -> Result<Vec<trellis_service::rooms
     rooms.current_state(room_id)
 }
 
+/// POST /_matrix/client/v3/rooms/{roomId}/upgrade
+///
 /// `/upgrade`: the new room, then the room's local aliases and canonical alias move to it.
 async fn upgrade(ctx: Ctx, req: upgrade_room::v3::Request) -> Result<upgrade_room::v3::Response> {
     let user = me(&ctx)?;

@@ -28,6 +28,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_login_token::v1::Request, _, _>(router, get_token)
 }
 
+/// GET /_matrix/client/v3/login
 async fn login_types(
     ctx: Ctx,
     _: get_login_types::v3::Request,
@@ -45,6 +46,7 @@ async fn login_types(
 }
 
 // `user` is deprecated in favour of `identifier`, but older clients still send it.
+/// POST /_matrix/client/v3/login
 #[allow(deprecated)]
 async fn login(ctx: Ctx, req: login::v3::Request) -> Result<login::v3::Response> {
     ctx.rate_limit(Class::Login)?;
@@ -95,6 +97,7 @@ async fn login(ctx: Ctx, req: login::v3::Request) -> Result<login::v3::Response>
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/refresh
 async fn refresh(ctx: Ctx, req: refresh_token::v3::Request) -> Result<refresh_token::v3::Response> {
     let issued = ctx.services.accounts.refresh(&req.refresh_token).await?;
     let mut resp = refresh_token::v3::Response::new(issued.access_token);
@@ -103,6 +106,7 @@ async fn refresh(ctx: Ctx, req: refresh_token::v3::Request) -> Result<refresh_to
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/logout
 async fn logout(ctx: Ctx, _: logout::v3::Request) -> Result<logout::v3::Response> {
     let session = ctx.session()?;
     ctx.services.accounts.logout(session, &ctx.client).await?;
@@ -112,6 +116,7 @@ async fn logout(ctx: Ctx, _: logout::v3::Request) -> Result<logout::v3::Response
     Ok(logout::v3::Response::new())
 }
 
+/// POST /_matrix/client/v3/logout/all
 async fn logout_all(ctx: Ctx, _: logout_all::v3::Request) -> Result<logout_all::v3::Response> {
     let localpart = ctx.session()?.localpart.clone();
     ctx.services.accounts.logout_all(&localpart, &ctx.client).await?;
@@ -119,6 +124,7 @@ async fn logout_all(ctx: Ctx, _: logout_all::v3::Request) -> Result<logout_all::
     Ok(logout_all::v3::Response::new())
 }
 
+/// POST /_matrix/client/v1/login/get_token
 async fn get_token(
     ctx: Ctx,
     req: get_login_token::v1::Request,

@@ -26,6 +26,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_hierarchy::v1::Request, _, _>(router, hierarchy)
 }
 
+/// GET /_matrix/client/v1/rooms/{roomId}/hierarchy
 async fn hierarchy(
     ctx: Ctx,
     req: get_hierarchy::v1::Request,

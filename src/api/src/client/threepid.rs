@@ -91,6 +91,7 @@ async fn start(
     Ok((sid, format!("{base}{SUBMIT_PATH}")))
 }
 
+/// POST /_matrix/client/v3/register/email/requestToken
 async fn request_register(
     ctx: Ctx,
     req: request_registration_token_via_email::v3::Request,
@@ -109,6 +110,7 @@ async fn request_register(
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/account/password/email/requestToken
 async fn request_password(
     ctx: Ctx,
     req: request_password_change_token_via_email::v3::Request,
@@ -127,6 +129,7 @@ async fn request_password(
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/account/3pid/email/requestToken
 async fn request_add(
     ctx: Ctx,
     req: request_3pid_management_token_via_email::v3::Request,
@@ -145,6 +148,7 @@ async fn request_add(
     Ok(resp)
 }
 
+/// POST /_matrix/client/v3/account/3pid/add
 async fn add(ctx: Ctx, req: add_3pid::v3::Request) -> Result<add_3pid::v3::Response> {
     let localpart = reauthenticate(&ctx, req.auth.as_ref(), "add_3pid").await?;
     ctx.services
@@ -154,6 +158,7 @@ async fn add(ctx: Ctx, req: add_3pid::v3::Request) -> Result<add_3pid::v3::Respo
     Ok(add_3pid::v3::Response::new())
 }
 
+/// GET /_matrix/client/v3/account/3pid
 async fn list(ctx: Ctx, _: get_3pids::v3::Request) -> Result<get_3pids::v3::Response> {
     let localpart = ctx.session()?.localpart.clone();
     let mut out = Vec::new();
@@ -169,6 +174,7 @@ async fn list(ctx: Ctx, _: get_3pids::v3::Request) -> Result<get_3pids::v3::Resp
     Ok(get_3pids::v3::Response::new(out))
 }
 
+/// POST /_matrix/client/v3/account/3pid/delete
 async fn delete(ctx: Ctx, req: delete_3pid::v3::Request) -> Result<delete_3pid::v3::Response> {
     let localpart = ctx.session()?.localpart.clone();
     ctx.services.accounts.delete_threepid(&localpart, req.medium.as_str(), &req.address).await?;
@@ -182,6 +188,8 @@ struct Submit {
     token: String,
 }
 
+/// POST /_trellis/client/v1/email/submit_token
+///
 /// Where clients send the code the user typed (the `submit_url` we hand out).
 async fn submit(State(s): State<AppState>, body: Bytes) -> Response {
     let result = async {
@@ -195,6 +203,8 @@ async fn submit(State(s): State<AppState>, body: Bytes) -> Response {
     }
 }
 
+/// GET /_trellis/client/v1/email/validate
+///
 /// The link in the mail: validates, then sends the browser to `next_link` or shows a page.
 async fn validate_link(State(s): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let query = query.unwrap_or_default();

@@ -22,6 +22,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<send_event_to_device::v3::Request, _, _>(router, send)
 }
 
+/// PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}
 async fn send(
     ctx: Ctx,
     req: send_event_to_device::v3::Request,

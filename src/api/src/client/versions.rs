@@ -27,6 +27,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_supported_versions::Request, _, _>(router, versions)
 }
 
+/// GET /_matrix/client/versions
 async fn versions(
     _: Ctx,
     _: get_supported_versions::Request,

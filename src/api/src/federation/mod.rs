@@ -73,6 +73,8 @@ fn local_user(ctx: &Ctx, user_id: &str) -> Result<String> {
     }
 }
 
+/// GET /_matrix/federation/v1/openid/userinfo
+///
 /// Who an OpenID token (from `/openid/request_token`) belongs to. Asked by services
 /// that are not homeservers, so the request is not signed; an unknown or expired token
 /// is 401 `M_UNKNOWN_TOKEN`.
@@ -92,6 +94,7 @@ async fn userinfo(
     Ok(get_openid_userinfo::v1::Response::new(user))
 }
 
+/// GET /_matrix/federation/v1/query/profile
 async fn profile(
     ctx: Ctx,
     req: get_profile_information::v1::Request,
@@ -106,6 +109,7 @@ async fn profile(
     Ok(profile)
 }
 
+/// GET /_matrix/federation/v1/query/directory
 async fn directory(
     ctx: Ctx,
     req: get_room_information::v1::Request,
@@ -114,6 +118,7 @@ async fn directory(
     Ok(get_room_information::v1::Response::new(room_id, servers))
 }
 
+/// GET /_matrix/federation/v1/user/devices/{userId}
 async fn devices(ctx: Ctx, req: get_devices::v1::Request) -> Result<get_devices::v1::Response> {
     let localpart = local_user(&ctx, req.user_id.as_str())?;
     let out = ctx.services.e2ee.user_devices(&localpart)?;
@@ -127,6 +132,7 @@ async fn devices(ctx: Ctx, req: get_devices::v1::Request) -> Result<get_devices:
     Ok(resp)
 }
 
+/// POST /_matrix/federation/v1/user/keys/query
 async fn query_keys(ctx: Ctx, req: get_keys::v1::Request) -> Result<get_keys::v1::Response> {
     let origin = ctx.origin()?.to_owned();
     // Only this server's users; another server's user-signing keys are never shown.
@@ -144,6 +150,7 @@ async fn query_keys(ctx: Ctx, req: get_keys::v1::Request) -> Result<get_keys::v1
     Ok(resp)
 }
 
+/// POST /_matrix/federation/v1/user/keys/claim
 async fn claim(ctx: Ctx, req: claim_keys::v1::Request) -> Result<claim_keys::v1::Response> {
     ctx.origin()?;
     let requested: BTreeMap<String, BTreeMap<String, String>> = req
@@ -164,6 +171,7 @@ fn signed_keys(
     responses.into_iter().map(from_value).collect()
 }
 
+/// GET /_matrix/key/v2/query/{serverName}
 async fn notary_one(
     ctx: Ctx,
     req: get_remote_server_keys::v2::Request,
@@ -176,6 +184,7 @@ async fn notary_one(
     Ok(get_remote_server_keys::v2::Response::new(signed_keys(out)?))
 }
 
+/// POST /_matrix/key/v2/query
 async fn notary_batch(
     ctx: Ctx,
     req: get_remote_server_keys_batch::v2::Request,

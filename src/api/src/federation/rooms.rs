@@ -73,6 +73,7 @@ fn parse(raw: &RawValue) -> Result<Value> {
     serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(e.to_string()))
 }
 
+/// PUT /_matrix/federation/v1/send/{transactionId}
 async fn send(
     ctx: Ctx,
     req: send_transaction_message::v1::Request,
@@ -109,6 +110,7 @@ fn template(
     Ok((version, raw(&event)?))
 }
 
+/// GET /_matrix/federation/v1/make_join/{roomId}/{userId}
 async fn make_join(
     ctx: Ctx,
     req: prepare_join_event::v1::Request,
@@ -119,6 +121,7 @@ async fn make_join(
     Ok(resp)
 }
 
+/// PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}
 async fn send_join(
     ctx: Ctx,
     req: create_join_event::v2::Request,
@@ -142,6 +145,7 @@ async fn send_join(
     Ok(create_join_event::v2::Response::new(room_state))
 }
 
+/// GET /_matrix/federation/v1/make_leave/{roomId}/{userId}
 async fn make_leave(
     ctx: Ctx,
     req: prepare_leave_event::v1::Request,
@@ -150,6 +154,7 @@ async fn make_leave(
     Ok(prepare_leave_event::v1::Response::new(Some(version), event))
 }
 
+/// PUT /_matrix/federation/v2/send_leave/{roomId}/{eventId}
 async fn send_leave(
     ctx: Ctx,
     req: create_leave_event::v2::Request,
@@ -167,6 +172,7 @@ async fn send_leave(
     Ok(create_leave_event::v2::Response::new())
 }
 
+/// PUT /_matrix/federation/v2/invite/{roomId}/{eventId}
 async fn invite(ctx: Ctx, req: create_invite::v2::Request) -> Result<create_invite::v2::Response> {
     let origin = ctx.origin()?.to_owned();
     let state =
@@ -195,6 +201,7 @@ fn stripped_state_json(state: &RawStrippedState) -> Result<Value> {
     }
 }
 
+/// GET /_matrix/federation/v1/event/{eventId}
 async fn event(ctx: Ctx, req: get_event::v1::Request) -> Result<get_event::v1::Response> {
     let pdu = events::event_for(&ctx.services, ctx.origin()?, req.event_id.as_str())?;
     Ok(get_event::v1::Response::new(
@@ -204,6 +211,7 @@ async fn event(ctx: Ctx, req: get_event::v1::Request) -> Result<get_event::v1::R
     ))
 }
 
+/// GET /_matrix/federation/v1/state/{roomId}
 async fn state(ctx: Ctx, req: get_room_state::v1::Request) -> Result<get_room_state::v1::Response> {
     events::require_in_room(&ctx.services, req.room_id.as_str(), ctx.origin()?)?;
     let (state, chain) =
@@ -211,6 +219,7 @@ async fn state(ctx: Ctx, req: get_room_state::v1::Request) -> Result<get_room_st
     Ok(get_room_state::v1::Response::new(raw_pdus(&chain)?, raw_pdus(&state)?))
 }
 
+/// GET /_matrix/federation/v1/state_ids/{roomId}
 async fn state_ids(
     ctx: Ctx,
     req: get_room_state_ids::v1::Request,
@@ -222,6 +231,7 @@ async fn state_ids(
     Ok(get_room_state_ids::v1::Response::new(ids(&chain), ids(&state)))
 }
 
+/// GET /_matrix/federation/v1/event_auth/{roomId}/{eventId}
 async fn event_auth(
     ctx: Ctx,
     req: get_event_authorization::v1::Request,
@@ -231,6 +241,7 @@ async fn event_auth(
     Ok(get_event_authorization::v1::Response::new(raw_pdus(&chain)?))
 }
 
+/// POST /_matrix/federation/v1/get_missing_events/{roomId}
 async fn missing_events(
     ctx: Ctx,
     req: get_missing_events::v1::Request,
@@ -251,6 +262,7 @@ async fn missing_events(
     Ok(get_missing_events::v1::Response::new(raw_pdus(&found)?))
 }
 
+/// GET /_matrix/federation/v1/backfill/{roomId}
 async fn backfill(ctx: Ctx, req: get_backfill::v1::Request) -> Result<get_backfill::v1::Response> {
     events::require_in_room(&ctx.services, req.room_id.as_str(), ctx.origin()?)?;
     let limit = usize::try_from(u64::from(req.limit)).unwrap_or(usize::MAX);
@@ -263,6 +275,7 @@ async fn backfill(ctx: Ctx, req: get_backfill::v1::Request) -> Result<get_backfi
     ))
 }
 
+/// GET /_matrix/federation/v1/timestamp_to_event/{roomId}
 async fn by_time(
     ctx: Ctx,
     req: get_event_by_timestamp::v1::Request,
@@ -289,6 +302,7 @@ fn directory_page(
     crate::client::room_directory::parts(page)
 }
 
+/// GET /_matrix/federation/v1/publicRooms
 async fn public_rooms(
     ctx: Ctx,
     req: get_public_rooms::v1::Request,
@@ -307,6 +321,7 @@ async fn public_rooms(
     Ok(resp)
 }
 
+/// POST /_matrix/federation/v1/publicRooms
 async fn search_rooms(
     ctx: Ctx,
     req: get_public_rooms_filtered::v1::Request,
@@ -326,6 +341,7 @@ async fn search_rooms(
     Ok(resp)
 }
 
+/// GET /_matrix/federation/v1/make_knock/{roomId}/{userId}
 async fn make_knock(
     ctx: Ctx,
     req: prepare_knock_event::v1::Request,
@@ -334,6 +350,7 @@ async fn make_knock(
     Ok(prepare_knock_event::v1::Response::new(version, event))
 }
 
+/// PUT /_matrix/federation/v1/send_knock/{roomId}/{eventId}
 async fn send_knock(
     ctx: Ctx,
     req: create_knock_event::v1::Request,

@@ -19,6 +19,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_hierarchy::v1::Request, _, _>(router, hierarchy)
 }
 
+/// GET /_matrix/federation/v1/hierarchy/{roomId}
 async fn hierarchy(
     ctx: Ctx,
     req: get_hierarchy::v1::Request,

@@ -129,6 +129,7 @@ async fn thumbnail_with(
     )
 }
 
+/// GET /_matrix/client/v1/media/download/{serverName}/{mediaId}
 pub async fn download(
     State(s): State<AppState>,
     Path((server, id)): Path<(String, String)>,
@@ -137,6 +138,7 @@ pub async fn download(
     download_with(s, req, Access::Token, (server, id, None)).await
 }
 
+/// GET /_matrix/client/v1/media/download/{serverName}/{mediaId}/{fileName}
 pub async fn download_as(
     State(s): State<AppState>,
     Path((server, id, filename)): Path<(String, String, String)>,
@@ -145,6 +147,7 @@ pub async fn download_as(
     download_with(s, req, Access::Token, (server, id, Some(filename))).await
 }
 
+/// GET /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}
 pub async fn thumbnail(
     State(s): State<AppState>,
     Path(path): Path<(String, String)>,
@@ -165,6 +168,7 @@ fn legacy_allowed(s: &AppState) -> Result<()> {
     }
 }
 
+/// GET /_matrix/media/v3/download/{serverName}/{mediaId}
 pub async fn legacy_download(
     State(s): State<AppState>,
     Path((server, id)): Path<(String, String)>,
@@ -173,6 +177,7 @@ pub async fn legacy_download(
     download_with(s, req, Access::Legacy, (server, id, None)).await
 }
 
+/// GET /_matrix/media/v3/download/{serverName}/{mediaId}/{fileName}
 pub async fn legacy_download_as(
     State(s): State<AppState>,
     Path((server, id, filename)): Path<(String, String, String)>,
@@ -181,6 +186,7 @@ pub async fn legacy_download_as(
     download_with(s, req, Access::Legacy, (server, id, Some(filename))).await
 }
 
+/// GET /_matrix/media/v3/thumbnail/{serverName}/{mediaId}
 pub async fn legacy_thumbnail(
     State(s): State<AppState>,
     Path(path): Path<(String, String)>,

@@ -92,6 +92,7 @@ async fn verify(s: &AppState, parts: &http::request::Parts) -> Result<String> {
     s.federation.verify_request(&request).await
 }
 
+/// GET /_matrix/federation/v1/media/download/{mediaId}
 pub async fn download(State(s): State<AppState>, Path(id): Path<String>, req: Request) -> Response {
     let parts = req.into_parts().0;
     respond(
@@ -105,6 +106,7 @@ pub async fn download(State(s): State<AppState>, Path(id): Path<String>, req: Re
     )
 }
 
+/// GET /_matrix/federation/v1/media/thumbnail/{mediaId}
 pub async fn thumbnail(
     State(s): State<AppState>,
     Path(id): Path<String>,

@@ -12,6 +12,7 @@ use trellis_service::ratelimit::Class;
 use super::{param, query, respond, session};
 use crate::{AppState, response::json_response};
 
+/// GET /_matrix/client/v1/media/config, GET /_matrix/media/v3/config
 pub async fn config(State(s): State<AppState>, req: Request) -> Response {
     respond(
         async {
@@ -23,6 +24,7 @@ pub async fn config(State(s): State<AppState>, req: Request) -> Response {
     )
 }
 
+/// GET /_matrix/client/v1/media/preview_url, GET /_matrix/media/v3/preview_url
 pub async fn preview_url(State(s): State<AppState>, req: Request) -> Response {
     respond(
         async {

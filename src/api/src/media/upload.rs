@@ -60,6 +60,7 @@ fn ok(value: serde_json::Value) -> Response {
     json_response(StatusCode::OK, value.to_string().into_bytes())
 }
 
+/// POST /_matrix/media/v3/upload
 pub async fn upload(State(s): State<AppState>, req: Request) -> Response {
     respond_upload(
         async {
@@ -73,6 +74,7 @@ pub async fn upload(State(s): State<AppState>, req: Request) -> Response {
     )
 }
 
+/// POST /_matrix/media/v1/create
 pub async fn create(State(s): State<AppState>, req: Request) -> Response {
     respond(
         async {
@@ -86,6 +88,7 @@ pub async fn create(State(s): State<AppState>, req: Request) -> Response {
     )
 }
 
+/// PUT /_matrix/media/v3/upload/{serverName}/{mediaId}
 pub async fn upload_to(
     State(s): State<AppState>,
     Path((server, id)): Path<(String, String)>,

@@ -2,7 +2,11 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
+use ruma::{
+    RoomId,
+    events::tag::{TagInfo, TagName, Tags},
+};
+use serde_json::{Map, Value, json};
 use trellis_core::{Error, Result};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
@@ -17,14 +21,26 @@ pub type Change = (Option<String>, String, Value);
 /// Types the server manages itself; clients may not set them through account data.
 const SERVER_MANAGED: &[&str] = &["m.fully_read", "m.push_rules"];
 
+/// Room tags live in the room's account data of this type: `{"tags": {name: {order?}}}`.
+const TAG_EVENT_TYPE: &str = "m.tag";
+/// The spec caps tag names at 255 bytes.
+const MAX_TAG_BYTES: usize = 255;
+/// How many lock stripes serialise one user's tag changes.
+const TAG_LOCK_STRIPES: usize = 64;
+
 pub struct AccountData {
     db: Db,
     stream: Arc<StreamPositions>,
+    /// Tag changes rewrite the room's whole `m.tag` event: one user's changes run one at
+    /// a time, so that two at once cannot both start from the same tags and lose one.
+    /// Striped by user: users rarely share a stripe, and the table never grows.
+    tag_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl AccountData {
     pub fn new(db: Db, stream: Arc<StreamPositions>) -> Self {
-        Self { db, stream }
+        let tag_locks = (0..TAG_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
+        Self { db, stream, tag_locks }
     }
 
     /// `room` is `None` for global account data.
@@ -93,6 +109,77 @@ impl AccountData {
             }
         }
         Ok(out)
+    }
+}
+
+/// Room tags (`GET`, `PUT` and `DELETE` of `/user/{userId}/rooms/{roomId}/tags`).
+impl AccountData {
+    /// The user's tags on a room (none when the room has no `m.tag` event).
+    pub fn tags(&self, localpart: &str, room_id: &RoomId) -> Result<Tags> {
+        let mut tags = Tags::new();
+        for (name, info) in self.stored_tags(localpart, room_id)? {
+            // `m.tag` can also be written through the generic account data endpoint, so a
+            // malformed entry is skipped rather than failing the whole listing.
+            match serde_json::from_value::<TagInfo>(info) {
+                Ok(info) => {
+                    tags.insert(TagName::from(name), info);
+                }
+                Err(e) => tracing::debug!(error = %e, "skipping a malformed tag"),
+            }
+        }
+        Ok(tags)
+    }
+
+    /// Adds or replaces one tag; `order` (0 to 1) places the room among others so tagged.
+    pub async fn put_tag(
+        &self,
+        localpart: &str,
+        room_id: &RoomId,
+        tag: &str,
+        order: Option<f64>,
+    ) -> Result<()> {
+        if tag.is_empty() || tag.len() > MAX_TAG_BYTES {
+            return Err(Error::invalid_param(format!("Tag names are 1 to {MAX_TAG_BYTES} bytes")));
+        }
+        let mut info = json!({});
+        if let Some(order) = order {
+            if !(0.0..=1.0).contains(&order) {
+                return Err(Error::invalid_param("order must be a number between 0 and 1"));
+            }
+            info["order"] = json!(order);
+        }
+        let _guard = self.lock_tags(localpart).await;
+        let mut tags = self.stored_tags(localpart, room_id)?;
+        tags.insert(tag.to_owned(), info);
+        self.put(localpart, Some(room_id.as_str()), TAG_EVENT_TYPE, json!({ "tags": tags })).await
+    }
+
+    /// Removes one tag; removing a tag the room does not have changes nothing and is not
+    /// an error.
+    pub async fn delete_tag(&self, localpart: &str, room_id: &RoomId, tag: &str) -> Result<()> {
+        let _guard = self.lock_tags(localpart).await;
+        let mut tags = self.stored_tags(localpart, room_id)?;
+        if tags.remove(tag).is_some() {
+            self.put(localpart, Some(room_id.as_str()), TAG_EVENT_TYPE, json!({ "tags": tags }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The stored tags as a JSON map (empty when none).
+    fn stored_tags(&self, localpart: &str, room_id: &RoomId) -> Result<Map<String, Value>> {
+        let content = self.get(localpart, Some(room_id.as_str()), TAG_EVENT_TYPE)?;
+        Ok(match content.and_then(|mut c| c.get_mut("tags").map(Value::take)) {
+            Some(Value::Object(tags)) => tags,
+            _ => Map::new(),
+        })
+    }
+
+    async fn lock_tags(&self, localpart: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        localpart.hash(&mut h);
+        self.tag_locks[(h.finish() as usize) % TAG_LOCK_STRIPES].lock().await
     }
 }
 

@@ -1,10 +1,13 @@
 //! `createRoom`: the sequence of events that makes a new room, per the spec's presets.
 
-use ruma::RoomVersionId;
+use std::sync::Arc;
+
+use ruma::{OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
 use serde_json::{Value, json};
-use trellis_core::{Error, Result};
+use trellis_core::{Error, Result, config::RoomPublishing};
 
 use super::append::{NewEvent, Timeline};
+use crate::{Services, federation::invites::invite_remote};
 
 #[derive(Debug, Clone, Default)]
 pub struct CreateRoom {
@@ -163,4 +166,111 @@ impl Timeline {
         }
         Ok(room_id)
     }
+}
+
+/// A client's `createRoom` request, parsed.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRoomRequest {
+    /// The localpart of an alias on this server to give the room.
+    pub alias_name: Option<String>,
+    /// Whether to publish the room in this server's room directory.
+    pub public: bool,
+    /// `private_chat`, `trusted_private_chat` or `public_chat`.
+    pub preset: Option<String>,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub invite: Vec<OwnedUserId>,
+    pub is_direct: bool,
+    /// `(type, state_key, content)` sent after the preset's events (overriding them).
+    pub initial_state: Vec<(String, String, Value)>,
+    pub power_level_override: Option<Value>,
+    pub version: Option<String>,
+    pub creation_content: Option<Value>,
+}
+
+/// `createRoom`: makes the room for `creator` (a local user), publishes it if asked,
+/// invites other servers' users through their servers and gives it its alias.
+pub async fn create_room(
+    services: &Arc<Services>,
+    creator: &UserId,
+    req: CreateRoomRequest,
+) -> Result<OwnedRoomId> {
+    let localpart = services
+        .accounts
+        .local_part(creator.as_str())
+        .ok_or_else(|| Error::forbidden("Only this server's users can create rooms here"))?
+        .to_owned();
+    // The alias is checked before anything is created, and claimed right after.
+    let alias = match &req.alias_name {
+        Some(name) => {
+            let alias =
+                services.aliases.local_alias(&format!("#{name}:{}", services.server_name()))?;
+            if !services.aliases.is_free(&alias)? {
+                return Err(Error::new(
+                    http::StatusCode::BAD_REQUEST,
+                    "M_ROOM_IN_USE",
+                    "This room alias is already in use",
+                ));
+            }
+            Some(alias)
+        }
+        None => None,
+    };
+    // Under `rooms.publish = "admins"` only a server admin may publish, so asking for a
+    // public room is refused before anything is created.
+    if req.public
+        && services.config.rooms.publish == RoomPublishing::Admins
+        && !services.accounts.user(&localpart)?.is_some_and(|u| u.admin)
+    {
+        return Err(Error::forbidden("Only server admins may publish rooms in the directory"));
+    }
+    let text = |field: &str| -> Result<Option<String>> {
+        Ok(services.profiles.get(&localpart, field)?.and_then(|v| v.as_str().map(str::to_owned)))
+    };
+    // Other servers' users are invited once the room exists: their servers must
+    // countersign each invite.
+    let federated = services.federation.enabled();
+    let (local_invites, remote_invites): (Vec<String>, Vec<String>) = req
+        .invite
+        .iter()
+        .map(|u| u.to_string())
+        .partition(|u| !federated || u.ends_with(&format!(":{}", services.server_name())));
+    let options = CreateRoom {
+        preset: req.preset,
+        public: req.public,
+        name: req.name,
+        topic: req.topic,
+        invite: local_invites,
+        invite_after: remote_invites.clone(),
+        is_direct: req.is_direct,
+        initial_state: req.initial_state,
+        power_level_override: req.power_level_override,
+        version: req.version,
+        creation_content: req.creation_content,
+        creator_displayname: text("displayname")?,
+        creator_avatar_url: text("avatar_url")?,
+    };
+    let creator = creator.as_str();
+    let default_version = &services.config.rooms.default_room_version;
+    let room_id = services.timeline.create_room_with(creator, default_version, options).await?;
+    if req.public {
+        services.public_rooms.publish(&room_id, true).await?;
+    }
+    for invitee in &remote_invites {
+        let mut content = json!({"membership": "invite"});
+        if req.is_direct {
+            content["is_direct"] = json!(true);
+        }
+        let invited = invite_remote(services, &room_id, creator, invitee, content).await;
+        // The room exists; an invitee whose server cannot be reached is left out.
+        if let Err(e) = invited {
+            tracing::warn!(room_id, invitee, error = %e, "inviting another server's user failed");
+        }
+    }
+    if let Some(alias) = alias {
+        services.aliases.set(&alias, &room_id, &localpart).await?;
+        let event = state("m.room.canonical_alias", creator, "", json!({"alias": alias}));
+        services.timeline.append(&room_id, event).await?;
+    }
+    OwnedRoomId::try_from(room_id).map_err(|e| Error::internal("room id", e))
 }

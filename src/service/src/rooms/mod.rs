@@ -10,6 +10,7 @@ pub mod create;
 pub mod filter;
 pub mod intake;
 pub mod members;
+pub mod membership;
 pub mod pdu;
 pub mod public;
 pub mod reads;
