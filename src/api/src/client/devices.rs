@@ -8,7 +8,7 @@ use ruma::{
     },
 };
 use trellis_core::Result;
-use trellis_service::accounts::DeviceInfo;
+use trellis_service::accounts::{DeviceInfo, devices};
 
 use super::uia::reauthenticate;
 use crate::{
@@ -60,14 +60,7 @@ async fn delete(
     auth: Option<&ruma::api::client::uiaa::AuthData>,
 ) -> Result<()> {
     let localpart = reauthenticate(ctx, auth, "delete_devices").await?;
-    ctx.services.accounts.delete_devices(&localpart, &ids, &ctx.client).await?;
-    // A deleted device's pushers stop, and its open sync streams re-check their token.
-    for id in &ids {
-        ctx.services.pushers.remove_for_device(&localpart, id).await?;
-        crate::federation::device_changed(ctx, id, true).await;
-    }
-    ctx.services.rooms.stream.wake(&format!("@{localpart}"));
-    Ok(())
+    devices::delete_devices(&ctx.services, &localpart, &ids, &ctx.client).await
 }
 
 /// DELETE /_matrix/client/v3/devices/{deviceId}

@@ -13,7 +13,11 @@ use ruma::{
 use serde_json::Value;
 use trellis_core::{Error, Result};
 use trellis_service::{
-    e2ee::{cross_signing::SigningUpload, device_keys::Upload, device_lists},
+    e2ee::{
+        cross_signing::{self, SigningUpload},
+        device_keys::{self, Upload},
+        device_lists,
+    },
     realtime::sync::SyncToken,
 };
 
@@ -46,11 +50,9 @@ async fn upload(ctx: Ctx, req: upload_keys::v3::Request) -> Result<upload_keys::
     for (id, key) in &req.fallback_keys {
         input.fallback_keys.insert(id.to_string(), raw_value(key)?);
     }
-    let announce = input.device_keys.is_some();
-    let counts = ctx.services.e2ee.upload(&session.localpart, &session.device_id, input).await?;
-    if announce {
-        crate::federation::device_changed(&ctx, &session.device_id, false).await;
-    }
+    let counts =
+        device_keys::upload_keys(&ctx.services, &session.localpart, &session.device_id, input)
+            .await?;
     let counts = counts.into_iter().map(|(alg, n)| (alg.into(), UInt::new_saturating(n))).collect();
     Ok(upload_keys::v3::Response::new(counts))
 }
@@ -166,8 +168,7 @@ async fn signing_keys(
     if ctx.services.e2ee.signing_upload_needs_auth(&localpart, &upload)? {
         reauthenticate(&ctx, req.auth.as_ref(), "device_signing_upload").await?;
     }
-    ctx.services.e2ee.upload_signing_keys(&localpart, upload).await?;
-    crate::federation::device_changed(&ctx, "", false).await;
+    cross_signing::upload_signing_keys(&ctx.services, &localpart, upload).await?;
     Ok(upload_signing_keys::v3::Response::new())
 }
 
@@ -186,8 +187,7 @@ async fn signatures(
             per_user.insert(key_id.to_string(), value);
         }
     }
-    let failures = ctx.services.e2ee.upload_signatures(&localpart, signed).await?;
-    crate::federation::device_changed(&ctx, "", false).await;
+    let failures = cross_signing::upload_signatures(&ctx.services, &localpart, signed).await?;
     let mut resp = upload_signatures::v3::Response::new();
     resp.failures = from_value(failures)?;
     Ok(resp)

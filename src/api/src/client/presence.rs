@@ -10,7 +10,7 @@ use ruma::{
 use trellis_core::{Error, Result};
 
 use super::events::me;
-use trellis_service::federation::edus;
+use trellis_service::realtime::presence;
 
 use crate::{
     AppState,
@@ -58,10 +58,12 @@ async fn get(ctx: Ctx, req: get_presence::v3::Request) -> Result<get_presence::v
 async fn put(ctx: Ctx, req: set_presence::v3::Request) -> Result<set_presence::v3::Response> {
     ctx.require_self(&req.user_id)?;
     // A status message left out clears the previous one: the request sets the whole state.
-    ctx.services
-        .presence
-        .set_state(req.user_id.as_str(), req.presence.as_str(), req.status_msg)
-        .await?;
-    crate::federation::logged(edus::presence(&ctx.services, req.user_id.as_str()).await);
+    presence::set_presence(
+        &ctx.services,
+        req.user_id.as_str(),
+        req.presence.as_str(),
+        req.status_msg,
+    )
+    .await?;
     Ok(set_presence::v3::Response::new())
 }

@@ -10,6 +10,7 @@ use ruma::{
     },
 };
 use trellis_core::{Error, Result};
+use trellis_service::accounts::profile;
 
 use crate::{
     AppState,
@@ -93,44 +94,8 @@ async fn set_field(
     let localpart = ctx.require_self(&req.user_id)?.localpart.clone();
     let field = req.value.field_name();
     let value = req.value.value().into_owned();
-    ctx.services.profiles.set(&localpart, field.as_str(), value.clone()).await?;
-    propagate(&ctx, &localpart, field.as_str(), Some(value)).await;
+    profile::update_field(&ctx.services, &localpart, field.as_str(), Some(value)).await?;
     Ok(set_profile_field::v3::Response::new())
-}
-
-/// Display name and avatar live on in every joined room's membership event too: send
-/// an updated one to each. A room that refuses (say, a power level change) is skipped.
-async fn propagate(ctx: &Ctx, localpart: &str, field: &str, value: Option<serde_json::Value>) {
-    if field != "displayname" && field != "avatar_url" {
-        return;
-    }
-    let rooms = &ctx.services.rooms;
-    let user = ctx.services.accounts.user_id(localpart);
-    let Ok(joined) = rooms.rooms_of(&user, "join") else { return };
-    for room in joined {
-        let Ok(Some(current)) = rooms.state_of(&room, "m.room.member", &user) else { continue };
-        let mut content: serde_json::Value =
-            serde_json::from_str(current.content.get()).unwrap_or_else(|_| serde_json::json!({}));
-        match &value {
-            Some(v) => content[field] = v.clone(),
-            None => {
-                if let Some(map) = content.as_object_mut() {
-                    map.remove(field);
-                }
-            }
-        }
-        let event = trellis_service::rooms::append::NewEvent {
-            kind: "m.room.member".into(),
-            sender: user.clone(),
-            state_key: Some(user.clone()),
-            content,
-            txn: None,
-            redacts: None,
-        };
-        if let Err(e) = ctx.services.timeline.append(&room, event).await {
-            tracing::info!(room, error = %e, "profile change not propagated to a room");
-        }
-    }
 }
 
 /// DELETE /_matrix/client/v3/profile/{userId}/{field}
@@ -139,7 +104,6 @@ async fn delete_field(
     req: delete_profile_field::v3::Request,
 ) -> Result<delete_profile_field::v3::Response> {
     let localpart = ctx.require_self(&req.user_id)?.localpart.clone();
-    ctx.services.profiles.delete(&localpart, req.field.as_str()).await?;
-    propagate(&ctx, &localpart, req.field.as_str(), None).await;
+    profile::update_field(&ctx.services, &localpart, req.field.as_str(), None).await?;
     Ok(delete_profile_field::v3::Response::new())
 }

@@ -255,7 +255,7 @@ async fn typing(
     };
     ctx.services.typing.set(room_id, req.user_id.as_str(), timeout);
     let typing = edus::typing(&ctx.services, room_id, req.user_id.as_str(), timeout.is_some());
-    crate::federation::logged(typing.await);
+    edus::logged(typing.await);
     Ok(create_typing_event::v3::Response::new())
 }
 
@@ -288,7 +288,7 @@ async fn receipt(
                 .await?;
             let sent =
                 edus::read_receipt(&ctx.services, room_id, &user, req.event_id.as_str(), thread);
-            crate::federation::logged(sent.await);
+            edus::logged(sent.await);
         }
         ReceiptType::ReadPrivate => {
             ctx.services
@@ -329,7 +329,7 @@ async fn read_markers(
             if kind == receipts::READ {
                 let sent =
                     edus::read_receipt(&ctx.services, room_id, &user, event_id.as_str(), None);
-                crate::federation::logged(sent.await);
+                edus::logged(sent.await);
             }
         }
     }

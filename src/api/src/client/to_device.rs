@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 use axum::Router;
 use ruma::api::client::to_device::send_event_to_device;
 use trellis_core::{Error, Result};
-use trellis_service::e2ee::to_device::Send;
-
-use trellis_service::federation::edus;
+use trellis_service::e2ee::to_device::{self, Send};
 
 use crate::{
     AppState,
@@ -46,22 +44,14 @@ async fn send(
     }
     let event_type = req.event_type.to_string();
     let sender = ctx.services.accounts.user_id(&session.localpart);
-    let remote = ctx
-        .services
-        .e2ee
-        .send_to_device(Send {
-            sender: &sender,
-            sender_localpart: &session.localpart,
-            sender_device: &session.device_id,
-            txn_id: req.txn_id.as_str(),
-            event_type: &event_type,
-            messages,
-        })
-        .await?;
-    // The sending device's transaction id is unique to it; other servers see it with
-    // the device, so one device's retries stay recognisable.
-    let message_id = format!("{}_{}", session.device_id, req.txn_id);
-    let sent = edus::to_device(&ctx.services, &sender, &event_type, &message_id, remote);
-    crate::federation::logged(sent.await);
+    let send = Send {
+        sender: &sender,
+        sender_localpart: &session.localpart,
+        sender_device: &session.device_id,
+        txn_id: req.txn_id.as_str(),
+        event_type: &event_type,
+        messages,
+    };
+    to_device::send(&ctx.services, send).await?;
     Ok(send_event_to_device::v3::Response::new())
 }

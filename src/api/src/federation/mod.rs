@@ -41,28 +41,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_remote_server_keys_batch::v2::Request, _, _>(router, notary_batch)
 }
 
-/// Logs the failure to queue something for other servers: the local action it follows
-/// has succeeded and must not fail because of it.
-pub fn logged(result: Result<()>) {
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "queueing an EDU for federation failed");
-    }
-}
-
-/// Tells the servers sharing a room with the requester that their devices or keys
-/// changed.
-pub async fn device_changed(ctx: &Ctx, device_id: &str, deleted: bool) {
-    let Ok(session) = ctx.session() else { return };
-    let user_id = ctx.services.accounts.user_id(&session.localpart);
-    let sent = trellis_service::federation::edus::device_list_update(
-        &ctx.services,
-        &user_id,
-        device_id,
-        deleted,
-    );
-    logged(sent.await);
-}
-
 /// The localpart of an active local user, else 404.
 fn local_user(ctx: &Ctx, user_id: &str) -> Result<String> {
     let not_found = || Error::not_found("No such user");

@@ -4,9 +4,13 @@ use trellis_core::{Error, Result};
 use trellis_store::{Batch, Direction, Json};
 
 use super::Accounts;
+use std::sync::Arc;
+
 use crate::{
+    Services,
     audit::Client,
     commit,
+    federation::edus,
     tables::{ACCESS_TOKENS, DEVICES, REFRESH_TOKENS},
 };
 
@@ -111,4 +115,23 @@ impl Accounts {
         }
         Ok(())
     }
+}
+
+/// Deletes devices of `localpart` (after the caller re-authenticated them): their
+/// tokens and keys go, their pushers stop, other servers hear of it, and the user's
+/// open sync streams wake to re-check their token.
+pub async fn delete_devices(
+    services: &Arc<Services>,
+    localpart: &str,
+    device_ids: &[String],
+    client: &Client,
+) -> Result<()> {
+    services.accounts.delete_devices(localpart, device_ids, client).await?;
+    let user_id = services.accounts.user_id(localpart);
+    for id in device_ids {
+        services.pushers.remove_for_device(localpart, id).await?;
+        edus::device_changed(services, &user_id, id, true).await;
+    }
+    services.rooms.stream.wake(&crate::rooms::stream::user_key(&user_id));
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Accounts: registration, login, tokens, devices, passwords, deactivation.
 
 pub mod account_data;
-mod devices;
+pub mod devices;
 pub mod directory;
 mod guard;
 pub mod jwt;

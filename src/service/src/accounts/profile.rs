@@ -8,7 +8,7 @@ use serde_json::Value;
 use trellis_core::{Error, Result, error::code};
 use trellis_store::{Batch, Db, Direction, Json};
 
-use crate::{accounts::directory, commit, tables::PROFILES};
+use crate::{Services, accounts::directory, commit, rooms::append::NewEvent, tables::PROFILES};
 
 /// The spec caps a whole profile at 64 KiB of JSON.
 pub const MAX_PROFILE_BYTES: usize = 64 * 1024;
@@ -78,4 +78,51 @@ impl Profiles {
         PROFILES.delete(&mut batch, &(localpart.to_owned(), field.to_owned()));
         commit(&self.db, batch).await
     }
+}
+
+/// Sets (`Some`) or removes (`None`) one of a local user's profile fields. The display
+/// name and avatar live on in the user's membership event of every room they are joined
+/// to, so an updated one is sent to each; a room that refuses it (a power level, say)
+/// keeps the old one.
+pub async fn update_field(
+    services: &Services,
+    localpart: &str,
+    field: &str,
+    value: Option<Value>,
+) -> Result<()> {
+    match &value {
+        Some(value) => services.profiles.set(localpart, field, value.clone()).await?,
+        None => services.profiles.delete(localpart, field).await?,
+    }
+    if field != "displayname" && field != "avatar_url" {
+        return Ok(());
+    }
+    let user = services.accounts.user_id(localpart);
+    for room in services.rooms.rooms_of(&user, "join")? {
+        let Some(current) = services.rooms.state_of(&room, "m.room.member", &user)? else {
+            continue;
+        };
+        let mut content: Value = serde_json::from_str(current.content.get())
+            .unwrap_or_else(|_| Value::Object(Default::default()));
+        match &value {
+            Some(v) => content[field] = v.clone(),
+            None => {
+                if let Some(map) = content.as_object_mut() {
+                    map.remove(field);
+                }
+            }
+        }
+        let event = NewEvent {
+            kind: "m.room.member".into(),
+            sender: user.clone(),
+            state_key: Some(user.clone()),
+            content,
+            txn: None,
+            redacts: None,
+        };
+        if let Err(e) = services.timeline.append(&room, event).await {
+            tracing::info!(room, error = %e, "profile change not propagated to a room");
+        }
+    }
+    Ok(())
 }

@@ -2,13 +2,14 @@
 //! (`keys/device_signing/upload`), and the signatures users add to devices and to each
 //! other's master keys (`keys/signatures/upload`).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use serde_json::{Map, Value, json};
 use trellis_core::{Error, Result, error::code};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{E2ee, device_keys::device_ed25519, object, signing};
+use crate::{Services, federation::edus};
 
 /// (localpart, usage) -> key object
 const CROSS_SIGNING_KEYS: Table<(String, String), Json<Value>> =
@@ -316,4 +317,30 @@ fn check_cross_signing_key(key: &Value, user_id: &str, usage: &str) -> Result<()
         )));
     }
     Ok(())
+}
+
+/// `keys/device_signing/upload`: stores the user's cross-signing keys and tells the
+/// other servers sharing a room with them.
+pub async fn upload_signing_keys(
+    services: &Arc<Services>,
+    localpart: &str,
+    upload: SigningUpload,
+) -> Result<()> {
+    services.e2ee.upload_signing_keys(localpart, upload).await?;
+    let user_id = services.accounts.user_id(localpart);
+    edus::device_changed(services, &user_id, "", false).await;
+    Ok(())
+}
+
+/// `keys/signatures/upload`: stores the signatures that check out and tells the other
+/// servers sharing a room with the user; answers the failures.
+pub async fn upload_signatures(
+    services: &Arc<Services>,
+    localpart: &str,
+    signed: BTreeMap<String, BTreeMap<String, Value>>,
+) -> Result<Value> {
+    let failures = services.e2ee.upload_signatures(localpart, signed).await?;
+    let user_id = services.accounts.user_id(localpart);
+    edus::device_changed(services, &user_id, "", false).await;
+    Ok(failures)
 }

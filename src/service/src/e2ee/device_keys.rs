@@ -1,7 +1,10 @@
 //! Device identity keys, one-time keys and fallback keys: `keys/upload`, `keys/query`,
 //! `keys/claim`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -11,7 +14,7 @@ use trellis_store::{Batch, Direction, Json};
 use super::{
     DEVICE_KEYS, E2ee, FALLBACK_KEYS, ONE_TIME_KEY_COUNTS, ONE_TIME_KEYS, object, signing,
 };
-use crate::tables::DEVICES;
+use crate::{Services, federation::edus, tables::DEVICES};
 
 /// A device's fallback key for one algorithm.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -419,4 +422,21 @@ fn check_signed_key(
         }
     }
     Ok(())
+}
+
+/// `keys/upload` for `localpart`'s device: stores the keys and, when the device's
+/// identity keys changed, tells the other servers sharing a room with the user.
+pub async fn upload_keys(
+    services: &Arc<Services>,
+    localpart: &str,
+    device_id: &str,
+    upload: Upload,
+) -> Result<BTreeMap<String, u64>> {
+    let announce = upload.device_keys.is_some();
+    let counts = services.e2ee.upload(localpart, device_id, upload).await?;
+    if announce {
+        let user_id = services.accounts.user_id(localpart);
+        edus::device_changed(services, &user_id, device_id, false).await;
+    }
+    Ok(counts)
 }

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     ops::Bound::{Excluded, Included},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use serde_json::{Value, json};
@@ -13,7 +13,7 @@ use trellis_core::Result;
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{E2ee, TO_DEVICE};
-use crate::{commit, rooms::stream::user_key, tables::DEVICES};
+use crate::{Services, commit, federation::edus, rooms::stream::user_key, tables::DEVICES};
 
 /// (localpart, device id, "m.to_device <txn id>") -> (): idempotent sends per device
 const TXN_IDS: Table<(String, String, String), String> = Table::new(&catalog::TXN_IDS);
@@ -205,4 +205,16 @@ impl E2ee {
         }
         Ok(())
     }
+}
+
+/// `sendToDevice`: delivers to this server's devices and queues one EDU per other
+/// server for the rest. The message id other servers see is the sending device's
+/// transaction, so one device's retries stay recognisable there.
+pub async fn send(services: &Arc<Services>, send: Send<'_>) -> Result<()> {
+    let sender = send.sender.to_owned();
+    let event_type = send.event_type.to_owned();
+    let message_id = format!("{}_{}", send.sender_device, send.txn_id);
+    let remote = services.e2ee.send_to_device(send).await?;
+    edus::logged(edus::to_device(services, &sender, &event_type, &message_id, remote).await);
+    Ok(())
 }

@@ -99,3 +99,22 @@ pub async fn device_list_update(
     });
     send_edu(&services.federation, &servers, edu("m.device_list_update", content)).await
 }
+
+/// Logs a failure to queue something for other servers: the local action it follows
+/// has succeeded and must not fail because of it.
+pub fn logged(result: Result<()>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "queueing an EDU for federation failed");
+    }
+}
+
+/// Tells the servers sharing a room with `user_id` that their devices or keys changed
+/// (best effort: see [`logged`]).
+pub async fn device_changed(
+    services: &Arc<Services>,
+    user_id: &str,
+    device_id: &str,
+    deleted: bool,
+) {
+    logged(device_list_update(services, user_id, device_id, deleted).await);
+}

@@ -20,7 +20,7 @@ use trellis_core::{Error, Result, config::PresenceConfig, now_millis};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::{
-    commit,
+    Services, commit,
     rooms::{
         Rooms,
         stream::{StreamPositions, Ticket},
@@ -444,6 +444,19 @@ impl Presence {
             }
         }
     }
+}
+
+/// `PUT /presence/{userId}/status`: sets the whole state (a status message left out
+/// clears the previous one) and tells the servers sharing a room with the user.
+pub async fn set_presence(
+    services: &Arc<Services>,
+    user_id: &str,
+    presence: &str,
+    status_msg: Option<String>,
+) -> Result<()> {
+    services.presence.set_state(user_id, presence, status_msg).await?;
+    crate::federation::edus::logged(crate::federation::edus::presence(services, user_id).await);
+    Ok(())
 }
 
 #[cfg(test)]
