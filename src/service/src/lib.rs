@@ -39,6 +39,7 @@ pub mod sliding;
 pub mod sync;
 pub mod tables;
 pub mod typing;
+pub mod viewer;
 
 use std::sync::Arc;
 

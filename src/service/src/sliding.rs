@@ -5,6 +5,7 @@
 //! later responses carry only what is new.
 
 use std::{
+    cell::OnceCell,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     ops::Bound,
     sync::{Arc, Mutex},
@@ -17,6 +18,7 @@ use crate::{
     Services,
     rooms::Pdu,
     sync::{STRIPPED_STATE, attach_bundle, reader_event, stripped, sync_event},
+    viewer::Viewer,
 };
 
 /// Positions handed out per connection that a client may still come back with.
@@ -263,10 +265,13 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
 
     let mut next = Snapshot { stream: now, rooms: previous.rooms.clone(), counts: counts.clone() };
     let mut out_rooms = Map::new();
+    // Read when a room's timeline is first read: most answers read none.
+    let viewer = OnceCell::new();
     for (room_id, (wants, membership, bump)) in &selected {
         let known = previous.rooms.get(room_id).copied();
         let room = if membership == "join" {
-            joined_room(services, req, room_id, wants, known, now, *bump)?
+            let timeline = Timeline { viewer: &viewer, known, now };
+            joined_room(services, req, room_id, wants, timeline, *bump)?
         } else {
             invited_room(services, req.user_id, room_id, known, *bump)?
         };
@@ -416,24 +421,39 @@ fn counts_and_name(services: &Services, user: &str, room_id: &str, room: &mut Va
     Ok(())
 }
 
+/// Where a room's timeline in an answer starts and ends, and who reads it.
+struct Timeline<'v> {
+    viewer: &'v OnceCell<Viewer>,
+    /// The position the client has the room up to, if it has it.
+    known: Option<u64>,
+    now: u64,
+}
+
 fn joined_room(
     services: &Services,
     req: &SlidingRequest<'_>,
     room_id: &str,
     wants: &RoomWants,
-    known: Option<u64>,
-    now: u64,
+    timeline: Timeline<'_>,
     bump: u64,
 ) -> Result<Option<Value>> {
     let rooms = &services.rooms;
     let user = req.user_id;
+    let Timeline { viewer, known, now } = timeline;
     if let Some(known) = known
         && !rooms.changed_after(room_id, known)?
     {
         return Ok(None);
     }
     let from = known.unwrap_or(0);
-    let view = rooms.visibility_view(room_id, user)?;
+    let viewer = match viewer.get() {
+        Some(viewer) => viewer,
+        None => {
+            let loaded = Viewer::load(services, req.localpart)?;
+            viewer.get_or_init(|| loaded)
+        }
+    };
+    let viewer = viewer.room(services, room_id, user)?;
     let limit = wants.timeline_limit.min(MAX_TIMELINE);
     let page = rooms.scan_timeline(
         room_id,
@@ -441,7 +461,7 @@ fn joined_room(
         Bound::Included(now),
         false,
         limit,
-        |pos, pdu| Ok(view.may_see(pos, pdu)),
+        |pos, pdu| Ok(viewer.sees(pos, pdu)),
     )?;
     let mut events = page.events;
     events.reverse();

@@ -19,7 +19,8 @@ use trellis_core::Result;
 use crate::{
     Services,
     out::{ClientEvent, EventView, Key, Out, Unsigned},
-    rooms::{Pdu, append::UserRoom, filter, state::StateSet, visibility::VisibilityView},
+    rooms::{Pdu, append::UserRoom, filter, state::StateSet},
+    viewer::Viewer,
 };
 
 /// Timeline events per room when the filter sets no limit.
@@ -181,14 +182,9 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
     // quiet.
     let rooms = services.rooms.user_rooms(req.user_id)?;
     let since = req.since.unwrap_or(0);
-    let ignored: HashSet<String> = services
-        .account_data
-        .get(req.localpart, None, "m.ignored_user_list")?
-        .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
+    let viewer = Viewer::load(services, req.localpart)?;
     let now_ms = trellis_core::now_millis();
-    let builder = Builder { services, req, since, now, now_ms, ignored };
+    let builder = Builder { services, req, since, now, now_ms, viewer };
     let account_changes = services.account_data.changed_since(req.localpart, since)?;
 
     let mut join: Vec<(Key, Out)> = Vec::new();
@@ -232,7 +228,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                 else {
                     continue;
                 };
-                if *membership == "invite" && builder.ignored.contains(pdu.sender.as_str()) {
+                if *membership == "invite" && builder.viewer.ignores(pdu.sender.as_str()) {
                     continue;
                 }
                 let mut events = Vec::new();
@@ -293,7 +289,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             }
             "invite" => {
                 let sender = pending.event["sender"].as_str().unwrap_or_default();
-                if !builder.ignored.contains(sender) {
+                if !builder.viewer.ignores(sender) {
                     invite.insert(room_id, json!({"invite_state": {"events": pending.stripped}}));
                 }
             }
@@ -440,7 +436,7 @@ struct Builder<'a> {
     now: u64,
     /// The clock when the build started, for the events' `age`.
     now_ms: u64,
-    ignored: HashSet<String>,
+    viewer: Viewer,
 }
 
 /// A room's timeline section: events in order, whether it was cut, and the token
@@ -466,8 +462,7 @@ impl Builder<'_> {
 
     /// The newest events of `(from, to]` the user may see, up to the filter's limit.
     fn timeline(&self, room_id: &str, from: u64, to: u64) -> Result<Timeline> {
-        let view: VisibilityView =
-            self.services.rooms.visibility_view(room_id, self.req.user_id)?;
+        let viewer = self.viewer.room(self.services, room_id, self.req.user_id)?;
         let filter = self.timeline_filter();
         let limit = self.timeline_limit();
         let page = self.services.rooms.scan_timeline(
@@ -476,11 +471,7 @@ impl Builder<'_> {
             Bound::Included(to),
             false,
             limit,
-            |pos, pdu| {
-                Ok(!self.ignored.contains(pdu.sender.as_str())
-                    && filter::passes(filter, room_id, pdu)
-                    && view.may_see(pos, pdu))
-            },
+            |pos, pdu| Ok(filter::passes(filter, room_id, pdu) && viewer.sees(pos, pdu)),
         )?;
         let mut events = page.events;
         events.reverse();
