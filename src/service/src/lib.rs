@@ -22,6 +22,7 @@ pub mod e2ee;
 pub mod federation;
 pub mod filters;
 pub mod keys;
+pub mod live;
 pub mod mailer;
 pub mod media;
 pub mod notify;

@@ -9,13 +9,14 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     ops::Bound,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use serde_json::{Map, Value, json};
 use trellis_core::{Error, Result};
 
 use crate::{
-    Services,
+    Services, live,
     rooms::Pdu,
     sync::{STRIPPED_STATE, attach_bundle, reader_event, stripped, sync_event},
     viewer::Viewer,
@@ -153,6 +154,65 @@ impl Connections {
             conn.snapshots.pop_front();
         }
         pos
+    }
+}
+
+/// Sliding sync for one connection: acknowledges the to-device messages the extension's
+/// `since` covered, then answers as soon as there is something new for the connection,
+/// or with an empty answer once `timeout` has passed.
+pub async fn long_poll(
+    services: &Services,
+    request: &SlidingRequest<'_>,
+    timeout: Duration,
+) -> Result<Value> {
+    let ext = &request.extensions;
+    if ext.to_device && ext.to_device_since > 0 {
+        // The extension's `since` acknowledges the messages it covered.
+        let (localpart, device_id) = (request.localpart, request.device_id);
+        services.e2ee.ack_to_device(localpart, device_id, ext.to_device_since).await?;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut query = LiveSliding { request, held: None };
+    Ok(live::wait(services, &mut query, Some(deadline)).await?.send(services))
+}
+
+/// A sliding sync request for [`live::wait`]. It builds before each wait (a connection's
+/// snapshots say per room how far the client is, which a position alone cannot), and
+/// its `pos` never moves during a poll: an empty answer is kept as the one a timeout
+/// sends.
+struct LiveSliding<'r, 'a> {
+    request: &'r SlidingRequest<'a>,
+    held: Option<SlidingResponse>,
+}
+
+impl live::Query for LiveSliding<'_, '_> {
+    type Answer = SlidingResponse;
+
+    fn subscribe(&mut self, services: &Services) -> Result<crate::rooms::stream::Subscription> {
+        crate::sync::subscribe(services, self.request.user_id)
+    }
+
+    fn may_wait(&self) -> bool {
+        self.request.pos.is_some()
+    }
+
+    fn build(&mut self, services: &Services, now: u64) -> Result<SlidingResponse> {
+        build(services, self.request, now)
+    }
+
+    fn has_updates(answer: &SlidingResponse) -> bool {
+        answer.has_updates
+    }
+
+    fn pass(&mut self, answer: SlidingResponse, _now: u64) {
+        self.held = Some(answer);
+    }
+
+    fn timed_out(&mut self, services: &Services, now: u64) -> Result<SlidingResponse> {
+        match self.held.take() {
+            Some(answer) => Ok(answer),
+            None => build(services, self.request, now),
+        }
     }
 }
 

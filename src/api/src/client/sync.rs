@@ -17,11 +17,10 @@ use ruma::api::{
     error::{DeserializationError, IntoHttpError},
 };
 use serde_json::{Value, json};
-use tracing::Instrument;
 use trellis_core::{Error, Result};
 use trellis_service::{filters, receipts, sync};
 
-use super::events::{Viewer, me};
+use super::events::Viewer;
 use trellis_service::federation::edus;
 
 use crate::{
@@ -109,20 +108,10 @@ fn resolve_filter(ctx: &Ctx, filter: Option<&Filter>) -> Result<FilterDefinition
 }
 
 /// What a sync needs from its request, taken out of it by a plain function: a held poll
-/// keeps its future's whole state for as long as it waits, and the parsed request (with
-/// its inline filter) is some kilobytes.
-struct Params {
-    filter: Box<FilterDefinition>,
-    token: Option<sync::SyncToken>,
-    timeout: Duration,
-    full_state: bool,
-    use_state_after: bool,
-    set_presence: ruma::presence::PresenceState,
-}
-
-fn params(ctx: &Ctx, req: SyncRequest) -> Result<Params> {
+/// keeps its future's whole state for as long as it waits.
+fn params(ctx: &Ctx, req: SyncRequest) -> Result<sync::Params> {
     let req = req.0;
-    Ok(Params {
+    Ok(sync::Params {
         filter: Box::new(resolve_filter(ctx, req.filter.as_ref())?),
         token: req.since.as_deref().map(parse_since).transpose()?,
         timeout: req.timeout.unwrap_or_default().min(MAX_TIMEOUT),
@@ -132,88 +121,16 @@ fn params(ctx: &Ctx, req: SyncRequest) -> Result<Params> {
     })
 }
 
+/// GET /_matrix/client/v3/sync
 fn sync_handler(
     ctx: Ctx,
     req: SyncRequest,
 ) -> impl Future<Output = Result<JsonResponse<trellis_service::out::Out>>> {
     let params = params(&ctx, req);
-    async move { sync_with(ctx, params?).await }
-}
-
-async fn sync_with(ctx: Ctx, params: Params) -> Result<JsonResponse<trellis_service::out::Out>> {
-    let Params { filter, token, timeout, full_state, use_state_after, set_presence } = params;
-    let user_id = me(&ctx)?;
-    let localpart = ctx.session()?.localpart.clone();
-    let since = token.map(|t| t.position);
-    let device_id = ctx.session()?.device_id.clone();
-    if let Some(token) = token {
-        // Syncing from a token acknowledges the to-device messages it covered.
-        Box::pin(ctx.services.e2ee.ack_to_device(&localpart, &device_id, token.to_device)).await?;
+    async move {
+        let params = params?;
+        Ok(JsonResponse(sync::long_poll(&ctx.services, ctx.session()?, params).await?))
     }
-    // Syncing is activity, unless the client says it is offline or away.
-    match set_presence {
-        ruma::presence::PresenceState::Offline => {}
-        ruma::presence::PresenceState::Unavailable => {
-            let current = ctx.services.presence.status(&user_id)?;
-            if current.presence != "unavailable" {
-                let status_msg = current.status_msg;
-                Box::pin(ctx.services.presence.set_state(&user_id, "unavailable", status_msg))
-                    .await?;
-            }
-        }
-        _ => ctx.services.presence.note_activity(&user_id),
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let stream = ctx.services.rooms.stream.clone();
-    let mut request = sync::SyncRequest {
-        user_id: &user_id,
-        localpart: &localpart,
-        device_id: &device_id,
-        since,
-        to_device_since: token.map_or(0, |t| t.to_device),
-        full_state,
-        filter: &filter,
-        use_state_after,
-    };
-    let span = tracing::debug_span!("sync", since = ?since, timeout_ms = timeout.as_millis());
-    async {
-        let mut rooms = ctx.services.rooms.user_rooms(&user_id)?;
-        loop {
-            // Subscribe before reading the position: a write in between still wakes us.
-            let waiting = sync::subscribe_rooms(&ctx.services, &user_id, &rooms);
-            // A client may hold a token from before a restart or from the future; never
-            // answer with a position below the one it has.
-            let now = stream.visible().max(request.since.unwrap_or(0));
-            // A deadline already reached answers now: a timer would first wait for the
-            // timer wheel's next tick (a millisecond).
-            let may_wait =
-                request.since.is_some() && !full_state && tokio::time::Instant::now() < deadline;
-            // Every part of a sync answer is written at a stream position, so a token at
-            // the visible position with all its to-device messages has nothing to fetch:
-            // wait first instead of building an empty answer (a receiver re-polls after
-            // every message, and that build was half of what delivering it cost).
-            let caught_up =
-                request.since.is_some_and(|s| s >= now) && request.to_device_since >= now;
-            if !(caught_up && may_wait) {
-                let built = sync::build(&ctx.services, &request, now)?;
-                if built.has_updates || !may_wait {
-                    return Ok(JsonResponse(built.body));
-                }
-                rooms = built.rooms;
-                // Nothing for this user up to `now`: wait from there, holding nothing
-                // built (10,000 waiting polls held 11 MB of empty answers).
-                request.since = Some(now);
-                request.to_device_since = now;
-            }
-            // The subscription was made before `now` was read: nothing after it is missed.
-            if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
-                // Timed out: an empty answer moving the token on.
-                return Ok(JsonResponse(sync::build(&ctx.services, &request, now)?.body));
-            }
-        }
-    }
-    .instrument(span)
-    .await
 }
 
 /// A `since` token of `/sync` (or of the WebSocket stream).
