@@ -10,18 +10,15 @@ use ruma::api::{
     client::{
         filter::{FilterDefinition, create_filter, get_filter},
         read_marker::set_read_marker,
-        receipt::create_receipt::{self, v3::ReceiptType},
+        receipt::create_receipt,
         sync::sync_events::{self, v3::Filter},
         typing::create_typing_event::{self, v3::Typing},
     },
     error::{DeserializationError, IntoHttpError},
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use trellis_core::{Error, Result};
-use trellis_service::{filters, receipts, sync};
-
-use super::events::Viewer;
-use trellis_service::federation::edus;
+use trellis_service::{filters, receipts, sync, typing};
 
 use crate::{
     AppState,
@@ -138,6 +135,7 @@ pub(super) fn parse_since(token: &str) -> Result<sync::SyncToken> {
     sync::SyncToken::parse(token).ok_or_else(|| Error::invalid_param("Invalid sync token"))
 }
 
+/// POST /_matrix/client/v3/user/{userId}/filter
 async fn create(ctx: Ctx, req: create_filter::v3::Request) -> Result<create_filter::v3::Response> {
     let session = ctx.require_self(&req.user_id)?;
     let definition =
@@ -146,6 +144,7 @@ async fn create(ctx: Ctx, req: create_filter::v3::Request) -> Result<create_filt
     Ok(create_filter::v3::Response::new(id))
 }
 
+/// GET /_matrix/client/v3/user/{userId}/filter/{filterId}
 async fn get(ctx: Ctx, req: get_filter::v3::Request) -> Result<get_filter::v3::Response> {
     let session = ctx.require_self(&req.user_id)?;
     let value = ctx
@@ -156,96 +155,49 @@ async fn get(ctx: Ctx, req: get_filter::v3::Request) -> Result<get_filter::v3::R
     Ok(get_filter::v3::Response::new(filters::parse(&value)?))
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}
 async fn typing(
     ctx: Ctx,
     req: create_typing_event::v3::Request,
 ) -> Result<create_typing_event::v3::Response> {
     ctx.require_self(&req.user_id)?;
-    let room_id = req.room_id.as_str();
-    super::events::require_joined(&ctx, room_id)?;
     let timeout = match req.state {
         Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    ctx.services.typing.set(room_id, req.user_id.as_str(), timeout);
-    let typing = edus::typing(&ctx.services, room_id, req.user_id.as_str(), timeout.is_some());
-    crate::federation::logged(typing.await);
+    typing::set_typing(&ctx.services, req.room_id.as_str(), req.user_id.as_str(), timeout).await?;
     Ok(create_typing_event::v3::Response::new())
 }
 
-/// Checks that `event_id` is an event of the room the user may see, for a receipt or
-/// read marker.
-fn seen_event(viewer: &Viewer<'_>, event_id: &str) -> Result<()> {
-    viewer.event(event_id).map(|_| ())
-}
-
+/// POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}
 async fn receipt(
     ctx: Ctx,
     req: create_receipt::v3::Request,
 ) -> Result<create_receipt::v3::Response> {
-    let room_id = req.room_id.as_str();
-    let user = super::events::require_joined(&ctx, room_id)?;
-    let viewer = Viewer::new(&ctx, room_id)?;
-    seen_event(&viewer, req.event_id.as_str())?;
-    let thread = req.thread.as_str();
-    match req.receipt_type {
-        ReceiptType::FullyRead => {
-            if thread.is_some() {
-                return Err(Error::invalid_param("m.fully_read cannot be threaded"));
-            }
-            set_fully_read(&ctx, room_id, req.event_id.as_str()).await?;
-        }
-        ReceiptType::Read => {
-            ctx.services
-                .receipts
-                .set(room_id, &user, receipts::READ, req.event_id.as_str(), thread)
-                .await?;
-            let sent =
-                edus::read_receipt(&ctx.services, room_id, &user, req.event_id.as_str(), thread);
-            crate::federation::logged(sent.await);
-        }
-        ReceiptType::ReadPrivate => {
-            ctx.services
-                .receipts
-                .set(room_id, &user, receipts::READ_PRIVATE, req.event_id.as_str(), thread)
-                .await?;
-        }
-        _ => return Err(Error::invalid_param("Unknown receipt type")),
-    }
+    let (localpart, room_id) = (&ctx.session()?.localpart, req.room_id.as_str());
+    let (kind, event_id, thread) =
+        (req.receipt_type.as_str(), req.event_id.as_str(), req.thread.as_str());
+    receipts::set_receipt(&ctx.services, localpart, room_id, kind, event_id, thread).await?;
     Ok(create_receipt::v3::Response::new())
 }
 
-async fn set_fully_read(ctx: &Ctx, room_id: &str, event_id: &str) -> Result<()> {
-    let localpart = ctx.session()?.localpart.clone();
-    ctx.services
-        .account_data
-        .put(&localpart, Some(room_id), "m.fully_read", json!({"event_id": event_id}))
-        .await
-}
-
+/// POST /_matrix/client/v3/rooms/{roomId}/read_markers
 async fn read_markers(
     ctx: Ctx,
     req: set_read_marker::v3::Request,
 ) -> Result<set_read_marker::v3::Response> {
-    let room_id = req.room_id.as_str();
-    let user = super::events::require_joined(&ctx, room_id)?;
-    let viewer = Viewer::new(&ctx, room_id)?;
-    if let Some(event_id) = &req.fully_read {
-        seen_event(&viewer, event_id.as_str())?;
-        set_fully_read(&ctx, room_id, event_id.as_str()).await?;
-    }
-    for (kind, event_id) in
-        [(receipts::READ, &req.read_receipt), (receipts::READ_PRIVATE, &req.private_read_receipt)]
-    {
-        if let Some(event_id) = event_id {
-            seen_event(&viewer, event_id.as_str())?;
-            ctx.services.receipts.set(room_id, &user, kind, event_id.as_str(), None).await?;
-            if kind == receipts::READ {
-                let sent =
-                    edus::read_receipt(&ctx.services, room_id, &user, event_id.as_str(), None);
-                crate::federation::logged(sent.await);
-            }
-        }
-    }
+    let (localpart, room_id) = (&ctx.session()?.localpart, req.room_id.as_str());
+    let fully_read = req.fully_read.as_ref().map(|e| e.as_str());
+    let read = req.read_receipt.as_ref().map(|e| e.as_str());
+    let read_private = req.private_read_receipt.as_ref().map(|e| e.as_str());
+    let set = receipts::set_read_markers(
+        &ctx.services,
+        localpart,
+        room_id,
+        fully_read,
+        read,
+        read_private,
+    );
+    set.await?;
     Ok(set_read_marker::v3::Response::new())
 }
