@@ -126,14 +126,19 @@ async fn stream(
     let mut live = sync::LiveSync::new(&services, request)?;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
+    // The token is checked before each answer (a logout wakes the stream with its
+    // device-list change, and ends it instead of being sent) and after each ping, pong
+    // or message from the client.
+    let signed_out =
+        async || services.accounts.authenticate(&token, &Client::from_ip(None)).await.is_err();
     loop {
-        if services.accounts.authenticate(&token, &Client::from_ip(None)).await.is_err() {
-            let _ = socket.send(Message::Close(None)).await;
-            return Ok(());
-        }
-        tokio::select! {
+        let answered = tokio::select! {
             built = live::wait(&services, &mut live, None) => {
                 let built = built?;
+                if signed_out().await {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return Ok(());
+                }
                 let text = serde_json::to_string(&built.body)
                     .map_err(|e| Error::internal("sync json", e))?;
                 if socket.send(Message::Text(text.into())).await.is_err() {
@@ -147,6 +152,7 @@ async fn stream(
                     }
                 }
                 live.answered(built);
+                true
             }
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
@@ -157,15 +163,21 @@ async fn stream(
                         let (lp, device) = (&session.localpart, &session.device_id);
                         services.e2ee.ack_to_device(lp, device, upto).await?;
                     }
+                    false
                 }
                 // Pings are answered by the WebSocket layer; other messages are ignored.
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => false,
             },
             _ = ping.tick() => {
                 if socket.send(ping_covering(live.request.to_device_since)).await.is_err() {
                     return Ok(());
                 }
+                false
             }
+        };
+        if !answered && signed_out().await {
+            let _ = socket.send(Message::Close(None)).await;
+            return Ok(());
         }
     }
 }
