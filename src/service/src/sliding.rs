@@ -325,7 +325,7 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
 
     let mut next = Snapshot { stream: now, rooms: previous.rooms.clone(), counts: counts.clone() };
     let mut out_rooms = Map::new();
-    // Read when a room's timeline is first read: most answers read none.
+    // Read with the first timeline read: an answer where no room changed reads none.
     let viewer = OnceCell::new();
     for (room_id, (wants, membership, bump)) in &selected {
         let known = previous.rooms.get(room_id).copied();
