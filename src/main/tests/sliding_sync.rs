@@ -254,3 +254,56 @@ async fn reactions_and_state_changes_do_not_bump_a_room() {
     let (_, resp) = slide(&s, &at, "", &body).await;
     assert!(resp["rooms"].as_object().unwrap().contains_key(&x), "{resp}");
 }
+
+/// The bodies of the messages in a room's timeline of a sliding sync answer.
+fn bodies<'a>(resp: &'a Value, room: &str) -> Vec<&'a str> {
+    resp["rooms"][room]["timeline"]
+        .as_array()
+        .map(|events| events.iter().filter_map(|e| e["content"]["body"].as_str()).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn ignored_users_disappear_from_the_timeline() {
+    let s = TestServer::start(OPEN).await;
+    let (alice, at) = s.register("alice").await;
+    let (bob, bt) = s.register("bob").await;
+    let room = create(&s, &at, "Ignoring").await;
+    s.join_room(&bt, &room).await;
+    s.send_text(&bt, &room, "bob-before").await;
+    s.send_text(&at, &room, "alice-before").await;
+    let body = json!({
+        "conn_id": "main",
+        "lists": {"all": {"ranges": [[0, 9]], "required_state": [], "timeline_limit": 10}},
+    });
+
+    let (status, first) = slide(&s, &at, "", &body).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(bodies(&first, &room), vec!["bob-before", "alice-before"], "{first}");
+    let pos = first["pos"].as_str().unwrap().to_owned();
+
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/user/{alice}/account_data/m.ignored_user_list"),
+            &at,
+            &json!({"ignored_users": {bob.clone(): {}}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    s.send_text(&bt, &room, "bob-after").await;
+    s.send_text(&at, &room, "alice-after").await;
+
+    // The connection's next answer has Alice's new message, not Bob's.
+    let (status, next) = slide(&s, &at, &format!("?pos={pos}&timeout=5000"), &body).await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(bodies(&next, &room), vec!["alice-after"], "{next}");
+    // A new connection sees none of Bob's messages, old or new.
+    let fresh = json!({"conn_id": "fresh", "lists": body["lists"].clone()});
+    let (status, again) = slide(&s, &at, "", &fresh).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(bodies(&again, &room), vec!["alice-before", "alice-after"], "{again}");
+    // Bob still sees his own messages.
+    let (status, his) = slide(&s, &bt, "", &body).await;
+    assert_eq!(status, 200, "{his}");
+    assert!(bodies(&his, &room).contains(&"bob-after"), "{his}");
+}

@@ -11,7 +11,7 @@ use ruma::api::{
 };
 use trellis_core::Result;
 use trellis_service::realtime::sliding::{
-    Extensions, ListFilters, ListRequest, RoomWants, SlidingRequest, build,
+    Extensions, ListFilters, ListRequest, RoomWants, SlidingRequest, long_poll,
 };
 
 use super::{events::me, sync::JsonResponse};
@@ -66,6 +66,7 @@ fn to_usize(v: ruma::UInt) -> usize {
     usize::try_from(u64::from(v)).unwrap_or(usize::MAX)
 }
 
+/// POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync
 async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
     let req = req.0;
     let user_id = me(&ctx)?;
@@ -123,24 +124,6 @@ async fn sliding_sync(ctx: Ctx, req: SlidingSync) -> Result<JsonResponse> {
         subscriptions,
         extensions,
     };
-    if request.extensions.to_device && request.extensions.to_device_since > 0 {
-        // The extension's `since` acknowledges the messages it covered.
-        let since = request.extensions.to_device_since;
-        ctx.services.e2ee.ack_to_device(&session.localpart, &session.device_id, since).await?;
-    }
     let timeout = req.timeout.unwrap_or_default().min(MAX_TIMEOUT);
-    let deadline = tokio::time::Instant::now() + timeout;
-    let stream = ctx.services.rooms.stream.clone();
-    loop {
-        let waiting = trellis_service::realtime::sync::subscribe(&ctx.services, &user_id)?;
-        let now = stream.visible();
-        let built = build(&ctx.services, &request, now)?;
-        // A reached deadline answers now, not at the timer wheel's next tick.
-        if built.has_updates || request.pos.is_none() || tokio::time::Instant::now() >= deadline {
-            return Ok(JsonResponse(built.send(&ctx.services)));
-        }
-        if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
-            return Ok(JsonResponse(built.send(&ctx.services)));
-        }
-    }
+    Ok(JsonResponse(long_poll(&ctx.services, &request, timeout).await?))
 }

@@ -10,19 +10,15 @@ use ruma::api::{
     client::{
         filter::{FilterDefinition, create_filter, get_filter},
         read_marker::set_read_marker,
-        receipt::create_receipt::{self, v3::ReceiptType},
+        receipt::create_receipt,
         sync::sync_events::{self, v3::Filter},
         typing::create_typing_event::{self, v3::Typing},
     },
     error::{DeserializationError, IntoHttpError},
 };
-use serde_json::{Value, json};
-use tracing::Instrument;
+use serde_json::Value;
 use trellis_core::{Error, Result};
-use trellis_service::realtime::{filters, receipts, sync};
-
-use super::events::{Viewer, me};
-use trellis_service::federation::edus;
+use trellis_service::realtime::{filters, receipts, sync, typing};
 
 use crate::{
     AppState,
@@ -109,20 +105,10 @@ fn resolve_filter(ctx: &Ctx, filter: Option<&Filter>) -> Result<FilterDefinition
 }
 
 /// What a sync needs from its request, taken out of it by a plain function: a held poll
-/// keeps its future's whole state for as long as it waits, and the parsed request (with
-/// its inline filter) is some kilobytes.
-struct Params {
-    filter: Box<FilterDefinition>,
-    token: Option<sync::SyncToken>,
-    timeout: Duration,
-    full_state: bool,
-    use_state_after: bool,
-    set_presence: ruma::presence::PresenceState,
-}
-
-fn params(ctx: &Ctx, req: SyncRequest) -> Result<Params> {
+/// keeps its future's whole state for as long as it waits.
+fn params(ctx: &Ctx, req: SyncRequest) -> Result<sync::Params> {
     let req = req.0;
-    Ok(Params {
+    Ok(sync::Params {
         filter: Box::new(resolve_filter(ctx, req.filter.as_ref())?),
         token: req.since.as_deref().map(parse_since).transpose()?,
         timeout: req.timeout.unwrap_or_default().min(MAX_TIMEOUT),
@@ -132,91 +118,16 @@ fn params(ctx: &Ctx, req: SyncRequest) -> Result<Params> {
     })
 }
 
+/// GET /_matrix/client/v3/sync
 fn sync_handler(
     ctx: Ctx,
     req: SyncRequest,
 ) -> impl Future<Output = Result<JsonResponse<trellis_service::realtime::out::Out>>> {
     let params = params(&ctx, req);
-    async move { sync_with(ctx, params?).await }
-}
-
-async fn sync_with(
-    ctx: Ctx,
-    params: Params,
-) -> Result<JsonResponse<trellis_service::realtime::out::Out>> {
-    let Params { filter, token, timeout, full_state, use_state_after, set_presence } = params;
-    let user_id = me(&ctx)?;
-    let localpart = ctx.session()?.localpart.clone();
-    let since = token.map(|t| t.position);
-    let device_id = ctx.session()?.device_id.clone();
-    if let Some(token) = token {
-        // Syncing from a token acknowledges the to-device messages it covered.
-        Box::pin(ctx.services.e2ee.ack_to_device(&localpart, &device_id, token.to_device)).await?;
+    async move {
+        let params = params?;
+        Ok(JsonResponse(sync::long_poll(&ctx.services, ctx.session()?, params).await?))
     }
-    // Syncing is activity, unless the client says it is offline or away.
-    match set_presence {
-        ruma::presence::PresenceState::Offline => {}
-        ruma::presence::PresenceState::Unavailable => {
-            let current = ctx.services.presence.status(&user_id)?;
-            if current.presence != "unavailable" {
-                let status_msg = current.status_msg;
-                Box::pin(ctx.services.presence.set_state(&user_id, "unavailable", status_msg))
-                    .await?;
-            }
-        }
-        _ => ctx.services.presence.note_activity(&user_id),
-    }
-    let deadline = tokio::time::Instant::now() + timeout;
-    let stream = ctx.services.rooms.stream.clone();
-    let mut request = sync::SyncRequest {
-        user_id: &user_id,
-        localpart: &localpart,
-        device_id: &device_id,
-        since,
-        to_device_since: token.map_or(0, |t| t.to_device),
-        full_state,
-        filter: &filter,
-        use_state_after,
-    };
-    let span = tracing::debug_span!("sync", since = ?since, timeout_ms = timeout.as_millis());
-    async {
-        let mut rooms = ctx.services.rooms.user_rooms(&user_id)?;
-        loop {
-            // Subscribe before reading the position: a write in between still wakes us.
-            let waiting = sync::subscribe_rooms(&ctx.services, &user_id, &rooms);
-            // A client may hold a token from before a restart or from the future; never
-            // answer with a position below the one it has.
-            let now = stream.visible().max(request.since.unwrap_or(0));
-            // A deadline already reached answers now: a timer would first wait for the
-            // timer wheel's next tick (a millisecond).
-            let may_wait =
-                request.since.is_some() && !full_state && tokio::time::Instant::now() < deadline;
-            // Every part of a sync answer is written at a stream position, so a token at
-            // the visible position with all its to-device messages has nothing to fetch:
-            // wait first instead of building an empty answer (a receiver re-polls after
-            // every message, and that build was half of what delivering it cost).
-            let caught_up =
-                request.since.is_some_and(|s| s >= now) && request.to_device_since >= now;
-            if !(caught_up && may_wait) {
-                let built = sync::build(&ctx.services, &request, now)?;
-                if built.has_updates || !may_wait {
-                    return Ok(JsonResponse(built.body));
-                }
-                rooms = built.rooms;
-                // Nothing for this user up to `now`: wait from there, holding nothing
-                // built (10,000 waiting polls held 11 MB of empty answers).
-                request.since = Some(now);
-                request.to_device_since = now;
-            }
-            // The subscription was made before `now` was read: nothing after it is missed.
-            if tokio::time::timeout_at(deadline, waiting.woken()).await.is_err() {
-                // Timed out: an empty answer moving the token on.
-                return Ok(JsonResponse(sync::build(&ctx.services, &request, now)?.body));
-            }
-        }
-    }
-    .instrument(span)
-    .await
 }
 
 /// A `since` token of `/sync` (or of the WebSocket stream).
@@ -224,6 +135,7 @@ pub(super) fn parse_since(token: &str) -> Result<sync::SyncToken> {
     sync::SyncToken::parse(token).ok_or_else(|| Error::invalid_param("Invalid sync token"))
 }
 
+/// POST /_matrix/client/v3/user/{userId}/filter
 async fn create(ctx: Ctx, req: create_filter::v3::Request) -> Result<create_filter::v3::Response> {
     let session = ctx.require_self(&req.user_id)?;
     let definition =
@@ -232,6 +144,7 @@ async fn create(ctx: Ctx, req: create_filter::v3::Request) -> Result<create_filt
     Ok(create_filter::v3::Response::new(id))
 }
 
+/// GET /_matrix/client/v3/user/{userId}/filter/{filterId}
 async fn get(ctx: Ctx, req: get_filter::v3::Request) -> Result<get_filter::v3::Response> {
     let session = ctx.require_self(&req.user_id)?;
     let value = ctx
@@ -242,96 +155,49 @@ async fn get(ctx: Ctx, req: get_filter::v3::Request) -> Result<get_filter::v3::R
     Ok(get_filter::v3::Response::new(filters::parse(&value)?))
 }
 
+/// PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}
 async fn typing(
     ctx: Ctx,
     req: create_typing_event::v3::Request,
 ) -> Result<create_typing_event::v3::Response> {
     ctx.require_self(&req.user_id)?;
-    let room_id = req.room_id.as_str();
-    super::events::require_joined(&ctx, room_id)?;
     let timeout = match req.state {
         Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    ctx.services.typing.set(room_id, req.user_id.as_str(), timeout);
-    let typing = edus::typing(&ctx.services, room_id, req.user_id.as_str(), timeout.is_some());
-    edus::logged(typing.await);
+    typing::set_typing(&ctx.services, req.room_id.as_str(), req.user_id.as_str(), timeout).await?;
     Ok(create_typing_event::v3::Response::new())
 }
 
-/// Checks that `event_id` is an event of the room the user may see, for a receipt or
-/// read marker.
-fn seen_event(viewer: &Viewer<'_>, event_id: &str) -> Result<()> {
-    viewer.event(event_id).map(|_| ())
-}
-
+/// POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}
 async fn receipt(
     ctx: Ctx,
     req: create_receipt::v3::Request,
 ) -> Result<create_receipt::v3::Response> {
-    let room_id = req.room_id.as_str();
-    let user = super::events::require_joined(&ctx, room_id)?;
-    let viewer = Viewer::new(&ctx, room_id)?;
-    seen_event(&viewer, req.event_id.as_str())?;
-    let thread = req.thread.as_str();
-    match req.receipt_type {
-        ReceiptType::FullyRead => {
-            if thread.is_some() {
-                return Err(Error::invalid_param("m.fully_read cannot be threaded"));
-            }
-            set_fully_read(&ctx, room_id, req.event_id.as_str()).await?;
-        }
-        ReceiptType::Read => {
-            ctx.services
-                .receipts
-                .set(room_id, &user, receipts::READ, req.event_id.as_str(), thread)
-                .await?;
-            let sent =
-                edus::read_receipt(&ctx.services, room_id, &user, req.event_id.as_str(), thread);
-            edus::logged(sent.await);
-        }
-        ReceiptType::ReadPrivate => {
-            ctx.services
-                .receipts
-                .set(room_id, &user, receipts::READ_PRIVATE, req.event_id.as_str(), thread)
-                .await?;
-        }
-        _ => return Err(Error::invalid_param("Unknown receipt type")),
-    }
+    let (localpart, room_id) = (&ctx.session()?.localpart, req.room_id.as_str());
+    let (kind, event_id, thread) =
+        (req.receipt_type.as_str(), req.event_id.as_str(), req.thread.as_str());
+    receipts::set_receipt(&ctx.services, localpart, room_id, kind, event_id, thread).await?;
     Ok(create_receipt::v3::Response::new())
 }
 
-async fn set_fully_read(ctx: &Ctx, room_id: &str, event_id: &str) -> Result<()> {
-    let localpart = ctx.session()?.localpart.clone();
-    ctx.services
-        .account_data
-        .put(&localpart, Some(room_id), "m.fully_read", json!({"event_id": event_id}))
-        .await
-}
-
+/// POST /_matrix/client/v3/rooms/{roomId}/read_markers
 async fn read_markers(
     ctx: Ctx,
     req: set_read_marker::v3::Request,
 ) -> Result<set_read_marker::v3::Response> {
-    let room_id = req.room_id.as_str();
-    let user = super::events::require_joined(&ctx, room_id)?;
-    let viewer = Viewer::new(&ctx, room_id)?;
-    if let Some(event_id) = &req.fully_read {
-        seen_event(&viewer, event_id.as_str())?;
-        set_fully_read(&ctx, room_id, event_id.as_str()).await?;
-    }
-    for (kind, event_id) in
-        [(receipts::READ, &req.read_receipt), (receipts::READ_PRIVATE, &req.private_read_receipt)]
-    {
-        if let Some(event_id) = event_id {
-            seen_event(&viewer, event_id.as_str())?;
-            ctx.services.receipts.set(room_id, &user, kind, event_id.as_str(), None).await?;
-            if kind == receipts::READ {
-                let sent =
-                    edus::read_receipt(&ctx.services, room_id, &user, event_id.as_str(), None);
-                edus::logged(sent.await);
-            }
-        }
-    }
+    let (localpart, room_id) = (&ctx.session()?.localpart, req.room_id.as_str());
+    let fully_read = req.fully_read.as_ref().map(|e| e.as_str());
+    let read = req.read_receipt.as_ref().map(|e| e.as_str());
+    let read_private = req.private_read_receipt.as_ref().map(|e| e.as_str());
+    let set = receipts::set_read_markers(
+        &ctx.services,
+        localpart,
+        room_id,
+        fully_read,
+        read,
+        read_private,
+    );
+    set.await?;
     Ok(set_read_marker::v3::Response::new())
 }

@@ -16,7 +16,11 @@ use axum::{
 };
 use ruma::api::client::filter::FilterDefinition;
 use trellis_core::{Error, Result};
-use trellis_service::{Client, accounts::Session, realtime::sync};
+use trellis_service::{
+    Client,
+    accounts::Session,
+    realtime::{live, sync},
+};
 
 use crate::{AppState, response::ApiError};
 
@@ -65,6 +69,7 @@ fn params(services: &AppState, session: &Session, q: &HashMap<String, String>) -
     })
 }
 
+/// GET /_trellis/client/v1/sync (upgraded to a WebSocket)
 async fn upgrade(
     State(services): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -108,75 +113,75 @@ async fn stream(
     mut socket: WebSocket,
 ) -> Result<()> {
     let user_id = services.accounts.user_id(&session.localpart);
-    let stream = services.rooms.stream.clone();
-    let mut since = params.since.map(|t| t.position);
-    let mut to_device_since = params.since.map_or(0, |t| t.to_device);
-    if params.since.is_some() {
-        services
-            .e2ee
-            .ack_to_device(&session.localpart, &session.device_id, to_device_since)
-            .await?;
+    if let Some(since) = params.since {
+        let (localpart, device) = (&session.localpart, &session.device_id);
+        services.e2ee.ack_to_device(localpart, device, since.to_device).await?;
     }
-    let mut full_state = params.full_state;
+    let request = sync::SyncRequest {
+        user_id: &user_id,
+        localpart: &session.localpart,
+        device_id: &session.device_id,
+        since: params.since.map(|t| t.position),
+        to_device_since: params.since.map_or(0, |t| t.to_device),
+        full_state: params.full_state,
+        filter: &params.filter,
+        use_state_after: params.use_state_after,
+    };
+    let mut live = sync::LiveSync::new(&services, request)?;
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.tick().await;
-    let mut rooms = services.rooms.user_rooms(&user_id)?;
+    // The token is checked before each answer (a logout wakes the stream with its
+    // device-list change, and ends it instead of being sent) and after each ping, pong
+    // or message from the client.
+    let signed_out =
+        async || services.accounts.authenticate(&token, &Client::from_ip(None)).await.is_err();
     loop {
-        if services.accounts.authenticate(&token, &Client::from_ip(None)).await.is_err() {
-            let _ = socket.send(Message::Close(None)).await;
-            return Ok(());
-        }
-        let waiting = sync::subscribe_rooms(&services, &user_id, &rooms);
-        let now = stream.visible().max(since.unwrap_or(0));
-        let request = sync::SyncRequest {
-            user_id: &user_id,
-            localpart: &session.localpart,
-            device_id: &session.device_id,
-            since,
-            to_device_since,
-            full_state,
-            filter: &params.filter,
-            use_state_after: params.use_state_after,
-        };
-        let built = sync::build(&services, &request, now)?;
-        if built.has_updates || since.is_none() || full_state {
-            let text =
-                serde_json::to_string(&built.body).map_err(|e| Error::internal("sync json", e))?;
-            if socket.send(Message::Text(text.into())).await.is_err() {
-                return Ok(());
-            }
-            since = Some(now);
-            full_state = false;
-            let delivered = sync::SyncToken::parse(&built.next_batch).map_or(now, |t| t.to_device);
-            if delivered > to_device_since && built.has_to_device {
-                // Ask for a pong at once so the delivered messages can go.
-                if socket.send(ping_covering(delivered)).await.is_err() {
+        let answered = tokio::select! {
+            built = live::wait(&services, &mut live, None) => {
+                let built = built?;
+                if signed_out().await {
+                    let _ = socket.send(Message::Close(None)).await;
                     return Ok(());
                 }
+                let text = serde_json::to_string(&built.body)
+                    .map_err(|e| Error::internal("sync json", e))?;
+                if socket.send(Message::Text(text.into())).await.is_err() {
+                    return Ok(());
+                }
+                let delivered = built.token.to_device;
+                if delivered > live.request.to_device_since && built.has_to_device {
+                    // Ask for a pong at once so the delivered messages can go.
+                    if socket.send(ping_covering(delivered)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                live.answered(built);
+                true
             }
-            to_device_since = delivered;
-        }
-        rooms = built.rooms;
-        tokio::select! {
-            () = waiting.woken() => {}
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
                 Some(Ok(Message::Pong(payload))) => {
                     // The pong echoes the position its ping covered.
                     if let Ok(bytes) = <[u8; 8]>::try_from(&payload[..]) {
-                        let upto = u64::from_be_bytes(bytes).min(to_device_since);
+                        let upto = u64::from_be_bytes(bytes).min(live.request.to_device_since);
                         let (lp, device) = (&session.localpart, &session.device_id);
                         services.e2ee.ack_to_device(lp, device, upto).await?;
                     }
+                    false
                 }
                 // Pings are answered by the WebSocket layer; other messages are ignored.
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => false,
             },
             _ = ping.tick() => {
-                if socket.send(ping_covering(to_device_since)).await.is_err() {
+                if socket.send(ping_covering(live.request.to_device_since)).await.is_err() {
                     return Ok(());
                 }
+                false
             }
+        };
+        if !answered && signed_out().await {
+            let _ = socket.send(Message::Close(None)).await;
+            return Ok(());
         }
     }
 }

@@ -2,6 +2,7 @@
 //! response writer they share, typing, receipts, presence and sync filters.
 
 pub mod filters;
+pub mod live;
 pub mod out;
 pub mod presence;
 pub mod receipts;

@@ -9,7 +9,14 @@ use serde_json::{Value, json};
 use trellis_core::{Error, Result, now_millis};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
-use crate::{commit, rooms::stream::StreamPositions};
+use crate::{
+    Services, commit,
+    federation::edus,
+    rooms::{
+        stream::StreamPositions,
+        viewer::{Viewer, require_joined},
+    },
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Receipt {
@@ -33,6 +40,9 @@ const RECEIPT_LOG: Table<(String, u64), Json<LogEntry>> = Table::new(&catalog::R
 
 pub const READ: &str = "m.read";
 pub const READ_PRIVATE: &str = "m.read.private";
+/// Not a receipt but the user's `m.fully_read` marker (room account data), which clients
+/// may set through the receipt endpoint.
+pub const FULLY_READ: &str = "m.fully_read";
 
 pub struct Receipts {
     db: Db,
@@ -156,5 +166,86 @@ impl Receipts {
             out.push((thread, receipt.event_id));
         }
         Ok(out)
+    }
+}
+
+/// The user with local part `localpart` marks `event_id` of `room_id` (a room they are in,
+/// an event they may see) read: a receipt of `kind` ([`READ`], [`READ_PRIVATE`], or
+/// [`FULLY_READ`] for the marker), in `thread` if given. Public receipts go to the other
+/// servers in the room too.
+pub async fn set_receipt(
+    services: &Arc<Services>,
+    localpart: &str,
+    room_id: &str,
+    kind: &str,
+    event_id: &str,
+    thread: Option<&str>,
+) -> Result<()> {
+    let user_id = services.accounts.user_id(localpart);
+    require_joined(services, room_id, &user_id)?;
+    let viewer = Viewer::load(services, localpart)?;
+    viewer.reader(services, room_id, &user_id)?.event(services, room_id, event_id)?;
+    match kind {
+        FULLY_READ if thread.is_some() => {
+            Err(Error::invalid_param("m.fully_read cannot be threaded"))
+        }
+        FULLY_READ => set_fully_read(services, localpart, room_id, event_id).await,
+        READ | READ_PRIVATE => {
+            services.receipts.set(room_id, &user_id, kind, event_id, thread).await?;
+            if kind == READ {
+                let sent = edus::read_receipt(services, room_id, &user_id, event_id, thread);
+                queued(sent.await);
+            }
+            Ok(())
+        }
+        _ => Err(Error::invalid_param("Unknown receipt type")),
+    }
+}
+
+/// The user with local part `localpart` moves their markers in `room_id` (a room they are
+/// in) to events they may see: the fully read marker, the public and the private read
+/// receipt, each if given, in that order.
+pub async fn set_read_markers(
+    services: &Arc<Services>,
+    localpart: &str,
+    room_id: &str,
+    fully_read: Option<&str>,
+    read: Option<&str>,
+    read_private: Option<&str>,
+) -> Result<()> {
+    let user_id = services.accounts.user_id(localpart);
+    require_joined(services, room_id, &user_id)?;
+    let viewer = Viewer::load(services, localpart)?;
+    let room = viewer.reader(services, room_id, &user_id)?;
+    if let Some(event_id) = fully_read {
+        room.event(services, room_id, event_id)?;
+        set_fully_read(services, localpart, room_id, event_id).await?;
+    }
+    for (kind, event_id) in [(READ, read), (READ_PRIVATE, read_private)] {
+        if let Some(event_id) = event_id {
+            room.event(services, room_id, event_id)?;
+            services.receipts.set(room_id, &user_id, kind, event_id, None).await?;
+            if kind == READ {
+                queued(edus::read_receipt(services, room_id, &user_id, event_id, None).await);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn set_fully_read(
+    services: &Services,
+    localpart: &str,
+    room_id: &str,
+    event_id: &str,
+) -> Result<()> {
+    let content = json!({"event_id": event_id});
+    services.account_data.put(localpart, Some(room_id), FULLY_READ, content).await
+}
+
+/// A receipt stands whether or not the other servers can be told.
+fn queued(sent: Result<()>) {
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "queueing an EDU for federation failed");
     }
 }

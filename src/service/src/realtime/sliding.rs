@@ -5,9 +5,11 @@
 //! later responses carry only what is new.
 
 use std::{
+    cell::OnceCell,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     ops::Bound,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use serde_json::{Map, Value, json};
@@ -15,8 +17,11 @@ use trellis_core::{Error, Result};
 
 use crate::{
     Services,
-    realtime::sync::{STRIPPED_STATE, attach_bundle, reader_event, stripped, sync_event},
-    rooms::Pdu,
+    realtime::{
+        live,
+        sync::{STRIPPED_STATE, attach_bundle, reader_event, stripped, sync_event},
+    },
+    rooms::{Pdu, viewer::Viewer},
 };
 
 /// Positions handed out per connection that a client may still come back with.
@@ -154,6 +159,65 @@ impl Connections {
     }
 }
 
+/// Sliding sync for one connection: acknowledges the to-device messages the extension's
+/// `since` covered, then answers as soon as there is something new for the connection,
+/// or with an empty answer once `timeout` has passed.
+pub async fn long_poll(
+    services: &Services,
+    request: &SlidingRequest<'_>,
+    timeout: Duration,
+) -> Result<Value> {
+    let ext = &request.extensions;
+    if ext.to_device && ext.to_device_since > 0 {
+        // The extension's `since` acknowledges the messages it covered.
+        let (localpart, device_id) = (request.localpart, request.device_id);
+        services.e2ee.ack_to_device(localpart, device_id, ext.to_device_since).await?;
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut query = LiveSliding { request, held: None };
+    Ok(live::wait(services, &mut query, Some(deadline)).await?.send(services))
+}
+
+/// A sliding sync request for [`live::wait`]. It builds before each wait (a connection's
+/// snapshots say per room how far the client is, which a position alone cannot), and
+/// its `pos` never moves during a poll: an empty answer is kept as the one a timeout
+/// sends.
+struct LiveSliding<'r, 'a> {
+    request: &'r SlidingRequest<'a>,
+    held: Option<SlidingResponse>,
+}
+
+impl live::Query for LiveSliding<'_, '_> {
+    type Answer = SlidingResponse;
+
+    fn subscribe(&mut self, services: &Services) -> Result<crate::rooms::stream::Subscription> {
+        crate::realtime::sync::subscribe(services, self.request.user_id)
+    }
+
+    fn may_wait(&self) -> bool {
+        self.request.pos.is_some()
+    }
+
+    fn build(&mut self, services: &Services, now: u64) -> Result<SlidingResponse> {
+        build(services, self.request, now)
+    }
+
+    fn has_updates(answer: &SlidingResponse) -> bool {
+        answer.has_updates
+    }
+
+    fn pass(&mut self, answer: SlidingResponse, _now: u64) {
+        self.held = Some(answer);
+    }
+
+    fn timed_out(&mut self, services: &Services, now: u64) -> Result<SlidingResponse> {
+        match self.held.take() {
+            Some(answer) => Ok(answer),
+            None => build(services, self.request, now),
+        }
+    }
+}
+
 fn content(pdu: &Pdu) -> Value {
     serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null)
 }
@@ -263,10 +327,13 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
 
     let mut next = Snapshot { stream: now, rooms: previous.rooms.clone(), counts: counts.clone() };
     let mut out_rooms = Map::new();
+    // Read with the first timeline read: an answer where no room changed reads none.
+    let viewer = OnceCell::new();
     for (room_id, (wants, membership, bump)) in &selected {
         let known = previous.rooms.get(room_id).copied();
         let room = if membership == "join" {
-            joined_room(services, req, room_id, wants, known, now, *bump)?
+            let timeline = Timeline { viewer: &viewer, known, now };
+            joined_room(services, req, room_id, wants, timeline, *bump)?
         } else {
             invited_room(services, req.user_id, room_id, known, *bump)?
         };
@@ -416,24 +483,39 @@ fn counts_and_name(services: &Services, user: &str, room_id: &str, room: &mut Va
     Ok(())
 }
 
+/// Where a room's timeline in an answer starts and ends, and who reads it.
+struct Timeline<'v> {
+    viewer: &'v OnceCell<Viewer>,
+    /// The position the client has the room up to, if it has it.
+    known: Option<u64>,
+    now: u64,
+}
+
 fn joined_room(
     services: &Services,
     req: &SlidingRequest<'_>,
     room_id: &str,
     wants: &RoomWants,
-    known: Option<u64>,
-    now: u64,
+    timeline: Timeline<'_>,
     bump: u64,
 ) -> Result<Option<Value>> {
     let rooms = &services.rooms;
     let user = req.user_id;
+    let Timeline { viewer, known, now } = timeline;
     if let Some(known) = known
         && !rooms.changed_after(room_id, known)?
     {
         return Ok(None);
     }
     let from = known.unwrap_or(0);
-    let view = rooms.visibility_view(room_id, user)?;
+    let viewer = match viewer.get() {
+        Some(viewer) => viewer,
+        None => {
+            let loaded = Viewer::load(services, req.localpart)?;
+            viewer.get_or_init(|| loaded)
+        }
+    };
+    let viewer = viewer.room(services, room_id, user)?;
     let limit = wants.timeline_limit.min(MAX_TIMELINE);
     let page = rooms.scan_timeline(
         room_id,
@@ -441,7 +523,7 @@ fn joined_room(
         Bound::Included(now),
         false,
         limit,
-        |pos, pdu| Ok(view.may_see(pos, pdu)),
+        |pos, pdu| Ok(viewer.sees(pos, pdu)),
     )?;
     let mut events = page.events;
     events.reverse();

@@ -7,19 +7,26 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     ops::Bound,
     sync::Arc,
+    time::Duration,
 };
 
 use ruma::{
     api::client::filter::{FilterDefinition, LazyLoadOptions, RoomEventFilter, RoomFilter},
     events::TimelineEventType,
+    presence::PresenceState,
 };
 use serde_json::{Map, Value, json};
+use tracing::Instrument;
 use trellis_core::Result;
 
 use crate::{
     Services,
-    realtime::out::{ClientEvent, EventView, Key, Out, Unsigned},
-    rooms::{Pdu, filter, members::UserRoom, state::StateSet, visibility::VisibilityView},
+    accounts::Session,
+    realtime::{
+        live,
+        out::{ClientEvent, EventView, Key, Out, Unsigned},
+    },
+    rooms::{Pdu, filter, members::UserRoom, state::StateSet, viewer::Viewer},
 };
 
 /// Timeline events per room when the filter sets no limit.
@@ -85,6 +92,8 @@ pub struct SyncRequest<'a> {
 pub struct SyncResponse {
     pub body: Out,
     pub next_batch: String,
+    /// `next_batch` as the client will send it back.
+    pub token: SyncToken,
     /// The body carries to-device messages.
     pub has_to_device: bool,
     pub has_updates: bool,
@@ -181,14 +190,9 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
     // quiet.
     let rooms = services.rooms.user_rooms(req.user_id)?;
     let since = req.since.unwrap_or(0);
-    let ignored: HashSet<String> = services
-        .account_data
-        .get(req.localpart, None, "m.ignored_user_list")?
-        .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
+    let viewer = Viewer::load(services, req.localpart)?;
     let now_ms = trellis_core::now_millis();
-    let builder = Builder { services, req, since, now, now_ms, ignored };
+    let builder = Builder { services, req, since, now, now_ms, viewer };
     let account_changes = services.account_data.changed_since(req.localpart, since)?;
 
     let mut join: Vec<(Key, Out)> = Vec::new();
@@ -232,7 +236,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                 else {
                     continue;
                 };
-                if *membership == "invite" && builder.ignored.contains(pdu.sender.as_str()) {
+                if *membership == "invite" && builder.viewer.ignores(pdu.sender.as_str()) {
                     continue;
                 }
                 let mut events = Vec::new();
@@ -293,7 +297,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             }
             "invite" => {
                 let sender = pending.event["sender"].as_str().unwrap_or_default();
-                if !builder.ignored.contains(sender) {
+                if !builder.viewer.ignores(sender) {
                     invite.insert(room_id, json!({"invite_state": {"events": pending.stripped}}));
                 }
             }
@@ -318,7 +322,8 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         || !presence.is_empty()
         || !e2ee.to_device.is_empty()
         || !e2ee.device_lists.is_empty();
-    let next_batch = SyncToken { position: now, to_device: e2ee.to_device_upto }.render();
+    let token = SyncToken { position: now, to_device: e2ee.to_device_upto };
+    let next_batch = token.render();
     let has_to_device = !e2ee.to_device.is_empty();
     let mut body = crate::out_object! {
         "rooms": crate::out_object! {
@@ -341,7 +346,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
     // presence says the server supports fallback keys.
     body.insert("device_one_time_keys_count", json!(e2ee.one_time_keys_count));
     body.insert("device_unused_fallback_key_types", json!(e2ee.unused_fallback_key_types));
-    Ok(SyncResponse { body, next_batch, has_to_device, has_updates, rooms })
+    Ok(SyncResponse { body, next_batch, token, has_to_device, has_updates, rooms })
 }
 
 /// The encryption parts of a sync for one device.
@@ -423,6 +428,123 @@ pub fn subscribe_rooms(
     services.rooms.stream.subscribe_keys(keys)
 }
 
+/// What a `/sync` request asks for, taken out of it by the caller: a held poll keeps its
+/// future's whole state for as long as it waits, and the parsed request (with its inline
+/// filter) is some kilobytes.
+pub struct Params {
+    pub filter: Box<FilterDefinition>,
+    pub token: Option<SyncToken>,
+    pub timeout: Duration,
+    pub full_state: bool,
+    pub use_state_after: bool,
+    pub set_presence: PresenceState,
+}
+
+/// `/sync` for `session`'s device: acknowledges the to-device messages its token covered,
+/// notes the user's presence, then answers as soon as there is something new, or with
+/// an empty answer moving the token on once `timeout` has passed.
+pub async fn long_poll(services: &Services, session: &Session, params: Params) -> Result<Out> {
+    let Params { filter, token, timeout, full_state, use_state_after, set_presence } = params;
+    let (localpart, device_id) = (session.localpart.as_str(), session.device_id.as_str());
+    let user_id = services.accounts.user_id(localpart);
+    let since = token.map(|t| t.position);
+    if let Some(token) = token {
+        // Syncing from a token acknowledges the to-device messages it covered.
+        Box::pin(services.e2ee.ack_to_device(localpart, device_id, token.to_device)).await?;
+    }
+    // Syncing is activity, unless the client says it is offline or away.
+    match set_presence {
+        PresenceState::Offline => {}
+        PresenceState::Unavailable => {
+            let current = services.presence.status(&user_id)?;
+            if current.presence != "unavailable" {
+                let status_msg = current.status_msg;
+                Box::pin(services.presence.set_state(&user_id, "unavailable", status_msg)).await?;
+            }
+        }
+        _ => services.presence.note_activity(&user_id),
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let request = SyncRequest {
+        user_id: &user_id,
+        localpart,
+        device_id,
+        since,
+        to_device_since: token.map_or(0, |t| t.to_device),
+        full_state,
+        filter: &filter,
+        use_state_after,
+    };
+    let span = tracing::debug_span!("sync", since = ?since, timeout_ms = timeout.as_millis());
+    async {
+        let mut query = LiveSync::new(services, request)?;
+        Ok(live::wait(services, &mut query, Some(deadline)).await?.body)
+    }
+    .instrument(span)
+    .await
+}
+
+/// A client's place in the sync stream, for [`live::wait`]: `/sync` has one per request,
+/// the WebSocket stream one for its whole life.
+pub struct LiveSync<'a> {
+    pub request: SyncRequest<'a>,
+    /// The user's rooms as last read, for the next wait's subscription.
+    rooms: Vec<UserRoom>,
+}
+
+impl<'a> LiveSync<'a> {
+    pub fn new(services: &Services, request: SyncRequest<'a>) -> Result<Self> {
+        let rooms = services.rooms.user_rooms(request.user_id)?;
+        Ok(Self { request, rooms })
+    }
+
+    /// `answer` reached the client: the next one continues from its token.
+    pub fn answered(&mut self, answer: SyncResponse) {
+        self.request.since = Some(answer.token.position);
+        self.request.to_device_since = answer.token.to_device;
+        self.request.full_state = false;
+        self.rooms = answer.rooms;
+    }
+}
+
+impl live::Query for LiveSync<'_> {
+    type Answer = SyncResponse;
+
+    fn subscribe(&mut self, services: &Services) -> Result<crate::rooms::stream::Subscription> {
+        Ok(subscribe_rooms(services, self.request.user_id, &self.rooms))
+    }
+
+    fn floor(&self) -> u64 {
+        self.request.since.unwrap_or(0)
+    }
+
+    fn may_wait(&self) -> bool {
+        self.request.since.is_some() && !self.request.full_state
+    }
+
+    /// Every part of a sync answer is written at a stream position: a token at `now`
+    /// with all its to-device messages has nothing to fetch.
+    fn caught_up(&self, now: u64) -> bool {
+        self.request.since.is_some_and(|s| s >= now) && self.request.to_device_since >= now
+    }
+
+    fn build(&mut self, services: &Services, now: u64) -> Result<SyncResponse> {
+        build(services, &self.request, now)
+    }
+
+    fn has_updates(answer: &SyncResponse) -> bool {
+        answer.has_updates
+    }
+
+    /// Nothing for this user up to `now`, to-device messages included: the token moves
+    /// there and the answer goes (a timeout builds the empty one it answers with).
+    fn pass(&mut self, answer: SyncResponse, now: u64) {
+        self.rooms = answer.rooms;
+        self.request.since = Some(now);
+        self.request.to_device_since = now;
+    }
+}
+
 fn filter_account_data(filter: &ruma::api::client::filter::Filter, kind: &str) -> bool {
     !filter.not_types.iter().any(|t| filter::type_matches(t, kind))
         && filter.types.as_ref().is_none_or(|ts| ts.iter().any(|t| filter::type_matches(t, kind)))
@@ -440,7 +562,7 @@ struct Builder<'a> {
     now: u64,
     /// The clock when the build started, for the events' `age`.
     now_ms: u64,
-    ignored: HashSet<String>,
+    viewer: Viewer,
 }
 
 /// A room's timeline section: events in order, whether it was cut, and the token
@@ -466,8 +588,7 @@ impl Builder<'_> {
 
     /// The newest events of `(from, to]` the user may see, up to the filter's limit.
     fn timeline(&self, room_id: &str, from: u64, to: u64) -> Result<Timeline> {
-        let view: VisibilityView =
-            self.services.rooms.visibility_view(room_id, self.req.user_id)?;
+        let viewer = self.viewer.room(self.services, room_id, self.req.user_id)?;
         let filter = self.timeline_filter();
         let limit = self.timeline_limit();
         let page = self.services.rooms.scan_timeline(
@@ -476,11 +597,7 @@ impl Builder<'_> {
             Bound::Included(to),
             false,
             limit,
-            |pos, pdu| {
-                Ok(!self.ignored.contains(pdu.sender.as_str())
-                    && filter::passes(filter, room_id, pdu)
-                    && view.may_see(pos, pdu))
-            },
+            |pos, pdu| Ok(filter::passes(filter, room_id, pdu) && viewer.sees(pos, pdu)),
         )?;
         let mut events = page.events;
         events.reverse();

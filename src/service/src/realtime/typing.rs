@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::rooms::stream::StreamPositions;
+use trellis_core::Result;
+
+use crate::{Services, federation::edus, rooms::stream::StreamPositions};
 
 /// Clients ask for timeouts; none lasts longer than this.
 const MAX_TIMEOUT: Duration = Duration::from_secs(120);
@@ -105,6 +107,24 @@ impl Typing {
         users.sort();
         Some(users)
     }
+}
+
+/// `user_id` starts (for `timeout`) or stops (`None`) typing in `room_id`, which they
+/// must be in: the room's syncs here learn it at once, the other servers in the room by
+/// an EDU.
+pub async fn set_typing(
+    services: &Arc<Services>,
+    room_id: &str,
+    user_id: &str,
+    timeout: Option<Duration>,
+) -> Result<()> {
+    crate::rooms::viewer::require_joined(services, room_id, user_id)?;
+    services.typing.set(room_id, user_id, timeout);
+    // The local change stands whether or not the other servers can be told.
+    if let Err(e) = edus::typing(services, room_id, user_id, timeout.is_some()).await {
+        tracing::warn!(error = %e, "queueing an EDU for federation failed");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

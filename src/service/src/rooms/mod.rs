@@ -21,6 +21,7 @@ pub mod state;
 pub mod stream;
 pub mod sync_state;
 pub mod upgrade;
+pub mod viewer;
 pub mod visibility;
 
 pub use builder::{EventRef, PduTemplate, build_pdu};

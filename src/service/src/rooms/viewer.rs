@@ -1,0 +1,108 @@
+//! What a user gets of a room's history: the events the spec's history visibility rules
+//! show them, less those sent by users they ignore (`m.ignored_user_list`). Every path
+//! serving room events to a client filters through [`RoomViewer::sees`], so that `/sync`,
+//! sliding sync and the event checks of receipts and read markers cannot disagree on it.
+
+use std::{collections::HashSet, sync::Arc};
+
+use serde_json::Value;
+use trellis_core::{Error, Result};
+
+use crate::{
+    Services,
+    rooms::{Pdu, cache::CachedEvent, visibility::VisibilityView},
+};
+
+/// One user reading rooms: who they ignore, read once for all the rooms of an answer.
+pub struct Viewer {
+    ignored: HashSet<String>,
+}
+
+impl Viewer {
+    /// The user with local part `localpart`, as their account data stands now.
+    pub fn load(services: &Services, localpart: &str) -> Result<Self> {
+        let ignored = services
+            .account_data
+            .get(localpart, None, "m.ignored_user_list")?
+            .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
+            .map(|users| users.keys().cloned().collect())
+            .unwrap_or_default();
+        Ok(Self { ignored })
+    }
+
+    /// Whether the user ignores `sender`: nothing of theirs reaches the user, invites
+    /// included.
+    pub fn ignores(&self, sender: &str) -> bool {
+        // Most users ignore nobody: no hashing then.
+        !self.ignored.is_empty() && self.ignored.contains(sender)
+    }
+
+    /// What `user_id` (this viewer) gets of `room_id`'s history.
+    pub fn room(
+        &self,
+        services: &Services,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<RoomViewer<'_>> {
+        let view = services.rooms.visibility_view(room_id, user_id)?;
+        Ok(RoomViewer { viewer: self, view })
+    }
+
+    /// [`Self::room`] for reading the room outside a sync: only someone who has been in
+    /// it may, or anyone if it is world readable.
+    pub fn reader(
+        &self,
+        services: &Services,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<RoomViewer<'_>> {
+        let room = self.room(services, room_id, user_id)?;
+        if !room.view.may_read() {
+            return Err(Error::forbidden("You are not allowed to read this room"));
+        }
+        Ok(room)
+    }
+}
+
+/// One user's view of one room's history (see [`Viewer::room`]).
+pub struct RoomViewer<'a> {
+    viewer: &'a Viewer,
+    view: VisibilityView,
+}
+
+impl RoomViewer<'_> {
+    /// Whether the user gets the event at stream position `position`: visible to them
+    /// and not from someone they ignore.
+    pub fn sees(&self, position: u64, pdu: &Pdu) -> bool {
+        !self.viewer.ignores(pdu.sender.as_str()) && self.view.may_see(position, pdu)
+    }
+
+    /// A stored event of `room_id` the user gets, else 404 (not 403: whether an event
+    /// exists is not revealed).
+    pub fn event(
+        &self,
+        services: &Services,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Arc<CachedEvent>> {
+        let not_found = || Error::not_found("Event not found");
+        let stored = services.rooms.cached_event(event_id)?.ok_or_else(not_found)?;
+        let pdu = &stored.pdu;
+        if pdu.room_id.as_ref().is_some_and(|r| r.as_str() != room_id)
+            || stored.rejected
+            || !self.sees(stored.position, pdu)
+        {
+            return Err(not_found());
+        }
+        Ok(stored)
+    }
+}
+
+/// Acting in a room (typing, receipts) and reading its current state need a current
+/// membership of `join`.
+pub fn require_joined(services: &Services, room_id: &str, user_id: &str) -> Result<()> {
+    match services.rooms.membership(room_id, user_id)?.as_deref() {
+        Some("join") => Ok(()),
+        _ => Err(Error::forbidden("You are not a member of this room")),
+    }
+}
