@@ -1,12 +1,10 @@
 //! Serving events to a user: what they may see (history visibility, ignored users) and
 //! how each event looks to them (client format with bundled aggregations).
 
-use std::collections::HashSet;
-
 use ruma::serde::Raw;
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
-use trellis_service::rooms::{Pdu, visibility::VisibilityView};
+use trellis_service::rooms::{Pdu, viewer, visibility::VisibilityView};
 
 use crate::ruma_route::Ctx;
 
@@ -34,10 +32,8 @@ pub(super) fn client_event(pdu: &Pdu, room_id: &str) -> Value {
 /// Reading a room's current state needs a current membership of `join`.
 pub(super) fn require_joined(ctx: &Ctx, room_id: &str) -> Result<String> {
     let user = me(ctx)?;
-    match ctx.services.rooms.membership(room_id, &user)?.as_deref() {
-        Some("join") => Ok(user),
-        _ => Err(Error::forbidden("You are not a member of this room")),
-    }
+    viewer::require_joined(&ctx.services, room_id, &user)?;
+    Ok(user)
 }
 
 /// One user reading one room's history.
@@ -46,7 +42,7 @@ pub(super) struct Viewer<'a> {
     pub room_id: &'a str,
     pub user: String,
     device_id: String,
-    ignored: HashSet<String>,
+    viewer: viewer::Viewer,
     view: VisibilityView,
 }
 
@@ -55,29 +51,17 @@ impl<'a> Viewer<'a> {
     /// world readable.
     pub fn new(ctx: &'a Ctx, room_id: &'a str) -> Result<Self> {
         let user = me(ctx)?;
-        let view = ctx.services.rooms.visibility_view(room_id, &user)?;
-        if !view.may_read() {
-            return Err(Error::forbidden("You are not allowed to read this room"));
-        }
-        let localpart = &ctx.session()?.localpart;
-        let device_id = ctx.session()?.device_id.clone();
-        let ignored = ctx
-            .services
-            .account_data
-            .get(localpart, None, "m.ignored_user_list")?
-            .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
-            .map(|users| users.keys().cloned().collect())
-            .unwrap_or_default();
-        Ok(Self { ctx, room_id, user, device_id, ignored, view })
+        let view = viewer::Viewer::reader_view(&ctx.services, room_id, &user)?;
+        let session = ctx.session()?;
+        let viewer = viewer::Viewer::load(&ctx.services, &session.localpart)?;
+        let device_id = session.device_id.clone();
+        Ok(Self { ctx, room_id, user, device_id, viewer, view })
     }
 
     /// Whether the viewer gets this event: visible to them and not from someone they
     /// ignore.
     pub fn sees(&self, position: u64, pdu: &Pdu) -> Result<bool> {
-        if self.ignored.contains(pdu.sender.as_str()) {
-            return Ok(false);
-        }
-        Ok(self.view.may_see(position, pdu))
+        Ok(self.viewer.sees(&self.view, position, pdu))
     }
 
     /// The event in client format with the aggregations the spec bundles with it.
@@ -103,15 +87,8 @@ impl<'a> Viewer<'a> {
     /// A stored event of this room the viewer may see, else 404 (not 403: whether an
     /// event exists is not revealed).
     pub fn event(&self, event_id: &str) -> Result<(u64, Pdu)> {
-        let not_found = || Error::not_found("Event not found");
-        let stored = self.ctx.services.rooms.cached_event(event_id)?.ok_or_else(not_found)?;
-        let pdu = &stored.pdu;
-        if pdu.room_id.as_ref().is_some_and(|r| r.as_str() != self.room_id)
-            || stored.rejected
-            || !self.sees(stored.position, pdu)?
-        {
-            return Err(not_found());
-        }
-        Ok((stored.position, (**pdu).clone()))
+        let stored =
+            self.viewer.visible_event(&self.ctx.services, &self.view, self.room_id, event_id)?;
+        Ok((stored.position, (*stored.pdu).clone()))
     }
 }

@@ -1,7 +1,8 @@
 //! What a user gets of a room's history: the events the spec's history visibility rules
 //! show them, less those sent by users they ignore (`m.ignored_user_list`). Every path
-//! serving room events to a client filters through [`RoomViewer::sees`], so that `/sync`,
-//! sliding sync and the event checks of receipts and read markers cannot disagree on it.
+//! serving room events to a client filters through [`Viewer::sees`], so that `/sync`,
+//! sliding sync, `/messages`, `/context`, relations and the event checks of receipts
+//! and read markers cannot disagree on it.
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -37,6 +38,48 @@ impl Viewer {
         !self.ignored.is_empty() && self.ignored.contains(sender)
     }
 
+    /// The one decision on what a user gets of a room's history: the event at stream
+    /// position `position` is visible to them by `view` (history visibility) and not
+    /// from someone they ignore.
+    pub fn sees(&self, view: &VisibilityView, position: u64, pdu: &Pdu) -> bool {
+        !self.ignores(pdu.sender.as_str()) && view.may_see(position, pdu)
+    }
+
+    /// `user_id`'s view of `room_id`'s history for reading it outside a sync: only
+    /// someone who has been in the room may, or anyone if it is world readable.
+    pub fn reader_view(
+        services: &Services,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<VisibilityView> {
+        let view = services.rooms.visibility_view(room_id, user_id)?;
+        if !view.may_read() {
+            return Err(Error::forbidden("You are not allowed to read this room"));
+        }
+        Ok(view)
+    }
+
+    /// A stored event of `room_id` the user gets by `view`, else 404 (not 403: whether
+    /// an event exists is not revealed).
+    pub fn visible_event(
+        &self,
+        services: &Services,
+        view: &VisibilityView,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Arc<CachedEvent>> {
+        let not_found = || Error::not_found("Event not found");
+        let stored = services.rooms.cached_event(event_id)?.ok_or_else(not_found)?;
+        let pdu = &stored.pdu;
+        if pdu.room_id.as_ref().is_some_and(|r| r.as_str() != room_id)
+            || stored.rejected
+            || !self.sees(view, stored.position, pdu)
+        {
+            return Err(not_found());
+        }
+        Ok(stored)
+    }
+
     /// What `user_id` (this viewer) gets of `room_id`'s history.
     pub fn room(
         &self,
@@ -56,11 +99,8 @@ impl Viewer {
         room_id: &str,
         user_id: &str,
     ) -> Result<RoomViewer<'_>> {
-        let room = self.room(services, room_id, user_id)?;
-        if !room.view.may_read() {
-            return Err(Error::forbidden("You are not allowed to read this room"));
-        }
-        Ok(room)
+        let view = Self::reader_view(services, room_id, user_id)?;
+        Ok(RoomViewer { viewer: self, view })
     }
 }
 
@@ -74,7 +114,7 @@ impl RoomViewer<'_> {
     /// Whether the user gets the event at stream position `position`: visible to them
     /// and not from someone they ignore.
     pub fn sees(&self, position: u64, pdu: &Pdu) -> bool {
-        !self.viewer.ignores(pdu.sender.as_str()) && self.view.may_see(position, pdu)
+        self.viewer.sees(&self.view, position, pdu)
     }
 
     /// A stored event of `room_id` the user gets, else 404 (not 403: whether an event
@@ -85,16 +125,7 @@ impl RoomViewer<'_> {
         room_id: &str,
         event_id: &str,
     ) -> Result<Arc<CachedEvent>> {
-        let not_found = || Error::not_found("Event not found");
-        let stored = services.rooms.cached_event(event_id)?.ok_or_else(not_found)?;
-        let pdu = &stored.pdu;
-        if pdu.room_id.as_ref().is_some_and(|r| r.as_str() != room_id)
-            || stored.rejected
-            || !self.sees(stored.position, pdu)
-        {
-            return Err(not_found());
-        }
-        Ok(stored)
+        self.viewer.visible_event(services, &self.view, room_id, event_id)
     }
 }
 
