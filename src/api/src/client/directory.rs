@@ -1,6 +1,7 @@
 //! `POST /user_directory/search`.
 
 use axum::Router;
+use ruma::events::room::member::MembershipState;
 use ruma::{
     OwnedMxcUri, UserId,
     api::client::user_directory::search_users::{self, v3::User},
@@ -27,12 +28,12 @@ async fn search(ctx: Ctx, req: search_users::v3::Request) -> Result<search_users
     // the members of rooms published in the room directory.
     let me = ctx.services.accounts.user_id(&searcher);
     let mut visible = std::collections::HashSet::from([me.clone()]);
-    let mut rooms = ctx.services.rooms.rooms_of(&me, "join")?;
+    let mut rooms = ctx.services.rooms.rooms_of(&me, &MembershipState::Join)?;
     rooms.extend(ctx.services.public_rooms.published()?);
     rooms.sort();
     rooms.dedup();
     for room in rooms {
-        visible.extend(ctx.services.rooms.members(&room, "join")?);
+        visible.extend(ctx.services.rooms.members(&room, &MembershipState::Join)?);
     }
     let accounts = &ctx.services.accounts;
     let (hits, limited) = ctx.services.directory.search(&req.search_term, limit, |localpart| {

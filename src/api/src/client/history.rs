@@ -1,6 +1,7 @@
 //! Reading a room's history: `/messages`, `/context`, `/event`, `/timestamp_to_event`
 //! and `/members`, each showing a user only what history visibility lets them see.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::BTreeSet,
     ops::Bound::{Excluded, Included, Unbounded},
@@ -228,16 +229,16 @@ async fn member_events(
     // A user who left sees the members as they were when they left.
     let current = rooms.membership(room_id, &viewer.user)?;
     let at = req.at.as_deref().map(parse_token).transpose()?;
-    let events: Vec<Pdu> = match (at, current.as_deref()) {
-        (None, Some("join")) => rooms
+    let joined = current == Some(MembershipState::Join);
+    let events: Vec<Pdu> = match (at, joined) {
+        (None, true) => rooms
             .current_state(room_id)?
             .into_iter()
             .filter(|p| p.kind == ruma::events::TimelineEventType::RoomMember)
             .collect(),
         (at, _) => {
-            let left_at = rooms
-                .last_membership_position(room_id, &viewer.user)?
-                .filter(|_| current.as_deref() != Some("join"));
+            let left_at =
+                rooms.last_membership_position(room_id, &viewer.user)?.filter(|_| !joined);
             let position = match (at, left_at) {
                 (Some(a), Some(l)) => a.saturating_sub(1).min(l),
                 (Some(a), None) => a.saturating_sub(1),

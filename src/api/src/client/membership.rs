@@ -67,7 +67,7 @@ async fn forget(ctx: Ctx, req: forget_room::v3::Request) -> Result<forget_room::
 
 /// GET /_matrix/client/v3/joined_rooms
 async fn joined(ctx: Ctx, _: joined_rooms::v3::Request) -> Result<joined_rooms::v3::Response> {
-    let rooms = ctx.services.rooms.rooms_of(&me(&ctx)?, "join")?;
+    let rooms = ctx.services.rooms.rooms_of(&me(&ctx)?, &MembershipState::Join)?;
     let rooms = rooms.into_iter().filter_map(|r| OwnedRoomId::try_from(r).ok()).collect();
     Ok(joined_rooms::v3::Response::new(rooms))
 }
@@ -79,7 +79,7 @@ async fn members(
 ) -> Result<joined_members::v3::Response> {
     require_joined(&ctx, req.room_id.as_str())?;
     let mut joined = std::collections::BTreeMap::new();
-    for user in ctx.services.rooms.members(req.room_id.as_str(), "join")? {
+    for user in ctx.services.rooms.members(req.room_id.as_str(), &MembershipState::Join)? {
         let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else { continue };
         let mut member = joined_members::v3::RoomMember::new();
         if let Some(pdu) =

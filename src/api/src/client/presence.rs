@@ -1,5 +1,6 @@
 //! Presence: `GET`/`PUT /presence/{userId}/status`.
 
+use ruma::events::room::member::MembershipState;
 use std::{collections::HashSet, time::Duration};
 
 use axum::Router;
@@ -33,8 +34,9 @@ fn require_visible(ctx: &Ctx, viewer: &str, target: &str) -> Result<()> {
         return Err(Error::not_found("No such user"));
     }
     let rooms = &ctx.services.rooms;
-    let mine: HashSet<String> = rooms.rooms_of(viewer, "join")?.into_iter().collect();
-    if rooms.rooms_of(target, "join")?.iter().any(|room| mine.contains(room)) {
+    let mine: HashSet<String> =
+        rooms.rooms_of(viewer, &MembershipState::Join)?.into_iter().collect();
+    if rooms.rooms_of(target, &MembershipState::Join)?.iter().any(|room| mine.contains(room)) {
         Ok(())
     } else {
         Err(Error::forbidden("You do not share a room with this user"))

@@ -71,7 +71,7 @@ async fn summary(ctx: Ctx, req: get_summary::v1::Request) -> Result<get_summary:
         other => other?,
     };
     let mut resp = get_summary::v1::Response::new(info.to_summary()?);
-    resp.membership = membership.as_deref().map(MembershipState::from);
+    resp.membership = membership;
     Ok(resp)
 }
 
@@ -83,7 +83,7 @@ async fn remote_summary(
     target: &str,
     via: &[OwnedServerName],
     user: Option<&str>,
-) -> Result<Option<(RoomInfo, Option<String>)>> {
+) -> Result<Option<(RoomInfo, Option<MembershipState>)>> {
     let services = &ctx.services;
     let mut servers: Vec<String> = via.iter().map(ToString::to_string).collect();
     let room_id = if target.starts_with('#') {
@@ -114,11 +114,13 @@ async fn remote_summary(
     else {
         return Ok(None);
     };
-    let membership = pending.map(|p| p.membership).filter(|m| m != "leave");
+    let membership = pending
+        .map(|p| MembershipState::from(p.membership))
+        .filter(|m| *m != MembershipState::Leave);
     if membership.is_none() && !may_preview(&services.rooms, &info, user)? {
         return Ok(None);
     }
-    Ok(Some((info, user.map(|_| membership.unwrap_or_else(|| "leave".into())))))
+    Ok(Some((info, user.map(|_| membership.unwrap_or(MembershipState::Leave)))))
 }
 
 /// GET /_matrix/client/v3/directory/list/room/{roomId}

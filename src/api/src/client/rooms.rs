@@ -1,6 +1,7 @@
 //! Rooms: creating them, sending events and reading their current state.
 
 use axum::Router;
+use ruma::events::room::member::MembershipState;
 use ruma::{
     OwnedRoomId, OwnedUserId,
     api::client::{
@@ -166,10 +167,12 @@ async fn get_state(
 fn readable_state(ctx: &Ctx, room_id: &str) -> Result<Vec<trellis_service::rooms::Pdu>> {
     let user = me(ctx)?;
     let rooms = &ctx.services.rooms;
-    if rooms.membership(room_id, &user)?.as_deref() == Some("join") {
+    if rooms.membership(room_id, &user)? == Some(MembershipState::Join) {
         return rooms.current_state(room_id);
     }
-    if let Some("leave") | Some("ban") = rooms.membership(room_id, &user)?.as_deref() {
+    if let Some("leave") | Some("ban") =
+        rooms.membership(room_id, &user)?.as_ref().map(MembershipState::as_str)
+    {
         let left_at = rooms.last_membership_position(room_id, &user)?.unwrap_or(0);
         let state = rooms.state_at_position(room_id, left_at)?;
         return rooms.state_events(&state);

@@ -1,6 +1,7 @@
 //! User profiles: `displayname`, `avatar_url` and extended fields (spec v1.16), each a
 //! JSON value stored under (user, field).
 
+use ruma::events::room::member::MembershipState;
 use std::collections::BTreeMap;
 
 use http::StatusCode;
@@ -98,7 +99,7 @@ pub async fn update_field(
         return Ok(());
     }
     let user = services.accounts.user_id(localpart);
-    for room in services.rooms.rooms_of(&user, "join")? {
+    for room in services.rooms.rooms_of(&user, &MembershipState::Join)? {
         let Some(current) = services.rooms.state_of(&room, "m.room.member", &user)? else {
             continue;
         };

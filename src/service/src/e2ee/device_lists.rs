@@ -3,6 +3,7 @@
 //! hear about everyone they share a room with whose keys changed, about everyone who
 //! newly shares a room with them, and about those who no longer share any.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use trellis_core::Result;
@@ -69,7 +70,8 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
     {
         return Ok(DeviceLists::default());
     }
-    let mine: HashSet<String> = rooms.rooms_of(user_id, "join")?.into_iter().collect();
+    let mine: HashSet<String> =
+        rooms.rooms_of(user_id, &MembershipState::Join)?.into_iter().collect();
     let mut shared_cache: HashMap<String, bool> = HashMap::new();
     let mut shares = |other: &str| -> Result<bool> {
         if other == user_id {
@@ -78,7 +80,7 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
         if let Some(&known) = shared_cache.get(other) {
             return Ok(known);
         }
-        let any = rooms.rooms_of(other, "join")?.iter().any(|r| mine.contains(r));
+        let any = rooms.rooms_of(other, &MembershipState::Join)?.iter().any(|r| mine.contains(r));
         shared_cache.insert(other.to_owned(), any);
         Ok(any)
     };
@@ -104,7 +106,8 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
             continue;
         }
         if !joined_cache.contains_key(&room) {
-            let members: HashSet<String> = rooms.members(&room, "join")?.into_iter().collect();
+            let members: HashSet<String> =
+                rooms.members(&room, &MembershipState::Join)?.into_iter().collect();
             joined_cache.insert(room.clone(), members);
         }
         let joined = &joined_cache[&room];

@@ -2,6 +2,7 @@
 //! hear of without it being part of the room DAG: typing, read receipts, presence,
 //! to-device messages, and device list changes.
 
+use ruma::events::room::member::MembershipState;
 use std::{collections::BTreeSet, sync::Arc};
 
 use serde_json::{Value, json};
@@ -17,7 +18,7 @@ fn edu(kind: &str, content: Value) -> Value {
 /// The other servers sharing at least one room with `user_id`.
 fn servers_sharing(services: &Services, user_id: &str) -> Result<Vec<String>> {
     let mut servers = BTreeSet::new();
-    for room in services.rooms.rooms_of(user_id, "join")? {
+    for room in services.rooms.rooms_of(user_id, &MembershipState::Join)? {
         servers.extend(room_servers(&services.federation, &services.rooms, &room)?.iter().cloned());
     }
     Ok(servers.into_iter().collect())

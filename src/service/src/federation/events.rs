@@ -2,6 +2,7 @@
 //! chains, missing events between two points and backfill. Only servers with a user in
 //! the room (and allowed by its ACL) are served.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{HashSet, VecDeque};
 
 use ruma::OwnedEventId;
@@ -20,7 +21,13 @@ pub fn require_in_room(services: &Services, room_id: &str, origin: &str) -> Resu
     if !super::acl::allows(services, room_id, origin)? {
         return Err(Error::forbidden("Server is banned from the room by ACL"));
     }
-    let memberships = ["join", "invite", "leave", "knock", "ban"];
+    let memberships = [
+        MembershipState::Join,
+        MembershipState::Invite,
+        MembershipState::Leave,
+        MembershipState::Knock,
+        MembershipState::Ban,
+    ];
     if !services.rooms.has_member_from(room_id, origin, &memberships)? {
         return Err(Error::forbidden("Your server has no user in this room"));
     }

@@ -7,6 +7,7 @@
 //! the user takes them back; a rejected invite or withdrawn knock stays as a leave so
 //! that syncs tell clients the room is gone.
 
+use ruma::events::room::member::MembershipState;
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
@@ -249,7 +250,11 @@ pub async fn receive_invite(
     }
     let signed = super::membership::countersign(services, &rules, pdu)?;
     let resident = services.rooms.room(room_id)?.is_some()
-        && services.rooms.has_member_from(room_id, services.server_name(), &["join"])?;
+        && services.rooms.has_member_from(
+            room_id,
+            services.server_name(),
+            &[MembershipState::Join],
+        )?;
     // A room this server is in learns of the invite as any other event, from /send.
     if !resident {
         // Full PDUs (as Matrix 1.16 sends them) or stripped events; clients get the latter.

@@ -6,6 +6,7 @@
 //! queued, across restarts, until it is delivered. Each destination has its own worker,
 //! so a dead server never holds up the others.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::HashMap,
     sync::{
@@ -153,7 +154,7 @@ pub fn room_servers(
     }
     let own = federation.server_name.as_str();
     let mut servers: Vec<String> = rooms
-        .members(room_id, "join")?
+        .members(room_id, &MembershipState::Join)?
         .iter()
         .filter_map(|u| super::server_of(u))
         .filter(|s| *s != own)

@@ -5,6 +5,7 @@
 //! EDUs: typing, receipts, presence, to-device messages and device list changes. A
 //! retried transaction gets the first answer again.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, HashSet},
     sync::Arc,
@@ -280,7 +281,7 @@ async fn handle_edu(services: &Arc<Services>, origin: &str, edu: Value) -> Resul
     let content = edu.get("content").cloned().unwrap_or(Value::Null);
     let joined_from_origin = |room_id: &str, user: &str| -> Result<bool> {
         Ok(server_of(user) == Some(origin)
-            && services.rooms.membership(room_id, user)?.as_deref() == Some("join"))
+            && services.rooms.membership(room_id, user)? == Some(MembershipState::Join))
     };
     match kind {
         "m.typing" => {

@@ -4,6 +4,7 @@
 //! connection which rooms the client already has, and up to which stream position, so
 //! later responses carry only what is new.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     cell::OnceCell,
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
@@ -238,7 +239,7 @@ fn wanted(pdu: &Pdu, wants: &[(String, String)], user: &str, lazy: &BTreeSet<Str
 
 struct RoomInfo {
     room_id: String,
-    membership: String,
+    membership: MembershipState,
     bump: u64,
 }
 
@@ -252,7 +253,10 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
     let mut all: Vec<RoomInfo> = Vec::new();
     for room in rooms.user_rooms(req.user_id)? {
         let (room_id, membership) = (room.room_id, room.membership);
-        if !matches!(membership.as_str(), "join" | "invite" | "knock") {
+        if !matches!(
+            membership,
+            MembershipState::Join | MembershipState::Invite | MembershipState::Knock
+        ) {
             continue;
         }
         let bump = match membership.as_str() {
@@ -275,14 +279,15 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
         })
         .unwrap_or_default();
 
-    let mut selected: BTreeMap<String, (RoomWants, String, u64)> = BTreeMap::new();
+    let mut selected: BTreeMap<String, (RoomWants, MembershipState, u64)> = BTreeMap::new();
     let mut lists = Map::new();
     let mut counts = BTreeMap::new();
     for (name, list) in &req.lists {
         let mut matching = Vec::new();
         for room in &all {
             let f = &list.filters;
-            if f.is_invite.is_some_and(|want| want != (room.membership == "invite")) {
+            if f.is_invite.is_some_and(|want| want != (room.membership == MembershipState::Invite))
+            {
                 continue;
             }
             if f.is_dm.is_some_and(|want| want != direct.contains(&room.room_id)) {
@@ -331,7 +336,7 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
     let viewer = OnceCell::new();
     for (room_id, (wants, membership, bump)) in &selected {
         let known = previous.rooms.get(room_id).copied();
-        let room = if membership == "join" {
+        let room = if *membership == MembershipState::Join {
             let timeline = Timeline { viewer: &viewer, known, now };
             joined_room(services, req, room_id, wants, timeline, *bump)?
         } else {

@@ -3,6 +3,7 @@
 //! at positions up to `now` (the stream's visible position when the sync started), so
 //! the next sync starting at `now` neither misses nor repeats anything.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     ops::Bound,
@@ -236,7 +237,9 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                 else {
                     continue;
                 };
-                if *membership == "invite" && builder.viewer.ignores(pdu.sender.as_str()) {
+                if *membership == MembershipState::Invite
+                    && builder.viewer.ignores(pdu.sender.as_str())
+                {
                     continue;
                 }
                 let mut events = Vec::new();
@@ -251,7 +254,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
                     events.push(stripped(&inviter));
                 }
                 events.push(sync_event(&pdu));
-                if *membership == "invite" {
+                if *membership == MembershipState::Invite {
                     let section = crate::object! {"events": events};
                     invite.insert(room_id, crate::object! {"invite_state": section});
                 } else {
@@ -393,12 +396,19 @@ fn presence_events(
     if changed.is_empty() {
         return Ok(Vec::new());
     }
-    let mine: HashSet<&str> =
-        rooms.iter().filter(|r| r.membership == "join").map(|r| r.room_id.as_str()).collect();
+    let mine: HashSet<&str> = rooms
+        .iter()
+        .filter(|r| r.membership == MembershipState::Join)
+        .map(|r| r.room_id.as_str())
+        .collect();
     let mut out = Vec::new();
     for other in changed {
         let shares = other == user_id
-            || services.rooms.rooms_of(&other, "join")?.iter().any(|r| mine.contains(r.as_str()));
+            || services
+                .rooms
+                .rooms_of(&other, &MembershipState::Join)?
+                .iter()
+                .any(|r| mine.contains(r.as_str()));
         if shares && let Some(content) = services.presence.presence_content(&other) {
             out.push(json!({"type": "m.presence", "sender": other, "content": content}));
         }

@@ -665,7 +665,10 @@ mod tests {
                 .unwrap_err();
             assert_eq!(err.errcode, "M_FORBIDDEN");
 
-            assert_eq!(t.rooms.membership(&room, bob).unwrap().as_deref(), Some("join"));
+            assert_eq!(
+                t.rooms.membership(&room, bob).unwrap(),
+                Some(ruma::events::room::member::MembershipState::Join)
+            );
             let state = t.rooms.current_state(&room).unwrap();
             let kinds: Vec<String> = state.iter().map(|p| p.kind.to_string()).collect();
             for k in ["m.room.create", "m.room.member", "m.room.power_levels", "m.room.join_rules"]

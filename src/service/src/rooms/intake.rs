@@ -6,6 +6,7 @@
 //! (auth chains and state fetched to fill gaps or to join) are stored without a place
 //! in the timeline.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
@@ -788,7 +789,7 @@ impl Timeline {
             matches!(content["join_rule"].as_str(), Some("restricted" | "knock_restricted"));
         if !restricted
             || matches!(
-                self.rooms.membership(room_id, user_id)?.as_deref(),
+                self.rooms.membership(room_id, user_id)?.as_ref().map(MembershipState::as_str),
                 Some("join" | "invite")
             )
         {
@@ -797,7 +798,7 @@ impl Timeline {
         let allowed = content["allow"].as_array().into_iter().flatten().any(|a| {
             a["type"] == "m.room_membership"
                 && a["room_id"].as_str().is_some_and(|r| {
-                    self.rooms.membership(r, user_id).ok().flatten().as_deref() == Some("join")
+                    self.rooms.membership(r, user_id).ok().flatten() == Some(MembershipState::Join)
                 })
         });
         if !allowed {
@@ -808,7 +809,7 @@ impl Timeline {
             ));
         }
         let suffix = format!(":{}", self.rooms.server_name);
-        for member in self.rooms.members(room_id, "join")? {
+        for member in self.rooms.members(room_id, &MembershipState::Join)? {
             if !member.ends_with(&suffix) {
                 continue;
             }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use ruma::events::StateEventType;
+use ruma::events::{StateEventType, room::member::MembershipState};
 use trellis_core::Result;
 use trellis_store::{Batch, Table, catalog};
 
@@ -23,7 +23,7 @@ const SUMMARY_FIRST_MEMBERS: usize = 6;
 pub struct UserRoom {
     pub room_id: String,
     /// The user's current membership.
-    pub membership: String,
+    pub membership: MembershipState,
     /// Stream position of the room's newest event: nothing in the room, the user's
     /// membership included, changed after it.
     pub last_position: u64,
@@ -44,7 +44,7 @@ impl Rooms {
     /// once the write `retired` ended is visible: presence and device-list changes.
     pub fn wake_co_members(&self, retired: Retired, user: &str) {
         self.stream.wake_for(retired, &super::stream::user_key(user));
-        match self.rooms_of(user, "join") {
+        match self.rooms_of(user, &MembershipState::Join) {
             Ok(rooms) => {
                 for room in rooms {
                     self.stream.wake_for(retired, &room);
@@ -76,9 +76,10 @@ impl Rooms {
     }
 
     /// The membership of `user_id` in the room, if any.
-    pub fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
+    pub fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<MembershipState>> {
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(None) };
-        Ok(ROOM_MEMBERS.get(&*self.db, &(room, user_id.to_owned()))?)
+        let stored = ROOM_MEMBERS.get(&*self.db, &(room, user_id.to_owned()))?;
+        Ok(stored.map(MembershipState::from))
     }
 
     /// Every room in `user_id`'s list (any membership, forgotten rooms excepted), with
@@ -97,7 +98,7 @@ impl Rooms {
             if let Some(r) = self.record(*room)? {
                 out.push(UserRoom {
                     room_id: r.room_id.clone(),
-                    membership: membership.clone(),
+                    membership: MembershipState::from(membership.as_str()),
                     last_position: r.last_position,
                     bump_position: r.bump(),
                 });
@@ -107,9 +108,9 @@ impl Rooms {
     }
 
     /// Rooms in which `user_id` has `membership`.
-    pub fn rooms_of(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
+    pub fn rooms_of(&self, user_id: &str, membership: &MembershipState) -> Result<Vec<String>> {
         let rooms = self.user_rooms(user_id)?.into_iter();
-        Ok(rooms.filter(|r| r.membership == membership).map(|r| r.room_id).collect())
+        Ok(rooms.filter(|r| r.membership == *membership).map(|r| r.room_id).collect())
     }
 
     /// Joined members of a room as of its current state. Kept per state snapshot, which
@@ -124,7 +125,7 @@ impl Rooms {
         {
             return Ok(hit.1.clone());
         }
-        let members = Arc::new(self.members(room_id, "join")?);
+        let members = Arc::new(self.members(room_id, &MembershipState::Join)?);
         self.joined.insert(short, Arc::new((record.state, members.clone())), generation);
         Ok(members)
     }
@@ -170,14 +171,14 @@ impl Rooms {
     }
 
     /// Members of a room with `membership`.
-    pub fn members(&self, room_id: &str, membership: &str) -> Result<Vec<String>> {
+    pub fn members(&self, room_id: &str, membership: &MembershipState) -> Result<Vec<String>> {
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for entry in
             ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
         {
             let ((_, user), m) = entry?;
-            if m == membership {
+            if m == membership.as_str() {
                 out.push(user);
             }
         }
@@ -189,14 +190,14 @@ impl Rooms {
         &self,
         room_id: &str,
         server: &str,
-        memberships: &[&str],
+        memberships: &[MembershipState],
     ) -> Result<bool> {
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(false) };
         for entry in
             ROOM_MEMBERS.scan_prefix(&*self.db, &room, trellis_store::Direction::Forward)?
         {
             let ((_, user), m) = entry?;
-            if memberships.contains(&m.as_str())
+            if memberships.iter().any(|wanted| wanted.as_str() == m)
                 && user.split_once(':').is_some_and(|(_, s)| s == server)
             {
                 return Ok(true);

@@ -40,10 +40,8 @@ pub async fn join(
     {
         servers.insert(0, server.to_owned());
     }
-    let known = services.rooms.room(room_id.as_str())?.is_some();
+    let (known, resident) = standing(services, &room_id)?;
     if known {
-        let resident =
-            services.rooms.has_member_from(room_id.as_str(), services.server_name(), &["join"])?;
         servers.extend(
             room_servers(&services.federation, &services.rooms, room_id.as_str())?.iter().cloned(),
         );
@@ -62,6 +60,19 @@ pub async fn join(
     Ok(room_id)
 }
 
+/// Whether this server knows the room, and whether one of its users is joined to it
+/// (then the change can be made here).
+fn standing(services: &Services, room_id: &RoomId) -> Result<(bool, bool)> {
+    let known = services.rooms.room(room_id.as_str())?.is_some();
+    let resident = known
+        && services.rooms.has_member_from(
+            room_id.as_str(),
+            services.server_name(),
+            &[MembershipState::Join],
+        )?;
+    Ok((known, resident))
+}
+
 /// Knocks on a room by id or alias for `user`: locally when this server is in the room,
 /// else through the servers the request, the alias or the room id name.
 pub async fn knock(
@@ -73,9 +84,7 @@ pub async fn knock(
 ) -> Result<OwnedRoomId> {
     let (room_id, mut servers) = resolve_target(services, target, via).await?;
     let user = user.as_str();
-    let known = services.rooms.room(room_id.as_str())?.is_some();
-    let resident = known
-        && services.rooms.has_member_from(room_id.as_str(), services.server_name(), &["join"])?;
+    let (known, resident) = standing(services, &room_id)?;
     if known && !resident {
         // A room this server left: the servers still in it can take the knock.
         servers.extend(

@@ -8,6 +8,7 @@
 //! `knock_restricted`, and for `restricted` rooms the members of one of the allowed
 //! rooms. A banned user is refused.
 
+use ruma::events::room::member::MembershipState;
 use std::cmp::Reverse;
 
 use base64::Engine as _;
@@ -221,7 +222,7 @@ pub fn room_info(rooms: &Rooms, room_id: &str) -> Result<Option<RoomInfo>> {
             .filter_map(|a| a.as_str().map(str::to_owned))
             .collect(),
         avatar_url: text(state("m.room.avatar")?.as_ref(), "url"),
-        num_joined_members: rooms.members(room_id, "join")?.len() as u64,
+        num_joined_members: rooms.members(room_id, &MembershipState::Join)?.len() as u64,
         world_readable: text(state("m.room.history_visibility")?.as_ref(), "history_visibility")
             .is_some_and(|v| v == "world_readable"),
         guest_can_join: text(state("m.room.guest_access")?.as_ref(), "guest_access")
@@ -240,9 +241,11 @@ pub fn may_preview(rooms: &Rooms, info: &RoomInfo, user: Option<&str>) -> Result
         Some(user) => rooms.membership(&info.room_id, user)?,
         None => None,
     };
-    match membership.as_deref() {
-        Some("join" | "invite" | "knock") => return Ok(true),
-        Some("ban") => return Ok(false),
+    match membership {
+        Some(MembershipState::Join | MembershipState::Invite | MembershipState::Knock) => {
+            return Ok(true);
+        }
+        Some(MembershipState::Ban) => return Ok(false),
         _ => {}
     }
     if info.world_readable {
@@ -253,7 +256,7 @@ pub fn may_preview(rooms: &Rooms, info: &RoomInfo, user: Option<&str>) -> Result
         "restricted" => {
             let Some(user) = user else { return Ok(false) };
             for allowed in &info.allowed_room_ids {
-                if rooms.membership(allowed, user)?.as_deref() == Some("join") {
+                if rooms.membership(allowed, user)? == Some(MembershipState::Join) {
                     return Ok(true);
                 }
             }
@@ -271,7 +274,7 @@ pub fn summary(
     aliases: &Aliases,
     room_or_alias: &str,
     user: Option<&str>,
-) -> Result<(RoomInfo, Option<String>)> {
+) -> Result<(RoomInfo, Option<MembershipState>)> {
     let not_found = || Error::not_found("Room not found");
     let room_id = if room_or_alias.starts_with('#') {
         aliases.resolve(room_or_alias)?.ok_or_else(not_found)?.room_id
@@ -283,7 +286,7 @@ pub fn summary(
         return Err(not_found());
     }
     let membership = match user {
-        Some(user) => Some(rooms.membership(&room_id, user)?.unwrap_or_else(|| "leave".into())),
+        Some(user) => Some(rooms.membership(&room_id, user)?.unwrap_or(MembershipState::Leave)),
         None => None,
     };
     Ok((info, membership))
@@ -671,7 +674,7 @@ pub fn server_may_preview(rooms: &Rooms, info: &RoomInfo, server: &str) -> Resul
     {
         return Ok(true);
     }
-    rooms.has_member_from(&info.room_id, server, &["join", "invite"])
+    rooms.has_member_from(&info.room_id, server, &[MembershipState::Join, MembershipState::Invite])
 }
 
 /// A space as `/_matrix/federation/v1/hierarchy` shows it to another server.
@@ -833,7 +836,7 @@ impl PublicRooms {
         match policy {
             RoomPublishing::Admins => Ok(false),
             RoomPublishing::AnyoneWithPower => {
-                if rooms.membership(room_id, user)?.as_deref() != Some("join") {
+                if rooms.membership(room_id, user)? != Some(MembershipState::Join) {
                     return Ok(false);
                 }
                 let power = rooms.power(room_id, user)?;

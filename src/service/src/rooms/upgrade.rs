@@ -2,6 +2,7 @@
 //! settings, linked both ways (`predecessor` in the new create event, an
 //! `m.room.tombstone` in the old room), with the old room then muted for non-moderators.
 
+use ruma::events::room::member::MembershipState;
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 
@@ -37,7 +38,7 @@ impl Timeline {
     ) -> Result<String> {
         let version = super::create::supported_version(new_version)?;
         let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
-        if self.rooms.membership(room_id, user)?.as_deref() != Some("join") {
+        if self.rooms.membership(room_id, user)? != Some(MembershipState::Join) {
             return Err(Error::forbidden("You are not a member of this room"));
         }
         // Upgrading ends in a tombstone, so it needs the power to send one.
@@ -110,7 +111,7 @@ impl Timeline {
         let new_room = self.create_room_with(user, new_version, options).await?;
 
         // Bans carry over so an upgrade is no way back in.
-        for banned in self.rooms.members(room_id, "ban")? {
+        for banned in self.rooms.members(room_id, &MembershipState::Ban)? {
             let content = json!({"membership": "ban"});
             self.append(&new_room, state("m.room.member", user, &banned, content)).await?;
         }

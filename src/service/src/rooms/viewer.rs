@@ -4,6 +4,7 @@
 //! sliding sync, `/messages`, `/context`, relations and the event checks of receipts
 //! and read markers cannot disagree on it.
 
+use ruma::events::room::member::MembershipState;
 use std::{collections::HashSet, sync::Arc};
 
 use serde_json::Value;
@@ -132,7 +133,7 @@ impl RoomViewer<'_> {
 /// Acting in a room (typing, receipts) and reading its current state need a current
 /// membership of `join`.
 pub fn require_joined(services: &Services, room_id: &str, user_id: &str) -> Result<()> {
-    match services.rooms.membership(room_id, user_id)?.as_deref() {
+    match services.rooms.membership(room_id, user_id)?.as_ref().map(MembershipState::as_str) {
         Some("join") => Ok(()),
         _ => Err(Error::forbidden("You are not a member of this room")),
     }
