@@ -13,7 +13,10 @@ use ruma::{
 };
 use serde_json::json;
 use trellis_core::{Error, Result};
-use trellis_service::rooms::{append::NewEvent, create::CreateRoomRequest};
+use trellis_service::rooms::{
+    append::{NewEvent, Txn},
+    create::CreateRoomRequest,
+};
 
 pub(super) use super::events::require_joined;
 use super::events::{client_event, me, raw_value, to_raw};
@@ -46,11 +49,11 @@ async fn redact(ctx: Ctx, req: redact_event::v3::Request) -> Result<redact_event
         sender,
         state_key: None,
         content,
-        txn: Some((
-            session.localpart.clone(),
-            session.device_id.clone(),
-            format!("redact:{}", req.txn_id),
-        )),
+        txn: Some(Txn {
+            localpart: session.localpart.clone(),
+            device_id: session.device_id.clone(),
+            txn_id: format!("redact:{}", req.txn_id),
+        }),
         redacts: Some(req.event_id.to_string()),
     };
     let pdu = ctx.services.timeline.append(req.room_id.as_str(), event).await?;
@@ -104,7 +107,11 @@ async fn send(
         sender,
         state_key: None,
         content: raw_value(&req.body)?,
-        txn: Some((session.localpart.clone(), session.device_id.clone(), req.txn_id.to_string())),
+        txn: Some(Txn {
+            localpart: session.localpart.clone(),
+            device_id: session.device_id.clone(),
+            txn_id: req.txn_id.to_string(),
+        }),
         redacts: None,
     };
     let pdu = ctx.services.timeline.append(req.room_id.as_str(), event).await?;

@@ -68,6 +68,14 @@ impl Placement {
     }
 }
 
+/// A client's transaction, scoped to its device (and, when stored, to the room).
+#[derive(Debug, Clone)]
+pub struct Txn {
+    pub localpart: String,
+    pub device_id: String,
+    pub txn_id: String,
+}
+
 /// A local event to append.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -75,8 +83,8 @@ pub struct NewEvent {
     pub sender: String,
     pub state_key: Option<String>,
     pub content: Value,
-    /// `(localpart, device id, transaction id)`: a retried send returns the first event.
-    pub txn: Option<(String, String, String)>,
+    /// The sending device's transaction: a retried send returns the first event.
+    pub txn: Option<Txn>,
     /// For `m.room.redaction`: the event to redact.
     pub redacts: Option<String>,
 }
@@ -185,8 +193,8 @@ impl Timeline {
         let (room_short, room) =
             self.rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;
         // Transaction ids are scoped to the device and the room (the request path).
-        let txn_key = event.txn.as_ref().map(|(user, device, txn)| {
-            (user.clone(), device.clone(), format!("{room_id}\u{0}{txn}"))
+        let txn_key = event.txn.as_ref().map(|txn| {
+            (txn.localpart.clone(), txn.device_id.clone(), format!("{room_id}\u{0}{}", txn.txn_id))
         });
         if let Some(txn) = &txn_key
             && let Some(event_id) = TXN_IDS.get(&*self.rooms.db, txn)?
@@ -200,10 +208,10 @@ impl Timeline {
         self.rooms.check_relation(room_short, &event.sender, &event.content)?;
 
         let redacts = event.redacts.clone();
-        let transaction = event.txn.as_ref().map(|(_, device_id, txn_id)| {
+        let transaction = event.txn.as_ref().map(|txn| {
             Arc::new(super::pdu::LocalTransaction {
-                device_id: device_id.clone(),
-                txn_id: txn_id.clone(),
+                device_id: txn.device_id.clone(),
+                txn_id: txn.txn_id.clone(),
             })
         });
         let (mut pdu, hash) = self.build_checked(room_id, &room, &state, event)?;
