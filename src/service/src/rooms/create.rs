@@ -9,23 +9,17 @@ use trellis_core::{Error, Result, config::RoomPublishing};
 use super::append::{NewEvent, Timeline};
 use crate::{Services, federation::invites::invite_remote};
 
+/// What [`Timeline::create_room_with`] makes: a `createRoom` request as the client sent
+/// it (its `invite` is not read here), with the invitees split by how they are invited
+/// and the creator's profile.
 #[derive(Debug, Clone, Default)]
 pub struct CreateRoom {
-    /// `private_chat`, `trusted_private_chat` or `public_chat`.
-    pub preset: Option<String>,
-    pub public: bool,
-    pub name: Option<String>,
-    pub topic: Option<String>,
+    pub request: CreateRoomRequest,
+    /// Invitees invited by the room's own events (this server's users).
     pub invite: Vec<String>,
     /// Invitees the caller invites once the room exists (other servers' users, whose
     /// servers countersign): they get the preset's invitee power all the same.
     pub invite_after: Vec<String>,
-    pub is_direct: bool,
-    /// `(type, state_key, content)` sent after the preset's events (overriding them).
-    pub initial_state: Vec<(String, String, Value)>,
-    pub power_level_override: Option<Value>,
-    pub version: Option<String>,
-    pub creation_content: Option<Value>,
     /// The creator's profile, copied into their membership event.
     pub creator_displayname: Option<String>,
     pub creator_avatar_url: Option<String>,
@@ -61,17 +55,17 @@ impl Timeline {
         default_version: &str,
         req: CreateRoom,
     ) -> Result<String> {
-        let version_text = req.version.clone().unwrap_or_else(|| default_version.to_owned());
+        let version_text =
+            req.request.version.clone().unwrap_or_else(|| default_version.to_owned());
         let version = supported_version(&version_text)?;
         let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
-        let preset = req
-            .preset
-            .clone()
-            .unwrap_or_else(|| if req.public { "public_chat" } else { "private_chat" }.to_owned());
+        let preset = req.request.preset.clone().unwrap_or_else(|| {
+            if req.request.public { "public_chat" } else { "private_chat" }.to_owned()
+        });
         if !["private_chat", "trusted_private_chat", "public_chat"].contains(&preset.as_str()) {
             return Err(Error::bad_json(format!("Unknown preset {preset}")));
         }
-        let mut creation = req.creation_content.clone().unwrap_or_else(|| json!({}));
+        let mut creation = req.request.creation_content.clone().unwrap_or_else(|| json!({}));
         if !creation.is_object() {
             return Err(Error::bad_json("creation_content must be an object"));
         }
@@ -115,7 +109,7 @@ impl Timeline {
             "invite": if preset == "public_chat" { 50 } else { 0 },
             "notifications": {"room": 50},
         });
-        if let Some(Value::Object(over)) = &req.power_level_override
+        if let Some(Value::Object(over)) = &req.request.power_level_override
             && let Some(map) = power.as_object_mut()
         {
             for (k, v) in over {
@@ -147,19 +141,19 @@ impl Timeline {
             )
             .await?;
         }
-        for (kind, key, content) in &req.initial_state {
+        for (kind, key, content) in &req.request.initial_state {
             self.append(&room_id, state(kind, creator, key, content.clone())).await?;
         }
-        if let Some(name) = &req.name {
+        if let Some(name) = &req.request.name {
             self.append(&room_id, state("m.room.name", creator, "", json!({"name": name}))).await?;
         }
-        if let Some(topic) = &req.topic {
+        if let Some(topic) = &req.request.topic {
             let content = json!({"topic": topic, "m.topic": {"m.text": [{"body": topic, "mimetype": "text/plain"}]}});
             self.append(&room_id, state("m.room.topic", creator, "", content)).await?;
         }
         for invitee in &req.invite {
             let mut content = json!({"membership": "invite"});
-            if req.is_direct {
+            if req.request.is_direct {
                 content["is_direct"] = json!(true);
             }
             self.append(&room_id, state("m.room.member", creator, invitee, content)).await?;
@@ -235,30 +229,23 @@ pub async fn create_room(
         .iter()
         .map(|u| u.to_string())
         .partition(|u| !federated || u.ends_with(&format!(":{}", services.server_name())));
+    let (public, is_direct) = (req.public, req.is_direct);
     let options = CreateRoom {
-        preset: req.preset,
-        public: req.public,
-        name: req.name,
-        topic: req.topic,
+        request: req,
         invite: local_invites,
         invite_after: remote_invites.clone(),
-        is_direct: req.is_direct,
-        initial_state: req.initial_state,
-        power_level_override: req.power_level_override,
-        version: req.version,
-        creation_content: req.creation_content,
         creator_displayname: text("displayname")?,
         creator_avatar_url: text("avatar_url")?,
     };
     let creator = creator.as_str();
     let default_version = &services.config.rooms.default_room_version;
     let room_id = services.timeline.create_room_with(creator, default_version, options).await?;
-    if req.public {
+    if public {
         services.public_rooms.publish(&room_id, true).await?;
     }
     for invitee in &remote_invites {
         let mut content = json!({"membership": "invite"});
-        if req.is_direct {
+        if is_direct {
             content["is_direct"] = json!(true);
         }
         let invited = invite_remote(services, &room_id, creator, invitee, content).await;

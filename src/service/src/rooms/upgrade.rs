@@ -8,7 +8,7 @@ use trellis_core::{Error, Result};
 
 use super::{
     append::Timeline,
-    create::{CreateRoom, state},
+    create::{CreateRoom, CreateRoomRequest, state},
 };
 
 /// State carried into the replacement room, as the spec lists it.
@@ -100,14 +100,15 @@ impl Timeline {
                 initial_state.push(((*kind).to_owned(), String::new(), content_of(&pdu)));
             }
         }
-        let options = CreateRoom {
+        let request = CreateRoomRequest {
             preset: Some("private_chat".into()),
             initial_state,
             power_level_override: levels.is_object().then_some(levels),
             version: Some(version.to_string()),
             creation_content: Some(creation),
-            ..CreateRoom::default()
+            ..CreateRoomRequest::default()
         };
+        let options = CreateRoom { request, ..CreateRoom::default() };
         let new_room = self.create_room_with(user, new_version, options).await?;
 
         // Bans carry over so an upgrade is no way back in.
