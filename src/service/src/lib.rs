@@ -19,6 +19,7 @@ pub mod durable;
 pub mod e2ee;
 pub mod federation;
 pub mod keys;
+mod locks;
 pub mod mailer;
 pub mod media;
 pub mod pipeline;

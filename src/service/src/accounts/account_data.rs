@@ -25,22 +25,18 @@ const SERVER_MANAGED: &[&str] = &["m.fully_read", "m.push_rules"];
 const TAG_EVENT_TYPE: &str = "m.tag";
 /// The spec caps tag names at 255 bytes.
 const MAX_TAG_BYTES: usize = 255;
-/// How many lock stripes serialise one user's tag changes.
-const TAG_LOCK_STRIPES: usize = 64;
 
 pub struct AccountData {
     db: Db,
     stream: Arc<StreamPositions>,
     /// Tag changes rewrite the room's whole `m.tag` event: one user's changes run one at
     /// a time, so that two at once cannot both start from the same tags and lose one.
-    /// Striped by user: users rarely share a stripe, and the table never grows.
-    tag_locks: Vec<tokio::sync::Mutex<()>>,
+    tag_locks: crate::locks::UserLocks,
 }
 
 impl AccountData {
     pub fn new(db: Db, stream: Arc<StreamPositions>) -> Self {
-        let tag_locks = (0..TAG_LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
-        Self { db, stream, tag_locks }
+        Self { db, stream, tag_locks: Default::default() }
     }
 
     /// `room` is `None` for global account data.
@@ -148,7 +144,7 @@ impl AccountData {
             }
             info["order"] = json!(order);
         }
-        let _guard = self.lock_tags(localpart).await;
+        let _guard = self.tag_locks.lock(localpart).await;
         let mut tags = self.stored_tags(localpart, room_id)?;
         tags.insert(tag.to_owned(), info);
         self.put(localpart, Some(room_id.as_str()), TAG_EVENT_TYPE, json!({ "tags": tags })).await
@@ -157,7 +153,7 @@ impl AccountData {
     /// Removes one tag; removing a tag the room does not have changes nothing and is not
     /// an error.
     pub async fn delete_tag(&self, localpart: &str, room_id: &RoomId, tag: &str) -> Result<()> {
-        let _guard = self.lock_tags(localpart).await;
+        let _guard = self.tag_locks.lock(localpart).await;
         let mut tags = self.stored_tags(localpart, room_id)?;
         if tags.remove(tag).is_some() {
             self.put(localpart, Some(room_id.as_str()), TAG_EVENT_TYPE, json!({ "tags": tags }))
@@ -173,13 +169,6 @@ impl AccountData {
             Some(Value::Object(tags)) => tags,
             _ => Map::new(),
         })
-    }
-
-    async fn lock_tags(&self, localpart: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        localpart.hash(&mut h);
-        self.tag_locks[(h.finish() as usize) % TAG_LOCK_STRIPES].lock().await
     }
 }
 

@@ -312,7 +312,7 @@ impl E2ee {
             devices.push(device);
         }
         let cross = self.published_cross_signing(localpart)?;
-        let mut out = json!({"devices": devices, "stream_id": self.stream.visible()});
+        let mut out = json!({"devices": devices, "stream_id": self.rooms.stream.visible()});
         if let Some(k) = cross.master {
             out["master_key"] = k;
         }

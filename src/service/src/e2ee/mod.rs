@@ -15,7 +15,7 @@ use std::sync::Arc;
 use trellis_core::{Error, Result};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
-use crate::rooms::{Rooms, stream::StreamPositions};
+use crate::rooms::Rooms;
 
 /// (localpart, device id) -> the device keys object as uploaded (signatures included)
 pub(crate) const DEVICE_KEYS: Table<(String, String), Json<serde_json::Value>> =
@@ -33,27 +33,26 @@ pub(crate) const FALLBACK_KEYS: Table<(String, String, String), Json<device_keys
 pub(crate) const TO_DEVICE: Table<(String, String, u64), Json<serde_json::Value>> =
     Table::new(&catalog::TO_DEVICE);
 
-/// How many lock stripes serialise per-user key changes (claims against uploads).
-const LOCK_STRIPES: usize = 64;
-
 pub struct E2ee {
     db: Db,
     /// Key changes wake everyone sharing a room with the user.
     rooms: Arc<Rooms>,
-    stream: Arc<StreamPositions>,
     server_name: String,
     /// Uploads and claims of one user's keys run one at a time, so that each one-time
-    /// key is handed out exactly once and counts stay exact. Striped: users rarely
-    /// share a stripe, and the table never grows.
-    key_locks: Vec<tokio::sync::Mutex<()>>,
+    /// key is handed out exactly once and counts stay exact.
+    key_locks: crate::locks::UserLocks,
     inbox_sizes: to_device::InboxSizes,
 }
 
 impl E2ee {
     pub fn new(db: Db, rooms: Arc<Rooms>, server_name: String) -> Self {
-        let key_locks = (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect();
-        let stream = rooms.stream.clone();
-        Self { db, rooms, stream, server_name, key_locks, inbox_sizes: Default::default() }
+        Self {
+            db,
+            rooms,
+            server_name,
+            key_locks: Default::default(),
+            inbox_sizes: Default::default(),
+        }
     }
 
     fn user_id(&self, localpart: &str) -> String {
@@ -67,10 +66,7 @@ impl E2ee {
     }
 
     async fn lock_user(&self, localpart: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        localpart.hash(&mut h);
-        self.key_locks[(h.finish() as usize) % LOCK_STRIPES].lock().await
+        self.key_locks.lock(localpart).await
     }
 
     /// Commits `batch` with a key-change entry for each of `changed` (user ids).

@@ -61,7 +61,7 @@ impl E2ee {
             return Ok(remote);
         }
         let sender = send.sender;
-        let ticket = self.stream.dispatch();
+        let ticket = self.rooms.stream.dispatch();
         let mut batch = Batch::new();
         let mut recipients = Vec::new();
         let mut added: Vec<(String, String)> = Vec::new();
@@ -107,9 +107,9 @@ impl E2ee {
         // rows may be written all the same): a sync that can see a message must not find
         // its inbox counted empty (see `to_device_batch`); counting too many is harmless.
         self.count_added(&added);
-        let retired = self.stream.retire(ticket);
+        let retired = self.rooms.stream.retire(ticket);
         for localpart in recipients {
-            self.stream.wake_for(retired, &user_key(&localpart));
+            self.rooms.stream.wake_for(retired, &user_key(&localpart));
         }
         result.map(|()| remote)
     }

@@ -21,10 +21,7 @@ use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::{
     Services, commit,
-    rooms::{
-        Rooms,
-        stream::{StreamPositions, Ticket},
-    },
+    rooms::{Rooms, stream::Ticket},
 };
 
 /// user id -> the state last set and the last activity
@@ -99,7 +96,6 @@ pub struct Presence {
     db: Db,
     /// A change wakes everyone sharing a room with the user.
     rooms: Arc<Rooms>,
-    stream: Arc<StreamPositions>,
     enabled: bool,
     idle_timeout_ms: u64,
     offline_timeout_ms: u64,
@@ -114,7 +110,6 @@ impl Presence {
     pub fn new(db: Db, rooms: Arc<Rooms>, config: &PresenceConfig) -> Arc<Self> {
         let presence = Arc::new(Self {
             db,
-            stream: rooms.stream.clone(),
             rooms,
             enabled: config.enabled,
             idle_timeout_ms: config.idle_timeout_seconds.saturating_mul(1000),
@@ -231,7 +226,7 @@ impl Presence {
             let online = record.state == ONLINE;
             let after = self.status_of(entry.record.as_ref(), now).presence;
             let ticket = (before != after).then(|| {
-                let ticket = self.stream.dispatch();
+                let ticket = self.rooms.stream.dispatch();
                 entry.changed_at = ticket.position;
                 ticket
             });
@@ -246,7 +241,7 @@ impl Presence {
             (ticket, persist, start_timer)
         };
         if let Some(ticket) = ticket {
-            let retired = self.stream.retire(ticket);
+            let retired = self.rooms.stream.retire(ticket);
             self.rooms.wake_co_members(retired, user_id);
         }
         if start_timer {
@@ -299,7 +294,7 @@ impl Presence {
             let record = PresenceRecord { state: state.to_owned(), status_msg, last_active_ms };
             entry.record = Some(record.clone());
             entry.persisted_active_ms = last_active_ms;
-            let ticket = self.stream.dispatch();
+            let ticket = self.rooms.stream.dispatch();
             entry.changed_at = ticket.position;
             let start_timer = state == ONLINE && !entry.idle_timer;
             if start_timer {
@@ -313,7 +308,7 @@ impl Presence {
         let mut batch = Batch::new();
         PRESENCE.put(&mut batch, &user_id.to_owned(), &Json(record));
         let result = commit(&self.db, batch).await;
-        let retired = self.stream.retire(ticket);
+        let retired = self.rooms.stream.retire(ticket);
         self.rooms.wake_co_members(retired, user_id);
         tracing::debug!(user = user_id, state, "presence set");
         result
@@ -381,14 +376,14 @@ impl Presence {
                     if stage == 2 {
                         entry.idle_timer = false;
                     }
-                    let ticket = self.stream.dispatch();
+                    let ticket = self.rooms.stream.dispatch();
                     entry.changed_at = ticket.position;
                     Ok((ticket, stage == 2))
                 }
             };
             match lapsed {
                 Ok((ticket, done)) => {
-                    let retired = self.stream.retire(ticket);
+                    let retired = self.rooms.stream.retire(ticket);
                     self.rooms.wake_co_members(retired, &user_id);
                     let to = if done { OFFLINE } else { UNAVAILABLE };
                     tracing::debug!(user = user_id, to, "presence lapsed");
@@ -494,7 +489,7 @@ mod tests {
         assert!(content["last_active_ago"].as_u64().unwrap() >= 301_000);
         assert!(content.get("currently_active").is_none());
         // Activity brings them back, as a change.
-        let before = p.stream.visible();
+        let before = p.rooms.stream.visible();
         p.note_activity("@a:x");
         assert_eq!(p.status("@a:x").unwrap().presence, ONLINE);
         assert_eq!(p.changed_since(before), vec!["@a:x".to_owned()]);
@@ -510,15 +505,15 @@ mod tests {
     async fn the_idle_timer_records_the_lapse() {
         let (_dir, p) = presence(1);
         p.set_state("@b:x", ONLINE, None).await.unwrap();
-        let before = p.stream.visible();
+        let before = p.rooms.stream.visible();
         tokio::time::sleep(Duration::from_millis(1300)).await;
-        assert!(p.stream.visible() > before, "the lapse took no stream position");
+        assert!(p.rooms.stream.visible() > before, "the lapse took no stream position");
         assert_eq!(p.changed_since(before), vec!["@b:x".to_owned()]);
         assert_eq!(p.status("@b:x").unwrap().presence, UNAVAILABLE);
         // Still nothing after the offline timeout: offline, again as a change.
-        let idle_at = p.stream.visible();
+        let idle_at = p.rooms.stream.visible();
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        assert!(p.stream.visible() > idle_at, "the offline lapse took no stream position");
+        assert!(p.rooms.stream.visible() > idle_at, "the offline lapse took no stream position");
         assert_eq!(p.status("@b:x").unwrap().presence, OFFLINE);
         assert!(p.status("@b:x").unwrap().last_active_ago.is_some());
     }
