@@ -7,7 +7,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use trellis_core::Error;
+use trellis_core::{Error, ErrorKind};
 
 /// Our error type as an axum response (a newtype: both types are foreign here).
 pub struct ApiError(pub Error);
@@ -24,8 +24,27 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// How HTTP spells each kind of failure.
+pub fn status_of(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::RangeNotSatisfiable => StatusCode::RANGE_NOT_SATISFIABLE,
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
 pub fn error_response(e: &Error) -> Response {
-    let mut resp = json_response(e.status, e.body().to_string().into_bytes());
+    let mut resp = json_response(status_of(e.kind), e.body().to_string().into_bytes());
     if let Some(ms) =
         e.extra.as_ref().and_then(|x| x.get("retry_after_ms")).and_then(|v| v.as_u64())
     {
@@ -61,10 +80,10 @@ pub fn matrix_errors(resp: Response) -> Response {
             Error::bad_json("Malformed request body")
         }
         StatusCode::BAD_REQUEST => {
-            Error::new(StatusCode::BAD_REQUEST, trellis_core::error::code::UNKNOWN, "Bad request")
+            Error::new(ErrorKind::BadRequest, trellis_core::error::code::UNKNOWN, "Bad request")
         }
         StatusCode::INTERNAL_SERVER_ERROR => Error::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Internal,
             trellis_core::error::code::UNKNOWN,
             "Internal server error",
         ),
@@ -88,7 +107,7 @@ pub fn panic_response(payload: Box<dyn std::any::Any + Send + 'static>) -> Respo
         .unwrap_or("(non-string panic)");
     tracing::error!(panic = detail, "request handler panicked");
     error_response(&Error::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Internal,
         trellis_core::error::code::UNKNOWN,
         "Internal server error",
     ))

@@ -3,6 +3,7 @@
 //! taken from ruma's metadata so they can never drift from the spec.
 
 use std::{collections::HashSet, future::Future, pin::Pin};
+use trellis_core::ErrorKind;
 
 use axum::{
     Router,
@@ -11,7 +12,6 @@ use axum::{
     response::Response,
     routing::{MethodFilter, on},
 };
-use http::StatusCode;
 use ruma::api::{
     IncomingRequest, IncomingRequestExt, OutgoingResponseExt,
     auth_scheme::{
@@ -45,7 +45,7 @@ impl Ctx {
     pub fn origin(&self) -> Result<&str> {
         self.origin.as_deref().ok_or_else(|| {
             Error::new(
-                StatusCode::UNAUTHORIZED,
+                ErrorKind::Unauthenticated,
                 trellis_core::error::code::UNAUTHORIZED,
                 "Not signed",
             )
@@ -311,7 +311,7 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes> {
             Error::too_large("Request body is too large")
         } else {
             Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 trellis_core::error::code::UNKNOWN,
                 "Could not read request body",
             )

@@ -1,9 +1,10 @@
 //! The one error type of the server. Every failure a client can see maps to a Matrix
-//! error JSON: an HTTP status, an `errcode` and a human-readable `error`.
+//! error JSON: an [`ErrorKind`] (which the API turns into an HTTP status), an `errcode` and a
+//! human-readable `error`. Services never name HTTP statuses: the kind says what went
+//! wrong, the edge decides how HTTP spells it.
 
 use std::borrow::Cow;
 
-use http::StatusCode;
 use serde_json::{Map, Value};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -44,9 +45,63 @@ pub mod code {
     pub const INCOMPATIBLE_ROOM_VERSION: &str = "M_INCOMPATIBLE_ROOM_VERSION";
 }
 
+/// What kind of failure an error is. The errcode alone does not decide this: the spec
+/// sends `M_UNKNOWN` and `M_UNRECOGNIZED` with several statuses, and user-interactive
+/// auth answers with no errcode at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or asks for something that cannot be (400).
+    BadRequest,
+    /// No credentials, credentials that are not or no longer valid, or the first step of
+    /// user-interactive auth (401).
+    Unauthenticated,
+    /// Known, but not allowed (403).
+    Forbidden,
+    /// What was asked for does not exist, or the asker may not know that it does (404).
+    NotFound,
+    /// The endpoint exists, but not with this method (405).
+    MethodNotAllowed,
+    /// The change conflicts with what is already there (409).
+    Conflict,
+    /// The request body is over its limit (413).
+    TooLarge,
+    /// A byte range outside the content (416).
+    RangeNotSatisfiable,
+    /// The client must slow down (429).
+    RateLimited,
+    /// A failure of this server (500).
+    Internal,
+    /// The server does not do this (501).
+    Unimplemented,
+    /// Another server could not be reached or answered with a failure of its own (502).
+    Upstream,
+    /// Something waited for did not happen in time (504).
+    Timeout,
+}
+
+impl ErrorKind {
+    /// The kind of another server's answer with this HTTP status, so that its refusal
+    /// reaches our client as the same kind of failure.
+    pub fn of_remote_status(status: u16) -> Self {
+        match status {
+            401 => Self::Unauthenticated,
+            403 => Self::Forbidden,
+            404 => Self::NotFound,
+            405 => Self::MethodNotAllowed,
+            409 => Self::Conflict,
+            413 => Self::TooLarge,
+            416 => Self::RangeNotSatisfiable,
+            429 => Self::RateLimited,
+            400..=499 => Self::BadRequest,
+            504 => Self::Timeout,
+            _ => Self::Upstream,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Error {
-    pub status: StatusCode,
+    pub kind: ErrorKind,
     /// Empty for responses that carry no errcode (the first user-interactive auth step).
     pub errcode: &'static str,
     pub message: Cow<'static, str>,
@@ -56,11 +111,11 @@ pub struct Error {
 
 impl Error {
     pub fn new(
-        status: StatusCode,
+        kind: ErrorKind,
         errcode: &'static str,
         message: impl Into<Cow<'static, str>>,
     ) -> Self {
-        Self { status, errcode, message: message.into(), extra: None }
+        Self { kind, errcode, message: message.into(), extra: None }
     }
 
     pub fn with_field(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -69,76 +124,68 @@ impl Error {
     }
 
     pub fn unrecognized(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code::UNRECOGNIZED, message)
+        Self::new(ErrorKind::NotFound, code::UNRECOGNIZED, message)
     }
     pub fn method_not_allowed() -> Self {
         Self::new(
-            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::MethodNotAllowed,
             code::UNRECOGNIZED,
             "Method not allowed for this endpoint",
         )
     }
     pub fn not_json(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code::NOT_JSON, message)
+        Self::new(ErrorKind::BadRequest, code::NOT_JSON, message)
     }
     pub fn bad_json(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code::BAD_JSON, message)
+        Self::new(ErrorKind::BadRequest, code::BAD_JSON, message)
     }
     pub fn too_large(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, code::TOO_LARGE, message)
+        Self::new(ErrorKind::TooLarge, code::TOO_LARGE, message)
     }
     pub fn not_found(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, code::NOT_FOUND, message)
+        Self::new(ErrorKind::NotFound, code::NOT_FOUND, message)
     }
     pub fn forbidden(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, code::FORBIDDEN, message)
+        Self::new(ErrorKind::Forbidden, code::FORBIDDEN, message)
     }
     pub fn invalid_param(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code::INVALID_PARAM, message)
+        Self::new(ErrorKind::BadRequest, code::INVALID_PARAM, message)
     }
     pub fn missing_token() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code::MISSING_TOKEN, "Missing access token")
+        Self::new(ErrorKind::Unauthenticated, code::MISSING_TOKEN, "Missing access token")
     }
     pub fn unknown_token() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code::UNKNOWN_TOKEN, "Unknown access token")
+        Self::new(ErrorKind::Unauthenticated, code::UNKNOWN_TOKEN, "Unknown access token")
             .with_field("soft_logout", false)
     }
     /// An expired access token: `soft_logout` tells the client to refresh, not log out.
     pub fn expired_token() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code::UNKNOWN_TOKEN, "Access token has expired")
+        Self::new(ErrorKind::Unauthenticated, code::UNKNOWN_TOKEN, "Access token has expired")
             .with_field("soft_logout", true)
     }
     pub fn user_locked() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code::USER_LOCKED, "This account has been locked")
+        Self::new(ErrorKind::Unauthenticated, code::USER_LOCKED, "This account has been locked")
             .with_field("soft_logout", true)
     }
     pub fn user_deactivated() -> Self {
-        Self::new(
-            StatusCode::FORBIDDEN,
-            code::USER_DEACTIVATED,
-            "This account has been deactivated",
-        )
+        Self::new(ErrorKind::Forbidden, code::USER_DEACTIVATED, "This account has been deactivated")
     }
     /// A per-user allowance (such as the media quota) is used up.
     pub fn resource_limit(message: impl Into<Cow<'static, str>>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, code::RESOURCE_LIMIT_EXCEEDED, message)
+        Self::new(ErrorKind::Forbidden, code::RESOURCE_LIMIT_EXCEEDED, message)
     }
     pub fn cannot_overwrite_media() -> Self {
         Self::new(
-            StatusCode::CONFLICT,
+            ErrorKind::Conflict,
             code::CANNOT_OVERWRITE_MEDIA,
             "Media has already been uploaded to this id",
         )
     }
     pub fn not_yet_uploaded() -> Self {
-        Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            code::NOT_YET_UPLOADED,
-            "Content has not yet been uploaded",
-        )
+        Self::new(ErrorKind::Timeout, code::NOT_YET_UPLOADED, "Content has not yet been uploaded")
     }
     pub fn limit_exceeded(retry_after_ms: u64) -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, code::LIMIT_EXCEEDED, "Too many requests")
+        Self::new(ErrorKind::RateLimited, code::LIMIT_EXCEEDED, "Too many requests")
             .with_field("retry_after_ms", retry_after_ms)
     }
 
@@ -146,7 +193,7 @@ impl Error {
     /// so that storage paths and the like never leak.
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!(%err, "{context}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, code::UNKNOWN, "Internal server error")
+        Self::new(ErrorKind::Internal, code::UNKNOWN, "Internal server error")
     }
 
     /// The JSON body a client receives.
@@ -162,7 +209,7 @@ impl Error {
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.errcode, self.message)
+        write!(f, "{:?} {}: {}", self.kind, self.errcode, self.message)
     }
 }
 
@@ -182,7 +229,7 @@ mod tests {
 
     #[test]
     fn uia_body_without_errcode() {
-        let e = Error::new(StatusCode::UNAUTHORIZED, "", "").with_field("session", "abc");
+        let e = Error::new(ErrorKind::Unauthenticated, "", "").with_field("session", "abc");
         assert_eq!(e.body(), serde_json::json!({"session": "abc"}));
     }
 }

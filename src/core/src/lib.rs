@@ -5,7 +5,7 @@ pub mod error;
 pub mod metrics;
 
 pub use config::Config;
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 
 /// Milliseconds since the Unix epoch, as Matrix timestamps are expressed.
 pub fn now_millis() -> u64 {

@@ -140,9 +140,15 @@ pub async fn serve(
                 return;
             }
             Err(HeadError::Reject(status, why)) => {
-                let error =
-                    trellis_core::Error::new(status, trellis_core::error::code::UNKNOWN, why);
-                let answer = trellis_api::response::error_response(&error);
+                // Framing failures have HTTP statuses of their own (408, 431, 501) that
+                // no Matrix error kind names: the status is set here, at the wire.
+                let error = trellis_core::Error::new(
+                    trellis_core::ErrorKind::BadRequest,
+                    trellis_core::error::code::UNKNOWN,
+                    why,
+                );
+                let mut answer = trellis_api::response::error_response(&error);
+                *answer.status_mut() = status;
                 let written =
                     write_response(&shared.tcp, answer, &Method::GET, Version::HTTP_11, false);
                 if Box::pin(written).await.is_ok() {

@@ -91,7 +91,7 @@ mod tests {
             rl.check(Class::Login, "1.2.3.4").unwrap();
         }
         let err = rl.check(Class::Login, "1.2.3.4").unwrap_err();
-        assert_eq!(err.status.as_u16(), 429);
+        assert_eq!(err.kind, trellis_core::ErrorKind::RateLimited);
         assert!(err.body()["retry_after_ms"].as_u64().unwrap() >= 1);
         // Other keys and classes have their own buckets.
         rl.check(Class::Login, "5.6.7.8").unwrap();

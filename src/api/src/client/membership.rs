@@ -14,6 +14,7 @@ use ruma::{
     events::room::member::MembershipState,
 };
 use serde_json::Value;
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result};
 use trellis_service::rooms::membership;
 
@@ -121,7 +122,7 @@ async fn leave(ctx: Ctx, req: leave_room::v3::Request) -> Result<leave_room::v3:
 async fn invite(ctx: Ctx, req: invite_user::v3::Request) -> Result<invite_user::v3::Response> {
     let invite_user::v3::InvitationRecipient::UserId(recipient) = req.recipient else {
         return Err(Error::new(
-            http::StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             trellis_core::error::code::UNRECOGNIZED,
             "Third-party invites are not supported",
         ));

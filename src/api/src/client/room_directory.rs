@@ -26,6 +26,7 @@ use ruma::{
     events::room::member::MembershipState,
 };
 use serde_json::{Value, json};
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code};
 use trellis_service::{
     federation::{encode, invites, server_of},
@@ -63,7 +64,9 @@ async fn summary(ctx: Ctx, req: get_summary::v1::Request) -> Result<get_summary:
         user.as_deref(),
     );
     let (info, membership) = match local {
-        Err(e) if e.status == http::StatusCode::NOT_FOUND && ctx.services.federation.enabled() => {
+        Err(e)
+            if e.kind == trellis_core::ErrorKind::NotFound && ctx.services.federation.enabled() =>
+        {
             // Each such request makes this server ask others: rate-limited like joins.
             ctx.rate_limit(trellis_service::ratelimit::Class::Join)?;
             remote_summary(&ctx, target, &req.via, user.as_deref()).await?.ok_or(e)?
@@ -197,7 +200,7 @@ fn remote_server<'a>(ctx: &Ctx, server: Option<&'a OwnedServerName>) -> Result<O
                 Ok(Some(server.as_str()))
             } else {
                 Err(Error::new(
-                    http::StatusCode::NOT_IMPLEMENTED,
+                    ErrorKind::Unimplemented,
                     code::UNRECOGNIZED,
                     "Listing another server's room directory needs federation, which is \
                      disabled on this server",

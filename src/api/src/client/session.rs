@@ -1,6 +1,7 @@
 //! Login, token refresh, logout and login tokens for signing in other devices.
 
 use std::time::Duration;
+use trellis_core::ErrorKind;
 
 use axum::Router;
 use ruma::api::client::{
@@ -68,7 +69,7 @@ async fn login(ctx: Ctx, req: login::v3::Request) -> Result<login::v3::Response>
         }
         other => {
             return Err(Error::new(
-                http::StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 trellis_core::error::code::UNKNOWN,
                 format!("Unsupported login type {}", other.login_type()),
             ));

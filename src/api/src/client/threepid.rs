@@ -20,6 +20,7 @@ use ruma::{
 };
 use serde::Deserialize;
 use serde_json::json;
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code};
 use trellis_service::accounts::threepid::Purpose;
 
@@ -63,7 +64,7 @@ async fn start(
 ) -> Result<(OwnedSessionId, String)> {
     let mailer = ctx.services.mailer.as_ref().ok_or_else(|| {
         Error::new(
-            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             code::THREEPID_MEDIUM_NOT_SUPPORTED,
             "This server does not send email",
         )

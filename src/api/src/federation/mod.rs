@@ -3,6 +3,7 @@
 //! a valid X-Matrix signature (checked in `ruma_route`).
 
 use std::collections::BTreeMap;
+use trellis_core::ErrorKind;
 
 use axum::Router;
 use ruma::{
@@ -62,7 +63,7 @@ async fn userinfo(
 ) -> Result<get_openid_userinfo::v1::Response> {
     let localpart = ctx.services.accounts.openid_owner(&req.access_token)?.ok_or_else(|| {
         Error::new(
-            http::StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthenticated,
             trellis_core::error::code::UNKNOWN_TOKEN,
             "Unknown or expired OpenID token",
         )

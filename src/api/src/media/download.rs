@@ -1,12 +1,13 @@
 //! Downloads and thumbnails, authenticated (`/_matrix/client/v1/media`) and legacy.
 
 use std::time::Duration;
+use trellis_core::ErrorKind;
 
 use axum::{
     extract::{Path, Request, State},
     response::Response,
 };
-use http::{StatusCode, header, request::Parts};
+use http::{header, request::Parts};
 use trellis_core::{Error, Result, error::code};
 use trellis_service::media::{Method, Spec, ThumbnailRequest};
 
@@ -55,7 +56,7 @@ pub(super) async fn thumbnail_content(
     let query = query(parts);
     let dimension = |name: &str| -> Result<u32> {
         let value = param(&query, name).ok_or_else(|| {
-            Error::new(StatusCode::BAD_REQUEST, code::MISSING_PARAM, format!("Missing {name}"))
+            Error::new(ErrorKind::BadRequest, code::MISSING_PARAM, format!("Missing {name}"))
         })?;
         value
             .parse::<u32>()

@@ -8,7 +8,8 @@ use axum::{
     response::Response,
 };
 use futures_util::StreamExt;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, header};
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code};
 use trellis_service::media::{
     Content,
@@ -41,9 +42,8 @@ pub(super) async fn ensure_local_copy(s: &AppState, server: &str, id: &str) -> R
         trellis_service::federation::encode(id)
     );
     let (content_type, body) = s.federation.get_bytes(server, &path, limit).await?;
-    let bad = || {
-        Error::new(StatusCode::BAD_GATEWAY, code::UNKNOWN, format!("{server} sent malformed media"))
-    };
+    let bad =
+        || Error::new(ErrorKind::Upstream, code::UNKNOWN, format!("{server} sent malformed media"));
     let boundary = content_type.as_deref().and_then(multipart::boundary).ok_or_else(bad)?;
     let (content_type, filename, bytes) = match multipart::media_part(&body, &boundary) {
         Some(MediaPart::Content { content_type, disposition, body }) => {
@@ -54,7 +54,7 @@ pub(super) async fn ensure_local_copy(s: &AppState, server: &str, id: &str) -> R
             // internal ones included; it waits for the preview fetcher's address policy.
             tracing::debug!(server, url, "remote media answered with a redirect");
             return Err(Error::new(
-                StatusCode::BAD_GATEWAY,
+                ErrorKind::Upstream,
                 code::UNKNOWN,
                 format!("{server} redirects its media elsewhere, which is not followed yet"),
             ));

@@ -6,6 +6,7 @@ use axum::{
 };
 use http::StatusCode;
 use serde_json::json;
+use trellis_core::ErrorKind;
 use trellis_core::{Error, error::code};
 use trellis_service::ratelimit::Class;
 
@@ -33,7 +34,7 @@ pub async fn preview_url(State(s): State<AppState>, req: Request) -> Response {
             s.rate_limits.check(Class::Default, &session.localpart)?;
             let query = query(&parts);
             let url = param(&query, "url").ok_or_else(|| {
-                Error::new(StatusCode::BAD_REQUEST, code::MISSING_PARAM, "Missing url parameter")
+                Error::new(ErrorKind::BadRequest, code::MISSING_PARAM, "Missing url parameter")
             })?;
             // `ts` asks for a version no older than it; a cached preview within the cache
             // lifetime is always acceptable, so it needs no handling of its own.

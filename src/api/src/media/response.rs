@@ -2,6 +2,7 @@
 //! (inline only for the spec's safe content types), and single byte ranges for seeking.
 
 use std::ops::Range;
+use trellis_core::ErrorKind;
 
 use axum::{body::Body, response::Response};
 use http::{HeaderValue, StatusCode, header};
@@ -118,7 +119,7 @@ pub async fn serve(
         Ranged::Part(r) => Some(r),
         Ranged::Unsatisfiable => {
             let e = Error::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
+                ErrorKind::RangeNotSatisfiable,
                 code::UNKNOWN,
                 "The requested range is not satisfiable",
             );

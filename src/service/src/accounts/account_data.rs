@@ -1,6 +1,7 @@
 //! Per-user account data, global or per room: arbitrary JSON objects by event type.
 
 use std::sync::Arc;
+use trellis_core::ErrorKind;
 
 use ruma::{
     RoomId,
@@ -54,7 +55,7 @@ impl AccountData {
     ) -> Result<()> {
         if SERVER_MANAGED.contains(&kind) {
             return Err(Error::new(
-                http::StatusCode::METHOD_NOT_ALLOWED,
+                ErrorKind::MethodNotAllowed,
                 trellis_core::error::code::BAD_JSON,
                 format!("{kind} is managed by the server and cannot be set by clients"),
             ));

@@ -1,6 +1,7 @@
 //! `POST /login`: password and `m.login.token` logins, with brute-force protection and
 //! an audit record for every attempt.
 
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result};
 use trellis_store::Batch;
 
@@ -75,7 +76,7 @@ impl Accounts {
     async fn jwt_login(&self, token: &str, client: &Client) -> Result<String> {
         let verifier = self.jwt.as_ref().ok_or_else(|| {
             Error::new(
-                http::StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 trellis_core::error::code::UNKNOWN,
                 "JWT login is not enabled",
             )

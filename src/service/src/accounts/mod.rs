@@ -15,8 +15,8 @@ pub mod threepid;
 mod uia;
 
 use std::sync::Arc;
+use trellis_core::ErrorKind;
 
-use http::StatusCode;
 use tokio::sync::Mutex;
 use trellis_core::{
     Error, Result,
@@ -155,7 +155,7 @@ impl Accounts {
     /// server) and returns the localpart.
     pub fn parse_username(&self, username: &str) -> Result<String> {
         let invalid =
-            |msg: &'static str| Error::new(StatusCode::BAD_REQUEST, code::INVALID_USERNAME, msg);
+            |msg: &'static str| Error::new(ErrorKind::BadRequest, code::INVALID_USERNAME, msg);
         let localpart = if username.starts_with('@') {
             self.local_part(username).ok_or_else(|| invalid("User ID must be on this server"))?
         } else {
@@ -190,14 +190,14 @@ impl Accounts {
                 .any(|r| r.eq_ignore_ascii_case(&localpart));
         if reserved {
             return Err(Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::INVALID_USERNAME,
                 "This username is reserved",
             ));
         }
         if USERS.contains(&*self.db, &localpart)? {
             return Err(Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::USER_IN_USE,
                 "User ID already taken",
             ));
@@ -216,7 +216,7 @@ impl Accounts {
     pub fn check_password_policy(&self, password: &str) -> Result<()> {
         if password.chars().count() < self.auth.password_min_length {
             return Err(Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::WEAK_PASSWORD,
                 format!("Password must be at least {} characters", self.auth.password_min_length),
             ));
@@ -299,7 +299,7 @@ impl Accounts {
         let _guard = self.create_lock.lock().await;
         if USERS.contains(&*self.db, &localpart)? {
             return Err(Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::USER_IN_USE,
                 "User ID already taken",
             ));

@@ -3,8 +3,8 @@
 
 use ruma::events::room::member::MembershipState;
 use std::collections::BTreeMap;
+use trellis_core::ErrorKind;
 
-use http::StatusCode;
 use serde_json::Value;
 use trellis_core::{Error, Result, error::code};
 use trellis_store::{Batch, Db, Direction, Json};
@@ -39,7 +39,7 @@ impl Profiles {
     pub async fn set(&self, localpart: &str, field: &str, value: Value) -> Result<()> {
         if field.is_empty() || field.len() > MAX_FIELD_NAME {
             return Err(Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::INVALID_PARAM,
                 "Invalid profile field name",
             ));

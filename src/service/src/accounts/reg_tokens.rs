@@ -1,8 +1,8 @@
 //! Registration tokens (`m.login.registration_token`): made by admins, each good for a
 //! number of registrations until an expiry time.
 
-use http::StatusCode;
 use serde::Serialize;
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code, now_millis};
 use trellis_store::{Batch, Direction, Json};
 
@@ -41,7 +41,7 @@ fn usable(r: &RegistrationTokenRecord) -> bool {
 }
 
 fn invalid_param(msg: impl Into<std::borrow::Cow<'static, str>>) -> Error {
-    Error::new(StatusCode::BAD_REQUEST, code::INVALID_PARAM, msg)
+    Error::new(ErrorKind::BadRequest, code::INVALID_PARAM, msg)
 }
 
 const MAX_TOKEN_LEN: usize = 64;

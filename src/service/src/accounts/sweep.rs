@@ -91,7 +91,7 @@ mod tests {
                 .register(RegisterRequest::default(), &Client::default())
                 .await
                 .unwrap_err();
-            assert_eq!(err.status.as_u16(), 401);
+            assert_eq!(err.kind, trellis_core::ErrorKind::Unauthenticated);
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         assert_eq!(accounts.sweep_expired().await.unwrap(), 3);

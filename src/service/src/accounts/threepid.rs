@@ -1,8 +1,8 @@
 //! Email addresses as third-party identifiers: validation sessions (a 6-digit code or a
 //! link, mailed by us), binding addresses to accounts, and lookups for password resets.
 
-use http::StatusCode;
 use subtle_eq::constant_time_eq;
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code, now_millis};
 use trellis_store::{Batch, Direction, Json};
 
@@ -51,7 +51,7 @@ mod subtle_eq {
 }
 
 fn auth_failed(msg: &'static str) -> Error {
-    Error::new(StatusCode::BAD_REQUEST, code::THREEPID_AUTH_FAILED, msg)
+    Error::new(ErrorKind::BadRequest, code::THREEPID_AUTH_FAILED, msg)
 }
 
 /// Lowercases and checks the shape of an address (the SMTP layer checks it again).
@@ -90,14 +90,14 @@ impl Accounts {
         match purpose {
             Purpose::Register | Purpose::Add if owner.is_some() => {
                 return Err(Error::new(
-                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     code::THREEPID_IN_USE,
                     "This email address is already in use",
                 ));
             }
             Purpose::Password if owner.is_none() => {
                 return Err(Error::new(
-                    StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     code::THREEPID_NOT_FOUND,
                     "No account has this email address",
                 ));
@@ -205,7 +205,7 @@ impl Accounts {
     ) -> Result<String> {
         let not_validated = || {
             Error::new(
-                StatusCode::UNAUTHORIZED,
+                ErrorKind::Unauthenticated,
                 code::THREEPID_AUTH_FAILED,
                 "The email address has not been validated",
             )
@@ -235,7 +235,7 @@ impl Accounts {
             && owner != localpart
         {
             return Err(Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::THREEPID_IN_USE,
                 "This email address is already in use",
             ));
@@ -324,7 +324,7 @@ impl Accounts {
     ) -> Result<String> {
         let localpart = self.email_owner(email)?.ok_or_else(|| {
             Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::THREEPID_NOT_FOUND,
                 "No account has this email address",
             )

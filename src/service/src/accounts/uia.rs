@@ -1,8 +1,8 @@
 //! User-interactive authentication: flows of stages a client completes (possibly over
 //! several requests, tied together by a persisted session) before a sensitive action.
 
-use http::StatusCode;
 use serde_json::json;
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code, now_millis};
 use trellis_store::{Batch, Json};
 
@@ -75,7 +75,7 @@ impl Accounts {
                 }
                 _ => {
                     return Err(Error::new(
-                        StatusCode::BAD_REQUEST,
+                        ErrorKind::BadRequest,
                         code::UNKNOWN,
                         "Unknown or expired user-interactive auth session",
                     ));
@@ -224,7 +224,7 @@ impl Accounts {
             None => self.new_session(completed, purpose, None).await?,
         };
         let flows: Vec<_> = flows.iter().map(|f| json!({ "stages": f })).collect();
-        let mut err = Error::new(StatusCode::UNAUTHORIZED, "", "")
+        let mut err = Error::new(ErrorKind::Unauthenticated, "", "")
             .with_field("flows", flows)
             .with_field("params", json!({}))
             .with_field("session", session);

@@ -3,6 +3,7 @@
 //! only; when a session is stored twice the "better" copy is kept.
 
 use std::{cmp::Ordering, collections::BTreeMap};
+use trellis_core::ErrorKind;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -100,7 +101,7 @@ impl E2ee {
         };
         if version.parse::<u64>().ok() != Some(current) {
             return Err(Error::new(
-                http::StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 code::WRONG_ROOM_KEYS_VERSION,
                 "Wrong backup version",
             )

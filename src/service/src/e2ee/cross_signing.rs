@@ -3,6 +3,7 @@
 //! other's master keys (`keys/signatures/upload`).
 
 use std::{collections::BTreeMap, sync::Arc};
+use trellis_core::ErrorKind;
 
 use serde_json::{Map, Value, json};
 use trellis_core::{Error, Result, error::code};
@@ -50,7 +51,7 @@ impl SigningUpload {
 }
 
 fn invalid_signature(message: impl Into<std::borrow::Cow<'static, str>>) -> Error {
-    Error::new(http::StatusCode::BAD_REQUEST, code::INVALID_SIGNATURE, message)
+    Error::new(ErrorKind::BadRequest, code::INVALID_SIGNATURE, message)
 }
 
 impl E2ee {
@@ -141,7 +142,7 @@ impl E2ee {
         if needs_master {
             let Some(master) = master else {
                 return Err(Error::new(
-                    http::StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     code::MISSING_PARAM,
                     "No master signing key is available",
                 ));
@@ -239,7 +240,7 @@ impl E2ee {
         }
         let Some(target_local) = self.local_part(user_id) else {
             return Err(Error::new(
-                http::StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 "M_UNAVAILABLE",
                 "Keys of other servers cannot be signed yet",
             ));

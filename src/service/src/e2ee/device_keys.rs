@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     sync::Arc,
 };
+use trellis_core::ErrorKind;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -92,7 +93,7 @@ impl E2ee {
             let count = counts.entry(alg.to_owned()).or_insert(0);
             if *count >= MAX_ONE_TIME_KEYS {
                 return Err(Error::new(
-                    http::StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     code::LIMIT_EXCEEDED,
                     "Too many unclaimed one-time keys for this device",
                 ));
@@ -380,7 +381,7 @@ fn check_device_keys(mut keys: Value, user_id: &str, device_id: &str) -> Result<
     };
     if !signing::verify(&keys, user_id, &format!("ed25519:{device_id}"), &ed25519) {
         return Err(Error::new(
-            http::StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             code::INVALID_SIGNATURE,
             "device_keys must be signed by the device's ed25519 key",
         ));
@@ -415,7 +416,7 @@ fn check_signed_key(
         };
         if !signing::verify(key, user_id, &format!("ed25519:{device_id}"), device_key) {
             return Err(Error::new(
-                http::StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::INVALID_SIGNATURE,
                 format!("Key {id} is not signed by the device"),
             ));

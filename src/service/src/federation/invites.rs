@@ -9,8 +9,9 @@
 
 use ruma::events::room::member::MembershipState;
 use std::sync::Arc;
+use trellis_core::ErrorKind;
 
-use http::{Method, StatusCode};
+use http::Method;
 use ruma::{OwnedEventId, RoomVersionId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -183,16 +184,12 @@ pub async fn invite_remote(
     );
     let answer = services.federation.request(server, Method::PUT, &path, Some(&body)).await?;
     let signed = answer.get("event").cloned().ok_or_else(|| {
-        Error::new(
-            StatusCode::BAD_GATEWAY,
-            code::UNKNOWN,
-            format!("{server} sent no signed invite"),
-        )
+        Error::new(ErrorKind::Upstream, code::UNKNOWN, format!("{server} sent no signed invite"))
     })?;
     let (signed, _) = services.federation.verify_pdu(&rules, &signed).await?;
     if signed.event_id != pdu.event_id {
         return Err(Error::new(
-            StatusCode::BAD_GATEWAY,
+            ErrorKind::Upstream,
             code::UNKNOWN,
             format!("{server} changed the invite event"),
         ));
@@ -221,7 +218,7 @@ pub async fn receive_invite(
         .filter(|v| v.rules().is_some())
         .ok_or_else(|| {
             Error::new(
-                StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::INCOMPATIBLE_ROOM_VERSION,
                 format!("Room version {room_version} is not supported"),
             )

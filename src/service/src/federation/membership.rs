@@ -5,8 +5,9 @@
 //! and the same for leaving and knocking.
 
 use std::sync::Arc;
+use trellis_core::ErrorKind;
 
-use http::{Method, StatusCode};
+use http::Method;
 use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
 use serde_json::{Value, json};
 use trellis_core::{Error, Result, error::code, now_millis};
@@ -45,7 +46,7 @@ pub fn make_membership(
         if versions.is_empty() { room.version == "1" } else { versions.contains(&room.version) };
     if membership != "leave" && !understood {
         return Err(Error::new(
-            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             code::INCOMPATIBLE_ROOM_VERSION,
             format!("The room has version {}, which your server does not support", room.version),
         )

@@ -19,6 +19,7 @@ use std::{
     time::Duration,
 };
 use tracing::Instrument;
+use trellis_core::ErrorKind;
 
 use http::{Method, StatusCode};
 use ruma::{OwnedServerName, api::federation::authentication::XMatrix, signatures::PublicKeyMap};
@@ -184,11 +185,7 @@ impl Federation {
     }
 
     fn unavailable(server: &str, why: impl std::fmt::Display) -> Error {
-        Error::new(
-            StatusCode::BAD_GATEWAY,
-            code::UNKNOWN,
-            format!("Could not reach {server}: {why}"),
-        )
+        Error::new(ErrorKind::Upstream, code::UNKNOWN, format!("Could not reach {server}: {why}"))
     }
 
     /// An unauthenticated GET (the key server).
@@ -233,7 +230,11 @@ impl Federation {
             _ => code::UNKNOWN,
         };
         let message = value.get("error").and_then(Value::as_str).unwrap_or("Remote error");
-        Error::new(status, errcode, format!("{server}: {message}"))
+        Error::new(
+            ErrorKind::of_remote_status(status.as_u16()),
+            errcode,
+            format!("{server}: {message}"),
+        )
     }
 
     /// A signed GET whose answer is not JSON (media): `(content type, body)` of a
@@ -346,7 +347,7 @@ impl Federation {
     /// Checks the X-Matrix authorization of an inbound request; returns the origin.
     pub async fn verify_request(&self, request: &http::Request<&[u8]>) -> Result<String> {
         let unauthorized =
-            |why: &str| Error::new(StatusCode::UNAUTHORIZED, code::UNAUTHORIZED, why.to_owned());
+            |why: &str| Error::new(ErrorKind::Unauthenticated, code::UNAUTHORIZED, why.to_owned());
         if !self.config.enabled {
             return Err(Error::forbidden("Federation is disabled on this server"));
         }
@@ -477,7 +478,7 @@ mod tests {
             held.push(turns.take("busy.example", wait).await.unwrap());
         }
         let refused = turns.take("busy.example", wait).await.unwrap_err();
-        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.kind, ErrorKind::RateLimited);
         // Other servers are not held up by the busy one.
         assert!(turns.take("other.example", wait).await.is_ok());
         // A finished request gives its turn to the next.

@@ -399,10 +399,20 @@ async fn clear(federation: &Federation, dest: &str, keys: &[(String, u64)]) {
     }
 }
 
-/// A client error other than rate limiting or authentication (which may pass later).
+/// The other server refused the request itself, where rate limiting, authentication
+/// and failures of its own may pass later.
 fn refused(e: &trellis_core::Error) -> bool {
-    let status = e.status.as_u16();
-    (400..500).contains(&status) && status != 429 && status != 401
+    use trellis_core::ErrorKind::*;
+    matches!(
+        e.kind,
+        BadRequest
+            | Forbidden
+            | NotFound
+            | MethodNotAllowed
+            | Conflict
+            | TooLarge
+            | RangeNotSatisfiable
+    )
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use std::{
     sync::Arc,
     time::Duration,
 };
+use trellis_core::ErrorKind;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -467,7 +468,7 @@ impl Media {
         let base = preview::base_type(&content_type);
         let cannot = || {
             Error::new(
-                http::StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 code::UNKNOWN,
                 "Cannot generate a thumbnail of this content",
             )
@@ -878,7 +879,7 @@ fn fetch_error(e: preview::FetchError) -> Error {
         preview::FetchError::TooLarge => Error::too_large("The linked content is too large"),
         preview::FetchError::Failed(detail) => {
             tracing::debug!(detail, "URL preview fetch failed");
-            Error::new(http::StatusCode::BAD_GATEWAY, code::UNKNOWN, "Could not fetch the URL")
+            Error::new(ErrorKind::Upstream, code::UNKNOWN, "Could not fetch the URL")
         }
     }
 }

@@ -2,6 +2,7 @@
 //! way, and cut off at the size limit, so no upload is ever held whole in memory.
 
 use std::path::Path;
+use trellis_core::ErrorKind;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -89,7 +90,7 @@ where
             Err(e) => {
                 tracing::debug!(error = %e, "upload body ended early");
                 failure = Some(Error::new(
-                    http::StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     trellis_core::error::code::UNKNOWN,
                     "Could not read the upload body",
                 ));

@@ -2,9 +2,9 @@
 //! (app id, pushkey) per user. Only stored and listed for now; sending to gateways comes
 //! with notification delivery.
 
-use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code, now_millis};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
@@ -177,7 +177,7 @@ fn check_http_data(data: &Map<String, Value>) -> Result<()> {
 
 fn missing_params(names: &[String]) -> Error {
     Error::new(
-        StatusCode::BAD_REQUEST,
+        ErrorKind::BadRequest,
         code::MISSING_PARAM,
         format!("Missing parameters: {}", names.join(", ")),
     )

@@ -4,8 +4,8 @@
 //! and gets the server-default ruleset.
 
 use std::sync::Arc;
+use trellis_core::ErrorKind;
 
-use http::StatusCode;
 use ruma::{
     OwnedRoomId, OwnedUserId, UserId,
     push::{
@@ -255,7 +255,7 @@ fn unknown_kind(kind: &str) -> Error {
 }
 
 fn missing_param(name: &str) -> Error {
-    Error::new(StatusCode::BAD_REQUEST, code::MISSING_PARAM, format!("Missing parameter: {name}"))
+    Error::new(ErrorKind::BadRequest, code::MISSING_PARAM, format!("Missing parameter: {name}"))
 }
 
 fn rule_not_found() -> Error {
@@ -276,7 +276,7 @@ fn insert_error(e: InsertPushRuleError) -> Error {
         // The spec answers a `before`/`after` naming no rule with 400 (its example uses
         // M_UNKNOWN); 404 is reserved for the rule itself.
         InsertPushRuleError::UnknownRuleId => Error::new(
-            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             code::UNKNOWN,
             "before/after rule not found among the user's rules of this kind",
         ),

@@ -12,6 +12,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
+use trellis_core::ErrorKind;
 
 use serde_json::{Map, Value, json};
 use trellis_core::{Error, Result};
@@ -132,7 +133,7 @@ impl Connections {
             .map(|(_, s)| s.clone())
             .ok_or_else(|| {
                 Error::new(
-                    http::StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     "M_UNKNOWN_POS",
                     "Unknown position; start the connection again without `pos`",
                 )

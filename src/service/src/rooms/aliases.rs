@@ -1,7 +1,7 @@
 //! Room aliases on this server: `#name:server` -> room id, with the user who made each.
 
-use http::StatusCode;
 use serde::{Deserialize, Serialize};
+use trellis_core::ErrorKind;
 use trellis_core::{Error, Result, error::code};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
@@ -59,7 +59,7 @@ impl Aliases {
         let _guard = self.lock.lock().await;
         if !self.is_free(&alias)? {
             return Err(Error::new(
-                StatusCode::CONFLICT,
+                ErrorKind::Conflict,
                 code::UNKNOWN,
                 "This room alias is already in use",
             ));

@@ -8,6 +8,7 @@ use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
+use trellis_core::ErrorKind;
 
 use ruma::{
     CanonicalJsonObject, RoomId, RoomVersionId, UserId,
@@ -427,7 +428,7 @@ impl Timeline {
         };
         match ROOM_MEMBERS.get(&*self.rooms.db, &(room, user_id.to_owned()))?.as_deref() {
             Some("join") | Some("invite") | Some("knock") => Err(Error::new(
-                http::StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 trellis_core::error::code::UNKNOWN,
                 "Leave the room before forgetting it",
             )),

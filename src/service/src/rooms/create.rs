@@ -1,6 +1,7 @@
 //! `createRoom`: the sequence of events that makes a new room, per the spec's presets.
 
 use std::sync::Arc;
+use trellis_core::ErrorKind;
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
 use serde_json::{Value, json};
@@ -29,7 +30,7 @@ pub struct CreateRoom {
 pub(super) fn supported_version(text: &str) -> Result<RoomVersionId> {
     RoomVersionId::try_from(text).ok().filter(|v| v.rules().is_some()).ok_or_else(|| {
         Error::new(
-            http::StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             "M_UNSUPPORTED_ROOM_VERSION",
             format!("Room version {text} is not supported"),
         )
@@ -201,7 +202,7 @@ pub async fn create_room(
                 services.aliases.local_alias(&format!("#{name}:{}", services.server_name()))?;
             if !services.aliases.is_free(&alias)? {
                 return Err(Error::new(
-                    http::StatusCode::BAD_REQUEST,
+                    ErrorKind::BadRequest,
                     "M_ROOM_IN_USE",
                     "This room alias is already in use",
                 ));

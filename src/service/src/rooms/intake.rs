@@ -11,6 +11,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
 };
+use trellis_core::ErrorKind;
 
 use ruma::{
     EventId, OwnedEventId, RoomVersionId,
@@ -803,7 +804,7 @@ impl Timeline {
         });
         if !allowed {
             return Err(Error::new(
-                http::StatusCode::BAD_REQUEST,
+                ErrorKind::BadRequest,
                 trellis_core::error::code::UNABLE_TO_AUTHORISE_JOIN,
                 "The user is in none of the rooms the join rule allows",
             ));
@@ -819,7 +820,7 @@ impl Timeline {
             }
         }
         Err(Error::new(
-            http::StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             trellis_core::error::code::UNABLE_TO_GRANT_JOIN,
             "No member of this server may let the user in",
         ))

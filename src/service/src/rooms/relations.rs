@@ -3,6 +3,7 @@
 //! bundles the spec puts on served events are prefix scans rather than timeline walks.
 
 use std::ops::Bound::{self, Excluded, Included, Unbounded};
+use trellis_core::ErrorKind;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -103,7 +104,7 @@ impl Rooms {
                 let key = rel.key.unwrap_or_default();
                 if ANNOTATIONS.get(&*self.db, &(parent_short, sender.to_owned(), key))?.is_some() {
                     return Err(Error::new(
-                        http::StatusCode::BAD_REQUEST,
+                        ErrorKind::BadRequest,
                         "M_DUPLICATE_ANNOTATION",
                         "You already reacted with this key",
                     ));
