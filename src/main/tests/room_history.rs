@@ -365,3 +365,51 @@ async fn state_reads_after_leaving_show_the_room_as_it_was() {
         .collect();
     assert_eq!(names, vec![&json!("Before")]);
 }
+
+/// Bodies of a `/messages` page read from `from` in direction `dir`.
+async fn page_from(s: &TestServer, token: &str, room: &str, dir: &str, from: &str) -> Vec<String> {
+    let path = format!("/_matrix/client/v3/rooms/{room}/messages?dir={dir}&from={from}&limit=10");
+    let (status, resp) = s.get_auth(&path, token).await;
+    assert_eq!(status, 200, "{resp}");
+    resp["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_sync_token_pages_from_where_that_sync_left_off() {
+    let s = TestServer::start(OPEN).await;
+    let (_alice, at) = s.register("alice").await;
+    let room = s.create_room(&at, json!({})).await;
+    s.send_text(&at, &room, "one").await;
+    s.send_text(&at, &room, "two").await;
+    let (status, first) = s.get_auth("/_matrix/client/v3/sync?timeout=0", &at).await;
+    assert_eq!(status, 200, "{first}");
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+
+    // Back from the sync's token: its newest event comes first (matrix-commander reads
+    // the last message this way).
+    let back = page_from(&s, &at, &room, "b", &since).await;
+    assert_eq!(back.first().map(String::as_str), Some("two"), "{back:?}");
+
+    s.send_text(&at, &room, "three").await;
+    let (_, second) = s.get_auth(&format!("/_matrix/client/v3/sync?since={since}"), &at).await;
+    let delivered: Vec<&str> = second["rooms"]["join"][&room]["timeline"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str())
+        .collect();
+    assert_eq!(delivered, vec!["three"]);
+    // Forward from the first sync's token: exactly what the second sync delivered, nothing
+    // the first one already had.
+    let forward = page_from(&s, &at, &room, "f", &since).await;
+    assert_eq!(forward, vec!["three"]);
+    // Forward from the second sync's token: nothing yet; back from it: newest first.
+    let next = second["next_batch"].as_str().unwrap().to_owned();
+    assert!(page_from(&s, &at, &room, "f", &next).await.is_empty());
+    assert_eq!(page_from(&s, &at, &room, "b", &next).await, vec!["three", "two", "one"]);
+}

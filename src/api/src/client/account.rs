@@ -100,38 +100,14 @@ async fn change_password(
     ctx: Ctx,
     req: change_password::v3::Request,
 ) -> Result<change_password::v3::Response> {
-    let accounts = &ctx.services.accounts;
-    accounts.check_password_policy(&req.new_password)?;
-    let Some(session) = ctx.session.clone() else {
-        // No access token: a password reset, proven by a validated email address.
-        let done = accounts
-            .require_uia(
-                &[&[trellis_service::accounts::EMAIL_IDENTITY]],
-                auth_input(req.auth.as_ref()).as_ref(),
-                None,
-                "password_reset",
-            )
-            .await?;
-        let (email, sid) =
-            done.email.ok_or_else(|| Error::forbidden("A validated email address is required"))?;
-        accounts
-            .reset_password_by_email(
-                &email,
-                &sid,
-                req.new_password,
-                req.logout_devices,
-                &ctx.client,
-            )
-            .await?;
-        return Ok(change_password::v3::Response::new());
-    };
-    reauthenticate(&ctx, req.auth.as_ref(), "password").await?;
-    accounts
-        .set_password(
-            &session.localpart,
+    let auth = auth_input(req.auth.as_ref());
+    ctx.services
+        .accounts
+        .change_password(
+            ctx.session.as_ref(),
+            auth.as_ref(),
             req.new_password,
             req.logout_devices,
-            Some(&session.device_id),
             &ctx.client,
         )
         .await?;

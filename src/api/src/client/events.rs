@@ -60,8 +60,8 @@ impl<'a> Viewer<'a> {
 
     /// Whether the viewer gets this event: visible to them and not from someone they
     /// ignore.
-    pub fn sees(&self, position: u64, pdu: &Pdu) -> Result<bool> {
-        Ok(self.viewer.sees(&self.view, position, pdu))
+    pub fn sees(&self, position: u64, pdu: &Pdu) -> bool {
+        self.viewer.sees(&self.view, position, pdu)
     }
 
     /// The event in client format with the aggregations the spec bundles with it.

@@ -19,11 +19,12 @@ use ruma::{
 };
 use trellis_core::Result;
 
-use super::{events::Viewer, history::parse_token};
+use super::events::Viewer;
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
 };
+use trellis_service::rooms::history::parse_token;
 
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 1000;
@@ -87,7 +88,7 @@ fn relations<T>(ctx: &Ctx, room_id: &str, q: Query<'_>) -> Result<Page<T>> {
         hi,
         forward,
         limit(q.limit),
-        |pos, pdu| viewer.sees(pos, pdu),
+        |pos, pdu| Ok(viewer.sees(pos, pdu)),
     )?;
     let next_batch =
         page.next.map(|p| if forward { format!("t{}", p + 1) } else { format!("t{p}") });
@@ -178,7 +179,7 @@ async fn threads(ctx: Ctx, req: get_threads::v1::Request) -> Result<get_threads:
     };
     let page =
         ctx.services.rooms.threads(room_id, from, limit(req.limit), participant, |pos, pdu| {
-            viewer.sees(pos, pdu)
+            Ok(viewer.sees(pos, pdu))
         })?;
     let mut resp = get_threads::v1::Response::new(
         page.events.iter().map(|(_, p)| viewer.render_raw(p)).collect::<Result<_>>()?,

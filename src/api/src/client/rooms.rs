@@ -16,6 +16,7 @@ use trellis_core::{Error, Result};
 use trellis_service::rooms::{
     append::{NewEvent, Txn},
     create::CreateRoomRequest,
+    upgrade,
 };
 
 pub(super) use super::events::require_joined;
@@ -200,32 +201,11 @@ fn readable_state(ctx: &Ctx, room_id: &str) -> Result<Vec<trellis_service::rooms
 ///
 /// `/upgrade`: the new room, then the room's local aliases and canonical alias move to it.
 async fn upgrade(ctx: Ctx, req: upgrade_room::v3::Request) -> Result<upgrade_room::v3::Response> {
-    let user = me(&ctx)?;
-    let old = req.room_id.as_str();
-    let rooms = &ctx.services.rooms;
     let creators = req.additional_creators.iter().map(|u| u.to_string()).collect();
+    let version = req.new_version.as_str();
     let new_room =
-        ctx.services.timeline.upgrade_room(old, &user, req.new_version.as_str(), creators).await?;
-    ctx.services.aliases.move_room(old, &new_room).await?;
-    if let Some(canonical) = rooms.state_of(old, "m.room.canonical_alias", "")? {
-        let content: serde_json::Value =
-            serde_json::from_str(canonical.content.get()).unwrap_or_default();
-        for (room, content) in [(new_room.as_str(), content), (old, json!({}))] {
-            let event = NewEvent {
-                kind: "m.room.canonical_alias".into(),
-                sender: user.clone(),
-                state_key: Some(String::new()),
-                content,
-                txn: None,
-                redacts: None,
-            };
-            // The aliases already point at the new room; a missing power in one of the
-            // rooms only leaves its canonical alias event as it was.
-            if let Err(e) = ctx.services.timeline.append(room, event).await {
-                tracing::warn!(room, error = %e, "could not move the canonical alias");
-            }
-        }
-    }
+        upgrade::upgrade(&ctx.services, &me(&ctx)?, req.room_id.as_str(), version, creators)
+            .await?;
     let new_room = OwnedRoomId::try_from(new_room).map_err(|e| Error::internal("room id", e))?;
     Ok(upgrade_room::v3::Response::new(new_room))
 }

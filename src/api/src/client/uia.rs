@@ -35,8 +35,6 @@ pub fn auth_input(auth: Option<&AuthData>) -> Option<AuthInput> {
 /// stage for accounts without one); returns the user's localpart.
 pub async fn reauthenticate(ctx: &Ctx, auth: Option<&AuthData>, purpose: &str) -> Result<String> {
     let localpart = ctx.session()?.localpart.clone();
-    let accounts = &ctx.services.accounts;
-    let flows = accounts.reauth_flows(&localpart)?;
-    accounts.require_uia(flows, auth_input(auth).as_ref(), Some(&localpart), purpose).await?;
+    ctx.services.accounts.reauthenticate(&localpart, auth_input(auth).as_ref(), purpose).await?;
     Ok(localpart)
 }

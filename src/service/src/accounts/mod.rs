@@ -363,6 +363,33 @@ impl Accounts {
         }
     }
 
+    /// `/account/password`: with a session, the signed-in user changes their password
+    /// after proving it is them; without one, a password reset proven by an email
+    /// address validated through user-interactive auth.
+    pub async fn change_password(
+        &self,
+        session: Option<&Session>,
+        auth: Option<&AuthInput>,
+        new_password: String,
+        logout_devices: bool,
+        client: &Client,
+    ) -> Result<()> {
+        self.check_password_policy(&new_password)?;
+        let Some(session) = session else {
+            let flows: &[&[&str]] = &[&[EMAIL_IDENTITY]];
+            let done = self.require_uia(flows, auth, None, "password_reset").await?;
+            let (email, sid) = done
+                .email
+                .ok_or_else(|| Error::forbidden("A validated email address is required"))?;
+            self.reset_password_by_email(&email, &sid, new_password, logout_devices, client)
+                .await?;
+            return Ok(());
+        };
+        self.reauthenticate(&session.localpart, auth, "password").await?;
+        let keep = Some(session.device_id.as_str());
+        self.set_password(&session.localpart, new_password, logout_devices, keep, client).await
+    }
+
     /// Deactivates an account: it can never log in again, all its devices and tokens are
     /// gone, and with `erase` its profile and account data too.
     pub async fn deactivate(&self, localpart: &str, erase: bool, client: &Client) -> Result<()> {

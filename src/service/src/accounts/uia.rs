@@ -236,6 +236,18 @@ impl Accounts {
 
     /// The flows for re-authenticating `localpart`: a password if the account has one,
     /// otherwise (accounts made without a password) a dummy stage.
+    /// Re-authenticates a signed-in user before a sensitive action (their password, or
+    /// a dummy stage for accounts without one).
+    pub async fn reauthenticate(
+        &self,
+        localpart: &str,
+        auth: Option<&AuthInput>,
+        purpose: &str,
+    ) -> Result<()> {
+        let flows = self.reauth_flows(localpart)?;
+        self.require_uia(flows, auth, Some(localpart), purpose).await.map(drop)
+    }
+
     pub fn reauth_flows(&self, localpart: &str) -> Result<&'static [&'static [&'static str]]> {
         let has_password = self.user(localpart)?.is_some_and(|u| u.password_hash.is_some());
         Ok(if has_password { &[&[PASSWORD]] } else { &[&[DUMMY]] })

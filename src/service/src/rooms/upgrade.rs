@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 
 use super::{
-    append::Timeline,
+    append::{NewEvent, Timeline},
     create::{CreateRoom, CreateRoomRequest, state},
 };
 
@@ -142,4 +142,37 @@ impl Timeline {
         }
         Ok(new_room)
     }
+}
+
+/// `/upgrade`: `user` replaces `room_id` by a new room of `new_version`, then the old
+/// room's local aliases and its canonical alias move to the new one. Returns the new
+/// room's id.
+pub async fn upgrade(
+    services: &crate::Services,
+    user: &str,
+    room_id: &str,
+    new_version: &str,
+    additional_creators: Vec<String>,
+) -> Result<String> {
+    let timeline = &services.timeline;
+    let new_room = timeline.upgrade_room(room_id, user, new_version, additional_creators).await?;
+    services.aliases.move_room(room_id, &new_room).await?;
+    if let Some(canonical) = services.rooms.state_of(room_id, "m.room.canonical_alias", "")? {
+        for (room, content) in [(new_room.as_str(), content_of(&canonical)), (room_id, json!({}))] {
+            let event = NewEvent {
+                kind: "m.room.canonical_alias".into(),
+                sender: user.to_owned(),
+                state_key: Some(String::new()),
+                content,
+                txn: None,
+                redacts: None,
+            };
+            // The aliases already point at the new room; a missing power in one of the
+            // rooms only leaves its canonical alias event as it was.
+            if let Err(e) = timeline.append(room, event).await {
+                tracing::warn!(room, error = %e, "could not move the canonical alias");
+            }
+        }
+    }
+    Ok(new_room)
 }
