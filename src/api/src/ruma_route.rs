@@ -3,7 +3,6 @@
 //! taken from ruma's metadata so they can never drift from the spec.
 
 use std::{collections::HashSet, future::Future, pin::Pin};
-use trellis_core::ErrorKind;
 
 use axum::{
     Router,
@@ -21,7 +20,7 @@ use ruma::api::{
     error::{DeserializationError, FromHttpRequestError},
     path_builder::PathBuilder,
 };
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_service::{Client, accounts::Session, ratelimit::Class};
 
 use crate::{

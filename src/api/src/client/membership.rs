@@ -14,8 +14,7 @@ use ruma::{
     events::room::member::MembershipState,
 };
 use serde_json::Value;
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_service::rooms::membership;
 
 use super::events::{me, require_joined};

@@ -26,8 +26,7 @@ use ruma::{
     events::room::member::MembershipState,
 };
 use serde_json::{Value, json};
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_service::{
     federation::{encode, invites, server_of},
     rooms::public::{DirectoryPage, DirectoryQuery, RoomInfo, may_preview},

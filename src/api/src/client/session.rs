@@ -1,14 +1,13 @@
 //! Login, token refresh, logout and login tokens for signing in other devices.
 
 use std::time::Duration;
-use trellis_core::ErrorKind;
 
 use axum::Router;
 use ruma::api::client::{
     session::{get_login_token, get_login_types, login, logout, logout_all, refresh_token},
     uiaa::UserIdentifier,
 };
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_service::{
     accounts::{Credential, LoginRequest},
     ratelimit::Class,

@@ -20,8 +20,7 @@ use ruma::{
 };
 use serde::Deserialize;
 use serde_json::json;
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_service::accounts::threepid::Purpose;
 
 use super::uia::reauthenticate;

@@ -3,7 +3,6 @@
 //! a valid X-Matrix signature (checked in `ruma_route`).
 
 use std::collections::BTreeMap;
-use trellis_core::ErrorKind;
 
 use axum::Router;
 use ruma::{
@@ -18,7 +17,7 @@ use ruma::{
     serde::Raw,
 };
 use serde_json::Value;
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 
 use crate::{
     AppState,

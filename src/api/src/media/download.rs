@@ -1,14 +1,13 @@
 //! Downloads and thumbnails, authenticated (`/_matrix/client/v1/media`) and legacy.
 
 use std::time::Duration;
-use trellis_core::ErrorKind;
 
 use axum::{
     extract::{Path, Request, State},
     response::Response,
 };
 use http::{header, request::Parts};
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_service::media::{Method, Spec, ThumbnailRequest};
 
 use super::{param, query, respond, response::serve, session};

@@ -9,8 +9,7 @@ use axum::{
 };
 use futures_util::StreamExt;
 use http::{HeaderValue, header};
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_service::media::{
     Content,
     multipart::{self, MediaPart},

@@ -6,8 +6,7 @@ use axum::{
 };
 use http::StatusCode;
 use serde_json::json;
-use trellis_core::ErrorKind;
-use trellis_core::{Error, error::code};
+use trellis_core::{Error, ErrorKind, error::code};
 use trellis_service::ratelimit::Class;
 
 use super::{param, query, respond, session};

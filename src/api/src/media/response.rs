@@ -2,11 +2,10 @@
 //! (inline only for the spec's safe content types), and single byte ranges for seeking.
 
 use std::ops::Range;
-use trellis_core::ErrorKind;
 
 use axum::{body::Body, response::Response};
 use http::{HeaderValue, StatusCode, header};
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_service::media::Content;
 
 use crate::{AppState, response::error_response};

@@ -1,14 +1,13 @@
 //! Per-user account data, global or per room: arbitrary JSON objects by event type.
 
 use std::sync::Arc;
-use trellis_core::ErrorKind;
 
 use ruma::{
     RoomId,
     events::tag::{TagInfo, TagName, Tags},
 };
 use serde_json::{Map, Value, json};
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::{commit, rooms::stream::StreamPositions, tables::ACCOUNT_DATA};

@@ -1,8 +1,7 @@
 //! `POST /login`: password and `m.login.token` logins, with brute-force protection and
 //! an audit record for every attempt.
 
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::Batch;
 
 use super::{Accounts, Issued, new_device_id};

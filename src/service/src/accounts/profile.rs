@@ -3,10 +3,9 @@
 
 use ruma::events::room::member::MembershipState;
 use std::collections::BTreeMap;
-use trellis_core::ErrorKind;
 
 use serde_json::Value;
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::{Batch, Db, Direction, Json};
 
 use crate::{Services, accounts::directory, commit, rooms::append::NewEvent, tables::PROFILES};

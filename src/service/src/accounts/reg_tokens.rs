@@ -2,8 +2,7 @@
 //! number of registrations until an expiry time.
 
 use serde::Serialize;
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code, now_millis};
+use trellis_core::{Error, ErrorKind, Result, error::code, now_millis};
 use trellis_store::{Batch, Direction, Json};
 
 use super::Accounts;

@@ -2,8 +2,7 @@
 //! link, mailed by us), binding addresses to accounts, and lookups for password resets.
 
 use subtle_eq::constant_time_eq;
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code, now_millis};
+use trellis_core::{Error, ErrorKind, Result, error::code, now_millis};
 use trellis_store::{Batch, Direction, Json};
 
 use super::{Accounts, sessions::hash_token};

@@ -2,8 +2,7 @@
 //! several requests, tied together by a persisted session) before a sensitive action.
 
 use serde_json::json;
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code, now_millis};
+use trellis_core::{Error, ErrorKind, Result, error::code, now_millis};
 use trellis_store::{Batch, Json};
 
 use super::Accounts;

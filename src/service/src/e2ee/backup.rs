@@ -3,11 +3,10 @@
 //! only; when a session is stored twice the "better" copy is kept.
 
 use std::{cmp::Ordering, collections::BTreeMap};
-use trellis_core::ErrorKind;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{E2ee, object};

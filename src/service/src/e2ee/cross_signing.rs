@@ -3,10 +3,9 @@
 //! other's master keys (`keys/signatures/upload`).
 
 use std::{collections::BTreeMap, sync::Arc};
-use trellis_core::ErrorKind;
 
 use serde_json::{Map, Value, json};
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{E2ee, device_keys::device_ed25519, object, signing};

@@ -5,11 +5,10 @@ use std::{
     collections::{BTreeMap, HashSet},
     sync::Arc,
 };
-use trellis_core::ErrorKind;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::{Batch, Direction, Json};
 
 use super::{

@@ -9,13 +9,12 @@
 
 use ruma::events::room::member::MembershipState;
 use std::sync::Arc;
-use trellis_core::ErrorKind;
 
 use http::Method;
 use ruma::{OwnedEventId, RoomVersionId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{encode, membership::pdu_json, server_of};

@@ -5,12 +5,11 @@
 //! and the same for leaving and knocking.
 
 use std::sync::Arc;
-use trellis_core::ErrorKind;
 
 use http::Method;
 use ruma::{RoomVersionId, room_version_rules::RoomVersionRules};
 use serde_json::{Value, json};
-use trellis_core::{Error, Result, error::code, now_millis};
+use trellis_core::{Error, ErrorKind, Result, error::code, now_millis};
 
 use super::{encode, pdus::pdus_in, server_of, transactions::handle_pdu};
 use crate::{

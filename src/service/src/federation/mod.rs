@@ -19,13 +19,12 @@ use std::{
     time::Duration,
 };
 use tracing::Instrument;
-use trellis_core::ErrorKind;
 
 use http::{Method, StatusCode};
 use ruma::{OwnedServerName, api::federation::authentication::XMatrix, signatures::PublicKeyMap};
 use serde_json::Value;
 use tokio::sync::Semaphore;
-use trellis_core::{Error, Result, config::FederationConfig, error::code, now_millis};
+use trellis_core::{Error, ErrorKind, Result, config::FederationConfig, error::code, now_millis};
 use trellis_store::Db;
 
 use crate::keys::ServerKeys;

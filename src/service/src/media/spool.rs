@@ -2,14 +2,13 @@
 //! way, and cut off at the size limit, so no upload is ever held whole in memory.
 
 use std::path::Path;
-use trellis_core::ErrorKind;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use tempfile::TempPath;
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 
 use super::store::hex;
 

@@ -4,8 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code, now_millis};
+use trellis_core::{Error, ErrorKind, Result, error::code, now_millis};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::{accounts::threepid, commit, tables::USER_THREEPIDS};

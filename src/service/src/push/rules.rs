@@ -4,7 +4,6 @@
 //! and gets the server-default ruleset.
 
 use std::sync::Arc;
-use trellis_core::ErrorKind;
 
 use ruma::{
     OwnedRoomId, OwnedUserId, UserId,
@@ -14,7 +13,7 @@ use ruma::{
     },
 };
 use serde_json::{Value, json};
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::Db;
 
 use crate::{AccountData, rooms::stream::StreamPositions};

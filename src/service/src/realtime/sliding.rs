@@ -12,10 +12,9 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
-use trellis_core::ErrorKind;
 
 use serde_json::{Map, Value, json};
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 
 use crate::{
     Services,

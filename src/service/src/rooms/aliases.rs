@@ -1,8 +1,7 @@
 //! Room aliases on this server: `#name:server` -> room id, with the user who made each.
 
 use serde::{Deserialize, Serialize};
-use trellis_core::ErrorKind;
-use trellis_core::{Error, Result, error::code};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::commit;

@@ -8,7 +8,6 @@ use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
-use trellis_core::ErrorKind;
 
 use ruma::{
     CanonicalJsonObject, RoomId, RoomVersionId, UserId,
@@ -18,7 +17,7 @@ use ruma::{
     },
 };
 use serde_json::Value;
-use trellis_core::{Error, Result, now_millis};
+use trellis_core::{Error, ErrorKind, Result, now_millis};
 use trellis_store::{Batch, Json, Table, catalog};
 
 use super::{

@@ -1,11 +1,10 @@
 //! `createRoom`: the sequence of events that makes a new room, per the spec's presets.
 
 use std::sync::Arc;
-use trellis_core::ErrorKind;
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
 use serde_json::{Value, json};
-use trellis_core::{Error, Result, config::RoomPublishing};
+use trellis_core::{Error, ErrorKind, Result, config::RoomPublishing};
 
 use super::append::{NewEvent, Timeline};
 use crate::{Services, federation::invites::invite_remote};

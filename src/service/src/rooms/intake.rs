@@ -11,7 +11,6 @@ use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
 };
-use trellis_core::ErrorKind;
 
 use ruma::{
     EventId, OwnedEventId, RoomVersionId,
@@ -20,7 +19,7 @@ use ruma::{
     state_res::{StateMap, check_state_dependent_auth_rules, check_state_independent_auth_rules},
 };
 use serde_json::Value;
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::{Batch, Direction, Json};
 
 use super::{

@@ -3,11 +3,10 @@
 //! bundles the spec puts on served events are prefix scans rather than timeline walks.
 
 use std::ops::Bound::{self, Excluded, Included, Unbounded};
-use trellis_core::ErrorKind;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{
