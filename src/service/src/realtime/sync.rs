@@ -12,7 +12,7 @@ use std::{
 };
 
 use ruma::{
-    api::client::filter::{FilterDefinition, LazyLoadOptions, RoomEventFilter, RoomFilter},
+    api::client::filter::{FilterDefinition, RoomEventFilter, RoomFilter},
     events::TimelineEventType,
     presence::PresenceState,
 };
@@ -178,10 +178,6 @@ pub fn stripped(pdu: &Pdu) -> Value {
 fn room_allowed(filter: &RoomFilter, room_id: &str) -> bool {
     !filter.not_rooms.iter().any(|r| r.as_str() == room_id)
         && filter.rooms.as_ref().is_none_or(|rs| rs.iter().any(|r| r.as_str() == room_id))
-}
-
-fn lazy(filter: &RoomEventFilter) -> bool {
-    !matches!(filter.lazy_load_options, LazyLoadOptions::Disabled)
 }
 
 /// Builds one sync response up to position `now`.
@@ -641,7 +637,7 @@ impl Builder<'_> {
         let in_timeline: HashSet<&str> =
             timeline.events.iter().map(|(_, p)| p.event_id.as_str()).collect();
         let state_filter = &self.req.filter.room.state;
-        let lazy = lazy(state_filter);
+        let lazy = filter::lazy_members(state_filter);
         let senders: BTreeSet<&str> =
             timeline.events.iter().map(|(_, p)| p.sender.as_str()).collect();
         events.retain(|p| {

@@ -1,7 +1,7 @@
 //! The spec's room event filters (`types`, `senders`, `contains_url`, ...) applied to
 //! stored events; shared by `/messages`, `/context` and `/sync`.
 
-use ruma::api::client::filter::{RoomEventFilter, UrlFilter};
+use ruma::api::client::filter::{LazyLoadOptions, RoomEventFilter, UrlFilter};
 
 use super::Pdu;
 
@@ -11,6 +11,12 @@ pub fn type_matches(pattern: &str, kind: &str) -> bool {
         Some(prefix) => kind.starts_with(prefix),
         None => pattern == kind,
     }
+}
+
+/// Whether the filter asks for lazily loaded members: only the member events of the
+/// senders in the answer.
+pub fn lazy_members(filter: &RoomEventFilter) -> bool {
+    !matches!(filter.lazy_load_options, LazyLoadOptions::Disabled)
 }
 
 /// Whether `pdu` of `room_id` passes `filter` (the `not_` lists win over the others).

@@ -10,7 +10,7 @@ use std::{
 };
 
 use ruma::{
-    api::client::filter::{LazyLoadOptions, RoomEventFilter},
+    api::client::filter::RoomEventFilter,
     events::{TimelineEventType, room::member::MembershipState},
 };
 use trellis_core::{Error, Result};
@@ -104,7 +104,7 @@ pub async fn messages(
         let end = page.last.filter(|_| page.more).map(|p| p + 1);
         (from, page, end)
     };
-    let members = if lazy(q.filter) {
+    let members = if filter::lazy_members(q.filter) {
         let senders: BTreeSet<&str> = page.events.iter().map(|(_, p)| p.sender.as_str()).collect();
         let mut members = Vec::new();
         for sender in senders {
@@ -150,7 +150,7 @@ pub fn context(
         rooms.scan_timeline(room_id, Unbounded, Excluded(position), false, before_count, accept)?;
     let after =
         rooms.scan_timeline(room_id, Excluded(position), Unbounded, true, after_count, accept)?;
-    let lazy = lazy(filter);
+    let lazy = filter::lazy_members(filter);
     let mut senders: BTreeSet<&str> = BTreeSet::new();
     if lazy {
         senders.insert(event.sender.as_str());
@@ -220,10 +220,6 @@ fn membership_of(pdu: &Pdu) -> Option<String> {
         membership: Option<String>,
     }
     serde_json::from_str::<Content>(pdu.content.get()).ok()?.membership
-}
-
-fn lazy(filter: &RoomEventFilter) -> bool {
-    !matches!(filter.lazy_load_options, LazyLoadOptions::Disabled)
 }
 
 #[cfg(test)]
