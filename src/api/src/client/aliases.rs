@@ -35,7 +35,7 @@ fn may_manage_aliases(ctx: &Ctx, room_id: &str, user: &str) -> Result<bool> {
 
 /// PUT /_matrix/client/v3/directory/room/{roomAlias}
 async fn create(ctx: Ctx, req: create_alias::v3::Request) -> Result<create_alias::v3::Response> {
-    require_joined(&ctx, req.room_id.as_str())?;
+    require_joined(&ctx, &req.room_id)?;
     let localpart = ctx.session()?.localpart.clone();
     ctx.services.aliases.set(req.room_alias.as_str(), req.room_id.as_str(), &localpart).await?;
     Ok(create_alias::v3::Response::new())
@@ -96,7 +96,7 @@ async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias
 
 /// GET /_matrix/client/v3/rooms/{roomId}/aliases
 async fn list(ctx: Ctx, req: aliases::v3::Request) -> Result<aliases::v3::Response> {
-    require_joined(&ctx, req.room_id.as_str())?;
+    require_joined(&ctx, &req.room_id)?;
     let aliases = ctx
         .services
         .aliases

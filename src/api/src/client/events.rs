@@ -1,7 +1,7 @@
 //! Serving events to a user: what they may see (history visibility, ignored users) and
 //! how each event looks to them (client format with bundled aggregations).
 
-use ruma::serde::Raw;
+use ruma::{OwnedDeviceId, OwnedUserId, RoomId, serde::Raw};
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 use trellis_service::rooms::{Pdu, viewer, visibility::VisibilityView};
@@ -10,6 +10,16 @@ use crate::ruma_route::Ctx;
 
 pub(super) fn me(ctx: &Ctx) -> Result<String> {
     Ok(ctx.services.accounts.user_id(&ctx.session()?.localpart))
+}
+
+/// The requesting user, as the services take it.
+pub(super) fn user(ctx: &Ctx) -> Result<OwnedUserId> {
+    OwnedUserId::try_from(me(ctx)?).map_err(|e| Error::internal("user id", e))
+}
+
+/// The requesting device.
+pub(super) fn device(ctx: &Ctx) -> Result<OwnedDeviceId> {
+    Ok(OwnedDeviceId::from(ctx.session()?.device_id.as_str()))
 }
 
 pub(super) fn raw_value<T>(raw: &Raw<T>) -> Result<Value> {
@@ -30,10 +40,8 @@ pub(super) fn client_event(pdu: &Pdu, room_id: &str) -> Value {
 }
 
 /// Reading a room's current state needs a current membership of `join`.
-pub(super) fn require_joined(ctx: &Ctx, room_id: &str) -> Result<String> {
-    let user = me(ctx)?;
-    viewer::require_joined(&ctx.services, room_id, &user)?;
-    Ok(user)
+pub(super) fn require_joined(ctx: &Ctx, room_id: &RoomId) -> Result<()> {
+    viewer::require_joined(&ctx.services, room_id, &user(ctx)?)
 }
 
 /// One user reading one room's history.

@@ -3,7 +3,7 @@
 
 use axum::Router;
 use ruma::{
-    OwnedRoomId, OwnedUserId, RoomOrAliasId,
+    RoomOrAliasId,
     api::client::{
         knock::knock_room,
         membership::{
@@ -13,11 +13,10 @@ use ruma::{
     },
     events::room::member::MembershipState,
 };
-use serde_json::Value;
 use trellis_core::{Error, ErrorKind, Result};
-use trellis_service::rooms::membership;
+use trellis_service::rooms::{members, membership};
 
-use super::events::{me, require_joined};
+use super::events::user;
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -61,15 +60,13 @@ async fn join_any(
 
 /// POST /_matrix/client/v3/rooms/{roomId}/forget
 async fn forget(ctx: Ctx, req: forget_room::v3::Request) -> Result<forget_room::v3::Response> {
-    ctx.services.timeline.forget(req.room_id.as_str(), &me(&ctx)?).await?;
+    ctx.services.timeline.forget(&req.room_id, &user(&ctx)?).await?;
     Ok(forget_room::v3::Response::new())
 }
 
 /// GET /_matrix/client/v3/joined_rooms
 async fn joined(ctx: Ctx, _: joined_rooms::v3::Request) -> Result<joined_rooms::v3::Response> {
-    let rooms = ctx.services.rooms.rooms_of(&me(&ctx)?, &MembershipState::Join)?;
-    let rooms = rooms.into_iter().filter_map(|r| OwnedRoomId::try_from(r).ok()).collect();
-    Ok(joined_rooms::v3::Response::new(rooms))
+    Ok(joined_rooms::v3::Response::new(ctx.services.rooms.joined_rooms(&user(&ctx)?)?))
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/joined_members
@@ -77,26 +74,17 @@ async fn members(
     ctx: Ctx,
     req: joined_members::v3::Request,
 ) -> Result<joined_members::v3::Response> {
-    require_joined(&ctx, req.room_id.as_str())?;
-    let mut joined = std::collections::BTreeMap::new();
-    for user in ctx.services.rooms.members(req.room_id.as_str(), &MembershipState::Join)? {
-        let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else { continue };
-        let mut member = joined_members::v3::RoomMember::new();
-        if let Some(pdu) =
-            ctx.services.rooms.state_of(req.room_id.as_str(), "m.room.member", &user)?
-        {
-            let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
-            member.display_name = content["displayname"].as_str().map(str::to_owned);
-            member.avatar_url = content["avatar_url"].as_str().map(|s| s.to_owned().into());
-        }
-        joined.insert(user_id, member);
-    }
+    let profiles = members::joined_profiles(&ctx.services, &user(&ctx)?, &req.room_id)?;
+    let joined = profiles
+        .into_iter()
+        .map(|(user, profile)| {
+            let mut member = joined_members::v3::RoomMember::new();
+            member.display_name = profile.displayname;
+            member.avatar_url = profile.avatar_url;
+            (user, member)
+        })
+        .collect();
     Ok(joined_members::v3::Response::new(joined))
-}
-
-/// The requester's user id.
-fn user(ctx: &Ctx) -> Result<OwnedUserId> {
-    OwnedUserId::try_from(me(ctx)?).map_err(|e| Error::internal("user id", e))
 }
 
 /// POST /_matrix/client/v3/rooms/{roomId}/join

@@ -1,16 +1,15 @@
 //! Presence: `GET`/`PUT /presence/{userId}/status`.
 
-use ruma::events::room::member::MembershipState;
-use std::{collections::HashSet, time::Duration};
+use std::time::Duration;
 
 use axum::Router;
 use ruma::{
     api::client::presence::{get_presence, set_presence},
     presence::PresenceState,
 };
-use trellis_core::{Error, Result};
+use trellis_core::Result;
 
-use super::events::me;
+use super::events::user;
 use trellis_service::realtime::presence;
 
 use crate::{
@@ -23,32 +22,9 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<set_presence::v3::Request, _, _>(router, put)
 }
 
-/// Another user's presence is visible to those sharing a joined room with them.
-fn require_visible(ctx: &Ctx, viewer: &str, target: &str) -> Result<()> {
-    if viewer == target {
-        return Ok(());
-    }
-    if let Some(localpart) = ctx.services.accounts.local_part(target)
-        && ctx.services.accounts.user(localpart)?.is_none()
-    {
-        return Err(Error::not_found("No such user"));
-    }
-    let rooms = &ctx.services.rooms;
-    let mine: HashSet<String> =
-        rooms.rooms_of(viewer, &MembershipState::Join)?.into_iter().collect();
-    if rooms.rooms_of(target, &MembershipState::Join)?.iter().any(|room| mine.contains(room)) {
-        Ok(())
-    } else {
-        Err(Error::forbidden("You do not share a room with this user"))
-    }
-}
-
 /// GET /_matrix/client/v3/presence/{userId}/status
 async fn get(ctx: Ctx, req: get_presence::v3::Request) -> Result<get_presence::v3::Response> {
-    let viewer = me(&ctx)?;
-    let target = req.user_id.as_str();
-    require_visible(&ctx, &viewer, target)?;
-    let status = ctx.services.presence.status(target)?;
+    let status = presence::status_for(&ctx.services, &user(&ctx)?, &req.user_id)?;
     let mut response = get_presence::v3::Response::new(PresenceState::from(status.presence));
     response.status_msg = status.status_msg;
     response.last_active_ago = status.last_active_ago.map(Duration::from_millis);
@@ -59,13 +35,6 @@ async fn get(ctx: Ctx, req: get_presence::v3::Request) -> Result<get_presence::v
 /// PUT /_matrix/client/v3/presence/{userId}/status
 async fn put(ctx: Ctx, req: set_presence::v3::Request) -> Result<set_presence::v3::Response> {
     ctx.require_self(&req.user_id)?;
-    // A status message left out clears the previous one: the request sets the whole state.
-    presence::set_presence(
-        &ctx.services,
-        req.user_id.as_str(),
-        req.presence.as_str(),
-        req.status_msg,
-    )
-    .await?;
+    presence::set_presence(&ctx.services, &req.user_id, &req.presence, req.status_msg).await?;
     Ok(set_presence::v3::Response::new())
 }

@@ -91,10 +91,9 @@ async fn set_field(
     ctx: Ctx,
     req: set_profile_field::v3::Request,
 ) -> Result<set_profile_field::v3::Response> {
-    let localpart = ctx.require_self(&req.user_id)?.localpart.clone();
-    let field = req.value.field_name();
-    let value = req.value.value().into_owned();
-    profile::update_field(&ctx.services, &localpart, field.as_str(), Some(value)).await?;
+    ctx.require_self(&req.user_id)?;
+    let (field, value) = (req.value.field_name(), req.value.value().into_owned());
+    profile::update_field(&ctx.services, &req.user_id, field.as_str(), Some(value)).await?;
     Ok(set_profile_field::v3::Response::new())
 }
 
@@ -103,7 +102,7 @@ async fn delete_field(
     ctx: Ctx,
     req: delete_profile_field::v3::Request,
 ) -> Result<delete_profile_field::v3::Response> {
-    let localpart = ctx.require_self(&req.user_id)?.localpart.clone();
-    profile::update_field(&ctx.services, &localpart, req.field.as_str(), None).await?;
+    ctx.require_self(&req.user_id)?;
+    profile::update_field(&ctx.services, &req.user_id, req.field.as_str(), None).await?;
     Ok(delete_profile_field::v3::Response::new())
 }

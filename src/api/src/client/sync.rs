@@ -20,6 +20,8 @@ use serde_json::Value;
 use trellis_core::{Error, Result};
 use trellis_service::realtime::{filters, receipts, sync, typing};
 
+use super::events::user;
+
 use crate::{
     AppState,
     ruma_route::{self, Ctx},
@@ -165,7 +167,7 @@ async fn typing(
         Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    typing::set_typing(&ctx.services, req.room_id.as_str(), req.user_id.as_str(), timeout).await?;
+    typing::set_typing(&ctx.services, &req.room_id, &req.user_id, timeout).await?;
     Ok(create_typing_event::v3::Response::new())
 }
 
@@ -174,10 +176,9 @@ async fn receipt(
     ctx: Ctx,
     req: create_receipt::v3::Request,
 ) -> Result<create_receipt::v3::Response> {
-    let (localpart, room_id) = (&ctx.session()?.localpart, req.room_id.as_str());
-    let (kind, event_id, thread) =
-        (req.receipt_type.as_str(), req.event_id.as_str(), req.thread.as_str());
-    receipts::set_receipt(&ctx.services, localpart, room_id, kind, event_id, thread).await?;
+    let (user, room_id, event_id) = (user(&ctx)?, &req.room_id, &req.event_id);
+    let (kind, thread) = (&req.receipt_type, &req.thread);
+    receipts::set_receipt(&ctx.services, &user, room_id, kind, event_id, thread).await?;
     Ok(create_receipt::v3::Response::new())
 }
 
@@ -186,17 +187,14 @@ async fn read_markers(
     ctx: Ctx,
     req: set_read_marker::v3::Request,
 ) -> Result<set_read_marker::v3::Response> {
-    let (localpart, room_id) = (&ctx.session()?.localpart, req.room_id.as_str());
-    let fully_read = req.fully_read.as_ref().map(|e| e.as_str());
-    let read = req.read_receipt.as_ref().map(|e| e.as_str());
-    let read_private = req.private_read_receipt.as_ref().map(|e| e.as_str());
+    let user = user(&ctx)?;
     let set = receipts::set_read_markers(
         &ctx.services,
-        localpart,
-        room_id,
-        fully_read,
-        read,
-        read_private,
+        &user,
+        &req.room_id,
+        req.fully_read.as_deref(),
+        req.read_receipt.as_deref(),
+        req.private_read_receipt.as_deref(),
     );
     set.await?;
     Ok(set_read_marker::v3::Response::new())

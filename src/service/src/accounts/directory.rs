@@ -1,12 +1,17 @@
 //! The user directory: finding users by id or display name. A prefix index of the words
 //! of each user's localpart and display name keeps searches off full scans.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+
+use ruma::{OwnedUserId, UserId, events::room::member::MembershipState};
 
 use trellis_core::Result;
 use trellis_store::{Batch, Db, Direction, KeyCodec, KeyRange};
 
-use crate::tables::{PROFILES, USER_DIRECTORY};
+use crate::{
+    Services,
+    tables::{PROFILES, USER_DIRECTORY},
+};
 
 /// Candidates examined per search at most, whatever the directory size.
 const MAX_CANDIDATES: usize = 1000;
@@ -123,6 +128,39 @@ impl UserDirectory {
         }
         Ok((results, limited))
     }
+}
+
+/// `POST /user_directory/search`: the users `searcher` may find matching `term`, at most
+/// `limit`, and whether more were cut off. Findable (unless the server lets everyone find
+/// everyone): the searcher, whoever is joined to a room the searcher is joined to, and the
+/// members of rooms published in the room directory.
+pub fn search_users(
+    services: &Services,
+    searcher: &UserId,
+    term: &str,
+    limit: usize,
+) -> Result<(Vec<(OwnedUserId, DirectoryEntry)>, bool)> {
+    let mut visible = HashSet::from([searcher.to_string()]);
+    if !services.directory.search_all_users {
+        let mut rooms = services.rooms.rooms_of(searcher.as_str(), &MembershipState::Join)?;
+        rooms.extend(services.public_rooms.published()?);
+        rooms.sort();
+        rooms.dedup();
+        for room in rooms {
+            visible.extend(services.rooms.members(&room, &MembershipState::Join)?);
+        }
+    }
+    let accounts = &services.accounts;
+    let (hits, limited) = services
+        .directory
+        .search(term, limit, |localpart| Ok(visible.contains(&accounts.user_id(localpart))))?;
+    let hits = hits
+        .into_iter()
+        .filter_map(|hit| {
+            Some((OwnedUserId::try_from(accounts.user_id(&hit.localpart)).ok()?, hit))
+        })
+        .collect();
+    Ok((hits, limited))
 }
 
 #[cfg(test)]

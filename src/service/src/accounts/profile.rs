@@ -1,7 +1,7 @@
 //! User profiles: `displayname`, `avatar_url` and extended fields (spec v1.16), each a
 //! JSON value stored under (user, field).
 
-use ruma::events::room::member::MembershipState;
+use ruma::{UserId, events::room::member::MembershipState};
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -86,10 +86,11 @@ impl Profiles {
 /// keeps the old one.
 pub async fn update_field(
     services: &Services,
-    localpart: &str,
+    user: &UserId,
     field: &str,
     value: Option<Value>,
 ) -> Result<()> {
+    let localpart = user.localpart();
     match &value {
         Some(value) => services.profiles.set(localpart, field, value.clone()).await?,
         None => services.profiles.delete(localpart, field).await?,
@@ -97,7 +98,7 @@ pub async fn update_field(
     if field != "displayname" && field != "avatar_url" {
         return Ok(());
     }
-    let user = services.accounts.user_id(localpart);
+    let user = user.to_string();
     for room in services.rooms.rooms_of(&user, &MembershipState::Join)? {
         let Some(current) = services.rooms.state_of(&room, "m.room.member", &user)? else {
             continue;

@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use ruma::{UserId, presence::PresenceState};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use trellis_core::{Error, Result, config::PresenceConfig, now_millis};
@@ -445,13 +446,28 @@ impl Presence {
 /// clears the previous one) and tells the servers sharing a room with the user.
 pub async fn set_presence(
     services: &Arc<Services>,
-    user_id: &str,
-    presence: &str,
+    user_id: &UserId,
+    presence: &PresenceState,
     status_msg: Option<String>,
 ) -> Result<()> {
-    services.presence.set_state(user_id, presence, status_msg).await?;
+    let user_id = user_id.as_str();
+    services.presence.set_state(user_id, presence.as_str(), status_msg).await?;
     crate::federation::edus::logged(crate::federation::edus::presence(services, user_id).await);
     Ok(())
+}
+
+/// `GET /presence/{userId}/status`: `target`'s presence, which `viewer` sees when they
+/// share a joined room (or are the same user).
+pub fn status_for(services: &Services, viewer: &UserId, target: &UserId) -> Result<PresenceStatus> {
+    if let Some(localpart) = services.accounts.local_part(target.as_str())
+        && services.accounts.user(localpart)?.is_none()
+    {
+        return Err(Error::not_found("No such user"));
+    }
+    if !services.rooms.share_a_room(viewer.as_str(), target.as_str())? {
+        return Err(Error::forbidden("You do not share a room with this user"));
+    }
+    services.presence.status(target.as_str())
 }
 
 #[cfg(test)]

@@ -4,6 +4,10 @@
 
 use std::sync::Arc;
 
+use ruma::{
+    EventId, RoomId, UserId, api::client::receipt::create_receipt::v3::ReceiptType,
+    events::receipt::ReceiptThread,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use trellis_core::{Error, Result, now_millis};
@@ -169,31 +173,36 @@ impl Receipts {
     }
 }
 
-/// The user with local part `localpart` marks `event_id` of `room_id` (a room they are in,
-/// an event they may see) read: a receipt of `kind` ([`READ`], [`READ_PRIVATE`], or
-/// [`FULLY_READ`] for the marker), in `thread` if given. Public receipts go to the other
-/// servers in the room too.
+/// `user` marks `event_id` of `room_id` (a room they are in, an event they may see)
+/// read: a public or private receipt, in `thread` if given, or the fully read marker.
+/// Public receipts go to the other servers in the room too.
 pub async fn set_receipt(
     services: &Arc<Services>,
-    localpart: &str,
-    room_id: &str,
-    kind: &str,
-    event_id: &str,
-    thread: Option<&str>,
+    user: &UserId,
+    room_id: &RoomId,
+    kind: &ReceiptType,
+    event_id: &EventId,
+    thread: &ReceiptThread,
 ) -> Result<()> {
-    let user_id = services.accounts.user_id(localpart);
-    require_joined(services, room_id, &user_id)?;
+    require_joined(services, room_id, user)?;
+    let (localpart, room_id, event_id) = (user.localpart(), room_id.as_str(), event_id.as_str());
+    let user_id = user.as_str();
     let viewer = Viewer::load(services, localpart)?;
-    viewer.reader(services, room_id, &user_id)?.event(services, room_id, event_id)?;
+    viewer.reader(services, room_id, user_id)?.event(services, room_id, event_id)?;
+    let thread = match thread {
+        ReceiptThread::Unthreaded => None,
+        thread => Some(thread.as_str().ok_or_else(|| Error::invalid_param("Unknown thread"))?),
+    };
     match kind {
-        FULLY_READ if thread.is_some() => {
+        ReceiptType::FullyRead if thread.is_some() => {
             Err(Error::invalid_param("m.fully_read cannot be threaded"))
         }
-        FULLY_READ => set_fully_read(services, localpart, room_id, event_id).await,
-        READ | READ_PRIVATE => {
-            services.receipts.set(room_id, &user_id, kind, event_id, thread).await?;
+        ReceiptType::FullyRead => set_fully_read(services, localpart, room_id, event_id).await,
+        ReceiptType::Read | ReceiptType::ReadPrivate => {
+            let kind = kind.as_str();
+            services.receipts.set(room_id, user_id, kind, event_id, thread).await?;
             if kind == READ {
-                let sent = edus::read_receipt(services, room_id, &user_id, event_id, thread);
+                let sent = edus::read_receipt(services, room_id, user_id, event_id, thread);
                 queued(sent.await);
             }
             Ok(())
@@ -202,31 +211,31 @@ pub async fn set_receipt(
     }
 }
 
-/// The user with local part `localpart` moves their markers in `room_id` (a room they are
-/// in) to events they may see: the fully read marker, the public and the private read
-/// receipt, each if given, in that order.
+/// `user` moves their markers in `room_id` (a room they are in) to events they may see:
+/// the fully read marker, the public and the private read receipt, each if given, in
+/// that order.
 pub async fn set_read_markers(
     services: &Arc<Services>,
-    localpart: &str,
-    room_id: &str,
-    fully_read: Option<&str>,
-    read: Option<&str>,
-    read_private: Option<&str>,
+    user: &UserId,
+    room_id: &RoomId,
+    fully_read: Option<&EventId>,
+    read: Option<&EventId>,
+    read_private: Option<&EventId>,
 ) -> Result<()> {
-    let user_id = services.accounts.user_id(localpart);
-    require_joined(services, room_id, &user_id)?;
+    require_joined(services, room_id, user)?;
+    let (localpart, room_id, user_id) = (user.localpart(), room_id.as_str(), user.as_str());
     let viewer = Viewer::load(services, localpart)?;
-    let room = viewer.reader(services, room_id, &user_id)?;
+    let room = viewer.reader(services, room_id, user_id)?;
     if let Some(event_id) = fully_read {
-        room.event(services, room_id, event_id)?;
-        set_fully_read(services, localpart, room_id, event_id).await?;
+        room.event(services, room_id, event_id.as_str())?;
+        set_fully_read(services, localpart, room_id, event_id.as_str()).await?;
     }
     for (kind, event_id) in [(READ, read), (READ_PRIVATE, read_private)] {
-        if let Some(event_id) = event_id {
+        if let Some(event_id) = event_id.map(EventId::as_str) {
             room.event(services, room_id, event_id)?;
-            services.receipts.set(room_id, &user_id, kind, event_id, None).await?;
+            services.receipts.set(room_id, user_id, kind, event_id, None).await?;
             if kind == READ {
-                queued(edus::read_receipt(services, room_id, &user_id, event_id, None).await);
+                queued(edus::read_receipt(services, room_id, user_id, event_id, None).await);
             }
         }
     }

@@ -2,6 +2,7 @@
 //! change taking a stream position so that waiting syncs wake and deliver it, expiry
 //! included.
 
+use ruma::{RoomId, UserId};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -114,11 +115,12 @@ impl Typing {
 /// an EDU.
 pub async fn set_typing(
     services: &Arc<Services>,
-    room_id: &str,
-    user_id: &str,
+    room_id: &RoomId,
+    user_id: &UserId,
     timeout: Option<Duration>,
 ) -> Result<()> {
     crate::rooms::viewer::require_joined(services, room_id, user_id)?;
+    let (room_id, user_id) = (room_id.as_str(), user_id.as_str());
     services.typing.set(room_id, user_id, timeout);
     // The local change stands whether or not the other servers can be told.
     if let Err(e) = edus::typing(services, room_id, user_id, timeout.is_some()).await {

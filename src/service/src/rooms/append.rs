@@ -421,11 +421,11 @@ impl Timeline {
     }
 
     /// Drops a room from the user's list after they left it (`/forget`).
-    pub async fn forget(&self, room_id: &str, user_id: &str) -> Result<()> {
-        let Some(room) = self.rooms.short.get(Kind::Room, room_id)? else {
+    pub async fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let Some(room) = self.rooms.short.get(Kind::Room, room_id.as_str())? else {
             return Err(Error::not_found("Unknown room"));
         };
-        match ROOM_MEMBERS.get(&*self.rooms.db, &(room, user_id.to_owned()))?.as_deref() {
+        match ROOM_MEMBERS.get(&*self.rooms.db, &(room, user_id.to_string()))?.as_deref() {
             Some("join") | Some("invite") | Some("knock") => Err(Error::new(
                 ErrorKind::BadRequest,
                 trellis_core::error::code::UNKNOWN,
@@ -434,7 +434,7 @@ impl Timeline {
             None => Err(Error::not_found("You were never in this room")),
             Some(_) => {
                 let mut batch = Batch::new();
-                USER_ROOMS.delete(&mut batch, &(user_id.to_owned(), room));
+                USER_ROOMS.delete(&mut batch, &(user_id.to_string(), room));
                 let written = commit(&self.rooms.db, batch).await;
                 self.rooms.memberships_written();
                 written

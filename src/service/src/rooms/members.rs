@@ -3,9 +3,16 @@
 //! members, member summaries, display names), through the shared caches that writers
 //! of the index clear (`memberships_written`).
 
-use std::sync::Arc;
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
-use ruma::events::{StateEventType, room::member::MembershipState};
+use ruma::{
+    OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    events::{StateEventType, room::member::MembershipState},
+};
+use serde_json::Value;
 use trellis_core::Result;
 use trellis_store::{Batch, Table, catalog};
 
@@ -111,6 +118,22 @@ impl Rooms {
     pub fn rooms_of(&self, user_id: &str, membership: &MembershipState) -> Result<Vec<String>> {
         let rooms = self.user_rooms(user_id)?.into_iter();
         Ok(rooms.filter(|r| r.membership == *membership).map(|r| r.room_id).collect())
+    }
+
+    /// `GET /joined_rooms`: the rooms `user_id` is joined to.
+    pub fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<OwnedRoomId>> {
+        let rooms = self.rooms_of(user_id.as_str(), &MembershipState::Join)?;
+        Ok(rooms.into_iter().filter_map(|r| OwnedRoomId::try_from(r).ok()).collect())
+    }
+
+    /// Whether `a` and `b` are both joined to at least one room (or are the same user):
+    /// what lets one see the other's presence.
+    pub fn share_a_room(&self, a: &str, b: &str) -> Result<bool> {
+        if a == b {
+            return Ok(true);
+        }
+        let mine: HashSet<String> = self.rooms_of(a, &MembershipState::Join)?.into_iter().collect();
+        Ok(self.rooms_of(b, &MembershipState::Join)?.iter().any(|room| mine.contains(room)))
     }
 
     /// Joined members of a room as of its current state. Kept per state snapshot, which
@@ -224,4 +247,35 @@ impl Rooms {
             })
             .collect())
     }
+}
+
+/// A joined member as the room shows them: the profile in their membership event.
+pub struct MemberProfile {
+    pub displayname: Option<String>,
+    pub avatar_url: Option<OwnedMxcUri>,
+}
+
+/// `GET /rooms/{roomId}/joined_members`: the joined members of a room `viewer` is joined
+/// to, each with the profile the room shows.
+pub fn joined_profiles(
+    services: &crate::Services,
+    viewer: &UserId,
+    room_id: &RoomId,
+) -> Result<BTreeMap<OwnedUserId, MemberProfile>> {
+    super::viewer::require_joined(services, room_id, viewer)?;
+    let (rooms, room) = (&services.rooms, room_id.as_str());
+    let mut joined = BTreeMap::new();
+    for user in rooms.members(room, &MembershipState::Join)? {
+        let Ok(user_id) = OwnedUserId::try_from(user.as_str()) else { continue };
+        let content = rooms
+            .state_of(room, "m.room.member", &user)?
+            .and_then(|pdu| serde_json::from_str::<Value>(pdu.content.get()).ok())
+            .unwrap_or(Value::Null);
+        let profile = MemberProfile {
+            displayname: content["displayname"].as_str().map(str::to_owned),
+            avatar_url: content["avatar_url"].as_str().map(OwnedMxcUri::from),
+        };
+        joined.insert(user_id, profile);
+    }
+    Ok(joined)
 }

@@ -17,6 +17,7 @@ pub mod public;
 pub mod reads;
 pub mod relations;
 pub mod resolve;
+pub mod send;
 pub mod short;
 pub mod state;
 pub mod stream;

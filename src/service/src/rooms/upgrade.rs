@@ -2,7 +2,9 @@
 //! settings, linked both ways (`predecessor` in the new create event, an
 //! `m.room.tombstone` in the old room), with the old room then muted for non-moderators.
 
-use ruma::events::room::member::MembershipState;
+use ruma::{
+    OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId, events::room::member::MembershipState,
+};
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 
@@ -149,11 +151,13 @@ impl Timeline {
 /// room's id.
 pub async fn upgrade(
     services: &crate::Services,
-    user: &str,
-    room_id: &str,
-    new_version: &str,
-    additional_creators: Vec<String>,
-) -> Result<String> {
+    user: &UserId,
+    room_id: &RoomId,
+    new_version: &RoomVersionId,
+    additional_creators: &[OwnedUserId],
+) -> Result<OwnedRoomId> {
+    let (user, room_id, new_version) = (user.as_str(), room_id.as_str(), new_version.as_str());
+    let additional_creators = additional_creators.iter().map(ToString::to_string).collect();
     let timeline = &services.timeline;
     let new_room = timeline.upgrade_room(room_id, user, new_version, additional_creators).await?;
     services.aliases.move_room(room_id, &new_room).await?;
@@ -174,5 +178,5 @@ pub async fn upgrade(
             }
         }
     }
-    Ok(new_room)
+    OwnedRoomId::try_from(new_room).map_err(|e| Error::internal("new room id", e))
 }

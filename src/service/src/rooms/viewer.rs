@@ -4,7 +4,7 @@
 //! sliding sync, `/messages`, `/context`, relations and the event checks of receipts
 //! and read markers cannot disagree on it.
 
-use ruma::events::room::member::MembershipState;
+use ruma::{RoomId, UserId, events::room::member::MembershipState};
 use std::{collections::HashSet, sync::Arc};
 
 use serde_json::Value;
@@ -132,9 +132,33 @@ impl RoomViewer<'_> {
 
 /// Acting in a room (typing, receipts) and reading its current state need a current
 /// membership of `join`.
-pub fn require_joined(services: &Services, room_id: &str, user_id: &str) -> Result<()> {
-    match services.rooms.membership(room_id, user_id)?.as_ref().map(MembershipState::as_str) {
-        Some("join") => Ok(()),
+pub fn require_joined(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+    match services.rooms.membership(room_id.as_str(), user_id.as_str())? {
+        Some(MembershipState::Join) => Ok(()),
         _ => Err(Error::forbidden("You are not a member of this room")),
     }
+}
+
+/// The room state `user_id` may read: the current state while joined (or when anyone
+/// may read the room), the state when they left for someone who left or was banned.
+pub fn readable_state(services: &Services, user_id: &UserId, room_id: &RoomId) -> Result<Vec<Pdu>> {
+    let (rooms, room, user) = (&services.rooms, room_id.as_str(), user_id.as_str());
+    match rooms.membership(room, user)? {
+        Some(MembershipState::Join) => return rooms.current_state(room),
+        Some(MembershipState::Leave | MembershipState::Ban) => {
+            let left_at = rooms.last_membership_position(room, user)?.unwrap_or(0);
+            let state = rooms.state_at_position(room, left_at)?;
+            return rooms.state_events(&state);
+        }
+        _ => {}
+    }
+    // Anyone else (invited, knocking, a stranger) reads only world-readable rooms.
+    let world_readable = rooms.state_of(room, "m.room.history_visibility", "")?.is_some_and(|p| {
+        serde_json::from_str::<Value>(p.content.get())
+            .is_ok_and(|c| c["history_visibility"] == "world_readable")
+    });
+    if !world_readable {
+        return Err(Error::forbidden("You are not a member of this room"));
+    }
+    rooms.current_state(room)
 }
