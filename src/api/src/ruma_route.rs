@@ -113,7 +113,28 @@ impl AuthPolicy for ruma::api::federation::authentication::ServerSignatures {
 }
 
 /// Registers `handler` for every path (stable, unstable, legacy) of endpoint `R`.
-pub fn add<R, F, Fut>(mut router: Router<AppState>, handler: F) -> Router<AppState>
+pub fn add<R, F, Fut>(router: Router<AppState>, handler: F) -> Router<AppState>
+where
+    R: IncomingRequest + Send + 'static,
+    R::Authentication: AuthPolicy,
+    R::OutgoingResponse: Send,
+    F: Fn(Ctx, R) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<R::OutgoingResponse>> + Send + 'static,
+{
+    add_patched::<R, F, Fut>(router, handler, None)
+}
+
+/// Rewrites a successful response body after ruma serialized it.
+pub type Patch = fn(&mut serde_json::Value);
+
+/// As [`add`], with the answer's JSON passed through `patch`: for fields the spec
+/// requires but ruma leaves out when they hold their default (an empty `failures` map,
+/// a capability that is enabled), which clients read unconditionally.
+pub fn add_patched<R, F, Fut>(
+    mut router: Router<AppState>,
+    handler: F,
+    patch: Option<Patch>,
+) -> Router<AppState>
 where
     R: IncomingRequest + Send + 'static,
     R::Authentication: AuthPolicy,
@@ -146,7 +167,7 @@ where
                     filter,
                     move |axum::extract::State(state): axum::extract::State<AppState>,
                           req: Request| {
-                        dispatch::<R, F, Fut>(state, req, handler.clone(), empty_key)
+                        dispatch::<R, F, Fut>(state, req, handler.clone(), empty_key, patch)
                     },
                 ),
             );
@@ -165,6 +186,7 @@ fn dispatch<R, F, Fut>(
     req: Request,
     handler: F,
     empty_key: bool,
+    patch: Option<Patch>,
 ) -> impl Future<Output = Response>
 where
     R: IncomingRequest,
@@ -183,7 +205,10 @@ where
             let http_resp = response
                 .try_into_http_response::<Vec<u8>>()
                 .map_err(|e| Error::internal("serializing a response", e))?;
-            let (parts, body) = http_resp.into_parts();
+            let (parts, mut body) = http_resp.into_parts();
+            if let Some(patch) = patch {
+                body = patched(body, patch)?;
+            }
             let mut resp = json_response(parts.status, body);
             *resp.headers_mut() = parts.headers;
             Ok::<_, Error>(resp)
@@ -193,6 +218,13 @@ where
             Err(e) => error_response(&e),
         }
     }
+}
+
+fn patched(body: Vec<u8>, patch: Patch) -> Result<Vec<u8>> {
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| Error::internal("re-reading a response", e))?;
+    patch(&mut value);
+    serde_json::to_vec(&value).map_err(|e| Error::internal("serializing a response", e))
 }
 
 /// A request authenticated and read, ready for its handler.
@@ -256,6 +288,50 @@ where
     Ok(Prepared { ctx, parts, bytes, args, turn })
 }
 
+/// Where ruma's parsers and the spec (or what clients send) part ways: answers the spec
+/// gives before parsing, or a body completed so that it parses.
+fn around_parser_gaps(
+    parts: &http::request::Parts,
+    bytes: axum::body::Bytes,
+) -> Result<axum::body::Bytes> {
+    let path = parts.uri.path();
+    let body = || serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+    // ruma's login body parser indexes `type` without checking that it is there.
+    if parts.method == http::Method::POST
+        && path.ends_with("/login")
+        && let Some(serde_json::Value::Object(body)) = body()
+        && !body.get("type").is_some_and(serde_json::Value::is_string)
+    {
+        return Err(Error::bad_json("A login needs a `type`"));
+    }
+    // The OpenID token is authentication: without one the answer is 401, not a bad query.
+    if path.ends_with("/openid/userinfo")
+        && !parts.uri.query().is_some_and(|q| q.split('&').any(|p| p.starts_with("access_token=")))
+    {
+        return Err(Error::new(
+            ErrorKind::Unauthenticated,
+            trellis_core::error::code::UNKNOWN_TOKEN,
+            "An OpenID access token is required",
+        ));
+    }
+    // ruma requires `timeout` with `typing: true`; clients that leave it out mean a
+    // default, as other servers take it.
+    if parts.method == http::Method::PUT
+        && path.contains("/typing/")
+        && let Some(serde_json::Value::Object(mut body)) = body()
+        && body.get("typing") == Some(&serde_json::Value::Bool(true))
+        && !body.contains_key("timeout")
+    {
+        body.insert("timeout".into(), DEFAULT_TYPING_TIMEOUT_MS.into());
+        let completed = serde_json::to_vec(&body).map_err(|e| Error::internal("typing body", e))?;
+        return Ok(completed.into());
+    }
+    Ok(bytes)
+}
+
+/// How long a user types when their client names no timeout.
+const DEFAULT_TYPING_TIMEOUT_MS: u64 = 30_000;
+
 /// Parses the request and starts its handler. A plain function, so that the parsed
 /// request (kilobytes for some endpoints) is never part of the request's future.
 fn start<R, F, Fut>(
@@ -274,14 +350,7 @@ where
     if bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {
         bytes = axum::body::Bytes::from_static(b"{}");
     }
-    // ruma's login body parser indexes `type` without checking that it is there.
-    if parts.method == http::Method::POST
-        && parts.uri.path().ends_with("/login")
-        && let Ok(serde_json::Value::Object(body)) = serde_json::from_slice(&bytes)
-        && !body.get("type").is_some_and(serde_json::Value::is_string)
-    {
-        return Err(Error::bad_json("A login needs a `type`"));
-    }
+    let bytes = around_parser_gaps(&parts, bytes)?;
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let http_request = http::Request::from_parts(parts, &bytes[..]);
     // ruma's parsers are not all panic-free on hostile input (a missing `type` in a login

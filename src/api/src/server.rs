@@ -65,16 +65,42 @@ async fn server_version(
 }
 
 /// GET /.well-known/matrix/client
-async fn well_known_client(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
-    let base_url = &s.config.well_known.client;
-    if base_url.is_empty() {
-        return ApiError(Error::not_found("No client discovery information configured"))
-            .into_response();
-    }
+async fn well_known_client(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let configured = [&s.config.well_known.client, &s.config.email.public_base_url]
+        .into_iter()
+        .map(|url| url.trim_end_matches('/'))
+        .find(|url| !url.is_empty());
+    // Unconfigured: the address the client reached this server at, which is where it
+    // should keep talking to.
+    let base_url = match configured {
+        Some(url) => url.to_owned(),
+        None => {
+            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+            let Some(host) = header("host").filter(|h| valid_host(h)) else {
+                return ApiError(Error::not_found("No client discovery information configured"))
+                    .into_response();
+            };
+            let scheme = match header("x-forwarded-proto") {
+                Some("https") => "https",
+                _ => "http",
+            };
+            format!("{scheme}://{host}")
+        }
+    };
     json_response(
         StatusCode::OK,
         json!({ "m.homeserver": { "base_url": base_url } }).to_string().into_bytes(),
     )
+}
+
+/// A `Host` header that can stand in a URL: a name or address and an optional port.
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
 }
 
 /// GET /.well-known/matrix/server

@@ -120,8 +120,8 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct WellKnownConfig {
-    /// Base URL clients should use (`m.homeserver.base_url`); empty disables
-    /// `/.well-known/matrix/client` (404).
+    /// Base URL clients should use (`m.homeserver.base_url`); empty: `email.public_base_url`
+    /// if set, else the address the client reached this server at (its `Host` header).
     pub client: String,
     /// `host[:port]` other servers should use (`m.server`); empty disables
     /// `/.well-known/matrix/server` (404).

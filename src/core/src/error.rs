@@ -43,6 +43,7 @@ pub mod code {
     pub const UNABLE_TO_AUTHORISE_JOIN: &str = "M_UNABLE_TO_AUTHORISE_JOIN";
     pub const UNABLE_TO_GRANT_JOIN: &str = "M_UNABLE_TO_GRANT_JOIN";
     pub const INCOMPATIBLE_ROOM_VERSION: &str = "M_INCOMPATIBLE_ROOM_VERSION";
+    pub const BAD_ALIAS: &str = "M_BAD_ALIAS";
 }
 
 /// What kind of failure an error is. The errcode alone does not decide this: the spec

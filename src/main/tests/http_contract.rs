@@ -136,10 +136,13 @@ async fn cors_headers_on_responses_and_preflight() {
 }
 
 #[tokio::test]
-async fn well_known_is_404_until_configured() {
+async fn well_known_answers_by_default_and_as_configured() {
     let s = TestServer::start("").await;
+    // Unconfigured, clients are pointed back at the address they reached.
     let (status, body) = s.get("/.well-known/matrix/client").await;
-    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
+    assert_eq!(status, 200, "{body}");
+    let reached = s.url("");
+    assert_eq!(body["m.homeserver"]["base_url"], reached.trim_end_matches('/'));
     let (status, _) = s.get("/.well-known/matrix/server").await;
     assert_eq!(status, 404);
 

@@ -7,6 +7,7 @@ use ruma::{
         ThirdPartyIdRemovalStatus, change_password, check_registration_token_validity, deactivate,
         get_username_availability, register, whoami,
     },
+    api::client::admin::get_user_info,
 };
 use trellis_core::{Error, Result};
 use trellis_service::{accounts::RegisterRequest, ratelimit::Class};
@@ -26,6 +27,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         router,
         token_validity,
     );
+    let router = ruma_route::add::<get_user_info::v3::Request, _, _>(router, whois);
     ruma_route::add::<deactivate::v3::Request, _, _>(router, deactivate)
 }
 
@@ -120,4 +122,30 @@ async fn deactivate(ctx: Ctx, req: deactivate::v3::Request) -> Result<deactivate
     ctx.services.accounts.deactivate(&localpart, req.erase, &ctx.client).await?;
     // No identity server binding is ever made, so there is nothing to unbind.
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
+}
+
+/// GET /_matrix/client/v3/admin/whois/{userId}
+async fn whois(ctx: Ctx, req: get_user_info::v3::Request) -> Result<get_user_info::v3::Response> {
+    let requester = super::events::user(&ctx)?;
+    let devices =
+        trellis_service::accounts::devices::whois(&ctx.services, &requester, &req.user_id)?;
+    let mut resp = get_user_info::v3::Response::new();
+    resp.devices = devices
+        .into_iter()
+        .map(|d| {
+            let mut connection = get_user_info::v3::ConnectionInfo::new();
+            connection.ip = d.last_seen_ip;
+            connection.last_seen = d
+                .last_seen_ms
+                .and_then(|ms| ruma::UInt::try_from(ms).ok())
+                .map(ruma::MilliSecondsSinceUnixEpoch);
+            let mut session = get_user_info::v3::SessionInfo::new();
+            session.connections = vec![connection];
+            let mut device = get_user_info::v3::DeviceInfo::new();
+            device.sessions = vec![session];
+            (d.device_id, device)
+        })
+        .collect();
+    resp.user_id = Some(req.user_id);
+    Ok(resp)
 }

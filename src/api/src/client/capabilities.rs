@@ -18,7 +18,21 @@ use crate::{
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
-    ruma_route::add::<get_capabilities::v3::Request, _, _>(router, capabilities)
+    ruma_route::add_patched::<get_capabilities::v3::Request, _, _>(
+        router,
+        capabilities,
+        Some(enabled_listed),
+    )
+}
+
+/// ruma leaves out a capability at its default value, which for these is `enabled:
+/// true`; clients written before the default was specified read an absent one as off.
+fn enabled_listed(body: &mut serde_json::Value) {
+    if let Some(caps) = body["capabilities"].as_object_mut() {
+        for name in ["m.change_password", "m.set_displayname", "m.set_avatar_url"] {
+            caps.entry(name).or_insert_with(|| serde_json::json!({"enabled": true}));
+        }
+    }
 }
 
 // The per-field capabilities are deprecated since v1.16 in favour of `m.profile_fields`,

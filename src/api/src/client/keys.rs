@@ -28,10 +28,19 @@ use crate::{
     ruma_route::{self, Ctx},
 };
 
+/// Clients iterate `failures` unconditionally; ruma leaves an empty map out.
+fn failures(body: &mut Value) {
+    if let Some(body) = body.as_object_mut() {
+        body.entry("failures").or_insert_with(|| Value::Object(Default::default()));
+    }
+}
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<upload_keys::v3::Request, _, _>(router, upload);
-    let router = ruma_route::add::<get_keys::v3::Request, _, _>(router, query);
-    let router = ruma_route::add::<claim_keys::v3::Request, _, _>(router, claim);
+    let router =
+        ruma_route::add_patched::<get_keys::v3::Request, _, _>(router, query, Some(failures));
+    let router =
+        ruma_route::add_patched::<claim_keys::v3::Request, _, _>(router, claim, Some(failures));
     let router = ruma_route::add::<get_key_changes::v3::Request, _, _>(router, changes);
     let router = ruma_route::add::<upload_signing_keys::v3::Request, _, _>(router, signing_keys);
     ruma_route::add::<upload_signatures::v3::Request, _, _>(router, signatures)

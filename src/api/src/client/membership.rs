@@ -122,16 +122,8 @@ async fn invite(ctx: Ctx, req: invite_user::v3::Request) -> Result<invite_user::
 
 /// POST /_matrix/client/v3/rooms/{roomId}/kick
 async fn kick(ctx: Ctx, req: kick_user::v3::Request) -> Result<kick_user::v3::Response> {
-    let (sender, leave) = (user(&ctx)?, MembershipState::Leave);
-    membership::set_membership(
-        &ctx.services,
-        &sender,
-        &req.room_id,
-        &req.user_id,
-        leave,
-        req.reason,
-    )
-    .await?;
+    let (room, target) = (&req.room_id, &req.user_id);
+    membership::kick(&ctx.services, &user(&ctx)?, room, target, req.reason).await?;
     Ok(kick_user::v3::Response::new())
 }
 
@@ -145,15 +137,9 @@ async fn ban(ctx: Ctx, req: ban_user::v3::Request) -> Result<ban_user::v3::Respo
 
 /// POST /_matrix/client/v3/rooms/{roomId}/unban
 async fn unban(ctx: Ctx, req: unban_user::v3::Request) -> Result<unban_user::v3::Response> {
-    let (sender, leave) = (user(&ctx)?, MembershipState::Leave);
-    membership::set_membership(
-        &ctx.services,
-        &sender,
-        &req.room_id,
-        &req.user_id,
-        leave,
-        req.reason,
-    )
-    .await?;
+    let (room, target) = (&req.room_id, &req.user_id);
+    let leave = MembershipState::Leave;
+    membership::set_membership(&ctx.services, &user(&ctx)?, room, target, leave, req.reason)
+        .await?;
     Ok(unban_user::v3::Response::new())
 }

@@ -19,7 +19,16 @@ const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
-    ruma_route::add::<Request, _, _>(router, notifications)
+    ruma_route::add_patched::<Request, _, _>(router, notifications, Some(profile_tags))
+}
+
+/// Each notification names the profile tag of the pusher rule that matched; rules here
+/// have none, and clients expect the key (ruma leaves a `None` out).
+fn profile_tags(body: &mut serde_json::Value) {
+    let notifications = body["notifications"].as_array_mut().into_iter().flatten();
+    for n in notifications.filter_map(serde_json::Value::as_object_mut) {
+        n.entry("profile_tag").or_insert(serde_json::Value::Null);
+    }
 }
 
 /// GET /_matrix/client/v3/notifications

@@ -33,7 +33,20 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<get_pushrule_enabled::v3::Request, _, _>(router, get_enabled);
     let router = ruma_route::add::<set_pushrule_enabled::v3::Request, _, _>(router, set_enabled);
     let router = ruma_route::add::<get_pushrule_actions::v3::Request, _, _>(router, get_actions);
-    ruma_route::add::<set_pushrule_actions::v3::Request, _, _>(router, set_actions)
+    let router = ruma_route::add::<set_pushrule_actions::v3::Request, _, _>(router, set_actions);
+    // Paths under /pushrules that name no scope, kind or rule the way the spec's do (no
+    // scope, an unknown one, a missing or empty rule id, a rule id with slashes): the
+    // request is malformed, not aimed at an endpoint that does not exist.
+    let mut router = router;
+    for version in ["r0", "v3"] {
+        for path in ["pushrules", "pushrules/{*rest}"] {
+            let malformed = axum::routing::any(|| async {
+                crate::response::ApiError(Error::invalid_param("Malformed push rule path"))
+            });
+            router = router.route(&format!("/_matrix/client/{version}/{path}"), malformed);
+        }
+    }
+    router
 }
 
 /// Endpoint `R` with its path, query and body left for the handler to parse: for bodies

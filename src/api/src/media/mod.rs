@@ -27,10 +27,8 @@ use crate::{
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
-    router
-        .route("/_matrix/media/v3/upload", post(upload::upload))
+    let mut router = router
         .route("/_matrix/media/v1/create", post(upload::create))
-        .route("/_matrix/media/v3/upload/{server}/{id}", put(upload::upload_to))
         .route("/_matrix/client/v1/media/config", get(info::config))
         .route("/_matrix/client/v1/media/preview_url", get(info::preview_url))
         .route("/_matrix/client/v1/media/download/{server}/{id}", get(download::download))
@@ -39,17 +37,26 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
             get(download::download_as),
         )
         .route("/_matrix/client/v1/media/thumbnail/{server}/{id}", get(download::thumbnail))
-        // Deprecated forms: config and previews always needed a token and stay served.
-        .route("/_matrix/media/v3/config", get(info::config))
-        .route("/_matrix/media/v3/preview_url", get(info::preview_url))
-        .route("/_matrix/media/v3/download/{server}/{id}", get(download::legacy_download))
-        .route(
-            "/_matrix/media/v3/download/{server}/{id}/{filename}",
-            get(download::legacy_download_as),
-        )
-        .route("/_matrix/media/v3/thumbnail/{server}/{id}", get(download::legacy_thumbnail))
         .route("/_matrix/federation/v1/media/download/{id}", get(federation::download))
-        .route("/_matrix/federation/v1/media/thumbnail/{id}", get(federation::thumbnail))
+        .route("/_matrix/federation/v1/media/thumbnail/{id}", get(federation::thumbnail));
+    // Deprecated forms, under both versions clients still use (Hydrogen and older bots
+    // speak `r0`): uploads, config and previews always needed a token and stay served;
+    // unauthenticated downloads answer as `media.legacy_unauthenticated` says.
+    for version in ["r0", "v3"] {
+        let base = format!("/_matrix/media/{version}");
+        router = router
+            .route(&format!("{base}/upload"), post(upload::upload))
+            .route(&format!("{base}/upload/{{server}}/{{id}}"), put(upload::upload_to))
+            .route(&format!("{base}/config"), get(info::config))
+            .route(&format!("{base}/preview_url"), get(info::preview_url))
+            .route(&format!("{base}/download/{{server}}/{{id}}"), get(download::legacy_download))
+            .route(
+                &format!("{base}/download/{{server}}/{{id}}/{{filename}}"),
+                get(download::legacy_download_as),
+            )
+            .route(&format!("{base}/thumbnail/{{server}}/{{id}}"), get(download::legacy_thumbnail));
+    }
+    router
 }
 
 /// The caller's session; every media endpoint but the legacy downloads needs one.

@@ -6,10 +6,11 @@ use trellis_store::{Batch, Direction, Json};
 use super::Accounts;
 use std::sync::Arc;
 
+use ruma::UserId;
+
 use crate::{
     Services,
     audit::Client,
-    commit,
     federation::edus,
     tables::{ACCESS_TOKENS, DEVICES, REFRESH_TOKENS},
 };
@@ -70,7 +71,8 @@ impl Accounts {
         d.display_name = name;
         let mut batch = Batch::new();
         DEVICES.put(&mut batch, &key, &Json(d));
-        commit(&self.db, batch).await
+        // The name is part of what co-members' clients show for the device.
+        self.commit_device_change(batch, localpart).await
     }
 
     /// Deletes devices (unknown ids are ignored, as the spec asks for bulk deletion).
@@ -92,7 +94,7 @@ impl Accounts {
             "ok",
             Some(device_ids.join(",")),
         );
-        self.commit_device_removal(batch, localpart).await
+        self.commit_device_change(batch, localpart).await
     }
 
     /// Adds the removal of a device and its tokens to `batch`.
@@ -134,4 +136,21 @@ pub async fn delete_devices(
     }
     services.rooms.stream.wake(&crate::rooms::stream::user_key(&user_id));
     Ok(())
+}
+
+/// `GET /admin/whois/{userId}`: `target`'s devices with where and when each was last
+/// seen, for a server admin or the user themself.
+pub fn whois(services: &Services, requester: &UserId, target: &UserId) -> Result<Vec<DeviceInfo>> {
+    let accounts = &services.accounts;
+    if requester != target {
+        let admin = accounts.user(requester.localpart())?.is_some_and(|u| u.admin);
+        if !admin {
+            return Err(Error::forbidden("Only server admins may look up other users"));
+        }
+    }
+    let localpart = accounts
+        .local_part(target.as_str())
+        .filter(|lp| accounts.user(lp).is_ok_and(|u| u.is_some()))
+        .ok_or_else(|| Error::not_found("No such user on this server"))?;
+    accounts.devices(localpart)
 }

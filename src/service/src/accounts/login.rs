@@ -67,7 +67,9 @@ impl Accounts {
             client,
         )?;
         self.audit.add(&mut batch, Some(&localpart), "login", client, "ok", Some(device_id));
-        commit(&self.db, batch).await?;
+        // A new device (or one re-logged in, with new keys to come): co-members re-read
+        // the user's device list.
+        self.commit_device_change(batch, &localpart).await?;
         Ok((localpart, issued))
     }
 

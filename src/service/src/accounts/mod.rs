@@ -124,17 +124,18 @@ impl Accounts {
         self
     }
 
-    /// Records device removals as device-list changes seen by the members of `rooms`
-    /// (see [`Self::commit_device_removal`]).
+    /// Records device additions, renames and removals as device-list changes seen by the members of `rooms`
+    /// (see [`Self::commit_device_change`]).
     pub fn with_device_changes(mut self, rooms: Arc<crate::rooms::Rooms>) -> Self {
         self.device_changes = Some(rooms);
         self
     }
 
-    /// Commits a batch that removes devices of `localpart`, noting a device-list change
+    /// Commits a batch that adds, renames or removes devices of `localpart`, noting a
+    /// device-list change
     /// in the same batch so that everyone sharing a room with the user re-reads the
     /// user's devices.
-    pub(crate) async fn commit_device_removal(&self, batch: Batch, localpart: &str) -> Result<()> {
+    pub(crate) async fn commit_device_change(&self, batch: Batch, localpart: &str) -> Result<()> {
         let Some(rooms) = &self.device_changes else { return commit(&self.db, batch).await };
         let changed = [self.user_id(localpart)];
         crate::e2ee::device_lists::commit_with_changes(&self.db, rooms, batch, &changed).await
@@ -319,6 +320,10 @@ impl Accounts {
         admin: bool,
     ) {
         crate::accounts::directory::index_new_user(batch, localpart);
+        // Clients show a user without a display name by their full id: start from the
+        // localpart, as users of other servers expect.
+        let displayname = (localpart.to_owned(), "displayname".to_owned());
+        PROFILES.put(batch, &displayname, &Json(serde_json::Value::from(localpart)));
         USERS.put(
             batch,
             &localpart.to_owned(),
@@ -357,7 +362,7 @@ impl Accounts {
         }
         self.audit.add(&mut batch, Some(localpart), "password_change", client, "ok", None);
         if logout_devices {
-            self.commit_device_removal(batch, localpart).await
+            self.commit_device_change(batch, localpart).await
         } else {
             commit(&self.db, batch).await
         }
@@ -422,7 +427,7 @@ impl Accounts {
         }
         let detail = erase.then(|| "erase".to_owned());
         self.audit.add(&mut batch, Some(localpart), "deactivate", client, "ok", detail);
-        self.commit_device_removal(batch, localpart).await?;
+        self.commit_device_change(batch, localpart).await?;
         tracing::info!(user = %self.user_id(localpart), erase, "deactivated");
         Ok(())
     }

@@ -217,7 +217,7 @@ impl Accounts {
         let mut batch = Batch::new();
         self.delete_device_into(&mut batch, &session.localpart, &session.device_id)?;
         self.audit.add(&mut batch, Some(&session.localpart), "logout", client, "ok", None);
-        self.commit_device_removal(batch, &session.localpart).await
+        self.commit_device_change(batch, &session.localpart).await
     }
 
     /// `POST /logout/all`: every device of the user goes.
@@ -227,7 +227,7 @@ impl Accounts {
             self.delete_device_into(&mut batch, localpart, &device)?;
         }
         self.audit.add(&mut batch, Some(localpart), "logout_all", client, "ok", None);
-        self.commit_device_removal(batch, localpart).await
+        self.commit_device_change(batch, localpart).await
     }
 
     /// A single-use `m.login.token` for signing in another device.

@@ -589,7 +589,7 @@ impl Builder<'_> {
             .limit
             .and_then(|l| usize::try_from(u64::from(l)).ok())
             .unwrap_or(DEFAULT_TIMELINE_LIMIT)
-            .clamp(1, MAX_TIMELINE_LIMIT)
+            .min(MAX_TIMELINE_LIMIT)
     }
 
     /// The newest events of `(from, to]` the user may see, up to the filter's limit.
@@ -602,9 +602,18 @@ impl Builder<'_> {
             Bound::Excluded(from),
             Bound::Included(to),
             false,
-            limit,
+            // A limit of 0 asks for no events, only whether there were any.
+            limit.max(1),
             |pos, pdu| Ok(filter::passes(filter, room_id, pdu) && viewer.sees(pos, pdu)),
         )?;
+        if limit == 0 {
+            let limited = page.more || !page.events.is_empty();
+            return Ok(Timeline {
+                limited,
+                events: Vec::new(),
+                prev_batch: format!("t{}", to + 1),
+            });
+        }
         let mut events = page.events;
         events.reverse();
         let first = events.first().map_or(to + 1, |(p, _)| *p);
@@ -767,16 +776,34 @@ impl Builder<'_> {
         }))
     }
 
-    /// Heroes and member counts, which clients use to name unnamed rooms.
+    /// Member counts, and for a room without a name or canonical alias the heroes that
+    /// clients name it after.
     fn summary(&self, room_id: &str) -> Result<Value> {
         let members = self.services.rooms.member_summary(room_id)?;
-        let heroes: Vec<&String> =
-            members.first.iter().filter(|u| u.as_str() != self.req.user_id).take(5).collect();
-        Ok(json!({
-            "m.heroes": heroes,
+        let mut summary = json!({
             "m.joined_member_count": members.joined,
             "m.invited_member_count": members.invited,
-        }))
+        });
+        if !self.named(room_id)? {
+            let heroes: Vec<&String> =
+                members.first.iter().filter(|u| u.as_str() != self.req.user_id).take(5).collect();
+            summary["m.heroes"] = json!(heroes);
+        }
+        Ok(summary)
+    }
+
+    /// Whether the room has a non-empty name or canonical alias to be shown by.
+    fn named(&self, room_id: &str) -> Result<bool> {
+        let rooms = &self.services.rooms;
+        for (kind, field) in [("m.room.name", "name"), ("m.room.canonical_alias", "alias")] {
+            if let Some(pdu) = rooms.state_of(room_id, kind, "")?
+                && serde_json::from_str::<Value>(pdu.content.get())
+                    .is_ok_and(|c| c[field].as_str().is_some_and(|v| !v.is_empty()))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn unread(&self, room_id: &str, room: &mut Out) -> Result<()> {

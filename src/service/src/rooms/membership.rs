@@ -150,6 +150,23 @@ pub async fn set_membership(
     append_membership(services, sender, room_id, target, membership.as_str(), reason).await
 }
 
+/// `sender` kicks `target`, who must be in the room (joined, invited or knocking): a
+/// kick is not the way to unban or to pre-empt a join.
+pub async fn kick(
+    services: &Services,
+    sender: &UserId,
+    room_id: &RoomId,
+    target: &UserId,
+    reason: Option<String>,
+) -> Result<OwnedEventId> {
+    match services.rooms.membership(room_id.as_str(), target.as_str())? {
+        Some(MembershipState::Join | MembershipState::Invite | MembershipState::Knock) => {
+            set_membership(services, sender, room_id, target, MembershipState::Leave, reason).await
+        }
+        _ => Err(Error::forbidden("The user is not in the room")),
+    }
+}
+
 /// The room a join or knock targets (aliases of other servers asked over federation)
 /// and the servers that may help reach it if this server is not in it.
 async fn resolve_target(

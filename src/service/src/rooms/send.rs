@@ -1,8 +1,8 @@
 //! Events a local user sends into a room they are in: messages, state and redactions.
 
-use ruma::{DeviceId, EventId, OwnedEventId, RoomId, TransactionId, UserId};
+use ruma::{DeviceId, EventId, OwnedEventId, OwnedRoomAliasId, RoomId, TransactionId, UserId};
 use serde_json::{Value, json};
-use trellis_core::Result;
+use trellis_core::{Error, ErrorKind, Result, error::code};
 
 use super::{
     append::{NewEvent, Txn},
@@ -45,7 +45,8 @@ pub async fn message(
 }
 
 /// `PUT /rooms/{roomId}/state/{eventType}/{stateKey}`: a state event; the room's auth
-/// rules decide whether `sender` may set it.
+/// rules decide whether `sender` may set it. Setting what `sender` already set changes
+/// nothing and answers with the event that stands.
 pub async fn state(
     services: &Services,
     sender: &UserId,
@@ -54,6 +55,15 @@ pub async fn state(
     state_key: String,
     content: Value,
 ) -> Result<OwnedEventId> {
+    if let Some(current) = services.rooms.state_of(room_id.as_str(), &kind, &state_key)?
+        && current.sender == sender
+        && serde_json::from_str::<Value>(current.content.get()).is_ok_and(|c| c == content)
+    {
+        return Ok(current.event_id);
+    }
+    if kind == "m.room.canonical_alias" {
+        check_new_aliases(services, room_id, &content).await?;
+    }
     let event = NewEvent {
         kind,
         sender: sender.to_string(),
@@ -63,6 +73,47 @@ pub async fn state(
         redacts: None,
     };
     Ok(services.timeline.append(room_id.as_str(), event).await?.event_id)
+}
+
+/// The aliases a new `m.room.canonical_alias` adds (those already in the room's event
+/// are not checked again) must be aliases, and must point to the room.
+async fn check_new_aliases(services: &Services, room_id: &RoomId, content: &Value) -> Result<()> {
+    let listed = |content: &Value| -> Vec<Value> {
+        let alt = content["alt_aliases"].as_array().cloned().unwrap_or_default();
+        content.get("alias").filter(|a| !a.is_null()).cloned().into_iter().chain(alt).collect()
+    };
+    let current = services
+        .rooms
+        .state_of(room_id.as_str(), "m.room.canonical_alias", "")?
+        .and_then(|pdu| serde_json::from_str::<Value>(pdu.content.get()).ok())
+        .map(|c| listed(&c))
+        .unwrap_or_default();
+    if !content["alt_aliases"].is_null() && !content["alt_aliases"].is_array() {
+        return Err(Error::invalid_param("alt_aliases must be a list of aliases"));
+    }
+    for alias in listed(content) {
+        if current.contains(&alias) {
+            continue;
+        }
+        let alias = alias
+            .as_str()
+            .and_then(|a| OwnedRoomAliasId::try_from(a).ok())
+            .ok_or_else(|| Error::invalid_param("Not a room alias"))?;
+        let target = if alias.server_name().as_str() == services.server_name() {
+            services.aliases.resolve(alias.as_str())?.map(|record| record.room_id)
+        } else {
+            let answer = services.federation.remote_alias(alias.as_str()).await.ok();
+            answer.and_then(|a| a["room_id"].as_str().map(str::to_owned))
+        };
+        if target.as_deref() != Some(room_id.as_str()) {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                code::BAD_ALIAS,
+                format!("{alias} does not point to this room"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `PUT /rooms/{roomId}/redact/{eventId}/{txnId}`: redacts `event_id`, with an optional

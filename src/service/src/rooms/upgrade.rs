@@ -40,6 +40,9 @@ impl Timeline {
     ) -> Result<String> {
         let version = super::create::supported_version(new_version)?;
         let rules = version.rules().ok_or_else(|| Error::internal("room version", "no rules"))?;
+        if self.rooms.room(room_id)?.is_none() {
+            return Err(Error::not_found("Unknown room"));
+        }
         if self.rooms.membership(room_id, user)? != Some(MembershipState::Join) {
             return Err(Error::forbidden("You are not a member of this room"));
         }

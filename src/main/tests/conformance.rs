@@ -1,0 +1,312 @@
+//! Behaviour real clients and the reference suites rely on, item by item: fields clients
+//! read unconditionally, legacy paths they still call, and the spec's smaller rules on
+//! state, membership and sync.
+
+mod common;
+
+use common::{OPEN, TestServer};
+use serde_json::{Value, json};
+
+async fn sync(s: &TestServer, token: &str, query: &str) -> Value {
+    let (status, body) = s.get_auth(&format!("/_matrix/client/v3/sync?{query}"), token).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+#[tokio::test]
+async fn key_query_and_claim_always_carry_failures() {
+    let s = TestServer::start(OPEN).await;
+    let (alice, token) = s.register("alice").await;
+    let (status, body) = s
+        .post_auth("/_matrix/client/v3/keys/query", &token, &json!({"device_keys": {alice: []}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["failures"], json!({}), "{body}");
+    let (status, body) =
+        s.post_auth("/_matrix/client/v3/keys/claim", &token, &json!({"one_time_keys": {}})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["failures"], json!({}), "{body}");
+}
+
+#[tokio::test]
+async fn enabled_capabilities_are_listed() {
+    let s = TestServer::start(OPEN).await;
+    let (_, token) = s.register("alice").await;
+    let (status, body) = s.get_auth("/_matrix/client/v3/capabilities", &token).await;
+    assert_eq!(status, 200, "{body}");
+    for name in ["m.change_password", "m.set_displayname", "m.set_avatar_url"] {
+        assert_eq!(body["capabilities"][name]["enabled"], true, "{name}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn notifications_name_their_profile_tag() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"invite": [bob_id], "is_direct": true})).await;
+    s.join_room(&bob, &room).await;
+    s.send_text(&alice, &room, "hello bob").await;
+    let (status, body) = s.get_auth("/_matrix/client/v3/notifications", &bob).await;
+    assert_eq!(status, 200, "{body}");
+    let first = &body["notifications"][0];
+    assert_eq!(first["event"]["content"]["body"], "hello bob", "{body}");
+    assert!(first.as_object().is_some_and(|n| n.contains_key("profile_tag")), "{body}");
+}
+
+#[tokio::test]
+async fn r0_and_v3_media_paths_are_served() {
+    let s = TestServer::start(OPEN).await;
+    let (_, token) = s.register("alice").await;
+    for version in ["r0", "v3"] {
+        let (status, body) = s.get_auth(&format!("/_matrix/media/{version}/config"), &token).await;
+        assert_eq!(status, 200, "{version}: {body}");
+        assert!(body["m.upload.size"].is_u64(), "{body}");
+        let resp = s
+            .client
+            .post(s.url(&format!("/_matrix/media/{version}/upload?filename=a.txt")))
+            .bearer_auth(&token)
+            .header("content-type", "text/plain")
+            .body("picture")
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = common::json_of(resp).await;
+        assert_eq!(status, 200, "{version}: {body}");
+        let uri = body["content_uri"].as_str().unwrap();
+        let media = uri.strip_prefix("mxc://").unwrap();
+        let resp = s
+            .client
+            .get(s.url(&format!("/_matrix/client/v1/media/download/{media}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "picture");
+    }
+}
+
+#[tokio::test]
+async fn a_new_user_is_named_after_their_localpart() {
+    let s = TestServer::start(OPEN).await;
+    let (alice, token) = s.register("alice").await;
+    let (status, body) =
+        s.get_auth(&format!("/_matrix/client/v3/profile/{alice}/displayname"), &token).await;
+    assert_eq!((status, &body["displayname"]), (200, &json!("alice")), "{body}");
+    // Their first join carries it, so other members see a name.
+    let room = s.create_room(&token, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{alice}");
+    let (_, member) = s.get_auth(&path, &token).await;
+    assert_eq!(member["displayname"], "alice", "{member}");
+}
+
+#[tokio::test]
+async fn new_logins_and_renamed_devices_reach_co_members_device_lists() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    let since = sync(&s, &bob, "").await["next_batch"].as_str().unwrap().to_owned();
+
+    let (status, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password", "password": "password123",
+                    "identifier": {"type": "m.id.user", "user": "alice"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    assert_eq!(body["device_lists"]["changed"], json!([alice_id]), "{body}");
+
+    let since = body["next_batch"].as_str().unwrap().to_owned();
+    let device = login["device_id"].as_str().unwrap();
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/devices/{device}"),
+            &alice,
+            &json!({"display_name": "phone"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    assert_eq!(body["device_lists"]["changed"], json!([alice_id]), "{body}");
+}
+
+#[tokio::test]
+async fn openid_userinfo_without_a_token_is_unauthenticated() {
+    let s = TestServer::start("").await;
+    let (status, body) = s.get("/_matrix/federation/v1/openid/userinfo").await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")), "{body}");
+    let (status, body) = s.get("/_matrix/federation/v1/openid/userinfo?access_token=nope").await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")), "{body}");
+}
+
+#[tokio::test]
+async fn typing_without_a_timeout_takes_a_default() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/typing/{alice_id}");
+    let (status, body) = s.put_auth(&path, &alice, &json!({"typing": true})).await;
+    assert_eq!(status, 200, "{body}");
+    let body = sync(&s, &alice, "").await;
+    let ephemeral = &body["rooms"]["join"][&room]["ephemeral"]["events"];
+    let typing = ephemeral.as_array().unwrap().iter().find(|e| e["type"] == "m.typing").unwrap();
+    assert_eq!(typing["content"]["user_ids"], json!([alice_id]), "{body}");
+}
+
+#[tokio::test]
+async fn setting_the_same_state_again_returns_the_standing_event() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/");
+    let (_, first) = s.put_auth(&path, &alice, &json!({"topic": "cats"})).await;
+    let (status, again) = s.put_auth(&path, &alice, &json!({"topic": "cats"})).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(first["event_id"], again["event_id"]);
+    let (_, other) = s.put_auth(&path, &alice, &json!({"topic": "dogs"})).await;
+    assert_ne!(first["event_id"], other["event_id"]);
+    let messages = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50");
+    let (_, page) = s.get_auth(&messages, &alice).await;
+    let topics = page["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.topic");
+    assert_eq!(topics.count(), 2, "{page}");
+}
+
+#[tokio::test]
+async fn kicking_someone_not_in_the_room_is_forbidden() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let (carol_id, _) = s.register("carol").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    let kick = format!("/_matrix/client/v3/rooms/{room}/kick");
+    let (status, body) = s.post_auth(&kick, &alice, &json!({"user_id": carol_id})).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+    let ban = format!("/_matrix/client/v3/rooms/{room}/ban");
+    let (status, _) = s.post_auth(&ban, &alice, &json!({"user_id": bob_id})).await;
+    assert_eq!(status, 200);
+    let (status, body) = s.post_auth(&kick, &alice, &json!({"user_id": bob_id})).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+    // Still banned: the kick did not lift it.
+    let member = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{bob_id}");
+    let (_, content) = s.get_auth(&member, &alice).await;
+    assert_eq!(content["membership"], "ban", "{content}");
+}
+
+#[tokio::test]
+async fn a_canonical_alias_must_point_to_the_room() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let other = s.create_room(&alice, json!({"room_alias_name": "elsewhere"})).await;
+    assert_ne!(room, other);
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.canonical_alias/");
+    for content in [
+        json!({"alias": "#elsewhere:localhost"}),
+        json!({"alias": "#nowhere:localhost"}),
+        json!({"alt_aliases": ["#elsewhere:localhost"]}),
+    ] {
+        let (status, body) = s.put_auth(&path, &alice, &content).await;
+        assert_eq!((status, body["errcode"].as_str()), (400, Some("M_BAD_ALIAS")), "{body}");
+    }
+    let (status, body) = s.put_auth(&path, &alice, &json!({"alias": "not an alias"})).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{body}");
+    let (status, _) = s
+        .put_auth(
+            "/_matrix/client/v3/directory/room/%23here:localhost",
+            &alice,
+            &json!({"room_id": room}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = s.put_auth(&path, &alice, &json!({"alias": "#here:localhost"})).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn upgrading_an_unknown_room_is_not_found() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (status, body) = s
+        .post_auth(
+            "/_matrix/client/v3/rooms/!nothere:localhost/upgrade",
+            &alice,
+            &json!({"new_version": "10"}),
+        )
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+}
+
+#[tokio::test]
+async fn a_timeline_limit_of_zero_sends_no_events() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    s.send_text(&alice, &room, "one").await;
+    let filter = common::urlencode(&json!({"room": {"timeline": {"limit": 0}}}).to_string());
+    let body = sync(&s, &alice, &format!("filter={filter}")).await;
+    let timeline = &body["rooms"]["join"][&room]["timeline"];
+    assert_eq!(timeline["events"], json!([]), "{body}");
+    assert_eq!(timeline["limited"], true, "{body}");
+}
+
+#[tokio::test]
+async fn heroes_are_sent_only_for_rooms_without_a_name() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let unnamed = s.create_room(&alice, json!({"invite": [bob_id]})).await;
+    let named = s.create_room(&alice, json!({"invite": [bob_id], "name": "Cats"})).await;
+    s.join_room(&bob, &unnamed).await;
+    s.join_room(&bob, &named).await;
+    let body = sync(&s, &alice, "").await;
+    let summary = |room: &str| body["rooms"]["join"][room]["summary"].clone();
+    assert_eq!(summary(&unnamed)["m.heroes"], json!([bob_id]), "{body}");
+    assert!(summary(&named).get("m.heroes").is_none(), "{body}");
+    assert_eq!(summary(&named)["m.joined_member_count"], 2, "{body}");
+}
+
+#[tokio::test]
+async fn whois_shows_a_users_devices_to_them_and_to_admins_only() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let path = format!("/_matrix/client/v3/admin/whois/{alice_id}");
+    let (status, body) = s.get_auth(&path, &alice).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], alice_id.as_str());
+    let devices = body["devices"].as_object().unwrap();
+    assert_eq!(devices.len(), 1, "{body}");
+    let (_, device) = devices.iter().next().unwrap();
+    let connection = &device["sessions"][0]["connections"][0];
+    assert!(connection["ip"].as_str().is_some_and(|ip| ip.contains("127.0.0.1")), "{body}");
+    let (status, body) = s.get_auth(&path, &bob).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+}
+
+#[tokio::test]
+async fn malformed_push_rule_paths_are_bad_requests() {
+    let s = TestServer::start(OPEN).await;
+    let (_, token) = s.register("alice").await;
+    let rule = json!({"actions": ["notify"], "pattern": "cats"});
+    for path in [
+        "/_matrix/client/v3/pushrules",
+        "/_matrix/client/v3/pushrules/global",
+        "/_matrix/client/v3/pushrules/nonsense/content/r",
+        "/_matrix/client/v3/pushrules/global/content/",
+        "/_matrix/client/v3/pushrules/global/content/with/slash",
+    ] {
+        let (status, body) = s.put_auth(path, &token, &rule).await;
+        assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{path}");
+    }
+    let (status, _) = s.get_auth("/_matrix/client/v3/pushrules/", &token).await;
+    assert_eq!(status, 200);
+    let path = "/_matrix/client/v3/pushrules/global/content/cats";
+    let (status, body) = s.put_auth(path, &token, &rule).await;
+    assert_eq!(status, 200, "{body}");
+}
