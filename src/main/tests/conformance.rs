@@ -310,3 +310,123 @@ async fn malformed_push_rule_paths_are_bad_requests() {
     let (status, body) = s.put_auth(path, &token, &rule).await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test]
+async fn a_room_joined_since_the_last_sync_arrives_with_its_latest_events() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat", "name": "Cats"})).await;
+    for i in 0..12 {
+        s.send_text(&alice, &room, &format!("m{i}")).await;
+    }
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic/");
+    s.put_auth(&path, &alice, &json!({"topic": "all about cats"})).await;
+    let since = sync(&s, &bob, "").await["next_batch"].as_str().unwrap().to_owned();
+    s.join_room(&bob, &room).await;
+
+    let filter = common::urlencode(&json!({"room": {"timeline": {"limit": 3}}}).to_string());
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0&filter={filter}")).await;
+    let joined = &body["rooms"]["join"][&room];
+    let timeline = joined["timeline"]["events"].as_array().unwrap();
+    let kinds: Vec<&str> = timeline.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    // The newest three: two of them state events, the join last.
+    assert_eq!(kinds, ["m.room.message", "m.room.topic", "m.room.member"], "{joined}");
+    assert_eq!(timeline[2]["state_key"], bob_id.as_str());
+    assert_eq!(joined["timeline"]["limited"], true, "{joined}");
+    let prev_batch = joined["timeline"]["prev_batch"].as_str().unwrap();
+    // State holds what precedes the timeline, not what it carries.
+    let state = joined["state"]["events"].as_array().unwrap();
+    let state_kinds: Vec<&str> = state.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(state_kinds.contains(&"m.room.create") && state_kinds.contains(&"m.room.name"));
+    assert!(!state_kinds.contains(&"m.room.topic"), "{joined}");
+    assert!(
+        !state.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == bob_id.as_str()),
+        "{joined}"
+    );
+    // Paging back from prev_batch continues right before the timeline.
+    let messages =
+        format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1&from={prev_batch}");
+    let (_, page) = s.get_auth(&messages, &bob).await;
+    assert_eq!(page["chunk"][0]["content"]["body"], "m10", "{page}");
+}
+
+#[tokio::test]
+async fn registration_remembers_its_first_request_and_answers_a_replay_alike() {
+    let s = TestServer::start(OPEN).await;
+    // The first request names the account; the one completing the flow only authenticates.
+    let (status, challenge) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "alice", "password": "password123", "device_id": "PHONE"}),
+        )
+        .await;
+    assert_eq!(status, 401, "{challenge}");
+    let session = challenge["session"].as_str().unwrap();
+    let auth = json!({"auth": {"type": "m.login.dummy", "session": session}});
+    let (status, first) = s.post("/_matrix/client/v3/register", &auth).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["user_id"], "@alice:localhost", "{first}");
+    assert_eq!(first["device_id"], "PHONE", "{first}");
+    // The remembered password signs in.
+    let (status, _) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password", "password": "password123",
+                    "identifier": {"type": "m.id.user", "user": "alice"}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The completed session replayed: the same account, not "user in use".
+    let (status, again) = s.post("/_matrix/client/v3/register", &auth).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["user_id"], first["user_id"]);
+    let token = again["access_token"].as_str().unwrap();
+    let (status, whoami) = s.get_auth("/_matrix/client/v3/account/whoami", token).await;
+    assert_eq!((status, &whoami["user_id"]), (200, &first["user_id"]), "{whoami}");
+}
+
+#[tokio::test]
+async fn registration_with_inhibit_login_returns_no_device() {
+    let s = TestServer::start(OPEN).await;
+    let (status, body) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "bot", "password": "password123", "inhibit_login": true,
+                    "auth": {"type": "m.login.dummy"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], "@bot:localhost");
+    for field in ["device_id", "access_token", "refresh_token"] {
+        assert!(body.get(field).is_none(), "{field}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn a_later_joiner_of_a_shared_then_joined_room_sees_what_the_spec_allows() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.send_text(&alice, &room, "shared history").await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.history_visibility/");
+    let (status, _) = s.put_auth(&path, &alice, &json!({"history_visibility": "joined"})).await;
+    assert_eq!(status, 200);
+    s.send_text(&alice, &room, "members only").await;
+    s.join_room(&bob, &room).await;
+    s.send_text(&alice, &room, "after the join").await;
+
+    let messages = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100");
+    let (status, page) = s.get_auth(&messages, &bob).await;
+    assert_eq!(status, 200, "{page}");
+    let chunk = page["chunk"].as_array().unwrap();
+    let bodies: Vec<&str> = chunk.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(bodies, ["after the join", "shared history"], "{page}");
+    // The change itself shows, under the `shared` setting before it.
+    assert!(
+        chunk.iter().any(|e| e["type"] == "m.room.history_visibility"
+            && e["content"]["history_visibility"] == "joined"),
+        "{page}"
+    );
+}

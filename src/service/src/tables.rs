@@ -71,6 +71,24 @@ pub struct UiaSession {
     /// The registration token validated in this session, spent when registration ends.
     #[serde(default)]
     pub registration_token: Option<String>,
+    /// A registration's parameters as its first request gave them: later requests of
+    /// the flow may carry only `auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<RegistrationParams>,
+    /// The account a completed registration session created: the same request again
+    /// answers with it instead of failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered: Option<String>,
+}
+
+/// What a registration request asked for, kept through its user-interactive auth.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RegistrationParams {
+    pub username: Option<String>,
+    pub password_hash: Option<String>,
+    pub device_id: Option<String>,
+    pub initial_device_display_name: Option<String>,
+    pub inhibit_login: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -19,7 +19,11 @@ use crate::{
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
-    let router = ruma_route::add::<register::v3::Request, _, _>(router, register);
+    let router = ruma_route::add_patched::<register::v3::Request, _, _>(
+        router,
+        register,
+        Some(no_null_login),
+    );
     let router = ruma_route::add::<get_username_availability::v3::Request, _, _>(router, available);
     let router = ruma_route::add::<whoami::v3::Request, _, _>(router, whoami);
     let router = ruma_route::add::<change_password::v3::Request, _, _>(router, change_password);
@@ -122,6 +126,14 @@ async fn deactivate(ctx: Ctx, req: deactivate::v3::Request) -> Result<deactivate
     ctx.services.accounts.deactivate(&localpart, req.erase, &ctx.client).await?;
     // No identity server binding is ever made, so there is nothing to unbind.
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
+}
+
+/// A registration with `inhibit_login` signs nobody in: no `device_id` (ruma writes a
+/// `null` one, which clients take for a device).
+fn no_null_login(body: &mut serde_json::Value) {
+    if let Some(body) = body.as_object_mut() {
+        body.retain(|_, v| !v.is_null());
+    }
 }
 
 /// GET /_matrix/client/v3/admin/whois/{userId}

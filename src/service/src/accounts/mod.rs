@@ -35,7 +35,7 @@ pub use uia::{AuthInput, DUMMY, EMAIL_IDENTITY, PASSWORD, REGISTRATION_TOKEN, Ui
 use crate::{
     audit::{Audit, Client},
     commit, random,
-    tables::{ACCOUNT_DATA, PROFILES, USERS, UserRecord},
+    tables::{ACCOUNT_DATA, PROFILES, RegistrationParams, UIA_SESSIONS, USERS, UserRecord},
 };
 
 pub struct Accounts {
@@ -234,23 +234,38 @@ impl Accounts {
             RegistrationMode::Token => &[&[REGISTRATION_TOKEN]],
             RegistrationMode::Email => &[&[EMAIL_IDENTITY]],
         };
+        // The session of a registration that already completed answers as it did then.
+        if let Some(localpart) = self.registered_in_session(req.auth.as_ref())? {
+            return self.log_in_registered(localpart, &req, None, client).await;
+        }
         // Cheap checks before any user-interactive auth round trip, as clients expect.
         let localpart = match &req.username {
             Some(u) => Some(self.check_available(u)?),
             None => None,
         };
-        if let Some(pw) = &req.password {
-            self.check_password_policy(pw)?;
-        }
-        let done = self.require_uia(flows, req.auth.as_ref(), None, "register").await?;
-
         let password_hash = match req.password.clone() {
-            Some(pw) => Some(self.hash_password(pw).await?),
+            Some(pw) => {
+                self.check_password_policy(&pw)?;
+                Some(self.hash_password(pw).await?)
+            }
             None => None,
         };
+        let asked = RegistrationParams {
+            username: localpart,
+            password_hash,
+            device_id: req.device_id.clone(),
+            initial_device_display_name: req.initial_device_display_name.clone(),
+            inhibit_login: req.inhibit_login,
+        };
+        let done =
+            self.require_uia(flows, req.auth.as_ref(), None, "register", Some(&asked)).await?;
+        // What this request leaves out, the flow's first request may have said.
+        let first = done.session.as_ref().and_then(|(_, s)| s.registration.clone());
+        let first = first.unwrap_or_default();
+        let password_hash = asked.password_hash.or(first.password_hash);
 
         let _guard = self.create_lock.lock().await;
-        let localpart = match localpart {
+        let localpart = match asked.username.or(first.username) {
             Some(lp) => self.check_available(&lp)?,
             None => self.fresh_localpart()?,
         };
@@ -262,6 +277,47 @@ impl Accounts {
         if let Some((email, sid)) = &done.email {
             self.bind_email_into(&mut batch, &localpart, email, sid)?;
         }
+        if let Some((id, mut session)) = done.session {
+            session.registered = Some(localpart.clone());
+            UIA_SESSIONS.put(&mut batch, &id, &Json(session));
+        }
+        self.audit.add(&mut batch, Some(&localpart), "register", client, "ok", None);
+        let first = RegisterRequest {
+            device_id: req.device_id.clone().or(first.device_id),
+            initial_device_display_name: req
+                .initial_device_display_name
+                .clone()
+                .or(first.initial_device_display_name),
+            inhibit_login: req.inhibit_login || first.inhibit_login,
+            ..req
+        };
+        let registered = self.log_in_registered(localpart, &first, Some(batch), client).await?;
+        tracing::info!(user = %self.user_id(&registered.localpart), "registered");
+        Ok(registered)
+    }
+
+    /// The account a completed registration session (named by `auth`) created, if any.
+    fn registered_in_session(&self, auth: Option<&AuthInput>) -> Result<Option<String>> {
+        let Some(id) = auth.and_then(|a| a.session.as_ref()) else { return Ok(None) };
+        let ttl_ms = self.auth.uia_session_ttl_seconds.saturating_mul(1000);
+        let session = UIA_SESSIONS.get(&*self.db, id)?.map(|j| j.0);
+        Ok(session
+            .filter(|s| {
+                s.purpose == "register:" && now_millis().saturating_sub(s.created_ms) <= ttl_ms
+            })
+            .and_then(|s| s.registered))
+    }
+
+    /// Ends a registration: signs the new account in (unless the request inhibits it) in
+    /// the same batch that created it, if given.
+    async fn log_in_registered(
+        &self,
+        localpart: String,
+        req: &RegisterRequest,
+        batch: Option<Batch>,
+        client: &Client,
+    ) -> Result<Registered> {
+        let mut batch = batch.unwrap_or_default();
         let login = if req.inhibit_login {
             None
         } else {
@@ -275,9 +331,7 @@ impl Accounts {
                 client,
             )?)
         };
-        self.audit.add(&mut batch, Some(&localpart), "register", client, "ok", None);
         commit(&self.db, batch).await?;
-        tracing::info!(user = %self.user_id(&localpart), "registered");
         Ok(Registered { localpart, login })
     }
 
@@ -382,7 +436,7 @@ impl Accounts {
         self.check_password_policy(&new_password)?;
         let Some(session) = session else {
             let flows: &[&[&str]] = &[&[EMAIL_IDENTITY]];
-            let done = self.require_uia(flows, auth, None, "password_reset").await?;
+            let done = self.require_uia(flows, auth, None, "password_reset", None).await?;
             let (email, sid) = done
                 .email
                 .ok_or_else(|| Error::forbidden("A validated email address is required"))?;

@@ -8,7 +8,7 @@ use trellis_store::{Batch, Json};
 use super::Accounts;
 use crate::{
     commit, random,
-    tables::{UIA_SESSIONS, UiaSession},
+    tables::{RegistrationParams, UIA_SESSIONS, UiaSession},
 };
 
 pub const DUMMY: &str = "m.login.dummy";
@@ -45,6 +45,8 @@ pub struct UiaDone {
     pub registration_token: Option<String>,
     /// The email address a `m.login.email.identity` stage proved, with its session id.
     pub email: Option<(String, String)>,
+    /// The completed session, and the registration parameters it remembered.
+    pub session: Option<(String, UiaSession)>,
 }
 
 impl Accounts {
@@ -57,11 +59,16 @@ impl Accounts {
         auth: Option<&AuthInput>,
         user: Option<&str>,
         purpose: &str,
+        registration: Option<&RegistrationParams>,
     ) -> Result<UiaDone> {
         let ttl_ms = self.auth.uia_session_ttl_seconds.saturating_mul(1000);
         let purpose = format!("{purpose}:{}", user.unwrap_or(""));
         let Some(auth) = auth else {
-            return Err(self.challenge(flows, None, &[], &purpose).await?);
+            let id = match registration {
+                Some(params) => Some(self.new_session(&[], &purpose, None, params).await?),
+                None => None,
+            };
+            return Err(self.challenge(flows, id, &[], &purpose).await?);
         };
 
         let mut session = match &auth.session {
@@ -109,12 +116,15 @@ impl Accounts {
         let done =
             flows.iter().any(|flow| flow.iter().all(|stage| completed.iter().any(|c| c == stage)));
         if done {
-            if let Some((id, _)) = session {
+            if registration.is_none()
+                && let Some((id, _)) = &session
+            {
                 let mut batch = Batch::new();
-                UIA_SESSIONS.delete(&mut batch, &id);
+                UIA_SESSIONS.delete(&mut batch, id);
                 commit(&self.db, batch).await?;
             }
-            return Ok(UiaDone { registration_token, email });
+            // A registration's session stays: the registration records its account there.
+            return Ok(UiaDone { registration_token, email, session });
         }
         // Progress made but a flow is not finished: remember it in the session.
         let id = match session.take() {
@@ -126,7 +136,10 @@ impl Accounts {
                 commit(&self.db, batch).await?;
                 id
             }
-            None => self.new_session(&completed, &purpose, registration_token).await?,
+            None => {
+                let params = registration.cloned().unwrap_or_default();
+                self.new_session(&completed, &purpose, registration_token, &params).await?
+            }
         };
         Err(self.challenge(flows, Some(id), &completed, &purpose).await?)
     }
@@ -194,6 +207,7 @@ impl Accounts {
         completed: &[String],
         purpose: &str,
         registration_token: Option<String>,
+        registration: &RegistrationParams,
     ) -> Result<String> {
         let id = random::alphanumeric(24);
         let mut batch = Batch::new();
@@ -205,6 +219,8 @@ impl Accounts {
                 completed: completed.to_vec(),
                 purpose: purpose.to_owned(),
                 registration_token,
+                registration: Some(registration.clone()).filter(|r| *r != Default::default()),
+                registered: None,
             }),
         );
         commit(&self.db, batch).await?;
@@ -220,7 +236,7 @@ impl Accounts {
     ) -> Result<Error> {
         let session = match session {
             Some(s) => s,
-            None => self.new_session(completed, purpose, None).await?,
+            None => self.new_session(completed, purpose, None, &Default::default()).await?,
         };
         let flows: Vec<_> = flows.iter().map(|f| json!({ "stages": f })).collect();
         let mut err = Error::new(ErrorKind::Unauthenticated, "", "")
@@ -244,7 +260,7 @@ impl Accounts {
         purpose: &str,
     ) -> Result<()> {
         let flows = self.reauth_flows(localpart)?;
-        self.require_uia(flows, auth, Some(localpart), purpose).await.map(drop)
+        self.require_uia(flows, auth, Some(localpart), purpose, None).await.map(drop)
     }
 
     pub fn reauth_flows(&self, localpart: &str) -> Result<&'static [&'static [&'static str]]> {

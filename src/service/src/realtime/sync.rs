@@ -726,7 +726,12 @@ impl Builder<'_> {
                 return Ok(None);
             }
         }
-        let timeline = if fresh || changed {
+        // A room joined since the last sync shows its latest events (as far as history
+        // visibility lets the joiner see them), not only those after `since`.
+        let newly_joined = joined_at > self.since;
+        let timeline = if newly_joined {
+            self.timeline(room_id, 0, self.now)?
+        } else if fresh || changed {
             self.timeline(room_id, self.since, self.now)?
         } else {
             Timeline {
@@ -736,7 +741,7 @@ impl Builder<'_> {
             }
         };
         // A fresh view (a join since the last sync) gets the whole state at the start of
-        // its timeline, which still only covers what happened after `since`.
+        // its timeline.
         let state = self.state_section(room_id, &timeline, fresh)?;
         let mut ephemeral = Vec::new();
         if let Some(users) = typing {

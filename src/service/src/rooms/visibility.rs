@@ -323,6 +323,11 @@ pub fn at(entries: &[(u64, String)], position: u64) -> Option<&str> {
     idx.checked_sub(1).map(|i| entries[i].1.as_str())
 }
 
+/// The entry in effect just before `position`: the last one before it.
+fn before(entries: &[(u64, String)], position: u64) -> Option<&str> {
+    at(entries, position.checked_sub(1)?)
+}
+
 impl VisibilityView {
     /// The spec's history visibility rules for the event at `position`.
     pub fn may_see(&self, position: u64, pdu: &Pdu) -> bool {
@@ -333,6 +338,21 @@ impl VisibilityView {
             return true;
         }
         let visibility = at(&self.visibilities, position).unwrap_or(DEFAULT_VISIBILITY);
+        if self.allows(visibility, position) {
+            return true;
+        }
+        // A change of history visibility is itself seen by whoever the setting before it
+        // let see the room then, so a later joiner learns why older history is hidden.
+        pdu.kind.to_string() == "m.room.history_visibility"
+            && pdu.state_key.as_deref() == Some("")
+            && self.allows(
+                before(&self.visibilities, position).unwrap_or(DEFAULT_VISIBILITY),
+                position,
+            )
+    }
+
+    /// Whether `visibility`, in effect at `position`, shows the user an event there.
+    fn allows(&self, visibility: &str, position: u64) -> bool {
         if visibility == "world_readable" {
             return true;
         }
@@ -409,6 +429,25 @@ mod tests {
         let v = view(&[], &[(1, "world_readable")]);
         assert!(v.may_see(2, &m) && v.may_read());
         assert!(!view(&[], &[]).may_read());
+    }
+
+    #[test]
+    fn a_visibility_change_is_seen_under_the_setting_before_it_too() {
+        let json: ruma::CanonicalJsonObject = serde_json::from_value(serde_json::json!({
+            "room_id": "!r:x", "sender": "@a:x", "origin_server_ts": 1, "depth": 3,
+            "type": "m.room.history_visibility", "state_key": "",
+            "content": {"history_visibility": "joined"}, "prev_events": [], "auth_events": [],
+        }))
+        .unwrap();
+        let change = Pdu::from_json(ruma::OwnedEventId::try_from("$v").unwrap(), json).unwrap();
+        // `shared` until 10, `joined` from 10; the user joins at 20.
+        let v = view(&[(20, "join")], &[(1, "shared"), (10, "joined")]);
+        assert!(v.may_see(5, &message()), "shared history before the change");
+        assert!(v.may_see(10, &change), "the change, under the `shared` before it");
+        assert!(!v.may_see(15, &message()), "joined-only history before the join");
+        // Under `joined` before and after, the change is as hidden as any event.
+        let v = view(&[(20, "join")], &[(1, "joined"), (10, "invited")]);
+        assert!(!v.may_see(10, &change));
     }
 
     #[tokio::test]
