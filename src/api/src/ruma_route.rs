@@ -227,6 +227,16 @@ fn patched(body: Vec<u8>, patch: Patch) -> Result<Vec<u8>> {
     serde_json::to_vec(&value).map_err(|e| Error::internal("serializing a response", e))
 }
 
+/// For the few endpoints ruma has no type for (the deprecated `GET /initialSync` and
+/// `GET /events/{eventId}`): the caller authenticated as [`add`] does it, a token
+/// required.
+pub async fn authenticated(services: AppState, parts: &http::request::Parts) -> Result<Ctx> {
+    let client = Client::from_ip(client_ip(parts, services.config.http.x_forwarded_for));
+    let token = access_token(parts).ok_or_else(Error::missing_token)?;
+    let session = Some(services.accounts.authenticate(&token, &client).await?);
+    Ok(Ctx { services, session, client, origin: None })
+}
+
 /// A request authenticated and read, ready for its handler.
 struct Prepared {
     ctx: Ctx,
@@ -313,6 +323,21 @@ fn around_parser_gaps(
             trellis_core::error::code::UNKNOWN_TOKEN,
             "An OpenID access token is required",
         ));
+    }
+    // A password stage naming the user the deprecated way (`user` rather than an
+    // `identifier`), as older clients still do, which ruma refuses.
+    if parts.method != http::Method::GET
+        && bytes.windows(6).any(|w| w == b"\"auth\"")
+        && let Some(serde_json::Value::Object(mut body)) = body()
+        && let Some(serde_json::Value::Object(auth)) = body.get_mut("auth")
+        && auth.get("type").and_then(serde_json::Value::as_str) == Some("m.login.password")
+        && !auth.contains_key("identifier")
+        && let Some(user) = auth.get("user").and_then(serde_json::Value::as_str)
+    {
+        let identifier = serde_json::json!({"type": "m.id.user", "user": user});
+        auth.insert("identifier".into(), identifier);
+        let completed = serde_json::to_vec(&body).map_err(|e| Error::internal("auth body", e))?;
+        return Ok(completed.into());
     }
     // ruma requires `timeout` with `typing: true`; clients that leave it out mean a
     // default, as other servers take it.

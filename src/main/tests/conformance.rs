@@ -430,3 +430,104 @@ async fn a_later_joiner_of_a_shared_then_joined_room_sees_what_the_spec_allows()
         "{page}"
     );
 }
+
+#[tokio::test]
+async fn the_deprecated_initial_sync_and_event_endpoints_still_answer() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"name": "Cats"})).await;
+    let first = s.send_text(&alice, &room, "one").await;
+    s.send_text(&alice, &room, "two").await;
+
+    let (status, body) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/initialSync"), &alice).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["room_id"].as_str(), body["membership"].as_str()),
+        (Some(room.as_str()), Some("join"))
+    );
+    assert_eq!(body["visibility"], "private");
+    let chunk = body["messages"]["chunk"].as_array().unwrap();
+    let bodies: Vec<&str> = chunk.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(bodies, ["one", "two"], "oldest first: {body}");
+    assert!(body["state"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.name"));
+    // Its start token pages on back through /messages.
+    let start = body["messages"]["start"].as_str().unwrap();
+    let (status, _) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&from={start}"), &alice)
+        .await;
+    assert_eq!(status, 200);
+    // Strangers read nothing of a private room.
+    let (status, _) =
+        s.get_auth(&format!("/_matrix/client/r0/rooms/{room}/initialSync"), &bob).await;
+    assert_eq!(status, 403);
+
+    let (status, body) = s.get_auth("/_matrix/client/v3/initialSync?limit=1", &alice).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["end"].as_str().is_some_and(|t| t.starts_with('s')), "{body}");
+    let rooms = body["rooms"].as_array().unwrap();
+    assert_eq!(rooms.len(), 1, "{body}");
+    assert_eq!(rooms[0]["messages"]["chunk"][0]["content"]["body"], "two", "{body}");
+
+    let (status, event) = s.get_auth(&format!("/_matrix/client/v3/events/{first}"), &alice).await;
+    assert_eq!(status, 200, "{event}");
+    assert_eq!(event["content"]["body"], "one");
+    let (status, event) = s.get_auth(&format!("/_matrix/client/v3/events/{first}"), &bob).await;
+    assert_eq!((status, event["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{event}");
+    let (status, _) = s.get("/_matrix/client/v3/initialSync").await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn the_deprecated_events_stream_delivers_new_events_once() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let (_, initial) = s.get_auth("/_matrix/client/v3/initialSync?limit=0", &alice).await;
+    let from = initial["end"].as_str().unwrap().to_owned();
+    s.send_text(&alice, &room, "news").await;
+
+    let (status, body) =
+        s.get_auth(&format!("/_matrix/client/v3/events?from={from}&timeout=0"), &alice).await;
+    assert_eq!(status, 200, "{body}");
+    let chunk = body["chunk"].as_array().unwrap();
+    assert_eq!(chunk.len(), 1, "{body}");
+    assert_eq!(chunk[0]["content"]["body"], "news");
+    assert_eq!(chunk[0]["room_id"], room.as_str());
+    assert_eq!(body["start"].as_str(), Some(from.as_str()));
+    let end = body["end"].as_str().unwrap();
+    let (status, body) =
+        s.get_auth(&format!("/_matrix/client/v3/events?from={end}&timeout=50"), &alice).await;
+    assert_eq!((status, &body["chunk"]), (200, &json!([])), "{body}");
+    let (status, body) = s.get_auth("/_matrix/client/v3/events?from=nonsense", &alice).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{body}");
+}
+
+#[tokio::test]
+async fn user_interactive_auth_takes_the_legacy_user_field() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (_, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password", "password": "password123",
+                    "identifier": {"type": "m.id.user", "user": "alice"}}),
+        )
+        .await;
+    let device = login["device_id"].as_str().unwrap();
+    let path = format!("/_matrix/client/v3/devices/{device}");
+    let (status, challenge) = s.delete_auth(&path, &alice, &json!({})).await;
+    assert_eq!(status, 401, "{challenge}");
+    let session = challenge["session"].as_str().unwrap();
+    for user in [alice_id.as_str(), "alice"] {
+        let auth = json!({"auth": {"type": "m.login.password", "user": user,
+                                   "password": "wrong", "session": session}});
+        let (status, body) = s.delete_auth(&path, &alice, &auth).await;
+        assert_eq!((status, body["errcode"].as_str()), (401, Some("M_FORBIDDEN")), "{body}");
+    }
+    let auth = json!({"auth": {"type": "m.login.password", "user": alice_id,
+                               "password": "password123", "session": session}});
+    let (status, body) = s.delete_auth(&path, &alice, &auth).await;
+    assert_eq!(status, 200, "{body}");
+}

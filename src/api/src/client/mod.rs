@@ -9,6 +9,7 @@ mod devices;
 mod directory;
 mod events;
 mod history;
+mod initial_sync;
 mod keys;
 mod membership;
 mod notifications;
@@ -57,6 +58,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = sliding::routes(router);
     let router = sync_ws::routes(router);
     let router = history::routes(router);
+    let router = initial_sync::routes(router);
     let router = membership::routes(router);
     let router = relations::routes(router);
     let router = aliases::routes(router);

@@ -1,6 +1,7 @@
 //! What syncs deliver, and the live parts of the stream: `/sync`, sliding sync, the
 //! response writer they share, typing, receipts, presence and sync filters.
 
+pub mod events_stream;
 pub mod filters;
 pub mod live;
 pub mod out;

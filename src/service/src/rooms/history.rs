@@ -10,6 +10,7 @@ use std::{
 };
 
 use ruma::{
+    RoomId, UserId,
     api::client::filter::RoomEventFilter,
     events::{TimelineEventType, room::member::MembershipState},
 };
@@ -115,6 +116,43 @@ pub async fn messages(
         Vec::new()
     };
     Ok(MessagesPage { start, end, events: page.events, members })
+}
+
+/// One room as a user reads it at once (the deprecated `/initialSync` endpoints).
+pub struct RoomSnapshot {
+    pub membership: Option<MembershipState>,
+    /// The state the user may read (see [`crate::rooms::viewer::readable_state`]).
+    pub state: Vec<Pdu>,
+    /// The newest `limit` events the user may see, newest first.
+    pub messages: MessagesPage,
+    /// Whether the room is published in the room directory.
+    pub published: bool,
+}
+
+/// `GET /rooms/{roomId}/initialSync` and each room of `GET /initialSync`: the room's
+/// state, its latest events and the user's membership, for a user who may read it.
+pub async fn snapshot(
+    services: &Arc<Services>,
+    user: &UserId,
+    room_id: &RoomId,
+    limit: usize,
+    sees: Sees<'_>,
+) -> Result<RoomSnapshot> {
+    let state = crate::rooms::viewer::readable_state(services, user, room_id)?;
+    let room = room_id.as_str();
+    let membership = services.rooms.membership(room, user.as_str())?;
+    let filter = RoomEventFilter::default();
+    let query = MessagesQuery {
+        room_id: room,
+        backward: true,
+        from: None,
+        to: None,
+        limit,
+        filter: &filter,
+    };
+    let messages = messages(services, query, sees).await?;
+    let published = services.public_rooms.visibility(&services.rooms, room)?;
+    Ok(RoomSnapshot { membership, state, messages, published })
 }
 
 pub struct Context {

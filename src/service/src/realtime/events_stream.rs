@@ -1,0 +1,80 @@
+//! `GET /events`, the deprecated stream before `/sync`: the new events of the user's
+//! joined rooms, oldest first, as one flat list. It is `/sync` underneath (the same
+//! live-wait, visibility and tokens) with everything but room timelines filtered out.
+
+use std::time::Duration;
+
+use ruma::api::client::filter::FilterDefinition;
+use serde_json::Value;
+use trellis_core::{Error, Result};
+
+use super::{
+    live,
+    sync::{LiveSync, SyncRequest, SyncToken},
+};
+use crate::{Services, accounts::Session};
+
+/// Events per room one answer carries at most.
+const ROOM_LIMIT: u32 = 100;
+
+pub struct EventsPage {
+    pub chunk: Vec<Value>,
+    pub start: String,
+    pub end: String,
+}
+
+/// The events after `from` (a `/events`, `/initialSync` or `/sync` token; none: from
+/// now), waiting up to `timeout` for the first.
+pub async fn events(
+    services: &Services,
+    session: &Session,
+    from: Option<&str>,
+    timeout: Duration,
+) -> Result<EventsPage> {
+    let since = match from {
+        Some(token) => {
+            SyncToken::parse(token).ok_or_else(|| Error::invalid_param("Invalid from token"))?
+        }
+        None => SyncToken { position: services.rooms.stream.visible(), to_device: 0 },
+    };
+    let user_id = services.accounts.user_id(&session.localpart);
+    let filter = timelines_only();
+    let request = SyncRequest {
+        user_id: &user_id,
+        localpart: &session.localpart,
+        device_id: &session.device_id,
+        since: Some(since.position),
+        // To-device messages are not part of this stream, and are never acknowledged by it.
+        to_device_since: since.position,
+        full_state: false,
+        filter: &filter,
+        use_state_after: false,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut query = LiveSync::new(services, request)?;
+    let answer = live::wait(services, &mut query, Some(deadline)).await?;
+    let body = serde_json::to_value(&answer.body).map_err(|e| Error::internal("sync body", e))?;
+    let mut chunk = Vec::new();
+    for (room_id, room) in body["rooms"]["join"].as_object().into_iter().flatten() {
+        for event in room["timeline"]["events"].as_array().into_iter().flatten() {
+            let mut event = event.clone();
+            event["room_id"] = Value::from(room_id.as_str());
+            chunk.push(event);
+        }
+    }
+    let end = SyncToken { position: answer.token.position.max(since.position), to_device: 0 };
+    Ok(EventsPage { chunk, start: since.render(), end: end.render() })
+}
+
+/// A sync filter keeping only room timelines.
+fn timelines_only() -> FilterDefinition {
+    let none = || vec!["*".to_owned()];
+    let mut filter = FilterDefinition::default();
+    filter.presence.not_types = none();
+    filter.account_data.not_types = none();
+    filter.room.account_data.not_types = none();
+    filter.room.ephemeral.not_types = none();
+    filter.room.state.not_types = none();
+    filter.room.timeline.limit = Some(ROOM_LIMIT.into());
+    filter
+}
