@@ -531,3 +531,51 @@ async fn user_interactive_auth_takes_the_legacy_user_field() {
     let (status, body) = s.delete_auth(&path, &alice, &auth).await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test]
+async fn an_upgraded_rooms_predecessor_names_the_tombstone() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({"room_version": "10"})).await;
+    s.send_text(&alice, &room, "before").await;
+    let (status, resp) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/upgrade"),
+            &alice,
+            &json!({"new_version": "11"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resp}");
+    let new_room = resp["replacement_room"].as_str().unwrap();
+    let format = "format=event";
+    let (_, tombstone) = s
+        .get_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.tombstone/?{format}"),
+            &alice,
+        )
+        .await;
+    assert_eq!(tombstone["content"]["replacement_room"], new_room, "{tombstone}");
+    let (_, create) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{new_room}/state/m.room.create/"), &alice)
+        .await;
+    assert_eq!(create["predecessor"]["room_id"], room.as_str(), "{create}");
+    assert_eq!(create["predecessor"]["event_id"], tombstone["event_id"], "{create}");
+}
+
+#[tokio::test]
+async fn a_profile_change_does_not_resend_a_rooms_history() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    s.send_text(&alice, &room, "old news").await;
+    let since = sync(&s, &alice, "").await["next_batch"].as_str().unwrap().to_owned();
+    let path = format!("/_matrix/client/v3/profile/{alice_id}/displayname");
+    let (status, _) = s.put_auth(&path, &alice, &json!({"displayname": "Alice"})).await;
+    assert_eq!(status, 200);
+    let body = sync(&s, &alice, &format!("since={since}&timeout=0")).await;
+    let timeline = &body["rooms"]["join"][&room]["timeline"];
+    let events = timeline["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "only the new member event: {body}");
+    assert_eq!(events[0]["content"]["displayname"], "Alice");
+    assert_eq!(timeline["limited"], false, "{body}");
+}

@@ -728,7 +728,7 @@ impl Builder<'_> {
         }
         // A room joined since the last sync shows its latest events (as far as history
         // visibility lets the joiner see them), not only those after `since`.
-        let newly_joined = joined_at > self.since;
+        let newly_joined = joined_at > self.since && !self.was_joined_at_since(room_id)?;
         let timeline = if newly_joined {
             self.timeline(room_id, 0, self.now)?
         } else if fresh || changed {
@@ -779,6 +779,16 @@ impl Builder<'_> {
             "state": crate::out_object! {"events": state},
             "account_data": crate::object! {"events": account_data},
         }))
+    }
+
+    /// Whether the user was already joined at `since` (a membership change since then is
+    /// a profile change, not a join): an initial sync never was.
+    fn was_joined_at_since(&self, room_id: &str) -> Result<bool> {
+        if self.req.since.is_none() {
+            return Ok(false);
+        }
+        let log = self.services.rooms.membership_log(room_id, self.req.user_id)?;
+        Ok(crate::rooms::visibility::at(&log, self.since) == Some("join"))
     }
 
     /// Member counts, and for a room without a name or canonical alias the heroes that

@@ -120,7 +120,20 @@ impl Timeline {
         &self,
         creator: &str,
         version: &RoomVersionId,
+        content: Value,
+    ) -> Result<String> {
+        self.create_room_as(creator, version, content, None).await
+    }
+
+    /// As [`Self::create_room`], with the room id chosen beforehand (`chosen`) where the
+    /// room version lets the creating server pick it (before version 12): an upgrade
+    /// names the new room in the old room's tombstone before creating it.
+    pub async fn create_room_as(
+        &self,
+        creator: &str,
+        version: &RoomVersionId,
         mut content: Value,
+        chosen: Option<String>,
     ) -> Result<String> {
         if let Value::Object(map) = &mut content {
             map.insert("room_version".into(), Value::String(version.to_string()));
@@ -130,7 +143,9 @@ impl Timeline {
             .ok_or_else(|| Error::bad_json(format!("unsupported room version {version}")))?;
         let room_id = match rules.room_id_format {
             ruma::room_version_rules::RoomIdFormatVersion::V1 => {
-                Some(format!("!{}:{}", crate::random::alphanumeric(18), self.rooms.server_name))
+                Some(chosen.unwrap_or_else(|| {
+                    format!("!{}:{}", crate::random::alphanumeric(18), self.rooms.server_name)
+                }))
             }
             _ => None,
         };

@@ -23,6 +23,8 @@ pub struct CreateRoom {
     /// The creator's profile, copied into their membership event.
     pub creator_displayname: Option<String>,
     pub creator_avatar_url: Option<String>,
+    /// The room id to use, where the room version lets this server choose it.
+    pub room_id: Option<String>,
 }
 
 /// A room version this server implements, else 400 `M_UNSUPPORTED_ROOM_VERSION`.
@@ -72,7 +74,7 @@ impl Timeline {
         if let Some(map) = creation.as_object_mut() {
             map.remove("room_version");
         }
-        let room_id = self.create_room(creator, &version, creation).await?;
+        let room_id = self.create_room_as(creator, &version, creation, req.room_id).await?;
 
         let mut member = json!({"membership": "join"});
         if let Some(name) = &req.creator_displayname {
@@ -236,6 +238,7 @@ pub async fn create_room(
         invite_after: remote_invites.clone(),
         creator_displayname: text("displayname")?,
         creator_avatar_url: text("avatar_url")?,
+        room_id: None,
     };
     let creator = creator.as_str();
     let default_version = &services.config.rooms.default_room_version;

@@ -64,15 +64,20 @@ impl Timeline {
             .state_of(room_id, "m.room.create", "")?
             .map(|p| content_of(&p))
             .ok_or_else(|| Error::not_found("Unknown room"))?;
-        let last_event = self
-            .rooms
-            .timeline_backwards(room_id, None, 1)?
-            .into_iter()
-            .next()
-            .map(|(_, p)| p.event_id.to_string());
+        // Where this server picks the new room's id, the tombstone naming it goes first,
+        // and the new room's `predecessor` points at it, as clients follow the chain.
+        // Room ids from version 12 are the create event's hash: the tombstone then comes
+        // after, and `predecessor` names no event (the spec made it optional).
+        let chosen = match rules.room_id_format {
+            ruma::room_version_rules::RoomIdFormatVersion::V1 => {
+                Some(format!("!{}:{}", crate::random::alphanumeric(18), self.rooms.server_name))
+            }
+            _ => None,
+        };
         let mut creation = json!({"predecessor": {"room_id": room_id}});
-        if let Some(event_id) = last_event {
-            creation["predecessor"]["event_id"] = json!(event_id);
+        if let Some(new_room) = &chosen {
+            let tombstone = self.append(room_id, tombstone_event(user, new_room)).await?;
+            creation["predecessor"]["event_id"] = json!(tombstone.event_id);
         }
         for field in ["type", "m.federate"] {
             if let Some(v) = old_create.get(field) {
@@ -113,7 +118,7 @@ impl Timeline {
             creation_content: Some(creation),
             ..CreateRoomRequest::default()
         };
-        let options = CreateRoom { request, ..CreateRoom::default() };
+        let options = CreateRoom { request, room_id: chosen.clone(), ..CreateRoom::default() };
         let new_room = self.create_room_with(user, new_version, options).await?;
 
         // Bans carry over so an upgrade is no way back in.
@@ -122,11 +127,9 @@ impl Timeline {
             self.append(&new_room, state("m.room.member", user, &banned, content)).await?;
         }
 
-        let tombstone = json!({
-            "body": "This room has been replaced",
-            "replacement_room": new_room,
-        });
-        self.append(room_id, state("m.room.tombstone", user, "", tombstone)).await?;
+        if chosen.is_none() {
+            self.append(room_id, tombstone_event(user, &new_room)).await?;
+        }
 
         // The old room stays readable but only moderators may still talk or invite.
         let mut old_levels = power.levels;
@@ -147,6 +150,12 @@ impl Timeline {
         }
         Ok(new_room)
     }
+}
+
+/// The old room's last word: where its conversation went.
+fn tombstone_event(user: &str, new_room: &str) -> NewEvent {
+    let content = json!({"body": "This room has been replaced", "replacement_room": new_room});
+    state("m.room.tombstone", user, "", content)
 }
 
 /// `/upgrade`: `user` replaces `room_id` by a new room of `new_version`, then the old
