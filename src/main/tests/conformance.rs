@@ -579,3 +579,20 @@ async fn a_profile_change_does_not_resend_a_rooms_history() {
     assert_eq!(events[0]["content"]["displayname"], "Alice");
     assert_eq!(timeline["limited"], false, "{body}");
 }
+
+#[tokio::test]
+async fn joining_a_room_brings_its_members_presence() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let path = format!("/_matrix/client/v3/presence/{alice_id}/status");
+    let status_msg = json!({"presence": "online", "status_msg": "around"});
+    assert_eq!(s.put_auth(&path, &alice, &status_msg).await.0, 200);
+    let since = sync(&s, &bob, "").await["next_batch"].as_str().unwrap().to_owned();
+    s.join_room(&bob, &room).await;
+    let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
+    let events = body["presence"]["events"].as_array().cloned().unwrap_or_default();
+    let alices = events.iter().find(|e| e["sender"] == alice_id.as_str());
+    assert_eq!(alices.map(|e| &e["content"]["status_msg"]), Some(&json!("around")), "{body}");
+}

@@ -196,6 +196,8 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
     let mut invite = Map::new();
     let mut leave: Vec<(Key, Out)> = Vec::new();
     let mut knock = Map::new();
+    // Rooms joined since `since`: their members' presence is news to the user.
+    let mut newly_joined: Vec<String> = Vec::new();
     let room_filter = &req.filter.room;
     for room in &rooms {
         let (room_id, membership) = (room.room_id.clone(), &room.membership);
@@ -223,6 +225,12 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
             .collect();
         match membership.as_str() {
             "join" => {
+                if req.since.is_some()
+                    && changed_at > since
+                    && !builder.was_joined_at_since(&room_id)?
+                {
+                    newly_joined.push(room_id.clone());
+                }
                 let joined = builder.joined_room(room, changed_at, quiet, room_account_data)?;
                 if let Some(section) = joined {
                     join.push((room_id.into(), section));
@@ -304,7 +312,7 @@ pub fn build(services: &Services, req: &SyncRequest<'_>, now: u64) -> Result<Syn
         }
     }
 
-    let presence = presence_events(services, req.user_id, &rooms, since)?;
+    let presence = presence_events(services, req.user_id, &rooms, since, &newly_joined)?;
     let global: Vec<Value> = account_changes
         .iter()
         .filter(|(room, kind, _)| {
@@ -381,15 +389,17 @@ impl E2eeSection {
     }
 }
 
-/// Presence changes since `since` of the user and of users sharing a room with them.
+/// Presence changes since `since` of the user and of users sharing a room with them,
+/// and the presence of everyone in a room the user joined since then.
 fn presence_events(
     services: &Services,
     user_id: &str,
     rooms: &[UserRoom],
     since: u64,
+    newly_joined: &[String],
 ) -> Result<Vec<Value>> {
     let changed = services.presence.changed_since(since);
-    if changed.is_empty() {
+    if changed.is_empty() && newly_joined.is_empty() {
         return Ok(Vec::new());
     }
     let mine: HashSet<&str> = rooms
@@ -397,7 +407,7 @@ fn presence_events(
         .filter(|r| r.membership == MembershipState::Join)
         .map(|r| r.room_id.as_str())
         .collect();
-    let mut out = Vec::new();
+    let mut users = BTreeSet::new();
     for other in changed {
         let shares = other == user_id
             || services
@@ -405,11 +415,20 @@ fn presence_events(
                 .rooms_of(&other, &MembershipState::Join)?
                 .iter()
                 .any(|r| mine.contains(r.as_str()));
-        if shares && let Some(content) = services.presence.presence_content(&other) {
-            out.push(json!({"type": "m.presence", "sender": other, "content": content}));
+        if shares {
+            users.insert(other);
         }
     }
-    Ok(out)
+    for room in newly_joined {
+        users.extend(services.rooms.joined_members(room)?.iter().cloned());
+    }
+    Ok(users
+        .into_iter()
+        .filter_map(|other| {
+            let content = services.presence.presence_content(&other)?;
+            Some(json!({"type": "m.presence", "sender": other, "content": content}))
+        })
+        .collect())
 }
 
 /// What a waiting sync of `user_id` must be woken for: their own key and their rooms.
