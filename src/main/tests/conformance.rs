@@ -596,3 +596,31 @@ async fn joining_a_room_brings_its_members_presence() {
     let alices = events.iter().find(|e| e["sender"] == alice_id.as_str());
     assert_eq!(alices.map(|e| &e["content"]["status_msg"]), Some(&json!("around")), "{body}");
 }
+
+#[tokio::test]
+async fn extra_keys_of_a_member_event_survive() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{alice_id}");
+    let content = json!({"membership": "join", "displayname": "Al", "io.example.badge": "gold"});
+    let (status, body) = s.put_auth(&path, &alice, &content).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, stored) = s.get_auth(&path, &alice).await;
+    assert_eq!(stored, content);
+}
+
+#[tokio::test]
+async fn redacting_an_event_of_another_room_changes_nothing() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let here = s.create_room(&alice, json!({})).await;
+    let there = s.create_room(&alice, json!({})).await;
+    let event = s.send_text(&alice, &there, "keep me").await;
+    let path = format!("/_matrix/client/v3/rooms/{here}/redact/{event}/{}", common::txn_id());
+    let (status, body) = s.put_auth(&path, &alice, &json!({})).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+    let (_, original) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{there}/event/{event}"), &alice).await;
+    assert_eq!(original["content"]["body"], "keep me", "{original}");
+}
