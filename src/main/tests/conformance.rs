@@ -13,6 +13,13 @@ async fn sync(s: &TestServer, token: &str, query: &str) -> Value {
     body
 }
 
+/// A password login of `user` (registered with the harness's password) on a new device.
+async fn log_in(s: &TestServer, user: &str) -> (u16, Value) {
+    let body = json!({"type": "m.login.password", "password": "password123",
+                      "identifier": {"type": "m.id.user", "user": user}});
+    s.post("/_matrix/client/v3/login", &body).await
+}
+
 #[tokio::test]
 async fn key_query_and_claim_always_carry_failures() {
     let s = TestServer::start(OPEN).await;
@@ -110,13 +117,7 @@ async fn new_logins_and_renamed_devices_reach_co_members_device_lists() {
     s.join_room(&bob, &room).await;
     let since = sync(&s, &bob, "").await["next_batch"].as_str().unwrap().to_owned();
 
-    let (status, login) = s
-        .post(
-            "/_matrix/client/v3/login",
-            &json!({"type": "m.login.password", "password": "password123",
-                    "identifier": {"type": "m.id.user", "user": "alice"}}),
-        )
-        .await;
+    let (status, login) = log_in(&s, "alice").await;
     assert_eq!(status, 200, "{login}");
     let body = sync(&s, &bob, &format!("since={since}&timeout=0")).await;
     assert_eq!(body["device_lists"]["changed"], json!([alice_id]), "{body}");
@@ -369,13 +370,7 @@ async fn registration_remembers_its_first_request_and_answers_a_replay_alike() {
     assert_eq!(first["user_id"], "@alice:localhost", "{first}");
     assert_eq!(first["device_id"], "PHONE", "{first}");
     // The remembered password signs in.
-    let (status, _) = s
-        .post(
-            "/_matrix/client/v3/login",
-            &json!({"type": "m.login.password", "password": "password123",
-                    "identifier": {"type": "m.id.user", "user": "alice"}}),
-        )
-        .await;
+    let (status, _) = log_in(&s, "alice").await;
     assert_eq!(status, 200);
     // The completed session replayed: the same account, not "user in use".
     let (status, again) = s.post("/_matrix/client/v3/register", &auth).await;
@@ -508,13 +503,7 @@ async fn the_deprecated_events_stream_delivers_new_events_once() {
 async fn user_interactive_auth_takes_the_legacy_user_field() {
     let s = TestServer::start(OPEN).await;
     let (alice_id, alice) = s.register("alice").await;
-    let (_, login) = s
-        .post(
-            "/_matrix/client/v3/login",
-            &json!({"type": "m.login.password", "password": "password123",
-                    "identifier": {"type": "m.id.user", "user": "alice"}}),
-        )
-        .await;
+    let (_, login) = log_in(&s, "alice").await;
     let device = login["device_id"].as_str().unwrap();
     let path = format!("/_matrix/client/v3/devices/{device}");
     let (status, challenge) = s.delete_auth(&path, &alice, &json!({})).await;
