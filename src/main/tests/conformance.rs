@@ -227,6 +227,9 @@ async fn a_canonical_alias_must_point_to_the_room() {
     assert_eq!(status, 200);
     let (status, body) = s.put_auth(&path, &alice, &json!({"alias": "#here:localhost"})).await;
     assert_eq!(status, 200, "{body}");
+    // An empty alias names none, as some clients clear it.
+    let (status, body) = s.put_auth(&path, &alice, &json!({"alias": ""})).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]

@@ -80,7 +80,13 @@ pub async fn state(
 async fn check_new_aliases(services: &Services, room_id: &RoomId, content: &Value) -> Result<()> {
     let listed = |content: &Value| -> Vec<Value> {
         let alt = content["alt_aliases"].as_array().cloned().unwrap_or_default();
-        content.get("alias").filter(|a| !a.is_null()).cloned().into_iter().chain(alt).collect()
+        content
+            .get("alias")
+            .filter(|a| !a.is_null() && a.as_str() != Some(""))
+            .cloned()
+            .into_iter()
+            .chain(alt)
+            .collect()
     };
     let current = services
         .rooms
