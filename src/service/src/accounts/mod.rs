@@ -124,17 +124,16 @@ impl Accounts {
         self
     }
 
-    /// Records device additions, renames and removals as device-list changes seen by the members of `rooms`
-    /// (see [`Self::commit_device_change`]).
+    /// Records device additions, renames and removals as device-list changes seen by the
+    /// members of `rooms` (see [`Self::commit_device_change`]).
     pub fn with_device_changes(mut self, rooms: Arc<crate::rooms::Rooms>) -> Self {
         self.device_changes = Some(rooms);
         self
     }
 
     /// Commits a batch that adds, renames or removes devices of `localpart`, noting a
-    /// device-list change
-    /// in the same batch so that everyone sharing a room with the user re-reads the
-    /// user's devices.
+    /// device-list change in the same batch so that everyone sharing a room with the user
+    /// re-reads the user's devices.
     pub(crate) async fn commit_device_change(&self, batch: Batch, localpart: &str) -> Result<()> {
         let Some(rooms) = &self.device_changes else { return commit(&self.db, batch).await };
         let changed = [self.user_id(localpart)];
