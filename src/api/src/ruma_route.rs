@@ -228,13 +228,30 @@ fn patched(body: Vec<u8>, patch: Patch) -> Result<Vec<u8>> {
 }
 
 /// For the few endpoints ruma has no type for (the deprecated `GET /initialSync` and
-/// `GET /events/{eventId}`): the caller authenticated as [`add`] does it, a token
-/// required.
-pub async fn authenticated(services: AppState, parts: &http::request::Parts) -> Result<Ctx> {
-    let client = Client::from_ip(client_ip(parts, services.config.http.x_forwarded_for));
-    let token = access_token(parts).ok_or_else(Error::missing_token)?;
-    let session = Some(services.accounts.authenticate(&token, &client).await?);
-    Ok(Ctx { services, session, client, origin: None })
+/// `GET /events`): the caller of a plain axum handler, authenticated as [`add`] does
+/// it, a token required.
+pub struct Authenticated(pub Ctx);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        services: &AppState,
+    ) -> std::result::Result<Self, Response> {
+        let client = Client::from_ip(client_ip(parts, services.config.http.x_forwarded_for));
+        let authenticate = async {
+            let token = access_token(parts).ok_or_else(Error::missing_token)?;
+            services.accounts.authenticate(&token, &client).await
+        };
+        match authenticate.await {
+            Ok(session) => {
+                let services = services.clone();
+                Ok(Self(Ctx { services, session: Some(session), client, origin: None }))
+            }
+            Err(e) => Err(error_response(&e)),
+        }
+    }
 }
 
 /// A request authenticated and read, ready for its handler.

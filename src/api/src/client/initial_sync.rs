@@ -3,7 +3,7 @@
 
 use axum::{
     Router,
-    extract::{Path, Request, State},
+    extract::{Path, RawQuery},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -22,7 +22,7 @@ use super::events::{Viewer, client_event, user};
 use crate::{
     AppState,
     response::{ApiError, json_response},
-    ruma_route::{Ctx, authenticated},
+    ruma_route::{Authenticated, Ctx},
 };
 
 /// Events per room when the client names no limit.
@@ -43,13 +43,10 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 
 /// GET /_matrix/client/v3/rooms/{roomId}/initialSync
 async fn room_initial_sync(
-    State(services): State<AppState>,
+    Authenticated(ctx): Authenticated,
     Path(room_id): Path<String>,
-    req: Request,
 ) -> Response {
-    let (parts, _) = req.into_parts();
     let answer = async {
-        let ctx = authenticated(services, &parts).await?;
         let room_id =
             OwnedRoomId::try_from(room_id).map_err(|_| Error::invalid_param("Not a room id"))?;
         room_json(&ctx, &room_id, DEFAULT_LIMIT).await
@@ -58,13 +55,10 @@ async fn room_initial_sync(
 }
 
 /// GET /_matrix/client/v3/initialSync
-async fn initial_sync(State(services): State<AppState>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
+async fn initial_sync(Authenticated(ctx): Authenticated, RawQuery(query): RawQuery) -> Response {
     let answer = async {
-        let ctx = authenticated(services, &parts).await?;
-        let limit = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == "limit")
-            .map(|(_, v)| v.parse::<usize>().map_err(|_| Error::invalid_param("Invalid limit")))
+        let limit = param(query.as_deref(), "limit")
+            .map(|v| v.parse::<usize>().map_err(|_| Error::invalid_param("Invalid limit")))
             .transpose()?
             .unwrap_or(DEFAULT_LIMIT);
         let end = SyncToken { position: ctx.services.rooms.stream.visible(), to_device: 0 };
@@ -72,7 +66,7 @@ async fn initial_sync(State(services): State<AppState>, req: Request) -> Respons
         for room in ctx.services.rooms.joined_rooms(&user(&ctx)?)? {
             rooms.push(room_json(&ctx, &room, limit).await?);
         }
-        Ok::<_, Error>(json!({
+        Ok(json!({
             "end": end.render(),
             "rooms": rooms,
             "presence": [],
@@ -83,15 +77,9 @@ async fn initial_sync(State(services): State<AppState>, req: Request) -> Respons
 }
 
 /// GET /_matrix/client/v3/events
-async fn events(State(services): State<AppState>, req: Request) -> Response {
-    let (parts, _) = req.into_parts();
+async fn events(Authenticated(ctx): Authenticated, RawQuery(query): RawQuery) -> Response {
     let answer = async {
-        let ctx = authenticated(services, &parts).await?;
-        let query: Vec<(String, String)> =
-            form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-        let param = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let param = |name: &str| param(query.as_deref(), name);
         if param("room_id").is_some() {
             // Peeking into rooms one is not in is not served (yet).
             return Err(Error::new(
@@ -105,8 +93,9 @@ async fn events(State(services): State<AppState>, req: Request) -> Response {
             None => 0,
         };
         let timeout = std::time::Duration::from_millis(timeout_ms.min(MAX_TIMEOUT_MS));
-        let session = ctx.session()?;
-        let page = events_stream::events(&ctx.services, session, param("from"), timeout).await?;
+        let from = param("from");
+        let page =
+            events_stream::events(&ctx.services, ctx.session()?, from.as_deref(), timeout).await?;
         Ok(json!({"chunk": page.chunk, "start": page.start, "end": page.end}))
     };
     respond(answer.await)
@@ -116,14 +105,8 @@ async fn events(State(services): State<AppState>, req: Request) -> Response {
 const MAX_TIMEOUT_MS: u64 = 120_000;
 
 /// GET /_matrix/client/v3/events/{eventId}
-async fn event(
-    State(services): State<AppState>,
-    Path(event_id): Path<String>,
-    req: Request,
-) -> Response {
-    let (parts, _) = req.into_parts();
+async fn event(Authenticated(ctx): Authenticated, Path(event_id): Path<String>) -> Response {
     let answer = async {
-        let ctx = authenticated(services, &parts).await?;
         let not_found = || Error::not_found("Event not found");
         let stored = ctx.services.rooms.cached_event(&event_id)?.ok_or_else(not_found)?;
         let room_id = stored.pdu.room_id.clone().ok_or_else(not_found)?;
@@ -132,6 +115,13 @@ async fn event(
         viewer.render(&pdu)
     };
     respond(answer.await)
+}
+
+/// A query parameter, decoded.
+fn param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// One room as the initial sync endpoints show it: state, latest events (oldest first,
