@@ -5,6 +5,7 @@ pub mod client;
 mod convert;
 mod cors;
 pub(crate) mod federation;
+mod guest_access;
 mod media;
 mod observe;
 pub mod response;

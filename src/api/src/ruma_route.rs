@@ -146,6 +146,8 @@ where
         Ok(f) => f,
         Err(_) => return router,
     };
+    let method = R::METHOD;
+    let guests = R::PATH_BUILDER.all_paths().any(|p| crate::guest_access::allows(&method, p));
     let mut seen = HashSet::new();
     for path in R::PATH_BUILDER.all_paths() {
         // A trailing `{state_key}` may be empty (`.../state/m.room.name` or `.../name/`),
@@ -167,7 +169,8 @@ where
                     filter,
                     move |axum::extract::State(state): axum::extract::State<AppState>,
                           req: Request| {
-                        dispatch::<R, F, Fut>(state, req, handler.clone(), empty_key, patch)
+                        let how = Route { empty_key, patch, guests };
+                        dispatch::<R, F, Fut>(state, req, handler.clone(), how)
                     },
                 ),
             );
@@ -181,12 +184,21 @@ where
 /// its largest step, for as long as the request runs (for a held `/sync`, the poll's
 /// lifetime). The preparation is boxed and freed once done, the parsed request never
 /// enters the future (see [`start`]) and the handler's future is boxed by itself.
+/// What a mounted path adds to its endpoint's metadata.
+#[derive(Clone, Copy)]
+struct Route {
+    /// The path leaves out a trailing empty `{state_key}`.
+    empty_key: bool,
+    patch: Option<Patch>,
+    /// Guest accounts may call the endpoint.
+    guests: bool,
+}
+
 fn dispatch<R, F, Fut>(
     services: AppState,
     req: Request,
     handler: F,
-    empty_key: bool,
-    patch: Option<Patch>,
+    how: Route,
 ) -> impl Future<Output = Response>
 where
     R: IncomingRequest,
@@ -194,7 +206,7 @@ where
     F: Fn(Ctx, R) -> Fut,
     Fut: Future<Output = Result<R::OutgoingResponse>>,
 {
-    let prepared = Box::pin(prepare::<R>(services, req, empty_key));
+    let prepared = Box::pin(prepare::<R>(services, req, how));
     async move {
         let answered = async {
             let Prepared { ctx, parts, bytes, args, turn } = prepared.await?;
@@ -206,7 +218,7 @@ where
                 .try_into_http_response::<Vec<u8>>()
                 .map_err(|e| Error::internal("serializing a response", e))?;
             let (parts, mut body) = http_resp.into_parts();
-            if let Some(patch) = patch {
+            if let Some(patch) = how.patch {
                 body = patched(body, patch)?;
             }
             let mut resp = json_response(parts.status, body);
@@ -264,7 +276,7 @@ struct Prepared {
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-async fn prepare<R>(services: AppState, req: Request, empty_key: bool) -> Result<Prepared>
+async fn prepare<R>(services: AppState, req: Request, how: Route) -> Result<Prepared>
 where
     R: IncomingRequest,
     R::Authentication: AuthPolicy,
@@ -274,7 +286,7 @@ where
         Ok(params) => params.iter().map(|(_, v)| v.to_owned()).collect(),
         Err(_) => return Err(Error::invalid_param("Path parameters are not valid UTF-8")),
     };
-    if empty_key {
+    if how.empty_key {
         args.push(String::new());
     }
     let client = Client::from_ip(client_ip(&parts, services.config.http.x_forwarded_for));
@@ -286,6 +298,10 @@ where
             None => None,
         },
     };
+    let kind = <R::Authentication as AuthPolicy>::KIND;
+    if kind == AuthKind::Required && !how.guests && session.as_ref().is_some_and(|s| s.guest) {
+        return Err(Error::guest_forbidden());
+    }
     let bytes = read_body(body).await?;
     let origin = if <R::Authentication as AuthPolicy>::KIND == AuthKind::Server {
         let signed = http::Request::builder()

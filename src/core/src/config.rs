@@ -190,6 +190,10 @@ pub struct RegistrationConfig {
     pub mode: RegistrationMode,
     /// Localparts nobody may register through the API (admins can still create them).
     pub reserved_usernames: Vec<String>,
+    /// Whether anyone may get a guest account (`POST /register?kind=guest`): guests read
+    /// and join only rooms that allow guests, and may upgrade to a full account. Apart
+    /// from `mode`, as other servers ship it.
+    pub guest_access: bool,
 }
 
 impl Default for RegistrationConfig {
@@ -207,6 +211,7 @@ impl Default for RegistrationConfig {
             ]
             .map(String::from)
             .to_vec(),
+            guest_access: true,
         }
     }
 }

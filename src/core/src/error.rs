@@ -44,6 +44,7 @@ pub mod code {
     pub const UNABLE_TO_GRANT_JOIN: &str = "M_UNABLE_TO_GRANT_JOIN";
     pub const INCOMPATIBLE_ROOM_VERSION: &str = "M_INCOMPATIBLE_ROOM_VERSION";
     pub const BAD_ALIAS: &str = "M_BAD_ALIAS";
+    pub const GUEST_ACCESS_FORBIDDEN: &str = "M_GUEST_ACCESS_FORBIDDEN";
 }
 
 /// What kind of failure an error is. The errcode alone does not decide this: the spec
@@ -167,6 +168,14 @@ impl Error {
     pub fn user_locked() -> Self {
         Self::new(ErrorKind::Unauthenticated, code::USER_LOCKED, "This account has been locked")
             .with_field("soft_logout", true)
+    }
+    /// An endpoint guest accounts may not use.
+    pub fn guest_forbidden() -> Self {
+        Self::new(
+            ErrorKind::Forbidden,
+            code::GUEST_ACCESS_FORBIDDEN,
+            "Guest accounts cannot do this; register a full account",
+        )
     }
     pub fn user_deactivated() -> Self {
         Self::new(ErrorKind::Forbidden, code::USER_DEACTIVATED, "This account has been deactivated")

@@ -616,3 +616,88 @@ async fn redacting_an_event_of_another_room_changes_nothing() {
         s.get_auth(&format!("/_matrix/client/v3/rooms/{there}/event/{event}"), &alice).await;
     assert_eq!(original["content"]["body"], "keep me", "{original}");
 }
+
+#[tokio::test]
+async fn guests_join_rooms_that_admit_them_and_upgrade_in_place() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (status, guest) = s.post("/_matrix/client/v3/register?kind=guest", &json!({})).await;
+    assert_eq!(status, 200, "{guest}");
+    let guest_id = guest["user_id"].as_str().unwrap().to_owned();
+    let token = guest["access_token"].as_str().unwrap().to_owned();
+    assert!(guest["device_id"].is_string(), "{guest}");
+    let localpart = guest_id.trim_start_matches('@').split(':').next().unwrap().to_owned();
+    let (_, whoami) = s.get_auth("/_matrix/client/v3/account/whoami", &token).await;
+    assert_eq!(whoami["user_id"], guest_id.as_str(), "{whoami}");
+
+    // What the spec does not allow guests.
+    let forbidden = |(status, body): (u16, Value)| {
+        assert_eq!((status, body["errcode"].as_str()), (403, Some("M_GUEST_ACCESS_FORBIDDEN")));
+    };
+    forbidden(s.post_auth("/_matrix/client/v3/createRoom", &token, &json!({})).await);
+    let upload = reqwest::Client::new()
+        .post(s.url("/_matrix/media/v3/upload"))
+        .bearer_auth(&token)
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    forbidden(common::json_of(upload).await);
+    let avatar = format!("/_matrix/client/v3/profile/{guest_id}/avatar_url");
+    forbidden(s.put_auth(&avatar, &token, &json!({"avatar_url": "mxc://localhost/x"})).await);
+    let name = format!("/_matrix/client/v3/profile/{guest_id}/displayname");
+    let (status, body) = s.put_auth(&name, &token, &json!({"displayname": "Visitor"})).await;
+    assert_eq!(status, 200, "{body}");
+
+    // A public room that does not admit guests, and one that does.
+    let closed = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let (status, body) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{closed}/join"), &token, &json!({})).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+    let open = s
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "initial_state": [
+                {"type": "m.room.guest_access", "state_key": "", "content": {"guest_access": "can_join"}}
+            ]}),
+        )
+        .await;
+    s.join_room(&token, &open).await;
+    s.send_text(&token, &open, "hi from a guest").await;
+    let (_, page) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{open}/messages?dir=b&limit=5"), &alice)
+        .await;
+    assert!(
+        page["chunk"].as_array().unwrap().iter().any(|e| e["content"]["body"] == "hi from a guest")
+    );
+
+    // Withdrawing guest access has the guest leave.
+    let access = format!("/_matrix/client/v3/rooms/{open}/state/m.room.guest_access/");
+    let (status, _) = s.put_auth(&access, &alice, &json!({"guest_access": "forbidden"})).await;
+    assert_eq!(status, 200);
+    let member = format!("/_matrix/client/v3/rooms/{open}/state/m.room.member/{guest_id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, content) = s.get_auth(&member, &alice).await;
+        if content["membership"] == "leave" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the guest is still {content}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Upgrading keeps the user id and lifts the limits.
+    let upgrade = json!({"username": localpart, "password": "password123",
+                         "guest_access_token": token, "auth": {"type": "m.login.dummy"}});
+    let (status, full) = s.post("/_matrix/client/v3/register", &upgrade).await;
+    assert_eq!(status, 200, "{full}");
+    assert_eq!(full["user_id"], guest_id.as_str());
+    let full_token = full["access_token"].as_str().unwrap();
+    let (status, body) = s.post_auth("/_matrix/client/v3/createRoom", full_token, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = log_in(&s, &localpart).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, profile) = s.get(&format!("/_matrix/client/v3/profile/{guest_id}")).await;
+    assert_eq!(profile["displayname"], "Visitor", "{profile}");
+}

@@ -116,12 +116,14 @@ impl Services {
             &server_name,
         ));
         // The event pipeline, in order (see `pipeline.rs` for what comes next).
+        let guest_eviction = Arc::new(rooms::guests::GuestEviction::default());
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
+            guest_eviction.clone(),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
-        Ok(Arc::new(Self {
+        let services = Arc::new(Self {
             aliases: rooms::aliases::Aliases::new(db.clone(), server_name.clone()),
             public_rooms: rooms::public::PublicRooms::new(db.clone()),
             profiles: Profiles::new(db.clone()),
@@ -155,7 +157,9 @@ impl Services {
             db,
             config,
             metrics: Metrics::new(),
-        }))
+        });
+        guest_eviction.attach(&services);
+        Ok(services)
     }
 
     pub fn server_name(&self) -> &str {

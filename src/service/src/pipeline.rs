@@ -8,7 +8,8 @@
 //! The order today, and where the next capabilities plug in:
 //! 1. push rules and notification counts (`notify::Notifier`);
 //! 2. federation fan-out of this server's events (`federation::sender::FanOut`);
-//! 3. (next) application-service transactions, push-gateway and email queues, the search
+//! 3. guests leaving rooms that stop admitting them (`rooms::guests::GuestEviction`);
+//! 4. (next) application-service transactions, push-gateway and email queues, the search
 //!    index, retention and metrics: each a `Consumer` added to the list in
 //!    `Services::new`. Queues that leave the process write their items here, in
 //!    RocksDB, and are drained by their own background workers, so a slow consumer

@@ -18,6 +18,9 @@ pub struct UserRecord {
     /// Suspended accounts can read but not write (admin action; enforced by writers).
     #[serde(default)]
     pub suspended: bool,
+    /// A guest account (`register?kind=guest`) until it is upgraded.
+    #[serde(default)]
+    pub guest: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -89,6 +92,9 @@ pub struct RegistrationParams {
     pub device_id: Option<String>,
     pub initial_device_display_name: Option<String>,
     pub inhibit_login: bool,
+    /// The guest account this registration upgrades, once its token was checked.
+    #[serde(default)]
+    pub upgrades_guest: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -54,26 +54,23 @@ pub fn user_id(ctx: &Ctx, localpart: &str) -> Result<OwnedUserId> {
 
 /// POST /_matrix/client/v3/register
 async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::Response> {
-    if req.kind == register::RegistrationKind::Guest {
-        return Err(Error::forbidden("Guest access is disabled"));
-    }
     ctx.rate_limit(Class::Register)?;
-    let registered = ctx
-        .services
-        .accounts
-        .register(
-            RegisterRequest {
-                username: req.username,
-                password: req.password,
-                device_id: req.device_id.map(|d| d.to_string()),
-                initial_device_display_name: req.initial_device_display_name,
-                inhibit_login: req.inhibit_login,
-                refresh_token: req.refresh_token,
-                auth: auth_input(req.auth.as_ref()),
-            },
-            &ctx.client,
-        )
-        .await?;
+    let accounts = &ctx.services.accounts;
+    let registered = if req.kind == register::RegistrationKind::Guest {
+        accounts.register_guest(req.initial_device_display_name, &ctx.client).await?
+    } else {
+        let request = RegisterRequest {
+            username: req.username,
+            password: req.password,
+            device_id: req.device_id.map(|d| d.to_string()),
+            initial_device_display_name: req.initial_device_display_name,
+            inhibit_login: req.inhibit_login,
+            refresh_token: req.refresh_token,
+            auth: auth_input(req.auth.as_ref()),
+            guest_access_token: req.guest_access_token,
+        };
+        accounts.register(request, &ctx.client).await?
+    };
     let mut resp = register::v3::Response::new(user_id(&ctx, &registered.localpart)?);
     if let Some(issued) = registered.login {
         resp.device_id = Some(issued.device_id.into());

@@ -57,6 +57,9 @@ async fn room_initial_sync(
 /// GET /_matrix/client/v3/initialSync
 async fn initial_sync(Authenticated(ctx): Authenticated, RawQuery(query): RawQuery) -> Response {
     let answer = async {
+        if ctx.session()?.guest {
+            return Err(Error::guest_forbidden());
+        }
         let limit = param(query.as_deref(), "limit")
             .map(|v| v.parse::<usize>().map_err(|_| Error::invalid_param("Invalid limit")))
             .transpose()?

@@ -10,7 +10,7 @@ use ruma::{
     },
 };
 use trellis_core::{Error, Result};
-use trellis_service::accounts::profile;
+use trellis_service::accounts::{Session, profile};
 
 use crate::{
     AppState,
@@ -91,8 +91,9 @@ async fn set_field(
     ctx: Ctx,
     req: set_profile_field::v3::Request,
 ) -> Result<set_profile_field::v3::Response> {
-    ctx.require_self(&req.user_id)?;
+    let session = ctx.require_self(&req.user_id)?;
     let (field, value) = (req.value.field_name(), req.value.value().into_owned());
+    guest_keeps_to_display_name(session, field.as_str())?;
     profile::update_field(&ctx.services, &req.user_id, field.as_str(), Some(value)).await?;
     Ok(set_profile_field::v3::Response::new())
 }
@@ -102,7 +103,17 @@ async fn delete_field(
     ctx: Ctx,
     req: delete_profile_field::v3::Request,
 ) -> Result<delete_profile_field::v3::Response> {
-    ctx.require_self(&req.user_id)?;
+    let session = ctx.require_self(&req.user_id)?;
+    guest_keeps_to_display_name(session, req.field.as_str())?;
     profile::update_field(&ctx.services, &req.user_id, req.field.as_str(), None).await?;
     Ok(delete_profile_field::v3::Response::new())
+}
+
+/// Guests may change their display name and no other profile field (the spec's guest
+/// access module).
+fn guest_keeps_to_display_name(session: &Session, field: &str) -> Result<()> {
+    if session.guest && field != "displayname" {
+        return Err(Error::guest_forbidden());
+    }
+    Ok(())
 }

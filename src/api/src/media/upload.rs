@@ -7,8 +7,9 @@ use axum::{
 };
 use http::{StatusCode, header, request::Parts};
 use serde_json::json;
-use trellis_core::Result;
+use trellis_core::{Error, Result};
 use trellis_service::{
+    accounts::Session,
     media::{Upload, UploadInfo},
     ratelimit::Class,
 };
@@ -60,13 +61,22 @@ fn ok(value: serde_json::Value) -> Response {
     json_response(StatusCode::OK, value.to_string().into_bytes())
 }
 
+/// Who uploads: a full account (guests only read media), within the upload rate.
+async fn uploader(s: &AppState, parts: &Parts) -> Result<Session> {
+    let session = session(s, parts).await?;
+    if session.guest {
+        return Err(Error::guest_forbidden());
+    }
+    s.rate_limits.check(Class::MediaUpload, &session.localpart)?;
+    Ok(session)
+}
+
 /// POST /_matrix/media/v3/upload
 pub async fn upload(State(s): State<AppState>, req: Request) -> Response {
     respond_upload(
         async {
             let (parts, body) = req.into_parts();
-            let session = session(&s, &parts).await?;
-            s.rate_limits.check(Class::MediaUpload, &session.localpart)?;
+            let session = uploader(&s, &parts).await?;
             let mxc = s.media.upload(upload_of(&parts, session.localpart, body)).await?;
             Ok(ok(json!({ "content_uri": mxc })))
         }
@@ -79,8 +89,7 @@ pub async fn create(State(s): State<AppState>, req: Request) -> Response {
     respond(
         async {
             let (parts, _) = req.into_parts();
-            let session = session(&s, &parts).await?;
-            s.rate_limits.check(Class::MediaUpload, &session.localpart)?;
+            let session = uploader(&s, &parts).await?;
             let (mxc, expires) = s.media.create(&session.localpart).await?;
             Ok(ok(json!({ "content_uri": mxc, "unused_expires_at": expires })))
         }
@@ -97,8 +106,7 @@ pub async fn upload_to(
     respond_upload(
         async {
             let (parts, body) = req.into_parts();
-            let session = session(&s, &parts).await?;
-            s.rate_limits.check(Class::MediaUpload, &session.localpart)?;
+            let session = uploader(&s, &parts).await?;
             s.media.upload_to(&server, &id, upload_of(&parts, session.localpart, body)).await?;
             Ok(ok(json!({})))
         }

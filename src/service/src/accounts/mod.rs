@@ -4,6 +4,7 @@ pub mod account_data;
 pub mod devices;
 pub mod directory;
 mod guard;
+mod guests;
 pub mod jwt;
 mod login;
 pub mod password;
@@ -68,6 +69,8 @@ pub struct RegisterRequest {
     pub inhibit_login: bool,
     pub refresh_token: bool,
     pub auth: Option<AuthInput>,
+    /// A guest's access token: the registration upgrades that guest account.
+    pub guest_access_token: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -237,10 +240,15 @@ impl Accounts {
         if let Some(localpart) = self.registered_in_session(req.auth.as_ref())? {
             return self.log_in_registered(localpart, &req, None, client).await;
         }
-        // Cheap checks before any user-interactive auth round trip, as clients expect.
-        let localpart = match &req.username {
-            Some(u) => Some(self.check_available(u)?),
+        let upgrades_guest = match &req.guest_access_token {
+            Some(token) => Some(self.guest_to_upgrade(token, req.username.as_deref()).await?),
             None => None,
+        };
+        // Cheap checks before any user-interactive auth round trip, as clients expect.
+        let localpart = match (&req.username, &upgrades_guest) {
+            (_, Some(guest)) => Some(guest.clone()),
+            (Some(u), None) => Some(self.check_available(u)?),
+            (None, None) => None,
         };
         let password_hash = match req.password.clone() {
             Some(pw) => {
@@ -255,6 +263,7 @@ impl Accounts {
             device_id: req.device_id.clone(),
             initial_device_display_name: req.initial_device_display_name.clone(),
             inhibit_login: req.inhibit_login,
+            upgrades_guest,
         };
         let done =
             self.require_uia(flows, req.auth.as_ref(), None, "register", Some(&asked)).await?;
@@ -264,15 +273,20 @@ impl Accounts {
         let password_hash = asked.password_hash.or(first.password_hash);
 
         let _guard = self.create_lock.lock().await;
-        let localpart = match asked.username.or(first.username) {
-            Some(lp) => self.check_available(&lp)?,
-            None => self.fresh_localpart()?,
+        let upgrades_guest = asked.upgrades_guest.or(first.upgrades_guest);
+        let localpart = match (&upgrades_guest, asked.username.or(first.username)) {
+            (Some(guest), _) => guest.clone(),
+            (None, Some(lp)) => self.check_available(&lp)?,
+            (None, None) => self.fresh_localpart()?,
         };
         let mut batch = Batch::new();
         if let Some(token) = &done.registration_token {
             self.spend_registration_token(&mut batch, token)?;
         }
-        self.put_new_user(&mut batch, &localpart, password_hash, false);
+        match upgrades_guest {
+            Some(_) => self.upgrade_guest_into(&mut batch, &localpart, password_hash)?,
+            None => self.put_new_user(&mut batch, &localpart, password_hash, false),
+        }
         if let Some((email, sid)) = &done.email {
             self.bind_email_into(&mut batch, &localpart, email, sid)?;
         }
@@ -387,6 +401,7 @@ impl Accounts {
                 admin,
                 locked: false,
                 suspended: false,
+                guest: false,
             }),
         );
     }

@@ -22,6 +22,8 @@ use crate::{
 pub struct Session {
     pub localpart: String,
     pub device_id: String,
+    /// A guest account: only the endpoints the spec allows guests.
+    pub guest: bool,
 }
 
 /// Tokens handed to a client at login, registration or refresh.
@@ -159,7 +161,7 @@ impl Accounts {
             commit(&self.db, batch).await?;
         }
         self.note_seen(&record.localpart, &record.device_id, client).await?;
-        Ok(Session { localpart: record.localpart, device_id: record.device_id })
+        Ok(Session { localpart: record.localpart, device_id: record.device_id, guest: user.guest })
     }
 
     /// Records "last seen" for a device, writing at most once per interval.

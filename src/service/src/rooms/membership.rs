@@ -41,6 +41,11 @@ pub async fn join(
         servers.insert(0, server.to_owned());
     }
     let (known, resident) = standing(services, &room_id)?;
+    if is_guest(services, user)?
+        && !(resident && super::guests::admitted(&services.rooms, room_id.as_str())?)
+    {
+        return Err(Error::forbidden("This room does not admit guests"));
+    }
     if known {
         servers.extend(
             room_servers(&services.federation, &services.rooms, room_id.as_str())?.iter().cloned(),
@@ -58,6 +63,14 @@ pub async fn join(
     let content = member_content(services, user, "join", reason)?;
     join_remote(services, user, room_id.as_str(), &servers, content).await?;
     Ok(room_id)
+}
+
+/// Whether `user` is a guest account of this server.
+fn is_guest(services: &Services, user: &str) -> Result<bool> {
+    match services.accounts.local_part(user) {
+        Some(localpart) => services.accounts.is_guest(localpart),
+        None => Ok(false),
+    }
 }
 
 /// Whether this server knows the room, and whether one of its users is joined to it

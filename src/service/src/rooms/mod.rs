@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cache;
 pub mod create;
 pub mod filter;
+pub mod guests;
 pub mod history;
 pub mod intake;
 pub mod members;
