@@ -719,3 +719,25 @@ async fn sliding_sync_extensions_carry_to_device_and_key_counts() {
         .await;
     assert_eq!(resp["extensions"]["to_device"]["events"], json!([]), "{resp}");
 }
+
+#[tokio::test]
+async fn one_time_keys_are_claimed_in_the_order_they_were_uploaded() {
+    let s = TestServer::start(OPEN).await;
+    let alice = Device::register(&s, "alice", 1).await;
+    let bob = Device::register(&s, "bob", 2).await;
+    alice.publish(&s, 0).await;
+    // Each later upload's key id sorts before the earlier ones': claims must still hand
+    // out the oldest upload first.
+    let ids = ["zzz", "mmm", "AAA"];
+    for (n, id) in ids.iter().enumerate() {
+        let key = alice.one_time_key(n as u32);
+        let body = json!({"one_time_keys": {format!("signed_curve25519:{id}"): key}});
+        let (status, resp) = alice.upload(&s, &body).await;
+        assert_eq!(status, 200, "{resp}");
+    }
+    for id in ids {
+        let claimed = claim(&s, &bob.token, &alice.user_id, &alice.device_id).await;
+        let name = format!("signed_curve25519:{id}");
+        assert!(claimed.get(&name).is_some(), "expected {name}, got {claimed}");
+    }
+}

@@ -267,9 +267,13 @@ async fn open_registration_with_uia_then_whoami() {
         )
         .await;
     assert_eq!(status, 400);
-    let (status, body) = s
-        .post("/_matrix/client/v3/register?kind=guest", &json!({"auth": {"type": "m.login.dummy"}}))
-        .await;
+    // Guest accounts are on by default, and can be switched off.
+    let guest = json!({"auth": {"type": "m.login.dummy"}});
+    let (status, body) = s.post("/_matrix/client/v3/register?kind=guest", &guest).await;
+    assert_eq!(status, 200, "{body}");
+    let no_guests = [("TRELLIS_REGISTRATION__GUEST_ACCESS", "false")];
+    let s = TestServer::start_with_env(OPEN, &no_guests).await;
+    let (status, body) = s.post("/_matrix/client/v3/register?kind=guest", &guest).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")));
 }
 

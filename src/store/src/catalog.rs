@@ -197,6 +197,9 @@ tables! {
     REMOTE_INVITES = "remote_invites", Scan @ 61;
     // sha256(OpenID token) -> owner and expiry, for other services to ask who it is
     OPENID_TOKENS = "openid_tokens", Point @ 62;
+    // (user localpart, device id, algorithm, upload sequence) -> key id: the unclaimed
+    // one-time keys in the order they were uploaded, the order claims hand them out in
+    ONE_TIME_KEY_ORDER = "one_time_key_order", Scan @ 63;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

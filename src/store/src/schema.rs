@@ -8,7 +8,7 @@ use trellis_core::config::StorageConfig;
 use crate::{Batch, Db, Engine, RocksEngine, StoreError, StoreResult, Table, catalog};
 
 /// The layout this binary reads and writes. Bump it together with a migration.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 // `meta` keeps a column family of its own in every layout, so that an older binary finds
 // the version where it looks and refuses a newer database.
@@ -25,7 +25,34 @@ struct Migration {
 const MIGRATIONS: &[Migration] = &[
     // Small tables share two column families, told apart by a key tag.
     Migration { version: 2, run: RocksEngine::move_tables_to_shared_families },
+    // One-time keys are claimed in upload order.
+    Migration { version: 3, run: order_one_time_keys },
 ];
+
+/// Gives every stored one-time key a place in `one_time_key_order`. Their upload order
+/// was not kept, so the keys of each device take the order of their key ids (the order
+/// claims used before).
+fn order_one_time_keys(db: &mut RocksEngine) -> StoreResult<()> {
+    type KeyRow = (String, String, String, String);
+    let keys: Table<KeyRow, Vec<u8>> = Table::new(&catalog::ONE_TIME_KEYS);
+    let order: Table<(String, String, String, u64), String> =
+        Table::new(&catalog::ONE_TIME_KEY_ORDER);
+    let mut batch = Batch::new();
+    let mut last: Option<(String, String, String)> = None;
+    let mut seq = 0;
+    for row in keys.scan_prefix(&*db, &(), crate::Direction::Forward)? {
+        let ((localpart, device, alg, key_id), _) = row?;
+        let prefix = (localpart, device, alg);
+        seq = if last.as_ref() == Some(&prefix) { seq + 1 } else { 0 };
+        order.put(
+            &mut batch,
+            &(prefix.0.clone(), prefix.1.clone(), prefix.2.clone(), seq),
+            &key_id,
+        );
+        last = Some(prefix);
+    }
+    db.write(batch)
+}
 
 /// Opens (creating if needed) the RocksDB store at `path` and migrates it.
 pub fn open(path: &Path, cfg: &StorageConfig) -> StoreResult<Db> {
@@ -101,6 +128,34 @@ mod tests {
     }
 
     #[test]
+    fn stored_one_time_keys_get_a_claim_order_per_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = RocksEngine::open(dir.path(), &cfg()).unwrap();
+        let keys: Table<(String, String, String, String), Vec<u8>> =
+            Table::new(&catalog::ONE_TIME_KEYS);
+        let mut b = Batch::new();
+        for (device, id) in [("D1", "b"), ("D1", "a"), ("D2", "c")] {
+            let row = ("alice".into(), device.into(), "signed_curve25519".into(), id.into());
+            keys.put(&mut b, &row, &b"{}".to_vec());
+        }
+        engine.write(b).unwrap();
+        order_one_time_keys(&mut engine).unwrap();
+        let order: Table<(String, String, String, u64), String> =
+            Table::new(&catalog::ONE_TIME_KEY_ORDER);
+        let rows: Vec<_> = order
+            .scan_prefix(&engine, &(), Direction::Forward)
+            .unwrap()
+            .map(|r| {
+                let ((_, device, _, seq), id) = r.unwrap();
+                (device, seq, id)
+            })
+            .collect();
+        let expected = [("D1", 0, "a"), ("D1", 1, "b"), ("D2", 0, "c")]
+            .map(|(d, n, id)| (d.to_owned(), n, id.to_owned()));
+        assert_eq!(rows, expected);
+    }
+
+    #[test]
     fn migrations_run_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let mut engine = RocksEngine::open(dir.path(), &cfg()).unwrap();
@@ -114,11 +169,19 @@ mod tests {
             assert_eq!(db.get(&catalog::META, b"migrated")?, Some(b"yes".to_vec()));
             db.put(&catalog::META, b"second", b"yes")
         }
-        let steps = [Migration { version: 2, run: to_v2 }, Migration { version: 1, run: to_v1 }];
+        fn to_v3(db: &mut RocksEngine) -> StoreResult<()> {
+            assert_eq!(db.get(&catalog::META, b"second")?, Some(b"yes".to_vec()));
+            Ok(())
+        }
+        let steps = [
+            Migration { version: 2, run: to_v2 },
+            Migration { version: 3, run: to_v3 },
+            Migration { version: 1, run: to_v1 },
+        ];
         migrate(&mut engine, &steps).unwrap();
         assert_eq!(engine.get(&catalog::META, b"migrated").unwrap(), Some(b"yes".to_vec()));
         assert_eq!(engine.get(&catalog::META, b"second").unwrap(), Some(b"yes".to_vec()));
-        assert_eq!(META.get(&engine, &VERSION_KEY.to_string()).unwrap(), Some(2));
+        assert_eq!(META.get(&engine, &VERSION_KEY.to_string()).unwrap(), Some(SCHEMA_VERSION));
     }
 
     #[test]

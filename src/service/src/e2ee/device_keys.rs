@@ -2,7 +2,7 @@
 //! `keys/claim`.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashSet, btree_map::Entry},
     sync::Arc,
 };
 
@@ -12,7 +12,8 @@ use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_store::{Batch, Direction, Json};
 
 use super::{
-    DEVICE_KEYS, E2ee, FALLBACK_KEYS, ONE_TIME_KEY_COUNTS, ONE_TIME_KEYS, object, signing,
+    DEVICE_KEYS, E2ee, FALLBACK_KEYS, ONE_TIME_KEY_COUNTS, ONE_TIME_KEY_ORDER, ONE_TIME_KEYS,
+    object, signing,
 };
 use crate::{Services, federation::edus, tables::DEVICES};
 
@@ -75,6 +76,9 @@ impl E2ee {
 
         let mut counts = self.stored_key_counts(localpart, device_id)?;
         let mut touched = HashSet::new();
+        // Where each algorithm's keys of this upload go in the claim order (keys of one
+        // upload, a JSON object, have no order of their own: they take their ids').
+        let mut next_seq: BTreeMap<String, u64> = BTreeMap::new();
         for (id, key) in &upload.one_time_keys {
             let (alg, key_id) = split_key_id(id)?;
             check_signed_key(key, id, &user_id, device_id, signing_key.as_deref())?;
@@ -98,6 +102,13 @@ impl E2ee {
                 ));
             }
             *count += 1;
+            let seq = match next_seq.entry(alg.to_owned()) {
+                Entry::Occupied(seq) => seq.into_mut(),
+                Entry::Vacant(seq) => seq.insert(self.next_key_seq(&row)?),
+            };
+            let order = (row.0.clone(), row.1.clone(), row.2.clone(), *seq);
+            *seq += 1;
+            ONE_TIME_KEY_ORDER.put(&mut batch, &order, &row.3);
             ONE_TIME_KEYS.put(&mut batch, &row, &Json(key.clone()));
             touched.insert(alg.to_owned());
         }
@@ -270,6 +281,18 @@ impl E2ee {
         Ok(Value::Object(claimed))
     }
 
+    /// The claim-order place after the device's newest unclaimed key of the algorithm
+    /// of `row` (with the user's lock held).
+    fn next_key_seq(&self, row: &(String, String, String, String)) -> Result<u64> {
+        let prefix = (row.0.clone(), row.1.clone(), row.2.clone());
+        let newest =
+            ONE_TIME_KEY_ORDER.scan_prefix(&*self.db, &prefix, Direction::Backward)?.next();
+        Ok(match newest {
+            Some(entry) => entry?.0.3 + 1,
+            None => 0,
+        })
+    }
+
     /// Takes one key of `alg` from the device (with the user's lock held).
     fn take_key(
         &self,
@@ -279,9 +302,13 @@ impl E2ee {
         alg: &str,
     ) -> Result<Option<(String, Value)>> {
         let prefix = (localpart.to_owned(), device_id.to_owned(), alg.to_owned());
-        if let Some(row) = ONE_TIME_KEYS.scan_prefix(&*self.db, &prefix, Direction::Forward)?.next()
-        {
-            let (key, Json(value)) = row?;
+        // The oldest upload first (spec v1.13): a client forgets its oldest unpublished
+        // keys first, so handing out a newer one would strand the older ones.
+        for row in ONE_TIME_KEY_ORDER.scan_prefix(&*self.db, &prefix, Direction::Forward)? {
+            let (order, key_id) = row?;
+            ONE_TIME_KEY_ORDER.delete(batch, &order);
+            let key = (prefix.0.clone(), prefix.1.clone(), prefix.2.clone(), key_id);
+            let Some(Json(value)) = ONE_TIME_KEYS.get(&*self.db, &key)? else { continue };
             ONE_TIME_KEYS.delete(batch, &key);
             let count = ONE_TIME_KEY_COUNTS.get(&*self.db, &prefix)?.unwrap_or(1);
             ONE_TIME_KEY_COUNTS.put(batch, &prefix, &count.saturating_sub(1));

@@ -23,6 +23,9 @@ pub(crate) const DEVICE_KEYS: Table<(String, String), Json<serde_json::Value>> =
 /// (localpart, device id, algorithm, key id) -> one-time key
 pub(crate) const ONE_TIME_KEYS: Table<(String, String, String, String), Json<serde_json::Value>> =
     Table::new(&catalog::ONE_TIME_KEYS);
+/// (localpart, device id, algorithm, upload sequence) -> key id: claim order
+pub(crate) const ONE_TIME_KEY_ORDER: Table<(String, String, String, u64), String> =
+    Table::new(&catalog::ONE_TIME_KEY_ORDER);
 /// (localpart, device id, algorithm) -> unclaimed one-time keys
 pub(crate) const ONE_TIME_KEY_COUNTS: Table<(String, String, String), u64> =
     Table::new(&catalog::ONE_TIME_KEY_COUNTS);
@@ -87,6 +90,9 @@ pub(crate) fn delete_device_rows(
     DEVICE_KEYS.delete(batch, &device);
     for row in ONE_TIME_KEYS.scan_prefix(&**db, &device, Direction::Forward)? {
         ONE_TIME_KEYS.delete(batch, &row?.0);
+    }
+    for row in ONE_TIME_KEY_ORDER.scan_prefix(&**db, &device, Direction::Forward)? {
+        ONE_TIME_KEY_ORDER.delete(batch, &row?.0);
     }
     for row in ONE_TIME_KEY_COUNTS.scan_prefix(&**db, &device, Direction::Forward)? {
         ONE_TIME_KEY_COUNTS.delete(batch, &row?.0);
