@@ -701,3 +701,26 @@ async fn guests_join_rooms_that_admit_them_and_upgrade_in_place() {
     let (_, profile) = s.get(&format!("/_matrix/client/v3/profile/{guest_id}")).await;
     assert_eq!(profile["displayname"], "Visitor", "{profile}");
 }
+
+#[tokio::test]
+async fn a_redaction_sent_as_an_event_redacts_in_every_room_version() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    for version in ["10", "11"] {
+        let room = s.create_room(&alice, json!({"room_version": version})).await;
+        let target = s.send_text(&alice, &room, "regret").await;
+        let path =
+            format!("/_matrix/client/v3/rooms/{room}/send/m.room.redaction/{}", common::txn_id());
+        let content = json!({"redacts": target, "reason": "oops"});
+        let (status, body) = s.put_auth(&path, &alice, &content).await;
+        assert_eq!(status, 200, "{body}");
+        let (_, event) =
+            s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{target}"), &alice).await;
+        assert_eq!(event["content"], json!({}), "room version {version}: {event}");
+        assert_eq!(event["unsigned"]["redacted_because"]["event_id"], body["event_id"]);
+        let bad =
+            format!("/_matrix/client/v3/rooms/{room}/send/m.room.redaction/{}", common::txn_id());
+        let (status, body) = s.put_auth(&bad, &alice, &json!({"reason": "no target"})).await;
+        assert_eq!((status, body["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{body}");
+    }
+}

@@ -426,7 +426,13 @@ impl Timeline {
             }
         }
         self.rooms.unindex_relation(batch, &stored, original_sender, &stored.json["content"])?;
-        let because = ruma::canonical_json::RedactedBecause::from_json((*redaction.json).clone());
+        // Clients read `redacted_because` as an event of theirs: with its id.
+        let mut because_json = (*redaction.json).clone();
+        because_json.insert(
+            "event_id".to_owned(),
+            ruma::CanonicalJsonValue::String(redaction.event_id.to_string()),
+        );
+        let because = ruma::canonical_json::RedactedBecause::from_json(because_json);
         let redacted = ruma::canonical_json::redact(original, &rules.redaction, Some(because))
             .map_err(|e| Error::internal("redacting an event", e))?;
         stored.json =

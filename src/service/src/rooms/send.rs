@@ -33,13 +33,25 @@ pub async fn message(
     txn_id: &TransactionId,
 ) -> Result<OwnedEventId> {
     require_joined(services, room_id, sender.user)?;
+    // A redaction may be sent like any event (spec v1.18), naming its target in the
+    // content whatever the room version; it takes effect as through `/redact`.
+    let redacts = match kind.as_str() {
+        "m.room.redaction" => Some(
+            content["redacts"]
+                .as_str()
+                .and_then(|id| EventId::parse(id).ok())
+                .ok_or_else(|| Error::bad_json("A redaction names an event id in `redacts`"))?
+                .to_string(),
+        ),
+        _ => None,
+    };
     let event = NewEvent {
         kind,
         sender: sender.user.to_string(),
         state_key: None,
         content,
         txn: Some(sender.txn(txn_id.to_string())),
-        redacts: None,
+        redacts,
     };
     Ok(services.timeline.append(room_id.as_str(), event).await?.event_id)
 }
