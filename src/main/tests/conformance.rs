@@ -724,3 +724,47 @@ async fn a_redaction_sent_as_an_event_redacts_in_every_room_version() {
         assert_eq!((status, body["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{body}");
     }
 }
+
+#[tokio::test]
+async fn anyone_may_peek_into_a_world_readable_room_through_events() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let readable = s
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "initial_state": [{"type": "m.room.history_visibility",
+                   "state_key": "", "content": {"history_visibility": "world_readable"}}]}),
+        )
+        .await;
+    let shared = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let peek = |room: &str, from: &str| {
+        format!("/_matrix/client/v3/events?room_id={room}&timeout=5000{from}")
+    };
+    let (status, body) = s.get_auth(&peek(&shared, ""), &bob).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+
+    let (status, first) =
+        s.get_auth(&format!("/_matrix/client/v3/events?room_id={readable}&timeout=0"), &bob).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["chunk"], json!([]), "{first}");
+    let end = first["end"].as_str().unwrap().to_owned();
+    let path = peek(&readable, &format!("&from={end}"));
+    let waiting = s.get_auth(&path, &bob);
+    let sending = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        s.send_text(&alice, &shared, "not for peekers").await;
+        s.send_text(&alice, &readable, "for anyone").await
+    };
+    let ((status, page), sent) = tokio::join!(waiting, sending);
+    assert_eq!(status, 200, "{page}");
+    let chunk = page["chunk"].as_array().unwrap();
+    assert_eq!(chunk.len(), 1, "{page}");
+    assert_eq!(chunk[0]["event_id"], sent.as_str());
+    assert_eq!(chunk[0]["room_id"], readable.as_str());
+    // The next peek starts after it.
+    let next = page["end"].as_str().unwrap();
+    let after = format!("/_matrix/client/v3/events?room_id={readable}&timeout=0&from={next}");
+    let (_, again) = s.get_auth(&after, &bob).await;
+    assert_eq!(again["chunk"], json!([]), "{again}");
+}

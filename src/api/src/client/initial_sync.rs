@@ -83,22 +83,22 @@ async fn initial_sync(Authenticated(ctx): Authenticated, RawQuery(query): RawQue
 async fn events(Authenticated(ctx): Authenticated, RawQuery(query): RawQuery) -> Response {
     let answer = async {
         let param = |name: &str| param(query.as_deref(), name);
-        if param("room_id").is_some() {
-            // Peeking into rooms one is not in is not served (yet).
-            return Err(Error::new(
-                trellis_core::ErrorKind::NotFound,
-                trellis_core::error::code::UNRECOGNIZED,
-                "Peeking through /events is not supported",
-            ));
-        }
         let timeout_ms = match param("timeout") {
             Some(t) => t.parse::<u64>().map_err(|_| Error::invalid_param("Invalid timeout"))?,
             None => 0,
         };
         let timeout = std::time::Duration::from_millis(timeout_ms.min(MAX_TIMEOUT_MS));
         let from = param("from");
-        let page =
-            events_stream::events(&ctx.services, ctx.session()?, from.as_deref(), timeout).await?;
+        let session = ctx.session()?;
+        let page = match param("room_id") {
+            Some(room) => {
+                let room_id =
+                    RoomId::parse(&room).map_err(|_| Error::invalid_param("Bad room id"))?;
+                events_stream::peek(&ctx.services, session, &room_id, from.as_deref(), timeout)
+                    .await?
+            }
+            None => events_stream::events(&ctx.services, session, from.as_deref(), timeout).await?,
+        };
         Ok(json!({"chunk": page.chunk, "start": page.start, "end": page.end}))
     };
     respond(answer.await)

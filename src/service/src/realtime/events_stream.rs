@@ -1,6 +1,8 @@
 //! `GET /events`, the deprecated stream before `/sync`: the new events of the user's
 //! joined rooms, oldest first, as one flat list. It is `/sync` underneath (the same
-//! live-wait, visibility and tokens) with everything but room timelines filtered out.
+//! live-wait, visibility and tokens) with everything but room timelines filtered out;
+//! with a room id, the new events of that one room, which a user may read without being
+//! in it when it is world readable (peeking).
 
 use std::time::Duration;
 
@@ -8,11 +10,13 @@ use ruma::api::client::filter::FilterDefinition;
 use serde_json::Value;
 use trellis_core::{Error, Result};
 
+use ruma::RoomId;
+
 use super::{
     live,
-    sync::{LiveSync, SyncRequest, SyncToken},
+    sync::{LiveSync, SyncRequest, SyncToken, reader_event},
 };
-use crate::{Services, accounts::Session};
+use crate::{Services, accounts::Session, rooms::viewer::Viewer};
 
 /// Events per room one answer carries at most.
 const ROOM_LIMIT: u32 = 100;
@@ -64,6 +68,58 @@ pub async fn events(
     }
     let end = SyncToken { position: answer.token.position.max(since.position), to_device: 0 };
     Ok(EventsPage { chunk, start: since.render(), end: end.render() })
+}
+
+/// `GET /events?room_id=`: peeking, the new events of one room the user may read
+/// without being in it (a world-readable room, or one they were in), oldest first,
+/// waiting up to `timeout` for the first.
+pub async fn peek(
+    services: &Services,
+    session: &Session,
+    room_id: &RoomId,
+    from: Option<&str>,
+    timeout: Duration,
+) -> Result<EventsPage> {
+    let user_id = services.accounts.user_id(&session.localpart);
+    let viewer = Viewer::load(services, &session.localpart)?;
+    let room = viewer.reader(services, room_id.as_str(), &user_id)?;
+    let stream = &services.rooms.stream;
+    let since = match from {
+        Some(token) => {
+            SyncToken::parse(token).ok_or_else(|| Error::invalid_param("Invalid from token"))?
+        }
+        None => SyncToken { position: stream.visible(), to_device: 0 },
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut changes = stream.subscribe();
+    loop {
+        let visible = stream.visible();
+        let events = services.rooms.timeline_forwards(
+            room_id.as_str(),
+            since.position,
+            ROOM_LIMIT as usize,
+        )?;
+        let seen: Vec<_> = events
+            .into_iter()
+            .take_while(|(position, _)| *position <= visible)
+            .filter(|(position, pdu)| !pdu.rejected && room.sees(*position, pdu))
+            .collect();
+        let reached = seen.last().map_or(visible, |(position, _)| *position);
+        if !seen.is_empty() || tokio::time::Instant::now() >= deadline {
+            let chunk = seen
+                .iter()
+                .map(|(_, pdu)| {
+                    let mut event = reader_event(pdu, &user_id, &session.device_id);
+                    event["room_id"] = Value::from(room_id.as_str());
+                    event
+                })
+                .collect();
+            let end = SyncToken { position: reached.max(since.position), to_device: 0 };
+            return Ok(EventsPage { chunk, start: since.render(), end: end.render() });
+        }
+        // Woken by any new position; the deadline ends the wait with an empty chunk.
+        let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+    }
 }
 
 /// A sync filter keeping only room timelines.
