@@ -461,8 +461,13 @@ async fn the_deprecated_initial_sync_and_event_endpoints_still_answer() {
         s.get_auth(&format!("/_matrix/client/r0/rooms/{room}/initialSync"), &bob).await;
     assert_eq!(status, 403);
 
+    let data = "/_matrix/client/v3/user/@alice:localhost/account_data/org.example.pet";
+    let (status, _) = s.put_auth(data, &alice, &json!({"name": "Tom"})).await;
+    assert_eq!(status, 200);
     let (status, body) = s.get_auth("/_matrix/client/v3/initialSync?limit=1", &alice).await;
     assert_eq!(status, 200, "{body}");
+    let pet = json!({"type": "org.example.pet", "content": {"name": "Tom"}});
+    assert!(body["account_data"].as_array().unwrap().contains(&pet), "{body}");
     assert!(body["end"].as_str().is_some_and(|t| t.starts_with('s')), "{body}");
     let rooms = body["rooms"].as_array().unwrap();
     assert_eq!(rooms.len(), 1, "{body}");

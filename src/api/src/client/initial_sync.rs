@@ -69,11 +69,20 @@ async fn initial_sync(Authenticated(ctx): Authenticated, RawQuery(query): RawQue
         for room in ctx.services.rooms.joined_rooms(&user(&ctx)?)? {
             rooms.push(room_json(&ctx, &room, limit).await?);
         }
+        let localpart = &ctx.session()?.localpart;
+        let account_data: Vec<Value> = ctx
+            .services
+            .account_data
+            .changed_since(localpart, 0)?
+            .into_iter()
+            .filter(|(room, _, _)| room.is_none())
+            .map(|(_, kind, content)| json!({"type": kind, "content": content}))
+            .collect();
         Ok(json!({
             "end": end.render(),
             "rooms": rooms,
             "presence": [],
-            "account_data": [],
+            "account_data": account_data,
         }))
     };
     respond(answer.await)
