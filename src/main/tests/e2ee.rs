@@ -741,3 +741,93 @@ async fn one_time_keys_are_claimed_in_the_order_they_were_uploaded() {
         assert!(claimed.get(&name).is_some(), "expected {name}, got {claimed}");
     }
 }
+
+#[tokio::test]
+async fn a_dehydrated_device_holds_keys_and_collects_to_device_messages() {
+    const BASE: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";
+    let s = TestServer::start(OPEN).await;
+    let alice = Device::register(&s, "alice", 1).await;
+    let bob = Device::register(&s, "bob", 2).await;
+    let (_, versions) = s.get("/_matrix/client/versions").await;
+    assert_eq!(versions["unstable_features"]["org.matrix.msc3814"], true, "{versions}");
+    let (status, body) = s.get_auth(BASE, &alice.token).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+
+    let dehydrated = |id: &str, seed: u8| Device {
+        user_id: alice.user_id.clone(),
+        device_id: id.to_owned(),
+        token: alice.token.clone(),
+        key: Key::new(seed),
+    };
+    let first = dehydrated("DEHYD1", 7);
+    let data = json!({"algorithm": "org.matrix.msc3814.v2", "device_pickle": "p", "nonce": "n"});
+    let body = json!({
+        "device_id": "DEHYD1",
+        "device_data": data,
+        "initial_device_display_name": "Dehydrated device",
+        "device_keys": first.device_keys(),
+        "one_time_keys": {"signed_curve25519:AAAA": first.one_time_key(1)},
+        "fallback_keys": {},
+    });
+    let (status, put) = s.put_auth(BASE, &alice.token, &body).await;
+    assert_eq!(status, 200, "{put}");
+    assert_eq!(put["device_id"], "DEHYD1");
+    let (_, got) = s.get_auth(BASE, &alice.token).await;
+    assert_eq!((&got["device_id"], &got["device_data"]), (&json!("DEHYD1"), &data), "{got}");
+
+    // Others see its keys and can claim its one-time key.
+    let (_, q) = s
+        .post_auth(
+            "/_matrix/client/v3/keys/query",
+            &bob.token,
+            &json!({"device_keys": {&alice.user_id: []}}),
+        )
+        .await;
+    assert!(q["device_keys"][&alice.user_id]["DEHYD1"].is_object(), "{q}");
+    let claimed = claim(&s, &bob.token, &alice.user_id, "DEHYD1").await;
+    assert!(claimed.get("signed_curve25519:AAAA").is_some(), "{claimed}");
+
+    // Messages sent to it wait until the rehydrating client fetches them, in batches.
+    for n in 0..2 {
+        let path = format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/{}", txn_id());
+        let message = json!({"messages": {&alice.user_id: {"DEHYD1": {"n": n}}}});
+        let (status, _) = s.put_auth(&path, &bob.token, &message).await;
+        assert_eq!(status, 200);
+    }
+    let events = format!("{BASE}/DEHYD1/events");
+    let (status, page) = s.post_auth(&events, &alice.token, &json!({})).await;
+    assert_eq!(status, 200, "{page}");
+    let got: Vec<_> =
+        page["events"].as_array().unwrap().iter().map(|e| e["content"]["n"].clone()).collect();
+    assert_eq!(got, [json!(0), json!(1)], "{page}");
+    let next = page["next_batch"].as_str().unwrap();
+    let (_, page) = s.post_auth(&events, &alice.token, &json!({"next_batch": next})).await;
+    assert_eq!(page["events"], json!([]), "{page}");
+    let (status, _) =
+        s.post_auth(&format!("{BASE}/{}/events", alice.device_id), &alice.token, &json!({})).await;
+    assert_eq!(status, 404);
+
+    // A new one replaces it; deleting it leaves none.
+    let second = dehydrated("DEHYD2", 8);
+    let body = json!({"device_id": "DEHYD2", "device_data": data,
+                      "device_keys": second.device_keys(), "one_time_keys": {}, "fallback_keys": {}});
+    let (status, put) = s.put_auth(BASE, &alice.token, &body).await;
+    assert_eq!(status, 200, "{put}");
+    let (_, devices) = s.get_auth("/_matrix/client/v3/devices", &alice.token).await;
+    let ids: HashSet<&str> = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["device_id"].as_str())
+        .collect();
+    assert!(ids.contains("DEHYD2") && !ids.contains("DEHYD1"), "{devices}");
+    let (status, deleted) = s.delete_auth(BASE, &alice.token, &json!({})).await;
+    assert_eq!((status, &deleted["device_id"]), (200, &json!("DEHYD2")), "{deleted}");
+    let (status, _) = s.get_auth(BASE, &alice.token).await;
+    assert_eq!(status, 404);
+    // A signed-in device's id cannot be taken.
+    let taken = json!({"device_id": alice.device_id, "device_data": data,
+                       "device_keys": alice.device_keys(), "one_time_keys": {}, "fallback_keys": {}});
+    let (status, body) = s.put_auth(BASE, &alice.token, &taken).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{body}");
+}

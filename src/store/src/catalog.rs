@@ -200,6 +200,8 @@ tables! {
     // (user localpart, device id, algorithm, upload sequence) -> key id: the unclaimed
     // one-time keys in the order they were uploaded, the order claims hand them out in
     ONE_TIME_KEY_ORDER = "one_time_key_order", Scan @ 63;
+    // user localpart -> the user's dehydrated device: its id and the client's opaque data
+    DEHYDRATED_DEVICES = "dehydrated_devices", Point @ 64;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

@@ -5,6 +5,7 @@ mod account_data;
 mod aliases;
 mod backup;
 mod capabilities;
+mod dehydrated;
 mod devices;
 mod directory;
 mod events;
@@ -66,6 +67,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = spaces::routes(router);
     let router = keys::routes(router);
     let router = backup::routes(router);
+    let router = dehydrated::routes(router);
     let router = to_device::routes(router);
     capabilities::routes(router)
 }

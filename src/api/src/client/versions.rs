@@ -20,8 +20,8 @@ pub const SUPPORTED_VERSIONS: &[&str] =
     &["v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
 
 /// Unstable features (MSCs) that are really implemented: simplified sliding sync
-/// (MSC4186) is how Element X syncs.
-pub const UNSTABLE_FEATURES: &[&str] = &["org.matrix.simplified_msc3575"];
+/// (MSC4186) is how Element X syncs, and it keeps a dehydrated device (MSC3814).
+pub const UNSTABLE_FEATURES: &[&str] = &["org.matrix.simplified_msc3575", "org.matrix.msc3814"];
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_supported_versions::Request, _, _>(router, versions)

@@ -12,7 +12,7 @@ use crate::{
     Services,
     audit::Client,
     federation::edus,
-    tables::{ACCESS_TOKENS, DEVICES, REFRESH_TOKENS},
+    tables::{ACCESS_TOKENS, DEVICES, DeviceRecord, REFRESH_TOKENS},
 };
 
 #[derive(Debug, Clone)]
@@ -72,6 +72,34 @@ impl Accounts {
         let mut batch = Batch::new();
         DEVICES.put(&mut batch, &key, &Json(d));
         // The name is part of what co-members' clients show for the device.
+        self.commit_device_change(batch, localpart).await
+    }
+
+    /// Adds a device that has no session (a dehydrated device, MSC3814): it holds keys
+    /// and receives to-device messages until a client rehydrates it. An id in use by a
+    /// device with a session is refused.
+    pub async fn add_sessionless_device(
+        &self,
+        localpart: &str,
+        device_id: &str,
+        display_name: Option<String>,
+    ) -> Result<()> {
+        let key = (localpart.to_owned(), device_id.to_owned());
+        let existing = DEVICES.get(&*self.db, &key)?.map(|j| j.0);
+        if existing.as_ref().is_some_and(|d| d.token_hash.is_some()) {
+            return Err(Error::invalid_param("That device id belongs to a signed-in device"));
+        }
+        let record = DeviceRecord {
+            display_name: display_name
+                .or_else(|| existing.as_ref().and_then(|d| d.display_name.clone())),
+            created_ms: existing.as_ref().map_or_else(trellis_core::now_millis, |d| d.created_ms),
+            token_hash: None,
+            refresh_hash: None,
+            last_seen_ms: None,
+            last_seen_ip: None,
+        };
+        let mut batch = Batch::new();
+        DEVICES.put(&mut batch, &key, &Json(record));
         self.commit_device_change(batch, localpart).await
     }
 
