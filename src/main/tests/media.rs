@@ -196,6 +196,7 @@ async fn upload_download_round_trip_headers_and_ranges() {
     assert_eq!(config["m.upload.size"], 100 * 1024 * 1024);
     let (_, versions) = s.get("/_matrix/client/versions").await;
     assert!(versions["versions"].as_array().unwrap().contains(&json!("v1.11")));
+    assert!(versions["versions"].as_array().unwrap().contains(&json!("v1.12")));
 }
 
 #[tokio::test]

@@ -11,13 +11,13 @@ use crate::{
     ruma_route::{self, Ctx},
 };
 
-/// Spec versions advertised to clients: accounts, rooms, `/sync` and media work, which
-/// is what a client needs to start. v1.11 is what tells clients to use the authenticated
-/// media endpoints (the unauthenticated ones are frozen by default); areas still missing
-/// (shared rooms over federation) answer 404 `M_UNRECOGNIZED` as the spec says for unknown
-/// endpoints. docs/spec-coverage.md lists what each area covers.
-pub const SUPPORTED_VERSIONS: &[&str] =
-    &["v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
+/// Spec versions advertised to clients: each one whose additions exist (clients switch
+/// features on by version; v1.11 tells them to use authenticated media). v1.13 waits for
+/// room reporting; docs/spec-coverage.md lists what each later version lacks.
+pub const SUPPORTED_VERSIONS: &[&str] = &[
+    "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11",
+    "v1.12",
+];
 
 /// Unstable features (MSCs) that are really implemented: simplified sliding sync
 /// (MSC4186) is how Element X syncs, and it keeps a dehydrated device (MSC3814).
