@@ -8,10 +8,9 @@ use ruma::{
     serde::Raw,
 };
 use trellis_core::{Error, Result};
-use trellis_service::e2ee::{
-    dehydrated::{self, NewDehydrated},
-    device_keys::Upload,
-};
+use trellis_service::e2ee::dehydrated::{self, NewDehydrated};
+
+use super::keys::upload_input;
 
 use crate::{
     AppState,
@@ -33,13 +32,7 @@ async fn put(
     req: put_dehydrated_device::unstable::Request,
 ) -> Result<put_dehydrated_device::unstable::Response> {
     let session = ctx.session()?;
-    let mut keys = Upload { device_keys: Some(raw_value(&req.device_keys)?), ..Default::default() };
-    for (id, key) in &req.one_time_keys {
-        keys.one_time_keys.insert(id.to_string(), raw_value(key)?);
-    }
-    for (id, key) in &req.fallback_keys {
-        keys.fallback_keys.insert(id.to_string(), raw_value(key)?);
-    }
+    let keys = upload_input(Some(&req.device_keys), &req.one_time_keys, &req.fallback_keys)?;
     let new = NewDehydrated {
         device_id: req.device_id.to_string(),
         display_name: req.initial_device_display_name,

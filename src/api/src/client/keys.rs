@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 
 use axum::Router;
 use ruma::{
-    UInt,
+    OwnedOneTimeKeyId, UInt,
     api::client::keys::{
         claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys,
     },
+    encryption::{DeviceKeys, OneTimeKey},
+    serde::Raw,
 };
 use serde_json::Value;
 use trellis_core::{Error, Result};
@@ -49,21 +51,29 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 /// POST /_matrix/client/v3/keys/upload
 async fn upload(ctx: Ctx, req: upload_keys::v3::Request) -> Result<upload_keys::v3::Response> {
     let session = ctx.session()?;
-    let mut input = Upload {
-        device_keys: req.device_keys.as_ref().map(raw_value).transpose()?,
-        ..Default::default()
-    };
-    for (id, key) in &req.one_time_keys {
-        input.one_time_keys.insert(id.to_string(), raw_value(key)?);
-    }
-    for (id, key) in &req.fallback_keys {
-        input.fallback_keys.insert(id.to_string(), raw_value(key)?);
-    }
+    let input = upload_input(req.device_keys.as_ref(), &req.one_time_keys, &req.fallback_keys)?;
     let counts =
         device_keys::upload_keys(&ctx.services, &session.localpart, &session.device_id, input)
             .await?;
     let counts = counts.into_iter().map(|(alg, n)| (alg.into(), UInt::new_saturating(n))).collect();
     Ok(upload_keys::v3::Response::new(counts))
+}
+
+/// Keys a device publishes, as the service takes them (also a dehydrated device's).
+pub(super) fn upload_input(
+    device_keys: Option<&Raw<DeviceKeys>>,
+    one_time_keys: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>,
+    fallback_keys: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>,
+) -> Result<Upload> {
+    let mut input =
+        Upload { device_keys: device_keys.map(raw_value).transpose()?, ..Default::default() };
+    for (id, key) in one_time_keys {
+        input.one_time_keys.insert(id.to_string(), raw_value(key)?);
+    }
+    for (id, key) in fallback_keys {
+        input.fallback_keys.insert(id.to_string(), raw_value(key)?);
+    }
+    Ok(input)
 }
 
 /// POST /_matrix/client/v3/keys/query
