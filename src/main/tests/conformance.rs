@@ -773,3 +773,47 @@ async fn anyone_may_peek_into_a_world_readable_room_through_events() {
     let (_, again) = s.get_auth(&after, &bob).await;
     assert_eq!(again["chunk"], json!([]), "{again}");
 }
+
+#[tokio::test]
+async fn an_erased_users_messages_are_redacted_for_those_who_join_later() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let (_, carol) = s.register("carol").await;
+    let room = s.create_room(&bob, json!({"preset": "public_chat"})).await;
+    s.join_room(&alice, &room).await;
+    let secret = s.send_text(&alice, &room, "my secret").await;
+    let auth = json!({"type": "m.login.password", "password": "password123",
+                      "identifier": {"type": "m.id.user", "user": "alice"}});
+    let (status, body) = s
+        .post_auth(
+            "/_matrix/client/v3/account/deactivate",
+            &alice,
+            &json!({"auth": auth, "erase": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Deactivation leaves the room.
+    let member = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{alice_id}");
+    let (_, content) = s.get_auth(&member, &bob).await;
+    assert_eq!(content["membership"], "leave", "{content}");
+
+    s.join_room(&carol, &room).await;
+    let event = format!("/_matrix/client/v3/rooms/{room}/event/{secret}");
+    let messages = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50");
+    // Bob, in the room before the erasure, still reads it.
+    let (_, seen) = s.get_auth(&event, &bob).await;
+    assert_eq!(seen["content"]["body"], "my secret", "{seen}");
+    let (_, page) = s.get_auth(&messages, &bob).await;
+    assert!(page.to_string().contains("my secret"), "{page}");
+    // Carol, who joined after it, gets it redacted everywhere.
+    let (status, seen) = s.get_auth(&event, &carol).await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["content"], json!({}), "{seen}");
+    let (_, page) = s.get_auth(&messages, &carol).await;
+    assert!(!page.to_string().contains("my secret"), "{page}");
+    let synced = sync(&s, &carol, "").await;
+    assert!(!synced.to_string().contains("my secret"), "{synced}");
+    let timeline = synced["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+    assert!(timeline.iter().any(|e| e["event_id"] == secret.as_str()), "{synced}");
+}

@@ -202,6 +202,8 @@ tables! {
     ONE_TIME_KEY_ORDER = "one_time_key_order", Scan @ 63;
     // user localpart -> the user's dehydrated device: its id and the client's opaque data
     DEHYDRATED_DEVICES = "dehydrated_devices", Point @ 64;
+    // user id -> the stream position at which the user asked to be erased
+    ERASED_USERS = "erased_users", Point @ 65;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

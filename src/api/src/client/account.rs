@@ -10,7 +10,10 @@ use ruma::{
     api::client::admin::get_user_info,
 };
 use trellis_core::{Error, Result};
-use trellis_service::{accounts::RegisterRequest, ratelimit::Class};
+use trellis_service::{
+    accounts::{RegisterRequest, deactivation},
+    ratelimit::Class,
+};
 
 use super::uia::{auth_input, reauthenticate};
 use crate::{
@@ -120,7 +123,7 @@ async fn change_password(
 /// POST /_matrix/client/v3/account/deactivate
 async fn deactivate(ctx: Ctx, req: deactivate::v3::Request) -> Result<deactivate::v3::Response> {
     let localpart = reauthenticate(&ctx, req.auth.as_ref(), "deactivate").await?;
-    ctx.services.accounts.deactivate(&localpart, req.erase, &ctx.client).await?;
+    deactivation::deactivate(&ctx.services, &localpart, req.erase, &ctx.client).await?;
     // No identity server binding is ever made, so there is nothing to unbind.
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport))
 }

@@ -74,6 +74,8 @@ impl<'a> Viewer<'a> {
 
     /// The event in client format with the aggregations the spec bundles with it.
     pub fn render(&self, pdu: &Pdu) -> Result<Value> {
+        let erased = self.viewer.erased_view(&self.ctx.services, &self.view, pdu)?;
+        let pdu = erased.as_deref().unwrap_or(pdu);
         let mut event =
             trellis_service::realtime::sync::reader_event(pdu, &self.user, &self.device_id);
         event["room_id"] = json!(self.room_id);

@@ -1,6 +1,7 @@
 //! Accounts: registration, login, tokens, devices, passwords, deactivation.
 
 pub mod account_data;
+pub mod deactivation;
 pub mod devices;
 pub mod directory;
 mod guard;

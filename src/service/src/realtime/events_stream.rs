@@ -109,11 +109,12 @@ pub async fn peek(
             let chunk = seen
                 .iter()
                 .map(|(_, pdu)| {
-                    let mut event = reader_event(pdu, &user_id, &session.device_id);
+                    let pdu = room.shown(services, pdu)?;
+                    let mut event = reader_event(&pdu, &user_id, &session.device_id);
                     event["room_id"] = Value::from(room_id.as_str());
-                    event
+                    Ok(event)
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             let end = SyncToken { position: reached.max(since.position), to_device: 0 };
             return Ok(EventsPage { chunk, start: since.render(), end: end.render() });
         }

@@ -532,6 +532,9 @@ fn joined_room(
     )?;
     let mut events = page.events;
     events.reverse();
+    for (_, pdu) in &mut events {
+        *pdu = viewer.shown(services, pdu)?;
+    }
     let initial = known.is_none();
     let lazy: BTreeSet<String> = events.iter().map(|(_, p)| p.sender.to_string()).collect();
     let required: Vec<Value> = if initial {

@@ -635,6 +635,9 @@ impl Builder<'_> {
         }
         let mut events = page.events;
         events.reverse();
+        for (_, pdu) in &mut events {
+            *pdu = viewer.shown(self.services, pdu)?;
+        }
         let first = events.first().map_or(to + 1, |(p, _)| *p);
         Ok(Timeline { limited: page.more, events, prev_batch: format!("t{first}") })
     }

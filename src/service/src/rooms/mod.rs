@@ -7,6 +7,7 @@ pub mod append;
 pub mod builder;
 pub mod cache;
 pub mod create;
+pub mod erasure;
 pub mod filter;
 pub mod guests;
 pub mod history;

@@ -153,6 +153,8 @@ pub struct Rooms {
     pub(super) states: StateCache,
     /// A room's state at a stream position (`shared_state_at_position`).
     pub(super) position_states: ShortCache<StateSet, (String, u64)>,
+    /// Erased users, whose events later joiners get redacted.
+    pub erasures: super::erasure::Erasures,
 }
 
 impl Rooms {
@@ -173,6 +175,7 @@ impl Rooms {
             .try_fold(0u64, |max, pos| pos.map(|p| max.max(p)))?;
         let rooms = Self {
             short: ShortIds::new(db.clone())?,
+            erasures: super::erasure::Erasures::load(db.clone())?,
             snapshots: StateSnapshots::new(db.clone())?,
             stream: Arc::new(StreamPositions::persistent(db.clone(), last)?),
             db,

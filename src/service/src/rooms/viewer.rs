@@ -5,7 +5,10 @@
 //! and read markers cannot disagree on it.
 
 use ruma::{RoomId, UserId, events::room::member::MembershipState};
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use serde_json::Value;
 use trellis_core::{Error, Result};
@@ -18,6 +21,8 @@ use crate::{
 /// One user reading rooms: who they ignore, read once for all the rooms of an answer.
 pub struct Viewer {
     ignored: HashSet<String>,
+    /// Erased users and when they were erased (see `erasure.rs`).
+    erased: Arc<HashMap<String, u64>>,
 }
 
 impl Viewer {
@@ -29,7 +34,7 @@ impl Viewer {
             .and_then(|v| v.get("ignored_users").and_then(Value::as_object).cloned())
             .map(|users| users.keys().cloned().collect())
             .unwrap_or_default();
-        Ok(Self { ignored })
+        Ok(Self { ignored, erased: services.rooms.erasures.snapshot() })
     }
 
     /// Whether the user ignores `sender`: nothing of theirs reaches the user, invites
@@ -103,6 +108,28 @@ impl Viewer {
         let view = Self::reader_view(services, room_id, user_id)?;
         Ok(RoomViewer { viewer: self, view })
     }
+
+    /// The redacted copy the user gets of an event they see by `view`, when its sender
+    /// was erased before the user joined the room; `None`: the event as it is.
+    pub fn erased_view(
+        &self,
+        services: &Services,
+        view: &VisibilityView,
+        pdu: &Pdu,
+    ) -> Result<Option<Arc<Pdu>>> {
+        // Nearly always nobody is erased: one map lookup.
+        let Some(&erased_at) = self.erased.get(pdu.sender.as_str()) else { return Ok(None) };
+        if view.joined_by(erased_at) {
+            return Ok(None);
+        }
+        let room = pdu.room_id.as_ref().map(|r| services.rooms.room(r.as_str())).transpose()?;
+        match room.flatten() {
+            Some((_, record)) => {
+                super::erasure::redacted_copy(pdu, &record.rules()?.1.redaction).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
 }
 
 /// One user's view of one room's history (see [`Viewer::room`]).
@@ -116,6 +143,12 @@ impl RoomViewer<'_> {
     /// and not from someone they ignore.
     pub fn sees(&self, position: u64, pdu: &Pdu) -> bool {
         self.viewer.sees(&self.view, position, pdu)
+    }
+
+    /// An event the user sees, as they get it: redacted if its sender was erased before
+    /// the user joined.
+    pub fn shown(&self, services: &Services, pdu: &Arc<Pdu>) -> Result<Arc<Pdu>> {
+        Ok(self.viewer.erased_view(services, &self.view, pdu)?.unwrap_or_else(|| pdu.clone()))
     }
 
     /// A stored event of `room_id` the user gets, else 404 (not 403: whether an event

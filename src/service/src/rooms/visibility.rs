@@ -366,6 +366,11 @@ impl VisibilityView {
         }
     }
 
+    /// Whether the user had joined the room at or before `position`.
+    pub fn joined_by(&self, position: u64) -> bool {
+        self.memberships.iter().any(|(p, m)| *p <= position && m == "join")
+    }
+
     /// Whether the user may read the room at all: they have been in it, or anyone may.
     pub fn may_read(&self) -> bool {
         !self.memberships.is_empty()
