@@ -817,3 +817,43 @@ async fn an_erased_users_messages_are_redacted_for_those_who_join_later() {
     let timeline = synced["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
     assert!(timeline.iter().any(|e| e["event_id"] == secret.as_str()), "{synced}");
 }
+
+#[tokio::test]
+async fn initial_sync_lists_invites_left_rooms_and_co_members_presence() {
+    let s = TestServer::start(OPEN).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let shared = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &shared).await;
+    let presence = format!("/_matrix/client/v3/presence/{alice_id}/status");
+    let (status, _) =
+        s.put_auth(&presence, &alice, &json!({"presence": "online", "status_msg": "here"})).await;
+    assert_eq!(status, 200);
+    let invited = s.create_room(&alice, json!({})).await;
+    let invite = format!("/_matrix/client/v3/rooms/{invited}/invite");
+    let (status, _) = s.post_auth(&invite, &alice, &json!({"user_id": bob_id})).await;
+    assert_eq!(status, 200);
+    let gone = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &gone).await;
+    let leave = format!("/_matrix/client/v3/rooms/{gone}/leave");
+    let (status, _) = s.post_auth(&leave, &bob, &json!({})).await;
+    assert_eq!(status, 200);
+
+    let (status, body) = s.get_auth("/_matrix/client/v3/initialSync", &bob).await;
+    assert_eq!(status, 200, "{body}");
+    let rooms = body["rooms"].as_array().unwrap();
+    let membership =
+        |room: &str| rooms.iter().find(|r| r["room_id"] == room).map(|r| r["membership"].clone());
+    assert_eq!(membership(&shared), Some(json!("join")), "{body}");
+    assert_eq!(membership(&invited), Some(json!("invite")), "{body}");
+    assert_eq!(membership(&gone), None, "{body}");
+    let entry = rooms.iter().find(|r| r["room_id"] == invited.as_str()).unwrap();
+    assert_eq!(entry["invite"]["content"]["membership"], "invite", "{entry}");
+    let alices =
+        body["presence"].as_array().unwrap().iter().find(|p| p["sender"] == alice_id.as_str());
+    assert_eq!(alices.map(|p| p["content"]["status_msg"].clone()), Some(json!("here")), "{body}");
+
+    let (_, body) = s.get_auth("/_matrix/client/v3/initialSync?archived=true", &bob).await;
+    let left = body["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == gone.as_str());
+    assert_eq!(left.map(|r| r["membership"].clone()), Some(json!("leave")), "{body}");
+}

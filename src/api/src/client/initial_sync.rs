@@ -14,7 +14,7 @@ use ruma::{
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
 use trellis_service::{
-    realtime::{events_stream, sync::SyncToken},
+    realtime::{events_stream, initial, sync::SyncToken},
     rooms::{Pdu, history},
 };
 
@@ -65,10 +65,20 @@ async fn initial_sync(Authenticated(ctx): Authenticated, RawQuery(query): RawQue
             .transpose()?
             .unwrap_or(DEFAULT_LIMIT);
         let end = SyncToken { position: ctx.services.rooms.stream.visible(), to_device: 0 };
+        let user_id = user(&ctx)?;
+        let joined = ctx.services.rooms.joined_rooms(&user_id)?;
         let mut rooms = Vec::new();
-        for room in ctx.services.rooms.joined_rooms(&user(&ctx)?)? {
-            rooms.push(room_json(&ctx, &room, limit).await?);
+        for room in &joined {
+            rooms.push(room_json(&ctx, room, limit).await?);
         }
+        rooms.extend(initial::invites(&ctx.services, user_id.as_str())?);
+        if param(query.as_deref(), "archived").as_deref() == Some("true") {
+            let left = ctx.services.rooms.rooms_of(user_id.as_str(), &MembershipState::Leave)?;
+            for room in left.iter().filter_map(|r| RoomId::parse(r).ok()) {
+                rooms.push(room_json(&ctx, &room, limit).await?);
+            }
+        }
+        let presence = initial::presence(&ctx.services, user_id.as_str(), &joined)?;
         let localpart = &ctx.session()?.localpart;
         let account_data: Vec<Value> = ctx
             .services
@@ -81,7 +91,7 @@ async fn initial_sync(Authenticated(ctx): Authenticated, RawQuery(query): RawQue
         Ok(json!({
             "end": end.render(),
             "rooms": rooms,
-            "presence": [],
+            "presence": presence,
             "account_data": account_data,
         }))
     };

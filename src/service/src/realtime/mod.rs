@@ -3,6 +3,7 @@
 
 pub mod events_stream;
 pub mod filters;
+pub mod initial;
 pub mod live;
 pub mod out;
 pub mod presence;

@@ -391,7 +391,7 @@ impl E2eeSection {
 
 /// Presence changes since `since` of the user and of users sharing a room with them,
 /// and the presence of everyone in a room the user joined since then.
-fn presence_events(
+pub(crate) fn presence_events(
     services: &Services,
     user_id: &str,
     rooms: &[UserRoom],
