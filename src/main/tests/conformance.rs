@@ -857,3 +857,24 @@ async fn initial_sync_lists_invites_left_rooms_and_co_members_presence() {
     let left = body["rooms"].as_array().unwrap().iter().find(|r| r["room_id"] == gone.as_str());
     assert_eq!(left.map(|r| r["membership"].clone()), Some(json!("leave")), "{body}");
 }
+
+#[tokio::test]
+async fn room_and_sender_push_rules_take_any_room_or_user_id() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let rule = json!({"actions": ["dont_notify"]});
+    // Rooms and users this server has never seen are fine: the id is all a rule needs.
+    for path in [
+        "/_matrix/client/v3/pushrules/global/room/!elsewhere:other.example",
+        "/_matrix/client/v3/pushrules/global/sender/@someone:other.example",
+    ] {
+        let (status, body) = s.put_auth(path, &alice, &rule).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let (status, got) = s.get_auth(path, &alice).await;
+        assert_eq!((status, &got["actions"]), (200, &json!(["dont_notify"])), "{got}");
+    }
+    // The spec names these rules by the room or user id; anything else is refused.
+    let (status, body) =
+        s.put_auth("/_matrix/client/v3/pushrules/global/room/not-a-room", &alice, &rule).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{body}");
+}
