@@ -40,7 +40,9 @@ async fn require_admin(state: &AppState, parts: &Parts) -> Result<()> {
     let token = access_token(parts).ok_or_else(Error::missing_token)?;
     let client =
         trellis_service::Client::from_ip(client_ip(parts, state.config.http.x_forwarded_for));
-    let session = state.accounts.authenticate(&token, &client).await?;
+    let session =
+        trellis_service::appservice::authenticate(state, &token, parts.uri.query(), &client)
+            .await?;
     match state.accounts.user(&session.localpart)? {
         Some(u) if u.admin => Ok(()),
         _ => Err(Error::forbidden("You are not a server admin")),

@@ -21,7 +21,7 @@ use ruma::api::{
     path_builder::PathBuilder,
 };
 use trellis_core::{Error, ErrorKind, Result};
-use trellis_service::{Client, accounts::Session, ratelimit::Class};
+use trellis_service::{Client, accounts::Session, appservice, ratelimit::Class};
 
 use crate::{
     AppState,
@@ -67,6 +67,14 @@ impl Ctx {
 
     /// Takes a token from the rate-limit bucket of `class` for this user (or address).
     pub fn rate_limit(&self, class: Class) -> Result<()> {
+        if let Some(session) = &self.session
+            && let Some(id) = &session.appservice
+            && let Some(reg) = self.services.appservices.by_id(id)
+            && (!reg.rate_limited || reg.sender_localpart == session.localpart)
+        {
+            // A service's own user is never limited, its users as its registration says.
+            return Ok(());
+        }
         let key = match (&self.session, &self.client.ip) {
             (Some(s), _) => s.localpart.as_str(),
             (None, Some(ip)) => ip.as_str(),
@@ -254,7 +262,7 @@ impl FromRequestParts<AppState> for Authenticated {
         let client = Client::from_ip(client_ip(parts, services.config.http.x_forwarded_for));
         let authenticate = async {
             let token = access_token(parts).ok_or_else(Error::missing_token)?;
-            services.accounts.authenticate(&token, &client).await
+            appservice::authenticate(services, &token, parts.uri.query(), &client).await
         };
         match authenticate.await {
             Ok(session) => {
@@ -293,7 +301,9 @@ where
     let session = match <R::Authentication as AuthPolicy>::KIND {
         AuthKind::None | AuthKind::Server => None,
         kind => match access_token(&parts) {
-            Some(token) => Some(services.accounts.authenticate(&token, &client).await?),
+            Some(token) => {
+                Some(appservice::authenticate(&services, &token, parts.uri.query(), &client).await?)
+            }
             None if kind == AuthKind::Required => return Err(Error::missing_token()),
             None => None,
         },

@@ -28,6 +28,7 @@ pub struct Config {
     pub jwt: JwtConfig,
     pub email: EmailConfig,
     pub user_directory: UserDirectoryConfig,
+    pub appservice: AppserviceConfig,
     pub rooms: RoomsConfig,
     pub presence: PresenceConfig,
     pub rate_limits: RateLimitsConfig,
@@ -344,6 +345,13 @@ pub struct UserDirectoryConfig {
     /// Let searches find every local user, not only those sharing a room with the
     /// searcher or sitting in public rooms.
     pub search_all_users: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppserviceConfig {
+    /// Application service registration files (the standard YAML), re-read on SIGHUP.
+    pub registration_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -45,6 +45,12 @@ pub mod code {
     pub const INCOMPATIBLE_ROOM_VERSION: &str = "M_INCOMPATIBLE_ROOM_VERSION";
     pub const BAD_ALIAS: &str = "M_BAD_ALIAS";
     pub const GUEST_ACCESS_FORBIDDEN: &str = "M_GUEST_ACCESS_FORBIDDEN";
+    pub const UNKNOWN_DEVICE: &str = "M_UNKNOWN_DEVICE";
+    pub const URL_NOT_SET: &str = "M_URL_NOT_SET";
+    pub const BAD_STATUS: &str = "M_BAD_STATUS";
+    pub const CONNECTION_FAILED: &str = "M_CONNECTION_FAILED";
+    pub const CONNECTION_TIMEOUT: &str = "M_CONNECTION_TIMEOUT";
+    pub const APPSERVICE_LOGIN_UNSUPPORTED: &str = "M_APPSERVICE_LOGIN_UNSUPPORTED";
 }
 
 /// What kind of failure an error is. The errcode alone does not decide this: the spec

@@ -91,6 +91,13 @@ async fn serve(config: Config) -> Result<(), String> {
     let services = Services::new(config, db, keys)?;
 
     let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
+    // Application services: their users exist, their queues (kept over a restart) go out,
+    // and SIGHUP re-reads their registrations.
+    trellis_service::appservice::ensure_senders(&services)
+        .await
+        .map_err(|e| format!("creating application service users: {e}"))?;
+    services.appservice_delivery.start(&services);
+    let appservice_reloader = tokio::spawn(reload_appservices_on_sighup(services.clone()));
     // Transactions queued for other servers before a restart go out again.
     if let Err(e) = trellis_service::federation::sender::resume(&services.federation) {
         tracing::warn!(error = %e, "resuming the federation queue failed");
@@ -145,6 +152,7 @@ async fn serve(config: Config) -> Result<(), String> {
     }
 
     janitor.abort();
+    appservice_reloader.abort();
     if let Some(r) = reloader {
         r.abort();
     }
@@ -176,5 +184,21 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Re-reads the application service registrations on every SIGHUP; a broken set keeps
+/// the one before.
+async fn reload_appservices_on_sighup(services: std::sync::Arc<Services>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match trellis_service::appservice::reload(&services).await {
+            Ok(n) => tracing::info!(registrations = n, "application services reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "reloading application services failed; keeping the old ones")
+            }
+        }
     }
 }

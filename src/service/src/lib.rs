@@ -14,6 +14,7 @@ macro_rules! object {
 }
 
 pub mod accounts;
+pub mod appservice;
 pub mod audit;
 pub mod durable;
 pub mod e2ee;
@@ -72,6 +73,10 @@ pub struct Services {
     pub directory: accounts::directory::UserDirectory,
     pub e2ee: e2ee::E2ee,
     pub federation: Arc<federation::Federation>,
+    /// Registered application services (bridges, bots).
+    pub appservices: appservice::Appservices,
+    /// What is sent to them (a pipeline step and a sender per service).
+    pub appservice_delivery: Arc<appservice::delivery::Delivery>,
     pub media: media::Media,
     pub metrics: Metrics,
 }
@@ -108,6 +113,10 @@ impl Services {
             config.federation.clone(),
         )?);
         let media = media::Media::new(&config, db.clone(), None)?;
+        let appservices = appservice::Appservices::new(
+            &server_name,
+            appservice::Appservices::load(&config.appservice.registration_files)?,
+        );
         let push_rules = Arc::new(push::rules::PushRules::new(db.clone(), stream.clone()));
         let notifier = Arc::new(push::notify::Notifier::new(
             db.clone(),
@@ -117,10 +126,13 @@ impl Services {
         ));
         // The event pipeline, in order (see `pipeline.rs` for what comes next).
         let guest_eviction = Arc::new(rooms::guests::GuestEviction::default());
+        let appservice_delivery =
+            Arc::new(appservice::delivery::Delivery::new().map_err(|e| e.to_string())?);
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
             guest_eviction.clone(),
+            appservice_delivery.clone(),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
         let services = Arc::new(Self {
@@ -147,6 +159,8 @@ impl Services {
                 config.user_directory.search_all_users,
             ),
             media,
+            appservices,
+            appservice_delivery: appservice_delivery.clone(),
             audit,
             accounts,
             e2ee,
@@ -159,6 +173,7 @@ impl Services {
             metrics: Metrics::new(),
         });
         guest_eviction.attach(&services);
+        appservice_delivery.attach(&services);
         Ok(services)
     }
 

@@ -9,7 +9,9 @@
 //! 1. push rules and notification counts (`notify::Notifier`);
 //! 2. federation fan-out of this server's events (`federation::sender::FanOut`);
 //! 3. guests leaving rooms that stop admitting them (`rooms::guests::GuestEviction`);
-//! 4. (next) application-service transactions, push-gateway and email queues, the search
+//! 4. application-service transactions (`appservice::delivery::Delivery`: a queue in
+//!    RocksDB per service, sent by a task of its own);
+//! 5. (next) push-gateway and email queues, the search
 //!    index, retention and metrics: each a `Consumer` added to the list in
 //!    `Services::new`. Queues that leave the process write their items here, in
 //!    RocksDB, and are drained by their own background workers, so a slow consumer

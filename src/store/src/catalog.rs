@@ -204,6 +204,10 @@ tables! {
     DEHYDRATED_DEVICES = "dehydrated_devices", Point @ 64;
     // user id -> the stream position at which the user asked to be erased
     ERASED_USERS = "erased_users", Point @ 65;
+    // (application service id, stream position) -> an event waiting to be sent to it
+    APPSERVICE_QUEUE = "appservice_queue", Scan @ 66;
+    // application service id -> the transaction being sent to it (resent as it is)
+    APPSERVICE_INFLIGHT = "appservice_inflight", Point @ 67;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

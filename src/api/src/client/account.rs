@@ -12,6 +12,7 @@ use ruma::{
 use trellis_core::{Error, Result};
 use trellis_service::{
     accounts::{RegisterRequest, deactivation},
+    appservice,
     ratelimit::Class,
 };
 
@@ -59,9 +60,24 @@ pub fn user_id(ctx: &Ctx, localpart: &str) -> Result<OwnedUserId> {
 async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::Response> {
     ctx.rate_limit(Class::Register)?;
     let accounts = &ctx.services.accounts;
+    let by_service = req.login_type == Some(register::LoginType::ApplicationService);
+    if let Some(username) = &req.username
+        && !by_service
+    {
+        appservice::check_not_exclusive(&ctx.services, &accounts.parse_username(username)?)?;
+    }
     let registered = if req.kind == register::RegistrationKind::Guest {
         accounts.register_guest(req.initial_device_display_name, &ctx.client).await?
     } else {
+        let vouched = match (&req.username, by_service) {
+            (Some(username), true) => {
+                Some(appservice::vouch(&ctx.services, ctx.session.as_ref(), username)?)
+            }
+            (None, true) => {
+                return Err(Error::bad_json("m.login.application_service needs a username"));
+            }
+            (_, false) => None,
+        };
         let request = RegisterRequest {
             username: req.username,
             password: req.password,
@@ -72,7 +88,10 @@ async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::
             auth: auth_input(req.auth.as_ref()),
             guest_access_token: req.guest_access_token,
         };
-        accounts.register(request, &ctx.client).await?
+        match vouched {
+            Some(localpart) => accounts.register_vouched(localpart, request, &ctx.client).await?,
+            None => accounts.register(request, &ctx.client).await?,
+        }
     };
     let mut resp = register::v3::Response::new(user_id(&ctx, &registered.localpart)?);
     if let Some(issued) = registered.login {
@@ -89,7 +108,8 @@ async fn available(
     ctx: Ctx,
     req: get_username_availability::v3::Request,
 ) -> Result<get_username_availability::v3::Response> {
-    ctx.services.accounts.check_available(&req.username)?;
+    let localpart = ctx.services.accounts.check_available(&req.username)?;
+    appservice::check_not_exclusive(&ctx.services, &localpart)?;
     Ok(get_username_availability::v3::Response::new(true))
 }
 

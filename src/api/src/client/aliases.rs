@@ -9,6 +9,7 @@ use ruma::{
     },
 };
 use trellis_core::{Error, Result};
+use trellis_service::appservice;
 
 use super::rooms::require_joined;
 use crate::{
@@ -36,7 +37,9 @@ fn may_manage_aliases(ctx: &Ctx, room_id: &str, user: &str) -> Result<bool> {
 /// PUT /_matrix/client/v3/directory/room/{roomAlias}
 async fn create(ctx: Ctx, req: create_alias::v3::Request) -> Result<create_alias::v3::Response> {
     require_joined(&ctx, &req.room_id)?;
-    let localpart = ctx.session()?.localpart.clone();
+    let session = ctx.session()?;
+    appservice::check_alias_not_exclusive(&ctx.services, session, req.room_alias.as_str())?;
+    let localpart = session.localpart.clone();
     ctx.services.aliases.set(req.room_alias.as_str(), req.room_id.as_str(), &localpart).await?;
     Ok(create_alias::v3::Response::new())
 }
@@ -69,7 +72,12 @@ async fn get(ctx: Ctx, req: get_alias::v3::Request) -> Result<get_alias::v3::Res
             .unwrap_or_default();
         return Ok(get_alias::v3::Response::new(room_id, servers));
     }
-    let (room_id, servers) = local_alias(&ctx.services, req.room_alias.as_str())?;
+    let alias = req.room_alias.as_str();
+    if ctx.services.aliases.resolve(alias)?.is_none() {
+        // An application service whose namespace holds it may create it now.
+        appservice::queries::query_alias(&ctx.services, alias).await?;
+    }
+    let (room_id, servers) = local_alias(&ctx.services, alias)?;
     Ok(get_alias::v3::Response::new(room_id, servers))
 }
 

@@ -3,6 +3,7 @@
 mod account;
 mod account_data;
 mod aliases;
+mod appservice;
 mod backup;
 mod capabilities;
 mod dehydrated;
@@ -67,6 +68,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = spaces::routes(router);
     let router = keys::routes(router);
     let router = backup::routes(router);
+    let router = appservice::routes(router);
     let router = dehydrated::routes(router);
     let router = to_device::routes(router);
     capabilities::routes(router)

@@ -10,7 +10,10 @@ use ruma::{
     },
 };
 use trellis_core::{Error, Result};
-use trellis_service::accounts::{Session, profile};
+use trellis_service::{
+    accounts::{Session, profile},
+    appservice::queries,
+};
 
 use crate::{
     AppState,
@@ -25,10 +28,17 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 /// The localpart of a local user who exists and is active, else 404.
-fn existing_local_user(ctx: &Ctx, user_id: &UserId) -> Result<String> {
+/// A local user who exists (an application service whose namespace holds an unknown
+/// one is asked first, and may create them).
+async fn existing_local_user(ctx: &Ctx, user_id: &UserId) -> Result<String> {
     let not_found = || Error::not_found("Profile not found");
-    let localpart = ctx.services.accounts.local_part(user_id.as_str()).ok_or_else(not_found)?;
-    match ctx.services.accounts.user(localpart)? {
+    let accounts = &ctx.services.accounts;
+    let localpart = accounts.local_part(user_id.as_str()).ok_or_else(not_found)?;
+    let mut user = accounts.user(localpart)?;
+    if user.is_none() && queries::query_user(&ctx.services, user_id.as_str()).await? {
+        user = accounts.user(localpart)?;
+    }
+    match user {
         Some(u) if !u.deactivated => Ok(localpart.to_owned()),
         _ => Err(not_found()),
     }
@@ -57,7 +67,7 @@ async fn get_all(ctx: Ctx, req: get_profile::v3::Request) -> Result<get_profile:
         resp.data = remote_profile(&ctx, &req.user_id, None).await?;
         return Ok(resp);
     }
-    let localpart = existing_local_user(&ctx, &req.user_id)?;
+    let localpart = existing_local_user(&ctx, &req.user_id).await?;
     let mut profile = UserProfile::new();
     for (field, value) in ctx.services.profiles.get_all(&localpart)? {
         profile.set(field, value);
@@ -74,7 +84,7 @@ async fn get_field(
 ) -> Result<get_profile_field::v3::Response> {
     let field = req.field.as_str();
     let value = if is_local(&ctx, &req.user_id) {
-        let localpart = existing_local_user(&ctx, &req.user_id)?;
+        let localpart = existing_local_user(&ctx, &req.user_id).await?;
         ctx.services.profiles.get(&localpart, field)?
     } else {
         let profile = remote_profile(&ctx, &req.user_id, Some(field)).await?;

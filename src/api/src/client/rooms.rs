@@ -35,7 +35,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 /// PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}
 async fn redact(ctx: Ctx, req: redact_event::v3::Request) -> Result<redact_event::v3::Response> {
     let (user, device) = (user(&ctx)?, device(&ctx)?);
-    let sender = Sender { user: &user, device: &device };
+    let sender = Sender { user: &user, device: &device, ts: None };
     let redact =
         send::redact(&ctx.services, sender, &req.room_id, &req.event_id, req.reason, &req.txn_id);
     Ok(redact_event::v3::Response::new(redact.await?))
@@ -75,6 +75,13 @@ async fn create(ctx: Ctx, req: create_room::v3::Request) -> Result<create_room::
     Ok(create_room::v3::Response::new(room_id))
 }
 
+/// The `ts` an application service gives its event (timestamp massaging); ignored from
+/// anyone else.
+fn service_ts(ctx: &Ctx, ts: Option<ruma::MilliSecondsSinceUnixEpoch>) -> Option<u64> {
+    let by_service = ctx.session.as_ref().is_some_and(|s| s.appservice.is_some());
+    ts.filter(|_| by_service).map(|t| t.get().into())
+}
+
 /// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}
 async fn send(
     ctx: Ctx,
@@ -82,7 +89,8 @@ async fn send(
 ) -> Result<send_message_event::v3::Response> {
     ctx.rate_limit(trellis_service::ratelimit::Class::Message)?;
     let (user, device) = (user(&ctx)?, device(&ctx)?);
-    let sender = Sender { user: &user, device: &device };
+    let ts = service_ts(&ctx, req.timestamp);
+    let sender = Sender { user: &user, device: &device, ts };
     let (kind, content) = (req.event_type.to_string(), raw_value(&req.body)?);
     let sent = send::message(&ctx.services, sender, &req.room_id, kind, content, &req.txn_id);
     Ok(send_message_event::v3::Response::new(sent.await?))
@@ -95,7 +103,8 @@ async fn put_state(
 ) -> Result<send_state_event::v3::Response> {
     let (kind, content) = (req.event_type.to_string(), raw_value(&req.body)?);
     let user = user(&ctx)?;
-    let sent = send::state(&ctx.services, &user, &req.room_id, kind, req.state_key, content);
+    let ts = service_ts(&ctx, req.timestamp);
+    let sent = send::state(&ctx.services, &user, ts, &req.room_id, kind, req.state_key, content);
     Ok(send_state_event::v3::Response::new(sent.await?))
 }
 

@@ -62,6 +62,16 @@ async fn login(ctx: Ctx, req: login::v3::Request) -> Result<login::v3::Response>
             Credential::Password { user, password: p.password }
         }
         login::v3::LoginInfo::Token(t) => Credential::Token(t.token),
+        login::v3::LoginInfo::ApplicationService(a) => {
+            let user = match (&a.identifier, &a.user) {
+                (Some(UserIdentifier::Matrix(id)), _) => id.user.clone(),
+                (None, Some(user)) => user.clone(),
+                _ => return Err(Error::bad_json("An application service login names a user")),
+            };
+            let localpart =
+                trellis_service::appservice::vouch(&ctx.services, ctx.session.as_ref(), &user)?;
+            Credential::Vouched(localpart)
+        }
         other if other.login_type() == trellis_service::accounts::jwt::LOGIN_TYPE => {
             let token = other.data().get("token").and_then(|t| t.as_str()).map(str::to_owned);
             Credential::Jwt(token.ok_or_else(|| Error::bad_json("A JWT login needs a token"))?)

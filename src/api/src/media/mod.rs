@@ -63,7 +63,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 async fn session(state: &AppState, parts: &http::request::Parts) -> Result<Session> {
     let token = access_token(parts).ok_or_else(Error::missing_token)?;
     let client = Client::from_ip(client_ip(parts, state.config.http.x_forwarded_for));
-    state.accounts.authenticate(&token, &client).await
+    trellis_service::appservice::authenticate(state, &token, parts.uri.query(), &client).await
 }
 
 fn respond(result: Result<Response>) -> Response {

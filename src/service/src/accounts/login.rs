@@ -17,6 +17,9 @@ pub enum Credential {
     Token(String),
     /// `org.matrix.login.jwt`.
     Jwt(String),
+    /// A user an application service logs in as (`m.login.application_service`), its
+    /// `as_token` and namespace already checked.
+    Vouched(String),
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +43,7 @@ impl Accounts {
                 self.password_login(&user, password, client).await?
             }
             Credential::Jwt(token) => self.jwt_login(&token, client).await?,
+            Credential::Vouched(localpart) => localpart,
             Credential::Token(token) => match self.take_login_token(&token).await? {
                 Some(lp) => lp,
                 None => {

@@ -380,6 +380,40 @@ impl Accounts {
         Ok(self.user_id(&localpart))
     }
 
+    /// `m.login.application_service` registration: the user an application service
+    /// vouched for (see `appservice::vouch`), without a password or user-interactive auth.
+    pub async fn register_vouched(
+        &self,
+        localpart: String,
+        req: RegisterRequest,
+        client: &Client,
+    ) -> Result<Registered> {
+        let _guard = self.create_lock.lock().await;
+        if USERS.contains(&*self.db, &localpart)? {
+            return Err(Error::new(
+                ErrorKind::BadRequest,
+                code::USER_IN_USE,
+                "User ID already taken",
+            ));
+        }
+        let mut batch = Batch::new();
+        self.put_new_user(&mut batch, &localpart, None, false);
+        self.audit.add(&mut batch, Some(&localpart), "register_appservice", client, "ok", None);
+        self.log_in_registered(localpart, &req, Some(batch), client).await
+    }
+
+    /// Creates an application service's user (its sender, or a user of its namespace
+    /// it registers) without a password, if it does not exist.
+    pub async fn ensure_service_user(&self, localpart: &str) -> Result<()> {
+        let _guard = self.create_lock.lock().await;
+        if USERS.contains(&*self.db, &localpart.to_owned())? {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        self.put_new_user(&mut batch, localpart, None, false);
+        commit(&self.db, batch).await
+    }
+
     fn put_new_user(
         &self,
         batch: &mut Batch,

@@ -120,6 +120,7 @@ pub async fn update_field(
             content,
             txn: None,
             redacts: None,
+            origin_server_ts: None,
         };
         if let Err(e) = services.timeline.append(&room, event).await {
             tracing::info!(room, error = %e, "profile change not propagated to a room");

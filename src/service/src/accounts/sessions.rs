@@ -24,6 +24,8 @@ pub struct Session {
     pub device_id: String,
     /// A guest account: only the endpoints the spec allows guests.
     pub guest: bool,
+    /// Set when an application service acts as the user (its id).
+    pub appservice: Option<String>,
 }
 
 /// Tokens handed to a client at login, registration or refresh.
@@ -161,7 +163,8 @@ impl Accounts {
             commit(&self.db, batch).await?;
         }
         self.note_seen(&record.localpart, &record.device_id, client).await?;
-        Ok(Session { localpart: record.localpart, device_id: record.device_id, guest: user.guest })
+        let device_id = record.device_id;
+        Ok(Session { localpart: record.localpart, device_id, guest: user.guest, appservice: None })
     }
 
     /// Records "last seen" for a device, writing at most once per interval.

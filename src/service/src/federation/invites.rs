@@ -157,6 +157,7 @@ pub async fn invite_remote(
         content,
         txn: None,
         redacts: None,
+        origin_server_ts: None,
     };
     let (pdu, hash) = services.timeline.prepare(room_id, event)?;
     let (_, room) = rooms.room(room_id)?.ok_or_else(|| Error::not_found("Unknown room"))?;

@@ -87,6 +87,8 @@ pub struct NewEvent {
     pub txn: Option<Txn>,
     /// For `m.room.redaction`: the event to redact.
     pub redacts: Option<String>,
+    /// An application service's `ts` (timestamp massaging); else now.
+    pub origin_server_ts: Option<u64>,
 }
 
 /// Appends to rooms: local events (`append`, `create_room`, here) and events from other
@@ -391,7 +393,7 @@ impl Timeline {
             prev_events,
             auth_events,
             depth: room.max_depth + 1,
-            origin_server_ts: now_millis(),
+            origin_server_ts: event.origin_server_ts.unwrap_or_else(now_millis),
         })
     }
 
@@ -637,6 +639,7 @@ mod tests {
             content,
             txn: None,
             redacts: None,
+            origin_server_ts: None,
         }
     }
 

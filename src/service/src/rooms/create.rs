@@ -46,6 +46,7 @@ pub(super) fn state(kind: &str, sender: &str, key: &str, content: Value) -> NewE
         content,
         txn: None,
         redacts: None,
+        origin_server_ts: None,
     }
 }
 

@@ -759,6 +759,7 @@ impl Timeline {
             content,
             txn: None,
             redacts: None,
+            origin_server_ts: None,
         };
         let template = self.template(room_id, &room, &rules, &state, event)?;
         let (pdu, _) = super::build_pdu(&self.keys, &self.rooms.server_name, &version, template)?;

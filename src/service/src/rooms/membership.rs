@@ -190,7 +190,13 @@ async fn resolve_target(
     let target = target.as_str();
     let mut servers: Vec<String> = via.iter().map(ToString::to_string).collect();
     let room_id = if target.starts_with('#') {
-        match services.aliases.resolve(target)? {
+        let mut known = services.aliases.resolve(target)?;
+        if known.is_none() && server_of(target) == Some(services.server_name()) {
+            // An application service whose namespace holds it may create it now.
+            crate::appservice::queries::query_alias(services, target).await?;
+            known = services.aliases.resolve(target)?;
+        }
+        match known {
             Some(record) => record.room_id,
             None if server_of(target).is_some_and(|s| s != services.server_name()) => {
                 let answer = services.federation.remote_alias(target).await?;
@@ -250,6 +256,7 @@ async fn append_membership(
         content: member_content(services, sender, membership, reason)?,
         txn: None,
         redacts: None,
+        origin_server_ts: None,
     };
     Ok(services.timeline.append(room_id.as_str(), event).await?.event_id)
 }

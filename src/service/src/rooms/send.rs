@@ -14,6 +14,8 @@ use crate::Services;
 pub struct Sender<'a> {
     pub user: &'a UserId,
     pub device: &'a DeviceId,
+    /// The event's `origin_server_ts` when an application service sets it (`ts`).
+    pub ts: Option<u64>,
 }
 
 impl Sender<'_> {
@@ -52,6 +54,7 @@ pub async fn message(
         content,
         txn: Some(sender.txn(txn_id.to_string())),
         redacts,
+        origin_server_ts: sender.ts,
     };
     Ok(services.timeline.append(room_id.as_str(), event).await?.event_id)
 }
@@ -62,6 +65,7 @@ pub async fn message(
 pub async fn state(
     services: &Services,
     sender: &UserId,
+    ts: Option<u64>,
     room_id: &RoomId,
     kind: String,
     state_key: String,
@@ -83,6 +87,7 @@ pub async fn state(
         content,
         txn: None,
         redacts: None,
+        origin_server_ts: ts,
     };
     Ok(services.timeline.append(room_id.as_str(), event).await?.event_id)
 }
@@ -157,6 +162,7 @@ pub async fn redact(
         // Its own namespace: a client may reuse a transaction id across send and redact.
         txn: Some(sender.txn(format!("redact:{txn_id}"))),
         redacts: Some(event_id.to_string()),
+        origin_server_ts: None,
     };
     Ok(services.timeline.append(room_id.as_str(), event).await?.event_id)
 }

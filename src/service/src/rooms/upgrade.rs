@@ -182,6 +182,7 @@ pub async fn upgrade(
                 content,
                 txn: None,
                 redacts: None,
+                origin_server_ts: None,
             };
             // The aliases already point at the new room; a missing power in one of the
             // rooms only leaves its canonical alias event as it was.

@@ -484,6 +484,7 @@ mod tests {
             content: serde_json::json!({"membership": "join"}),
             txn: None,
             redacts: None,
+            origin_server_ts: None,
         };
         t.append(&room, join).await.unwrap();
         assert!(rooms.visibility_view(&room, alice).unwrap().may_read());

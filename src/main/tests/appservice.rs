@@ -1,0 +1,279 @@
+//! The Application Service API through the real server: registration files, `as_token`
+//! authentication and masquerading, `m.login.application_service`, exclusive namespaces,
+//! `ts`, ping, user and alias queries, and transactions (kept over a restart). The
+//! service here is a small recorder on loopback; `appservice_interop.rs` runs a real
+//! application-service framework.
+
+mod common;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    routing::{get, post, put},
+};
+use common::{OPEN, TestServer};
+use serde_json::{Value, json};
+
+const AS_TOKEN: &str = "as-secret";
+const HS_TOKEN: &str = "hs-secret";
+
+/// What the recorder saw.
+#[derive(Default)]
+struct Seen {
+    /// (transaction id, events)
+    transactions: Vec<(String, Vec<Value>)>,
+    pings: usize,
+}
+
+#[derive(Clone)]
+struct Recorder {
+    seen: Arc<Mutex<Seen>>,
+    homeserver: Arc<Mutex<String>>,
+}
+
+fn authorised(headers: &HeaderMap) -> bool {
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer hs-secret")
+}
+
+async fn transaction(
+    State(r): State<Recorder>,
+    Path(txn): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    if !authorised(&headers) {
+        return (StatusCode::FORBIDDEN, Json(json!({"errcode": "M_FORBIDDEN"})));
+    }
+    let events = body["events"].as_array().cloned().unwrap_or_default();
+    let mut seen = r.seen.lock().unwrap();
+    // A repeated transaction id is acknowledged again, not processed again.
+    if !seen.transactions.iter().any(|(id, _)| *id == txn) {
+        seen.transactions.push((txn, events));
+    }
+    (StatusCode::OK, Json(json!({})))
+}
+
+async fn ping(State(r): State<Recorder>, headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    if !authorised(&headers) {
+        return (StatusCode::FORBIDDEN, Json(json!({})));
+    }
+    r.seen.lock().unwrap().pings += 1;
+    (StatusCode::OK, Json(json!({})))
+}
+
+/// A user of the namespace comes into being when the homeserver asks about them.
+async fn user_query(State(r): State<Recorder>, Path(user): Path<String>) -> StatusCode {
+    let localpart = user.trim_start_matches('@').split(':').next().unwrap_or_default().to_owned();
+    let base = r.homeserver.lock().unwrap().clone();
+    let body = json!({"type": "m.login.application_service", "username": localpart,
+                      "inhibit_login": true});
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/_matrix/client/v3/register"))
+        .bearer_auth(AS_TOKEN)
+        .json(&body)
+        .send()
+        .await;
+    match resp {
+        Ok(r) if r.status().is_success() => StatusCode::OK,
+        _ => StatusCode::NOT_FOUND,
+    }
+}
+
+/// A room alias of the namespace is created when the homeserver asks about it.
+async fn alias_query(State(r): State<Recorder>, Path(alias): Path<String>) -> StatusCode {
+    let name = alias.trim_start_matches('#').split(':').next().unwrap_or_default().to_owned();
+    let base = r.homeserver.lock().unwrap().clone();
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/_matrix/client/v3/createRoom"))
+        .bearer_auth(AS_TOKEN)
+        .json(&json!({"room_alias_name": name, "preset": "public_chat"}))
+        .send()
+        .await;
+    match resp {
+        Ok(r) if r.status().is_success() => StatusCode::OK,
+        _ => StatusCode::NOT_FOUND,
+    }
+}
+
+/// Serves the recorder on `port` until the returned task is aborted.
+async fn serve(recorder: Recorder, port: u16) -> tokio::task::JoinHandle<()> {
+    let app = Router::new()
+        .route("/_matrix/app/v1/transactions/{txn}", put(transaction))
+        .route("/_matrix/app/v1/ping", post(ping))
+        .route("/_matrix/app/v1/users/{user}", get(user_query))
+        .route("/_matrix/app/v1/rooms/{alias}", get(alias_query))
+        .with_state(recorder);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    })
+}
+
+fn registration(port: u16) -> String {
+    format!(
+        "id: bridge\nurl: \"http://127.0.0.1:{port}\"\nas_token: {AS_TOKEN}\nhs_token: {HS_TOKEN}\n\
+         sender_localpart: bridgebot\nrate_limited: false\nnamespaces:\n  users:\n    \
+         - exclusive: true\n      regex: \"@bridge_.*:localhost\"\n  aliases:\n    \
+         - exclusive: true\n      regex: \"#bridge_.*:localhost\"\n"
+    )
+}
+
+async fn start(port: u16) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bridge.yaml");
+    std::fs::write(&file, registration(port)).unwrap();
+    let config = format!("{OPEN}[appservice]\nregistration_files = [\"{}\"]\n", file.display());
+    (TestServer::start(&config).await, dir)
+}
+
+/// Waits until the recorder holds `n` events; answers their bodies in arrival order.
+async fn received(recorder: &Recorder, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let events: Vec<Value> = {
+            let seen = recorder.seen.lock().unwrap();
+            seen.transactions.iter().flat_map(|(_, e)| e.clone()).collect()
+        };
+        let bodies: Vec<Value> = events
+            .iter()
+            .filter(|e| e["type"] == "m.room.message")
+            .map(|e| e["content"]["body"].clone())
+            .collect();
+        if bodies.len() >= n {
+            return bodies;
+        }
+        assert!(Instant::now() < deadline, "only {bodies:?} arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_bridge_registers_puppets_masquerades_and_receives_what_it_is_interested_in() {
+    let port = common::free_port();
+    let recorder = Recorder { seen: Arc::default(), homeserver: Arc::default() };
+    let (s, _dir) = start(port).await;
+    *recorder.homeserver.lock().unwrap() = s.base.clone();
+    let listener = serve(recorder.clone(), port).await;
+
+    // The service's own user exists and is who the as_token is.
+    let (status, who) = s.get_auth("/_matrix/client/v3/account/whoami", AS_TOKEN).await;
+    assert_eq!((status, who["user_id"].as_str()), (200, Some("@bridgebot:localhost")), "{who}");
+    let (status, body) = s
+        .post_auth(
+            "/_matrix/client/v1/appservice/bridge/ping",
+            AS_TOKEN,
+            &json!({"transaction_id": "p1"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["duration_ms"].is_u64(), "{body}");
+    assert_eq!(recorder.seen.lock().unwrap().pings, 1);
+    let (status, _) =
+        s.post_auth("/_matrix/client/v1/appservice/other/ping", AS_TOKEN, &json!({})).await;
+    assert_eq!(status, 403);
+
+    // Puppets: registered by the service, out of reach of everyone else.
+    let puppet = json!({"type": "m.login.application_service", "username": "bridge_alice",
+                        "inhibit_login": true});
+    let (status, body) = s.post_auth("/_matrix/client/v3/register", AS_TOKEN, &puppet).await;
+    assert_eq!((status, body["user_id"].as_str()), (200, Some("@bridge_alice:localhost")));
+    let outside = json!({"type": "m.login.application_service", "username": "carol"});
+    let (status, body) = s.post_auth("/_matrix/client/v3/register", AS_TOKEN, &outside).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_EXCLUSIVE")), "{body}");
+    let (status, body) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "bridge_eve", "password": "password123",
+                    "auth": {"type": "m.login.dummy"}}),
+        )
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_EXCLUSIVE")), "{body}");
+    let as_alice = "/_matrix/client/v3/account/whoami?user_id=@bridge_alice:localhost";
+    let (_, who) = s.get_auth(as_alice, AS_TOKEN).await;
+    assert_eq!(who["user_id"], "@bridge_alice:localhost");
+    let (human_id, human) = s.register("human").await;
+    let (status, _) = s
+        .get_auth(&format!("/_matrix/client/v3/account/whoami?user_id={human_id}"), AS_TOKEN)
+        .await;
+    assert_eq!(status, 403);
+    let (status, body) = s.get_auth(&format!("{as_alice}&device_id=NOPE"), AS_TOKEN).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_UNKNOWN_DEVICE")), "{body}");
+    // Login as a puppet.
+    let login = json!({"type": "m.login.application_service",
+                       "identifier": {"type": "m.id.user", "user": "bridge_alice"}});
+    let (status, body) = s.post_auth("/_matrix/client/v3/login", AS_TOKEN, &login).await;
+    assert_eq!(status, 200, "{body}");
+
+    // A room with a human: the puppet joins and speaks (with its own timestamp), and the
+    // service hears the human.
+    let room = s.create_room(&human, json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/rooms/{room}/join?user_id=@bridge_alice:localhost");
+    let (status, body) = s.post_auth(&join, AS_TOKEN, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let send = format!(
+        "/_matrix/client/v3/rooms/{room}/send/m.room.message/t1?user_id=@bridge_alice:localhost&ts=1234567"
+    );
+    let (status, sent) =
+        s.put_auth(&send, AS_TOKEN, &json!({"msgtype": "m.text", "body": "from the bridge"})).await;
+    assert_eq!(status, 200, "{sent}");
+    let event_id = sent["event_id"].as_str().unwrap();
+    let (_, event) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{event_id}"), &human).await;
+    assert_eq!(
+        (event["sender"].as_str(), event["origin_server_ts"].as_u64()),
+        (Some("@bridge_alice:localhost"), Some(1234567)),
+        "{event}"
+    );
+    s.send_text(&human, &room, "hello bridge").await;
+    let bodies = received(&recorder, 2).await;
+    assert_eq!(bodies, [json!("from the bridge"), json!("hello bridge")]);
+
+    // Queries: an unknown user and alias of the namespace come into being on demand.
+    let (status, profile) = s.get("/_matrix/client/v3/profile/@bridge_bob:localhost").await;
+    assert_eq!(status, 200, "{profile}");
+    let (status, alias) =
+        s.get("/_matrix/client/v3/directory/room/%23bridge_lobby:localhost").await;
+    assert_eq!(status, 200, "{alias}");
+    assert!(alias["room_id"].as_str().is_some_and(|r| r.starts_with('!')), "{alias}");
+    let (status, body) = s
+        .put_auth(
+            "/_matrix/client/v3/directory/room/%23bridge_mine:localhost",
+            &human,
+            &json!({"room_id": room}),
+        )
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_EXCLUSIVE")), "{body}");
+    listener.abort();
+}
+
+#[tokio::test]
+async fn events_queued_while_a_service_is_down_arrive_once_in_order_after_a_restart() {
+    let port = common::free_port();
+    let recorder = Recorder { seen: Arc::default(), homeserver: Arc::default() };
+    let (mut s, _dir) = start(port).await;
+    let (_, human) = s.register("human").await;
+    let room = s.create_room(&human, json!({"preset": "public_chat"})).await;
+    let join = format!("/_matrix/client/v3/rooms/{room}/join");
+    let (status, _) = s.post_auth(&join, AS_TOKEN, &json!({})).await;
+    assert_eq!(status, 200);
+    // Nobody listens on the service's port yet: the events wait in the queue.
+    for n in 0..5 {
+        s.send_text(&human, &room, &format!("m{n}")).await;
+    }
+    s.kill9();
+    s.launch().await;
+    let listener = serve(recorder.clone(), port).await;
+    let bodies = received(&recorder, 5).await;
+    let expected: Vec<Value> = (0..5).map(|n| json!(format!("m{n}"))).collect();
+    assert_eq!(bodies, expected);
+    // Nothing more comes: no duplicates after the first delivery.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(received(&recorder, 5).await, expected);
+    listener.abort();
+}

@@ -1,0 +1,261 @@
+//! Events to application services: an event-pipeline step queues every event a service is
+//! interested in (RocksDB, so a restart loses nothing), and one sender task per service
+//! sends its queue as `PUT /_matrix/app/v1/transactions/{txnId}`, in stream order,
+//! batched, retrying with exponential backoff. A transaction is kept until the service
+//! acknowledges it and is resent as it was (same id, same events), so a service that
+//! answered but whose answer was lost sees a repeat it can recognise, never a gap.
+//! Services do not wait on each other: each has its own queue and task.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock, Weak},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::{sync::Notify, task::JoinHandle};
+use tracing::Instrument;
+use trellis_core::{Error, Result};
+use trellis_store::{Batch, Direction, Json, Table, catalog};
+
+use super::Registration;
+use crate::{
+    Services, commit,
+    pipeline::{Appended, Consumer},
+    realtime::sync::sync_event,
+};
+
+/// (service id, stream position) -> the event in the client format
+const QUEUE: Table<(String, u64), Json<Value>> = Table::new(&catalog::APPSERVICE_QUEUE);
+/// service id -> the transaction being sent
+const INFLIGHT: Table<String, Json<InFlight>> = Table::new(&catalog::APPSERVICE_INFLIGHT);
+
+/// Events per transaction at most.
+const BATCH: usize = 100;
+/// The longest wait between two attempts at an unreachable service.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// How long one transaction may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InFlight {
+    txn_id: String,
+    /// The queue positions the transaction carries.
+    positions: Vec<u64>,
+    body: Value,
+}
+
+/// The pipeline step and the senders.
+pub struct Delivery {
+    services: OnceLock<Weak<Services>>,
+    wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    senders: Mutex<Vec<JoinHandle<()>>>,
+    http: reqwest::Client,
+}
+
+impl Delivery {
+    pub fn new() -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| Error::internal("application service HTTP client", e))?;
+        Ok(Self {
+            services: OnceLock::new(),
+            wakers: Mutex::default(),
+            senders: Mutex::default(),
+            http,
+        })
+    }
+
+    /// Connects the step to the services, once they exist.
+    pub fn attach(&self, services: &Arc<Services>) {
+        let _ = self.services.set(Arc::downgrade(services));
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    fn waker(&self, id: &str) -> Arc<Notify> {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
+        wakers.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// (Re)starts one sender per registered service with a URL; those of services no
+    /// longer registered stop (their queues stay, for when they come back).
+    pub fn start(&self, services: &Arc<Services>) {
+        let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        for sender in senders.drain(..) {
+            sender.abort();
+        }
+        for reg in services.appservices.all().iter().filter(|r| r.url.is_some()) {
+            let span = tracing::info_span!("appservice_sender", appservice = %reg.id);
+            let task = send_loop(services.clone(), reg.clone(), self.waker(&reg.id));
+            senders.push(tokio::spawn(task.instrument(span)));
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for Delivery {
+    fn name(&self) -> &'static str {
+        "appservices"
+    }
+
+    async fn on_event(&self, event: &Appended<'_>) -> Result<Option<u64>> {
+        let Some(services) = self.services.get().and_then(Weak::upgrade) else { return Ok(None) };
+        let registered = services.appservices.all();
+        if registered.is_empty() || event.pdu.rejected {
+            return Ok(None);
+        }
+        let mut batch = Batch::new();
+        let mut woken = Vec::new();
+        let mut client_event = None;
+        for reg in registered.iter().filter(|r| r.url.is_some()) {
+            if !interested(&services, reg, event)? {
+                continue;
+            }
+            let value = client_event.get_or_insert_with(|| {
+                let mut value = sync_event(event.pdu);
+                value["room_id"] = json!(event.room_id);
+                value
+            });
+            QUEUE.put(&mut batch, &(reg.id.clone(), event.position), &Json(value.clone()));
+            woken.push(reg.id.clone());
+        }
+        if woken.is_empty() {
+            return Ok(None);
+        }
+        commit(&services.db, batch).await?;
+        for id in woken {
+            self.waker(&id).notify_one();
+        }
+        Ok(None)
+    }
+}
+
+/// The spec's interest: the sender or the member a membership event is about is one of
+/// the service's users, the room is in its room namespace or has an alias in its alias
+/// namespace, or one of its users is in the room.
+fn interested(services: &Services, reg: &Registration, event: &Appended<'_>) -> Result<bool> {
+    let server = services.server_name();
+    let pdu = event.pdu;
+    if reg.claims_user(pdu.sender.as_str(), server)
+        || pdu
+            .state_key
+            .as_deref()
+            .is_some_and(|k| k.starts_with('@') && reg.claims_user(k, server))
+        || reg.claims_room(event.room_id.as_str())
+    {
+        return Ok(true);
+    }
+    if let Some(members) = event.members
+        && members.iter().any(|m| reg.claims_user(m, server))
+    {
+        return Ok(true);
+    }
+    if !reg.aliases.is_empty()
+        && let Some(aliases) =
+            services.rooms.state_of(event.room_id.as_str(), "m.room.canonical_alias", "")?
+    {
+        let content: Value = serde_json::from_str(aliases.content.get()).unwrap_or_default();
+        let alt = content["alt_aliases"].as_array().cloned().unwrap_or_default();
+        let listed = content.get("alias").into_iter().chain(alt.iter());
+        if listed.filter_map(Value::as_str).any(|a| reg.claims_alias(a)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Sends one service's queue for as long as the service stays registered.
+async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<Notify>) {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let next = match next_transaction(&services, &reg.id) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the application service queue failed");
+                None
+            }
+        };
+        let Some(txn) = next else {
+            // Woken by the pipeline; the timeout is a safety net, not the mechanism.
+            let _ = tokio::time::timeout(Duration::from_secs(30), wake.notified()).await;
+            continue;
+        };
+        match send(&services, &reg, &txn).await {
+            Ok(()) => {
+                backoff = FIRST_BACKOFF;
+                if let Err(e) = acknowledge(&services, &reg.id, &txn).await {
+                    tracing::error!(error = %e, "clearing a sent transaction failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(txn_id = %txn.txn_id, error = %e, retry_in = ?backoff,
+                               "application service transaction failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// The transaction being sent, or a new one from the queue's oldest events.
+fn next_transaction(services: &Services, id: &str) -> Result<Option<InFlight>> {
+    if let Some(Json(txn)) = INFLIGHT.get(&*services.db, &id.to_owned())? {
+        return Ok(Some(txn));
+    }
+    let mut positions = Vec::new();
+    let mut events = Vec::new();
+    for row in QUEUE.scan_prefix(&*services.db, &id.to_owned(), Direction::Forward)?.take(BATCH) {
+        let ((_, position), Json(event)) = row?;
+        positions.push(position);
+        events.push(event);
+    }
+    let Some(first) = positions.first() else { return Ok(None) };
+    let txn = InFlight {
+        txn_id: format!("{first}.{}", positions.len()),
+        positions,
+        body: json!({"events": events, "ephemeral": [], "de.sorunome.msc2409.ephemeral": []}),
+    };
+    // Written before it is sent, so that a restart resends this very transaction.
+    let mut batch = Batch::new();
+    INFLIGHT.put(&mut batch, &id.to_owned(), &Json(txn.clone()));
+    services.db.write(batch)?;
+    Ok(Some(txn))
+}
+
+async fn send(services: &Services, reg: &Registration, txn: &InFlight) -> Result<()> {
+    let Some(url) = &reg.url else { return Ok(()) };
+    let target = format!("{url}/_matrix/app/v1/transactions/{}", txn.txn_id);
+    let response = services
+        .appservice_delivery
+        .http()
+        .put(&target)
+        .bearer_auth(&reg.hs_token)
+        .json(&txn.body)
+        .send()
+        .await
+        .map_err(|e| Error::internal("sending a transaction", e))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(Error::internal(
+            "sending a transaction",
+            format!("the service answered {status}"),
+        ));
+    }
+    Ok(())
+}
+
+async fn acknowledge(services: &Services, id: &str, txn: &InFlight) -> Result<()> {
+    let mut batch = Batch::new();
+    for position in &txn.positions {
+        QUEUE.delete(&mut batch, &(id.to_owned(), *position));
+    }
+    INFLIGHT.delete(&mut batch, &id.to_owned());
+    commit(&services.db, batch).await
+}
