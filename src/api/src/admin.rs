@@ -37,6 +37,14 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 
 /// Checks that the caller is a server admin.
 async fn require_admin(state: &AppState, parts: &Parts) -> Result<()> {
+    admin_caller(state, parts).await.map(|_| ())
+}
+
+/// The admin making the request (their localpart) and where from; others are refused.
+pub(crate) async fn admin_caller(
+    state: &AppState,
+    parts: &Parts,
+) -> Result<(String, trellis_service::Client)> {
     let token = access_token(parts).ok_or_else(Error::missing_token)?;
     let client =
         trellis_service::Client::from_ip(client_ip(parts, state.config.http.x_forwarded_for));
@@ -44,7 +52,7 @@ async fn require_admin(state: &AppState, parts: &Parts) -> Result<()> {
         trellis_service::appservice::authenticate(state, &token, parts.uri.query(), &client)
             .await?;
     match state.accounts.user(&session.localpart)? {
-        Some(u) if u.admin => Ok(()),
+        Some(u) if u.admin => Ok((session.localpart, client)),
         _ => Err(Error::forbidden("You are not a server admin")),
     }
 }
@@ -58,7 +66,7 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
     serde_json::from_slice(body).map_err(json_error)
 }
 
-fn respond(result: Result<serde_json::Value>) -> Response {
+pub(crate) fn respond(result: Result<serde_json::Value>) -> Response {
     match result {
         Ok(v) => ok_json(v),
         Err(e) => ApiError(e).into_response(),

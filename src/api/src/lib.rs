@@ -1,6 +1,7 @@
 //! HTTP: axum routers for every API surface, and the layers every request passes through.
 
 mod admin;
+mod appservice_admin;
 pub mod client;
 mod convert;
 mod cors;
@@ -35,6 +36,7 @@ pub fn main_router(services: AppState) -> Router {
     let router = server::routes(router);
     let router = federation::routes(router);
     let router = admin::routes(router);
+    let router = appservice_admin::routes(router);
     // `layer` wraps only the routes added so far: media uploads, added after it, are
     // bounded by their own streaming limit instead of the whole-body one.
     let router = router.layer(RequestBodyLimitLayer::new(max_body));

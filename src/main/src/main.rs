@@ -1,5 +1,6 @@
 //! `trellis`: the Matrix homeserver binary.
 
+mod appservice_cmd;
 mod bench;
 mod http1;
 mod plain;
@@ -45,6 +46,15 @@ enum Command {
         #[command(subcommand)]
         command: user_cmd::UserCommand,
     },
+    /// Application service registrations kept in the database (the server must be
+    /// stopped; on a running server use the admin API).
+    Appservice {
+        /// TOML config file (for the data directory and the registration files).
+        #[arg(long, short, env = "TRELLIS_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: appservice_cmd::AppserviceCommand,
+    },
     /// Load scenarios against a running homeserver (any implementation), through the
     /// client-server API only. Each prints one JSON line; `scripts/bench-compare` runs them
     /// against Trellis and Synapse, `scripts/bench-federation` the two-server scenario
@@ -87,6 +97,15 @@ fn main() -> ExitCode {
         Command::User { config, command } => {
             match Config::load(config.as_deref(), std::env::vars()) {
                 Ok(config) => user_cmd::run(config, command),
+                Err(errors) => {
+                    eprintln!("invalid configuration:\n{errors}");
+                    ExitCode::from(78)
+                }
+            }
+        }
+        Command::Appservice { config, command } => {
+            match Config::load(config.as_deref(), std::env::vars()) {
+                Ok(config) => appservice_cmd::run(config, command),
                 Err(errors) => {
                     eprintln!("invalid configuration:\n{errors}");
                     ExitCode::from(78)

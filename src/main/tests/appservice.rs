@@ -277,3 +277,93 @@ async fn events_queued_while_a_service_is_down_arrive_once_in_order_after_a_rest
     assert_eq!(received(&recorder, 5).await, expected);
     listener.abort();
 }
+
+#[tokio::test]
+async fn registrations_are_added_and_removed_at_runtime_and_offline() {
+    let port = common::free_port();
+    let (mut s, dir) = start(port).await;
+    // An admin, made offline.
+    s.terminate();
+    let config = s.config_path.to_str().unwrap().to_owned();
+    let cwd = s.dir.path().to_owned();
+    let pwfile = s.dir.path().join("pw");
+    std::fs::write(&pwfile, "admin password\n").unwrap();
+    let cli = |args: &[&str]| common::run_cli(&[args, &["--config", &config]].concat(), &cwd);
+    let out =
+        cli(&["user", "create", "root2", "--admin", "--password-file", pwfile.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Offline: add, list (files and database), refuse a clash, remove.
+    let second = dir.path().join("second.yaml");
+    std::fs::write(
+        &second,
+        registration(port)
+            .replace("id: bridge", "id: second")
+            .replace(AS_TOKEN, "as-two")
+            .replace(HS_TOKEN, "hs-two"),
+    )
+    .unwrap();
+    let out = cli(&["appservice", "add", second.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["appservice", "list"]);
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(listed.contains("bridge") && listed.contains("second"), "{listed}");
+    let clash = dir.path().join("clash.yaml");
+    std::fs::write(&clash, registration(port).replace("id: bridge", "id: clash")).unwrap();
+    let out = cli(&["appservice", "add", clash.to_str().unwrap()]);
+    assert!(!out.status.success(), "a token in use is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shares a token"));
+    s.launch().await;
+    let (status, who) = s.get_auth("/_matrix/client/v3/account/whoami", "as-two").await;
+    assert_eq!(status, 200, "{who}");
+
+    // Online, through the admin API.
+    let (status, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password", "password": "admin password",
+                    "identifier": {"type": "m.id.user", "user": "root2"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let admin = login["access_token"].as_str().unwrap().to_owned();
+    let third = registration(port)
+        .replace("id: bridge", "id: third")
+        .replace(AS_TOKEN, "as-three")
+        .replace(HS_TOKEN, "hs-three")
+        .replace("bridgebot", "thirdbot");
+    let add = reqwest::Client::new()
+        .post(s.url("/_trellis/admin/v1/appservices"))
+        .bearer_auth(&admin)
+        .body(third)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::json_of(add).await;
+    assert_eq!((status, body["id"].as_str()), (200, Some("third")), "{body}");
+    let (status, who) = s.get_auth("/_matrix/client/v3/account/whoami", "as-three").await;
+    assert_eq!((status, who["user_id"].as_str()), (200, Some("@thirdbot:localhost")), "{who}");
+    let (_, listed) = s.get_auth("/_trellis/admin/v1/appservices", &admin).await;
+    let ids: Vec<&str> =
+        listed["appservices"].as_array().unwrap().iter().filter_map(|a| a["id"].as_str()).collect();
+    assert_eq!(ids, ["bridge", "second", "third"], "{listed}");
+    let bad = reqwest::Client::new()
+        .post(s.url("/_trellis/admin/v1/appservices"))
+        .bearer_auth(&admin)
+        .body("id: broken\nhs_token: x\nsender_localpart: y\n")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::json_of(bad).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("as_token"), "{body}");
+    let (status, _) =
+        s.delete_auth("/_trellis/admin/v1/appservices/third", &admin, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.get_auth("/_matrix/client/v3/account/whoami", "as-three").await;
+    assert_eq!(status, 401);
+    let (status, _) =
+        s.delete_auth("/_trellis/admin/v1/appservices/bridge", &admin, &json!({})).await;
+    assert_eq!(status, 400, "a registration from a file stays");
+    let (status, _) = s.get_auth("/_trellis/admin/v1/appservices", "as-two").await;
+    assert_eq!(status, 403, "services are not admins");
+}

@@ -115,7 +115,7 @@ impl Services {
         let media = media::Media::new(&config, db.clone(), None)?;
         let appservices = appservice::Appservices::new(
             &server_name,
-            appservice::Appservices::load(&config.appservice.registration_files)?,
+            appservice::Appservices::load(&config.appservice.registration_files, &db)?,
         );
         let push_rules = Arc::new(push::rules::PushRules::new(db.clone(), stream.clone()));
         let notifier = Arc::new(push::notify::Notifier::new(

@@ -208,6 +208,9 @@ tables! {
     APPSERVICE_QUEUE = "appservice_queue", Scan @ 66;
     // application service id -> the transaction being sent to it (resent as it is)
     APPSERVICE_INFLIGHT = "appservice_inflight", Point @ 67;
+    // application service id -> its registration (YAML) as added through the admin API
+    // or `trellis appservice add`
+    APPSERVICE_REGISTRATIONS = "appservice_registrations", Scan @ 68;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

@@ -6,6 +6,7 @@
 pub mod delivery;
 pub mod queries;
 pub mod registration;
+pub mod stored;
 
 use std::{
     collections::HashSet,
@@ -14,6 +15,7 @@ use std::{
 };
 
 use trellis_core::{Error, ErrorKind, Result, error::code};
+use trellis_store::Db;
 
 use crate::{Services, accounts::Session, audit::Client};
 pub use registration::Registration;
@@ -30,27 +32,40 @@ impl Appservices {
         Self { server_name: server_name.to_owned(), registered: RwLock::new(Arc::new(list)) }
     }
 
-    /// Reads and checks the registration files; ids and tokens must be unique.
-    pub fn load(files: &[PathBuf]) -> std::result::Result<Vec<Registration>, String> {
-        let registrations: Vec<Registration> =
+    /// Reads and checks the registration files and those stored in `db` (added at
+    /// runtime); ids and tokens must be unique across them all.
+    pub fn load(files: &[PathBuf], db: &Db) -> std::result::Result<Vec<Registration>, String> {
+        let mut registrations: Vec<Registration> =
             files.iter().map(|f| Registration::from_file(f)).collect::<Result<_, _>>()?;
-        let (mut ids, mut tokens) = (HashSet::new(), HashSet::new());
-        for reg in &registrations {
-            if !ids.insert(reg.id.as_str()) {
-                return Err(format!("two application services have the id {:?}", reg.id));
-            }
-            for token in [&reg.as_token, &reg.hs_token] {
-                if !tokens.insert(token.as_str()) {
-                    return Err(format!(
-                        "application service {:?} shares a token with another one",
-                        reg.id
-                    ));
-                }
-            }
+        for (id, yaml) in stored::all(db).map_err(|e| e.to_string())? {
+            registrations
+                .push(Registration::from_yaml(&yaml, &format!("stored registration {id}"))?);
         }
+        check_unique(&registrations)?;
         Ok(registrations)
     }
+}
 
+/// Ids and tokens must be unique: a token names one service, an id one queue.
+fn check_unique(registrations: &[Registration]) -> std::result::Result<(), String> {
+    let (mut ids, mut tokens) = (HashSet::new(), HashSet::new());
+    for reg in registrations {
+        if !ids.insert(reg.id.as_str()) {
+            return Err(format!("two application services have the id {:?}", reg.id));
+        }
+        for token in [&reg.as_token, &reg.hs_token] {
+            if !tokens.insert(token.as_str()) {
+                return Err(format!(
+                    "application service {:?} shares a token with another one",
+                    reg.id
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Appservices {
     /// Replaces the registered services (a reload).
     pub fn replace(&self, registrations: Vec<Registration>) {
         let list = registrations.into_iter().map(Arc::new).collect();
@@ -180,10 +195,11 @@ pub fn check_not_exclusive(services: &Services, localpart: &str) -> Result<()> {
     Ok(())
 }
 
-/// Re-reads the registration files (SIGHUP): the new set replaces the old only if every
-/// file is valid, and the senders restart for it.
+/// Re-reads the registrations (SIGHUP, or one added or removed at runtime): the new set
+/// replaces the old only if every one is valid, and the senders restart for it.
 pub async fn reload(services: &Arc<Services>) -> std::result::Result<usize, String> {
-    let registrations = Appservices::load(&services.config.appservice.registration_files)?;
+    let files = &services.config.appservice.registration_files;
+    let registrations = Appservices::load(files, &services.db)?;
     let count = registrations.len();
     services.appservices.replace(registrations);
     ensure_senders(services).await.map_err(|e| e.to_string())?;
@@ -206,4 +222,31 @@ pub fn check_alias_not_exclusive(
         )),
         _ => Ok(()),
     }
+}
+
+/// Adds a registration at runtime (admin API): checked like a file, unique among all,
+/// stored, and in effect at once. Answers its id.
+pub async fn add(services: &Arc<Services>, yaml: &str) -> Result<String> {
+    let reg = Registration::from_yaml(yaml, "the registration").map_err(Error::invalid_param)?;
+    let mut all: Vec<Registration> =
+        services.appservices.all().iter().map(|r| (**r).clone()).collect();
+    all.push(reg.clone());
+    check_unique(&all).map_err(Error::invalid_param)?;
+    stored::put(&services.db, &reg.id, yaml).await?;
+    reload(services).await.map_err(|e| Error::internal("reloading application services", e))?;
+    Ok(reg.id)
+}
+
+/// Removes a registration added at runtime; those from files stay until their file goes.
+pub async fn remove(services: &Arc<Services>, id: &str) -> Result<()> {
+    if !stored::remove(&services.db, id).await? {
+        return Err(match services.appservices.by_id(id) {
+            Some(_) => Error::invalid_param(
+                "This registration comes from a file named in the configuration",
+            ),
+            None => Error::not_found("No such application service"),
+        });
+    }
+    reload(services).await.map_err(|e| Error::internal("reloading application services", e))?;
+    Ok(())
 }

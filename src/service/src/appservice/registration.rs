@@ -54,6 +54,8 @@ pub struct NamespaceFile {
 #[derive(Debug, Clone)]
 pub struct Namespace {
     pub exclusive: bool,
+    /// As written in the registration.
+    pub pattern: String,
     pub regex: Regex,
 }
 
@@ -103,7 +105,7 @@ impl Registration {
                     // Anchored: the spec matches the regex against the whole id.
                     let regex = Regex::new(&format!("^(?:{pattern})$"))
                         .map_err(|e| format!("{source}: `{field}` is not a valid regex: {e}"))?;
-                    Ok(Namespace { exclusive: ns.exclusive, regex })
+                    Ok(Namespace { exclusive: ns.exclusive, pattern, regex })
                 })
                 .collect()
         };
