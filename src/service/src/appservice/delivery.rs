@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{sync::Notify, task::JoinHandle};
 use tracing::Instrument;
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::Registration;
@@ -34,6 +34,8 @@ const INFLIGHT: Table<String, Json<InFlight>> = Table::new(&catalog::APPSERVICE_
 
 /// Events per transaction at most.
 const BATCH: usize = 100;
+/// Ephemeral events kept for a service at most.
+const MAX_EPHEMERAL: usize = 1000;
 /// The longest wait between two attempts at an unreachable service.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -52,6 +54,9 @@ struct InFlight {
 pub struct Delivery {
     services: OnceLock<Weak<Services>>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Ephemeral events (typing, receipts) waiting for each service's next transaction:
+    /// in memory, as they are worthless after a restart.
+    ephemeral: Mutex<HashMap<String, Vec<Value>>>,
     senders: Mutex<Vec<JoinHandle<()>>>,
     http: reqwest::Client,
 }
@@ -65,6 +70,7 @@ impl Delivery {
         Ok(Self {
             services: OnceLock::new(),
             wakers: Mutex::default(),
+            ephemeral: Mutex::default(),
             senders: Mutex::default(),
             http,
         })
@@ -82,6 +88,41 @@ impl Delivery {
     fn waker(&self, id: &str) -> Arc<Notify> {
         let mut wakers = self.wakers.lock().unwrap_or_else(|p| p.into_inner());
         wakers.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Hands an ephemeral event of `room_id` (`m.typing`, `m.receipt`) to the services
+    /// that asked for them (`receive_ephemeral`) and have a user in the room (or the room
+    /// in their namespace).
+    pub fn ephemeral(&self, services: &Services, room_id: &str, event: Value) -> Result<()> {
+        let registered = services.appservices.all();
+        let wanting: Vec<_> =
+            registered.iter().filter(|r| r.receive_ephemeral && r.url.is_some()).collect();
+        if wanting.is_empty() {
+            return Ok(());
+        }
+        let members = services.rooms.joined_members(room_id)?;
+        let server = services.server_name();
+        for reg in wanting {
+            if !reg.claims_room(room_id) && !members.iter().any(|m| reg.claims_user(m, server)) {
+                continue;
+            }
+            {
+                let mut pending = self.ephemeral.lock().unwrap_or_else(|p| p.into_inner());
+                let queue = pending.entry(reg.id.clone()).or_default();
+                // A service that is down misses the oldest first.
+                if queue.len() >= MAX_EPHEMERAL {
+                    queue.remove(0);
+                }
+                queue.push(event.clone());
+            }
+            self.waker(&reg.id).notify_one();
+        }
+        Ok(())
+    }
+
+    fn take_ephemeral(&self, id: &str) -> Vec<Value> {
+        let mut pending = self.ephemeral.lock().unwrap_or_else(|p| p.into_inner());
+        pending.remove(id).unwrap_or_default()
     }
 
     /// (Re)starts one sender per registered service with a URL; those of services no
@@ -216,12 +257,16 @@ fn next_transaction(services: &Services, id: &str) -> Result<Option<InFlight>> {
         positions.push(position);
         events.push(event);
     }
-    let Some(first) = positions.first() else { return Ok(None) };
-    let txn = InFlight {
-        txn_id: format!("{first}.{}", positions.len()),
-        positions,
-        body: json!({"events": events, "ephemeral": [], "de.sorunome.msc2409.ephemeral": []}),
+    let ephemeral = services.appservice_delivery.take_ephemeral(id);
+    let txn_id = match positions.first() {
+        Some(first) => format!("{first}.{}", positions.len()),
+        None if ephemeral.is_empty() => return Ok(None),
+        None => format!("e{}.{}", trellis_core::now_millis(), crate::random::alphanumeric(6)),
     };
+    // Both names of MSC2409's field: frameworks read one or the other.
+    let body = json!({"events": events, "ephemeral": ephemeral,
+                      "de.sorunome.msc2409.ephemeral": ephemeral});
+    let txn = InFlight { txn_id, positions, body };
     // Written before it is sent, so that a restart resends this very transaction.
     let mut batch = Batch::new();
     INFLIGHT.put(&mut batch, &id.to_owned(), &Json(txn.clone()));
@@ -240,15 +285,17 @@ async fn send(services: &Services, reg: &Registration, txn: &InFlight) -> Result
         .json(&txn.body)
         .send()
         .await
-        .map_err(|e| Error::internal("sending a transaction", e))?;
+        .map_err(|e| unreachable_service(format!("cannot reach the service: {e}")))?;
     let status = response.status();
     if !status.is_success() {
-        return Err(Error::internal(
-            "sending a transaction",
-            format!("the service answered {status}"),
-        ));
+        return Err(unreachable_service(format!("the service answered {status}")));
     }
     Ok(())
+}
+
+/// A service that is down or refuses: retried, and logged once per attempt as a warning.
+fn unreachable_service(message: String) -> Error {
+    Error::new(ErrorKind::Upstream, trellis_core::error::code::UNKNOWN, message)
 }
 
 async fn acknowledge(services: &Services, id: &str, txn: &InFlight) -> Result<()> {

@@ -131,7 +131,7 @@ pub async fn authenticate(
         Some(user) if !user.deactivated => {}
         _ => return Err(Error::forbidden("The application service has not registered this user")),
     }
-    let device_id = match param("device_id") {
+    let device_id = match param("device_id").or_else(|| param("org.matrix.msc3202.device_id")) {
         Some(device) => {
             if accounts.device(&localpart, &device).is_err() {
                 return Err(Error::new(
