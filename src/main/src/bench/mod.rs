@@ -19,6 +19,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 mod accounts;
+mod appservice;
 mod federation;
 mod idle;
 mod media;
@@ -63,6 +64,11 @@ pub enum BenchCommand {
     /// copy, thumbnail latency for a large JPEG, and (with `--server-pid`) server memory
     /// while `clients` upload at once.
     Media(media::MediaArgs),
+    /// Application service delivery: `senders` users send `rate` messages a second in a
+    /// room the service's bot is in; events/s delivered to the service (the scenario
+    /// listens as it) and the delay from each send to its transaction.
+    /// `scripts/bench-appservice` starts a server with the matching registration.
+    Appservice(appservice::AppserviceArgs),
     /// Two servers: a room of `members` members on the `--base-url` server is joined by a
     /// user of the `--peer-url` server (timed), who then sends `messages` messages while a
     /// member long-polls; PDUs/s the hosting server takes in and send-to-sync latency.
@@ -98,6 +104,7 @@ impl BenchCommand {
             Self::Idle(a) => &a.common,
             Self::Media(a) => &a.common,
             Self::Federation(a) => &a.common,
+            Self::Appservice(a) => &a.common,
         }
     }
 
@@ -114,6 +121,7 @@ impl BenchCommand {
             Self::Idle(a) => idle::idle(a).await,
             Self::Media(a) => media::media(a).await,
             Self::Federation(a) => federation::federation(a).await,
+            Self::Appservice(a) => appservice::appservice(a).await,
         }
     }
 }

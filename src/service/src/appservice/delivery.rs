@@ -22,7 +22,7 @@ use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::Registration;
 use crate::{
-    Services, commit,
+    Services,
     pipeline::{Appended, Consumer},
     realtime::sync::sync_event,
 };
@@ -170,11 +170,12 @@ impl Consumer for Delivery {
         if woken.is_empty() {
             return Ok(None);
         }
-        commit(&services.db, batch).await?;
+        // The event's own WAL sync makes the queue rows durable with it.
+        let ticket = services.db.write_unsynced(batch)?;
         for id in woken {
             self.waker(&id).notify_one();
         }
-        Ok(None)
+        Ok(Some(ticket))
     }
 }
 
@@ -231,7 +232,7 @@ async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<No
         match send(&services, &reg, &txn).await {
             Ok(()) => {
                 backoff = FIRST_BACKOFF;
-                if let Err(e) = acknowledge(&services, &reg.id, &txn).await {
+                if let Err(e) = acknowledge(&services, &reg.id, &txn) {
                     tracing::error!(error = %e, "clearing a sent transaction failed");
                 }
             }
@@ -267,10 +268,12 @@ fn next_transaction(services: &Services, id: &str) -> Result<Option<InFlight>> {
     let body = json!({"events": events, "ephemeral": ephemeral,
                       "de.sorunome.msc2409.ephemeral": ephemeral});
     let txn = InFlight { txn_id, positions, body };
-    // Written before it is sent, so that a restart resends this very transaction.
+    // Written before it is sent, so that a restart resends this very transaction (not
+    // synced: a process crash keeps what the WAL was handed; only a power loss could
+    // cost it, and then the same events go out under a new id).
     let mut batch = Batch::new();
     INFLIGHT.put(&mut batch, &id.to_owned(), &Json(txn.clone()));
-    services.db.write(batch)?;
+    services.db.write_unsynced(batch)?;
     Ok(Some(txn))
 }
 
@@ -298,11 +301,14 @@ fn unreachable_service(message: String) -> Error {
     Error::new(ErrorKind::Upstream, trellis_core::error::code::UNKNOWN, message)
 }
 
-async fn acknowledge(services: &Services, id: &str, txn: &InFlight) -> Result<()> {
+/// Clears a transaction the service took. Not synced: if it were lost, the transaction
+/// would go again under its id, which the service recognises.
+fn acknowledge(services: &Services, id: &str, txn: &InFlight) -> Result<()> {
     let mut batch = Batch::new();
     for position in &txn.positions {
         QUEUE.delete(&mut batch, &(id.to_owned(), *position));
     }
     INFLIGHT.delete(&mut batch, &id.to_owned());
-    commit(&services.db, batch).await
+    services.db.write_unsynced(batch)?;
+    Ok(())
 }

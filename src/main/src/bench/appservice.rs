@@ -1,0 +1,180 @@
+//! `trellis bench appservice`: events delivered to one application service while many
+//! users send. The scenario is the service: it listens for transactions on `--listen`
+//! (the registration the server was started with must point there: see
+//! `scripts/bench-appservice`), has its bot join a room of `senders` users who together
+//! send `rate` messages a second for `seconds`, and measures events/s delivered and the
+//! delay from the start of each send until the transaction carrying it arrived.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::HeaderMap,
+    routing::{post, put},
+};
+use clap::Args;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{Api, Common, summary};
+
+#[derive(Args)]
+pub struct AppserviceArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// The service's `as_token` (as in the server's registration).
+    #[arg(long)]
+    pub as_token: String,
+    /// The service's `hs_token`: transactions carrying another are refused.
+    #[arg(long)]
+    pub hs_token: String,
+    /// Where the service listens (the registration's `url`).
+    #[arg(long, default_value = "127.0.0.1:29400")]
+    pub listen: String,
+    /// Users sending at once.
+    #[arg(long, default_value_t = 20)]
+    pub senders: usize,
+    /// Messages a second, all senders together.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Length of the sending phase in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+}
+
+#[derive(Default)]
+struct Received {
+    delays: Vec<Duration>,
+    transactions: usize,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    hs_token: Arc<str>,
+    received: Arc<Mutex<Received>>,
+}
+
+fn micros_now() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros())
+}
+
+async fn transaction(
+    State(r): State<Receiver>,
+    Path(_txn): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> (axum::http::StatusCode, Json<Value>) {
+    let expected = format!("Bearer {}", r.hs_token);
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return (axum::http::StatusCode::FORBIDDEN, Json(json!({"errcode": "M_FORBIDDEN"})));
+    }
+    let now = micros_now();
+    let at = Instant::now();
+    let mut received = r.received.lock().unwrap_or_else(|p| p.into_inner());
+    received.transactions += 1;
+    for event in body["events"].as_array().into_iter().flatten() {
+        let Some(sent) = event["content"]["bench_sent_us"].as_u64() else { continue };
+        let delay = now.saturating_sub(u128::from(sent));
+        received.delays.push(Duration::from_micros(u64::try_from(delay).unwrap_or(u64::MAX)));
+        received.first.get_or_insert(at);
+        received.last = Some(at);
+    }
+    (axum::http::StatusCode::OK, Json(json!({})))
+}
+
+pub async fn appservice(args: AppserviceArgs) -> Result<Value, String> {
+    let received = Arc::new(Mutex::new(Received::default()));
+    let receiver = Receiver { hs_token: args.hs_token.as_str().into(), received: received.clone() };
+    let app = Router::new()
+        .route("/_matrix/app/v1/transactions/{txn}", put(transaction))
+        .route("/_matrix/app/v1/ping", post(|| async { Json(json!({})) }))
+        .with_state(receiver);
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let api = Api::new(&args.common, args.senders + 4)?;
+    let prefix = format!("bench_as_{}", std::process::id());
+    let tokens = api.register_many(&prefix, args.senders).await?;
+    let room = api.create_room(&tokens[0], &json!({"preset": "public_chat"})).await?;
+    for token in &tokens[1..] {
+        api.join(token, &room).await?;
+    }
+    // The service's bot in the room: every message there is the service's business.
+    api.join(&args.as_token, &room).await?;
+    let ping = api
+        .request(
+            Method::POST,
+            "/_matrix/client/v1/appservice/bench/ping",
+            Some(&args.as_token),
+            Some(&json!({})),
+        )
+        .await;
+    let pinged = matches!(ping, Ok((200, _)));
+
+    let per_sender = (args.rate as f64 / args.senders as f64).max(0.001);
+    let interval = Duration::from_secs_f64(1.0 / per_sender);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let sends = tokens.iter().enumerate().map(|(i, token)| {
+        let (api, token, room) = (api.clone(), token.clone(), room.clone());
+        async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut sent, mut errors) = (0usize, 0usize);
+            while Instant::now() < deadline {
+                ticker.tick().await;
+                let path =
+                    format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b{i}_{sent}");
+                let body = json!({"msgtype": "m.text", "body": "bench",
+                                  "bench_sent_us": micros_now() as u64});
+                match api.request(Method::PUT, &path, Some(&token), Some(&body)).await {
+                    Ok((200, _)) => sent += 1,
+                    _ => errors += 1,
+                }
+            }
+            (sent, errors)
+        }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let sending = started.elapsed();
+    let sent: usize = results.iter().map(|(s, _)| s).sum();
+    let errors: usize = results.iter().map(|(_, e)| e).sum();
+    // The tail: what was sent arrives within a few seconds, or counts as missing.
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < drain_until {
+        if received.lock().unwrap_or_else(|p| p.into_inner()).delays.len() >= sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
+    let delivered = received.delays.len();
+    let span = match (received.first, received.last) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+        _ => sending.as_secs_f64(),
+    };
+    let transactions = received.transactions;
+    Ok(json!({
+        "scenario": "appservice",
+        "params": {"senders": args.senders, "rate": args.rate, "seconds": args.seconds},
+        "pinged": pinged,
+        "sent": sent,
+        "send_errors": errors,
+        "sent_per_s": (sent as f64 / sending.as_secs_f64()).round(),
+        "delivered": delivered,
+        "delivered_per_s": (delivered as f64 / span.max(0.001)).round(),
+        "transactions": transactions,
+        "events_per_transaction": if transactions > 0 { (delivered as f64 / transactions as f64 * 10.0).round() / 10.0 } else { 0.0 },
+        "send_to_transaction": summary(&mut received.delays),
+    }))
+}
