@@ -101,6 +101,29 @@ async fn alias_query(State(r): State<Recorder>, Path(alias): Path<String>) -> St
     }
 }
 
+async fn irc_protocol(headers: HeaderMap) -> (StatusCode, Json<Value>) {
+    if !authorised(&headers) {
+        return (StatusCode::FORBIDDEN, Json(json!({})));
+    }
+    let instance = json!({"desc": "Libera Chat", "fields": {"network": "libera"},
+                          "network_id": "libera"});
+    let protocol = json!({"user_fields": ["network", "nickname"],
+        "location_fields": ["network", "channel"], "icon": "mxc://localhost/irc",
+        "field_types": {"network": {"regexp": "[a-z]+", "placeholder": "libera"},
+                        "nickname": {"regexp": ".+", "placeholder": "nick"},
+                        "channel": {"regexp": "#.+", "placeholder": "#room"}},
+        "instances": [instance]});
+    (StatusCode::OK, Json(protocol))
+}
+
+async fn irc_locations(
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Json<Value> {
+    let channel = query.get("channel").cloned().unwrap_or_default();
+    Json(json!([{"alias": "#bridge_irc:localhost", "protocol": "irc",
+                 "fields": {"network": "libera", "channel": channel}}]))
+}
+
 /// Serves the recorder on `port` until the returned task is aborted.
 async fn serve(recorder: Recorder, port: u16) -> tokio::task::JoinHandle<()> {
     let app = Router::new()
@@ -108,6 +131,8 @@ async fn serve(recorder: Recorder, port: u16) -> tokio::task::JoinHandle<()> {
         .route("/_matrix/app/v1/ping", post(ping))
         .route("/_matrix/app/v1/users/{user}", get(user_query))
         .route("/_matrix/app/v1/rooms/{alias}", get(alias_query))
+        .route("/_matrix/app/v1/thirdparty/protocol/irc", get(irc_protocol))
+        .route("/_matrix/app/v1/thirdparty/location/irc", get(irc_locations))
         .with_state(recorder);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     tokio::spawn(async move {
@@ -118,7 +143,7 @@ async fn serve(recorder: Recorder, port: u16) -> tokio::task::JoinHandle<()> {
 fn registration(port: u16) -> String {
     format!(
         "id: bridge\nurl: \"http://127.0.0.1:{port}\"\nas_token: {AS_TOKEN}\nhs_token: {HS_TOKEN}\n\
-         sender_localpart: bridgebot\nrate_limited: false\nnamespaces:\n  users:\n    \
+         sender_localpart: bridgebot\nrate_limited: false\nprotocols: [irc]\nnamespaces:\n  users:\n    \
          - exclusive: true\n      regex: \"@bridge_.*:localhost\"\n  aliases:\n    \
          - exclusive: true\n      regex: \"#bridge_.*:localhost\"\n"
     )
@@ -249,6 +274,30 @@ async fn a_bridge_registers_puppets_masquerades_and_receives_what_it_is_interest
         )
         .await;
     assert_eq!((status, body["errcode"].as_str()), (400, Some("M_EXCLUSIVE")), "{body}");
+
+    // The network it bridges: protocols, lookups, and its own room list.
+    let (status, protocols) = s.get_auth("/_matrix/client/v3/thirdparty/protocols", &human).await;
+    assert_eq!(status, 200, "{protocols}");
+    assert_eq!(protocols["irc"]["instances"][0]["instance_id"], "bridge|libera", "{protocols}");
+    let (status, found) =
+        s.get_auth("/_matrix/client/v3/thirdparty/location/irc?channel=%23rust", &human).await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found[0]["fields"]["channel"], "#rust", "{found}");
+    let (status, _) = s.get_auth("/_matrix/client/v3/thirdparty/protocol/xmpp", &human).await;
+    assert_eq!(status, 404);
+    let list = format!("/_matrix/client/v3/directory/list/appservice/libera/{room}");
+    let (status, _) = s.put_auth(&list, &human, &json!({"visibility": "public"})).await;
+    assert_eq!(status, 403);
+    let (status, body) = s.put_auth(&list, AS_TOKEN, &json!({"visibility": "public"})).await;
+    assert_eq!(status, 200, "{body}");
+    let directory = "/_matrix/client/v3/publicRooms";
+    let (_, libera) =
+        s.post_auth(directory, &human, &json!({"third_party_instance_id": "bridge|libera"})).await;
+    assert_eq!(libera["chunk"][0]["room_id"], room.as_str(), "{libera}");
+    let (_, matrix) = s.post_auth(directory, &human, &json!({})).await;
+    assert!(!matrix.to_string().contains(room.as_str()), "{matrix}");
+    let (_, all) = s.post_auth(directory, &human, &json!({"include_all_networks": true})).await;
+    assert!(all.to_string().contains(room.as_str()), "{all}");
     listener.abort();
 }
 

@@ -211,6 +211,9 @@ tables! {
     // application service id -> its registration (YAML) as added through the admin API
     // or `trellis appservice add`
     APPSERVICE_REGISTRATIONS = "appservice_registrations", Scan @ 68;
+    // (third-party instance id, room id) -> (): rooms an application service published
+    // in its network's room list
+    NETWORK_ROOMS = "network_rooms", Scan @ 69;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_service::{
     federation::{encode, invites, server_of},
-    rooms::public::{DirectoryPage, DirectoryQuery, RoomInfo, may_preview},
+    rooms::public::{DirectoryPage, DirectoryQuery, Network, RoomInfo, may_preview},
 };
 
 use crate::{
@@ -260,13 +260,12 @@ async fn search(
 ) -> Result<get_public_rooms_filtered::v3::Response> {
     let remote = remote_server(&ctx, req.server.as_ref())?;
     let mut resp = get_public_rooms_filtered::v3::Response::new();
-    // No application services bridge other networks here: a third-party network has no
-    // rooms, and "all networks" is the Matrix one.
-    if let RoomNetwork::ThirdParty(_) = req.room_network {
-        resp.total_room_count_estimate = Some(ruma::UInt::MIN);
-        return Ok(resp);
-    }
     let query = DirectoryQuery {
+        network: match req.room_network.clone() {
+            RoomNetwork::All => Network::All,
+            RoomNetwork::ThirdParty(id) => Network::ThirdParty(id),
+            _ => Network::Matrix,
+        },
         limit: req.limit.map(u64::from),
         since: req.since.as_deref(),
         search_term: req.filter.generic_search_term.as_deref(),

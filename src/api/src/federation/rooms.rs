@@ -308,6 +308,7 @@ async fn public_rooms(
     req: get_public_rooms::v1::Request,
 ) -> Result<get_public_rooms::v1::Response> {
     let query = trellis_service::rooms::public::DirectoryQuery {
+        network: network(req.room_network),
         limit: req.limit.map(u64::from),
         since: req.since.as_deref(),
         ..Default::default()
@@ -327,6 +328,7 @@ async fn search_rooms(
     req: get_public_rooms_filtered::v1::Request,
 ) -> Result<get_public_rooms_filtered::v1::Response> {
     let query = trellis_service::rooms::public::DirectoryQuery {
+        network: network(req.room_network),
         limit: req.limit.map(u64::from),
         since: req.since.as_deref(),
         search_term: req.filter.generic_search_term.as_deref(),
@@ -373,4 +375,14 @@ async fn send_knock(
         }
     }
     Ok(create_knock_event::v1::Response::new(state))
+}
+
+/// The directory list a request names.
+fn network(requested: ruma::directory::RoomNetwork) -> trellis_service::rooms::public::Network {
+    use trellis_service::rooms::public::Network;
+    match requested {
+        ruma::directory::RoomNetwork::All => Network::All,
+        ruma::directory::RoomNetwork::ThirdParty(id) => Network::ThirdParty(id),
+        _ => Network::Matrix,
+    }
 }

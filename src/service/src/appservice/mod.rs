@@ -7,6 +7,7 @@ pub mod delivery;
 pub mod queries;
 pub mod registration;
 pub mod stored;
+pub mod thirdparty;
 
 use std::{
     collections::HashSet,

@@ -25,6 +25,8 @@ use super::{Pdu, Rooms, aliases::Aliases};
 use crate::commit;
 
 const PUBLIC_ROOMS: Table<String, ()> = Table::new(&catalog::PUBLIC_ROOMS);
+/// (third-party instance id, room id) -> ()
+const NETWORK_ROOMS: Table<(String, String), ()> = Table::new(&catalog::NETWORK_ROOMS);
 
 /// Rooms one `/publicRooms` page returns when the client sets no limit, and at most.
 pub const DIRECTORY_DEFAULT_LIMIT: u64 = 100;
@@ -720,12 +722,26 @@ pub fn server_hierarchy(
 /// One `/publicRooms` request's parameters, as the client gave them.
 #[derive(Debug, Clone, Default)]
 pub struct DirectoryQuery<'a> {
+    /// Which room list: this server's (the Matrix network), a bridged network's, or all.
+    pub network: Network,
     pub limit: Option<u64>,
     pub since: Option<&'a str>,
     /// Matched case-insensitively against name, topic, aliases and room id.
     pub search_term: Option<&'a str>,
     /// Room types to list (`None` in the list: rooms without a type); empty lists all.
     pub room_types: Vec<Option<String>>,
+}
+
+/// The room lists of the directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Network {
+    /// Rooms published on this server.
+    #[default]
+    Matrix,
+    /// Every list: this server's and every bridged network's.
+    All,
+    /// A bridged network's list, by its third-party instance id.
+    ThirdParty(String),
 }
 
 #[derive(Debug, Clone)]
@@ -804,6 +820,40 @@ impl PublicRooms {
             PUBLIC_ROOMS.delete(&mut batch, &room_id.to_owned());
         }
         commit(&self.db, batch).await
+    }
+
+    /// Publishes (`true`) or removes a room in a bridged network's list (an application
+    /// service's `PUT /directory/list/appservice/{networkId}/{roomId}`).
+    pub async fn publish_in_network(
+        &self,
+        instance: &str,
+        room_id: &str,
+        public: bool,
+    ) -> Result<()> {
+        let key = (instance.to_owned(), room_id.to_owned());
+        let mut batch = Batch::new();
+        if public {
+            NETWORK_ROOMS.put(&mut batch, &key, &());
+        } else {
+            NETWORK_ROOMS.delete(&mut batch, &key);
+        }
+        commit(&self.db, batch).await
+    }
+
+    /// The rooms of one bridged network's list, or of them all.
+    fn in_network(&self, instance: Option<&String>) -> Result<Vec<String>> {
+        let room = |r: trellis_store::StoreResult<((String, String), ())>| {
+            r.map(|((_, room), ())| room).map_err(Into::into)
+        };
+        match instance {
+            Some(instance) => NETWORK_ROOMS
+                .scan_prefix(&*self.db, instance, Direction::Forward)?
+                .map(room)
+                .collect(),
+            None => {
+                NETWORK_ROOMS.scan_prefix(&*self.db, &(), Direction::Forward)?.map(room).collect()
+            }
+        }
     }
 
     /// Every published room id, in id order.
@@ -893,7 +943,18 @@ impl PublicRooms {
             query.limit.unwrap_or(DIRECTORY_DEFAULT_LIMIT).clamp(1, DIRECTORY_MAX_LIMIT) as usize;
         let since = query.since.map(decode_directory_token).transpose()?;
         let mut all = Vec::new();
-        for room_id in self.published()? {
+        let listed = match &query.network {
+            Network::Matrix => self.published()?,
+            Network::ThirdParty(instance) => self.in_network(Some(instance))?,
+            Network::All => {
+                let mut ids = self.published()?;
+                ids.extend(self.in_network(None)?);
+                ids.sort();
+                ids.dedup();
+                ids
+            }
+        };
+        for room_id in listed {
             if let Some(info) = room_info(rooms, &room_id)?
                 && matches(&info, query)
             {
