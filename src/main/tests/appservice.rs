@@ -416,3 +416,65 @@ async fn registrations_are_added_and_removed_at_runtime_and_offline() {
     let (status, _) = s.get_auth("/_trellis/admin/v1/appservices", "as-two").await;
     assert_eq!(status, 403, "services are not admins");
 }
+
+#[tokio::test]
+async fn a_webhook_posts_what_it_receives_into_its_room() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"invite": [bob_id]})).await;
+    s.join_room(&bob, &room).await;
+    let hooks = format!("/_trellis/client/v1/rooms/{room}/webhooks");
+    let (status, body) = s.post_auth(&hooks, &bob, &json!({})).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+    let (status, hook) =
+        s.post_auth(&hooks, &alice, &json!({"name": "CI", "msgtype": "m.text"})).await;
+    assert_eq!(status, 200, "{hook}");
+    let url = hook["url"].as_str().unwrap().to_owned();
+    let path = url.split_once("/_trellis/").map(|(_, p)| format!("/_trellis/{p}")).unwrap();
+
+    let http = reqwest::Client::new();
+    let sent = http
+        .post(s.url(&path))
+        .json(&json!({"text": "build passed",
+                      "html": "<b>build</b> passed<script>alert(1)</script>"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = common::json_of(sent).await;
+    assert_eq!(status, 200, "{body}");
+    let form = http
+        .post(s.url(&path))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("text=deploy+done&msgtype=m.notice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 200);
+    let (_, page) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=5"), &bob).await;
+    let chunk = page["chunk"].as_array().unwrap();
+    let (notice, build) = (&chunk[0], &chunk[1]);
+    assert_eq!(
+        (notice["sender"].as_str(), notice["content"]["msgtype"].as_str()),
+        (Some("@webhooks:localhost"), Some("m.notice")),
+        "{page}"
+    );
+    assert_eq!(notice["content"]["body"], "deploy done");
+    assert_eq!(build["content"]["body"], "build passed");
+    let html = build["content"]["formatted_body"].as_str().unwrap();
+    assert!(html.contains("<b>build</b>") && !html.contains("script"), "{html}");
+
+    // Listed without its secret; a wrong secret and a revoked hook are both unknown.
+    let (_, listed) = s.get_auth(&hooks, &alice).await;
+    assert_eq!(listed["webhooks"][0]["name"], "CI", "{listed}");
+    assert!(!listed.to_string().contains(url.rsplit('/').next().unwrap()), "{listed}");
+    let wrong = format!("{}x", path);
+    let (status, _) = s.post(&wrong, &json!({"text": "x"})).await;
+    assert_eq!(status, 404);
+    let id = hook["id"].as_str().unwrap();
+    let (status, _) = s.delete_auth(&format!("{hooks}/{id}"), &alice, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.post(&path, &json!({"text": "too late"})).await;
+    assert_eq!(status, 404);
+}

@@ -214,6 +214,10 @@ tables! {
     // (third-party instance id, room id) -> (): rooms an application service published
     // in its network's room list
     NETWORK_ROOMS = "network_rooms", Scan @ 69;
+    // (room id, webhook id) -> an incoming webhook of the room
+    WEBHOOKS = "webhooks", Scan @ 70;
+    // webhook id -> its room (the hook's URL names only the id)
+    WEBHOOK_ROOMS = "webhook_rooms", Point @ 71;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

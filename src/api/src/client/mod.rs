@@ -33,6 +33,7 @@ mod threepid;
 mod to_device;
 mod uia;
 mod versions;
+mod webhooks;
 
 use axum::Router;
 
@@ -71,5 +72,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = appservice::routes(router);
     let router = dehydrated::routes(router);
     let router = to_device::routes(router);
+    let router = webhooks::routes(router);
     capabilities::routes(router)
 }

@@ -11,7 +11,7 @@ mod login;
 pub mod password;
 pub mod profile;
 mod reg_tokens;
-mod sessions;
+pub mod sessions;
 mod sweep;
 pub mod threepid;
 mod uia;
