@@ -75,6 +75,11 @@ impl Ctx {
             // A service's own user is never limited, its users as its registration says.
             return Ok(());
         }
+        if self.session.as_ref().is_some_and(|s| s.bot)
+            && self.services.config.rate_limits.exempt_bots
+        {
+            return Ok(());
+        }
         let key = match (&self.session, &self.client.ip) {
             (Some(s), _) => s.localpart.as_str(),
             (None, Some(ip)) => ip.as_str(),

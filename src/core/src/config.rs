@@ -428,6 +428,8 @@ impl RateLimit {
 pub struct RateLimitsConfig {
     /// Turn all rate limiting off (for tests and benchmarks only).
     pub enabled: bool,
+    /// Accounts marked as bots (`trellis user create --bot`) are not rate-limited.
+    pub exempt_bots: bool,
     /// Registrations per client address.
     pub register: RateLimit,
     /// Login attempts per client address.
@@ -446,6 +448,7 @@ impl Default for RateLimitsConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            exempt_bots: true,
             register: RateLimit::new(0.2, 5),
             login: RateLimit::new(0.5, 10),
             default: RateLimit::new(20.0, 100),

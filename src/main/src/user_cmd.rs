@@ -21,6 +21,10 @@ pub enum UserCommand {
         /// Create the account without a password (it can log in only by other means).
         #[arg(long, conflicts_with = "password_file")]
         no_password: bool,
+        /// Mark the account as a bot (shown in its profile; not rate-limited unless
+        /// `rate_limits.exempt_bots` is false).
+        #[arg(long)]
+        bot: bool,
     },
     /// Set a new password and sign the account out everywhere.
     ResetPassword {
@@ -91,14 +95,24 @@ async fn execute(config: Config, command: UserCommand) -> Result<String, String>
     );
     let client = Client::cli();
     let result = match command {
-        UserCommand::Create { name, admin, password_file, no_password } => {
+        UserCommand::Create { name, admin, password_file, no_password, bot } => {
             let password =
                 if no_password { None } else { Some(read_password(password_file.as_deref())?) };
             let user_id = accounts
                 .create_user(&name, password, admin)
                 .await
                 .map_err(|e| e.message.to_string())?;
-            format!("created {user_id}{}", if admin { " (admin)" } else { "" })
+            if bot {
+                let localpart = known_user(&accounts, &name)?;
+                accounts.mark_bot(&localpart).await.map_err(|e| e.message.to_string())?;
+            }
+            let kind = match (admin, bot) {
+                (true, true) => " (admin, bot)",
+                (true, false) => " (admin)",
+                (false, true) => " (bot)",
+                (false, false) => "",
+            };
+            format!("created {user_id}{kind}")
         }
         UserCommand::ResetPassword { name, password_file } => {
             let localpart = known_user(&accounts, &name)?;

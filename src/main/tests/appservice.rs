@@ -478,3 +478,63 @@ async fn a_webhook_posts_what_it_receives_into_its_room() {
     let (status, _) = s.post(&path, &json!({"text": "too late"})).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn bots_are_marked_in_their_profile_and_not_rate_limited() {
+    let limited = "[registration]\nmode = \"open\"\n[auth]\nargon2_memory_kib = 64\n\
+                   argon2_iterations = 1\n[rate_limits]\nregister = { per_second = 100, burst = 100 }\n\
+                   message = { per_second = 0.1, burst = 2 }\n";
+    let mut s = TestServer::start(limited).await;
+    s.terminate();
+    let config = s.config_path.to_str().unwrap().to_owned();
+    let cwd = s.dir.path().to_owned();
+    let pwfile = s.dir.path().join("pw");
+    std::fs::write(&pwfile, "bot password 1\n").unwrap();
+    let out = common::run_cli(
+        &[
+            "user",
+            "create",
+            "helper",
+            "--bot",
+            "--password-file",
+            pwfile.to_str().unwrap(),
+            "--config",
+            &config,
+        ],
+        &cwd,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(bot)"));
+    s.launch().await;
+    let (_, profile) = s.get("/_matrix/client/v3/profile/@helper:localhost").await;
+    assert_eq!(profile["org.trellis.bot"], true, "{profile}");
+    let (status, login) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password", "password": "bot password 1",
+                    "identifier": {"type": "m.id.user", "user": "helper"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{login}");
+    let bot = login["access_token"].as_str().unwrap().to_owned();
+    let (_, human) = s.register("human").await;
+    let room = s.create_room(&bot, json!({"preset": "public_chat"})).await;
+    s.join_room(&human, &room).await;
+    // Five messages in a row: a person is stopped after two, the bot is not.
+    let send = |token: String, n: usize| {
+        let path =
+            format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", common::txn_id());
+        let s = &s;
+        async move {
+            s.put_auth(&path, &token, &json!({"msgtype": "m.text", "body": format!("{n}")})).await.0
+        }
+    };
+    let mut bot_statuses = Vec::new();
+    let mut human_statuses = Vec::new();
+    for n in 0..5 {
+        bot_statuses.push(send(bot.clone(), n).await);
+        human_statuses.push(send(human.clone(), n).await);
+    }
+    assert_eq!(bot_statuses, [200; 5]);
+    assert!(human_statuses.contains(&429), "{human_statuses:?}");
+}

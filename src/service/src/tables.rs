@@ -21,6 +21,10 @@ pub struct UserRecord {
     /// A guest account (`register?kind=guest`) until it is upgraded.
     #[serde(default)]
     pub guest: bool,
+    /// A bot (`trellis user create --bot`): shown in its profile, and exempt from rate
+    /// limits when `rate_limits.exempt_bots` says so.
+    #[serde(default)]
+    pub bot: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -34,6 +34,7 @@ impl Accounts {
             locked: false,
             suspended: false,
             guest: true,
+            bot: false,
         };
         USERS.put(&mut batch, &localpart, &Json(record));
         let device_id = new_device_id();

@@ -380,6 +380,18 @@ impl Accounts {
         Ok(self.user_id(&localpart))
     }
 
+    /// Marks an account as a bot: the flag, and `org.trellis.bot: true` in its profile
+    /// so that clients can show it.
+    pub async fn mark_bot(&self, localpart: &str) -> Result<()> {
+        let mut user = self.user(localpart)?.ok_or_else(|| Error::not_found("No such user"))?;
+        user.bot = true;
+        let mut batch = Batch::new();
+        USERS.put(&mut batch, &localpart.to_owned(), &Json(user));
+        let field = (localpart.to_owned(), "org.trellis.bot".to_owned());
+        PROFILES.put(&mut batch, &field, &Json(serde_json::Value::Bool(true)));
+        commit(&self.db, batch).await
+    }
+
     /// `m.login.application_service` registration: the user an application service
     /// vouched for (see `appservice::vouch`), without a password or user-interactive auth.
     pub async fn register_vouched(
@@ -437,6 +449,7 @@ impl Accounts {
                 locked: false,
                 suspended: false,
                 guest: false,
+                bot: false,
             }),
         );
     }

@@ -26,6 +26,8 @@ pub struct Session {
     pub guest: bool,
     /// Set when an application service acts as the user (its id).
     pub appservice: Option<String>,
+    /// The account is a bot.
+    pub bot: bool,
 }
 
 /// Tokens handed to a client at login, registration or refresh.
@@ -164,7 +166,8 @@ impl Accounts {
         }
         self.note_seen(&record.localpart, &record.device_id, client).await?;
         let device_id = record.device_id;
-        Ok(Session { localpart: record.localpart, device_id, guest: user.guest, appservice: None })
+        let (guest, bot) = (user.guest, user.bot);
+        Ok(Session { localpart: record.localpart, device_id, guest, bot, appservice: None })
     }
 
     /// Records "last seen" for a device, writing at most once per interval.

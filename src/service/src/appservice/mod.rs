@@ -128,10 +128,10 @@ pub async fn authenticate(
         .local_part(&user_id)
         .ok_or_else(|| Error::forbidden("The application service cannot act as this user"))?
         .to_owned();
-    match accounts.user(&localpart)? {
-        Some(user) if !user.deactivated => {}
+    let bot = match accounts.user(&localpart)? {
+        Some(user) if !user.deactivated => user.bot,
         _ => return Err(Error::forbidden("The application service has not registered this user")),
-    }
+    };
     let device_id = match param("device_id").or_else(|| param("org.matrix.msc3202.device_id")) {
         Some(device) => {
             if accounts.device(&localpart, &device).is_err() {
@@ -145,7 +145,7 @@ pub async fn authenticate(
         }
         None => String::new(),
     };
-    Ok(Session { localpart, device_id, guest: false, appservice: Some(reg.id.clone()) })
+    Ok(Session { localpart, device_id, guest: false, bot, appservice: Some(reg.id.clone()) })
 }
 
 /// Makes sure every service's sender user exists (without a password).
