@@ -19,23 +19,7 @@ pub enum AppserviceCommand {
 }
 
 pub fn run(config: Config, command: AppserviceCommand) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("trellis: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(execute(config, command)) {
-        Ok(message) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("trellis: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::user_cmd::run_offline(execute(config, command))
 }
 
 async fn execute(config: Config, command: AppserviceCommand) -> Result<String, String> {

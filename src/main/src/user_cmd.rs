@@ -42,6 +42,12 @@ pub enum UserCommand {
 }
 
 pub fn run(config: Config, command: UserCommand) -> ExitCode {
+    run_offline(execute(config, command))
+}
+
+/// Runs an offline command (one that opens the database itself) to completion and prints
+/// its result: the message on success, the error on failure.
+pub fn run_offline(command: impl std::future::Future<Output = Result<String, String>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -49,7 +55,7 @@ pub fn run(config: Config, command: UserCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(config, command)) {
+    match runtime.block_on(command) {
         Ok(message) => {
             println!("{message}");
             ExitCode::SUCCESS

@@ -366,18 +366,24 @@ impl Accounts {
             None => None,
         };
         let _guard = self.create_lock.lock().await;
-        if USERS.contains(&*self.db, &localpart)? {
+        self.refuse_taken(&localpart)?;
+        let mut batch = Batch::new();
+        self.put_new_user(&mut batch, &localpart, hash, admin);
+        self.audit.add(&mut batch, Some(&localpart), "user_create", &Client::cli(), "ok", None);
+        commit(&self.db, batch).await?;
+        Ok(self.user_id(&localpart))
+    }
+
+    /// 400 `M_USER_IN_USE` when `localpart` exists (call with `create_lock` held).
+    fn refuse_taken(&self, localpart: &str) -> Result<()> {
+        if USERS.contains(&*self.db, &localpart.to_owned())? {
             return Err(Error::new(
                 ErrorKind::BadRequest,
                 code::USER_IN_USE,
                 "User ID already taken",
             ));
         }
-        let mut batch = Batch::new();
-        self.put_new_user(&mut batch, &localpart, hash, admin);
-        self.audit.add(&mut batch, Some(&localpart), "user_create", &Client::cli(), "ok", None);
-        commit(&self.db, batch).await?;
-        Ok(self.user_id(&localpart))
+        Ok(())
     }
 
     /// Marks an account as a bot: the flag, and `org.trellis.bot: true` in its profile
@@ -401,13 +407,7 @@ impl Accounts {
         client: &Client,
     ) -> Result<Registered> {
         let _guard = self.create_lock.lock().await;
-        if USERS.contains(&*self.db, &localpart)? {
-            return Err(Error::new(
-                ErrorKind::BadRequest,
-                code::USER_IN_USE,
-                "User ID already taken",
-            ));
-        }
+        self.refuse_taken(&localpart)?;
         let mut batch = Batch::new();
         self.put_new_user(&mut batch, &localpart, None, false);
         self.audit.add(&mut batch, Some(&localpart), "register_appservice", client, "ok", None);
