@@ -28,6 +28,8 @@ const HS_TOKEN: &str = "hs-secret";
 struct Seen {
     /// (transaction id, events)
     transactions: Vec<(String, Vec<Value>)>,
+    /// Ephemeral events, by type.
+    ephemeral: Vec<String>,
     pings: usize,
 }
 
@@ -52,6 +54,9 @@ async fn transaction(
     }
     let events = body["events"].as_array().cloned().unwrap_or_default();
     let mut seen = r.seen.lock().unwrap();
+    for e in body["ephemeral"].as_array().into_iter().flatten() {
+        seen.ephemeral.push(e["type"].as_str().unwrap_or_default().to_owned());
+    }
     // A repeated transaction id is acknowledged again, not processed again.
     if !seen.transactions.iter().any(|(id, _)| *id == txn) {
         seen.transactions.push((txn, events));
@@ -143,7 +148,7 @@ async fn serve(recorder: Recorder, port: u16) -> tokio::task::JoinHandle<()> {
 fn registration(port: u16) -> String {
     format!(
         "id: bridge\nurl: \"http://127.0.0.1:{port}\"\nas_token: {AS_TOKEN}\nhs_token: {HS_TOKEN}\n\
-         sender_localpart: bridgebot\nrate_limited: false\nprotocols: [irc]\nnamespaces:\n  users:\n    \
+         sender_localpart: bridgebot\nrate_limited: false\nprotocols: [irc]\nreceive_ephemeral: true\nnamespaces:\n  users:\n    \
          - exclusive: true\n      regex: \"@bridge_.*:localhost\"\n  aliases:\n    \
          - exclusive: true\n      regex: \"#bridge_.*:localhost\"\n"
     )
@@ -255,9 +260,25 @@ async fn a_bridge_registers_puppets_masquerades_and_receives_what_it_is_interest
         (Some("@bridge_alice:localhost"), Some(1234567)),
         "{event}"
     );
-    s.send_text(&human, &room, "hello bridge").await;
+    let hello = s.send_text(&human, &room, "hello bridge").await;
     let bodies = received(&recorder, 2).await;
     assert_eq!(bodies, [json!("from the bridge"), json!("hello bridge")]);
+    // Ephemeral events of its rooms: typing and read receipts.
+    let typing = format!("/_matrix/client/v3/rooms/{room}/typing/{human_id}");
+    let (status, _) = s.put_auth(&typing, &human, &json!({"typing": true, "timeout": 5000})).await;
+    assert_eq!(status, 200);
+    let receipt = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{hello}");
+    let (status, _) = s.post_auth(&receipt, &human, &json!({})).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let kinds = recorder.seen.lock().unwrap().ephemeral.clone();
+        if kinds.contains(&"m.typing".to_owned()) && kinds.contains(&"m.receipt".to_owned()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ephemeral events seen: {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Queries: an unknown user and alias of the namespace come into being on demand.
     let (status, profile) = s.get("/_matrix/client/v3/profile/@bridge_bob:localhost").await;

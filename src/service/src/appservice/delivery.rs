@@ -120,6 +120,36 @@ impl Delivery {
         Ok(())
     }
 
+    /// The room's typing users changed (here or on another server).
+    pub fn typing_changed(&self, services: &Services, room_id: &str) {
+        let typing = services.typing.changed_since(room_id, 0).unwrap_or_default();
+        let event =
+            json!({"type": "m.typing", "room_id": room_id, "content": {"user_ids": typing}});
+        if let Err(e) = self.ephemeral(services, room_id, event) {
+            tracing::warn!(error = %e, "handing typing to application services failed");
+        }
+    }
+
+    /// `user` sent a public read receipt (here or on another server).
+    pub fn read_receipt(
+        &self,
+        services: &Services,
+        room_id: &str,
+        user: &str,
+        event_id: &str,
+        thread: Option<&str>,
+    ) {
+        let mut read = json!({"ts": trellis_core::now_millis()});
+        if let Some(thread) = thread {
+            read["thread_id"] = thread.into();
+        }
+        let event = json!({"type": "m.receipt", "room_id": room_id,
+                           "content": {event_id: {"m.read": {user: read}}}});
+        if let Err(e) = self.ephemeral(services, room_id, event) {
+            tracing::warn!(error = %e, "handing a receipt to application services failed");
+        }
+    }
+
     fn take_ephemeral(&self, id: &str) -> Vec<Value> {
         let mut pending = self.ephemeral.lock().unwrap_or_else(|p| p.into_inner());
         pending.remove(id).unwrap_or_default()

@@ -290,6 +290,7 @@ async fn handle_edu(services: &Arc<Services>, origin: &str, edu: Value) -> Resul
             if joined_from_origin(room_id, user)? {
                 let typing = content["typing"].as_bool().unwrap_or(false);
                 services.typing.set(room_id, user, typing.then_some(REMOTE_TYPING));
+                services.appservice_delivery.typing_changed(services, room_id);
             }
         }
         "m.receipt" => {
@@ -313,6 +314,8 @@ async fn handle_edu(services: &Arc<Services>, origin: &str, edu: Value) -> Resul
                                 .receipts
                                 .set(room_id, user, "m.read", event_id, thread)
                                 .await?;
+                            let delivery = &services.appservice_delivery;
+                            delivery.read_receipt(services, room_id, user, event_id, thread);
                         }
                     }
                 }

@@ -204,15 +204,8 @@ pub async fn set_receipt(
             if kind == READ {
                 let sent = edus::read_receipt(services, room_id, user_id, event_id, thread);
                 queued(sent.await);
-                let mut read = serde_json::json!({"ts": trellis_core::now_millis()});
-                if let Some(thread) = thread {
-                    read["thread_id"] = thread.into();
-                }
-                let event = serde_json::json!({"type": "m.receipt", "room_id": room_id,
-                    "content": {event_id: {READ: {user_id: read}}}});
-                if let Err(e) = services.appservice_delivery.ephemeral(services, room_id, event) {
-                    tracing::warn!(error = %e, "handing a receipt to application services failed");
-                }
+                let delivery = &services.appservice_delivery;
+                delivery.read_receipt(services, room_id, user_id, event_id, thread);
             }
             Ok(())
         }

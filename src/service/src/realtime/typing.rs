@@ -122,12 +122,7 @@ pub async fn set_typing(
     crate::rooms::viewer::require_joined(services, room_id, user_id)?;
     let (room_id, user_id) = (room_id.as_str(), user_id.as_str());
     services.typing.set(room_id, user_id, timeout);
-    let typing = services.typing.changed_since(room_id, 0).unwrap_or_default();
-    let event = serde_json::json!({"type": "m.typing", "room_id": room_id,
-                                   "content": {"user_ids": typing}});
-    if let Err(e) = services.appservice_delivery.ephemeral(services, room_id, event) {
-        tracing::warn!(error = %e, "handing typing to application services failed");
-    }
+    services.appservice_delivery.typing_changed(services, room_id);
     // The local change stands whether or not the other servers can be told.
     if let Err(e) = edus::typing(services, room_id, user_id, timeout.is_some()).await {
         tracing::warn!(error = %e, "queueing an EDU for federation failed");
