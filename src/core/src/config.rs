@@ -352,6 +352,9 @@ pub struct UserDirectoryConfig {
 pub struct AppserviceConfig {
     /// Application service registration files (the standard YAML), re-read on SIGHUP.
     pub registration_files: Vec<PathBuf>,
+    /// Addresses (CIDR) outgoing webhooks may reach although they are private, loopback
+    /// or otherwise special (refused by default, as room members choose the URL).
+    pub outgoing_webhook_ip_allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -559,3 +559,102 @@ async fn bots_are_marked_in_their_profile_and_not_rate_limited() {
     assert_eq!(bot_statuses, [200; 5]);
     assert!(human_statuses.contains(&429), "{human_statuses:?}");
 }
+
+#[tokio::test]
+async fn an_outgoing_webhook_receives_its_rooms_events_through_the_ssrf_guard() {
+    let config = format!("{OPEN}[appservice]\noutgoing_webhook_ip_allow = [\"127.0.0.0/8\"]\n");
+    let s = TestServer::start(&config).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"invite": [bob_id]})).await;
+    s.join_room(&bob, &room).await;
+    let other = s.create_room(&alice, json!({})).await;
+
+    // The receiving end: any HTTP endpoint.
+    let seen: Arc<Mutex<Vec<(Option<String>, Value)>>> = Arc::default();
+    let recorder = seen.clone();
+    let app = Router::new().route(
+        "/hook",
+        post(move |headers: HeaderMap, Json(body): Json<Value>| {
+            let recorder = recorder.clone();
+            async move {
+                let auth =
+                    headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                recorder.lock().unwrap().push((auth, body));
+                Json(json!({}))
+            }
+        }),
+    );
+    let port = common::free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let hooks = format!("/_trellis/client/v1/rooms/{room}/webhooks/outgoing");
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let (status, _) = s.post_auth(&hooks, &bob, &json!({"url": url})).await;
+    assert_eq!(status, 403, "members without state power cannot");
+    let (status, body) = s.post_auth(&hooks, &alice, &json!({"url": "http://10.1.2.3/hook"})).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{body}");
+    let (status, hook) = s.post_auth(&hooks, &alice, &json!({"url": url})).await;
+    assert_eq!(status, 200, "{hook}");
+    let token = hook["token"].as_str().unwrap().to_owned();
+
+    s.send_text(&alice, &other, "not this room").await;
+    s.send_text(&bob, &room, "ship it").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (auth, body) = loop {
+        let found =
+            seen.lock().unwrap().iter().find(|(_, b)| b.to_string().contains("ship it")).cloned();
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "nothing arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(auth, Some(format!("Bearer {token}")));
+    assert_eq!(body["events"].as_array().unwrap().last().unwrap()["room_id"], room.as_str());
+    assert!(!seen.lock().unwrap().iter().any(|(_, b)| b.to_string().contains("not this room")));
+
+    let (_, listed) = s.get_auth(&hooks, &alice).await;
+    let id = listed["webhooks"][0]["id"].as_str().unwrap().to_owned();
+    assert!(!listed.to_string().contains(&token), "{listed}");
+    let (status, _) = s.delete_auth(&format!("{hooks}/{id}"), &alice, &json!({})).await;
+    assert_eq!(status, 200);
+    let (_, listed) = s.get_auth(&hooks, &alice).await;
+    assert_eq!(listed["webhooks"], json!([]), "{listed}");
+    server.abort();
+}
+
+#[tokio::test]
+async fn an_outgoing_webhook_never_reaches_a_private_address_behind_a_name() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let hits = Arc::new(Mutex::new(0usize));
+    let counter = hits.clone();
+    let app = Router::new().route(
+        "/hook",
+        post(move || {
+            let counter = counter.clone();
+            async move {
+                *counter.lock().unwrap() += 1;
+                Json(json!({}))
+            }
+        }),
+    );
+    let port = common::free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let hooks = format!("/_trellis/client/v1/rooms/{room}/webhooks/outgoing");
+    // A literal loopback address is refused at once; a name is refused when resolved.
+    let (status, _) =
+        s.post_auth(&hooks, &alice, &json!({"url": format!("http://127.0.0.1:{port}/hook")})).await;
+    assert_eq!(status, 400);
+    let (status, body) =
+        s.post_auth(&hooks, &alice, &json!({"url": format!("http://localhost:{port}/hook")})).await;
+    assert_eq!(status, 200, "{body}");
+    s.send_text(&alice, &room, "secret").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(*hits.lock().unwrap(), 0, "the guard let a loopback connection through");
+    server.abort();
+}

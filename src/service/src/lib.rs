@@ -127,8 +127,9 @@ impl Services {
         ));
         // The event pipeline, in order (see `pipeline.rs` for what comes next).
         let guest_eviction = Arc::new(rooms::guests::GuestEviction::default());
-        let appservice_delivery =
-            Arc::new(appservice::delivery::Delivery::new().map_err(|e| e.to_string())?);
+        let appservice_delivery = Arc::new(
+            appservice::delivery::Delivery::new(&config.appservice).map_err(|e| e.to_string())?,
+        );
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),

@@ -1,8 +1,8 @@
-//! Incoming webhooks (a Trellis extension, for systems that only speak HTTP): a member
-//! of a room with the power to change its state creates a hook and gets a secret URL;
-//! anything that POSTs JSON or a form to that URL has a message posted in the room by the
-//! webhook bot. Hooks are listed and revoked by the room's members with that power; each
-//! call is rate-limited per hook and written to the audit log.
+//! Webhooks (a Trellis extension, for systems that only speak HTTP), managed by a room's
+//! members with the power to change its state. Incoming: a hook's secret URL takes JSON
+//! or a form and the webhook bot posts it in the room; each call is rate-limited per
+//! hook and audited. Outgoing: an application service reduced to a URL, which receives
+//! the room's events as the standard transactions (JSON), POSTed through the SSRF guard.
 
 use std::sync::Arc;
 
@@ -243,4 +243,91 @@ pub fn parse_post(content_type: Option<&str>, body: &[u8]) -> Result<Post> {
         html: field(&["html", "formatted_body"]),
         msgtype: field(&["msgtype"]),
     })
+}
+
+/// An outgoing webhook as its room's members see it.
+pub struct Outgoing {
+    pub id: String,
+    pub url: String,
+    /// Sent as `Authorization: Bearer` with every delivery, so the receiver can check it.
+    pub token: String,
+}
+
+/// Creates an outgoing webhook of `room_id` posting to `url`.
+pub async fn create_outgoing(
+    services: &Arc<Services>,
+    user: &UserId,
+    room_id: &RoomId,
+    url: &str,
+    client: &Client,
+) -> Result<Outgoing> {
+    require_manager(services, room_id, user)?;
+    if !services.appservice_delivery.webhook_url_allowed(url) {
+        return Err(Error::invalid_param(
+            "The URL must be http(s) and not a private, loopback or other special address",
+        ));
+    }
+    let id = format!("hook_{}", random::alphanumeric(16).to_lowercase());
+    let token = random::alphanumeric(40);
+    let registration = json!({
+        "id": id,
+        "url": url,
+        "as_token": random::alphanumeric(40),
+        "hs_token": token,
+        "sender_localpart": format!("_{id}"),
+        "rate_limited": true,
+        "namespaces": {"users": [], "aliases": [],
+                       "rooms": [{"exclusive": false, "regex": regex::escape(room_id.as_str())}]},
+        "org.trellis.outgoing_webhook_room": room_id,
+    });
+    // JSON is YAML: the registration is stored and reloaded like any other.
+    crate::appservice::add(services, &registration.to_string()).await?;
+    services
+        .audit
+        .log(Some(user.localpart()), "webhook_outgoing_create", client, "ok", Some(id.clone()))
+        .await;
+    Ok(Outgoing { id, url: url.to_owned(), token })
+}
+
+/// The room's outgoing webhooks.
+pub fn list_outgoing(
+    services: &Services,
+    user: &UserId,
+    room_id: &RoomId,
+) -> Result<Vec<Outgoing>> {
+    require_manager(services, room_id, user)?;
+    let all = services.appservices.all();
+    Ok(all
+        .iter()
+        .filter(|r| r.outgoing_webhook_room.as_deref() == Some(room_id.as_str()))
+        .map(|r| Outgoing {
+            id: r.id.clone(),
+            url: r.url.clone().unwrap_or_default(),
+            token: String::new(),
+        })
+        .collect())
+}
+
+/// Removes an outgoing webhook of the room.
+pub async fn revoke_outgoing(
+    services: &Arc<Services>,
+    user: &UserId,
+    room_id: &RoomId,
+    id: &str,
+    client: &Client,
+) -> Result<()> {
+    require_manager(services, room_id, user)?;
+    let of_room = services
+        .appservices
+        .by_id(id)
+        .is_some_and(|r| r.outgoing_webhook_room.as_deref() == Some(room_id.as_str()));
+    if !of_room {
+        return Err(Error::not_found("No such outgoing webhook in this room"));
+    }
+    crate::appservice::remove(services, id).await?;
+    services
+        .audit
+        .log(Some(user.localpart()), "webhook_outgoing_revoke", client, "ok", Some(id.to_owned()))
+        .await;
+    Ok(())
 }

@@ -28,6 +28,14 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     router
         .route("/_trellis/client/v1/rooms/{room_id}/webhooks", post(create).get(list))
         .route("/_trellis/client/v1/rooms/{room_id}/webhooks/{id}", delete(revoke))
+        .route(
+            "/_trellis/client/v1/rooms/{room_id}/webhooks/outgoing",
+            post(create_outgoing).get(list_outgoing),
+        )
+        .route(
+            "/_trellis/client/v1/rooms/{room_id}/webhooks/outgoing/{id}",
+            delete(revoke_outgoing),
+        )
         .route("/_trellis/hooks/v1/{id}/{secret}", post(call))
 }
 
@@ -125,6 +133,57 @@ async fn call(
             let post = webhooks::parse_post(content_type, &body)?;
             let event_id = webhooks::call(&services, &id, &secret, post, &client).await?;
             Ok(json!({"event_id": event_id}))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct NewOutgoing {
+    url: String,
+}
+
+/// POST /_trellis/client/v1/rooms/{roomId}/webhooks/outgoing
+async fn create_outgoing(
+    Authenticated(ctx): Authenticated,
+    Path(room_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    respond(
+        async {
+            let req: NewOutgoing = serde_json::from_slice(&body).map_err(json_error)?;
+            let (user, room) = (user(&ctx)?, room(&room_id)?);
+            let hook = webhooks::create_outgoing(&ctx.services, &user, room, &req.url, &ctx.client)
+                .await?;
+            Ok(json!({"id": hook.id, "url": hook.url, "token": hook.token}))
+        }
+        .await,
+    )
+}
+
+/// GET /_trellis/client/v1/rooms/{roomId}/webhooks/outgoing
+async fn list_outgoing(Authenticated(ctx): Authenticated, Path(room_id): Path<String>) -> Response {
+    respond(
+        async {
+            let hooks = webhooks::list_outgoing(&ctx.services, &user(&ctx)?, room(&room_id)?)?;
+            let listed: Vec<Value> =
+                hooks.iter().map(|h| json!({"id": h.id, "url": h.url})).collect();
+            Ok(json!({"webhooks": listed}))
+        }
+        .await,
+    )
+}
+
+/// DELETE /_trellis/client/v1/rooms/{roomId}/webhooks/outgoing/{id}
+async fn revoke_outgoing(
+    Authenticated(ctx): Authenticated,
+    Path((room_id, id)): Path<(String, String)>,
+) -> Response {
+    respond(
+        async {
+            let (user, room) = (user(&ctx)?, room(&room_id)?);
+            webhooks::revoke_outgoing(&ctx.services, &user, room, &id, &ctx.client).await?;
+            Ok(json!({}))
         }
         .await,
     )

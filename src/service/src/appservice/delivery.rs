@@ -21,6 +21,7 @@ use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::Registration;
+use crate::media::preview::{CheckedResolver, IpPolicy, literal_allowed};
 use crate::{
     Services,
     pipeline::{Appended, Consumer},
@@ -59,20 +60,42 @@ pub struct Delivery {
     ephemeral: Mutex<HashMap<String, Vec<Value>>>,
     senders: Mutex<Vec<JoinHandle<()>>>,
     http: reqwest::Client,
+    /// For outgoing webhooks, whose URLs room members choose: connects only to addresses
+    /// the SSRF policy allows (checked after DNS), follows no redirects.
+    guarded: reqwest::Client,
+    policy: Arc<IpPolicy>,
 }
 
 impl Delivery {
-    pub fn new() -> Result<Self> {
+    pub fn new(config: &trellis_core::config::AppserviceConfig) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| Error::internal("application service HTTP client", e))?;
+        let policy = Arc::new(IpPolicy::from_lists(&config.outgoing_webhook_ip_allow, &[]));
+        let guarded = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .dns_resolver(Arc::new(CheckedResolver(policy.clone())))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| Error::internal("outgoing webhook HTTP client", e))?;
         Ok(Self {
             services: OnceLock::new(),
             wakers: Mutex::default(),
             ephemeral: Mutex::default(),
             senders: Mutex::default(),
             http,
+            guarded,
+            policy,
+        })
+    }
+
+    /// Whether a URL a room member gives may be used for an outgoing webhook: http(s),
+    /// and not a literal address the policy refuses (names are checked on every
+    /// connection).
+    pub fn webhook_url_allowed(&self, url: &str) -> bool {
+        reqwest::Url::parse(url).is_ok_and(|u| {
+            matches!(u.scheme(), "http" | "https") && literal_allowed(&self.policy, &u)
         })
     }
 
@@ -309,11 +332,24 @@ fn next_transaction(services: &Services, id: &str) -> Result<Option<InFlight>> {
 
 async fn send(services: &Services, reg: &Registration, txn: &InFlight) -> Result<()> {
     let Some(url) = &reg.url else { return Ok(()) };
-    let target = format!("{url}/_matrix/app/v1/transactions/{}", txn.txn_id);
-    let response = services
-        .appservice_delivery
-        .http()
-        .put(&target)
+    let delivery = &services.appservice_delivery;
+    let (target, client) = match &reg.outgoing_webhook_room {
+        // An outgoing webhook posts to its URL as it is, through the guard.
+        Some(_) if !delivery.webhook_url_allowed(url) => {
+            return Err(unreachable_service("the webhook's address is not allowed".into()));
+        }
+        Some(_) => (url.clone(), &delivery.guarded),
+        None => (format!("{url}/_matrix/app/v1/transactions/{}", txn.txn_id), &delivery.http),
+    };
+    // Outgoing webhooks are POSTed to, as plain HTTP endpoints expect.
+    let method = if reg.outgoing_webhook_room.is_some() {
+        reqwest::Method::POST
+    } else {
+        reqwest::Method::PUT
+    };
+    let response = client
+        .request(method, &target)
+        .header("x-trellis-transaction-id", &txn.txn_id)
         .bearer_auth(&reg.hs_token)
         .json(&txn.body)
         .send()

@@ -31,6 +31,10 @@ pub struct RegistrationFile {
     /// MSC3202 (device lists and one-time key counts for encrypted bridges).
     #[serde(default, rename = "org.matrix.msc3202")]
     pub msc3202: bool,
+    /// An outgoing webhook (a Trellis extension): the room it watches. Its URL was chosen
+    /// by a room member, so it is only ever reached through the SSRF guard.
+    #[serde(default, rename = "org.trellis.outgoing_webhook_room")]
+    pub outgoing_webhook_room: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -75,6 +79,8 @@ pub struct Registration {
     pub protocols: Vec<String>,
     pub receive_ephemeral: bool,
     pub msc3202: bool,
+    /// Set for an outgoing webhook: the room it watches (see the file's field).
+    pub outgoing_webhook_room: Option<String>,
 }
 
 impl Registration {
@@ -122,6 +128,7 @@ impl Registration {
             protocols: file.protocols.unwrap_or_default(),
             receive_ephemeral: file.receive_ephemeral || file.push_ephemeral,
             msc3202: file.msc3202,
+            outgoing_webhook_room: file.outgoing_webhook_room,
         })
     }
 

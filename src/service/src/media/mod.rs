@@ -8,7 +8,7 @@
 //! an upload of the same bytes can never race a deletion into a dangling record.
 
 pub mod multipart;
-mod preview;
+pub(crate) mod preview;
 mod spool;
 pub mod store;
 mod store_fs;

@@ -57,10 +57,15 @@ pub struct IpPolicy {
 
 impl IpPolicy {
     pub fn new(config: &MediaConfig) -> Self {
+        Self::from_lists(&config.url_preview_ip_allow, &config.url_preview_ip_deny)
+    }
+
+    /// The special-purpose ranges and `deny` refused, `allow` let through (CIDR lists).
+    pub fn from_lists(allow: &[String], deny: &[String]) -> Self {
         let parse = |list: &[String]| list.iter().filter_map(|s| parse_cidr(s)).collect::<Vec<_>>();
-        let mut deny: Vec<_> = DENIED.iter().filter_map(|s| parse_cidr(s)).collect();
-        deny.extend(parse(&config.url_preview_ip_deny));
-        Self { allow: parse(&config.url_preview_ip_allow), deny }
+        let mut denied: Vec<_> = DENIED.iter().filter_map(|s| parse_cidr(s)).collect();
+        denied.extend(parse(deny));
+        Self { allow: parse(allow), deny: denied }
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {
@@ -92,7 +97,7 @@ fn contains((net, len): (IpAddr, u8), ip: IpAddr) -> bool {
 
 /// The marker error of a refused address, found again in reqwest's error chain.
 #[derive(Debug)]
-struct Refused;
+pub(crate) struct Refused;
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,7 +109,7 @@ impl std::error::Error for Refused {}
 
 /// Resolves names and keeps only the addresses the policy allows, so the connection can
 /// only ever go to a checked address (no second lookup an attacker's DNS could change).
-struct CheckedResolver(Arc<IpPolicy>);
+pub(crate) struct CheckedResolver(pub(crate) Arc<IpPolicy>);
 
 impl dns::Resolve for CheckedResolver {
     fn resolve(&self, name: dns::Name) -> dns::Resolving {
@@ -122,7 +127,7 @@ impl dns::Resolve for CheckedResolver {
 }
 
 /// Literal addresses in URLs skip DNS, so they are checked here.
-fn literal_allowed(policy: &IpPolicy, url: &Url) -> bool {
+pub(crate) fn literal_allowed(policy: &IpPolicy, url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(v4)) => policy.allows(IpAddr::V4(v4)),
         Some(url::Host::Ipv6(v6)) => policy.allows(IpAddr::V6(v6)),
