@@ -878,3 +878,47 @@ async fn room_and_sender_push_rules_take_any_room_or_user_id() {
         s.put_auth("/_matrix/client/v3/pushrules/global/room/not-a-room", &alice, &rule).await;
     assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{body}");
 }
+
+#[tokio::test]
+async fn element_x_room_rules_members_of_readable_rooms_forward_ends_and_dead_rooms() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    // joined_members of a world-readable room, as its state, for anyone.
+    let readable = s
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "initial_state": [{"type": "m.room.history_visibility",
+                   "state_key": "", "content": {"history_visibility": "world_readable"}}]}),
+        )
+        .await;
+    let shared = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let (status, body) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{readable}/joined_members"), &bob).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["joined"]["@alice:localhost"].is_object(), "{body}");
+    let (status, _) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{shared}/joined_members"), &bob).await;
+    assert_eq!(status, 403);
+
+    // dir=f: an end token whenever the chunk has events.
+    s.send_text(&alice, &shared, "one").await;
+    let (_, page) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{shared}/messages?dir=f&limit=1000"), &alice)
+        .await;
+    assert!(!page["chunk"].as_array().unwrap().is_empty());
+    let end = page["end"].as_str().expect("an end with a chunk").to_owned();
+    let (_, after) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{shared}/messages?dir=f&from={end}"), &alice)
+        .await;
+    assert_eq!(after["chunk"], json!([]), "{after}");
+    assert!(after.get("end").is_none(), "no end for an empty chunk: {after}");
+
+    // A room everyone left cannot be revived by joining it.
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{shared}/leave"), &alice, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, body) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{shared}/join"), &bob, &json!({})).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+}

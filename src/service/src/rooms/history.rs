@@ -102,7 +102,9 @@ pub async fn messages(
         let from = q.from.unwrap_or(0);
         let hi = q.to.map_or(Unbounded, Excluded);
         let page = rooms.scan_timeline(room_id, Included(from), hi, true, limit, accept)?;
-        let end = page.last.filter(|_| page.more).map(|p| p + 1);
+        // An end whenever there is a chunk (clients page on from it as new events come)
+        // or more to scan; none only when nothing came and nothing is left.
+        let end = page.last.filter(|_| page.more || !page.events.is_empty()).map(|p| p + 1);
         (from, page, end)
     };
     let members = if filter::lazy_members(q.filter) {

@@ -262,7 +262,16 @@ pub fn joined_profiles(
     viewer: &UserId,
     room_id: &RoomId,
 ) -> Result<BTreeMap<OwnedUserId, MemberProfile>> {
-    super::viewer::require_joined(services, room_id, viewer)?;
+    // Members read it; anyone may for a world-readable room, as its state (previews).
+    if super::viewer::require_joined(services, room_id, viewer).is_err() {
+        let visibility =
+            services.rooms.state_of(room_id.as_str(), "m.room.history_visibility", "")?;
+        let content: Value =
+            visibility.and_then(|p| serde_json::from_str(p.content.get()).ok()).unwrap_or_default();
+        if content["history_visibility"] != "world_readable" {
+            return Err(trellis_core::Error::forbidden("You are not a member of this room"));
+        }
+    }
     let (rooms, room) = (&services.rooms, room_id.as_str());
     let mut joined = BTreeMap::new();
     for user in rooms.members(room, &MembershipState::Join)? {

@@ -41,6 +41,16 @@ pub async fn join(
         servers.insert(0, server.to_owned());
     }
     let (known, resident) = standing(services, &room_id)?;
+    if known
+        && !resident
+        && servers.iter().all(|s| s == services.server_name())
+        && room_servers(&services.federation, &services.rooms, room_id.as_str())?
+            .iter()
+            .all(|s| s == services.server_name())
+    {
+        // Everyone left: no server is in the room any more to let anyone back in.
+        return Err(Error::not_found("No one is in this room any more"));
+    }
     if is_guest(services, user)?
         && !(resident && super::guests::admitted(&services.rooms, room_id.as_str())?)
     {
