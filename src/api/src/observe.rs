@@ -41,7 +41,15 @@ impl MakeRequestId for RequestIds {
 /// tokens.
 pub fn make_span<B>(req: &http::Request<B>) -> Span {
     let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-    tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path())
+    let path = req.uri().path();
+    // A webhook's URL ends with its secret.
+    let path = match path.strip_prefix("/_trellis/hooks/") {
+        Some(rest) => {
+            format!("/_trellis/hooks/{}/…", rest.rsplit_once('/').map_or(rest, |(h, _)| h))
+        }
+        None => path.to_owned(),
+    };
+    tracing::info_span!("request", id, method = %req.method(), path = %path)
 }
 
 pub async fn observe(State(services): State<AppState>, req: Request, next: Next) -> Response {

@@ -270,6 +270,15 @@ impl FromRequestParts<AppState> for Authenticated {
             appservice::authenticate(services, &token, parts.uri.query(), &client).await
         };
         match authenticate.await {
+            // Guests only where the spec's list (by the matched route) allows them.
+            Ok(session)
+                if session.guest
+                    && !parts.extensions.get::<axum::extract::MatchedPath>().is_some_and(|p| {
+                        crate::guest_access::allows(&parts.method, p.as_str())
+                    }) =>
+            {
+                Err(error_response(&Error::guest_forbidden()))
+            }
             Ok(session) => {
                 let services = services.clone();
                 Ok(Self(Ctx { services, session: Some(session), client, origin: None }))

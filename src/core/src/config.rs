@@ -191,9 +191,9 @@ pub struct RegistrationConfig {
     pub mode: RegistrationMode,
     /// Localparts nobody may register through the API (admins can still create them).
     pub reserved_usernames: Vec<String>,
-    /// Whether anyone may get a guest account (`POST /register?kind=guest`): guests read
-    /// and join only rooms that allow guests, and may upgrade to a full account. Apart
-    /// from `mode`, as other servers ship it.
+    /// Whether anyone may get a guest account (`POST /register?kind=guest`) on a server
+    /// whose `mode` is not `closed`: guests read and join only rooms that allow guests,
+    /// and may upgrade to a full account.
     pub guest_access: bool,
 }
 

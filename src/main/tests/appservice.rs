@@ -478,7 +478,7 @@ async fn a_webhook_posts_what_it_receives_into_its_room() {
     let (notice, build) = (&chunk[0], &chunk[1]);
     assert_eq!(
         (notice["sender"].as_str(), notice["content"]["msgtype"].as_str()),
-        (Some("@webhooks:localhost"), Some("m.notice")),
+        (Some("@_webhooks:localhost"), Some("m.notice")),
         "{page}"
     );
     assert_eq!(notice["content"]["body"], "deploy done");
@@ -571,7 +571,9 @@ async fn an_outgoing_webhook_receives_its_rooms_events_through_the_ssrf_guard() 
     let other = s.create_room(&alice, json!({})).await;
 
     // The receiving end: any HTTP endpoint.
-    let seen: Arc<Mutex<Vec<(Option<String>, Value)>>> = Arc::default();
+    // (Authorization header, body) of each delivery.
+    type Deliveries = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+    let seen: Deliveries = Arc::default();
     let recorder = seen.clone();
     let app = Router::new().route(
         "/hook",

@@ -660,6 +660,11 @@ async fn guests_join_rooms_that_admit_them_and_upgrade_in_place() {
     let (status, body) =
         s.post_auth(&format!("/_matrix/client/v3/rooms/{closed}/join"), &token, &json!({})).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+    // Nor by setting their membership as state, nor through Trellis's own endpoints.
+    let member = format!("/_matrix/client/v3/rooms/{closed}/state/m.room.member/{guest_id}");
+    forbidden(s.put_auth(&member, &token, &json!({"membership": "join"})).await);
+    let hooks = format!("/_trellis/client/v1/rooms/{closed}/webhooks");
+    forbidden(s.post_auth(&hooks, &token, &json!({})).await);
     let open = s
         .create_room(
             &alice,

@@ -27,7 +27,8 @@ const WEBHOOKS: Table<(String, String), Json<Webhook>> = Table::new(&catalog::WE
 const WEBHOOK_ROOMS: Table<String, String> = Table::new(&catalog::WEBHOOK_ROOMS);
 
 /// The user that posts what webhooks receive.
-pub const BOT_LOCALPART: &str = "webhooks";
+/// Under the `_` prefix registration refuses, so nobody can take the name first.
+pub const BOT_LOCALPART: &str = "_webhooks";
 /// Longest message text a call may post.
 const MAX_TEXT: usize = 32 * 1024;
 
@@ -179,6 +180,9 @@ pub async fn call(
     client: &Client,
 ) -> Result<String> {
     let not_found = || Error::not_found("No such webhook");
+    // Per address first, so guessing secrets costs the guesser, not the audit log.
+    let address = client.ip.as_deref().unwrap_or("-");
+    services.rate_limits.check(Class::Default, &format!("webhook-ip:{address}"))?;
     let room_id = WEBHOOK_ROOMS.get(&*services.db, &id.to_owned())?.ok_or_else(not_found)?;
     let Json(hook) =
         WEBHOOKS.get(&*services.db, &(room_id.clone(), id.to_owned()))?.ok_or_else(not_found)?;

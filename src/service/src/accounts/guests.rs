@@ -20,7 +20,10 @@ impl Accounts {
         initial_device_display_name: Option<String>,
         client: &Client,
     ) -> Result<Registered> {
-        if !self.registration.guest_access {
+        // A server closed to registration is closed to guests too.
+        if !self.registration.guest_access
+            || self.registration.mode == trellis_core::config::RegistrationMode::Closed
+        {
             return Err(Error::forbidden("Guest access is disabled on this server"));
         }
         let _guard = self.create_lock.lock().await;

@@ -77,6 +77,8 @@ impl Delivery {
             .timeout(REQUEST_TIMEOUT)
             .dns_resolver(Arc::new(CheckedResolver(policy.clone())))
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve the name itself, past the resolver's check.
+            .no_proxy()
             .build()
             .map_err(|e| Error::internal("outgoing webhook HTTP client", e))?;
         Ok(Self {
@@ -287,6 +289,8 @@ async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<No
                 backoff = FIRST_BACKOFF;
                 if let Err(e) = acknowledge(&services, &reg.id, &txn) {
                     tracing::error!(error = %e, "clearing a sent transaction failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
             Err(e) => {
@@ -377,4 +381,14 @@ fn acknowledge(services: &Services, id: &str, txn: &InFlight) -> Result<()> {
     INFLIGHT.delete(&mut batch, &id.to_owned());
     services.db.write_unsynced(batch)?;
     Ok(())
+}
+
+/// Drops a removed service's queue and in-flight transaction.
+pub async fn forget(db: &trellis_store::Db, id: &str) -> Result<()> {
+    let mut batch = Batch::new();
+    for row in QUEUE.scan_prefix(&**db, &id.to_owned(), Direction::Forward)? {
+        QUEUE.delete(&mut batch, &row?.0);
+    }
+    INFLIGHT.delete(&mut batch, &id.to_owned());
+    crate::commit(db, batch).await
 }

@@ -151,7 +151,8 @@ pub async fn authenticate(
 /// Makes sure every service's sender user exists (without a password).
 pub async fn ensure_senders(services: &Services) -> Result<()> {
     for reg in services.appservices.all().iter() {
-        services.accounts.ensure_service_user(&reg.sender_localpart).await?;
+        let localpart = services.accounts.parse_username(&reg.sender_localpart)?;
+        services.accounts.ensure_service_user(&localpart).await?;
     }
     Ok(())
 }
@@ -172,7 +173,8 @@ pub fn vouch(services: &Services, session: Option<&Session>, user: &str) -> Resu
         })?;
     let localpart = services.accounts.parse_username(user)?;
     let user_id = services.accounts.user_id(&localpart);
-    if !reg.claims_user(&user_id, services.server_name()) {
+    let taken = services.appservices.exclusive_user_owner(&user_id).is_some_and(|o| o.id != reg.id);
+    if !reg.claims_user(&user_id, services.server_name()) || taken {
         return Err(Error::new(
             ErrorKind::BadRequest,
             code::EXCLUSIVE,
@@ -249,5 +251,6 @@ pub async fn remove(services: &Arc<Services>, id: &str) -> Result<()> {
         });
     }
     reload(services).await.map_err(|e| Error::internal("reloading application services", e))?;
-    Ok(())
+    // Its queue would never be sent again.
+    delivery::forget(&services.db, id).await
 }

@@ -55,7 +55,7 @@ pub async fn query_alias(services: &Services, alias: &str) -> Result<bool> {
 
 /// One query: true on a 200 answer.
 async fn ask(services: &Services, reg: &Registration, path: &str) -> bool {
-    let Some(url) = &reg.url else { return false };
+    let Some(url) = reg.url.as_ref().filter(|_| !reg.is_webhook()) else { return false };
     let answer = services
         .appservice_delivery
         .http()
@@ -86,7 +86,7 @@ pub async fn ping(
         .by_id(appservice_id)
         .filter(|r| session.appservice.as_deref() == Some(r.id.as_str()))
         .ok_or_else(|| Error::forbidden("Only the application service itself may ping"))?;
-    let url = reg.url.as_ref().ok_or_else(|| {
+    let url = reg.url.as_ref().filter(|_| !reg.is_webhook()).ok_or_else(|| {
         Error::new(ErrorKind::BadRequest, code::URL_NOT_SET, "The registration has no url")
     })?;
     let mut body = json!({});

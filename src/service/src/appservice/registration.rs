@@ -146,14 +146,28 @@ impl Registration {
         Self::check(file, source)
     }
 
+    /// An outgoing webhook: a URL a room member chose, reached only to deliver its
+    /// room's events (through the SSRF guard), never asked anything.
+    pub fn is_webhook(&self) -> bool {
+        self.outgoing_webhook_room.is_some()
+    }
+
+    /// Whether `user_id` is the service's own user (no allocation: asked per member).
+    fn is_sender(&self, user_id: &str, server_name: &str) -> bool {
+        user_id
+            .strip_prefix('@')
+            .and_then(|rest| rest.split_once(':'))
+            .is_some_and(|(lp, server)| lp == self.sender_localpart && server == server_name)
+    }
+
     /// Whether a user id is in the service's user namespaces (or is its sender).
     pub fn claims_user(&self, user_id: &str, server_name: &str) -> bool {
-        user_id == format!("@{}:{server_name}", self.sender_localpart)
+        self.is_sender(user_id, server_name)
             || self.users.iter().any(|ns| ns.regex.is_match(user_id))
     }
 
     pub fn claims_user_exclusively(&self, user_id: &str, server_name: &str) -> bool {
-        user_id == format!("@{}:{server_name}", self.sender_localpart)
+        self.is_sender(user_id, server_name)
             || self.users.iter().any(|ns| ns.exclusive && ns.regex.is_match(user_id))
     }
 

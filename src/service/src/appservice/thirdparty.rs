@@ -19,6 +19,9 @@ pub fn instance_id(appservice: &str, network: &str) -> String {
 }
 
 async fn ask(services: &Services, reg: &Registration, path: &str) -> Option<Value> {
+    if reg.is_webhook() {
+        return None;
+    }
     let url = reg.url.as_ref()?;
     let answer = services
         .appservice_delivery

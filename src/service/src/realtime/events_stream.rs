@@ -92,19 +92,34 @@ pub async fn peek(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut changes = stream.subscribe();
+    // How far the room has been looked through: events up to it were either returned or
+    // not the user's to see.
+    let mut cursor = since.position;
     loop {
         let visible = stream.visible();
-        let events = services.rooms.timeline_forwards(
-            room_id.as_str(),
-            since.position,
-            ROOM_LIMIT as usize,
-        )?;
-        let seen: Vec<_> = events
+        let events =
+            services.rooms.timeline_forwards(room_id.as_str(), cursor, ROOM_LIMIT as usize)?;
+        let examined: Vec<_> =
+            events.into_iter().take_while(|(position, _)| *position <= visible).collect();
+        let full = examined.len() == ROOM_LIMIT as usize;
+        let last_examined = examined.last().map(|(position, _)| *position);
+        let seen: Vec<_> = examined
             .into_iter()
-            .take_while(|(position, _)| *position <= visible)
             .filter(|(position, pdu)| !pdu.rejected && room.sees(*position, pdu))
             .collect();
-        let reached = seen.last().map_or(visible, |(position, _)| *position);
+        let reached = match (seen.last(), full) {
+            (Some((position, _)), _) => *position,
+            // A page of only invisible events: go on from its end, not past what follows.
+            (None, true) => last_examined.unwrap_or(cursor),
+            (None, false) => visible,
+        };
+        if seen.is_empty() && full {
+            cursor = reached;
+            continue;
+        }
+        if seen.is_empty() {
+            cursor = last_examined.unwrap_or(cursor);
+        }
         if !seen.is_empty() || tokio::time::Instant::now() >= deadline {
             let chunk = seen
                 .iter()

@@ -80,6 +80,11 @@ pub async fn state(
     if kind == "m.room.canonical_alias" {
         check_new_aliases(services, room_id, &content).await?;
     }
+    // A guest's membership goes through `/join` and `/leave`, where guest access is
+    // checked; the room's auth rules know nothing of guests.
+    if kind == "m.room.member" && services.accounts.is_guest(sender.localpart())? {
+        return Err(Error::guest_forbidden());
+    }
     let event = NewEvent {
         kind,
         sender: sender.to_string(),
