@@ -927,3 +927,34 @@ async fn element_x_room_rules_members_of_readable_rooms_forward_ends_and_dead_ro
         s.post_auth(&format!("/_matrix/client/v3/rooms/{shared}/join"), &bob, &json!({})).await;
     assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
 }
+
+#[tokio::test]
+async fn deleting_a_rooms_canonical_alias_takes_it_out_of_the_room() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room =
+        s.create_room(&alice, json!({"room_alias_name": "cats", "visibility": "public"})).await;
+    let (status, _) = s
+        .put_auth(
+            "/_matrix/client/v3/directory/room/%23kitties:localhost",
+            &alice,
+            &json!({"room_id": room}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let state = format!("/_matrix/client/v3/rooms/{room}/state/m.room.canonical_alias/");
+    let both = json!({"alias": "#cats:localhost", "alt_aliases": ["#kitties:localhost"]});
+    let (status, body) = s.put_auth(&state, &alice, &both).await;
+    assert_eq!(status, 200, "{body}");
+
+    for alias in ["%23cats:localhost", "%23kitties:localhost"] {
+        let path = format!("/_matrix/client/v3/directory/room/{alias}");
+        let (status, body) = s.delete_auth(&path, &alice, &json!({})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, content) = s.get_auth(&state, &alice).await;
+    assert!(content.get("alias").is_none(), "{content}");
+    assert_eq!(content["alt_aliases"], json!([]), "{content}");
+    let (_, listed) = s.get("/_matrix/client/v3/publicRooms").await;
+    assert!(!listed.to_string().contains("#cats:localhost"), "{listed}");
+}

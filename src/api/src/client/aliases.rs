@@ -98,7 +98,8 @@ async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias
     {
         return Err(Error::forbidden("You may not remove this alias"));
     }
-    ctx.services.aliases.delete(alias).await?;
+    let user = ruma::UserId::parse(user).map_err(|e| Error::internal("user id", e))?;
+    trellis_service::rooms::aliases::delete_alias(&ctx.services, &user, alias).await?;
     Ok(delete_alias::v3::Response::new())
 }
 

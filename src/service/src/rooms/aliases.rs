@@ -104,3 +104,45 @@ impl Aliases {
             .collect()
     }
 }
+
+/// `DELETE /directory/room/{roomAlias}` (permission checked by the caller): the alias
+/// goes, and if the room's `m.room.canonical_alias` names it (as `alias` or among
+/// `alt_aliases`), `user` sends it again without it, so that the room is no longer found
+/// by it. Without the power to send that event, the alias still goes.
+pub async fn delete_alias(
+    services: &crate::Services,
+    user: &ruma::UserId,
+    alias: &str,
+) -> Result<()> {
+    let record =
+        services.aliases.resolve(alias)?.ok_or_else(|| Error::not_found("Room alias not found"))?;
+    services.aliases.delete(alias).await?;
+    let Some(current) = services.rooms.state_of(&record.room_id, "m.room.canonical_alias", "")?
+    else {
+        return Ok(());
+    };
+    let mut content: serde_json::Value =
+        serde_json::from_str(current.content.get()).unwrap_or_default();
+    let mut changed = false;
+    if content["alias"].as_str() == Some(alias) {
+        if let Some(map) = content.as_object_mut() {
+            map.remove("alias");
+        }
+        changed = true;
+    }
+    if let Some(alt) = content["alt_aliases"].as_array_mut() {
+        let before = alt.len();
+        alt.retain(|a| a.as_str() != Some(alias));
+        changed |= alt.len() != before;
+    }
+    if !changed {
+        return Ok(());
+    }
+    let Ok(room_id) = ruma::RoomId::parse(&record.room_id) else { return Ok(()) };
+    let kind = "m.room.canonical_alias".to_owned();
+    let sent = super::send::state(services, user, None, &room_id, kind, String::new(), content);
+    if let Err(e) = sent.await {
+        tracing::info!(alias, error = %e, "the room's canonical alias still names a deleted alias");
+    }
+    Ok(())
+}
