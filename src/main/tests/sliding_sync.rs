@@ -166,6 +166,12 @@ async fn subscriptions_invites_and_extensions() {
     assert_eq!(resp["lists"]["invites"]["count"], 1);
     let state = resp["rooms"][&room]["invite_state"].as_array().unwrap();
     assert!(state.iter().any(|e| e["type"] == "m.room.name"), "{resp}");
+    let entry = &resp["rooms"][&room];
+    assert_eq!(entry["initial"], true, "{entry}");
+    assert!(entry["bump_stamp"].is_u64(), "{entry}");
+    for absent in ["joined_count", "invited_count", "timeline", "required_state"] {
+        assert!(entry.get(absent).is_none(), "{absent} in an invite: {entry}");
+    }
 
     // Lists by room type: spaces apart from rooms.
     let (status, _) = s

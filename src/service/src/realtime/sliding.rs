@@ -616,8 +616,14 @@ fn invited_room(
         }
         state.push(stripped(&own));
     }
-    let mut room = json!({"invite_state": state, "initial": true, "bump_stamp": bump,
-        "timeline": [], "required_state": []});
+    let mut room = json!({"invite_state": state, "initial": true, "bump_stamp": bump});
     counts_and_name(services, user, room_id, &mut room)?;
+    // An invitee sees the room through its stripped state only: no member counts,
+    // unread counts, timeline or state (as the MSC and matrix-rust-sdk expect).
+    if let Some(fields) = room.as_object_mut() {
+        for field in ["joined_count", "invited_count", "notification_count", "highlight_count"] {
+            fields.remove(field);
+        }
+    }
     Ok(Some(room))
 }
