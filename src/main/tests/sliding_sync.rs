@@ -313,3 +313,30 @@ async fn ignored_users_disappear_from_the_timeline() {
     assert_eq!(status, 200, "{his}");
     assert!(bodies(&his, &room).contains(&"bob-after"), "{his}");
 }
+
+#[tokio::test]
+async fn reading_a_room_resends_it_with_its_new_unread_counts() {
+    let s = TestServer::start(OPEN).await;
+    let (_, at) = s.register("alice").await;
+    let (_, bt) = s.register("bob").await;
+    let room = create(&s, &at, "Counts").await;
+    s.join_room(&bt, &room).await;
+    s.send_text(&at, &room, "one").await;
+    let last = s.send_text(&at, &room, "two").await;
+    let (status, first) = slide(&s, &bt, "?timeout=0", &request()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["rooms"][&room]["notification_count"], 2, "{first}");
+    let pos = first["pos"].as_str().unwrap().to_owned();
+
+    let receipt = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{last}");
+    let (status, _) = s.post_auth(&receipt, &bt, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, next) = slide(&s, &bt, &format!("?timeout=0&pos={pos}"), &request()).await;
+    assert_eq!(status, 200, "{next}");
+    assert_eq!(next["rooms"][&room]["notification_count"], 0, "{next}");
+    assert_eq!(next["rooms"][&room]["highlight_count"], 0, "{next}");
+    // Nothing changed since: not sent again.
+    let pos = next["pos"].as_str().unwrap().to_owned();
+    let (_, quiet) = slide(&s, &bt, &format!("?timeout=0&pos={pos}"), &request()).await;
+    assert!(quiet["rooms"].get(&room).is_none(), "{quiet}");
+}

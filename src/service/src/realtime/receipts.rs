@@ -61,7 +61,8 @@ impl Receipts {
         Self { db, stream, newest: std::sync::Mutex::default() }
     }
 
-    fn newest(&self, room_id: &str) -> Result<u64> {
+    /// The stream position of the room's newest receipt (0 when none).
+    pub fn newest(&self, room_id: &str) -> Result<u64> {
         if let Some(p) = self.newest.lock().unwrap_or_else(|p| p.into_inner()).get(room_id) {
             return Ok(*p);
         }

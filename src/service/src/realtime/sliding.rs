@@ -104,6 +104,8 @@ struct Snapshot {
     rooms: HashMap<String, u64>,
     /// List counts last sent.
     counts: BTreeMap<String, usize>,
+    /// Each room's unread counts (notifications, highlights) last sent.
+    unread: HashMap<String, (u64, u64)>,
 }
 
 #[derive(Default)]
@@ -330,7 +332,18 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
         entry.0.merge(wants);
     }
 
-    let mut next = Snapshot { stream: now, rooms: previous.rooms.clone(), counts: counts.clone() };
+    let mut next = Snapshot {
+        stream: now,
+        rooms: previous.rooms.clone(),
+        counts: counts.clone(),
+        unread: previous.unread.clone(),
+    };
+    // A push-rule change can change any room's counts.
+    let rules_changed = services
+        .account_data
+        .changed_since(req.localpart, previous.stream)?
+        .iter()
+        .any(|(room, kind, _)| room.is_none() && kind == "m.push_rules");
     let mut out_rooms = Map::new();
     // Read with the first timeline read: an answer where no room changed reads none.
     let viewer = OnceCell::new();
@@ -342,7 +355,19 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
         } else {
             invited_room(services, req.user_id, room_id, known, *bump)?
         };
+        let room = match (room, known) {
+            (None, Some(known)) if *membership == MembershipState::Join => {
+                let last = previous.unread.get(room_id).copied();
+                unread_update(services, req.user_id, room_id, known, last, rules_changed, now)?
+            }
+            (room, _) => room,
+        };
         if let Some(room) = room {
+            if let (Some(n), Some(h)) =
+                (room["notification_count"].as_u64(), room["highlight_count"].as_u64())
+            {
+                next.unread.insert(room_id.clone(), (n, h));
+            }
             out_rooms.insert(room_id.clone(), room);
         }
         next.rooms.insert(room_id.clone(), now);
@@ -591,6 +616,29 @@ fn joined_room(
     room["notification_count"] = json!(notifications);
     room["highlight_count"] = json!(highlights);
     Ok(Some(room))
+}
+
+/// A room with nothing new since `known` whose unread counts may still have changed (the
+/// user read it, or changed push rules): just the new counts, when they differ from the
+/// ones last sent.
+fn unread_update(
+    services: &Services,
+    user: &str,
+    room_id: &str,
+    known: u64,
+    last: Option<(u64, u64)>,
+    rules_changed: bool,
+    now: u64,
+) -> Result<Option<Value>> {
+    if !rules_changed && services.receipts.newest(room_id)? <= known {
+        return Ok(None);
+    }
+    let ((notifications, highlights), _) =
+        crate::realtime::sync::unread_counts(services, user, room_id, false, now)?;
+    if last == Some((notifications, highlights)) {
+        return Ok(None);
+    }
+    Ok(Some(json!({"notification_count": notifications, "highlight_count": highlights})))
 }
 
 fn invited_room(
