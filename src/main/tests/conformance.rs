@@ -13,6 +13,13 @@ async fn sync(s: &TestServer, token: &str, query: &str) -> Value {
     body
 }
 
+/// A public room whose history anyone may read, made by `token`'s user.
+async fn world_readable_room(s: &TestServer, token: &str) -> String {
+    let visibility = json!({"type": "m.room.history_visibility", "state_key": "",
+                            "content": {"history_visibility": "world_readable"}});
+    s.create_room(token, json!({"preset": "public_chat", "initial_state": [visibility]})).await
+}
+
 /// A password login of `user` (registered with the harness's password) on a new device.
 async fn log_in(s: &TestServer, user: &str) -> (u16, Value) {
     let body = json!({"type": "m.login.password", "password": "password123",
@@ -740,13 +747,7 @@ async fn anyone_may_peek_into_a_world_readable_room_through_events() {
     let s = TestServer::start(OPEN).await;
     let (_, alice) = s.register("alice").await;
     let (_, bob) = s.register("bob").await;
-    let readable = s
-        .create_room(
-            &alice,
-            json!({"preset": "public_chat", "initial_state": [{"type": "m.room.history_visibility",
-                   "state_key": "", "content": {"history_visibility": "world_readable"}}]}),
-        )
-        .await;
+    let readable = world_readable_room(&s, &alice).await;
     let shared = s.create_room(&alice, json!({"preset": "public_chat"})).await;
     let peek = |room: &str, from: &str| {
         format!("/_matrix/client/v3/events?room_id={room}&timeout=5000{from}")
@@ -890,13 +891,7 @@ async fn element_x_room_rules_members_of_readable_rooms_forward_ends_and_dead_ro
     let (_, alice) = s.register("alice").await;
     let (_, bob) = s.register("bob").await;
     // joined_members of a world-readable room, as its state, for anyone.
-    let readable = s
-        .create_room(
-            &alice,
-            json!({"preset": "public_chat", "initial_state": [{"type": "m.room.history_visibility",
-                   "state_key": "", "content": {"history_visibility": "world_readable"}}]}),
-        )
-        .await;
+    let readable = world_readable_room(&s, &alice).await;
     let shared = s.create_room(&alice, json!({"preset": "public_chat"})).await;
     let (status, body) =
         s.get_auth(&format!("/_matrix/client/v3/rooms/{readable}/joined_members"), &bob).await;
