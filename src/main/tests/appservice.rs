@@ -57,6 +57,10 @@ async fn transaction(
     for e in body["ephemeral"].as_array().into_iter().flatten() {
         seen.ephemeral.push(e["type"].as_str().unwrap_or_default().to_owned());
     }
+    for m in body["de.sorunome.msc2409.to_device"].as_array().into_iter().flatten() {
+        let to = format!("{} {}", m["to_user_id"].as_str().unwrap_or("?"), m["to_device_id"]);
+        seen.ephemeral.push(format!("to_device {to} {}", m["content"]["n"]));
+    }
     // A repeated transaction id is acknowledged again, not processed again.
     if !seen.transactions.iter().any(|(id, _)| *id == txn) {
         seen.transactions.push((txn, events));
@@ -239,6 +243,7 @@ async fn a_bridge_registers_puppets_masquerades_and_receives_what_it_is_interest
                        "identifier": {"type": "m.id.user", "user": "bridge_alice"}});
     let (status, body) = s.post_auth("/_matrix/client/v3/login", AS_TOKEN, &login).await;
     assert_eq!(status, 200, "{body}");
+    let puppet_device = body["device_id"].as_str().unwrap().to_owned();
 
     // A room with a human: the puppet joins and speaks (with its own timestamp), and the
     // service hears the human.
@@ -270,10 +275,19 @@ async fn a_bridge_registers_puppets_masquerades_and_receives_what_it_is_interest
     let receipt = format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{hello}");
     let (status, _) = s.post_auth(&receipt, &human, &json!({})).await;
     assert_eq!(status, 200);
+    // To-device messages for its users' devices (MSC2409).
+    let path = format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/{}", common::txn_id());
+    let messages = json!({"messages": {"@bridge_alice:localhost": {&puppet_device: {"n": 7}}}});
+    let (status, _) = s.put_auth(&path, &human, &messages).await;
+    assert_eq!(status, 200);
+    let to_device = format!("to_device @bridge_alice:localhost \"{puppet_device}\" 7");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let kinds = recorder.seen.lock().unwrap().ephemeral.clone();
-        if kinds.contains(&"m.typing".to_owned()) && kinds.contains(&"m.receipt".to_owned()) {
+        if kinds.contains(&"m.typing".to_owned())
+            && kinds.contains(&"m.receipt".to_owned())
+            && kinds.contains(&to_device)
+        {
             break;
         }
         assert!(Instant::now() < deadline, "ephemeral events seen: {kinds:?}");

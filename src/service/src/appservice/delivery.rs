@@ -58,6 +58,9 @@ pub struct Delivery {
     /// Ephemeral events (typing, receipts) waiting for each service's next transaction:
     /// in memory, as they are worthless after a restart.
     ephemeral: Mutex<HashMap<String, Vec<Value>>>,
+    /// To-device messages for the services' users (MSC2409), likewise; they also stay
+    /// in the devices' own inboxes.
+    to_device: Mutex<HashMap<String, Vec<Value>>>,
     senders: Mutex<Vec<JoinHandle<()>>>,
     http: reqwest::Client,
     /// For outgoing webhooks, whose URLs room members choose: connects only to addresses
@@ -85,6 +88,7 @@ impl Delivery {
             services: OnceLock::new(),
             wakers: Mutex::default(),
             ephemeral: Mutex::default(),
+            to_device: Mutex::default(),
             senders: Mutex::default(),
             http,
             guarded,
@@ -175,9 +179,58 @@ impl Delivery {
         }
     }
 
-    fn take_ephemeral(&self, id: &str) -> Vec<Value> {
-        let mut pending = self.ephemeral.lock().unwrap_or_else(|p| p.into_inner());
-        pending.remove(id).unwrap_or_default()
+    /// To-device messages for this server's users (`messages[user][device or "*"]`):
+    /// each service that receives ephemeral events gets those for its users' devices,
+    /// with `to_user_id` and `to_device_id` (MSC2409).
+    pub fn to_device(
+        &self,
+        services: &Services,
+        sender: &str,
+        event_type: &str,
+        messages: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>,
+    ) -> Result<()> {
+        let registered = services.appservices.all();
+        let server = services.server_name();
+        for reg in registered.iter().filter(|r| r.receive_ephemeral && r.url.is_some()) {
+            let mut found = Vec::new();
+            for (user_id, devices) in messages.iter().filter(|(u, _)| reg.claims_user(u, server)) {
+                let Some(localpart) = services.accounts.local_part(user_id) else { continue };
+                for (device, content) in devices {
+                    let targets = match device.as_str() {
+                        "*" => services
+                            .accounts
+                            .devices(localpart)?
+                            .into_iter()
+                            .map(|d| d.device_id)
+                            .collect(),
+                        _ => vec![device.clone()],
+                    };
+                    for target in targets {
+                        found
+                            .push(json!({"type": event_type, "sender": sender, "content": content,
+                                          "to_user_id": user_id, "to_device_id": target}));
+                    }
+                }
+            }
+            if found.is_empty() {
+                continue;
+            }
+            {
+                let mut pending = self.to_device.lock().unwrap_or_else(|p| p.into_inner());
+                let queue = pending.entry(reg.id.clone()).or_default();
+                queue.extend(found);
+                let excess = queue.len().saturating_sub(MAX_EPHEMERAL);
+                queue.drain(..excess);
+            }
+            self.waker(&reg.id).notify_one();
+        }
+        Ok(())
+    }
+
+    fn take_ephemeral(&self, id: &str) -> (Vec<Value>, Vec<Value>) {
+        let ephemeral = self.ephemeral.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let to_device = self.to_device.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        (ephemeral.unwrap_or_default(), to_device.unwrap_or_default())
     }
 
     /// (Re)starts one sender per registered service with a URL; those of services no
@@ -315,15 +368,16 @@ fn next_transaction(services: &Services, id: &str) -> Result<Option<InFlight>> {
         positions.push(position);
         events.push(event);
     }
-    let ephemeral = services.appservice_delivery.take_ephemeral(id);
+    let (ephemeral, to_device) = services.appservice_delivery.take_ephemeral(id);
     let txn_id = match positions.first() {
         Some(first) => format!("{first}.{}", positions.len()),
-        None if ephemeral.is_empty() => return Ok(None),
+        None if ephemeral.is_empty() && to_device.is_empty() => return Ok(None),
         None => format!("e{}.{}", trellis_core::now_millis(), crate::random::alphanumeric(6)),
     };
     // Both names of MSC2409's field: frameworks read one or the other.
     let body = json!({"events": events, "ephemeral": ephemeral,
-                      "de.sorunome.msc2409.ephemeral": ephemeral});
+                      "de.sorunome.msc2409.ephemeral": ephemeral,
+                      "de.sorunome.msc2409.to_device": to_device});
     let txn = InFlight { txn_id, positions, body };
     // Written before it is sent, so that a restart resends this very transaction (not
     // synced: a process crash keeps what the WAL was handed; only a power loss could

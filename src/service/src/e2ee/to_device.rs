@@ -214,6 +214,10 @@ pub async fn send(services: &Arc<Services>, send: Send<'_>) -> Result<()> {
     let sender = send.sender.to_owned();
     let event_type = send.event_type.to_owned();
     let message_id = format!("{}_{}", send.sender_device, send.txn_id);
+    let delivery = &services.appservice_delivery;
+    if let Err(e) = delivery.to_device(services, &sender, &event_type, &send.messages) {
+        tracing::warn!(error = %e, "handing to-device messages to application services failed");
+    }
     let remote = services.e2ee.send_to_device(send).await?;
     edus::logged(edus::to_device(services, &sender, &event_type, &message_id, remote).await);
     Ok(())

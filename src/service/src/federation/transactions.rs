@@ -341,6 +341,11 @@ async fn handle_edu(services: &Arc<Services>, origin: &str, edu: Value) -> Resul
             let own = services.server_name();
             let messages =
                 messages.into_iter().filter(|(u, _)| server_of(u) == Some(own)).collect();
+            let event_type = content["type"].as_str().unwrap_or_default();
+            let delivery = &services.appservice_delivery;
+            if let Err(e) = delivery.to_device(services, sender, event_type, &messages) {
+                tracing::warn!(error = %e, "handing to-device messages to application services failed");
+            }
             services
                 .e2ee
                 .send_to_device(crate::e2ee::to_device::Send {
