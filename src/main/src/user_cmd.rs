@@ -134,6 +134,19 @@ async fn execute(config: Config, command: UserCommand) -> Result<String, String>
         }
         UserCommand::Deactivate { name, erase } => {
             let localpart = known_user(&accounts, &name)?;
+            if erase {
+                // Later joiners get the user's events redacted, as with the API. (Leaving
+                // rooms needs the running server: it happens there, not here.)
+                let rooms =
+                    trellis_service::rooms::Rooms::open(db.clone(), &config.server.server_name)
+                        .map_err(|e| e.message.to_string())?;
+                let position = rooms.stream.visible();
+                rooms
+                    .erasures
+                    .erase(&accounts.user_id(&localpart), position)
+                    .await
+                    .map_err(|e| e.message.to_string())?;
+            }
             accounts
                 .deactivate(&localpart, erase, &client)
                 .await

@@ -800,3 +800,23 @@ async fn openid_tokens_prove_who_the_user_is() {
     let (status, body) = s.get(&userinfo(&openid)).await;
     assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
 }
+
+#[tokio::test]
+async fn erasing_offline_redacts_for_later_joiners_too() {
+    let mut s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let secret = s.send_text(&alice, &room, "offline secret").await;
+    s.terminate();
+    let config = s.config_path.to_str().unwrap().to_owned();
+    let cwd = s.dir.path().to_owned();
+    let out =
+        common::run_cli(&["user", "--config", &config, "deactivate", "alice", "--erase"], &cwd);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    s.launch().await;
+    s.join_room(&bob, &room).await;
+    let (_, event) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{secret}"), &bob).await;
+    assert_eq!(event["content"], json!({}), "{event}");
+}
