@@ -293,22 +293,18 @@ pub async fn create_outgoing(
     Ok(Outgoing { id, url: url.to_owned(), token })
 }
 
-/// The room's outgoing webhooks.
+/// The room's outgoing webhooks, as (id, URL): their tokens are shown only at creation.
 pub fn list_outgoing(
     services: &Services,
     user: &UserId,
     room_id: &RoomId,
-) -> Result<Vec<Outgoing>> {
+) -> Result<Vec<(String, String)>> {
     require_manager(services, room_id, user)?;
     let all = services.appservices.all();
     Ok(all
         .iter()
         .filter(|r| r.outgoing_webhook_room.as_deref() == Some(room_id.as_str()))
-        .map(|r| Outgoing {
-            id: r.id.clone(),
-            url: r.url.clone().unwrap_or_default(),
-            token: String::new(),
-        })
+        .map(|r| (r.id.clone(), r.url.clone().unwrap_or_default()))
         .collect())
 }
 

@@ -167,7 +167,7 @@ async fn list_outgoing(Authenticated(ctx): Authenticated, Path(room_id): Path<St
         async {
             let hooks = webhooks::list_outgoing(&ctx.services, &user(&ctx)?, room(&room_id)?)?;
             let listed: Vec<Value> =
-                hooks.iter().map(|h| json!({"id": h.id, "url": h.url})).collect();
+                hooks.iter().map(|(id, url)| json!({"id": id, "url": url})).collect();
             Ok(json!({"webhooks": listed}))
         }
         .await,

@@ -338,12 +338,12 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
         counts: counts.clone(),
         unread: previous.unread.clone(),
     };
+    // Account data changed since the client's position: read once, for the push-rule
+    // check below and for the account data extension.
+    let account_changes = services.account_data.changed_since(req.localpart, previous.stream)?;
     // A push-rule change can change any room's counts.
-    let rules_changed = services
-        .account_data
-        .changed_since(req.localpart, previous.stream)?
-        .iter()
-        .any(|(room, kind, _)| room.is_none() && kind == "m.push_rules");
+    let rules_changed =
+        account_changes.iter().any(|(room, kind, _)| room.is_none() && kind == "m.push_rules");
     let mut out_rooms = Map::new();
     // Read with the first timeline read: an answer where no room changed reads none.
     let viewer = OnceCell::new();
@@ -376,14 +376,14 @@ pub fn build(services: &Services, req: &SlidingRequest<'_>, now: u64) -> Result<
     let mut extensions = Map::new();
     let since = previous.stream;
     if req.extensions.account_data {
-        let changes = services.account_data.changed_since(req.localpart, since)?;
+        let changes = &account_changes;
         let global: Vec<Value> = changes
             .iter()
             .filter(|(r, _, _)| r.is_none())
             .map(|(_, kind, c)| json!({"type": kind, "content": c}))
             .collect();
         let mut per_room = Map::new();
-        for (room, kind, c) in &changes {
+        for (room, kind, c) in changes {
             if let Some(room) = room
                 && (selected.contains_key(room) || previous.rooms.contains_key(room))
             {
