@@ -30,6 +30,8 @@ struct Seen {
     transactions: Vec<(String, Vec<Value>)>,
     /// Ephemeral events, by type.
     ephemeral: Vec<String>,
+    /// Every transaction body received, repeats included.
+    bodies: Vec<Value>,
     pings: usize,
 }
 
@@ -54,6 +56,7 @@ async fn transaction(
     }
     let events = body["events"].as_array().cloned().unwrap_or_default();
     let mut seen = r.seen.lock().unwrap();
+    seen.bodies.push(body.clone());
     for e in body["ephemeral"].as_array().into_iter().flatten() {
         seen.ephemeral.push(e["type"].as_str().unwrap_or_default().to_owned());
     }
@@ -152,7 +155,8 @@ async fn serve(recorder: Recorder, port: u16) -> tokio::task::JoinHandle<()> {
 fn registration(port: u16) -> String {
     format!(
         "id: bridge\nurl: \"http://127.0.0.1:{port}\"\nas_token: {AS_TOKEN}\nhs_token: {HS_TOKEN}\n\
-         sender_localpart: bridgebot\nrate_limited: false\nprotocols: [irc]\nreceive_ephemeral: true\nnamespaces:\n  users:\n    \
+         sender_localpart: bridgebot\nrate_limited: false\nprotocols: [irc]\nreceive_ephemeral: true\n\
+         org.matrix.msc3202: true\nnamespaces:\n  users:\n    \
          - exclusive: true\n      regex: \"@bridge_.*:localhost\"\n  aliases:\n    \
          - exclusive: true\n      regex: \"#bridge_.*:localhost\"\n"
     )
@@ -673,4 +677,125 @@ async fn an_outgoing_webhook_never_reaches_a_private_address_behind_a_name() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(*hits.lock().unwrap(), 0, "the guard let a loopback connection through");
     server.abort();
+}
+
+/// Waits for a transaction body that `check` accepts; answers it.
+async fn body_where(recorder: &Recorder, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(body) = recorder.seen.lock().unwrap().bodies.iter().find(|b| check(b)) {
+            return body.clone();
+        }
+        assert!(Instant::now() < deadline, "no transaction with {what} arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_encrypted_bridge_manages_its_devices_and_hears_of_keys_device_lists_and_presence() {
+    let port = common::free_port();
+    let recorder = Recorder { seen: Arc::default(), homeserver: Arc::default() };
+    let (s, _dir) = start(port).await;
+    let _listener = serve(recorder.clone(), port).await;
+    let carol = "@bridge_carol:localhost";
+    let (status, body) = s
+        .post_auth(
+            "/_matrix/client/v3/register",
+            AS_TOKEN,
+            &json!({"type": "m.login.application_service", "username": "bridge_carol",
+                    "inhibit_login": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // The bridge creates its puppet's device with the id it chose (spec v1.17): 201, then
+    // 200 for an update. Nobody else creates devices that way.
+    let as_carol = |path: &str| format!("{path}?user_id={}", common::urlencode(carol));
+    let device_path = as_carol("/_matrix/client/v3/devices/CAROLDEV");
+    let (status, _) = s.put_auth(&device_path, AS_TOKEN, &json!({"display_name": "Bridge"})).await;
+    assert_eq!(status, 201);
+    let (status, _) = s.put_auth(&device_path, AS_TOKEN, &json!({"display_name": "Bridged"})).await;
+    assert_eq!(status, 200);
+    let (status, device) = s.get_auth(&device_path, AS_TOKEN).await;
+    assert_eq!((status, device["display_name"].as_str()), (200, Some("Bridged")), "{device}");
+    let (_, human) = s.register("dora").await;
+    let (status, body) =
+        s.put_auth("/_matrix/client/v3/devices/MINE", &human, &json!({"display_name": "x"})).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+
+    // Keys for the device, uploaded as it.
+    let keys = format!("{}&device_id=CAROLDEV", as_carol("/_matrix/client/v3/keys/upload"));
+    let upload = json!({
+        "one_time_keys": {"signed_curve25519:K1": {"key": "k1", "signatures": {}},
+                          "signed_curve25519:K2": {"key": "k2", "signatures": {}}},
+        "fallback_keys": {"signed_curve25519:F1": {"key": "f1", "fallback": true,
+                                                   "signatures": {}}}});
+    let (status, body) = s.post_auth(&keys, AS_TOKEN, &upload).await;
+    assert_eq!((status, body["one_time_key_counts"]["signed_curve25519"].as_u64()), (200, Some(2)));
+
+    // The puppet joins a room: the transaction naming it carries its devices' counts.
+    let room = s.create_room(&human, json!({"preset": "public_chat"})).await;
+    let join = as_carol(&format!("/_matrix/client/v3/join/{room}"));
+    let (status, body) = s.post_auth(&join, AS_TOKEN, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let counts = "org.matrix.msc3202.device_one_time_keys_count";
+    let fallbacks = "org.matrix.msc3202.device_unused_fallback_key_types";
+    let body = body_where(&recorder, "two keys", |b| {
+        b[counts][carol]["CAROLDEV"]["signed_curve25519"] == 2
+    })
+    .await;
+    assert_eq!(body[fallbacks][carol]["CAROLDEV"], json!(["signed_curve25519"]), "{body}");
+    assert!(body[counts].get("@dora:localhost").is_none(), "{body}");
+    assert!(body.get("device_one_time_keys_count").is_none(), "unstable names only: {body}");
+
+    // Someone claims a key and writes to the device: the count drops.
+    let claim = json!({"one_time_keys": {carol: {"CAROLDEV": "signed_curve25519"}}});
+    let (status, _) = s.post_auth("/_matrix/client/v3/keys/claim", &human, &claim).await;
+    assert_eq!(status, 200);
+    let path = format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/{}", common::txn_id());
+    let messages = json!({"messages": {carol: {"CAROLDEV": {"n": 1}}}});
+    let (status, _) = s.put_auth(&path, &human, &messages).await;
+    assert_eq!(status, 200);
+    body_where(&recorder, "one key", |b| b[counts][carol]["CAROLDEV"]["signed_curve25519"] == 1)
+        .await;
+
+    // A co-member's new device is a device list change; their presence comes along.
+    let (status, _) = s
+        .post(
+            "/_matrix/client/v3/login",
+            &json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "dora"},
+                    "password": "password123"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let lists = "org.matrix.msc3202.device_lists";
+    let is_dora = |v: &Value| v.as_array().is_some_and(|a| a.contains(&json!("@dora:localhost")));
+    body_where(&recorder, "dora's device list change", |b| is_dora(&b[lists]["changed"])).await;
+    let presence =
+        format!("/_matrix/client/v3/presence/{}/status", common::urlencode("@dora:localhost"));
+    let (status, _) =
+        s.put_auth(&presence, &human, &json!({"presence": "online", "status_msg": "here"})).await;
+    assert_eq!(status, 200);
+    body_where(&recorder, "dora's presence", |b| {
+        b["ephemeral"].as_array().into_iter().flatten().any(|e| {
+            e["type"] == "m.presence"
+                && e["sender"] == "@dora:localhost"
+                && e["content"]["status_msg"] == "here"
+        })
+    })
+    .await;
+
+    // Once nobody of the bridge shares a room with her, she is "left".
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &human, &json!({})).await;
+    assert_eq!(status, 200);
+    body_where(&recorder, "dora left", |b| is_dora(&b[lists]["left"])).await;
+
+    // The bridge deletes the device without re-authenticating, as often as it likes.
+    let (status, body) = s.delete_auth(&device_path, AS_TOKEN, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = s.delete_auth(&device_path, AS_TOKEN, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.get_auth(&device_path, AS_TOKEN).await;
+    assert_eq!(status, 404);
 }

@@ -218,6 +218,9 @@ tables! {
     WEBHOOKS = "webhooks", Scan @ 70;
     // webhook id -> its room (the hook's URL names only the id)
     WEBHOOK_ROOMS = "webhook_rooms", Point @ 71;
+    // application service id -> the stream position its presence and device list
+    // changes were last sent up to (MSC2409, MSC3202)
+    APPSERVICE_CURSORS = "appservice_cursors", Point @ 72;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

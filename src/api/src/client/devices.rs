@@ -1,25 +1,37 @@
-//! `/devices`: list, get, rename, delete (with re-authentication).
+//! `/devices`: list, get, rename, delete (with re-authentication). Application services
+//! also create their users' devices with `PUT` and delete them without re-authenticating
+//! (spec v1.17, MSC4190).
 
-use axum::Router;
+use axum::{
+    Router,
+    body::Bytes,
+    extract::Path,
+    response::{IntoResponse, Response},
+    routing::put,
+};
+use http::StatusCode;
 use ruma::{
     MilliSecondsSinceUnixEpoch, UInt,
-    api::client::device::{
-        self, delete_device, delete_devices, get_device, get_devices, update_device,
-    },
+    api::client::device::{self, delete_device, delete_devices, get_device, get_devices},
 };
+use serde::Deserialize;
 use trellis_core::Result;
 use trellis_service::accounts::{DeviceInfo, devices};
 
 use super::uia::reauthenticate;
 use crate::{
     AppState,
-    ruma_route::{self, Ctx},
+    response::{ApiError, json_response},
+    ruma_route::{self, Authenticated, Ctx, json_error},
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<get_devices::v3::Request, _, _>(router, list);
     let router = ruma_route::add::<get_device::v3::Request, _, _>(router, get);
-    let router = ruma_route::add::<update_device::v3::Request, _, _>(router, update);
+    let router =
+        ["/_matrix/client/v3/devices/{device_id}", "/_matrix/client/r0/devices/{device_id}"]
+            .into_iter()
+            .fold(router, |router, path| router.route(path, put(update)));
     let router = ruma_route::add::<delete_device::v3::Request, _, _>(router, delete_one);
     ruma_route::add::<delete_devices::v3::Request, _, _>(router, delete_many)
 }
@@ -44,14 +56,32 @@ async fn get(ctx: Ctx, req: get_device::v3::Request) -> Result<get_device::v3::R
     Ok(get_device::v3::Response::new(to_ruma(device)))
 }
 
+#[derive(Deserialize)]
+struct DeviceUpdate {
+    display_name: Option<String>,
+}
+
 /// PUT /_matrix/client/v3/devices/{deviceId}
-async fn update(ctx: Ctx, req: update_device::v3::Request) -> Result<update_device::v3::Response> {
-    let localpart = ctx.session()?.localpart.clone();
-    ctx.services
-        .accounts
-        .rename_device(&localpart, req.device_id.as_str(), req.display_name)
-        .await?;
-    Ok(update_device::v3::Response::new())
+async fn update(
+    Authenticated(ctx): Authenticated,
+    Path(device_id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let answer = async {
+        let req: DeviceUpdate = match body.is_empty() {
+            true => DeviceUpdate { display_name: None },
+            false => serde_json::from_slice(&body).map_err(json_error)?,
+        };
+        let session = ctx.session()?;
+        devices::put_device(&ctx.services, session, &device_id, req.display_name).await
+    };
+    match answer.await {
+        Ok(created) => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            json_response(status, b"{}".to_vec())
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
 }
 
 async fn delete(
@@ -59,7 +89,12 @@ async fn delete(
     ids: Vec<String>,
     auth: Option<&ruma::api::client::uiaa::AuthData>,
 ) -> Result<()> {
-    let localpart = reauthenticate(ctx, auth, "delete_devices").await?;
+    let session = ctx.session()?;
+    // An application service manages its users' devices itself (spec v1.17).
+    let localpart = match session.appservice {
+        Some(_) => session.localpart.clone(),
+        None => reauthenticate(ctx, auth, "delete_devices").await?,
+    };
     devices::delete_devices(&ctx.services, &localpart, &ids, &ctx.client).await
 }
 
@@ -68,8 +103,12 @@ async fn delete_one(
     ctx: Ctx,
     req: delete_device::v3::Request,
 ) -> Result<delete_device::v3::Response> {
-    // Deleting an unknown device is 404, before any re-authentication round trip.
-    ctx.services.accounts.device(&ctx.session()?.localpart, req.device_id.as_str())?;
+    // Deleting an unknown device is 404, before any re-authentication round trip; an
+    // application service (which needs none) may repeat a deletion.
+    let session = ctx.session()?;
+    if session.appservice.is_none() {
+        ctx.services.accounts.device(&session.localpart, req.device_id.as_str())?;
+    }
     delete(&ctx, vec![req.device_id.to_string()], req.auth.as_ref()).await?;
     Ok(delete_device::v3::Response::new())
 }

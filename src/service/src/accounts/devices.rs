@@ -3,7 +3,7 @@
 use trellis_core::{Error, Result};
 use trellis_store::{Batch, Direction, Json};
 
-use super::Accounts;
+use super::{Accounts, Session};
 use std::sync::Arc;
 
 use ruma::UserId;
@@ -150,6 +150,39 @@ impl Accounts {
 /// Deletes devices of `localpart` (after the caller re-authenticated them): their
 /// tokens and keys go, their pushers stop, other servers hear of it, and the user's
 /// open sync streams wake to re-check their token.
+/// `PUT /devices/{deviceId}`: renames one of the user's devices, or, for an application
+/// service acting as one of its users, creates it when it does not exist (spec v1.17:
+/// bridges give their users' devices the ids they choose). True when it was created.
+pub async fn put_device(
+    services: &Arc<Services>,
+    session: &Session,
+    device_id: &str,
+    display_name: Option<String>,
+) -> Result<bool> {
+    let accounts = &services.accounts;
+    let localpart = session.localpart.as_str();
+    if accounts.device(localpart, device_id).is_ok() {
+        accounts.rename_device(localpart, device_id, display_name).await?;
+        return Ok(false);
+    }
+    if session.appservice.is_none() {
+        return Err(Error::not_found("Device not found"));
+    }
+    if device_id.is_empty()
+        || device_id.len() > MAX_DEVICE_ID_LEN
+        || device_id.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(Error::invalid_param("Invalid device id"));
+    }
+    accounts.add_sessionless_device(localpart, device_id, display_name).await?;
+    let user_id = accounts.user_id(localpart);
+    edus::device_changed(services, &user_id, device_id, false).await;
+    Ok(true)
+}
+
+/// The longest device id a service may choose.
+const MAX_DEVICE_ID_LEN: usize = 255;
+
 pub async fn delete_devices(
     services: &Arc<Services>,
     localpart: &str,

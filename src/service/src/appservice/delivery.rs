@@ -20,7 +20,7 @@ use tracing::Instrument;
 use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
-use super::Registration;
+use super::{Registration, extensions};
 use crate::media::preview::{CheckedResolver, IpPolicy, literal_allowed};
 use crate::{
     Services,
@@ -48,6 +48,9 @@ struct InFlight {
     txn_id: String,
     /// The queue positions the transaction carries.
     positions: Vec<u64>,
+    /// The stream position its presence and device list changes were read up to.
+    #[serde(default)]
+    changes_upto: Option<u64>,
     body: Value,
 }
 
@@ -61,7 +64,11 @@ pub struct Delivery {
     /// To-device messages for the services' users (MSC2409), likewise; they also stay
     /// in the devices' own inboxes.
     to_device: Mutex<HashMap<String, Vec<Value>>>,
-    senders: Mutex<Vec<JoinHandle<()>>>,
+    /// Per service, the stream position its presence and device list changes were read
+    /// up to (see `extensions`).
+    change_cursors: Mutex<HashMap<String, u64>>,
+    /// service id -> its sender task
+    senders: Mutex<HashMap<String, JoinHandle<()>>>,
     http: reqwest::Client,
     /// For outgoing webhooks, whose URLs room members choose: connects only to addresses
     /// the SSRF policy allows (checked after DNS), follows no redirects.
@@ -89,6 +96,7 @@ impl Delivery {
             wakers: Mutex::default(),
             ephemeral: Mutex::default(),
             to_device: Mutex::default(),
+            change_cursors: Mutex::default(),
             senders: Mutex::default(),
             http,
             guarded,
@@ -237,13 +245,24 @@ impl Delivery {
     /// longer registered stop (their queues stay, for when they come back).
     pub fn start(&self, services: &Arc<Services>) {
         let mut senders = self.senders.lock().unwrap_or_else(|p| p.into_inner());
-        for sender in senders.drain(..) {
-            sender.abort();
-        }
+        let mut previous = std::mem::take(&mut *senders);
         for reg in services.appservices.all().iter().filter(|r| r.url.is_some()) {
             let span = tracing::info_span!("appservice_sender", appservice = %reg.id);
+            // The previous sender may be in the middle of a transaction: the new one
+            // starts once it has stopped, so the two never send at once.
+            let before = previous.remove(&reg.id);
             let task = send_loop(services.clone(), reg.clone(), self.waker(&reg.id));
-            senders.push(tokio::spawn(task.instrument(span)));
+            let task = async move {
+                if let Some(before) = before {
+                    before.abort();
+                    let _ = before.await;
+                }
+                task.await;
+            };
+            senders.insert(reg.id.clone(), tokio::spawn(task.instrument(span)));
+        }
+        for (_, sender) in previous {
+            sender.abort();
         }
     }
 }
@@ -324,8 +343,12 @@ fn interested(services: &Services, reg: &Registration, event: &Appended<'_>) -> 
 /// Sends one service's queue for as long as the service stays registered.
 async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<Notify>) {
     let mut backoff = FIRST_BACKOFF;
+    // Presence and device key changes are announced on the stream, not the pipeline.
+    let changes = extensions::follows_changes(&reg).then(|| {
+        services.rooms.stream.subscribe_keys(vec![extensions::CO_MEMBER_CHANGES_KEY.to_owned()])
+    });
     loop {
-        let next = match next_transaction(&services, &reg.id) {
+        let next = match next_transaction(&services, &reg) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "reading the application service queue failed");
@@ -333,8 +356,19 @@ async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<No
             }
         };
         let Some(txn) = next else {
-            // Woken by the pipeline; the timeout is a safety net, not the mechanism.
-            let _ = tokio::time::timeout(Duration::from_secs(30), wake.notified()).await;
+            // Woken by the pipeline or the stream; the timeout is a safety net, not the
+            // mechanism.
+            let changed = async {
+                match &changes {
+                    Some(subscription) => subscription.woken().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wake.notified() => {}
+                () = changed => {}
+                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
             continue;
         };
         match send(&services, &reg, &txn).await {
@@ -356,8 +390,10 @@ async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<No
     }
 }
 
-/// The transaction being sent, or a new one from the queue's oldest events.
-fn next_transaction(services: &Services, id: &str) -> Result<Option<InFlight>> {
+/// The transaction being sent, or a new one from the queue's oldest events, the
+/// ephemeral events waiting and the changes the service follows.
+fn next_transaction(services: &Services, reg: &Registration) -> Result<Option<InFlight>> {
+    let id = reg.id.as_str();
     if let Some(Json(txn)) = INFLIGHT.get(&*services.db, &id.to_owned())? {
         return Ok(Some(txn));
     }
@@ -368,17 +404,44 @@ fn next_transaction(services: &Services, id: &str) -> Result<Option<InFlight>> {
         positions.push(position);
         events.push(event);
     }
-    let (ephemeral, to_device) = services.appservice_delivery.take_ephemeral(id);
+    let delivery = &services.appservice_delivery;
+    let (mut ephemeral, to_device) = delivery.take_ephemeral(id);
+    let cursor = delivery.change_cursors.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied();
+    let changes = extensions::changes(services, reg, cursor)?;
+    ephemeral.extend(changes.presence);
+    let keys = extensions::key_counts(services, reg, &events, &to_device, &changes.device_lists)?;
+    if let Some(upto) = changes.upto {
+        delivery
+            .change_cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), upto);
+    }
     let txn_id = match positions.first() {
         Some(first) => format!("{first}.{}", positions.len()),
-        None if ephemeral.is_empty() && to_device.is_empty() => return Ok(None),
+        None if ephemeral.is_empty()
+            && to_device.is_empty()
+            && changes.device_lists.is_empty()
+            && keys.is_none() =>
+        {
+            return Ok(None);
+        }
         None => format!("e{}.{}", trellis_core::now_millis(), crate::random::alphanumeric(6)),
     };
     // Both names of MSC2409's field: frameworks read one or the other.
-    let body = json!({"events": events, "ephemeral": ephemeral,
-                      "de.sorunome.msc2409.ephemeral": ephemeral,
-                      "de.sorunome.msc2409.to_device": to_device});
-    let txn = InFlight { txn_id, positions, body };
+    let mut body = json!({"events": events, "ephemeral": ephemeral,
+                          "de.sorunome.msc2409.ephemeral": ephemeral,
+                          "de.sorunome.msc2409.to_device": to_device});
+    if !changes.device_lists.is_empty() {
+        let lists = &changes.device_lists;
+        body["org.matrix.msc3202.device_lists"] =
+            json!({"changed": lists.changed, "left": lists.left});
+    }
+    if let Some((counts, fallbacks)) = keys {
+        body["org.matrix.msc3202.device_one_time_keys_count"] = counts;
+        body["org.matrix.msc3202.device_unused_fallback_key_types"] = fallbacks;
+    }
+    let txn = InFlight { txn_id, positions, changes_upto: changes.upto, body };
     // Written before it is sent, so that a restart resends this very transaction (not
     // synced: a process crash keeps what the WAL was handed; only a power loss could
     // cost it, and then the same events go out under a new id).
@@ -433,6 +496,9 @@ fn acknowledge(services: &Services, id: &str, txn: &InFlight) -> Result<()> {
         QUEUE.delete(&mut batch, &(id.to_owned(), *position));
     }
     INFLIGHT.delete(&mut batch, &id.to_owned());
+    if let Some(upto) = txn.changes_upto {
+        extensions::store_cursor(&mut batch, id, upto);
+    }
     services.db.write_unsynced(batch)?;
     Ok(())
 }
@@ -444,5 +510,6 @@ pub async fn forget(db: &trellis_store::Db, id: &str) -> Result<()> {
         QUEUE.delete(&mut batch, &row?.0);
     }
     INFLIGHT.delete(&mut batch, &id.to_owned());
+    extensions::forget_cursor(&mut batch, id);
     crate::commit(db, batch).await
 }

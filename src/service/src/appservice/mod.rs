@@ -4,6 +4,7 @@
 //! pings).
 
 pub mod delivery;
+pub mod extensions;
 pub mod queries;
 pub mod registration;
 pub mod stored;

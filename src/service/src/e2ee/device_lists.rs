@@ -56,31 +56,76 @@ impl DeviceLists {
     }
 }
 
+/// Whose device lists are being followed: one user (sync, `keys/changes`), or every
+/// user of an application service at once (its transactions, MSC3202).
+pub trait Viewer {
+    /// One of the users followed.
+    fn is_me(&self, user: &str) -> bool;
+    /// Whether one of them is joined to `room`.
+    fn in_room(&mut self, services: &Services, room: &str) -> Result<bool>;
+}
+
+/// One user and the rooms they are joined to.
+struct OneUser<'a> {
+    user_id: &'a str,
+    rooms: HashSet<String>,
+}
+
+impl Viewer for OneUser<'_> {
+    fn is_me(&self, user: &str) -> bool {
+        user == self.user_id
+    }
+
+    fn in_room(&mut self, _: &Services, room: &str) -> Result<bool> {
+        Ok(self.rooms.contains(room))
+    }
+}
+
 /// What changed for `user_id` in `(since, now]`.
 pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Result<DeviceLists> {
-    if since >= now {
+    if nothing_changed(services, since, now) {
+        return Ok(DeviceLists::default());
+    }
+    let rooms = services.rooms.rooms_of(user_id, &MembershipState::Join)?.into_iter().collect();
+    changes_for(services, &mut OneUser { user_id, rooms }, since, now)
+}
+
+/// Most syncs follow a message: neither a key nor a membership changed anywhere since
+/// the token, and the scans of [`changes_for`] would find nothing.
+pub fn nothing_changed(services: &Services, since: u64, now: u64) -> bool {
+    let stream = &services.rooms.stream;
+    since >= now
+        || (!stream.changed_after(KEY_CHANGES_NOTE, since)
+            && !stream.changed_after(crate::rooms::visibility::MEMBER_CHANGES_NOTE, since))
+}
+
+/// What changed in `(since, now]` for the users `viewer` follows.
+pub fn changes_for(
+    services: &Services,
+    viewer: &mut dyn Viewer,
+    since: u64,
+    now: u64,
+) -> Result<DeviceLists> {
+    if nothing_changed(services, since, now) {
         return Ok(DeviceLists::default());
     }
     let rooms = &services.rooms;
-    // Most syncs follow a message: neither a key nor a membership changed anywhere
-    // since the token, and the three scans below would find nothing.
     let keys_changed = rooms.stream.changed_after(KEY_CHANGES_NOTE, since);
-    if !keys_changed
-        && !rooms.stream.changed_after(crate::rooms::visibility::MEMBER_CHANGES_NOTE, since)
-    {
-        return Ok(DeviceLists::default());
-    }
-    let mine: HashSet<String> =
-        rooms.rooms_of(user_id, &MembershipState::Join)?.into_iter().collect();
     let mut shared_cache: HashMap<String, bool> = HashMap::new();
-    let mut shares = |other: &str| -> Result<bool> {
-        if other == user_id {
+    let mut shares = |viewer: &mut dyn Viewer, other: &str| -> Result<bool> {
+        if viewer.is_me(other) {
             return Ok(true);
         }
         if let Some(&known) = shared_cache.get(other) {
             return Ok(known);
         }
-        let any = rooms.rooms_of(other, &MembershipState::Join)?.iter().any(|r| mine.contains(r));
+        let mut any = false;
+        for room in rooms.rooms_of(other, &MembershipState::Join)? {
+            if viewer.in_room(services, &room)? {
+                any = true;
+                break;
+            }
+        }
         shared_cache.insert(other.to_owned(), any);
         Ok(any)
     };
@@ -91,7 +136,7 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
     if keys_changed {
         for row in KEY_CHANGES.scan_range(&*services.db, range.0, range.1, Direction::Forward)? {
             let (_, other) = row?;
-            if shares(&other)? {
+            if shares(viewer, &other)? {
                 changed.insert(other);
             }
         }
@@ -101,8 +146,9 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
     // of every room's changes in the window, which is short for incremental syncs.
     let mut joined_cache: HashMap<String, HashSet<String>> = HashMap::new();
     for (room, mover) in rooms.member_changes(since, now)? {
-        let is_me = mover == user_id;
-        if !is_me && !mine.contains(&room) {
+        let is_me = viewer.is_me(&mover);
+        let joined_here = viewer.in_room(services, &room)?;
+        if !is_me && !joined_here {
             continue;
         }
         if !joined_cache.contains_key(&room) {
@@ -114,8 +160,8 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
         if is_me {
             // The user joined (everyone there is new to them) or left (everyone there
             // may now share nothing with them).
-            let target = if mine.contains(&room) { &mut changed } else { &mut maybe_left };
-            target.extend(joined.iter().filter(|m| *m != user_id).cloned());
+            let target = if joined_here { &mut changed } else { &mut maybe_left };
+            target.extend(joined.iter().filter(|m| !viewer.is_me(m)).cloned());
         } else if joined.contains(&mover) {
             changed.insert(mover);
         } else {
@@ -124,7 +170,7 @@ pub fn changes(services: &Services, user_id: &str, since: u64, now: u64) -> Resu
     }
     let mut left = Vec::new();
     for other in maybe_left {
-        if !shares(&other)? {
+        if !shares(viewer, &other)? {
             changed.remove(&other);
             left.push(other);
         }

@@ -585,6 +585,9 @@ impl Timeline {
                     && let Some(target) = &pdu.state_key
                 {
                     wake.push(super::stream::user_key(target));
+                    // Application services following device lists read membership
+                    // changes once they are visible.
+                    wake.push(crate::appservice::extensions::CO_MEMBER_CHANGES_KEY.to_owned());
                 }
                 let members = match self.rooms.joined_members(room_id) {
                     Ok(members) => Some(members),

@@ -51,6 +51,7 @@ impl Rooms {
     /// once the write `retired` ended is visible: presence and device-list changes.
     pub fn wake_co_members(&self, retired: Retired, user: &str) {
         self.stream.wake_for(retired, &super::stream::user_key(user));
+        self.stream.wake_for(retired, crate::appservice::extensions::CO_MEMBER_CHANGES_KEY);
         match self.rooms_of(user, &MembershipState::Join) {
             Ok(rooms) => {
                 for room in rooms {
