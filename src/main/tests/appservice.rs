@@ -642,6 +642,38 @@ async fn an_outgoing_webhook_receives_its_rooms_events_through_the_ssrf_guard() 
     assert_eq!(status, 200);
     let (_, listed) = s.get_auth(&hooks, &alice).await;
     assert_eq!(listed["webhooks"], json!([]), "{listed}");
+
+    // A room has a handful at most.
+    for _ in 0..5 {
+        let (status, _) = s.post_auth(&hooks, &alice, &json!({"url": url})).await;
+        assert_eq!(status, 200);
+    }
+    let (status, body) = s.post_auth(&hooks, &alice, &json!({"url": url})).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+
+    // The hooks pass the room on for their creator: not while she is away.
+    let (status, _) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &alice, &json!({})).await;
+    assert_eq!(status, 200);
+    s.send_text(&bob, &room, "while she was away").await;
+    let alice_id = "@alice:localhost";
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/invite"),
+            &bob,
+            &json!({"user_id": alice_id}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    s.join_room(&alice, &room).await;
+    s.send_text(&bob, &room, "welcome back").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.lock().unwrap().iter().any(|(_, b)| b.to_string().contains("welcome back")) {
+        assert!(Instant::now() < deadline, "nothing arrived after the creator came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all = seen.lock().unwrap().iter().map(|(_, b)| b.to_string()).collect::<String>();
+    assert!(!all.contains("while she was away"), "{all}");
     server.abort();
 }
 

@@ -31,6 +31,10 @@ const WEBHOOK_ROOMS: Table<String, String> = Table::new(&catalog::WEBHOOK_ROOMS)
 pub const BOT_LOCALPART: &str = "_webhooks";
 /// Longest message text a call may post.
 const MAX_TEXT: usize = 32 * 1024;
+/// Incoming and outgoing hooks a room may have: each is a standing credential or a
+/// standing copy of the room's messages.
+const MAX_PER_ROOM: usize = 20;
+const MAX_OUTGOING_PER_ROOM: usize = 5;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Webhook {
@@ -89,6 +93,12 @@ pub async fn create(
     client: &Client,
 ) -> Result<Created> {
     require_manager(services, room_id, user)?;
+    let prefix = room_id.to_string();
+    if WEBHOOKS.scan_prefix(&*services.db, &prefix, Direction::Forward)?.count() >= MAX_PER_ROOM {
+        return Err(Error::forbidden(format!(
+            "A room has at most {MAX_PER_ROOM} incoming webhooks"
+        )));
+    }
     let msgtype = msgtype.unwrap_or_else(|| "m.notice".to_owned());
     check_msgtype(&msgtype)?;
     bring_bot(services, user, room_id).await?;
@@ -266,6 +276,17 @@ pub async fn create_outgoing(
     client: &Client,
 ) -> Result<Outgoing> {
     require_manager(services, room_id, user)?;
+    let existing = services
+        .appservices
+        .all()
+        .iter()
+        .filter(|r| r.outgoing_webhook_room.as_deref() == Some(room_id.as_str()))
+        .count();
+    if existing >= MAX_OUTGOING_PER_ROOM {
+        return Err(Error::forbidden(format!(
+            "A room has at most {MAX_OUTGOING_PER_ROOM} outgoing webhooks"
+        )));
+    }
     if !services.appservice_delivery.webhook_url_allowed(url) {
         return Err(Error::invalid_param(
             "The URL must be http(s) and not a private, loopback or other special address",
@@ -283,6 +304,7 @@ pub async fn create_outgoing(
         "namespaces": {"users": [], "aliases": [],
                        "rooms": [{"exclusive": false, "regex": regex::escape(room_id.as_str())}]},
         "org.trellis.outgoing_webhook_room": room_id,
+        "org.trellis.outgoing_webhook_creator": user,
     });
     // JSON is YAML: the registration is stored and reloaded like any other.
     crate::appservice::add(services, &registration.to_string()).await?;

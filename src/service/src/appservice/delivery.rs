@@ -312,6 +312,13 @@ impl Consumer for Delivery {
 fn interested(services: &Services, reg: &Registration, event: &Appended<'_>) -> Result<bool> {
     let server = services.server_name();
     let pdu = event.pdu;
+    // An outgoing webhook passes the room on for the member who created it: only while
+    // they are in the room.
+    if let Some(creator) = &reg.outgoing_webhook_creator
+        && !event.members.is_some_and(|m| m.iter().any(|u| u == creator))
+    {
+        return Ok(false);
+    }
     if reg.claims_user(pdu.sender.as_str(), server)
         || pdu
             .state_key

@@ -35,6 +35,10 @@ pub struct RegistrationFile {
     /// by a room member, so it is only ever reached through the SSRF guard.
     #[serde(default, rename = "org.trellis.outgoing_webhook_room")]
     pub outgoing_webhook_room: Option<String>,
+    /// The room member who created the outgoing webhook: it carries the room's events only
+    /// while they are joined.
+    #[serde(default, rename = "org.trellis.outgoing_webhook_creator")]
+    pub outgoing_webhook_creator: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -81,6 +85,7 @@ pub struct Registration {
     pub msc3202: bool,
     /// Set for an outgoing webhook: the room it watches (see the file's field).
     pub outgoing_webhook_room: Option<String>,
+    pub outgoing_webhook_creator: Option<String>,
 }
 
 impl Registration {
@@ -129,6 +134,7 @@ impl Registration {
             receive_ephemeral: file.receive_ephemeral || file.push_ephemeral,
             msc3202: file.msc3202,
             outgoing_webhook_room: file.outgoing_webhook_room,
+            outgoing_webhook_creator: file.outgoing_webhook_creator,
         })
     }
 
