@@ -347,7 +347,7 @@ pub struct UserDirectoryConfig {
     pub search_all_users: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AppserviceConfig {
     /// Application service registration files (the standard YAML), re-read on SIGHUP.
@@ -355,6 +355,19 @@ pub struct AppserviceConfig {
     /// Addresses (CIDR) outgoing webhooks may reach although they are private, loopback
     /// or otherwise special (refused by default, as room members choose the URL).
     pub outgoing_webhook_ip_allow: Vec<String>,
+    /// An outgoing webhook whose URL has failed every delivery for this long is removed
+    /// (its queue would otherwise grow for ever).
+    pub outgoing_webhook_give_up_seconds: u64,
+}
+
+impl Default for AppserviceConfig {
+    fn default() -> Self {
+        Self {
+            registration_files: Vec::new(),
+            outgoing_webhook_ip_allow: Vec::new(),
+            outgoing_webhook_give_up_seconds: 24 * 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -831,3 +831,30 @@ async fn an_encrypted_bridge_manages_its_devices_and_hears_of_keys_device_lists_
     let (status, _) = s.get_auth(&device_path, AS_TOKEN).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn an_outgoing_webhook_that_keeps_failing_is_removed() {
+    let config = format!(
+        "{OPEN}[appservice]\noutgoing_webhook_ip_allow = [\"127.0.0.0/8\"]\n\
+         outgoing_webhook_give_up_seconds = 1\n"
+    );
+    let s = TestServer::start(&config).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let hooks = format!("/_trellis/client/v1/rooms/{room}/webhooks/outgoing");
+    // Nothing listens there.
+    let url = format!("http://127.0.0.1:{}/hook", common::free_port());
+    let (status, _) = s.post_auth(&hooks, &alice, &json!({"url": url})).await;
+    assert_eq!(status, 200);
+    s.send_text(&alice, &room, "anyone?").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, listed) = s.get_auth(&hooks, &alice).await;
+        assert_eq!(status, 200, "{listed}");
+        if listed["webhooks"] == json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the failing hook stayed: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -74,6 +74,8 @@ pub struct Delivery {
     /// the SSRF policy allows (checked after DNS), follows no redirects.
     guarded: reqwest::Client,
     policy: Arc<IpPolicy>,
+    /// How long an outgoing webhook may fail before it is removed.
+    webhook_give_up: Duration,
 }
 
 impl Delivery {
@@ -101,6 +103,7 @@ impl Delivery {
             http,
             guarded,
             policy,
+            webhook_give_up: Duration::from_secs(config.outgoing_webhook_give_up_seconds),
         })
     }
 
@@ -350,6 +353,7 @@ fn interested(services: &Services, reg: &Registration, event: &Appended<'_>) -> 
 /// Sends one service's queue for as long as the service stays registered.
 async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<Notify>) {
     let mut backoff = FIRST_BACKOFF;
+    let mut failing_since: Option<std::time::Instant> = None;
     // Presence and device key changes are announced on the stream, not the pipeline.
     let changes = extensions::follows_changes(&reg).then(|| {
         services.rooms.stream.subscribe_keys(vec![extensions::CO_MEMBER_CHANGES_KEY.to_owned()])
@@ -381,6 +385,7 @@ async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<No
         match send(&services, &reg, &txn).await {
             Ok(()) => {
                 backoff = FIRST_BACKOFF;
+                failing_since = None;
                 if let Err(e) = acknowledge(&services, &reg.id, &txn) {
                     tracing::error!(error = %e, "clearing a sent transaction failed");
                     tokio::time::sleep(backoff).await;
@@ -390,11 +395,33 @@ async fn send_loop(services: Arc<Services>, reg: Arc<Registration>, wake: Arc<No
             Err(e) => {
                 tracing::warn!(txn_id = %txn.txn_id, error = %e, retry_in = ?backoff,
                                "application service transaction failed");
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if reg.outgoing_webhook_room.is_some()
+                    && since.elapsed() >= services.appservice_delivery.webhook_give_up
+                {
+                    give_up_webhook(&services, &reg.id);
+                    return;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
+}
+
+/// Removes an outgoing webhook whose URL keeps failing. From a task of its own: the
+/// removal restarts the senders, this one among them.
+fn give_up_webhook(services: &Arc<Services>, id: &str) {
+    tracing::warn!(webhook = id, "an outgoing webhook failed for too long and is removed");
+    let (services, id) = (services.clone(), id.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = super::remove(&services, &id).await {
+            tracing::error!(webhook = %id, error = %e, "removing a failing outgoing webhook failed");
+            return;
+        }
+        let client = crate::audit::Client { ip: None };
+        services.audit.log(None, "webhook_outgoing_give_up", &client, "ok", Some(id)).await;
+    });
 }
 
 /// The transaction being sent, or a new one from the queue's oldest events, the
