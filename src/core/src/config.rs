@@ -31,6 +31,7 @@ pub struct Config {
     pub appservice: AppserviceConfig,
     pub rooms: RoomsConfig,
     pub presence: PresenceConfig,
+    pub push: PushConfig,
     pub rate_limits: RateLimitsConfig,
     pub media: MediaConfig,
     pub logging: LoggingConfig,
@@ -407,6 +408,36 @@ pub struct PresenceConfig {
 impl Default for PresenceConfig {
     fn default() -> Self {
         Self { enabled: true, idle_timeout_seconds: 300, offline_timeout_seconds: 1800 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Addresses (CIDR) push gateways may be reached at although they are private,
+    /// loopback or otherwise special (refused by default, as users choose the URL).
+    pub gateway_ip_allow: Vec<String>,
+    /// A push a gateway keeps refusing is dropped once it is this old, in seconds.
+    pub max_push_age_seconds: u64,
+    /// Email notifications: mail a user whose notifying messages have stayed unread
+    /// this long (seconds) while they were not active.
+    pub email_delay_seconds: u64,
+    /// And at most one mail per this many seconds.
+    pub email_period_seconds: u64,
+    /// The web client the mails link to (`{web_client_url}/#/room/{room}`); empty: a
+    /// `https://matrix.to` link.
+    pub web_client_url: String,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            gateway_ip_allow: Vec::new(),
+            max_push_age_seconds: 24 * 3600,
+            email_delay_seconds: 600,
+            email_period_seconds: 3600,
+            web_client_url: String::new(),
+        }
     }
 }
 

@@ -29,8 +29,20 @@ pub struct StorageLabels {
     pub stat: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `sent`, `retried`, `failed` (given up), `rejected` (the gateway dropped the key).
+    pub outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// Pushes to push gateways, by outcome.
+    pub pushes: Family<OutcomeLabels, Counter>,
+    /// Pushes waiting to be sent.
+    pub push_queue: Gauge,
+    /// Notification mails sent.
+    pub notification_emails: Counter,
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_duration: Family<RouteLabels, Histogram>,
     pub storage: Family<StorageLabels, Gauge<f64, AtomicU64>>,
@@ -68,7 +80,30 @@ impl Metrics {
             "Storage engine statistics per column family",
             storage.clone(),
         );
-        Self { registry, http_requests, http_duration, storage }
+        let pushes = Family::<OutcomeLabels, Counter>::default();
+        registry.register("pushes", "Pushes to push gateways by outcome", pushes.clone());
+        let push_queue = Gauge::default();
+        registry.register("push_queue", "Pushes waiting to be sent", push_queue.clone());
+        let notification_emails = Counter::default();
+        registry.register(
+            "notification_emails",
+            "Notification mails sent",
+            notification_emails.clone(),
+        );
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            storage,
+            pushes,
+            push_queue,
+            notification_emails,
+        }
+    }
+
+    /// Counts a push outcome.
+    pub fn push(&self, outcome: &str) {
+        self.pushes.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }
 
     pub fn render(&self) -> String {

@@ -97,6 +97,7 @@ async fn serve(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("creating application service users: {e}"))?;
     services.appservice_delivery.start(&services);
+    services.push_gateway.start(&services).map_err(|e| format!("starting push delivery: {e}"))?;
     let appservice_reloader = tokio::spawn(reload_appservices_on_sighup(services.clone()));
     // Transactions queued for other servers before a restart go out again.
     if let Err(e) = trellis_service::federation::sender::resume(&services.federation) {

@@ -78,6 +78,8 @@ pub struct Services {
     pub appservices: appservice::Appservices,
     /// What is sent to them (a pipeline step and a sender per service).
     pub appservice_delivery: Arc<appservice::delivery::Delivery>,
+    /// Pushes to push gateways (a pipeline step and a sender per pusher).
+    pub push_gateway: Arc<push::gateway::Gateway>,
     pub media: media::Media,
     pub metrics: Metrics,
 }
@@ -130,11 +132,14 @@ impl Services {
         let appservice_delivery = Arc::new(
             appservice::delivery::Delivery::new(&config.appservice).map_err(|e| e.to_string())?,
         );
+        let push_gateway =
+            Arc::new(push::gateway::Gateway::new(&config.push).map_err(|e| e.to_string())?);
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
             guest_eviction.clone(),
             appservice_delivery.clone(),
+            push_gateway.clone(),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
         let services = Arc::new(Self {
@@ -143,7 +148,8 @@ impl Services {
             profiles: Profiles::new(db.clone()),
             account_data: AccountData::new(db.clone(), stream.clone()),
             push_rules,
-            pushers: push::pushers::Pushers::new(db.clone()),
+            pushers: push::pushers::Pushers::new(db.clone())
+                .map_err(|e| format!("loading pushers: {e}"))?,
             presence: realtime::presence::Presence::new(
                 db.clone(),
                 rooms.clone(),
@@ -163,6 +169,7 @@ impl Services {
             media,
             appservices,
             appservice_delivery: appservice_delivery.clone(),
+            push_gateway: push_gateway.clone(),
             audit,
             accounts,
             e2ee,
@@ -176,6 +183,7 @@ impl Services {
         });
         guest_eviction.attach(&services);
         appservice_delivery.attach(&services);
+        push_gateway.attach(&services);
         Ok(services)
     }
 

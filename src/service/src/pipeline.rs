@@ -11,7 +11,9 @@
 //! 3. guests leaving rooms that stop admitting them (`rooms::guests::GuestEviction`);
 //! 4. application-service transactions (`appservice::delivery::Delivery`: a queue in
 //!    RocksDB per service, sent by a task of its own);
-//! 5. (next) push-gateway and email queues, the search
+//! 5. push gateways (`push::gateway::Gateway`: a queue in RocksDB per pusher, sent by
+//!    a task per pusher while it has pushes);
+//! 6. (next) email notifications, the search
 //!    index, retention and metrics: each a `Consumer` added to the list in
 //!    `Services::new`. Queues that leave the process write their items here, in
 //!    RocksDB, and are drained by their own background workers, so a slow consumer

@@ -221,6 +221,9 @@ tables! {
     // application service id -> the stream position its presence and device list
     // changes were last sent up to (MSC2409, MSC3202)
     APPSERVICE_CURSORS = "appservice_cursors", Point @ 72;
+    // (user localpart, app id, pushkey, sequence) -> a push waiting for that pusher's
+    // gateway (sequence: twice the event's stream position; odd for count updates)
+    PUSH_QUEUE = "push_queue", Scan @ 73;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

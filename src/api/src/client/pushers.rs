@@ -3,7 +3,7 @@
 use axum::Router;
 use ruma::api::client::push::{Pusher, get_pushers, set_pusher};
 use trellis_core::{Error, Result};
-use trellis_service::push::pushers::PusherChange;
+use trellis_service::push::{self, pushers::PusherChange};
 
 use super::push_rules::Unparsed;
 use crate::{
@@ -40,6 +40,7 @@ async fn get(ctx: Ctx, _req: get_pushers::v3::Request) -> Result<get_pushers::v3
 async fn set(ctx: Ctx, req: Unparsed<set_pusher::v3::Request>) -> Result<set_pusher::v3::Response> {
     let session = ctx.session()?;
     let change = PusherChange::parse(&req.json()?)?;
-    ctx.services.pushers.apply(&session.localpart, &session.device_id, change).await?;
+    push::gateway::set_pusher(&ctx.services, &session.localpart, &session.device_id, change)
+        .await?;
     Ok(set_pusher::v3::Response::new())
 }

@@ -1,6 +1,7 @@
 //! Push: users' push rules, their evaluation for every stored event (unread counts and
-//! `/notifications`), and pushers (where notifications go).
+//! `/notifications`), pushers (where notifications go) and what is sent to them.
 
+pub mod gateway;
 pub mod notify;
 pub mod pushers;
 pub mod rules;

@@ -373,6 +373,31 @@ impl Notifier {
         Ok(Some(self.db.write_unsynced(batch)?))
     }
 
+    /// What the event at `position` of `room_id` (sent by `sender`) notifies `user` of,
+    /// if anything, as evaluation recorded it: the user's own row, or the event's shared
+    /// row when it is theirs.
+    pub fn notification_for(
+        &self,
+        room_id: &str,
+        position: u64,
+        user: &str,
+        sender: &str,
+    ) -> Result<Option<Notification>> {
+        if let Some(Json(own)) = HISTORY.get(&*self.db, &(user.to_owned(), position))? {
+            return Ok((own.room_id == room_id).then_some(own));
+        }
+        if user == sender {
+            return Ok(None);
+        }
+        let Some(Json(shared)) = SHARED.get(&*self.db, &(room_id.to_owned(), position))? else {
+            return Ok(None);
+        };
+        if EXCLUDED.contains(&*self.db, &(room_id.to_owned(), position, user.to_owned()))? {
+            return Ok(None);
+        }
+        Ok(Some(shared.notification(room_id)))
+    }
+
     /// Unread counts of `user` in `room_id` up to stream position `upto` (a sync's
     /// visible position, so every row at or before it is written): notifying events
     /// after the user's read receipts (an unthreaded receipt covers everything up to

@@ -1,6 +1,11 @@
 //! Pushers: where a user's notifications go (an HTTP push gateway or email), one per
-//! (app id, pushkey) per user. Only stored and listed for now; sending to gateways comes
-//! with notification delivery.
+//! (app id, pushkey) per user. Kept in memory too: every notifying event asks whether
+//! its recipients have any (`push::gateway` and `push::email` send to them).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -39,11 +44,11 @@ pub struct Pusher {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-struct PusherRecord {
-    pusher: Pusher,
+pub struct PusherRecord {
+    pub pusher: Pusher,
     /// The device that set it, so a device's pushers can go when the device does.
-    device_id: String,
-    created_ms: u64,
+    pub device_id: String,
+    pub created_ms: u64,
 }
 
 /// What a `POST /pushers/set` body asks for.
@@ -187,11 +192,62 @@ pub struct Pushers {
     /// Setting a pusher reads other users' pushers with the same key and removes them;
     /// serialised so that two users setting the same key cannot both keep theirs.
     write_lock: tokio::sync::Mutex<()>,
+    /// localpart -> the user's pushers (users without any are absent).
+    cache: RwLock<HashMap<String, Arc<Vec<PusherRecord>>>>,
 }
 
 impl Pushers {
-    pub fn new(db: Db) -> Self {
-        Self { db, write_lock: tokio::sync::Mutex::new(()) }
+    pub fn new(db: Db) -> Result<Self> {
+        let mut cache: HashMap<String, Vec<PusherRecord>> = HashMap::new();
+        for row in PUSHERS.scan_prefix(&*db, &(), Direction::Forward)? {
+            let ((localpart, _, _), Json(record)) = row?;
+            cache.entry(localpart).or_default().push(record);
+        }
+        let cache = cache.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        Ok(Self { db, write_lock: tokio::sync::Mutex::new(()), cache: RwLock::new(cache) })
+    }
+
+    /// The user's pushers, from memory.
+    pub fn of(&self, localpart: &str) -> Option<Arc<Vec<PusherRecord>>> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner()).get(localpart).cloned()
+    }
+
+    /// Whether anyone has a pusher (most events then need no look at their recipients).
+    pub fn any(&self) -> bool {
+        !self.cache.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// Re-reads the users' pushers into memory after a write.
+    fn refresh(&self, localparts: &[String]) -> Result<()> {
+        for localpart in localparts {
+            let records: Vec<PusherRecord> = PUSHERS
+                .scan_prefix(&*self.db, localpart, Direction::Forward)?
+                .map(|row| row.map(|(_, Json(r))| r).map_err(Into::into))
+                .collect::<Result<_>>()?;
+            let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+            if records.is_empty() {
+                cache.remove(localpart);
+            } else {
+                cache.insert(localpart.clone(), Arc::new(records));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes one pusher (a key the gateway rejected, an unsubscribed mail address);
+    /// false when there was none.
+    pub async fn remove(&self, localpart: &str, app_id: &str, pushkey: &str) -> Result<bool> {
+        let _guard = self.write_lock.lock().await;
+        let key = (localpart.to_owned(), app_id.to_owned(), pushkey.to_owned());
+        if !PUSHERS.contains(&*self.db, &key)? {
+            return Ok(false);
+        }
+        let mut batch = Batch::new();
+        PUSHERS.delete(&mut batch, &key);
+        PUSHER_KEYS.delete(&mut batch, &(key.1, key.2, key.0));
+        commit(&self.db, batch).await?;
+        self.refresh(&[localpart.to_owned()])?;
+        Ok(true)
     }
 
     /// The user's pushers, by app id and pushkey.
@@ -211,6 +267,7 @@ impl Pushers {
     ) -> Result<()> {
         let _guard = self.write_lock.lock().await;
         let mut batch = Batch::new();
+        let mut touched = vec![localpart.to_owned()];
         match change {
             PusherChange::Delete { app_id, pushkey } => {
                 // Deleting a pusher that does not exist is not an error: the outcome the
@@ -241,6 +298,7 @@ impl Pushers {
                     for row in PUSHER_KEYS.scan_prefix(&*self.db, &prefix, Direction::Forward)? {
                         let ((app_id, pushkey, owner), ()) = row?;
                         if owner != localpart {
+                            touched.push(owner.clone());
                             PUSHERS.delete(
                                 &mut batch,
                                 &(owner.clone(), app_id.clone(), pushkey.clone()),
@@ -261,7 +319,8 @@ impl Pushers {
                 tracing::info!(user = localpart, "pusher set");
             }
         }
-        commit(&self.db, batch).await
+        commit(&self.db, batch).await?;
+        self.refresh(&touched)
     }
 
     /// Removes the pushers a device set (for when the device is deleted or logs out).
@@ -280,7 +339,8 @@ impl Pushers {
         if removed == 0 {
             return Ok(());
         }
-        commit(&self.db, batch).await
+        commit(&self.db, batch).await?;
+        self.refresh(&[localpart.to_owned()])
     }
 
     /// Mail goes only to the user's own validated addresses: otherwise any account could

@@ -1,0 +1,469 @@
+//! Pushes to HTTP push gateways (the Push Gateway API), which wake phones through APNs,
+//! FCM or web push. An event-pipeline step queues, per pusher, every event that notifies
+//! the pusher's user (as push rule evaluation recorded it); a read queues a counts-only
+//! update so the app badge follows. The queue is in RocksDB, so a restart loses nothing.
+//! Each pusher with something queued has a task of its own that sends in order, one push
+//! at a time, retrying with exponential backoff; pushers never wait on each other.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, OnceLock, Weak},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use ruma::events::room::member::MembershipState;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tracing::Instrument;
+use trellis_core::{Error, Result, now_millis};
+use trellis_store::{Batch, Direction, Json, Table, catalog};
+
+use super::pushers::{PusherChange, PusherRecord};
+use crate::{
+    Services,
+    media::preview::{CheckedResolver, IpPolicy, literal_allowed},
+    pipeline::{Appended, Consumer},
+};
+
+/// (localpart, app id, pushkey, sequence) -> a push. The sequence is twice the event's
+/// stream position, or twice the visible position plus one for a counts-only update (so
+/// it follows what was queued before it, and repeated reads coalesce into one).
+const QUEUE: Table<(String, String, String, u64), Json<Queued>> = Table::new(&catalog::PUSH_QUEUE);
+
+/// (localpart, app id, pushkey)
+type PusherKey = (String, String, String);
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(600);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Queued {
+    room_id: String,
+    /// `None` for a counts-only update.
+    event_id: Option<String>,
+    /// The push rule actions (for the tweaks).
+    actions: Value,
+    queued_ms: u64,
+}
+
+/// What became of one attempt.
+enum Outcome {
+    Sent,
+    /// Not worth retrying (the gateway refused the request, the event is gone).
+    Dropped(String),
+    /// The pusher is gone (deleted, or its key rejected): its queue goes too.
+    PusherGone,
+    Retry(String),
+}
+
+pub struct Gateway {
+    services: OnceLock<Weak<Services>>,
+    /// Pushers whose sender task runs.
+    running: Mutex<HashSet<PusherKey>>,
+    /// Connects only to addresses the SSRF policy allows (checked after DNS); follows
+    /// no redirects: users choose gateway URLs.
+    client: reqwest::Client,
+    policy: Arc<IpPolicy>,
+    max_age_ms: u64,
+}
+
+impl Gateway {
+    pub fn new(config: &trellis_core::config::PushConfig) -> Result<Self> {
+        let policy = Arc::new(IpPolicy::from_lists(&config.gateway_ip_allow, &[]));
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .dns_resolver(Arc::new(CheckedResolver(policy.clone())))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::internal("push gateway HTTP client", e))?;
+        Ok(Self {
+            services: OnceLock::new(),
+            running: Mutex::default(),
+            client,
+            policy,
+            max_age_ms: config.max_push_age_seconds.saturating_mul(1000),
+        })
+    }
+
+    pub fn attach(&self, services: &Arc<Services>) {
+        let _ = self.services.set(Arc::downgrade(services));
+    }
+
+    /// Whether a gateway URL may be used: not a literal address the policy refuses
+    /// (names are checked on every connection).
+    pub fn url_allowed(&self, url: &str) -> bool {
+        reqwest::Url::parse(url).is_ok_and(|u| literal_allowed(&self.policy, &u))
+    }
+
+    /// Starts the senders of the pushers with pushes left from before a restart.
+    pub fn start(&self, services: &Arc<Services>) -> Result<()> {
+        let mut keys = HashSet::new();
+        let mut depth = 0;
+        for row in QUEUE.scan_prefix(&*services.db, &(), Direction::Forward)? {
+            let ((localpart, app_id, pushkey, _), _) = row?;
+            keys.insert((localpart, app_id, pushkey));
+            depth += 1;
+        }
+        services.metrics.push_queue.set(depth);
+        for key in keys {
+            self.kick(services, key);
+        }
+        Ok(())
+    }
+
+    /// Makes sure the pusher's sender runs.
+    fn kick(&self, services: &Arc<Services>, key: PusherKey) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.insert(key.clone()) {
+            let span = tracing::info_span!("pusher", user = %key.0, app_id = %key.1);
+            tokio::spawn(drain(services.clone(), key).instrument(span));
+        }
+    }
+
+    /// The user read something: their pushers get the new counts (for the app badge).
+    pub async fn counts_changed(&self, services: &Arc<Services>, localpart: &str) {
+        let Some(pushers) = services.pushers.of(localpart) else { return };
+        let http: Vec<_> = pushers.iter().filter(|p| p.pusher.kind == "http").collect();
+        if http.is_empty() {
+            return;
+        }
+        let seq = services.rooms.stream.visible() * 2 + 1;
+        let mut batch = Batch::new();
+        let item = Queued {
+            room_id: String::new(),
+            event_id: None,
+            actions: json!([]),
+            queued_ms: now_millis(),
+        };
+        for p in &http {
+            let key =
+                (localpart.to_owned(), p.pusher.app_id.clone(), p.pusher.pushkey.clone(), seq);
+            QUEUE.put(&mut batch, &key, &Json(item.clone()));
+        }
+        if let Err(e) = crate::commit(&services.db, batch).await {
+            tracing::warn!(error = %e, "queueing a badge update failed");
+            return;
+        }
+        services.metrics.push_queue.inc_by(http.len() as i64);
+        for p in http {
+            self.kick(
+                services,
+                (localpart.to_owned(), p.pusher.app_id.clone(), p.pusher.pushkey.clone()),
+            );
+        }
+    }
+}
+
+/// `POST /pushers/set`: also refuses a gateway at a literal address the SSRF policy
+/// refuses (`push.gateway_ip_allow`).
+pub async fn set_pusher(
+    services: &Services,
+    localpart: &str,
+    device_id: &str,
+    change: PusherChange,
+) -> Result<()> {
+    if let PusherChange::Set { pusher, .. } = &change
+        && pusher.kind == "http"
+        && let Some(url) = pusher.data.get("url").and_then(Value::as_str)
+        && !services.push_gateway.url_allowed(url)
+    {
+        return Err(Error::invalid_param(
+            "data.url must not be a private, loopback or other special address",
+        ));
+    }
+    services.pushers.apply(localpart, device_id, change).await
+}
+
+#[async_trait]
+impl Consumer for Gateway {
+    fn name(&self) -> &'static str {
+        "push_gateways"
+    }
+
+    async fn on_event(&self, event: &Appended<'_>) -> Result<Option<u64>> {
+        let Some(services) = self.services.get().and_then(Weak::upgrade) else { return Ok(None) };
+        if !services.pushers.any() || event.pdu.rejected {
+            return Ok(None);
+        }
+        let pdu = event.pdu;
+        let (room_id, sender) = (event.room_id.as_str(), pdu.sender.as_str());
+        let mut targets: Vec<&str> =
+            event.members.into_iter().flat_map(|m| m.iter()).map(String::as_str).collect();
+        // An invite concerns the invitee, who is not a member yet.
+        if pdu.kind.to_string() == "m.room.member"
+            && let Some(invitee) = pdu.state_key.as_deref()
+            && !targets.contains(&invitee)
+        {
+            targets.push(invitee);
+        }
+        let mut batch = Batch::new();
+        let mut woken = Vec::new();
+        for user in targets {
+            if user == sender {
+                continue;
+            }
+            let Some(localpart) = services.accounts.local_part(user) else { continue };
+            let Some(pushers) = services.pushers.of(localpart) else { continue };
+            let http: Vec<&PusherRecord> =
+                pushers.iter().filter(|p| p.pusher.kind == "http").collect();
+            if http.is_empty() {
+                continue;
+            }
+            let notifier = &services.notifier;
+            let Some(n) = notifier.notification_for(room_id, event.position, user, sender)? else {
+                continue;
+            };
+            let item = Queued {
+                room_id: room_id.to_owned(),
+                event_id: Some(n.event_id),
+                actions: n.actions,
+                queued_ms: now_millis(),
+            };
+            for p in http {
+                let key = (localpart.to_owned(), p.pusher.app_id.clone(), p.pusher.pushkey.clone());
+                QUEUE.put(
+                    &mut batch,
+                    &(key.0.clone(), key.1.clone(), key.2.clone(), event.position * 2),
+                    &Json(item.clone()),
+                );
+                woken.push(key);
+            }
+        }
+        if woken.is_empty() {
+            return Ok(None);
+        }
+        // Durable with the event (its WAL sync covers this write).
+        let ticket = services.db.write_unsynced(batch)?;
+        services.metrics.push_queue.inc_by(woken.len() as i64);
+        for key in woken {
+            self.kick(&services, key);
+        }
+        Ok(Some(ticket))
+    }
+}
+
+/// The pusher's oldest push.
+fn oldest(services: &Services, key: &PusherKey) -> Result<Option<(u64, Queued)>> {
+    let mut rows = QUEUE.scan_prefix(&*services.db, key, Direction::Forward)?;
+    Ok(match rows.next() {
+        Some(row) => {
+            let ((_, _, _, seq), Json(item)) = row?;
+            Some((seq, item))
+        }
+        None => None,
+    })
+}
+
+/// Sends the pusher's queue until it is empty.
+async fn drain(services: Arc<Services>, key: PusherKey) {
+    let gateway = &services.push_gateway;
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let next = match oldest(&services, &key) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the push queue failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let Some((seq, item)) = next else {
+            // Re-checked under the lock: a push queued after the read above either is
+            // seen here or finds the task gone and starts another.
+            let mut running = gateway.running.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(oldest(&services, &key), Ok(None) | Err(_)) {
+                running.remove(&key);
+                return;
+            }
+            continue;
+        };
+        let outcome = send(&services, &key, &item).await;
+        let done = match outcome {
+            Outcome::Sent => {
+                services.metrics.push("sent");
+                backoff = FIRST_BACKOFF;
+                true
+            }
+            Outcome::Dropped(why) => {
+                tracing::warn!(reason = %why, "push dropped");
+                services.metrics.push("failed");
+                true
+            }
+            Outcome::PusherGone => {
+                forget(&services, &key).await;
+                continue;
+            }
+            Outcome::Retry(why)
+                if now_millis().saturating_sub(item.queued_ms) > gateway.max_age_ms =>
+            {
+                tracing::warn!(reason = %why, "push dropped after retrying for too long");
+                services.metrics.push("failed");
+                true
+            }
+            Outcome::Retry(why) => {
+                tracing::warn!(reason = %why, retry_in = ?backoff, "push gateway failed");
+                services.metrics.push("retried");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                false
+            }
+        };
+        if done {
+            let mut batch = Batch::new();
+            QUEUE.delete(&mut batch, &(key.0.clone(), key.1.clone(), key.2.clone(), seq));
+            if let Err(e) = services.db.write_unsynced(batch) {
+                tracing::error!(error = %e, "clearing a sent push failed");
+            }
+            services.metrics.push_queue.dec();
+        }
+    }
+}
+
+/// Drops every push of a pusher that is gone.
+async fn forget(services: &Services, key: &PusherKey) {
+    let mut batch = Batch::new();
+    let mut dropped = 0;
+    if let Ok(rows) = QUEUE.scan_prefix(&*services.db, key, Direction::Forward) {
+        for ((a, b, c, seq), _) in rows.flatten() {
+            QUEUE.delete(&mut batch, &(a, b, c, seq));
+            dropped += 1;
+        }
+    }
+    if let Err(e) = crate::commit(&services.db, batch).await {
+        tracing::error!(error = %e, "dropping a removed pusher's pushes failed");
+    }
+    services.metrics.push_queue.dec_by(dropped);
+}
+
+/// One push, in the Push Gateway API's format.
+async fn send(services: &Arc<Services>, key: &PusherKey, item: &Queued) -> Outcome {
+    let (localpart, app_id, pushkey) = key;
+    let Some(pushers) = services.pushers.of(localpart) else { return Outcome::PusherGone };
+    let Some(record) = pushers.iter().find(|p| {
+        p.pusher.kind == "http" && &p.pusher.app_id == app_id && &p.pusher.pushkey == pushkey
+    }) else {
+        return Outcome::PusherGone;
+    };
+    let Some(url) = record.pusher.data.get("url").and_then(Value::as_str) else {
+        return Outcome::PusherGone;
+    };
+    if !services.push_gateway.url_allowed(url) {
+        return Outcome::Dropped("the gateway's address is not allowed".into());
+    }
+    let body = match notification(services, localpart, record, item) {
+        Ok(Some(body)) => body,
+        Ok(None) => return Outcome::Dropped("the event is gone".into()),
+        Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    let response = match services.push_gateway.client.post(url).json(&body).send().await {
+        Ok(response) => response,
+        Err(e) => return Outcome::Retry(format!("cannot reach the gateway: {e}")),
+    };
+    let status = response.status();
+    if status.is_success() {
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        let rejected = answer["rejected"].as_array().into_iter().flatten();
+        if rejected.filter_map(Value::as_str).any(|k| k == pushkey) {
+            // The gateway no longer knows the key (the app was uninstalled).
+            tracing::info!(user = %localpart, "push gateway rejected a pushkey: pusher removed");
+            services.metrics.push("rejected");
+            if let Err(e) = services.pushers.remove(localpart, app_id, pushkey).await {
+                tracing::error!(error = %e, "removing a rejected pusher failed");
+            }
+            return Outcome::PusherGone;
+        }
+        return Outcome::Sent;
+    }
+    if status.is_client_error() && status != 429 && status != 408 {
+        return Outcome::Dropped(format!("the gateway answered {status}"));
+    }
+    Outcome::Retry(format!("the gateway answered {status}"))
+}
+
+/// The tweaks the push rule actions set (`highlight` without a value is true).
+fn tweaks(actions: &Value) -> Map<String, Value> {
+    let mut out = Map::new();
+    for action in actions.as_array().into_iter().flatten() {
+        if let Some(name) = action["set_tweak"].as_str() {
+            let value = action.get("value").cloned().unwrap_or(Value::Bool(true));
+            out.insert(name.to_owned(), value);
+        }
+    }
+    out
+}
+
+/// The request body for one push; `None` when its event is gone.
+fn notification(
+    services: &Services,
+    localpart: &str,
+    record: &PusherRecord,
+    item: &Queued,
+) -> Result<Option<Value>> {
+    let pusher = &record.pusher;
+    let user_id = services.accounts.user_id(localpart);
+    let tweaks = tweaks(&item.actions);
+    let mut data = pusher.data.clone();
+    data.remove("url");
+    let device = json!({"app_id": pusher.app_id, "pushkey": pusher.pushkey,
+                        "pushkey_ts": record.created_ms / 1000, "data": data,
+                        "tweaks": tweaks});
+    let unread = unread_total(services, &user_id)?;
+    let mut n = json!({"devices": [device], "counts": {"unread": unread}, "prio": "low"});
+    let Some(event_id) = &item.event_id else { return Ok(Some(json!({"notification": n}))) };
+    let Some(cached) = services.rooms.cached_event(event_id)? else { return Ok(None) };
+    let pdu = &cached.pdu;
+    let kind = pdu.kind.to_string();
+    let urgent = kind == "m.room.encrypted"
+        || tweaks.get("highlight") == Some(&Value::Bool(true))
+        || tweaks.contains_key("sound");
+    n["prio"] = json!(if urgent { "high" } else { "low" });
+    n["event_id"] = json!(event_id);
+    n["room_id"] = json!(item.room_id);
+    if data.get("format").and_then(Value::as_str) == Some("event_id_only") {
+        return Ok(Some(json!({"notification": n})));
+    }
+    let room_id = item.room_id.as_str();
+    let sender = pdu.sender.as_str();
+    n["type"] = json!(kind);
+    n["sender"] = json!(sender);
+    let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+    if let Some(name) = services.rooms.display_names(room_id, &[sender.to_owned()])?.pop().flatten()
+    {
+        n["sender_display_name"] = json!(name);
+    }
+    let state_text = |kind: &str, field: &str| -> Result<Option<String>> {
+        Ok(services.rooms.state_of(room_id, kind, "")?.and_then(|e| {
+            let content: Value = serde_json::from_str(e.content.get()).ok()?;
+            content[field].as_str().filter(|s| !s.is_empty()).map(str::to_owned)
+        }))
+    };
+    if let Some(name) = state_text("m.room.name", "name")? {
+        n["room_name"] = json!(name);
+    }
+    if let Some(alias) = state_text("m.room.canonical_alias", "alias")? {
+        n["room_alias"] = json!(alias);
+    }
+    if kind == "m.room.member" {
+        n["user_is_target"] = json!(pdu.state_key.as_deref() == Some(user_id.as_str()));
+        if let Some(membership) = content["membership"].as_str() {
+            n["membership"] = json!(membership);
+        }
+    }
+    n["content"] = content;
+    Ok(Some(json!({"notification": n})))
+}
+
+/// The user's unread notifications over all their rooms (the app badge).
+fn unread_total(services: &Services, user_id: &str) -> Result<u64> {
+    let upto = services.rooms.stream.visible();
+    let mut total = 0;
+    for room in services.rooms.rooms_of(user_id, &MembershipState::Join)? {
+        let counts = services.notifier.counts(services, user_id, &room, upto)?;
+        total += counts.room.0 + counts.threads.values().map(|c| c.0).sum::<u64>();
+    }
+    Ok(total)
+}
