@@ -98,6 +98,10 @@ async fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| format!("creating application service users: {e}"))?;
     services.appservice_delivery.start(&services);
     services.push_gateway.start(&services).map_err(|e| format!("starting push delivery: {e}"))?;
+    let email_notifications = services
+        .mailer
+        .is_some()
+        .then(|| tokio::spawn(trellis_service::push::email::run(services.clone())));
     let appservice_reloader = tokio::spawn(reload_appservices_on_sighup(services.clone()));
     // Transactions queued for other servers before a restart go out again.
     if let Err(e) = trellis_service::federation::sender::resume(&services.federation) {
@@ -154,6 +158,9 @@ async fn serve(config: Config) -> Result<(), String> {
 
     janitor.abort();
     appservice_reloader.abort();
+    if let Some(task) = email_notifications {
+        task.abort();
+    }
     if let Some(r) = reloader {
         r.abort();
     }

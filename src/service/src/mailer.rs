@@ -1,10 +1,14 @@
-//! Outgoing mail over SMTP (lettre), for verification codes and password resets.
+//! Outgoing mail over SMTP (lettre), for verification codes, password resets and
+//! notification digests.
 
 use std::time::Duration;
 
 use lettre::{
     AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
-    message::{Mailbox, header::ContentType},
+    message::{
+        Mailbox, MultiPart,
+        header::{ContentType, HeaderName, HeaderValue},
+    },
     transport::smtp::{
         authentication::Credentials,
         client::{Certificate, Tls, TlsParameters},
@@ -67,6 +71,35 @@ impl Mailer {
             .subject(subject)
             .header(ContentType::TEXT_PLAIN)
             .body(body)
+            .map_err(|e| Error::internal("building a mail", e))?;
+        self.transport.send(message).await.map_err(|e| Error::internal("sending mail", e))?;
+        Ok(())
+    }
+
+    /// A mail with plain-text and HTML versions and a one-click unsubscribe link
+    /// (RFC 8058: mail clients offer it and POST to it).
+    pub async fn send_with_unsubscribe(
+        &self,
+        to: &str,
+        subject: &str,
+        plain: String,
+        html: String,
+        unsubscribe_url: &str,
+    ) -> Result<()> {
+        let to: Mailbox = to.parse().map_err(|_| Error::invalid_param("Invalid email address"))?;
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(subject)
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                format!("<{unsubscribe_url}>"),
+            ))
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+                "List-Unsubscribe=One-Click".to_owned(),
+            ))
+            .multipart(MultiPart::alternative_plain_html(plain, html))
             .map_err(|e| Error::internal("building a mail", e))?;
         self.transport.send(message).await.map_err(|e| Error::internal("sending mail", e))?;
         Ok(())

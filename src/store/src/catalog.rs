@@ -224,6 +224,11 @@ tables! {
     // (user localpart, app id, pushkey, sequence) -> a push waiting for that pusher's
     // gateway (sequence: twice the event's stream position; odd for count updates)
     PUSH_QUEUE = "push_queue", Scan @ 73;
+    // (user localpart, email address) -> when the address was last mailed and up to
+    // which notification, and its unsubscribe token
+    EMAIL_NOTIFY_STATE = "email_notify_state", Point @ 74;
+    // unsubscribe token -> (user localpart, email address)
+    EMAIL_UNSUBSCRIBE = "email_unsubscribe", Point @ 75;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

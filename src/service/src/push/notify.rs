@@ -174,7 +174,7 @@ const NOBODY_NAME: &str = "_trellis_push_nobody_7f3a9c_";
 static NOBODY_ID: std::sync::LazyLock<OwnedUserId> =
     std::sync::LazyLock::new(|| OwnedUserId::try_from(NOBODY).expect("a valid user id"));
 static NOBODY_RULES: std::sync::LazyLock<ruma::push::Ruleset> =
-    std::sync::LazyLock::new(|| ruma::push::Ruleset::server_default(&NOBODY_ID));
+    std::sync::LazyLock::new(|| crate::push::rules::server_default(&NOBODY_ID));
 
 /// Whether the actions notify, and if so whether they highlight.
 fn notifies(actions: &[Action]) -> Option<bool> {
@@ -617,7 +617,7 @@ impl Consumer for Notifier {
 
 #[cfg(test)]
 mod tests {
-    use ruma::push::{FlattenedJson, Ruleset};
+    use ruma::push::FlattenedJson;
 
     use super::*;
 
@@ -634,7 +634,7 @@ mod tests {
 
     async fn actions_for(user: &str, name: &str, event: &Value, members: u32) -> Vec<Action> {
         let user_id = OwnedUserId::try_from(user).unwrap();
-        let ruleset = Ruleset::server_default(&user_id);
+        let ruleset = crate::push::rules::server_default(&user_id);
         let raw: Raw<Value> = Raw::from_json(serde_json::value::to_raw_value(event).unwrap());
         let flat = FlattenedJson::from_raw(&raw);
         let room = OwnedRoomId::try_from("!r:example.org").unwrap();
@@ -681,6 +681,7 @@ mod tests {
                 json!({"body": "gone", "replacement_room": "!n:x"}),
             ),
             event("m.call.invite", None, json!({"call_id": "c", "version": 1})),
+            event("m.rtc.notification", None, json!({"notification_type": "ring"})),
         ];
         let mut singled = 0;
         for (event, key) in &events {
@@ -707,6 +708,10 @@ mod tests {
                 .any(|a| matches!(a, Action::SetTweak(Tweak::Highlight(HighlightTweakValue::Yes))))
         };
         assert!(highlight(&actions_for(alice.0, alice.1, mention, 20).await));
+        // A MatrixRTC ring rings, in a room of any size.
+        let (ring, _) = events.last().unwrap();
+        let rings = serde_json::to_value(actions_for(alice.0, alice.1, ring, 20).await).unwrap();
+        assert_eq!(rings, json!(["notify", {"set_tweak": "sound", "value": "ring"}]));
         assert!(!highlight(&actions_for(NOBODY, NOBODY_NAME, mention, 20).await));
     }
 }

@@ -212,6 +212,17 @@ impl Pushers {
         self.cache.read().unwrap_or_else(|p| p.into_inner()).get(localpart).cloned()
     }
 
+    /// Every pusher of a kind, with its user's localpart.
+    pub fn of_kind(&self, kind: &str) -> Vec<(String, PusherRecord)> {
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        cache
+            .iter()
+            .flat_map(|(user, records)| records.iter().map(move |r| (user, r)))
+            .filter(|(_, r)| r.pusher.kind == kind)
+            .map(|(user, r)| (user.clone(), r.clone()))
+            .collect()
+    }
+
     /// Whether anyone has a pusher (most events then need no look at their recipients).
     pub fn any(&self) -> bool {
         !self.cache.read().unwrap_or_else(|p| p.into_inner()).is_empty()

@@ -91,7 +91,7 @@ impl PushRules {
     /// The ruleset, and whether it is the server default (the user changed nothing).
     fn ruleset_and_origin(&self, user_id: &str) -> Result<(Ruleset, bool)> {
         let user = parse_user(user_id)?;
-        let defaults = Ruleset::server_default(&user);
+        let defaults = server_default(&user);
         let Some(content) = self.account_data.get(user.localpart(), None, EVENT_TYPE)? else {
             return Ok((defaults, true));
         };
@@ -191,6 +191,27 @@ impl PushRules {
 /// Builds the rule a client sent to `PUT /pushrules/global/{kind}/{ruleId}` from the
 /// path's kind and id and the JSON body: `actions` always, `pattern` for content rules,
 /// `conditions` (optional, none = always matches) for override and underride rules. Room
+/// The spec's default rules, and one for MatrixRTC calls (MSC4075): a call's
+/// `m.rtc.notification` (or its unstable `org.matrix.msc4075.rtc.notification`) of type
+/// `ring` rings like a 1:1 call invite, right after `.m.rule.call`.
+pub fn server_default(user: &ruma::UserId) -> Ruleset {
+    let mut ruleset = Ruleset::server_default(user);
+    let rtc = serde_json::json!({
+        "rule_id": ".org.matrix.msc4075.rtc_notification", "default": true, "enabled": true,
+        "conditions": [
+            {"kind": "event_match", "key": "type", "pattern": "*rtc.notification"},
+            {"kind": "event_match", "key": "content.notification_type", "pattern": "ring"}],
+        "actions": ["notify", {"set_tweak": "sound", "value": "ring"}]});
+    if let Ok(rule) = serde_json::from_value(rtc) {
+        let mut underride: Vec<_> = std::mem::take(&mut ruleset.underride).into_iter().collect();
+        let after_call =
+            underride.iter().position(|r| r.rule_id == ".m.rule.call").map_or(0, |i| i + 1);
+        underride.insert(after_call, rule);
+        ruleset.underride = underride.into_iter().collect();
+    }
+    ruleset
+}
+
 /// and sender rules are named by the room or user they apply to.
 pub fn new_rule(kind: &str, rule_id: &str, body: &Value) -> Result<NewPushRule> {
     if !KINDS.contains(&kind) {

@@ -1,5 +1,6 @@
-//! Pushes to push gateways through the real server: a real HTTP server on loopback
-//! plays the gateway and records the spec's JSON it receives.
+//! Notifications out through the real server: pushes to push gateways (a real HTTP
+//! server on loopback plays the gateway and records the spec's JSON it receives) and
+//! notification mails (through a real SMTP server).
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::{
 };
 
 use axum::{Json, Router, extract::State, http::StatusCode, routing::post};
-use common::{OPEN, TestServer};
+use common::{OPEN, SmtpServer, TestServer, code_in, decode_qp};
 use serde_json::{Value, json};
 
 const PUSHERS: &str = "/_matrix/client/v3/pushers";
@@ -217,4 +218,100 @@ async fn gateways_at_private_addresses_are_refused_unless_allowed() {
     }
     let (_, body) = s.get_auth(PUSHERS, &bob).await;
     assert_eq!(body["pushers"], json!([]));
+}
+
+/// Adds `address` to the account through the mailed validation code (mail #1 to it).
+async fn add_email(s: &TestServer, smtp: &SmtpServer, token: &str, user: &str, address: &str) {
+    let request = json!({"client_secret": "cs", "email": address, "send_attempt": 1});
+    let (status, body) =
+        s.post("/_matrix/client/v3/account/3pid/email/requestToken", &request).await;
+    assert_eq!(status, 200, "{body}");
+    let (sid, submit_url) =
+        (body["sid"].as_str().unwrap().to_owned(), body["submit_url"].as_str().unwrap().to_owned());
+    let code = code_in(&smtp.wait_for(address, 1).await);
+    let submit = json!({"sid": sid, "client_secret": "cs", "token": code});
+    let (status, _) =
+        common::json_of(s.client.post(&submit_url).json(&submit).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    let auth = json!({"type": "m.login.password", "password": "password123",
+                      "identifier": {"type": "m.id.user", "user": user}});
+    let add = json!({"sid": sid, "client_secret": "cs"});
+    let (status, body) = s.post_auth("/_matrix/client/v3/account/3pid/add", token, &add).await;
+    assert_eq!(status, 401, "{body}");
+    let mut add = add;
+    add["auth"] = auth;
+    add["auth"]["session"] = body["session"].clone();
+    let (status, body) = s.post_auth("/_matrix/client/v3/account/3pid/add", token, &add).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn an_inactive_user_is_mailed_a_digest_without_encrypted_text_and_can_unsubscribe() {
+    let smtp = SmtpServer::start().await;
+    let config = format!(
+        "{OPEN}{}[push]\nemail_delay_seconds = 1\nemail_period_seconds = 1\n\
+         web_client_url = \"https://chat.example.org\"\n",
+        smtp.config()
+    );
+    let s = TestServer::start(&config).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    add_email(&s, &smtp, &bob, "bob", "bob@example.org").await;
+    let pusher = json!({"kind": "email", "app_id": "m.email", "pushkey": "bob@example.org",
+                        "app_display_name": "Email", "device_display_name": "bob@example.org",
+                        "lang": "en", "data": {}});
+    let (status, body) = s.post_auth(&format!("{PUSHERS}/set"), &bob, &pusher).await;
+    assert_eq!(status, 200, "{body}");
+
+    let plans = s.create_room(&alice, json!({"invite": [bob_id], "name": "Plans"})).await;
+    s.join_room(&bob, &plans).await;
+    let encryption = json!({"type": "m.room.encryption", "state_key": "",
+                            "content": {"algorithm": "m.megolm.v1.aes-sha2"}});
+    let secrets = s
+        .create_room(
+            &alice,
+            json!({"invite": [bob_id], "name": "Secrets", "initial_state": [encryption]}),
+        )
+        .await;
+    s.join_room(&bob, &secrets).await;
+    s.send_text(&alice, &plans, "lunch at noon?").await;
+    let path =
+        format!("/_matrix/client/v3/rooms/{secrets}/send/m.room.encrypted/{}", common::txn_id());
+    let sealed = json!({"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "SECRETCIPHERTEXT",
+                        "device_id": "D", "sender_key": "k", "session_id": "s"});
+    let (status, _) = s.put_auth(&path, &alice, &sealed).await;
+    assert_eq!(status, 200);
+
+    // Bob stays away: one digest arrives.
+    let mail = smtp.wait_for("bob@example.org", 2).await;
+    let text = decode_qp(&mail);
+    assert!(text.contains("lunch at noon?"), "{text}");
+    assert!(
+        text.contains("Subject: 2 unread messages in Plans, Secrets"),
+        "invites accepted since are not news: {text}"
+    );
+    assert!(text.contains("Plans") && text.contains("Secrets"), "{text}");
+    assert!(text.contains("You have 1 encrypted message."), "{text}");
+    assert!(!text.contains("SECRETCIPHERTEXT"), "no ciphertext or plaintext of encrypted rooms");
+    assert!(text.contains(&format!("https://chat.example.org/#/room/{plans}")), "{text}");
+    assert!(mail.contains("List-Unsubscribe-Post: List-Unsubscribe=One-Click"), "{mail}");
+    assert!(mail.contains("Content-Type: text/html") && mail.contains("Content-Type: text/plain"));
+    let header = mail
+        .lines()
+        .find(|l| l.starts_with("List-Unsubscribe: <"))
+        .unwrap_or_else(|| panic!("no List-Unsubscribe in {mail}"));
+    let link = header.trim_start_matches("List-Unsubscribe: <").trim_end_matches('>').to_owned();
+
+    // Following the link changes nothing; the one-click POST unsubscribes, without login.
+    let page = s.client.get(&link).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<form method=\"post\""));
+    let (_, body) = s.get_auth(PUSHERS, &bob).await;
+    assert_eq!(body["pushers"].as_array().map(Vec::len), Some(1));
+    let done = s.client.post(&link).body("List-Unsubscribe=One-Click").send().await.unwrap();
+    assert_eq!(done.status(), 200);
+    let (_, body) = s.get_auth(PUSHERS, &bob).await;
+    assert_eq!(body["pushers"], json!([]), "{body}");
+    let again = s.client.post(&link).send().await.unwrap();
+    assert_eq!(again.status(), 404);
 }
