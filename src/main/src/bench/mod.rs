@@ -23,6 +23,7 @@ mod appservice;
 mod federation;
 mod idle;
 mod media;
+mod push;
 mod rooms;
 mod sync;
 
@@ -69,6 +70,11 @@ pub enum BenchCommand {
     /// listens as it) and the delay from each send to its transaction.
     /// `scripts/bench-appservice` starts a server with the matching registration.
     Appservice(appservice::AppserviceArgs),
+    /// Push delivery: a room of `members` members, `pushers` of them with an HTTP pusher
+    /// at the gateway this scenario plays, while `senders` members send `rate` messages a
+    /// second; pushes/s received and the delay from each send to its push.
+    /// `scripts/bench-push` starts a server that lets pushers reach loopback.
+    Push(push::PushArgs),
     /// Two servers: a room of `members` members on the `--base-url` server is joined by a
     /// user of the `--peer-url` server (timed), who then sends `messages` messages while a
     /// member long-polls; PDUs/s the hosting server takes in and send-to-sync latency.
@@ -105,6 +111,7 @@ impl BenchCommand {
             Self::Media(a) => &a.common,
             Self::Federation(a) => &a.common,
             Self::Appservice(a) => &a.common,
+            Self::Push(a) => &a.common,
         }
     }
 
@@ -122,6 +129,7 @@ impl BenchCommand {
             Self::Media(a) => media::media(a).await,
             Self::Federation(a) => federation::federation(a).await,
             Self::Appservice(a) => appservice::appservice(a).await,
+            Self::Push(a) => push::push(a).await,
         }
     }
 }

@@ -6,7 +6,8 @@
 //! at a time, retrying with exponential backoff; pushers never wait on each other.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
+    ops::Bound::Included,
     sync::{Arc, Mutex, OnceLock, Weak},
     time::Duration,
 };
@@ -60,8 +61,10 @@ enum Outcome {
 
 pub struct Gateway {
     services: OnceLock<Weak<Services>>,
-    /// Pushers whose sender task runs.
-    running: Mutex<HashSet<PusherKey>>,
+    /// Pushers whose sender task runs, with the lowest sequence queued for them since
+    /// the task last looked (it reads on from a cursor, and a push may be queued behind
+    /// it when events of different rooms finish out of order).
+    running: Mutex<HashMap<PusherKey, Option<u64>>>,
     /// Connects only to addresses the SSRF policy allows (checked after DNS); follows
     /// no redirects: users choose gateway URLs.
     client: reqwest::Client,
@@ -100,7 +103,7 @@ impl Gateway {
 
     /// Starts the senders of the pushers with pushes left from before a restart.
     pub fn start(&self, services: &Arc<Services>) -> Result<()> {
-        let mut keys = HashSet::new();
+        let mut keys: HashSet<PusherKey> = HashSet::new();
         let mut depth = 0;
         for row in QUEUE.scan_prefix(&*services.db, &(), Direction::Forward)? {
             let ((localpart, app_id, pushkey, _), _) = row?;
@@ -109,18 +112,28 @@ impl Gateway {
         }
         services.metrics.push_queue.set(depth);
         for key in keys {
-            self.kick(services, key);
+            self.kick(services, key, 0);
         }
         Ok(())
     }
 
-    /// Makes sure the pusher's sender runs.
-    fn kick(&self, services: &Arc<Services>, key: PusherKey) {
+    /// Makes sure the pusher's sender runs and sees the push queued at `seq`.
+    fn kick(&self, services: &Arc<Services>, key: PusherKey, seq: u64) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if running.insert(key.clone()) {
-            let span = tracing::info_span!("pusher", user = %key.0, app_id = %key.1);
-            tokio::spawn(drain(services.clone(), key).instrument(span));
+        match running.get_mut(&key) {
+            Some(lowest) => *lowest = Some(lowest.map_or(seq, |l| l.min(seq))),
+            None => {
+                running.insert(key.clone(), None);
+                let span = tracing::info_span!("pusher", user = %key.0, app_id = %key.1);
+                tokio::spawn(drain(services.clone(), key).instrument(span));
+            }
         }
+    }
+
+    /// The lowest sequence queued for the pusher since the last call (`None`: nothing).
+    fn queued_behind(&self, key: &PusherKey) -> Option<u64> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.get_mut(key).and_then(Option::take)
     }
 
     /// The user read something: their pushers get the new counts (for the app badge).
@@ -149,10 +162,8 @@ impl Gateway {
         }
         services.metrics.push_queue.inc_by(http.len() as i64);
         for p in http {
-            self.kick(
-                services,
-                (localpart.to_owned(), p.pusher.app_id.clone(), p.pusher.pushkey.clone()),
-            );
+            let key = (localpart.to_owned(), p.pusher.app_id.clone(), p.pusher.pushkey.clone());
+            self.kick(services, key, seq);
         }
     }
 }
@@ -229,7 +240,7 @@ impl Consumer for Gateway {
                     &(key.0.clone(), key.1.clone(), key.2.clone(), event.position * 2),
                     &Json(item.clone()),
                 );
-                woken.push(key);
+                woken.push((key, event.position * 2));
             }
         }
         if woken.is_empty() {
@@ -238,32 +249,48 @@ impl Consumer for Gateway {
         // Durable with the event (its WAL sync covers this write).
         let ticket = services.db.write_unsynced(batch)?;
         services.metrics.push_queue.inc_by(woken.len() as i64);
-        for key in woken {
-            self.kick(&services, key);
+        for (key, seq) in woken {
+            self.kick(&services, key, seq);
         }
         Ok(Some(ticket))
     }
 }
 
-/// The pusher's oldest push.
-fn oldest(services: &Services, key: &PusherKey) -> Result<Option<(u64, Queued)>> {
-    let mut rows = QUEUE.scan_prefix(&*services.db, key, Direction::Forward)?;
-    Ok(match rows.next() {
-        Some(row) => {
-            let ((_, _, _, seq), Json(item)) = row?;
-            Some((seq, item))
-        }
-        None => None,
-    })
+/// Pushes read from the queue at once.
+const BATCH: usize = 64;
+
+/// The pusher's pushes from sequence `from` on, oldest first. Read from a cursor, not
+/// from the start of the pusher's range: sent pushes leave deletion markers there that
+/// every read from the start would step over again.
+fn queued_from(services: &Services, key: &PusherKey, from: u64) -> Result<Vec<(u64, Queued)>> {
+    let lo = (key.0.clone(), key.1.clone(), key.2.clone(), from);
+    let hi = (key.0.clone(), key.1.clone(), key.2.clone(), u64::MAX);
+    let rows = QUEUE.scan_range(&*services.db, Included(&lo), Included(&hi), Direction::Forward)?;
+    rows.take(BATCH)
+        .map(|row| row.map(|((_, _, _, seq), Json(item))| (seq, item)).map_err(Into::into))
+        .collect()
+}
+
+/// What to do with a push after an attempt.
+enum Next {
+    /// Sent, or given up on: off the queue.
+    Done,
+    Again,
+    /// The pusher is gone: the task ends.
+    Stop,
 }
 
 /// Sends the pusher's queue until it is empty.
 async fn drain(services: Arc<Services>, key: PusherKey) {
     let gateway = &services.push_gateway;
     let mut backoff = FIRST_BACKOFF;
+    let mut from = 0;
     loop {
-        let next = match oldest(&services, &key) {
-            Ok(next) => next,
+        if let Some(behind) = gateway.queued_behind(&key) {
+            from = from.min(behind);
+        }
+        let batch = match queued_from(&services, &key, from) {
+            Ok(batch) => batch,
             Err(e) => {
                 tracing::error!(error = %e, "reading the push queue failed");
                 tokio::time::sleep(backoff).await;
@@ -271,54 +298,89 @@ async fn drain(services: Arc<Services>, key: PusherKey) {
                 continue;
             }
         };
-        let Some((seq, item)) = next else {
-            // Re-checked under the lock: a push queued after the read above either is
-            // seen here or finds the task gone and starts another.
+        if batch.is_empty() {
+            // Under the lock: a push queued after the read above either has left its
+            // sequence here or finds the task gone and starts another.
             let mut running = gateway.running.lock().unwrap_or_else(|p| p.into_inner());
-            if matches!(oldest(&services, &key), Ok(None) | Err(_)) {
-                running.remove(&key);
-                return;
+            match running.get_mut(&key).and_then(Option::take) {
+                Some(behind) => from = from.min(behind),
+                None => {
+                    running.remove(&key);
+                    return;
+                }
             }
             continue;
-        };
-        let outcome = send(&services, &key, &item).await;
-        let done = match outcome {
-            Outcome::Sent => {
-                services.metrics.push("sent");
-                backoff = FIRST_BACKOFF;
-                true
-            }
-            Outcome::Dropped(why) => {
-                tracing::warn!(reason = %why, "push dropped");
-                services.metrics.push("failed");
-                true
-            }
-            Outcome::PusherGone => {
-                forget(&services, &key).await;
+        }
+        // The badge is the same for every push of a batch: read once, at send time.
+        let user_id = services.accounts.user_id(&key.0);
+        let mut unread = match unread_total(&services, &user_id) {
+            Ok(unread) => unread,
+            Err(e) => {
+                tracing::error!(error = %e, "counting unread notifications failed");
+                tokio::time::sleep(backoff).await;
                 continue;
             }
-            Outcome::Retry(why)
-                if now_millis().saturating_sub(item.queued_ms) > gateway.max_age_ms =>
-            {
-                tracing::warn!(reason = %why, "push dropped after retrying for too long");
-                services.metrics.push("failed");
-                true
-            }
-            Outcome::Retry(why) => {
-                tracing::warn!(reason = %why, retry_in = ?backoff, "push gateway failed");
-                services.metrics.push("retried");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                false
-            }
         };
-        if done {
+        for (seq, item) in batch {
+            loop {
+                match attempt(&services, &key, &item, unread, &mut backoff).await {
+                    Next::Done => break,
+                    Next::Again => {
+                        if let Ok(now) = unread_total(&services, &user_id) {
+                            unread = now;
+                        }
+                    }
+                    Next::Stop => {
+                        forget(&services, &key).await;
+                        let mut running = gateway.running.lock().unwrap_or_else(|p| p.into_inner());
+                        running.remove(&key);
+                        return;
+                    }
+                }
+            }
             let mut batch = Batch::new();
             QUEUE.delete(&mut batch, &(key.0.clone(), key.1.clone(), key.2.clone(), seq));
             if let Err(e) = services.db.write_unsynced(batch) {
                 tracing::error!(error = %e, "clearing a sent push failed");
             }
             services.metrics.push_queue.dec();
+            from = seq + 1;
+        }
+    }
+}
+
+/// One attempt at one push, with its metrics and, before a retry, the backoff.
+async fn attempt(
+    services: &Arc<Services>,
+    key: &PusherKey,
+    item: &Queued,
+    unread: u64,
+    backoff: &mut Duration,
+) -> Next {
+    let max_age_ms = services.push_gateway.max_age_ms;
+    match send(services, key, item, unread).await {
+        Outcome::Sent => {
+            services.metrics.push("sent");
+            *backoff = FIRST_BACKOFF;
+            Next::Done
+        }
+        Outcome::Dropped(why) => {
+            tracing::warn!(reason = %why, "push dropped");
+            services.metrics.push("failed");
+            Next::Done
+        }
+        Outcome::PusherGone => Next::Stop,
+        Outcome::Retry(why) if now_millis().saturating_sub(item.queued_ms) > max_age_ms => {
+            tracing::warn!(reason = %why, "push dropped after retrying for too long");
+            services.metrics.push("failed");
+            Next::Done
+        }
+        Outcome::Retry(why) => {
+            tracing::warn!(reason = %why, retry_in = ?*backoff, "push gateway failed");
+            services.metrics.push("retried");
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(MAX_BACKOFF);
+            Next::Again
         }
     }
 }
@@ -340,7 +402,7 @@ async fn forget(services: &Services, key: &PusherKey) {
 }
 
 /// One push, in the Push Gateway API's format.
-async fn send(services: &Arc<Services>, key: &PusherKey, item: &Queued) -> Outcome {
+async fn send(services: &Arc<Services>, key: &PusherKey, item: &Queued, unread: u64) -> Outcome {
     let (localpart, app_id, pushkey) = key;
     let Some(pushers) = services.pushers.of(localpart) else { return Outcome::PusherGone };
     let Some(record) = pushers.iter().find(|p| {
@@ -354,7 +416,7 @@ async fn send(services: &Arc<Services>, key: &PusherKey, item: &Queued) -> Outco
     if !services.push_gateway.url_allowed(url) {
         return Outcome::Dropped("the gateway's address is not allowed".into());
     }
-    let body = match notification(services, localpart, record, item) {
+    let body = match notification(services, localpart, record, item, unread) {
         Ok(Some(body)) => body,
         Ok(None) => return Outcome::Dropped("the event is gone".into()),
         Err(e) => return Outcome::Retry(e.to_string()),
@@ -402,6 +464,7 @@ fn notification(
     localpart: &str,
     record: &PusherRecord,
     item: &Queued,
+    unread: u64,
 ) -> Result<Option<Value>> {
     let pusher = &record.pusher;
     let user_id = services.accounts.user_id(localpart);
@@ -411,7 +474,6 @@ fn notification(
     let device = json!({"app_id": pusher.app_id, "pushkey": pusher.pushkey,
                         "pushkey_ts": record.created_ms / 1000, "data": data,
                         "tweaks": tweaks});
-    let unread = unread_total(services, &user_id)?;
     let mut n = json!({"devices": [device], "counts": {"unread": unread}, "prio": "low"});
     let Some(event_id) = &item.event_id else { return Ok(Some(json!({"notification": n}))) };
     let Some(cached) = services.rooms.cached_event(event_id)? else { return Ok(None) };

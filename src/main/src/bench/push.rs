@@ -1,0 +1,159 @@
+//! `trellis bench push`: pushes to one push gateway while many users send into a big
+//! room. The scenario is the gateway: it listens on `--listen` (the server must allow
+//! loopback gateways, `push.gateway_ip_allow`: see `scripts/bench-push`), fills a room
+//! with `members` members of whom `pushers` have an HTTP pusher pointing at it, has
+//! `senders` other members send `rate` messages a second for `seconds`, and measures
+//! pushes/s received and the delay from the start of each send until its push arrived.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{Json, Router, extract::State, routing::post};
+use clap::Args;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::{Api, Common, ServerProbe, summary};
+
+#[derive(Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Where the gateway listens.
+    #[arg(long, default_value = "127.0.0.1:29500")]
+    pub listen: String,
+    /// Members of the room, senders and pusher holders included.
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Members with a pusher.
+    #[arg(long, default_value_t = 20)]
+    pub pushers: usize,
+    /// Members sending at once.
+    #[arg(long, default_value_t = 20)]
+    pub senders: usize,
+    /// Messages a second, all senders together.
+    #[arg(long, default_value_t = 500)]
+    pub rate: u64,
+    /// Length of the sending phase in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+}
+
+#[derive(Default)]
+struct Received {
+    delays: Vec<Duration>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+fn micros_now() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros())
+}
+
+async fn notify(
+    State(received): State<Arc<Mutex<Received>>>,
+    Json(body): Json<Value>,
+) -> Json<Value> {
+    let now = micros_now();
+    let at = Instant::now();
+    if let Some(sent) = body["notification"]["content"]["bench_sent_us"].as_u64() {
+        let delay = now.saturating_sub(u128::from(sent));
+        let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
+        received.delays.push(Duration::from_micros(u64::try_from(delay).unwrap_or(u64::MAX)));
+        received.first.get_or_insert(at);
+        received.last = Some(at);
+    }
+    Json(json!({"rejected": []}))
+}
+
+pub async fn push(args: PushArgs) -> Result<Value, String> {
+    if args.senders + args.pushers > args.members {
+        return Err("--members must hold the senders and the pusher holders".into());
+    }
+    let received = Arc::new(Mutex::new(Received::default()));
+    let app =
+        Router::new().route("/_matrix/push/v1/notify", post(notify)).with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let gateway = format!("http://{}/_matrix/push/v1/notify", args.listen);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let api = Api::new(&args.common, args.senders + 8)?;
+    let prefix = format!("bench_push_{}", std::process::id());
+    let tokens = api.register_many(&prefix, args.members).await?;
+    let room = api.create_room(&tokens[0], &json!({"preset": "public_chat"})).await?;
+    for token in &tokens[1..] {
+        api.join(token, &room).await?;
+    }
+    let (senders, rest) = tokens.split_at(args.senders);
+    for (i, token) in rest.iter().take(args.pushers).enumerate() {
+        let pusher = json!({"kind": "http", "app_id": "org.trellis.bench", "pushkey": format!("key{i}"),
+                            "app_display_name": "Bench", "device_display_name": "Phone",
+                            "lang": "en", "data": {"url": gateway}});
+        api.call(Method::POST, "/_matrix/client/v3/pushers/set", token, Some(&pusher)).await?;
+    }
+
+    let per_sender = (args.rate as f64 / args.senders as f64).max(0.001);
+    let interval = Duration::from_secs_f64(1.0 / per_sender);
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let probe = ServerProbe::start(args.common.server_pid);
+    let started = Instant::now();
+    let sends = senders.iter().enumerate().map(|(i, token)| {
+        let (api, token, room) = (api.clone(), token.clone(), room.clone());
+        async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut sent, mut errors) = (0usize, 0usize);
+            while Instant::now() < deadline {
+                ticker.tick().await;
+                let path =
+                    format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/p{i}_{sent}");
+                let body = json!({"msgtype": "m.text", "body": "bench",
+                                  "bench_sent_us": micros_now() as u64});
+                match api.request(Method::PUT, &path, Some(&token), Some(&body)).await {
+                    Ok((200, _)) => sent += 1,
+                    _ => errors += 1,
+                }
+            }
+            (sent, errors)
+        }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let sending = started.elapsed();
+    let sent: usize = results.iter().map(|(s, _)| s).sum();
+    let errors: usize = results.iter().map(|(_, e)| e).sum();
+    let expected = sent * args.pushers;
+    // The tail: queued pushes arrive within a while, or count as missing.
+    let drain_until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < drain_until {
+        if received.lock().unwrap_or_else(|p| p.into_inner()).delays.len() >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let server = probe.report();
+    let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
+    let pushed = received.delays.len();
+    let span = match (received.first, received.last) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+        _ => sending.as_secs_f64(),
+    };
+    Ok(json!({
+        "scenario": "push",
+        "params": {"members": args.members, "pushers": args.pushers, "senders": args.senders,
+                   "rate": args.rate, "seconds": args.seconds},
+        "sent": sent,
+        "send_errors": errors,
+        "sent_per_s": (sent as f64 / sending.as_secs_f64()).round(),
+        "pushes_expected": expected,
+        "pushes": pushed,
+        "pushes_per_s": (pushed as f64 / span.max(0.001)).round(),
+        "send_to_push": summary(&mut received.delays),
+        "server": server,
+    }))
+}
