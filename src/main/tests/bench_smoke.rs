@@ -45,11 +45,18 @@ const SCENARIOS: &[(&str, &[&str], &str)] = &[
         &["--size-mb", "1", "--repeats", "1", "--clients", "2", "--megapixels", "0.1"],
         "upload",
     ),
+    (
+        "push",
+        &["--members", "4", "--pushers", "2", "--senders", "2", "--rate", "10", "--seconds", "1"],
+        "send_to_push",
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_scenario_runs_and_prints_one_json_line() {
-    let server = TestServer::start(OPEN).await;
+    // The push scenario plays a push gateway on loopback.
+    let server =
+        TestServer::start(&format!("{OPEN}[push]\ngateway_ip_allow = [\"127.0.0.0/8\"]\n")).await;
     let pid = server.child.as_ref().expect("running").id().to_string();
     let scratch = server.dir.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
@@ -61,6 +68,9 @@ async fn every_scenario_runs_and_prints_one_json_line() {
             .args(*args);
         if *scenario == "media" {
             command.arg("--scratch-dir").arg(&scratch);
+        }
+        if *scenario == "push" {
+            command.args(["--listen", &format!("127.0.0.1:{}", common::free_port())]);
         }
         let output = command.output().expect("run trellis bench");
         let stdout = String::from_utf8_lossy(&output.stdout);

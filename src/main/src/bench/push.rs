@@ -148,7 +148,7 @@ pub async fn push(args: PushArgs) -> Result<Value, String> {
         "params": {"members": args.members, "pushers": args.pushers, "senders": args.senders,
                    "rate": args.rate, "seconds": args.seconds},
         "sent": sent,
-        "send_errors": errors,
+        "errors": errors,
         "sent_per_s": (sent as f64 / sending.as_secs_f64()).round(),
         "pushes_expected": expected,
         "pushes": pushed,
