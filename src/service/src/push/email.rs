@@ -116,7 +116,8 @@ async fn maybe_mail(
     }
     due.reverse();
     let joined = services.rooms.rooms_of(&user_id, &MembershipState::Join)?;
-    let mut rooms: BTreeMap<String, Vec<Line>> = BTreeMap::new();
+    // Rooms in the order of their oldest unread message.
+    let mut rooms: Vec<(String, Vec<Line>)> = Vec::new();
     for (_, n) in &due {
         let Some(event) = services.rooms.cached_event(&n.event_id)? else { continue };
         let pdu = &event.pdu;
@@ -137,7 +138,11 @@ async fn maybe_mail(
             _ if invite => Some("invited you to the room".to_owned()),
             _ => Some(excerpt(content["body"].as_str().unwrap_or("sent an event"))),
         };
-        rooms.entry(n.room_id.clone()).or_default().push(Line { sender, text });
+        let line = Line { sender, text };
+        match rooms.iter_mut().find(|(room, _)| *room == n.room_id) {
+            Some((_, lines)) => lines.push(line),
+            None => rooms.push((n.room_id.clone(), vec![line])),
+        }
     }
     if rooms.is_empty() {
         return Ok(());
@@ -219,11 +224,11 @@ fn compose(
     services: &Services,
     localpart: &str,
     user_id: &str,
-    rooms: &BTreeMap<String, Vec<Line>>,
+    rooms: &[(String, Vec<Line>)],
     unsubscribe: &str,
 ) -> Result<(String, String, String)> {
     let server = services.server_name();
-    let total: usize = rooms.values().map(Vec::len).sum();
+    let total: usize = rooms.iter().map(|(_, lines)| lines.len()).sum();
     let mut titles = Vec::new();
     let mut plain = format!("Hello {localpart},\n\nYou have unread messages on {server}:\n");
     let mut html = format!(
