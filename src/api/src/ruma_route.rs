@@ -253,8 +253,9 @@ fn patched(body: Vec<u8>, patch: Patch) -> Result<Vec<u8>> {
 }
 
 /// For the few endpoints ruma has no type for (the deprecated `GET /initialSync` and
-/// `GET /events`): the caller of a plain axum handler, authenticated as [`add`] does
-/// it, a token required.
+/// `GET /events`, the Trellis extensions) or whose answer ruma cannot give (`PUT
+/// /devices/{deviceId}`'s 201): the caller of a plain axum handler, authenticated as
+/// [`add`] does it, a token required.
 pub struct Authenticated(pub Ctx);
 
 impl FromRequestParts<AppState> for Authenticated {

@@ -417,7 +417,8 @@ pub struct PushConfig {
     /// Addresses (CIDR) push gateways may be reached at although they are private,
     /// loopback or otherwise special (refused by default, as users choose the URL).
     pub gateway_ip_allow: Vec<String>,
-    /// A push a gateway keeps refusing is dropped once it is this old, in seconds.
+    /// A push that cannot reach its gateway (or gets 5xx, 408 or 429) is dropped once it
+    /// is this old, in seconds; other refusals drop it at once.
     pub max_push_age_seconds: u64,
     /// Email notifications: mail a user whose notifying messages have stayed unread
     /// this long (seconds) while they were not active.

@@ -147,9 +147,6 @@ impl Accounts {
     }
 }
 
-/// Deletes devices of `localpart` (after the caller re-authenticated them): their
-/// tokens and keys go, their pushers stop, other servers hear of it, and the user's
-/// open sync streams wake to re-check their token.
 /// `PUT /devices/{deviceId}`: renames one of the user's devices, or, for an application
 /// service acting as one of its users, creates it when it does not exist (spec v1.17:
 /// bridges give their users' devices the ids they choose). True when it was created.
@@ -183,6 +180,9 @@ pub async fn put_device(
 /// The longest device id a service may choose.
 const MAX_DEVICE_ID_LEN: usize = 255;
 
+/// Deletes devices of `localpart` (after the caller re-authenticated them): their
+/// tokens and keys go, their pushers stop, other servers hear of it, and the user's
+/// open sync streams wake to re-check their token.
 pub async fn delete_devices(
     services: &Arc<Services>,
     localpart: &str,

@@ -238,6 +238,14 @@ impl Delivery {
         Ok(())
     }
 
+    /// The service has the presence and device list changes up to `upto`.
+    fn changes_read(&self, id: &str, upto: Option<u64>) {
+        if let Some(upto) = upto {
+            let mut cursors = self.change_cursors.lock().unwrap_or_else(|p| p.into_inner());
+            cursors.insert(id.to_owned(), upto);
+        }
+    }
+
     fn take_ephemeral(&self, id: &str) -> (Vec<Value>, Vec<Value>) {
         let ephemeral = self.ephemeral.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         let to_device = self.to_device.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
@@ -444,13 +452,6 @@ fn next_transaction(services: &Services, reg: &Registration) -> Result<Option<In
     let changes = extensions::changes(services, reg, cursor)?;
     ephemeral.extend(changes.presence);
     let keys = extensions::key_counts(services, reg, &events, &to_device, &changes.device_lists)?;
-    if let Some(upto) = changes.upto {
-        delivery
-            .change_cursors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_owned(), upto);
-    }
     let txn_id = match positions.first() {
         Some(first) => format!("{first}.{}", positions.len()),
         None if ephemeral.is_empty()
@@ -458,6 +459,8 @@ fn next_transaction(services: &Services, reg: &Registration) -> Result<Option<In
             && changes.device_lists.is_empty()
             && keys.is_none() =>
         {
+            // Nothing in the window concerned the service: it need not be read again.
+            delivery.changes_read(id, changes.upto);
             return Ok(None);
         }
         None => format!("e{}.{}", trellis_core::now_millis(), crate::random::alphanumeric(6)),
@@ -482,6 +485,8 @@ fn next_transaction(services: &Services, reg: &Registration) -> Result<Option<In
     let mut batch = Batch::new();
     INFLIGHT.put(&mut batch, &id.to_owned(), &Json(txn.clone()));
     services.db.write_unsynced(batch)?;
+    // Only once the transaction is kept: a failed write reads the same changes again.
+    delivery.changes_read(id, txn.changes_upto);
     Ok(Some(txn))
 }
 

@@ -29,7 +29,7 @@ use crate::{
 
 /// (localpart, app id, pushkey, sequence) -> a push. The sequence is twice the event's
 /// stream position, or twice the visible position plus one for a counts-only update (so
-/// it follows what was queued before it, and repeated reads coalesce into one).
+/// it follows what was queued before it, and reads at the same position coalesce).
 const QUEUE: Table<(String, String, String, u64), Json<Queued>> = Table::new(&catalog::PUSH_QUEUE);
 
 /// (localpart, app id, pushkey)
@@ -65,6 +65,9 @@ pub struct Gateway {
     /// the task last looked (it reads on from a cursor, and a push may be queued behind
     /// it when events of different rooms finish out of order).
     running: Mutex<HashMap<PusherKey, Option<u64>>>,
+    /// The badge each running pusher was last sent: a read that leaves it unchanged
+    /// (a receipt in a room with nothing unread) sends nothing.
+    last_unread: Mutex<HashMap<PusherKey, u64>>,
     /// Connects only to addresses the SSRF policy allows (checked after DNS); follows
     /// no redirects: users choose gateway URLs.
     client: reqwest::Client,
@@ -85,6 +88,7 @@ impl Gateway {
         Ok(Self {
             services: OnceLock::new(),
             running: Mutex::default(),
+            last_unread: Mutex::default(),
             client,
             policy,
             max_age_ms: config.max_push_age_seconds.saturating_mul(1000),
@@ -137,7 +141,7 @@ impl Gateway {
     }
 
     /// The user read something: their pushers get the new counts (for the app badge).
-    pub async fn counts_changed(&self, services: &Arc<Services>, localpart: &str) {
+    pub fn counts_changed(&self, services: &Arc<Services>, localpart: &str) {
         let Some(pushers) = services.pushers.of(localpart) else { return };
         let http: Vec<_> = pushers.iter().filter(|p| p.pusher.kind == "http").collect();
         if http.is_empty() {
@@ -151,16 +155,22 @@ impl Gateway {
             actions: json!([]),
             queued_ms: now_millis(),
         };
+        let mut added = 0;
         for p in &http {
             let key =
                 (localpart.to_owned(), p.pusher.app_id.clone(), p.pusher.pushkey.clone(), seq);
+            // A read at the same position replaces the update still queued.
+            if !QUEUE.contains(&*services.db, &key).unwrap_or(false) {
+                added += 1;
+            }
             QUEUE.put(&mut batch, &key, &Json(item.clone()));
         }
-        if let Err(e) = crate::commit(&services.db, batch).await {
+        // Not synced: a badge update lost in a crash is made good by the next one.
+        if let Err(e) = services.db.write_unsynced(batch) {
             tracing::warn!(error = %e, "queueing a badge update failed");
             return;
         }
-        services.metrics.push_queue.inc_by(http.len() as i64);
+        services.metrics.push_queue.inc_by(added);
         for p in http {
             let key = (localpart.to_owned(), p.pusher.app_id.clone(), p.pusher.pushkey.clone());
             self.kick(services, key, seq);
@@ -276,16 +286,35 @@ enum Next {
     /// Sent, or given up on: off the queue.
     Done,
     Again,
-    /// The pusher is gone: the task ends.
-    Stop,
+    /// The push failed for longer than pushes are kept: it and every other push as old
+    /// go, at once (a gateway that swallows requests would otherwise take 30 s for each).
+    Expired,
+    /// The pusher is gone.
+    Gone,
+}
+
+/// Removes the pusher's entry from the running set if its task dies by a panic, so
+/// that the next push starts a new one.
+struct RunningGuard<'a> {
+    gateway: &'a Gateway,
+    key: &'a PusherKey,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.gateway.running.lock().unwrap_or_else(|p| p.into_inner()).remove(self.key);
+        }
+    }
 }
 
 /// Sends the pusher's queue until it is empty.
 async fn drain(services: Arc<Services>, key: PusherKey) {
     let gateway = &services.push_gateway;
+    let _guard = RunningGuard { gateway, key: &key };
     let mut backoff = FIRST_BACKOFF;
     let mut from = 0;
-    loop {
+    'read: loop {
         if let Some(behind) = gateway.queued_behind(&key) {
             from = from.min(behind);
         }
@@ -299,20 +328,17 @@ async fn drain(services: Arc<Services>, key: PusherKey) {
             }
         };
         if batch.is_empty() {
-            // Under the lock: a push queued after the read above either has left its
-            // sequence here or finds the task gone and starts another.
-            let mut running = gateway.running.lock().unwrap_or_else(|p| p.into_inner());
-            match running.get_mut(&key).and_then(Option::take) {
-                Some(behind) => from = from.min(behind),
-                None => {
-                    running.remove(&key);
-                    return;
-                }
+            if still_queued(gateway, &key, &mut from) {
+                continue;
             }
-            continue;
+            return;
         }
-        // The badge is the same for every push of a batch: read once, at send time.
+        // A push leaves once its event is visible: the phone's client syncs on it, and
+        // the badge counts it.
+        let newest = batch.iter().map(|(seq, _)| seq / 2).max().unwrap_or(0);
+        until_visible(&services, newest).await;
         let user_id = services.accounts.user_id(&key.0);
+        // The badge is the same for every push of a batch: read once, at send time.
         let mut unread = match unread_total(&services, &user_id) {
             Ok(unread) => unread,
             Err(e) => {
@@ -322,31 +348,95 @@ async fn drain(services: Arc<Services>, key: PusherKey) {
             }
         };
         for (seq, item) in batch {
+            let unchanged_badge = item.event_id.is_none()
+                && gateway.last_unread.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+                    == Some(&unread);
             loop {
+                if unchanged_badge {
+                    break;
+                }
                 match attempt(&services, &key, &item, unread, &mut backoff).await {
-                    Next::Done => break,
+                    Next::Done => {
+                        let mut last =
+                            gateway.last_unread.lock().unwrap_or_else(|p| p.into_inner());
+                        last.insert(key.clone(), unread);
+                        break;
+                    }
                     Next::Again => {
                         if let Ok(now) = unread_total(&services, &user_id) {
                             unread = now;
                         }
                     }
-                    Next::Stop => {
+                    Next::Expired => {
+                        drop_expired(&services, &key, from).await;
+                        continue 'read;
+                    }
+                    Next::Gone => {
+                        // Set again meanwhile (the same app and key): carry on.
+                        if pusher_of(&services, &key).is_some() {
+                            continue 'read;
+                        }
                         forget(&services, &key).await;
-                        let mut running = gateway.running.lock().unwrap_or_else(|p| p.into_inner());
-                        running.remove(&key);
+                        if still_queued(gateway, &key, &mut from) {
+                            continue 'read;
+                        }
                         return;
                     }
                 }
             }
-            let mut batch = Batch::new();
-            QUEUE.delete(&mut batch, &(key.0.clone(), key.1.clone(), key.2.clone(), seq));
-            if let Err(e) = services.db.write_unsynced(batch) {
-                tracing::error!(error = %e, "clearing a sent push failed");
-            }
-            services.metrics.push_queue.dec();
+            clear(&services, &key, seq, &item);
             from = seq + 1;
         }
     }
+}
+
+/// Whether the task must go on after finding its queue empty: under the lock, a push
+/// queued after the read either has left its sequence (then `from` moves back to it)
+/// or finds the task gone and starts another.
+fn still_queued(gateway: &Gateway, key: &PusherKey, from: &mut u64) -> bool {
+    let mut running = gateway.running.lock().unwrap_or_else(|p| p.into_inner());
+    match running.get_mut(key).and_then(Option::take) {
+        Some(behind) => {
+            *from = (*from).min(behind);
+            true
+        }
+        None => {
+            running.remove(key);
+            gateway.last_unread.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+            false
+        }
+    }
+}
+
+/// Waits (a few seconds at most) until stream position `position` is visible.
+async fn until_visible(services: &Services, position: u64) {
+    let mut visible = services.rooms.stream.subscribe();
+    let wait = async {
+        while *visible.borrow_and_update() < position {
+            if visible.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+}
+
+/// Takes a handled push off the queue. A badge update is overwritten in place when the
+/// user reads again at the same position: that newer one stays.
+fn clear(services: &Services, key: &PusherKey, seq: u64, item: &Queued) {
+    let row = (key.0.clone(), key.1.clone(), key.2.clone(), seq);
+    if item.event_id.is_none() {
+        match QUEUE.get(&*services.db, &row) {
+            Ok(Some(Json(now))) if now.queued_ms != item.queued_ms => return,
+            _ => {}
+        }
+    }
+    let mut batch = Batch::new();
+    QUEUE.delete(&mut batch, &row);
+    if let Err(e) = services.db.write_unsynced(batch) {
+        tracing::error!(error = %e, "clearing a sent push failed");
+    }
+    services.metrics.push_queue.dec();
 }
 
 /// One attempt at one push, with its metrics and, before a retry, the backoff.
@@ -369,11 +459,10 @@ async fn attempt(
             services.metrics.push("failed");
             Next::Done
         }
-        Outcome::PusherGone => Next::Stop,
+        Outcome::PusherGone => Next::Gone,
         Outcome::Retry(why) if now_millis().saturating_sub(item.queued_ms) > max_age_ms => {
-            tracing::warn!(reason = %why, "push dropped after retrying for too long");
-            services.metrics.push("failed");
-            Next::Done
+            tracing::warn!(reason = %why, "pushes dropped after failing for too long");
+            Next::Expired
         }
         Outcome::Retry(why) => {
             tracing::warn!(reason = %why, retry_in = ?*backoff, "push gateway failed");
@@ -383,6 +472,36 @@ async fn attempt(
             Next::Again
         }
     }
+}
+
+/// Drops the pusher's pushes from `from` on that are older than pushes are kept.
+async fn drop_expired(services: &Services, key: &PusherKey, from: u64) {
+    let cutoff = now_millis().saturating_sub(services.push_gateway.max_age_ms);
+    let lo = (key.0.clone(), key.1.clone(), key.2.clone(), from);
+    let hi = (key.0.clone(), key.1.clone(), key.2.clone(), u64::MAX);
+    let mut batch = Batch::new();
+    let mut dropped = 0;
+    if let Ok(rows) =
+        QUEUE.scan_range(&*services.db, Included(&lo), Included(&hi), Direction::Forward)
+    {
+        for (row, Json(item)) in rows.flatten() {
+            if item.queued_ms >= cutoff {
+                break;
+            }
+            QUEUE.delete(&mut batch, &row);
+            dropped += 1;
+        }
+    }
+    if let Err(e) = crate::commit(&services.db, batch).await {
+        tracing::error!(error = %e, "dropping expired pushes failed");
+        return;
+    }
+    services
+        .metrics
+        .pushes
+        .get_or_create(&trellis_core::metrics::OutcomeLabels { outcome: "failed".into() })
+        .inc_by(dropped);
+    services.metrics.push_queue.dec_by(dropped as i64);
 }
 
 /// Drops every push of a pusher that is gone.
@@ -401,15 +520,26 @@ async fn forget(services: &Services, key: &PusherKey) {
     services.metrics.push_queue.dec_by(dropped);
 }
 
+/// The pusher behind a queue key, if it (still) exists.
+fn pusher_of(services: &Services, key: &PusherKey) -> Option<PusherRecord> {
+    let (localpart, app_id, pushkey) = key;
+    let pushers = services.pushers.of(localpart)?;
+    pushers
+        .iter()
+        .find(|p| {
+            p.pusher.kind == "http" && &p.pusher.app_id == app_id && &p.pusher.pushkey == pushkey
+        })
+        .cloned()
+}
+
+/// The most of a gateway's answer that is read.
+const MAX_ANSWER: usize = 64 * 1024;
+
 /// One push, in the Push Gateway API's format.
 async fn send(services: &Arc<Services>, key: &PusherKey, item: &Queued, unread: u64) -> Outcome {
     let (localpart, app_id, pushkey) = key;
-    let Some(pushers) = services.pushers.of(localpart) else { return Outcome::PusherGone };
-    let Some(record) = pushers.iter().find(|p| {
-        p.pusher.kind == "http" && &p.pusher.app_id == app_id && &p.pusher.pushkey == pushkey
-    }) else {
-        return Outcome::PusherGone;
-    };
+    let Some(record) = pusher_of(services, key) else { return Outcome::PusherGone };
+    let record = &record;
     let Some(url) = record.pusher.data.get("url").and_then(Value::as_str) else {
         return Outcome::PusherGone;
     };
@@ -427,7 +557,7 @@ async fn send(services: &Arc<Services>, key: &PusherKey, item: &Queued, unread: 
     };
     let status = response.status();
     if status.is_success() {
-        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        let answer = read_answer(response).await;
         let rejected = answer["rejected"].as_array().into_iter().flatten();
         if rejected.filter_map(Value::as_str).any(|k| k == pushkey) {
             // The gateway no longer knows the key (the app was uninstalled).
@@ -444,6 +574,19 @@ async fn send(services: &Arc<Services>, key: &PusherKey, item: &Queued, unread: 
         return Outcome::Dropped(format!("the gateway answered {status}"));
     }
     Outcome::Retry(format!("the gateway answered {status}"))
+}
+
+/// A gateway's JSON answer, read up to [`MAX_ANSWER`] bytes (anything longer or
+/// unreadable counts as an answer without `rejected`).
+async fn read_answer(mut response: reqwest::Response) -> Value {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Value::Null;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).unwrap_or(Value::Null)
 }
 
 /// The tweaks the push rule actions set (`highlight` without a value is true).

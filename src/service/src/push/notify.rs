@@ -112,6 +112,10 @@ struct Counted {
     upto: u64,
 }
 
+/// In the receipts counts are computed against, the join position of a member without
+/// any receipt (so that the memo of counts notices a rejoin).
+const JOINED_MARK: &str = "\u{0}joined";
+
 /// Shared notification rows one `/notifications` request reads per room at most.
 const HISTORY_SCAN_PER_ROOM: usize = 2_000;
 
@@ -412,7 +416,15 @@ impl Notifier {
         // A client's token may run ahead of what is visible (a restored database): rows
         // beyond the visible position may not be written yet.
         let upto = upto.min(services.rooms.stream.visible());
-        let receipts = services.receipts.latest(room_id, user)?;
+        let mut receipts = services.receipts.latest(room_id, user)?;
+        if receipts.is_empty() {
+            // A member who never read the room counts from their latest join, as other
+            // servers count: the invite that brought them in is not unread.
+            let log = services.rooms.membership_log(room_id, user)?;
+            if let Some((joined, _)) = log.iter().rev().find(|(_, m)| m == "join") {
+                receipts.push((JOINED_MARK.to_owned(), joined.to_string()));
+            }
+        }
         let key = (user.to_owned(), room_id.to_owned());
         let known = {
             let counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
@@ -424,8 +436,12 @@ impl Notifier {
         let mut unthreaded = 0u64;
         let mut per_thread: HashMap<String, u64> = HashMap::new();
         for (thread, event_id) in &receipts {
-            let Some(pos) = services.rooms.position_of(event_id)? else { continue };
-            if thread.is_empty() {
+            let pos = match thread.as_str() {
+                JOINED_MARK => event_id.parse().ok(),
+                _ => services.rooms.position_of(event_id)?,
+            };
+            let Some(pos) = pos else { continue };
+            if thread.is_empty() || thread == JOINED_MARK {
                 unthreaded = unthreaded.max(pos);
             } else {
                 let entry = per_thread.entry(thread.clone()).or_default();

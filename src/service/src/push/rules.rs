@@ -188,9 +188,6 @@ impl PushRules {
     }
 }
 
-/// Builds the rule a client sent to `PUT /pushrules/global/{kind}/{ruleId}` from the
-/// path's kind and id and the JSON body: `actions` always, `pattern` for content rules,
-/// `conditions` (optional, none = always matches) for override and underride rules. Room
 /// The spec's default rules, and one for MatrixRTC calls (MSC4075): a call's
 /// `m.rtc.notification` (or its unstable `org.matrix.msc4075.rtc.notification`) of type
 /// `ring` rings like a 1:1 call invite, right after `.m.rule.call`.
@@ -212,6 +209,9 @@ pub fn server_default(user: &ruma::UserId) -> Ruleset {
     ruleset
 }
 
+/// Builds the rule a client sent to `PUT /pushrules/global/{kind}/{ruleId}` from the
+/// path's kind and id and the JSON body: `actions` always, `pattern` for content rules,
+/// `conditions` (optional, none = always matches) for override and underride rules. Room
 /// and sender rules are named by the room or user they apply to.
 pub fn new_rule(kind: &str, rule_id: &str, body: &Value) -> Result<NewPushRule> {
     if !KINDS.contains(&kind) {

@@ -202,7 +202,7 @@ pub async fn set_receipt(
         ReceiptType::Read | ReceiptType::ReadPrivate => {
             let kind = kind.as_str();
             services.receipts.set(room_id, user_id, kind, event_id, thread).await?;
-            services.push_gateway.counts_changed(services, localpart).await;
+            services.push_gateway.counts_changed(services, localpart);
             if kind == READ {
                 let sent = edus::read_receipt(services, room_id, user_id, event_id, thread);
                 queued(sent.await);
@@ -244,7 +244,7 @@ pub async fn set_read_markers(
         }
     }
     if read.is_some() || read_private.is_some() {
-        services.push_gateway.counts_changed(services, localpart).await;
+        services.push_gateway.counts_changed(services, localpart);
     }
     Ok(())
 }
