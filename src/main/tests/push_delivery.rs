@@ -144,6 +144,16 @@ async fn a_message_is_pushed_once_with_counts_and_a_read_updates_the_badge() {
     assert_eq!(n["counts"]["unread"], 0, "{n}");
     assert_eq!(n["prio"], "low");
     assert_eq!(n["devices"][0]["pushkey"], "bob-phone");
+
+    // Operators see it in the metrics.
+    let metrics = s.client.get(format!("{}/metrics", s.metrics_base)).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    let sent = metrics
+        .lines()
+        .find(|l| l.starts_with("trellis_pushes_total{outcome=\"sent\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(sent.is_some_and(|n| n >= 3), "{metrics}");
+    assert!(metrics.contains("trellis_push_queue "), "{metrics}");
 }
 
 #[tokio::test]
