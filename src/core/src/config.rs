@@ -32,6 +32,7 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub presence: PresenceConfig,
     pub push: PushConfig,
+    pub voip: VoipConfig,
     pub rate_limits: RateLimitsConfig,
     pub media: MediaConfig,
     pub logging: LoggingConfig,
@@ -408,6 +409,37 @@ pub struct PresenceConfig {
 impl Default for PresenceConfig {
     fn default() -> Self {
         Self { enabled: true, idle_timeout_seconds: 300, offline_timeout_seconds: 1800 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VoipConfig {
+    /// TURN servers clients relay calls through (`GET /voip/turnServer`), e.g.
+    /// `turn:turn.example.org:3478?transport=udp`. Empty: no TURN server is offered.
+    pub turn_uris: Vec<String>,
+    /// The secret shared with the TURN server (coturn's `static-auth-secret`): each user
+    /// gets short-lived credentials made from it (the TURN REST API scheme).
+    pub turn_shared_secret: String,
+    /// Fixed credentials instead, when the TURN server has no shared secret.
+    pub turn_username: String,
+    pub turn_password: String,
+    /// How long the credentials handed out stay valid, in seconds.
+    pub turn_user_lifetime_seconds: u64,
+    /// Guests get TURN credentials too.
+    pub turn_allow_guests: bool,
+}
+
+impl Default for VoipConfig {
+    fn default() -> Self {
+        Self {
+            turn_uris: Vec::new(),
+            turn_shared_secret: String::new(),
+            turn_username: String::new(),
+            turn_password: String::new(),
+            turn_user_lifetime_seconds: 86_400,
+            turn_allow_guests: true,
+        }
     }
 }
 

@@ -145,15 +145,22 @@ async fn a_message_is_pushed_once_with_counts_and_a_read_updates_the_badge() {
     assert_eq!(n["prio"], "low");
     assert_eq!(n["devices"][0]["pushkey"], "bob-phone");
 
-    // Operators see it in the metrics.
-    let metrics = s.client.get(format!("{}/metrics", s.metrics_base)).send().await.unwrap();
-    let metrics = metrics.text().await.unwrap();
-    let sent = metrics
-        .lines()
-        .find(|l| l.starts_with("trellis_pushes_total{outcome=\"sent\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
-    assert!(sent.is_some_and(|n| n >= 3), "{metrics}");
-    assert!(metrics.contains("trellis_push_queue "), "{metrics}");
+    // Operators see it in the metrics (counted once the gateway's answer is read, so
+    // possibly a moment after the gateway saw the push).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = s.client.get(format!("{}/metrics", s.metrics_base)).send().await.unwrap();
+        let metrics = metrics.text().await.unwrap();
+        let sent = metrics
+            .lines()
+            .find(|l| l.starts_with("trellis_pushes_total{outcome=\"sent\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+        if sent.is_some_and(|n| n >= 3) && metrics.contains("trellis_push_queue ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 #[tokio::test]

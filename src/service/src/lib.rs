@@ -30,6 +30,7 @@ pub mod ratelimit;
 pub mod realtime;
 pub mod rooms;
 pub mod tables;
+pub mod voip;
 pub mod webhooks;
 
 use std::sync::Arc;

@@ -33,6 +33,7 @@ mod threepid;
 mod to_device;
 mod uia;
 mod versions;
+mod voip;
 mod webhooks;
 
 use axum::Router;
@@ -73,5 +74,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = dehydrated::routes(router);
     let router = to_device::routes(router);
     let router = webhooks::routes(router);
+    let router = voip::routes(router);
     capabilities::routes(router)
 }

@@ -7,7 +7,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -20,7 +20,7 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{Api, Common, summary};
+use super::{Api, Common, micros_now, paced_sends, summary};
 
 #[derive(Args)]
 pub struct AppserviceArgs {
@@ -58,10 +58,6 @@ struct Received {
 struct Receiver {
     hs_token: Arc<str>,
     received: Arc<Mutex<Received>>,
-}
-
-fn micros_now() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros())
 }
 
 async fn transaction(
@@ -121,34 +117,8 @@ pub async fn appservice(args: AppserviceArgs) -> Result<Value, String> {
         .await;
     let pinged = matches!(ping, Ok((200, _)));
 
-    let per_sender = (args.rate as f64 / args.senders as f64).max(0.001);
-    let interval = Duration::from_secs_f64(1.0 / per_sender);
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let started = Instant::now();
-    let sends = tokens.iter().enumerate().map(|(i, token)| {
-        let (api, token, room) = (api.clone(), token.clone(), room.clone());
-        async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let (mut sent, mut errors) = (0usize, 0usize);
-            while Instant::now() < deadline {
-                ticker.tick().await;
-                let path =
-                    format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/b{i}_{sent}");
-                let body = json!({"msgtype": "m.text", "body": "bench",
-                                  "bench_sent_us": micros_now() as u64});
-                match api.request(Method::PUT, &path, Some(&token), Some(&body)).await {
-                    Ok((200, _)) => sent += 1,
-                    _ => errors += 1,
-                }
-            }
-            (sent, errors)
-        }
-    });
-    let results = futures_util::future::join_all(sends).await;
-    let sending = started.elapsed();
-    let sent: usize = results.iter().map(|(s, _)| s).sum();
-    let errors: usize = results.iter().map(|(_, e)| e).sum();
+    let (sent, errors, sending) =
+        paced_sends(&api, &tokens, &room, args.rate, args.seconds, "b").await;
     // The tail: what was sent arrives within a few seconds, or counts as missing.
     let drain_until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < drain_until {

@@ -376,6 +376,53 @@ pub(crate) fn per_second(count: usize, elapsed: Duration) -> f64 {
     round2(count as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
+/// Microseconds since the Unix epoch: what `paced_sends` stamps messages with.
+pub(crate) fn micros_now() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros())
+}
+
+/// `tokens` send into `room`, together `rate` messages a second for `seconds` (open
+/// loop), each message stamped with `bench_sent_us` (when its send started) for the
+/// receiving end to measure delays by; answers (sent, errors, how long sending took).
+pub(crate) async fn paced_sends(
+    api: &Api,
+    tokens: &[String],
+    room: &str,
+    rate: u64,
+    seconds: u64,
+    txn_prefix: &str,
+) -> (usize, usize, Duration) {
+    let per_sender = (rate as f64 / tokens.len().max(1) as f64).max(0.001);
+    let interval = Duration::from_secs_f64(1.0 / per_sender);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let sends = tokens.iter().enumerate().map(|(i, token)| {
+        let (api, token, room) = (api.clone(), token.clone(), room.to_owned());
+        async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let (mut sent, mut errors) = (0usize, 0usize);
+            while Instant::now() < deadline {
+                ticker.tick().await;
+                let path = format!(
+                    "/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn_prefix}{i}_{sent}"
+                );
+                let body = json!({"msgtype": "m.text", "body": "bench",
+                                  "bench_sent_us": micros_now() as u64});
+                match api.request(Method::PUT, &path, Some(&token), Some(&body)).await {
+                    Ok((200, _)) => sent += 1,
+                    _ => errors += 1,
+                }
+            }
+            (sent, errors)
+        }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let sent = results.iter().map(|(s, _)| s).sum();
+    let errors = results.iter().map(|(_, e)| e).sum();
+    (sent, errors, started.elapsed())
+}
+
 /// Latency percentiles in milliseconds.
 pub(crate) fn summary(samples: &mut [Duration]) -> Value {
     if samples.is_empty() {

@@ -7,7 +7,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use axum::{Json, Router, extract::State, routing::post};
@@ -15,7 +15,7 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{Api, Common, ServerProbe, summary};
+use super::{Api, Common, ServerProbe, micros_now, paced_sends, summary};
 
 #[derive(Args)]
 pub struct PushArgs {
@@ -46,10 +46,6 @@ struct Received {
     delays: Vec<Duration>,
     first: Option<Instant>,
     last: Option<Instant>,
-}
-
-fn micros_now() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros())
 }
 
 async fn notify(
@@ -98,35 +94,9 @@ pub async fn push(args: PushArgs) -> Result<Value, String> {
         api.call(Method::POST, "/_matrix/client/v3/pushers/set", token, Some(&pusher)).await?;
     }
 
-    let per_sender = (args.rate as f64 / args.senders as f64).max(0.001);
-    let interval = Duration::from_secs_f64(1.0 / per_sender);
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let probe = ServerProbe::start(args.common.server_pid);
-    let started = Instant::now();
-    let sends = senders.iter().enumerate().map(|(i, token)| {
-        let (api, token, room) = (api.clone(), token.clone(), room.clone());
-        async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let (mut sent, mut errors) = (0usize, 0usize);
-            while Instant::now() < deadline {
-                ticker.tick().await;
-                let path =
-                    format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/p{i}_{sent}");
-                let body = json!({"msgtype": "m.text", "body": "bench",
-                                  "bench_sent_us": micros_now() as u64});
-                match api.request(Method::PUT, &path, Some(&token), Some(&body)).await {
-                    Ok((200, _)) => sent += 1,
-                    _ => errors += 1,
-                }
-            }
-            (sent, errors)
-        }
-    });
-    let results = futures_util::future::join_all(sends).await;
-    let sending = started.elapsed();
-    let sent: usize = results.iter().map(|(s, _)| s).sum();
-    let errors: usize = results.iter().map(|(_, e)| e).sum();
+    let (sent, errors, sending) =
+        paced_sends(&api, senders, &room, args.rate, args.seconds, "p").await;
     let expected = sent * args.pushers;
     // The tail: queued pushes arrive within a while, or count as missing.
     let drain_until = Instant::now() + Duration::from_secs(30);

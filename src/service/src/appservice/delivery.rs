@@ -21,7 +21,7 @@ use trellis_core::{Error, ErrorKind, Result};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{Registration, extensions};
-use crate::media::preview::{CheckedResolver, IpPolicy, literal_allowed};
+use crate::media::preview::{IpPolicy, guarded_client, literal_allowed};
 use crate::{
     Services,
     pipeline::{Appended, Consumer},
@@ -85,13 +85,7 @@ impl Delivery {
             .build()
             .map_err(|e| Error::internal("application service HTTP client", e))?;
         let policy = Arc::new(IpPolicy::from_lists(&config.outgoing_webhook_ip_allow, &[]));
-        let guarded = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .dns_resolver(Arc::new(CheckedResolver(policy.clone())))
-            .redirect(reqwest::redirect::Policy::none())
-            // A proxy would resolve the name itself, past the resolver's check.
-            .no_proxy()
-            .build()
+        let guarded = guarded_client(policy.clone(), REQUEST_TIMEOUT)
             .map_err(|e| Error::internal("outgoing webhook HTTP client", e))?;
         Ok(Self {
             services: OnceLock::new(),

@@ -162,6 +162,21 @@ pub struct Fetcher {
     timeout: Duration,
 }
 
+/// An HTTP client for URLs users choose (push gateways, outgoing webhooks): it connects
+/// only to addresses `policy` allows, checked after DNS, follows no redirects and uses
+/// no proxy (a proxy would resolve the name itself, past the check).
+pub fn guarded_client(
+    policy: Arc<IpPolicy>,
+    timeout: Duration,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .dns_resolver(Arc::new(CheckedResolver(policy)))
+        .redirect(redirect::Policy::none())
+        .no_proxy()
+        .build()
+}
+
 impl Fetcher {
     pub fn new(config: &MediaConfig) -> Result<Self, String> {
         let policy = Arc::new(IpPolicy::new(config));

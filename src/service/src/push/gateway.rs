@@ -23,7 +23,7 @@ use trellis_store::{Batch, Direction, Json, Table, catalog};
 use super::pushers::{PusherChange, PusherRecord};
 use crate::{
     Services,
-    media::preview::{CheckedResolver, IpPolicy, literal_allowed},
+    media::preview::{IpPolicy, guarded_client, literal_allowed},
     pipeline::{Appended, Consumer},
 };
 
@@ -78,12 +78,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: &trellis_core::config::PushConfig) -> Result<Self> {
         let policy = Arc::new(IpPolicy::from_lists(&config.gateway_ip_allow, &[]));
-        let client = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .dns_resolver(Arc::new(CheckedResolver(policy.clone())))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
+        let client = guarded_client(policy.clone(), REQUEST_TIMEOUT)
             .map_err(|e| Error::internal("push gateway HTTP client", e))?;
         Ok(Self {
             services: OnceLock::new(),
