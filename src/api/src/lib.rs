@@ -9,6 +9,7 @@ pub(crate) mod federation;
 mod guest_access;
 mod media;
 mod observe;
+mod reports_admin;
 pub mod response;
 pub mod ruma_route;
 mod server;
@@ -37,6 +38,7 @@ pub fn main_router(services: AppState) -> Router {
     let router = federation::routes(router);
     let router = admin::routes(router);
     let router = appservice_admin::routes(router);
+    let router = reports_admin::routes(router);
     // `layer` wraps only the routes added so far: media uploads, added after it, are
     // bounded by their own streaming limit instead of the whole-body one.
     let router = router.layer(RequestBodyLimitLayer::new(max_body));

@@ -28,6 +28,7 @@ pub mod push;
 mod random;
 pub mod ratelimit;
 pub mod realtime;
+pub mod reports;
 pub mod rooms;
 pub mod tables;
 pub mod voip;

@@ -229,6 +229,8 @@ tables! {
     EMAIL_NOTIFY_STATE = "email_notify_state", Point @ 74;
     // unsubscribe token -> (user localpart, email address)
     EMAIL_UNSUBSCRIBE = "email_unsubscribe", Point @ 75;
+    // report id -> a user's report of an event, a room or a user, for the moderators
+    REPORTS = "reports", Scan @ 76;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

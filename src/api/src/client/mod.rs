@@ -21,6 +21,7 @@ mod profile;
 mod push_rules;
 mod pushers;
 mod relations;
+mod reports;
 pub(crate) mod room_directory;
 mod rooms;
 mod session;
@@ -75,5 +76,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = to_device::routes(router);
     let router = webhooks::routes(router);
     let router = voip::routes(router);
+    let router = reports::routes(router);
     capabilities::routes(router)
 }

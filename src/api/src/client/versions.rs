@@ -12,11 +12,11 @@ use crate::{
 };
 
 /// Spec versions advertised to clients: each one whose additions exist (clients switch
-/// features on by version; v1.11 tells them to use authenticated media). v1.13 waits for
-/// room reporting; docs/spec-coverage.md lists what each later version lacks.
+/// features on by version; v1.11 tells them to use authenticated media);
+/// docs/spec-coverage.md lists what each later version lacks.
 pub const SUPPORTED_VERSIONS: &[&str] = &[
     "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11",
-    "v1.12",
+    "v1.12", "v1.13", "v1.14", "v1.15", "v1.16", "v1.17",
 ];
 
 /// Unstable features (MSCs) that are really implemented: simplified sliding sync

@@ -1,0 +1,121 @@
+//! Moderation through the real server: users report events, rooms and users; admins
+//! read and clear the reports through Synapse's admin API.
+
+mod common;
+
+use common::{OPEN, TestServer};
+use serde_json::{Value, json};
+
+const REPORTS: &str = "/_synapse/admin/v1/event_reports";
+
+/// An admin made with the offline CLI (the server is restarted around it).
+async fn admin_token(s: &mut TestServer) -> String {
+    s.terminate();
+    let pwfile = s.dir.path().join("pw");
+    std::fs::write(&pwfile, "admin password\n").unwrap();
+    let config = s.config_path.to_str().unwrap().to_owned();
+    let args = ["user", "--config", &config, "create", "root", "--admin", "--password-file"];
+    let out = common::run_cli(&[&args[..], &[pwfile.to_str().unwrap()]].concat(), s.dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    s.launch().await;
+    let login = json!({"type": "m.login.password", "password": "admin password",
+                       "identifier": {"type": "m.id.user", "user": "root"}});
+    let (status, body) = s.post("/_matrix/client/v3/login", &login).await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+fn errcode(body: &Value) -> Option<&str> {
+    body["errcode"].as_str()
+}
+
+#[tokio::test]
+async fn reports_reach_the_admins_and_only_of_what_the_reporter_may_see() {
+    let mut s = TestServer::start(OPEN).await;
+    let admin = admin_token(&mut s).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let (_, carol) = s.register("carol").await;
+    let room = s.create_room(&alice, json!({"invite": [bob_id], "name": "Town square"})).await;
+    s.join_room(&bob, &room).await;
+    let rude = s.send_text(&bob, &room, "something rude").await;
+
+    // The version that brings room and user reports is advertised.
+    let (_, versions) = s.get("/_matrix/client/versions").await;
+    let listed = versions["versions"].as_array().unwrap();
+    assert!(listed.contains(&json!("v1.13")) && listed.contains(&json!("v1.14")), "{versions}");
+
+    let path = format!("/_matrix/client/v3/rooms/{room}/report/{rude}");
+    let (status, body) = s.post_auth(&path, &alice, &json!({"reason": "rude"})).await;
+    assert_eq!((status, body), (200, json!({})));
+    // Carol is not in the (private) room: she cannot see the event, nor learn it exists.
+    let (status, body) = s.post_auth(&path, &carol, &json!({"reason": "?"})).await;
+    assert_eq!((status, errcode(&body)), (404, Some("M_NOT_FOUND")), "{body}");
+    let missing = format!("/_matrix/client/v3/rooms/{room}/report/$nothing");
+    let (status, body) = s.post_auth(&missing, &alice, &json!({})).await;
+    assert_eq!((status, errcode(&body)), (404, Some("M_NOT_FOUND")), "{body}");
+    let long = json!({"reason": "x".repeat(10_001)});
+    let (status, body) = s.post_auth(&path, &alice, &long).await;
+    assert_eq!((status, errcode(&body)), (400, Some("M_INVALID_PARAM")), "{body}");
+
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/report"),
+            &carol,
+            &json!({"reason": "spam room"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = s
+        .post_auth(
+            "/_matrix/client/v3/rooms/!nowhere:localhost/report",
+            &carol,
+            &json!({"reason": "x"}),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), (404, Some("M_NOT_FOUND")), "{body}");
+    let user_report = format!("/_matrix/client/v3/users/{}/report", common::urlencode(&bob_id));
+    let (status, _) = s.post_auth(&user_report, &carol, &json!({"reason": "harasses me"})).await;
+    assert_eq!(status, 200);
+    let (status, body) = s
+        .post_auth(
+            "/_matrix/client/v3/users/@ghost:localhost/report",
+            &carol,
+            &json!({"reason": "x"}),
+        )
+        .await;
+    assert_eq!((status, errcode(&body)), (404, Some("M_NOT_FOUND")), "{body}");
+
+    // Only admins read them; newest first.
+    let (status, _) = s.get_auth(REPORTS, &alice).await;
+    assert_eq!(status, 403);
+    let (status, body) = s.get_auth(REPORTS, &admin).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 3, "{body}");
+    let reports = body["event_reports"].as_array().unwrap();
+    assert_eq!(reports[0]["target_user_id"], bob_id.as_str());
+    assert_eq!(reports[1]["reason"], "spam room");
+    let first = &reports[2];
+    assert_eq!(first["event_id"], rude.as_str());
+    assert_eq!(first["sender"], bob_id.as_str());
+    assert_eq!(first["user_id"], "@alice:localhost");
+    assert_eq!(first["name"], "Town square");
+    let (_, page) = s.get_auth(&format!("{REPORTS}?limit=1&dir=f"), &admin).await;
+    assert_eq!(
+        (page["event_reports"][0]["reason"].as_str(), page["next_token"].as_u64()),
+        (Some("rude"), Some(1))
+    );
+    let (_, mine) = s.get_auth(&format!("{REPORTS}?user_id=%40carol%3Alocalhost"), &admin).await;
+    assert_eq!(mine["total"], 2, "{mine}");
+
+    let id = first["id"].as_u64().unwrap();
+    let (status, one) = s.get_auth(&format!("{REPORTS}/{id}"), &admin).await;
+    assert_eq!(status, 200);
+    assert_eq!(one["event_json"]["content"]["body"], "something rude", "{one}");
+    let (status, _) = s.delete_auth(&format!("{REPORTS}/{id}"), &admin, &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) = s.get_auth(&format!("{REPORTS}/{id}"), &admin).await;
+    assert_eq!(status, 404);
+    let (_, body) = s.get_auth(REPORTS, &admin).await;
+    assert_eq!(body["total"], 2);
+}
