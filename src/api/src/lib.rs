@@ -13,6 +13,7 @@ mod reports_admin;
 pub mod response;
 pub mod ruma_route;
 mod server;
+mod suspension;
 
 use std::sync::Arc;
 

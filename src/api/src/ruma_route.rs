@@ -20,7 +20,7 @@ use ruma::api::{
     error::{DeserializationError, FromHttpRequestError},
     path_builder::PathBuilder,
 };
-use trellis_core::{Error, ErrorKind, Result};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 use trellis_service::{Client, accounts::Session, appservice, ratelimit::Class};
 
 use crate::{
@@ -299,6 +299,11 @@ struct Prepared {
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// `POST /logout` and `/logout/all`.
+fn logs_out(path: &str) -> bool {
+    path.ends_with("/logout") || path.ends_with("/logout/all")
+}
+
 async fn prepare<R>(services: AppState, req: Request, how: Route) -> Result<Prepared>
 where
     R: IncomingRequest,
@@ -320,7 +325,14 @@ where
                 // A service registering a user names them in `user_id` (frameworks do)
                 // before they exist: registration acts as the service itself.
                 let query = parts.uri.query().filter(|_| !parts.uri.path().ends_with("/register"));
-                Some(appservice::authenticate(&services, &token, query, &client).await?)
+                match appservice::authenticate(&services, &token, query, &client).await {
+                    Ok(session) => Some(session),
+                    // A locked account may still log out (and nothing else).
+                    Err(e) if e.errcode == code::USER_LOCKED && logs_out(parts.uri.path()) => {
+                        Some(services.accounts.authenticate_to_log_out(&token, &client).await?)
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             None if kind == AuthKind::Required => return Err(Error::missing_token()),
             None => None,
@@ -329,6 +341,11 @@ where
     let kind = <R::Authentication as AuthPolicy>::KIND;
     if kind == AuthKind::Required && !how.guests && session.as_ref().is_some_and(|s| s.guest) {
         return Err(Error::guest_forbidden());
+    }
+    if session.as_ref().is_some_and(|s| s.suspended)
+        && crate::suspension::forbids(&parts.method, parts.uri.path())
+    {
+        return Err(Error::user_suspended());
     }
     let bytes = read_body(body).await?;
     let origin = if <R::Authentication as AuthPolicy>::KIND == AuthKind::Server {

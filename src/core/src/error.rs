@@ -30,6 +30,7 @@ pub mod code {
     pub const UNAUTHORIZED: &str = "M_UNAUTHORIZED";
     pub const USER_DEACTIVATED: &str = "M_USER_DEACTIVATED";
     pub const USER_LOCKED: &str = "M_USER_LOCKED";
+    pub const USER_SUSPENDED: &str = "M_USER_SUSPENDED";
     pub const THREEPID_DENIED: &str = "M_THREEPID_DENIED";
     pub const THREEPID_IN_USE: &str = "M_THREEPID_IN_USE";
     pub const THREEPID_NOT_FOUND: &str = "M_THREEPID_NOT_FOUND";
@@ -174,6 +175,13 @@ impl Error {
     pub fn user_locked() -> Self {
         Self::new(ErrorKind::Unauthenticated, code::USER_LOCKED, "This account has been locked")
             .with_field("soft_logout", true)
+    }
+    pub fn user_suspended() -> Self {
+        Self::new(
+            ErrorKind::Forbidden,
+            code::USER_SUSPENDED,
+            "You cannot perform this action while suspended",
+        )
     }
     /// An endpoint guest accounts may not use.
     pub fn guest_forbidden() -> Self {

@@ -5,9 +5,10 @@ use axum::Router;
 use ruma::api::client::discovery::get_capabilities::{
     self,
     v3::{
-        Capabilities, ChangePasswordCapability, GetLoginTokenCapability, ProfileFieldsCapability,
-        RoomVersionStability, RoomVersionsCapability, SetAvatarUrlCapability,
-        SetDisplayNameCapability, ThirdPartyIdChangesCapability,
+        AccountModerationCapability, Capabilities, ChangePasswordCapability,
+        GetLoginTokenCapability, ProfileFieldsCapability, RoomVersionStability,
+        RoomVersionsCapability, SetAvatarUrlCapability, SetDisplayNameCapability,
+        ThirdPartyIdChangesCapability,
     },
 };
 use trellis_core::Result;
@@ -43,8 +44,12 @@ async fn capabilities(
     ctx: Ctx,
     _: get_capabilities::v3::Request,
 ) -> Result<get_capabilities::v3::Response> {
-    ctx.session()?;
+    let session = ctx.session()?;
     let mut caps = Capabilities::new();
+    // Server admins lock and suspend accounts (`/_matrix/client/v1/admin/...`).
+    if ctx.services.accounts.user(&session.localpart)?.is_some_and(|u| u.admin) {
+        caps.account_moderation = AccountModerationCapability::new(true, true);
+    }
     caps.change_password = ChangePasswordCapability::new(true);
     caps.set_displayname = SetDisplayNameCapability::new(true);
     caps.set_avatar_url = SetAvatarUrlCapability::new(true);

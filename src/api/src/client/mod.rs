@@ -2,6 +2,7 @@
 
 mod account;
 mod account_data;
+mod account_moderation;
 mod aliases;
 mod appservice;
 mod backup;
@@ -77,5 +78,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = webhooks::routes(router);
     let router = voip::routes(router);
     let router = reports::routes(router);
+    let router = account_moderation::routes(router);
     capabilities::routes(router)
 }

@@ -16,7 +16,7 @@ use crate::{
 /// docs/spec-coverage.md lists what each later version lacks.
 pub const SUPPORTED_VERSIONS: &[&str] = &[
     "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11",
-    "v1.12", "v1.13", "v1.14", "v1.15", "v1.16", "v1.17",
+    "v1.12", "v1.13", "v1.14", "v1.15", "v1.16", "v1.17", "v1.18",
 ];
 
 /// Unstable features (MSCs) that are really implemented: simplified sliding sync

@@ -8,6 +8,7 @@ mod guard;
 mod guests;
 pub mod jwt;
 mod login;
+pub mod moderation;
 pub mod password;
 pub mod profile;
 mod reg_tokens;

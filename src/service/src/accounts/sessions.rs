@@ -28,6 +28,8 @@ pub struct Session {
     pub appservice: Option<String>,
     /// The account is a bot.
     pub bot: bool,
+    /// The account is suspended: it reads but does not write (see `moderation`).
+    pub suspended: bool,
 }
 
 /// Tokens handed to a client at login, registration or refresh.
@@ -139,8 +141,22 @@ impl Accounts {
         (access_hash, refresh_hash, issued)
     }
 
-    /// Resolves an access token to its session.
+    /// Resolves an access token to its session (a locked account's: 401 `M_USER_LOCKED`).
     pub async fn authenticate(&self, token: &str, client: &Client) -> Result<Session> {
+        self.authenticate_as(token, client, false).await
+    }
+
+    /// As [`Self::authenticate`], for logging out, which a locked account may do.
+    pub async fn authenticate_to_log_out(&self, token: &str, client: &Client) -> Result<Session> {
+        self.authenticate_as(token, client, true).await
+    }
+
+    async fn authenticate_as(
+        &self,
+        token: &str,
+        client: &Client,
+        locked_ok: bool,
+    ) -> Result<Session> {
         let hash = hash_token(token);
         let record = ACCESS_TOKENS.get(&*self.db, &hash)?.ok_or_else(Error::unknown_token)?.0;
         if record.expires_ms.is_some_and(|exp| exp <= now_millis()) {
@@ -150,7 +166,7 @@ impl Accounts {
         if user.deactivated {
             return Err(Error::unknown_token());
         }
-        if user.locked {
+        if user.locked && !locked_ok {
             return Err(Error::user_locked());
         }
         if let Some(old_refresh) = &record.supersedes_refresh {
@@ -166,8 +182,9 @@ impl Accounts {
         }
         self.note_seen(&record.localpart, &record.device_id, client).await?;
         let device_id = record.device_id;
-        let (guest, bot) = (user.guest, user.bot);
-        Ok(Session { localpart: record.localpart, device_id, guest, bot, appservice: None })
+        let (guest, bot, suspended) = (user.guest, user.bot, user.suspended);
+        let localpart = record.localpart;
+        Ok(Session { localpart, device_id, guest, bot, suspended, appservice: None })
     }
 
     /// Records "last seen" for a device, writing at most once per interval.
