@@ -443,3 +443,27 @@ async fn room_aliases() {
     let (status, body) = s.get("/_matrix/client/v3/directory/room/%23lounge:localhost").await;
     assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
 }
+
+#[tokio::test]
+async fn mutual_rooms_lists_the_rooms_both_users_are_joined_to() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let shared = s.create_room(&alice, json!({"invite": [bob_id]})).await;
+    s.join_room(&bob, &shared).await;
+    let invited_only = s.create_room(&alice, json!({"invite": [bob_id]})).await;
+    s.create_room(&alice, json!({})).await;
+    let path = format!("/_matrix/client/v1/mutual_rooms?user_id={}", common::urlencode(&bob_id));
+    let (status, body) = s.get_auth(&path, &alice).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["joined"], json!([shared]), "invites and rooms without bob are not shared");
+    assert_eq!(body["count"], 1);
+    assert!(body.get("next_batch").is_none());
+    assert!(!body.to_string().contains(&invited_only));
+    let own = "/_matrix/client/v1/mutual_rooms?user_id=%40alice%3Alocalhost";
+    let (status, body) = s.get_auth(own, &alice).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")), "{body}");
+    let (status, body) =
+        s.get_auth("/_matrix/client/v1/mutual_rooms?user_id=%40ghost%3Alocalhost", &alice).await;
+    assert_eq!((status, body["joined"].clone()), (200, json!([])), "{body}");
+}

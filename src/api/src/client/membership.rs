@@ -7,8 +7,9 @@ use ruma::{
     api::client::{
         knock::knock_room,
         membership::{
-            ban_user, forget_room, invite_user, join_room_by_id, join_room_by_id_or_alias,
-            joined_members, joined_rooms, kick_user, leave_room, unban_user,
+            ban_user, forget_room, get_mutual_rooms, invite_user, join_room_by_id,
+            join_room_by_id_or_alias, joined_members, joined_rooms, kick_user, leave_room,
+            unban_user,
         },
     },
     events::room::member::MembershipState,
@@ -24,6 +25,9 @@ use crate::{
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ruma_route::add::<joined_rooms::v3::Request, _, _>(router, joined);
+    let router = ruma_route::add::<get_mutual_rooms::v1::Request, _, _>(router, mutual);
+    let router =
+        ruma_route::add::<get_mutual_rooms::unstable::Request, _, _>(router, mutual_msc2666);
     let router = ruma_route::add::<joined_members::v3::Request, _, _>(router, members);
     let router = ruma_route::add::<join_room_by_id::v3::Request, _, _>(router, join);
     let router = ruma_route::add::<join_room_by_id_or_alias::v3::Request, _, _>(router, join_any);
@@ -67,6 +71,43 @@ async fn forget(ctx: Ctx, req: forget_room::v3::Request) -> Result<forget_room::
 /// GET /_matrix/client/v3/joined_rooms
 async fn joined(ctx: Ctx, _: joined_rooms::v3::Request) -> Result<joined_rooms::v3::Response> {
     Ok(joined_rooms::v3::Response::new(ctx.services.rooms.joined_rooms(&user(&ctx)?)?))
+}
+
+/// GET /_matrix/client/v1/mutual_rooms
+async fn mutual(
+    ctx: Ctx,
+    req: get_mutual_rooms::v1::Request,
+) -> Result<get_mutual_rooms::v1::Response> {
+    ctx.rate_limit(trellis_service::ratelimit::Class::Default)?;
+    let (page, count, next) = ctx.services.rooms.mutual_rooms(
+        user(&ctx)?.as_str(),
+        req.user_id.as_str(),
+        req.from.as_deref(),
+    )?;
+    let joined = page.into_iter().filter_map(|r| r.try_into().ok()).collect();
+    let mut resp = get_mutual_rooms::v1::Response::new(
+        ruma::UInt::try_from(count).unwrap_or_default(),
+        joined,
+    );
+    resp.next_batch = next;
+    Ok(resp)
+}
+
+/// GET /_matrix/client/unstable/uk.half-shot.msc2666/user/mutual_rooms
+async fn mutual_msc2666(
+    ctx: Ctx,
+    req: get_mutual_rooms::unstable::Request,
+) -> Result<get_mutual_rooms::unstable::Response> {
+    ctx.rate_limit(trellis_service::ratelimit::Class::Default)?;
+    let (page, _, next) = ctx.services.rooms.mutual_rooms(
+        user(&ctx)?.as_str(),
+        req.user_id.as_str(),
+        req.from.as_deref(),
+    )?;
+    let joined = page.into_iter().filter_map(|r| r.try_into().ok()).collect();
+    let mut resp = get_mutual_rooms::unstable::Response::new(joined);
+    resp.next_batch = next;
+    Ok(resp)
 }
 
 /// GET /_matrix/client/v3/rooms/{roomId}/joined_members

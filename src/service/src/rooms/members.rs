@@ -128,6 +128,40 @@ impl Rooms {
     }
 
     /// Whether `a` and `b` are both joined to at least one room (or are the same user):
+    /// `GET /mutual_rooms` (v1.19): a page of the rooms both `user` and `other` are
+    /// joined to (sorted, so pages are stable), their count and the next page's token.
+    pub fn mutual_rooms(
+        &self,
+        user: &str,
+        other: &str,
+        from: Option<&str>,
+    ) -> Result<(Vec<String>, usize, Option<String>)> {
+        const PAGE: usize = 100;
+        if user == other {
+            return Err(trellis_core::Error::invalid_param("That is your own user id"));
+        }
+        let start = match from {
+            None => 0,
+            Some(token) => token
+                .strip_prefix('m')
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| trellis_core::Error::invalid_param("Invalid from token"))?,
+        };
+        let mine: HashSet<String> =
+            self.rooms_of(user, &MembershipState::Join)?.into_iter().collect();
+        let mut shared: Vec<String> = self
+            .rooms_of(other, &MembershipState::Join)?
+            .into_iter()
+            .filter(|room| mine.contains(room))
+            .collect();
+        shared.sort();
+        let count = shared.len();
+        let end = start.saturating_add(PAGE).min(count);
+        let page = shared.get(start.min(count)..end).map(<[String]>::to_vec).unwrap_or_default();
+        let next = (end < count).then(|| format!("m{end}"));
+        Ok((page, count, next))
+    }
+
     /// what lets one see the other's presence.
     pub fn share_a_room(&self, a: &str, b: &str) -> Result<bool> {
         if a == b {
