@@ -20,7 +20,7 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{Api, Common, micros_now, paced_sends, summary};
+use super::{Api, Common, micros_now, paced_sends, rooms::shared_room, serve_on, summary};
 
 #[derive(Args)]
 pub struct AppserviceArgs {
@@ -91,20 +91,12 @@ pub async fn appservice(args: AppserviceArgs) -> Result<Value, String> {
         .route("/_matrix/app/v1/transactions/{txn}", put(transaction))
         .route("/_matrix/app/v1/ping", post(|| async { Json(json!({})) }))
         .with_state(receiver);
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    serve_on(&args.listen, app).await?;
 
     let api = Api::new(&args.common, args.senders + 4)?;
     let prefix = format!("bench_as_{}", std::process::id());
     let tokens = api.register_many(&prefix, args.senders).await?;
-    let room = api.create_room(&tokens[0], &json!({"preset": "public_chat"})).await?;
-    for token in &tokens[1..] {
-        api.join(token, &room).await?;
-    }
+    let room = shared_room(&api, &tokens).await?;
     // The service's bot in the room: every message there is the service's business.
     api.join(&args.as_token, &room).await?;
     let ping = api

@@ -376,6 +376,18 @@ pub(crate) fn per_second(count: usize, elapsed: Duration) -> f64 {
     round2(count as f64 / elapsed.as_secs_f64().max(1e-9))
 }
 
+/// Serves `app` on `listen` (the scenario's own end: a gateway, a service) until the
+/// run ends.
+pub(crate) async fn serve_on(listen: &str, app: axum::Router) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("listening on {listen}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(())
+}
+
 /// Microseconds since the Unix epoch: what `paced_sends` stamps messages with.
 pub(crate) fn micros_now() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros())

@@ -15,7 +15,9 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{Api, Common, ServerProbe, micros_now, paced_sends, summary};
+use super::{
+    Api, Common, ServerProbe, micros_now, paced_sends, rooms::shared_room, serve_on, summary,
+};
 
 #[derive(Args)]
 pub struct PushArgs {
@@ -71,21 +73,13 @@ pub async fn push(args: PushArgs) -> Result<Value, String> {
     let received = Arc::new(Mutex::new(Received::default()));
     let app =
         Router::new().route("/_matrix/push/v1/notify", post(notify)).with_state(received.clone());
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
     let gateway = format!("http://{}/_matrix/push/v1/notify", args.listen);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    serve_on(&args.listen, app).await?;
 
     let api = Api::new(&args.common, args.senders + 8)?;
     let prefix = format!("bench_push_{}", std::process::id());
     let tokens = api.register_many(&prefix, args.members).await?;
-    let room = api.create_room(&tokens[0], &json!({"preset": "public_chat"})).await?;
-    for token in &tokens[1..] {
-        api.join(token, &room).await?;
-    }
+    let room = shared_room(&api, &tokens).await?;
     let (senders, rest) = tokens.split_at(args.senders);
     for (i, token) in rest.iter().take(args.pushers).enumerate() {
         let pusher = json!({"kind": "http", "app_id": "org.trellis.bench", "pushkey": format!("key{i}"),

@@ -106,7 +106,7 @@ async fn send_load(
 }
 
 /// A public room created by the first of `tokens` and joined by the others.
-async fn shared_room(api: &Api, tokens: &[String]) -> Result<String, String> {
+pub(super) async fn shared_room(api: &Api, tokens: &[String]) -> Result<String, String> {
     let (first, rest) = tokens.split_first().ok_or("no members")?;
     let room = api.create_room(first, &json!({"preset": "public_chat"})).await?;
     for token in rest {
