@@ -182,6 +182,10 @@ async fn admins_lock_and_suspend_accounts_reversibly() {
     let (status, _) =
         s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b"), &bob).await;
     assert_eq!(status, 200);
+    let theirs = s.send_text(&alice, &room, "alice's").await;
+    let other = format!("/_matrix/client/v3/rooms/{room}/redact/{theirs}/{}", common::txn_id());
+    let (status, body) = s.put_auth(&other, &bob, &json!({})).await;
+    assert_eq!((status, errcode(&body)), (403, Some("M_USER_SUSPENDED")), "{body}");
     let redact = format!("/_matrix/client/v3/rooms/{room}/redact/{mine}/{}", common::txn_id());
     let (status, body) = s.put_auth(&redact, &bob, &json!({})).await;
     assert_eq!(status, 200, "{body}");

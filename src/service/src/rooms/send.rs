@@ -155,6 +155,15 @@ pub async fn redact(
     txn_id: &TransactionId,
 ) -> Result<OwnedEventId> {
     require_joined(services, room_id, sender.user)?;
+    // A suspended account may redact its own events only.
+    if services.accounts.user(sender.user.localpart())?.is_some_and(|u| u.suspended)
+        && services
+            .rooms
+            .cached_event(event_id.as_str())?
+            .is_some_and(|e| e.pdu.sender.as_str() != sender.user.as_str())
+    {
+        return Err(trellis_core::Error::user_suspended());
+    }
     let mut content = json!({});
     if let Some(reason) = reason {
         content["reason"] = json!(reason);
