@@ -177,16 +177,10 @@ fn describe(services: &Services, id: u64, report: &Report, with_event: bool) -> 
         "target_user_id": report.user_id,
     });
     if let Some(room_id) = &report.room_id {
-        let state = |kind: &str, field: &str| -> Result<Value> {
-            Ok(services
-                .rooms
-                .state_of(room_id, kind, "")?
-                .and_then(|e| serde_json::from_str::<Value>(e.content.get()).ok())
-                .map(|c| c[field].clone())
-                .unwrap_or(Value::Null))
-        };
-        out["name"] = state("m.room.name", "name")?;
-        out["canonical_alias"] = state("m.room.canonical_alias", "alias")?;
+        let rooms = &services.rooms;
+        out["name"] = json!(rooms.state_text(room_id, "m.room.name", "name")?);
+        out["canonical_alias"] =
+            json!(rooms.state_text(room_id, "m.room.canonical_alias", "alias")?);
     }
     if let Some(event_id) = &report.event_id
         && let Some(event) = services.rooms.event(event_id)?

@@ -73,22 +73,26 @@ async fn joined(ctx: Ctx, _: joined_rooms::v3::Request) -> Result<joined_rooms::
     Ok(joined_rooms::v3::Response::new(ctx.services.rooms.joined_rooms(&user(&ctx)?)?))
 }
 
+/// The page of rooms the caller shares with `other` (both `mutual_rooms` paths).
+fn mutual_page(
+    ctx: &Ctx,
+    other: &ruma::UserId,
+    from: Option<&str>,
+) -> Result<(Vec<ruma::OwnedRoomId>, usize, Option<String>)> {
+    ctx.rate_limit(trellis_service::ratelimit::Class::Default)?;
+    let (page, count, next) =
+        ctx.services.rooms.mutual_rooms(user(ctx)?.as_str(), other.as_str(), from)?;
+    Ok((page.into_iter().filter_map(|r| r.try_into().ok()).collect(), count, next))
+}
+
 /// GET /_matrix/client/v1/mutual_rooms
 async fn mutual(
     ctx: Ctx,
     req: get_mutual_rooms::v1::Request,
 ) -> Result<get_mutual_rooms::v1::Response> {
-    ctx.rate_limit(trellis_service::ratelimit::Class::Default)?;
-    let (page, count, next) = ctx.services.rooms.mutual_rooms(
-        user(&ctx)?.as_str(),
-        req.user_id.as_str(),
-        req.from.as_deref(),
-    )?;
-    let joined = page.into_iter().filter_map(|r| r.try_into().ok()).collect();
-    let mut resp = get_mutual_rooms::v1::Response::new(
-        ruma::UInt::try_from(count).unwrap_or_default(),
-        joined,
-    );
+    let (joined, count, next) = mutual_page(&ctx, &req.user_id, req.from.as_deref())?;
+    let count = ruma::UInt::try_from(count).unwrap_or_default();
+    let mut resp = get_mutual_rooms::v1::Response::new(count, joined);
     resp.next_batch = next;
     Ok(resp)
 }
@@ -98,13 +102,7 @@ async fn mutual_msc2666(
     ctx: Ctx,
     req: get_mutual_rooms::unstable::Request,
 ) -> Result<get_mutual_rooms::unstable::Response> {
-    ctx.rate_limit(trellis_service::ratelimit::Class::Default)?;
-    let (page, _, next) = ctx.services.rooms.mutual_rooms(
-        user(&ctx)?.as_str(),
-        req.user_id.as_str(),
-        req.from.as_deref(),
-    )?;
-    let joined = page.into_iter().filter_map(|r| r.try_into().ok()).collect();
+    let (joined, _, next) = mutual_page(&ctx, &req.user_id, req.from.as_deref())?;
     let mut resp = get_mutual_rooms::unstable::Response::new(joined);
     resp.next_batch = next;
     Ok(resp)

@@ -6,8 +6,11 @@
 //! delay from the start of each send until the transaction carrying it arrived.
 
 use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::{
@@ -20,7 +23,7 @@ use clap::Args;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{Api, Common, micros_now, paced_sends, rooms::shared_room, serve_on, summary};
+use super::{Api, Arrivals, Common, paced_sends, rooms::shared_room, serve_on, summary};
 
 #[derive(Args)]
 pub struct AppserviceArgs {
@@ -46,18 +49,11 @@ pub struct AppserviceArgs {
     pub seconds: u64,
 }
 
-#[derive(Default)]
-struct Received {
-    delays: Vec<Duration>,
-    transactions: usize,
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
 #[derive(Clone)]
 struct Receiver {
     hs_token: Arc<str>,
-    received: Arc<Mutex<Received>>,
+    arrivals: Arc<Mutex<Arrivals>>,
+    transactions: Arc<AtomicUsize>,
 }
 
 async fn transaction(
@@ -70,23 +66,24 @@ async fn transaction(
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
         return (axum::http::StatusCode::FORBIDDEN, Json(json!({"errcode": "M_FORBIDDEN"})));
     }
-    let now = micros_now();
-    let at = Instant::now();
-    let mut received = r.received.lock().unwrap_or_else(|p| p.into_inner());
-    received.transactions += 1;
+    r.transactions.fetch_add(1, Ordering::Relaxed);
+    let mut arrivals = r.arrivals.lock().unwrap_or_else(|p| p.into_inner());
     for event in body["events"].as_array().into_iter().flatten() {
-        let Some(sent) = event["content"]["bench_sent_us"].as_u64() else { continue };
-        let delay = now.saturating_sub(u128::from(sent));
-        received.delays.push(Duration::from_micros(u64::try_from(delay).unwrap_or(u64::MAX)));
-        received.first.get_or_insert(at);
-        received.last = Some(at);
+        if let Some(sent) = event["content"]["bench_sent_us"].as_u64() {
+            arrivals.record(sent);
+        }
     }
     (axum::http::StatusCode::OK, Json(json!({})))
 }
 
 pub async fn appservice(args: AppserviceArgs) -> Result<Value, String> {
-    let received = Arc::new(Mutex::new(Received::default()));
-    let receiver = Receiver { hs_token: args.hs_token.as_str().into(), received: received.clone() };
+    let arrivals = Arc::new(Mutex::new(Arrivals::default()));
+    let transactions = Arc::new(AtomicUsize::new(0));
+    let receiver = Receiver {
+        hs_token: args.hs_token.as_str().into(),
+        arrivals: arrivals.clone(),
+        transactions: transactions.clone(),
+    };
     let app = Router::new()
         .route("/_matrix/app/v1/transactions/{txn}", put(transaction))
         .route("/_matrix/app/v1/ping", post(|| async { Json(json!({})) }))
@@ -112,20 +109,10 @@ pub async fn appservice(args: AppserviceArgs) -> Result<Value, String> {
     let (sent, errors, sending) =
         paced_sends(&api, &tokens, &room, args.rate, args.seconds, "b").await;
     // The tail: what was sent arrives within a few seconds, or counts as missing.
-    let drain_until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < drain_until {
-        if received.lock().unwrap_or_else(|p| p.into_inner()).delays.len() >= sent {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
-    let delivered = received.delays.len();
-    let span = match (received.first, received.last) {
-        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
-        _ => sending.as_secs_f64(),
-    };
-    let transactions = received.transactions;
+    Arrivals::wait_for(&arrivals, sent, Duration::from_secs(10)).await;
+    let mut arrivals = arrivals.lock().unwrap_or_else(|p| p.into_inner());
+    let delivered = arrivals.delays.len();
+    let transactions = transactions.load(Ordering::Relaxed);
     Ok(json!({
         "scenario": "appservice",
         "params": {"senders": args.senders, "rate": args.rate, "seconds": args.seconds},
@@ -134,9 +121,9 @@ pub async fn appservice(args: AppserviceArgs) -> Result<Value, String> {
         "send_errors": errors,
         "sent_per_s": (sent as f64 / sending.as_secs_f64()).round(),
         "delivered": delivered,
-        "delivered_per_s": (delivered as f64 / span.max(0.001)).round(),
+        "delivered_per_s": arrivals.per_second(sending),
         "transactions": transactions,
         "events_per_transaction": if transactions > 0 { (delivered as f64 / transactions as f64 * 10.0).round() / 10.0 } else { 0.0 },
-        "send_to_transaction": summary(&mut received.delays),
+        "send_to_transaction": summary(&mut arrivals.delays),
     }))
 }

@@ -388,8 +388,48 @@ pub(crate) async fn serve_on(listen: &str, app: axum::Router) -> Result<(), Stri
     Ok(())
 }
 
+/// What arrived at the scenario's own end (a gateway, a service) of the messages
+/// `paced_sends` stamped: their delays and when the first and last arrived.
+#[derive(Default)]
+pub(crate) struct Arrivals {
+    pub delays: Vec<Duration>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Arrivals {
+    /// A message stamped `bench_sent_us` arrived now.
+    pub fn record(&mut self, sent_us: u64) {
+        let delay = micros_now().saturating_sub(u128::from(sent_us));
+        self.delays.push(Duration::from_micros(u64::try_from(delay).unwrap_or(u64::MAX)));
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = Some(now);
+    }
+
+    /// Arrivals a second, over the time between the first and the last (or `fallback`).
+    pub fn per_second(&self, fallback: Duration) -> f64 {
+        let span = match (self.first, self.last) {
+            (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+            _ => fallback.as_secs_f64(),
+        };
+        (self.delays.len() as f64 / span.max(0.001)).round()
+    }
+
+    /// Waits up to `limit` until `count` arrived.
+    pub async fn wait_for(arrivals: &std::sync::Mutex<Self>, count: usize, limit: Duration) {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if arrivals.lock().unwrap_or_else(|p| p.into_inner()).delays.len() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// Microseconds since the Unix epoch: what `paced_sends` stamps messages with.
-pub(crate) fn micros_now() -> u128 {
+fn micros_now() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros())
 }
 

@@ -7,7 +7,7 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use axum::{Json, Router, extract::State, routing::post};
@@ -16,7 +16,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::{
-    Api, Common, ServerProbe, micros_now, paced_sends, rooms::shared_room, serve_on, summary,
+    Api, Arrivals, Common, ServerProbe, paced_sends, rooms::shared_room, serve_on, summary,
 };
 
 #[derive(Args)]
@@ -43,25 +43,12 @@ pub struct PushArgs {
     pub seconds: u64,
 }
 
-#[derive(Default)]
-struct Received {
-    delays: Vec<Duration>,
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
 async fn notify(
-    State(received): State<Arc<Mutex<Received>>>,
+    State(received): State<Arc<Mutex<Arrivals>>>,
     Json(body): Json<Value>,
 ) -> Json<Value> {
-    let now = micros_now();
-    let at = Instant::now();
     if let Some(sent) = body["notification"]["content"]["bench_sent_us"].as_u64() {
-        let delay = now.saturating_sub(u128::from(sent));
-        let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
-        received.delays.push(Duration::from_micros(u64::try_from(delay).unwrap_or(u64::MAX)));
-        received.first.get_or_insert(at);
-        received.last = Some(at);
+        received.lock().unwrap_or_else(|p| p.into_inner()).record(sent);
     }
     Json(json!({"rejected": []}))
 }
@@ -70,7 +57,7 @@ pub async fn push(args: PushArgs) -> Result<Value, String> {
     if args.senders + args.pushers > args.members {
         return Err("--members must hold the senders and the pusher holders".into());
     }
-    let received = Arc::new(Mutex::new(Received::default()));
+    let received = Arc::new(Mutex::new(Arrivals::default()));
     let app =
         Router::new().route("/_matrix/push/v1/notify", post(notify)).with_state(received.clone());
     let gateway = format!("http://{}/_matrix/push/v1/notify", args.listen);
@@ -93,20 +80,10 @@ pub async fn push(args: PushArgs) -> Result<Value, String> {
         paced_sends(&api, senders, &room, args.rate, args.seconds, "p").await;
     let expected = sent * args.pushers;
     // The tail: queued pushes arrive within a while, or count as missing.
-    let drain_until = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < drain_until {
-        if received.lock().unwrap_or_else(|p| p.into_inner()).delays.len() >= expected {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    Arrivals::wait_for(&received, expected, Duration::from_secs(30)).await;
     let server = probe.report();
     let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
     let pushed = received.delays.len();
-    let span = match (received.first, received.last) {
-        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
-        _ => sending.as_secs_f64(),
-    };
     Ok(json!({
         "scenario": "push",
         "params": {"members": args.members, "pushers": args.pushers, "senders": args.senders,
@@ -116,7 +93,7 @@ pub async fn push(args: PushArgs) -> Result<Value, String> {
         "sent_per_s": (sent as f64 / sending.as_secs_f64()).round(),
         "pushes_expected": expected,
         "pushes": pushed,
-        "pushes_per_s": (pushed as f64 / span.max(0.001)).round(),
+        "pushes_per_s": received.per_second(sending),
         "send_to_push": summary(&mut received.delays),
         "server": server,
     }))

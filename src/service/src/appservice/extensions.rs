@@ -39,22 +39,6 @@ struct ServiceUsers<'a> {
     rooms: HashMap<String, bool>,
 }
 
-impl ServiceUsers<'_> {
-    fn shares_a_room(&mut self, services: &Services, user: &str) -> Result<bool> {
-        if self.is_me(user) {
-            return Ok(true);
-        }
-        for room in
-            services.rooms.rooms_of(user, &ruma::events::room::member::MembershipState::Join)?
-        {
-            if self.in_room(services, &room)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-}
-
 impl Viewer for ServiceUsers<'_> {
     fn is_me(&self, user: &str) -> bool {
         user.rsplit_once(':').is_some_and(|(_, server)| server == self.server)

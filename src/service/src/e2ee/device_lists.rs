@@ -63,6 +63,19 @@ pub trait Viewer {
     fn is_me(&self, user: &str) -> bool;
     /// Whether one of them is joined to `room`.
     fn in_room(&mut self, services: &Services, room: &str) -> Result<bool>;
+
+    /// Whether `user` is one of them or joined to a room one of them is in.
+    fn shares_a_room(&mut self, services: &Services, user: &str) -> Result<bool> {
+        if self.is_me(user) {
+            return Ok(true);
+        }
+        for room in services.rooms.rooms_of(user, &MembershipState::Join)? {
+            if self.in_room(services, &room)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 }
 
 /// One user and the rooms they are joined to.
@@ -113,19 +126,10 @@ pub fn changes_for(
     let keys_changed = rooms.stream.changed_after(KEY_CHANGES_NOTE, since);
     let mut shared_cache: HashMap<String, bool> = HashMap::new();
     let mut shares = |viewer: &mut dyn Viewer, other: &str| -> Result<bool> {
-        if viewer.is_me(other) {
-            return Ok(true);
-        }
         if let Some(&known) = shared_cache.get(other) {
             return Ok(known);
         }
-        let mut any = false;
-        for room in rooms.rooms_of(other, &MembershipState::Join)? {
-            if viewer.in_room(services, &room)? {
-                any = true;
-                break;
-            }
-        }
+        let any = viewer.shares_a_room(services, other)?;
         shared_cache.insert(other.to_owned(), any);
         Ok(any)
     };

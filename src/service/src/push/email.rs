@@ -187,11 +187,8 @@ fn excerpt(text: &str) -> String {
 /// A room as the mail names it: its name, its alias, or the people in it.
 fn room_title(services: &Services, room_id: &str, user_id: &str) -> Result<String> {
     for (kind, field) in [("m.room.name", "name"), ("m.room.canonical_alias", "alias")] {
-        if let Some(event) = services.rooms.state_of(room_id, kind, "")? {
-            let content: Value = serde_json::from_str(event.content.get()).unwrap_or_default();
-            if let Some(text) = content[field].as_str().filter(|t| !t.is_empty()) {
-                return Ok(text.to_owned());
-            }
+        if let Some(text) = services.rooms.state_text(room_id, kind, field)? {
+            return Ok(text);
         }
     }
     let others: Vec<String> = services

@@ -17,7 +17,7 @@ use ruma::events::room::member::MembershipState;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::Instrument;
-use trellis_core::{Error, Result, now_millis};
+use trellis_core::{Error, Result, metrics::OutcomeLabels, now_millis};
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::pushers::{PusherChange, PusherRecord};
@@ -30,7 +30,10 @@ use crate::{
 /// (localpart, app id, pushkey, sequence) -> a push. The sequence is twice the event's
 /// stream position, or twice the visible position plus one for a counts-only update (so
 /// it follows what was queued before it, and reads at the same position coalesce).
-const QUEUE: Table<(String, String, String, u64), Json<Queued>> = Table::new(&catalog::PUSH_QUEUE);
+const QUEUE: Table<QueueKey, Json<Queued>> = Table::new(&catalog::PUSH_QUEUE);
+
+/// (localpart, app id, pushkey, sequence)
+type QueueKey = (String, String, String, u64);
 
 /// (localpart, app id, pushkey)
 type PusherKey = (String, String, String);
@@ -261,6 +264,12 @@ impl Consumer for Gateway {
     }
 }
 
+/// The pusher's queue rows from sequence `from` on.
+fn span(key: &PusherKey, from: u64) -> (QueueKey, QueueKey) {
+    let row = |seq| (key.0.clone(), key.1.clone(), key.2.clone(), seq);
+    (row(from), row(u64::MAX))
+}
+
 /// Pushes read from the queue at once.
 const BATCH: usize = 64;
 
@@ -268,8 +277,7 @@ const BATCH: usize = 64;
 /// from the start of the pusher's range: sent pushes leave deletion markers there that
 /// every read from the start would step over again.
 fn queued_from(services: &Services, key: &PusherKey, from: u64) -> Result<Vec<(u64, Queued)>> {
-    let lo = (key.0.clone(), key.1.clone(), key.2.clone(), from);
-    let hi = (key.0.clone(), key.1.clone(), key.2.clone(), u64::MAX);
+    let (lo, hi) = span(key, from);
     let rows = QUEUE.scan_range(&*services.db, Included(&lo), Included(&hi), Direction::Forward)?;
     rows.take(BATCH)
         .map(|row| row.map(|((_, _, _, seq), Json(item))| (seq, item)).map_err(Into::into))
@@ -363,7 +371,10 @@ async fn drain(services: Arc<Services>, key: PusherKey) {
                         }
                     }
                     Next::Expired => {
-                        drop_expired(&services, &key, from).await;
+                        let cutoff = now_millis().saturating_sub(gateway.max_age_ms);
+                        let dropped = drop_queued(&services, &key, from, cutoff).await;
+                        let failed = OutcomeLabels { outcome: "failed".into() };
+                        services.metrics.pushes.get_or_create(&failed).inc_by(dropped);
                         continue 'read;
                     }
                     Next::Gone => {
@@ -371,7 +382,7 @@ async fn drain(services: Arc<Services>, key: PusherKey) {
                         if pusher_of(&services, &key).is_some() {
                             continue 'read;
                         }
-                        forget(&services, &key).await;
+                        drop_queued(&services, &key, 0, u64::MAX).await;
                         if still_queued(gateway, &key, &mut from) {
                             continue 'read;
                         }
@@ -469,18 +480,17 @@ async fn attempt(
     }
 }
 
-/// Drops the pusher's pushes from `from` on that are older than pushes are kept.
-async fn drop_expired(services: &Services, key: &PusherKey, from: u64) {
-    let cutoff = now_millis().saturating_sub(services.push_gateway.max_age_ms);
-    let lo = (key.0.clone(), key.1.clone(), key.2.clone(), from);
-    let hi = (key.0.clone(), key.1.clone(), key.2.clone(), u64::MAX);
+/// Drops the pusher's pushes from sequence `from` on that were queued before `before`
+/// (milliseconds; they are in queueing order); answers how many went.
+async fn drop_queued(services: &Services, key: &PusherKey, from: u64, before: u64) -> u64 {
+    let (lo, hi) = span(key, from);
     let mut batch = Batch::new();
     let mut dropped = 0;
     if let Ok(rows) =
         QUEUE.scan_range(&*services.db, Included(&lo), Included(&hi), Direction::Forward)
     {
         for (row, Json(item)) in rows.flatten() {
-            if item.queued_ms >= cutoff {
+            if item.queued_ms >= before {
                 break;
             }
             QUEUE.delete(&mut batch, &row);
@@ -488,31 +498,11 @@ async fn drop_expired(services: &Services, key: &PusherKey, from: u64) {
         }
     }
     if let Err(e) = crate::commit(&services.db, batch).await {
-        tracing::error!(error = %e, "dropping expired pushes failed");
-        return;
+        tracing::error!(error = %e, "dropping queued pushes failed");
+        return 0;
     }
-    services
-        .metrics
-        .pushes
-        .get_or_create(&trellis_core::metrics::OutcomeLabels { outcome: "failed".into() })
-        .inc_by(dropped);
-    services.metrics.push_queue.dec_by(dropped as i64);
-}
-
-/// Drops every push of a pusher that is gone.
-async fn forget(services: &Services, key: &PusherKey) {
-    let mut batch = Batch::new();
-    let mut dropped = 0;
-    if let Ok(rows) = QUEUE.scan_prefix(&*services.db, key, Direction::Forward) {
-        for ((a, b, c, seq), _) in rows.flatten() {
-            QUEUE.delete(&mut batch, &(a, b, c, seq));
-            dropped += 1;
-        }
-    }
-    if let Err(e) = crate::commit(&services.db, batch).await {
-        tracing::error!(error = %e, "dropping a removed pusher's pushes failed");
-    }
-    services.metrics.push_queue.dec_by(dropped);
+    services.metrics.push_queue.dec_by(i64::try_from(dropped).unwrap_or(i64::MAX));
+    dropped
 }
 
 /// The pusher behind a queue key, if it (still) exists.
@@ -635,16 +625,11 @@ fn notification(
     {
         n["sender_display_name"] = json!(name);
     }
-    let state_text = |kind: &str, field: &str| -> Result<Option<String>> {
-        Ok(services.rooms.state_of(room_id, kind, "")?.and_then(|e| {
-            let content: Value = serde_json::from_str(e.content.get()).ok()?;
-            content[field].as_str().filter(|s| !s.is_empty()).map(str::to_owned)
-        }))
-    };
-    if let Some(name) = state_text("m.room.name", "name")? {
+    let rooms = &services.rooms;
+    if let Some(name) = rooms.state_text(room_id, "m.room.name", "name")? {
         n["room_name"] = json!(name);
     }
-    if let Some(alias) = state_text("m.room.canonical_alias", "alias")? {
+    if let Some(alias) = rooms.state_text(room_id, "m.room.canonical_alias", "alias")? {
         n["room_alias"] = json!(alias);
     }
     if kind == "m.room.member" {

@@ -147,13 +147,7 @@ impl Rooms {
                 .and_then(|n| n.parse::<usize>().ok())
                 .ok_or_else(|| trellis_core::Error::invalid_param("Invalid from token"))?,
         };
-        let mine: HashSet<String> =
-            self.rooms_of(user, &MembershipState::Join)?.into_iter().collect();
-        let mut shared: Vec<String> = self
-            .rooms_of(other, &MembershipState::Join)?
-            .into_iter()
-            .filter(|room| mine.contains(room))
-            .collect();
+        let mut shared = self.shared_rooms(user, other)?;
         shared.sort();
         let count = shared.len();
         let end = start.saturating_add(PAGE).min(count);
@@ -167,8 +161,14 @@ impl Rooms {
         if a == b {
             return Ok(true);
         }
+        Ok(!self.shared_rooms(a, b)?.is_empty())
+    }
+
+    /// The rooms both `a` and `b` are joined to.
+    fn shared_rooms(&self, a: &str, b: &str) -> Result<Vec<String>> {
         let mine: HashSet<String> = self.rooms_of(a, &MembershipState::Join)?.into_iter().collect();
-        Ok(self.rooms_of(b, &MembershipState::Join)?.iter().any(|room| mine.contains(room)))
+        let theirs = self.rooms_of(b, &MembershipState::Join)?;
+        Ok(theirs.into_iter().filter(|room| mine.contains(room)).collect())
     }
 
     /// Joined members of a room as of its current state. Kept per state snapshot, which

@@ -409,4 +409,13 @@ impl Rooms {
         let state = self.state_at(room.state)?;
         Ok(self.state_event(&state, &StateEventType::from(kind), state_key).map(|p| (*p).clone()))
     }
+
+    /// A non-empty text `field` of the room's current `(kind, "")` state event: its
+    /// name (`m.room.name`, `name`), canonical alias, topic.
+    pub fn state_text(&self, room_id: &str, kind: &str, field: &str) -> Result<Option<String>> {
+        Ok(self.state_of(room_id, kind, "")?.and_then(|event| {
+            let content: serde_json::Value = serde_json::from_str(event.content.get()).ok()?;
+            content[field].as_str().filter(|text| !text.is_empty()).map(str::to_owned)
+        }))
+    }
 }
