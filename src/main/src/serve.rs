@@ -108,6 +108,8 @@ async fn serve(config: Config) -> Result<(), String> {
         tracing::warn!(error = %e, "resuming the federation queue failed");
     }
 
+    // Before anything listens: from then on a SIGTERM means an orderly shutdown.
+    let shutdown = shutdown_signal();
     let listener =
         TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -143,7 +145,7 @@ async fn serve(config: Config) -> Result<(), String> {
     );
     release_startup_memory();
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = stop_tx.send(true);
     let drained =
@@ -174,24 +176,35 @@ async fn serve(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Installs the SIGTERM and SIGINT handlers at once and answers a future that completes
+/// on the first of them: installed only when awaited, a signal arriving once the
+/// listeners answer but before that would kill the process without its orderly
+/// shutdown (the storage flush).
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let term = signal(SignalKind::terminate()).ok();
+    let interrupt = signal(SignalKind::interrupt()).ok();
+    async move {
+        async fn received(signal: Option<Signal>) {
+            match signal {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        tokio::select! {
+            () = received(term) => {},
+            () = received(interrupt) => {},
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
