@@ -1,0 +1,485 @@
+//! The index on disk (a tantivy index in its own directory under data_dir) and the
+//! queries `/search` asks of it. One document per searchable event; the event itself
+//! stays in RocksDB, so the index holds only what finding and filtering need.
+
+use std::{
+    ops::Bound,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use tantivy::{
+    DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Searcher, TantivyDocument,
+    Term,
+    collector::{Count, TopDocs},
+    query::{
+        BooleanQuery, BoostQuery, EmptyQuery, FuzzyTermQuery, Occur, Query as TantivyQuery,
+        RangeQuery, TermQuery, TermSetQuery,
+    },
+    schema::{
+        FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
+        TextOptions, Value,
+    },
+    tokenizer::{PreTokenizedString, Token},
+};
+use trellis_core::{Error, Result};
+
+use crate::analysis::{Analyzers, Language, Term as Word};
+
+/// Bumped when the schema or the analysis changes: an index of another version is
+/// rebuilt from the rooms.
+const FORMAT: &str = "trellis-search-1";
+
+/// Memory the writer buffers before it flushes a segment.
+const WRITER_MEMORY: usize = 64 * 1024 * 1024;
+
+/// Which part of an event a document holds, as `/search`'s `keys` name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key {
+    Body,
+    Name,
+    Topic,
+}
+
+impl Key {
+    pub const ALL: [Key; 3] = [Key::Body, Key::Name, Key::Topic];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Key::Body => "content.body",
+            Key::Name => "content.name",
+            Key::Topic => "content.topic",
+        }
+    }
+
+    pub fn parse(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == key)
+    }
+}
+
+/// What a message carries, for `contains_url` and the `has` filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Has {
+    /// An `mxc://` URL (the spec's `contains_url`).
+    Url,
+    File,
+    Image,
+    Link,
+}
+
+impl Has {
+    fn as_str(self) -> &'static str {
+        match self {
+            Has::Url => "url",
+            Has::File => "file",
+            Has::Image => "image",
+            Has::Link => "link",
+        }
+    }
+}
+
+/// One searchable event.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub event_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub event_type: String,
+    pub key: Key,
+    pub text: String,
+    pub origin_server_ts: i64,
+    pub position: u64,
+    pub has: Vec<Has>,
+    pub language: Language,
+}
+
+/// How results are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderBy {
+    Rank,
+    Recent,
+}
+
+/// A search, with its filters. Empty lists mean "no restriction".
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub terms: String,
+    pub keys: Vec<Key>,
+    /// The rooms to search; never empty (a user searches the rooms they are in).
+    pub rooms: Vec<String>,
+    pub senders: Vec<String>,
+    pub not_senders: Vec<String>,
+    pub types: Vec<String>,
+    pub not_types: Vec<String>,
+    pub contains_url: Option<bool>,
+    pub has: Vec<Has>,
+    /// `origin_server_ts` from (inclusive) and to (exclusive).
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub order_by: OrderBy,
+    /// `Recent`: only events at stream positions below this.
+    pub before_position: Option<u64>,
+    /// `Rank`: hits to skip.
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// One document found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub event_id: String,
+    pub room_id: String,
+    pub position: u64,
+    pub score: f32,
+}
+
+/// A page of hits and how many documents match in all.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub hits: Vec<Hit>,
+    pub count: usize,
+}
+
+struct Fields {
+    event_id: Field,
+    room_id: Field,
+    sender: Field,
+    event_type: Field,
+    key: Field,
+    has: Field,
+    ts: Field,
+    position: Field,
+    text: Field,
+    stem: Field,
+}
+
+fn schema() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let words = TextOptions::default().set_indexing_options(
+        TextFieldIndexing::default()
+            .set_tokenizer("raw")
+            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+    );
+    let fields = Fields {
+        event_id: b.add_text_field("event_id", STRING | STORED),
+        room_id: b.add_text_field("room_id", STRING | STORED),
+        sender: b.add_text_field("sender", STRING),
+        event_type: b.add_text_field("type", STRING),
+        key: b.add_text_field("key", STRING),
+        has: b.add_text_field("has", STRING),
+        ts: b.add_i64_field("ts", INDEXED | FAST),
+        position: b.add_u64_field("position", INDEXED | FAST | STORED),
+        text: b.add_text_field("text", words.clone()),
+        stem: b.add_text_field("stem", words),
+    };
+    (b.build(), fields)
+}
+
+/// The index: written by one indexer, read by any number of searches.
+pub struct SearchIndex {
+    dir: PathBuf,
+    fields: Fields,
+    writer: Mutex<IndexWriter>,
+    reader: IndexReader,
+    /// Used by the indexer; searches take copies.
+    analyzers: Mutex<Analyzers>,
+    /// The stream position every event up to which is indexed, as last committed.
+    indexed_up_to: Mutex<Option<u64>>,
+}
+
+fn internal(context: &'static str) -> impl Fn(tantivy::TantivyError) -> Error {
+    move |e| Error::internal(context, e)
+}
+
+impl SearchIndex {
+    /// Opens the index in `dir`, or creates it; an index that cannot be opened or was
+    /// written by another format is removed and started afresh (it is rebuilt from the
+    /// rooms, which are the truth), with a warning.
+    pub fn open(dir: &Path, languages: &[Language]) -> Result<Self> {
+        match Self::try_open(dir, languages) {
+            Ok(index) => Ok(index),
+            Err(reason) => {
+                tracing::warn!(dir = %dir.display(), %reason, "the search index is unusable; rebuilding it");
+                std::fs::remove_dir_all(dir)
+                    .or_else(|e| if dir.exists() { Err(e) } else { Ok(()) })
+                    .map_err(|e| Error::internal("removing the search index", e))?;
+                Self::try_open(dir, languages).map_err(|e| Error::internal("creating the search index", e))
+            }
+        }
+    }
+
+    fn try_open(dir: &Path, languages: &[Language]) -> std::result::Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let (schema, fields) = schema();
+        let mmap = tantivy::directory::MmapDirectory::open(dir).map_err(|e| e.to_string())?;
+        let index = Index::open_or_create(mmap, schema).map_err(|e| e.to_string())?;
+        let metas = index.load_metas().map_err(|e| e.to_string())?;
+        let indexed_up_to = match metas.payload.as_deref() {
+            None => None,
+            Some(payload) => {
+                let position = payload
+                    .strip_prefix(FORMAT)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .ok_or_else(|| format!("index format {payload:?}, not {FORMAT}"))?;
+                Some(position)
+            }
+        };
+        let writer = index.writer_with_num_threads(1, WRITER_MEMORY).map_err(|e| e.to_string())?;
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()
+            .map_err(|e: tantivy::TantivyError| e.to_string())?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            fields,
+            writer: Mutex::new(writer),
+            reader,
+            analyzers: Mutex::new(Analyzers::new(languages)),
+            indexed_up_to: Mutex::new(indexed_up_to),
+        })
+    }
+
+    /// The stream position up to which every event is indexed; `None` for an index
+    /// never committed (to be built from the start).
+    pub fn indexed_up_to(&self) -> Option<u64> {
+        *self.indexed_up_to.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn analyzers(&self) -> Analyzers {
+        self.analyzers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, IndexWriter> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `entry`, replacing any document of the same event (an edit).
+    pub fn put(&self, entry: &Entry) -> Result<()> {
+        let mut analyzers = self.analyzers.lock().unwrap_or_else(|p| p.into_inner());
+        let f = &self.fields;
+        let mut doc = TantivyDocument::default();
+        doc.add_text(f.event_id, &entry.event_id);
+        doc.add_text(f.room_id, &entry.room_id);
+        doc.add_text(f.sender, &entry.sender);
+        doc.add_text(f.event_type, &entry.event_type);
+        doc.add_text(f.key, entry.key.as_str());
+        for has in &entry.has {
+            doc.add_text(f.has, has.as_str());
+        }
+        doc.add_i64(f.ts, entry.origin_server_ts);
+        doc.add_u64(f.position, entry.position);
+        let plain = analyzers.plain(&entry.text);
+        doc.add_pre_tokenized_text(f.text, pre_tokenized(plain));
+        let stems = analyzers.stemmed(entry.language, &entry.text);
+        drop(analyzers);
+        doc.add_pre_tokenized_text(f.stem, pre_tokenized(stems));
+        let writer = self.writer();
+        writer.delete_term(Term::from_field_text(f.event_id, &entry.event_id));
+        writer.add_document(doc).map_err(internal("indexing an event"))?;
+        Ok(())
+    }
+
+    /// Removes the document of `event_id`, if there is one (a redaction).
+    pub fn remove(&self, event_id: &str) {
+        self.writer().delete_term(Term::from_field_text(self.fields.event_id, event_id));
+    }
+
+    /// Removes every document (a reindex starts from nothing).
+    pub fn clear(&self) -> Result<()> {
+        self.writer().delete_all_documents().map_err(internal("clearing the search index"))?;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable and searchable, recording that every event
+    /// up to stream position `indexed_up_to` is in.
+    pub fn commit(&self, indexed_up_to: u64) -> Result<()> {
+        {
+            let mut writer = self.writer();
+            let mut prepared = writer.prepare_commit().map_err(internal("committing the search index"))?;
+            prepared.set_payload(&format!("{FORMAT}:{indexed_up_to}"));
+            prepared.commit().map_err(internal("committing the search index"))?;
+        }
+        self.reader.reload().map_err(internal("reloading the search index"))?;
+        *self.indexed_up_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(indexed_up_to);
+        Ok(())
+    }
+
+    /// The documents matching `query`.
+    pub fn search(&self, query: &Query) -> Result<Page> {
+        let Some(built) = self.build(query) else { return Ok(Page { hits: Vec::new(), count: 0 }) };
+        let searcher = self.reader.searcher();
+        let limit = query.limit.max(1);
+        let search = |e| Error::internal("searching", e);
+        let (hits, count) = match query.order_by {
+            OrderBy::Rank => {
+                let top = TopDocs::with_limit(limit).and_offset(query.offset).order_by_score();
+                let (top, count) = searcher.search(&built, &(top, Count)).map_err(search)?;
+                let hits = top
+                    .into_iter()
+                    .map(|(score, address)| self.hit(&searcher, address, score))
+                    .collect::<Result<Vec<_>>>()?;
+                (hits, count)
+            }
+            OrderBy::Recent => {
+                let top = TopDocs::with_limit(limit).order_by_fast_field::<u64>("position", Order::Desc);
+                let (top, count) = searcher.search(&built, &(top, Count)).map_err(search)?;
+                let hits = top
+                    .into_iter()
+                    .map(|(_, address)| self.hit(&searcher, address, 0.0))
+                    .collect::<Result<Vec<_>>>()?;
+                (hits, count)
+            }
+        };
+        Ok(Page { hits, count })
+    }
+
+    fn hit(&self, searcher: &Searcher, address: DocAddress, score: f32) -> Result<Hit> {
+        let doc: TantivyDocument =
+            searcher.doc(address).map_err(|e| Error::internal("reading a search hit", e))?;
+        let text = |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        Ok(Hit {
+            event_id: text(self.fields.event_id),
+            room_id: text(self.fields.room_id),
+            position: doc.get_first(self.fields.position).and_then(|v| v.as_u64()).unwrap_or(0),
+            score,
+        })
+    }
+
+    /// The words of `query.terms` to highlight in `text`: each word of the text whose
+    /// plain or stemmed form a query word has, as written in the text.
+    pub fn highlights(&self, terms: &str, text: &str, language: Language) -> Vec<String> {
+        let mut analyzers = self.analyzers();
+        let wanted = query_words(&mut analyzers, terms);
+        let mut out: Vec<String> = Vec::new();
+        let plain = analyzers.plain(text);
+        let stemmed = analyzers.stemmed(language, text);
+        for word in plain.iter().chain(&stemmed) {
+            let original = &text[word.offsets.0..word.offsets.1];
+            let hit = wanted.iter().enumerate().any(|(i, w)| {
+                w.plain == word.term
+                    || w.stems.contains(&word.term)
+                    || (i + 1 == wanted.len() && w.prefix && word.term.starts_with(&w.plain))
+            });
+            if hit && !out.iter().any(|o| o == original) {
+                out.push(original.to_owned());
+            }
+        }
+        out
+    }
+
+    /// The tantivy query for `query`; `None` when nothing can match.
+    fn build(&self, query: &Query) -> Option<BooleanQuery> {
+        let f = &self.fields;
+        let mut analyzers = self.analyzers();
+        let words = query_words(&mut analyzers, &query.terms);
+        if words.is_empty() || query.rooms.is_empty() {
+            return None;
+        }
+        let mut must: Vec<(Occur, Box<dyn TantivyQuery>)> = Vec::new();
+        let last = words.len() - 1;
+        for (i, word) in words.iter().enumerate() {
+            let mut either: Vec<(Occur, Box<dyn TantivyQuery>)> = vec![(
+                Occur::Should,
+                Box::new(TermQuery::new(
+                    Term::from_field_text(f.text, &word.plain),
+                    IndexRecordOption::WithFreqs,
+                )),
+            )];
+            for stem in &word.stems {
+                let q = TermQuery::new(Term::from_field_text(f.stem, stem), IndexRecordOption::WithFreqs);
+                either.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), 0.5))));
+            }
+            if i == last && word.prefix {
+                let q = FuzzyTermQuery::new_prefix(Term::from_field_text(f.text, &word.plain), 0, false);
+                either.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), 0.3))));
+            }
+            must.push((Occur::Must, Box::new(BooleanQuery::new(either))));
+        }
+        let set = |field: Field, values: &[String]| -> Box<dyn TantivyQuery> {
+            Box::new(TermSetQuery::new(values.iter().map(|v| Term::from_field_text(field, v))))
+        };
+        must.push((Occur::Must, set(f.room_id, &query.rooms)));
+        if !query.keys.is_empty() && query.keys.len() < Key::ALL.len() {
+            let keys: Vec<String> = query.keys.iter().map(|k| k.as_str().to_owned()).collect();
+            must.push((Occur::Must, set(f.key, &keys)));
+        }
+        for (values, field, occur) in [
+            (&query.senders, f.sender, Occur::Must),
+            (&query.not_senders, f.sender, Occur::MustNot),
+            (&query.types, f.event_type, Occur::Must),
+            (&query.not_types, f.event_type, Occur::MustNot),
+        ] {
+            if !values.is_empty() {
+                must.push((occur, set(field, values)));
+            }
+        }
+        let has = |h: Has| -> Box<dyn TantivyQuery> {
+            Box::new(TermQuery::new(Term::from_field_text(f.has, h.as_str()), IndexRecordOption::Basic))
+        };
+        match query.contains_url {
+            Some(true) => must.push((Occur::Must, has(Has::Url))),
+            Some(false) => must.push((Occur::MustNot, has(Has::Url))),
+            None => {}
+        }
+        for &h in &query.has {
+            must.push((Occur::Must, has(h)));
+        }
+        if query.since.is_some() || query.until.is_some() {
+            let lower = query.since.map_or(Bound::Unbounded, |t| Bound::Included(Term::from_field_i64(f.ts, t)));
+            let upper = query.until.map_or(Bound::Unbounded, |t| Bound::Excluded(Term::from_field_i64(f.ts, t)));
+            must.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
+        }
+        if let (OrderBy::Recent, Some(before)) = (query.order_by, query.before_position) {
+            let upper = Bound::Excluded(Term::from_field_u64(f.position, before));
+            must.push((Occur::Must, Box::new(RangeQuery::new(Bound::Unbounded, upper))));
+        }
+        if must.iter().all(|(occur, _)| *occur == Occur::MustNot) {
+            must.push((Occur::Must, Box::new(EmptyQuery)));
+        }
+        Some(BooleanQuery::new(must))
+    }
+}
+
+/// One word of a search, as the index may hold it.
+struct QueryWord {
+    plain: String,
+    stems: Vec<String>,
+    /// Whether a word starting with it matches too (the word being typed).
+    prefix: bool,
+}
+
+fn query_words(analyzers: &mut Analyzers, terms: &str) -> Vec<QueryWord> {
+    analyzers
+        .plain(terms)
+        .into_iter()
+        .map(|w: Word| {
+            let original = &terms[w.offsets.0..w.offsets.1];
+            let stems = analyzers.stems_of(original);
+            // One Latin letter would expand to a good share of the dictionary; in a
+            // script without spaces one character is a word.
+            let prefix = w.term.chars().count() >= 2 || crate::analysis::unspaced_script(&w.term);
+            QueryWord { plain: w.term, stems, prefix }
+        })
+        .collect()
+}
+
+fn pre_tokenized(words: Vec<Word>) -> PreTokenizedString {
+    // The text itself is not stored: only its tokens are indexed.
+    let tokens = words
+        .into_iter()
+        .map(|w| Token {
+            offset_from: w.offsets.0,
+            offset_to: w.offsets.1,
+            position: w.position,
+            text: w.term,
+            position_length: 1,
+        })
+        .collect();
+    PreTokenizedString { text: String::new(), tokens }
+}

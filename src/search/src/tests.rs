@@ -1,0 +1,125 @@
+use super::*;
+
+fn entry(n: u64, room: &str, text: &str) -> Entry {
+    Entry {
+        event_id: format!("$e{n}"),
+        room_id: room.to_owned(),
+        sender: "@a:x".to_owned(),
+        event_type: "m.room.message".to_owned(),
+        key: Key::Body,
+        text: text.to_owned(),
+        origin_server_ts: 1000 * n as i64,
+        position: n,
+        has: Vec::new(),
+        language: Language::ENGLISH,
+    }
+}
+
+fn query(terms: &str) -> Query {
+    Query {
+        terms: terms.to_owned(),
+        keys: Vec::new(),
+        rooms: vec!["!r:x".to_owned(), "!s:x".to_owned()],
+        senders: Vec::new(),
+        not_senders: Vec::new(),
+        types: Vec::new(),
+        not_types: Vec::new(),
+        contains_url: None,
+        has: Vec::new(),
+        since: None,
+        until: None,
+        order_by: OrderBy::Recent,
+        before_position: None,
+        offset: 0,
+        limit: 10,
+    }
+}
+
+fn ids(index: &SearchIndex, q: &Query) -> Vec<String> {
+    index.search(q).unwrap().hits.into_iter().map(|h| h.event_id).collect()
+}
+
+#[test]
+fn finds_stems_prefixes_and_folded_words_and_forgets_removed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+    assert_eq!(index.indexed_up_to(), None);
+    index.put(&entry(1, "!r:x", "The meetings are in the Café")).unwrap();
+    index.put(&entry(2, "!r:x", "nothing to see")).unwrap();
+    index.put(&entry(3, "!s:x", "meeting tomorrow")).unwrap();
+    index.put(&entry(4, "!t:x", "meeting elsewhere")).unwrap();
+    index.commit(4).unwrap();
+    assert_eq!(ids(&index, &query("meeting")), ["$e3", "$e1"]);
+    assert_eq!(ids(&index, &query("cafe")), ["$e1"]);
+    assert_eq!(ids(&index, &query("tomo")), ["$e3"], "the last word is a prefix");
+    assert_eq!(ids(&index, &query("meeting tomorrow")), ["$e3"], "every word must match");
+    let mut by_room = query("meeting");
+    by_room.rooms = vec!["!r:x".to_owned()];
+    assert_eq!(ids(&index, &by_room), ["$e1"]);
+
+    index.remove("$e3");
+    let mut edited = entry(1, "!r:x", "lunch instead");
+    edited.position = 1;
+    index.put(&edited).unwrap();
+    index.commit(5).unwrap();
+    assert!(ids(&index, &query("meeting")).is_empty());
+    assert_eq!(ids(&index, &query("lunch")), ["$e1"]);
+    assert_eq!(index.indexed_up_to(), Some(5));
+
+    // Reopened, it remembers how far it got.
+    drop(index);
+    let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+    assert_eq!(index.indexed_up_to(), Some(5));
+    assert_eq!(ids(&index, &query("lunch")), ["$e1"]);
+}
+
+#[test]
+fn filters_order_and_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+    for n in 1..=5 {
+        let mut e = entry(n, "!r:x", &format!("report number {n}"));
+        if n % 2 == 0 {
+            e.has = vec![Has::Url, Has::File];
+            e.sender = "@b:x".to_owned();
+        }
+        index.put(&e).unwrap();
+    }
+    index.commit(5).unwrap();
+    let mut q = query("report");
+    q.limit = 2;
+    let page = index.search(&q).unwrap();
+    assert_eq!(page.count, 5);
+    assert_eq!(page.hits.iter().map(|h| h.position).collect::<Vec<_>>(), [5, 4]);
+    q.before_position = Some(4);
+    assert_eq!(ids(&index, &q), ["$e3", "$e2"]);
+    let mut files = query("report");
+    files.has = vec![Has::File];
+    assert_eq!(ids(&index, &files), ["$e4", "$e2"]);
+    files.has.clear();
+    files.contains_url = Some(false);
+    files.not_senders = vec!["@nobody:x".to_owned()];
+    assert_eq!(ids(&index, &files), ["$e5", "$e3", "$e1"]);
+    let mut dates = query("report");
+    dates.since = Some(2000);
+    dates.until = Some(4000);
+    assert_eq!(ids(&index, &dates), ["$e3", "$e2"]);
+    let mut ranked = query("number 3");
+    ranked.order_by = OrderBy::Rank;
+    assert_eq!(ids(&index, &ranked), ["$e3"]);
+    assert_eq!(
+        index.highlights("Reports", "Report number 3 in REPORTS", Language::ENGLISH),
+        ["Report", "REPORTS"]
+    );
+}
+
+#[test]
+fn a_corrupt_index_is_started_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("meta.json"), b"{ not json").unwrap();
+    let index = SearchIndex::open(dir.path(), &[]).unwrap();
+    assert_eq!(index.indexed_up_to(), None);
+    index.put(&entry(1, "!r:x", "hello")).unwrap();
+    index.commit(1).unwrap();
+    assert_eq!(ids(&index, &query("hello")), ["$e1"]);
+}
