@@ -33,6 +33,7 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub push: PushConfig,
     pub voip: VoipConfig,
+    pub search: SearchConfig,
     pub rate_limits: RateLimitsConfig,
     pub media: MediaConfig,
     pub logging: LoggingConfig,
@@ -439,6 +440,35 @@ impl Default for VoipConfig {
             turn_password: String::new(),
             turn_user_lifetime_seconds: 86_400,
             turn_allow_guests: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    /// Index messages for `POST /search`. Off: searches find nothing, and no index is
+    /// kept.
+    pub enabled: bool,
+    /// The index's directory; empty means `<data_dir>/search`.
+    pub path: PathBuf,
+    /// The language (ISO 639-1 code) messages are stemmed in when their room names none
+    /// (`m.room.language`).
+    pub default_language: String,
+    /// The languages a search term is stemmed in, so that `meetings` finds `meeting`
+    /// whatever the room's language. Codes without a stemmer are ignored.
+    pub languages: Vec<String>,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: PathBuf::new(),
+            default_language: "en".to_owned(),
+            languages: ["en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "no", "fi", "ru"]
+                .map(str::to_owned)
+                .to_vec(),
         }
     }
 }
@@ -943,6 +973,16 @@ impl Config {
         if tracing_filter_invalid(&self.logging.level) {
             bad("logging.level", format!("not a valid log filter: {:?}", self.logging.level));
         }
+        let language_tag = |t: &str| {
+            let primary = t.split(['-', '_']).next().unwrap_or_default();
+            (2..=3).contains(&primary.len()) && primary.chars().all(|c| c.is_ascii_alphabetic())
+        };
+        if !language_tag(&self.search.default_language) {
+            bad("search.default_language", "must be a language code such as \"en\"".into());
+        }
+        for tag in self.search.languages.iter().filter(|t| !language_tag(t)) {
+            bad("search.languages", format!("not a language code: {tag:?}"));
+        }
         if self.metrics.enabled && self.metrics.listen == self.server.listen {
             bad("metrics.listen", "must differ from server.listen".into());
         }
@@ -959,6 +999,14 @@ impl Config {
             self.server.data_dir.join("signing.key")
         } else {
             self.server.signing_key_path.clone()
+        }
+    }
+
+    pub fn search_path(&self) -> PathBuf {
+        if self.search.path.as_os_str().is_empty() {
+            self.server.data_dir.join("search")
+        } else {
+            self.search.path.clone()
         }
     }
 

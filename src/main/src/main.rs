@@ -4,6 +4,7 @@ mod appservice_cmd;
 mod bench;
 mod http1;
 mod plain;
+mod search_cmd;
 mod serve;
 mod tls;
 mod user_cmd;
@@ -55,6 +56,14 @@ enum Command {
         #[command(subcommand)]
         command: appservice_cmd::AppserviceCommand,
     },
+    /// The message search index (the server must be stopped: these open the database).
+    Search {
+        /// TOML config file (for the data directory and the search settings).
+        #[arg(long, short, env = "TRELLIS_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: search_cmd::SearchCommand,
+    },
     /// Load scenarios against a running homeserver (any implementation), through the
     /// client-server API only. Each prints one JSON line; `scripts/bench-compare` runs them
     /// against Trellis and Synapse, `scripts/bench-federation` the two-server scenario
@@ -95,22 +104,13 @@ fn main() -> ExitCode {
             serve::run(config)
         }
         Command::User { config, command } => {
-            match Config::load(config.as_deref(), std::env::vars()) {
-                Ok(config) => user_cmd::run(config, command),
-                Err(errors) => {
-                    eprintln!("invalid configuration:\n{errors}");
-                    ExitCode::from(78)
-                }
-            }
+            with_config(config, |config| user_cmd::run(config, command))
         }
         Command::Appservice { config, command } => {
-            match Config::load(config.as_deref(), std::env::vars()) {
-                Ok(config) => appservice_cmd::run(config, command),
-                Err(errors) => {
-                    eprintln!("invalid configuration:\n{errors}");
-                    ExitCode::from(78)
-                }
-            }
+            with_config(config, |config| appservice_cmd::run(config, command))
+        }
+        Command::Search { config, command } => {
+            with_config(config, |config| search_cmd::run(config, command))
         }
         Command::Bench { command } => bench::run(command),
         Command::Config { command: ConfigCommand::Check { file } } => {
@@ -130,6 +130,17 @@ fn main() -> ExitCode {
         Command::Config { command: ConfigCommand::PrintDefaults } => {
             print!("{CONFIG_EXAMPLE}");
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Runs an offline command with the configuration, or reports why it is invalid.
+fn with_config(path: Option<PathBuf>, run: impl FnOnce(Config) -> ExitCode) -> ExitCode {
+    match Config::load(path.as_deref(), std::env::vars()) {
+        Ok(config) => run(config),
+        Err(errors) => {
+            eprintln!("invalid configuration:\n{errors}");
+            ExitCode::from(78) // EX_CONFIG
         }
     }
 }

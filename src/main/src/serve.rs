@@ -98,6 +98,7 @@ async fn serve(config: Config) -> Result<(), String> {
         .map_err(|e| format!("creating application service users: {e}"))?;
     services.appservice_delivery.start(&services);
     services.push_gateway.start(&services).map_err(|e| format!("starting push delivery: {e}"))?;
+    services.search.start(services.rooms.clone());
     let email_notifications = services
         .mailer
         .is_some()

@@ -78,6 +78,44 @@ impl Has {
     }
 }
 
+/// How far the index has got: every event up to stream position `up_to` is in, and a
+/// catch-up towards `catching_up` may be part-way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    pub up_to: u64,
+    pub catching_up: Option<CatchUp>,
+}
+
+/// A catch-up (a first build, or the events a stop left out) goes room by room, in the
+/// order of their short ids, to stream position `target`; `rooms_done` is the short id
+/// of the last room finished, so a restart resumes after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUp {
+    pub target: u64,
+    pub rooms_done: u64,
+}
+
+impl Progress {
+    fn encode(&self) -> String {
+        match self.catching_up {
+            None => format!("{FORMAT}:{}", self.up_to),
+            Some(c) => format!("{FORMAT}:{}:{}:{}", self.up_to, c.target, c.rooms_done),
+        }
+    }
+
+    fn decode(payload: &str) -> Option<Self> {
+        let rest = payload.strip_prefix(FORMAT)?.strip_prefix(':')?;
+        let numbers: Vec<u64> = rest.split(':').map(str::parse).collect::<Result<_, _>>().ok()?;
+        match numbers[..] {
+            [up_to] => Some(Self { up_to, catching_up: None }),
+            [up_to, target, rooms_done] => {
+                Some(Self { up_to, catching_up: Some(CatchUp { target, rooms_done }) })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// One searchable event.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -183,8 +221,8 @@ pub struct SearchIndex {
     reader: IndexReader,
     /// Used by the indexer; searches take copies.
     analyzers: Mutex<Analyzers>,
-    /// The stream position every event up to which is indexed, as last committed.
-    indexed_up_to: Mutex<Option<u64>>,
+    /// As last committed; `None` for an index never committed.
+    progress: Mutex<Option<Progress>>,
 }
 
 fn internal(context: &'static str) -> impl Fn(tantivy::TantivyError) -> Error {
@@ -198,12 +236,20 @@ impl SearchIndex {
     pub fn open(dir: &Path, languages: &[Language]) -> Result<Self> {
         match Self::try_open(dir, languages) {
             Ok(index) => Ok(index),
+            // Another process holds it: nothing to rebuild, and nothing to delete.
+            Err(reason) if reason.contains("LockBusy") || reason.contains("Failed to acquire") => {
+                Err(Error::internal(
+                    "opening the search index (is another Trellis using it?)",
+                    reason,
+                ))
+            }
             Err(reason) => {
                 tracing::warn!(dir = %dir.display(), %reason, "the search index is unusable; rebuilding it");
                 std::fs::remove_dir_all(dir)
                     .or_else(|e| if dir.exists() { Err(e) } else { Ok(()) })
                     .map_err(|e| Error::internal("removing the search index", e))?;
-                Self::try_open(dir, languages).map_err(|e| Error::internal("creating the search index", e))
+                Self::try_open(dir, languages)
+                    .map_err(|e| Error::internal("creating the search index", e))
             }
         }
     }
@@ -214,18 +260,16 @@ impl SearchIndex {
         let mmap = tantivy::directory::MmapDirectory::open(dir).map_err(|e| e.to_string())?;
         let index = Index::open_or_create(mmap, schema).map_err(|e| e.to_string())?;
         let metas = index.load_metas().map_err(|e| e.to_string())?;
-        let indexed_up_to = match metas.payload.as_deref() {
+        let progress = match metas.payload.as_deref() {
             None => None,
-            Some(payload) => {
-                let position = payload
-                    .strip_prefix(FORMAT)
-                    .and_then(|rest| rest.strip_prefix(':'))
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .ok_or_else(|| format!("index format {payload:?}, not {FORMAT}"))?;
-                Some(position)
-            }
+            Some(payload) => Some(
+                Progress::decode(payload)
+                    .ok_or_else(|| format!("index format {payload:?}, not {FORMAT}"))?,
+            ),
         };
-        let writer = index.writer_with_num_threads(1, WRITER_MEMORY).map_err(|e| e.to_string())?;
+        let writer = index
+            .writer_with_num_threads(1, WRITER_MEMORY)
+            .map_err(|e| format!("Failed to acquire the index writer: {e:?}"))?;
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -237,14 +281,14 @@ impl SearchIndex {
             writer: Mutex::new(writer),
             reader,
             analyzers: Mutex::new(Analyzers::new(languages)),
-            indexed_up_to: Mutex::new(indexed_up_to),
+            progress: Mutex::new(progress),
         })
     }
 
-    /// The stream position up to which every event is indexed; `None` for an index
-    /// never committed (to be built from the start).
-    pub fn indexed_up_to(&self) -> Option<u64> {
-        *self.indexed_up_to.lock().unwrap_or_else(|p| p.into_inner())
+    /// How far the index has got; `None` for an index never committed (to be built
+    /// from the start).
+    pub fn progress(&self) -> Option<Progress> {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn dir(&self) -> &Path {
@@ -296,17 +340,17 @@ impl SearchIndex {
         Ok(())
     }
 
-    /// Makes everything written so far durable and searchable, recording that every event
-    /// up to stream position `indexed_up_to` is in.
-    pub fn commit(&self, indexed_up_to: u64) -> Result<()> {
+    /// Makes everything written so far durable and searchable, with how far that is.
+    pub fn commit(&self, progress: Progress) -> Result<()> {
         {
             let mut writer = self.writer();
-            let mut prepared = writer.prepare_commit().map_err(internal("committing the search index"))?;
-            prepared.set_payload(&format!("{FORMAT}:{indexed_up_to}"));
+            let mut prepared =
+                writer.prepare_commit().map_err(internal("committing the search index"))?;
+            prepared.set_payload(&progress.encode());
             prepared.commit().map_err(internal("committing the search index"))?;
         }
         self.reader.reload().map_err(internal("reloading the search index"))?;
-        *self.indexed_up_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(indexed_up_to);
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Some(progress);
         Ok(())
     }
 
@@ -327,7 +371,8 @@ impl SearchIndex {
                 (hits, count)
             }
             OrderBy::Recent => {
-                let top = TopDocs::with_limit(limit).order_by_fast_field::<u64>("position", Order::Desc);
+                let top =
+                    TopDocs::with_limit(limit).order_by_fast_field::<u64>("position", Order::Desc);
                 let (top, count) = searcher.search(&built, &(top, Count)).map_err(search)?;
                 let hits = top
                     .into_iter()
@@ -342,7 +387,8 @@ impl SearchIndex {
     fn hit(&self, searcher: &Searcher, address: DocAddress, score: f32) -> Result<Hit> {
         let doc: TantivyDocument =
             searcher.doc(address).map_err(|e| Error::internal("reading a search hit", e))?;
-        let text = |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let text =
+            |field| doc.get_first(field).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
         Ok(Hit {
             event_id: text(self.fields.event_id),
             room_id: text(self.fields.room_id),
@@ -392,11 +438,18 @@ impl SearchIndex {
                 )),
             )];
             for stem in &word.stems {
-                let q = TermQuery::new(Term::from_field_text(f.stem, stem), IndexRecordOption::WithFreqs);
+                let q = TermQuery::new(
+                    Term::from_field_text(f.stem, stem),
+                    IndexRecordOption::WithFreqs,
+                );
                 either.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), 0.5))));
             }
             if i == last && word.prefix {
-                let q = FuzzyTermQuery::new_prefix(Term::from_field_text(f.text, &word.plain), 0, false);
+                let q = FuzzyTermQuery::new_prefix(
+                    Term::from_field_text(f.text, &word.plain),
+                    0,
+                    false,
+                );
                 either.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), 0.3))));
             }
             must.push((Occur::Must, Box::new(BooleanQuery::new(either))));
@@ -420,7 +473,10 @@ impl SearchIndex {
             }
         }
         let has = |h: Has| -> Box<dyn TantivyQuery> {
-            Box::new(TermQuery::new(Term::from_field_text(f.has, h.as_str()), IndexRecordOption::Basic))
+            Box::new(TermQuery::new(
+                Term::from_field_text(f.has, h.as_str()),
+                IndexRecordOption::Basic,
+            ))
         };
         match query.contains_url {
             Some(true) => must.push((Occur::Must, has(Has::Url))),
@@ -431,8 +487,12 @@ impl SearchIndex {
             must.push((Occur::Must, has(h)));
         }
         if query.since.is_some() || query.until.is_some() {
-            let lower = query.since.map_or(Bound::Unbounded, |t| Bound::Included(Term::from_field_i64(f.ts, t)));
-            let upper = query.until.map_or(Bound::Unbounded, |t| Bound::Excluded(Term::from_field_i64(f.ts, t)));
+            let lower = query
+                .since
+                .map_or(Bound::Unbounded, |t| Bound::Included(Term::from_field_i64(f.ts, t)));
+            let upper = query
+                .until
+                .map_or(Bound::Unbounded, |t| Bound::Excluded(Term::from_field_i64(f.ts, t)));
             must.push((Occur::Must, Box::new(RangeQuery::new(lower, upper))));
         }
         if let (OrderBy::Recent, Some(before)) = (query.order_by, query.before_position) {

@@ -7,7 +7,7 @@ pub mod analysis;
 pub mod index;
 
 pub use analysis::Language;
-pub use index::{Entry, Has, Hit, Key, OrderBy, Page, Query, SearchIndex};
+pub use index::{CatchUp, Entry, Has, Hit, Key, OrderBy, Page, Progress, Query, SearchIndex};
 
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,10 @@ fn entry(n: u64, room: &str, text: &str) -> Entry {
     }
 }
 
+fn done(up_to: u64) -> Progress {
+    Progress { up_to, catching_up: None }
+}
+
 fn query(terms: &str) -> Query {
     Query {
         terms: terms.to_owned(),
@@ -43,12 +47,12 @@ fn ids(index: &SearchIndex, q: &Query) -> Vec<String> {
 fn finds_stems_prefixes_and_folded_words_and_forgets_removed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
-    assert_eq!(index.indexed_up_to(), None);
+    assert_eq!(index.progress(), None);
     index.put(&entry(1, "!r:x", "The meetings are in the Café")).unwrap();
     index.put(&entry(2, "!r:x", "nothing to see")).unwrap();
     index.put(&entry(3, "!s:x", "meeting tomorrow")).unwrap();
     index.put(&entry(4, "!t:x", "meeting elsewhere")).unwrap();
-    index.commit(4).unwrap();
+    index.commit(done(4)).unwrap();
     assert_eq!(ids(&index, &query("meeting")), ["$e3", "$e1"]);
     assert_eq!(ids(&index, &query("cafe")), ["$e1"]);
     assert_eq!(ids(&index, &query("tomo")), ["$e3"], "the last word is a prefix");
@@ -61,15 +65,15 @@ fn finds_stems_prefixes_and_folded_words_and_forgets_removed_ones() {
     let mut edited = entry(1, "!r:x", "lunch instead");
     edited.position = 1;
     index.put(&edited).unwrap();
-    index.commit(5).unwrap();
+    index.commit(done(5)).unwrap();
     assert!(ids(&index, &query("meeting")).is_empty());
     assert_eq!(ids(&index, &query("lunch")), ["$e1"]);
-    assert_eq!(index.indexed_up_to(), Some(5));
+    assert_eq!(index.progress(), Some(done(5)));
 
     // Reopened, it remembers how far it got.
     drop(index);
     let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
-    assert_eq!(index.indexed_up_to(), Some(5));
+    assert_eq!(index.progress(), Some(done(5)));
     assert_eq!(ids(&index, &query("lunch")), ["$e1"]);
 }
 
@@ -85,7 +89,7 @@ fn filters_order_and_pages() {
         }
         index.put(&e).unwrap();
     }
-    index.commit(5).unwrap();
+    index.commit(done(5)).unwrap();
     let mut q = query("report");
     q.limit = 2;
     let page = index.search(&q).unwrap();
@@ -118,8 +122,18 @@ fn a_corrupt_index_is_started_afresh() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("meta.json"), b"{ not json").unwrap();
     let index = SearchIndex::open(dir.path(), &[]).unwrap();
-    assert_eq!(index.indexed_up_to(), None);
+    assert_eq!(index.progress(), None);
     index.put(&entry(1, "!r:x", "hello")).unwrap();
-    index.commit(1).unwrap();
+    index.commit(done(1)).unwrap();
     assert_eq!(ids(&index, &query("hello")), ["$e1"]);
+}
+
+#[test]
+fn a_catch_up_part_way_is_remembered() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = SearchIndex::open(dir.path(), &[]).unwrap();
+    let part_way = Progress { up_to: 3, catching_up: Some(CatchUp { target: 90, rooms_done: 7 }) };
+    index.commit(part_way).unwrap();
+    drop(index);
+    assert_eq!(SearchIndex::open(dir.path(), &[]).unwrap().progress(), Some(part_way));
 }

@@ -30,6 +30,7 @@ pub mod ratelimit;
 pub mod realtime;
 pub mod reports;
 pub mod rooms;
+pub mod search;
 pub mod tables;
 pub mod voip;
 pub mod webhooks;
@@ -82,6 +83,8 @@ pub struct Services {
     pub appservice_delivery: Arc<appservice::delivery::Delivery>,
     /// Pushes to push gateways (a pipeline step and a sender per pusher).
     pub push_gateway: Arc<push::gateway::Gateway>,
+    /// Message search (a pipeline step and an indexer task).
+    pub search: Arc<search::Search>,
     pub media: media::Media,
     pub metrics: Metrics,
 }
@@ -136,12 +139,17 @@ impl Services {
         );
         let push_gateway =
             Arc::new(push::gateway::Gateway::new(&config.push).map_err(|e| e.to_string())?);
+        let search = Arc::new(
+            search::Search::open(&config.search, &config.search_path())
+                .map_err(|e| format!("opening the search index: {e}"))?,
+        );
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
             guest_eviction.clone(),
             appservice_delivery.clone(),
             push_gateway.clone(),
+            search.clone(),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
         let services = Arc::new(Self {
@@ -167,11 +175,13 @@ impl Services {
             directory: accounts::directory::UserDirectory::new(
                 db.clone(),
                 config.user_directory.search_all_users,
-            ),
+            )
+            .map_err(|e| format!("loading the user directory: {e}"))?,
             media,
             appservices,
             appservice_delivery: appservice_delivery.clone(),
             push_gateway: push_gateway.clone(),
+            search,
             audit,
             accounts,
             e2ee,

@@ -13,8 +13,9 @@
 //!    RocksDB per service, sent by a task of its own);
 //! 5. push gateways (`push::gateway::Gateway`: a queue in RocksDB per pusher, sent by
 //!    a task per pusher while it has pushes);
-//! 6. (next) email notifications, the search
-//!    index, retention and metrics: each a `Consumer` added to the list in
+//! 6. the search index (`search::Search`: an indexer task fed by a queue in memory,
+//!    which catches up from the rooms after a restart);
+//! 7. (next) retention and metrics: each a `Consumer` added to the list in
 //!    `Services::new`. Queues that leave the process write their items here, in
 //!    RocksDB, and are drained by their own background workers, so a slow consumer
 //!    never holds up sending.

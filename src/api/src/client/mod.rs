@@ -25,6 +25,7 @@ mod relations;
 mod reports;
 pub(crate) mod room_directory;
 mod rooms;
+mod search;
 mod session;
 mod sliding;
 pub(crate) mod spaces;
@@ -57,6 +58,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = presence::routes(router);
     let router = threepid::routes(router);
     let router = directory::routes(router);
+    let router = search::routes(router);
     let router = rooms::routes(router);
     let router = sync::routes(router);
     let router = notifications::routes(router);

@@ -6,12 +6,15 @@ use std::collections::{BTreeSet, HashSet};
 use ruma::{OwnedUserId, UserId, events::room::member::MembershipState};
 
 use trellis_core::Result;
-use trellis_store::{Batch, Db, Direction, KeyCodec, KeyRange};
+use trellis_store::{Batch, Db, Direction, Json, KeyCodec, KeyRange};
 
 use crate::{
     Services,
-    tables::{PROFILES, USER_DIRECTORY},
+    tables::{PROFILES, USER_DIRECTORY, USERS},
 };
+
+const META: trellis_store::Table<String, u64> =
+    trellis_store::Table::new(&trellis_store::catalog::META);
 
 /// Candidates examined per search at most, whatever the directory size.
 const MAX_CANDIDATES: usize = 1000;
@@ -29,20 +32,41 @@ pub struct DirectoryEntry {
     pub avatar_url: Option<String>,
 }
 
-/// The words a user can be found by: the whole localpart, its parts, and the words of
-/// the display name, lowercased.
+/// The words a user can be found by: the whole localpart, and the words of the localpart
+/// and display name as search splits text (Unicode word boundaries in any script,
+/// lowercased, Latin accents folded). In scripts written without spaces a name's later
+/// characters start words too, so `小明` finds `王小明`.
 pub fn words(localpart: &str, display_name: Option<&str>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     out.insert(localpart.to_lowercase());
+    let mut analyzers = trellis_search::analysis::Analyzers::new(&[]);
     for text in [Some(localpart), display_name].into_iter().flatten() {
-        for w in text.split(|c: char| !c.is_alphanumeric()) {
-            if !w.is_empty() {
-                out.insert(w.to_lowercase());
+        for word in analyzers.plain(text) {
+            if trellis_search::analysis::unspaced_script(&word.term) {
+                let chars: Vec<(usize, char)> = word.term.char_indices().collect();
+                for &(at, _) in chars.iter().skip(1) {
+                    out.insert(word.term[at..].to_owned());
+                }
             }
+            // Unicode keeps `alice.smith` one word; its parts are names too.
+            for part in word.term.split(|c: char| !c.is_alphanumeric()).filter(|p| !p.is_empty()) {
+                out.insert(part.to_owned());
+            }
+            out.insert(word.term);
         }
     }
     out
 }
+
+/// The words of a search: the same analysis as [`words`].
+fn search_terms(search: &str) -> Vec<String> {
+    let mut analyzers = trellis_search::analysis::Analyzers::new(&[]);
+    analyzers.plain(search).into_iter().map(|w| w.term).collect()
+}
+
+/// Bumped when [`words`] changes: the index is rebuilt once at start-up.
+const WORDS_VERSION: u64 = 2;
+const WORDS_VERSION_KEY: &str = "user_directory_words";
 
 /// Indexes a new account (it has no display name yet).
 pub fn index_new_user(batch: &mut Batch, localpart: &str) {
@@ -71,8 +95,41 @@ pub fn remove_user(batch: &mut Batch, localpart: &str, display_name: Option<&str
 }
 
 impl UserDirectory {
-    pub fn new(db: Db, search_all_users: bool) -> Self {
-        Self { db, search_all_users }
+    pub fn new(db: Db, search_all_users: bool) -> Result<Self> {
+        let directory = Self { db, search_all_users };
+        directory.rebuild_if_outdated()?;
+        Ok(directory)
+    }
+
+    /// Re-indexes every user when the index was built by another version of [`words`].
+    fn rebuild_if_outdated(&self) -> Result<()> {
+        let key = WORDS_VERSION_KEY.to_owned();
+        if META.get(&*self.db, &key)? == Some(WORDS_VERSION) {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        for row in USER_DIRECTORY.scan_prefix(&*self.db, &(), Direction::Forward)? {
+            let (entry, ()) = row?;
+            USER_DIRECTORY.delete(&mut batch, &entry);
+        }
+        let mut users = 0;
+        for row in USERS.scan_prefix(&*self.db, &(), Direction::Forward)? {
+            let (localpart, Json(record)) = row?;
+            if record.deactivated {
+                continue;
+            }
+            let display_name = PROFILES
+                .get(&*self.db, &(localpart.clone(), "displayname".to_owned()))?
+                .and_then(|j| j.0.as_str().map(str::to_owned));
+            for w in words(&localpart, display_name.as_deref()) {
+                USER_DIRECTORY.put(&mut batch, &(w, localpart.clone()), &());
+            }
+            users += 1;
+        }
+        META.put(&mut batch, &key, &WORDS_VERSION);
+        self.db.write(batch)?;
+        tracing::info!(users, "user directory re-indexed");
+        Ok(())
     }
 
     /// Users matching every term of `search` (each a prefix of one of their words) that
@@ -83,11 +140,7 @@ impl UserDirectory {
         limit: usize,
         is_visible: impl Fn(&str) -> Result<bool>,
     ) -> Result<(Vec<DirectoryEntry>, bool)> {
-        let terms: Vec<String> = search
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|t| !t.is_empty())
-            .map(str::to_lowercase)
-            .collect();
+        let terms = search_terms(search);
         let Some(first) = terms.iter().max_by_key(|t| t.len()) else {
             return Ok((Vec::new(), false));
         };
@@ -114,7 +167,7 @@ impl UserDirectory {
             let user_words = words(&localpart, display_name.as_deref());
             let all_match =
                 terms.iter().all(|t| user_words.iter().any(|w| w.starts_with(t.as_str())));
-            if !all_match || !(self.search_all_users || is_visible(&localpart)?) {
+            if !all_match || !is_visible(&localpart)? {
                 continue;
             }
             if results.len() == limit {
@@ -140,7 +193,8 @@ pub fn search_users(
     term: &str,
     limit: usize,
 ) -> Result<(Vec<(OwnedUserId, DirectoryEntry)>, bool)> {
-    let mut visible = HashSet::from([searcher.to_string()]);
+    // The searcher is not among the results: they are looking for someone else.
+    let mut visible = HashSet::new();
     if !services.directory.search_all_users {
         let mut rooms = services.rooms.rooms_of(searcher.as_str(), &MembershipState::Join)?;
         rooms.extend(services.public_rooms.published()?);
@@ -151,9 +205,11 @@ pub fn search_users(
         }
     }
     let accounts = &services.accounts;
-    let (hits, limited) = services
-        .directory
-        .search(term, limit, |localpart| Ok(visible.contains(&accounts.user_id(localpart))))?;
+    let me = searcher.as_str();
+    let (hits, limited) = services.directory.search(term, limit, |localpart| {
+        let user_id = accounts.user_id(localpart);
+        Ok(user_id != me && (services.directory.search_all_users || visible.contains(&user_id)))
+    })?;
     let hits = hits
         .into_iter()
         .filter_map(|hit| {
@@ -171,6 +227,10 @@ mod tests {
     fn words_of_ids_and_names() {
         let w = words("alice.smith", Some("Alice Smith-Jones"));
         for expected in ["alice.smith", "alice", "smith", "jones"] {
+            assert!(w.contains(expected), "{expected} in {w:?}");
+        }
+        let w = words("wang", Some("王小明 José"));
+        for expected in ["王小明", "小明", "明", "jose"] {
             assert!(w.contains(expected), "{expected} in {w:?}");
         }
     }

@@ -193,6 +193,22 @@ impl Rooms {
         Ok(rooms)
     }
 
+    /// The rooms with events after stream position `after`, by short id: for indexes
+    /// derived from the timelines (search) catching up.
+    pub fn rooms_with_events_after(&self, after: u64) -> Result<Vec<(u64, String)>> {
+        let mut out = Vec::new();
+        let all = std::ops::Bound::Unbounded;
+        for row in ROOMS.scan_range(&*self.db, all, all, trellis_store::Direction::Forward)? {
+            let (short, Json(record)) = row?;
+            if record.last_position > after
+                && let Some(room_id) = self.short.text(Kind::Room, short)?
+            {
+                out.push((short, room_id));
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) fn room_by_short(&self, short: u64) -> Result<Option<RoomRecord>> {
         Ok(self.record(short)?.map(|r| (*r).clone()))
     }
@@ -278,7 +294,7 @@ impl Rooms {
         self.cached(ev).ok()?
     }
 
-    pub(super) fn state_event(
+    pub fn state_event(
         &self,
         state: &StateSet,
         kind: &StateEventType,
