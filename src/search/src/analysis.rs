@@ -1,186 +1,136 @@
 //! How text becomes index terms, the same way for messages and for queries: Unicode word
 //! boundaries (dictionaries for Chinese and Japanese, a model for Thai, Lao, Khmer and
-//! Burmese, UAX #29 for the rest), lowercase, stemming in one language, and Latin
-//! diacritics folded (`café` finds `cafe`). Stemming comes before folding because the
-//! stemmers expect the accents of their language.
+//! Burmese, UAX #29 for the rest), lowercase, Latin diacritics folded (`café` finds
+//! `cafe`), and each word's stem in one language. Text is segmented once and each word
+//! handled on its own: most words are lowercase ASCII and skip folding altogether.
+//! Stemming comes before folding because the stemmers expect the accents of their
+//! language.
 
+use frostem::{Algorithm, Stemmer};
 use icu_segmenter::{WordSegmenter, options::WordBreakInvariantOptions};
-use tantivy::tokenizer::{
-    AsciiFoldingFilter, Language as Stemming, LowerCaser, RemoveLongFilter, Stemmer, TextAnalyzer,
-    Token, TokenStream, Tokenizer,
-};
+use tantivy::tokenizer::{AsciiFoldingFilter, RawTokenizer, TextAnalyzer};
 
 /// Words longer than this (base64 blobs, long URLs) are not indexed.
 const MAX_WORD_BYTES: usize = 64;
 
 /// A language the index stems for, by its ISO 639-1 code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Language(Stemming);
+pub struct Language(Algorithm);
 
 impl Language {
-    pub const ENGLISH: Language = Language(Stemming::English);
+    pub const ENGLISH: Language = Language(Algorithm::English);
 
     /// The stemming language of a BCP 47 tag (`de`, `pt-BR`, `en_GB`), if one exists.
     pub fn from_tag(tag: &str) -> Option<Self> {
         let primary = tag.split(['-', '_']).next()?.to_ascii_lowercase();
-        let stemming = match primary.as_str() {
-            "ar" => Stemming::Arabic,
-            "da" => Stemming::Danish,
-            "nl" => Stemming::Dutch,
-            "en" => Stemming::English,
-            "fi" => Stemming::Finnish,
-            "fr" => Stemming::French,
-            "de" => Stemming::German,
-            "el" => Stemming::Greek,
-            "hu" => Stemming::Hungarian,
-            "it" => Stemming::Italian,
-            "no" | "nb" | "nn" => Stemming::Norwegian,
-            "pt" => Stemming::Portuguese,
-            "ro" => Stemming::Romanian,
-            "ru" => Stemming::Russian,
-            "es" => Stemming::Spanish,
-            "sv" => Stemming::Swedish,
-            "ta" => Stemming::Tamil,
-            "tr" => Stemming::Turkish,
+        let algorithm = match primary.as_str() {
+            "ar" => Algorithm::Arabic,
+            "da" => Algorithm::Danish,
+            "nl" => Algorithm::Dutch,
+            "en" => Algorithm::English,
+            "fi" => Algorithm::Finnish,
+            "fr" => Algorithm::French,
+            "de" => Algorithm::German,
+            "el" => Algorithm::Greek,
+            "hu" => Algorithm::Hungarian,
+            "it" => Algorithm::Italian,
+            "no" | "nb" | "nn" => Algorithm::Norwegian,
+            "pt" => Algorithm::Portuguese,
+            "ro" => Algorithm::Romanian,
+            "ru" => Algorithm::Russian,
+            "es" => Algorithm::Spanish,
+            "sv" => Algorithm::Swedish,
+            "ta" => Algorithm::Tamil,
+            "tr" => Algorithm::Turkish,
             _ => return None,
         };
-        Some(Self(stemming))
+        Some(Self(algorithm))
     }
-}
-
-/// Splits text at Unicode word boundaries and keeps the word-like segments (letters,
-/// numbers, ideographs), with their byte offsets.
-#[derive(Clone, Copy)]
-pub struct WordTokenizer;
-
-/// The words of one text, produced up front: segmenting needs the whole text anyway.
-pub struct Words {
-    tokens: Vec<Token>,
-    next: usize,
-}
-
-impl TokenStream for Words {
-    fn advance(&mut self) -> bool {
-        self.next += 1;
-        self.next <= self.tokens.len()
-    }
-
-    fn token(&self) -> &Token {
-        &self.tokens[self.next - 1]
-    }
-
-    fn token_mut(&mut self) -> &mut Token {
-        &mut self.tokens[self.next - 1]
-    }
-}
-
-impl Tokenizer for WordTokenizer {
-    type TokenStream<'a> = Words;
-
-    fn token_stream<'a>(&'a mut self, text: &'a str) -> Words {
-        Words { tokens: words(text), next: 0 }
-    }
-}
-
-/// The word-like segments of `text`, positions counted in words.
-fn words(text: &str) -> Vec<Token> {
-    let segmenter = WordSegmenter::new_auto(WordBreakInvariantOptions::default());
-    let mut tokens = Vec::new();
-    let mut start = 0;
-    for (end, kind) in segmenter.segment_str(text).iter_with_word_type() {
-        if end > start && kind.is_word_like() {
-            tokens.push(Token {
-                offset_from: start,
-                offset_to: end,
-                position: tokens.len(),
-                text: text[start..end].to_owned(),
-                position_length: 1,
-            });
-        }
-        start = end;
-    }
-    tokens
-}
-
-/// The analyzers for one index: words as written (lowercased, folded), and stemmed in
-/// each language the server knows of.
-#[derive(Clone)]
-pub struct Analyzers {
-    plain: TextAnalyzer,
-    stemmed: Vec<(Language, TextAnalyzer)>,
 }
 
 /// One word of a text as the index keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Term {
+pub struct Word {
     /// Byte range of the word in the text.
     pub offsets: (usize, usize),
-    /// Its position among the text's words.
-    pub position: usize,
-    pub term: String,
+    /// Lowercased and folded.
+    pub plain: String,
+    /// Its stem, when stemming changes it.
+    pub stem: Option<String>,
+}
+
+/// The word-like segments of `text` (letters, numbers, ideographs) as byte ranges.
+fn segments(text: &str) -> Vec<(usize, usize)> {
+    let segmenter = WordSegmenter::new_auto(WordBreakInvariantOptions::default());
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (end, kind) in segmenter.segment_str(text).iter_with_word_type() {
+        if end > start && kind.is_word_like() && end - start <= MAX_WORD_BYTES {
+            out.push((start, end));
+        }
+        start = end;
+    }
+    out
+}
+
+/// Analysis for one index: stemming in each language the server knows of.
+#[derive(Clone)]
+pub struct Analyzers {
+    folding: TextAnalyzer,
+    stemmers: Vec<(Language, Stemmer)>,
 }
 
 impl Analyzers {
-    /// Analyzers stemming in each of `languages`.
+    /// Analysis stemming in each of `languages`.
     pub fn new(languages: &[Language]) -> Self {
-        let plain = TextAnalyzer::builder(WordTokenizer)
-            .filter(RemoveLongFilter::limit(MAX_WORD_BYTES))
-            .filter(LowerCaser)
-            .filter(AsciiFoldingFilter)
-            .build();
-        let stemmed = languages
-            .iter()
-            .map(|&language| {
-                let analyzer = TextAnalyzer::builder(WordTokenizer)
-                    .filter(RemoveLongFilter::limit(MAX_WORD_BYTES))
-                    .filter(LowerCaser)
-                    .filter(Stemmer::new(language.0))
-                    .filter(AsciiFoldingFilter)
-                    .build();
-                (language, analyzer)
-            })
-            .collect();
-        Self { plain, stemmed }
+        let folding =
+            TextAnalyzer::builder(RawTokenizer::default()).filter(AsciiFoldingFilter).build();
+        let stemmers = languages.iter().map(|&l| (l, Stemmer::new(l.0))).collect();
+        Self { folding, stemmers }
     }
 
-    /// The words of `text`, lowercased and folded.
-    pub fn plain(&mut self, text: &str) -> Vec<Term> {
-        collect(&mut self.plain, text)
-    }
-
-    /// The words of `text` stemmed in `language` (plain if the index does not stem it).
-    pub fn stemmed(&mut self, language: Language, text: &str) -> Vec<Term> {
-        match self.stemmed.iter_mut().find(|(l, _)| *l == language) {
-            Some((_, analyzer)) => collect(analyzer, text),
-            None => collect(&mut self.plain, text),
+    fn fold(&mut self, word: String) -> String {
+        if word.is_ascii() {
+            return word;
+        }
+        let mut stream = self.folding.token_stream(&word);
+        match stream.next() {
+            Some(token) => token.text.clone(),
+            None => word.clone(),
         }
     }
 
-    /// Every stem `word` has in the languages the index stems for, deduplicated.
+    fn lowercase(word: &str) -> String {
+        if word.is_ascii() { word.to_ascii_lowercase() } else { word.to_lowercase() }
+    }
+
+    /// The words of `text`, with their stems in `language` (none: no stems).
+    pub fn words(&mut self, text: &str, language: Option<Language>) -> Vec<Word> {
+        let stemmer =
+            language.and_then(|l| self.stemmers.iter().find(|(s, _)| *s == l)).map(|(_, s)| *s);
+        segments(text)
+            .into_iter()
+            .map(|(from, to)| {
+                let lower = Self::lowercase(&text[from..to]);
+                let stem = stemmer.map(|s| s.stem(&lower).into_owned());
+                let plain = self.fold(lower);
+                let stem = stem.map(|s| self.fold(s)).filter(|s| *s != plain);
+                Word { offsets: (from, to), plain, stem }
+            })
+            .collect()
+    }
+
+    /// Every stem `word` (one word of a query, as written) has in the languages the
+    /// index stems for, deduplicated.
     pub fn stems_of(&mut self, word: &str) -> Vec<String> {
-        let mut stems: Vec<String> = self
-            .stemmed
-            .iter_mut()
-            .filter_map(|(_, analyzer)| collect(analyzer, word).into_iter().next())
-            .map(|t| t.term)
-            .collect();
+        let lower = Self::lowercase(word);
+        let stems: Vec<String> =
+            self.stemmers.iter().map(|(_, s)| s.stem(&lower).into_owned()).collect();
+        let mut stems: Vec<String> = stems.into_iter().map(|s| self.fold(s)).collect();
         stems.sort();
         stems.dedup();
         stems
     }
-}
-
-fn collect(analyzer: &mut TextAnalyzer, text: &str) -> Vec<Term> {
-    let mut stream = analyzer.token_stream(text);
-    let mut out = Vec::new();
-    while let Some(token) = stream.next() {
-        out.push(Term {
-            offsets: (token.offset_from, token.offset_to),
-            position: token.position,
-            term: token.text.clone(),
-        });
-    }
-    out
 }
 
 /// Whether `word` is written in a script without spaces between words, where a name's
@@ -206,7 +156,7 @@ mod tests {
     use super::*;
 
     fn terms(a: &mut Analyzers, text: &str) -> Vec<String> {
-        a.plain(text).into_iter().map(|t| t.term).collect()
+        a.words(text, None).into_iter().map(|w| w.plain).collect()
     }
 
     #[test]
@@ -230,20 +180,24 @@ mod tests {
     fn punctuation_and_spaces_are_not_words() {
         let mut a = Analyzers::new(&[]);
         assert_eq!(terms(&mut a, " -- hello,   world 42 ?!"), ["hello", "world", "42"]);
-        let offsets: Vec<_> = a.plain("ab cd").into_iter().map(|t| t.offsets).collect();
+        let offsets: Vec<_> = a.words("ab cd", None).into_iter().map(|t| t.offsets).collect();
         assert_eq!(offsets, [(0, 2), (3, 5)]);
     }
 
     #[test]
-    fn stems_are_per_language() {
-        let mut a = Analyzers::new(&[Language::ENGLISH, Language::from_tag("de").unwrap()]);
-        let en: Vec<_> =
-            a.stemmed(Language::ENGLISH, "running meetings").into_iter().map(|t| t.term).collect();
-        assert_eq!(en, ["run", "meet"]);
+    fn stems_are_per_language_and_only_kept_when_they_differ() {
         let de = Language::from_tag("de-AT").unwrap();
-        let stems: Vec<_> = a.stemmed(de, "Häuser").into_iter().map(|t| t.term).collect();
-        assert_eq!(stems, [a.stemmed(de, "Haus")[0].term.clone()]);
-        assert!(a.stems_of("meetings").contains(&"meet".to_owned()));
+        let mut a = Analyzers::new(&[Language::ENGLISH, de]);
+        let en = a.words("running meetings meet", Some(Language::ENGLISH));
+        let stems: Vec<_> = en.iter().map(|w| w.stem.as_deref()).collect();
+        assert_eq!(stems, [Some("run"), Some("meet"), None]);
+        let haus = a.words("Haus", Some(de))[0].clone();
+        let hauser = a.words("Häuser", Some(de))[0].clone();
+        assert_eq!(
+            hauser.stem.as_ref().unwrap_or(&hauser.plain),
+            haus.stem.as_ref().unwrap_or(&haus.plain)
+        );
+        assert!(a.stems_of("Meetings").contains(&"meet".to_owned()));
         assert_eq!(Language::from_tag("xx"), None);
     }
 }

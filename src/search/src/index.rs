@@ -24,11 +24,15 @@ use tantivy::{
 };
 use trellis_core::{Error, Result};
 
-use crate::analysis::{Analyzers, Language, Term as Word};
+use crate::analysis::{Analyzers, Language, Word};
 
 /// Bumped when the schema or the analysis changes: an index of another version is
 /// rebuilt from the rooms.
-const FORMAT: &str = "trellis-search-1";
+const FORMAT: &str = "trellis-search-2";
+
+/// Marks a stem in the words field, beside the words as written: a stem is a term of
+/// its own (`\u{1}meet`), so prefixes of plain words never reach stems.
+const STEM: char = '\u{1}';
 
 /// Memory the writer buffers before it flushes a segment.
 const WRITER_MEMORY: usize = 64 * 1024 * 1024;
@@ -54,6 +58,15 @@ impl Key {
 
     pub fn parse(key: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == key)
+    }
+
+    /// The event type whose documents hold this key.
+    pub fn event_type(self) -> &'static str {
+        match self {
+            Key::Body => "m.room.message",
+            Key::Name => "m.room.name",
+            Key::Topic => "m.room.topic",
+        }
     }
 }
 
@@ -122,7 +135,7 @@ pub struct Entry {
     pub event_id: String,
     pub room_id: String,
     pub sender: String,
-    pub event_type: String,
+    /// Which text of the event this is (which also says its type).
     pub key: Key,
     pub text: String,
     pub origin_server_ts: i64,
@@ -142,13 +155,12 @@ pub enum OrderBy {
 #[derive(Debug, Clone)]
 pub struct Query {
     pub terms: String,
+    /// The keys searched (after any `types` filter); empty: all.
     pub keys: Vec<Key>,
     /// The rooms to search; never empty (a user searches the rooms they are in).
     pub rooms: Vec<String>,
     pub senders: Vec<String>,
     pub not_senders: Vec<String>,
-    pub types: Vec<String>,
-    pub not_types: Vec<String>,
     pub contains_url: Option<bool>,
     pub has: Vec<Has>,
     /// `origin_server_ts` from (inclusive) and to (exclusive).
@@ -182,13 +194,13 @@ struct Fields {
     event_id: Field,
     room_id: Field,
     sender: Field,
-    event_type: Field,
     key: Field,
     has: Field,
     ts: Field,
     position: Field,
-    text: Field,
-    stem: Field,
+    /// The words (lowercased, folded) and their stems ([`STEM`]), without positions:
+    /// searches match words, not phrases.
+    words: Field,
 }
 
 fn schema() -> (Schema, Fields) {
@@ -196,19 +208,19 @@ fn schema() -> (Schema, Fields) {
     let words = TextOptions::default().set_indexing_options(
         TextFieldIndexing::default()
             .set_tokenizer("raw")
-            .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+            .set_index_option(IndexRecordOption::WithFreqs),
     );
     let fields = Fields {
-        event_id: b.add_text_field("event_id", STRING | STORED),
+        // Documents are replaced and removed by stream position (unique per event, and a
+        // cheaper term than the event id).
+        event_id: b.add_text_field("event_id", STORED),
         room_id: b.add_text_field("room_id", STRING | STORED),
         sender: b.add_text_field("sender", STRING),
-        event_type: b.add_text_field("type", STRING),
         key: b.add_text_field("key", STRING),
         has: b.add_text_field("has", STRING),
-        ts: b.add_i64_field("ts", INDEXED | FAST),
+        ts: b.add_i64_field("ts", FAST),
         position: b.add_u64_field("position", INDEXED | FAST | STORED),
-        text: b.add_text_field("text", words.clone()),
-        stem: b.add_text_field("stem", words),
+        words: b.add_text_field("words", words),
     };
     (b.build(), fields)
 }
@@ -303,7 +315,14 @@ impl SearchIndex {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds `entry`, replacing any document of the same event (an edit).
+    /// Adds `entry`, replacing any document of the same event (an edit, or an event
+    /// indexed again): a replacement costs a lookup in every segment at the commit.
+    pub fn replace(&self, entry: &Entry) -> Result<()> {
+        self.remove(entry.position);
+        self.put(entry)
+    }
+
+    /// Adds `entry`, an event not indexed before.
     pub fn put(&self, entry: &Entry) -> Result<()> {
         let mut analyzers = self.analyzers.lock().unwrap_or_else(|p| p.into_inner());
         let f = &self.fields;
@@ -311,27 +330,23 @@ impl SearchIndex {
         doc.add_text(f.event_id, &entry.event_id);
         doc.add_text(f.room_id, &entry.room_id);
         doc.add_text(f.sender, &entry.sender);
-        doc.add_text(f.event_type, &entry.event_type);
         doc.add_text(f.key, entry.key.as_str());
         for has in &entry.has {
             doc.add_text(f.has, has.as_str());
         }
         doc.add_i64(f.ts, entry.origin_server_ts);
         doc.add_u64(f.position, entry.position);
-        let plain = analyzers.plain(&entry.text);
-        doc.add_pre_tokenized_text(f.text, pre_tokenized(plain));
-        let stems = analyzers.stemmed(entry.language, &entry.text);
+        let words = analyzers.words(&entry.text, Some(entry.language));
         drop(analyzers);
-        doc.add_pre_tokenized_text(f.stem, pre_tokenized(stems));
-        let writer = self.writer();
-        writer.delete_term(Term::from_field_text(f.event_id, &entry.event_id));
-        writer.add_document(doc).map_err(internal("indexing an event"))?;
+        doc.add_pre_tokenized_text(f.words, pre_tokenized(words));
+        self.writer().add_document(doc).map_err(internal("indexing an event"))?;
         Ok(())
     }
 
-    /// Removes the document of `event_id`, if there is one (a redaction).
-    pub fn remove(&self, event_id: &str) {
-        self.writer().delete_term(Term::from_field_text(self.fields.event_id, event_id));
+    /// Removes the document of the event at stream position `position`, if there is one
+    /// (a redaction).
+    pub fn remove(&self, position: u64) {
+        self.writer().delete_term(Term::from_field_u64(self.fields.position, position));
     }
 
     /// Removes every document (a reindex starts from nothing).
@@ -403,14 +418,14 @@ impl SearchIndex {
         let mut analyzers = self.analyzers();
         let wanted = query_words(&mut analyzers, terms);
         let mut out: Vec<String> = Vec::new();
-        let plain = analyzers.plain(text);
-        let stemmed = analyzers.stemmed(language, text);
-        for word in plain.iter().chain(&stemmed) {
+        for word in analyzers.words(text, Some(language)) {
             let original = &text[word.offsets.0..word.offsets.1];
+            let stem = word.stem.as_ref().unwrap_or(&word.plain);
             let hit = wanted.iter().enumerate().any(|(i, w)| {
-                w.plain == word.term
-                    || w.stems.contains(&word.term)
-                    || (i + 1 == wanted.len() && w.prefix && word.term.starts_with(&w.plain))
+                w.plain == word.plain
+                    || w.stems.contains(stem)
+                    || w.stems.contains(&word.plain)
+                    || (i + 1 == wanted.len() && w.prefix && word.plain.starts_with(&w.plain))
             });
             if hit && !out.iter().any(|o| o == original) {
                 out.push(original.to_owned());
@@ -430,26 +445,23 @@ impl SearchIndex {
         let mut must: Vec<(Occur, Box<dyn TantivyQuery>)> = Vec::new();
         let last = words.len() - 1;
         for (i, word) in words.iter().enumerate() {
-            let mut either: Vec<(Occur, Box<dyn TantivyQuery>)> = vec![(
-                Occur::Should,
-                Box::new(TermQuery::new(
-                    Term::from_field_text(f.text, &word.plain),
-                    IndexRecordOption::WithFreqs,
-                )),
-            )];
+            let term = |text: &str| -> Box<dyn TantivyQuery> {
+                let term = Term::from_field_text(f.words, text);
+                Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs))
+            };
+            let mut either: Vec<(Occur, Box<dyn TantivyQuery>)> =
+                vec![(Occur::Should, term(&word.plain))];
+            // A stem of the query word matches a word written so, or a word stemmed so.
             for stem in &word.stems {
-                let q = TermQuery::new(
-                    Term::from_field_text(f.stem, stem),
-                    IndexRecordOption::WithFreqs,
-                );
-                either.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), 0.5))));
+                if *stem != word.plain {
+                    either.push((Occur::Should, Box::new(BoostQuery::new(term(stem), 0.5))));
+                }
+                let stemmed = term(&format!("{STEM}{stem}"));
+                either.push((Occur::Should, Box::new(BoostQuery::new(stemmed, 0.5))));
             }
             if i == last && word.prefix {
-                let q = FuzzyTermQuery::new_prefix(
-                    Term::from_field_text(f.text, &word.plain),
-                    0,
-                    false,
-                );
+                let prefix = Term::from_field_text(f.words, &word.plain);
+                let q = FuzzyTermQuery::new_prefix(prefix, 0, false);
                 either.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), 0.3))));
             }
             must.push((Occur::Must, Box::new(BooleanQuery::new(either))));
@@ -465,8 +477,6 @@ impl SearchIndex {
         for (values, field, occur) in [
             (&query.senders, f.sender, Occur::Must),
             (&query.not_senders, f.sender, Occur::MustNot),
-            (&query.types, f.event_type, Occur::Must),
-            (&query.not_types, f.event_type, Occur::MustNot),
         ] {
             if !values.is_empty() {
                 must.push((occur, set(field, values)));
@@ -516,30 +526,35 @@ struct QueryWord {
 
 fn query_words(analyzers: &mut Analyzers, terms: &str) -> Vec<QueryWord> {
     analyzers
-        .plain(terms)
+        .words(terms, None)
         .into_iter()
         .map(|w: Word| {
             let original = &terms[w.offsets.0..w.offsets.1];
             let stems = analyzers.stems_of(original);
             // One Latin letter would expand to a good share of the dictionary; in a
             // script without spaces one character is a word.
-            let prefix = w.term.chars().count() >= 2 || crate::analysis::unspaced_script(&w.term);
-            QueryWord { plain: w.term, stems, prefix }
+            let prefix = w.plain.chars().count() >= 2 || crate::analysis::unspaced_script(&w.plain);
+            QueryWord { plain: w.plain, stems, prefix }
         })
         .collect()
 }
 
+/// The terms of a document's words: each word, and its stem where it differs.
 fn pre_tokenized(words: Vec<Word>) -> PreTokenizedString {
-    // The text itself is not stored: only its tokens are indexed.
-    let tokens = words
-        .into_iter()
-        .map(|w| Token {
+    // The text itself is not stored: only its terms are indexed.
+    let mut tokens = Vec::with_capacity(words.len() * 3 / 2);
+    for (position, w) in words.into_iter().enumerate() {
+        let token = |text: String| Token {
             offset_from: w.offsets.0,
             offset_to: w.offsets.1,
-            position: w.position,
-            text: w.term,
+            position,
+            text,
             position_length: 1,
-        })
-        .collect();
+        };
+        if let Some(stem) = &w.stem {
+            tokens.push(token(format!("{STEM}{stem}")));
+        }
+        tokens.push(token(w.plain));
+    }
     PreTokenizedString { text: String::new(), tokens }
 }

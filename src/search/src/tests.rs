@@ -5,7 +5,6 @@ fn entry(n: u64, room: &str, text: &str) -> Entry {
         event_id: format!("$e{n}"),
         room_id: room.to_owned(),
         sender: "@a:x".to_owned(),
-        event_type: "m.room.message".to_owned(),
         key: Key::Body,
         text: text.to_owned(),
         origin_server_ts: 1000 * n as i64,
@@ -26,8 +25,6 @@ fn query(terms: &str) -> Query {
         rooms: vec!["!r:x".to_owned(), "!s:x".to_owned()],
         senders: Vec::new(),
         not_senders: Vec::new(),
-        types: Vec::new(),
-        not_types: Vec::new(),
         contains_url: None,
         has: Vec::new(),
         since: None,
@@ -61,10 +58,10 @@ fn finds_stems_prefixes_and_folded_words_and_forgets_removed_ones() {
     by_room.rooms = vec!["!r:x".to_owned()];
     assert_eq!(ids(&index, &by_room), ["$e1"]);
 
-    index.remove("$e3");
+    index.remove(3);
     let mut edited = entry(1, "!r:x", "lunch instead");
     edited.position = 1;
-    index.put(&edited).unwrap();
+    index.replace(&edited).unwrap();
     index.commit(done(5)).unwrap();
     assert!(ids(&index, &query("meeting")).is_empty());
     assert_eq!(ids(&index, &query("lunch")), ["$e1"]);
@@ -136,4 +133,48 @@ fn a_catch_up_part_way_is_remembered() {
     index.commit(part_way).unwrap();
     drop(index);
     assert_eq!(SearchIndex::open(dir.path(), &[]).unwrap().progress(), Some(part_way));
+}
+
+/// Where indexing time goes (run by hand: `-- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn indexing_cost_by_part() {
+    let texts: Vec<String> = (0..100_000u64)
+        .map(|k| {
+            (0..10)
+                .map(|i| format!("w{}x{}", (k * 31 + i * 7) % 5000, i))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let mut a = analysis::Analyzers::new(&[Language::ENGLISH]);
+    let t = std::time::Instant::now();
+    for text in &texts {
+        a.words(text, Some(Language::ENGLISH));
+    }
+    println!("analysis: {:?} per 100k", t.elapsed());
+    let dir = tempfile::tempdir().unwrap();
+    let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+    let t = std::time::Instant::now();
+    for (n, text) in texts.iter().enumerate() {
+        index.put(&entry(n as u64, "!r:x", text)).unwrap();
+        if n % 3500 == 3499 {
+            index.commit(done(n as u64)).unwrap();
+        }
+    }
+    index.commit(done(100_000)).unwrap();
+    println!("put + commit every 3500: {:?} per 100k", t.elapsed());
+    for every in [1000, 10_000, 50_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+        let t = std::time::Instant::now();
+        for (n, text) in texts.iter().enumerate() {
+            index.put(&entry(n as u64, "!r:x", text)).unwrap();
+            if n % every == every - 1 {
+                index.commit(done(n as u64)).unwrap();
+            }
+        }
+        index.commit(done(100_000)).unwrap();
+        println!("put + commit every {every}: {:?} per 100k", t.elapsed());
+    }
 }

@@ -25,6 +25,7 @@ mod idle;
 mod media;
 mod push;
 mod rooms;
+mod search;
 mod sync;
 
 /// The scenarios.
@@ -75,6 +76,11 @@ pub enum BenchCommand {
     /// second; pushes/s received and the delay from each send to its push.
     /// `scripts/bench-push` starts a server that lets pushers reach loopback.
     Push(push::PushArgs),
+    /// Search: `messages` messages of made-up words (natural word frequencies) in
+    /// `rooms` rooms, then `POST /search` latency for common and rare words, two words and
+    /// a prefix; how far indexing trails sending, and (with `--data-dir`) the index size.
+    /// `scripts/bench-search` runs it with and without the index.
+    Search(search::SearchArgs),
     /// Two servers: a room of `members` members on the `--base-url` server is joined by a
     /// user of the `--peer-url` server (timed), who then sends `messages` messages while a
     /// member long-polls; PDUs/s the hosting server takes in and send-to-sync latency.
@@ -112,6 +118,7 @@ impl BenchCommand {
             Self::Federation(a) => &a.common,
             Self::Appservice(a) => &a.common,
             Self::Push(a) => &a.common,
+            Self::Search(a) => &a.common,
         }
     }
 
@@ -130,6 +137,7 @@ impl BenchCommand {
             Self::Federation(a) => federation::federation(a).await,
             Self::Appservice(a) => appservice::appservice(a).await,
             Self::Push(a) => push::push(a).await,
+            Self::Search(a) => search::search(a).await,
         }
     }
 }

@@ -60,14 +60,24 @@ pub struct JoinArgs {
     pub joins: usize,
 }
 
+/// The text of message `k` of a load.
+pub(super) type Texts = Arc<dyn Fn(u64) -> String + Send + Sync>;
+
+/// Every message says "bench".
+fn same_text() -> Texts {
+    Arc::new(|_| "bench".to_owned())
+}
+
 /// `senders` workers (one token each, round robin over `rooms`) send `messages` in all,
-/// at `rate` messages a second in total (0: as fast as they go).
-async fn send_load(
+/// at `rate` messages a second in total (0: as fast as they go), message k saying
+/// `texts(k)`.
+pub(super) async fn send_load(
     api: &Api,
     tokens: Vec<String>,
     rooms: &[String],
     messages: usize,
     rate: u64,
+    texts: Texts,
 ) -> Result<(Vec<Duration>, usize), String> {
     let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(messages));
     let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -75,16 +85,16 @@ async fn send_load(
     let run = std::process::id();
     let mut workers = Vec::new();
     for (w, token) in tokens.into_iter().enumerate() {
-        let (api, rooms, remaining, issued) =
-            (api.clone(), rooms.to_vec(), remaining.clone(), issued.clone());
+        let (api, rooms, remaining, issued, texts) =
+            (api.clone(), rooms.to_vec(), remaining.clone(), issued.clone(), texts.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
             let mut n = 0usize;
             while take_one(&remaining) {
+                let k = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if rate > 0 {
                     // Message k of the run is due k/rate seconds after the start.
-                    let k = issued.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::time::sleep_until(
                         start + Duration::from_secs_f64(k as f64 / rate as f64),
                     )
@@ -94,7 +104,7 @@ async fn send_load(
                 let txn = format!("b{run}_{w}_{n}");
                 n += 1;
                 let t = Instant::now();
-                match api.send_text(&token, room, &txn, "bench").await {
+                match api.send_text(&token, room, &txn, &texts(k)).await {
                     Ok(()) => latencies.push(t.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -125,7 +135,8 @@ pub async fn send(args: SendArgs) -> Result<Value, String> {
     }
     let probe = ServerProbe::start(args.common.server_pid);
     let started = Instant::now();
-    let (mut latencies, errors) = send_load(&api, tokens, &rooms, args.messages, args.rate).await?;
+    let (mut latencies, errors) =
+        send_load(&api, tokens, &rooms, args.messages, args.rate, same_text()).await?;
     let elapsed = started.elapsed();
     let sent = latencies.len();
     Ok(json!({
@@ -148,7 +159,7 @@ pub async fn messages(args: MessagesArgs) -> Result<Value, String> {
     let room = shared_room(&api, &tokens).await?;
     let fill_started = Instant::now();
     let (filled, fill_errors) =
-        send_load(&api, tokens, std::slice::from_ref(&room), args.events, 0).await?;
+        send_load(&api, tokens, std::slice::from_ref(&room), args.events, 0, same_text()).await?;
     let fill_elapsed = fill_started.elapsed();
 
     // Pages start at tokens spread over the whole history: walk back once with large

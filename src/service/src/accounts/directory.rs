@@ -41,18 +41,19 @@ pub fn words(localpart: &str, display_name: Option<&str>) -> BTreeSet<String> {
     out.insert(localpart.to_lowercase());
     let mut analyzers = trellis_search::analysis::Analyzers::new(&[]);
     for text in [Some(localpart), display_name].into_iter().flatten() {
-        for word in analyzers.plain(text) {
-            if trellis_search::analysis::unspaced_script(&word.term) {
-                let chars: Vec<(usize, char)> = word.term.char_indices().collect();
+        for word in analyzers.words(text, None) {
+            let word = word.plain;
+            if trellis_search::analysis::unspaced_script(&word) {
+                let chars: Vec<(usize, char)> = word.char_indices().collect();
                 for &(at, _) in chars.iter().skip(1) {
-                    out.insert(word.term[at..].to_owned());
+                    out.insert(word[at..].to_owned());
                 }
             }
             // Unicode keeps `alice.smith` one word; its parts are names too.
-            for part in word.term.split(|c: char| !c.is_alphanumeric()).filter(|p| !p.is_empty()) {
+            for part in word.split(|c: char| !c.is_alphanumeric()).filter(|p| !p.is_empty()) {
                 out.insert(part.to_owned());
             }
-            out.insert(word.term);
+            out.insert(word);
         }
     }
     out
@@ -61,7 +62,7 @@ pub fn words(localpart: &str, display_name: Option<&str>) -> BTreeSet<String> {
 /// The words of a search: the same analysis as [`words`].
 fn search_terms(search: &str) -> Vec<String> {
     let mut analyzers = trellis_search::analysis::Analyzers::new(&[]);
-    analyzers.plain(search).into_iter().map(|w| w.term).collect()
+    analyzers.words(search, None).into_iter().map(|w| w.plain).collect()
 }
 
 /// Bumped when [`words`] changes: the index is rebuilt once at start-up.
@@ -230,7 +231,7 @@ mod tests {
             assert!(w.contains(expected), "{expected} in {w:?}");
         }
         let w = words("wang", Some("王小明 José"));
-        for expected in ["王小明", "小明", "明", "jose"] {
+        for expected in ["王", "小明", "明", "jose"] {
             assert!(w.contains(expected), "{expected} in {w:?}");
         }
     }

@@ -129,7 +129,6 @@ fn entry(pdu: &Pdu, position: u64, key: Key, text: String, language: Language) -
         event_id: pdu.event_id.to_string(),
         room_id: pdu.room_id.as_ref().map(ToString::to_string).unwrap_or_default(),
         sender: pdu.sender.to_string(),
-        event_type: pdu.kind.to_string(),
         key,
         text,
         origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.0)).unwrap_or(i64::MAX),

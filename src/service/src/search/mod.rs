@@ -27,7 +27,7 @@ use extract::Action;
 
 /// How long the indexer gathers events before it commits them: a message is found by
 /// search at most about this long after it is sent.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A catch-up commits (and logs its progress) after this many events.
 const CATCH_UP_BATCH: usize = 20_000;
@@ -162,7 +162,7 @@ impl Indexer {
             }
             let result = tokio::task::spawn_blocking(move || {
                 for (position, pdu) in &batch {
-                    indexer.apply(*position, pdu);
+                    indexer.apply(*position, pdu, false);
                 }
                 let committed =
                     indexer.index.commit(Progress { up_to: visible, catching_up: None });
@@ -218,7 +218,7 @@ impl Indexer {
                 )?;
                 for (position, pdu) in &page.events {
                     if extract::relevant(&pdu.kind.to_string()) {
-                        self.apply(*position, pdu);
+                        self.apply(*position, pdu, true);
                     }
                 }
                 read += page.events.len() as u64;
@@ -248,16 +248,15 @@ impl Indexer {
     }
 
     /// Applies one event to the index; a failure is logged (the event stays unsearchable,
-    /// and nothing else is held up).
-    fn apply(&mut self, position: u64, pdu: &Pdu) {
+    /// and nothing else is held up). `again`: the event may be indexed already (a
+    /// catch-up overlaps what the last commit held), so its document is replaced.
+    fn apply(&mut self, position: u64, pdu: &Pdu, again: bool) {
         let Some(room_id) = pdu.room_id.as_ref().map(ToString::to_string) else { return };
         let language = self.language(&room_id);
         let result = match extract::action(pdu, position, language) {
+            Action::Put(entry) if again => self.index.replace(&entry),
             Action::Put(entry) => self.index.put(&entry),
-            Action::Remove(event_id) => {
-                self.index.remove(&event_id);
-                Ok(())
-            }
+            Action::Remove(event_id) => self.remove(&event_id),
             Action::Edit { original, sender, new_content } => {
                 self.edit(&room_id, &original, &sender, &new_content, language)
             }
@@ -293,12 +292,20 @@ impl Indexer {
             return Ok(());
         }
         match extract::message(pdu, stored.position, new_content, language) {
-            Some(entry) => self.index.put(&entry),
+            Some(entry) => self.index.replace(&entry),
             None => {
-                self.index.remove(original);
+                self.index.remove(stored.position);
                 Ok(())
             }
         }
+    }
+
+    /// Removes the document of `event_id`, if it has one.
+    fn remove(&self, event_id: &str) -> Result<()> {
+        if let Some(stored) = self.rooms.cached_event(event_id)? {
+            self.index.remove(stored.position);
+        }
+        Ok(())
     }
 
     fn language(&mut self, room_id: &str) -> Language {

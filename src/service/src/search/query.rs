@@ -93,14 +93,16 @@ fn parse_batch(token: &str, order: OrderBy) -> Result<u64> {
     number.parse().map_err(|_| bad())
 }
 
-/// Event types the index holds: a `types` filter (wildcards allowed) narrows to these.
-const INDEXED_TYPES: [&str; 3] = ["m.room.message", "m.room.name", "m.room.topic"];
-
-fn expand_types(patterns: &[String]) -> Vec<String> {
-    INDEXED_TYPES
-        .iter()
-        .filter(|t| patterns.iter().any(|p| crate::rooms::filter::type_matches(p, t)))
-        .map(|t| (*t).to_owned())
+/// The keys left to search once the `types` and `not_types` filters (wildcards allowed)
+/// are applied: each key is the text of one event type.
+fn keys_of_types(keys: &[Key], types: &[String], not_types: &[String]) -> Vec<Key> {
+    let matches = |patterns: &[String], key: &Key| {
+        patterns.iter().any(|p| crate::rooms::filter::type_matches(p, key.event_type()))
+    };
+    keys.iter()
+        .filter(|k| types.is_empty() || matches(types, k))
+        .filter(|k| !matches(not_types, k))
+        .copied()
         .collect()
 }
 
@@ -124,18 +126,16 @@ pub fn search(
         rooms.retain(|r| wanted.contains(r));
     }
     rooms.retain(|r| !request.not_rooms.contains(r));
-    let types = if request.types.is_empty() { Vec::new() } else { expand_types(&request.types) };
-    if rooms.is_empty() || (!request.types.is_empty() && types.is_empty()) {
+    let keys = keys_of_types(&request.keys, &request.types, &request.not_types);
+    if rooms.is_empty() || keys.is_empty() {
         return Ok(empty);
     }
     let mut query = Query {
         terms: request.term.clone(),
-        keys: request.keys.clone(),
+        keys,
         rooms,
         senders: request.senders.clone(),
         not_senders: request.not_senders.clone(),
-        types,
-        not_types: expand_types(&request.not_types),
         contains_url: request.contains_url,
         has: request.has.clone(),
         since: request.since,
