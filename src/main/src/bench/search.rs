@@ -149,7 +149,7 @@ pub async fn search(args: SearchArgs) -> Result<Value, String> {
 
     let mut kinds = serde_json::Map::new();
     let n = args.queries as u64;
-    let kinds_of: [(&str, Box<dyn Fn(u64) -> String>, &str); 5] = [
+    let kinds_of: [(&str, Term, &str); 5] = [
         ("common_word", Box::new(|i| word(i % 5)), "rank"),
         ("common_word_recent", Box::new(|i| word(i % 5)), "recent"),
         (
@@ -180,6 +180,9 @@ pub async fn search(args: SearchArgs) -> Result<Value, String> {
     figures["server"] = probe.report();
     Ok(figures)
 }
+
+/// The search term of query `i` of one kind.
+type Term = Box<dyn Fn(u64) -> String>;
 
 /// One search; answers its time and how many results came back.
 async fn run_query(
