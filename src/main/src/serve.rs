@@ -25,7 +25,18 @@ pub fn run(config: Config) -> ExitCode {
         }
     };
     match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // Storage is flushed. Ending the process without running C++ static
+            // destructors: RocksDB's would tear down its mutexes while its background
+            // threads may still hold them ("pthread lock: Invalid argument", an abort
+            // seen after heavy writes).
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            use std::io::Write;
+            let _ = std::io::stderr().flush();
+            let _ = std::io::stdout().flush();
+            // SAFETY: `_exit` ends the process at once; nothing runs after it.
+            unsafe { libc::_exit(0) }
+        }
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("trellis: {e}");
@@ -167,6 +178,8 @@ async fn serve(config: Config) -> Result<(), String> {
     if let Some(r) = reloader {
         r.abort();
     }
+    // Background work that reads storage ends before storage closes.
+    services.search.stop().await;
     let db = services.db.clone();
     drop(services);
     tokio::task::spawn_blocking(move || db.flush())

@@ -50,6 +50,22 @@ const SCENARIOS: &[(&str, &[&str], &str)] = &[
         &["--members", "4", "--pushers", "2", "--senders", "2", "--rate", "10", "--seconds", "1"],
         "send_to_push",
     ),
+    (
+        "search",
+        &[
+            "--senders",
+            "2",
+            "--messages",
+            "30",
+            "--rooms",
+            "2",
+            "--vocabulary",
+            "200",
+            "--queries",
+            "3",
+        ],
+        "search_latency",
+    ),
 ];
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,7 +11,7 @@ use std::{
 use tantivy::{
     DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Searcher, TantivyDocument,
     Term,
-    collector::{Count, TopDocs},
+    collector::TopDocs,
     query::{
         BooleanQuery, BoostQuery, EmptyQuery, FuzzyTermQuery, Occur, Query as TantivyQuery,
         RangeQuery, TermQuery, TermSetQuery,
@@ -34,8 +34,12 @@ const FORMAT: &str = "trellis-search-2";
 /// its own (`\u{1}meet`), so prefixes of plain words never reach stems.
 const STEM: char = '\u{1}';
 
+/// A last query word found in at least this many documents is not also expanded as a
+/// prefix.
+const PREFIX_ONLY_BELOW: u64 = 1000;
+
 /// Memory the writer buffers before it flushes a segment.
-const WRITER_MEMORY: usize = 64 * 1024 * 1024;
+const WRITER_MEMORY: usize = 16 * 1024 * 1024;
 
 /// Which part of an event a document holds, as `/search`'s `keys` name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -157,7 +161,8 @@ pub struct Query {
     pub terms: String,
     /// The keys searched (after any `types` filter); empty: all.
     pub keys: Vec<Key>,
-    /// The rooms to search; never empty (a user searches the rooms they are in).
+    /// The rooms to search; never empty (a user searches the rooms they are in). Hits
+    /// may come from other rooms when these hold most of the index: the caller checks.
     pub rooms: Vec<String>,
     pub senders: Vec<String>,
     pub not_senders: Vec<String>,
@@ -183,7 +188,7 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// A page of hits and how many documents match in all.
+/// A page of hits and about how many documents match in all.
 #[derive(Debug, Clone)]
 pub struct Page {
     pub hits: Vec<Hit>,
@@ -371,32 +376,30 @@ impl SearchIndex {
 
     /// The documents matching `query`.
     pub fn search(&self, query: &Query) -> Result<Page> {
-        let Some(built) = self.build(query) else { return Ok(Page { hits: Vec::new(), count: 0 }) };
         let searcher = self.reader.searcher();
+        let Some((built, count)) = self.build(query, &searcher) else {
+            return Ok(Page { hits: Vec::new(), count: 0 });
+        };
         let limit = query.limit.max(1);
         let search = |e| Error::internal("searching", e);
-        let (hits, count) = match query.order_by {
+        let hits = match query.order_by {
             OrderBy::Rank => {
                 let top = TopDocs::with_limit(limit).and_offset(query.offset).order_by_score();
-                let (top, count) = searcher.search(&built, &(top, Count)).map_err(search)?;
-                let hits = top
-                    .into_iter()
+                let top = searcher.search(&built, &top).map_err(search)?;
+                top.into_iter()
                     .map(|(score, address)| self.hit(&searcher, address, score))
-                    .collect::<Result<Vec<_>>>()?;
-                (hits, count)
+                    .collect::<Result<Vec<_>>>()?
             }
             OrderBy::Recent => {
                 let top =
                     TopDocs::with_limit(limit).order_by_fast_field::<u64>("position", Order::Desc);
-                let (top, count) = searcher.search(&built, &(top, Count)).map_err(search)?;
-                let hits = top
-                    .into_iter()
+                let top = searcher.search(&built, &top).map_err(search)?;
+                top.into_iter()
                     .map(|(_, address)| self.hit(&searcher, address, 0.0))
-                    .collect::<Result<Vec<_>>>()?;
-                (hits, count)
+                    .collect::<Result<Vec<_>>>()?
             }
         };
-        Ok(Page { hits, count })
+        Ok(Page { hits, count: usize::try_from(count).unwrap_or(usize::MAX) })
     }
 
     fn hit(&self, searcher: &Searcher, address: DocAddress, score: f32) -> Result<Hit> {
@@ -434,8 +437,10 @@ impl SearchIndex {
         out
     }
 
-    /// The tantivy query for `query`; `None` when nothing can match.
-    fn build(&self, query: &Query) -> Option<BooleanQuery> {
+    /// The tantivy query for `query` and an estimate of how many documents match it (for
+    /// the word found in the fewest documents, the documents of its commonest form:
+    /// counting exactly would visit every match); `None` when nothing can match.
+    fn build(&self, query: &Query, searcher: &Searcher) -> Option<(BooleanQuery, u64)> {
         let f = &self.fields;
         let mut analyzers = self.analyzers();
         let words = query_words(&mut analyzers, &query.terms);
@@ -444,6 +449,7 @@ impl SearchIndex {
         }
         let mut must: Vec<(Occur, Box<dyn TantivyQuery>)> = Vec::new();
         let last = words.len() - 1;
+        let mut estimate = u64::MAX;
         for (i, word) in words.iter().enumerate() {
             let term = |text: &str| -> Box<dyn TantivyQuery> {
                 let term = Term::from_field_text(f.words, text);
@@ -459,7 +465,15 @@ impl SearchIndex {
                 let stemmed = term(&format!("{STEM}{stem}"));
                 either.push((Occur::Should, Box::new(BoostQuery::new(stemmed, 0.5))));
             }
-            if i == last && word.prefix {
+            // The word being typed also matches longer words, unless it is a common word
+            // on its own: then its own matches fill the page, and expanding a short
+            // common prefix would cost more than the rest of the search.
+            let freq =
+                |text: &str| searcher.doc_freq(&Term::from_field_text(f.words, text)).unwrap_or(0);
+            let own = freq(&word.plain);
+            let stemmed = word.stems.iter().map(|s| freq(s).max(freq(&format!("{STEM}{s}"))));
+            estimate = estimate.min(stemmed.fold(own, u64::max));
+            if i == last && word.prefix && own < PREFIX_ONLY_BELOW {
                 let prefix = Term::from_field_text(f.words, &word.plain);
                 let q = FuzzyTermQuery::new_prefix(prefix, 0, false);
                 either.push((Occur::Should, Box::new(BoostQuery::new(Box::new(q), 0.3))));
@@ -469,7 +483,17 @@ impl SearchIndex {
         let set = |field: Field, values: &[String]| -> Box<dyn TantivyQuery> {
             Box::new(TermSetQuery::new(values.iter().map(|v| Term::from_field_text(field, v))))
         };
-        must.push((Occur::Must, set(f.room_id, &query.rooms)));
+        // Restricting to the rooms costs a pass over all their documents: worth it when
+        // they hold a small part of the index; otherwise the caller skips hits from other
+        // rooms (it checks every hit anyway).
+        let in_rooms: u64 = query
+            .rooms
+            .iter()
+            .map(|r| searcher.doc_freq(&Term::from_field_text(f.room_id, r)).unwrap_or(0))
+            .sum();
+        if in_rooms.saturating_mul(2) < searcher.num_docs() {
+            must.push((Occur::Must, set(f.room_id, &query.rooms)));
+        }
         if !query.keys.is_empty() && query.keys.len() < Key::ALL.len() {
             let keys: Vec<String> = query.keys.iter().map(|k| k.as_str().to_owned()).collect();
             must.push((Occur::Must, set(f.key, &keys)));
@@ -512,7 +536,7 @@ impl SearchIndex {
         if must.iter().all(|(occur, _)| *occur == Occur::MustNot) {
             must.push((Occur::Must, Box::new(EmptyQuery)));
         }
-        Some(BooleanQuery::new(must))
+        Some((BooleanQuery::new(must), estimate))
     }
 }
 

@@ -9,7 +9,10 @@ pub mod query;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -26,11 +29,15 @@ use crate::{
 use extract::Action;
 
 /// How long the indexer gathers events before it commits them: a message is found by
-/// search at most about this long after it is sent.
-const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+/// search at most about this long after it is sent. Every commit writes a segment that
+/// merges rewrite later, so fewer, larger commits cost less CPU per message.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A catch-up commits (and logs its progress) after this many events.
 const CATCH_UP_BATCH: usize = 20_000;
+
+/// How long shutdown waits for the indexer's last commit.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 type Queued = (u64, Arc<Pdu>);
 
@@ -41,6 +48,11 @@ pub struct Search {
     queue: mpsc::UnboundedSender<Queued>,
     /// Taken by the indexer when it starts.
     queued: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
+    /// Set at shutdown: the indexer commits what it has and ends, before storage closes
+    /// under it.
+    stopping: Arc<AtomicBool>,
+    stop: tokio::sync::watch::Sender<bool>,
+    running: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Search {
@@ -63,7 +75,15 @@ impl Search {
             false => None,
         };
         let (queue, queued) = mpsc::unbounded_channel();
-        Ok(Self { index, default_language, queue, queued: Mutex::new(Some(queued)) })
+        Ok(Self {
+            index,
+            default_language,
+            queue,
+            queued: Mutex::new(Some(queued)),
+            stopping: Arc::default(),
+            stop: tokio::sync::watch::Sender::new(false),
+            running: Mutex::new(None),
+        })
     }
 
     pub fn default_language(&self) -> Language {
@@ -86,8 +106,26 @@ impl Search {
             rooms,
             default_language: self.default_language,
             languages: HashMap::new(),
+            stopping: self.stopping.clone(),
         };
-        tokio::spawn(indexer.run(queued).instrument(tracing::info_span!("search_indexer")));
+        let stop = self.stop.subscribe();
+        let task = tokio::spawn(
+            indexer.run(queued, stop).instrument(tracing::info_span!("search_indexer")),
+        );
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    /// Stops the indexer at shutdown: what it has is committed (a catch-up resumes at
+    /// the next start), and it no longer touches storage once this returns.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        let task = self.running.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task
+            && tokio::time::timeout(STOP_WAIT, task).await.is_err()
+        {
+            tracing::warn!("the search indexer did not stop in time");
+        }
     }
 
     /// Builds the index again from nothing, in the calling task (`trellis search
@@ -100,6 +138,7 @@ impl Search {
             rooms,
             default_language: self.default_language,
             languages: HashMap::new(),
+            stopping: self.stopping.clone(),
         };
         tokio::task::spawn_blocking(move || {
             indexer.index.clear()?;
@@ -132,10 +171,15 @@ struct Indexer {
     default_language: Language,
     /// Each room's language, as read from its state (MSC4334), once per room.
     languages: HashMap<String, Language>,
+    stopping: Arc<AtomicBool>,
 }
 
 impl Indexer {
-    async fn run(mut self, mut queued: mpsc::UnboundedReceiver<Queued>) {
+    async fn run(
+        mut self,
+        mut queued: mpsc::UnboundedReceiver<Queued>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         // Events sent meanwhile wait in the queue; those the catch-up also saw are
         // indexed twice, which changes nothing.
         let caught_up = tokio::task::spawn_blocking(move || {
@@ -150,8 +194,16 @@ impl Indexer {
         if let Err(e) = done {
             tracing::error!(error = %e, "catching up the search index failed; new events are still indexed");
         }
-        while let Some(first) = queued.recv().await {
-            tokio::time::sleep(COMMIT_INTERVAL).await;
+        loop {
+            let first = tokio::select! {
+                next = queued.recv() => match next {
+                    Some(first) => first,
+                    None => return,
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            // Gather for a while, unless the server is stopping: then commit at once.
+            let _ = tokio::time::timeout(COMMIT_INTERVAL, stop.wait_for(|s| *s)).await;
             // Every event at or below the visible position has passed the pipeline, so
             // it is in the queue by now: after draining it, the index is complete up to
             // there.
@@ -208,6 +260,9 @@ impl Indexer {
             }
             let mut after = from;
             loop {
+                if self.stopping.load(Ordering::Relaxed) {
+                    return self.pause(from, target, rooms_done, read);
+                }
                 let page = self.rooms.scan_timeline(
                     &room_id,
                     std::ops::Bound::Excluded(after),
@@ -244,6 +299,16 @@ impl Indexer {
         self.index.commit(Progress { up_to: target, catching_up: None })?;
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(events = read, rooms = total_rooms, seconds, "search index built");
+        Ok(read)
+    }
+
+    /// Ends a catch-up at shutdown; the next start resumes after the last room finished.
+    fn pause(&self, from: u64, target: u64, rooms_done: Option<u64>, read: u64) -> Result<u64> {
+        if let Some(done) = rooms_done {
+            let catching_up = Some(CatchUp { target, rooms_done: done });
+            self.index.commit(Progress { up_to: from, catching_up })?;
+        }
+        tracing::info!(events = read, "search index build paused by shutdown");
         Ok(read)
     }
 

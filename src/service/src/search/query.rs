@@ -3,7 +3,7 @@
 //! may see of each room's history (and nothing from users they ignore).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     ops::Bound::{Excluded, Unbounded},
     sync::Arc,
 };
@@ -130,6 +130,7 @@ pub fn search(
     if rooms.is_empty() || keys.is_empty() {
         return Ok(empty);
     }
+    let searched: HashSet<String> = rooms.iter().cloned().collect();
     let mut query = Query {
         terms: request.term.clone(),
         keys,
@@ -180,6 +181,9 @@ pub fn search(
                 OrderBy::Rank => format!("r{}", query.offset),
                 OrderBy::Recent => format!("p{}", hit.position),
             });
+            if !searched.contains(&hit.room_id) {
+                continue;
+            }
             let Some(stored) = services.rooms.cached_event(&hit.event_id)? else { continue };
             if stored.rejected {
                 continue;
@@ -194,6 +198,11 @@ pub fn search(
                 continue;
             }
             let pdu = room_view.shown(services, &stored.pdu)?;
+            // An erased sender's message is shown redacted to this user: its words
+            // must not find it either.
+            if !Arc::ptr_eq(&pdu, &stored.pdu) {
+                continue;
+            }
             found.push(Found {
                 room_id: hit.room_id,
                 position: stored.position,
