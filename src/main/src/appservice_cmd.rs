@@ -23,12 +23,7 @@ pub fn run(config: Config, command: AppserviceCommand) -> ExitCode {
 }
 
 async fn execute(config: Config, command: AppserviceCommand) -> Result<String, String> {
-    let db = trellis_store::open(&config.database_path(), &config.storage).map_err(|e| {
-        format!(
-            "opening the database at {}: {e} (is the server running?)",
-            config.database_path().display()
-        )
-    })?;
+    let db = crate::user_cmd::open_offline(&config)?;
     let files = &config.appservice.registration_files;
     let result = match command {
         AppserviceCommand::Add { file } => {

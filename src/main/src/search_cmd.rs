@@ -19,12 +19,7 @@ pub fn run(config: Config, command: SearchCommand) -> ExitCode {
 }
 
 async fn execute(config: Config, command: SearchCommand) -> Result<String, String> {
-    let db = trellis_store::open(&config.database_path(), &config.storage).map_err(|e| {
-        format!(
-            "opening the database at {}: {e} (is the server running?)",
-            config.database_path().display()
-        )
-    })?;
+    let db = crate::user_cmd::open_offline(&config)?;
     match command {
         SearchCommand::Reindex => {
             let rooms = Arc::new(

@@ -45,6 +45,16 @@ pub fn run(config: Config, command: UserCommand) -> ExitCode {
     run_offline(execute(config, command))
 }
 
+/// Opens the database for a command run beside a stopped server.
+pub fn open_offline(config: &Config) -> Result<trellis_store::Db, String> {
+    trellis_store::open(&config.database_path(), &config.storage).map_err(|e| {
+        format!(
+            "opening the database at {}: {e} (is the server running?)",
+            config.database_path().display()
+        )
+    })
+}
+
 /// Runs an offline command (one that opens the database itself) to completion and prints
 /// its result: the message on success, the error on failure.
 pub fn run_offline(command: impl std::future::Future<Output = Result<String, String>>) -> ExitCode {
@@ -86,12 +96,7 @@ fn read_password(file: Option<&Path>) -> Result<String, String> {
 }
 
 async fn execute(config: Config, command: UserCommand) -> Result<String, String> {
-    let db = trellis_store::open(&config.database_path(), &config.storage).map_err(|e| {
-        format!(
-            "opening the database at {}: {e} (is the server running?)",
-            config.database_path().display()
-        )
-    })?;
+    let db = open_offline(&config)?;
     let accounts = Accounts::new(
         db.clone(),
         config.server.server_name.clone(),
