@@ -312,6 +312,11 @@ impl SearchIndex {
         &self.dir
     }
 
+    #[cfg(test)]
+    pub(crate) fn set_merge_policy(&self, policy: Box<dyn tantivy::indexer::MergePolicy>) {
+        self.writer().set_merge_policy(policy);
+    }
+
     fn analyzers(&self) -> Analyzers {
         self.analyzers.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -184,3 +184,52 @@ fn indexing_cost_by_part() {
         println!("put + commit every {every}: {:?} per 100k", t.elapsed());
     }
 }
+
+fn process_cpu_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) * 10
+}
+
+/// CPU of indexing under merge policies, merge threads included (run by hand).
+#[test]
+#[ignore]
+fn indexing_cpu_by_merge_policy() {
+    let texts: Vec<String> = (0..300_000u64)
+        .map(|k| {
+            (0..10)
+                .map(|i| format!("w{}x{}", (k * 31 + i * 7) % 5000, i))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    for variant in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+        let mut policy = tantivy::indexer::LogMergePolicy::default();
+        match variant {
+            1 => policy.set_min_num_segments(16),
+            2 => policy.set_min_layer_size(50_000),
+            _ => {}
+        }
+        index.set_merge_policy(Box::new(policy));
+        let before = process_cpu_ms();
+        for (n, text) in texts.iter().enumerate() {
+            index.put(&entry(n as u64, "!r:x", text)).unwrap();
+            if n % 9000 == 8999 {
+                index.commit(done(n as u64)).unwrap();
+            }
+        }
+        index.commit(done(300_000)).unwrap();
+        drop(index);
+        let segments = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "idx"))
+            .count();
+        println!(
+            "variant {variant}: {} ms CPU per 300k, {segments} segments",
+            process_cpu_ms() - before
+        );
+    }
+}
