@@ -141,46 +141,57 @@ fn a_catch_up_part_way_is_remembered() {
     assert_eq!(SearchIndex::open(dir.path(), &[]).unwrap().progress(), Some(part_way));
 }
 
-/// Where indexing time goes (run by hand: `-- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn indexing_cost_by_part() {
-    let texts: Vec<String> = (0..100_000u64)
+/// `n` made-up messages of ten words each, for the measurements below.
+fn made_up_texts(n: u64) -> Vec<String> {
+    (0..n)
         .map(|k| {
             (0..10)
                 .map(|i| format!("w{}x{}", (k * 31 + i * 7) % 5000, i))
                 .collect::<Vec<_>>()
                 .join(" ")
         })
-        .collect();
+        .collect()
+}
+
+/// Indexes `texts` into a fresh index with a commit every `every` documents, under
+/// `policy` (tantivy's default when `None`); answers the number of segments left.
+fn index_all(
+    texts: &[String],
+    every: usize,
+    policy: Option<tantivy::indexer::LogMergePolicy>,
+) -> usize {
+    let dir = tempfile::tempdir().unwrap();
+    let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+    if let Some(policy) = policy {
+        index.set_merge_policy(Box::new(policy));
+    }
+    for (n, text) in texts.iter().enumerate() {
+        index.put(&entry(n as u64, "!r:x", text)).unwrap();
+        if n % every == every - 1 {
+            index.commit(done(n as u64)).unwrap();
+        }
+    }
+    index.commit(done(texts.len() as u64)).unwrap();
+    drop(index);
+    let segments = std::fs::read_dir(dir.path()).unwrap().flatten();
+    segments.filter(|e| e.path().extension().is_some_and(|x| x == "idx")).count()
+}
+
+/// Where indexing time goes, on the calling thread (run by hand: `-- --ignored
+/// --nocapture`).
+#[test]
+#[ignore]
+fn indexing_cost_by_part() {
+    let texts = made_up_texts(100_000);
     let mut a = analysis::Analyzers::new(&[Language::ENGLISH]);
     let t = std::time::Instant::now();
     for text in &texts {
         a.words(text, Some(Language::ENGLISH));
     }
     println!("analysis: {:?} per 100k", t.elapsed());
-    let dir = tempfile::tempdir().unwrap();
-    let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
-    let t = std::time::Instant::now();
-    for (n, text) in texts.iter().enumerate() {
-        index.put(&entry(n as u64, "!r:x", text)).unwrap();
-        if n % 3500 == 3499 {
-            index.commit(done(n as u64)).unwrap();
-        }
-    }
-    index.commit(done(100_000)).unwrap();
-    println!("put + commit every 3500: {:?} per 100k", t.elapsed());
-    for every in [1000, 10_000, 50_000] {
-        let dir = tempfile::tempdir().unwrap();
-        let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
+    for every in [1000, 3500, 10_000, 50_000] {
         let t = std::time::Instant::now();
-        for (n, text) in texts.iter().enumerate() {
-            index.put(&entry(n as u64, "!r:x", text)).unwrap();
-            if n % every == every - 1 {
-                index.commit(done(n as u64)).unwrap();
-            }
-        }
-        index.commit(done(100_000)).unwrap();
+        index_all(&texts, every, None);
         println!("put + commit every {every}: {:?} per 100k", t.elapsed());
     }
 }
@@ -196,40 +207,17 @@ fn process_cpu_ms() -> u64 {
 #[test]
 #[ignore]
 fn indexing_cpu_by_merge_policy() {
-    let texts: Vec<String> = (0..300_000u64)
-        .map(|k| {
-            (0..10)
-                .map(|i| format!("w{}x{}", (k * 31 + i * 7) % 5000, i))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
+    let texts = made_up_texts(300_000);
     for variant in 0..3 {
-        let dir = tempfile::tempdir().unwrap();
-        let index = SearchIndex::open(dir.path(), &[Language::ENGLISH]).unwrap();
         let mut policy = tantivy::indexer::LogMergePolicy::default();
         match variant {
             1 => policy.set_min_num_segments(16),
             2 => policy.set_min_layer_size(50_000),
             _ => {}
         }
-        index.set_merge_policy(Box::new(policy));
         let before = process_cpu_ms();
-        for (n, text) in texts.iter().enumerate() {
-            index.put(&entry(n as u64, "!r:x", text)).unwrap();
-            if n % 9000 == 8999 {
-                index.commit(done(n as u64)).unwrap();
-            }
-        }
-        index.commit(done(300_000)).unwrap();
-        drop(index);
-        let segments = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "idx"))
-            .count();
-        println!(
-            "variant {variant}: {} ms CPU per 300k, {segments} segments",
-            process_cpu_ms() - before
-        );
+        let segments = index_all(&texts, 9000, Some(policy));
+        let cpu = process_cpu_ms() - before;
+        println!("variant {variant}: {cpu} ms CPU per 300k, {segments} segments");
     }
 }

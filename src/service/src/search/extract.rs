@@ -3,6 +3,7 @@
 //! link). Reply fallbacks are left out: they quote the message replied to, which would
 //! otherwise be found twice.
 
+use ruma::events::TimelineEventType;
 use serde_json::Value;
 use trellis_search::{Entry, Has, Key, Language};
 
@@ -30,9 +31,14 @@ pub const LANGUAGE_TYPES: [&str; 2] = ["m.room.language", "org.matrix.msc4334.ro
 
 /// Whether an event of type `kind` can matter to the index (checked before anything is
 /// queued for the indexer).
-pub fn relevant(kind: &str) -> bool {
-    matches!(kind, MESSAGE | "m.room.name" | "m.room.topic" | "m.room.redaction")
-        || LANGUAGE_TYPES.contains(&kind)
+pub fn relevant(kind: &TimelineEventType) -> bool {
+    use TimelineEventType::{RoomMessage, RoomName, RoomRedaction, RoomTopic};
+    // Matched on the enum: no string is built for the common types (this runs for every
+    // event sent).
+    match kind {
+        RoomMessage | RoomName | RoomTopic | RoomRedaction => true,
+        other => LANGUAGE_TYPES.contains(&other.to_string().as_str()),
+    }
 }
 
 /// What `pdu`, at stream position `position`, means for the index; `language` is its

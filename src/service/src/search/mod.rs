@@ -101,18 +101,22 @@ impl Search {
         let Some(queued) = self.queued.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        let indexer = Indexer {
-            index,
-            rooms,
-            default_language: self.default_language,
-            languages: HashMap::new(),
-            stopping: self.stopping.clone(),
-        };
+        let indexer = self.indexer(index, rooms);
         let stop = self.stop.subscribe();
         let task = tokio::spawn(
             indexer.run(queued, stop).instrument(tracing::info_span!("search_indexer")),
         );
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    fn indexer(&self, index: Arc<SearchIndex>, rooms: Arc<Rooms>) -> Indexer {
+        Indexer {
+            index,
+            rooms,
+            default_language: self.default_language,
+            languages: HashMap::new(),
+            stopping: self.stopping.clone(),
+        }
     }
 
     /// Stops the indexer at shutdown: what it has is committed (a catch-up resumes at
@@ -133,13 +137,7 @@ impl Search {
     pub async fn rebuild(&self, rooms: Arc<Rooms>) -> Result<u64> {
         let index =
             self.index.clone().ok_or_else(|| Error::invalid_param("Search is switched off"))?;
-        let mut indexer = Indexer {
-            index,
-            rooms,
-            default_language: self.default_language,
-            languages: HashMap::new(),
-            stopping: self.stopping.clone(),
-        };
+        let mut indexer = self.indexer(index, rooms);
         tokio::task::spawn_blocking(move || {
             indexer.index.clear()?;
             indexer.index.commit(Progress::default())?;
@@ -157,7 +155,7 @@ impl Consumer for Search {
     }
 
     async fn on_event(&self, event: &Appended<'_>) -> Result<Option<u64>> {
-        if self.index.is_some() && extract::relevant(&event.pdu.kind.to_string()) {
+        if self.index.is_some() && extract::relevant(&event.pdu.kind) {
             // The indexer outlives every sender; a closed queue only means shutdown.
             let _ = self.queue.send((event.position, event.pdu.clone()));
         }
@@ -272,7 +270,7 @@ impl Indexer {
                     |_, _| Ok(true),
                 )?;
                 for (position, pdu) in &page.events {
-                    if extract::relevant(&pdu.kind.to_string()) {
+                    if extract::relevant(&pdu.kind) {
                         self.apply(*position, pdu, true);
                     }
                 }
