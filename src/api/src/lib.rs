@@ -1,7 +1,6 @@
 //! HTTP: axum routers for every API surface, and the layers every request passes through.
 
 mod admin;
-mod appservice_admin;
 pub mod client;
 mod convert;
 mod cors;
@@ -9,7 +8,6 @@ pub(crate) mod federation;
 mod guest_access;
 mod media;
 mod observe;
-mod reports_admin;
 pub mod response;
 pub mod ruma_route;
 mod server;
@@ -37,9 +35,7 @@ pub fn main_router(services: AppState) -> Router {
     let router = client::routes(router);
     let router = server::routes(router);
     let router = federation::routes(router);
-    let router = admin::routes(router);
-    let router = appservice_admin::routes(router);
-    let router = reports_admin::routes(router);
+    let router = admin::routes(router, services.clone());
     // `layer` wraps only the routes added so far: media uploads, added after it, are
     // bounded by their own streaming limit instead of the whole-body one.
     let router = router.layer(RequestBodyLimitLayer::new(max_body));

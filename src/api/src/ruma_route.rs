@@ -85,6 +85,20 @@ impl Ctx {
             (None, Some(ip)) => ip.as_str(),
             (None, None) => "-",
         };
+        if let Some(o) = self.session.as_ref().and_then(|s| s.rate_override) {
+            // An admin's override: `0/0` lifts every limit, otherwise it sets the rate
+            // of the user's messages.
+            if o.messages_per_second == 0 && o.burst_count == 0 {
+                return Ok(());
+            }
+            if class == Class::Message {
+                let limit = trellis_core::config::RateLimit::new(
+                    f64::from(o.messages_per_second),
+                    o.burst_count.max(1),
+                );
+                return self.services.rate_limits.check_with(class, key, limit);
+            }
+        }
         self.services.rate_limits.check(class, key)
     }
 }

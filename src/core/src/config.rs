@@ -34,6 +34,7 @@ pub struct Config {
     pub push: PushConfig,
     pub voip: VoipConfig,
     pub search: SearchConfig,
+    pub admin: AdminConfig,
     pub rate_limits: RateLimitsConfig,
     pub media: MediaConfig,
     pub logging: LoggingConfig,
@@ -446,6 +447,29 @@ impl Default for VoipConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Localpart of the account that sends server notices (made when first needed).
+    pub notices_localpart: String,
+    /// Its display name, and the name of the room each user gets notices in.
+    pub notices_display_name: String,
+    pub notices_room_name: String,
+    /// Audit log records older than this many days are removed; 0 keeps them all.
+    pub audit_retention_days: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            notices_localpart: "_server".to_owned(),
+            notices_display_name: "Server Notices".to_owned(),
+            notices_room_name: "Server Notices".to_owned(),
+            audit_retention_days: 365,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct SearchConfig {
     /// Index messages for `POST /search`. Off: searches find nothing, and no index is
     /// kept.
@@ -814,6 +838,14 @@ impl Config {
         let mut issues = Vec::new();
         let mut bad =
             |key: &str, message: String| issues.push(ConfigIssue { key: key.into(), message });
+        let notices = &self.admin.notices_localpart;
+        if notices.is_empty()
+            || !notices
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._=-/+".contains(&b))
+        {
+            bad("admin.notices_localpart", "not a valid user localpart".to_owned());
+        }
         if let Err(e) = <&ruma::ServerName>::try_from(self.server.server_name.as_str()) {
             bad("server.server_name", format!("not a valid Matrix server name: {e}"));
         }

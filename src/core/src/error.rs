@@ -160,6 +160,9 @@ impl Error {
     pub fn invalid_param(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorKind::BadRequest, code::INVALID_PARAM, message)
     }
+    pub fn missing_param(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorKind::BadRequest, code::MISSING_PARAM, message)
+    }
     pub fn missing_token() -> Self {
         Self::new(ErrorKind::Unauthenticated, code::MISSING_TOKEN, "Missing access token")
     }

@@ -110,7 +110,7 @@ async fn execute(config: Config, command: UserCommand) -> Result<String, String>
             let password =
                 if no_password { None } else { Some(read_password(password_file.as_deref())?) };
             let user_id = accounts
-                .create_user(&name, password, admin)
+                .create_user(&name, password, admin, &client)
                 .await
                 .map_err(|e| e.message.to_string())?;
             if bot {

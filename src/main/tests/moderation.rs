@@ -3,27 +3,10 @@
 
 mod common;
 
-use common::{OPEN, TestServer};
+use common::{OPEN, TestServer, admin_token};
 use serde_json::{Value, json};
 
 const REPORTS: &str = "/_synapse/admin/v1/event_reports";
-
-/// An admin made with the offline CLI (the server is restarted around it).
-async fn admin_token(s: &mut TestServer) -> String {
-    s.terminate();
-    let pwfile = s.dir.path().join("pw");
-    std::fs::write(&pwfile, "admin password\n").unwrap();
-    let config = s.config_path.to_str().unwrap().to_owned();
-    let args = ["user", "--config", &config, "create", "root", "--admin", "--password-file"];
-    let out = common::run_cli(&[&args[..], &[pwfile.to_str().unwrap()]].concat(), s.dir.path());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    s.launch().await;
-    let login = json!({"type": "m.login.password", "password": "admin password",
-                       "identifier": {"type": "m.id.user", "user": "root"}});
-    let (status, body) = s.post("/_matrix/client/v3/login", &login).await;
-    assert_eq!(status, 200, "{body}");
-    body["access_token"].as_str().unwrap().to_owned()
-}
 
 fn errcode(body: &Value) -> Option<&str> {
     body["errcode"].as_str()

@@ -14,6 +14,7 @@ macro_rules! object {
 }
 
 pub mod accounts;
+pub mod admin;
 pub mod appservice;
 pub mod audit;
 pub mod durable;
@@ -249,6 +250,15 @@ pub async fn run_janitor(services: Arc<Services>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "swept unused media ids and stale previews"),
             Err(e) => tracing::warn!(error = %e, "sweeping media records failed"),
+        }
+        let retention = services.config.admin.audit_retention_days;
+        let swept = admin::audit_log::sweep(&services, retention)
+            .instrument(tracing::info_span!("audit_janitor"))
+            .await;
+        match swept {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "removed audit records past their retention"),
+            Err(e) => tracing::warn!(error = %e, "sweeping the audit log failed"),
         }
     }
 }

@@ -50,10 +50,14 @@ impl RateLimiter {
 
     /// Takes one token for `key` (a user or a client address) or fails with 429.
     pub fn check(&self, class: Class, key: &str) -> Result<()> {
+        self.check_with(class, key, self.limit(class))
+    }
+
+    /// As [`Self::check`], with a limit of this key's own (an admin's override).
+    pub fn check_with(&self, class: Class, key: &str, limit: RateLimit) -> Result<()> {
         if !self.config.enabled {
             return Ok(());
         }
-        let limit = self.limit(class);
         let now = Instant::now();
         let Ok(mut buckets) = self.buckets.lock() else { return Ok(()) };
         if buckets.len() >= MAX_BUCKETS {
@@ -73,7 +77,9 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            let wait_ms = ((1.0 - bucket.tokens) / limit.per_second * 1000.0).ceil() as u64;
+            // A bucket that never refills still names a finite wait.
+            let per_second = limit.per_second.max(1.0 / 86_400.0);
+            let wait_ms = ((1.0 - bucket.tokens) / per_second * 1000.0).ceil() as u64;
             Err(Error::limit_exceeded(wait_ms.max(1)))
         }
     }

@@ -25,6 +25,20 @@ pub struct UserRecord {
     /// limits when `rate_limits.exempt_bots` says so.
     #[serde(default)]
     pub bot: bool,
+    /// Shadow-banned (admin action): the user's events, invites and typing go nowhere,
+    /// while the user is told they succeeded.
+    #[serde(default)]
+    pub shadow_banned: bool,
+    /// A per-user message rate set by an admin; `0/0` exempts the user from rate limits.
+    #[serde(default)]
+    pub rate_override: Option<RateOverride>,
+}
+
+/// An admin's override of a user's message rate limit.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RateOverride {
+    pub messages_per_second: u32,
+    pub burst_count: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -199,6 +213,12 @@ pub struct MediaRecord {
     /// Quarantined media is served to nobody (admin action).
     #[serde(default)]
     pub quarantined: bool,
+    /// The admin who quarantined it.
+    #[serde(default)]
+    pub quarantined_by: Option<String>,
+    /// Protected media is left alone by quarantines of a whole user or room.
+    #[serde(default)]
+    pub protected: bool,
     /// Displayed pixel size (after EXIF orientation) of images we can decode.
     #[serde(default)]
     pub dimensions: Option<(u32, u32)>,

@@ -231,6 +231,10 @@ tables! {
     EMAIL_UNSUBSCRIBE = "email_unsubscribe", Point @ 75;
     // report id -> a user's report of an event, a room or a user, for the moderators
     REPORTS = "reports", Scan @ 76;
+    // room id -> the admin who blocked it: no user of this server joins or is invited
+    BLOCKED_ROOMS = "blocked_rooms", Point @ 77;
+    // delete id -> a room deletion an admin asked for and how far it got
+    ROOM_DELETIONS = "room_deletions", Scan @ 78;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

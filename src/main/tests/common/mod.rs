@@ -506,3 +506,21 @@ pub async fn run_nio_scenario(bases: &[String]) {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
 }
+
+/// Makes the server admin `root` (password "admin password") with the offline CLI,
+/// restarting the server around it, and logs it in: its access token.
+pub async fn admin_token(s: &mut TestServer) -> String {
+    s.terminate();
+    let pwfile = s.dir.path().join("pw");
+    std::fs::write(&pwfile, "admin password\n").unwrap();
+    let config = s.config_path.to_str().unwrap().to_owned();
+    let args = ["user", "--config", &config, "create", "root", "--admin", "--password-file"];
+    let out = run_cli(&[&args[..], &[pwfile.to_str().unwrap()]].concat(), s.dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    s.launch().await;
+    let login = serde_json::json!({"type": "m.login.password", "password": "admin password",
+                       "identifier": {"type": "m.id.user", "user": "root"}});
+    let (status, body) = s.post("/_matrix/client/v3/login", &login).await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}

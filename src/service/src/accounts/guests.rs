@@ -38,6 +38,8 @@ impl Accounts {
             suspended: false,
             guest: true,
             bot: false,
+            shadow_banned: false,
+            rate_override: None,
         };
         USERS.put(&mut batch, &localpart, &Json(record));
         let device_id = new_device_id();

@@ -1,6 +1,7 @@
 //! Accounts: registration, login, tokens, devices, passwords, deactivation.
 
 pub mod account_data;
+pub mod admin;
 pub mod deactivation;
 pub mod devices;
 pub mod directory;
@@ -357,6 +358,7 @@ impl Accounts {
         username: &str,
         password: Option<String>,
         admin: bool,
+        client: &Client,
     ) -> Result<String> {
         let localpart = self.parse_username(username)?;
         if let Some(pw) = &password {
@@ -370,7 +372,7 @@ impl Accounts {
         self.refuse_taken(&localpart)?;
         let mut batch = Batch::new();
         self.put_new_user(&mut batch, &localpart, hash, admin);
-        self.audit.add(&mut batch, Some(&localpart), "user_create", &Client::cli(), "ok", None);
+        self.audit.add(&mut batch, Some(&localpart), "user_create", client, "ok", None);
         commit(&self.db, batch).await?;
         Ok(self.user_id(&localpart))
     }
@@ -451,6 +453,8 @@ impl Accounts {
                 suspended: false,
                 guest: false,
                 bot: false,
+                shadow_banned: false,
+                rate_override: None,
             }),
         );
     }

@@ -13,7 +13,7 @@ use crate::{
     commit, random,
     tables::{
         ACCESS_TOKENS, DEVICES, DeviceRecord, LOGIN_TOKENS, LoginTokenRecord, OPENID_TOKENS,
-        REFRESH_TOKENS, RefreshRecord, TokenRecord, USERS,
+        REFRESH_TOKENS, RateOverride, RefreshRecord, TokenRecord, USERS, UserRecord,
     },
 };
 
@@ -30,6 +30,31 @@ pub struct Session {
     pub bot: bool,
     /// The account is suspended: it reads but does not write (see `moderation`).
     pub suspended: bool,
+    /// The account is shadow-banned: what it sends is dropped while it is told otherwise.
+    pub shadow_banned: bool,
+    /// An admin's override of the account's message rate limit.
+    pub rate_override: Option<RateOverride>,
+}
+
+impl Session {
+    /// The session of `user`'s device `device_id`, acting for itself or for `appservice`.
+    pub fn of(
+        localpart: String,
+        device_id: String,
+        user: &UserRecord,
+        appservice: Option<String>,
+    ) -> Self {
+        Self {
+            localpart,
+            device_id,
+            guest: user.guest && appservice.is_none(),
+            bot: user.bot,
+            suspended: user.suspended,
+            shadow_banned: user.shadow_banned,
+            rate_override: user.rate_override,
+            appservice,
+        }
+    }
 }
 
 /// Tokens handed to a client at login, registration or refresh.
@@ -56,7 +81,7 @@ pub fn hash_token(token: &str) -> Vec<u8> {
 /// How long an OpenID token may be checked: an hour, as other servers give.
 const OPENID_TOKEN_LIFETIME_MS: u64 = 3600 * 1000;
 
-fn new_token(prefix: &str) -> String {
+pub(super) fn new_token(prefix: &str) -> String {
     format!("{prefix}_{}", random::alphanumeric(40))
 }
 
@@ -181,10 +206,7 @@ impl Accounts {
             commit(&self.db, batch).await?;
         }
         self.note_seen(&record.localpart, &record.device_id, client).await?;
-        let device_id = record.device_id;
-        let (guest, bot, suspended) = (user.guest, user.bot, user.suspended);
-        let localpart = record.localpart;
-        Ok(Session { localpart, device_id, guest, bot, suspended, appservice: None })
+        Ok(Session::of(record.localpart, record.device_id, &user, None))
     }
 
     /// Records "last seen" for a device, writing at most once per interval.

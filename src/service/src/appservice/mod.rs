@@ -129,8 +129,8 @@ pub async fn authenticate(
         .local_part(&user_id)
         .ok_or_else(|| Error::forbidden("The application service cannot act as this user"))?
         .to_owned();
-    let (bot, suspended) = match accounts.user(&localpart)? {
-        Some(user) if !user.deactivated => (user.bot, user.suspended),
+    let user = match accounts.user(&localpart)? {
+        Some(user) if !user.deactivated => user,
         _ => return Err(Error::forbidden("The application service has not registered this user")),
     };
     let device_id = match param("device_id").or_else(|| param("org.matrix.msc3202.device_id")) {
@@ -146,8 +146,7 @@ pub async fn authenticate(
         }
         None => String::new(),
     };
-    let appservice = Some(reg.id.clone());
-    Ok(Session { localpart, device_id, guest: false, bot, suspended, appservice })
+    Ok(Session::of(localpart, device_id, &user, Some(reg.id.clone())))
 }
 
 /// Makes sure every service's sender user exists (without a password).

@@ -213,6 +213,7 @@ pub async fn receive_invite(
     event: Value,
     invite_room_state: Vec<Value>,
 ) -> Result<Value> {
+    crate::rooms::blocks::refuse_blocked(services, room_id)?;
     let version = RoomVersionId::try_from(room_version)
         .ok()
         .filter(|v| v.rules().is_some())

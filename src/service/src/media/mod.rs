@@ -261,6 +261,8 @@ impl Media {
             filename: None,
             expires_ms: Some(expires),
             quarantined: false,
+            quarantined_by: None,
+            protected: false,
             dimensions: None,
         };
         let mut batch = Batch::new();
@@ -367,6 +369,8 @@ impl Media {
                 filename: upload.filename.clone(),
                 expires_ms: None,
                 quarantined: false,
+                quarantined_by: None,
+                protected: false,
                 dimensions,
             };
             if pending {
@@ -787,12 +791,31 @@ impl Media {
         Ok(())
     }
 
-    /// Admin: nobody is served this media item any more; its file is kept.
-    pub async fn quarantine(&self, server: &str, id: &str) -> Result<()> {
+    /// Admin: nobody is served this media item any more (with `by`, the admin's user
+    /// id) or it is served again (`None`); its file is kept either way.
+    pub async fn quarantine(&self, server: &str, id: &str, by: Option<&str>) -> Result<()> {
+        self.change(server, id, |record| {
+            record.quarantined = by.is_some();
+            record.quarantined_by = by.map(str::to_owned);
+        })
+        .await
+    }
+
+    /// Admin: protects a media item from quarantines of a whole user or room, or not.
+    pub async fn protect(&self, server: &str, id: &str, protected: bool) -> Result<()> {
+        self.change(server, id, |record| record.protected = protected).await
+    }
+
+    /// An item's record, for an admin (404 when there is none).
+    pub fn info(&self, server: &str, id: &str) -> Result<MediaRecord> {
+        self.record(server, id)?.ok_or_else(|| Error::not_found("Media not found"))
+    }
+
+    async fn change(&self, server: &str, id: &str, f: impl FnOnce(&mut MediaRecord)) -> Result<()> {
         let _commit = self.0.commit.lock().await;
         let mut record =
             self.record(server, id)?.ok_or_else(|| Error::not_found("Media not found"))?;
-        record.quarantined = true;
+        f(&mut record);
         let mut batch = Batch::new();
         MEDIA.put(&mut batch, &(server.to_owned(), id.to_owned()), &Json(record));
         crate::commit(&self.0.db, batch).await

@@ -33,6 +33,7 @@ pub async fn join(
     reason: Option<String>,
 ) -> Result<OwnedRoomId> {
     let (room_id, mut servers) = resolve_target(services, target, via).await?;
+    super::blocks::refuse_blocked(services, room_id.as_str())?;
     let user = user.as_str();
     // An invite to a room this server is not in names the server to join through.
     if let Some(invite) = invites::pending(services, user, room_id.as_str())?
@@ -133,6 +134,11 @@ pub async fn invite(
     invitee: &UserId,
     reason: Option<String>,
 ) -> Result<()> {
+    super::blocks::refuse_blocked(services, room_id.as_str())?;
+    if services.accounts.shadow_banned(sender.localpart())? {
+        // Told it worked; nobody is invited.
+        return Ok(());
+    }
     let (sender, target) = (sender.as_str(), invitee.as_str());
     if invitee.server_name().as_str() != services.server_name() && services.federation.enabled() {
         let content = member_content(services, sender, "invite", reason)?;

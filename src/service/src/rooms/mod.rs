@@ -4,6 +4,7 @@
 
 pub mod aliases;
 pub mod append;
+pub mod blocks;
 pub mod builder;
 pub mod cache;
 pub mod create;

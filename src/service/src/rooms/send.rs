@@ -25,6 +25,12 @@ impl Sender<'_> {
     }
 }
 
+/// What a shadow-banned user is told it sent: an id that no event has.
+fn decoy_event_id() -> Result<OwnedEventId> {
+    EventId::parse(format!("${}", crate::random::alphanumeric(43)))
+        .map_err(|e| Error::internal("event id", e))
+}
+
 /// `PUT /rooms/{roomId}/send/{eventType}/{txnId}`: a message event of `kind`.
 pub async fn message(
     services: &Services,
@@ -35,6 +41,9 @@ pub async fn message(
     txn_id: &TransactionId,
 ) -> Result<OwnedEventId> {
     require_joined(services, room_id, sender.user)?;
+    if services.accounts.shadow_banned(sender.user.localpart())? {
+        return decoy_event_id();
+    }
     // A redaction may be sent like any event (spec v1.18), naming its target in the
     // content whatever the room version; it takes effect as through `/redact`.
     let redacts = match kind.as_str() {
@@ -76,6 +85,9 @@ pub async fn state(
         && serde_json::from_str::<Value>(current.content.get()).is_ok_and(|c| c == content)
     {
         return Ok(current.event_id);
+    }
+    if kind != "m.room.member" && services.accounts.shadow_banned(sender.localpart())? {
+        return decoy_event_id();
     }
     if kind == "m.room.canonical_alias" {
         check_new_aliases(services, room_id, &content).await?;

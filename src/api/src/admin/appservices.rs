@@ -13,10 +13,8 @@ use serde_json::{Value, json};
 use trellis_core::Error;
 use trellis_service::appservice::{self, registration::Namespace};
 
-use crate::{
-    AppState,
-    admin::{admin_caller, respond},
-};
+use super::{admin_caller, respond};
+use crate::AppState;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     router
@@ -32,7 +30,7 @@ fn namespaces(list: &[Namespace]) -> Value {
 async fn list(State(s): State<AppState>, parts: Parts) -> Response {
     respond(
         async {
-            admin_caller(&s, &parts).await?;
+            admin_caller(&parts)?;
             let listed: Vec<Value> = s
                 .appservices
                 .all()
@@ -63,7 +61,7 @@ async fn list(State(s): State<AppState>, parts: Parts) -> Response {
 async fn add(State(s): State<AppState>, parts: Parts, body: Bytes) -> Response {
     respond(
         async {
-            let (admin, client) = admin_caller(&s, &parts).await?;
+            let (admin, client) = admin_caller(&parts)?;
             let text = std::str::from_utf8(&body)
                 .map_err(|_| Error::not_json("The registration is not UTF-8 text"))?;
             let id = appservice::add(&s, text).await?;
@@ -78,7 +76,7 @@ async fn add(State(s): State<AppState>, parts: Parts, body: Bytes) -> Response {
 async fn remove(State(s): State<AppState>, parts: Parts, Path(id): Path<String>) -> Response {
     respond(
         async {
-            let (admin, client) = admin_caller(&s, &parts).await?;
+            let (admin, client) = admin_caller(&parts)?;
             appservice::remove(&s, &id).await?;
             s.audit.log(Some(&admin), "appservice_remove", &client, "ok", Some(id)).await;
             Ok(json!({}))

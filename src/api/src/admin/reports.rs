@@ -13,10 +13,8 @@ use serde_json::json;
 use trellis_core::{Error, Result};
 use trellis_service::reports::{self, ListQuery};
 
-use crate::{
-    AppState,
-    admin::{admin_caller, respond},
-};
+use super::{admin_caller, respond};
+use crate::AppState;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     router
@@ -60,7 +58,7 @@ fn report_id(id: &str) -> Result<u64> {
 async fn list(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery) -> Response {
     respond(
         async {
-            admin_caller(&s, &parts).await?;
+            admin_caller(&parts)?;
             let query = parse_query(query)?;
             let (page, total, next) = reports::list(&s, &query)?;
             let mut body = json!({"event_reports": page, "total": total});
@@ -77,7 +75,7 @@ async fn list(State(s): State<AppState>, parts: Parts, RawQuery(query): RawQuery
 async fn show(State(s): State<AppState>, parts: Parts, Path(id): Path<String>) -> Response {
     respond(
         async {
-            admin_caller(&s, &parts).await?;
+            admin_caller(&parts)?;
             reports::get(&s, report_id(&id)?)
         }
         .await,
@@ -88,7 +86,7 @@ async fn show(State(s): State<AppState>, parts: Parts, Path(id): Path<String>) -
 async fn remove(State(s): State<AppState>, parts: Parts, Path(id): Path<String>) -> Response {
     respond(
         async {
-            let (admin, client) = admin_caller(&s, &parts).await?;
+            let (admin, client) = admin_caller(&parts)?;
             reports::delete(&s, report_id(&id)?, &admin, &client).await?;
             Ok(json!({}))
         }
