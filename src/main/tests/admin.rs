@@ -642,3 +642,76 @@ async fn server_notices_reach_the_user_in_a_room_of_their_own() {
         .await;
     assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
 }
+
+/// synadm, the Synapse admin command line from PyPI (installed by `.ci/install-deps`),
+/// in JSON output mode: what it prints.
+fn synadm(config: &std::path::Path, args: &[&str]) -> Value {
+    let out = std::process::Command::new("python3")
+        .args(["-m", "synadm", "-c", config.to_str().unwrap(), "--batch", "-o", "minified"])
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "synadm {args:?}: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Some commands print the state before a change, then the answer: the last line.
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{') || l.starts_with('[') || l.starts_with('"'));
+    serde_json::from_str(last.unwrap_or("null"))
+        .unwrap_or_else(|_| panic!("synadm {args:?}: {stdout}"))
+}
+
+#[tokio::test]
+async fn synadm_manages_users_rooms_and_notices() {
+    let mut s = TestServer::start(OPEN).await;
+    let admin = admin_token(&mut s).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let room =
+        s.create_room(&alice, json!({"name": "Town square", "room_alias_name": "town"})).await;
+    let config = s.dir.path().join("synadm.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "user: \"@root:localhost\"\ntoken: \"{admin}\"\nprotocol: http\nbase_url: \"{}\"\n\
+             admin_path: /_synapse/admin\nmatrix_path: /_matrix\nformat: json\ntimeout: 30\n\
+             homeserver: localhost\nserver_discovery: well-known\nssl_verify: false\n",
+            s.base
+        ),
+    )
+    .unwrap();
+
+    let version = synadm(&config, &["version"]);
+    assert!(version["server_version"].as_str().unwrap().starts_with("Trellis"), "{version}");
+    let users = synadm(&config, &["user", "list"]);
+    assert_eq!(users["total"], 2, "{users}");
+    let found = synadm(&config, &["user", "search", "ali"]);
+    assert_eq!(found["users"][0]["name"], alice_id.as_str(), "{found}");
+    let changed = synadm(&config, &["user", "modify", &alice_id, "--display-name", "Alice A."]);
+    assert_eq!(changed["displayname"], "Alice A.", "{changed}");
+
+    let rooms = synadm(&config, &["room", "list"]);
+    assert_eq!(rooms["rooms"][0]["name"], "Town square", "{rooms}");
+    assert_eq!(synadm(&config, &["room", "resolve", "#town:localhost"]), json!(room));
+    let details = synadm(&config, &["room", "details", &room]);
+    assert_eq!(details["canonical_alias"], "#town:localhost", "{details}");
+    let members = synadm(&config, &["room", "members", &room]);
+    assert_eq!(members["members"], json!([alice_id]), "{members}");
+    assert_eq!(synadm(&config, &["room", "block", &room])["block"], true);
+    assert_eq!(synadm(&config, &["room", "block-status", &room])["user_id"], "@root:localhost");
+
+    let sent = synadm(&config, &["notice", "send", &alice_id, "Hello from synadm"]);
+    assert!(sent[0]["event_id"].as_str().unwrap().starts_with('$'), "{sent}");
+    let (_, sync) = s.get_auth("/_matrix/client/v3/sync", &alice).await;
+    assert_eq!(sync["rooms"]["invite"].as_object().unwrap().len(), 1, "{sync}");
+
+    synadm(&config, &["user", "deactivate", &alice_id]);
+    let details = synadm(&config, &["user", "details", &alice_id]);
+    assert_eq!(details["deactivated"], true, "{details}");
+    let (status, _) = s.get_auth("/_matrix/client/v3/account/whoami", &alice).await;
+    assert_eq!(status, 401);
+}

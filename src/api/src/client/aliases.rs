@@ -105,11 +105,8 @@ async fn delete(ctx: Ctx, req: delete_alias::v3::Request) -> Result<delete_alias
 
 /// GET /_matrix/client/v3/rooms/{roomId}/aliases
 async fn list(ctx: Ctx, req: aliases::v3::Request) -> Result<aliases::v3::Response> {
-    require_joined(&ctx, &req.room_id)?;
-    let aliases = ctx
-        .services
-        .aliases
-        .of_room(req.room_id.as_str())?
+    let user = ctx.services.accounts.user_id(&ctx.session()?.localpart);
+    let aliases = trellis_service::rooms::aliases::listed_for(&ctx.services, &user, &req.room_id)?
         .into_iter()
         .filter_map(|a| OwnedRoomAliasId::try_from(a).ok())
         .collect();

@@ -146,3 +146,22 @@ pub async fn delete_alias(
     }
     Ok(())
 }
+
+/// `GET /rooms/{roomId}/aliases`: the room's local aliases, for its members and for
+/// server admins (whose tools list the rooms of the users they manage).
+pub fn listed_for(
+    services: &crate::Services,
+    user: &str,
+    room_id: &ruma::RoomId,
+) -> Result<Vec<String>> {
+    let admin = services
+        .accounts
+        .local_part(user)
+        .and_then(|lp| services.accounts.user(lp).ok().flatten())
+        .is_some_and(|u| u.admin);
+    if !admin {
+        let user = ruma::UserId::parse(user).map_err(|e| Error::internal("user id", e))?;
+        super::viewer::require_joined(services, room_id, &user)?;
+    }
+    services.aliases.of_room(room_id.as_str())
+}
