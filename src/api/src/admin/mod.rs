@@ -23,7 +23,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use http::StatusCode;
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use trellis_core::{Error, Result};
 use trellis_service::Client;
@@ -119,6 +119,20 @@ pub(crate) fn ok_json(value: Value) -> Response {
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
     let body: &[u8] = if body.is_empty() { b"{}" } else { body };
     serde_json::from_slice(body).map_err(json_error)
+}
+
+/// For a body field where `null` and absent mean different things.
+pub(crate) fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A body flag that is on unless sent as `false`.
+pub(crate) fn yes() -> bool {
+    true
 }
 
 pub(crate) fn respond(result: Result<Value>) -> Response {

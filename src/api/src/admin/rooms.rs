@@ -23,7 +23,7 @@ use trellis_service::{
     },
 };
 
-use super::{Params, admin_caller, next_from, page, parse_body, respond, to_json};
+use super::{Params, admin_caller, next_from, page, parse_body, respond, to_json, yes};
 use crate::AppState;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -330,10 +330,6 @@ struct DeleteBody {
     purge: bool,
     #[serde(default)]
     force_purge: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn shutdown_request(body: &Bytes) -> Result<(rooms::Shutdown, bool, bool)> {

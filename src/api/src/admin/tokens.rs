@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use trellis_core::Error;
 
-use super::{admin_caller, parse_body, respond};
+use super::{admin_caller, parse_body, present, respond};
 use crate::AppState;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -92,14 +92,6 @@ struct UpdateToken {
     uses_allowed: Option<Option<u32>>,
     #[serde(default, deserialize_with = "present")]
     expiry_time: Option<Option<u64>>,
-}
-
-fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
 }
 
 /// PUT /_synapse/admin/v1/registration_tokens/{token}

@@ -19,7 +19,7 @@ use trellis_service::{
     tables::RateOverride,
 };
 
-use super::{Params, admin_caller, next_from, page, parse_body, respond, to_json};
+use super::{Params, admin_caller, next_from, page, parse_body, present, respond, to_json, yes};
 use crate::{AppState, response::ApiError};
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -151,19 +151,6 @@ struct UserBody {
 struct ThreepidBody {
     medium: String,
     address: String,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `null` is kept apart from an absent field.
-fn present<'de, D, T>(d: D) -> std::result::Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(d).map(Some)
 }
 
 /// PUT /_synapse/admin/v2/users/{userId}
