@@ -35,6 +35,7 @@ pub struct Config {
     pub voip: VoipConfig,
     pub search: SearchConfig,
     pub admin: AdminConfig,
+    pub content_policy: ContentPolicyConfig,
     pub rate_limits: RateLimitsConfig,
     pub media: MediaConfig,
     pub logging: LoggingConfig,
@@ -468,6 +469,33 @@ impl Default for AdminConfig {
     }
 }
 
+/// What happens to a message or name the content policy catches.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    /// Refused (403 `M_FORBIDDEN`, or `M_INVALID_USERNAME` for a name).
+    #[default]
+    Reject,
+    /// Let through, and reported to the admins.
+    Flag,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContentPolicyConfig {
+    /// Words (any case) that messages in public rooms may not contain as words, and
+    /// names of new accounts may not contain at all.
+    pub words: Vec<String>,
+    /// Regular expressions checked against the same texts.
+    pub patterns: Vec<String>,
+    /// Link domains (and their subdomains) messages in public rooms may not link to.
+    pub link_domains: Vec<String>,
+    /// `reject` or `flag`.
+    pub action: PolicyAction,
+    /// Also check the names of accounts being registered.
+    pub check_names: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SearchConfig {
@@ -838,6 +866,14 @@ impl Config {
         let mut issues = Vec::new();
         let mut bad =
             |key: &str, message: String| issues.push(ConfigIssue { key: key.into(), message });
+        for (n, pattern) in self.content_policy.patterns.iter().enumerate() {
+            if let Err(e) = regex::Regex::new(pattern) {
+                bad(
+                    &format!("content_policy.patterns[{n}]"),
+                    format!("not a regular expression: {e}"),
+                );
+            }
+        }
         let notices = &self.admin.notices_localpart;
         if notices.is_empty()
             || !notices

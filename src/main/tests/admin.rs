@@ -76,6 +76,11 @@ fn admin_routes(user: &str, room: &str) -> Vec<(&'static str, String)> {
         ("POST", format!("{A}/v1/send_server_notice")),
         ("PUT", format!("{A}/v1/send_server_notice/t1")),
         ("GET", format!("{A}/v1/statistics/users/media")),
+        ("GET", format!("{A}/v1/federation/destinations")),
+        ("GET", format!("{A}/v1/federation/destinations/x.example")),
+        ("GET", format!("{A}/v1/federation/destinations/x.example/rooms")),
+        ("POST", format!("{A}/v1/federation/destinations/x.example/reset_connection")),
+        ("PUT", "/_trellis/admin/v1/reports/1".to_owned()),
         ("GET", format!("{A}/v1/registration_tokens")),
         ("GET", format!("{A}/v1/event_reports")),
         ("GET", "/_trellis/admin/v1/audit".to_owned()),
@@ -344,6 +349,10 @@ async fn a_shadow_banned_user_is_told_it_sent_what_nobody_receives() {
 
     let hidden = s.send_text(&mallory, &room, "spam spam spam").await;
     assert!(hidden.starts_with('$'));
+    // The ban outlives a restart.
+    s.terminate();
+    s.launch().await;
+    let hidden_later = s.send_text(&mallory, &room, "more spam").await;
     let (_, carol) = s.register("carol").await;
     let (status, _) = s
         .post_auth(
@@ -369,6 +378,7 @@ async fn a_shadow_banned_user_is_told_it_sent_what_nobody_receives() {
         .collect();
     assert!(ids.contains(&seen.as_str()), "{messages}");
     assert!(!ids.contains(&hidden.as_str()), "{messages}");
+    assert!(!ids.contains(&hidden_later.as_str()), "{messages}");
 }
 
 #[tokio::test]
@@ -714,4 +724,168 @@ async fn synadm_manages_users_rooms_and_notices() {
     assert_eq!(details["deactivated"], true, "{details}");
     let (status, _) = s.get_auth("/_matrix/client/v3/account/whoami", &alice).await;
     assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn reports_are_triaged_with_status_assignee_and_notes() {
+    let mut s = TestServer::start(OPEN).await;
+    let admin = admin_token(&mut s).await;
+    let (_, alice) = s.register("alice").await;
+    let (bob_id, _) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({})).await;
+    let event = s.send_text(&alice, &room, "look at this").await;
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/report/{event}"),
+            &alice,
+            &json!({"reason": "spam"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/users/{bob_id}/report"),
+            &alice,
+            &json!({"reason": "rude"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, list) = s.get_auth(&format!("{A}/v1/event_reports?status=open"), &admin).await;
+    assert_eq!(list["total"], 2, "{list}");
+    let id = list["event_reports"][0]["id"].as_u64().unwrap();
+    let triage = format!("/_trellis/admin/v1/reports/{id}");
+
+    let (status, report) = s
+        .put_auth(
+            &triage,
+            &admin,
+            &json!({"assignee": "@root:localhost", "note": "looking into it"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["status"], "assigned");
+    assert_eq!(report["assignee"], "@root:localhost");
+    assert_eq!(report["notes"][0]["text"], "looking into it");
+    assert_eq!(report["notes"][0]["author"], "@root:localhost");
+    let (_, report) =
+        s.put_auth(&triage, &admin, &json!({"status": "resolved", "note": "warned"})).await;
+    assert_eq!(report["status"], "resolved");
+    assert_eq!(report["notes"].as_array().unwrap().len(), 2);
+    let (status, _) = s.put_auth(&triage, &admin, &json!({"status": "closed"})).await;
+    assert_eq!(status, 400);
+    let (status, _) =
+        s.put_auth("/_trellis/admin/v1/reports/999", &admin, &json!({"note": "x"})).await;
+    assert_eq!(status, 404);
+
+    let (_, open) = s.get_auth(&format!("{A}/v1/event_reports?status=open"), &admin).await;
+    assert_eq!(open["total"], 1);
+    let (_, resolved) = s.get_auth(&format!("{A}/v1/event_reports?status=resolved"), &admin).await;
+    assert_eq!(resolved["event_reports"][0]["id"], id);
+    let (_, audit) = s.get_auth("/_trellis/admin/v1/audit?action=report_triage", &admin).await;
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 2, "{audit}");
+}
+
+const POLICY: &str = "[content_policy]\nwords = [\"scam\"]\nlink_domains = [\"bad.example\"]\n\
+check_names = true\n";
+
+#[tokio::test]
+async fn the_content_policy_refuses_what_public_rooms_may_not_carry() {
+    let s = TestServer::start(&format!("{OPEN}{POLICY}")).await;
+    let (_, alice) = s.register("alice").await;
+    let public = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let private = s.create_room(&alice, json!({"preset": "private_chat"})).await;
+    let send = |room: &str, body: &str| {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{}", txn_id());
+        (path, json!({"msgtype": "m.text", "body": body}))
+    };
+    for body in ["total SCAM here", "visit https://www.bad.example/win"] {
+        let (path, content) = send(&public, body);
+        let (status, resp) = s.put_auth(&path, &alice, &content).await;
+        assert_eq!(
+            (status, resp["errcode"].as_str()),
+            (403, Some("M_FORBIDDEN")),
+            "{body}: {resp}"
+        );
+    }
+    for (room, body) in [
+        (&public, "scampi are tasty"),
+        (&public, "notbad.example is fine"),
+        (&private, "a scam among friends"),
+    ] {
+        let (path, content) = send(room, body);
+        let (status, resp) = s.put_auth(&path, &alice, &content).await;
+        assert_eq!(status, 200, "{body}: {resp}");
+    }
+    let (status, body) = s
+        .post(
+            "/_matrix/client/v3/register",
+            &json!({"username": "scammer", "password": "password123",
+                "auth": {"type": "m.login.dummy"}}),
+        )
+        .await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_USERNAME")), "{body}");
+}
+
+#[tokio::test]
+async fn flagged_content_lands_in_the_reports_queue() {
+    let mut s = TestServer::start(&format!("{OPEN}{POLICY}action = \"flag\"\n")).await;
+    let admin = admin_token(&mut s).await;
+    let (_, alice) = s.register("alice").await;
+    let public = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let flagged = s.send_text(&alice, &public, "a scam, honestly").await;
+    let (_, scammer) = s.register("scammer").await;
+    assert!(!scammer.is_empty());
+
+    let (_, list) = s.get_auth(&format!("{A}/v1/event_reports?dir=f"), &admin).await;
+    assert_eq!(list["total"], 2, "{list}");
+    let first = &list["event_reports"][0];
+    assert_eq!(first["event_id"], flagged.as_str());
+    assert_eq!(first["user_id"], "localhost", "filed by the server: {first}");
+    assert!(first["reason"].as_str().unwrap().contains("scam"), "{first}");
+    assert_eq!(list["event_reports"][1]["target_user_id"], "@scammer:localhost");
+}
+
+#[tokio::test]
+async fn federation_destinations_show_how_sending_goes() {
+    let mut s = TestServer::start(OPEN).await;
+    let admin = admin_token(&mut s).await;
+    let (_, alice) = s.register("alice").await;
+    // A server nobody answers at: the to-device message waits in its queue.
+    let dead = "127.0.0.1:1";
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/sendToDevice/m.test/{}", txn_id()),
+            &alice,
+            &json!({"messages": {format!("@bob:{dead}"): {"*": {"hello": 1}}}}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut found = Value::Null;
+    for _ in 0..100 {
+        let (_, list) = s.get_auth(&format!("{A}/v1/federation/destinations"), &admin).await;
+        if list["destinations"][0]["failures"].as_u64().unwrap_or(0) > 0 {
+            found = list;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let d = &found["destinations"][0];
+    assert_eq!(d["destination"], dead, "{found}");
+    assert!(d["retry_last_ts"].as_u64().unwrap() > 0, "{d}");
+    assert!(d["failure_ts"].as_u64().is_some(), "{d}");
+    assert_eq!(d["queued"], 1, "{d}");
+    assert_eq!(found["total"], 1);
+    let one = format!("{A}/v1/federation/destinations/{dead}");
+    let (status, body) = s.get_auth(&one, &admin).await;
+    assert_eq!((status, body["destination"].as_str()), (200, Some(dead)));
+    let (_, rooms) = s.get_auth(&format!("{one}/rooms"), &admin).await;
+    assert_eq!(rooms["total"], 0);
+    let (status, body) = s.post_auth(&format!("{one}/reset_connection"), &admin, &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) =
+        s.get_auth(&format!("{A}/v1/federation/destinations/nowhere.example"), &admin).await;
+    assert_eq!(status, 404);
+    let (_, filtered) =
+        s.get_auth(&format!("{A}/v1/federation/destinations?destination=nowhere"), &admin).await;
+    assert_eq!(filtered["total"], 0);
 }

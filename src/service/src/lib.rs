@@ -25,6 +25,7 @@ mod locks;
 pub mod mailer;
 pub mod media;
 pub mod pipeline;
+pub mod policy;
 pub mod push;
 mod random;
 pub mod ratelimit;
@@ -88,6 +89,8 @@ pub struct Services {
     pub search: Arc<search::Search>,
     pub media: media::Media,
     pub metrics: Metrics,
+    /// The content policy messages in public rooms and new account names are held to.
+    pub policy: policy::ContentPolicy,
 }
 
 impl Services {
@@ -191,6 +194,7 @@ impl Services {
             timeline,
             keys,
             db,
+            policy: policy::ContentPolicy::from_config(&config.content_policy)?,
             config,
             metrics: Metrics::new(),
         });

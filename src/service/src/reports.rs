@@ -30,6 +30,45 @@ pub struct Report {
     /// Reports of clients older than spec v1.16, which sent a score.
     pub score: Option<i64>,
     pub received_ms: u64,
+    /// Where the moderators are with it.
+    #[serde(default)]
+    pub triage: Triage,
+}
+
+/// The moderators' handling of a report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Triage {
+    /// `open` (new), `assigned` or `resolved`.
+    pub status: Status,
+    /// The admin it is assigned to (a user id).
+    pub assignee: Option<String>,
+    pub notes: Vec<Note>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    #[default]
+    Open,
+    Assigned,
+    Resolved,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Note {
+    /// The admin who wrote it (a user id).
+    pub author: String,
+    pub ts: u64,
+    pub text: String,
+}
+
+/// A change an admin makes to a report's handling.
+#[derive(Debug, Clone, Default)]
+pub struct TriageChange {
+    pub status: Option<Status>,
+    /// `Some(None)` unassigns.
+    pub assignee: Option<Option<String>>,
+    pub note: Option<String>,
 }
 
 /// Serialises new ids (the next after the newest).
@@ -98,6 +137,7 @@ pub async fn report_event(
         reason,
         score: None,
         received_ms: now_millis(),
+        triage: Triage::default(),
     };
     store(services, report, client).await.map(drop)
 }
@@ -122,6 +162,7 @@ pub async fn report_room(
         reason: Some(reason),
         score: None,
         received_ms: now_millis(),
+        triage: Triage::default(),
     };
     store(services, report, client).await.map(drop)
 }
@@ -149,8 +190,30 @@ pub async fn report_user(
         reason: Some(reason),
         score: None,
         received_ms: now_millis(),
+        triage: Triage::default(),
     };
     store(services, report, client).await.map(drop)
+}
+
+/// A report the server itself files (the content policy flagged something).
+pub async fn flag(
+    services: &Services,
+    room_id: Option<&str>,
+    event_id: Option<&str>,
+    user_id: Option<&str>,
+    reason: String,
+) -> Result<u64> {
+    let report = Report {
+        reporter: services.server_name().to_owned(),
+        room_id: room_id.map(str::to_owned),
+        event_id: event_id.map(str::to_owned),
+        user_id: user_id.map(str::to_owned),
+        reason: Some(reason),
+        score: None,
+        received_ms: now_millis(),
+        triage: Triage::default(),
+    };
+    store(services, report, &Client::default()).await
 }
 
 /// What the admin API lists: filters and a page.
@@ -162,6 +225,7 @@ pub struct ListQuery {
     pub forwards: bool,
     pub reporter: Option<String>,
     pub room_id: Option<String>,
+    pub status: Option<Status>,
 }
 
 /// A report as Synapse's admin API shows it.
@@ -175,6 +239,9 @@ fn describe(services: &Services, id: u64, report: &Report, with_event: bool) -> 
         "reason": report.reason,
         "score": report.score,
         "target_user_id": report.user_id,
+        "status": report.triage.status,
+        "assignee": report.triage.assignee,
+        "notes": report.triage.notes,
     });
     if let Some(room_id) = &report.room_id {
         let rooms = &services.rooms;
@@ -200,7 +267,8 @@ pub fn list(services: &Services, query: &ListQuery) -> Result<(Vec<Value>, usize
     for row in REPORTS.scan_prefix(&*services.db, &(), direction)? {
         let (id, Json(report)) = row?;
         let wanted = query.reporter.as_ref().is_none_or(|u| *u == report.reporter)
-            && query.room_id.as_ref().is_none_or(|r| report.room_id.as_ref() == Some(r));
+            && query.room_id.as_ref().is_none_or(|r| report.room_id.as_ref() == Some(r))
+            && query.status.is_none_or(|s| s == report.triage.status);
         if wanted {
             matching.push((id, report));
         }
@@ -221,6 +289,39 @@ pub fn get(services: &Services, id: u64) -> Result<Value> {
     let Json(report) =
         REPORTS.get(&*services.db, &id)?.ok_or_else(|| Error::not_found("No such report"))?;
     describe(services, id, &report, true)
+}
+
+/// Changes a report's handling (status, assignee, a note); returns it as listed.
+pub async fn triage(
+    services: &Services,
+    id: u64,
+    change: TriageChange,
+    admin: &str,
+    client: &Client,
+) -> Result<Value> {
+    let _guard = NEXT_ID.lock().await;
+    let Json(mut report) =
+        REPORTS.get(&*services.db, &id)?.ok_or_else(|| Error::not_found("No such report"))?;
+    if let Some(assignee) = change.assignee {
+        report.triage.assignee = assignee;
+        if report.triage.assignee.is_some() && report.triage.status == Status::Open {
+            report.triage.status = Status::Assigned;
+        }
+    }
+    if let Some(status) = change.status {
+        report.triage.status = status;
+    }
+    if let Some(text) = change.note {
+        check_reason(Some(&text))?;
+        let author = services.accounts.user_id(admin);
+        report.triage.notes.push(Note { author, ts: now_millis(), text });
+    }
+    let mut batch = Batch::new();
+    REPORTS.put(&mut batch, &id, &Json(report.clone()));
+    let detail = Some(format!("{id}: {:?}", report.triage.status));
+    services.audit.add(&mut batch, Some(admin), "report_triage", client, "ok", detail);
+    crate::commit(&services.db, batch).await?;
+    describe(services, id, &report, false)
 }
 
 /// Deletes a report (the admin dealt with it).

@@ -235,6 +235,8 @@ tables! {
     BLOCKED_ROOMS = "blocked_rooms", Point @ 77;
     // delete id -> a room deletion an admin asked for and how far it got
     ROOM_DELETIONS = "room_deletions", Scan @ 78;
+    // user localpart -> (): shadow-banned accounts, read into memory (every send asks)
+    SHADOW_BANS = "shadow_bans", Scan @ 79;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

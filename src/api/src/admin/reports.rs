@@ -20,6 +20,37 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     router
         .route("/_synapse/admin/v1/event_reports", get(list))
         .route("/_synapse/admin/v1/event_reports/{id}", get(show).delete(remove))
+        .route("/_trellis/admin/v1/reports/{id}", axum::routing::put(triage))
+}
+
+#[derive(serde::Deserialize)]
+struct TriageBody {
+    status: Option<reports::Status>,
+    #[serde(default, deserialize_with = "super::present")]
+    assignee: Option<Option<ruma::OwnedUserId>>,
+    note: Option<String>,
+}
+
+/// PUT /_trellis/admin/v1/reports/{id}
+async fn triage(
+    State(s): State<AppState>,
+    parts: Parts,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    respond(
+        async {
+            let (admin, client) = admin_caller(&parts)?;
+            let body: TriageBody = super::parse_body(&body)?;
+            let change = reports::TriageChange {
+                status: body.status,
+                assignee: body.assignee.map(|a| a.map(|u| u.to_string())),
+                note: body.note,
+            };
+            reports::triage(&s, report_id(&id)?, change, &admin, &client).await
+        }
+        .await,
+    )
 }
 
 /// The reports shown per page unless `limit` says otherwise, and at most.
@@ -43,6 +74,14 @@ fn parse_query(query: Option<String>) -> Result<ListQuery> {
                 _ => return Err(Error::invalid_param("dir must be f or b")),
             },
             "user_id" => out.reporter = Some(value.into_owned()),
+            "status" => {
+                out.status = Some(match value.as_ref() {
+                    "open" => reports::Status::Open,
+                    "assigned" => reports::Status::Assigned,
+                    "resolved" => reports::Status::Resolved,
+                    _ => return Err(Error::invalid_param("status is open, assigned or resolved")),
+                })
+            }
             "room_id" => out.room_id = Some(value.into_owned()),
             _ => {}
         }

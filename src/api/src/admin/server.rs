@@ -12,7 +12,7 @@ use ruma::{OwnedTransactionId, OwnedUserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
-use trellis_service::admin::{media, notices};
+use trellis_service::admin::{federation, media, notices};
 
 use super::{Params, admin_caller, next_from, page, parse_body, respond, to_json};
 use crate::AppState;
@@ -22,6 +22,96 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/_synapse/admin/v1/send_server_notice", post(send_notice))
         .route("/_synapse/admin/v1/send_server_notice/{txn_id}", put(send_notice_txn))
         .route("/_synapse/admin/v1/statistics/users/media", get(user_media_stats))
+        .route("/_synapse/admin/v1/federation/destinations", get(destinations))
+        .route("/_synapse/admin/v1/federation/destinations/{destination}", get(destination))
+        .route(
+            "/_synapse/admin/v1/federation/destinations/{destination}/rooms",
+            get(destination_rooms),
+        )
+        .route(
+            "/_synapse/admin/v1/federation/destinations/{destination}/reset_connection",
+            post(reset_connection),
+        )
+}
+
+/// A destination in Synapse's shape (plus `queued`, `failures` and `last_error`).
+fn destination_json(d: trellis_service::federation::sender::Destination) -> Value {
+    json!({
+        "destination": d.destination,
+        "retry_last_ts": d.health.retry_last_ts,
+        "retry_interval": d.health.retry_interval_ms,
+        "failure_ts": d.health.failure_ts,
+        "last_successful_stream_ordering": null,
+        "last_success_ts": d.health.last_success_ts,
+        "failures": d.health.failures,
+        "last_error": d.health.last_error,
+        "queued": d.queued,
+    })
+}
+
+/// GET /_synapse/admin/v1/federation/destinations
+async fn destinations(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
+    respond((|| {
+        let params = Params::parse(q);
+        let paging = params.paging(100)?;
+        let order = params.order_by(
+            &[
+                "destination",
+                "retry_last_ts",
+                "retry_interval",
+                "failure_ts",
+                "last_successful_stream_ordering",
+            ],
+            "destination",
+        )?;
+        let filter = params.str("destination");
+        let items = federation::destinations(&s)?
+            .into_iter()
+            .filter(|d| filter.is_none_or(|f| d.destination.contains(f)))
+            .map(destination_json)
+            .collect();
+        let (destinations, total) = page(items, order, "destination", false, paging);
+        let mut body = json!({"total": total});
+        if let Some(next) = next_from(paging, destinations.len(), total) {
+            body["next_token"] = json!(next.to_string());
+        }
+        body["destinations"] = Value::Array(destinations);
+        Ok(body)
+    })())
+}
+
+/// GET /_synapse/admin/v1/federation/destinations/{destination}
+async fn destination(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    respond(federation::destination(&s, &name).map(destination_json))
+}
+
+/// GET /_synapse/admin/v1/federation/destinations/{destination}/rooms
+async fn destination_rooms(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    respond((|| {
+        let params = Params::parse(q);
+        let paging = params.paging(100)?;
+        federation::destination(&s, &name)?;
+        let items = federation::shared_rooms(&s, &name)?
+            .into_iter()
+            .map(|room| json!({"room_id": room, "stream_ordering": null}))
+            .collect();
+        let (rooms, total) = page(items, "room_id", "room_id", false, paging);
+        let mut body = json!({"total": total});
+        if let Some(next) = next_from(paging, rooms.len(), total) {
+            body["next_token"] = json!(next.to_string());
+        }
+        body["rooms"] = Value::Array(rooms);
+        Ok(body)
+    })())
+}
+
+/// POST /_synapse/admin/v1/federation/destinations/{destination}/reset_connection
+async fn reset_connection(State(s): State<AppState>, Path(name): Path<String>) -> Response {
+    respond(federation::reset_connection(&s, &name).map(|()| json!({})))
 }
 
 /// Routes outside the admin guard: admin tools read the version before logging in.

@@ -66,6 +66,10 @@ async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::
     {
         appservice::check_not_exclusive(&ctx.services, &accounts.parse_username(username)?)?;
     }
+    let flagged = match (&req.username, by_service) {
+        (Some(username), false) => trellis_service::policy::check_name(&ctx.services, username)?,
+        _ => None,
+    };
     let registered = if req.kind == register::RegistrationKind::Guest {
         accounts.register_guest(req.initial_device_display_name, &ctx.client).await?
     } else {
@@ -94,6 +98,9 @@ async fn register(ctx: Ctx, req: register::v3::Request) -> Result<register::v3::
         }
     };
     let mut resp = register::v3::Response::new(user_id(&ctx, &registered.localpart)?);
+    if let Some(found) = flagged {
+        trellis_service::policy::flag_user(&ctx.services, resp.user_id.as_str(), &found).await;
+    }
     if let Some(issued) = registered.login {
         resp.device_id = Some(issued.device_id.into());
         resp.access_token = Some(issued.access_token);

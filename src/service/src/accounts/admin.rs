@@ -2,8 +2,10 @@
 //! and bot flags, shadow bans, rate-limit overrides, reactivation, email addresses, and
 //! sessions issued for the user. Each change is one batch with its audit record.
 
+use std::{collections::HashSet, sync::RwLock};
+
 use trellis_core::{Error, Result, now_millis};
-use trellis_store::{Batch, Json};
+use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 use super::{Accounts, new_device_id, sessions};
 use crate::{
@@ -14,6 +16,10 @@ use crate::{
         USER_THREEPIDS, USERS, UserRecord, UserThreepid,
     },
 };
+
+/// user localpart -> (): the shadow-banned, kept beside the flag in the user record so
+/// that sends can ask memory
+const SHADOW_BANS: Table<String, ()> = Table::new(&catalog::SHADOW_BANS);
 
 /// A flag of an account that admins switch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,25 +73,41 @@ impl Accounts {
             return Err(Error::invalid_param("You may not demote yourself"));
         }
         let action = format!("{}{}", if on { "" } else { "un" }, flag.name());
-        self.change_user(admin, localpart, &action, client, |user, batch| {
-            match flag {
-                Flag::Admin => user.admin = on,
-                Flag::ShadowBanned => user.shadow_banned = on,
-                Flag::Bot => {
-                    user.bot = on;
-                    // Shown in the profile so that clients can mark the account.
-                    let field = (localpart.to_owned(), "org.trellis.bot".to_owned());
-                    if on {
-                        PROFILES.put(batch, &field, &Json(serde_json::Value::Bool(true)));
-                    } else {
-                        PROFILES.delete(batch, &field);
+        let changed = self
+            .change_user(admin, localpart, &action, client, |user, batch| {
+                match flag {
+                    Flag::Admin => user.admin = on,
+                    Flag::ShadowBanned => {
+                        user.shadow_banned = on;
+                        if on {
+                            SHADOW_BANS.put(batch, &localpart.to_owned(), &());
+                        } else {
+                            SHADOW_BANS.delete(batch, &localpart.to_owned());
+                        }
+                    }
+                    Flag::Bot => {
+                        user.bot = on;
+                        // Shown in the profile so that clients can mark the account.
+                        let field = (localpart.to_owned(), "org.trellis.bot".to_owned());
+                        if on {
+                            PROFILES.put(batch, &field, &Json(serde_json::Value::Bool(true)));
+                        } else {
+                            PROFILES.delete(batch, &field);
+                        }
                     }
                 }
+                Ok(())
+            })
+            .await;
+        if changed.is_ok() && flag == Flag::ShadowBanned {
+            let mut set = self.shadow_bans().write().unwrap_or_else(|p| p.into_inner());
+            if on {
+                set.insert(localpart.to_owned());
+            } else {
+                set.remove(localpart);
             }
-            Ok(())
-        })
-        .await
-        .map(|_| ())
+        }
+        changed.map(|_| ())
     }
 
     /// Sets (or with `None` removes) the account's own message rate limit.
@@ -222,8 +244,21 @@ impl Accounts {
         Ok(token)
     }
 
-    /// Whether the account is shadow-banned (what it sends goes nowhere).
+    /// Whether the account is shadow-banned (what it sends goes nowhere): asked on every
+    /// send, so answered from memory.
     pub fn shadow_banned(&self, localpart: &str) -> Result<bool> {
-        Ok(self.user(localpart)?.is_some_and(|u| u.shadow_banned))
+        let set = self.shadow_bans().read().unwrap_or_else(|p| p.into_inner());
+        Ok(!set.is_empty() && set.contains(localpart))
+    }
+
+    fn shadow_bans(&self) -> &RwLock<HashSet<String>> {
+        self.shadow_bans.get_or_init(|| {
+            let mut set = HashSet::new();
+            match SHADOW_BANS.scan_prefix(&*self.db, &(), Direction::Forward) {
+                Ok(rows) => set.extend(rows.filter_map(|r| r.ok().map(|(lp, ())| lp))),
+                Err(e) => tracing::error!(error = %e, "reading the shadow bans"),
+            }
+            RwLock::new(set)
+        })
     }
 }

@@ -61,6 +61,8 @@ pub struct Accounts {
     /// The rooms whose members hear of device-list changes when devices go; unset in tools
     /// that manage accounts offline.
     device_changes: Option<Arc<crate::rooms::Rooms>>,
+    /// Shadow-banned localparts, read from their table on first use.
+    shadow_bans: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -121,6 +123,7 @@ impl Accounts {
             hasher,
             decoy_hash: Default::default(),
             device_changes: None,
+            shadow_bans: Default::default(),
         }
     }
 

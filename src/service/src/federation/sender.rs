@@ -60,6 +60,32 @@ pub struct Outbox {
     room_servers: Mutex<HashMap<String, Arc<Vec<String>>>>,
     /// Items queued per destination, counted from storage on first use.
     sizes: Mutex<HashMap<String, usize>>,
+    /// How sending to each destination went since start-up (for admins).
+    health: Mutex<HashMap<String, Health>>,
+}
+
+/// How sending to one destination has gone since the server started.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Health {
+    /// Failures in a row.
+    pub failures: u32,
+    /// When the current run of failures began.
+    pub failure_ts: Option<u64>,
+    /// When the last attempt failed, and how long the worker waits before the next.
+    pub retry_last_ts: u64,
+    pub retry_interval_ms: u64,
+    pub last_success_ts: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// One destination as admins see it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Destination {
+    pub destination: String,
+    #[serde(flatten)]
+    pub health: Health,
+    /// Items waiting in its queue.
+    pub queued: usize,
 }
 
 impl Outbox {
@@ -73,7 +99,71 @@ impl Outbox {
             workers: Mutex::default(),
             room_servers: Mutex::default(),
             sizes: Mutex::default(),
+            health: Mutex::default(),
         })
+    }
+
+    /// Every destination sent to since start-up or with items queued, with how it went.
+    pub fn destinations(&self) -> Result<Vec<Destination>> {
+        let mut names = self.pending_destinations()?;
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        names.extend(health.keys().cloned());
+        names.sort();
+        names.dedup();
+        let sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(names
+            .into_iter()
+            .map(|name| Destination {
+                health: health.get(&name).cloned().unwrap_or_default(),
+                queued: sizes.get(&name).copied().unwrap_or_else(|| {
+                    OUTBOX
+                        .scan_prefix(&*self.db, &name, Direction::Forward)
+                        .map(|rows| rows.count())
+                        .unwrap_or(0)
+                }),
+                destination: name,
+            })
+            .collect())
+    }
+
+    /// Clears a destination's backoff and retries it now; false when it is not in one.
+    pub fn reset_backoff(&self, dest: &str) -> bool {
+        let backing_off = self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(dest)
+            .filter(|h| h.failures > 0)
+            .map(|h| {
+                h.retry_interval_ms = 0;
+            })
+            .is_some();
+        if backing_off {
+            self.peer_alive(dest);
+        }
+        backing_off
+    }
+
+    fn note(&self, dest: &str, outcome: std::result::Result<(), (String, Duration)>) {
+        let mut all = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let h = all.entry(dest.to_owned()).or_default();
+        let now = now_millis();
+        match outcome {
+            Ok(()) => {
+                h.failures = 0;
+                h.failure_ts = None;
+                h.retry_interval_ms = 0;
+                h.last_success_ts = Some(now);
+                h.last_error = None;
+            }
+            Err((error, delay)) => {
+                h.failures = h.failures.saturating_add(1);
+                h.failure_ts.get_or_insert(now);
+                h.retry_last_ts = now;
+                h.retry_interval_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                h.last_error = Some(error);
+            }
+        }
     }
 
     /// Takes a place in `dest`'s queue; false when it is full.
@@ -358,6 +448,7 @@ async fn run(federation: Weak<Federation>, dest: String, worker: Arc<Worker>) {
         match s.request(&dest, Method::PUT, &path, Some(&body)).await {
             Ok(answer) => {
                 failures = 0;
+                s.outbox.note(&dest, Ok(()));
                 if let Some(results) = answer.get("pdus").and_then(Value::as_object) {
                     for (id, r) in results {
                         if let Some(error) = r.get("error") {
@@ -376,6 +467,7 @@ async fn run(federation: Weak<Federation>, dest: String, worker: Arc<Worker>) {
             Err(e) => {
                 failures = failures.saturating_add(1);
                 let delay = Duration::from_secs(1u64 << failures.min(10)).min(MAX_BACKOFF);
+                s.outbox.note(&dest, Err((e.message.to_string(), delay)));
                 tracing::info!(error = %e, retry_in = ?delay, "sending a transaction failed");
                 drop(s);
                 tokio::select! {

@@ -56,6 +56,10 @@ pub async fn message(
         ),
         _ => None,
     };
+    let flagged = match kind.as_str() {
+        "m.room.message" => crate::policy::check_message(services, room_id, &content)?,
+        _ => None,
+    };
     let event = NewEvent {
         kind,
         sender: sender.user.to_string(),
@@ -65,7 +69,11 @@ pub async fn message(
         redacts,
         origin_server_ts: sender.ts,
     };
-    Ok(services.timeline.append(room_id.as_str(), event).await?.event_id)
+    let event_id = services.timeline.append(room_id.as_str(), event).await?.event_id;
+    if let Some(found) = flagged {
+        crate::policy::flag_event(services, room_id, &event_id, &found).await;
+    }
+    Ok(event_id)
 }
 
 /// `PUT /rooms/{roomId}/state/{eventType}/{stateKey}`: a state event; the room's auth
