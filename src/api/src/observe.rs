@@ -62,6 +62,10 @@ pub async fn observe(State(services): State<AppState>, req: Request, next: Next)
     let resp = next.run(req).await;
     let elapsed = started.elapsed().as_secs_f64();
     let metrics = &services.metrics;
+    metrics.requests_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if resp.status().is_server_error() {
+        metrics.requests_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     metrics
         .http_requests
         .get_or_create(&RequestLabels {

@@ -30,6 +30,18 @@ pub struct StorageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `sent` (by this server's users) or `received` (from other servers).
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WindowLabels {
+    /// `day` (today, UTC) or `month` (the last 30 days).
+    pub window: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `sent`, `retried`, `failed` (given up), `rejected` (the gateway dropped the key).
     pub outcome: String,
@@ -46,6 +58,42 @@ pub struct Metrics {
     pub http_requests: Family<RequestLabels, Counter>,
     pub http_duration: Family<RouteLabels, Histogram>,
     pub storage: Family<StorageLabels, Gauge<f64, AtomicU64>>,
+    /// Usage figures (kept by the analytics step).
+    pub usage: UsageMetrics,
+    /// Requests answered since start, and those answered with a 5xx (for the admin
+    /// dashboard's error rate; Prometheus has them by route).
+    pub requests_total: std::sync::atomic::AtomicU64,
+    pub requests_failed: std::sync::atomic::AtomicU64,
+    /// When the process started (seconds since the epoch).
+    pub start_time: Gauge,
+}
+
+/// The usage figures, in a handle of their own for the part that keeps them.
+#[derive(Clone, Debug)]
+pub struct UsageMetrics {
+    /// Messages (plain and encrypted) stored, by direction.
+    messages: Family<DirectionLabels, Counter>,
+    /// Read receipts set by this server's users.
+    read_receipts: Counter,
+    /// Distinct users active today and in the last 30 days.
+    active_users: Family<WindowLabels, Gauge>,
+}
+
+impl UsageMetrics {
+    /// A message was stored: `sent` by a user of this server or `received`.
+    pub fn message(&self, direction: &str) {
+        self.messages.get_or_create(&DirectionLabels { direction: direction.to_owned() }).inc();
+    }
+
+    pub fn read(&self) {
+        self.read_receipts.inc();
+    }
+
+    /// Distinct active users in `window` (`day` or `month`).
+    pub fn active(&self, window: &str, users: usize) {
+        let labels = WindowLabels { window: window.to_owned() };
+        self.active_users.get_or_create(&labels).set(i64::try_from(users).unwrap_or(i64::MAX));
+    }
 }
 
 impl Default for Metrics {
@@ -90,6 +138,30 @@ impl Metrics {
             "Notification mails sent",
             notification_emails.clone(),
         );
+        let messages = Family::<DirectionLabels, Counter>::default();
+        registry.register("messages", "Messages stored, by direction", messages.clone());
+        let read_receipts = Counter::default();
+        registry.register(
+            "read_receipts",
+            "Read receipts set by this server's users",
+            read_receipts.clone(),
+        );
+        let active_users = Family::<WindowLabels, Gauge>::default();
+        registry.register(
+            "active_users",
+            "Distinct users active today and in the last 30 days",
+            active_users.clone(),
+        );
+        let start_time = Gauge::default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        start_time.set(i64::try_from(now).unwrap_or(0));
+        registry.register(
+            "process_start_time_seconds",
+            "When the server process started",
+            start_time.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -98,6 +170,10 @@ impl Metrics {
             pushes,
             push_queue,
             notification_emails,
+            usage: UsageMetrics { messages, read_receipts, active_users },
+            requests_total: Default::default(),
+            requests_failed: Default::default(),
+            start_time,
         }
     }
 

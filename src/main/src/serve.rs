@@ -102,6 +102,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let services = Services::new(config, db, keys)?;
 
     let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
+    let analytics = tokio::spawn(trellis_service::analytics::run(services.analytics.clone()));
     // Application services: their users exist, their queues (kept over a restart) go out,
     // and SIGHUP re-reads their registrations.
     trellis_service::appservice::ensure_senders(&services)
@@ -180,6 +181,10 @@ async fn serve(config: Config) -> Result<(), String> {
     }
     // Background work that reads storage ends before storage closes.
     services.search.stop().await;
+    analytics.abort();
+    if let Err(e) = services.analytics.flush().await {
+        tracing::warn!(error = %e, "writing analytics at shutdown failed");
+    }
     let db = services.db.clone();
     drop(services);
     tokio::task::spawn_blocking(move || db.flush())

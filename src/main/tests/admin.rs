@@ -81,6 +81,8 @@ fn admin_routes(user: &str, room: &str) -> Vec<(&'static str, String)> {
         ("GET", format!("{A}/v1/federation/destinations/x.example/rooms")),
         ("POST", format!("{A}/v1/federation/destinations/x.example/reset_connection")),
         ("PUT", "/_trellis/admin/v1/reports/1".to_owned()),
+        ("GET", "/_trellis/admin/v1/dashboard".to_owned()),
+        ("GET", "/_trellis/admin/v1/analytics".to_owned()),
         ("GET", format!("{A}/v1/registration_tokens")),
         ("GET", format!("{A}/v1/event_reports")),
         ("GET", "/_trellis/admin/v1/audit".to_owned()),
@@ -888,4 +890,67 @@ async fn federation_destinations_show_how_sending_goes() {
     let (_, filtered) =
         s.get_auth(&format!("{A}/v1/federation/destinations?destination=nowhere"), &admin).await;
     assert_eq!(filtered["total"], 0);
+}
+
+#[tokio::test]
+async fn the_dashboard_and_analytics_count_what_users_do() {
+    let mut s = TestServer::start(OPEN).await;
+    let admin = admin_token(&mut s).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    for text in ["one", "two", "three"] {
+        s.send_text(&alice, &room, text).await;
+    }
+    let last = s.send_text(&bob, &room, "four").await;
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{last}"),
+            &alice,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let (status, dash) = s.get_auth("/_trellis/admin/v1/dashboard", &admin).await;
+    assert_eq!(status, 200, "{dash}");
+    assert_eq!(dash["users"]["total"], 3, "{dash}");
+    assert_eq!(dash["rooms"], 1);
+    assert_eq!(dash["messages_per_hour"].as_array().unwrap().len(), 24);
+    assert_eq!(dash["messages_per_hour"][23]["messages"], 4, "{dash}");
+    assert!(dash["users"]["active_now"].as_u64().unwrap() >= 2, "{dash}");
+    assert!(dash["requests"]["total"].as_u64().unwrap() > 10);
+    assert_eq!(dash["federation"]["failing"], 0);
+
+    let (status, report) = s.get_auth("/_trellis/admin/v1/analytics?days=7", &admin).await;
+    assert_eq!(status, 200, "{report}");
+    let today = &report["daily"][6];
+    assert_eq!(today["messages_sent"], 4, "{report}");
+    assert_eq!(today["read_receipts"], 1, "{report}");
+    assert_eq!(today["active_users"], 3, "{report}");
+    assert_eq!(report["daily_active_users"], 3);
+    assert_eq!(report["rooms"][0], json!({"room_id": room, "messages": 4}));
+    assert_eq!(report["cohorts"][0]["registered"], 3, "{report}");
+    assert_eq!(report["cohorts"][0]["active_day_1"], Value::Null);
+    let (status, _) = s.get_auth("/_trellis/admin/v1/analytics?days=0", &admin).await;
+    assert_eq!(status, 400);
+
+    // Kept across a restart, and in Prometheus.
+    s.terminate();
+    s.launch().await;
+    let (_, report) = s.get_auth("/_trellis/admin/v1/analytics?days=1", &admin).await;
+    assert_eq!(report["daily"][0]["messages_sent"], 4, "{report}");
+    s.send_text(&bob, &room, "five").await;
+    let metrics = s.client.get(format!("{}/metrics", s.metrics_base)).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(text.contains("trellis_messages_total{direction=\"sent\"} 1"), "{text}");
+    assert!(text.contains("trellis_active_users{window=\"day\"} 3"), "{text}");
+    assert!(text.contains("trellis_process_start_time_seconds"), "{text}");
+
+    // Polling the dashboard leaves no audit records; other calls do.
+    let (_, audit) = s.get_auth("/_trellis/admin/v1/audit?target=dashboard", &admin).await;
+    assert_eq!(audit["entries"], json!([]), "{audit}");
+    let (_, audit) = s.get_auth("/_trellis/admin/v1/audit?target=analytics", &admin).await;
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 3, "{audit}");
 }

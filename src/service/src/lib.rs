@@ -15,6 +15,7 @@ macro_rules! object {
 
 pub mod accounts;
 pub mod admin;
+pub mod analytics;
 pub mod appservice;
 pub mod audit;
 pub mod durable;
@@ -91,6 +92,8 @@ pub struct Services {
     pub metrics: Metrics,
     /// The content policy messages in public rooms and new account names are held to.
     pub policy: policy::ContentPolicy,
+    /// Daily usage aggregates (a pipeline step, flushed by a task of its own).
+    pub analytics: Arc<analytics::Analytics>,
 }
 
 impl Services {
@@ -147,6 +150,8 @@ impl Services {
             search::Search::open(&config.search, &config.search_path())
                 .map_err(|e| format!("opening the search index: {e}"))?,
         );
+        let metrics = Metrics::new();
+        let analytics = Arc::new(analytics::Analytics::new(db.clone(), &server_name, &metrics));
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
@@ -154,6 +159,7 @@ impl Services {
             appservice_delivery.clone(),
             push_gateway.clone(),
             search.clone(),
+            analytics.clone(),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
         let services = Arc::new(Self {
@@ -196,7 +202,8 @@ impl Services {
             db,
             policy: policy::ContentPolicy::from_config(&config.content_policy)?,
             config,
-            metrics: Metrics::new(),
+            metrics,
+            analytics,
         });
         guest_eviction.attach(&services);
         appservice_delivery.attach(&services);

@@ -15,7 +15,9 @@
 //!    a task per pusher while it has pushes);
 //! 6. the search index (`search::Search`: an indexer task fed by a queue in memory,
 //!    which catches up from the rooms after a restart);
-//! 7. (next) retention and metrics: each a `Consumer` added to the list in
+//! 7. usage analytics (`analytics::Analytics`: daily counts gathered in memory and
+//!    written every 30 seconds);
+//! 8. (next) retention: a `Consumer` added to the list in
 //!    `Services::new`. Queues that leave the process write their items here, in
 //!    RocksDB, and are drained by their own background workers, so a slow consumer
 //!    never holds up sending.

@@ -237,6 +237,12 @@ tables! {
     ROOM_DELETIONS = "room_deletions", Scan @ 78;
     // user localpart -> (): shadow-banned accounts, read into memory (every send asks)
     SHADOW_BANS = "shadow_bans", Scan @ 79;
+    // (day since the epoch, metric) -> that day's count (messages sent, received, read)
+    ANALYTICS_DAILY = "analytics_daily", Scan @ 80;
+    // (day since the epoch, user localpart) -> (): the user was active that day
+    USER_ACTIVE_DAYS = "user_active_days", Scan @ 81;
+    // (day since the epoch, room id) -> messages in the room that day
+    ROOM_ACTIVITY_DAILY = "room_activity_daily", Scan @ 82;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

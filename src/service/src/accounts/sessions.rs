@@ -120,6 +120,7 @@ impl Accounts {
             last_seen_ip: client.ip.clone(),
         };
         DEVICES.put(batch, &key, &Json(record));
+        crate::analytics::note_active(batch, localpart);
         Ok(issued)
     }
 
@@ -209,6 +210,15 @@ impl Accounts {
         Ok(Session::of(record.localpart, record.device_id, &user, None))
     }
 
+    /// Distinct users whose requests were seen since `since_ms` (to within the five
+    /// minutes "last seen" is written at), since start-up.
+    pub fn active_since(&self, since_ms: u64) -> usize {
+        let Ok(seen) = self.seen.0.lock() else { return 0 };
+        let users: std::collections::HashSet<&str> =
+            seen.iter().filter(|(_, t)| **t >= since_ms).map(|((lp, _), _)| lp.as_str()).collect();
+        users.len()
+    }
+
     /// Records "last seen" for a device, writing at most once per interval.
     async fn note_seen(&self, localpart: &str, device_id: &str, client: &Client) -> Result<()> {
         let now = now_millis();
@@ -228,6 +238,7 @@ impl Accounts {
             device.last_seen_ip = client.ip.clone();
             let mut batch = Batch::new();
             DEVICES.put(&mut batch, &key, &Json(device));
+            crate::analytics::note_active(&mut batch, localpart);
             commit(&self.db, batch).await?;
         }
         Ok(())

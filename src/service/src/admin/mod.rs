@@ -2,6 +2,7 @@
 //! admin tools work): accounts, rooms, media, server notices and the audit log.
 
 pub mod audit_log;
+pub mod dashboard;
 pub mod federation;
 pub mod media;
 pub mod notices;

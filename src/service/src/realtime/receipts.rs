@@ -202,6 +202,7 @@ pub async fn set_receipt(
         ReceiptType::Read | ReceiptType::ReadPrivate => {
             let kind = kind.as_str();
             services.receipts.set(room_id, user_id, kind, event_id, thread).await?;
+            services.analytics.note_read();
             services.push_gateway.counts_changed(services, localpart);
             if kind == READ {
                 let sent = edus::read_receipt(services, room_id, user_id, event_id, thread);
@@ -238,6 +239,7 @@ pub async fn set_read_markers(
         if let Some(event_id) = event_id.map(EventId::as_str) {
             room.event(services, room_id, event_id)?;
             services.receipts.set(room_id, user_id, kind, event_id, None).await?;
+            services.analytics.note_read();
             if kind == READ {
                 queued(edus::read_receipt(services, room_id, user_id, event_id, None).await);
             }
