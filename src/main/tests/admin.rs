@@ -954,3 +954,75 @@ async fn the_dashboard_and_analytics_count_what_users_do() {
     let (_, audit) = s.get_auth("/_trellis/admin/v1/audit?target=analytics", &admin).await;
     assert_eq!(audit["entries"].as_array().unwrap().len(), 3, "{audit}");
 }
+
+#[tokio::test]
+async fn the_admin_panel_is_served_with_a_strict_policy() {
+    let s = TestServer::start(OPEN).await;
+    let resp = s.client.get(s.url("/_trellis/admin/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let csp = resp.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(resp.headers()["x-frame-options"], "DENY");
+    let page = resp.text().await.unwrap();
+    assert!(page.contains("<script src=\"app.js\" defer></script>"));
+    assert!(!page.contains("<script>"), "no inline script");
+    for (path, kind) in [("app.js", "text/javascript"), ("app.css", "text/css")] {
+        let resp = s.client.get(s.url(&format!("/_trellis/admin/{path}"))).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with(kind));
+    }
+    let resp = s.client.get(s.url("/_trellis/admin")).send().await.unwrap();
+    assert_eq!(resp.url().path(), "/_trellis/admin/", "redirected to the panel");
+}
+
+/// The panel in Debian's headless Chromium (installed by `.ci/install-deps`), driven by
+/// `tests/interop/admin_panel.py` through Selenium; its screenshots are kept under the
+/// test target directory (`admin-panel/`).
+#[tokio::test]
+async fn the_admin_panel_works_in_a_real_browser() {
+    let mut s = TestServer::start(OPEN).await;
+    admin_token(&mut s).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, _) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"name": "Lobby", "preset": "public_chat"})).await;
+    let (status, _) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/users/{bob_id}/report"),
+            &alice,
+            &json!({"reason": "rude"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("admin-panel");
+    let _ = std::fs::remove_dir_all(&artefacts);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/admin_panel.py");
+    let out = tokio::process::Command::new("python3")
+        .args([script, &s.base, "root", "admin password", &alice, &room, &bob_id])
+        .arg(&artefacts)
+        .arg(&alice_id)
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"ok\": true"), "{stdout}");
+    assert!(artefacts.join("01-login.png").exists());
+
+    // What the browser did is real: bob is deactivated, the report resolved.
+    let admin = {
+        let login = json!({"type": "m.login.password", "password": "admin password",
+                           "identifier": {"type": "m.id.user", "user": "root"}});
+        let (_, body) = s.post("/_matrix/client/v3/login", &login).await;
+        body["access_token"].as_str().unwrap().to_owned()
+    };
+    let (_, bob) = s.get_auth(&user_path(&format!("{A}/v2/users/{{u}}"), &bob_id), &admin).await;
+    assert_eq!(bob["deactivated"], true, "{bob}");
+    let (_, reports) = s.get_auth(&format!("{A}/v1/event_reports?status=resolved"), &admin).await;
+    assert_eq!(reports["total"], 1, "{reports}");
+    assert_eq!(reports["event_reports"][0]["notes"][0]["text"], "handled in the panel");
+    let (_, tokens) = s.get_auth(&format!("{A}/v1/registration_tokens"), &admin).await;
+    assert_eq!(tokens["registration_tokens"].as_array().unwrap().len(), 1);
+    let (_, sync) = s.get_auth("/_matrix/client/v3/sync", &alice).await;
+    assert_eq!(sync["rooms"]["invite"].as_object().unwrap().len(), 1, "the notice's room: {sync}");
+}

@@ -7,6 +7,7 @@ mod appservices;
 mod audit;
 mod insight;
 mod media;
+mod panel;
 mod reports;
 mod rooms;
 mod server;
@@ -47,7 +48,7 @@ pub fn routes(router: Router<AppState>, state: AppState) -> Router<AppState> {
     let admin = audit::routes(admin);
     let admin = insight::routes(admin);
     let admin = admin.route_layer(middleware::from_fn_with_state(state, guard));
-    server::public_routes(router.merge(admin))
+    panel::routes(server::public_routes(router.merge(admin)))
 }
 
 /// Read-only live figures the admin panel polls; their successful reads are not audited.
