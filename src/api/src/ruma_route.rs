@@ -279,7 +279,7 @@ impl FromRequestParts<AppState> for Authenticated {
         parts: &mut http::request::Parts,
         services: &AppState,
     ) -> std::result::Result<Self, Response> {
-        let client = Client::from_ip(client_ip(parts, services.config.http.x_forwarded_for));
+        let client = client_of(parts, services.config.http.x_forwarded_for);
         let authenticate = async {
             let token = access_token(parts).ok_or_else(Error::missing_token)?;
             appservice::authenticate(services, &token, parts.uri.query(), &client).await
@@ -331,7 +331,7 @@ where
     if how.empty_key {
         args.push(String::new());
     }
-    let client = Client::from_ip(client_ip(&parts, services.config.http.x_forwarded_for));
+    let client = client_of(&parts, services.config.http.x_forwarded_for);
     let session = match <R::Authentication as AuthPolicy>::KIND {
         AuthKind::None | AuthKind::Server => None,
         kind => match access_token(&parts) {
@@ -502,6 +502,12 @@ async fn read_body(body: Body) -> Result<axum::body::Bytes> {
             )
         }
     })
+}
+
+/// Where a request comes from: its address (see [`client_ip`]) and user agent.
+pub(crate) fn client_of(parts: &http::request::Parts, trust_forwarded: bool) -> Client {
+    let user_agent = parts.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok());
+    Client::from_ip(client_ip(parts, trust_forwarded)).with_user_agent(user_agent)
 }
 
 /// The peer address, or with `x_forwarded_for` the left-most forwarded address.

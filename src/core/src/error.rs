@@ -52,6 +52,7 @@ pub mod code {
     pub const CONNECTION_FAILED: &str = "M_CONNECTION_FAILED";
     pub const CONNECTION_TIMEOUT: &str = "M_CONNECTION_TIMEOUT";
     pub const APPSERVICE_LOGIN_UNSUPPORTED: &str = "M_APPSERVICE_LOGIN_UNSUPPORTED";
+    pub const CANNOT_LEAVE_SERVER_NOTICE_ROOM: &str = "M_CANNOT_LEAVE_SERVER_NOTICE_ROOM";
 }
 
 /// What kind of failure an error is. The errcode alone does not decide this: the spec

@@ -227,9 +227,22 @@ async fn admins_list_create_change_and_deactivate_accounts() {
         .await;
     let bob_token = bob["access_token"].as_str().unwrap();
     let bob_id = "@bob:localhost";
+    // Seen with its user agent.
+    let resp = s
+        .client
+        .get(s.url("/_matrix/client/v3/account/whoami"))
+        .bearer_auth(bob_token)
+        .header("user-agent", "TestClient/1.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
     let (_, devices) =
         s.get_auth(&user_path(&format!("{A}/v2/users/{{u}}/devices"), bob_id), &admin).await;
     assert_eq!(devices["total"], 2, "{devices}");
+    let agents: Vec<&Value> =
+        devices["devices"].as_array().unwrap().iter().map(|d| &d["last_seen_user_agent"]).collect();
+    assert!(agents.contains(&&json!("TestClient/1.0")), "{devices}");
     let (_, whois) = s.get_auth(&user_path(&format!("{A}/v1/whois/{{u}}"), bob_id), &admin).await;
     assert_eq!(whois["devices"].as_object().unwrap().len(), 2, "{whois}");
     let reset = user_path(&format!("{A}/v1/reset_password/{{u}}"), bob_id);
@@ -351,6 +364,13 @@ async fn a_shadow_banned_user_is_told_it_sent_what_nobody_receives() {
 
     let hidden = s.send_text(&mallory, &room, "spam spam spam").await;
     assert!(hidden.starts_with('$'));
+    let typing = format!("/_matrix/client/v3/rooms/{room}/typing/{mallory_id}");
+    let (status, _) =
+        s.put_auth(&typing, &mallory, &json!({"typing": true, "timeout": 30000})).await;
+    assert_eq!(status, 200);
+    let (_, sync) = s.get_auth("/_matrix/client/v3/sync", &alice).await;
+    let ephemeral = sync["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
+    assert!(!ephemeral.contains(&mallory_id), "nobody sees the banned user typing: {ephemeral}");
     // The ban outlives a restart.
     s.terminate();
     s.launch().await;
@@ -610,6 +630,13 @@ async fn server_notices_reach_the_user_in_a_room_of_their_own() {
     let invites = sync["rooms"]["invite"].as_object().unwrap();
     assert_eq!(invites.len(), 1, "{sync}");
     let room = invites.keys().next().unwrap().clone();
+    // The invite cannot be turned down.
+    let (status, body) =
+        s.post_auth(&format!("/_matrix/client/v3/rooms/{room}/leave"), &alice, &json!({})).await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (403, Some("M_CANNOT_LEAVE_SERVER_NOTICE_ROOM"))
+    );
     s.join_room(&alice, &room).await;
     let (_, tags) =
         s.get_auth(&format!("/_matrix/client/v3/user/{alice_id}/rooms/{room}/tags"), &alice).await;

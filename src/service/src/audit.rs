@@ -12,16 +12,33 @@ use crate::tables::{AUDIT_LOG, AuditRecord};
 #[derive(Debug, Clone, Default)]
 pub struct Client {
     pub ip: Option<String>,
+    /// The client's `User-Agent`, cut to [`MAX_USER_AGENT`] bytes.
+    pub user_agent: Option<String>,
 }
+
+/// User agents are kept to this many bytes.
+pub const MAX_USER_AGENT: usize = 512;
 
 impl Client {
     pub fn from_ip(ip: Option<std::net::IpAddr>) -> Self {
-        Self { ip: ip.map(|i| i.to_string()) }
+        Self { ip: ip.map(|i| i.to_string()), user_agent: None }
+    }
+
+    /// With the request's user agent, for "last seen" records.
+    pub fn with_user_agent(mut self, user_agent: Option<&str>) -> Self {
+        self.user_agent = user_agent.map(|ua| {
+            let mut end = ua.len().min(MAX_USER_AGENT);
+            while !ua.is_char_boundary(end) {
+                end -= 1;
+            }
+            ua[..end].to_owned()
+        });
+        self
     }
 
     /// Actions taken by the command line on the server host.
     pub fn cli() -> Self {
-        Self { ip: Some("cli".into()) }
+        Self { ip: Some("cli".into()), user_agent: None }
     }
 }
 

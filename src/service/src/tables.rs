@@ -54,6 +54,8 @@ pub struct DeviceRecord {
     pub last_seen_ms: Option<u64>,
     #[serde(default)]
     pub last_seen_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_user_agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -33,7 +33,7 @@ use trellis_service::Client;
 use crate::{
     AppState,
     response::{ApiError, json_response},
-    ruma_route::{access_token, client_ip, json_error},
+    ruma_route::{access_token, client_of, json_error},
 };
 
 pub fn routes(router: Router<AppState>, state: AppState) -> Router<AppState> {
@@ -74,7 +74,7 @@ pub(crate) fn admin_caller(parts: &Parts) -> Result<(String, Client)> {
 /// Lets only server admins through, and audits every call.
 async fn guard(State(s): State<AppState>, request: Request, next: Next) -> Response {
     let (mut parts, body) = request.into_parts();
-    let client = Client::from_ip(client_ip(&parts, s.config.http.x_forwarded_for));
+    let client = client_of(&parts, s.config.http.x_forwarded_for);
     let route = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned());
     // The path names the target; the query is left out (it may hold an access token).
     let detail = Some(format!("{} {}", parts.method, decoded(parts.uri.path())));

@@ -402,7 +402,7 @@ fn device_json(user_id: &str, d: trellis_service::accounts::DeviceInfo) -> Value
         "display_name": d.display_name,
         "last_seen_ip": d.last_seen_ip,
         "last_seen_ts": d.last_seen_ms,
-        "last_seen_user_agent": null,
+        "last_seen_user_agent": d.last_seen_user_agent,
         "user_id": user_id,
     })
 }
@@ -522,7 +522,9 @@ async fn whois(State(s): State<AppState>, Path(id): Path<String>) -> Response {
         for d in s.accounts.devices(&localpart)? {
             let connections: Vec<Value> = d
                 .last_seen_ms
-                .map(|ts| json!({"ip": d.last_seen_ip, "last_seen": ts, "user_agent": null}))
+                .map(|ts| {
+                    json!({"ip": d.last_seen_ip, "last_seen": ts, "user_agent": d.last_seen_user_agent})
+                })
                 .into_iter()
                 .collect();
             devices.insert(d.device_id, json!({"sessions": [{"connections": connections}]}));

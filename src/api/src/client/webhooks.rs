@@ -15,13 +15,13 @@ use ruma::RoomId;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use trellis_core::{Error, Result};
-use trellis_service::{Client, webhooks};
+use trellis_service::webhooks;
 
 use super::events::user;
 use crate::{
     AppState,
     response::{ApiError, json_response},
-    ruma_route::{Authenticated, client_ip, json_error},
+    ruma_route::{Authenticated, client_of, json_error},
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -128,7 +128,7 @@ async fn call(
 ) -> Response {
     respond(
         async {
-            let client = Client::from_ip(client_ip(&parts, services.config.http.x_forwarded_for));
+            let client = client_of(&parts, services.config.http.x_forwarded_for);
             let content_type = headers.get("content-type").and_then(|v| v.to_str().ok());
             let post = webhooks::parse_post(content_type, &body)?;
             let event_id = webhooks::call(&services, &id, &secret, post, &client).await?;

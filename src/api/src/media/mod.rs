@@ -18,12 +18,12 @@ use axum::{
     routing::{get, post, put},
 };
 use trellis_core::{Error, Result};
-use trellis_service::{Client, accounts::Session};
+use trellis_service::accounts::Session;
 
 use crate::{
     AppState,
     response::ApiError,
-    ruma_route::{access_token, client_ip},
+    ruma_route::{access_token, client_of},
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -62,7 +62,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 /// The caller's session; every media endpoint but the legacy downloads needs one.
 async fn session(state: &AppState, parts: &http::request::Parts) -> Result<Session> {
     let token = access_token(parts).ok_or_else(Error::missing_token)?;
-    let client = Client::from_ip(client_ip(parts, state.config.http.x_forwarded_for));
+    let client = client_of(parts, state.config.http.x_forwarded_for);
     trellis_service::appservice::authenticate(state, &token, parts.uri.query(), &client).await
 }
 

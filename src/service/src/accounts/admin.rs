@@ -236,6 +236,7 @@ impl Accounts {
                 refresh_hash: None,
                 last_seen_ms: None,
                 last_seen_ip: None,
+                last_seen_user_agent: None,
             }),
         );
         let target = Some(self.user_id(localpart));

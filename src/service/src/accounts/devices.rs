@@ -21,6 +21,7 @@ pub struct DeviceInfo {
     pub display_name: Option<String>,
     pub last_seen_ms: Option<u64>,
     pub last_seen_ip: Option<String>,
+    pub last_seen_user_agent: Option<String>,
 }
 
 impl Accounts {
@@ -34,6 +35,7 @@ impl Accounts {
                     display_name: d.display_name,
                     last_seen_ms: d.last_seen_ms,
                     last_seen_ip: d.last_seen_ip,
+                    last_seen_user_agent: d.last_seen_user_agent,
                 })
             })
             .collect()
@@ -48,6 +50,7 @@ impl Accounts {
             display_name: d.display_name,
             last_seen_ms: d.last_seen_ms,
             last_seen_ip: d.last_seen_ip,
+            last_seen_user_agent: d.last_seen_user_agent,
         })
     }
 
@@ -97,6 +100,7 @@ impl Accounts {
             refresh_hash: None,
             last_seen_ms: None,
             last_seen_ip: None,
+            last_seen_user_agent: None,
         };
         let mut batch = Batch::new();
         DEVICES.put(&mut batch, &key, &Json(record));

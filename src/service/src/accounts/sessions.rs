@@ -118,6 +118,7 @@ impl Accounts {
             refresh_hash,
             last_seen_ms: Some(now),
             last_seen_ip: client.ip.clone(),
+            last_seen_user_agent: client.user_agent.clone(),
         };
         DEVICES.put(batch, &key, &Json(record));
         crate::analytics::note_active(batch, localpart);
@@ -236,6 +237,7 @@ impl Accounts {
         if let Some(Json(mut device)) = DEVICES.get(&*self.db, &key)? {
             device.last_seen_ms = Some(now);
             device.last_seen_ip = client.ip.clone();
+            device.last_seen_user_agent = client.user_agent.clone();
             let mut batch = Batch::new();
             DEVICES.put(&mut batch, &key, &Json(device));
             crate::analytics::note_active(&mut batch, localpart);

@@ -55,6 +55,26 @@ pub async fn send_notice(
     }
 }
 
+/// Whether `room_id` is the server notices room of `user`, a live account (tagged so
+/// for them, with the notices account in it).
+pub fn is_notice_room(services: &Services, user: &UserId, room_id: &RoomId) -> Result<bool> {
+    // A deactivated account leaves every room, this one too.
+    match services.accounts.local_part(user.as_str()) {
+        Some(localpart) if services.accounts.user(localpart)?.is_some_and(|u| !u.deactivated) => {}
+        _ => return Ok(false),
+    }
+    let tagged = services
+        .account_data
+        .tags(user.localpart(), room_id)?
+        .keys()
+        .any(|tag| tag.as_ref() == NOTICE_TAG);
+    if !tagged {
+        return Ok(false);
+    }
+    let notices = services.accounts.user_id(&services.config.admin.notices_localpart);
+    Ok(services.rooms.membership(room_id.as_str(), &notices)? == Some(MembershipState::Join))
+}
+
 /// The notices account, made (with its display name) when first needed.
 async fn notices_user(services: &Services) -> Result<ruma::OwnedUserId> {
     let config = &services.config.admin;

@@ -421,7 +421,7 @@ fn give_up_webhook(services: &Arc<Services>, id: &str) {
             tracing::error!(webhook = %id, error = %e, "removing a failing outgoing webhook failed");
             return;
         }
-        let client = crate::audit::Client { ip: None };
+        let client = crate::audit::Client::default();
         services.audit.log(None, "webhook_outgoing_give_up", &client, "ok", Some(id)).await;
     });
 }

@@ -286,7 +286,7 @@ pub async fn unsubscribe(services: &Services, token: &str) -> Result<()> {
     UNSUBSCRIBE.delete(&mut batch, &token.to_owned());
     STATE.delete(&mut batch, &(localpart.clone(), address));
     crate::commit(&services.db, batch).await?;
-    let client = crate::audit::Client { ip: None };
+    let client = crate::audit::Client::default();
     services
         .audit
         .log(Some(&localpart), "email_notifications_unsubscribe", &client, "ok", None)

@@ -120,6 +120,9 @@ pub async fn set_typing(
     timeout: Option<Duration>,
 ) -> Result<()> {
     crate::rooms::viewer::require_joined(services, room_id, user_id)?;
+    if services.accounts.shadow_banned(user_id.localpart())? {
+        return Ok(());
+    }
     let (room_id, user_id) = (room_id.as_str(), user_id.as_str());
     services.typing.set(room_id, user_id, timeout);
     services.appservice_delivery.typing_changed(services, room_id);

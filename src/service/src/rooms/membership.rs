@@ -9,7 +9,7 @@ use ruma::{
     events::room::member::MembershipState,
 };
 use serde_json::{Value, json};
-use trellis_core::{Error, Result};
+use trellis_core::{Error, ErrorKind, Result, error::code};
 
 use super::append::NewEvent;
 use crate::{
@@ -157,8 +157,18 @@ pub async fn leave(
     room_id: &RoomId,
     reason: Option<String>,
 ) -> Result<()> {
+    let membership = services.rooms.membership(room_id.as_str(), user.as_str())?;
+    if membership == Some(MembershipState::Invite)
+        && crate::admin::notices::is_notice_room(services, user, room_id)?
+    {
+        return Err(Error::new(
+            ErrorKind::Forbidden,
+            code::CANNOT_LEAVE_SERVER_NOTICE_ROOM,
+            "You cannot reject the invite to your server notices room",
+        ));
+    }
     let user = user.as_str();
-    if services.rooms.membership(room_id.as_str(), user)?.is_none() {
+    if membership.is_none() {
         return invites::reject(services, user, room_id.as_str()).await;
     }
     append_membership(services, user, room_id, user, "leave", reason).await?;
