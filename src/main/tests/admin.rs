@@ -82,6 +82,10 @@ fn admin_routes(user: &str, room: &str) -> Vec<(&'static str, String)> {
         ("POST", format!("{A}/v1/federation/destinations/x.example/reset_connection")),
         ("PUT", "/_trellis/admin/v1/reports/1".to_owned()),
         ("GET", "/_trellis/admin/v1/dashboard".to_owned()),
+        ("GET", format!("{A}/v1/background_updates/enabled")),
+        ("POST", format!("{A}/v1/background_updates/enabled")),
+        ("GET", format!("{A}/v1/background_updates/status")),
+        ("POST", format!("{A}/v1/background_updates/start_job")),
         ("GET", "/_trellis/admin/v1/analytics".to_owned()),
         ("GET", format!("{A}/v1/registration_tokens")),
         ("GET", format!("{A}/v1/event_reports")),
@@ -1052,4 +1056,51 @@ async fn the_admin_panel_works_in_a_real_browser() {
     assert_eq!(tokens["registration_tokens"].as_array().unwrap().len(), 1);
     let (_, sync) = s.get_auth("/_matrix/client/v3/sync", &alice).await;
     assert_eq!(sync["rooms"]["invite"].as_object().unwrap().len(), 1, "the notice's room: {sync}");
+}
+
+#[tokio::test]
+async fn background_jobs_regenerate_the_user_directory() {
+    let mut s =
+        TestServer::start(&format!("{OPEN}[user_directory]\nsearch_all_users = true\n")).await;
+    let admin = admin_token(&mut s).await;
+    let (_, alice) = s.register("alice").await;
+    s.register("bob").await;
+    let (_, body) = s.get_auth(&format!("{A}/v1/background_updates/enabled"), &admin).await;
+    assert_eq!(body["enabled"], true);
+    let (status, _) = s
+        .post_auth(
+            &format!("{A}/v1/background_updates/enabled"),
+            &admin,
+            &json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(status, 400, "Trellis's background work cannot be paused");
+    let start = format!("{A}/v1/background_updates/start_job");
+    let (status, body) = s.post_auth(&start, &admin, &json!({"job_name": "event_resign"})).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_INVALID_PARAM")));
+    let (status, body) = s.post_auth(&start, &admin, &json!({})).await;
+    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_MISSING_PARAM")));
+    let (status, body) =
+        s.post_auth(&start, &admin, &json!({"job_name": "regenerate_directory"})).await;
+    assert_eq!(status, 200, "{body}");
+    let mut idle = false;
+    for _ in 0..100 {
+        let (_, status) = s.get_auth(&format!("{A}/v1/background_updates/status"), &admin).await;
+        if status["current_updates"] == json!({}) {
+            idle = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(idle, "the job ends");
+    let (_, found) = s
+        .post_auth(
+            "/_matrix/client/v3/user_directory/search",
+            &alice,
+            &json!({"search_term": "bob"}),
+        )
+        .await;
+    assert_eq!(found["results"][0]["user_id"], "@bob:localhost", "{found}");
+    let (_, audit) = s.get_auth("/_trellis/admin/v1/audit?target=start_job", &admin).await;
+    assert_eq!(audit["entries"].as_array().unwrap().len(), 3, "{audit}");
 }

@@ -94,6 +94,8 @@ pub struct Services {
     pub policy: policy::ContentPolicy,
     /// Daily usage aggregates (a pipeline step, flushed by a task of its own).
     pub analytics: Arc<analytics::Analytics>,
+    /// Background jobs admins start.
+    pub jobs: admin::jobs::Jobs,
 }
 
 impl Services {
@@ -204,6 +206,7 @@ impl Services {
             config,
             metrics,
             analytics,
+            jobs: Default::default(),
         });
         guest_eviction.attach(&services);
         appservice_delivery.attach(&services);

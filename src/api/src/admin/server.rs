@@ -22,6 +22,12 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/_synapse/admin/v1/send_server_notice", post(send_notice))
         .route("/_synapse/admin/v1/send_server_notice/{txn_id}", put(send_notice_txn))
         .route("/_synapse/admin/v1/statistics/users/media", get(user_media_stats))
+        .route(
+            "/_synapse/admin/v1/background_updates/enabled",
+            get(jobs_enabled).post(set_jobs_enabled),
+        )
+        .route("/_synapse/admin/v1/background_updates/status", get(jobs_status))
+        .route("/_synapse/admin/v1/background_updates/start_job", post(start_job))
         .route("/_synapse/admin/v1/federation/destinations", get(destinations))
         .route("/_synapse/admin/v1/federation/destinations/{destination}", get(destination))
         .route(
@@ -32,6 +38,54 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
             "/_synapse/admin/v1/federation/destinations/{destination}/reset_connection",
             post(reset_connection),
         )
+}
+
+/// GET /_synapse/admin/v1/background_updates/enabled
+async fn jobs_enabled() -> Response {
+    super::ok_json(json!({"enabled": true}))
+}
+
+#[derive(Deserialize)]
+struct EnabledBody {
+    enabled: Option<bool>,
+}
+
+/// POST /_synapse/admin/v1/background_updates/enabled: Trellis's background work
+/// (indexing, catch-up, sweeps) cannot be paused; asking for it is refused.
+async fn set_jobs_enabled(body: Bytes) -> Response {
+    respond((|| {
+        let body: EnabledBody = parse_body(&body)?;
+        match body.enabled.unwrap_or(true) {
+            true => Ok(json!({"enabled": true})),
+            false => Err(Error::invalid_param("Trellis's background work cannot be paused")),
+        }
+    })())
+}
+
+/// GET /_synapse/admin/v1/background_updates/status
+async fn jobs_status(State(s): State<AppState>) -> Response {
+    respond((|| {
+        let current = match s.jobs.current() {
+            Some(job) => json!({"main": to_json(job)?}),
+            None => json!({}),
+        };
+        Ok(json!({"enabled": true, "current_updates": current}))
+    })())
+}
+
+#[derive(Deserialize)]
+struct JobBody {
+    job_name: Option<String>,
+}
+
+/// POST /_synapse/admin/v1/background_updates/start_job
+async fn start_job(State(s): State<AppState>, body: Bytes) -> Response {
+    respond((|| {
+        let body: JobBody = parse_body(&body)?;
+        let name = body.job_name.ok_or_else(|| Error::missing_param("Missing job_name"))?;
+        trellis_service::admin::jobs::start(&s, &name)?;
+        Ok(json!({}))
+    })())
 }
 
 /// A destination in Synapse's shape (plus `queued`, `failures` and `last_error`).

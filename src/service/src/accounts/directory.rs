@@ -108,6 +108,13 @@ impl UserDirectory {
         if META.get(&*self.db, &key)? == Some(WORDS_VERSION) {
             return Ok(());
         }
+        self.rebuild().map(drop)
+    }
+
+    /// Re-indexes every user (an admin's background job, or a new version of [`words`]);
+    /// returns how many users it indexed.
+    pub fn rebuild(&self) -> Result<u64> {
+        let key = WORDS_VERSION_KEY.to_owned();
         let mut batch = Batch::new();
         for row in USER_DIRECTORY.scan_prefix(&*self.db, &(), Direction::Forward)? {
             let (entry, ()) = row?;
@@ -130,7 +137,7 @@ impl UserDirectory {
         META.put(&mut batch, &key, &WORDS_VERSION);
         self.db.write(batch)?;
         tracing::info!(users, "user directory re-indexed");
-        Ok(())
+        Ok(users)
     }
 
     /// Users matching every term of `search` (each a prefix of one of their words) that

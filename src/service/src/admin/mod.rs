@@ -4,6 +4,7 @@
 pub mod audit_log;
 pub mod dashboard;
 pub mod federation;
+pub mod jobs;
 pub mod media;
 pub mod notices;
 pub mod rooms;
