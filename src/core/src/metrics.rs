@@ -162,6 +162,16 @@ impl Metrics {
             "When the server process started",
             start_time.clone(),
         );
+        // Known label sets start at zero, so that rates exist before the first event.
+        for outcome in ["sent", "retried", "failed", "rejected"] {
+            let _ = pushes.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
+        }
+        for direction in ["sent", "received"] {
+            let _ = messages.get_or_create(&DirectionLabels { direction: direction.to_owned() });
+        }
+        for window in ["day", "month"] {
+            let _ = active_users.get_or_create(&WindowLabels { window: window.to_owned() });
+        }
         Self {
             registry,
             http_requests,

@@ -1104,3 +1104,43 @@ async fn background_jobs_regenerate_the_user_directory() {
     let (_, audit) = s.get_auth("/_trellis/admin/v1/audit?target=start_job", &admin).await;
     assert_eq!(audit["entries"].as_array().unwrap().len(), 3, "{audit}");
 }
+
+/// docs/grafana-dashboard.json asks Prometheus only for metrics the server exports.
+#[tokio::test]
+async fn the_grafana_dashboard_names_metrics_that_exist() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let room = s.create_room(&alice, json!({})).await;
+    s.send_text(&alice, &room, "hello").await;
+    let text = s
+        .client
+        .get(format!("{}/metrics", s.metrics_base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../../../docs/grafana-dashboard.json")).unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("trellis_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                // Families without samples yet are still declared (`# TYPE`).
+                let base = ["_total", "_bucket"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(&name);
+                assert!(text.contains(&format!("# TYPE {base} ")), "{name} is not exported");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "{checked}");
+}
