@@ -61,6 +61,8 @@ fn admin_routes(user: &str, room: &str) -> Vec<(&'static str, String)> {
         ("PUT", r(&format!("{A}/v1/rooms/{{r}}/block"))),
         ("POST", r(&format!("{A}/v1/rooms/{{r}}/make_room_admin"))),
         ("GET", r(&format!("{A}/v1/rooms/{{r}}/forward_extremities"))),
+        ("DELETE", r(&format!("{A}/v1/rooms/{{r}}/forward_extremities"))),
+        ("GET", format!("{A}/v1/statistics/database/rooms")),
         ("POST", r(&format!("{A}/v1/join/{{r}}"))),
         ("GET", r(&format!("{A}/v1/room/{{r}}/media"))),
         ("POST", r(&format!("{A}/v1/room/{{r}}/media/quarantine"))),
@@ -463,6 +465,15 @@ async fn admins_inspect_block_and_shut_down_rooms() {
     let (status, _) =
         s.get_auth(&format!("{A}/v1/rooms/{}", urlencode("!nope:localhost")), &admin).await;
     assert_eq!(status, 404);
+    let (_, sizes) = s.get_auth(&format!("{A}/v1/statistics/database/rooms"), &admin).await;
+    assert_eq!(sizes["rooms"][0]["room_id"], big, "the room with most events first: {sizes}");
+    let size = |i: usize| sizes["rooms"][i]["estimated_size"].as_u64().unwrap();
+    assert!(size(0) > size(1), "{sizes}");
+    let (_, extremities) = s.get_auth(&format!("{big_path}/forward_extremities"), &admin).await;
+    assert_eq!(extremities["count"], 1, "{extremities}");
+    let (status, trimmed) =
+        s.delete_auth(&format!("{big_path}/forward_extremities"), &admin, &json!({})).await;
+    assert_eq!((status, trimmed["deleted"].as_u64()), (200, Some(0)), "one extremity is kept");
 
     // Making bob the room's admin: alice (power 100) grants him her level.
     let (status, body) = s

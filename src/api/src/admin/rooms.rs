@@ -39,7 +39,11 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/_synapse/admin/v1/rooms/{room_id}/timestamp_to_event", get(timestamp_to_event))
         .route("/_synapse/admin/v1/rooms/{room_id}/block", get(get_block).put(set_block))
         .route("/_synapse/admin/v1/rooms/{room_id}/make_room_admin", post(make_room_admin))
-        .route("/_synapse/admin/v1/rooms/{room_id}/forward_extremities", get(extremities))
+        .route(
+            "/_synapse/admin/v1/rooms/{room_id}/forward_extremities",
+            get(extremities).delete(trim_extremities),
+        )
+        .route("/_synapse/admin/v1/statistics/database/rooms", get(largest))
         .route("/_synapse/admin/v1/join/{room_id}", post(join))
         .route("/_synapse/admin/v1/room/{room_id}/media", get(media))
 }
@@ -281,6 +285,23 @@ async fn extremities(State(s): State<AppState>, Path(id): Path<String>) -> Respo
             .collect();
         Ok(json!({"count": results.len(), "results": results}))
     })())
+}
+
+/// DELETE /_synapse/admin/v1/rooms/{roomIdOrAlias}/forward_extremities: keeps the
+/// deepest one.
+async fn trim_extremities(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    respond(
+        async {
+            let room = resolve(&s, &id)?;
+            Ok(json!({"deleted": s.timeline.trim_extremities(room.as_str()).await?}))
+        }
+        .await,
+    )
+}
+
+/// GET /_synapse/admin/v1/statistics/database/rooms: the ten largest rooms.
+async fn largest(State(s): State<AppState>) -> Response {
+    respond(rooms::largest(&s, 10).and_then(to_json).map(|rooms| json!({"rooms": rooms})))
 }
 
 /// POST /_synapse/admin/v1/join/{roomIdOrAlias}

@@ -526,3 +526,35 @@ pub fn deletions_of(services: &Services, room_id: &str) -> Result<Vec<Deletion>>
     out.sort_by_key(|d| d.started_ts);
     Ok(out)
 }
+
+/// A room and the room's estimated share of storage.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoomSize {
+    pub room_id: String,
+    /// The room's events times the average stored event (on disk and in memory).
+    pub estimated_size: u64,
+}
+
+/// The `top` rooms taking the most storage, largest first. Counts every room's events:
+/// for an admin now and then, not for requests.
+pub fn largest(services: &Services, top: usize) -> Result<Vec<RoomSize>> {
+    let stat = |name: &str| -> f64 {
+        services
+            .db
+            .stats()
+            .into_iter()
+            .filter(|s| s.family == "events" && s.stat == name)
+            .map(|s| s.value)
+            .sum()
+    };
+    let bytes = stat("sst_bytes") + stat("memtable_bytes");
+    let average = bytes / stat("estimated_keys").max(1.0);
+    let mut sizes = Vec::new();
+    for (_, room_id) in services.rooms.rooms_with_events_after(0)? {
+        let events = services.rooms.event_count(&room_id)?;
+        sizes.push(RoomSize { room_id, estimated_size: (events as f64 * average) as u64 });
+    }
+    sizes.sort_by(|a, b| b.estimated_size.cmp(&a.estimated_size).then(a.room_id.cmp(&b.room_id)));
+    sizes.truncate(top);
+    Ok(sizes)
+}

@@ -443,6 +443,39 @@ impl Timeline {
         Ok(short)
     }
 
+    /// Keeps only the room's deepest forward extremity (an admin's repair of a room whose
+    /// extremities piled up): the next event refers to that one alone. Returns how many
+    /// were dropped.
+    pub async fn trim_extremities(&self, room_id: &str) -> Result<usize> {
+        let lock = self.room_lock(room_id);
+        let _room = lock.lock().await;
+        let Some(short) = self.rooms.short.get(Kind::Room, room_id)? else {
+            return Err(Error::not_found("Room not found"));
+        };
+        let Some(Json(mut record)) = ROOMS.get(&*self.rooms.db, &short)? else {
+            return Err(Error::not_found("Room not found"));
+        };
+        let mut deepest: Option<(u64, u64)> = None;
+        for &event in &record.extremities {
+            let depth = self.rooms.cached(event)?.map_or(0, |e| e.pdu.depth);
+            if deepest.is_none_or(|(_, d)| depth > d) {
+                deepest = Some((event, depth));
+            }
+        }
+        let Some((keep, _)) = deepest else { return Ok(0) };
+        let dropped = record.extremities.len() - 1;
+        if dropped == 0 {
+            return Ok(0);
+        }
+        record.extremities = vec![keep];
+        let mut batch = Batch::new();
+        ROOMS.put(&mut batch, &short, &Json(record.clone()));
+        commit(&self.rooms.db, batch).await?;
+        self.rooms.records.put(short, Arc::new(record));
+        tracing::info!(room = room_id, dropped, "forward extremities trimmed");
+        Ok(dropped)
+    }
+
     /// Drops a room from the user's list after they left it (`/forget`).
     pub async fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
         let Some(room) = self.rooms.short.get(Kind::Room, room_id.as_str())? else {

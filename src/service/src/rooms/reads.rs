@@ -209,6 +209,18 @@ impl Rooms {
         Ok(out)
     }
 
+    /// How many events the room's timeline holds (reads every key: for admins' room
+    /// statistics, not for requests).
+    pub fn event_count(&self, room_id: &str) -> Result<u64> {
+        let Some(short) = self.short.get(Kind::Room, room_id)? else { return Ok(0) };
+        let mut n = 0;
+        for row in TIMELINE.scan_prefix(&*self.db, &short, trellis_store::Direction::Forward)? {
+            row?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub(super) fn room_by_short(&self, short: u64) -> Result<Option<RoomRecord>> {
         Ok(self.record(short)?.map(|r| (*r).clone()))
     }
