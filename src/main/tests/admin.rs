@@ -426,7 +426,7 @@ async fn admins_inspect_block_and_shut_down_rooms() {
     let small = s.create_room(&alice, json!({"name": "Small talk"})).await;
     s.join_room(&bob, &big).await;
     s.join_room(&carol, &big).await;
-    s.send_text(&alice, &big, "first words").await;
+    let first_words = s.send_text(&alice, &big, "first words").await;
 
     let (status, list) = s.get_auth(&format!("{A}/v1/rooms?order_by=joined_members"), &admin).await;
     assert_eq!(status, 200, "{list}");
@@ -542,6 +542,48 @@ async fn admins_inspect_block_and_shut_down_rooms() {
     assert_eq!(status, 403, "the room is blocked");
     let (_, statuses) = s.get_auth(&format!("{v2}/delete_status"), &admin).await;
     assert_eq!(statuses["results"][0]["delete_id"], delete_id.as_str());
+
+    // Purged (the default): nothing of the old room is served any more, before or after
+    // a restart.
+    assert_eq!(result["purged"], true, "{done}");
+    for round in 0..2 {
+        let (status, _) = s.get_auth(&big_path, &admin).await;
+        assert_eq!(status, 404, "round {round}");
+        let (_, list) = s.get_auth(&format!("{A}/v1/rooms"), &admin).await;
+        let ids: Vec<&str> = list["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["room_id"].as_str().unwrap())
+            .collect();
+        assert!(!ids.contains(&big.as_str()), "{list}");
+        let (status, _) = s.get_auth(&format!("{big_path}/messages?dir=b"), &admin).await;
+        assert_eq!(status, 404, "round {round}");
+        let (status, _) = s
+            .get_auth(&format!("/_matrix/client/v3/rooms/{big}/event/{first_words}"), &alice)
+            .await;
+        assert_eq!(status, 403, "round {round}");
+        let (_, sync) = s.get_auth("/_matrix/client/v3/sync", &carol).await;
+        assert!(sync["rooms"]["leave"].get(&big).is_none(), "{sync}");
+        assert!(!sync.to_string().contains("first words"), "{sync}");
+        let (_, found) = s
+            .post_auth(
+                "/_matrix/client/v3/search",
+                &alice,
+                &json!({"search_categories": {"room_events": {"search_term": "first"}}}),
+            )
+            .await;
+        assert_eq!(found["search_categories"]["room_events"]["results"], json!([]), "{found}");
+        if round == 0 {
+            s.terminate();
+            s.launch().await;
+        }
+    }
+    // The new room says why (its members read; they do not speak there).
+    let (_, messages) = s
+        .get_auth(&format!("/_matrix/client/v3/rooms/{new_room}/messages?dir=b&limit=20"), &carol)
+        .await;
+    assert!(messages.to_string().contains("This room broke the rules."), "{messages}");
 }
 
 #[tokio::test]

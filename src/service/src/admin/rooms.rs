@@ -312,6 +312,9 @@ pub struct ShutdownResult {
     pub failed_to_kick_users: Vec<String>,
     pub local_aliases: Vec<String>,
     pub new_room_id: Option<String>,
+    /// Whether the room's stored history was removed (a deletion with `purge`).
+    #[serde(default)]
+    pub purged: bool,
 }
 
 /// Shuts a room down on this server: blocked if asked, taken out of the directory, its
@@ -421,8 +424,6 @@ pub struct Deletion {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub shutdown_room: Option<ShutdownResult>,
-    /// Whether the room's stored history was removed: not yet (see docs/admin.md).
-    pub purged: bool,
     pub started_ts: u64,
 }
 
@@ -437,8 +438,8 @@ async fn record(services: &Services, deletion: &Deletion) -> Result<()> {
 }
 
 /// Deletes a room for this server: shuts it down (see [`shutdown`]) and, with `purge`,
-/// makes every local user forget it. With `purge` and no `force_purge`, a local user
-/// who could not be removed fails the deletion.
+/// removes everything stored of it (see [`crate::rooms::purge`]). With `purge` and no
+/// `force_purge`, a local user who could not be removed fails the deletion.
 pub async fn delete(
     services: &Arc<Services>,
     admin: &str,
@@ -448,16 +449,15 @@ pub async fn delete(
     force_purge: bool,
     client: &Client,
 ) -> Result<ShutdownResult> {
-    let result = shutdown(services, admin, room_id, req, client).await?;
+    let mut result = shutdown(services, admin, room_id, req, client).await?;
     if purge {
         if !force_purge && !result.failed_to_kick_users.is_empty() {
             return Err(Error::invalid_param("Users are still joined to this room"));
         }
-        for user in &result.kicked_users {
-            if let Ok(user) = UserId::parse(user.as_str()) {
-                services.timeline.forget(room_id, &user).await?;
-            }
-        }
+        let purged = crate::rooms::purge::purge(services, room_id, force_purge).await?;
+        result.purged = true;
+        let detail = Some(format!("{room_id}: {} events", purged.events));
+        services.audit.log(Some(admin), "room_purge", client, "ok", detail).await;
     }
     Ok(result)
 }
@@ -478,7 +478,6 @@ pub async fn start_delete(
         status: "active".to_owned(),
         error: None,
         shutdown_room: None,
-        purged: false,
         started_ts: trellis_core::now_millis(),
     };
     record(&services, &deletion).await?;

@@ -242,6 +242,39 @@ async fn first_match(
 }
 
 impl Notifier {
+    /// Adds to `batch` the removal of everything counted for `room_id`: its shared and
+    /// excluded rows, and the unread and history rows of `users` (its local members).
+    pub fn purge_room_into(
+        &self,
+        batch: &mut Batch,
+        room_id: &str,
+        users: &[String],
+    ) -> Result<()> {
+        let room = room_id.to_owned();
+        for row in SHARED.scan_prefix(&*self.db, &room, Direction::Forward)? {
+            SHARED.delete(batch, &row?.0);
+        }
+        for row in EXCLUDED.scan_prefix(&*self.db, &room, Direction::Forward)? {
+            EXCLUDED.delete(batch, &row?.0);
+        }
+        for user in users {
+            for row in
+                UNREAD.scan_prefix(&*self.db, &(user.clone(), room.clone()), Direction::Forward)?
+            {
+                UNREAD.delete(batch, &row?.0);
+            }
+            for row in HISTORY.scan_prefix(&*self.db, user, Direction::Forward)? {
+                let (key, Json(notification)) = row?;
+                if notification.room_id == room_id {
+                    HISTORY.delete(batch, &key);
+                }
+            }
+        }
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        counted.retain(|(_, room), _| room != room_id);
+        Ok(())
+    }
+
     pub fn new(db: Db, rooms: Arc<Rooms>, push_rules: Arc<PushRules>, server_name: &str) -> Self {
         let own_suffix = format!(":{server_name}");
         Self { db, rooms, push_rules, own_suffix, counted: Mutex::default() }

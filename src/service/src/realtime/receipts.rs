@@ -174,6 +174,18 @@ impl Receipts {
     }
 }
 
+/// Adds to `batch` the removal of every receipt of `room_id` (a purged room).
+pub fn purge_room_into(db: &Db, batch: &mut Batch, room_id: &str) -> Result<()> {
+    let room = room_id.to_owned();
+    for row in RECEIPTS.scan_prefix(&**db, &room, Direction::Forward)? {
+        RECEIPTS.delete(batch, &row?.0);
+    }
+    for row in RECEIPT_LOG.scan_prefix(&**db, &room, Direction::Forward)? {
+        RECEIPT_LOG.delete(batch, &row?.0);
+    }
+    Ok(())
+}
+
 /// `user` marks `event_id` of `room_id` (a room they are in, an event they may see)
 /// read: a public or private receipt, in `thread` if given, or the fully read marker.
 /// Public receipts go to the other servers in the room too.

@@ -17,6 +17,7 @@ pub mod members;
 pub mod membership;
 pub mod pdu;
 pub mod public;
+pub mod purge;
 pub mod reads;
 pub mod relations;
 pub mod resolve;

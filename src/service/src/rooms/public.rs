@@ -24,7 +24,7 @@ use trellis_store::{Batch, Db, Direction, Table, catalog};
 use super::{Pdu, Rooms, aliases::Aliases};
 use crate::commit;
 
-const PUBLIC_ROOMS: Table<String, ()> = Table::new(&catalog::PUBLIC_ROOMS);
+pub(super) const PUBLIC_ROOMS: Table<String, ()> = Table::new(&catalog::PUBLIC_ROOMS);
 /// (third-party instance id, room id) -> ()
 const NETWORK_ROOMS: Table<(String, String), ()> = Table::new(&catalog::NETWORK_ROOMS);
 

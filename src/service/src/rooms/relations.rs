@@ -17,17 +17,18 @@ use super::{
 
 /// Rows are written twice: under their `rel_type` and under `""`, the all-types index,
 /// so both kinds of listing stay in position order without merging.
-const RELATIONS: Table<(u64, String, u64), Json<RelationRow>> = Table::new(&catalog::RELATIONS);
-const ANNOTATIONS: Table<(u64, String, String), u64> = Table::new(&catalog::ANNOTATIONS);
-const RELATED: Table<u64, ()> = Table::new(&catalog::RELATED);
-const THREAD_LATEST: Table<u64, u64> = Table::new(&catalog::THREAD_LATEST);
-const THREADS: Table<(u64, u64), u64> = Table::new(&catalog::THREADS);
+pub(super) const RELATIONS: Table<(u64, String, u64), Json<RelationRow>> =
+    Table::new(&catalog::RELATIONS);
+pub(super) const ANNOTATIONS: Table<(u64, String, String), u64> = Table::new(&catalog::ANNOTATIONS);
+pub(super) const RELATED: Table<u64, ()> = Table::new(&catalog::RELATED);
+pub(super) const THREAD_LATEST: Table<u64, u64> = Table::new(&catalog::THREAD_LATEST);
+pub(super) const THREADS: Table<(u64, u64), u64> = Table::new(&catalog::THREADS);
 
 /// Threads and reference chunks are summarised from at most this many rows.
 const SCAN_CAP: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct RelationRow {
+pub(super) struct RelationRow {
     event: u64,
     sender: String,
     kind: String,

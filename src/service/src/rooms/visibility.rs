@@ -14,7 +14,7 @@ use trellis_core::Result;
 use trellis_store::{Batch, Direction, Json, Table, catalog};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct MemberRow {
+pub(super) struct MemberRow {
     membership: String,
     event: u64,
 }
@@ -39,15 +39,15 @@ impl LogCaches {
     }
 }
 
-const MEMBERSHIP_LOG: Table<(u64, String, u64), Json<MemberRow>> =
+pub(super) const MEMBERSHIP_LOG: Table<(u64, String, u64), Json<MemberRow>> =
     Table::new(&catalog::MEMBERSHIP_LOG);
-const VISIBILITY_LOG: Table<(u64, u64), String> = Table::new(&catalog::VISIBILITY_LOG);
+pub(super) const VISIBILITY_LOG: Table<(u64, u64), String> = Table::new(&catalog::VISIBILITY_LOG);
 /// (room, position) -> user whose membership changed: device list tracking asks which
 /// members came and went between two positions.
-const MEMBER_CHANGES: Table<(u64, u64), String> = Table::new(&catalog::MEMBER_CHANGES);
+pub(super) const MEMBER_CHANGES: Table<(u64, u64), String> = Table::new(&catalog::MEMBER_CHANGES);
 /// Changes between two positions are read with one scan however many rooms a user is
 /// in: the key is (position, room).
-const EVENT_TIMES: Table<(u64, u64, u64), u64> = Table::new(&catalog::EVENT_TIMES);
+pub(super) const EVENT_TIMES: Table<(u64, u64, u64), u64> = Table::new(&catalog::EVENT_TIMES);
 const TIMELINE_ALL: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 
 /// What a room shows a user: the spec's default visibility is `shared`.
