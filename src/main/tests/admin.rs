@@ -1036,8 +1036,7 @@ async fn the_dashboard_and_analytics_count_what_users_do() {
     let (_, report) = s.get_auth("/_trellis/admin/v1/analytics?days=1", &admin).await;
     assert_eq!(report["daily"][0]["messages_sent"], 4, "{report}");
     s.send_text(&bob, &room, "five").await;
-    let metrics = s.client.get(format!("{}/metrics", s.metrics_base)).send().await.unwrap();
-    let text = metrics.text().await.unwrap();
+    let text = s.metrics().await;
     assert!(text.contains("trellis_messages_total{direction=\"sent\"} 1"), "{text}");
     assert!(text.contains("trellis_active_users{window=\"day\"} 3"), "{text}");
     assert!(text.contains("trellis_process_start_time_seconds"), "{text}");
@@ -1175,15 +1174,7 @@ async fn the_grafana_dashboard_names_metrics_that_exist() {
     let (_, alice) = s.register("alice").await;
     let room = s.create_room(&alice, json!({})).await;
     s.send_text(&alice, &room, "hello").await;
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.metrics_base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     let dashboard: Value =
         serde_json::from_str(include_str!("../../../docs/grafana-dashboard.json")).unwrap();
     let mut checked = 0;

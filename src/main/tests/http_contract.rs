@@ -167,15 +167,7 @@ async fn health_metrics_and_request_ids() {
     let _ = s.get("/_matrix/client/versions").await;
     let _ = s.get("/nope").await;
 
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.metrics_base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     assert!(
         text.contains("trellis_http_requests_total{method=\"GET\",route=\"/_matrix/client/versions\",status=\"200\"}"),
         "{text}"

@@ -146,6 +146,12 @@ impl TestServer {
         .await
     }
 
+    /// The Prometheus text of the metrics listener.
+    pub async fn metrics(&self) -> String {
+        let resp = self.client.get(format!("{}/metrics", self.metrics_base)).send().await;
+        resp.unwrap().text().await.unwrap()
+    }
+
     /// Registers through the open `m.login.dummy` flow with the password
     /// `password123`; returns (user_id, access_token).
     pub async fn register(&self, username: &str) -> (String, String) {
