@@ -93,12 +93,15 @@ impl ContentPolicy {
     }
 }
 
+/// The texts of a message, and of the new content an edit (`m.new_content`) shows.
 fn message_text(content: &Value) -> String {
     let mut text = String::new();
-    for field in ["body", "formatted_body"] {
-        if let Some(t) = content[field].as_str() {
-            text.push_str(t);
-            text.push('\n');
+    for part in [content, &content["m.new_content"]] {
+        for field in ["body", "formatted_body"] {
+            if let Some(t) = part[field].as_str() {
+                text.push_str(t);
+                text.push('\n');
+            }
         }
     }
     text

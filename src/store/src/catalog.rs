@@ -165,7 +165,7 @@ tables! {
     KEY_SIGNATURES = "key_signatures", Scan @ 45;
     // stream position -> user id whose devices or keys changed then
     KEY_CHANGES = "key_changes", Scan @ 46;
-    // (short room id, stream position) -> user id whose membership changed then
+    // (stream position, short room id) -> user id whose membership changed then
     MEMBER_CHANGES = "member_changes", Scan @ 47;
     // (user localpart, device id, stream position) -> a to-device message
     TO_DEVICE = "to_device", Scan @ 48;

@@ -51,8 +51,8 @@ pub fn routes(router: Router<AppState>, state: AppState) -> Router<AppState> {
     panel::routes(server::public_routes(router.merge(admin)))
 }
 
-/// Read-only live figures the admin panel polls; their successful reads are not audited.
-const LIVE_ROUTES: &[&str] = &["/_trellis/admin/v1/dashboard"];
+/// Read-only figures the admin panel polls; their successful reads are not audited.
+const LIVE_ROUTES: &[&str] = &["/_trellis/admin/v1/dashboard", "/_trellis/admin/v1/analytics"];
 
 /// The admin making a request, put there by the guard.
 #[derive(Debug, Clone)]

@@ -49,6 +49,8 @@ impl Accounts {
         client: &Client,
         change: impl FnOnce(&mut UserRecord, &mut Batch) -> Result<()>,
     ) -> Result<UserRecord> {
+        // One admin change at a time: each reads, changes and writes the whole record.
+        let _one = self.admin_changes.lock().await;
         let mut user = self.user(localpart)?.ok_or_else(|| Error::not_found("No such user"))?;
         let mut batch = Batch::new();
         change(&mut user, &mut batch)?;

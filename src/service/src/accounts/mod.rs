@@ -61,6 +61,8 @@ pub struct Accounts {
     /// The rooms whose members hear of device-list changes when devices go; unset in tools
     /// that manage accounts offline.
     device_changes: Option<Arc<crate::rooms::Rooms>>,
+    /// Serialises admins' changes to user records (see `admin.rs`).
+    admin_changes: Mutex<()>,
     /// Shadow-banned localparts, read from their table on first use.
     shadow_bans: std::sync::OnceLock<std::sync::RwLock<std::collections::HashSet<String>>>,
 }
@@ -124,6 +126,7 @@ impl Accounts {
             decoy_hash: Default::default(),
             device_changes: None,
             shadow_bans: Default::default(),
+            admin_changes: Mutex::new(()),
         }
     }
 

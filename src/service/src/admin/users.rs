@@ -259,16 +259,18 @@ pub async fn create_or_modify(
                 .await?;
         }
         Some(user) => {
-            if user.deactivated && change.deactivated == Some(false) {
-                if change.password.is_none() {
-                    return Err(Error::invalid_param("A reactivated user needs a password"));
-                }
-                accounts.reactivate(admin, &localpart, client).await?;
+            let reactivate = user.deactivated && change.deactivated == Some(false);
+            if reactivate && change.password.is_none() {
+                return Err(Error::invalid_param("A reactivated user needs a password"));
             }
+            // The password first: one the policy refuses leaves the account as it was.
             if let Some(password) = change.password.clone() {
                 accounts
                     .set_password(&localpart, password, change.logout_devices, None, client)
                     .await?;
+            }
+            if reactivate {
+                accounts.reactivate(admin, &localpart, client).await?;
             }
             if let Some(on) = change.admin
                 && on != user.admin
@@ -296,7 +298,7 @@ pub async fn create_or_modify(
             accounts.restrict(admin, user_id.as_str(), Restriction::Lock, on, client).await?;
         }
     }
-    if change.deactivated == Some(true) && existing.is_some_and(|u| !u.deactivated) {
+    if change.deactivated == Some(true) && existing.is_none_or(|u| !u.deactivated) {
         crate::accounts::deactivation::deactivate(services, &localpart, false, client).await?;
     }
     Ok(created)

@@ -270,9 +270,13 @@ impl Notifier {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Drops the counts kept in memory for `room_id` (after its rows were purged).
+    pub fn forget_room(&self, room_id: &str) {
         let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
         counted.retain(|(_, room), _| room != room_id);
-        Ok(())
     }
 
     pub fn new(db: Db, rooms: Arc<Rooms>, push_rules: Arc<PushRules>, server_name: &str) -> Self {

@@ -190,13 +190,17 @@ pub struct CreateRoomRequest {
 pub async fn create_room(
     services: &Arc<Services>,
     creator: &UserId,
-    req: CreateRoomRequest,
+    mut req: CreateRoomRequest,
 ) -> Result<OwnedRoomId> {
     let localpart = services
         .accounts
         .local_part(creator.as_str())
         .ok_or_else(|| Error::forbidden("Only this server's users can create rooms here"))?
         .to_owned();
+    if services.accounts.shadow_banned(&localpart)? {
+        // The room is made; nobody is invited to it.
+        req.invite.clear();
+    }
     // The alias is checked before anything is created, and claimed right after.
     let alias = match &req.alias_name {
         Some(name) => {

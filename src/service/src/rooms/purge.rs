@@ -91,20 +91,18 @@ pub async fn purge(services: &Arc<Services>, room_id: &RoomId, force: bool) -> R
         if let Some(index) = &search {
             index.remove(position);
         }
-        rooms.cache.invalidate(&event);
         purged.events += 1;
         w.counted(n).await?;
     }
     for row in MEMBERSHIP_LOG.scan_prefix(&*rooms.db, &short, Direction::Forward)? {
-        MEMBERSHIP_LOG.delete(&mut w.batch, &row?.0);
-        w.counted(1).await?;
+        let (key, _) = row?;
+        // The membership changes are keyed by position first: each log row names one.
+        MEMBER_CHANGES.delete(&mut w.batch, &(key.2, short));
+        MEMBERSHIP_LOG.delete(&mut w.batch, &key);
+        w.counted(2).await?;
     }
     for row in VISIBILITY_LOG.scan_prefix(&*rooms.db, &short, Direction::Forward)? {
         VISIBILITY_LOG.delete(&mut w.batch, &row?.0);
-        w.counted(1).await?;
-    }
-    for row in MEMBER_CHANGES.scan_prefix(&*rooms.db, &short, Direction::Forward)? {
-        MEMBER_CHANGES.delete(&mut w.batch, &row?.0);
         w.counted(1).await?;
     }
     for row in EVENT_TIMES.scan_prefix(&*rooms.db, &short, Direction::Forward)? {
@@ -125,7 +123,10 @@ pub async fn purge(services: &Arc<Services>, room_id: &RoomId, force: bool) -> R
     PUBLIC_ROOMS.delete(&mut w.batch, &room_id.to_owned());
     ROOMS.delete(&mut w.batch, &short);
     w.flush().await?;
-    // What readers hold in memory of the room.
+    // What readers hold in memory of the room, dropped once the rows are gone (a read
+    // meanwhile may have cached them again).
+    rooms.cache.clear();
+    services.notifier.forget_room(room_id);
     rooms.records.invalidate(&short);
     rooms.joined.invalidate(&short);
     rooms.summaries.invalidate(&short);

@@ -175,6 +175,9 @@ pub async fn redact(
     txn_id: &TransactionId,
 ) -> Result<OwnedEventId> {
     require_joined(services, room_id, sender.user)?;
+    if services.accounts.shadow_banned(sender.user.localpart())? {
+        return decoy_event_id();
+    }
     // A suspended account may redact its own events only.
     if services.accounts.user(sender.user.localpart())?.is_some_and(|u| u.suspended)
         && services

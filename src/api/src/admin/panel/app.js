@@ -9,6 +9,8 @@ const TRL = '/_trellis/admin/v1';
 const TOKEN_KEY = 'trellis_admin_token';
 let token = sessionStorage.getItem(TOKEN_KEY);
 let refresh = null;
+// The analytics part of the dashboard, fetched at most every five minutes.
+let analytics = { at: 0, data: null };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -134,7 +136,10 @@ function card(label, value, id) {
 async function dashboardPage() {
   const d = await api('GET', `${TRL}/dashboard`);
   const max = Math.max(1, ...d.messages_per_hour.map((h) => h.messages));
-  const stats = await api('GET', `${TRL}/analytics?days=14`);
+  if (!analytics.data || Date.now() - analytics.at > 300000) {
+    analytics = { at: Date.now(), data: await api('GET', `${TRL}/analytics?days=14`) };
+  }
+  const stats = analytics.data;
   show(
     el('h1', {}, `Dashboard — ${d.server_name}`),
     el('div', { class: 'cards' },
@@ -269,7 +274,7 @@ async function roomPage(id) {
     const messages = await api('GET', `${SYN}/v1/rooms/${enc(id)}/messages?dir=b&limit=30`);
     recent = table(['Time', 'Sender', 'Type', 'Content'], messages.chunk.map((e) => [when(e.origin_server_ts), e.sender, e.type, eventText(e)]), 'room-messages');
   }
-  const purge = el('input', { type: 'checkbox', id: 'room-purge', checked: true });
+  const purge = el('input', { type: 'checkbox', id: 'room-purge' });
   show(
     el('h1', {}, room.name || room.room_id),
     table(['', ''], [['Id', room.room_id], ['Alias', room.canonical_alias || ''], ['Topic', room.topic || ''], ['Version', room.version], ['Creator', room.creator || ''],
@@ -279,7 +284,7 @@ async function roomPage(id) {
     el('div', { class: 'row' },
       el('button', { type: 'button', class: 'secondary', onclick: () => act(room.blocked ? 'Unblock' : 'Block', () => api('PUT', `${SYN}/v1/rooms/${enc(id)}/block`, { block: !room.blocked })) }, room.blocked ? 'Unblock' : 'Block'),
       el('button', { type: 'button', class: 'danger', id: 'room-delete', onclick: () => act('Shut down', () => api('DELETE', `${SYN}/v1/rooms/${enc(id)}`, { block: true, purge: purge.checked })) }, 'Shut down and block'),
-      el('label', {}, purge, ' local users forget it')),
+      el('label', {}, purge, ' and purge: delete everything stored of the room (cannot be undone)')),
     el('h2', {}, 'Recent messages'),
     recent || el('p', { class: 'muted' }, 'This room is encrypted: its messages cannot be shown.'),
     el('h2', {}, 'Members'),
