@@ -101,6 +101,9 @@ async fn serve(config: Config) -> Result<(), String> {
     let grace = Duration::from_secs(config.http.shutdown_grace_seconds);
     let services = Services::new(config, db, keys)?;
 
+    if let Err(e) = trellis_service::admin::rooms::fail_interrupted(&services).await {
+        tracing::warn!(error = %e, "marking interrupted room deletions");
+    }
     let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
     let analytics = tokio::spawn(trellis_service::analytics::run(services.analytics.clone()));
     // Application services: their users exist, their queues (kept over a restart) go out,

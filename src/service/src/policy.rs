@@ -37,7 +37,20 @@ impl ContentPolicy {
             ),
         };
         Ok(Self {
-            words: config.words.iter().map(|w| w.to_lowercase()).collect(),
+            // As a message's words are compared: lower case, one space between words.
+            words: config
+                .words
+                .iter()
+                .map(|w| {
+                    let lower = w.to_lowercase();
+                    let parts: Vec<&str> = lower
+                        .split(|c: char| !c.is_alphanumeric())
+                        .filter(|p| !p.is_empty())
+                        .collect();
+                    parts.join(" ")
+                })
+                .filter(|w| !w.is_empty())
+                .collect(),
             patterns,
             domains: config
                 .link_domains
@@ -60,9 +73,12 @@ impl ContentPolicy {
     pub fn violation(&self, text: &str) -> Option<String> {
         let lower = text.to_lowercase();
         if !self.words.is_empty() {
-            let found = lower
-                .split(|c: char| !c.is_alphanumeric())
-                .find(|w| !w.is_empty() && self.words.iter().any(|banned| banned == w));
+            // Words and phrases match whole words: compare on the text's words joined
+            // by single spaces, with spaces around so that edges count.
+            let words: Vec<&str> =
+                lower.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).collect();
+            let joined = format!(" {} ", words.join(" "));
+            let found = self.words.iter().find(|banned| joined.contains(&format!(" {banned} ")));
             if let Some(word) = found {
                 return Some(format!("the word \"{word}\""));
             }
@@ -83,7 +99,7 @@ impl ContentPolicy {
     /// What in a new account's name breaks the policy: banned words anywhere in it.
     fn name_violation(&self, name: &str) -> Option<String> {
         let lower = name.to_lowercase();
-        if let Some(word) = self.words.iter().find(|w| lower.contains(w.as_str())) {
+        if let Some(word) = self.words.iter().find(|w| lower.contains(&w.replace(' ', ""))) {
             return Some(format!("the word \"{word}\""));
         }
         self.patterns
@@ -198,6 +214,9 @@ mod tests {
         assert!(p.violation("scampi for dinner").is_none());
         assert!(p.name_violation("bigscammer").is_some());
         assert!(p.violation("").is_none());
+        let phrase = policy(&["free  Money"], &[], &[]);
+        assert!(phrase.violation("Get FREE money now").is_some());
+        assert!(phrase.violation("free moneyball").is_none());
     }
 
     #[test]

@@ -505,6 +505,23 @@ pub async fn start_delete(
     Ok(delete_id)
 }
 
+/// Marks deletions a stop interrupted as failed (called at start-up).
+pub async fn fail_interrupted(services: &Services) -> Result<()> {
+    let mut stale = Vec::new();
+    for row in ROOM_DELETIONS.scan_prefix(&*services.db, &(), trellis_store::Direction::Forward)? {
+        let (_, trellis_store::Json(d)) = row?;
+        if d.status == "active" {
+            stale.push(d);
+        }
+    }
+    for mut deletion in stale {
+        deletion.status = "failed".to_owned();
+        deletion.error = Some("The server stopped during the deletion; start it again".to_owned());
+        record(services, &deletion).await?;
+    }
+    Ok(())
+}
+
 /// One deletion by its id (404 when unknown).
 pub fn deletion(services: &Services, delete_id: &str) -> Result<Deletion> {
     ROOM_DELETIONS

@@ -11,6 +11,8 @@ let token = sessionStorage.getItem(TOKEN_KEY);
 let refresh = null;
 // The analytics part of the dashboard, fetched at most every five minutes.
 let analytics = { at: 0, data: null };
+// The server name (from the dashboard), for user ids typed as bare names.
+let serverName = sessionStorage.getItem('trellis_admin_server') || location.hostname;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -135,6 +137,8 @@ function card(label, value, id) {
 
 async function dashboardPage() {
   const d = await api('GET', `${TRL}/dashboard`);
+  serverName = d.server_name;
+  sessionStorage.setItem('trellis_admin_server', serverName);
   const max = Math.max(1, ...d.messages_per_hour.map((h) => h.messages));
   if (!analytics.data || Date.now() - analytics.at > 300000) {
     analytics = { at: Date.now(), data: await api('GET', `${TRL}/analytics?days=14`) };
@@ -195,7 +199,7 @@ async function usersPage(params) {
     el('form', {
       onsubmit: (e) => {
         e.preventDefault();
-        const id = newName.value.startsWith('@') ? newName.value : `@${newName.value}:${location.hostname}`;
+        const id = newName.value.startsWith('@') ? newName.value : `@${newName.value}:${serverName}`;
         act('Create user', () => api('PUT', `${SYN}/v2/users/${enc(id)}`, { password: newPassword.value }));
       },
     }, newName, newPassword, el('button', { type: 'submit' }, 'Create')));
