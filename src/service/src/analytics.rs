@@ -134,10 +134,19 @@ impl Analytics {
             ROOM_DAYS.put(&mut batch, &key, &total);
         }
         crate::commit(&self.db, batch).await?;
-        let today = day_of(now_millis());
-        self.metrics.active("day", self.active_between(today, today)?);
-        self.metrics.active("month", self.active_between(today.saturating_sub(29), today)?);
+        let (day, month) = self.active_users()?;
+        self.metrics.active("day", day);
+        self.metrics.active("month", month);
         Ok(())
+    }
+
+    /// Distinct users active today and in the last 30 days.
+    pub fn active_users(&self) -> Result<(usize, usize)> {
+        let today = day_of(now_millis());
+        Ok((
+            self.active_between(today, today)?,
+            self.active_between(today.saturating_sub(29), today)?,
+        ))
     }
 
     /// Distinct users active on days `from..=to`.
@@ -210,9 +219,10 @@ impl Analytics {
             .collect();
         rooms.sort_by(|a, b| b.messages.cmp(&a.messages).then_with(|| a.room_id.cmp(&b.room_id)));
         rooms.truncate(20);
+        let (daily_active_users, monthly_active_users) = self.active_users()?;
         Ok(Report {
-            daily_active_users: self.active_between(today, today)?,
-            monthly_active_users: self.active_between(today.saturating_sub(29), today)?,
+            daily_active_users,
+            monthly_active_users,
             daily,
             rooms,
             cohorts: self.cohorts(first, today)?,
