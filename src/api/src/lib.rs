@@ -33,6 +33,10 @@ pub fn main_router(services: AppState) -> Router {
     let max_body = services.config.http.max_request_bytes;
     let router = Router::new();
     let router = client::routes(router);
+    // Sends that ask for a delay share their paths with the ordinary ones.
+    let delayed = client::delayed_events::delayed_sends(services.clone());
+    let router =
+        router.layer(middleware::from_fn_with_state(delayed, client::delayed_events::divert));
     let router = server::routes(router);
     let router = federation::routes(router);
     let router = admin::routes(router, services.clone());

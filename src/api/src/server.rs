@@ -90,10 +90,12 @@ async fn well_known_client(
             format!("{scheme}://{host}")
         }
     };
-    json_response(
-        StatusCode::OK,
-        json!({ "m.homeserver": { "base_url": base_url } }).to_string().into_bytes(),
-    )
+    let mut answer = json!({ "m.homeserver": { "base_url": base_url } });
+    let foci = trellis_service::rtc::transports(&s);
+    if !foci.is_empty() {
+        answer["org.matrix.msc4143.rtc_foci"] = json!(foci);
+    }
+    json_response(StatusCode::OK, answer.to_string().into_bytes())
 }
 
 /// A `Host` header that can stand in a URL: a name or address and an optional port.

@@ -33,6 +33,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub push: PushConfig,
     pub voip: VoipConfig,
+    pub turn: TurnConfig,
+    pub rtc: RtcConfig,
     pub search: SearchConfig,
     pub admin: AdminConfig,
     pub content_policy: ContentPolicyConfig,
@@ -384,6 +386,10 @@ pub struct RoomsConfig {
     pub publish: RoomPublishing,
     /// Require an access token for `GET /publicRooms` (the spec lets anyone list it).
     pub public_rooms_require_auth: bool,
+    /// The longest delay a delayed event (MSC4140) may ask for, in milliseconds.
+    pub max_event_delay_ms: u64,
+    /// Delayed events one user may have waiting at once.
+    pub max_delayed_events_per_user: usize,
 }
 
 impl Default for RoomsConfig {
@@ -392,6 +398,8 @@ impl Default for RoomsConfig {
             default_room_version: "11".into(),
             publish: RoomPublishing::AnyoneWithPower,
             public_rooms_require_auth: false,
+            max_event_delay_ms: 86_400_000,
+            max_delayed_events_per_user: 100,
         }
     }
 }
@@ -412,6 +420,89 @@ pub struct PresenceConfig {
 impl Default for PresenceConfig {
     fn default() -> Self {
         Self { enabled: true, idle_timeout_seconds: 300, offline_timeout_seconds: 1800 }
+    }
+}
+
+/// The TURN/STUN server built into Trellis. It runs unless it is switched off or an
+/// external TURN server is configured (`voip.turn_uris`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    pub enabled: bool,
+    /// UDP listener (STUN and TURN).
+    pub listen_udp: SocketAddr,
+    /// TCP listener for clients whose networks block UDP; empty: none.
+    pub listen_tcp: String,
+    /// The address clients and their peers reach the relay at, handed out in every
+    /// allocation. Empty: the address of the interface the default route leaves by,
+    /// which is right unless the server sits behind NAT.
+    pub public_ip: String,
+    /// Host name put in the `turn:` URIs of `/voip/turnServer`. Empty: `public_ip` if
+    /// set, else the server name's host.
+    pub uri_host: String,
+    /// Relayed traffic uses UDP ports in this range (open them in the firewall).
+    pub relay_min_port: u16,
+    pub relay_max_port: u16,
+    /// Allocations one user may hold at once.
+    pub max_allocations_per_user: usize,
+    /// Relayed traffic one user may move, in kilobits per second (0: no cap).
+    pub user_bandwidth_kbps: u64,
+    /// Refuse relaying to loopback, private, link-local and other non-public
+    /// addresses, so that the relay cannot reach into the server's own network.
+    pub deny_private_peers: bool,
+    /// Peer networks (CIDR) always allowed, even if private (a LAN deployment).
+    pub allowed_peer_ips: Vec<String>,
+    /// The secret credentials are derived from. Empty: one derived from the server's
+    /// signing key, which stays the same over restarts.
+    pub shared_secret: String,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen_udp: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            listen_tcp: "0.0.0.0:3478".into(),
+            public_ip: String::new(),
+            uri_host: String::new(),
+            relay_min_port: 49152,
+            relay_max_port: 65535,
+            max_allocations_per_user: 10,
+            user_bandwidth_kbps: 20_000,
+            deny_private_peers: true,
+            allowed_peer_ips: Vec::new(),
+            shared_secret: String::new(),
+        }
+    }
+}
+
+/// MatrixRTC group calls (Element Call): the SFU clients are sent to, and the access
+/// tokens this server issues for it (what lk-jwt-service does elsewhere).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RtcConfig {
+    /// A LiveKit SFU's WebSocket URL (`wss://livekit.example.org`). Empty: no focus is
+    /// advertised and the token endpoints answer 404.
+    pub livekit_url: String,
+    /// The API key and secret the LiveKit SFU is configured with.
+    pub livekit_api_key: String,
+    pub livekit_api_secret: String,
+    /// How long an issued LiveKit token is valid, in seconds.
+    pub token_lifetime_seconds: u64,
+    /// Users of these other servers may start calls on the SFU (users of this server
+    /// always may); users of any server may join calls already running.
+    pub full_access_servers: Vec<String>,
+}
+
+impl Default for RtcConfig {
+    fn default() -> Self {
+        Self {
+            livekit_url: String::new(),
+            livekit_api_key: String::new(),
+            livekit_api_secret: String::new(),
+            token_lifetime_seconds: 3600,
+            full_access_servers: Vec::new(),
+        }
     }
 }
 
@@ -885,6 +976,27 @@ impl Config {
         if let Err(e) = <&ruma::ServerName>::try_from(self.server.server_name.as_str()) {
             bad("server.server_name", format!("not a valid Matrix server name: {e}"));
         }
+        let turn = &self.turn;
+        if !turn.listen_tcp.is_empty() && turn.listen_tcp.parse::<SocketAddr>().is_err() {
+            bad("turn.listen_tcp", "not an address and port (or empty for none)".into());
+        }
+        if !turn.public_ip.is_empty() && turn.public_ip.parse::<std::net::IpAddr>().is_err() {
+            bad("turn.public_ip", "not an IP address".into());
+        }
+        if turn.relay_min_port == 0 || turn.relay_max_port < turn.relay_min_port {
+            bad("turn.relay_min_port", "the relay port range is empty".into());
+        }
+        for (n, net) in turn.allowed_peer_ips.iter().enumerate() {
+            if !valid_cidr(net) {
+                bad(&format!("turn.allowed_peer_ips[{n}]"), "not an address or network".into());
+            }
+        }
+        let rtc = &self.rtc;
+        if !rtc.livekit_url.is_empty()
+            && (rtc.livekit_api_key.is_empty() || rtc.livekit_api_secret.is_empty())
+        {
+            bad("rtc.livekit_api_key", "a LiveKit URL needs its API key and secret".into());
+        }
         if self.server.data_dir.as_os_str().is_empty() {
             bad("server.data_dir", "must not be empty".into());
         }
@@ -1176,6 +1288,17 @@ fn parse_env_value(raw: &str) -> Value {
         Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.into())),
         Err(_) => Value::String(raw.into()),
     }
+}
+
+/// An IP address or a network in CIDR notation (`10.0.0.0/8`, `fd00::/8`).
+pub fn valid_cidr(text: &str) -> bool {
+    let (addr, bits) = match text.split_once('/') {
+        Some((addr, bits)) => (addr, Some(bits)),
+        None => (text, None),
+    };
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else { return false };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    bits.is_none_or(|b| b.parse::<u8>().is_ok_and(|b| b <= max))
 }
 
 #[cfg(test)]

@@ -42,6 +42,12 @@ pub struct WindowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why the TURN server refused: `auth`, `quota`, `peer` or `bandwidth`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     /// `sent`, `retried`, `failed` (given up), `rejected` (the gateway dropped the key).
     pub outcome: String,
@@ -66,6 +72,52 @@ pub struct Metrics {
     pub requests_failed: std::sync::atomic::AtomicU64,
     /// When the process started (seconds since the epoch).
     pub start_time: Gauge,
+    /// The built-in TURN server's figures.
+    pub turn: TurnMetrics,
+}
+
+/// The built-in TURN server's figures.
+#[derive(Clone, Debug, Default)]
+pub struct TurnMetrics {
+    /// Relay allocations held now, and opened since start.
+    pub allocations: Gauge,
+    pub allocations_opened: Counter,
+    /// Bytes relayed, either direction.
+    pub relayed_bytes: Counter,
+    /// Requests refused and datagrams dropped, by reason.
+    pub refusals: Family<ReasonLabels, Counter>,
+}
+
+impl TurnMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "turn_allocations",
+            "TURN relay allocations held",
+            self.allocations.clone(),
+        );
+        registry.register(
+            "turn_allocations_opened",
+            "TURN relay allocations opened",
+            self.allocations_opened.clone(),
+        );
+        registry.register(
+            "turn_relayed_bytes",
+            "Bytes relayed by TURN",
+            self.relayed_bytes.clone(),
+        );
+        registry.register(
+            "turn_refusals",
+            "TURN requests refused and datagrams dropped, by reason",
+            self.refusals.clone(),
+        );
+        for reason in ["auth", "quota", "peer", "bandwidth"] {
+            let _ = self.refusals.get_or_create(&ReasonLabels { reason: reason.to_owned() });
+        }
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refusals.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
 }
 
 /// The usage figures, in a handle of their own for the part that keeps them.
@@ -162,6 +214,8 @@ impl Metrics {
             "When the server process started",
             start_time.clone(),
         );
+        let turn = TurnMetrics::default();
+        turn.register(&mut registry);
         // Known label sets start at zero, so that rates exist before the first event.
         for outcome in ["sent", "retried", "failed", "rejected"] {
             let _ = pushes.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
@@ -184,6 +238,7 @@ impl Metrics {
             requests_total: Default::default(),
             requests_failed: Default::default(),
             start_time,
+            turn,
         }
     }
 

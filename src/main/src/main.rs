@@ -7,6 +7,7 @@ mod plain;
 mod search_cmd;
 mod serve;
 mod tls;
+mod turn;
 mod user_cmd;
 
 use std::{path::PathBuf, process::ExitCode};

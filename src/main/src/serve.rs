@@ -106,6 +106,8 @@ async fn serve(config: Config) -> Result<(), String> {
     }
     let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
     let analytics = tokio::spawn(trellis_service::analytics::run(services.analytics.clone()));
+    let delayed_events = tokio::spawn(trellis_service::delayed_events::run(services.clone()));
+    let turn = crate::turn::start(&services).await;
     // Application services: their users exist, their queues (kept over a restart) go out,
     // and SIGHUP re-reads their registrations.
     trellis_service::appservice::ensure_senders(&services)
@@ -175,6 +177,10 @@ async fn serve(config: Config) -> Result<(), String> {
     }
 
     janitor.abort();
+    delayed_events.abort();
+    if let Some(turn) = turn {
+        turn.close().await;
+    }
     appservice_reloader.abort();
     if let Some(task) = email_notifications {
         task.abort();

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod analytics;
 pub mod appservice;
 pub mod audit;
+pub mod delayed_events;
 pub mod durable;
 pub mod e2ee;
 pub mod federation;
@@ -33,6 +34,7 @@ pub mod ratelimit;
 pub mod realtime;
 pub mod reports;
 pub mod rooms;
+pub mod rtc;
 pub mod search;
 pub mod tables;
 pub mod voip;
@@ -96,6 +98,10 @@ pub struct Services {
     pub analytics: Arc<analytics::Analytics>,
     /// Background jobs admins start.
     pub jobs: admin::jobs::Jobs,
+    /// Delayed events (a pipeline step, posted by a scheduler task of its own).
+    pub delayed_events: Arc<delayed_events::DelayedEvents>,
+    /// The built-in TURN server, once it listens.
+    pub builtin_turn: std::sync::OnceLock<voip::BuiltinTurn>,
 }
 
 impl Services {
@@ -154,6 +160,14 @@ impl Services {
         );
         let metrics = Metrics::new();
         let analytics = Arc::new(analytics::Analytics::new(db.clone(), &server_name, &metrics));
+        let delayed_events = Arc::new(
+            delayed_events::DelayedEvents::open(
+                db.clone(),
+                config.rooms.max_event_delay_ms,
+                config.rooms.max_delayed_events_per_user,
+            )
+            .map_err(|e| format!("loading delayed events: {e}"))?,
+        );
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
@@ -162,6 +176,7 @@ impl Services {
             push_gateway.clone(),
             search.clone(),
             analytics.clone(),
+            delayed_events.clone(),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
         let services = Arc::new(Self {
@@ -207,6 +222,8 @@ impl Services {
             metrics,
             analytics,
             jobs: Default::default(),
+            delayed_events,
+            builtin_turn: std::sync::OnceLock::new(),
         });
         guest_eviction.attach(&services);
         appservice_delivery.attach(&services);

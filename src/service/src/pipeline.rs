@@ -17,7 +17,9 @@
 //!    which catches up from the rooms after a restart);
 //! 7. usage analytics (`analytics::Analytics`: daily counts gathered in memory and
 //!    written every 30 seconds);
-//! 8. (next) retention: a `Consumer` added to the list in
+//! 8. delayed events (`delayed_events::DelayedEvents`): a state event cancels the
+//!    delayed state events other users have waiting for its type and state key;
+//! 9. (next) retention: a `Consumer` added to the list in
 //!    `Services::new`. Queues that leave the process write their items here, in
 //!    RocksDB, and are drained by their own background workers, so a slow consumer
 //!    never holds up sending.

@@ -1,7 +1,7 @@
 //! TURN credentials for calls (`GET /voip/turnServer`): the TURN REST API scheme that
 //! coturn and other TURN servers check, so a user's credentials expire by themselves
-//! and the server never stores them. A TURN server of Trellis's own comes later (issue
-//! 27); until then the configured external one is offered.
+//! and the server never stores them. A configured external TURN server is offered if
+//! there is one; otherwise the built-in one (`trellis-rtc`), once it listens.
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -17,15 +17,32 @@ pub struct TurnCredentials {
     pub ttl_seconds: u64,
 }
 
-/// The credentials for `user_id`, or `None` when no TURN server is configured (or none
-/// is offered to guests): clients then call without a relay.
+/// The built-in TURN server as clients are told about it.
+#[derive(Debug, Clone)]
+pub struct BuiltinTurn {
+    pub uris: Vec<String>,
+    pub shared_secret: String,
+}
+
+/// The credentials for `user_id`, or `None` when no TURN server is configured or running
+/// (or none is offered to guests): clients then call without a relay.
 pub fn turn_server(
     config: &VoipConfig,
+    builtin: Option<&BuiltinTurn>,
     user_id: &str,
     guest: bool,
 ) -> Result<Option<TurnCredentials>> {
-    if config.turn_uris.is_empty() || (guest && !config.turn_allow_guests) {
+    if guest && !config.turn_allow_guests {
         return Ok(None);
+    }
+    if config.turn_uris.is_empty() {
+        let Some(builtin) = builtin else { return Ok(None) };
+        let config = VoipConfig {
+            turn_uris: builtin.uris.clone(),
+            turn_shared_secret: builtin.shared_secret.clone(),
+            ..config.clone()
+        };
+        return turn_server(&config, None, user_id, guest);
     }
     let ttl_seconds = config.turn_user_lifetime_seconds;
     let (username, password) = if config.turn_shared_secret.is_empty() {
@@ -69,7 +86,7 @@ mod tests {
             turn_user_lifetime_seconds: 600,
             ..VoipConfig::default()
         };
-        let creds = turn_server(&config, "@alice:example.org", false).unwrap().unwrap();
+        let creds = turn_server(&config, None, "@alice:example.org", false).unwrap().unwrap();
         let (expiry, user) = creds.username.split_once(':').unwrap();
         let expiry: u64 = expiry.parse().unwrap();
         let now = now_millis() / 1000;
@@ -78,7 +95,10 @@ mod tests {
         assert_eq!(creds.password, rest_api_password("s3cret", &creds.username).unwrap());
         assert_eq!(creds.ttl_seconds, 600);
         let no_guests = VoipConfig { turn_allow_guests: false, ..config.clone() };
-        assert_eq!(turn_server(&no_guests, "@1:example.org", true).unwrap(), None);
-        assert_eq!(turn_server(&VoipConfig::default(), "@a:example.org", false).unwrap(), None);
+        assert_eq!(turn_server(&no_guests, None, "@1:example.org", true).unwrap(), None);
+        assert_eq!(
+            turn_server(&VoipConfig::default(), None, "@a:example.org", false).unwrap(),
+            None
+        );
     }
 }

@@ -243,6 +243,14 @@ tables! {
     USER_ACTIVE_DAYS = "user_active_days", Scan @ 81;
     // (day since the epoch, room id) -> messages in the room that day
     ROOM_ACTIVITY_DAILY = "room_activity_daily", Scan @ 82;
+    // delay id -> a delayed event (MSC4140): waiting to be posted, or how it finished
+    DELAYED_EVENTS = "delayed_events", Scan @ 83;
+    // (user id, delay id) -> (): a user's delayed events
+    DELAYED_BY_USER = "delayed_by_user", Scan @ 84;
+    // (room id, call id) -> a call: who rang, who answered, when it started and ended
+    CALLS = "calls", Scan @ 85;
+    // (user id, started ms, room id, call id) -> (): the calls a user took part in
+    CALLS_BY_USER = "calls_by_user", Scan @ 86;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

@@ -8,6 +8,7 @@ mod appservice;
 mod backup;
 mod capabilities;
 mod dehydrated;
+pub(crate) mod delayed_events;
 mod devices;
 mod directory;
 mod events;
@@ -25,6 +26,7 @@ mod relations;
 mod reports;
 pub(crate) mod room_directory;
 mod rooms;
+mod rtc;
 mod search;
 mod session;
 mod sliding;
@@ -79,6 +81,8 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = to_device::routes(router);
     let router = webhooks::routes(router);
     let router = voip::routes(router);
+    let router = delayed_events::routes(router);
+    let router = rtc::routes(router);
     let router = reports::routes(router);
     let router = account_moderation::routes(router);
     capabilities::routes(router)

@@ -20,8 +20,14 @@ pub const SUPPORTED_VERSIONS: &[&str] = &[
 ];
 
 /// Unstable features (MSCs) that are really implemented: simplified sliding sync
-/// (MSC4186) is how Element X syncs, and it keeps a dehydrated device (MSC3814).
-pub const UNSTABLE_FEATURES: &[&str] = &["org.matrix.simplified_msc3575", "org.matrix.msc3814"];
+/// (MSC4186) is how Element X syncs, and it keeps a dehydrated device (MSC3814); Element
+/// Call needs delayed events (MSC4140) and finds its SFU through MSC4143.
+pub const UNSTABLE_FEATURES: &[&str] = &[
+    "org.matrix.simplified_msc3575",
+    "org.matrix.msc3814",
+    "org.matrix.msc4140",
+    "org.matrix.msc4143",
+];
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     ruma_route::add::<get_supported_versions::Request, _, _>(router, versions)

@@ -36,7 +36,9 @@ async fn turn_server(
     ctx.rate_limit(Class::Default)?;
     let session = ctx.session()?;
     let user_id = ctx.services.accounts.user_id(&session.localpart);
-    let credentials = voip::turn_server(&ctx.services.config.voip, &user_id, session.guest)?;
+    let builtin = ctx.services.builtin_turn.get();
+    let credentials =
+        voip::turn_server(&ctx.services.config.voip, builtin, &user_id, session.guest)?;
     Ok(match credentials {
         Some(c) => get_turn_server_info::v3::Response::new(
             c.username,

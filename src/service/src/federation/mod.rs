@@ -428,6 +428,17 @@ impl Federation {
         self.request(server, Method::GET, &path, None).await
     }
 
+    /// The user another server's OpenID token stands for (its `sub`), as that server
+    /// answers `GET /openid/userinfo` (unsigned: the token is the credential).
+    pub async fn remote_openid_user(&self, server: &str, token: &str) -> Result<String> {
+        let path = format!("/_matrix/federation/v1/openid/userinfo?access_token={}", encode(token));
+        let answer = self.get_unsigned(server, &path).await?;
+        answer["sub"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| Self::unavailable(server, "OpenID user info without `sub`".to_owned()))
+    }
+
     /// Another server's room alias: `{room_id, servers}`.
     pub async fn remote_alias(&self, alias: &str) -> Result<Value> {
         let server = server_of(alias).ok_or_else(|| Error::invalid_param("Invalid alias"))?;

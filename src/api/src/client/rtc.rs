@@ -1,0 +1,118 @@
+//! MatrixRTC: the transports clients find their SFU by (MSC4143), and the LiveKit token
+//! exchange lk-jwt-service does elsewhere (`/sfu/get`, MSC4195's `/get_token`), served
+//! under `/_trellis/livekit`, plus the homeserver form of MSC4195's `get_token`.
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::State,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use http::StatusCode;
+use ruma::api::client::rtc::livekit::get_token;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use trellis_core::Result;
+use trellis_service::{
+    ratelimit::Class,
+    rtc::{self, ClaimedMember, OpenIdToken, SfuAccess},
+};
+
+use super::events::{device, user};
+use crate::{
+    AppState,
+    response::{ApiError, json_response},
+    ruma_route::{self, Ctx, json_error},
+};
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = router
+        .route("/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", get(transports))
+        .route("/_matrix/client/v1/rtc/transports", get(transports))
+        .route(&format!("{}/sfu/get", rtc::JWT_SERVICE_PATH), post(sfu_get))
+        .route(&format!("{}/get_token", rtc::JWT_SERVICE_PATH), post(slot_token));
+    ruma_route::add::<get_token::v1::Request, _, _>(router, member_token)
+}
+
+fn respond(answer: Result<Value>) -> Response {
+    match answer {
+        Ok(body) => json_response(StatusCode::OK, body.to_string().into_bytes()),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+fn access(access: SfuAccess) -> Value {
+    json!({ "url": access.url, "jwt": access.jwt })
+}
+
+/// GET /_matrix/client/unstable/org.matrix.msc4143/rtc/transports
+///
+/// Answered with or without an access token: clients are seen calling it without one,
+/// and the answer is the same for everyone.
+async fn transports(State(services): State<AppState>) -> Response {
+    respond(Ok(json!({ "rtc_transports": rtc::transports(&services) })))
+}
+
+#[derive(Deserialize)]
+struct LegacyRequest {
+    room: String,
+    openid_token: OpenIdToken,
+    device_id: String,
+}
+
+/// POST /_trellis/livekit/sfu/get
+async fn sfu_get(State(services): State<AppState>, body: Bytes) -> Response {
+    respond(
+        async {
+            let req: LegacyRequest = serde_json::from_slice(&body).map_err(json_error)?;
+            let granted =
+                rtc::legacy_token(&services, &req.room, &req.openid_token, &req.device_id).await?;
+            Ok(access(granted))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct SlotRequest {
+    room_id: String,
+    slot_id: String,
+    openid_token: OpenIdToken,
+    member: ClaimedMember,
+}
+
+/// POST /_trellis/livekit/get_token
+async fn slot_token(State(services): State<AppState>, body: Bytes) -> Response {
+    respond(
+        async {
+            let req: SlotRequest = serde_json::from_slice(&body).map_err(json_error)?;
+            let granted = rtc::slot_token(
+                &services,
+                &req.room_id,
+                &req.slot_id,
+                &req.openid_token,
+                &req.member,
+            )
+            .await?;
+            Ok(access(granted))
+        }
+        .await,
+    )
+}
+
+/// POST /_matrix/client/unstable/io.element.msc4195/rtc/livekit/get_token
+async fn member_token(ctx: Ctx, req: get_token::v1::Request) -> Result<get_token::v1::Response> {
+    ctx.rate_limit(Class::Default)?;
+    let (user, device) = (user(&ctx)?, device(&ctx)?);
+    let jwt = rtc::member_token(
+        &ctx.services,
+        &user,
+        device.as_str(),
+        &req.room_id,
+        &req.slot_id,
+        &req.member_id,
+        &req.url,
+    )?;
+    Ok(get_token::v1::Response::new(jwt))
+}

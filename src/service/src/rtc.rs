@@ -1,0 +1,299 @@
+//! MatrixRTC plumbing for group calls (Element Call, Element X): where the SFU is
+//! (MSC4143 transports and the `rtc_foci` of `.well-known`), and the LiveKit access
+//! tokens that let a member into a call's SFU room, issued here so that no separate
+//! lk-jwt-service is needed. Tokens follow LiveKit's format (an HS256 JWT whose issuer
+//! is the API key, with a `video` grant); room names and identities are derived the way
+//! lk-jwt-service and matrix-js-sdk derive them, since clients map encryption keys to
+//! participants by those identities.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use trellis_core::{Error, ErrorKind, Result, config::RtcConfig, error::code, now_millis};
+
+use crate::Services;
+
+/// The slot of a room's own call, which the legacy `/sfu/get` always means.
+pub const ROOM_CALL_SLOT: &str = "m.call#ROOM";
+
+/// The path under which this server answers what lk-jwt-service answers elsewhere
+/// (`/sfu/get`, `/get_token`); advertised as the focus's `livekit_service_url`.
+pub const JWT_SERVICE_PATH: &str = "/_trellis/livekit";
+
+/// The transports (foci) clients are told about: the configured LiveKit SFU, reached
+/// through this server's token service. Empty without one.
+pub fn transports(services: &Services) -> Vec<Value> {
+    if services.config.rtc.livekit_url.is_empty() {
+        return Vec::new();
+    }
+    let service_url = format!("{}{JWT_SERVICE_PATH}", services.public_base_url());
+    vec![json!({ "type": "livekit", "livekit_service_url": service_url })]
+}
+
+/// Unpadded standard base64 of the SHA-256 of `parts` as a JSON array.
+fn hashed(parts: &[&str]) -> String {
+    let json = serde_json::to_vec(parts).unwrap_or_default();
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(json))
+}
+
+/// The LiveKit room of a Matrix room's call slot.
+pub fn room_alias(room_id: &str, slot_id: &str) -> String {
+    hashed(&[room_id, slot_id])
+}
+
+/// A call member's LiveKit identity (MSC4195): derived from user, device and member id.
+pub fn member_identity(user_id: &str, device_id: &str, member_id: &str) -> String {
+    hashed(&[user_id, device_id, member_id])
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct VideoGrant {
+    #[serde(rename = "roomJoin")]
+    room_join: bool,
+    #[serde(rename = "roomCreate")]
+    room_create: bool,
+    room: String,
+    #[serde(rename = "canPublish")]
+    can_publish: bool,
+    #[serde(rename = "canSubscribe")]
+    can_subscribe: bool,
+    #[serde(rename = "canPublishData")]
+    can_publish_data: bool,
+    #[serde(rename = "canUpdateOwnMetadata")]
+    can_update_own_metadata: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    iss: String,
+    sub: String,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+    name: String,
+    video: VideoGrant,
+}
+
+/// Who gets a token, for which LiveKit room.
+pub struct Grant<'a> {
+    pub identity: String,
+    pub room: String,
+    /// The Matrix user, shown as the participant's name.
+    pub user_id: &'a str,
+    /// Users of this server (and of the full-access servers) may start the call's room
+    /// on the SFU; others may only join one that runs.
+    pub may_create: bool,
+}
+
+/// A LiveKit access token for `grant`.
+pub fn access_token(config: &RtcConfig, grant: &Grant<'_>) -> Result<String> {
+    let now = now_millis() / 1000;
+    let claims = Claims {
+        iss: config.livekit_api_key.clone(),
+        sub: grant.identity.clone(),
+        iat: now,
+        nbf: now,
+        exp: now + config.token_lifetime_seconds,
+        name: grant.user_id.to_owned(),
+        video: VideoGrant {
+            room_join: true,
+            room_create: grant.may_create,
+            room: grant.room.clone(),
+            can_publish: true,
+            can_subscribe: true,
+            can_publish_data: true,
+            can_update_own_metadata: true,
+        },
+    };
+    let key = jsonwebtoken::EncodingKey::from_secret(config.livekit_api_secret.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key)
+        .map_err(|e| Error::internal("signing a LiveKit token", e))
+}
+
+fn configured(services: &Services) -> Result<&RtcConfig> {
+    let config = &services.config.rtc;
+    if config.livekit_url.is_empty() {
+        return Err(Error::unrecognized("No MatrixRTC SFU is configured on this server"));
+    }
+    Ok(config)
+}
+
+fn unauthorised() -> Error {
+    Error::new(
+        ErrorKind::Unauthenticated,
+        code::UNAUTHORIZED,
+        "The request could not be authorised",
+    )
+}
+
+/// An OpenID token as a client hands it over (`POST /user/{userId}/openid/request_token`).
+#[derive(Debug, Deserialize)]
+pub struct OpenIdToken {
+    pub access_token: String,
+    pub matrix_server_name: String,
+}
+
+/// The user an OpenID token stands for: looked up here for this server's tokens,
+/// asked of the issuing server for others'.
+async fn openid_user(services: &Services, token: &OpenIdToken) -> Result<String> {
+    if token.matrix_server_name == services.server_name() {
+        let owner =
+            services.accounts.openid_owner(&token.access_token)?.ok_or_else(unauthorised)?;
+        return Ok(format!("@{owner}:{}", services.server_name()));
+    }
+    if ruma::ServerName::parse(&token.matrix_server_name).is_err() {
+        return Err(unauthorised());
+    }
+    let user = services
+        .federation
+        .remote_openid_user(&token.matrix_server_name, &token.access_token)
+        .await
+        .map_err(|e| {
+            tracing::info!(server = %token.matrix_server_name, error = %e, "OpenID token refused");
+            unauthorised()
+        })?;
+    // The issuing server vouches only for its own users.
+    match ruma::UserId::parse(user.as_str()) {
+        Ok(id) if id.server_name().as_str() == token.matrix_server_name => Ok(user),
+        _ => Err(unauthorised()),
+    }
+}
+
+fn full_access(services: &Services, user_id: &str) -> bool {
+    let server = user_id.split_once(':').map_or("", |(_, server)| server);
+    server == services.server_name()
+        || services.config.rtc.full_access_servers.iter().any(|s| s == server || s == "*")
+}
+
+/// A token and the SFU it is for: what `/sfu/get` and `/get_token` answer.
+pub struct SfuAccess {
+    pub url: String,
+    pub jwt: String,
+}
+
+/// The legacy exchange (`POST /sfu/get`): an OpenID token for access to `room`'s call.
+pub async fn legacy_token(
+    services: &Services,
+    room: &str,
+    token: &OpenIdToken,
+    device_id: &str,
+) -> Result<SfuAccess> {
+    let config = configured(services)?;
+    if ruma::RoomId::parse(room).is_err() || device_id.is_empty() {
+        return Err(Error::bad_json("`room` must be a room id and `device_id` is required"));
+    }
+    let user = openid_user(services, token).await?;
+    let grant = Grant {
+        identity: format!("{user}:{device_id}"),
+        room: room_alias(room, ROOM_CALL_SLOT),
+        user_id: &user,
+        may_create: full_access(services, &user),
+    };
+    Ok(SfuAccess { url: config.livekit_url.clone(), jwt: access_token(config, &grant)? })
+}
+
+/// The member a `/get_token` request claims to be.
+#[derive(Debug, Deserialize)]
+pub struct ClaimedMember {
+    pub id: String,
+    pub claimed_user_id: String,
+    pub claimed_device_id: String,
+}
+
+/// The MSC4195 exchange (`POST /get_token`): an OpenID token for a call slot.
+pub async fn slot_token(
+    services: &Services,
+    room_id: &str,
+    slot_id: &str,
+    token: &OpenIdToken,
+    member: &ClaimedMember,
+) -> Result<SfuAccess> {
+    let config = configured(services)?;
+    if ruma::RoomId::parse(room_id).is_err() || slot_id.is_empty() || member.id.is_empty() {
+        return Err(Error::bad_json("`room_id`, `slot_id` and `member.id` are required"));
+    }
+    let user = openid_user(services, token).await?;
+    if user != member.claimed_user_id {
+        return Err(unauthorised());
+    }
+    let grant = Grant {
+        identity: member_identity(&user, &member.claimed_device_id, &member.id),
+        room: room_alias(room_id, slot_id),
+        user_id: &user,
+        may_create: full_access(services, &user),
+    };
+    Ok(SfuAccess { url: config.livekit_url.clone(), jwt: access_token(config, &grant)? })
+}
+
+/// The homeserver form of MSC4195 (`POST /rtc/livekit/get_token` with an access token):
+/// the caller, joined to the room, gets a token for the slot.
+pub fn member_token(
+    services: &Services,
+    user: &ruma::UserId,
+    device_id: &str,
+    room_id: &ruma::RoomId,
+    slot_id: &str,
+    member_id: &str,
+    url: &str,
+) -> Result<String> {
+    let config = configured(services)?;
+    if url != config.livekit_url {
+        return Err(Error::invalid_param("This server issues tokens only for its own SFU"));
+    }
+    let membership = services.rooms.membership(room_id.as_str(), user.as_str())?;
+    if membership != Some(ruma::events::room::member::MembershipState::Join) {
+        return Err(unauthorised());
+    }
+    let grant = Grant {
+        identity: member_identity(user.as_str(), device_id, member_id),
+        room: room_alias(room_id.as_str(), slot_id),
+        user_id: user.as_str(),
+        may_create: true,
+    };
+    access_token(config, &grant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_identities_match_the_msc_test_vectors() {
+        assert_eq!(
+            room_alias("!roomid:example.com", "slot1234"),
+            "O8437W3+jmzMVjoIP3tNwbm+XxHQk2iKpOA7aqw3qSc"
+        );
+        assert_eq!(
+            member_identity("@alice:example.com", "DEVICE123", "memberABC"),
+            "J+T45tGruxc+HrUOqJJlyQSV33m728Cme4+vt8/SWrU"
+        );
+    }
+
+    #[test]
+    fn a_token_carries_the_grant_signed_with_the_secret() {
+        let config = RtcConfig {
+            livekit_url: "wss://sfu.example.org".into(),
+            livekit_api_key: "key".into(),
+            livekit_api_secret: "secret".into(),
+            ..RtcConfig::default()
+        };
+        let grant = Grant {
+            identity: "@a:x:DEV".into(),
+            room: "room".into(),
+            user_id: "@a:x",
+            may_create: false,
+        };
+        let jwt = access_token(&config, &grant).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.set_issuer(&["key"]);
+        let key = jsonwebtoken::DecodingKey::from_secret(b"secret");
+        let claims = jsonwebtoken::decode::<Claims>(&jwt, &key, &validation).unwrap().claims;
+        assert_eq!(claims.sub, "@a:x:DEV");
+        assert_eq!(claims.video.room, "room");
+        assert!(claims.video.room_join && !claims.video.room_create);
+        assert_eq!(claims.exp - claims.nbf, 3600);
+        let wrong = jsonwebtoken::DecodingKey::from_secret(b"other");
+        assert!(jsonwebtoken::decode::<Claims>(&jwt, &wrong, &validation).is_err());
+    }
+}
