@@ -33,10 +33,6 @@ pub fn main_router(services: AppState) -> Router {
     let max_body = services.config.http.max_request_bytes;
     let router = Router::new();
     let router = client::routes(router);
-    // Sends that ask for a delay share their paths with the ordinary ones.
-    let delayed = client::delayed_events::delayed_sends(services.clone());
-    let router =
-        router.layer(middleware::from_fn_with_state(delayed, client::delayed_events::divert));
     let router = server::routes(router);
     let router = federation::routes(router);
     let router = admin::routes(router, services.clone());
@@ -46,6 +42,11 @@ pub fn main_router(services: AppState) -> Router {
     let router = media::routes(router);
     let request_id = HeaderName::from_static("x-request-id");
 
+    // Sends that ask for a delay share their paths with the ordinary ones: routed apart
+    // before the main router matches them.
+    let delayed = client::delayed_events::delayed_sends(services.clone())
+        .layer(RequestBodyLimitLayer::new(max_body))
+        .layer(middleware::from_fn_with_state(services.clone(), observe::observe));
     let routes = router
         .fallback(|| async {
             response::ApiError(trellis_core::Error::unrecognized("Unrecognized request"))
@@ -66,6 +67,7 @@ pub fn main_router(services: AppState) -> Router {
         .map_response(response::matrix_errors)
         .map_response(IntoResponse::into_response)
         .layer(CatchPanicLayer::custom(response::panic_response))
+        .layer(middleware::from_fn_with_state(delayed, client::delayed_events::divert))
         .service(routes);
     Router::new().fallback_service(stack)
 }

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod analytics;
 pub mod appservice;
 pub mod audit;
+pub mod call_history;
 pub mod delayed_events;
 pub mod durable;
 pub mod e2ee;
@@ -100,6 +101,8 @@ pub struct Services {
     pub jobs: admin::jobs::Jobs,
     /// Delayed events (a pipeline step, posted by a scheduler task of its own).
     pub delayed_events: Arc<delayed_events::DelayedEvents>,
+    /// Calls, read from their signalling (a pipeline step).
+    pub call_history: Arc<call_history::CallHistory>,
     /// The built-in TURN server, once it listens.
     pub builtin_turn: std::sync::OnceLock<voip::BuiltinTurn>,
 }
@@ -168,6 +171,7 @@ impl Services {
             )
             .map_err(|e| format!("loading delayed events: {e}"))?,
         );
+        let call_history = Arc::new(call_history::CallHistory::new(db.clone(), &server_name));
         let pipeline = pipeline::Pipeline::new(vec![
             notifier.clone(),
             Arc::new(federation::sender::FanOut::new(federation.clone(), rooms.clone())),
@@ -177,6 +181,7 @@ impl Services {
             search.clone(),
             analytics.clone(),
             delayed_events.clone(),
+            call_history.clone(),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
         let services = Arc::new(Self {
@@ -224,6 +229,7 @@ impl Services {
             jobs: Default::default(),
             delayed_events,
             builtin_turn: std::sync::OnceLock::new(),
+            call_history,
         });
         guest_eviction.attach(&services);
         appservice_delivery.attach(&services);

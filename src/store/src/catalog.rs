@@ -251,6 +251,8 @@ tables! {
     CALLS = "calls", Scan @ 85;
     // (user id, started ms, room id, call id) -> (): the calls a user took part in
     CALLS_BY_USER = "calls_by_user", Scan @ 86;
+    // (room id, group call id) -> the key of its session running now
+    CALLS_RUNNING = "calls_running", Point @ 87;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

@@ -1,5 +1,6 @@
-//! Trellis's live dashboard figures and usage analytics for admins:
-//! `/_trellis/admin/v1/dashboard` and `/_trellis/admin/v1/analytics`.
+//! Trellis's live dashboard figures, usage analytics and call history for admins:
+//! `/_trellis/admin/v1/dashboard`, `/_trellis/admin/v1/analytics` and
+//! `/_trellis/admin/v1/calls`.
 
 use axum::{
     Router,
@@ -8,7 +9,7 @@ use axum::{
     routing::get,
 };
 use trellis_core::Error;
-use trellis_service::admin::dashboard;
+use trellis_service::{admin::dashboard, call_history};
 
 use super::{Params, respond, to_json};
 use crate::AppState;
@@ -17,6 +18,23 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     router
         .route("/_trellis/admin/v1/dashboard", get(show_dashboard))
         .route("/_trellis/admin/v1/analytics", get(analytics))
+        .route("/_trellis/admin/v1/calls", get(calls))
+}
+
+/// GET /_trellis/admin/v1/calls
+async fn calls(State(s): State<AppState>, RawQuery(q): RawQuery) -> Response {
+    respond((|| {
+        let params = Params::parse(q);
+        let paging = params.paging(100)?;
+        let room = params.term("room_id")?;
+        let (calls, total) = s.call_history.all(room, paging.from, paging.limit)?;
+        let shown = calls.len();
+        Ok(serde_json::json!({
+            "calls": calls.iter().map(call_history::describe).collect::<Vec<_>>(),
+            "total": total,
+            "next_token": super::next_from(paging, shown, total),
+        }))
+    })())
 }
 
 /// GET /_trellis/admin/v1/dashboard

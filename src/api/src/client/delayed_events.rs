@@ -5,19 +5,21 @@ use std::time::Duration;
 
 use axum::{
     Router,
-    extract::{Request, State},
+    body::Bytes,
+    extract::{Path, RawQuery, Request, State},
     middleware::Next,
     response::{IntoResponse, Response},
+    routing::put,
 };
 use ruma::{
-    MilliSecondsSinceUnixEpoch, UInt,
+    MilliSecondsSinceUnixEpoch, OwnedRoomId, OwnedTransactionId, UInt,
     api::client::delayed_events::{
-        DelayParameters, DelayedEventData, delayed_message_event, delayed_state_event,
-        get_all_delayed_events, get_delayed_event,
+        DelayedEventData, get_all_delayed_events, get_delayed_event,
         update_delayed_event::{self, UpdateAction},
     },
     serde::Raw,
 };
+use serde_json::{Value, json};
 use tower::ServiceExt;
 use trellis_core::{Error, Result};
 use trellis_service::{
@@ -25,10 +27,13 @@ use trellis_service::{
     ratelimit::Class,
 };
 
-use super::events::{device, raw_value, user};
+use super::{
+    events::{device, user},
+    webhooks::respond,
+};
 use crate::{
     AppState,
-    ruma_route::{self, Ctx},
+    ruma_route::{self, Authenticated, Ctx, json_error},
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -40,16 +45,28 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 /// The `/send` and `/state` forms with a delay: the same paths as the ordinary ones,
-/// told apart by their query, so they live in a router of their own that
-/// [`divert`] hands those requests to.
+/// told apart by their query, so they live in a router of their own that [`divert`]
+/// hands those requests to before the main router sees them. Plain handlers: ruma's
+/// request types cannot read the delay out of a query string.
 pub fn delayed_sends(services: AppState) -> Router {
-    let router = Router::new();
-    let router = ruma_route::add::<delayed_message_event::unstable::Request, _, _>(router, send);
-    let router = ruma_route::add::<delayed_state_event::unstable::Request, _, _>(router, state);
-    router.with_state(services)
+    let mut router = Router::new();
+    for version in ["v3", "r0"] {
+        let rooms = format!("/_matrix/client/{version}/rooms/{{room_id}}");
+        router = router
+            .route(&format!("{rooms}/send/{{event_type}}/{{txn_id}}"), put(send))
+            .route(&format!("{rooms}/state/{{event_type}}/{{state_key}}"), put(state))
+            .route(&format!("{rooms}/state/{{event_type}}"), put(state_empty_key))
+            .route(&format!("{rooms}/state/{{event_type}}/"), put(state_empty_key));
+    }
+    router
+        .fallback(|| async {
+            crate::response::ApiError(Error::unrecognized("Unrecognized request"))
+        })
+        .with_state(services)
 }
 
-/// Middleware: a `PUT` that asks for a delay goes to the delayed-send router.
+/// Middleware in front of the main router: a `PUT` that asks for a delay goes to the
+/// delayed-send router.
 pub async fn divert(State(delayed): State<Router>, req: Request, next: Next) -> Response {
     let asks_delay = req.method() == http::Method::PUT
         && req.uri().query().is_some_and(|q| q.contains("org.matrix.msc4140.delay="));
@@ -63,55 +80,102 @@ pub async fn divert(State(delayed): State<Router>, req: Request, next: Next) -> 
     .into_response()
 }
 
-fn delay_ms(parameters: &DelayParameters) -> u64 {
-    match parameters {
-        DelayParameters::Timeout { timeout } => {
-            u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
-        }
-        _ => 0,
+/// The delay the query asks for, in milliseconds.
+fn delay_ms(query: Option<&str>) -> Result<u64> {
+    let value = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == "org.matrix.msc4140.delay")
+        .map(|(_, value)| value.into_owned())
+        .ok_or_else(|| Error::missing_param("org.matrix.msc4140.delay"))?;
+    value.parse().map_err(|_| {
+        Error::invalid_param("org.matrix.msc4140.delay must be a number of milliseconds")
+    })
+}
+
+fn event_content(body: &[u8]) -> Result<Value> {
+    let content: Value = serde_json::from_slice(body).map_err(json_error)?;
+    if !content.is_object() {
+        return Err(Error::bad_json("The event content must be a JSON object"));
     }
+    Ok(content)
+}
+
+fn room_id(room: &str) -> Result<OwnedRoomId> {
+    OwnedRoomId::try_from(room).map_err(|_| Error::invalid_param("Not a room id"))
+}
+
+fn respond_id(answer: Result<String>) -> Response {
+    respond(answer.map(|delay_id| json!({ "delay_id": delay_id })))
 }
 
 /// PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}?org.matrix.msc4140.delay=
 async fn send(
-    ctx: Ctx,
-    req: delayed_message_event::unstable::Request,
-) -> Result<delayed_message_event::unstable::Response> {
-    ctx.rate_limit(Class::Message)?;
-    let (user, device) = (user(&ctx)?, device(&ctx)?);
-    let new = NewDelayed {
-        user: &user,
-        device: &device,
-        room_id: &req.room_id,
-        kind: req.event_type.to_string(),
-        state_key: None,
-        content: raw_value(&req.body)?,
-        delay_ms: delay_ms(&req.delay_parameters),
-        txn_id: Some(&req.txn_id),
-    };
-    let id = ctx.services.delayed_events.schedule_event(&ctx.services, new).await?;
-    Ok(delayed_message_event::unstable::Response::new(id))
+    Authenticated(ctx): Authenticated,
+    Path((room, kind, txn)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    respond_id(
+        async {
+            ctx.rate_limit(Class::Message)?;
+            let (user, device, room_id) = (user(&ctx)?, device(&ctx)?, room_id(&room)?);
+            let txn_id: OwnedTransactionId = txn.into();
+            let new = NewDelayed {
+                user: &user,
+                device: &device,
+                room_id: &room_id,
+                kind,
+                state_key: None,
+                content: event_content(&body)?,
+                delay_ms: delay_ms(query.as_deref())?,
+                txn_id: Some(&txn_id),
+            };
+            ctx.services.delayed_events.schedule_event(&ctx.services, new).await
+        }
+        .await,
+    )
 }
 
 /// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}?org.matrix.msc4140.delay=
 async fn state(
+    Authenticated(ctx): Authenticated,
+    Path((room, kind, key)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    respond_id(schedule_state(ctx, room, kind, key, query, body).await)
+}
+
+/// PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}?org.matrix.msc4140.delay=
+async fn state_empty_key(
+    Authenticated(ctx): Authenticated,
+    Path((room, kind)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    respond_id(schedule_state(ctx, room, kind, String::new(), query, body).await)
+}
+
+async fn schedule_state(
     ctx: Ctx,
-    req: delayed_state_event::unstable::Request,
-) -> Result<delayed_state_event::unstable::Response> {
+    room: String,
+    kind: String,
+    key: String,
+    query: Option<String>,
+    body: Bytes,
+) -> Result<String> {
     ctx.rate_limit(Class::Message)?;
-    let (user, device) = (user(&ctx)?, device(&ctx)?);
+    let (user, device, room_id) = (user(&ctx)?, device(&ctx)?, room_id(&room)?);
     let new = NewDelayed {
         user: &user,
         device: &device,
-        room_id: &req.room_id,
-        kind: req.event_type.to_string(),
-        state_key: Some(req.state_key),
-        content: raw_value(&req.body)?,
-        delay_ms: delay_ms(&req.delay_parameters),
+        room_id: &room_id,
+        kind,
+        state_key: Some(key),
+        content: event_content(&body)?,
+        delay_ms: delay_ms(query.as_deref())?,
         txn_id: None,
     };
-    let id = ctx.services.delayed_events.schedule_event(&ctx.services, new).await?;
-    Ok(delayed_state_event::unstable::Response::new(id))
+    ctx.services.delayed_events.schedule_event(&ctx.services, new).await
 }
 
 fn action(action: &UpdateAction) -> Result<Action> {
@@ -140,16 +204,11 @@ async fn update_v2(
     ctx: Ctx,
     req: update_delayed_event::unstable_v2::Request,
 ) -> Result<update_delayed_event::unstable_v2::Response> {
+    // Limited by address: no token is read here. The delay id, a secret only its owner
+    // was given, is the credential (a delegate such as an SFU holds nothing else).
     ctx.rate_limit(Class::Default)?;
-    // The token is optional here (a delegate such as an SFU holds only the delay id);
-    // when one is given, only its user's delayed events are found.
-    let caller = match &ctx.session {
-        Some(_) => Some(user(&ctx)?),
-        None => None,
-    };
     let delayed = &ctx.services.delayed_events;
-    let act = action(&req.action)?;
-    delayed.update(&ctx.services, &req.delay_id, act, caller.as_deref()).await?;
+    delayed.update(&ctx.services, &req.delay_id, action(&req.action)?, None).await?;
     Ok(update_delayed_event::unstable_v2::Response::new())
 }
 

@@ -6,6 +6,7 @@ mod account_moderation;
 mod aliases;
 mod appservice;
 mod backup;
+mod calls;
 mod capabilities;
 mod dehydrated;
 pub(crate) mod delayed_events;
@@ -83,6 +84,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = voip::routes(router);
     let router = delayed_events::routes(router);
     let router = rtc::routes(router);
+    let router = calls::routes(router);
     let router = reports::routes(router);
     let router = account_moderation::routes(router);
     capabilities::routes(router)

@@ -6,10 +6,9 @@ use axum::{
     Router,
     body::Bytes,
     extract::State,
-    response::{IntoResponse, Response},
+    response::Response,
     routing::{get, post},
 };
-use http::StatusCode;
 use ruma::api::client::rtc::livekit::get_token;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -19,10 +18,12 @@ use trellis_service::{
     rtc::{self, ClaimedMember, OpenIdToken, SfuAccess},
 };
 
-use super::events::{device, user};
+use super::{
+    events::{device, user},
+    webhooks::respond,
+};
 use crate::{
     AppState,
-    response::{ApiError, json_response},
     ruma_route::{self, Ctx, json_error},
 };
 
@@ -33,13 +34,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         .route(&format!("{}/sfu/get", rtc::JWT_SERVICE_PATH), post(sfu_get))
         .route(&format!("{}/get_token", rtc::JWT_SERVICE_PATH), post(slot_token));
     ruma_route::add::<get_token::v1::Request, _, _>(router, member_token)
-}
-
-fn respond(answer: Result<Value>) -> Response {
-    match answer {
-        Ok(body) => json_response(StatusCode::OK, body.to_string().into_bytes()),
-        Err(e) => ApiError(e).into_response(),
-    }
 }
 
 fn access(access: SfuAccess) -> Value {

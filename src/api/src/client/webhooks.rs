@@ -39,7 +39,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/_trellis/hooks/v1/{id}/{secret}", post(call))
 }
 
-fn respond(answer: Result<Value>) -> Response {
+pub(super) fn respond(answer: Result<Value>) -> Response {
     match answer {
         Ok(body) => json_response(StatusCode::OK, body.to_string().into_bytes()),
         Err(e) => ApiError(e).into_response(),

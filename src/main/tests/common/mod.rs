@@ -58,8 +58,10 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let metrics_port = free_port();
+        // The built-in TURN server listens only where a test asks for it.
+        let turn = if extra.contains("[turn]") { "" } else { "[turn]\nenabled = false\n" };
         let config = format!(
-            "{extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+            "{extra}\n{turn}[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             dir.path().join("data").display()
         );

@@ -22,6 +22,17 @@ pub struct Dashboard {
     pub federation: FederationHealth,
     pub queues: Queues,
     pub requests: Requests,
+    pub calls: Calls,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Calls {
+    /// Group calls going on now.
+    pub group_calls_now: usize,
+    /// Relay allocations the built-in TURN server holds.
+    pub turn_allocations: i64,
+    /// Delayed events waiting to be posted.
+    pub delayed_events_waiting: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,6 +123,11 @@ pub fn dashboard(services: &Services) -> Result<Dashboard> {
             total,
             server_errors: failed,
             error_rate: if total == 0 { 0.0 } else { failed as f64 / total as f64 },
+        },
+        calls: Calls {
+            group_calls_now: services.call_history.running()?,
+            turn_allocations: metrics.turn.allocations.get(),
+            delayed_events_waiting: services.delayed_events.waiting(),
         },
     })
 }
