@@ -89,6 +89,7 @@ fn admin_routes(user: &str, room: &str) -> Vec<(&'static str, String)> {
         ("GET", format!("{A}/v1/background_updates/status")),
         ("POST", format!("{A}/v1/background_updates/start_job")),
         ("GET", "/_trellis/admin/v1/analytics".to_owned()),
+        ("GET", "/_trellis/admin/v1/calls".to_owned()),
         ("GET", format!("{A}/v1/registration_tokens")),
         ("POST", format!("{A}/v1/registration_tokens/new")),
         ("GET", format!("{A}/v1/registration_tokens/abc")),

@@ -76,6 +76,16 @@ def wait_for(condition, what):
         fail(f"timed out waiting for {what}")
 
 
+def send_event(kind, content):
+    request = urllib.request.Request(
+        f"{base}/_matrix/client/v3/rooms/{room}/send/{kind}/panel{time.time_ns()}",
+        data=json.dumps(content).encode(),
+        headers={"Authorization": f"Bearer {sender_token}", "Content-Type": "application/json"},
+        method="PUT",
+    )
+    urllib.request.urlopen(request).read()
+
+
 def send_messages(n):
     for i in range(n):
         request = urllib.request.Request(
@@ -161,6 +171,14 @@ try:
     shot("notice")
     driver.find_element(By.ID, "nav-media").click()
     wait_for(lambda: "Who stores most" in driver.find_element(By.TAG_NAME, "main").text, "the media page")
+
+    # A call rung in the room and hung up unanswered shows in the call list as missed.
+    send_event("m.call.invite", {"call_id": "panelcall", "party_id": "p", "version": "1", "lifetime": 60000,
+                                 "offer": {"type": "offer", "sdp": "v=0\r\nm=audio 9 RTP 0\r\n"}})
+    send_event("m.call.hangup", {"call_id": "panelcall", "party_id": "p", "version": "1", "reason": "invite_timeout"})
+    driver.find_element(By.ID, "nav-calls").click()
+    wait_for(lambda: "missed" in text_of("table[data-test=calls]"), "the missed call in the call list")
+    shot("calls")
 
     # Back on the dashboard: deactivated accounts still count, and the notice made the
     # server notices account.

@@ -156,7 +156,8 @@ async function dashboardPage() {
       card('Media stored', bytes(d.media_bytes)),
       card('Federation', `${d.federation.destinations} servers, ${d.federation.failing} failing`, 'dash-federation'),
       card('Queues', `${d.queues.federation} to servers, ${d.queues.push} pushes`),
-      card('Server errors', `${(d.requests.error_rate * 100).toFixed(2)} % of ${d.requests.total}`)),
+      card('Server errors', `${(d.requests.error_rate * 100).toFixed(2)} % of ${d.requests.total}`),
+      card('Calls now / TURN relays', `${d.calls.group_calls_now} / ${d.calls.turn_allocations}`, 'dash-calls')),
     el('h2', {}, 'Messages per hour, last 24 hours'),
     el('div', { class: 'bars', 'data-test': 'hourly' },
       d.messages_per_hour.map((h) => el('div', { class: 'bar', title: `${when(h.hour_ts)}: ${h.messages}`, style: null, 'data-height': Math.round((h.messages / max) * 100) }))),
@@ -363,6 +364,17 @@ async function auditPage(params) {
     list.next_token ? el('a', { href: `#/audit?${new URLSearchParams(Object.assign(Object.fromEntries(query), { from: list.next_token }))}` }, 'Older') : null);
 }
 
+async function callsPage(params) {
+  const from = Number(params.get('from') || 0);
+  const list = await api('GET', `${TRL}/calls?${new URLSearchParams({ from, limit: 50 })}`);
+  const minutes = (ms) => (ms == null ? '—' : `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`);
+  show(el('h1', {}, `Calls (${list.total})`),
+    table(['Started', 'Room', 'Kind', 'Caller', 'Participants', 'State', 'Duration', 'Ended by'],
+      list.calls.map((c) => [when(c.started_ts), el('a', { href: `#/rooms/${enc(c.room_id)}` }, c.room_id),
+        `${c.type}${c.video ? ', video' : ''}`, c.caller, c.participants.join(', '), c.state, minutes(c.duration_ms), c.end_reason || '']), 'calls'),
+    list.next_token != null ? el('a', { href: `#/calls?from=${list.next_token}` }, 'Older') : null);
+}
+
 function noticesPage() {
   const user = el('input', { id: 'notice-user', placeholder: '@user:server', required: true });
   const body = el('textarea', { id: 'notice-body', required: true });
@@ -389,6 +401,7 @@ async function route() {
       case 'media': await mediaPage(params); break;
       case 'tokens': await tokensPage(); break;
       case 'audit': await auditPage(params); break;
+      case 'calls': await callsPage(params); break;
       case 'notices': noticesPage(); break;
       default: await dashboardPage();
     }
