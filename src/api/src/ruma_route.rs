@@ -294,6 +294,12 @@ impl FromRequestParts<AppState> for Authenticated {
             {
                 Err(error_response(&Error::guest_forbidden()))
             }
+            Ok(session)
+                if session.suspended
+                    && crate::suspension::forbids(&parts.method, parts.uri.path()) =>
+            {
+                Err(error_response(&Error::user_suspended()))
+            }
             Ok(session) => {
                 let services = services.clone();
                 Ok(Self(Ctx { services, session: Some(session), client, origin: None }))

@@ -992,6 +992,9 @@ impl Config {
             }
         }
         let rtc = &self.rtc;
+        if rtc.token_lifetime_seconds < 60 {
+            bad("rtc.token_lifetime_seconds", "must be at least 60".into());
+        }
         if !rtc.livekit_url.is_empty()
             && (rtc.livekit_api_key.is_empty() || rtc.livekit_api_secret.is_empty())
         {

@@ -46,14 +46,23 @@ pub fn run(config: Config) -> ExitCode {
 }
 
 fn init_logging(config: &Config) -> Result<(), String> {
-    let level = std::env::var("RUST_LOG")
+    // The TURN crate logs every malformed or wrongly signed datagram at error level:
+    // anyone could fill the log. The gate counts those in the metrics instead; a
+    // directive naming the crate itself (`turn=debug`) brings its lines back.
+    let quiet_turn = |level: &str| {
+        let names_turn = level
+            .split(',')
+            .any(|d| d == "turn" || d.starts_with("turn=") || d.starts_with("turn::"));
+        if names_turn { level.to_owned() } else { format!("{level},turn=off") }
+    };
+    let filter = std::env::var("RUST_LOG")
         .ok()
         .filter(|l| !l.is_empty())
-        .unwrap_or_else(|| config.logging.level.clone());
-    // The TURN crate logs every malformed or wrongly signed datagram at error level:
-    // anyone could fill the log. The gate counts those in the metrics instead.
-    let directives = if level.contains("turn") { level } else { format!("{level},turn=off") };
-    let filter = EnvFilter::try_new(&directives).map_err(|e| e.to_string())?;
+        .and_then(|l| EnvFilter::try_new(quiet_turn(&l)).ok())
+        .map_or_else(
+            || EnvFilter::try_new(quiet_turn(&config.logging.level)).map_err(|e| e.to_string()),
+            Ok,
+        )?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match config.logging.format {
         LogFormat::Json => builder.json().try_init(),

@@ -133,7 +133,8 @@ async fn delayed_events_are_posted_cancelled_restarted_and_survive_a_restart() {
 async fn delayed_state_is_cancelled_by_another_users_state_only_and_limits_hold() {
     let config =
         format!("{OPEN}[rooms]\nmax_event_delay_ms = 60000\nmax_delayed_events_per_user = 3\n");
-    let s = TestServer::start(&config).await;
+    let mut s = TestServer::start(&config).await;
+    let admin = admin_token(&mut s).await;
     let (_, alice) = s.register("alice").await;
     let (bob_id, bob) = s.register("bob").await;
     let room = s
@@ -220,11 +221,64 @@ async fn delayed_state_is_cancelled_by_another_users_state_only_and_limits_hold(
     let (status, _) =
         s.post_auth(&format!("{MSC4140}/syd_nothing/explode"), &alice, &json!({})).await;
     assert_eq!(status, 400);
-    let _ = bob_id;
+    // A suspended user schedules nothing, and what they had waiting is not posted.
+    let (status, _) = s
+        .put_auth(
+            &format!("/_matrix/client/v1/admin/suspend/{}", urlencode(&bob_id)),
+            &admin,
+            &json!({"suspended": true}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let path = format!(
+        "/_matrix/client/v3/rooms/{room}/send/m.room.message/{}?org.matrix.msc4140.delay=0",
+        txn_id()
+    );
+    let (status, err) = s.put_auth(&path, &bob, &json!({"body": "s", "msgtype": "m.text"})).await;
+    assert_eq!((status, err["errcode"].as_str()), (403, Some("M_USER_SUSPENDED")), "{err}");
+    let waiting = first["delay_id"].as_str().unwrap();
+    let start = Instant::now();
+    loop {
+        let (_, one) = s.get_auth(&format!("{MSC4140}/{waiting}"), &bob).await;
+        if one["finalised_ts"].as_u64().is_some() {
+            assert_eq!(one["error"]["errcode"], "M_USER_SUSPENDED", "{one}");
+            assert!(one["event_id"].is_null(), "{one}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never finished: {one}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!bodies(&s, &alice, &room).await.contains(&"b".to_owned()));
 }
 
-const LIVEKIT: &str = "[rtc]\nlivekit_url = \"wss://sfu.example.org\"\nlivekit_api_key = \"devkey\"\n\
-                       livekit_api_secret = \"a-secret-of-at-least-32-characters!!\"\n";
+/// The `[rtc]` section for a LiveKit SFU at `url`.
+fn livekit(url: &str) -> String {
+    format!(
+        "[rtc]\nlivekit_url = \"{url}\"\nlivekit_api_key = \"devkey\"\n\
+         livekit_api_secret = \"a-secret-of-at-least-32-characters!!\"\n"
+    )
+}
+
+/// A stand-in for the LiveKit server's HTTP API: records each `CreateRoom` call (its
+/// bearer token and body). Answers its `ws://` URL.
+async fn fake_sfu() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>) {
+    use axum::{extract::State, http::HeaderMap, routing::post};
+    type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+    async fn create(State(calls): State<Calls>, headers: HeaderMap, body: String) -> String {
+        let token =
+            headers["authorization"].to_str().unwrap().trim_start_matches("Bearer ").to_owned();
+        calls.lock().unwrap().push((token, serde_json::from_str(&body).unwrap()));
+        "{}".to_owned()
+    }
+    let calls = Calls::default();
+    let app = axum::Router::new()
+        .route("/twirp/livekit.RoomService/CreateRoom", post(create))
+        .with_state(calls.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("ws://{addr}"), calls)
+}
 
 /// What LiveKit's own token library (`livekit-api`, installed by `.ci/install-deps`)
 /// reads out of `jwt` with the key and secret above; an error if it does not verify.
@@ -262,7 +316,8 @@ async fn matrixrtc_discovery_and_livekit_tokens_that_livekit_accepts() {
     assert_eq!(status, 400, "a body without the fields is bad JSON: {err}");
     drop(plain);
 
-    let s = TestServer::start(&format!("{OPEN}{LIVEKIT}")).await;
+    let (sfu, created) = fake_sfu().await;
+    let s = TestServer::start(&format!("{OPEN}{}", livekit(&sfu))).await;
     let (alice_id, alice) = s.register("alice").await;
     let room = s.create_room(&alice, json!({})).await;
     let service_url = format!("{}/_trellis/livekit", s.base);
@@ -294,7 +349,7 @@ async fn matrixrtc_discovery_and_livekit_tokens_that_livekit_accepts() {
         )
         .await;
     assert_eq!(status, 200, "{got}");
-    assert_eq!(got["url"], "wss://sfu.example.org");
+    assert_eq!(got["url"], sfu.as_str());
     let claims = livekit_reads(got["jwt"].as_str().unwrap(), secret).await;
     assert_eq!(claims["identity"], format!("{alice_id}:DEVICE1"), "{claims}");
     let expected_room = {
@@ -311,7 +366,29 @@ async fn matrixrtc_discovery_and_livekit_tokens_that_livekit_accepts() {
     };
     assert_eq!(claims["room"], expected_room, "{claims}");
     assert_eq!(claims["room_join"], true);
-    assert_eq!(claims["room_create"], true, "a local user may start the call");
+    assert_eq!(claims["room_create"], false, "members never create rooms themselves");
+    // For a user of this server, the call's room was made on the SFU first, with a token
+    // LiveKit accepts as allowed to create it.
+    let (creator, body) = created.lock().unwrap().first().cloned().expect("CreateRoom called");
+    assert_eq!(body["name"], expected_room);
+    let claims = livekit_reads(&creator, secret).await;
+    assert_eq!(claims["room_create"], true, "{claims}");
+    // Someone who is not in the room gets nothing, even with a valid OpenID token.
+    let (bob_id, bob) = s.register("bob").await;
+    let (_, bob_openid) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/user/{}/openid/request_token", urlencode(&bob_id)),
+            &bob,
+            &json!({}),
+        )
+        .await;
+    let (status, err) = s
+        .post(
+            "/_trellis/livekit/sfu/get",
+            &json!({"room": room, "openid_token": bob_openid, "device_id": "B"}),
+        )
+        .await;
+    assert_eq!((status, err["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{err}");
     assert_eq!(claims["can_publish"], true);
     assert!(
         livekit_reads(got["jwt"].as_str().unwrap(), "another secret of 32+ characters!!")
@@ -341,7 +418,7 @@ async fn matrixrtc_discovery_and_livekit_tokens_that_livekit_accepts() {
 
     // The homeserver form: an access token and membership of the room.
     let path = "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/get_token";
-    let ask = json!({"url": "wss://sfu.example.org", "room_id": room, "slot_id": "m.call#ROOM",
+    let ask = json!({"url": format!("{sfu}/"), "room_id": room, "slot_id": "m.call#ROOM",
                      "member_id": "member1"});
     let (status, got) = s.post_auth(path, &alice, &ask).await;
     assert_eq!(status, 200, "{got}");
@@ -349,7 +426,7 @@ async fn matrixrtc_discovery_and_livekit_tokens_that_livekit_accepts() {
     assert_eq!(claims["room"], expected_room, "{claims}");
     let (_, outsider) = s.register("outsider").await;
     let (status, _) = s.post_auth(path, &outsider, &ask).await;
-    assert_eq!(status, 401, "not in the room");
+    assert_eq!(status, 403, "not in the room");
 }
 
 #[tokio::test]
@@ -416,6 +493,16 @@ async fn call_history_follows_the_signalling() {
     // Carol was in no call.
     let (_, none) = s.get_auth("/_trellis/client/v1/calls", &carol).await;
     assert_eq!(none["calls"], json!([]));
+    // In a room of three, a call rings its `invitee` only, or (without one) nobody else.
+    s.join_room(&carol, &room).await;
+    send("m.call.invite", json!({"call_id": "c3", "party_id": "p1", "version": "1", "lifetime": 60000, "invitee": bob_id, "offer": offer}), alice.clone()).await;
+    send("m.call.invite", json!({"call_id": "c4", "party_id": "p1", "version": "1", "lifetime": 60000, "offer": offer}), alice.clone()).await;
+    let (_, bobs) = s.get_auth("/_trellis/client/v1/calls", &bob).await;
+    let ids: Vec<&str> =
+        bobs["calls"].as_array().unwrap().iter().map(|c| c["call_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["c3", "c2", "c1"], "{bobs}");
+    let (_, none) = s.get_auth("/_trellis/client/v1/calls", &carol).await;
+    assert_eq!(none["calls"], json!([]), "{none}");
 
     // A group call: Element Call's member state, joined by two, left by both.
     let member = |user: &str| format!("_{user}_DEV_m.call");
@@ -455,12 +542,26 @@ async fn call_history_follows_the_signalling() {
     assert_eq!(group["participants"], json!([alice_id, bob_id]));
     assert_eq!(group["video"], true);
 
+    // The older MSC3401 form: the device's calls listed in `memberships`, empty to leave.
+    let legacy = |calls: Value| json!({"memberships": calls});
+    let key = alice_id.clone();
+    set_member(
+        alice.clone(),
+        key.clone(),
+        legacy(json!([{"call_id": "", "application": "m.call",
+        "device_id": "DEV", "expires": 3600000, "foci_active": [{"type": "livekit"}]}])),
+    )
+    .await;
+    let (_, dash) = s.get_auth("/_trellis/admin/v1/dashboard", &admin).await;
+    assert_eq!(dash["calls"]["group_calls_now"], 1, "{dash}");
+    set_member(alice.clone(), key, legacy(json!([]))).await;
+    let (_, dash) = s.get_auth("/_trellis/admin/v1/dashboard", &admin).await;
+    assert_eq!(dash["calls"]["group_calls_now"], 0, "an empty list leaves: {dash}");
+
     // The admin sees every call, and non-admins are refused.
     let (status, all) = s.get_auth("/_trellis/admin/v1/calls", &admin).await;
     assert_eq!(status, 200, "{all}");
-    assert_eq!(all["total"], 3, "{all}");
-    let (_, dash) = s.get_auth("/_trellis/admin/v1/dashboard", &admin).await;
-    assert_eq!(dash["calls"]["group_calls_now"], 0, "{dash}");
+    assert_eq!(all["total"], 6, "{all}");
     let (status, _) = s.get_auth("/_trellis/admin/v1/calls", &alice).await;
     assert_eq!(status, 403);
 }
@@ -602,4 +703,55 @@ async fn without_a_turn_server_the_answer_is_empty() {
     let (_, alice) = s.register("alice").await;
     let (status, body) = s.get_auth(TURN_SERVER, &alice).await;
     assert_eq!((status, body), (200, json!({})));
+}
+
+#[tokio::test]
+async fn call_invites_and_matrixrtc_rings_ring() {
+    let s = TestServer::start(OPEN).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    for (kind, content) in [
+        (
+            "m.call.invite",
+            json!({"call_id": "r1", "party_id": "p", "version": "1", "lifetime": 60000,
+                                 "offer": {"type": "offer", "sdp": "v=0"}}),
+        ),
+        (
+            "org.matrix.msc4075.rtc.notification",
+            json!({"notification_type": "ring", "sender_ts": 1, "lifetime": 30000}),
+        ),
+        (
+            "m.rtc.notification",
+            json!({"notification_type": "notification", "sender_ts": 2, "lifetime": 30000}),
+        ),
+    ] {
+        let path = format!("/_matrix/client/v3/rooms/{room}/send/{kind}/{}", txn_id());
+        let (status, resp) = s.put_auth(&path, &alice, &content).await;
+        assert_eq!(status, 200, "{resp}");
+    }
+    let (status, notes) = s.get_auth("/_matrix/client/v3/notifications", &bob).await;
+    assert_eq!(status, 200, "{notes}");
+    let rings: Vec<&str> = notes["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| {
+            n["actions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["set_tweak"] == "sound" && a["value"] == "ring")
+        })
+        .map(|n| n["event"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rings.len(),
+        2,
+        "a call invite and a ring ring, a plain notification does not: {notes}"
+    );
+    assert!(
+        rings.contains(&"m.call.invite") && rings.contains(&"org.matrix.msc4075.rtc.notification")
+    );
 }

@@ -5,7 +5,9 @@
 //! Users read their own calls (`/_trellis/client/v1/calls`), admins all of them.
 //!
 //! Signalling sent encrypted (1:1 calls in encrypted rooms) is invisible to the server
-//! and so are those calls; call-member state is never encrypted.
+//! and so are those calls; call-member state is never encrypted. A member whose client
+//! vanished without its "left" state (and without a delayed one) stays in the call
+//! until its state changes: `expires` is not read.
 
 use std::collections::BTreeSet;
 
@@ -98,10 +100,10 @@ impl CallHistory {
         kind: &str,
         ts: u64,
         content: &Value,
-    ) -> Result<()> {
+    ) -> Result<Option<u64>> {
         let (room, sender) = (event.room_id.as_str(), event.pdu.sender.as_str());
         let Some(call_id) = content["call_id"].as_str().filter(|id| !id.is_empty()) else {
-            return Ok(());
+            return Ok(None);
         };
         let key = format!("direct:{call_id}");
         let row = (room.to_owned(), key.clone());
@@ -124,10 +126,16 @@ impl CallHistory {
                     end_reason: None,
                     members_now: BTreeSet::new(),
                 };
-                // Everyone in the room is rung: the call is in each one's history,
-                // answered or missed.
+                // The ones rung have it in their history, answered or missed: the
+                // `invitee` a call names, else the other member of a two-person room.
+                // (In a bigger room without an invitee, only who answers.)
                 let members = event.members.map(|m| m.as_slice()).unwrap_or_default();
-                for member in members.iter().map(String::as_str).chain([sender]) {
+                let rung: Vec<&str> = match content["invitee"].as_str() {
+                    Some(invitee) => vec![invitee],
+                    None if members.len() <= 2 => members.iter().map(String::as_str).collect(),
+                    None => Vec::new(),
+                };
+                for member in rung.into_iter().chain([sender]) {
                     self.index(&mut batch, &call, &key, member);
                 }
                 call
@@ -150,13 +158,14 @@ impl CallHistory {
                 self.index(&mut batch, &call, &key, sender);
                 call
             }
-            _ => return Ok(()),
+            _ => return Ok(None),
         };
         CALLS.put(&mut batch, &row, &Json(call));
-        crate::commit(&self.db, batch).await
+        Ok(Some(self.db.write_unsynced(batch)?))
     }
 
-    /// A group call member's state: non-empty content joins, empty content leaves.
+    /// A group call member's state: non-empty content joins, empty content leaves. The
+    /// older MSC3401 form lists the device's calls in `memberships`, left when empty.
     async fn group(
         &self,
         room: &str,
@@ -164,9 +173,18 @@ impl CallHistory {
         state_key: &str,
         ts: u64,
         content: &Value,
-    ) -> Result<()> {
-        let call_id = content["call_id"].as_str().unwrap_or_default().to_owned();
-        let joined = content.as_object().is_some_and(|c| !c.is_empty());
+    ) -> Result<Option<u64>> {
+        let (call_id, joined) = match content.get("memberships") {
+            Some(list) => {
+                let first = list.as_array().and_then(|l| l.first());
+                let call_id = first.and_then(|m| m["call_id"].as_str()).unwrap_or_default();
+                (call_id.to_owned(), first.is_some())
+            }
+            None => (
+                content["call_id"].as_str().unwrap_or_default().to_owned(),
+                content.as_object().is_some_and(|c| !c.is_empty()),
+            ),
+        };
         let _turn = self.writing.lock().await;
         let running_row = (room.to_owned(), call_id.clone());
         let running = CALLS_RUNNING.get(&*self.db, &running_row)?;
@@ -176,7 +194,7 @@ impl CallHistory {
                 let row = (room.to_owned(), key.clone());
                 let Some(Json(mut call)) = CALLS.get(&*self.db, &row)? else {
                     CALLS_RUNNING.delete(&mut batch, &running_row);
-                    return crate::commit(&self.db, batch).await;
+                    return Ok(Some(self.db.write_unsynced(batch)?));
                 };
                 if joined {
                     call.members_now.insert(state_key.to_owned());
@@ -209,11 +227,11 @@ impl CallHistory {
                 CALLS_RUNNING.put(&mut batch, &running_row, &key);
                 (key, call)
             }
-            None => return Ok(()),
+            None => return Ok(None),
         };
         self.index(&mut batch, &call, &key, sender);
         CALLS.put(&mut batch, &(room.to_owned(), key), &Json(call));
-        crate::commit(&self.db, batch).await
+        Ok(Some(self.db.write_unsynced(batch)?))
     }
 
     /// A user's calls, newest first: at most `limit` from `from` (a position
@@ -322,9 +340,8 @@ impl Consumer for CallHistory {
         let (room, sender) = (event.room_id.as_str(), pdu.sender.as_str());
         let ts: u64 = pdu.origin_server_ts.get().into();
         match &pdu.state_key {
-            Some(key) if is_group => self.group(room, sender, key, ts, &content).await?,
-            _ => self.direct(event, &kind, ts, &content).await?,
+            Some(key) if is_group => self.group(room, sender, key, ts, &content).await,
+            _ => self.direct(event, &kind, ts, &content).await,
         }
-        Ok(None)
     }
 }

@@ -149,6 +149,10 @@ pub struct DelayedEvents {
     max_delay_ms: u64,
     max_per_user: usize,
     schedule: Mutex<Schedule>,
+    /// Held across a restart's check and write, and across every finishing write: a
+    /// restart that checked an event still waiting cannot then overwrite the outcome a
+    /// cancel, send or post wrote meanwhile (the finishing write always comes last).
+    writes: tokio::sync::Mutex<()>,
     /// Wakes the scheduler when something is due earlier than it thought.
     wake: Notify,
 }
@@ -180,6 +184,7 @@ impl DelayedEvents {
             max_delay_ms,
             max_per_user,
             schedule: Mutex::new(schedule),
+            writes: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
         })
     }
@@ -208,6 +213,11 @@ impl DelayedEvents {
         }
         out.sort_by_key(|(_, r)| r.running_since);
         Ok(out)
+    }
+
+    /// A user's delayed events still waiting, oldest first.
+    pub fn waiting_of(&self, user: &UserId) -> Result<Vec<(String, Delayed)>> {
+        Ok(self.list(user)?.into_iter().filter(|(_, r)| r.outcome.is_none()).collect())
     }
 
     /// One of `user`'s delayed events.
@@ -256,7 +266,7 @@ impl DelayedEvents {
             outcome: None,
         };
         {
-            let mut schedule = self.schedule();
+            let schedule = self.schedule();
             let held = schedule.per_user.get(new.user.as_str()).copied().unwrap_or(0);
             if held >= self.max_per_user {
                 // Retry once the user's next delayed event is due.
@@ -273,15 +283,15 @@ impl DelayedEvents {
                     format!("At most {} delayed events may wait at once", self.max_per_user).into();
                 return Err(refused);
             }
-            schedule.insert(&id, &record);
         }
+        // Stored before the scheduler can see it, so that it is never taken and then not
+        // found. (Concurrent requests of one user may pass the count together: a few over
+        // the limit at most.)
         let mut batch = Batch::new();
         DELAYED_EVENTS.put(&mut batch, &id, &Json(record.clone()));
         DELAYED_BY_USER.put(&mut batch, &(record.user_id.clone(), id.clone()), &());
-        if let Err(e) = crate::commit(&self.db, batch).await {
-            self.schedule().remove(&id);
-            return Err(e);
-        }
+        crate::commit(&self.db, batch).await?;
+        self.schedule().insert(&id, &record);
         self.wake.notify_one();
         Ok(id)
     }
@@ -303,11 +313,12 @@ impl DelayedEvents {
         }
         match action {
             Action::Restart => {
-                let mut record = record;
-                record.running_since = now_millis();
+                let _writing = self.writes.lock().await;
                 if !self.schedule().waiting.contains_key(id) {
                     return Err(not_found());
                 }
+                let mut record = record;
+                record.running_since = now_millis();
                 let mut batch = Batch::new();
                 DELAYED_EVENTS.put(&mut batch, &id.to_owned(), &Json(record.clone()));
                 crate::commit(&self.db, batch).await?;
@@ -325,7 +336,13 @@ impl DelayedEvents {
                     error: None,
                     cancelled: true,
                 };
-                self.finish(id, record, outcome).await
+                let finished = self.finish(id, record.clone(), outcome).await;
+                if finished.is_err() {
+                    // Not recorded as cancelled: it waits again rather than firing after
+                    // a restart while the client was told it failed.
+                    self.schedule().insert(id, &record);
+                }
+                finished
             }
             Action::Send => {
                 if !self.schedule().remove(id) {
@@ -356,6 +373,7 @@ impl DelayedEvents {
     /// Stores `outcome`, dropping the user's oldest finished records beyond the number
     /// kept.
     async fn finish(&self, id: &str, mut record: Delayed, outcome: Outcome) -> Result<()> {
+        let _writing = self.writes.lock().await;
         let user = record.user_id.clone();
         record.outcome = Some(outcome);
         let mut batch = Batch::new();
@@ -427,6 +445,12 @@ async fn post_event(services: &Services, id: &str, record: &Delayed) -> Result<S
         .map_err(|e| Error::internal("delayed event's user", e))?;
     let room_id =
         RoomId::parse(record.room_id.as_str()).map_err(|e| Error::internal("delayed room", e))?;
+    // Suspended or deactivated since it was scheduled: it is not posted.
+    match services.accounts.user(user.localpart())? {
+        Some(account) if account.deactivated => return Err(Error::user_deactivated()),
+        Some(account) if account.suspended => return Err(Error::user_suspended()),
+        _ => {}
+    }
     let event_id = match &record.state_key {
         Some(key) => {
             let (kind, content) = (record.kind.clone(), record.content.clone());

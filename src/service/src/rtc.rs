@@ -81,8 +81,8 @@ pub struct Grant<'a> {
     pub room: String,
     /// The Matrix user, shown as the participant's name.
     pub user_id: &'a str,
-    /// Users of this server (and of the full-access servers) may start the call's room
-    /// on the SFU; others may only join one that runs.
+    /// Only the token that creates the call's room on the SFU has this; members'
+    /// tokens never do (see [`create_sfu_room`]).
     pub may_create: bool,
 }
 
@@ -94,7 +94,7 @@ pub fn access_token(config: &RtcConfig, grant: &Grant<'_>) -> Result<String> {
         sub: grant.identity.clone(),
         iat: now,
         nbf: now,
-        exp: now + config.token_lifetime_seconds,
+        exp: now.saturating_add(config.token_lifetime_seconds),
         name: grant.user_id.to_owned(),
         video: VideoGrant {
             room_join: true,
@@ -160,6 +160,15 @@ async fn openid_user(services: &Services, token: &OpenIdToken) -> Result<String>
     }
 }
 
+/// Tokens are for members of the room, as this server sees it: a user who knows a room's
+/// id gets nothing of its call otherwise.
+fn require_member(services: &Services, room_id: &str, user_id: &str) -> Result<()> {
+    match services.rooms.membership(room_id, user_id)? {
+        Some(ruma::events::room::member::MembershipState::Join) => Ok(()),
+        _ => Err(Error::forbidden("You are not a member of this room")),
+    }
+}
+
 fn full_access(services: &Services, user_id: &str) -> bool {
     let server = user_id.split_once(':').map_or("", |(_, server)| server);
     server == services.server_name()
@@ -184,11 +193,16 @@ pub async fn legacy_token(
         return Err(Error::bad_json("`room` must be a room id and `device_id` is required"));
     }
     let user = openid_user(services, token).await?;
+    require_member(services, room, &user)?;
+    let alias = room_alias(room, ROOM_CALL_SLOT);
+    if full_access(services, &user) {
+        create_sfu_room(config, &alias).await;
+    }
     let grant = Grant {
         identity: format!("{user}:{device_id}"),
-        room: room_alias(room, ROOM_CALL_SLOT),
+        room: alias,
         user_id: &user,
-        may_create: full_access(services, &user),
+        may_create: false,
     };
     Ok(SfuAccess { url: config.livekit_url.clone(), jwt: access_token(config, &grant)? })
 }
@@ -217,18 +231,68 @@ pub async fn slot_token(
     if user != member.claimed_user_id {
         return Err(unauthorised());
     }
+    require_member(services, room_id, &user)?;
+    let alias = room_alias(room_id, slot_id);
+    if full_access(services, &user) {
+        create_sfu_room(config, &alias).await;
+    }
     let grant = Grant {
         identity: member_identity(&user, &member.claimed_device_id, &member.id),
-        room: room_alias(room_id, slot_id),
+        room: alias,
         user_id: &user,
-        may_create: full_access(services, &user),
+        may_create: false,
     };
     Ok(SfuAccess { url: config.livekit_url.clone(), jwt: access_token(config, &grant)? })
 }
 
+/// Makes sure the call's room exists on the SFU before a member of this server (or of a
+/// full-access server) joins, as lk-jwt-service does: with LiveKit's `room.auto_create`
+/// off, only rooms made this way exist, so users of other servers join calls but cannot
+/// start them. A failure is logged, not fatal: with `auto_create` on (LiveKit's
+/// default) the join creates the room anyway.
+async fn create_sfu_room(config: &RtcConfig, room: &str) {
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .unwrap_or_default()
+    });
+    let creator =
+        Grant { identity: "trellis".into(), room: room.to_owned(), user_id: "", may_create: true };
+    let token = match access_token(config, &creator) {
+        Ok(token) => token,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot sign the SFU room creation");
+            return;
+        }
+    };
+    // The SFU's HTTP API lives at the same address as its WebSocket.
+    let base = config
+        .livekit_url
+        .trim_end_matches('/')
+        .replacen("wss://", "https://", 1)
+        .replacen("ws://", "http://", 1);
+    let body = json!({ "name": room, "empty_timeout": 300, "departure_timeout": 20 });
+    let sent = CLIENT
+        .post(format!("{base}/twirp/livekit.RoomService/CreateRoom"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await;
+    match sent {
+        Ok(resp) if resp.status().is_success() => {}
+        Ok(resp) => {
+            tracing::warn!(status = %resp.status(), "the SFU refused to create a call's room")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the SFU could not be reached to create a call's room")
+        }
+    }
+}
+
 /// The homeserver form of MSC4195 (`POST /rtc/livekit/get_token` with an access token):
 /// the caller, joined to the room, gets a token for the slot.
-pub fn member_token(
+pub async fn member_token(
     services: &Services,
     user: &ruma::UserId,
     device_id: &str,
@@ -238,18 +302,17 @@ pub fn member_token(
     url: &str,
 ) -> Result<String> {
     let config = configured(services)?;
-    if url != config.livekit_url {
+    if url.trim_end_matches('/') != config.livekit_url.trim_end_matches('/') {
         return Err(Error::invalid_param("This server issues tokens only for its own SFU"));
     }
-    let membership = services.rooms.membership(room_id.as_str(), user.as_str())?;
-    if membership != Some(ruma::events::room::member::MembershipState::Join) {
-        return Err(unauthorised());
-    }
+    require_member(services, room_id.as_str(), user.as_str())?;
+    let alias = room_alias(room_id.as_str(), slot_id);
+    create_sfu_room(config, &alias).await;
     let grant = Grant {
         identity: member_identity(user.as_str(), device_id, member_id),
-        room: room_alias(room_id.as_str(), slot_id),
+        room: alias,
         user_id: user.as_str(),
-        may_create: true,
+        may_create: false,
     };
     access_token(config, &grant)
 }

@@ -218,8 +218,8 @@ async fn list(
     _: get_all_delayed_events::unstable::Request,
 ) -> Result<get_all_delayed_events::unstable::Response> {
     let user = user(&ctx)?;
-    let waiting = ctx.services.delayed_events.list(&user)?.into_iter();
-    let data = waiting.filter(|(_, r)| r.outcome.is_none()).map(|(id, r)| data(id, r));
+    let waiting = ctx.services.delayed_events.waiting_of(&user)?.into_iter();
+    let data = waiting.map(|(id, r)| data(id, r));
     Ok(get_all_delayed_events::unstable::Response::new(data.collect::<Result<_>>()?))
 }
 

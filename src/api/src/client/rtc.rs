@@ -6,6 +6,7 @@ use axum::{
     Router,
     body::Bytes,
     extract::State,
+    http::request::Parts,
     response::Response,
     routing::{get, post},
 };
@@ -24,7 +25,7 @@ use super::{
 };
 use crate::{
     AppState,
-    ruma_route::{self, Ctx, json_error},
+    ruma_route::{self, Ctx, client_of, json_error},
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -55,10 +56,18 @@ struct LegacyRequest {
     device_id: String,
 }
 
+/// The exchanges take no access token: limited by the caller's address, since each may
+/// ask another server over federation.
+fn limit(services: &AppState, parts: &Parts) -> Result<()> {
+    let client = client_of(parts, services.config.http.x_forwarded_for);
+    services.rate_limits.check(Class::Default, client.ip.as_deref().unwrap_or("-"))
+}
+
 /// POST /_trellis/livekit/sfu/get
-async fn sfu_get(State(services): State<AppState>, body: Bytes) -> Response {
+async fn sfu_get(State(services): State<AppState>, parts: Parts, body: Bytes) -> Response {
     respond(
         async {
+            limit(&services, &parts)?;
             let req: LegacyRequest = serde_json::from_slice(&body).map_err(json_error)?;
             let granted =
                 rtc::legacy_token(&services, &req.room, &req.openid_token, &req.device_id).await?;
@@ -77,9 +86,10 @@ struct SlotRequest {
 }
 
 /// POST /_trellis/livekit/get_token
-async fn slot_token(State(services): State<AppState>, body: Bytes) -> Response {
+async fn slot_token(State(services): State<AppState>, parts: Parts, body: Bytes) -> Response {
     respond(
         async {
+            limit(&services, &parts)?;
             let req: SlotRequest = serde_json::from_slice(&body).map_err(json_error)?;
             let granted = rtc::slot_token(
                 &services,
@@ -107,6 +117,7 @@ async fn member_token(ctx: Ctx, req: get_token::v1::Request) -> Result<get_token
         &req.slot_id,
         &req.member_id,
         &req.url,
-    )?;
+    )
+    .await?;
     Ok(get_token::v1::Response::new(jwt))
 }

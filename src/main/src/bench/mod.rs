@@ -27,6 +27,7 @@ mod push;
 mod rooms;
 mod search;
 mod sync;
+mod turn;
 
 /// The scenarios.
 #[derive(Subcommand)]
@@ -86,6 +87,12 @@ pub enum BenchCommand {
     /// member long-polls; PDUs/s the hosting server takes in and send-to-sync latency.
     /// `scripts/bench-federation` starts the two servers with a test CA.
     Federation(federation::FederationArgs),
+    /// TURN relay: `calls` users each allocate a relay from `/voip/turnServer`'s
+    /// credentials and stream `kbps` of datagrams for `seconds` to an echo peer on
+    /// loopback; relayed Mbit/s, loss, round trip through the relay and server CPU per
+    /// relayed Mbit. `scripts/bench-turn` starts a server that lets the relay reach
+    /// loopback.
+    Turn(turn::TurnArgs),
 }
 
 #[derive(Args)]
@@ -119,6 +126,7 @@ impl BenchCommand {
             Self::Appservice(a) => &a.common,
             Self::Push(a) => &a.common,
             Self::Search(a) => &a.common,
+            Self::Turn(a) => &a.common,
         }
     }
 
@@ -138,6 +146,7 @@ impl BenchCommand {
             Self::Appservice(a) => appservice::appservice(a).await,
             Self::Push(a) => push::push(a).await,
             Self::Search(a) => search::search(a).await,
+            Self::Turn(a) => turn::turn(a).await,
         }
     }
 }
