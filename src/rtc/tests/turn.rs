@@ -10,18 +10,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use stun::agent::TransactionId;
-use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
 use stun::error_code::ErrorCodeAttribute;
 use stun::fingerprint::FINGERPRINT;
 use stun::integrity::MessageIntegrity;
 use stun::message::{
     BINDING_REQUEST, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE,
-    Getter, METHOD_ALLOCATE, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION, METHOD_SEND, Message,
-    MessageType, Setter,
+    Getter, METHOD_ALLOCATE, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION, METHOD_REFRESH,
+    METHOD_SEND, Message, MessageType, Setter,
 };
 use stun::textattrs::TextAttribute;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 use trellis_rtc::turn::{RefusalReason, TurnObserver, TurnServer, TurnSettings, rest_credentials};
@@ -30,6 +30,7 @@ use turn::proto::PROTO_UDP;
 use turn::proto::chandata::ChannelData;
 use turn::proto::channum::ChannelNumber;
 use turn::proto::data::Data;
+use turn::proto::lifetime::Lifetime;
 use turn::proto::peeraddr::PeerAddress;
 use turn::proto::relayaddr::RelayedAddress;
 use turn::proto::reqtrans::RequestedTransport;
@@ -426,29 +427,49 @@ fn allocate_request() -> Message {
     ])
 }
 
+fn text(m: &Message, attr: stun::attributes::AttrType) -> String {
+    TextAttribute::get_from_as(m, attr).unwrap().text
+}
+
+/// The realm and nonce of a 401 or 438 (with the given code), checked to be the shape
+/// the crate sends: no MESSAGE-INTEGRITY, FINGERPRINT because the requests have one.
+fn challenge_of(response: &Message, code: u16) -> (String, String) {
+    assert_eq!(response.typ.class, CLASS_ERROR_RESPONSE, "{response}");
+    assert_eq!(error_code(response), code, "{response}");
+    assert!(!response.contains(ATTR_MESSAGE_INTEGRITY));
+    FINGERPRINT.check(response).unwrap();
+    let realm = text(response, ATTR_REALM);
+    let nonce = text(response, ATTR_NONCE);
+    assert_eq!(realm, REALM);
+    assert!(!nonce.is_empty());
+    (realm, nonce)
+}
+
+/// An anonymous Allocate, for the challenge.
+async fn challenge(wire: &mut Wire) -> (String, String) {
+    challenge_of(&wire.transact(&allocate_request()).await, 401)
+}
+
+fn session(user: &str, password: Option<&str>, realm: &str, nonce: &str) -> Session {
+    let (username, right_password) = credentials(user);
+    Session {
+        integrity: MessageIntegrity::new_long_term_integrity(
+            username.clone(),
+            realm.into(),
+            password.map_or(right_password, str::to_owned),
+        ),
+        username,
+        realm: realm.into(),
+        nonce: nonce.into(),
+        relayed: SocketAddr::new(LOOPBACK, 0),
+    }
+}
+
 /// The long-term credential dance: an anonymous Allocate for the challenge, then the
 /// authenticated one.
 async fn allocate_on(wire: &mut Wire, user: &str) -> Session {
-    let challenge = wire.transact(&allocate_request()).await;
-    assert_eq!(challenge.typ.class, CLASS_ERROR_RESPONSE);
-    assert_eq!(error_code(&challenge), 401);
-    let realm = TextAttribute::get_from_as(&challenge, ATTR_REALM).unwrap().text;
-    let nonce = TextAttribute::get_from_as(&challenge, ATTR_NONCE).unwrap().text;
-    assert_eq!(realm, REALM);
-    assert!(!nonce.is_empty());
-
-    let (username, password) = credentials(user);
-    let mut session = Session {
-        integrity: MessageIntegrity::new_long_term_integrity(
-            username.clone(),
-            realm.clone(),
-            password,
-        ),
-        username,
-        realm,
-        nonce,
-        relayed: SocketAddr::new(LOOPBACK, 0),
-    };
+    let (realm, nonce) = challenge(wire).await;
+    let mut session = session(user, None, &realm, &nonce);
     let request = session.request(
         MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST),
         vec![Box::new(RequestedTransport { protocol: PROTO_UDP })],
@@ -578,4 +599,217 @@ async fn bad_settings_are_refused() {
     ] {
         assert!(TurnServer::start(bad, counts.clone()).await.is_err());
     }
+}
+
+fn signed_allocate(session: &Session) -> Message {
+    session.request(
+        MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST),
+        vec![Box::new(RequestedTransport { protocol: PROTO_UDP })],
+    )
+}
+
+#[tokio::test]
+async fn every_challenge_carries_the_same_nonce() {
+    let (server, counts) = start(loopback_allowed()).await;
+    let mut nonces = Vec::new();
+    for i in 0..64 {
+        let socket = UdpSocket::bind((LOOPBACK, 0)).await.unwrap();
+        let mut wire = Wire::Udp(socket, server.udp_addr());
+        let method = if i % 2 == 0 { METHOD_ALLOCATE } else { METHOD_REFRESH };
+        let request = build(vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(method, CLASS_REQUEST)),
+            Box::new(FINGERPRINT),
+        ]);
+        let response = wire.transact(&request).await;
+        assert_eq!(response.typ.method, method);
+        nonces.push(challenge_of(&response, 401).1);
+    }
+    assert!(nonces.iter().all(|n| *n == nonces[0]), "{nonces:?}");
+    let nonce = nonces[0].clone();
+
+    let socket = UdpSocket::bind((LOOPBACK, 0)).await.unwrap();
+    let mut wire = Wire::Udp(socket, server.udp_addr());
+
+    // Checked by the gate before the nonce: a made-up nonce and a wrong password get
+    // the credentials challenge, with the shared nonce.
+    let forged = session("@grace:example.org", Some("guess"), REALM, "made-up");
+    let response = wire.transact(&signed_allocate(&forged)).await;
+    assert_eq!(challenge_of(&response, 401).1, nonce);
+    assert_eq!(counts.refused(RefusalReason::Auth), 1);
+
+    // Good credentials and a nonce the server never gave out: stale, and the shared one.
+    let unknown = session("@grace:example.org", None, REALM, "made-up");
+    let response = wire.transact(&signed_allocate(&unknown)).await;
+    assert_eq!(challenge_of(&response, 438).1, nonce);
+
+    // Integrity without the credential attributes to check it by.
+    let bare = build(vec![
+        Box::new(TransactionId::new()),
+        Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+        Box::new(RequestedTransport { protocol: PROTO_UDP }),
+        Box::new(TextAttribute::new(ATTR_NONCE, "made-up".into())),
+        Box::new(MessageIntegrity(vec![0; 16])),
+    ]);
+    let response = wire.transact(&bare).await;
+    assert_eq!(response.typ.class, CLASS_ERROR_RESPONSE);
+    assert_eq!(error_code(&response), 400);
+
+    let granted = session("@grace:example.org", None, REALM, &nonce);
+    let mut response = wire.transact(&signed_allocate(&granted)).await;
+    assert_eq!(response.typ.class, CLASS_SUCCESS_RESPONSE, "{response}");
+    granted.integrity.check(&mut response).unwrap();
+    assert_eq!(counts.opened(), 1);
+    assert_eq!(counts.refused(RefusalReason::Auth), 1);
+
+    // The turn crate's client, which takes the nonce from the challenge.
+    let (username, password) = credentials("@heidi:example.org");
+    let client = client(server.udp_addr(), &username, &password).await;
+    let _relay = allocate(&client).await.unwrap();
+    assert_eq!(counts.opened(), 2);
+    client.close().await.unwrap();
+    server.close().await;
+}
+
+#[tokio::test]
+async fn signed_requests_without_an_allocation_leave_allocations_followed() {
+    let (server, counts) =
+        start(TurnSettings { max_allocations_per_user: 1, ..loopback_allowed() }).await;
+    let tcp_addr = server.tcp_addr().unwrap();
+    let peer = UdpSocket::bind((LOOPBACK, 0)).await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+
+    // More signed requests than the server could ever follow at once, each for the
+    // 5-tuple of a connection with no allocation, which the crate leaves unanswered.
+    // TCP, so that none is lost on the way.
+    let mut flood = Wire::Tcp(TcpStream::connect(tcp_addr).await.unwrap());
+    let (realm, nonce) = challenge(&mut flood).await;
+    let mallory = session("@mallory:example.org", None, &realm, &nonce);
+    let mut burst = Vec::new();
+    for i in 0..5000 {
+        let request = match i % 3 {
+            0 => mallory.request(
+                MessageType::new(METHOD_REFRESH, CLASS_REQUEST),
+                vec![Box::new(Lifetime(Duration::from_secs(600)))],
+            ),
+            1 => mallory.request(
+                MessageType::new(METHOD_CREATE_PERMISSION, CLASS_REQUEST),
+                vec![peer_address(peer_addr)],
+            ),
+            _ => mallory.request(
+                MessageType::new(METHOD_CHANNEL_BIND, CLASS_REQUEST),
+                vec![peer_address(peer_addr), Box::new(ChannelNumber(0x4000))],
+            ),
+        };
+        burst.extend_from_slice(&request.raw);
+    }
+    flood.send(&burst).await;
+    // Frames of one connection are handled in order: once this is answered, so is the
+    // burst.
+    let binding = build(vec![Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)]);
+    assert_eq!(flood.transact(&binding).await.typ.class, CLASS_SUCCESS_RESPONSE);
+
+    let mut wire = Wire::Tcp(TcpStream::connect(tcp_addr).await.unwrap());
+    let judy = allocate_on(&mut wire, "@judy:example.org").await;
+    assert_eq!(counts.opened(), 1);
+
+    // Followed, so held to the quota.
+    let mut second = Wire::Tcp(TcpStream::connect(tcp_addr).await.unwrap());
+    let (realm, nonce) = challenge(&mut second).await;
+    let again = session("@judy:example.org", None, &realm, &nonce);
+    let response = second.transact(&signed_allocate(&again)).await;
+    assert_eq!(response.typ.class, CLASS_ERROR_RESPONSE);
+    assert_eq!(error_code(&response), 486);
+
+    // And its relay learns its permissions.
+    let bind = judy.request(
+        MessageType::new(METHOD_CHANNEL_BIND, CLASS_REQUEST),
+        vec![peer_address(peer_addr), Box::new(ChannelNumber(0x4001))],
+    );
+    assert_eq!(wire.transact(&bind).await.typ.class, CLASS_SUCCESS_RESPONSE);
+    wire.send(&channel_data(0x4001, b"hello")).await;
+    let (data, from) = recv(&peer).await;
+    assert_eq!(data, b"hello");
+    assert_eq!(from, judy.relayed);
+    peer.send_to(b"back", from).await.unwrap();
+    assert_eq!(wire.recv().await, [&[0x40, 0x01, 0x00, 0x04][..], b"back"].concat());
+    server.close().await;
+}
+
+#[tokio::test]
+async fn requests_on_an_allocation_must_use_its_credentials() {
+    let (server, counts) = start(loopback_allowed()).await;
+    let socket = UdpSocket::bind((LOOPBACK, 0)).await.unwrap();
+    let mut wire = Wire::Udp(socket, server.udp_addr());
+    let alice = allocate_on(&mut wire, "@alice:example.org").await;
+    let bob = session("@bob:example.org", None, &alice.realm, &alice.nonce);
+    let end = |s: &Session| {
+        s.request(
+            MessageType::new(METHOD_REFRESH, CLASS_REQUEST),
+            vec![Box::new(Lifetime(Duration::ZERO))],
+        )
+    };
+    let mut response = wire.transact(&end(&bob)).await;
+    assert_eq!(response.typ.class, CLASS_ERROR_RESPONSE);
+    assert_eq!(error_code(&response), 441);
+    bob.integrity.check(&mut response).unwrap();
+
+    let response = wire.transact(&end(&alice)).await;
+    assert_eq!(response.typ.class, CLASS_SUCCESS_RESPONSE, "{response}");
+    counts.wait_until("the allocation to close", |c| c.closed() == 1).await;
+    server.close().await;
+}
+
+/// A TCP connection from `source`, and whether the server serves it: it answers a
+/// Binding request, or closes the connection without a word.
+async fn tcp_served(server: SocketAddr, source: IpAddr) -> (bool, TcpStream) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let mut stream = socket.connect(server).await.unwrap();
+    let binding = build(vec![Box::new(TransactionId::new()), Box::new(BINDING_REQUEST)]);
+    // Refused connections may already be reset.
+    let _ = stream.write_all(&binding.raw).await;
+    let mut head = [0u8; 20];
+    let read =
+        timeout(PATIENCE, stream.read_exact(&mut head)).await.expect("neither served nor closed");
+    match read {
+        Ok(_) => {
+            assert_eq!(head[8..20], binding.transaction_id.0);
+            let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+            let mut rest = vec![0; len];
+            stream.read_exact(&mut rest).await.unwrap();
+            (true, stream)
+        }
+        Err(_) => (false, stream),
+    }
+}
+
+#[tokio::test]
+async fn tcp_connections_are_capped_per_address() {
+    let (server, _counts) = start(settings()).await;
+    let tcp_addr = server.tcp_addr().unwrap();
+    let mut held = Vec::new();
+    for i in 0..32 {
+        let (served, stream) = tcp_served(tcp_addr, LOOPBACK).await;
+        assert!(served, "connection {i} refused");
+        held.push(stream);
+    }
+    let (served, _) = tcp_served(tcp_addr, LOOPBACK).await;
+    assert!(!served, "a 33rd connection from one address");
+    let (served, _other) = tcp_served(tcp_addr, Ipv4Addr::new(127, 0, 0, 2).into()).await;
+    assert!(served, "another address is not held to the first one's cap");
+
+    // A slot comes back when its connection ends, once the server has noticed.
+    drop(held.pop());
+    let reconnected = timeout(PATIENCE, async {
+        loop {
+            if tcp_served(tcp_addr, LOOPBACK).await.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(reconnected.is_ok(), "the slot of a closed connection never came back");
+    server.close().await;
 }

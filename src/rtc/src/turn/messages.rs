@@ -137,6 +137,23 @@ pub(crate) fn refresh_to_zero(
     ])
 }
 
+/// A Refresh the gate hands the crate to be answered with a fresh nonce: without
+/// credentials the crate challenges it (401); with `stale`, a nonce the crate no longer
+/// honours, and any MESSAGE-INTEGRITY, it drops that nonce from its map and says so
+/// (438), which is the only way its map ever shrinks.
+pub(crate) fn nonce_request(stale: Option<&str>) -> Option<Message> {
+    let mut setters: Vec<Box<dyn Setter>> = vec![
+        Box::new(TransactionId::new()),
+        Box::new(MessageType::new(METHOD_REFRESH, CLASS_REQUEST)),
+    ];
+    if let Some(nonce) = stale {
+        setters.push(Box::new(TextAttribute::new(ATTR_NONCE, nonce.to_owned())));
+        // The crate looks at the nonce before the integrity, so no key is needed.
+        setters.push(Box::new(MessageIntegrity(vec![0; 16])));
+    }
+    build(&setters)
+}
+
 fn build(setters: &[Box<dyn Setter>]) -> Option<Message> {
     let mut m = Message::new();
     match m.build(setters) {

@@ -5,9 +5,10 @@
 //! much one user may take, or TCP, so those live here, wrapped around it:
 //!
 //! - `gate` wraps each listener socket the crate reads from and writes to, so every
-//!   message in both directions passes it: it refuses denied peers and over-quota
-//!   allocations, keeps the per-user ledger current and ends the allocations of TCP
-//!   connections that went away.
+//!   message in both directions passes it: it challenges clients itself, with one
+//!   nonce shared by all, so that only signed requests reach the crate; it refuses
+//!   denied peers and over-quota allocations, keeps the per-user ledger current and
+//!   ends the allocations of TCP connections that went away.
 //! - `relay` makes the relay sockets, which enforce the peer policy again, count the
 //!   relayed bytes and apply each user's bandwidth.
 //! - `tcp` presents a TCP listener to the crate as if it were one datagram socket.

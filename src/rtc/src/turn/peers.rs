@@ -45,20 +45,26 @@ fn is_non_public(ip: IpAddr) -> bool {
 }
 
 fn is_non_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     a == 0 // "this network", 0.0.0.0 included
         || ip.is_loopback()
         || ip.is_private()
         || (a == 100 && (b & 0xc0) == 64) // CGNAT 100.64.0.0/10
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments 192.0.0.0/24
+        || (a == 198 && (b & 0xfe) == 18) // benchmarking 198.18.0.0/15
         || ip.is_link_local()
         || ip.is_multicast()
         || a >= 240 // reserved 240.0.0.0/4, broadcast included
 }
 
 fn is_non_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
+    let s = ip.segments();
+    let first = s[0];
     ip.is_unspecified()
         || ip.is_loopback()
+        || s[..4] == [0x100, 0, 0, 0] // discard-only 100::/64
+        || s[..3] == [0x64, 0xff9b, 1] // NAT64 local use 64:ff9b:1::/48, translated in-site
+        || s[..2] == [0x2001, 0] // Teredo 2001::/32: reaches whatever IPv4 its relay does
         || (first & 0xfe00) == 0xfc00 // ULA fc00::/7
         || (first & 0xffc0) == 0xfe80 // link-local fe80::/10
         || (first & 0xffc0) == 0xfec0 // deprecated site-local fec0::/10
@@ -137,6 +143,21 @@ mod tests {
             "2002:c0a8:101::1",
             "203.0.113.7",
             "::ffff:203.0.113.7",
+            "192.0.0.1",
+            "192.0.0.255",
+            "198.18.0.1",
+            "198.19.255.255",
+            "::ffff:192.0.0.9",
+            "::198.18.1.1",
+            "64:ff9b::c612:101",
+            "2002:c613:101::1",
+            "64:ff9b:1::1",
+            "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+            "64:ff9b:1::808:808",
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "100::1",
+            "100::ffff:ffff:ffff:ffff",
         ] {
             assert!(denied(&p, ip), "{ip} should be denied");
         }
@@ -155,6 +176,11 @@ mod tests {
             "2001:4860:4860::8888",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "192.0.1.1",
+            "191.255.255.255",
+            "198.17.255.255",
+            "198.20.0.1",
+            "2001:200::1",
         ] {
             assert!(!denied(&p, ip), "{ip} should be allowed");
         }

@@ -8,7 +8,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,8 @@ use super::ledger::lock;
 /// at a time, so frames past that are dropped later, without closing the connection.)
 const MAX_FRAME: usize = 64 * 1024;
 const MAX_CONNECTIONS: usize = 1024;
+/// So that one host cannot take every connection slot from the others.
+const MAX_CONNECTIONS_PER_IP: usize = 32;
 /// A connection that neither sends a valid frame nor is written to for this long is
 /// closed. Writes count because a client of an allocation may only be receiving.
 const IDLE: Duration = Duration::from_secs(30);
@@ -126,6 +128,40 @@ struct Writer {
 
 type Writers = Arc<Mutex<HashMap<SocketAddr, Writer>>>;
 
+type PerIp = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One of a client address's connection slots, given back when dropped.
+struct IpSlot {
+    counts: PerIp,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(counts: &PerIp, ip: IpAddr) -> Option<IpSlot> {
+        // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; one host, one count.
+        let ip = ip.to_canonical();
+        let mut map = lock(counts);
+        let held = map.entry(ip).or_insert(0);
+        if *held >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *held += 1;
+        Some(IpSlot { counts: Arc::clone(counts), ip })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = lock(&self.counts);
+        if let Some(held) = map.get_mut(&self.ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
 pub(crate) struct TcpConn {
     local: SocketAddr,
     frames: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
@@ -149,6 +185,7 @@ impl TcpConn {
             ended: ended_tx,
             writers: Arc::clone(&writers),
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            per_ip: PerIp::default(),
             cancel,
         };
         tokio::spawn(accept.run());
@@ -163,6 +200,7 @@ struct Acceptor {
     ended: mpsc::Sender<SocketAddr>,
     writers: Writers,
     slots: Arc<Semaphore>,
+    per_ip: PerIp,
     cancel: CancellationToken,
 }
 
@@ -182,6 +220,10 @@ impl Acceptor {
                     continue;
                 }
             };
+            let Some(ip_slot) = IpSlot::take(&self.per_ip, peer.ip()) else {
+                tracing::debug!(client = %peer, "TURN TCP connection refused: too many from its address");
+                continue;
+            };
             let Ok(slot) = Arc::clone(&self.slots).try_acquire_owned() else {
                 tracing::debug!(client = %peer, "TURN TCP connection refused: too many connections");
                 continue;
@@ -197,7 +239,7 @@ impl Acceptor {
                 cancel: self.cancel.child_token(),
                 last_active: Arc::new(Mutex::new(Instant::now())),
             };
-            tokio::spawn(connection.serve(stream, slot));
+            tokio::spawn(connection.serve(stream, (slot, ip_slot)));
         }
     }
 }
@@ -215,7 +257,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream, _slot: OwnedSemaphorePermit) {
+    async fn serve(self, stream: TcpStream, _slots: (OwnedSemaphorePermit, IpSlot)) {
         let _ = stream.set_nodelay(true);
         let (reader, writer) = stream.into_split();
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
@@ -407,6 +449,21 @@ mod tests {
         assert_eq!(frame(&b), Framing::Complete { frame: 9, consumed: 12 });
         assert_eq!(pad_channel_data(&b[..9]), b);
         assert_eq!(pad_channel_data(&b), b);
+    }
+
+    #[test]
+    fn connections_per_address_are_capped_and_given_back() {
+        let counts = PerIp::default();
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let slots: Vec<_> =
+            (0..MAX_CONNECTIONS_PER_IP).map(|_| IpSlot::take(&counts, v4).unwrap()).collect();
+        assert!(IpSlot::take(&counts, v4).is_none());
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(IpSlot::take(&counts, mapped).is_none(), "the mapped form is the same host");
+        assert!(IpSlot::take(&counts, "192.0.2.2".parse().unwrap()).is_some());
+        drop(slots);
+        assert!(lock(&counts).is_empty());
+        assert!(IpSlot::take(&counts, v4).is_some());
     }
 
     #[test]
