@@ -165,6 +165,12 @@ fn build(setters: &[Box<dyn Setter>]) -> Option<Message> {
     }
 }
 
+/// What the socket wrappers answer for the `Conn` methods the crate never calls on them
+/// (connected-socket use).
+pub(crate) fn unsupported(what: &'static str) -> webrtc_util::Error {
+    std::io::Error::new(std::io::ErrorKind::Unsupported, what).into()
+}
+
 #[cfg(test)]
 mod tests {
     use stun::message::{CLASS_INDICATION, METHOD_SEND};

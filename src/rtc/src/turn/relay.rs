@@ -152,18 +152,14 @@ struct RelayConn {
     shared: Arc<Shared>,
 }
 
-fn not_applicable() -> webrtc_util::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "not used on a relay socket").into()
-}
-
 #[async_trait]
 impl Conn for RelayConn {
     async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on a relay socket"))
     }
 
     async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on a relay socket"))
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
@@ -186,7 +182,7 @@ impl Conn for RelayConn {
     }
 
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on a relay socket"))
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {

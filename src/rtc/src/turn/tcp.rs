@@ -347,18 +347,14 @@ async fn write_loop(
     let _ = writer.shutdown().await;
 }
 
-fn not_applicable() -> webrtc_util::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "not used on the TURN TCP listener").into()
-}
-
 #[async_trait]
 impl Conn for TcpConn {
     async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on the TURN TCP listener"))
     }
 
     async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on the TURN TCP listener"))
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
@@ -384,7 +380,7 @@ impl Conn for TcpConn {
     }
 
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on the TURN TCP listener"))
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {

@@ -107,18 +107,14 @@ impl Gate {
     }
 }
 
-fn not_applicable() -> webrtc_util::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "not used on a TURN listener").into()
-}
-
 #[async_trait]
 impl Conn for Gate {
     async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on a TURN listener"))
     }
 
     async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on a TURN listener"))
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
@@ -160,7 +156,7 @@ impl Conn for Gate {
     }
 
     async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
-        Err(not_applicable())
+        Err(crate::turn::messages::unsupported("not used on a TURN listener"))
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
