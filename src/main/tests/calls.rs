@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{OPEN, TestServer, admin_token, txn_id, urlencode};
+use common::{OPEN, TestServer, admin_token, free_port, mint_certificates, txn_id, urlencode};
 use serde_json::{Value, json};
 
 const MSC4140: &str = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events";
@@ -754,4 +754,62 @@ async fn call_invites_and_matrixrtc_rings_ring() {
     assert!(
         rings.contains(&"m.call.invite") && rings.contains(&"org.matrix.msc4075.rtc.notification")
     );
+}
+
+/// A server named `127.0.0.1:<its TLS port>` federating with certificates from the test
+/// CA in `certs`, with `extra` configuration.
+async fn federating(certs: &std::path::Path, extra: &str) -> (TestServer, String) {
+    let dir = certs.display();
+    let name = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        "{OPEN}{extra}[federation]\ntls_listen = \"{name}\"\ntls_certificate = \"{dir}/server.pem\"\n\
+         tls_private_key = \"{dir}/server.key\"\nca_file = \"{dir}/ca.pem\"\n"
+    );
+    let server =
+        TestServer::start_with_env(&config, &[("TRELLIS_SERVER__SERVER_NAME", name.as_str())])
+            .await;
+    (server, name)
+}
+
+#[tokio::test]
+async fn a_member_from_another_server_gets_a_join_only_token() {
+    let certs = tempfile::tempdir().unwrap();
+    mint_certificates(certs.path());
+    let (sfu, created) = fake_sfu().await;
+    let (a, a_name) = federating(certs.path(), &livekit(&sfu)).await;
+    let (b, _) = federating(certs.path(), "").await;
+    let (_, alice) = a.register("alice").await;
+    let room = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let (bob_id, bob) = b.register("bob").await;
+    let path = format!("/_matrix/client/v3/user/{}/openid/request_token", urlencode(&bob_id));
+    let (status, bob_openid) = b.post_auth(&path, &bob, &json!({})).await;
+    assert_eq!(status, 200, "{bob_openid}");
+    // Not in the room yet: nothing.
+    let ask = json!({"room": room, "openid_token": bob_openid, "device_id": "BOBDEV"});
+    let (status, err) = a.post("/_trellis/livekit/sfu/get", &ask).await;
+    assert_eq!((status, err["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{err}");
+
+    let (status, joined) = b
+        .post_auth(
+            &format!("/_matrix/client/v3/join/{}?server_name={a_name}", urlencode(&room)),
+            &bob,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{joined}");
+    // A asks B who the token belongs to, sees bob joined, and gives him a token to join
+    // the call, without creating the call's room for him.
+    let (status, got) = a.post("/_trellis/livekit/sfu/get", &ask).await;
+    assert_eq!(status, 200, "{got}");
+    let claims =
+        livekit_reads(got["jwt"].as_str().unwrap(), "a-secret-of-at-least-32-characters!!").await;
+    assert_eq!(claims["identity"], format!("{bob_id}:BOBDEV"), "{claims}");
+    assert_eq!(claims["room_join"], true);
+    assert_eq!(claims["room_create"], false);
+    assert!(created.lock().unwrap().is_empty(), "a remote user starts no call");
+    // A token B does not know is refused.
+    let mut forged = ask.clone();
+    forged["openid_token"]["access_token"] = json!("made-up");
+    let (status, err) = a.post("/_trellis/livekit/sfu/get", &forged).await;
+    assert_eq!((status, err["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{err}");
 }
