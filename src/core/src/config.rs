@@ -117,11 +117,30 @@ pub struct HttpConfig {
     /// Take the client address from the left-most `X-Forwarded-For` entry (only behind a
     /// reverse proxy that sets it), for per-address rate limits and the audit log.
     pub x_forwarded_for: bool,
+    /// Connections open at once on each listener; 0: as many as the open-file limit
+    /// leaves room for (the storage engine's files and a margin kept aside).
+    pub max_connections: usize,
+    /// Connections one client address may hold open at once (behind a reverse proxy
+    /// every client shares the proxy's address: raise it there).
+    pub max_connections_per_ip: usize,
+    /// A request body must keep arriving: each window of this many seconds must bring
+    /// at least `body_min_bytes_per_second` times its length (or the rest of the body),
+    /// else the connection is cut.
+    pub body_read_window_seconds: u64,
+    pub body_min_bytes_per_second: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { max_request_bytes: 1024 * 1024, shutdown_grace_seconds: 10, x_forwarded_for: false }
+        Self {
+            max_request_bytes: 1024 * 1024,
+            shutdown_grace_seconds: 10,
+            x_forwarded_for: false,
+            max_connections: 0,
+            max_connections_per_ip: 256,
+            body_read_window_seconds: 30,
+            body_min_bytes_per_second: 256,
+        }
     }
 }
 
@@ -975,6 +994,12 @@ impl Config {
         }
         if let Err(e) = <&ruma::ServerName>::try_from(self.server.server_name.as_str()) {
             bad("server.server_name", format!("not a valid Matrix server name: {e}"));
+        }
+        if self.http.max_connections_per_ip == 0 {
+            bad("http.max_connections_per_ip", "must be at least 1".into());
+        }
+        if self.http.body_read_window_seconds == 0 {
+            bad("http.body_read_window_seconds", "must be at least 1".into());
         }
         let turn = &self.turn;
         if !turn.listen_tcp.is_empty() && turn.listen_tcp.parse::<SocketAddr>().is_err() {

@@ -43,7 +43,8 @@ pub struct WindowLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    /// Why the TURN server refused: `auth`, `quota`, `peer` or `bandwidth`.
+    /// Why something was refused or cut (TURN: `auth`, `quota`, `peer`, `bandwidth`;
+    /// connections: `total`, `per_ip`, `slow_body`).
     pub reason: String,
 }
 
@@ -74,6 +75,44 @@ pub struct Metrics {
     pub start_time: Gauge,
     /// The built-in TURN server's figures.
     pub turn: TurnMetrics,
+    pub connections: ConnectionMetrics,
+}
+
+/// Client connections open, refused when accepted (`reason`: `total`, `per_ip`) and cut
+/// (`slow_body`).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    pub open: Gauge,
+    pub refused: Family<ReasonLabels, Counter>,
+    pub cut: Family<ReasonLabels, Counter>,
+}
+
+impl ConnectionMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("connections_open", "Client connections open", self.open.clone());
+        registry.register(
+            "connections_refused",
+            "Connections refused when accepted, by reason (total, per_ip)",
+            self.refused.clone(),
+        );
+        registry.register(
+            "connections_cut",
+            "Connections cut, by reason (slow_body)",
+            self.cut.clone(),
+        );
+        for reason in ["total", "per_ip"] {
+            let _ = self.refused.get_or_create(&ReasonLabels { reason: reason.to_owned() });
+        }
+        let _ = self.cut.get_or_create(&ReasonLabels { reason: "slow_body".to_owned() });
+    }
+
+    pub fn refused(&self, reason: &str) {
+        self.refused.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    pub fn cut(&self, reason: &str) {
+        self.cut.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
 }
 
 /// The built-in TURN server's figures.
@@ -216,6 +255,8 @@ impl Metrics {
         );
         let turn = TurnMetrics::default();
         turn.register(&mut registry);
+        let connections = ConnectionMetrics::default();
+        connections.register(&mut registry);
         // Known label sets start at zero, so that rates exist before the first event.
         for outcome in ["sent", "retried", "failed", "rejected"] {
             let _ = pushes.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
@@ -239,6 +280,7 @@ impl Metrics {
             requests_failed: Default::default(),
             start_time,
             turn,
+            connections,
         }
     }
 

@@ -30,6 +30,8 @@ mod chunked;
 
 use chunked::ChunkedDecoder;
 
+use crate::limits::Admitted;
+
 /// The largest request head (request line and headers) taken.
 const MAX_HEAD: usize = 128 * 1024;
 /// The most header fields a request may have.
@@ -79,6 +81,11 @@ struct BodyState {
     /// Advanced when a request is answered: a body whose generation differs (kept alive
     /// past its request) reads nothing more, neither its own rest nor the next body.
     generation: u64,
+    /// Bytes of the body read from the socket so far, and whether the handler is waiting
+    /// for more: only a body the handler waits on is held to the pace (a handler that
+    /// has not started reading is not the client's fault).
+    received: u64,
+    starving: bool,
 }
 
 impl BodyState {
@@ -117,7 +124,9 @@ pub async fn serve(
     peer: SocketAddr,
     mut app: axum::Router,
     mut stop: watch::Receiver<bool>,
+    admitted: Admitted,
 ) {
+    let limits = admitted.limits();
     let shared = Arc::new(Shared {
         tcp,
         body: Mutex::new(BodyState::default()),
@@ -173,6 +182,8 @@ pub async fn serve(
                 pending: std::mem::take(&mut carry),
                 continue_left: if expect_continue && has_body { CONTINUE } else { b"" },
                 generation: body.generation,
+                received: 0,
+                starving: false,
             };
             body.generation
         };
@@ -194,9 +205,27 @@ pub async fn serve(
             // the request at once.
             let mut watch_hangup = !has_body;
             let mut body_pending = has_body;
+            // The body's pace is checked once a window (see `BodyPace`).
+            let mut pace_check = tokio::time::Instant::now() + limits.pace.window;
+            let mut received_before = 0;
             loop {
                 tokio::select! {
                     response = call.as_mut() => break response,
+                    () = tokio::time::sleep_until(pace_check), if body_pending => {
+                        let (received, starving) = {
+                            let body = shared.body();
+                            (body.received, body.starving && !body.complete())
+                        };
+                        if starving && received - received_before < limits.pace.min_bytes {
+                            // Sending a body a byte at a time (or not at all) holds a
+                            // connection and a handler for nothing.
+                            tracing::info!(%peer, received, "request body too slow; connection cut");
+                            limits.metrics().cut("slow_body");
+                            return;
+                        }
+                        received_before = received;
+                        pace_check += limits.pace.window;
+                    }
                     () = shared.body_read.notified(), if body_pending => {
                         body_pending = false;
                         let body = shared.body();
@@ -509,8 +538,9 @@ impl http_body::Body for RequestBody {
                         return Poll::Ready(Some(Ok(Frame::data(data.freeze()))));
                     }
                     let want = usize::try_from(*left).unwrap_or(usize::MAX).min(BODY_READ);
-                    let result = poll_read(&shared.tcp, cx, &mut state.pending, want);
-                    ready!(result)?;
+                    if let Err(stop) = read_more(&shared.tcp, cx, state, want) {
+                        return stop.into_poll();
+                    }
                 }
                 Framing::Chunked(decoder) => {
                     if !state.pending.is_empty() {
@@ -525,7 +555,9 @@ impl http_body::Body for RequestBody {
                             Err(e) => return Poll::Ready(Some(Err(e))),
                         }
                     }
-                    ready!(poll_read(&shared.tcp, cx, &mut state.pending, BODY_READ))?;
+                    if let Err(stop) = read_more(&shared.tcp, cx, state, BODY_READ) {
+                        return stop.into_poll();
+                    }
                 }
             }
         }
@@ -539,6 +571,44 @@ impl http_body::Body for RequestBody {
         match self.exact {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
+        }
+    }
+}
+
+/// Reads at most `max` more bytes of the body into its pending bytes, keeping count of
+/// what arrived and whether the handler now waits on the client.
+fn read_more(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    state: &mut BodyState,
+    max: usize,
+) -> Result<(), ReadStop> {
+    let before = state.pending.len();
+    match poll_read(tcp, cx, &mut state.pending, max) {
+        Poll::Pending => {
+            state.starving = true;
+            Err(ReadStop::Pending)
+        }
+        Poll::Ready(Err(e)) => Err(ReadStop::Failed(e)),
+        Poll::Ready(Ok(())) => {
+            state.starving = false;
+            state.received += (state.pending.len() - before) as u64;
+            Ok(())
+        }
+    }
+}
+
+/// Why [`read_more`] read nothing.
+enum ReadStop {
+    Pending,
+    Failed(io::Error),
+}
+
+impl ReadStop {
+    fn into_poll<T>(self) -> Poll<Option<Result<T, io::Error>>> {
+        match self {
+            Self::Pending => Poll::Pending,
+            Self::Failed(e) => Poll::Ready(Some(Err(e))),
         }
     }
 }

@@ -3,6 +3,7 @@
 mod appservice_cmd;
 mod bench;
 mod http1;
+mod limits;
 mod plain;
 mod search_cmd;
 mod serve;

@@ -1,7 +1,7 @@
 //! The plain-HTTP listener: HTTP/1.1 (served by [`crate::http1`], upgrades by hyper) and
 //! HTTP/2 with prior knowledge (hyper), told apart by peeking at the first bytes.
 
-use std::{net::SocketAddr, pin::pin, time::Duration};
+use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
 use axum::extract::ConnectInfo;
 use hyper::server::conn::{http1, http2};
@@ -16,6 +16,8 @@ use tokio::{
 };
 use tower::ServiceExt;
 
+use crate::limits::{Admitted, ConnectionLimits};
+
 /// The HTTP/2 connection preface starts with this, which no HTTP/1 method does.
 const H2_PREFIX: &[u8] = b"PRI";
 /// How long a connection may dribble in its first bytes before it is taken as HTTP/1.
@@ -24,12 +26,19 @@ const PEEK_TRIES: u32 = 50;
 const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(60);
 
 /// Serves `app` on `listener` until `stop` turns true, then lets open connections finish
-/// their requests (the caller bounds how long).
-pub async fn serve(listener: TcpListener, app: axum::Router, mut stop: watch::Receiver<bool>) {
+/// their requests (the caller bounds how long). Connections over `limits` are closed as
+/// soon as they are accepted.
+pub async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    limits: Arc<ConnectionLimits>,
+) {
     let mut connections = JoinSet::new();
     while let Some((tcp, peer)) = accept(&listener, &mut stop).await {
         while connections.try_join_next().is_some() {}
-        connections.spawn(connection(tcp, peer, app.clone(), stop.clone()));
+        let Some(admitted) = limits.admit(peer.ip()) else { continue };
+        connections.spawn(connection(tcp, peer, app.clone(), stop.clone(), admitted));
     }
     while connections.join_next().await.is_some() {}
 }
@@ -57,6 +66,7 @@ async fn connection(
     peer: SocketAddr,
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
+    admitted: Admitted,
 ) {
     // A silent connection neither holds its task forever nor delays a shutdown.
     let h2 = tokio::select! {
@@ -64,7 +74,7 @@ async fn connection(
         () = stopped(&mut stop) => return,
     };
     match h2 {
-        Ok(Some(false)) => crate::http1::serve(tcp, peer, app, stop).await,
+        Ok(Some(false)) => crate::http1::serve(tcp, peer, app, stop, admitted).await,
         // Boxed: a connection task is allocated at the size of its largest path, and
         // hyper's HTTP/2 connection is several times the size of an idle HTTP/1 one.
         Ok(Some(true)) => Box::pin(serve_h2(tcp, peer, app, stop)).await,

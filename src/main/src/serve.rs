@@ -147,14 +147,19 @@ async fn serve(config: Config) -> Result<(), String> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let app = trellis_api::main_router(services.clone());
-    tasks.spawn(crate::plain::serve(listener, app.clone(), stop_rx.clone()));
+    let open_files = crate::limits::raise_open_files();
+    let connections = services.metrics.connections.clone();
+    let limits = || {
+        crate::limits::ConnectionLimits::new(&services.config.http, open_files, connections.clone())
+    };
+    tasks.spawn(crate::plain::serve(listener, app.clone(), stop_rx.clone(), limits()));
     let mut reloader = None;
     if let Some((addr, certificate)) = tls {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr} (federation TLS): {e}"))?;
         reloader = Some(tokio::spawn(crate::tls::reload_on_sighup(certificate.clone())));
-        tasks.spawn(crate::tls::serve(listener, app, certificate, stop_rx.clone()));
+        tasks.spawn(crate::tls::serve(listener, app, certificate, stop_rx.clone(), limits()));
         tracing::info!(%addr, "federation TLS listening");
     }
     if let Some(addr) = metrics {
@@ -165,6 +170,7 @@ async fn serve(config: Config) -> Result<(), String> {
             listener,
             trellis_api::metrics_router(services.clone()),
             stop_rx,
+            limits(),
         ));
         tracing::info!(%addr, "metrics listening");
     }

@@ -80,6 +80,7 @@ pub async fn serve(
     app: axum::Router,
     certificate: Arc<Certificate>,
     mut stop: watch::Receiver<bool>,
+    limits: Arc<crate::limits::ConnectionLimits>,
 ) {
     let config = match rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -95,6 +96,7 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let graceful = GracefulShutdown::new();
     while let Some((tcp, peer)) = crate::plain::accept(&listener, &mut stop).await {
+        let Some(admitted) = limits.admit(peer.ip()) else { continue };
         let acceptor = acceptor.clone();
         let app = app.clone();
         let watcher = graceful.watcher();
@@ -113,6 +115,7 @@ pub async fn serve(
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(%peer, error = %e, "TLS connection ended with an error");
             }
+            drop(admitted);
         });
     }
     graceful.shutdown().await;

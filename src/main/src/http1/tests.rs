@@ -70,7 +70,13 @@ async fn server(dropped: Arc<AtomicBool>) -> (SocketAddr, watch::Sender<bool>) {
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = listener.accept().await.unwrap();
-            tokio::spawn(super::serve(tcp, peer, app.clone(), stop.clone()));
+            let limits = crate::limits::ConnectionLimits::new(
+                &trellis_core::config::HttpConfig::default(),
+                4096,
+                trellis_core::metrics::ConnectionMetrics::default(),
+            );
+            let Some(admitted) = limits.admit(peer.ip()) else { continue };
+            tokio::spawn(super::serve(tcp, peer, app.clone(), stop.clone(), admitted));
         }
     });
     (addr, stop_tx)
