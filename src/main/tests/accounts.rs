@@ -362,6 +362,46 @@ async fn repeated_failed_logins_back_off() {
     assert_eq!(status, 200);
 }
 
+/// Someone guessing a user's password from one address cannot lock the user out: the
+/// owner's right password from an address that has not failed still logs in, while the
+/// guessing address keeps waiting; the lockout is in the audit log.
+#[tokio::test]
+async fn guessing_from_one_address_does_not_lock_the_owner_out() {
+    let mut s = TestServer::start(
+        &OPEN.replace("[rate_limits]", "failed_login_threshold = 3\n[rate_limits]"),
+    )
+    .await;
+    let admin = common::admin_token(&mut s).await;
+    s.register("ines").await;
+    for _ in 0..4 {
+        let (status, _) = s.post(LOGIN, &password_login("ines", "guess")).await;
+        assert!(status == 403 || status == 429, "{status}");
+    }
+    let (status, body) = s.post(LOGIN, &password_login("ines", "password123")).await;
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (429, Some("M_LIMIT_EXCEEDED")),
+        "the guesser waits"
+    );
+
+    let owner = reqwest::Client::builder().local_address("127.0.0.2".parse().ok()).build().unwrap();
+    let resp =
+        owner.post(s.url(LOGIN)).json(&password_login("ines", "password123")).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "the owner, from elsewhere, gets in");
+    // A second address that starts guessing is held back by the account's wait at once.
+    let resp =
+        owner.post(s.url(LOGIN)).json(&password_login("ines", "guess")).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    let (status, _) = s.post(LOGIN, &password_login("ines", "guess")).await;
+    assert_eq!(status, 429);
+
+    let (status, audit) = s.get_auth("/_trellis/admin/v1/audit?action=login_lockout", &admin).await;
+    assert_eq!(status, 200, "{audit}");
+    let entries = audit["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{audit}");
+    assert_eq!(entries[0]["actor"], "@ines:localhost", "{audit}");
+}
+
 #[tokio::test]
 async fn profiles_and_account_data() {
     let s = TestServer::start(OPEN).await;

@@ -1,5 +1,8 @@
 //! Brute-force protection for logins: after a threshold of failures for an account or a
-//! client address, each further attempt must wait, doubling up to a ceiling.
+//! client address, each further attempt must wait, doubling up to a ceiling. An
+//! account's wait binds only addresses that have failed logins themselves: guessing from
+//! anywhere slows every guessing address, while the owner, from an address that has
+//! not failed, still gets in with the right password (an attacker cannot lock them out).
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -32,35 +35,48 @@ impl LoginGuard {
         (1000u64 << exp).min(self.max_backoff_ms)
     }
 
-    /// Fails with 429 if any of `keys` is still backing off.
-    pub fn check(&self, keys: &[&str]) -> Result<()> {
+    /// Fails with 429 if the address is backing off, or the account is and the address
+    /// has failed logins of its own.
+    pub fn check(&self, account: &str, address: &str) -> Result<()> {
         let now = now_millis();
         let Ok(map) = self.failures.lock() else { return Ok(()) };
-        for key in keys {
-            if let Some(&(count, last)) = map.get(*key) {
-                let until = last.saturating_add(self.wait_ms(count));
-                if until > now {
-                    return Err(Error::limit_exceeded(until - now));
-                }
-            }
+        let waiting =
+            |key: &str| map.get(key).map(|&(count, last)| last.saturating_add(self.wait_ms(count)));
+        if let Some(until) = waiting(address).filter(|until| *until > now) {
+            return Err(Error::limit_exceeded(until - now));
+        }
+        let address_failed = map
+            .get(address)
+            .is_some_and(|&(count, last)| count > 0 && now.saturating_sub(last) < FORGET_AFTER_MS);
+        if let Some(until) = waiting(account).filter(|until| *until > now && address_failed) {
+            return Err(Error::limit_exceeded(until - now));
         }
         Ok(())
     }
 
-    pub fn failed(&self, keys: &[&str]) {
+    /// Counts a failure for the account and the address; true when it is the one that
+    /// makes the account start backing off (worth an audit entry).
+    pub fn failed(&self, account: &str, address: &str) -> bool {
         let now = now_millis();
-        let Ok(mut map) = self.failures.lock() else { return };
+        let Ok(mut map) = self.failures.lock() else { return false };
         if map.len() >= MAX_ENTRIES {
             map.retain(|_, (_, last)| now.saturating_sub(*last) < FORGET_AFTER_MS);
             if map.len() >= MAX_ENTRIES {
                 map.clear();
             }
         }
-        for key in keys {
-            let entry = map.entry((*key).to_owned()).or_insert((0, now));
+        let mut locked = false;
+        for key in [account, address] {
+            let entry = map.entry(key.to_owned()).or_insert((0, now));
+            // Failures a day old start the count again.
+            if now.saturating_sub(entry.1) >= FORGET_AFTER_MS {
+                entry.0 = 0;
+            }
             entry.0 = entry.0.saturating_add(1);
             entry.1 = now;
+            locked |= key == account && entry.0 == self.threshold;
         }
+        locked
     }
 
     pub fn succeeded(&self, key: &str) {
@@ -82,14 +98,23 @@ mod tests {
         assert_eq!(g.wait_ms(4), 2000);
         assert_eq!(g.wait_ms(10), 60_000);
         assert_eq!(g.wait_ms(u32::MAX), 60_000);
+        let mut locked = Vec::new();
         for _ in 0..3 {
-            g.check(&["acct"]).unwrap();
-            g.failed(&["acct"]);
+            g.check("acct", "ip:a").unwrap();
+            locked.push(g.failed("acct", "ip:a"));
         }
-        let err = g.check(&["acct"]).unwrap_err();
+        assert_eq!(locked, [false, false, true], "the lockout is reported once");
+        let err = g.check("acct", "ip:a").unwrap_err();
         assert_eq!(err.errcode, "M_LIMIT_EXCEEDED");
-        g.check(&["other"]).unwrap();
+        // Another address that never failed is not held back by the account's wait...
+        g.check("acct", "ip:b").unwrap();
+        // ...until it fails too.
+        g.failed("acct", "ip:b");
+        assert!(g.check("acct", "ip:b").is_err());
+        g.check("other", "ip:c").unwrap();
         g.succeeded("acct");
-        g.check(&["acct"]).unwrap();
+        g.check("acct", "ip:c").unwrap();
+        // The guessing address still waits for its own failures.
+        assert!(g.check("other", "ip:a").is_err());
     }
 }

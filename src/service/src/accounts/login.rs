@@ -130,7 +130,7 @@ impl Accounts {
         let ip_key = format!("ip:{}", client.ip.as_deref().unwrap_or("-"));
         let localpart = self.parse_username(user).map_err(|_| bad_credentials())?;
         let account_key = format!("user:{localpart}");
-        self.guard.check(&[&account_key, &ip_key])?;
+        self.guard.check(&account_key, &ip_key)?;
 
         let record = self.user(&localpart)?;
         if record.as_ref().is_some_and(|u| u.deactivated) {
@@ -147,10 +147,16 @@ impl Accounts {
             None => false,
         };
         if !ok {
-            self.guard.failed(&[&account_key, &ip_key]);
+            let locked = self.guard.failed(&account_key, &ip_key);
             self.audit
                 .log(Some(&localpart), "login", client, "failed", Some("bad password".into()))
                 .await;
+            if locked {
+                let why = "failed logins reached the threshold; addresses that failed now wait";
+                self.audit
+                    .log(Some(&localpart), "login_lockout", client, "ok", Some(why.into()))
+                    .await;
+            }
             return Err(bad_credentials());
         }
         self.guard.succeeded(&account_key);
