@@ -48,11 +48,22 @@ fn localpart(ctx: &Ctx) -> Result<String> {
     Ok(ctx.session()?.localpart.clone())
 }
 
+const CURVE25519: &str = "m.megolm_backup.v1.curve25519-aes-sha2";
+/// The spec's backup algorithm, and MSC3270's symmetric one (which clients also create).
+const KNOWN_ALGORITHMS: [&str; 2] = [CURVE25519, "org.matrix.msc3270.v1.aes-hmac-sha2"];
+
 /// `{algorithm, auth_data}` of a backup version body.
 fn algorithm_and_auth(body: &Value) -> Result<(String, Value)> {
     let algorithm = body.get("algorithm").and_then(Value::as_str);
     let auth_data = body.get("auth_data").filter(|v| v.is_object());
     match (algorithm, auth_data) {
+        (Some(a), _) if !KNOWN_ALGORITHMS.contains(&a) => Err(Error::invalid_param(format!(
+            "Unknown backup algorithm {a}; known: {}",
+            KNOWN_ALGORITHMS.join(", ")
+        ))),
+        (Some(a), Some(d)) if !d["public_key"].is_string() && a == CURVE25519 => {
+            Err(Error::bad_json("auth_data of this algorithm needs a public_key"))
+        }
         (Some(a), Some(d)) => Ok((a.to_owned(), d.clone())),
         _ => Err(Error::bad_json("A backup needs an algorithm and an auth_data object")),
     }

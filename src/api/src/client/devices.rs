@@ -26,14 +26,30 @@ use crate::{
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
-    let router = ruma_route::add::<get_devices::v3::Request, _, _>(router, list);
-    let router = ruma_route::add::<get_device::v3::Request, _, _>(router, get);
+    let router =
+        ruma_route::add_patched::<get_devices::v3::Request, _, _>(router, list, Some(no_nulls));
+    let router =
+        ruma_route::add_patched::<get_device::v3::Request, _, _>(router, get, Some(no_nulls));
     let router =
         ["/_matrix/client/v3/devices/{device_id}", "/_matrix/client/r0/devices/{device_id}"]
             .into_iter()
             .fold(router, |router, path| router.route(path, put(update)));
     let router = ruma_route::add::<delete_device::v3::Request, _, _>(router, delete_one);
     ruma_route::add::<delete_devices::v3::Request, _, _>(router, delete_many)
+}
+
+/// A device's unset fields (`display_name`, `last_seen_ip`, `last_seen_ts`) are left out,
+/// not `null`: clients read a present `display_name` as a name.
+fn no_nulls(body: &mut serde_json::Value) {
+    let drop_nulls = |device: &mut serde_json::Value| {
+        if let Some(fields) = device.as_object_mut() {
+            fields.retain(|_, v| !v.is_null());
+        }
+    };
+    match body.get_mut("devices").and_then(serde_json::Value::as_array_mut) {
+        Some(devices) => devices.iter_mut().for_each(drop_nulls),
+        None => drop_nulls(body),
+    }
 }
 
 fn to_ruma(d: DeviceInfo) -> device::Device {

@@ -53,7 +53,12 @@ pub(super) fn inline_safe(content_type: &str) -> bool {
 /// is not plain ASCII, the exact name in RFC 5987 form.
 pub(super) fn disposition(inline: bool, filename: Option<&str>) -> String {
     let kind = if inline { "inline" } else { "attachment" };
-    let Some(name) = filename.filter(|n| !n.is_empty()) else { return kind.to_owned() };
+    // A name with path components (`../../etc/passwd`, `C:\\x\\y.exe`) keeps its last one:
+    // browsers strip them too, but not every client that saves what it downloads does.
+    let name = filename.and_then(|n| n.rsplit(['/', '\\']).next()).map(str::trim);
+    let Some(name) = name.filter(|n| !n.is_empty() && *n != "." && *n != "..") else {
+        return kind.to_owned();
+    };
     let plain = |c: char| (c.is_ascii_graphic() || c == ' ') && c != '"' && c != '\\';
     let fallback: String = name.chars().map(|c| if plain(c) { c } else { '_' }).collect();
     if name.chars().all(plain) {
@@ -199,6 +204,13 @@ mod tests {
     fn dispositions() {
         assert_eq!(disposition(true, Some("cat.png")), "inline; filename=\"cat.png\"");
         assert_eq!(disposition(false, None), "attachment");
+        // Path components are dropped, whichever separator.
+        assert_eq!(disposition(false, Some("../../etc/passwd")), "attachment; filename=\"passwd\"");
+        assert_eq!(
+            disposition(false, Some("C:\\tmp\\run.exe")),
+            "attachment; filename=\"run.exe\""
+        );
+        assert_eq!(disposition(false, Some("dir/..")), "attachment");
         assert_eq!(
             disposition(false, Some("naïve \"x\".html")),
             "attachment; filename=\"na_ve _x_.html\"; filename*=utf-8''na%C3%AFve%20%22x%22.html"

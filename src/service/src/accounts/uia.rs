@@ -96,6 +96,15 @@ impl Accounts {
         let mut email = None;
 
         if let Some(kind) = auth.kind.as_deref() {
+            // A stage type this request does not offer is a client's mistake to report as
+            // such (400): `M_UNRECOGNIZED` would read as "this endpoint does not exist".
+            if !flows.iter().any(|f| f.contains(&kind)) {
+                let offered: Vec<&str> = flows.iter().flat_map(|f| f.iter().copied()).collect();
+                return Err(Error::invalid_param(format!(
+                    "Auth stage {kind} is not offered here; offered: {}",
+                    offered.join(", ")
+                )));
+            }
             // A failed stage answers with the challenge plus the error, so the client can
             // try again within the same session.
             match self.check_stage(kind, flows, auth, user, &purpose).await? {
