@@ -1,7 +1,7 @@
 //! Interop with a real third-party client library: matrix-js-sdk from npm, with its Rust
 //! crypto (`@matrix-org/matrix-sdk-crypto-wasm`), runs two users against the real server:
-//! registration, sync, `/messages` from a sync token, back-pagination, authenticated media
-//! and an encrypted conversation; see `interop/js-sdk/scenario.mjs` for the scenario. Its
+//! registration, sync, `/messages` from a sync token, back-pagination, authenticated media,
+//! delayed events (MSC4140) and an encrypted conversation; see `interop/js-sdk/scenario.mjs` for the scenario. Its
 //! `node_modules` is installed by `.ci/install-deps` (`npm ci` in `interop/js-sdk`, pinned
 //! by the committed `package-lock.json`).
 
@@ -44,6 +44,7 @@ async fn matrix_js_sdk_clients_sync_paginate_share_media_and_exchange_encrypted_
         "/messages from the sync token starts with the newest message",
         "bob's new session paginated back to the room's creation",
         "bob downloaded alice's image with authenticated media, bytes match",
+        "delayed events sent, listed, restarted, cancelled and posted",
         "encryption enabled in a room with bob",
         "bob decrypted alice's message",
         "alice decrypted bob's reply",

@@ -302,6 +302,26 @@ async function main() {
     );
     step("bob downloaded alice's image with authenticated media, bytes match");
 
+    // --- delayed events (MSC4140), as Element Call uses them -------------------------------
+    const { delay_id: laterId } = await alice._unstable_sendDelayedEvent(
+        roomId, { delay: 1500 }, null, EventType.RoomMessage, { msgtype: MsgType.Text, body: "posted later" },
+    );
+    const memberKey = `_${alice.getUserId()}_${alice.getDeviceId()}_m.call`;
+    const { delay_id: leaveId } = await alice._unstable_sendDelayedStateEvent(
+        roomId, { delay: 60000 }, "org.matrix.msc3401.call.member", {}, memberKey,
+    );
+    const waiting = await alice._unstable_getDelayedEvents();
+    const delayIds = (waiting.delayed_events ?? []).map((d) => d.delay_id);
+    assert(delayIds.includes(laterId) && delayIds.includes(leaveId), `delayed events listed: ${JSON.stringify(waiting)}`);
+    await alice._unstable_updateDelayedEvent(leaveId, "restart");
+    await alice._unstable_updateDelayedEvent(leaveId, "cancel");
+    await waitFor("bob to receive the delayed message", () =>
+        bob.getRoom(roomId)?.getLiveTimeline().getEvents().some((e) => e.getContent().body === "posted later"),
+    );
+    const after = await alice._unstable_getDelayedEvents();
+    assert((after.delayed_events ?? []).length === 0, `still waiting: ${JSON.stringify(after)}`);
+    step("delayed events sent, listed, restarted, cancelled and posted");
+
     // --- encrypted room -----------------------------------------------------------------
     const { room_id: encRoomId } = await alice.createRoom({ name: "js-sdk e2ee", invite: [bob.getUserId()] });
     await waitFor(
