@@ -120,9 +120,11 @@ pub struct HttpConfig {
     /// Connections open at once on each listener; 0: as many as the open-file limit
     /// leaves room for (the storage engine's files and a margin kept aside).
     pub max_connections: usize,
-    /// Connections one client address may hold open at once (behind a reverse proxy
-    /// every client shares the proxy's address: raise it there).
+    /// Connections one client address may hold open at once.
     pub max_connections_per_ip: usize,
+    /// Addresses or networks (CIDR) the per-address cap does not apply to: where a
+    /// reverse proxy connects from, since every client behind it shares its address.
+    pub connection_limit_exempt: Vec<String>,
     /// A request body must keep arriving: each window of this many seconds must bring
     /// at least `body_min_bytes_per_second` times its length (or the rest of the body),
     /// else the connection is cut.
@@ -138,6 +140,7 @@ impl Default for HttpConfig {
             x_forwarded_for: false,
             max_connections: 0,
             max_connections_per_ip: 256,
+            connection_limit_exempt: vec!["127.0.0.0/8".into(), "::1/128".into()],
             body_read_window_seconds: 30,
             body_min_bytes_per_second: 256,
         }
@@ -997,6 +1000,14 @@ impl Config {
         }
         if self.http.max_connections_per_ip == 0 {
             bad("http.max_connections_per_ip", "must be at least 1".into());
+        }
+        for (n, net) in self.http.connection_limit_exempt.iter().enumerate() {
+            if !valid_cidr(net) {
+                bad(
+                    &format!("http.connection_limit_exempt[{n}]"),
+                    "not an address or network".into(),
+                );
+            }
         }
         if self.http.body_read_window_seconds == 0 {
             bad("http.body_read_window_seconds", "must be at least 1".into());

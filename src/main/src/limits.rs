@@ -46,6 +46,7 @@ pub struct ConnectionLimits {
     pub pace: BodyPace,
     max_total: usize,
     max_per_ip: usize,
+    exempt: Vec<ipnet::IpNet>,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     metrics: ConnectionMetrics,
@@ -90,6 +91,15 @@ impl ConnectionLimits {
             pace: BodyPace::from_config(config),
             max_total,
             max_per_ip: config.max_connections_per_ip,
+            exempt: config
+                .connection_limit_exempt
+                .iter()
+                .filter_map(|n| {
+                    n.parse::<ipnet::IpNet>()
+                        .ok()
+                        .or_else(|| n.parse::<IpAddr>().ok().map(Into::into))
+                })
+                .collect(),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             metrics,
@@ -116,7 +126,7 @@ impl ConnectionLimits {
             return refuse("total");
         }
         let held = per_ip.entry(ip).or_insert(0);
-        if *held >= self.max_per_ip {
+        if *held >= self.max_per_ip && !self.exempt.iter().any(|net| net.contains(&ip)) {
             return refuse("per_ip");
         }
         *held += 1;
@@ -148,8 +158,12 @@ mod tests {
 
     #[test]
     fn connections_are_capped_per_address_and_in_total_and_given_back() {
-        let config =
-            HttpConfig { max_connections: 3, max_connections_per_ip: 2, ..Default::default() };
+        let config = HttpConfig {
+            max_connections: 6,
+            max_connections_per_ip: 2,
+            connection_limit_exempt: vec!["127.0.0.0/8".into()],
+            ..Default::default()
+        };
         let metrics = trellis_core::metrics::Metrics::new();
         let limits = ConnectionLimits::new(&config, 0, metrics.connections.clone());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
@@ -159,6 +173,9 @@ mod tests {
         let _second = limits.admit(mapped).unwrap();
         assert!(limits.admit(a).is_none(), "a third from one address");
         let _third = limits.admit(b).unwrap();
+        // A reverse proxy's address is not held to the per-address cap.
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        let _proxied: Vec<_> = (0..3).map(|_| limits.admit(proxy).unwrap()).collect();
         assert!(limits.admit(b).is_none(), "over the total");
         drop(first);
         assert!(limits.admit(b).is_some(), "a place freed is given again");
