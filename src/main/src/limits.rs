@@ -41,6 +41,13 @@ pub fn raise_open_files() -> u64 {
     }
 }
 
+/// An address or CIDR network; config validation has already refused anything else.
+pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    text.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
 /// The caps of one listener's connections.
 pub struct ConnectionLimits {
     pub pace: BodyPace,
@@ -91,15 +98,7 @@ impl ConnectionLimits {
             pace: BodyPace::from_config(config),
             max_total,
             max_per_ip: config.max_connections_per_ip,
-            exempt: config
-                .connection_limit_exempt
-                .iter()
-                .filter_map(|n| {
-                    n.parse::<ipnet::IpNet>()
-                        .ok()
-                        .or_else(|| n.parse::<IpAddr>().ok().map(Into::into))
-                })
-                .collect(),
+            exempt: config.connection_limit_exempt.iter().filter_map(|n| parse_net(n)).collect(),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             metrics,

@@ -84,7 +84,11 @@ pub async fn start(services: &Arc<Services>) -> Option<TurnServer> {
         shared_secret: shared_secret(services),
         max_allocations_per_user: config.max_allocations_per_user,
         user_bandwidth_bytes_per_sec: config.user_bandwidth_kbps.saturating_mul(1000) / 8,
-        allowed_peers: config.allowed_peer_ips.iter().filter_map(|n| parse_net(n)).collect(),
+        allowed_peers: config
+            .allowed_peer_ips
+            .iter()
+            .filter_map(|n| crate::limits::parse_net(n))
+            .collect(),
         deny_private_peers: config.deny_private_peers,
     };
     let secret = settings.shared_secret.clone();
@@ -122,13 +126,6 @@ fn host_of(server_name: &str) -> String {
     server_name.rsplit_once(':').map_or(server_name, |(host, _)| host).to_owned()
 }
 
-/// An address or CIDR network; config validation has already refused anything else.
-fn parse_net(text: &str) -> Option<ipnet::IpNet> {
-    text.parse::<ipnet::IpNet>()
-        .ok()
-        .or_else(|| text.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +135,7 @@ mod tests {
         assert_eq!(host_of("example.org:8448"), "example.org");
         assert_eq!(host_of("example.org"), "example.org");
         assert_eq!(host_of("[::1]:8448"), "::1");
+        use crate::limits::parse_net;
         assert_eq!(parse_net("10.0.0.0/8").map(|n| n.prefix_len()), Some(8));
         assert_eq!(parse_net("127.0.0.1").map(|n| n.prefix_len()), Some(32));
         assert_eq!(parse_net("nonsense"), None);

@@ -329,19 +329,25 @@ impl Consumer for CallHistory {
     }
 
     async fn on_event(&self, event: &Appended<'_>) -> Result<Option<u64>> {
+        use ruma::events::TimelineEventType as Kind;
         let pdu = event.pdu;
-        let kind = pdu.kind.to_string();
-        let is_direct = kind.starts_with("m.call.") && pdu.state_key.is_none();
-        let is_group = GROUP_TYPES.contains(&kind.as_str()) && pdu.state_key.is_some();
-        if !is_direct && !is_group {
-            return Ok(None);
-        }
-        let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
-        let (room, sender) = (event.room_id.as_str(), pdu.sender.as_str());
+        // Matched on the parsed type: every message passes here, and most are no call.
+        let direct = match pdu.kind {
+            Kind::CallInvite => Some("m.call.invite"),
+            Kind::CallAnswer => Some("m.call.answer"),
+            Kind::CallHangup => Some("m.call.hangup"),
+            Kind::CallReject => Some("m.call.reject"),
+            _ => None,
+        };
         let ts: u64 = pdu.origin_server_ts.get().into();
-        match &pdu.state_key {
-            Some(key) if is_group => self.group(room, sender, key, ts, &content).await,
-            _ => self.direct(event, &kind, ts, &content).await,
+        let content = || serde_json::from_str::<Value>(pdu.content.get()).unwrap_or(Value::Null);
+        match (direct, &pdu.state_key) {
+            (Some(kind), None) => self.direct(event, kind, ts, &content()).await,
+            (None, Some(key)) if GROUP_TYPES.contains(&pdu.kind.to_string().as_str()) => {
+                let (room, sender) = (event.room_id.as_str(), pdu.sender.as_str());
+                self.group(room, sender, key, ts, &content()).await
+            }
+            _ => Ok(None),
         }
     }
 }

@@ -74,6 +74,12 @@ pub struct Outcome {
     pub cancelled: bool,
 }
 
+impl Outcome {
+    fn cancelled() -> Self {
+        Self { finished_ts: now_millis(), event_id: None, error: None, cancelled: true }
+    }
+}
+
 /// What a client asks of a waiting delayed event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -330,12 +336,7 @@ impl DelayedEvents {
                 if !self.schedule().remove(id) {
                     return Err(not_found());
                 }
-                let outcome = Outcome {
-                    finished_ts: now_millis(),
-                    event_id: None,
-                    error: None,
-                    cancelled: true,
-                };
+                let outcome = Outcome::cancelled();
                 let finished = self.finish(id, record.clone(), outcome).await;
                 if finished.is_err() {
                     // Not recorded as cancelled: it waits again rather than firing after
@@ -410,12 +411,7 @@ impl DelayedEvents {
         };
         for id in taken {
             if let Some(record) = self.load(&id)? {
-                let outcome = Outcome {
-                    finished_ts: now_millis(),
-                    event_id: None,
-                    error: None,
-                    cancelled: true,
-                };
+                let outcome = Outcome::cancelled();
                 self.finish(&id, record, outcome).await?;
             }
         }
