@@ -89,6 +89,6 @@ pub fn metrics_router(services: AppState) -> Router {
                     .into_response()
             }),
         )
-        .route("/health", get(|| async { "OK" }))
+        .route("/health", get(server::health))
         .with_state(services)
 }

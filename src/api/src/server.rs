@@ -115,6 +115,22 @@ async fn well_known_server(axum::extract::State(s): axum::extract::State<AppStat
 }
 
 /// GET /health
-async fn health() -> Response {
-    ([(header::CONTENT_TYPE, "text/plain")], "OK").into_response()
+pub(crate) async fn health(axum::extract::State(s): axum::extract::State<AppState>) -> Response {
+    let text = |status: StatusCode, body: String| {
+        (status, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+    };
+    match s.storage_health() {
+        Ok(()) => text(StatusCode::OK, "OK".into()),
+        Err(fault) => {
+            let what = match fault.cause {
+                trellis_service::FaultCause::OutOfSpace => "out of disk space",
+                trellis_service::FaultCause::Io => "failing",
+            };
+            let secs = fault.since.elapsed().map_or(0, |d| d.as_secs());
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("storage {what} for {secs} s: writes are refused\n"),
+            )
+        }
+    }
 }

@@ -55,6 +55,21 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Signing key file; empty means `<data_dir>/signing.key`.
     pub signing_key_path: PathBuf,
+    /// Where users are told to turn when the server hits a resource limit (the
+    /// `admin_contact` of `M_RESOURCE_LIMIT_EXCEEDED`), such as `mailto:` or `https:`
+    /// URI; empty means `mailto:admin@<server_name>`.
+    pub admin_contact: String,
+}
+
+impl ServerConfig {
+    /// The configured admin contact, or `mailto:admin@<server_name>`.
+    pub fn admin_contact(&self) -> String {
+        if self.admin_contact.is_empty() {
+            format!("mailto:admin@{}", self.server_name)
+        } else {
+            self.admin_contact.clone()
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -64,6 +79,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
             data_dir: PathBuf::from("./data"),
             signing_key_path: PathBuf::new(),
+            admin_contact: String::new(),
         }
     }
 }
@@ -130,6 +146,10 @@ pub struct HttpConfig {
     /// else the connection is cut.
     pub body_read_window_seconds: u64,
     pub body_min_bytes_per_second: u64,
+    /// Once a listener holds this percentage of `max_connections`, requests without an
+    /// access token (or federation signature) are answered 429 and their connection
+    /// closed, so that signed-in users keep being served; 100: never.
+    pub shed_anonymous_percent: u8,
 }
 
 impl Default for HttpConfig {
@@ -143,6 +163,7 @@ impl Default for HttpConfig {
             connection_limit_exempt: vec!["127.0.0.0/8".into(), "::1/128".into()],
             body_read_window_seconds: 30,
             body_min_bytes_per_second: 256,
+            shed_anonymous_percent: 80,
         }
     }
 }
@@ -1011,6 +1032,9 @@ impl Config {
         }
         if self.http.body_read_window_seconds == 0 {
             bad("http.body_read_window_seconds", "must be at least 1".into());
+        }
+        if !(1..=100).contains(&self.http.shed_anonymous_percent) {
+            bad("http.shed_anonymous_percent", "must be from 1 to 100".into());
         }
         let turn = &self.turn;
         if !turn.listen_tcp.is_empty() && turn.listen_tcp.parse::<SocketAddr>().is_err() {

@@ -87,6 +87,8 @@ pub enum ErrorKind {
     Upstream,
     /// Something waited for did not happen in time (504).
     Timeout,
+    /// The server has no room left to store what was asked (507).
+    InsufficientStorage,
 }
 
 impl ErrorKind {
@@ -201,6 +203,27 @@ impl Error {
     /// A per-user allowance (such as the media quota) is used up.
     pub fn resource_limit(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(ErrorKind::Forbidden, code::RESOURCE_LIMIT_EXCEEDED, message)
+            .with_field("admin_contact", admin_contact())
+    }
+    /// The disk holding the database or media is full. The spec's code for a server that
+    /// hit a resource limit, with 507 so that clients retry later instead of treating it
+    /// as a refusal.
+    pub fn out_of_space() -> Self {
+        Self::new(
+            ErrorKind::InsufficientStorage,
+            code::RESOURCE_LIMIT_EXCEEDED,
+            "The server is out of disk space, so this could not be saved; try again later",
+        )
+        .with_field("admin_contact", admin_contact())
+        .with_field("limit_type", "org.trellis.disk_space")
+    }
+    /// A failed file operation: out of space when the disk is full, else internal.
+    pub fn io(context: &str, err: std::io::Error) -> Self {
+        if err.kind() == std::io::ErrorKind::StorageFull {
+            tracing::warn!(%err, "{context}: out of disk space");
+            return Self::out_of_space();
+        }
+        Self::internal(context, err)
     }
     pub fn cannot_overwrite_media() -> Self {
         Self::new(
@@ -242,6 +265,18 @@ impl std::fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+static ADMIN_CONTACT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets where `M_RESOURCE_LIMIT_EXCEEDED` errors send users (the spec requires an
+/// `admin_contact`); the first call wins.
+pub fn set_admin_contact(contact: String) {
+    let _ = ADMIN_CONTACT.set(contact);
+}
+
+fn admin_contact() -> String {
+    ADMIN_CONTACT.get().cloned().unwrap_or_default()
+}
 
 #[cfg(test)]
 mod tests {

@@ -76,6 +76,47 @@ pub struct Metrics {
     /// The built-in TURN server's figures.
     pub turn: TurnMetrics,
     pub connections: ConnectionMetrics,
+    pub storage_health: StorageHealthMetrics,
+}
+
+/// Whether storage takes writes (a full disk stops it), filled in at each scrape.
+#[derive(Clone, Debug, Default)]
+pub struct StorageHealthMetrics {
+    pub writable: Gauge,
+    pub write_errors: Family<CauseLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: String,
+}
+
+impl StorageHealthMetrics {
+    fn register(&self, registry: &mut Registry) {
+        self.writable.set(1);
+        registry.register(
+            "storage_writable",
+            "1 while the database takes writes, 0 while they fail (such as on a full disk)",
+            self.writable.clone(),
+        );
+        registry.register(
+            "storage_write_errors",
+            "Failed database writes, by cause (out_of_space, io)",
+            self.write_errors.clone(),
+        );
+        for cause in ["out_of_space", "io"] {
+            let _ = self.write_errors.get_or_create(&CauseLabels { cause: cause.to_owned() });
+        }
+    }
+
+    /// Brings the failure counter for `cause` up to the engine's own running total.
+    pub fn set_write_errors(&self, cause: &str, total: u64) {
+        let counter = self.write_errors.get_or_create(&CauseLabels { cause: cause.to_owned() });
+        let seen = counter.get();
+        if total > seen {
+            counter.inc_by(total - seen);
+        }
+    }
 }
 
 /// Client connections open, refused when accepted (`reason`: `total`, `per_ip`) and cut
@@ -92,7 +133,7 @@ impl ConnectionMetrics {
         registry.register("connections_open", "Client connections open", self.open.clone());
         registry.register(
             "connections_refused",
-            "Connections refused when accepted, by reason (total, per_ip)",
+            "Connections refused, by reason (total, per_ip; anonymous: a request without credentials shed near the total cap)",
             self.refused.clone(),
         );
         registry.register(
@@ -100,7 +141,7 @@ impl ConnectionMetrics {
             "Connections cut, by reason (slow_body)",
             self.cut.clone(),
         );
-        for reason in ["total", "per_ip"] {
+        for reason in ["total", "per_ip", "anonymous"] {
             let _ = self.refused.get_or_create(&ReasonLabels { reason: reason.to_owned() });
         }
         let _ = self.cut.get_or_create(&ReasonLabels { reason: "slow_body".to_owned() });
@@ -257,6 +298,8 @@ impl Metrics {
         turn.register(&mut registry);
         let connections = ConnectionMetrics::default();
         connections.register(&mut registry);
+        let storage_health = StorageHealthMetrics::default();
+        storage_health.register(&mut registry);
         // Known label sets start at zero, so that rates exist before the first event.
         for outcome in ["sent", "retried", "failed", "rejected"] {
             let _ = pushes.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
@@ -281,6 +324,7 @@ impl Metrics {
             start_time,
             turn,
             connections,
+            storage_health,
         }
     }
 

@@ -117,6 +117,18 @@ impl BodyState {
     }
 }
 
+/// How long a shed anonymous client is asked to wait.
+const SHED_RETRY_MS: u64 = 5_000;
+
+/// A request with no credentials: no `Authorization` header (a client's token or a
+/// server's signature) and no `access_token` in the query. `/health` never counts, so a
+/// load balancer's checks are not shed.
+fn anonymous(parts: &http::request::Parts) -> bool {
+    parts.uri.path() != "/health"
+        && !parts.headers.contains_key(http::header::AUTHORIZATION)
+        && !parts.uri.query().is_some_and(|q| q.split('&').any(|p| p.starts_with("access_token=")))
+}
+
 /// Serves HTTP/1.x requests on `tcp` until the client closes, asks to close, or `stop`
 /// turns true while the connection is idle.
 pub async fn serve(
@@ -167,6 +179,20 @@ pub async fn serve(
                 return;
             }
         };
+        if limits.shedding_anonymous() && anonymous(&head.parts) {
+            // Near the connection cap, requests nobody signed are the ones turned away,
+            // and their connections closed, so that signed-in users keep a place.
+            limits.metrics().refused("anonymous");
+            let answer = trellis_api::response::error_response(
+                &trellis_core::Error::limit_exceeded(SHED_RETRY_MS),
+            );
+            let written =
+                write_response(&shared.tcp, answer, &head.parts.method, Version::HTTP_11, false);
+            if Box::pin(written).await.is_ok() {
+                Box::pin(linger(&shared.tcp)).await;
+            }
+            return;
+        }
         if head.upgrade {
             Box::pin(upgrade(shared, head, carry, peer, app, stop)).await;
             return;

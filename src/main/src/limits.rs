@@ -52,6 +52,8 @@ pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
 pub struct ConnectionLimits {
     pub pace: BodyPace,
     max_total: usize,
+    /// From this many open connections on, anonymous requests are shed.
+    shed_from: usize,
     max_per_ip: usize,
     exempt: Vec<ipnet::IpNet>,
     open: AtomicUsize,
@@ -93,10 +95,21 @@ impl ConnectionLimits {
                 .unwrap_or(usize::MAX),
             n => n,
         };
-        tracing::info!(max_total, per_ip = config.max_connections_per_ip, "connection caps");
+        let shed_from = if config.shed_anonymous_percent >= 100 {
+            usize::MAX
+        } else {
+            (max_total.saturating_mul(usize::from(config.shed_anonymous_percent)) / 100).max(1)
+        };
+        tracing::info!(
+            max_total,
+            per_ip = config.max_connections_per_ip,
+            shed_anonymous_from = shed_from,
+            "connection caps"
+        );
         Arc::new(Self {
             pace: BodyPace::from_config(config),
             max_total,
+            shed_from,
             max_per_ip: config.max_connections_per_ip,
             exempt: config.connection_limit_exempt.iter().filter_map(|n| parse_net(n)).collect(),
             open: AtomicUsize::new(0),
@@ -107,6 +120,11 @@ impl ConnectionLimits {
 
     pub fn metrics(&self) -> &ConnectionMetrics {
         &self.metrics
+    }
+
+    /// Whether so many connections are open that anonymous requests are turned away.
+    pub fn shedding_anonymous(&self) -> bool {
+        self.open.load(Ordering::Relaxed) >= self.shed_from
     }
 
     /// A place for a connection from `ip`, or `None` (counted) when a cap is reached:
@@ -154,6 +172,26 @@ impl BodyPace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anonymous_requests_are_shed_from_the_configured_share() {
+        let metrics = trellis_core::metrics::Metrics::new();
+        let config =
+            HttpConfig { max_connections: 10, shed_anonymous_percent: 50, ..Default::default() };
+        let limits = ConnectionLimits::new(&config, 0, metrics.connections.clone());
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..4).map(|_| limits.admit(ip).unwrap()).collect();
+        assert!(!limits.shedding_anonymous());
+        let fifth = limits.admit(ip).unwrap();
+        assert!(limits.shedding_anonymous());
+        drop(fifth);
+        assert!(!limits.shedding_anonymous());
+        drop(held);
+        let never = HttpConfig { shed_anonymous_percent: 100, ..config };
+        let limits = ConnectionLimits::new(&never, 0, metrics.connections.clone());
+        let _all: Vec<_> = (0..10).map(|_| limits.admit(ip).unwrap()).collect();
+        assert!(!limits.shedding_anonymous());
+    }
 
     #[test]
     fn connections_are_capped_per_address_and_in_total_and_given_back() {

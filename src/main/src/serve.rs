@@ -112,12 +112,14 @@ async fn serve(config: Config) -> Result<(), String> {
     };
     let metrics = config.metrics.enabled.then_some(config.metrics.listen);
     let grace = Duration::from_secs(config.http.shutdown_grace_seconds);
+    trellis_core::error::set_admin_contact(config.server.admin_contact());
     let services = Services::new(config, db, keys)?;
 
     if let Err(e) = trellis_service::admin::rooms::fail_interrupted(&services).await {
         tracing::warn!(error = %e, "marking interrupted room deletions");
     }
     let janitor = tokio::spawn(trellis_service::run_janitor(services.clone()));
+    let storage_watch = tokio::spawn(trellis_service::watch_storage(services.clone()));
     let analytics = tokio::spawn(trellis_service::analytics::run(services.analytics.clone()));
     let delayed_events = tokio::spawn(trellis_service::delayed_events::run(services.clone()));
     let turn = crate::turn::start(&services).await;
@@ -196,6 +198,7 @@ async fn serve(config: Config) -> Result<(), String> {
     }
 
     janitor.abort();
+    storage_watch.abort();
     delayed_events.abort();
     if let Some(turn) = turn {
         turn.close().await;

@@ -118,3 +118,63 @@ async fn connections_are_capped_per_client_address() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn anonymous_requests_are_shed_first_near_the_connection_cap() {
+    let config = format!("{OPEN}[http]\nmax_connections = 20\nshed_anonymous_percent = 50\n");
+    let s = TestServer::start(&config).await;
+    let (_, token) = s.register("alice").await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    // Connections are counted once accepted, which may trail the connects a little.
+    let start = Instant::now();
+    let shed = loop {
+        let resp = reqwest::get(s.url("/_matrix/client/versions")).await.unwrap();
+        if resp.status() == 429 {
+            break resp;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "anonymous requests never shed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(shed.headers().contains_key("retry-after"));
+    assert_eq!(shed.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
+    let body: serde_json::Value = shed.json().await.unwrap();
+    assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED", "{body}");
+
+    // Signed-in users are still served, with a header or a query token.
+    let fresh = reqwest::Client::new();
+    let whoami = fresh
+        .get(s.url("/_matrix/client/v3/account/whoami"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whoami.status(), 200);
+    let whoami = fresh
+        .get(s.url(&format!("/_matrix/client/v3/account/whoami?access_token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whoami.status(), 200);
+    let health = fresh.get(s.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "health checks are never shed");
+    let metrics = s.metrics().await;
+    assert!(
+        !metrics.contains("trellis_connections_refused_total{reason=\"anonymous\"} 0"),
+        "{metrics}"
+    );
+
+    drop(held);
+    let start = Instant::now();
+    loop {
+        let resp = reqwest::get(s.url("/_matrix/client/versions")).await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "still shedding with room again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -53,6 +53,7 @@ pub use accounts::{account_data::AccountData, profile::Profiles};
 pub use audit::{Audit, Client};
 pub use keys::ServerKeys;
 pub use ratelimit::RateLimiter;
+pub use trellis_store::{FaultCause, WriteFault};
 
 /// Every service, built once at start-up and shared by all requests.
 pub struct Services {
@@ -261,6 +262,40 @@ impl Services {
                     stat: stat.stat.to_string(),
                 })
                 .set(stat.value);
+        }
+        let health = &self.metrics.storage_health;
+        health.writable.set(i64::from(self.db.write_fault().is_none()));
+        let errors = self.db.write_errors();
+        health.set_write_errors(FaultCause::OutOfSpace.as_str(), errors.out_of_space);
+        health.set_write_errors(FaultCause::Io.as_str(), errors.io);
+    }
+
+    /// Whether storage takes writes: `Err` with the cause while it does not. While a fault
+    /// is recorded this tries an empty write, so a recovered engine reads as healthy.
+    pub fn storage_health(&self) -> std::result::Result<(), WriteFault> {
+        if self.db.write_fault().is_none() {
+            return Ok(());
+        }
+        let _ = self.db.probe_write();
+        self.db.write_fault().map_or(Ok(()), Err)
+    }
+}
+
+/// How often a storage fault is re-checked when nothing else writes.
+const STORAGE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// While storage refuses writes, checks every few seconds whether it takes them again,
+/// so that the fault, `/health` and the log end when the engine recovers, not at the
+/// next client write. Runs until the process ends.
+pub async fn watch_storage(services: Arc<Services>) {
+    let mut ticker = tokio::time::interval(STORAGE_CHECK_INTERVAL);
+    loop {
+        ticker.tick().await;
+        if services.db.write_fault().is_some() {
+            let s = services.clone();
+            let _ = tokio::task::spawn_blocking(move || s.storage_health())
+                .instrument(tracing::info_span!("storage_watch"))
+                .await;
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod codec;
+mod fault;
 mod rocks;
 mod schema;
 mod table;
@@ -11,6 +12,7 @@ use std::{ops::Bound, sync::Arc};
 
 pub use catalog::TableDef;
 pub use codec::{Json, KeyCodec, ValueCodec};
+pub use fault::{FaultCause, WriteErrorCounts, WriteFault};
 pub use rocks::RocksEngine;
 pub use schema::{SCHEMA_VERSION, open};
 pub use table::Table;
@@ -19,6 +21,9 @@ pub use table::Table;
 pub enum StoreError {
     #[error("storage engine: {0}")]
     Engine(String),
+    /// A write failed because the disk is full.
+    #[error("storage engine out of space: {0}")]
+    OutOfSpace(String),
     #[error("codec: {0}")]
     Codec(String),
     #[error("schema: {0}")]
@@ -29,7 +34,11 @@ pub enum StoreError {
 
 impl From<StoreError> for trellis_core::Error {
     fn from(e: StoreError) -> Self {
-        trellis_core::Error::internal("storage failure", e)
+        match e {
+            // Logged once per run of failures where the engine sees it, not per request.
+            StoreError::OutOfSpace(_) => trellis_core::Error::out_of_space(),
+            e => trellis_core::Error::internal("storage failure", e),
+        }
     }
 }
 
@@ -132,6 +141,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Persists memtables and the WAL; called on shutdown.
     fn flush(&self) -> StoreResult<()>;
     fn stats(&self) -> Vec<FamilyStat>;
+    /// Why writes are failing, or `None` when the last write went through.
+    fn write_fault(&self) -> Option<WriteFault>;
+    /// Write failures so far, by cause.
+    fn write_errors(&self) -> WriteErrorCounts;
+    /// Whether a write would go through now (an empty write: nothing is stored); ends a
+    /// fault once the engine has recovered, even when nothing else writes.
+    fn probe_write(&self) -> StoreResult<()>;
 
     fn put(&self, table: &'static TableDef, key: &[u8], value: &[u8]) -> StoreResult<()> {
         let mut b = Batch::new();

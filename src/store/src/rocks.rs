@@ -20,7 +20,9 @@ use trellis_core::config::{Compression, StorageConfig};
 
 use crate::{
     Batch, Direction, Engine, FamilyStat, KeyRange, KvIter, Op, StoreError, StoreResult, TableDef,
+    WriteErrorCounts, WriteFault,
     catalog::{self, Access},
+    fault::{FaultCause, WriteHealth},
 };
 
 pub struct RocksEngine {
@@ -29,6 +31,7 @@ pub struct RocksEngine {
     /// Writes go to the WAL without syncing it; durability comes from [`GroupSync`].
     write_opts: WriteOptions,
     sync: Option<GroupSync>,
+    health: WriteHealth,
 }
 
 /// Group commit: writers append to the WAL (in the OS at once, so a process crash loses
@@ -100,7 +103,27 @@ impl RocksEngine {
             synced: AtomicU64::new(0),
             lock: Mutex::new(()),
         });
-        Ok(Self { db, cache, write_opts, sync })
+        Ok(Self { db, cache, write_opts, sync, health: WriteHealth::default() })
+    }
+
+    /// A failed write: counted, the fault recorded, and a full disk told apart.
+    fn write_err(&self, e: rocksdb::Error) -> StoreError {
+        let message = e.into_string();
+        match self.health.failed(&message) {
+            FaultCause::OutOfSpace => StoreError::OutOfSpace(message),
+            FaultCause::Io => StoreError::Engine(message),
+        }
+    }
+
+    /// Passes a write's outcome through the fault tracking.
+    fn written<T>(&self, r: Result<T, rocksdb::Error>) -> StoreResult<T> {
+        match r {
+            Ok(v) => {
+                self.health.succeeded();
+                Ok(v)
+            }
+            Err(e) => Err(self.write_err(e)),
+        }
     }
 
     fn cf(&self, table: &'static TableDef) -> StoreResult<&rocksdb::ColumnFamily> {
@@ -257,7 +280,7 @@ impl Engine for RocksEngine {
                 }
             }
         }
-        self.db.write_opt(wb, &self.write_opts).map_err(engine_err)?;
+        self.written(self.db.write_opt(wb, &self.write_opts))?;
         Ok(self.sync.as_ref().map_or(0, |s| s.written.fetch_add(1, Ordering::AcqRel) + 1))
     }
 
@@ -273,7 +296,7 @@ impl Engine for RocksEngine {
         }
         // Every write counted by now is in the WAL, so one sync covers them all.
         let target = sync.written.load(Ordering::Acquire);
-        self.db.flush_wal(true).map_err(engine_err)?;
+        self.written(self.db.flush_wal(true))?;
         sync.synced.fetch_max(target, Ordering::AcqRel);
         Ok(())
     }
@@ -306,6 +329,19 @@ impl Engine for RocksEngine {
             value: self.cache.get_usage() as f64,
         });
         out
+    }
+
+    fn write_fault(&self) -> Option<WriteFault> {
+        self.health.fault()
+    }
+
+    fn write_errors(&self) -> WriteErrorCounts {
+        self.health.counts()
+    }
+
+    fn probe_write(&self) -> StoreResult<()> {
+        // RocksDB answers even an empty batch with its background error while stopped.
+        self.written(self.db.write_opt(WriteBatch::default(), &self.write_opts))
     }
 }
 

@@ -55,6 +55,14 @@ impl TestServer {
 
     /// Like `start`, with environment overrides (`TRELLIS_SECTION__KEY`) for the process.
     pub async fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Self {
+        let mut server = Self::prepare(extra, env);
+        server.launch().await;
+        server
+    }
+
+    /// Writes the configuration of `start_with_env` without starting the process, for a
+    /// test that arranges the data directory first; `launch` starts it.
+    pub fn prepare(extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let metrics_port = free_port();
@@ -67,7 +75,7 @@ impl TestServer {
         );
         let config_path = dir.path().join("trellis.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut server = Self {
+        Self {
             dir,
             base: format!("http://127.0.0.1:{port}"),
             metrics_base: format!("http://127.0.0.1:{metrics_port}"),
@@ -75,9 +83,7 @@ impl TestServer {
             config_path,
             client: reqwest::Client::new(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        };
-        server.launch().await;
-        server
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {

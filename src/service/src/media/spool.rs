@@ -57,7 +57,7 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let io = |e: std::io::Error| Error::internal("spooling an upload", e);
+    let io = |e: std::io::Error| Error::io("spooling an upload", e);
     let named = tempfile::Builder::new().prefix("upload-").tempfile_in(tmp_dir).map_err(io)?;
     let (file, path) = named.into_parts();
     let (to_hasher, mut from_body) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);

@@ -39,7 +39,7 @@ impl FsStore {
 }
 
 fn io_error(context: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::internal(context, e)
+    move |e| Error::io(context, e)
 }
 
 #[async_trait::async_trait]
