@@ -535,6 +535,15 @@ pub struct RtcConfig {
     /// Users of these other servers may start calls on the SFU (users of this server
     /// always may); users of any server may join calls already running.
     pub full_access_servers: Vec<String>,
+    /// Run the built-in SFU (when `livekit_url` names no external one): group calls
+    /// then need nothing but this server.
+    pub sfu: bool,
+    /// The UDP address all of the built-in SFU's media goes through.
+    pub sfu_udp_listen: String,
+    /// The address clients reach that port at; empty: the default route's interface.
+    pub sfu_public_ip: String,
+    /// Participants one call may hold.
+    pub sfu_max_participants: usize,
 }
 
 impl Default for RtcConfig {
@@ -545,6 +554,10 @@ impl Default for RtcConfig {
             livekit_api_secret: String::new(),
             token_lifetime_seconds: 3600,
             full_access_servers: Vec::new(),
+            sfu: true,
+            sfu_udp_listen: "0.0.0.0:7882".into(),
+            sfu_public_ip: String::new(),
+            sfu_max_participants: 100,
         }
     }
 }
@@ -1029,6 +1042,14 @@ impl Config {
                     "not an address or network".into(),
                 );
             }
+        }
+        if self.rtc.sfu && self.rtc.sfu_udp_listen.parse::<SocketAddr>().is_err() {
+            bad("rtc.sfu_udp_listen", "not an address and port".into());
+        }
+        if !self.rtc.sfu_public_ip.is_empty()
+            && self.rtc.sfu_public_ip.parse::<std::net::IpAddr>().is_err()
+        {
+            bad("rtc.sfu_public_ip", "not an IP address".into());
         }
         if self.http.body_read_window_seconds == 0 {
             bad("http.body_read_window_seconds", "must be at least 1".into());

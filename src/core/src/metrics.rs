@@ -77,6 +77,58 @@ pub struct Metrics {
     pub turn: TurnMetrics,
     pub connections: ConnectionMetrics,
     pub storage_health: StorageHealthMetrics,
+    pub sfu: SfuMetrics,
+}
+
+/// The built-in SFU's calls and the media it forwards.
+#[derive(Clone, Debug)]
+pub struct SfuMetrics {
+    pub calls: Gauge,
+    pub participants: Gauge,
+    pub forwarded_packets: Counter,
+    pub forwarded_bytes: Counter,
+    pub forward_seconds: Histogram,
+}
+
+impl Default for SfuMetrics {
+    fn default() -> Self {
+        Self {
+            calls: Gauge::default(),
+            participants: Gauge::default(),
+            forwarded_packets: Counter::default(),
+            forwarded_bytes: Counter::default(),
+            forward_seconds: Histogram::new([
+                0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
+                0.01, 0.025,
+            ]),
+        }
+    }
+}
+
+impl SfuMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("sfu_calls", "Calls running on the built-in SFU", self.calls.clone());
+        registry.register(
+            "sfu_participants",
+            "Participants connected to the built-in SFU",
+            self.participants.clone(),
+        );
+        registry.register(
+            "sfu_forwarded_packets",
+            "RTP packets the built-in SFU forwarded (one per receiver)",
+            self.forwarded_packets.clone(),
+        );
+        registry.register(
+            "sfu_forward_seconds",
+            "Time from a packet's arrival at the built-in SFU to its write to the last receiver",
+            self.forward_seconds.clone(),
+        );
+        registry.register(
+            "sfu_forwarded_bytes",
+            "RTP payload bytes the built-in SFU forwarded (one copy per receiver)",
+            self.forwarded_bytes.clone(),
+        );
+    }
 }
 
 /// Whether storage takes writes (a full disk stops it), filled in at each scrape.
@@ -300,6 +352,8 @@ impl Metrics {
         connections.register(&mut registry);
         let storage_health = StorageHealthMetrics::default();
         storage_health.register(&mut registry);
+        let sfu = SfuMetrics::default();
+        sfu.register(&mut registry);
         // Known label sets start at zero, so that rates exist before the first event.
         for outcome in ["sent", "retried", "failed", "rejected"] {
             let _ = pushes.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
@@ -325,6 +379,7 @@ impl Metrics {
             turn,
             connections,
             storage_health,
+            sfu,
         }
     }
 

@@ -7,6 +7,7 @@ mod limits;
 mod plain;
 mod search_cmd;
 mod serve;
+mod sfu;
 mod tls;
 mod turn;
 mod user_cmd;

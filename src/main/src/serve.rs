@@ -47,13 +47,33 @@ pub fn run(config: Config) -> ExitCode {
 
 fn init_logging(config: &Config) -> Result<(), String> {
     // The TURN crate logs every malformed or wrongly signed datagram at error level:
-    // anyone could fill the log. The gate counts those in the metrics instead; a
-    // directive naming the crate itself (`turn=debug`) brings its lines back.
+    // anyone could fill the log. The gate counts those in the metrics instead. The
+    // WebRTC crates under the SFU warn about every connection that closes. A directive
+    // naming a crate itself (`turn=debug`) brings its lines back.
+    const QUIETED: &[(&str, &str)] = &[
+        ("turn", "off"),
+        ("webrtc", "error"),
+        ("webrtc_ice", "error"),
+        ("webrtc_sctp", "error"),
+        ("dtls", "error"),
+        ("srtp", "error"),
+        ("webrtc_data", "error"),
+        ("webrtc_mdns", "error"),
+        ("interceptor", "error"),
+    ];
     let quiet_turn = |level: &str| {
-        let names_turn = level
-            .split(',')
-            .any(|d| d == "turn" || d.starts_with("turn=") || d.starts_with("turn::"));
-        if names_turn { level.to_owned() } else { format!("{level},turn=off") }
+        let mut filter = level.to_owned();
+        for (name, quiet) in QUIETED {
+            let named = level.split(',').any(|d| {
+                d == *name
+                    || d.starts_with(&format!("{name}="))
+                    || d.starts_with(&format!("{name}::"))
+            });
+            if !named {
+                filter.push_str(&format!(",{name}={quiet}"));
+            }
+        }
+        filter
     };
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -83,7 +103,7 @@ fn release_startup_memory() {
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(mut config: Config) -> Result<(), String> {
     let db_path = config.database_path();
     let storage = config.storage.clone();
     let db = tokio::task::spawn_blocking(move || trellis_store::open(&db_path, &storage))
@@ -113,6 +133,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let metrics = config.metrics.enabled.then_some(config.metrics.listen);
     let grace = Duration::from_secs(config.http.shutdown_grace_seconds);
     trellis_core::error::set_admin_contact(config.server.admin_contact());
+    let sfu = crate::sfu::prepare(&mut config, &keys).await;
     let services = Services::new(config, db, keys)?;
 
     if let Err(e) = trellis_service::admin::rooms::fail_interrupted(&services).await {
@@ -149,6 +170,10 @@ async fn serve(config: Config) -> Result<(), String> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let app = trellis_api::main_router(services.clone());
+    let app = match sfu {
+        Some(sfu) => crate::sfu::routes(services.clone(), sfu).fallback_service(app),
+        None => app,
+    };
     let open_files = crate::limits::raise_open_files();
     let connections = services.metrics.connections.clone();
     let limits = || {

@@ -39,7 +39,7 @@ impl TurnObserver for Observer {
 
 /// The address of the interface the default route leaves by: what peers on the same
 /// network reach this machine at. (Connecting a UDP socket sends nothing.)
-fn default_route_ip() -> IpAddr {
+pub(crate) fn default_route_ip() -> IpAddr {
     let probe = || -> std::io::Result<IpAddr> {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         socket.connect((Ipv4Addr::new(192, 0, 2, 1), 9))?;

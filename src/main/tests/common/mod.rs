@@ -68,8 +68,10 @@ impl TestServer {
         let metrics_port = free_port();
         // The built-in TURN server listens only where a test asks for it.
         let turn = if extra.contains("[turn]") { "" } else { "[turn]\nenabled = false\n" };
+        // Likewise the built-in SFU and its UDP port.
+        let sfu = if extra.contains("[rtc]") { "" } else { "[rtc]\nsfu = false\n" };
         let config = format!(
-            "{extra}\n{turn}[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+            "{extra}\n{turn}{sfu}[server]\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             dir.path().join("data").display()
         );

@@ -23,8 +23,22 @@ pub struct CachedEvent {
     pub soft_failed: bool,
 }
 
+impl CachedEvent {
+    /// Roughly the memory an entry holds: the parsed signed event (a tree of small maps
+    /// several times its JSON's size) and the parsed fields beside it.
+    pub fn weight(&self) -> usize {
+        EVENT_OVERHEAD_BYTES + 4 * self.pdu.content.get().len()
+    }
+}
+
+/// What an event holds beyond its content: ids, hashes, signatures, prev and auth
+/// events, parsed twice (a soak measured ~3.9 KB per cached message event).
+const EVENT_OVERHEAD_BYTES: usize = 3_000;
+
 struct Inner<K, V> {
     map: HashMap<K, Arc<V>>,
+    /// The entries' weights summed (their count when entries are not weighed).
+    weight: usize,
     /// Bumped by every invalidation: a reader that loaded an event before an
     /// invalidation must not put its (possibly stale) copy in afterwards.
     generation: u64,
@@ -35,16 +49,31 @@ struct Inner<K, V> {
 /// writer's change bumps it, so a copy read before the change is never kept after it.
 pub struct ShortCache<V, K = u64> {
     inner: Mutex<Inner<K, V>>,
+    /// The most the entries may weigh together.
     capacity: usize,
+    weigh: fn(&V) -> usize,
 }
 
-/// Parsed events (see the module's note).
+/// Parsed events (see the module's note), bounded by their estimated bytes.
 pub type EventCache = ShortCache<CachedEvent>;
 
+impl EventCache {
+    /// An event cache holding about `bytes` of parsed events.
+    pub fn with_bytes(bytes: usize) -> Self {
+        Self::weighted(bytes, CachedEvent::weight)
+    }
+}
+
 impl<V, K: Hash + Eq> ShortCache<V, K> {
+    /// A cache of at most `capacity` entries.
     pub fn new(capacity: usize) -> Self {
-        let inner = Inner { map: HashMap::new(), generation: 0 };
-        Self { inner: Mutex::new(inner), capacity: capacity.max(1) }
+        Self::weighted(capacity, |_| 1)
+    }
+
+    /// A cache whose entries, weighed by `weigh`, sum to at most `capacity`.
+    pub fn weighted(capacity: usize, weigh: fn(&V) -> usize) -> Self {
+        let inner = Inner { map: HashMap::new(), weight: 0, generation: 0 };
+        Self { inner: Mutex::new(inner), capacity: capacity.max(1), weigh }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, V>> {
@@ -75,15 +104,21 @@ impl<V, K: Hash + Eq> ShortCache<V, K> {
         if inner.generation != generation {
             return;
         }
-        Self::make_room(&mut inner, self.capacity);
-        inner.map.insert(short, value);
+        self.keep(&mut inner, short, value);
     }
 
-    fn make_room(inner: &mut Inner<K, V>, capacity: usize) {
-        if inner.map.len() >= capacity {
-            // Wholesale eviction keeps this simple and O(1) amortised; the hot entries
-            // come back on their next use.
-            inner.map.clear();
+    /// Adds an entry, first emptying the cache if it would go over its capacity:
+    /// wholesale eviction keeps this simple and O(1) amortised; the hot entries come
+    /// back on their next use. The emptied table's memory is given back.
+    fn keep(&self, inner: &mut Inner<K, V>, short: K, value: Arc<V>) {
+        let weight = (self.weigh)(&value);
+        if inner.weight + weight > self.capacity {
+            inner.map = HashMap::new();
+            inner.weight = 0;
+        }
+        inner.weight += weight;
+        if let Some(old) = inner.map.insert(short, value) {
+            inner.weight -= (self.weigh)(&old);
         }
     }
 
@@ -91,22 +126,24 @@ impl<V, K: Hash + Eq> ShortCache<V, K> {
     pub fn put(&self, short: K, value: Arc<V>) {
         let mut inner = self.lock();
         inner.generation += 1;
-        Self::make_room(&mut inner, self.capacity);
-        inner.map.insert(short, value);
+        self.keep(&mut inner, short, value);
     }
 
     /// Forgets `short` (after its stored copy changed).
     pub fn invalidate(&self, short: &K) {
         let mut inner = self.lock();
         inner.generation += 1;
-        inner.map.remove(short);
+        if let Some(old) = inner.map.remove(short) {
+            inner.weight -= (self.weigh)(&old);
+        }
     }
 
     /// Forgets everything (after a change whose extent the writer does not track).
     pub fn clear(&self) {
         let mut inner = self.lock();
         inner.generation += 1;
-        inner.map.clear();
+        inner.map = HashMap::new();
+        inner.weight = 0;
     }
 }
 
@@ -184,6 +221,21 @@ mod tests {
         cache.put(3, Arc::new(2));
         cache.insert(3, Arc::new(1), generation);
         assert_eq!(cache.get(&3).0.as_deref(), Some(&2));
+    }
+
+    #[test]
+    fn events_are_bounded_by_their_weight() {
+        let one = event().weight();
+        let cache = EventCache::with_bytes(one * 3);
+        for short in 0..10 {
+            let generation = cache.get(&short).1;
+            cache.insert(short, event(), generation);
+            let inner = cache.lock();
+            assert!(inner.weight <= one * 3 && inner.weight == inner.map.len() * one);
+        }
+        cache.invalidate(&9);
+        let inner = cache.lock();
+        assert_eq!(inner.weight, inner.map.len() * one);
     }
 
     #[test]

@@ -91,8 +91,9 @@ pub(super) const ROOMS: Table<u64, Json<RoomRecord>> = Table::new(&catalog::ROOM
 pub(super) const EVENTS: Table<u64, Json<StoredEvent>> = Table::new(&catalog::EVENTS);
 pub(super) const TIMELINE: Table<(u64, u64), u64> = Table::new(&catalog::TIMELINE);
 
-/// Parsed events kept in memory (auth events of busy rooms, recent timelines).
-const EVENT_CACHE_ENTRIES: usize = 50_000;
+/// Parsed events kept in memory (auth events of busy rooms, recent timelines), in
+/// estimated bytes: about 20,000 small messages.
+const EVENT_CACHE_BYTES: usize = 64 << 20;
 /// A record is ~200 bytes parsed: 100k rooms is ~20 MB at most.
 const ROOM_CACHE_ENTRIES: usize = 100_000;
 /// Member lists are the size of their rooms: fewer of them.
@@ -180,7 +181,7 @@ impl Rooms {
             stream: Arc::new(StreamPositions::persistent(db.clone(), last)?),
             db,
             server_name,
-            cache: EventCache::new(EVENT_CACHE_ENTRIES),
+            cache: EventCache::with_bytes(EVENT_CACHE_BYTES),
             records: ShortCache::new(ROOM_CACHE_ENTRIES),
             joined: ShortCache::new(JOINED_CACHE_ENTRIES),
             user_rooms: ShortCache::new(USER_ROOMS_CACHE_ENTRIES),

@@ -22,7 +22,8 @@ pub enum Kind {
 
 const FORWARD: Table<(u8, String), u64> = Table::new(&catalog::SHORT_IDS);
 const REVERSE: Table<(u8, u64), String> = Table::new(&catalog::SHORT_IDS_REV);
-const CACHE_MAX: usize = 200_000;
+/// Mappings kept in memory (an event id's is ~150 bytes with its table slot).
+const CACHE_MAX: usize = 50_000;
 
 /// `(type, state_key)` as one string; the separator cannot occur in an event type.
 pub fn state_key_text(event_type: &str, state_key: &str) -> String {
@@ -77,7 +78,8 @@ impl ShortIds {
             },
         };
         if cache.len() >= CACHE_MAX {
-            cache.clear();
+            // A new table: `clear` would keep the old one's memory for good.
+            *cache = HashMap::new();
         }
         cache.insert(key, id);
         drop(cache);

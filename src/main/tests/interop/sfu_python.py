@@ -1,0 +1,229 @@
+"""A call through Trellis's built-in SFU with LiveKit's Python SDK (`livekit` on PyPI,
+which wraps LiveKit's Rust client core, liblivekit_ffi.so).
+
+Usage: sfu_python.py LIVEKIT_URL TOKEN_A TOKEN_B
+Two participants each publish a synthetic video track (320x240, changing colour, 20 fps)
+and a synthetic audio track (48 kHz mono sine). Prints one JSON object: the video and
+audio frames each received of the other's tracks, the data message B received from A,
+whether B saw A mute its microphone, and `exception` only on failure.
+Set SFU_PYTHON_LOG=DEBUG (or INFO) for the SDK's logs on stderr; RUST_LOG is also honoured
+by the native core.
+"""
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+from livekit import rtc
+
+WIDTH, HEIGHT, FPS = 320, 240, 20
+RATE, CHUNK = 48000, 480  # 10 ms of 48 kHz mono
+TOTAL_SECONDS = 40
+
+result = {}
+stage = ["start"]  # the step under way, reported with an exception
+
+
+def room_options():
+    """The SDK's defaults, as an unchanged app connects: it tries the single-connection
+    path first, gets 404 and falls back to the two-connection protocol. With
+    SFU_PYTHON_TWO_PC=1 it asks for the two-connection protocol directly."""
+    if os.environ.get("SFU_PYTHON_TWO_PC") == "1":
+        try:
+            return rtc.RoomOptions(auto_subscribe=True, single_peer_connection=False)
+        except TypeError:
+            pass
+    return rtc.RoomOptions(auto_subscribe=True)
+
+
+async def wait_for(cond, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        await asyncio.sleep(0.1)
+    return cond()
+
+
+class Participant:
+    def __init__(self, name):
+        self.name = name
+        self.room = rtc.Room()
+        self.tasks = []
+        self.video_frames = {}  # remote identity -> frames received
+        self.audio_frames = {}
+        self.data = []
+        self.muted = []  # (identity, kind) of remote tracks seen muted
+        self.audio_track = None
+        self.room.on("track_subscribed", self._on_track)
+        self.room.on("data_received", self._on_data)
+        self.room.on("track_muted", self._on_muted)
+
+    @property
+    def identity(self):
+        return self.room.local_participant.identity
+
+    def spawn(self, coro):
+        self.tasks.append(asyncio.ensure_future(coro))
+
+    def _on_track(self, track, publication, participant):
+        if track.kind == rtc.TrackKind.KIND_VIDEO:
+            self.spawn(self._count(rtc.VideoStream(track), self.video_frames, participant.identity))
+        elif track.kind == rtc.TrackKind.KIND_AUDIO:
+            stream = rtc.AudioStream(track, sample_rate=RATE, num_channels=1)
+            self.spawn(self._count(stream, self.audio_frames, participant.identity))
+
+    async def _count(self, stream, counts, identity):
+        counts.setdefault(identity, 0)
+        try:
+            async for _ in stream:
+                counts[identity] += 1
+        finally:
+            await stream.aclose()
+
+    def _on_data(self, packet):
+        sender = packet.participant.identity if packet.participant else None
+        self.data.append({"from": sender, "text": packet.data.decode("utf-8", "replace")})
+
+    def _on_muted(self, participant, publication):
+        self.muted.append((participant.identity, publication.kind))
+
+    async def connect(self, url, token):
+        await self.room.connect(url, token, room_options())
+
+    async def publish(self):
+        video = rtc.VideoSource(WIDTH, HEIGHT)
+        vtrack = rtc.LocalVideoTrack.create_video_track(f"{self.name}-video", video)
+        vopts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA)
+        await self.room.local_participant.publish_track(vtrack, vopts)
+        self.spawn(self._video_loop(video))
+
+        audio = rtc.AudioSource(RATE, 1)
+        self.audio_track = rtc.LocalAudioTrack.create_audio_track(f"{self.name}-audio", audio)
+        aopts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+        await self.room.local_participant.publish_track(self.audio_track, aopts)
+        self.spawn(self._audio_loop(audio))
+
+    async def _video_loop(self, source):
+        n = 0
+        start = time.monotonic()
+        while True:
+            hue = n % 90
+            colour = bytes((hue * 2 + 40, (255 - hue * 2) % 256, (n * 7) % 256, 255))
+            frame = rtc.VideoFrame(WIDTH, HEIGHT, rtc.VideoBufferType.RGBA, colour * (WIDTH * HEIGHT))
+            source.capture_frame(frame)
+            n += 1
+            await asyncio.sleep(max(0.0, start + n / FPS - time.monotonic()))
+
+    async def _audio_loop(self, source):
+        pitch = 440 if self.name == "a" else 660
+        phase = 0
+        frame = rtc.AudioFrame.create(RATE, 1, CHUNK)
+        samples = frame.data  # int16 memoryview
+        while True:
+            for i in range(CHUNK):
+                samples[i] = int(8000 * math.sin(2 * math.pi * pitch * (phase + i) / RATE))
+            phase = (phase + CHUNK) % RATE
+            # Paced by the source's queue: returns once the frame is queued.
+            await source.capture_frame(frame)
+
+    def mute_audio(self):
+        # LocalTrackPublication has no mute() in this SDK; the local track has.
+        pub = next(
+            (p for p in self.room.local_participant.track_publications.values()
+             if p.kind == rtc.TrackKind.KIND_AUDIO),
+            None,
+        )
+        if pub is not None and hasattr(pub, "mute"):
+            pub.mute()
+        else:
+            self.audio_track.mute()
+
+    async def close(self):
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.room.disconnect()
+
+
+def counts(a, b):
+    result["a_frames_from_b"] = a.video_frames.get(b.identity, 0)
+    result["b_frames_from_a"] = b.video_frames.get(a.identity, 0)
+    result["a_audio_frames_from_b"] = a.audio_frames.get(b.identity, 0)
+    result["b_audio_frames_from_a"] = b.audio_frames.get(a.identity, 0)
+
+
+async def scenario(url, token_a, token_b, a, b):
+    started = time.monotonic()
+    stage[0] = "a connects"
+    await asyncio.wait_for(a.connect(url, token_a), 15)
+    stage[0] = "a publishes"
+    await asyncio.wait_for(a.publish(), 10)
+    stage[0] = "b connects"
+    await asyncio.wait_for(b.connect(url, token_b), 15)
+    stage[0] = "b publishes"
+    await asyncio.wait_for(b.publish(), 10)
+    result["connected_s"] = round(time.monotonic() - started, 2)
+
+    def flowing():
+        counts(a, b)
+        return all(result[k] > 10 for k in (
+            "a_frames_from_b", "b_frames_from_a", "a_audio_frames_from_b", "b_audio_frames_from_a"))
+
+    stage[0] = "media"
+    result["media_flowing"] = await wait_for(flowing, 20)
+    result["media_s"] = round(time.monotonic() - started, 2)
+
+    stage[0] = "data"
+    await a.room.local_participant.publish_data("hello from a", reliable=True)
+    await wait_for(lambda: len(b.data) > 0, 5)
+    result["data"] = b.data
+    result["sender_a"] = a.identity
+
+    stage[0] = "mute"
+    a.mute_audio()
+    result["mute_seen"] = await wait_for(
+        lambda: (a.identity, rtc.TrackKind.KIND_AUDIO) in b.muted, 5)
+    counts(a, b)
+
+
+async def main():
+    url, token_a, token_b = sys.argv[1:4]
+    a, b = Participant("a"), Participant("b")
+    try:
+        await asyncio.wait_for(scenario(url, token_a, token_b, a, b), TOTAL_SECONDS - 5)
+    except BaseException as e:  # noqa: BLE001 - reported, not raised
+        result["exception"] = f"{type(e).__name__} while {stage[0]}: {e}"
+        try:
+            counts(a, b)
+        except Exception:
+            pass
+    finally:
+        for p in (a, b):
+            try:
+                await asyncio.wait_for(p.close(), 3)
+            except BaseException:
+                pass
+
+
+def on_term(*_):
+    # The SDK SIGTERMs its own process on a panic of the native core (after printing
+    # "FFI Panic: ..." to stderr): still report what was seen.
+    result.setdefault("exception", f"terminated while {stage[0]} (FFI panic? see stderr)")
+    print(json.dumps(result), flush=True)
+    os._exit(1)
+
+
+if __name__ == "__main__":
+    level = os.environ.get("SFU_PYTHON_LOG")
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()) if level else logging.WARNING)
+    signal.signal(signal.SIGTERM, on_term)
+    t0 = time.monotonic()
+    asyncio.run(main())
+    result["elapsed_s"] = round(time.monotonic() - t0, 2)
+    print(json.dumps(result), flush=True)

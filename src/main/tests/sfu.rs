@@ -1,0 +1,129 @@
+//! The built-in SFU with LiveKit's own clients: tokens come from the server's token
+//! service as Element Call gets them; livekit-client (from npm) in headless Chromium
+//! publishes camera and microphone, receives the others, sends data, mutes, joins late,
+//! loses its signalling connection and resumes, and leaves; LiveKit's Python SDK (its
+//! Rust client core) does the same with synthetic media, connecting as it does by
+//! default.
+
+mod common;
+
+use common::{OPEN, TestServer, urlencode};
+use serde_json::{Value, json};
+
+/// The built-in SFU on an ephemeral port of every interface (the browser reaches it at
+/// the machine's address, as a client elsewhere would).
+const SFU: &str = "[rtc]\nsfu_udp_listen = \"0.0.0.0:0\"\n";
+
+/// A LiveKit URL and token for `user` in `room`, through the lk-jwt-service exchange.
+async fn livekit_token(s: &TestServer, user: &str, token: &str, room: &str) -> (String, String) {
+    let (status, openid) = s
+        .post_auth(
+            &format!("/_matrix/client/v3/user/{}/openid/request_token", urlencode(user)),
+            token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{openid}");
+    let (status, got) = s
+        .post(
+            "/_trellis/livekit/sfu/get",
+            &json!({"room": room, "openid_token": openid, "device_id": "DEVICE"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{got}");
+    (got["url"].as_str().unwrap().to_owned(), got["jwt"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn livekit_clients_call_through_the_built_in_sfu() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+    // The SFU is advertised as the call transport.
+    let (_, transports) = s.get("/_matrix/client/v1/rtc/transports").await;
+    assert_eq!(
+        transports["rtc_transports"][0]["livekit_service_url"],
+        format!("{}/_trellis/livekit", s.base),
+        "{transports}"
+    );
+
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let (carol_id, carol) = s.register("carol").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    s.join_room(&carol, &room).await;
+    let (url, token_a) = livekit_token(&s, &alice_id, &alice, &room).await;
+    assert_eq!(url, format!("{}/_trellis/sfu", s.base.replacen("http://", "ws://", 1)));
+    let (_, token_b) = livekit_token(&s, &bob_id, &bob, &room).await;
+    let (_, token_c) = livekit_token(&s, &carol_id, &carol, &room).await;
+
+    // A token is checked before any WebSocket: the validate probe says so.
+    let validate = format!("{}/_trellis/sfu/rtc/validate", s.base);
+    let ok = s.client.get(format!("{validate}?access_token={token_a}")).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let bad = s.client.get(format!("{validate}?access_token=x.y.z")).send().await.unwrap();
+    assert_eq!(bad.status(), 401);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_call.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(s.url("/_matrix/client/versions"))
+        .arg(&url)
+        .args([&token_a, &token_b, &token_c])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.get("exception").is_none(), "{r}");
+    assert_eq!(r["both_decode"], true, "each decodes the other's video: {r}");
+    assert_eq!(r["data"][0]["text"], "hello from a", "{r}");
+    assert_eq!(r["data"][0]["from"], r["sender_a"], "data names its sender: {r}");
+    assert_eq!(r["mute_seen"], true, "{r}");
+    assert_eq!(r["unmute_seen"], true, "{r}");
+    assert_eq!(r["late_decodes"], true, "a late joiner receives both: {r}");
+    assert_eq!(r["resumed"], true, "a dropped signalling connection resumes: {r}");
+    assert_eq!(r["media_after_resume"], true, "{r}");
+    assert_eq!(r["leave_seen"], true, "{r}");
+
+    let metrics = s.metrics().await;
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(value("trellis_sfu_forwarded_packets_total") > 100.0, "{metrics}");
+    assert!(value("trellis_sfu_forwarded_bytes_total") > 10_000.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    let (url, token_a) = livekit_token(&s, &alice_id, &alice, &room).await;
+    let (_, token_b) = livekit_token(&s, &bob_id, &bob, &room).await;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_python.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([&url, &token_a, &token_b])
+        .output()
+        .await
+        .expect("python3 runs");
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(r.get("exception").is_none(), "{r}");
+    for key in
+        ["a_frames_from_b", "b_frames_from_a", "a_audio_frames_from_b", "b_audio_frames_from_a"]
+    {
+        assert!(r[key].as_u64().unwrap_or(0) > 10, "{key}: {r}");
+    }
+    assert_eq!(r["data"][0]["text"], "hello from a", "{r}");
+    assert_eq!(r["data"][0]["from"], alice_id.clone() + ":DEVICE", "{r}");
+    assert_eq!(r["mute_seen"], true, "{r}");
+}

@@ -1,0 +1,615 @@
+//! One participant: its signalling, the connection it publishes on (offered by the
+//! client) and the one it receives on (offered here), its tracks and data channels.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use livekit_protocol as lk;
+use prost::Message;
+use tokio::sync::mpsc;
+use webrtc::{
+    data_channel::{RTCDataChannel, data_channel_message::DataChannelMessage},
+    ice_transport::ice_candidate::{RTCIceCandidate, RTCIceCandidateInit},
+    peer_connection::{
+        RTCPeerConnection, offer_answer_options::RTCOfferOptions,
+        sdp::session_description::RTCSessionDescription,
+    },
+    rtp_transceiver::rtp_codec::RTPCodecType,
+    track::track_remote::TrackRemote,
+};
+
+use super::{
+    JoinGrant, RESUME_WINDOW, Sfu, forward, ids, media,
+    room::Room,
+    signal::{self, Request},
+};
+
+struct Signal {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bumped on each resume, so that an old connection's end does not end the session.
+    generation: u64,
+}
+
+struct Track {
+    cid: String,
+    info: lk::TrackInfo,
+    /// Media has arrived and is forwarded.
+    forwarding: bool,
+}
+
+#[derive(Default)]
+struct State {
+    version: u32,
+    tracks: Vec<Track>,
+}
+
+/// The receiving connection's offers: one outstanding at a time, ids increasing.
+#[derive(Default)]
+struct Negotiation {
+    last_id: u32,
+    outstanding: bool,
+    again: bool,
+    ice_restart: bool,
+}
+
+pub(crate) struct Participant {
+    pub sid: String,
+    pub identity: String,
+    name: String,
+    metadata: String,
+    grant: JoinGrant,
+    joined_ms: i64,
+    room: Weak<Room>,
+    sfu: Weak<Sfu>,
+    pub publisher: Arc<RTCPeerConnection>,
+    pub subscriber: Arc<RTCPeerConnection>,
+    signal: Mutex<Signal>,
+    state: Mutex<State>,
+    channels: Mutex<HashMap<String, Arc<RTCDataChannel>>>,
+    negotiation: tokio::sync::Mutex<Negotiation>,
+    /// Offers from the client are answered one at a time.
+    answering: tokio::sync::Mutex<()>,
+    /// The client's candidates that came before the description they belong to (the
+    /// publisher's, then the subscriber's), added once it is set.
+    early_candidates: Mutex<[Vec<RTCIceCandidateInit>; 2]>,
+    left: AtomicBool,
+}
+
+/// A participant's signalling as the transport sees it: requests go in through
+/// [`SessionHandle::handle`], responses come out of `responses`.
+pub struct Session {
+    pub responses: mpsc::UnboundedReceiver<Vec<u8>>,
+    pub handle: SessionHandle,
+}
+
+#[derive(Clone)]
+pub struct SessionHandle {
+    participant: Option<Arc<Participant>>,
+    generation: u64,
+}
+
+impl Session {
+    /// A session with nothing behind it: the responses already queued, then the end.
+    pub(crate) fn detached(responses: mpsc::UnboundedReceiver<Vec<u8>>) -> Self {
+        Self { responses, handle: SessionHandle { participant: None, generation: 0 } }
+    }
+}
+
+impl SessionHandle {
+    /// The participant's identity, when there is one.
+    pub fn identity(&self) -> Option<&str> {
+        self.participant.as_deref().map(|p| p.identity.as_str())
+    }
+
+    /// Handles one request's bytes; `false` once the client has left.
+    pub async fn handle(&self, bytes: &[u8]) -> bool {
+        let Some(p) = &self.participant else { return false };
+        match signal::decode(bytes) {
+            Some(request) => p.handle(request).await,
+            None => true,
+        }
+    }
+
+    /// The signalling connection ended: unless the client resumes in time (or left
+    /// already), the participant is taken out.
+    pub fn closed(self) {
+        let Some(p) = self.participant else { return };
+        if p.left.load(Ordering::Acquire) {
+            return;
+        }
+        let generation = self.generation;
+        tokio::spawn(async move {
+            tokio::time::sleep(RESUME_WINDOW).await;
+            let current = p.signal.lock().unwrap_or_else(|e| e.into_inner()).generation;
+            if current == generation && !p.left.load(Ordering::Acquire) {
+                p.leave().await;
+            }
+        });
+    }
+}
+
+/// The first `a=mid:` of a session description.
+fn first_mid(sdp: &str) -> Option<&str> {
+    sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:"))
+}
+
+fn candidate_json(c: &RTCIceCandidate) -> Option<String> {
+    c.to_json().ok().map(|init| init.candidate).filter(|c| !c.is_empty())
+}
+
+impl Participant {
+    pub async fn new(
+        sfu: &Arc<Sfu>,
+        room: &Arc<Room>,
+        grant: JoinGrant,
+    ) -> Result<(Arc<Self>, Session), webrtc::Error> {
+        let publisher = media::new_peer(&sfu.api).await?;
+        let subscriber = media::new_peer(&sfu.api).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let participant = Arc::new(Self {
+            sid: ids::participant(),
+            identity: grant.identity.clone(),
+            name: grant.name.clone(),
+            metadata: grant.metadata.clone(),
+            grant,
+            joined_ms: signal::now_ms(),
+            room: Arc::downgrade(room),
+            sfu: Arc::downgrade(sfu),
+            publisher,
+            subscriber,
+            signal: Mutex::new(Signal { tx, generation: 0 }),
+            state: Mutex::new(State { version: 1, tracks: Vec::new() }),
+            channels: Mutex::new(HashMap::new()),
+            negotiation: tokio::sync::Mutex::new(Negotiation::default()),
+            answering: tokio::sync::Mutex::new(()),
+            early_candidates: Mutex::new([Vec::new(), Vec::new()]),
+            left: AtomicBool::new(false),
+        });
+        participant.wire();
+        let handle = SessionHandle { participant: Some(participant.clone()), generation: 0 };
+        Ok((participant.clone(), Session { responses: rx, handle }))
+    }
+
+    /// Connects the peer connections' events to this participant.
+    fn wire(self: &Arc<Self>) {
+        for (pc, target) in [
+            (&self.publisher, signal::TARGET_PUBLISHER),
+            (&self.subscriber, signal::TARGET_SUBSCRIBER),
+        ] {
+            let me = Arc::downgrade(self);
+            pc.on_ice_candidate(Box::new(move |candidate| {
+                let me = me.clone();
+                Box::pin(async move {
+                    // The end of gathering (`None`) is never sent: clients fail on it.
+                    if let (Some(me), Some(c)) = (me.upgrade(), candidate)
+                        && let Some(json) = candidate_json(&c)
+                    {
+                        // Bundled: the first media section's mid names the transport.
+                        let pc = me.connection(target);
+                        let mid = match pc.local_description().await {
+                            Some(d) => first_mid(&d.sdp).unwrap_or("0").to_owned(),
+                            None => "0".to_owned(),
+                        };
+                        me.send(signal::trickle(&json, &mid, target));
+                    }
+                })
+            }));
+        }
+        let me = Arc::downgrade(self);
+        self.publisher.on_track(Box::new(move |remote, _, _| {
+            let me = me.clone();
+            Box::pin(async move {
+                if let Some(me) = me.upgrade() {
+                    me.track_arrived(remote).await;
+                }
+            })
+        }));
+        let me = Arc::downgrade(self);
+        self.publisher.on_data_channel(Box::new(move |channel: Arc<RTCDataChannel>| {
+            let me = me.clone();
+            Box::pin(async move {
+                let Some(p) = me.upgrade() else { return };
+                let label = channel.label().to_owned();
+                p.channels
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(label.clone(), channel.clone());
+                let me = Arc::downgrade(&p);
+                channel.on_message(Box::new(move |message: DataChannelMessage| {
+                    let me = me.clone();
+                    let label = label.clone();
+                    Box::pin(async move {
+                        if let Some(me) = me.upgrade() {
+                            me.data_received(&label, message.data).await;
+                        }
+                    })
+                }));
+            })
+        }));
+    }
+
+    pub fn send(&self, bytes: Vec<u8>) {
+        let _ = self.signal.lock().unwrap_or_else(|e| e.into_inner()).tx.send(bytes);
+    }
+
+    pub fn can_subscribe(&self) -> bool {
+        self.grant.can_subscribe
+    }
+
+    pub fn is_publisher(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).tracks.iter().any(|t| t.forwarding)
+    }
+
+    fn permission(&self) -> lk::ParticipantPermission {
+        lk::ParticipantPermission {
+            can_subscribe: self.grant.can_subscribe,
+            can_publish: self.grant.can_publish,
+            can_publish_data: self.grant.can_publish_data,
+            can_update_metadata: false,
+            ..Default::default()
+        }
+    }
+
+    /// What others are told about this participant: only tracks whose media flows.
+    pub fn info(&self) -> lk::ParticipantInfo {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let tracks: Vec<lk::TrackInfo> =
+            state.tracks.iter().filter(|t| t.forwarding).map(|t| t.info.clone()).collect();
+        lk::ParticipantInfo {
+            sid: self.sid.clone(),
+            identity: self.identity.clone(),
+            name: self.name.clone(),
+            metadata: self.metadata.clone(),
+            state: if tracks.is_empty() {
+                lk::participant_info::State::Joined as i32
+            } else {
+                lk::participant_info::State::Active as i32
+            },
+            is_publisher: !tracks.is_empty(),
+            tracks,
+            joined_at: self.joined_ms / 1000,
+            joined_at_ms: self.joined_ms,
+            version: state.version,
+            permission: Some(self.permission()),
+            ..Default::default()
+        }
+    }
+
+    /// The last word about a participant that left.
+    pub fn departed_info(&self) -> lk::ParticipantInfo {
+        let mut info = self.info();
+        info.state = lk::participant_info::State::Disconnected as i32;
+        info.version = info.version.saturating_add(1);
+        info.tracks.clear();
+        info
+    }
+
+    fn bump_version(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.version = state.version.saturating_add(1);
+    }
+
+    /// A new signalling connection for this session (a resume): `first` goes out first.
+    pub fn reattach(self: &Arc<Self>, first: Vec<u8>) -> Session {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(first);
+        let generation = {
+            let mut signal = self.signal.lock().unwrap_or_else(|e| e.into_inner());
+            signal.tx = tx;
+            signal.generation += 1;
+            signal.generation
+        };
+        Session {
+            responses: rx,
+            handle: SessionHandle { participant: Some(self.clone()), generation },
+        }
+    }
+
+    /// After a resume the receiving connection restarts ICE with a fresh offer.
+    pub async fn restart_subscriber(&self) {
+        {
+            let mut negotiation = self.negotiation.lock().await;
+            negotiation.outstanding = false;
+            negotiation.ice_restart = true;
+        }
+        self.negotiate_subscriber().await;
+    }
+
+    async fn handle(self: &Arc<Self>, request: Request) -> bool {
+        match request {
+            Request::Offer(offer) => self.answer_offer(offer).await,
+            Request::Answer(answer) => self.subscriber_answered(answer).await,
+            Request::Trickle(trickle) => self.remote_candidate(trickle).await,
+            Request::AddTrack(add) => self.add_track(add),
+            Request::Mute(mute) => self.mute(&mute.sid, mute.muted),
+            Request::Leave(_) => {
+                self.leave().await;
+                return false;
+            }
+            Request::Ping(_) => self.send(signal::pong(signal::now_ms())),
+            Request::PingReq(ping) => {
+                self.send(signal::pong_resp(ping.timestamp, signal::now_ms()));
+            }
+            // Subscriptions follow auto-subscribe; quality hints, layer choices and sync
+            // state are not acted on.
+            _ => {}
+        }
+        true
+    }
+
+    async fn answer_offer(&self, offer: lk::SessionDescription) {
+        let _one_at_a_time = self.answering.lock().await;
+        let result = async {
+            let offer = RTCSessionDescription::offer(offer.sdp)?;
+            self.publisher.set_remote_description(offer).await?;
+            self.add_early_candidates(signal::TARGET_PUBLISHER).await;
+            let answer = self.publisher.create_answer(None).await?;
+            self.publisher.set_local_description(answer.clone()).await?;
+            Ok::<_, webrtc::Error>(answer.sdp)
+        }
+        .await;
+        match result {
+            // The answer carries the offer's id: clients wait for exactly that.
+            Ok(sdp) => self.send(signal::answer(sdp, offer.id)),
+            Err(e) => {
+                tracing::info!(identity = %self.identity, error = %e, "a publisher offer failed")
+            }
+        }
+    }
+
+    async fn subscriber_answered(&self, answer: lk::SessionDescription) {
+        let again = {
+            let mut negotiation = self.negotiation.lock().await;
+            let result = match RTCSessionDescription::answer(answer.sdp) {
+                Ok(answer) => self.subscriber.set_remote_description(answer).await,
+                Err(e) => Err(e),
+            };
+            self.add_early_candidates(signal::TARGET_SUBSCRIBER).await;
+            if let Err(e) = result {
+                tracing::info!(identity = %self.identity, error = %e, "a subscriber answer failed");
+            }
+            negotiation.outstanding = false;
+            std::mem::take(&mut negotiation.again)
+        };
+        if again {
+            self.negotiate_subscriber().await;
+        }
+    }
+
+    /// Offers the receiving connection's current tracks, unless an offer is waiting for
+    /// its answer (then once that comes).
+    pub async fn negotiate_subscriber(&self) {
+        if self.left.load(Ordering::Acquire) {
+            return;
+        }
+        let mut negotiation = self.negotiation.lock().await;
+        if negotiation.outstanding {
+            negotiation.again = true;
+            return;
+        }
+        if self.subscriber.get_transceivers().await.is_empty() {
+            return;
+        }
+        let options =
+            RTCOfferOptions { ice_restart: negotiation.ice_restart, ..Default::default() };
+        let result = async {
+            let offer = self.subscriber.create_offer(Some(options)).await?;
+            self.subscriber.set_local_description(offer.clone()).await?;
+            Ok::<_, webrtc::Error>(offer.sdp)
+        }
+        .await;
+        match result {
+            Ok(sdp) => {
+                negotiation.last_id += 1;
+                negotiation.outstanding = true;
+                negotiation.ice_restart = false;
+                self.send(signal::offer(sdp, negotiation.last_id));
+            }
+            Err(e) => {
+                tracing::info!(identity = %self.identity, error = %e, "a subscriber offer failed")
+            }
+        }
+    }
+
+    async fn remote_candidate(&self, trickle: lk::TrickleRequest) {
+        let Ok(init) = serde_json::from_str::<signal::CandidateInit>(&trickle.candidate_init)
+        else {
+            return;
+        };
+        if init.candidate.is_empty() {
+            return;
+        }
+        let target = if trickle.target == signal::TARGET_SUBSCRIBER {
+            signal::TARGET_SUBSCRIBER
+        } else {
+            signal::TARGET_PUBLISHER
+        };
+        let candidate = RTCIceCandidateInit {
+            candidate: init.candidate,
+            sdp_mid: init.sdp_mid,
+            sdp_mline_index: init.sdp_m_line_index,
+            username_fragment: init.username_fragment,
+        };
+        let pc = self.connection(target);
+        if pc.remote_description().await.is_none() {
+            // Candidates may overtake the offer or answer they belong to.
+            let mut early = self.early_candidates.lock().unwrap_or_else(|e| e.into_inner());
+            early[target as usize].push(candidate);
+            return;
+        }
+        if let Err(e) = pc.add_ice_candidate(candidate).await {
+            tracing::debug!(identity = %self.identity, error = %e, "a remote candidate was refused");
+        }
+    }
+
+    fn connection(&self, target: i32) -> &Arc<RTCPeerConnection> {
+        if target == signal::TARGET_SUBSCRIBER { &self.subscriber } else { &self.publisher }
+    }
+
+    /// Adds the candidates that arrived before `target`'s remote description.
+    async fn add_early_candidates(&self, target: i32) {
+        let early = std::mem::take(
+            &mut self.early_candidates.lock().unwrap_or_else(|e| e.into_inner())[target as usize],
+        );
+        let pc = self.connection(target);
+        for candidate in early {
+            if let Err(e) = pc.add_ice_candidate(candidate).await {
+                tracing::debug!(identity = %self.identity, error = %e, "an early candidate was refused");
+            }
+        }
+    }
+
+    #[allow(deprecated)] // layers, simulcast, DTX and stereo: what clients still read
+    fn add_track(&self, add: lk::AddTrackRequest) {
+        if !self.grant.can_publish {
+            return;
+        }
+        let info = lk::TrackInfo {
+            sid: ids::track(),
+            r#type: add.r#type,
+            name: add.name,
+            muted: add.muted,
+            width: add.width,
+            height: add.height,
+            simulcast: add.layers.len() > 1,
+            disable_dtx: add.disable_dtx,
+            source: add.source,
+            layers: add.layers,
+            stereo: add.stereo,
+            disable_red: add.disable_red,
+            encryption: add.encryption,
+            stream: add.stream,
+            ..Default::default()
+        };
+        let cid = add.cid;
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).tracks.push(Track {
+            cid: cid.clone(),
+            info: info.clone(),
+            forwarding: false,
+        });
+        self.send(signal::track_published(cid, info));
+    }
+
+    fn mute(&self, sid: &str, muted: bool) {
+        let changed = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(track) = state.tracks.iter_mut().find(|t| t.info.sid == sid) else {
+                return;
+            };
+            let changed = track.info.muted != muted;
+            track.info.muted = muted;
+            if changed {
+                state.version = state.version.saturating_add(1);
+            }
+            changed
+        };
+        if changed && let Some(room) = self.room.upgrade() {
+            room.broadcast(&self.sid, &signal::update(vec![self.info()]));
+        }
+    }
+
+    /// Media of a track announced by `AddTrack` arrives: it is matched by the client's
+    /// track id (or, failing that, the first waiting track of its kind) and forwarded.
+    /// Further simulcast layers of a forwarded track are read and dropped.
+    async fn track_arrived(self: &Arc<Self>, remote: Arc<TrackRemote>) {
+        let kind = match remote.kind() {
+            RTPCodecType::Audio => lk::TrackType::Audio as i32,
+            _ => lk::TrackType::Video as i32,
+        };
+        let cid = remote.id();
+        let track_sid = self.claim_track(&cid, kind, &remote.codec().capability.mime_type);
+        let Some(track_sid) = track_sid else {
+            forward::drain(remote).await;
+            return;
+        };
+        let (Some(room), Some(sfu)) = (self.room.upgrade(), self.sfu.upgrade()) else { return };
+        let forwarder = forward::Forwarder::new(
+            track_sid,
+            self.sid.clone(),
+            remote,
+            Arc::downgrade(&self.publisher),
+            sfu.observer(),
+        );
+        tokio::spawn(forwarder.clone().run());
+        room.track_published(self, forwarder).await;
+    }
+
+    /// The announced track `cid` (or the first waiting one of `kind`) now has media:
+    /// its sid, or `None` when there is no such track or it is forwarded already.
+    fn claim_track(&self, cid: &str, kind: i32, mime_type: &str) -> Option<String> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let index =
+            state.tracks.iter().position(|t| t.cid == cid).or_else(|| {
+                state.tracks.iter().position(|t| !t.forwarding && t.info.r#type == kind)
+            })?;
+        if state.tracks[index].forwarding {
+            return None;
+        }
+        state.version = state.version.saturating_add(1);
+        let track = &mut state.tracks[index];
+        track.forwarding = true;
+        track.info.mime_type = mime_type.to_owned();
+        Some(track.info.sid.clone())
+    }
+
+    #[allow(deprecated)] // the user packet's own sender fields, which older clients read
+    async fn data_received(&self, label: &str, data: Bytes) {
+        if !self.grant.can_publish_data {
+            return;
+        }
+        let Ok(mut packet) = lk::DataPacket::decode(&data[..]) else { return };
+        // The sender is who the SFU says it is, whatever the packet claimed.
+        packet.participant_identity = self.identity.clone();
+        packet.participant_sid = self.sid.clone();
+        let mut to = packet.destination_identities.clone();
+        if let Some(lk::data_packet::Value::User(user)) = &mut packet.value {
+            user.participant_identity = self.identity.clone();
+            user.participant_sid = self.sid.clone();
+            to.extend(user.destination_identities.iter().cloned());
+        }
+        let Some(room) = self.room.upgrade() else { return };
+        room.send_data(&self.sid, label, &to, Bytes::from(packet.encode_to_vec())).await;
+    }
+
+    /// Data from another participant, on the channel of the same label.
+    pub async fn send_data(&self, label: &str, bytes: &Bytes) {
+        let channel = self.channels.lock().unwrap_or_else(|e| e.into_inner()).get(label).cloned();
+        if let Some(channel) = channel {
+            let _ = channel.send(bytes).await;
+        }
+    }
+
+    pub fn mark_left(&self) {
+        self.left.store(true, Ordering::Release);
+    }
+
+    async fn leave(self: &Arc<Self>) {
+        if let (Some(room), Some(sfu)) = (self.room.upgrade(), self.sfu.upgrade()) {
+            room.remove(&sfu, self).await;
+        }
+    }
+
+    pub async fn close(&self) {
+        let _ = self.publisher.close().await;
+        let _ = self.subscriber.close().await;
+        self.bump_version();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_mid;
+
+    #[test]
+    fn the_first_mid_names_the_bundle() {
+        let sdp = "v=0\r\na=group:BUNDLE 7 8\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:7\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:8\r\n";
+        assert_eq!(first_mid(sdp), Some("7"));
+        assert_eq!(first_mid("v=0\r\n"), None);
+    }
+}

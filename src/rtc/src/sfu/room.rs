@@ -1,0 +1,203 @@
+//! One call: its participants and the tracks they publish. Created on the first join,
+//! closed when the last participant leaves.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use livekit_protocol as lk;
+
+use super::{
+    IceServer, JoinError, JoinGrant, RoomSummary, Sfu,
+    forward::Forwarder,
+    ids,
+    participant::{Participant, Session},
+    signal,
+};
+
+pub(crate) struct Room {
+    sid: String,
+    name: String,
+    created_ms: i64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    participants: Vec<Arc<Participant>>,
+    forwarders: HashMap<String, Arc<Forwarder>>,
+}
+
+impl Room {
+    pub fn new(name: String) -> Arc<Self> {
+        Arc::new(Self {
+            sid: ids::room(),
+            name,
+            created_ms: signal::now_ms(),
+            inner: Mutex::new(Inner::default()),
+        })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn participant_count(&self) -> usize {
+        self.inner().participants.len()
+    }
+
+    pub fn summary(&self) -> RoomSummary {
+        let inner = self.inner();
+        RoomSummary {
+            name: self.name.clone(),
+            participants: inner.participants.len(),
+            published_tracks: inner.forwarders.len(),
+        }
+    }
+
+    pub fn info(&self) -> lk::Room {
+        let inner = self.inner();
+        lk::Room {
+            sid: self.sid.clone(),
+            name: self.name.clone(),
+            creation_time: self.created_ms / 1000,
+            creation_time_ms: self.created_ms,
+            num_participants: u32::try_from(inner.participants.len()).unwrap_or(u32::MAX),
+            num_publishers: u32::try_from(
+                inner.participants.iter().filter(|p| p.is_publisher()).count(),
+            )
+            .unwrap_or(u32::MAX),
+            ..Default::default()
+        }
+    }
+
+    fn others(&self, sid: &str) -> Vec<Arc<Participant>> {
+        self.inner().participants.iter().filter(|p| p.sid != sid).cloned().collect()
+    }
+
+    /// Sends `bytes` to every participant but `except`.
+    pub fn broadcast(&self, except: &str, bytes: &[u8]) {
+        for p in self.others(except) {
+            p.send(bytes.to_vec());
+        }
+    }
+
+    pub async fn join(
+        self: &Arc<Self>,
+        sfu: &Arc<Sfu>,
+        grant: JoinGrant,
+        ice_servers: Vec<IceServer>,
+    ) -> Result<Session, JoinError> {
+        // One identity is one participant: a second session takes the place of the first.
+        let duplicate =
+            self.inner().participants.iter().find(|p| p.identity == grant.identity).cloned();
+        if let Some(old) = duplicate {
+            old.send(signal::leave_disconnect(lk::DisconnectReason::DuplicateIdentity));
+            self.remove(sfu, &old).await;
+        }
+        let (participant, session) = Participant::new(sfu, self, grant)
+            .await
+            .map_err(|e| JoinError::Media(e.to_string()))?;
+        let (others, forwarders) = {
+            let mut inner = self.inner();
+            let others: Vec<_> = inner.participants.iter().map(|p| p.info()).collect();
+            inner.participants.push(participant.clone());
+            (others, inner.forwarders.values().cloned().collect::<Vec<_>>())
+        };
+        participant.send(signal::join(
+            self.info(),
+            participant.info(),
+            others,
+            &ice_servers,
+            &sfu.settings.server_version,
+        ));
+        self.broadcast(&participant.sid, &signal::update(vec![participant.info()]));
+        sfu.observer().participant_joined(&self.name, &participant.identity);
+        tracing::info!(room = %self.name, identity = %participant.identity, "participant joined");
+        if participant.can_subscribe() && !forwarders.is_empty() {
+            for forwarder in &forwarders {
+                forwarder.subscribe(&participant).await;
+            }
+            participant.negotiate_subscriber().await;
+        }
+        Ok(session)
+    }
+
+    /// Re-attaches a participant whose signalling dropped, if it is still here.
+    pub async fn resume(
+        self: &Arc<Self>,
+        sid: &str,
+        identity: &str,
+        ice_servers: &[IceServer],
+        sfu: &Arc<Sfu>,
+    ) -> Option<Session> {
+        let participant = self
+            .inner()
+            .participants
+            .iter()
+            .find(|p| p.sid == sid && p.identity == identity)
+            .cloned()?;
+        let session =
+            participant.reattach(signal::reconnected(ice_servers, &sfu.settings.server_version));
+        participant.restart_subscriber().await;
+        tracing::info!(room = %self.name, identity, "participant resumed");
+        Some(session)
+    }
+
+    /// A track's media has started arriving: everyone else learns of it and receives it.
+    pub async fn track_published(&self, publisher: &Arc<Participant>, forwarder: Arc<Forwarder>) {
+        self.inner().forwarders.insert(forwarder.track_sid.clone(), forwarder.clone());
+        self.broadcast(&publisher.sid, &signal::update(vec![publisher.info()]));
+        for other in self.others(&publisher.sid) {
+            if other.can_subscribe() {
+                forwarder.subscribe(&other).await;
+                other.negotiate_subscriber().await;
+            }
+        }
+    }
+
+    /// Data from `from` to everyone else, or to `to` (identities) when not empty.
+    pub async fn send_data(&self, from: &str, label: &str, to: &[String], bytes: bytes::Bytes) {
+        for other in self.others(from) {
+            if to.is_empty() || to.contains(&other.identity) {
+                other.send_data(label, &bytes).await;
+            }
+        }
+    }
+
+    /// Takes `participant` out: its tracks leave every subscriber and the others are told.
+    pub async fn remove(self: &Arc<Self>, sfu: &Sfu, participant: &Arc<Participant>) {
+        let forwarders = {
+            let mut inner = self.inner();
+            let before = inner.participants.len();
+            inner.participants.retain(|p| !Arc::ptr_eq(p, participant));
+            if inner.participants.len() == before {
+                return;
+            }
+            let mine: Vec<String> = inner
+                .forwarders
+                .values()
+                .filter(|f| f.publisher_sid == participant.sid)
+                .map(|f| f.track_sid.clone())
+                .collect();
+            for f in inner.forwarders.values() {
+                f.forget(&participant.sid);
+            }
+            mine.iter().filter_map(|sid| inner.forwarders.remove(sid)).collect::<Vec<_>>()
+        };
+        participant.mark_left();
+        self.broadcast(&participant.sid, &signal::update(vec![participant.departed_info()]));
+        for forwarder in forwarders {
+            forwarder.close().await;
+        }
+        participant.close().await;
+        sfu.observer().participant_left(&self.name, &participant.identity);
+        tracing::info!(room = %self.name, identity = %participant.identity, "participant left");
+        sfu.close_if_empty(self);
+    }
+}
