@@ -47,6 +47,9 @@ impl SfuObserver for Observer {
     }
 }
 
+/// The largest signalling message taken from a client.
+const SIGNAL_MESSAGE_MAX: usize = 1 << 20;
+
 /// Where the built-in SFU is served, under the public base URL.
 pub const PATH: &str = "/_trellis/sfu";
 
@@ -205,7 +208,10 @@ async fn rtc(
         .then(|| query.get("sid"))
         .flatten();
     match st.sfu.join(grant, resume.map(String::as_str), ice_servers).await {
-        Ok(session) => upgrade.on_upgrade(move |socket| pump(socket, session)),
+        // Signalling messages are SDP and small protobufs.
+        Ok(session) => upgrade
+            .max_message_size(SIGNAL_MESSAGE_MAX)
+            .on_upgrade(move |socket| pump(socket, session)),
         Err(JoinError::NoSuchRoom) => text(StatusCode::NOT_FOUND, "requested room does not exist"),
         Err(JoinError::Full) => text(StatusCode::FORBIDDEN, "the call is full"),
         Err(e) => {

@@ -290,11 +290,6 @@ impl Participant {
         info
     }
 
-    fn bump_version(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.version = state.version.saturating_add(1);
-    }
-
     /// A new signalling connection for this session (a resume): `first` goes out first.
     pub fn reattach(self: &Arc<Self>, first: Vec<u8>) -> Session {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -598,7 +593,6 @@ impl Participant {
     pub async fn close(&self) {
         let _ = self.publisher.close().await;
         let _ = self.subscriber.close().await;
-        self.bump_version();
     }
 }
 
