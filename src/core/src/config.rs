@@ -960,6 +960,17 @@ impl std::fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
+    /// The base URL for links this server hands out (in mails, `submit_url`, the
+    /// built-in SFU's address): `email.public_base_url`, else `http://<server.listen>`.
+    pub fn public_base_url(&self) -> String {
+        let configured = self.email.public_base_url.trim_end_matches('/');
+        if configured.is_empty() {
+            format!("http://{}", self.server.listen)
+        } else {
+            configured.to_owned()
+        }
+    }
+
     /// Loads a config file (or defaults when `path` is `None`), then applies environment
     /// overrides from `env`.
     pub fn load(

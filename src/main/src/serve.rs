@@ -62,7 +62,7 @@ fn init_logging(config: &Config) -> Result<(), String> {
         ("webrtc_mdns", "error"),
         ("interceptor", "error"),
     ];
-    let quiet_turn = |level: &str| {
+    let quieted = |level: &str| {
         let mut filter = level.to_owned();
         for (name, quiet) in QUIETED {
             let named = level.split(',').any(|d| {
@@ -79,9 +79,9 @@ fn init_logging(config: &Config) -> Result<(), String> {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .filter(|l| !l.is_empty())
-        .and_then(|l| EnvFilter::try_new(quiet_turn(&l)).ok())
+        .and_then(|l| EnvFilter::try_new(quieted(&l)).ok())
         .map_or_else(
-            || EnvFilter::try_new(quiet_turn(&config.logging.level)).map_err(|e| e.to_string()),
+            || EnvFilter::try_new(quieted(&config.logging.level)).map_err(|e| e.to_string()),
             Ok,
         )?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

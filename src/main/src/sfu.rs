@@ -15,7 +15,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use base64::Engine;
 use http::{HeaderMap, StatusCode, header};
 use trellis_core::config::Config;
 use trellis_core::metrics::SfuMetrics;
@@ -82,18 +81,11 @@ pub async fn prepare(config: &mut Config, keys: &trellis_service::ServerKeys) ->
             return None;
         }
     };
-    let base = if config.email.public_base_url.is_empty() {
-        format!("http://{}", config.server.listen)
-    } else {
-        config.email.public_base_url.trim_end_matches('/').to_owned()
-    };
+    let base = config.public_base_url();
     let ws_base = base.replacen("https://", "wss://", 1).replacen("http://", "ws://", 1);
     config.rtc.livekit_url = format!("{ws_base}{PATH}");
     config.rtc.livekit_api_key = "trellis".to_owned();
-    use ruma::signatures::KeyPair;
-    let signature = keys.key_pair().sign(b"trellis built-in SFU API secret");
-    config.rtc.livekit_api_secret =
-        base64::engine::general_purpose::STANDARD_NO_PAD.encode(signature.as_bytes());
+    config.rtc.livekit_api_secret = keys.derived_secret(b"trellis built-in SFU API secret");
     tracing::info!(media = %sfu.media_addr(), url = %config.rtc.livekit_url, %public_ip, "built-in SFU listening");
     Some(sfu)
 }

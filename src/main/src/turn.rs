@@ -6,7 +6,6 @@ use std::{
     sync::Arc,
 };
 
-use base64::Engine;
 use trellis_core::metrics::TurnMetrics;
 use trellis_rtc::turn::{RefusalReason, TurnObserver, TurnServer, TurnSettings};
 use trellis_service::{Services, voip::BuiltinTurn};
@@ -55,9 +54,7 @@ fn shared_secret(services: &Services) -> String {
     if !configured.is_empty() {
         return configured.clone();
     }
-    use ruma::signatures::KeyPair;
-    let signature = services.keys.key_pair().sign(b"trellis built-in TURN shared secret");
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(signature.as_bytes())
+    services.keys.derived_secret(b"trellis built-in TURN shared secret")
 }
 
 /// Starts the TURN server unless it is off or an external one is configured. A TURN

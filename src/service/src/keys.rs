@@ -106,6 +106,13 @@ impl ServerKeys {
         &self.key_pair
     }
 
+    /// A secret for `purpose` derived from the signing key (an Ed25519 signature is
+    /// deterministic): stable over restarts and never stored.
+    pub fn derived_secret(&self, purpose: &[u8]) -> String {
+        use ruma::signatures::KeyPair;
+        STANDARD_NO_PAD.encode(self.key_pair.sign(purpose).as_bytes())
+    }
+
     pub fn key_id(&self) -> &str {
         &self.key_id
     }

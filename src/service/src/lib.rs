@@ -244,12 +244,7 @@ impl Services {
 
     /// The base URL for links this server hands out (in mails, `submit_url`).
     pub fn public_base_url(&self) -> String {
-        let configured = self.config.email.public_base_url.trim_end_matches('/');
-        if configured.is_empty() {
-            format!("http://{}", self.config.server.listen)
-        } else {
-            configured.to_owned()
-        }
+        self.config.public_base_url()
     }
 
     /// Refreshes the storage gauges; called when metrics are scraped.
