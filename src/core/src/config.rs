@@ -544,6 +544,12 @@ pub struct RtcConfig {
     pub sfu_public_ip: String,
     /// Participants one call may hold.
     pub sfu_max_participants: usize,
+    /// Participants of one call that may publish media (0: every participant may).
+    pub sfu_max_publishers: usize,
+    /// Video one participant may send, all tracks and simulcast layers together, in
+    /// kbit/s: the SFU tells its client so (REMB) and the client keeps under it. 0: no
+    /// ceiling.
+    pub sfu_max_publish_kbps: u64,
 }
 
 impl Default for RtcConfig {
@@ -558,6 +564,8 @@ impl Default for RtcConfig {
             sfu_udp_listen: "0.0.0.0:7882".into(),
             sfu_public_ip: String::new(),
             sfu_max_participants: 100,
+            sfu_max_publishers: 0,
+            sfu_max_publish_kbps: 8000,
         }
     }
 }

@@ -88,6 +88,8 @@ pub struct SfuMetrics {
     pub forwarded_packets: Counter,
     pub forwarded_bytes: Counter,
     pub forward_seconds: Histogram,
+    pub subscriber_loss: Histogram,
+    pub rtt_seconds: Histogram,
 }
 
 impl Default for SfuMetrics {
@@ -101,6 +103,8 @@ impl Default for SfuMetrics {
                 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005,
                 0.01, 0.025,
             ]),
+            subscriber_loss: Histogram::new([0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]),
+            rtt_seconds: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]),
         }
     }
 }
@@ -122,6 +126,16 @@ impl SfuMetrics {
             "sfu_forward_seconds",
             "Time from a packet's arrival at the built-in SFU to its write to the last receiver",
             self.forward_seconds.clone(),
+        );
+        registry.register(
+            "sfu_subscriber_loss_ratio",
+            "Share of forwarded packets a receiver reported lost, per receiver report",
+            self.subscriber_loss.clone(),
+        );
+        registry.register(
+            "sfu_rtt_seconds",
+            "Round-trip time between the built-in SFU and its receivers, per receiver report",
+            self.rtt_seconds.clone(),
         );
         registry.register(
             "sfu_forwarded_bytes",

@@ -16,20 +16,39 @@ use axum::{
     routing::{get, post},
 };
 use http::{HeaderMap, StatusCode, header};
+use tracing::Instrument;
 use trellis_core::config::Config;
 use trellis_core::metrics::SfuMetrics;
-use trellis_rtc::sfu::{IceServer, JoinError, JoinGrant, Session, Sfu, SfuObserver, SfuSettings};
-use trellis_service::{Services, rtc::verify_token, voip};
+use trellis_rtc::sfu::{
+    CallReport, IceServer, JoinError, JoinGrant, Session, Sfu, SfuObserver, SfuSettings,
+};
+use trellis_service::{Services, call_history::SfuMedia, rtc::verify_token, voip};
 
-/// The SFU's calls and forwarding, counted in the metrics.
-struct Observer(SfuMetrics);
+/// The SFU's calls and forwarding, counted in the metrics; an ended call's figures go
+/// to call history.
+struct Observer(SfuMetrics, std::sync::Weak<Services>);
 
 impl SfuObserver for Observer {
     fn room_opened(&self, _room: &str) {
         self.0.calls.inc();
     }
-    fn room_closed(&self, _room: &str) {
+    fn room_closed(&self, report: &CallReport) {
         self.0.calls.dec();
+        let Some(services) = self.1.upgrade() else { return };
+        let media = SfuMedia {
+            peak_participants: report.peak_participants,
+            forwarded_bytes: report.forwarded_bytes,
+            seconds: report.duration.as_secs(),
+        };
+        let room = report.room.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = services.call_history.sfu_call_ended(&room, media).await {
+                    tracing::warn!(error = %e, "recording a call's media failed");
+                }
+            }
+            .in_current_span(),
+        );
     }
     fn participant_joined(&self, _room: &str, _identity: &str) {
         self.0.participants.inc();
@@ -43,6 +62,12 @@ impl SfuObserver for Observer {
     }
     fn forward_time(&self, took: std::time::Duration) {
         self.0.forward_seconds.observe(took.as_secs_f64());
+    }
+    fn receiver_report(&self, loss: f32, rtt: Option<std::time::Duration>) {
+        self.0.subscriber_loss.observe(f64::from(loss));
+        if let Some(rtt) = rtt {
+            self.0.rtt_seconds.observe(rtt.as_secs_f64());
+        }
     }
 }
 
@@ -72,6 +97,8 @@ pub async fn prepare(config: &mut Config, keys: &trellis_service::ServerKeys) ->
         udp_listen,
         public_ips: vec![public_ip],
         max_participants: rtc.sfu_max_participants,
+        max_publishers: rtc.sfu_max_publishers,
+        max_publish_bitrate: rtc.sfu_max_publish_kbps.saturating_mul(1000),
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let sfu = match Sfu::start(settings).await {
@@ -92,7 +119,7 @@ pub async fn prepare(config: &mut Config, keys: &trellis_service::ServerKeys) ->
 
 /// The SFU's routes, to be tried before the main router; its calls feed the metrics.
 pub fn routes(services: Arc<Services>, sfu: Arc<Sfu>) -> Router {
-    sfu.observe(Arc::new(Observer(services.metrics.sfu.clone())));
+    sfu.observe(Arc::new(Observer(services.metrics.sfu.clone(), Arc::downgrade(&services))));
     Router::new()
         .route(&format!("{PATH}/rtc"), get(rtc))
         .route(&format!("{PATH}/rtc/validate"), get(validate))
@@ -195,6 +222,11 @@ async fn rtc(
         can_subscribe: verified.can_subscribe,
         can_publish_data: verified.can_publish_data,
         may_create: verified.room_create,
+        // What livekit clients send (`1`/`0`); LiveKit's default is on.
+        auto_subscribe: !matches!(
+            query.get("auto_subscribe").map(String::as_str),
+            Some("0" | "false")
+        ),
     };
     let resume = (query.get("reconnect").map(String::as_str) == Some("1"))
         .then(|| query.get("sid"))

@@ -1,9 +1,10 @@
 //! The built-in SFU with LiveKit's own clients: tokens come from the server's token
 //! service as Element Call gets them; livekit-client (from npm) in headless Chromium
-//! publishes camera and microphone, receives the others, sends data, mutes, joins late,
-//! loses its signalling connection and resumes, and leaves; LiveKit's Python SDK (its
-//! Rust client core) does the same with synthetic media, connecting as it does by
-//! default.
+//! publishes camera and microphone with simulcast, receives the others and the layer it
+//! asks for, sends data, mutes, joins late, loses its signalling connection and resumes,
+//! unpublishes and republishes, and leaves; LiveKit's Python SDK (its Rust client core)
+//! does much the same with synthetic media, connecting as it does by default, and sees
+//! active speakers, unsubscribes and subscribes again, and unpublishes.
 
 mod common;
 
@@ -76,6 +77,9 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r.get("exception").is_none(), "{r}");
     assert_eq!(r["both_decode"], true, "each decodes the other's video: {r}");
+    assert_eq!(r["low_seen"], true, "the lowest layer asked for is decoded: {r}");
+    assert_eq!(r["high_seen"], true, "then the highest: {r}");
+    assert!(r["high_width"].as_u64() > r["low_width"].as_u64(), "{r}");
     assert_eq!(r["data"][0]["text"], "hello from a", "{r}");
     assert_eq!(r["data"][0]["from"], r["sender_a"], "data names its sender: {r}");
     assert_eq!(r["mute_seen"], true, "{r}");
@@ -83,6 +87,8 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     assert_eq!(r["late_decodes"], true, "a late joiner receives both: {r}");
     assert_eq!(r["resumed"], true, "a dropped signalling connection resumes: {r}");
     assert_eq!(r["media_after_resume"], true, "{r}");
+    assert_eq!(r["unpublish_seen"], true, "{r}");
+    assert_eq!(r["republished_decodes"], true, "a republished camera reaches everyone: {r}");
     assert_eq!(r["leave_seen"], true, "{r}");
 
     let metrics = s.metrics().await;
@@ -107,6 +113,17 @@ async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
     s.join_room(&bob, &room).await;
     let (url, token_a) = livekit_token(&s, &alice_id, &alice, &room).await;
     let (_, token_b) = livekit_token(&s, &bob_id, &bob, &room).await;
+    // Element Call's member state starts the group call the SFU's figures are added to.
+    let key = urlencode(&format!("_{alice_id}_DEVICE_m.call"));
+    let (status, resp) = s
+        .put_auth(
+            &format!("/_matrix/client/v3/rooms/{room}/state/org.matrix.msc3401.call.member/{key}"),
+            &alice,
+            &json!({"application": "m.call", "call_id": "", "scope": "m.room",
+                    "device_id": "DEVICE", "focus_active": {"type": "livekit"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resp}");
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_python.py");
     let out = tokio::process::Command::new("python3")
@@ -126,4 +143,23 @@ async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
     assert_eq!(r["data"][0]["text"], "hello from a", "{r}");
     assert_eq!(r["data"][0]["from"], alice_id.clone() + ":DEVICE", "{r}");
     assert_eq!(r["mute_seen"], true, "{r}");
+    assert_eq!(r["speakers_seen"], true, "both are active speakers: {r}");
+    assert_eq!(r["unsubscribe_seen"], true, "{r}");
+    assert_eq!(r["frames_after_resubscribe"], true, "{r}");
+    assert_eq!(r["unpublish_seen"], true, "{r}");
+    assert_eq!(r["audio_after_unpublish"], true, "the rest goes on: {r}");
+
+    // Both left, so the SFU's call ended: its figures are in the group call's history.
+    let mut media = Value::Null;
+    for _ in 0..50 {
+        let (_, calls) = s.get_auth("/_trellis/client/v1/calls", &alice).await;
+        media = calls["calls"][0]["media"].clone();
+        if !media.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(media["peak_participants"], 2, "{media}");
+    assert!(media["forwarded_bytes"].as_u64().unwrap_or(0) > 20_000, "{media}");
+    assert!(media["seconds"].as_u64().unwrap_or(0) >= 2, "{media}");
 }

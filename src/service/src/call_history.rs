@@ -4,12 +4,16 @@
 //! state, a session lasting from the first member joining to the last one leaving.
 //! Users read their own calls (`/_trellis/client/v1/calls`), admins all of them.
 //!
+//! Group calls on the built-in SFU add what the SFU saw of their media (`media`): the
+//! token service notes which Matrix room each SFU room belongs to, and when the SFU room
+//! closes its figures go to that room's group call (the running one, else the latest).
+//!
 //! Signalling sent encrypted (1:1 calls in encrypted rooms) is invisible to the server
 //! and so are those calls; call-member state is never encrypted. A member whose client
 //! vanished without its "left" state (and without a delayed one) stays in the call
 //! until its state changes: `expires` is not read.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -55,6 +59,20 @@ pub struct Call {
     /// Group calls: the member state keys in the call now.
     #[serde(default)]
     pub members_now: BTreeSet<String>,
+    /// Group calls on the built-in SFU: what it saw of the media.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<SfuMedia>,
+}
+
+/// A group call's media on the built-in SFU, over all its SFU sessions.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SfuMedia {
+    /// The most participants connected at once.
+    pub peak_participants: usize,
+    /// RTP payload bytes forwarded (one copy per receiver).
+    pub forwarded_bytes: u64,
+    /// How long media sessions ran, in seconds.
+    pub seconds: u64,
 }
 
 impl Call {
@@ -72,13 +90,24 @@ pub struct CallHistory {
     server_name: String,
     /// Calls are read, changed and written back: one change at a time.
     writing: Mutex<()>,
+    /// SFU room name -> Matrix room id, as the token service issued them (since start).
+    sfu_rooms: std::sync::Mutex<HashMap<String, String>>,
 }
+
+/// SFU rooms remembered at most; the oldest are forgotten beyond (a room whose call
+/// outlived that many others loses only its media figures).
+const SFU_ROOMS_KEPT: usize = 10_000;
 
 const GROUP_TYPES: [&str; 3] = ["org.matrix.msc3401.call.member", "m.call.member", "m.rtc.member"];
 
 impl CallHistory {
     pub fn new(db: Db, server_name: &str) -> Self {
-        Self { db, server_name: server_name.to_owned(), writing: Mutex::new(()) }
+        Self {
+            db,
+            server_name: server_name.to_owned(),
+            writing: Mutex::new(()),
+            sfu_rooms: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 
     fn is_local(&self, user: &str) -> bool {
@@ -125,6 +154,7 @@ impl CallHistory {
                     video: sdp.contains("m=video"),
                     end_reason: None,
                     members_now: BTreeSet::new(),
+                    media: None,
                 };
                 // The ones rung have it in their history, answered or missed: the
                 // `invitee` a call names, else the other member of a two-person room.
@@ -223,6 +253,7 @@ impl CallHistory {
                     video: content["m.call.intent"].as_str() == Some("video"),
                     end_reason: None,
                     members_now: BTreeSet::from([state_key.to_owned()]),
+                    media: None,
                 };
                 CALLS_RUNNING.put(&mut batch, &running_row, &key);
                 (key, call)
@@ -280,6 +311,49 @@ impl CallHistory {
 }
 
 impl CallHistory {
+    /// The token service issued a token for the SFU room `sfu_room` of `room_id`'s call.
+    pub fn note_sfu_room(&self, sfu_room: &str, room_id: &str) {
+        let mut rooms = self.sfu_rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if rooms.len() >= SFU_ROOMS_KEPT && !rooms.contains_key(sfu_room) {
+            rooms.clear();
+        }
+        rooms.insert(sfu_room.to_owned(), room_id.to_owned());
+    }
+
+    /// A call on the built-in SFU ended: its figures go to its Matrix room's group call
+    /// (the one running, else the latest). `false` when there is none to add them to.
+    pub async fn sfu_call_ended(&self, sfu_room: &str, session: SfuMedia) -> Result<bool> {
+        let room = self.sfu_rooms.lock().unwrap_or_else(|p| p.into_inner()).get(sfu_room).cloned();
+        let Some(room) = room else { return Ok(false) };
+        let _turn = self.writing.lock().await;
+        let mut latest: Option<(String, Call)> = None;
+        for row in CALLS.scan_prefix(&*self.db, &room, Direction::Forward)? {
+            let ((_, key), Json(call)) = row?;
+            if call.kind != CallKind::Group {
+                continue;
+            }
+            let better = match &latest {
+                None => true,
+                Some((_, best)) => {
+                    (call.ended_ts.is_none(), call.started_ts)
+                        > (best.ended_ts.is_none(), best.started_ts)
+                }
+            };
+            if better {
+                latest = Some((key, call));
+            }
+        }
+        let Some((key, mut call)) = latest else { return Ok(false) };
+        let media = call.media.get_or_insert_with(SfuMedia::default);
+        media.peak_participants = media.peak_participants.max(session.peak_participants);
+        media.forwarded_bytes += session.forwarded_bytes;
+        media.seconds += session.seconds;
+        let mut batch = Batch::new();
+        CALLS.put(&mut batch, &(room, key), &Json(call));
+        self.db.write_unsynced(batch)?;
+        Ok(true)
+    }
+
     /// Group calls going on now.
     pub fn running(&self) -> Result<usize> {
         let mut n = 0;
@@ -313,6 +387,7 @@ pub fn describe(call: &Call) -> Value {
             _ => "ended",
         },
         "members_now": call.members_now.len(),
+        "media": call.media,
     })
 }
 

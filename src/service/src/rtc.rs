@@ -240,6 +240,7 @@ pub async fn legacy_token(
     let user = openid_user(services, token).await?;
     require_member(services, room, &user)?;
     let alias = room_alias(room, ROOM_CALL_SLOT);
+    services.call_history.note_sfu_room(&alias, room);
     if full_access(services, &user) {
         create_sfu_room(config, &alias).await;
     }
@@ -278,6 +279,7 @@ pub async fn slot_token(
     }
     require_member(services, room_id, &user)?;
     let alias = room_alias(room_id, slot_id);
+    services.call_history.note_sfu_room(&alias, room_id);
     if full_access(services, &user) {
         create_sfu_room(config, &alias).await;
     }
@@ -352,6 +354,7 @@ pub async fn member_token(
     }
     require_member(services, room_id.as_str(), user.as_str())?;
     let alias = room_alias(room_id.as_str(), slot_id);
+    services.call_history.note_sfu_room(&alias, room_id.as_str());
     create_sfu_room(config, &alias).await;
     let grant = Grant {
         identity: member_identity(user.as_str(), device_id, member_id),

@@ -26,6 +26,7 @@ mod media;
 mod push;
 mod rooms;
 mod search;
+mod sfu;
 mod sync;
 mod turn;
 
@@ -93,6 +94,11 @@ pub enum BenchCommand {
     /// relayed Mbit. `scripts/bench-turn` starts a server that lets the relay reach
     /// loopback.
     Turn(turn::TurnArgs),
+    /// A live stream through the built-in SFU: one publisher of synthetic video, `viewers`
+    /// viewers, all on WebRTC's Rust stack in this process, speaking LiveKit's signalling;
+    /// delivery, loss, publisher-to-viewer delay and server CPU per forwarded Mbit.
+    /// `scripts/bench-sfu-live` starts a server for it.
+    SfuLive(sfu::SfuLiveArgs),
 }
 
 #[derive(Args)]
@@ -127,6 +133,7 @@ impl BenchCommand {
             Self::Push(a) => &a.common,
             Self::Search(a) => &a.common,
             Self::Turn(a) => &a.common,
+            Self::SfuLive(a) => &a.common,
         }
     }
 
@@ -147,6 +154,7 @@ impl BenchCommand {
             Self::Push(a) => push::push(a).await,
             Self::Search(a) => search::search(a).await,
             Self::Turn(a) => turn::turn(a).await,
+            Self::SfuLive(a) => sfu::sfu_live(a).await,
         }
     }
 }

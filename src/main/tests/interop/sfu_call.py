@@ -3,10 +3,12 @@
 microphone.
 
 Usage: sfu_call.py PAGE_URL LIVEKIT_URL TOKEN_A TOKEN_B TOKEN_C
-Prints one JSON object: video frames each participant decoded of the others, the data
+Prints one JSON object: video frames each participant decoded of the others, the frame
+widths decoded after asking for the lowest and then the highest simulcast layer, the data
 message received, whether mute and unmute were seen, what the late joiner decoded,
-whether a dropped signalling connection was resumed with media flowing on, and whether
-a departure was seen.
+whether a dropped signalling connection was resumed with media flowing on, whether an
+unpublished camera was seen to go and its republished successor decoded, and whether a
+departure was seen.
 """
 
 import json
@@ -35,6 +37,23 @@ async function framesOf(room) {
     }
   }
   return out;
+}
+async function widthOf(room, other) {
+  let width = 0;
+  for (const p of room.remoteParticipants.values()) {
+    if (p.identity !== other.localParticipant.identity) continue;
+    for (const pub of p.trackPublications.values()) {
+      if (pub.kind === 'video' && pub.track && pub.track.receiver) {
+        const stats = await pub.track.receiver.getStats();
+        stats.forEach(s => { if (s.type === 'inbound-rtp') width = s.frameWidth || 0; });
+      }
+    }
+  }
+  return width;
+}
+function remoteVideo(room, other) {
+  const p = room.remoteParticipants.get(other.localParticipant.identity);
+  return p && [...p.trackPublications.values()].find(t => t.kind === 'video');
 }
 async function waitFor(cond, ms) {
   const end = Date.now() + ms;
@@ -68,6 +87,16 @@ try {
   result.frames_a = await framesOf(a);
   result.frames_b = await framesOf(b);
 
+  // Both publish 720p with simulcast (livekit-client's defaults): b asks for a's lowest
+  // layer, then its highest, and decodes what it asked for.
+  result.layers_a = (a.localParticipant.getTrackPublication(LK.Track.Source.Camera).trackInfo || {}).layers?.length;
+  remoteVideo(b, a).setVideoQuality(LK.VideoQuality.LOW);
+  result.low_seen = await waitFor(async () => { const w = await widthOf(b, a); return w > 0 && w <= 480; }, 20000);
+  result.low_width = await widthOf(b, a);
+  remoteVideo(b, a).setVideoQuality(LK.VideoQuality.HIGH);
+  result.high_seen = await waitFor(async () => (await widthOf(b, a)) >= 2 * result.low_width, 20000);
+  result.high_width = await widthOf(b, a);
+
   const got = [];
   b.on(LK.RoomEvent.DataReceived, (payload, participant) =>
     got.push({from: participant ? participant.identity : null, text: new TextDecoder().decode(payload)}));
@@ -96,6 +125,15 @@ try {
   result.resumed = resumed;
   const before = (await framesOf(b))[id(a)] || 0;
   result.media_after_resume = await waitFor(async () => ((await framesOf(b))[id(a)] || 0) > before + 10, 20000);
+
+  // a takes its camera away, then publishes a new one.
+  let unpublished = false;
+  b.on(LK.RoomEvent.TrackUnpublished, (pub, p) => { if (p.identity === id(a) && pub.kind === 'video') unpublished = true; });
+  const camera = a.localParticipant.getTrackPublication(LK.Track.Source.Camera);
+  await a.localParticipant.unpublishTrack(camera.track);
+  result.unpublish_seen = await waitFor(async () => unpublished, 10000);
+  await a.localParticipant.setCameraEnabled(true);
+  result.republished_decodes = await waitFor(async () => await sees(b, [a]) && await sees(c, [a]), 30000);
 
   let left = false;
   a.on(LK.RoomEvent.ParticipantDisconnected, p => { if (p.identity === id(c)) left = true; });
@@ -130,6 +168,8 @@ def main():
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         driver.set_script_timeout(240)
+        # The scenario is one long script: the HTTP call to the driver waits as long.
+        driver.command_executor.client_config.timeout = 300
         # A loopback origin is a secure context, where media devices and WebRTC work.
         driver.get(page)
         with open(UMD, encoding="utf-8") as f:

@@ -4,8 +4,10 @@ which wraps LiveKit's Rust client core, liblivekit_ffi.so).
 Usage: sfu_python.py LIVEKIT_URL TOKEN_A TOKEN_B
 Two participants each publish a synthetic video track (320x240, changing colour, 20 fps)
 and a synthetic audio track (48 kHz mono sine). Prints one JSON object: the video and
-audio frames each received of the other's tracks, the data message B received from A,
-whether B saw A mute its microphone, and `exception` only on failure.
+audio frames each received of the other's tracks, who B saw as active speakers, whether
+B could unsubscribe from A's video and subscribe again (frames flowing again), the data
+message B received from A, whether B saw A mute its microphone and unpublish its video,
+and `exception` only on failure.
 Set SFU_PYTHON_LOG=DEBUG (or INFO) for the SDK's logs on stderr; RUST_LOG is also honoured
 by the native core.
 """
@@ -23,7 +25,7 @@ from livekit import rtc
 
 WIDTH, HEIGHT, FPS = 320, 240, 20
 RATE, CHUNK = 48000, 480  # 10 ms of 48 kHz mono
-TOTAL_SECONDS = 40
+TOTAL_SECONDS = 75
 
 result = {}
 stage = ["start"]  # the step under way, reported with an exception
@@ -60,7 +62,17 @@ class Participant:
         self.data = []
         self.muted = []  # (identity, kind) of remote tracks seen muted
         self.audio_track = None
+        self.video_track = None
+        self.speakers = set()  # identities ever reported speaking
+        self.unsubscribed = []  # (identity, kind) of remote tracks unsubscribed
+        self.unpublished = []  # (identity, kind) of remote tracks unpublished
         self.room.on("track_subscribed", self._on_track)
+        self.room.on("active_speakers_changed",
+                     lambda speakers: self.speakers.update(p.identity for p in speakers))
+        self.room.on("track_unsubscribed",
+                     lambda track, pub, p: self.unsubscribed.append((p.identity, pub.kind)))
+        self.room.on("track_unpublished",
+                     lambda pub, p: self.unpublished.append((p.identity, pub.kind)))
         self.room.on("data_received", self._on_data)
         self.room.on("track_muted", self._on_muted)
 
@@ -100,7 +112,7 @@ class Participant:
         video = rtc.VideoSource(WIDTH, HEIGHT)
         vtrack = rtc.LocalVideoTrack.create_video_track(f"{self.name}-video", video)
         vopts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA)
-        await self.room.local_participant.publish_track(vtrack, vopts)
+        self.video_track = await self.room.local_participant.publish_track(vtrack, vopts)
         self.spawn(self._video_loop(video))
 
         audio = rtc.AudioSource(RATE, 1)
@@ -144,6 +156,13 @@ class Participant:
         else:
             self.audio_track.mute()
 
+    def remote_video(self, identity):
+        p = next((p for p in self.room.remote_participants.values() if p.identity == identity), None)
+        if p is None:
+            return None
+        return next((pub for pub in p.track_publications.values()
+                     if pub.kind == rtc.TrackKind.KIND_VIDEO), None)
+
     async def close(self):
         for t in self.tasks:
             t.cancel()
@@ -179,6 +198,24 @@ async def scenario(url, token_a, token_b, a, b):
     result["media_flowing"] = await wait_for(flowing, 20)
     result["media_s"] = round(time.monotonic() - started, 2)
 
+    stage[0] = "speakers"
+    # Both send a steady tone: each is an active speaker, the local one included.
+    result["speakers_seen"] = await wait_for(lambda: {a.identity, b.identity} <= b.speakers, 10)
+    result["speakers"] = sorted(b.speakers)
+
+    stage[0] = "unsubscribe"
+    a_video = b.remote_video(a.identity)
+    a_video.set_subscribed(False)
+    result["unsubscribe_seen"] = await wait_for(
+        lambda: (a.identity, rtc.TrackKind.KIND_VIDEO) in b.unsubscribed, 10)
+    stage[0] = "subscribe again"
+    before = b.video_frames.get(a.identity, 0)
+    b.video_frames[a.identity] = 0
+    a_video.set_subscribed(True)
+    result["frames_after_resubscribe"] = await wait_for(
+        lambda: b.video_frames.get(a.identity, 0) > 10, 15)
+    b.video_frames[a.identity] = before + b.video_frames.get(a.identity, 0)
+
     stage[0] = "data"
     await a.room.local_participant.publish_data("hello from a", reliable=True)
     await wait_for(lambda: len(b.data) > 0, 5)
@@ -190,6 +227,15 @@ async def scenario(url, token_a, token_b, a, b):
     result["mute_seen"] = await wait_for(
         lambda: (a.identity, rtc.TrackKind.KIND_AUDIO) in b.muted, 5)
     counts(a, b)
+
+    stage[0] = "unpublish"
+    await a.room.local_participant.unpublish_track(a.video_track.sid)
+    result["unpublish_seen"] = await wait_for(
+        lambda: (a.identity, rtc.TrackKind.KIND_VIDEO) in b.unpublished, 10)
+    # The audio goes on.
+    heard = b.audio_frames.get(a.identity, 0)
+    result["audio_after_unpublish"] = await wait_for(
+        lambda: b.audio_frames.get(a.identity, 0) > heard + 10, 10)
 
 
 async def main():

@@ -10,10 +10,14 @@
 
 mod forward;
 mod ids;
+mod layers;
 mod media;
+mod munge;
+mod packet;
 mod participant;
 mod room;
 mod signal;
+mod speakers;
 
 use std::{
     collections::HashMap,
@@ -36,6 +40,11 @@ pub struct SfuSettings {
     pub public_ips: Vec<IpAddr>,
     /// Participants one call may hold.
     pub max_participants: usize,
+    /// Participants of one call that may publish (0: as many as may join).
+    pub max_publishers: usize,
+    /// Video one publisher may send, all its tracks and layers together, in bits per
+    /// second (0: no ceiling).
+    pub max_publish_bitrate: u64,
     /// Shown to clients as the server's version.
     pub server_version: String,
 }
@@ -60,6 +69,8 @@ pub struct JoinGrant {
     pub can_publish_data: bool,
     /// The token may create the room (LiveKit's `roomCreate`).
     pub may_create: bool,
+    /// Receives every published track without asking (the client's `auto_subscribe`).
+    pub auto_subscribe: bool,
 }
 
 /// Why a join was refused.
@@ -73,15 +84,30 @@ pub enum JoinError {
     Media(String),
 }
 
+/// A call that ended on the SFU, for call history.
+#[derive(Debug, Clone)]
+pub struct CallReport {
+    /// The LiveKit room name (what the token named).
+    pub room: String,
+    /// The most participants it held at once.
+    pub peak_participants: usize,
+    /// RTP payload bytes forwarded in it (one copy per receiver).
+    pub forwarded_bytes: u64,
+    pub duration: Duration,
+}
+
 /// What the SFU tells its owner about calls (for metrics and call history).
 pub trait SfuObserver: Send + Sync + 'static {
     fn room_opened(&self, _room: &str) {}
-    fn room_closed(&self, _room: &str) {}
+    fn room_closed(&self, _report: &CallReport) {}
     fn participant_joined(&self, _room: &str, _identity: &str) {}
     fn participant_left(&self, _room: &str, _identity: &str) {}
     fn forwarded(&self, _packets: u64, _bytes: u64) {}
     /// How long one packet took from its arrival to its last subscriber's write.
     fn forward_time(&self, _took: Duration) {}
+    /// A subscriber's receiver report: the share of packets it lost since its last
+    /// report, and the round trip when the report says.
+    fn receiver_report(&self, _loss: f32, _rtt: Option<Duration>) {}
 }
 
 struct NoObserver;
@@ -209,7 +235,7 @@ impl Sfu {
             && rooms.get(room.name()).is_some_and(|r| Arc::ptr_eq(r, room))
         {
             rooms.remove(room.name());
-            self.observer().room_closed(room.name());
+            self.observer().room_closed(&room.report());
             tracing::info!(room = %room.name(), "call ended");
         }
     }

@@ -2,11 +2,12 @@
 //! client) and the one it receives on (offered here), its tracks and data channels.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -20,15 +21,21 @@ use webrtc::{
         RTCPeerConnection, offer_answer_options::RTCOfferOptions,
         sdp::session_description::RTCSessionDescription,
     },
-    rtp_transceiver::rtp_codec::RTPCodecType,
+    rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate,
+    rtp_transceiver::{RTCRtpTransceiver, rtp_codec::RTPCodecType},
     track::track_remote::TrackRemote,
 };
 
 use super::{
-    JoinGrant, RESUME_WINDOW, Sfu, forward, ids, media,
+    JoinGrant, RESUME_WINDOW, Sfu,
+    forward::{self, Forwarder, TrackSettings},
+    ids, layers, media,
     room::Room,
     signal::{self, Request},
 };
+
+/// How often a publisher is reminded of the bitrate it may send (a REMB).
+const PUBLISH_CAP_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Signal {
     tx: mpsc::UnboundedSender<Vec<u8>>,
@@ -39,8 +46,26 @@ struct Signal {
 struct Track {
     cid: String,
     info: lk::TrackInfo,
-    /// Media has arrived and is forwarded.
-    forwarding: bool,
+    /// Media has arrived and is forwarded, by this.
+    forwarder: Option<Arc<Forwarder>>,
+    /// The media section of the publishing connection it arrives in.
+    mid: Option<String>,
+}
+
+impl Track {
+    fn forwarding(&self) -> bool {
+        self.forwarder.is_some()
+    }
+}
+
+/// What arriving media is to its participant.
+enum Claim {
+    /// The first stream of an announced track.
+    New(Arc<Forwarder>),
+    /// A further simulcast layer of a track already forwarded.
+    Layer(Arc<Forwarder>),
+    /// Nothing announced it.
+    Unknown,
 }
 
 #[derive(Default)]
@@ -78,6 +103,15 @@ pub(crate) struct Participant {
     /// The client's candidates that came before the description they belong to (the
     /// publisher's, then the subscriber's), added once it is set.
     early_candidates: Mutex<[Vec<RTCIceCandidateInit>; 2]>,
+    /// What this participant asked of others' tracks, by track sid.
+    track_settings: Mutex<HashMap<String, TrackSettings>>,
+    /// The bandwidth its receiving connection reports (REMB), bits per second; 0: none.
+    estimate: AtomicU64,
+    /// Video tracks it receives, among which the estimate is shared.
+    video_subscriptions: AtomicI64,
+    publish_cap_running: AtomicBool,
+    /// Tracks received so far, and how many times in all (see [`Self::local_track_id`]).
+    received: Mutex<(HashSet<String>, u64)>,
     left: AtomicBool,
 }
 
@@ -134,6 +168,33 @@ impl SessionHandle {
     }
 }
 
+/// The media sections an offer sends media in (by mid): not rejected (port 0) and
+/// `sendrecv` or `sendonly` (the default when none is said).
+fn sending_mids(sdp: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    let mut section: Option<(Option<String>, bool)> = None;
+    let mut finish = |section: Option<(Option<String>, bool)>| {
+        if let Some((Some(mid), true)) = section {
+            out.insert(mid);
+        }
+    };
+    for line in sdp.lines().map(str::trim_end) {
+        if let Some(m) = line.strip_prefix("m=") {
+            finish(section.take());
+            let rejected = m.split_whitespace().nth(1) == Some("0");
+            section = Some((None, !rejected));
+        } else if let Some((mid, sends)) = section.as_mut() {
+            if let Some(value) = line.strip_prefix("a=mid:") {
+                *mid = Some(value.to_owned());
+            } else if matches!(line, "a=recvonly" | "a=inactive") {
+                *sends = false;
+            }
+        }
+    }
+    finish(section);
+    out
+}
+
 /// The first `a=mid:` of a session description.
 fn first_mid(sdp: &str) -> Option<&str> {
     sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:"))
@@ -169,6 +230,11 @@ impl Participant {
             negotiation: tokio::sync::Mutex::new(Negotiation::default()),
             answering: tokio::sync::Mutex::new(()),
             early_candidates: Mutex::new([Vec::new(), Vec::new()]),
+            track_settings: Mutex::new(HashMap::new()),
+            estimate: AtomicU64::new(0),
+            video_subscriptions: AtomicI64::new(0),
+            publish_cap_running: AtomicBool::new(false),
+            received: Mutex::new((HashSet::new(), 0)),
             left: AtomicBool::new(false),
         });
         participant.wire();
@@ -202,11 +268,11 @@ impl Participant {
             }));
         }
         let me = Arc::downgrade(self);
-        self.publisher.on_track(Box::new(move |remote, _, _| {
+        self.publisher.on_track(Box::new(move |remote, _, transceiver| {
             let me = me.clone();
             Box::pin(async move {
                 if let Some(me) = me.upgrade() {
-                    me.track_arrived(remote).await;
+                    me.track_arrived(remote, &transceiver).await;
                 }
             })
         }));
@@ -238,12 +304,63 @@ impl Participant {
         let _ = self.signal.lock().unwrap_or_else(|e| e.into_inner()).tx.send(bytes);
     }
 
-    pub fn can_subscribe(&self) -> bool {
-        self.grant.can_subscribe
+    /// Receives what is published without asking for it track by track.
+    pub fn auto_subscribes(&self) -> bool {
+        self.grant.can_subscribe && self.grant.auto_subscribe
     }
 
     pub fn is_publisher(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).tracks.iter().any(|t| t.forwarding)
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).tracks.iter().any(Track::forwarding)
+    }
+
+    /// Has announced a track (counted against the call's publisher limit).
+    pub fn has_tracks(&self) -> bool {
+        !self.state.lock().unwrap_or_else(|e| e.into_inner()).tracks.is_empty()
+    }
+
+    /// What this participant asked of the track `track_sid` (defaults until it asks).
+    pub fn settings_for(&self, track_sid: &str) -> TrackSettings {
+        self.track_settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(track_sid)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The id of the local track that sends `track_sid` to this participant: the sid
+    /// itself the first time, a fresh id after an unsubscription (the receiving
+    /// connection would otherwise try to reuse the stopped sender of that id). Clients
+    /// know the track by the stream id, `<publisher>|<track sid>`, either way.
+    pub fn local_track_id(&self, track_sid: &str) -> String {
+        let mut received = self.received.lock().unwrap_or_else(|e| e.into_inner());
+        received.1 += 1;
+        if received.0.insert(track_sid.to_owned()) {
+            track_sid.to_owned()
+        } else {
+            format!("{track_sid}~{}", received.1)
+        }
+    }
+
+    pub fn set_estimate(&self, bits_per_second: f32) {
+        self.estimate.store(bits_per_second.max(0.0) as u64, Ordering::Relaxed);
+    }
+
+    pub fn video_subscriptions(&self, delta: i64) {
+        self.video_subscriptions.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// One video track's share of the bandwidth the receiving connection reports.
+    pub fn video_budget(&self) -> Option<u64> {
+        let estimate = self.estimate.load(Ordering::Relaxed);
+        let tracks = self.video_subscriptions.load(Ordering::Relaxed).max(1);
+        (estimate > 0).then(|| estimate / u64::try_from(tracks).unwrap_or(1))
+    }
+
+    /// The forwarders of this participant's published tracks.
+    pub fn forwarders(&self) -> Vec<Arc<Forwarder>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.tracks.iter().filter_map(|t| t.forwarder.clone()).collect()
     }
 
     fn permission(&self) -> lk::ParticipantPermission {
@@ -260,7 +377,7 @@ impl Participant {
     pub fn info(&self) -> lk::ParticipantInfo {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let tracks: Vec<lk::TrackInfo> =
-            state.tracks.iter().filter(|t| t.forwarding).map(|t| t.info.clone()).collect();
+            state.tracks.iter().filter(|t| t.forwarding()).map(|t| t.info.clone()).collect();
         lk::ParticipantInfo {
             sid: self.sid.clone(),
             identity: self.identity.clone(),
@@ -323,6 +440,8 @@ impl Participant {
             Request::Trickle(trickle) => self.remote_candidate(trickle).await,
             Request::AddTrack(add) => self.add_track(add),
             Request::Mute(mute) => self.mute(&mute.sid, mute.muted),
+            Request::Subscription(update) => self.update_subscription(update).await,
+            Request::TrackSetting(settings) => self.update_track_settings(settings).await,
             Request::Leave(_) => {
                 self.leave().await;
                 return false;
@@ -331,15 +450,16 @@ impl Participant {
             Request::PingReq(ping) => {
                 self.send(signal::pong_resp(ping.timestamp, signal::now_ms()));
             }
-            // Subscriptions follow auto-subscribe; quality hints, layer choices and sync
-            // state are not acted on.
+            // Publishers' layer updates, subscription permissions, sync state and
+            // metadata changes are not acted on.
             _ => {}
         }
         true
     }
 
-    async fn answer_offer(&self, offer: lk::SessionDescription) {
+    async fn answer_offer(self: &Arc<Self>, offer: lk::SessionDescription) {
         let _one_at_a_time = self.answering.lock().await;
+        let sending = sending_mids(&offer.sdp);
         let result = async {
             let offer = RTCSessionDescription::offer(offer.sdp)?;
             self.publisher.set_remote_description(offer).await?;
@@ -351,7 +471,10 @@ impl Participant {
         .await;
         match result {
             // The answer carries the offer's id: clients wait for exactly that.
-            Ok(sdp) => self.send(signal::answer(sdp, offer.id)),
+            Ok(sdp) => {
+                self.send(signal::answer(sdp, offer.id));
+                self.unpublish_stopped(&sending).await;
+            }
             Err(e) => {
                 tracing::info!(identity = %self.identity, error = %e, "a publisher offer failed")
             }
@@ -465,6 +588,15 @@ impl Participant {
         if !self.grant.can_publish {
             return;
         }
+        if !self.has_tracks()
+            && let (Some(room), Some(sfu)) = (self.room.upgrade(), self.sfu.upgrade())
+            && sfu.settings.max_publishers > 0
+            && room.publishers_besides(&self.sid) >= sfu.settings.max_publishers
+        {
+            tracing::info!(identity = %self.identity, room = %room.name(), "a publisher over the call's limit was refused");
+            self.send(signal::refused_track(add, "the call has as many publishers as it may"));
+            return;
+        }
         let info = lk::TrackInfo {
             sid: ids::track(),
             r#type: add.r#type,
@@ -486,7 +618,8 @@ impl Participant {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).tracks.push(Track {
             cid: cid.clone(),
             info: info.clone(),
-            forwarding: false,
+            forwarder: None,
+            mid: None,
         });
         self.send(signal::track_published(cid, info));
     }
@@ -499,6 +632,9 @@ impl Participant {
             };
             let changed = track.info.muted != muted;
             track.info.muted = muted;
+            if let Some(forwarder) = &track.forwarder {
+                forwarder.muted.store(muted, Ordering::Relaxed);
+            }
             if changed {
                 state.version = state.version.saturating_add(1);
             }
@@ -509,48 +645,189 @@ impl Participant {
         }
     }
 
-    /// Media of a track announced by `AddTrack` arrives: it is matched by the client's
-    /// track id (or, failing that, the first waiting track of its kind) and forwarded.
-    /// Further simulcast layers of a forwarded track are read and dropped.
-    async fn track_arrived(self: &Arc<Self>, remote: Arc<TrackRemote>) {
+    /// Media arrives: the first stream of a track announced by `AddTrack` (matched by
+    /// the client's track id, or failing that the first waiting track of its kind) is
+    /// forwarded to the call; further simulcast layers join its forwarder.
+    async fn track_arrived(
+        self: &Arc<Self>,
+        remote: Arc<TrackRemote>,
+        transceiver: &RTCRtpTransceiver,
+    ) {
+        let mid = transceiver.mid().map(|m| m.to_string());
+        let (Some(room), Some(sfu)) = (self.room.upgrade(), self.sfu.upgrade()) else { return };
+        let (forwarder, new) = match self.claim_track(&remote, mid, &sfu, &room) {
+            Claim::New(forwarder) => (forwarder, true),
+            Claim::Layer(forwarder) => (forwarder, false),
+            Claim::Unknown => {
+                forward::drain(remote).await;
+                return;
+            }
+        };
+        let me = Arc::downgrade(self);
+        let layer = forwarder.clone();
+        tokio::spawn(async move {
+            // The last stream of a track ended: the publisher took it away.
+            if layer.clone().add_layer(remote).await
+                && let Some(me) = me.upgrade()
+            {
+                me.unpublish(&layer.track_sid).await;
+            }
+        });
+        if new {
+            if forwarder.is_video() {
+                self.start_publish_cap(&sfu);
+            }
+            room.track_published(self, forwarder).await;
+        }
+    }
+
+    /// Finds (or creates) the forwarder for arriving media.
+    #[allow(deprecated)] // the announced layers: what clients still send
+    fn claim_track(
+        &self,
+        remote: &TrackRemote,
+        mid: Option<String>,
+        sfu: &Sfu,
+        room: &Room,
+    ) -> Claim {
         let kind = match remote.kind() {
             RTPCodecType::Audio => lk::TrackType::Audio as i32,
             _ => lk::TrackType::Video as i32,
         };
         let cid = remote.id();
-        let track_sid = self.claim_track(&cid, kind, &remote.codec().capability.mime_type);
-        let Some(track_sid) = track_sid else {
-            forward::drain(remote).await;
-            return;
-        };
-        let (Some(room), Some(sfu)) = (self.room.upgrade(), self.sfu.upgrade()) else { return };
-        let forwarder = forward::Forwarder::new(
-            track_sid,
-            self.sid.clone(),
-            remote,
-            Arc::downgrade(&self.publisher),
-            sfu.observer(),
-        );
-        tokio::spawn(forwarder.clone().run());
-        room.track_published(self, forwarder).await;
-    }
-
-    /// The announced track `cid` (or the first waiting one of `kind`) now has media:
-    /// its sid, or `None` when there is no such track or it is forwarded already.
-    fn claim_track(&self, cid: &str, kind: i32, mime_type: &str) -> Option<String> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let index =
+        let found =
             state.tracks.iter().position(|t| t.cid == cid).or_else(|| {
-                state.tracks.iter().position(|t| !t.forwarding && t.info.r#type == kind)
-            })?;
-        if state.tracks[index].forwarding {
-            return None;
+                state.tracks.iter().position(|t| !t.forwarding() && t.info.r#type == kind)
+            });
+        let Some(index) = found else { return Claim::Unknown };
+        if let Some(forwarder) = &state.tracks[index].forwarder {
+            return Claim::Layer(forwarder.clone());
         }
         state.version = state.version.saturating_add(1);
         let track = &mut state.tracks[index];
-        track.forwarding = true;
-        track.info.mime_type = mime_type.to_owned();
-        Some(track.info.sid.clone())
+        track.info.mime_type = remote.codec().capability.mime_type.clone();
+        track.mid = mid;
+        let forwarder = Forwarder::new(
+            track.info.sid.clone(),
+            self.sid.clone(),
+            remote,
+            track.info.layers.clone(),
+            Arc::downgrade(&self.publisher),
+            sfu.observer(),
+            room.forwarded_bytes.clone(),
+        );
+        forwarder.muted.store(track.info.muted, Ordering::Relaxed);
+        track.forwarder = Some(forwarder.clone());
+        Claim::New(forwarder)
+    }
+
+    /// Tracks whose media sections the client's latest offer no longer sends in were
+    /// unpublished.
+    async fn unpublish_stopped(self: &Arc<Self>, sending: &HashSet<String>) {
+        let stopped: Vec<String> = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            state
+                .tracks
+                .iter()
+                .filter(|t| t.forwarding() && t.mid.as_ref().is_some_and(|m| !sending.contains(m)))
+                .map(|t| t.info.sid.clone())
+                .collect()
+        };
+        for sid in stopped {
+            self.unpublish(&sid).await;
+        }
+    }
+
+    /// Takes the published track `track_sid` away from the call (once).
+    pub async fn unpublish(self: &Arc<Self>, track_sid: &str) {
+        // A participant that left took its tracks with it.
+        if self.left.load(Ordering::Acquire) {
+            return;
+        }
+        let removed = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(index) = state.tracks.iter().position(|t| t.info.sid == track_sid) else {
+                return;
+            };
+            state.version = state.version.saturating_add(1);
+            state.tracks.remove(index).forwarder
+        };
+        self.send(signal::track_unpublished(track_sid));
+        if let Some(room) = self.room.upgrade() {
+            room.track_unpublished(self, track_sid).await;
+        }
+        if let Some(forwarder) = removed {
+            forwarder.close().await;
+        }
+        tracing::info!(identity = %self.identity, track = track_sid, "track unpublished");
+    }
+
+    /// Subscribes to or unsubscribes from tracks, by their sids or their publishers'.
+    async fn update_subscription(self: &Arc<Self>, update: lk::UpdateSubscription) {
+        if !self.grant.can_subscribe {
+            return;
+        }
+        let Some(room) = self.room.upgrade() else { return };
+        let mut sids = update.track_sids;
+        for p in update.participant_tracks {
+            sids.extend(p.track_sids);
+        }
+        sids.sort();
+        sids.dedup();
+        room.set_subscriptions(self, &sids, update.subscribe).await;
+    }
+
+    /// What this participant asks of tracks it receives: off, or a quality or the size
+    /// it shows them at.
+    async fn update_track_settings(&self, update: lk::UpdateTrackSettings) {
+        let Some(room) = self.room.upgrade() else { return };
+        for sid in &update.track_sids {
+            let forwarder = room.forwarder(sid);
+            let max_quality = match &forwarder {
+                Some(f) if update.width > 0 || update.height > 0 => {
+                    f.quality_for_size(update.width, update.height)
+                }
+                _ => layers::quality(update.quality),
+            };
+            let settings = TrackSettings { disabled: update.disabled, max_quality };
+            self.track_settings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(sid.clone(), settings);
+            if let Some(forwarder) = forwarder {
+                forwarder.apply(&self.sid, settings).await;
+            }
+        }
+    }
+
+    /// Tells the publisher (a REMB on its connection, which browsers honour as a ceiling)
+    /// not to send more video than the call allows, for as long as it is here.
+    fn start_publish_cap(self: &Arc<Self>, sfu: &Sfu) {
+        let cap = sfu.settings.max_publish_bitrate;
+        if cap == 0 || self.publish_cap_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(p) = me.upgrade() else { return };
+                if p.left.load(Ordering::Acquire) {
+                    return;
+                }
+                let ssrcs: Vec<u32> = p.forwarders().iter().flat_map(|f| f.video_ssrcs()).collect();
+                if !ssrcs.is_empty() {
+                    let remb = ReceiverEstimatedMaximumBitrate {
+                        sender_ssrc: 0,
+                        bitrate: cap as f32,
+                        ssrcs,
+                    };
+                    let _ = p.publisher.write_rtcp(&[Box::new(remb)]).await;
+                }
+                drop(p);
+                tokio::time::sleep(PUBLISH_CAP_INTERVAL).await;
+            }
+        });
     }
 
     #[allow(deprecated)] // the user packet's own sender fields, which older clients read
@@ -598,7 +875,19 @@ impl Participant {
 
 #[cfg(test)]
 mod tests {
-    use super::first_mid;
+    use super::{first_mid, sending_mids};
+
+    #[test]
+    fn an_offer_tells_which_sections_still_send() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendonly\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=inactive\r\n\
+                   m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\n\
+                   m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:3\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\na=mid:4\r\n";
+        let mut mids: Vec<String> = sending_mids(sdp).into_iter().collect();
+        mids.sort();
+        assert_eq!(mids, ["0", "3"]);
+    }
 
     #[test]
     fn the_first_mid_names_the_bundle() {

@@ -3,24 +3,33 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Instant,
 };
 
 use livekit_protocol as lk;
 
 use super::{
-    IceServer, JoinError, JoinGrant, RoomSummary, Sfu,
+    CallReport, IceServer, JoinError, JoinGrant, RoomSummary, Sfu,
     forward::Forwarder,
     ids,
     participant::{Participant, Session},
     signal,
+    speakers::{self, Speakers},
 };
 
 pub(crate) struct Room {
     sid: String,
     name: String,
     created_ms: i64,
+    created: Instant,
     inner: Mutex<Inner>,
+    peak_participants: AtomicUsize,
+    /// RTP payload bytes its forwarders sent, one copy per receiver.
+    pub forwarded_bytes: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -31,12 +40,17 @@ struct Inner {
 
 impl Room {
     pub fn new(name: String) -> Arc<Self> {
-        Arc::new(Self {
+        let room = Arc::new(Self {
             sid: ids::room(),
             name,
             created_ms: signal::now_ms(),
+            created: Instant::now(),
             inner: Mutex::new(Inner::default()),
-        })
+            peak_participants: AtomicUsize::new(0),
+            forwarded_bytes: Arc::new(AtomicU64::new(0)),
+        });
+        tokio::spawn(speaker_loop(Arc::downgrade(&room)));
+        room
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -49,6 +63,16 @@ impl Room {
 
     pub fn participant_count(&self) -> usize {
         self.inner().participants.len()
+    }
+
+    /// What the call was, for history (when it ends).
+    pub fn report(&self) -> CallReport {
+        CallReport {
+            room: self.name.clone(),
+            peak_participants: self.peak_participants.load(Ordering::Relaxed),
+            forwarded_bytes: self.forwarded_bytes.load(Ordering::Relaxed),
+            duration: self.created.elapsed(),
+        }
     }
 
     pub fn summary(&self) -> RoomSummary {
@@ -107,6 +131,7 @@ impl Room {
             let mut inner = self.inner();
             let others: Vec<_> = inner.participants.iter().map(|p| p.info()).collect();
             inner.participants.push(participant.clone());
+            self.peak_participants.fetch_max(inner.participants.len(), Ordering::Relaxed);
             (others, inner.forwarders.values().cloned().collect::<Vec<_>>())
         };
         participant.send(signal::join(
@@ -119,7 +144,7 @@ impl Room {
         self.broadcast(&participant.sid, &signal::update(vec![participant.info()]));
         sfu.observer().participant_joined(&self.name, &participant.identity);
         tracing::info!(room = %self.name, identity = %participant.identity, "participant joined");
-        if participant.can_subscribe() && !forwarders.is_empty() {
+        if participant.auto_subscribes() && !forwarders.is_empty() {
             for forwarder in &forwarders {
                 forwarder.subscribe(&participant).await;
             }
@@ -154,11 +179,57 @@ impl Room {
         self.inner().forwarders.insert(forwarder.track_sid.clone(), forwarder.clone());
         self.broadcast(&publisher.sid, &signal::update(vec![publisher.info()]));
         for other in self.others(&publisher.sid) {
-            if other.can_subscribe() {
+            if other.auto_subscribes() {
                 forwarder.subscribe(&other).await;
                 other.negotiate_subscriber().await;
             }
         }
+    }
+
+    /// A published track's forwarder, by the track's sid.
+    pub fn forwarder(&self, track_sid: &str) -> Option<Arc<Forwarder>> {
+        self.inner().forwarders.get(track_sid).cloned()
+    }
+
+    /// Participants other than `sid` that publish (or announced a track).
+    pub fn publishers_besides(&self, sid: &str) -> usize {
+        self.others(sid).iter().filter(|p| p.has_tracks()).count()
+    }
+
+    /// `publisher` took the track `track_sid` away: the others are told (the caller
+    /// closes its forwarder).
+    pub async fn track_unpublished(&self, publisher: &Arc<Participant>, track_sid: &str) {
+        self.inner().forwarders.remove(track_sid);
+        self.broadcast(&publisher.sid, &signal::update(vec![publisher.info()]));
+    }
+
+    /// Subscribes `subscriber` to the tracks `track_sids`, or unsubscribes it.
+    pub async fn set_subscriptions(
+        &self,
+        subscriber: &Arc<Participant>,
+        track_sids: &[String],
+        subscribe: bool,
+    ) {
+        let forwarders: Vec<Arc<Forwarder>> = {
+            let inner = self.inner();
+            track_sids
+                .iter()
+                .filter_map(|sid| inner.forwarders.get(sid))
+                .filter(|f| f.publisher_sid != subscriber.sid)
+                .cloned()
+                .collect()
+        };
+        if forwarders.is_empty() {
+            return;
+        }
+        for forwarder in forwarders {
+            if subscribe {
+                forwarder.subscribe(subscriber).await;
+            } else if let Some(sender) = forwarder.forget(&subscriber.sid) {
+                let _ = subscriber.subscriber.remove_track(&sender).await;
+            }
+        }
+        subscriber.negotiate_subscriber().await;
     }
 
     /// Data from `from` to everyone else, or to `to` (identities) when not empty.
@@ -186,7 +257,7 @@ impl Room {
                 .map(|f| f.track_sid.clone())
                 .collect();
             for f in inner.forwarders.values() {
-                f.forget(&participant.sid);
+                let _ = f.forget(&participant.sid);
             }
             mine.iter().filter_map(|sid| inner.forwarders.remove(sid)).collect::<Vec<_>>()
         };
@@ -199,5 +270,38 @@ impl Room {
         sfu.observer().participant_left(&self.name, &participant.identity);
         tracing::info!(room = %self.name, identity = %participant.identity, "participant left");
         sfu.close_if_empty(self);
+    }
+}
+
+/// Decides the call's active speakers every [`speakers::INTERVAL`] from the levels of
+/// its unmuted audio tracks and tells everyone of changes, until the call ends.
+async fn speaker_loop(room: Weak<Room>) {
+    let mut speakers = Speakers::default();
+    loop {
+        tokio::time::sleep(speakers::INTERVAL).await;
+        let Some(room) = room.upgrade() else { return };
+        let participants = room.inner().participants.clone();
+        let mut levels = HashMap::new();
+        for p in &participants {
+            let mut loudest: Option<f32> = None;
+            for forwarder in p.forwarders() {
+                let Some(meter) = &forwarder.meter else { continue };
+                let level = meter.take();
+                if forwarder.muted.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                if let Some(level) = level {
+                    loudest = Some(loudest.map_or(level, |l: f32| l.max(level)));
+                }
+            }
+            levels.insert(p.sid.clone(), loudest);
+        }
+        let changes = speakers.update(levels);
+        if !changes.is_empty() {
+            let bytes = signal::speakers(&changes);
+            for p in &participants {
+                p.send(bytes.clone());
+            }
+        }
     }
 }

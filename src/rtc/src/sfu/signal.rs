@@ -133,6 +133,35 @@ pub fn track_published(cid: String, track: lk::TrackInfo) -> Vec<u8> {
     encode(Response::TrackPublished(lk::TrackPublishedResponse { cid, track: Some(track) }))
 }
 
+pub fn track_unpublished(track_sid: &str) -> Vec<u8> {
+    encode(Response::TrackUnpublished(lk::TrackUnpublishedResponse {
+        track_sid: track_sid.to_owned(),
+    }))
+}
+
+/// An `AddTrack` the SFU will not publish, and why.
+pub fn refused_track(add: lk::AddTrackRequest, message: &str) -> Vec<u8> {
+    encode(Response::RequestResponse(lk::RequestResponse {
+        request_id: 0,
+        reason: lk::request_response::Reason::LimitExceeded as i32,
+        message: message.to_owned(),
+        request: Some(lk::request_response::Request::AddTrack(add)),
+    }))
+}
+
+/// Speakers who started (with their level) or stopped (`None`).
+pub fn speakers(changes: &[(String, Option<f32>)]) -> Vec<u8> {
+    let speakers = changes
+        .iter()
+        .map(|(sid, level)| lk::SpeakerInfo {
+            sid: sid.clone(),
+            level: level.unwrap_or(0.0),
+            active: level.is_some(),
+        })
+        .collect();
+    encode(Response::SpeakersChanged(lk::SpeakersChanged { speakers }))
+}
+
 pub fn pong(now_ms: i64) -> Vec<u8> {
     encode(Response::Pong(now_ms))
 }

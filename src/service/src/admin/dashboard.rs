@@ -31,6 +31,9 @@ pub struct Calls {
     pub group_calls_now: usize,
     /// Relay allocations the built-in TURN server holds.
     pub turn_allocations: i64,
+    /// Calls and participants on the built-in SFU now.
+    pub sfu_calls_now: i64,
+    pub sfu_participants_now: i64,
     /// Delayed events waiting to be posted.
     pub delayed_events_waiting: usize,
 }
@@ -127,6 +130,8 @@ pub fn dashboard(services: &Services) -> Result<Dashboard> {
         calls: Calls {
             group_calls_now: services.call_history.running()?,
             turn_allocations: metrics.turn.allocations.get(),
+            sfu_calls_now: metrics.sfu.calls.get(),
+            sfu_participants_now: metrics.sfu.participants.get(),
             delayed_events_waiting: services.delayed_events.waiting(),
         },
     })

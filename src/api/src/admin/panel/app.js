@@ -157,7 +157,8 @@ async function dashboardPage() {
       card('Federation', `${d.federation.destinations} servers, ${d.federation.failing} failing`, 'dash-federation'),
       card('Queues', `${d.queues.federation} to servers, ${d.queues.push} pushes`),
       card('Server errors', `${(d.requests.error_rate * 100).toFixed(2)} % of ${d.requests.total}`),
-      card('Calls now / TURN relays', `${d.calls.group_calls_now} / ${d.calls.turn_allocations}`, 'dash-calls')),
+      card('Calls now / TURN relays', `${d.calls.group_calls_now} / ${d.calls.turn_allocations}`, 'dash-calls'),
+      card('On the built-in SFU', `${d.calls.sfu_calls_now} calls, ${d.calls.sfu_participants_now} participants`, 'dash-sfu')),
     el('h2', {}, 'Messages per hour, last 24 hours'),
     el('div', { class: 'bars', 'data-test': 'hourly' },
       d.messages_per_hour.map((h) => el('div', { class: 'bar', title: `${when(h.hour_ts)}: ${h.messages}`, style: null, 'data-height': Math.round((h.messages / max) * 100) }))),
@@ -369,9 +370,10 @@ async function callsPage(params) {
   const list = await api('GET', `${TRL}/calls?${new URLSearchParams({ from, limit: 50 })}`);
   const minutes = (ms) => (ms == null ? '—' : `${Math.floor(ms / 60000)} min ${Math.round((ms % 60000) / 1000)} s`);
   show(el('h1', {}, `Calls (${list.total})`),
-    table(['Started', 'Room', 'Kind', 'Caller', 'Participants', 'State', 'Duration', 'Ended by'],
+    table(['Started', 'Room', 'Kind', 'Caller', 'Participants', 'State', 'Duration', 'Ended by', 'Media (built-in SFU)'],
       list.calls.map((c) => [when(c.started_ts), el('a', { href: `#/rooms/${enc(c.room_id)}` }, c.room_id),
-        `${c.type}${c.video ? ', video' : ''}`, c.caller, c.participants.join(', '), c.state, minutes(c.duration_ms), c.end_reason || '']), 'calls'),
+        `${c.type}${c.video ? ', video' : ''}`, c.caller, c.participants.join(', '), c.state, minutes(c.duration_ms), c.end_reason || '',
+        c.media ? `${c.media.peak_participants} at most, ${(c.media.forwarded_bytes / 1e6).toFixed(1)} MB forwarded` : '']), 'calls'),
     list.next_token != null ? el('a', { href: `#/calls?from=${list.next_token}` }, 'Older') : null);
 }
 
