@@ -105,9 +105,10 @@ struct Signal {
 }
 
 impl Signal {
-    async fn connect(url: &str, token: &str) -> Result<Self, String> {
+    async fn connect(url: &str, token: &str, auto_subscribe: bool) -> Result<Self, String> {
+        let auto = u8::from(auto_subscribe);
         let address = format!(
-            "{url}/rtc?access_token={token}&auto_subscribe=1&protocol=17&sdk=trellis-bench"
+            "{url}/rtc?access_token={token}&auto_subscribe={auto}&protocol=17&sdk=trellis-bench"
         );
         let (socket, _) = tokio_tungstenite::connect_async(address.as_str())
             .await
@@ -219,7 +220,7 @@ async fn publish(
     base: Instant,
     stop: Arc<AtomicBool>,
 ) -> Result<Arc<AtomicU64>, String> {
-    let mut signal = Signal::connect(url, token).await?;
+    let mut signal = Signal::connect(url, token, true).await?;
     let pc = Arc::new(
         api.new_peer_connection(RTCConfiguration::default()).await.map_err(|e| e.to_string())?,
     );
@@ -377,6 +378,13 @@ struct Received {
     expected: u64,
     delays: Vec<Duration>,
     first_packet: Option<Duration>,
+    /// Offers answered, and the receiving connection's last state.
+    answered: u32,
+    state: String,
+    audio_packets: u64,
+    tracks: Vec<String>,
+    /// Media sections of the last offer, by kind.
+    offered: String,
 }
 
 /// One viewer: joins, answers the SFU's offers and counts what arrives, until `stop`.
@@ -390,21 +398,30 @@ async fn view(
     got: Arc<Mutex<Received>>,
 ) -> Result<(), String> {
     let joined = Instant::now();
-    let mut signal = Signal::connect(&url, &token).await?;
+    // Viewers pick the video track (`auto_subscribe=0`, then `UpdateSubscription`) as a
+    // live-stream page would.
+    let mut signal = Signal::connect(&url, &token, false).await?;
     let pc = Arc::new(
         api.new_peer_connection(RTCConfiguration::default()).await.map_err(|e| e.to_string())?,
     );
     trickle_out(&pc, signal.out.clone(), 1);
+    let states = got.clone();
+    pc.on_peer_connection_state_change(Box::new(move |state| {
+        states.lock().unwrap_or_else(|p| p.into_inner()).state = state.to_string();
+        Box::pin(async {})
+    }));
     let counts = got.clone();
     let measure = measuring.clone();
     pc.on_track(Box::new(move |track, _, _| {
         let (got, measuring) = (counts.clone(), measure.clone());
         Box::pin(async move {
             let video = track.kind() == webrtc::rtp_transceiver::rtp_codec::RTPCodecType::Video;
+            got.lock().unwrap_or_else(|p| p.into_inner()).tracks.push(track.kind().to_string());
             let mut highest: Option<u32> = None;
             let mut first_seq: Option<u32> = None;
             while let Ok((packet, _)) = track.read_rtp().await {
                 if !video {
+                    got.lock().unwrap_or_else(|p| p.into_inner()).audio_packets += 1;
                     continue;
                 }
                 let mut g = got.lock().unwrap_or_else(|p| p.into_inner());
@@ -447,6 +464,12 @@ async fn view(
         match message {
             lk::signal_response::Message::Offer(offer) => {
                 let id = offer.id;
+                got.lock().unwrap_or_else(|p| p.into_inner()).offered = offer
+                    .sdp
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("m=").and_then(|m| m.split(' ').next()))
+                    .collect::<Vec<_>>()
+                    .join(",");
                 let offer = RTCSessionDescription::offer(offer.sdp).map_err(|e| e.to_string())?;
                 pc.set_remote_description(offer).await.map_err(|e| e.to_string())?;
                 let answer = pc.create_answer(None).await.map_err(|e| e.to_string())?;
@@ -457,9 +480,24 @@ async fn view(
                     id,
                     ..Default::default()
                 }));
+                got.lock().unwrap_or_else(|p| p.into_inner()).answered += 1;
             }
             lk::signal_response::Message::Trickle(t) if t.target == 1 => {
                 add_candidate(&pc, &t).await
+            }
+            lk::signal_response::Message::Join(join) => {
+                let video: Vec<String> = join
+                    .other_participants
+                    .iter()
+                    .flat_map(|p| &p.tracks)
+                    .filter(|t| t.r#type == lk::TrackType::Video as i32)
+                    .map(|t| t.sid.clone())
+                    .collect();
+                signal.send(lk::signal_request::Message::Subscription(lk::UpdateSubscription {
+                    track_sids: video,
+                    subscribe: true,
+                    ..Default::default()
+                }));
             }
             _ => {}
         }
@@ -535,6 +573,10 @@ pub async fn sfu_live(args: SfuLiveArgs) -> Result<Value, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
     let sent = publish(&api, &url, &jwts[0], args.kbps, base, stop.clone()).await?;
+    // Viewers join once the tracks are published (their media has reached the SFU), so
+    // that each gets one offer with both: WebRTC's Rust stack, as a receiver, misses a
+    // video track added by a second offer now and then.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Viewers join a few at a time; each runs until the end.
     let started = Instant::now();
@@ -599,8 +641,25 @@ pub async fn sfu_live(args: SfuLiveArgs) -> Result<Value, String> {
         }
         shares.push(g.video_packets as f64 / video_sent.max(1) as f64);
     }
+    // Why viewers did not receive, when some did not.
+    let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
+    for v in &viewers {
+        let g = v.lock().unwrap_or_else(|p| p.into_inner());
+        if std::env::var_os("TRELLIS_BENCH_DEBUG").is_some() {
+            *failures.entry(format!("offer {} video {}", g.offered, g.first_packet.is_some())).or_default() += 1;
+        }
+        if g.first_packet.is_none() {
+            let what = format!(
+                "no video; {} answers ({}); connection {}; tracks {:?}",
+                g.answered, g.offered, g.state, g.tracks
+            );
+            *failures.entry(what).or_default() += 1;
+        }
+    }
     for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(2), task).await {
+            *failures.entry(e).or_default() += 1;
+        }
     }
     let mbit_s = bytes as f64 * 8.0 / 1e6 / elapsed.as_secs_f64();
     let min_share = shares.iter().copied().fold(f64::INFINITY, f64::min);
@@ -621,6 +680,7 @@ pub async fn sfu_live(args: SfuLiveArgs) -> Result<Value, String> {
         "delay": summary(&mut delays),
         "server": server,
         "server_cpu_percent": cpu.map(|c| round2(100.0 * c.as_secs_f64() / elapsed.as_secs_f64())),
+        "failures": failures,
         "server_cpu_ms_per_mbit": cpu.map(|c| round2(c.as_secs_f64() * 1000.0 / (mbit_s * elapsed.as_secs_f64()).max(1e-9))),
     }))
 }

@@ -465,6 +465,7 @@ impl Forwarder {
                     } else if state.target == Some(quality)
                         && (keyframe || !video || !self.codec.switchable())
                     {
+                        tracing::debug!(track = %self.track_sid, subscriber = %downtrack.subscriber_sid, quality, "layer switched");
                         state.current = Some(quality);
                         Some(state.munger.rewrite(seq, ts, true, arrived))
                     } else {
@@ -474,9 +475,12 @@ impl Forwarder {
                 if let Some((seq, ts)) = rewritten {
                     packet.header.sequence_number = seq;
                     packet.header.timestamp = ts;
-                    if downtrack.track.write_rtp(&packet).await.is_ok() {
-                        packets += 1;
-                        bytes += size;
+                    match downtrack.track.write_rtp(&packet).await {
+                        Ok(_) => {
+                            packets += 1;
+                            bytes += size;
+                        }
+                        Err(e) => tracing::trace!(error = %e, subscriber = %downtrack.subscriber_sid, "a forwarded packet was not sent"),
                     }
                 }
             }
