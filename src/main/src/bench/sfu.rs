@@ -645,9 +645,6 @@ pub async fn sfu_live(args: SfuLiveArgs) -> Result<Value, String> {
     let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
     for v in &viewers {
         let g = v.lock().unwrap_or_else(|p| p.into_inner());
-        if std::env::var_os("TRELLIS_BENCH_DEBUG").is_some() {
-            *failures.entry(format!("offer {} video {}", g.offered, g.first_packet.is_some())).or_default() += 1;
-        }
         if g.first_packet.is_none() {
             let what = format!(
                 "no video; {} answers ({}); connection {}; tracks {:?}",

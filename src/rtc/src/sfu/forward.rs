@@ -480,7 +480,9 @@ impl Forwarder {
                             packets += 1;
                             bytes += size;
                         }
-                        Err(e) => tracing::trace!(error = %e, subscriber = %downtrack.subscriber_sid, "a forwarded packet was not sent"),
+                        Err(e) => {
+                            tracing::trace!(error = %e, subscriber = %downtrack.subscriber_sid, "a forwarded packet was not sent")
+                        }
                     }
                 }
             }
