@@ -318,12 +318,12 @@ async fn publish(
         let mut frame = 0u64;
         while !stop.load(Ordering::Relaxed) {
             tick.tick().await;
-            let keyframe =
-                frame % KEYFRAME_EVERY == 0 || keyframe_wanted.swap(false, Ordering::Relaxed);
+            let keyframe = frame.is_multiple_of(KEYFRAME_EVERY)
+                || keyframe_wanted.swap(false, Ordering::Relaxed);
             let mut left = frame_bytes;
             let mut first = true;
             while left > 0 {
-                let size = left.min(PAYLOAD_MAX).max(16);
+                let size = left.clamp(16, PAYLOAD_MAX);
                 left = left.saturating_sub(size);
                 let mut payload = vec![0u8; size];
                 // VP8 descriptor (start of partition 0 on the first packet), the frame
@@ -348,7 +348,7 @@ async fn publish(
                 }
             }
             // Audio: 20 ms frames, three to each 33 ms video frame on average.
-            for _ in 0..(if frame % 2 == 0 { 2 } else { 1 }) {
+            for _ in 0..(if frame.is_multiple_of(2) { 2 } else { 1 }) {
                 let mut payload = vec![0u8; 100];
                 payload[0..8].copy_from_slice(&stamp(base).to_be_bytes());
                 let packet = Packet {

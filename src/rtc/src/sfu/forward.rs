@@ -259,6 +259,8 @@ impl Forwarder {
         }
         self.replace(|list| list.push(downtrack.clone()));
         self.retarget_one(&downtrack);
+        // A new subscriber can decode from the next keyframe: one is asked for now.
+        self.keyframe_for(&downtrack).await;
         // The subscriber's reports: a lost picture is asked of the publisher again, and
         // its bandwidth estimate sets the layers it gets.
         let me = Arc::downgrade(self);
@@ -314,12 +316,10 @@ impl Forwarder {
         };
         {
             let mut state = downtrack.state();
-            if state.settings.disabled && !settings.disabled {
-                // Sending resumes at a keyframe, continuing the numbering.
-                state.current = None;
-            }
             state.settings = settings;
             if settings.disabled {
+                // Sending resumes at a keyframe of the layer then chosen, the numbering
+                // continued.
                 state.current = None;
             }
         }
