@@ -4,7 +4,8 @@
 //! asks for, sends data, mutes, joins late, loses its signalling connection and resumes,
 //! unpublishes and republishes, and leaves; LiveKit's Python SDK (its Rust client core)
 //! does much the same with synthetic media, connecting as it does by default, and sees
-//! active speakers, unsubscribes and subscribes again, and unpublishes.
+//! active speakers, unsubscribes and subscribes again, and unpublishes; a call limited to
+//! one publisher refuses a second.
 
 mod common;
 
@@ -162,4 +163,28 @@ async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
     assert_eq!(media["peak_participants"], 2, "{media}");
     assert!(media["forwarded_bytes"].as_u64().unwrap_or(0) > 20_000, "{media}");
     assert!(media["seconds"].as_u64().unwrap_or(0) >= 2, "{media}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_takes_no_more_publishers_than_configured() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}sfu_max_publishers = 1\n")).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    let (url, token_a) = livekit_token(&s, &alice_id, &alice, &room).await;
+    let (_, token_b) = livekit_token(&s, &bob_id, &bob, &room).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_python.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([&url, &token_a, &token_b])
+        .env("SFU_PYTHON_SCENARIO", "limit")
+        .output()
+        .await
+        .expect("python3 runs");
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(r.get("exception").is_none(), "{r}");
+    assert!(r["b_refused"].is_string(), "the second publisher is refused: {r}");
+    assert_eq!(r["b_receives"], true, "and still receives the first: {r}");
 }

@@ -8,6 +8,8 @@ audio frames each received of the other's tracks, who B saw as active speakers, 
 B could unsubscribe from A's video and subscribe again (frames flowing again), the data
 message B received from A, whether B saw A mute its microphone and unpublish its video,
 and `exception` only on failure.
+With SFU_PYTHON_SCENARIO=limit (a server allowing one publisher a call): A publishes, B's
+publish is refused (`b_refused` names the error) and B still receives A's video.
 Set SFU_PYTHON_LOG=DEBUG (or INFO) for the SDK's logs on stderr; RUST_LOG is also honoured
 by the native core.
 """
@@ -238,11 +240,30 @@ async def scenario(url, token_a, token_b, a, b):
         lambda: b.audio_frames.get(a.identity, 0) > heard + 10, 10)
 
 
+async def limit_scenario(url, token_a, token_b, a, b):
+    stage[0] = "a connects"
+    await asyncio.wait_for(a.connect(url, token_a), 15)
+    stage[0] = "a publishes"
+    await asyncio.wait_for(a.publish(), 10)
+    stage[0] = "b connects"
+    await asyncio.wait_for(b.connect(url, token_b), 15)
+    stage[0] = "b publishes"
+    try:
+        await asyncio.wait_for(b.publish(), 30)
+        result["b_refused"] = None
+    except Exception as e:  # noqa: BLE001 - the refusal is the point
+        result["b_refused"] = type(e).__name__
+    stage[0] = "b receives"
+    result["b_receives"] = await wait_for(lambda: b.video_frames.get(a.identity, 0) > 10, 15)
+    counts(a, b)
+
+
 async def main():
     url, token_a, token_b = sys.argv[1:4]
     a, b = Participant("a"), Participant("b")
+    chosen = limit_scenario if os.environ.get("SFU_PYTHON_SCENARIO") == "limit" else scenario
     try:
-        await asyncio.wait_for(scenario(url, token_a, token_b, a, b), TOTAL_SECONDS - 5)
+        await asyncio.wait_for(chosen(url, token_a, token_b, a, b), TOTAL_SECONDS - 5)
     except BaseException as e:  # noqa: BLE001 - reported, not raised
         result["exception"] = f"{type(e).__name__} while {stage[0]}: {e}"
         try:
