@@ -105,15 +105,38 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     assert!(value("trellis_sfu_forwarded_bytes_total") > 10_000.0, "{metrics}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
-    let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+/// Alice and Bob in a room of their own, with LiveKit tokens for its call:
+/// (url, alice's id, alice's access token, room, token A, token B).
+async fn two_in_a_call(s: &TestServer) -> (String, String, String, String, String, String) {
     let (alice_id, alice) = s.register("alice").await;
     let (bob_id, bob) = s.register("bob").await;
     let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
     s.join_room(&bob, &room).await;
-    let (url, token_a) = livekit_token(&s, &alice_id, &alice, &room).await;
-    let (_, token_b) = livekit_token(&s, &bob_id, &bob, &room).await;
+    let (url, token_a) = livekit_token(s, &alice_id, &alice, &room).await;
+    let (_, token_b) = livekit_token(s, &bob_id, &bob, &room).await;
+    (url, alice_id, alice, room, token_a, token_b)
+}
+
+/// Runs `sfu_python.py` (its `scenario`, or the default one) and returns its report.
+async fn python_call(url: &str, token_a: &str, token_b: &str, scenario: &str) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_python.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([url, token_a, token_b])
+        .env("SFU_PYTHON_SCENARIO", scenario)
+        .output()
+        .await
+        .expect("python3 runs");
+    let r: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(r.get("exception").is_none(), "{r}");
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+    let (url, alice_id, alice, room, token_a, token_b) = two_in_a_call(&s).await;
     // Element Call's member state starts the group call the SFU's figures are added to.
     let key = urlencode(&format!("_{alice_id}_DEVICE_m.call"));
     let (status, resp) = s
@@ -126,16 +149,7 @@ async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
         .await;
     assert_eq!(status, 200, "{resp}");
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_python.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .args([&url, &token_a, &token_b])
-        .output()
-        .await
-        .expect("python3 runs");
-    let r: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    assert!(r.get("exception").is_none(), "{r}");
+    let r = python_call(&url, &token_a, &token_b, "call").await;
     for key in
         ["a_frames_from_b", "b_frames_from_a", "a_audio_frames_from_b", "b_audio_frames_from_a"]
     {
@@ -168,23 +182,8 @@ async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_takes_no_more_publishers_than_configured() {
     let s = TestServer::start(&format!("{OPEN}{SFU}sfu_max_publishers = 1\n")).await;
-    let (alice_id, alice) = s.register("alice").await;
-    let (bob_id, bob) = s.register("bob").await;
-    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
-    s.join_room(&bob, &room).await;
-    let (url, token_a) = livekit_token(&s, &alice_id, &alice, &room).await;
-    let (_, token_b) = livekit_token(&s, &bob_id, &bob, &room).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_python.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .args([&url, &token_a, &token_b])
-        .env("SFU_PYTHON_SCENARIO", "limit")
-        .output()
-        .await
-        .expect("python3 runs");
-    let r: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    assert!(r.get("exception").is_none(), "{r}");
+    let (url, _, _, _, token_a, token_b) = two_in_a_call(&s).await;
+    let r = python_call(&url, &token_a, &token_b, "limit").await;
     assert!(r["b_refused"].is_string(), "the second publisher is refused: {r}");
     assert_eq!(r["b_receives"], true, "and still receives the first: {r}");
 }

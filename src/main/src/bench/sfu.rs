@@ -76,13 +76,6 @@ const KEYFRAME_EVERY: u64 = 2 * FPS;
 /// Publisher signalling and media setup, and each viewer's, must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The address of the interface the default route leaves by.
-fn default_route_ip() -> Option<IpAddr> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    socket.connect("192.0.2.1:9").ok()?;
-    socket.local_addr().ok().map(|a| a.ip())
-}
-
 fn build_api(ip: IpAddr) -> Result<API, String> {
     let mut media = MediaEngine::default();
     media.register_default_codecs().map_err(|e| e.to_string())?;
@@ -553,7 +546,7 @@ async fn livekit_tokens(
 
 pub async fn sfu_live(args: SfuLiveArgs) -> Result<Value, String> {
     crate::limits::raise_open_files();
-    let ip = args.media_ip.or_else(default_route_ip).ok_or("no media address (set --media-ip)")?;
+    let ip = args.media_ip.unwrap_or_else(crate::turn::default_route_ip);
     let http = Api::new(&args.common, 16)?;
     let tokens = http.register_many("sfu_live", args.viewers + 1).await?;
     let room =

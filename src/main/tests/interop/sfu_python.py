@@ -179,16 +179,18 @@ def counts(a, b):
     result["b_audio_frames_from_a"] = b.audio_frames.get(a.identity, 0)
 
 
+async def join(p, url, token):
+    """Connects `p` and publishes its tracks, the steps named in `stage`."""
+    stage[0] = f"{p.name} connects"
+    await asyncio.wait_for(p.connect(url, token), 15)
+    stage[0] = f"{p.name} publishes"
+    await asyncio.wait_for(p.publish(), 10)
+
+
 async def scenario(url, token_a, token_b, a, b):
     started = time.monotonic()
-    stage[0] = "a connects"
-    await asyncio.wait_for(a.connect(url, token_a), 15)
-    stage[0] = "a publishes"
-    await asyncio.wait_for(a.publish(), 10)
-    stage[0] = "b connects"
-    await asyncio.wait_for(b.connect(url, token_b), 15)
-    stage[0] = "b publishes"
-    await asyncio.wait_for(b.publish(), 10)
+    await join(a, url, token_a)
+    await join(b, url, token_b)
     result["connected_s"] = round(time.monotonic() - started, 2)
 
     def flowing():
@@ -241,10 +243,7 @@ async def scenario(url, token_a, token_b, a, b):
 
 
 async def limit_scenario(url, token_a, token_b, a, b):
-    stage[0] = "a connects"
-    await asyncio.wait_for(a.connect(url, token_a), 15)
-    stage[0] = "a publishes"
-    await asyncio.wait_for(a.publish(), 10)
+    await join(a, url, token_a)
     stage[0] = "b connects"
     await asyncio.wait_for(b.connect(url, token_b), 15)
     stage[0] = "b publishes"
