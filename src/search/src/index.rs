@@ -28,7 +28,7 @@ use crate::analysis::{Analyzers, Language, Word};
 
 /// Bumped when the schema or the analysis changes: an index of another version is
 /// rebuilt from the rooms.
-const FORMAT: &str = "trellis-search-2";
+const FORMAT: &str = "trellis-search-3";
 
 /// Marks a stem in the words field, beside the words as written: a stem is a term of
 /// its own (`\u{1}meet`), so prefixes of plain words never reach stems.
@@ -37,6 +37,12 @@ const STEM: char = '\u{1}';
 /// A last query word found in at least this many documents is not also expanded as a
 /// prefix.
 const PREFIX_ONLY_BELOW: u64 = 1000;
+
+/// Documents are grouped by stream position into blocks of `1 << BLOCK_BITS` positions,
+/// and a removal looks for its position only among its block's documents: a term of its
+/// own for every document made the term dictionary as large as the index, and cost a
+/// third of the indexing CPU (building and merging it).
+const BLOCK_BITS: u32 = 10;
 
 /// Memory the writer buffers before it flushes a segment.
 const WRITER_MEMORY: usize = 16 * 1024 * 1024;
@@ -100,6 +106,11 @@ impl Has {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
     pub up_to: u64,
+    /// The highest position indexed as events came (past `up_to` when the last batch
+    /// held events beyond the visible position). A catch-up replaces documents up to
+    /// here; past it nothing can be indexed yet, so it only adds, which is far cheaper
+    /// than replacing.
+    pub indexed_to: u64,
     pub catching_up: Option<CatchUp>,
 }
 
@@ -114,9 +125,10 @@ pub struct CatchUp {
 
 impl Progress {
     fn encode(&self) -> String {
+        let (up_to, indexed_to) = (self.up_to, self.indexed_to);
         match self.catching_up {
-            None => format!("{FORMAT}:{}", self.up_to),
-            Some(c) => format!("{FORMAT}:{}:{}:{}", self.up_to, c.target, c.rooms_done),
+            None => format!("{FORMAT}:{up_to}:{indexed_to}"),
+            Some(c) => format!("{FORMAT}:{up_to}:{indexed_to}:{}:{}", c.target, c.rooms_done),
         }
     }
 
@@ -124,9 +136,9 @@ impl Progress {
         let rest = payload.strip_prefix(FORMAT)?.strip_prefix(':')?;
         let numbers: Vec<u64> = rest.split(':').map(str::parse).collect::<Result<_, _>>().ok()?;
         match numbers[..] {
-            [up_to] => Some(Self { up_to, catching_up: None }),
-            [up_to, target, rooms_done] => {
-                Some(Self { up_to, catching_up: Some(CatchUp { target, rooms_done }) })
+            [up_to, indexed_to] => Some(Self { up_to, indexed_to, catching_up: None }),
+            [up_to, indexed_to, target, rooms_done] => {
+                Some(Self { up_to, indexed_to, catching_up: Some(CatchUp { target, rooms_done }) })
             }
             _ => None,
         }
@@ -203,6 +215,8 @@ struct Fields {
     has: Field,
     ts: Field,
     position: Field,
+    /// `position >> BLOCK_BITS`, the only index of positions.
+    block: Field,
     /// The words (lowercased, folded) and their stems ([`STEM`]), without positions:
     /// searches match words, not phrases.
     words: Field,
@@ -216,15 +230,15 @@ fn schema() -> (Schema, Fields) {
             .set_index_option(IndexRecordOption::WithFreqs),
     );
     let fields = Fields {
-        // Documents are replaced and removed by stream position (unique per event, and a
-        // cheaper term than the event id).
+        // Documents are replaced and removed by stream position (unique per event).
         event_id: b.add_text_field("event_id", STORED),
         room_id: b.add_text_field("room_id", STRING | STORED),
         sender: b.add_text_field("sender", STRING),
         key: b.add_text_field("key", STRING),
         has: b.add_text_field("has", STRING),
         ts: b.add_i64_field("ts", FAST),
-        position: b.add_u64_field("position", INDEXED | FAST | STORED),
+        position: b.add_u64_field("position", FAST | STORED),
+        block: b.add_u64_field("block", INDEXED),
         words: b.add_text_field("words", words),
     };
     (b.build(), fields)
@@ -328,7 +342,7 @@ impl SearchIndex {
     /// Adds `entry`, replacing any document of the same event (an edit, or an event
     /// indexed again): a replacement costs a lookup in every segment at the commit.
     pub fn replace(&self, entry: &Entry) -> Result<()> {
-        self.remove(entry.position);
+        self.remove(entry.position)?;
         self.put(entry)
     }
 
@@ -346,6 +360,7 @@ impl SearchIndex {
         }
         doc.add_i64(f.ts, entry.origin_server_ts);
         doc.add_u64(f.position, entry.position);
+        doc.add_u64(f.block, entry.position >> BLOCK_BITS);
         let words = analyzers.words(&entry.text, Some(entry.language));
         drop(analyzers);
         doc.add_pre_tokenized_text(f.words, pre_tokenized(words));
@@ -355,8 +370,21 @@ impl SearchIndex {
 
     /// Removes the document of the event at stream position `position`, if there is one
     /// (a redaction).
-    pub fn remove(&self, position: u64) {
-        self.writer().delete_term(Term::from_field_u64(self.fields.position, position));
+    pub fn remove(&self, position: u64) -> Result<()> {
+        let f = &self.fields;
+        let block = Term::from_field_u64(f.block, position >> BLOCK_BITS);
+        let at = Term::from_field_u64(f.position, position);
+        let query = BooleanQuery::intersection(vec![
+            Box::new(TermQuery::new(block, IndexRecordOption::Basic)),
+            Box::new(RangeQuery::new(Bound::Included(at.clone()), Bound::Included(at))),
+        ]);
+        self.writer().delete_query(Box::new(query)).map_err(internal("removing an event"))?;
+        Ok(())
+    }
+
+    /// Removes every document of `room_id` (a purge).
+    pub fn remove_room(&self, room_id: &str) {
+        self.writer().delete_term(Term::from_field_text(self.fields.room_id, room_id));
     }
 
     /// Removes every document (a reindex starts from nothing).

@@ -15,7 +15,7 @@ fn entry(n: u64, room: &str, text: &str) -> Entry {
 }
 
 fn done(up_to: u64) -> Progress {
-    Progress { up_to, catching_up: None }
+    Progress { up_to, indexed_to: up_to, catching_up: None }
 }
 
 fn query(terms: &str) -> Query {
@@ -64,7 +64,7 @@ fn finds_stems_prefixes_and_folded_words_and_forgets_removed_ones() {
         "a room with a small part of the index is filtered in it"
     );
 
-    index.remove(3);
+    index.remove(3).unwrap();
     let mut edited = entry(1, "!r:x", "lunch instead");
     edited.position = 1;
     index.replace(&edited).unwrap();
@@ -121,6 +121,50 @@ fn filters_order_and_pages() {
 }
 
 #[test]
+fn removal_and_replacement_hit_only_their_own_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = SearchIndex::open(dir.path(), &[]).unwrap();
+    // Several blocks of positions, over several segments.
+    for n in 0..5000u64 {
+        index.put(&entry(n, "!r:x", "common")).unwrap();
+        if n % 1500 == 0 {
+            index.commit(done(n)).unwrap();
+        }
+    }
+    index.commit(done(5000)).unwrap();
+    for gone in [0, 1023, 1024, 2048, 4999] {
+        index.remove(gone).unwrap();
+    }
+    index.replace(&entry(1025, "!r:x", "rare")).unwrap();
+    // Removing what is not there removes nothing.
+    index.remove(9_999_999).unwrap();
+    index.commit(done(5001)).unwrap();
+    let mut all = query("common");
+    all.limit = 10_000;
+    let found: std::collections::BTreeSet<u64> =
+        index.search(&all).unwrap().hits.into_iter().map(|h| h.position).collect();
+    assert_eq!(found.len(), 5000 - 6);
+    for absent in [0, 1023, 1024, 1025, 2048, 4999] {
+        assert!(!found.contains(&absent), "{absent} should be gone");
+    }
+    assert!(found.contains(&1) && found.contains(&1022) && found.contains(&4998));
+    assert_eq!(ids(&index, &query("rare")), ["$e1025"]);
+}
+
+#[test]
+fn a_purged_room_leaves_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = SearchIndex::open(dir.path(), &[]).unwrap();
+    index.put(&entry(1, "!r:x", "hello")).unwrap();
+    index.put(&entry(2, "!s:x", "hello")).unwrap();
+    index.commit(done(2)).unwrap();
+    index.remove_room("!s:x");
+    index.put(&entry(3, "!s:x", "hello again")).unwrap();
+    index.commit(done(3)).unwrap();
+    assert_eq!(ids(&index, &query("hello")), ["$e3", "$e1"]);
+}
+
+#[test]
 fn a_corrupt_index_is_started_afresh() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("meta.json"), b"{ not json").unwrap();
@@ -135,7 +179,8 @@ fn a_corrupt_index_is_started_afresh() {
 fn a_catch_up_part_way_is_remembered() {
     let dir = tempfile::tempdir().unwrap();
     let index = SearchIndex::open(dir.path(), &[]).unwrap();
-    let part_way = Progress { up_to: 3, catching_up: Some(CatchUp { target: 90, rooms_done: 7 }) };
+    let catching_up = Some(CatchUp { target: 90, rooms_done: 7 });
+    let part_way = Progress { up_to: 3, indexed_to: 5, catching_up };
     index.commit(part_way).unwrap();
     drop(index);
     assert_eq!(SearchIndex::open(dir.path(), &[]).unwrap().progress(), Some(part_way));

@@ -72,7 +72,9 @@ pub async fn purge(services: &Arc<Services>, room_id: &RoomId, force: bool) -> R
     }
     let mut w = Writer { services, batch: Batch::new(), pending: 0 };
     let mut purged = Purged::default();
-    let search = services.search.index().cloned();
+    if let Some(index) = services.search.index() {
+        index.remove_room(room_id);
+    }
     for row in TIMELINE.scan_prefix(&*rooms.db, &short, Direction::Forward)? {
         let ((_, position), event) = row?;
         TIMELINE.delete(&mut w.batch, &(short, position));
@@ -87,9 +89,6 @@ pub async fn purge(services: &Arc<Services>, room_id: &RoomId, force: bool) -> R
         for ann in ANNOTATIONS.scan_prefix(&*rooms.db, &event, Direction::Forward)? {
             ANNOTATIONS.delete(&mut w.batch, &ann?.0);
             n += 1;
-        }
-        if let Some(index) = &search {
-            index.remove(position);
         }
         purged.events += 1;
         w.counted(n).await?;

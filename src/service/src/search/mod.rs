@@ -179,7 +179,7 @@ impl Indexer {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         // Events sent meanwhile wait in the queue; those the catch-up also saw are
-        // indexed twice, which changes nothing.
+        // skipped.
         let caught_up = tokio::task::spawn_blocking(move || {
             let done = self.catch_up();
             (self, done)
@@ -192,6 +192,9 @@ impl Indexer {
         if let Err(e) = done {
             tracing::error!(error = %e, "catching up the search index failed; new events are still indexed");
         }
+        let progress = indexer.index.progress().unwrap_or_default();
+        let caught_up_to = progress.up_to;
+        let mut indexed_to = progress.indexed_to.max(progress.up_to);
         loop {
             let first = tokio::select! {
                 next = queued.recv() => match next {
@@ -210,12 +213,14 @@ impl Indexer {
             while let Ok(next) = queued.try_recv() {
                 batch.push(next);
             }
+            batch.retain(|(position, _)| *position > caught_up_to);
+            indexed_to = batch.iter().map(|(p, _)| *p).fold(indexed_to.max(visible), u64::max);
             let result = tokio::task::spawn_blocking(move || {
                 for (position, pdu) in &batch {
                     indexer.apply(*position, pdu, false);
                 }
-                let committed =
-                    indexer.index.commit(Progress { up_to: visible, catching_up: None });
+                let progress = Progress { up_to: visible, indexed_to, catching_up: None };
+                let committed = indexer.index.commit(progress);
                 (indexer, committed)
             })
             .await;
@@ -239,6 +244,8 @@ impl Indexer {
     /// it read.
     fn catch_up(&mut self) -> Result<u64> {
         let progress = self.index.progress().unwrap_or_default();
+        // Past this no event can be in the index: it is added, not replaced.
+        let indexed_to = progress.indexed_to;
         let (from, target, mut rooms_done) = match progress.catching_up {
             Some(c) => (progress.up_to, c.target, Some(c.rooms_done)),
             None => (progress.up_to, self.rooms.stream.visible(), None),
@@ -259,7 +266,8 @@ impl Indexer {
             let mut after = from;
             loop {
                 if self.stopping.load(Ordering::Relaxed) {
-                    return self.pause(from, target, rooms_done, read);
+                    let at = Progress { up_to: from, indexed_to, catching_up: None };
+                    return self.pause(at, target, rooms_done, read);
                 }
                 let page = self.rooms.scan_timeline(
                     &room_id,
@@ -271,7 +279,7 @@ impl Indexer {
                 )?;
                 for (position, pdu) in &page.events {
                     if extract::relevant(&pdu.kind) {
-                        self.apply(*position, pdu, true);
+                        self.apply(*position, pdu, *position <= indexed_to);
                     }
                 }
                 read += page.events.len() as u64;
@@ -285,7 +293,7 @@ impl Indexer {
             if since_commit >= CATCH_UP_BATCH {
                 since_commit = 0;
                 let catching_up = Some(CatchUp { target, rooms_done: short });
-                self.index.commit(Progress { up_to: from, catching_up })?;
+                self.index.commit(Progress { up_to: from, indexed_to, catching_up })?;
                 tracing::info!(
                     rooms = n + 1,
                     of = total_rooms,
@@ -294,17 +302,24 @@ impl Indexer {
                 );
             }
         }
-        self.index.commit(Progress { up_to: target, catching_up: None })?;
+        let indexed_to = indexed_to.max(target);
+        self.index.commit(Progress { up_to: target, indexed_to, catching_up: None })?;
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(events = read, rooms = total_rooms, seconds, "search index built");
         Ok(read)
     }
 
     /// Ends a catch-up at shutdown; the next start resumes after the last room finished.
-    fn pause(&self, from: u64, target: u64, rooms_done: Option<u64>, read: u64) -> Result<u64> {
+    fn pause(
+        &self,
+        from: Progress,
+        target: u64,
+        rooms_done: Option<u64>,
+        read: u64,
+    ) -> Result<u64> {
         if let Some(done) = rooms_done {
             let catching_up = Some(CatchUp { target, rooms_done: done });
-            self.index.commit(Progress { up_to: from, catching_up })?;
+            self.index.commit(Progress { catching_up, ..from })?;
         }
         tracing::info!(events = read, "search index build paused by shutdown");
         Ok(read)
@@ -356,19 +371,16 @@ impl Indexer {
         }
         match extract::message(pdu, stored.position, new_content, language) {
             Some(entry) => self.index.replace(&entry),
-            None => {
-                self.index.remove(stored.position);
-                Ok(())
-            }
+            None => self.index.remove(stored.position),
         }
     }
 
     /// Removes the document of `event_id`, if it has one.
     fn remove(&self, event_id: &str) -> Result<()> {
-        if let Some(stored) = self.rooms.cached_event(event_id)? {
-            self.index.remove(stored.position);
+        match self.rooms.cached_event(event_id)? {
+            Some(stored) => self.index.remove(stored.position),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn language(&mut self, room_id: &str) -> Language {
