@@ -40,6 +40,7 @@ pub struct Config {
     pub content_policy: ContentPolicyConfig,
     pub rate_limits: RateLimitsConfig,
     pub media: MediaConfig,
+    pub backup: BackupConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
 }
@@ -776,6 +777,45 @@ impl Default for RateLimitsConfig {
     }
 }
 
+/// Online backups (docs/operations.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Where backups go: a directory (best on another disk or machine), or
+    /// `s3://bucket/prefix` for S3-compatible storage (the `s3_*` keys). Empty: backups
+    /// only where `trellis backup --to` says.
+    pub destination: String,
+    /// Take a backup every this many hours (24: daily, 168: weekly); 0 takes them only
+    /// on demand.
+    pub interval_hours: u64,
+    /// After each scheduled backup, keep this many (the newest) and remove the files only
+    /// older ones held; 0 keeps every backup.
+    pub keep: usize,
+    pub s3_region: String,
+    /// Endpoint URL for S3-compatible services (MinIO, Garage...); empty means AWS.
+    pub s3_endpoint: String,
+    /// Credentials; empty takes them from the environment (`AWS_ACCESS_KEY_ID`...).
+    pub s3_access_key_id: String,
+    pub s3_secret_access_key: String,
+    /// Allow a plain `http://` endpoint (local test servers only).
+    pub s3_allow_http: bool,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            destination: String::new(),
+            interval_hours: 0,
+            keep: 7,
+            s3_region: "us-east-1".into(),
+            s3_endpoint: String::new(),
+            s3_access_key_id: String::new(),
+            s3_secret_access_key: String::new(),
+            s3_allow_http: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MediaConfig {
@@ -1245,6 +1285,9 @@ impl Config {
             if !t.contains('/') {
                 bad("media.allowed_content_types", format!("not a content type: {t:?}"));
             }
+        }
+        if self.backup.interval_hours > 0 && self.backup.destination.is_empty() {
+            bad("backup.destination", "required for scheduled backups (interval_hours)".into());
         }
         if m.backend == MediaBackend::S3 && m.s3_bucket.is_empty() {
             bad("media.s3_bucket", "required for backend \"s3\"".into());

@@ -78,6 +78,7 @@ pub struct Metrics {
     pub connections: ConnectionMetrics,
     pub storage_health: StorageHealthMetrics,
     pub sfu: SfuMetrics,
+    pub backups: BackupMetrics,
 }
 
 /// The built-in SFU's calls and the media it forwards.
@@ -142,6 +143,52 @@ impl SfuMetrics {
             "RTP payload bytes the built-in SFU forwarded (one copy per receiver)",
             self.forwarded_bytes.clone(),
         );
+    }
+}
+
+/// Backups (`trellis_backups_total{outcome}` and the last success's figures).
+#[derive(Clone, Debug, Default)]
+pub struct BackupMetrics {
+    pub taken: Family<OutcomeLabels, Counter>,
+    /// When the last backup that succeeded was checkpointed (seconds since the epoch).
+    pub last_success: Gauge,
+    pub last_duration_seconds: Gauge<f64, AtomicU64>,
+    /// Bytes the last backup copied (the rest its repository held already).
+    pub last_copied_bytes: Gauge,
+    pub last_total_bytes: Gauge,
+}
+
+impl BackupMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register("backups", "Backups taken, by outcome (ok, failed)", self.taken.clone());
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When the newest successful backup was checkpointed",
+            self.last_success.clone(),
+        );
+        registry.register(
+            "backup_last_duration_seconds",
+            "How long the last successful backup took",
+            self.last_duration_seconds.clone(),
+        );
+        registry.register(
+            "backup_last_copied_bytes",
+            "Bytes the last successful backup copied (files not held by earlier backups)",
+            self.last_copied_bytes.clone(),
+        );
+        registry.register(
+            "backup_last_total_bytes",
+            "Bytes of all the files the last successful backup holds",
+            self.last_total_bytes.clone(),
+        );
+        for outcome in ["ok", "failed"] {
+            let _ = self.taken.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
+        }
+    }
+
+    /// Counts a backup's outcome.
+    pub fn outcome(&self, outcome: &str) {
+        self.taken.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }
 }
 
@@ -368,6 +415,8 @@ impl Metrics {
         storage_health.register(&mut registry);
         let sfu = SfuMetrics::default();
         sfu.register(&mut registry);
+        let backups = BackupMetrics::default();
+        backups.register(&mut registry);
         // Known label sets start at zero, so that rates exist before the first event.
         for outcome in ["sent", "retried", "failed", "rejected"] {
             let _ = pushes.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() });
@@ -394,6 +443,7 @@ impl Metrics {
             connections,
             storage_health,
             sfu,
+            backups,
         }
     }
 

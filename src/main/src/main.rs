@@ -1,6 +1,7 @@
 //! `trellis`: the Matrix homeserver binary.
 
 mod appservice_cmd;
+mod backup_cmd;
 mod bench;
 mod http1;
 mod limits;
@@ -67,6 +68,15 @@ enum Command {
         #[command(subcommand)]
         command: search_cmd::SearchCommand,
     },
+    /// Backups: take them (online), list, verify, restore into an empty data directory,
+    /// prune (docs/operations.md).
+    Backup {
+        /// TOML config file (for the data directory and `[backup]`).
+        #[arg(long, short, env = "TRELLIS_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: backup_cmd::BackupCommand,
+    },
     /// Load scenarios against a running homeserver (any implementation), through the
     /// client-server API only. Each prints one JSON line; `scripts/bench-compare` runs them
     /// against Trellis and Synapse, `scripts/bench-federation` the two-server scenario
@@ -114,6 +124,9 @@ fn main() -> ExitCode {
         }
         Command::Search { config, command } => {
             with_config(config, |config| search_cmd::run(config, command))
+        }
+        Command::Backup { config, command } => {
+            with_config(config, |config| backup_cmd::run(config, command))
         }
         Command::Bench { command } => bench::run(command),
         Command::Config { command: ConfigCommand::Check { file } } => {

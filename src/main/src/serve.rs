@@ -144,6 +144,7 @@ async fn serve(mut config: Config) -> Result<(), String> {
     let storage_watch = tokio::spawn(trellis_service::watch_storage(services.clone()));
     let analytics = tokio::spawn(trellis_service::analytics::run(services.analytics.clone()));
     let delayed_events = tokio::spawn(trellis_service::delayed_events::run(services.clone()));
+    let backups = tokio::spawn(trellis_service::backup::run_schedule(services.clone()));
     let turn = crate::turn::start(&services).await;
     // Application services: their users exist, their queues (kept over a restart) go out,
     // and SIGHUP re-reads their registrations.
@@ -226,6 +227,7 @@ async fn serve(mut config: Config) -> Result<(), String> {
     janitor.abort();
     storage_watch.abort();
     delayed_events.abort();
+    backups.abort();
     if let Some(turn) = turn {
         turn.close().await;
     }

@@ -6,7 +6,6 @@ mod common;
 
 use std::{
     io::Cursor,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -14,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{OPEN, TestServer, free_port, json_of, urlencode};
+use common::{Moto, OPEN, TestServer, free_port, json_of, urlencode};
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
 use serde_json::{Value, json};
 
@@ -608,49 +607,11 @@ async fn admin_quarantine_and_delete() {
     assert_eq!(count_files(&blobs), 0);
 }
 
-/// A real S3-compatible server: moto (installed by .ci/install-deps) on loopback.
-struct Moto {
-    port: u16,
-    child: Child,
-}
-
-impl Moto {
-    async fn start() -> Self {
-        let port = free_port();
-        let mut child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server (pip install 'moto[server]', done by .ci/install-deps)");
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            assert!(child.try_wait().unwrap().is_none(), "moto_server exited");
-            if client.get(format!("http://127.0.0.1:{port}/")).send().await.is_ok() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Self { port, child }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn s3_backend_round_trip() {
     let moto = Moto::start().await;
-    let endpoint = format!("http://127.0.0.1:{}", moto.port);
-    let resp =
-        reqwest::Client::new().put(format!("{endpoint}/trellis-media")).send().await.unwrap();
-    assert!(resp.status().is_success(), "creating the bucket: {}", resp.status());
+    let endpoint = moto.endpoint();
+    moto.bucket("trellis-media").await;
     let config = format!(
         "{OPEN}[media]\nbackend = \"s3\"\ns3_bucket = \"trellis-media\"\ns3_endpoint = \"{endpoint}\"\n\
          s3_access_key_id = \"test\"\ns3_secret_access_key = \"test\"\ns3_allow_http = true\n\

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod analytics;
 pub mod appservice;
 pub mod audit;
+pub mod backup;
 pub mod call_history;
 pub mod delayed_events;
 pub mod durable;
@@ -100,6 +101,8 @@ pub struct Services {
     pub analytics: Arc<analytics::Analytics>,
     /// Background jobs admins start.
     pub jobs: admin::jobs::Jobs,
+    /// Backups taken while the server runs (by an admin or the schedule).
+    pub backups: backup::Backups,
     /// Delayed events (a pipeline step, posted by a scheduler task of its own).
     pub delayed_events: Arc<delayed_events::DelayedEvents>,
     /// Calls, read from their signalling (a pipeline step).
@@ -228,6 +231,7 @@ impl Services {
             metrics,
             analytics,
             jobs: Default::default(),
+            backups: Default::default(),
             delayed_events,
             builtin_turn: std::sync::OnceLock::new(),
             call_history,

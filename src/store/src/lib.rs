@@ -13,7 +13,7 @@ use std::{ops::Bound, sync::Arc};
 pub use catalog::TableDef;
 pub use codec::{Json, KeyCodec, ValueCodec};
 pub use fault::{FaultCause, WriteErrorCounts, WriteFault};
-pub use rocks::RocksEngine;
+pub use rocks::{RocksEngine, verify_read_only};
 pub use schema::{SCHEMA_VERSION, open};
 pub use table::Table;
 
@@ -148,6 +148,10 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether a write would go through now (an empty write: nothing is stored); ends a
     /// fault once the engine has recovered, even when nothing else writes.
     fn probe_write(&self) -> StoreResult<()>;
+    /// Writes a consistent copy of the database into `dir` (which must not exist): every
+    /// write made before the call, none after. Table files are hard-linked where `dir` is
+    /// on the same file system, so this is quick and takes little space.
+    fn checkpoint(&self, dir: &std::path::Path) -> StoreResult<()>;
 
     fn put(&self, table: &'static TableDef, key: &[u8], value: &[u8]) -> StoreResult<()> {
         let mut b = Batch::new();

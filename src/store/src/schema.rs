@@ -13,7 +13,7 @@ pub const SCHEMA_VERSION: u64 = 3;
 // `meta` keeps a column family of its own in every layout, so that an older binary finds
 // the version where it looks and refuses a newer database.
 const META: Table<String, u64> = Table::new(&catalog::META);
-const VERSION_KEY: &str = "schema_version";
+pub(crate) const VERSION_KEY: &str = "schema_version";
 
 /// A migration from `version - 1` to `version`, run inside `open` before serving.
 struct Migration {

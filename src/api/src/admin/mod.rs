@@ -5,6 +5,7 @@
 
 mod appservices;
 mod audit;
+mod backups;
 mod insight;
 mod media;
 mod panel;
@@ -46,6 +47,7 @@ pub fn routes(router: Router<AppState>, state: AppState) -> Router<AppState> {
     let admin = media::routes(admin);
     let admin = server::routes(admin);
     let admin = audit::routes(admin);
+    let admin = backups::routes(admin);
     let admin = insight::routes(admin);
     let admin = admin.route_layer(middleware::from_fn_with_state(state, guard));
     panel::routes(server::public_routes(router.merge(admin)))

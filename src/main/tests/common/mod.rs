@@ -540,3 +540,50 @@ pub async fn admin_token(s: &mut TestServer) -> String {
     assert_eq!(status, 200, "{body}");
     body["access_token"].as_str().unwrap().to_owned()
 }
+
+/// A real S3-compatible server: moto (installed by .ci/install-deps) on loopback.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Moto {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]', done by .ci/install-deps)");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(child.try_wait().unwrap().is_none(), "moto_server exited");
+            if client.get(format!("http://127.0.0.1:{port}/")).send().await.is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self { port, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a bucket.
+    pub async fn bucket(&self, name: &str) {
+        let resp =
+            reqwest::Client::new().put(format!("{}/{name}", self.endpoint())).send().await.unwrap();
+        assert!(resp.status().is_success(), "creating the bucket: {}", resp.status());
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

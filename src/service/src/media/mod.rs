@@ -38,7 +38,8 @@ use trellis_store::{Batch, Db, Direction, Json};
 
 pub use preview::IpPolicy;
 use spool::{Limit, Spooled};
-pub use store::{BlobStore, BlobStream};
+pub use store::{BlobStore, BlobStream, hex};
+pub(crate) use store_s3::upload_file;
 pub use thumbnail::{Method, Spec};
 
 use crate::tables::{
@@ -112,6 +113,56 @@ struct Inner {
     thumbnails: Semaphore,
     previews: Semaphore,
     fetcher: preview::Fetcher,
+    /// File deletions put off while a backup copies files (see [`Media::hold_deletions`]).
+    held: std::sync::Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    holders: usize,
+    deferred: Vec<String>,
+}
+
+/// While one of these lives, no media file is deleted: deletions wait until the last one
+/// is dropped, and then go ahead if the file is still unused.
+pub struct DeletionHold(Media);
+
+impl Drop for DeletionHold {
+    fn drop(&mut self) {
+        let deferred = {
+            let mut held = self.0.0.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.holders = held.holders.saturating_sub(1);
+            if held.holders > 0 {
+                return;
+            }
+            std::mem::take(&mut held.deferred)
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        if deferred.is_empty() {
+            return;
+        }
+        let media = self.0.clone();
+        runtime.spawn(async move {
+            for hash in deferred {
+                let _file = media.stripe(&hash).lock().await;
+                if let Err(e) = media.release_if_unused(&hash).await {
+                    tracing::warn!(hash, error = %e, "deleting a media file after a backup");
+                }
+            }
+        });
+    }
+}
+
+/// The configured file store (`media.backend`).
+pub fn open_store(config: &trellis_core::Config) -> Result<Box<dyn BlobStore>, String> {
+    let root = config.media_path();
+    Ok(match config.media.backend {
+        MediaBackend::Filesystem => Box::new(
+            store_fs::FsStore::new(root.join("blobs"), config.storage.sync_writes)
+                .map_err(|e| format!("creating {}: {e}", root.display()))?,
+        ),
+        MediaBackend::S3 => Box::new(store_s3::S3Store::new(&config.media)?),
+    })
 }
 
 impl Media {
@@ -131,13 +182,9 @@ impl Media {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        let store: Box<dyn BlobStore> = match (store_override, media.backend) {
-            (Some(store), _) => store,
-            (None, MediaBackend::Filesystem) => Box::new(
-                store_fs::FsStore::new(root.join("blobs"), config.storage.sync_writes)
-                    .map_err(|e| format!("creating {}: {e}", root.display()))?,
-            ),
-            (None, MediaBackend::S3) => Box::new(store_s3::S3Store::new(&media)?),
+        let store = match store_override {
+            Some(store) => store,
+            None => open_store(config)?,
         };
         let fetcher = preview::Fetcher::new(&media)?;
         Ok(Self(Arc::new(Inner {
@@ -152,6 +199,7 @@ impl Media {
             thumbnails: Semaphore::new(media.thumbnail_concurrency),
             previews: Semaphore::new(PREVIEW_CONCURRENCY),
             fetcher,
+            held: Default::default(),
             config: media,
         })))
     }
@@ -410,9 +458,66 @@ impl Media {
         let mut refs =
             MEDIA_BLOB_REFS.scan_prefix(&*self.0.db, &hash.to_owned(), Direction::Forward)?;
         if refs.next().is_none() {
-            self.0.store.delete(hash).await?;
+            drop(refs);
+            self.delete_file(hash).await?;
         }
         Ok(())
+    }
+
+    /// Deletes an unreferenced file, or puts that off while a backup holds deletions.
+    async fn delete_file(&self, hash: &str) -> Result<()> {
+        {
+            let mut held = self.0.held.lock().unwrap_or_else(|p| p.into_inner());
+            if held.holders > 0 {
+                held.deferred.push(hash.to_owned());
+                return Ok(());
+            }
+        }
+        self.0.store.delete(hash).await
+    }
+
+    /// Puts off every file deletion until the answer is dropped: a backup copying the
+    /// files its database checkpoint refers to finds each of them.
+    pub fn hold_deletions(&self) -> DeletionHold {
+        self.0.held.lock().unwrap_or_else(|p| p.into_inner()).holders += 1;
+        DeletionHold(self.clone())
+    }
+
+    /// The hash of every stored file (original, thumbnail or rendition) something refers
+    /// to.
+    pub fn stored_hashes(&self) -> Result<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        for row in MEDIA_BLOB_REFS.scan_prefix(&*self.0.db, &(), Direction::Forward)? {
+            let ((hash, _), ()) = row?;
+            if out.last() != Some(&hash) {
+                out.push(hash);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies the stored file `hash` to `to`, answering the SHA-256 of what it read and
+    /// its length, or `None` when the store lacks it.
+    pub async fn copy_file_to(&self, hash: &str, to: &Path) -> Result<Option<(String, u64)>> {
+        use futures_util::StreamExt;
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        if !self.0.store.contains(hash).await? {
+            return Ok(None);
+        }
+        let mut stream = self.0.store.open(hash, None).await?;
+        let io = |e| Error::io("copying a media file", e);
+        let mut out = tokio::fs::File::create(to).await.map_err(io)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut len = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(io)?;
+            hasher.update(&chunk);
+            len += chunk.len() as u64;
+            out.write_all(&chunk).await.map_err(io)?;
+        }
+        out.flush().await.map_err(io)?;
+        Ok(Some((hex(&hasher.finalize()), len)))
     }
 
     /// The content of a servable media item, waiting up to `wait` for an async upload.
@@ -860,7 +965,7 @@ impl Media {
                 .delete(&mut batch, &(v.sha256.clone(), format!("variant:{hash}:{name}")));
         }
         crate::commit(&self.0.db, batch).await?;
-        self.0.store.delete(&hash).await?;
+        self.delete_file(&hash).await?;
         drop(_file);
         for (_, v) in variants {
             let _vfile = self.stripe(&v.sha256).lock().await;

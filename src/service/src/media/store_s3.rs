@@ -56,6 +56,45 @@ impl S3Store {
     }
 }
 
+/// Uploads the local file `file` of `len` bytes to `path`: in one request when small, else
+/// in parts read from the file, so that memory stays bounded by the part size.
+pub(crate) async fn upload_file(
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    file: &Path,
+    len: u64,
+) -> Result<()> {
+    let io = |e: std::io::Error| Error::internal("reading a file to upload", e);
+    if len <= PART_SIZE as u64 {
+        let bytes = tokio::fs::read(file).await.map_err(io)?;
+        store.put(path, PutPayload::from(bytes)).await.map_err(s3_error("uploading"))?;
+        return Ok(());
+    }
+    let upload = store.put_multipart(path).await.map_err(s3_error("starting an upload"))?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+    let mut reader = tokio::fs::File::open(file).await.map_err(io)?;
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(io(e));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
+            let _ = writer.abort().await;
+            return Err(Error::internal("uploading", e));
+        }
+        writer.write(&buf[..n]);
+    }
+    writer.finish().await.map_err(s3_error("finishing an upload"))?;
+    Ok(())
+}
+
 fn s3_error(context: &'static str) -> impl Fn(object_store::Error) -> Error {
     move |e| Error::internal(context, e)
 }
@@ -63,43 +102,10 @@ fn s3_error(context: &'static str) -> impl Fn(object_store::Error) -> Error {
 #[async_trait::async_trait]
 impl BlobStore for S3Store {
     async fn put_file(&self, hash: &str, file: &Path, len: u64) -> Result<()> {
-        let path = self.path(hash)?;
         if self.contains(hash).await? {
             return Ok(());
         }
-        let io = |e: std::io::Error| Error::internal("reading a spooled upload", e);
-        if len <= PART_SIZE as u64 {
-            let bytes = tokio::fs::read(file).await.map_err(io)?;
-            self.store
-                .put(&path, PutPayload::from(bytes))
-                .await
-                .map_err(s3_error("uploading to S3"))?;
-            return Ok(());
-        }
-        let upload =
-            self.store.put_multipart(&path).await.map_err(s3_error("starting an S3 upload"))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-        let mut reader = tokio::fs::File::open(file).await.map_err(io)?;
-        let mut buf = vec![0u8; 1024 * 1024];
-        loop {
-            let n = match reader.read(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = writer.abort().await;
-                    return Err(io(e));
-                }
-            };
-            if n == 0 {
-                break;
-            }
-            if let Err(e) = writer.wait_for_capacity(PART_CONCURRENCY).await {
-                let _ = writer.abort().await;
-                return Err(Error::internal("uploading to S3", e));
-            }
-            writer.write(&buf[..n]);
-        }
-        writer.finish().await.map_err(s3_error("finishing an S3 upload"))?;
-        Ok(())
+        upload_file(&*self.store, &self.path(hash)?, file, len).await
     }
 
     async fn open(&self, hash: &str, range: Option<Range<u64>>) -> Result<BlobStream> {
