@@ -270,7 +270,7 @@ async fn take(
     tracing::info!("database checkpointed");
     // Hashes of table files the last backup saw, by name, size and time: RocksDB never
     // changes a table file once written, so these need no second read.
-    let known: HashMap<(String, u64, i64), String> = match repo.manifests().await?.pop() {
+    let known: HashMap<(String, u64, i64), String> = match repo.latest().await? {
         Some(last) => last
             .files
             .into_iter()
@@ -410,7 +410,7 @@ async fn sha256_file(path: &Path) -> Result<String> {
 /// `latest` or an id.
 pub async fn find(repo: &Repository, id: &str) -> Result<Manifest> {
     if id == "latest" {
-        return repo.manifests().await?.pop().ok_or_else(|| Error::not_found("No backups yet"));
+        return repo.latest().await?.ok_or_else(|| Error::not_found("No backups yet"));
     }
     repo.manifest(id).await
 }
@@ -646,7 +646,7 @@ fn remove_staging(data_dir: &Path) {
 
 async fn scheduled(services: &Arc<Services>, interval: Duration) -> Result<()> {
     let repo = configured(&services.config)?;
-    let newest = repo.manifests().await?.pop().map(|m| m.created_at_ms);
+    let newest = repo.latest().await?.map(|m| m.created_at_ms);
     let due =
         newest.is_none_or(|at| now_millis().saturating_sub(at) >= interval.as_millis() as u64);
     if !due || services.backups.status().running.is_some() {

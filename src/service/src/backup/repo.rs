@@ -184,8 +184,8 @@ impl Repository {
         serde_json::from_slice(&bytes).map_err(|e| failure("a backup manifest")(&e))
     }
 
-    /// Every backup, oldest first (ids sort by time).
-    pub async fn manifests(&self) -> Result<Vec<Manifest>> {
+    /// Every backup's id, oldest first (ids sort by time).
+    async fn ids(&self) -> Result<Vec<String>> {
         let listed: Vec<_> = self
             .store
             .list(Some(&ObjectPath::from("manifests")))
@@ -198,11 +198,24 @@ impl Repository {
             .filter(|id| valid_id(id))
             .collect();
         ids.sort();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
+        Ok(ids)
+    }
+
+    /// Every backup, oldest first.
+    pub async fn manifests(&self) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        for id in self.ids().await? {
             out.push(self.manifest(&id).await?);
         }
         Ok(out)
+    }
+
+    /// The newest backup, if any.
+    pub async fn latest(&self) -> Result<Option<Manifest>> {
+        match self.ids().await?.pop() {
+            Some(id) => Ok(Some(self.manifest(&id).await?)),
+            None => Ok(None),
+        }
     }
 
     pub async fn delete_manifest(&self, id: &str) -> Result<()> {
