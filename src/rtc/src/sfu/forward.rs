@@ -51,6 +51,21 @@ const RETARGET_INTERVAL: Duration = Duration::from_millis(500);
 /// Keyframe requests for one layer are at most this frequent.
 const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(500);
 
+/// Receivers one task writes a packet to; more are shared among tasks on every core.
+const RECEIVERS_PER_TASK: usize = 32;
+
+static PARALLELISM: std::sync::LazyLock<usize> =
+    std::sync::LazyLock::new(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+
+/// A packet on its way to the receivers, with what choosing them needs.
+struct Outgoing {
+    packet: webrtc::rtp::packet::Packet,
+    quality: Quality,
+    keyframe: bool,
+    video: bool,
+    arrived: Instant,
+}
+
 /// What a subscriber asked of one track (`UpdateTrackSettings`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrackSettings {
@@ -421,8 +436,81 @@ impl Forwarder {
         let _ = pc.write_rtcp(&[Box::new(pli)]).await;
     }
 
+    /// Writes a packet to every receiver. Past [`RECEIVERS_PER_TASK`] receivers the
+    /// writes (each encrypts for its own connection) are shared among tasks that run on
+    /// every core; the next packet waits for all of them, so that each receiver gets the
+    /// packets in order. Answers the packets and bytes sent.
+    async fn fan_out(
+        self: &Arc<Self>,
+        downtracks: &Arc<Vec<Arc<Downtrack>>>,
+        out: &Arc<Outgoing>,
+    ) -> (u64, u64) {
+        let shares = downtracks.len().div_ceil(RECEIVERS_PER_TASK).min(*PARALLELISM);
+        if shares <= 1 {
+            return self.write_to(downtracks, out).await;
+        }
+        let per_share = downtracks.len().div_ceil(shares);
+        let mut tasks = Vec::with_capacity(shares - 1);
+        for share in 1..shares {
+            let (me, list, out) = (self.clone(), downtracks.clone(), out.clone());
+            tasks.push(tokio::spawn(async move {
+                let end = ((share + 1) * per_share).min(list.len());
+                me.write_to(&list[share * per_share..end], &out).await
+            }));
+        }
+        let (mut packets, mut bytes) = self.write_to(&downtracks[..per_share], out).await;
+        for task in tasks {
+            if let Ok((p, b)) = task.await {
+                packets += p;
+                bytes += b;
+            }
+        }
+        (packets, bytes)
+    }
+
+    /// Writes a packet to each of `share`, rewritten for each receiver's layer.
+    async fn write_to(&self, share: &[Arc<Downtrack>], out: &Outgoing) -> (u64, u64) {
+        let mut packet = out.packet.clone();
+        let (seq, ts) = (packet.header.sequence_number, packet.header.timestamp);
+        let size = packet.payload.len() as u64;
+        let quality = out.quality;
+        let (mut packets, mut bytes) = (0, 0);
+        for downtrack in share {
+            let rewritten = {
+                let mut state = downtrack.state();
+                if state.settings.disabled {
+                    None
+                } else if state.current == Some(quality) {
+                    Some(state.munger.rewrite(seq, ts, false, out.arrived))
+                } else if state.target == Some(quality)
+                    && (out.keyframe || !out.video || !self.codec.switchable())
+                {
+                    tracing::debug!(track = %self.track_sid, subscriber = %downtrack.subscriber_sid, quality, "layer switched");
+                    state.current = Some(quality);
+                    Some(state.munger.rewrite(seq, ts, true, out.arrived))
+                } else {
+                    None
+                }
+            };
+            if let Some((seq, ts)) = rewritten {
+                packet.header.sequence_number = seq;
+                packet.header.timestamp = ts;
+                match downtrack.track.write_rtp(&packet).await {
+                    Ok(_) => {
+                        packets += 1;
+                        bytes += size;
+                    }
+                    Err(e) => {
+                        tracing::trace!(error = %e, subscriber = %downtrack.subscriber_sid, "a forwarded packet was not sent")
+                    }
+                }
+            }
+        }
+        (packets, bytes)
+    }
+
     /// Forwards one stream until it ends.
-    async fn run(&self, layer: &Layer) {
+    async fn run(self: &Arc<Self>, layer: &Layer) {
         let audio_level_id = layer
             .remote
             .params()
@@ -452,40 +540,11 @@ impl Forwarder {
             packet.header.extension = false;
             packet.header.extensions.clear();
             packet.header.extensions_padding = 0;
-            let (seq, ts) = (packet.header.sequence_number, packet.header.timestamp);
-            let size = packet.payload.len() as u64;
             let downtracks = self.snapshot();
-            for downtrack in downtracks.iter() {
-                let rewritten = {
-                    let mut state = downtrack.state();
-                    if state.settings.disabled {
-                        None
-                    } else if state.current == Some(quality) {
-                        Some(state.munger.rewrite(seq, ts, false, arrived))
-                    } else if state.target == Some(quality)
-                        && (keyframe || !video || !self.codec.switchable())
-                    {
-                        tracing::debug!(track = %self.track_sid, subscriber = %downtrack.subscriber_sid, quality, "layer switched");
-                        state.current = Some(quality);
-                        Some(state.munger.rewrite(seq, ts, true, arrived))
-                    } else {
-                        None
-                    }
-                };
-                if let Some((seq, ts)) = rewritten {
-                    packet.header.sequence_number = seq;
-                    packet.header.timestamp = ts;
-                    match downtrack.track.write_rtp(&packet).await {
-                        Ok(_) => {
-                            packets += 1;
-                            bytes += size;
-                        }
-                        Err(e) => {
-                            tracing::trace!(error = %e, subscriber = %downtrack.subscriber_sid, "a forwarded packet was not sent")
-                        }
-                    }
-                }
-            }
+            let out = Arc::new(Outgoing { packet, quality, keyframe, video, arrived });
+            let (sent, sent_bytes) = self.fan_out(&downtracks, &out).await;
+            packets += sent;
+            bytes += sent_bytes;
             if !downtracks.is_empty() {
                 self.observer.forward_time(arrived.elapsed());
             }
