@@ -156,6 +156,15 @@ async fn execute(config: Config, command: UserCommand) -> Result<String, String>
                 .deactivate(&localpart, erase, &client)
                 .await
                 .map_err(|e| e.message.to_string())?;
+            if erase {
+                let media = trellis_service::media::Media::new(&config, db.clone(), None)?;
+                let removed =
+                    media.delete_uploads_of(&localpart).await.map_err(|e| e.message.to_string())?;
+                let detail = Some(format!("{removed} items"));
+                Audit::new(db.clone())
+                    .log(Some(&localpart), "erase_media", &client, "ok", detail)
+                    .await;
+            }
             format!("deactivated {}", accounts.user_id(&localpart))
         }
     };

@@ -265,6 +265,23 @@ async fn deactivation_is_final() {
         )
         .await;
     assert_eq!(status, 200);
+    // Erasure deletes what the user uploaded; the same bytes uploaded by someone else
+    // stay theirs.
+    let (_, other) = s.register("grace").await;
+    let upload = |token: String| {
+        let req = s.client.post(s.url("/_matrix/media/v3/upload")).bearer_auth(token);
+        async move {
+            let resp = req.header("content-type", "text/plain").body("frank's file").send();
+            let body: serde_json::Value = resp.await.unwrap().json().await.unwrap();
+            body["content_uri"].as_str().unwrap().trim_start_matches("mxc://").to_owned()
+        }
+    };
+    let (franks, graces) = (upload(token.clone()).await, upload(other.clone()).await);
+    let download = |media: &str| {
+        let path = format!("/_matrix/client/v1/media/download/{media}");
+        s.client.get(s.url(&path)).bearer_auth(&other).send()
+    };
+    assert_eq!(download(&franks).await.unwrap().status(), 200);
     let (status, body) =
         s.post_auth("/_matrix/client/v3/account/deactivate", &token, &json!({})).await;
     assert_eq!(status, 401);
@@ -283,6 +300,8 @@ async fn deactivation_is_final() {
     assert_eq!(status, 401);
     let (status, body) = s.post(LOGIN, &password_login("frank", "password123")).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_USER_DEACTIVATED")));
+    assert_eq!(download(&franks).await.unwrap().status(), 404, "an erased user's upload");
+    assert_eq!(download(&graces).await.unwrap().status(), 200);
     let (status, _) = s.get(&format!("/_matrix/client/v3/profile/{user}")).await;
     assert_eq!(status, 404);
     let (status, body) = s.get("/_matrix/client/v3/register/available?username=frank").await;

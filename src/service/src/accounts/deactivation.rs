@@ -1,6 +1,7 @@
 //! `POST /account/deactivate` as a whole: the account closes (see
 //! [`Accounts::deactivate`](super::Accounts::deactivate)), an erasure is recorded so that
-//! later joiners get the user's events redacted (`rooms::erasure`), and the user leaves
+//! later joiners get the user's events redacted (`rooms::erasure`) and the media they
+//! uploaded are deleted, and the user leaves
 //! every room and turns down every invite, as the spec asks of a deactivation.
 
 use std::sync::Arc;
@@ -25,6 +26,13 @@ pub async fn deactivate(
         services.rooms.erasures.erase(user_id.as_str(), now).await?;
     }
     services.accounts.deactivate(localpart, erase, client).await?;
+    if erase {
+        let removed = services.media.delete_uploads_of(localpart).await?;
+        services
+            .audit
+            .log(Some(localpart), "erase_media", client, "ok", Some(format!("{removed} items")))
+            .await;
+    }
     let rooms = &services.rooms;
     let mut left: Vec<OwnedRoomId> = rooms.joined_rooms(&user_id)?;
     for state in [MembershipState::Invite, MembershipState::Knock] {

@@ -304,8 +304,7 @@ async fn take(
         copy.file(path, sha, &file, meta.len(), mtime).await?;
     }
     let key = src.config.signing_key_path();
-    let key_len =
-        std::fs::metadata(&key).map_err(io_failure("reading the signing key"))?.len();
+    let key_len = std::fs::metadata(&key).map_err(io_failure("reading the signing key"))?.len();
     let key_sha = sha256_file(&key).await?;
     copy.file("signing.key".into(), key_sha, &key, key_len, None).await?;
     // The files the database refers to now: those of the checkpoint, and any added
@@ -509,10 +508,8 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io_failure("creating the data directory"))?;
     let media_tmp = config.media_path().join("tmp");
-    std::fs::create_dir_all(&media_tmp)
-        .map_err(io_failure("creating the media directory"))?;
-    let store =
-        crate::media::open_store(config).map_err(|e| failure("the media store")(&e))?;
+    std::fs::create_dir_all(&media_tmp).map_err(io_failure("creating the media directory"))?;
+    let store = crate::media::open_store(config).map_err(|e| failure("the media store")(&e))?;
     let mut bytes = 0;
     for file in &manifest.files {
         let place = file
@@ -533,8 +530,7 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
             Place::Database(_) => {}
             Place::SigningKey => {
                 set_owner_only(&to)?;
-                std::fs::rename(&to, &key_path)
-                    .map_err(io_failure("restoring the signing key"))?;
+                std::fs::rename(&to, &key_path).map_err(io_failure("restoring the signing key"))?;
             }
             Place::Media(hash) => {
                 store.put_file(hash, &to, len).await?;
@@ -552,7 +548,7 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
         tokio::task::spawn_blocking(move || trellis_store::verify_read_only(&check))
             .await
             .map_err(|e| Error::internal("backup task", e))?
-        .map_err(|e| failure("opening the restored database")(&e))?;
+            .map_err(|e| failure("opening the restored database")(&e))?;
     Ok(Restored {
         id: manifest.id,
         data_dir: config.server.data_dir.clone(),

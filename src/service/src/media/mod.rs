@@ -476,6 +476,23 @@ impl Media {
         self.0.store.delete(hash).await
     }
 
+    /// Deletes every item `localpart` uploaded (an erasure); answers how many. Files
+    /// others use too stay for them.
+    pub async fn delete_uploads_of(&self, localpart: &str) -> Result<usize> {
+        let server = self.0.server_name.clone();
+        let mut ids = Vec::new();
+        for row in MEDIA.scan_prefix(&*self.0.db, &server, Direction::Forward)? {
+            let ((_, id), Json(record)) = row?;
+            if record.owner == localpart {
+                ids.push(id);
+            }
+        }
+        for id in &ids {
+            self.delete(&server, id).await?;
+        }
+        Ok(ids.len())
+    }
+
     /// Puts off every file deletion until the answer is dropped: a backup copying the
     /// files its database checkpoint refers to finds each of them.
     pub fn hold_deletions(&self) -> DeletionHold {
