@@ -145,6 +145,7 @@ async fn serve(mut config: Config) -> Result<(), String> {
     let analytics = tokio::spawn(trellis_service::analytics::run(services.analytics.clone()));
     let delayed_events = tokio::spawn(trellis_service::delayed_events::run(services.clone()));
     let backups = tokio::spawn(trellis_service::backup::run_schedule(services.clone()));
+    trellis_service::export::clear_leftovers(&services);
     let turn = crate::turn::start(&services).await;
     // Application services: their users exist, their queues (kept over a restart) go out,
     // and SIGHUP re-reads their registrations.

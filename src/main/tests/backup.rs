@@ -13,23 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, Moto, OPEN, TestServer, urlencode};
+use common::{BIN, Moto, OPEN, TestServer, noise, urlencode};
 use serde_json::{Value, json};
 
 const BACKUPS: &str = "/_trellis/admin/v1/backups";
-
-/// Bytes no compression shrinks, different for each seed.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 async fn upload(s: &TestServer, token: &str, data: Vec<u8>) -> String {
     let resp = s

@@ -13,25 +13,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Moto, OPEN, TestServer, free_port, json_of, urlencode};
+use common::{Moto, OPEN, TestServer, free_port, json_of, noise, urlencode};
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
 use serde_json::{Value, json};
 
 const UPLOAD: &str = "/_matrix/media/v3/upload";
 const MEDIA: &str = "/_matrix/client/v1/media";
-
-/// Deterministic bytes that do not compress or repeat.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
     let mut out = Cursor::new(Vec::new());

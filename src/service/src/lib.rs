@@ -23,6 +23,7 @@ pub mod call_history;
 pub mod delayed_events;
 pub mod durable;
 pub mod e2ee;
+pub mod export;
 pub mod federation;
 pub mod keys;
 mod locks;
@@ -103,6 +104,8 @@ pub struct Services {
     pub jobs: admin::jobs::Jobs,
     /// Backups taken while the server runs (by an admin or the schedule).
     pub backups: backup::Backups,
+    /// Data exports ("download my data") of this process.
+    pub exports: export::Exports,
     /// Delayed events (a pipeline step, posted by a scheduler task of its own).
     pub delayed_events: Arc<delayed_events::DelayedEvents>,
     /// Calls, read from their signalling (a pipeline step).
@@ -232,6 +235,7 @@ impl Services {
             analytics,
             jobs: Default::default(),
             backups: Default::default(),
+            exports: Default::default(),
             delayed_events,
             builtin_turn: std::sync::OnceLock::new(),
             call_history,

@@ -6,6 +6,7 @@
 mod appservices;
 mod audit;
 mod backups;
+mod exports;
 mod insight;
 mod media;
 mod panel;
@@ -48,6 +49,7 @@ pub fn routes(router: Router<AppState>, state: AppState) -> Router<AppState> {
     let admin = server::routes(admin);
     let admin = audit::routes(admin);
     let admin = backups::routes(admin);
+    let admin = exports::routes(admin);
     let admin = insight::routes(admin);
     let admin = admin.route_layer(middleware::from_fn_with_state(state, guard));
     panel::routes(server::public_routes(router.merge(admin)))

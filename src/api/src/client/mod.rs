@@ -13,6 +13,7 @@ pub(crate) mod delayed_events;
 mod devices;
 mod directory;
 mod events;
+mod export;
 mod history;
 mod initial_sync;
 mod keys;
@@ -85,6 +86,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = delayed_events::routes(router);
     let router = rtc::routes(router);
     let router = calls::routes(router);
+    let router = export::routes(router);
     let router = reports::routes(router);
     let router = account_moderation::routes(router);
     capabilities::routes(router)

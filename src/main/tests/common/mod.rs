@@ -541,6 +541,19 @@ pub async fn admin_token(s: &mut TestServer) -> String {
     body["access_token"].as_str().unwrap().to_owned()
 }
 
+/// Deterministic bytes that do not compress or repeat, different for each seed.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 /// A real S3-compatible server: moto (installed by .ci/install-deps) on loopback.
 pub struct Moto {
     pub port: u16,

@@ -10,8 +10,8 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::{
-    ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder, local::LocalFileSystem,
-    path::Path as ObjectPath,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder,
+    local::LocalFileSystem, path::Path as ObjectPath,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -140,22 +140,32 @@ impl Repository {
         Ok((hex(&hasher.finalize()), len))
     }
 
-    pub async fn delete_file(&self, sha: &str) -> Result<()> {
-        match self.store.delete(&Self::file_path(sha)?).await {
+    /// Removes `path`; a missing one is not an error.
+    async fn delete(&self, path: &ObjectPath, context: &'static str) -> Result<()> {
+        match self.store.delete(path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(failure("deleting a backup file")(&e)),
+            Err(e) => Err(failure(context)(&e)),
         }
+    }
+
+    pub async fn delete_file(&self, sha: &str) -> Result<()> {
+        self.delete(&Self::file_path(sha)?, "deleting a backup file").await
+    }
+
+    /// Everything stored under `prefix`.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        self.store
+            .list(Some(&ObjectPath::from(prefix)))
+            .try_collect()
+            .await
+            .map_err(store_err("listing the backup repository"))
     }
 
     /// Every stored file's hash.
     pub async fn files(&self) -> Result<Vec<String>> {
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&ObjectPath::from("files")))
-            .try_collect()
-            .await
-            .map_err(store_err("listing backup files"))?;
-        Ok(listed
+        Ok(self
+            .list("files")
+            .await?
             .into_iter()
             .filter_map(|meta| meta.location.filename().map(str::to_owned))
             .filter(|name| valid_sha(name))
@@ -181,18 +191,14 @@ impl Repository {
             Err(e) => return Err(failure("reading a backup manifest")(&e)),
         };
         let bytes = result.bytes().await.map_err(store_err("reading a backup manifest"))?;
-        serde_json::from_slice(&bytes).map_err(|e| failure("a backup manifest")(&e))
+        serde_json::from_slice(&bytes).map_err(|e| failure("reading a backup manifest")(&e))
     }
 
     /// Every backup's id, oldest first (ids sort by time).
     async fn ids(&self) -> Result<Vec<String>> {
-        let listed: Vec<_> = self
-            .store
-            .list(Some(&ObjectPath::from("manifests")))
-            .try_collect()
-            .await
-            .map_err(store_err("listing backups"))?;
-        let mut ids: Vec<String> = listed
+        let mut ids: Vec<String> = self
+            .list("manifests")
+            .await?
             .into_iter()
             .filter_map(|m| m.location.filename()?.strip_suffix(".json").map(str::to_owned))
             .filter(|id| valid_id(id))
@@ -219,10 +225,7 @@ impl Repository {
     }
 
     pub async fn delete_manifest(&self, id: &str) -> Result<()> {
-        match self.store.delete(&Self::manifest_path(id)?).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(failure("deleting a backup manifest")(&e)),
-        }
+        self.delete(&Self::manifest_path(id)?, "deleting a backup manifest").await
     }
 
     /// Announces a backup being taken (see the module comment).
@@ -237,10 +240,7 @@ impl Repository {
 
     pub async fn clear_pending(&self, id: &str) -> Result<()> {
         let path = ObjectPath::from(format!("pending/{id}"));
-        match self.store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(failure("writing to the backup repository")(&e)),
-        }
+        self.delete(&path, "writing to the backup repository").await
     }
 
     /// Whether a backup is being taken into this repository now (by this server or

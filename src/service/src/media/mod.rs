@@ -479,18 +479,24 @@ impl Media {
     /// Deletes every item `localpart` uploaded (an erasure); answers how many. Files
     /// others use too stay for them.
     pub async fn delete_uploads_of(&self, localpart: &str) -> Result<usize> {
+        let uploads = self.uploads_of(localpart)?;
+        for (id, _) in &uploads {
+            self.delete(&self.0.server_name, id).await?;
+        }
+        Ok(uploads.len())
+    }
+
+    /// The items `localpart` uploaded (with their ids), uploads still awaited included.
+    pub fn uploads_of(&self, localpart: &str) -> Result<Vec<(String, MediaRecord)>> {
+        let mut out = Vec::new();
         let server = self.0.server_name.clone();
-        let mut ids = Vec::new();
         for row in MEDIA.scan_prefix(&*self.0.db, &server, Direction::Forward)? {
             let ((_, id), Json(record)) = row?;
             if record.owner == localpart {
-                ids.push(id);
+                out.push((id, record));
             }
         }
-        for id in &ids {
-            self.delete(&server, id).await?;
-        }
-        Ok(ids.len())
+        Ok(out)
     }
 
     /// Puts off every file deletion until the answer is dropped: a backup copying the
