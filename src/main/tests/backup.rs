@@ -164,6 +164,10 @@ async fn restore_drill_under_load() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty data directory"));
     let mut r = TestServer::prepare(&config, &[]);
+    let renamed = [("TRELLIS_SERVER__SERVER_NAME", "elsewhere.example")];
+    let out = backup_cli(&r.config_path, &["restore", "latest"], &renamed);
+    assert!(!out.status.success(), "another server's backup");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("name cannot change"));
     let restored = stdout_json(&backup_cli(&r.config_path, &["restore", "latest"], &[]));
     assert_eq!(restored["id"], first_id.as_str());
     assert!(restored["database_keys"].as_u64().unwrap() > 0);
@@ -281,14 +285,7 @@ async fn a_scheduled_backup_goes_to_s3_and_restores_from_there() {
     assert_eq!(status, 202, "{started}");
     let done = finished(&s, &admin, started["id"].as_str().unwrap()).await;
     assert_eq!((done["state"].as_str(), done["kind"].as_str()), (Some("done"), Some("manual")));
-    let listing = reqwest::Client::new()
-        .get(format!("{}/trellis-backups?list-type=2&prefix=nightly/manifests/", moto.endpoint()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let listing = moto.list("trellis-backups", "nightly/manifests/").await;
     assert!(listing.contains(&format!("nightly/manifests/{}.json", done["id"].as_str().unwrap())));
 
     s.kill9();

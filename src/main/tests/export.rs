@@ -117,8 +117,8 @@ async fn a_user_downloads_their_data_once() {
     assert_eq!(data["global"]["org.example.settings"]["theme"], "dark");
     assert!(!json_file(&files, "devices.json").as_array().unwrap().is_empty());
     let rooms = json_file(&files, "rooms.json");
-    assert_eq!(rooms, json!([{"room_id": room, "membership": "join"}]));
-    let name = format!("rooms/{}.json", room.replace(':', "_"));
+    let name = format!("rooms/1-{}.json", room.replace(':', "_"));
+    assert_eq!(rooms, json!([{"room_id": room, "membership": "join", "file": name}]));
     let events = json_file(&files, &name)["events"].as_array().unwrap().clone();
     let bodies: Vec<&str> = events.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert_eq!(bodies, ["first of mine", "second of mine"]);

@@ -627,14 +627,7 @@ async fn s3_backend_round_trip() {
 
     // Nothing of it is on local disk; it is in the bucket.
     assert_eq!(count_files(&s.data_dir().join("media/blobs")), 0);
-    let listing = reqwest::Client::new()
-        .get(format!("{endpoint}/trellis-media?list-type=2&prefix=media/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let listing = moto.list("trellis-media", "media/").await;
     assert!(listing.contains("<Key>media/"), "{listing}");
 
     let photo =

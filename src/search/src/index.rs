@@ -387,6 +387,12 @@ impl SearchIndex {
         self.writer().delete_term(Term::from_field_text(self.fields.room_id, room_id));
     }
 
+    /// Drops everything written since the last commit.
+    pub fn rollback(&self) -> Result<()> {
+        self.writer().rollback().map_err(internal("rolling back the search index"))?;
+        Ok(())
+    }
+
     /// Removes every document (a reindex starts from nothing).
     pub fn clear(&self) -> Result<()> {
         self.writer().delete_all_documents().map_err(internal("clearing the search index"))?;

@@ -98,10 +98,13 @@ pub async fn start(
     services.exports.expire(&dir);
     let export = {
         let mut jobs = services.exports.jobs();
-        if let Some(running) =
-            jobs.values().find(|j| j.user == localpart && j.state == State::Running)
-        {
-            return Ok(running.clone());
+        // One export per user at a time, and a ready one is answered until it is taken
+        // or expires, so that nobody fills the disk with copies.
+        let current = |j: &&Export| {
+            j.user == localpart && matches!(j.state, State::Running | State::Ready { .. })
+        };
+        if let Some(current) = jobs.values().find(current) {
+            return Ok(current.clone());
         }
         let export = Export {
             id: random::alphanumeric(24),
@@ -132,6 +135,7 @@ pub async fn start(
                 Err(e) => {
                     tracing::error!(error = %e, "export failed");
                     let _ = std::fs::remove_file(file_of(&dir, &id));
+                    let _ = std::fs::remove_file(file_of(&dir, &id).with_extension("part"));
                     State::Failed(e.to_string())
                 }
             };
@@ -245,9 +249,10 @@ async fn build(services: &Services, localpart: &str, dir: &Path, id: &str) -> Re
         MembershipState::Ban,
     ] {
         for room_id in services.rooms.rooms_of(&user_id, &state)? {
-            rooms.push(json!({"room_id": room_id, "membership": state.as_str()}));
+            // Numbered: two room ids may sanitize alike.
+            let name = format!("rooms/{}-{}.json", rooms.len() + 1, sanitize(&room_id));
+            rooms.push(json!({"room_id": room_id, "membership": state.as_str(), "file": name}));
             let messages = sent_in(services, &room_id, &user_id)?;
-            let name = format!("rooms/{}.json", sanitize(&room_id));
             entries.push(Entry::Json(name, json!({"room_id": room_id, "events": messages})));
         }
     }

@@ -586,6 +586,12 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The S3 listing (XML) of what `bucket` holds under `prefix`.
+    pub async fn list(&self, bucket: &str, prefix: &str) -> String {
+        let url = format!("{}/{bucket}?list-type=2&prefix={prefix}", self.endpoint());
+        reqwest::Client::new().get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     /// Creates a bucket.
     pub async fn bucket(&self, name: &str) {
         let resp =

@@ -450,6 +450,8 @@ impl Forwarder {
             return self.write_to(downtracks, out).await;
         }
         let per_share = downtracks.len().div_ceil(shares);
+        // Rounding up may leave fewer shares than asked for.
+        let shares = downtracks.len().div_ceil(per_share);
         let mut tasks = Vec::with_capacity(shares - 1);
         for share in 1..shares {
             let (me, list, out) = (self.clone(), downtracks.clone(), out.clone());

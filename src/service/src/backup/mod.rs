@@ -57,6 +57,9 @@ pub struct Sources<'a> {
 #[derive(Default)]
 pub struct Backups {
     status: Mutex<Status>,
+    /// A prune is removing files: no backup starts meanwhile (it could count on a file
+    /// the prune is about to remove).
+    pruning: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -124,6 +127,9 @@ pub fn start(
         let mut status = services.backups.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((id, _)) = &status.running {
             return Ok(id.clone());
+        }
+        if services.backups.pruning.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::invalid_param("Backups are being pruned; try again shortly"));
         }
         let id = new_id();
         status.running = Some((id.clone(), now_millis()));
@@ -215,10 +221,29 @@ pub async fn prune_configured(
     client: &Client,
 ) -> Result<Pruned> {
     let repo = configured(&services.config)?;
-    let pruned = prune(&repo, keep).await?;
+    let pruned = prune_guarded(services, &repo, keep).await;
+    let pruned = pruned?;
     let detail = format!("kept {keep}, removed {}", pruned.removed_backups.join(" "));
     services.audit.log(Some(admin), "backup_prune", client, "ok", Some(detail)).await;
     Ok(pruned)
+}
+
+/// `prune`, with no backup of this server starting meanwhile; refused while one runs.
+async fn prune_guarded(services: &Services, repo: &Repository, keep: usize) -> Result<Pruned> {
+    use std::sync::atomic::Ordering;
+    {
+        // Under the status lock, so that no backup starts between the check and the flag.
+        let status = services.backups.status.lock().unwrap_or_else(|p| p.into_inner());
+        if status.running.is_some() {
+            return Err(Error::invalid_param("A backup is being taken; prune after it"));
+        }
+        if services.backups.pruning.swap(true, Ordering::AcqRel) {
+            return Err(Error::invalid_param("A prune is running already"));
+        }
+    }
+    let pruned = prune(repo, keep).await;
+    services.backups.pruning.store(false, Ordering::Release);
+    pruned
 }
 
 /// The repository `backup.destination` names.
@@ -307,12 +332,22 @@ async fn take(
     let key_len = std::fs::metadata(&key).map_err(io_failure("reading the signing key"))?.len();
     let key_sha = sha256_file(&key).await?;
     copy.file("signing.key".into(), key_sha, &key, key_len, None).await?;
-    // The files the database refers to now: those of the checkpoint, and any added
-    // since (harmless). None has gone since the checkpoint: deletions are held.
+    // The files the checkpoint refers to: those the database refers to now (and any
+    // added since, which is harmless), and those whose references went since, whose
+    // deletion waits in the hold. Deletions held while copying are looked at again.
     let spool = staging.join("media");
     std::fs::create_dir_all(&spool).map_err(io_failure("creating a staging directory"))?;
     let mut missing = 0u64;
-    for hash in src.media.stored_hashes()? {
+    let mut wanted: Vec<String> = src.media.stored_hashes()?;
+    wanted.extend(src.media.held_deletions());
+    let mut seen: HashSet<String> = HashSet::new();
+    while let Some(hash) = wanted.pop() {
+        if wanted.is_empty() {
+            wanted.extend(src.media.held_deletions().into_iter().filter(|h| !seen.contains(h)));
+        }
+        if !seen.insert(hash.clone()) {
+            continue;
+        }
         if let Some(size) = repo.file_size(&hash).await? {
             copy.files.push(FileEntry {
                 path: format!("media/{hash}"),
@@ -495,6 +530,18 @@ pub struct Restored {
 /// database and no signing key: a restore never overwrites a server's data.
 pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Restored> {
     let manifest = find(repo, id).await?;
+    if manifest.format != FORMAT {
+        return Err(Error::invalid_param(format!(
+            "backup {} is in format {:?}, which this version does not read",
+            manifest.id, manifest.format
+        )));
+    }
+    if manifest.server_name != config.server.server_name {
+        return Err(Error::invalid_param(format!(
+            "backup {} is of server {}, not {}: a server's name cannot change",
+            manifest.id, manifest.server_name, config.server.server_name
+        )));
+    }
     let db_dir = config.database_path();
     let key_path = config.signing_key_path();
     let occupied = std::fs::read_dir(&db_dir).is_ok_and(|mut d| d.next().is_some());
@@ -528,10 +575,8 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
         bytes += len;
         match place {
             Place::Database(_) => {}
-            Place::SigningKey => {
-                set_owner_only(&to)?;
-                std::fs::rename(&to, &key_path).map_err(io_failure("restoring the signing key"))?;
-            }
+            // Put in place last (below): its presence marks a data directory as taken.
+            Place::SigningKey => set_owner_only(&to)?,
             Place::Media(hash) => {
                 store.put_file(hash, &to, len).await?;
                 let _ = tokio::fs::remove_file(&to).await;
@@ -543,6 +588,8 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
             .map_err(io_failure("replacing the empty database directory"))?;
     }
     std::fs::rename(&staging, &db_dir).map_err(io_failure("restoring the database"))?;
+    let key = config.server.data_dir.join("signing.key.restoring");
+    std::fs::rename(&key, &key_path).map_err(io_failure("restoring the signing key"))?;
     let check = db_dir.clone();
     let (_, database_keys) =
         tokio::task::spawn_blocking(move || trellis_store::verify_read_only(&check))
@@ -584,6 +631,9 @@ pub async fn prune(repo: &Repository, keep: usize) -> Result<Pruned> {
     if keep == 0 {
         return Err(Error::invalid_param("keep must be at least 1"));
     }
+    // Whether a backup is being written is asked first: one that finishes after the
+    // manifests are listed would have its new files taken for unused.
+    let pending = repo.pending().await?;
     let manifests = repo.manifests().await?;
     let cut = manifests.len().saturating_sub(keep);
     let mut pruned = Pruned::default();
@@ -591,7 +641,7 @@ pub async fn prune(repo: &Repository, keep: usize) -> Result<Pruned> {
         repo.delete_manifest(&old.id).await?;
         pruned.removed_backups.push(old.id.clone());
     }
-    if repo.pending().await? {
+    if pending {
         pruned.files_kept_for_running_backup = true;
         return Ok(pruned);
     }
@@ -654,7 +704,7 @@ async fn scheduled(services: &Arc<Services>, interval: Duration) -> Result<()> {
     }
     let keep = services.config.backup.keep;
     if keep > 0 {
-        let pruned = prune(&repo, keep).await?;
+        let pruned = prune_guarded(services, &repo, keep).await?;
         tracing::info!(
             backups = pruned.removed_backups.len(),
             files = pruned.removed_files,

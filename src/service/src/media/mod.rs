@@ -477,13 +477,19 @@ impl Media {
     }
 
     /// Deletes every item `localpart` uploaded (an erasure); answers how many. Files
-    /// others use too stay for them.
+    /// others use too stay for them. One that cannot be deleted now is logged, and the
+    /// others still go.
     pub async fn delete_uploads_of(&self, localpart: &str) -> Result<usize> {
-        let uploads = self.uploads_of(localpart)?;
-        for (id, _) in &uploads {
-            self.delete(&self.0.server_name, id).await?;
+        let mut deleted = 0;
+        for (id, _) in self.uploads_of(localpart)? {
+            match self.delete(&self.0.server_name, &id).await {
+                Ok(()) => deleted += 1,
+                Err(e) => {
+                    tracing::warn!(media = %id, error = %e, "deleting an erased user's upload")
+                }
+            }
         }
-        Ok(uploads.len())
+        Ok(deleted)
     }
 
     /// The items `localpart` uploaded (with their ids), uploads still awaited included.
@@ -497,6 +503,11 @@ impl Media {
             }
         }
         Ok(out)
+    }
+
+    /// The files whose deletion a hold puts off now.
+    pub fn held_deletions(&self) -> Vec<String> {
+        self.0.held.lock().unwrap_or_else(|p| p.into_inner()).deferred.clone()
     }
 
     /// Puts off every file deletion until the answer is dropped: a backup copying the

@@ -181,7 +181,9 @@ impl Indexer {
         // Events sent meanwhile wait in the queue; those the catch-up also saw are
         // skipped.
         let caught_up = tokio::task::spawn_blocking(move || {
-            let done = self.catch_up();
+            // A resumed catch-up ends at the target it had before the restart; a second
+            // one takes what came between that and now.
+            let done = self.catch_up().and_then(|a| self.catch_up().map(|b| a + b));
             (self, done)
         })
         .await;
@@ -266,8 +268,7 @@ impl Indexer {
             let mut after = from;
             loop {
                 if self.stopping.load(Ordering::Relaxed) {
-                    let at = Progress { up_to: from, indexed_to, catching_up: None };
-                    return self.pause(at, target, rooms_done, read);
+                    return self.pause(read);
                 }
                 let page = self.rooms.scan_timeline(
                     &room_id,
@@ -309,18 +310,12 @@ impl Indexer {
         Ok(read)
     }
 
-    /// Ends a catch-up at shutdown; the next start resumes after the last room finished.
-    fn pause(
-        &self,
-        from: Progress,
-        target: u64,
-        rooms_done: Option<u64>,
-        read: u64,
-    ) -> Result<u64> {
-        if let Some(done) = rooms_done {
-            let catching_up = Some(CatchUp { target, rooms_done: done });
-            self.index.commit(Progress { catching_up, ..from })?;
-        }
+    /// Ends a catch-up at shutdown. What it indexed since its last commit is dropped:
+    /// that holds part of a room, which the next start reads again from the room's
+    /// start, so keeping it would index those events twice. The next start resumes after
+    /// the last room that commit finished.
+    fn pause(&self, read: u64) -> Result<u64> {
+        self.index.rollback()?;
         tracing::info!(events = read, "search index build paused by shutdown");
         Ok(read)
     }
