@@ -23,6 +23,8 @@ use crate::{Services, audit::Client, random};
 
 /// How long a finished export can be downloaded.
 pub const LINK_LIFETIME: Duration = Duration::from_secs(3600);
+/// A finished export's record (its state) is kept this long.
+const FORGET_AFTER_MS: u64 = 24 * 3600 * 1000;
 /// Events read from a room's timeline at a time.
 const PAGE: usize = 1000;
 
@@ -60,10 +62,12 @@ impl Exports {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Forgets exports whose link expired, and removes their files.
+    /// Forgets exports whose link expired, and removes their files; what is left of
+    /// finished exports goes after a day.
     fn expire(&self, dir: &Path) {
         let now = now_millis();
-        for job in self.jobs().values_mut() {
+        let mut jobs = self.jobs();
+        for job in jobs.values_mut() {
             if let State::Ready { expires_ms, .. } = job.state
                 && expires_ms <= now
             {
@@ -71,6 +75,10 @@ impl Exports {
                 let _ = std::fs::remove_file(file_of(dir, &job.id));
             }
         }
+        jobs.retain(|_, j| {
+            matches!(j.state, State::Running | State::Ready { .. })
+                || now.saturating_sub(j.created_ms) < FORGET_AFTER_MS
+        });
     }
 }
 
