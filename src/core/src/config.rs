@@ -41,6 +41,7 @@ pub struct Config {
     pub rate_limits: RateLimitsConfig,
     pub media: MediaConfig,
     pub backup: BackupConfig,
+    pub retention: RetentionConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
 }
@@ -434,6 +435,34 @@ pub struct RoomsConfig {
     pub max_event_delay_ms: u64,
     /// Delayed events one user may have waiting at once.
     pub max_delayed_events_per_user: usize,
+}
+
+/// How long rooms keep their messages (`m.room.retention`), and the server's bounds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Honour rooms' `m.room.retention` and the default below. Off, nothing expires.
+    pub enabled: bool,
+    /// Lifetime of messages in rooms without a policy, in seconds; 0 keeps them forever.
+    pub default_max_lifetime_seconds: u64,
+    /// Bounds a room's `max_lifetime` is held within, in seconds; 0 is no bound.
+    pub min_lifetime_seconds: u64,
+    pub max_lifetime_seconds: u64,
+    /// How often expired messages are purged from storage, in seconds. They are hidden
+    /// from every read as soon as they expire; the purge removes them from disk.
+    pub purge_interval_seconds: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_max_lifetime_seconds: 0,
+            min_lifetime_seconds: 0,
+            max_lifetime_seconds: 0,
+            purge_interval_seconds: 3600,
+        }
+    }
 }
 
 impl Default for RoomsConfig {
@@ -871,6 +900,18 @@ pub struct MediaConfig {
     pub s3_prefix: String,
     /// Allow a plain `http://` endpoint (local test servers only).
     pub s3_allow_http: bool,
+    /// Media encryption at rest (AES-256-GCM): keys as 64 hex digits. The first seals new
+    /// files; the others only open files sealed before a rotation. Empty: no encryption.
+    pub encryption_keys: Vec<String>,
+    /// The same keys read from a file instead, one per line (`#` starts a comment); set
+    /// this or `encryption_keys`, not both.
+    pub encryption_key_file: PathBuf,
+    /// Local uploads neither downloaded nor uploaded again for this many days are
+    /// deleted (avatars in use and protected media are kept); 0 keeps them forever.
+    pub local_retention_days: u64,
+    /// Copies of other servers' media not downloaded for this many days are deleted (they
+    /// are fetched again when asked for); 0 keeps them forever.
+    pub remote_retention_days: u64,
 }
 
 impl Default for MediaConfig {
@@ -900,6 +941,10 @@ impl Default for MediaConfig {
             s3_secret_access_key: String::new(),
             s3_prefix: String::new(),
             s3_allow_http: false,
+            encryption_keys: Vec::new(),
+            encryption_key_file: PathBuf::new(),
+            local_retention_days: 0,
+            remote_retention_days: 0,
         }
     }
 }
@@ -1291,6 +1336,22 @@ impl Config {
         }
         if m.backend == MediaBackend::S3 && m.s3_bucket.is_empty() {
             bad("media.s3_bucket", "required for backend \"s3\"".into());
+        }
+        let r = &self.retention;
+        if r.purge_interval_seconds == 0 {
+            bad("retention.purge_interval_seconds", "must be at least 1".into());
+        }
+        if r.max_lifetime_seconds > 0 && r.min_lifetime_seconds > r.max_lifetime_seconds {
+            bad("retention.min_lifetime_seconds", "must not exceed max_lifetime_seconds".into());
+        }
+        if !m.encryption_keys.is_empty() && !m.encryption_key_file.as_os_str().is_empty() {
+            bad("media.encryption_keys", "set this or media.encryption_key_file, not both".into());
+        }
+        for key in &m.encryption_keys {
+            let key = key.trim();
+            if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bad("media.encryption_keys", "each key is 64 hex digits (32 bytes)".into());
+            }
         }
         let client = &self.well_known.client;
         if !(client.is_empty() || client.starts_with("https://") || client.starts_with("http://")) {

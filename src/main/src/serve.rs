@@ -145,6 +145,8 @@ async fn serve(mut config: Config) -> Result<(), String> {
     let analytics = tokio::spawn(trellis_service::analytics::run(services.analytics.clone()));
     let delayed_events = tokio::spawn(trellis_service::delayed_events::run(services.clone()));
     let backups = tokio::spawn(trellis_service::backup::run_schedule(services.clone()));
+    let reseal = tokio::spawn(trellis_service::reseal_media(services.clone()));
+    let retention = tokio::spawn(trellis_service::rooms::retention::run(services.clone()));
     trellis_service::export::clear_leftovers(&services);
     let turn = crate::turn::start(&services).await;
     // Application services: their users exist, their queues (kept over a restart) go out,
@@ -229,6 +231,8 @@ async fn serve(mut config: Config) -> Result<(), String> {
     storage_watch.abort();
     delayed_events.abort();
     backups.abort();
+    reseal.abort();
+    retention.abort();
     if let Some(turn) = turn {
         turn.close().await;
     }

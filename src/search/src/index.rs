@@ -382,6 +382,46 @@ impl SearchIndex {
         Ok(())
     }
 
+    /// Removes the documents at `positions` (expired messages) for good: commits, then
+    /// merges the segments that held deleted documents, so that their words leave the
+    /// disk rather than waiting for a merge that a deletion alone never starts.
+    pub fn forget(&self, positions: &[u64]) -> Result<()> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        for position in positions {
+            self.remove(*position)?;
+        }
+        // An index never committed has no progress to keep: the indexer's next commit
+        // carries the removals.
+        let Some(progress) = self.progress() else { return Ok(()) };
+        self.commit(progress)?;
+        let merge = {
+            let mut writer = self.writer();
+            let ids: Vec<_> = writer
+                .index()
+                .searchable_segment_metas()
+                .map_err(internal("listing search segments"))?
+                .into_iter()
+                .filter(|meta| meta.has_deletes())
+                .map(|meta| meta.id())
+                .collect();
+            (!ids.is_empty()).then(|| writer.merge(&ids))
+        };
+        if let Some(merge) = merge {
+            // A segment a background merge holds already is rewritten by that merge.
+            if let Err(e) = merge.wait() {
+                tracing::debug!(error = %e, "merging search segments after removals");
+            }
+            let gc = self.writer().garbage_collect_files();
+            if let Err(e) = gc.wait() {
+                tracing::debug!(error = %e, "removing merged search segments");
+            }
+        }
+        self.reader.reload().map_err(internal("reloading the search index"))?;
+        Ok(())
+    }
+
     /// Removes every document of `room_id` (a purge).
     pub fn remove_room(&self, room_id: &str) {
         self.writer().delete_term(Term::from_field_text(self.fields.room_id, room_id));

@@ -123,6 +123,7 @@ impl Services {
             rooms::Rooms::open(db.clone(), &server_name)
                 .map_err(|e| format!("loading rooms: {e}"))?,
         );
+        rooms.set_retention(rooms::retention::Limits::from_config(&config.retention));
         let stream = rooms.stream.clone();
         let audit = Arc::new(Audit::new(db.clone()));
         let jwt = accounts::jwt::JwtVerifier::from_config(&config.jwt)?;
@@ -189,6 +190,7 @@ impl Services {
             analytics.clone(),
             delayed_events.clone(),
             call_history.clone(),
+            Arc::new(media::uses::MediaUses::new(db.clone(), &server_name)),
         ]);
         let timeline = rooms::append::Timeline::new(rooms.clone(), keys.clone(), pipeline);
         let services = Arc::new(Self {
@@ -326,6 +328,21 @@ pub async fn run_janitor(services: Arc<Services>) {
             Ok(n) => tracing::info!(removed = n, "swept unused media ids and stale previews"),
             Err(e) => tracing::warn!(error = %e, "sweeping media records failed"),
         }
+        let media = &services.config.media;
+        let swept = async {
+            let avatars = admin::media::avatars(&services)?;
+            services
+                .media
+                .expire_unused(media.local_retention_days, media.remote_retention_days, &avatars)
+                .await
+        }
+        .instrument(tracing::info_span!("media_retention"))
+        .await;
+        match swept {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "deleted media nobody asked for in a while"),
+            Err(e) => tracing::warn!(error = %e, "media retention failed"),
+        }
         let retention = services.config.admin.audit_retention_days;
         let swept = admin::audit_log::sweep(&services, retention)
             .instrument(tracing::info_span!("audit_janitor"))
@@ -334,6 +351,19 @@ pub async fn run_janitor(services: Arc<Services>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "removed audit records past their retention"),
             Err(e) => tracing::warn!(error = %e, "sweeping the audit log failed"),
+        }
+    }
+}
+
+/// Once at start, with media encryption at rest: seals files stored before it was turned
+/// on and reseals those under a retired key.
+pub async fn reseal_media(services: Arc<Services>) {
+    let resealed = services.media.reseal().instrument(tracing::info_span!("media_reseal")).await;
+    match resealed {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(resealed = n, "media files sealed under the current key"),
+        Err(e) => {
+            tracing::warn!(error = %e, "resealing media files stopped; the next start goes on")
         }
     }
 }

@@ -224,6 +224,10 @@ pub struct MediaRecord {
     /// Displayed pixel size (after EXIF orientation) of images we can decode.
     #[serde(default)]
     pub dimensions: Option<(u32, u32)>,
+    /// When it was last served (to within a day), for media retention; `None` until
+    /// first served or looked at by the retention sweep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_access_ms: Option<u64>,
 }
 
 /// A file derived from an upload's content: a thumbnail or the downscaled rendition.

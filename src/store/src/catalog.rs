@@ -253,6 +253,9 @@ tables! {
     CALLS_BY_USER = "calls_by_user", Scan @ 86;
     // (room id, group call id) -> the key of its session running now
     CALLS_RUNNING = "calls_running", Point @ 87;
+    // (server name, media id, room id, stream position) -> (): an event that refers to
+    // this server's media, so that purging expired messages deletes media nothing else uses
+    MEDIA_EVENT_USES = "media_event_uses", Scan @ 88;
 }
 
 /// The column families the catalog uses, each once, with the access that tunes it.

@@ -25,6 +25,11 @@ impl<K: KeyCodec + 'static, V: ValueCodec + 'static> Table<K, V> {
         db.get(self.def, &key.to_key())?.map(|bytes| V::from_value(&bytes)).transpose()
     }
 
+    /// Compacts the keys from `start` to `end` (see [`Engine::compact`]).
+    pub fn compact(&self, db: &dyn Engine, start: &K, end: &K) -> StoreResult<()> {
+        db.compact(self.def, &start.to_key(), &end.to_key())
+    }
+
     pub fn contains(&self, db: &dyn Engine, key: &K) -> StoreResult<bool> {
         Ok(db.get(self.def, &key.to_key())?.is_some())
     }

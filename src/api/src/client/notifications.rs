@@ -50,6 +50,10 @@ async fn notifications(ctx: Ctx, req: Request) -> Result<Response> {
     let mut out = Vec::with_capacity(rows.len());
     for (position, n) in rows {
         let Some(stored) = services.rooms.cached_event(&n.event_id)? else { continue };
+        let expired_before = services.rooms.expired_before(&n.room_id)?;
+        if trellis_service::rooms::Rooms::is_expired(&stored.pdu, expired_before) {
+            continue;
+        }
         let mut event = trellis_service::realtime::sync::sync_event(&stored.pdu);
         event["room_id"] = json!(n.room_id);
         // Read once a receipt (unthreaded or main) is at or after the event.

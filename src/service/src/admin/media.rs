@@ -111,7 +111,8 @@ pub async fn delete_old(
     delete(services, ids).await
 }
 
-fn avatars(services: &Services) -> Result<std::collections::HashSet<String>> {
+/// Every avatar URI of this server's users' profiles.
+pub(crate) fn avatars(services: &Services) -> Result<std::collections::HashSet<String>> {
     let mut out = std::collections::HashSet::new();
     for row in crate::tables::PROFILES.scan_prefix(&*services.db, &(), Direction::Forward)? {
         let ((_, field), Json(value)) = row?;

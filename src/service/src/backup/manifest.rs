@@ -31,7 +31,8 @@ pub struct Manifest {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
     /// `db/<name>` for the database checkpoint, `media/<sha256>` for media files,
-    /// `signing.key`.
+    /// `sealed-media/<name>` for media files encrypted at rest (named by the SHA-256 of
+    /// their plaintext, kept as sealed), `signing.key`.
     pub path: String,
     pub sha256: String,
     pub size: u64,
@@ -39,6 +40,11 @@ pub struct FileEntry {
     /// hashing a table file it has seen: RocksDB never rewrites one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtime: Option<i64>,
+    /// For sealed media, which sealing of the file this is (key id and nonce prefix), so
+    /// that the next backup can skip reading a file it has seen: only resealing changes
+    /// a sealed file, and it changes this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealing: Option<String>,
 }
 
 /// Where a file of a backup goes back to.
@@ -46,6 +52,8 @@ pub struct FileEntry {
 pub enum Place<'a> {
     Database(&'a str),
     Media(&'a str),
+    /// A media file encrypted at rest, stored back as it is.
+    SealedMedia(&'a str),
     SigningKey,
 }
 
@@ -61,6 +69,11 @@ impl FileEntry {
         };
         if let Some(name) = self.path.strip_prefix("db/") {
             return plain(name).then_some(Place::Database(name));
+        }
+        if let Some(hash) = self.path.strip_prefix("sealed-media/") {
+            let named =
+                hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            return named.then_some(Place::SealedMedia(hash));
         }
         let hash = self.path.strip_prefix("media/")?;
         (hash == self.sha256).then_some(Place::Media(hash))
@@ -91,7 +104,7 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, sha: &str) -> FileEntry {
-        FileEntry { path: path.into(), sha256: sha.into(), size: 1, mtime: None }
+        FileEntry { path: path.into(), sha256: sha.into(), size: 1, mtime: None, sealing: None }
     }
 
     #[test]
@@ -100,6 +113,10 @@ mod tests {
         assert_eq!(entry("signing.key", "x").place(), Some(Place::SigningKey));
         assert_eq!(entry("media/abc", "abc").place(), Some(Place::Media("abc")));
         assert_eq!(entry("media/abc", "abd").place(), None, "media are named by content");
+        let hash = "ab".repeat(32);
+        let sealed = format!("sealed-media/{hash}");
+        assert_eq!(entry(&sealed, "x").place(), Some(Place::SealedMedia(&hash)));
+        assert_eq!(entry("sealed-media/../signing.key", "x").place(), None);
         for bad in ["db/../x", "db/a/b", "db/..", "db/", "other/x", "../signing.key"] {
             assert_eq!(entry(bad, "x").place(), None, "{bad}");
         }

@@ -295,15 +295,15 @@ async fn take(
     tracing::info!("database checkpointed");
     // Hashes of table files the last backup saw, by name, size and time: RocksDB never
     // changes a table file once written, so these need no second read.
-    let known: HashMap<(String, u64, i64), String> = match repo.latest().await? {
-        Some(last) => last
-            .files
-            .into_iter()
-            .filter(|f| f.path.ends_with(".sst"))
-            .filter_map(|f| Some(((f.path, f.size, f.mtime?), f.sha256)))
-            .collect(),
-        None => HashMap::new(),
-    };
+    let last = repo.latest().await?.map(|m| m.files).unwrap_or_default();
+    let known: HashMap<(String, u64, i64), String> = last
+        .iter()
+        .filter(|f| f.path.ends_with(".sst"))
+        .filter_map(|f| Some(((f.path.clone(), f.size, f.mtime?), f.sha256.clone())))
+        .collect();
+    // Sealed media files by path and sealing: one is rewritten only when resealed.
+    let known_sealed: HashMap<(String, String), (String, u64)> =
+        last.into_iter().filter_map(|f| Some(((f.path, f.sealing?), (f.sha256, f.size)))).collect();
     let mut copy = Copier { repo, files: Vec::new(), copied_bytes: 0, copied_files: 0 };
     let mut names: Vec<PathBuf> = std::fs::read_dir(&checkpoint)
         .map_err(io_failure("reading the checkpoint"))?
@@ -326,12 +326,20 @@ async fn take(
             Some(sha) => sha.clone(),
             None => sha256_file(&file).await?,
         };
-        copy.file(path, sha, &file, meta.len(), mtime).await?;
+        copy.file(FileEntry { path, sha256: sha, size: meta.len(), mtime, sealing: None }, &file)
+            .await?;
     }
     let key = src.config.signing_key_path();
     let key_len = std::fs::metadata(&key).map_err(io_failure("reading the signing key"))?.len();
     let key_sha = sha256_file(&key).await?;
-    copy.file("signing.key".into(), key_sha, &key, key_len, None).await?;
+    let entry = FileEntry {
+        path: "signing.key".into(),
+        sha256: key_sha,
+        size: key_len,
+        mtime: None,
+        sealing: None,
+    };
+    copy.file(entry, &key).await?;
     // The files the checkpoint refers to: those the database refers to now (and any
     // added since, which is harmless), and those whose references went since, whose
     // deletion waits in the hold. Deletions held while copying are looked at again.
@@ -348,19 +356,40 @@ async fn take(
         if !seen.insert(hash.clone()) {
             continue;
         }
-        if let Some(size) = repo.file_size(&hash).await? {
+        // Files encrypted at rest are backed up as they lie, so the backup is encrypted
+        // too; a file the store cannot find reads as plaintext and is reported below.
+        let sealing = src.media.sealing(&hash).await.ok().and_then(|s| s.tag());
+        if let Some(tag) = &sealing {
+            let path = format!("sealed-media/{hash}");
+            if let Some((sha, size)) = known_sealed.get(&(path.clone(), tag.clone()))
+                && repo.file_size(sha).await? == Some(*size)
+            {
+                let entry =
+                    FileEntry { path, sha256: sha.clone(), size: *size, mtime: None, sealing };
+                copy.files.push(entry);
+                continue;
+            }
+        } else if let Some(size) = repo.file_size(&hash).await? {
             copy.files.push(FileEntry {
                 path: format!("media/{hash}"),
                 sha256: hash,
                 size,
                 mtime: None,
+                sealing: None,
             });
             continue;
         }
         let tmp = spool.join(&hash);
-        match src.media.copy_file_to(&hash, &tmp).await? {
-            Some((sha, len)) if sha == hash => {
-                copy.file(format!("media/{hash}"), hash, &tmp, len, None).await?;
+        match src.media.copy_stored_bytes_to(&hash, &tmp).await? {
+            Some((sha, size)) if sealing.is_some() => {
+                let path = format!("sealed-media/{hash}");
+                copy.file(FileEntry { path, sha256: sha, size, mtime: None, sealing }, &tmp)
+                    .await?;
+            }
+            Some((sha, size)) if sha == hash => {
+                let path = format!("media/{hash}");
+                copy.file(FileEntry { path, sha256: sha, size, mtime: None, sealing }, &tmp)
+                    .await?;
             }
             found => {
                 missing += 1;
@@ -408,20 +437,15 @@ struct Copier<'a> {
 }
 
 impl Copier<'_> {
-    async fn file(
-        &mut self,
-        path: String,
-        sha: String,
-        local: &Path,
-        size: u64,
-        mtime: Option<i64>,
-    ) -> Result<()> {
-        if self.repo.file_size(&sha).await? != Some(size) {
-            self.repo.put_file(&sha, local, size).await?;
-            self.copied_bytes += size;
+    /// Puts `local`, described by `entry`, into the repository unless it holds the
+    /// content already.
+    async fn file(&mut self, entry: FileEntry, local: &Path) -> Result<()> {
+        if self.repo.file_size(&entry.sha256).await? != Some(entry.size) {
+            self.repo.put_file(&entry.sha256, local, entry.size).await?;
+            self.copied_bytes += entry.size;
             self.copied_files += 1;
         }
-        self.files.push(FileEntry { path, sha256: sha, size, mtime });
+        self.files.push(entry);
         Ok(())
     }
 }
@@ -565,7 +589,7 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
         let to = match place {
             Place::Database(name) => staging.join(name),
             Place::SigningKey => config.server.data_dir.join("signing.key.restoring"),
-            Place::Media(hash) => media_tmp.join(hash),
+            Place::Media(hash) | Place::SealedMedia(hash) => media_tmp.join(hash),
         };
         let (sha, len) = repo.get_file(&file.sha256, &to).await?;
         if sha != file.sha256 || len != file.size {
@@ -577,8 +601,14 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
             Place::Database(_) => {}
             // Put in place last (below): its presence marks a data directory as taken.
             Place::SigningKey => set_owner_only(&to)?,
+            // Plaintext files are sealed on the way in when the restored server encrypts.
             Place::Media(hash) => {
                 store.put_file(hash, &to, len).await?;
+                let _ = tokio::fs::remove_file(&to).await;
+            }
+            // Sealed files go back as they were: they need the keys they were sealed with.
+            Place::SealedMedia(hash) => {
+                store.raw().put_file(hash, &to, len).await?;
                 let _ = tokio::fs::remove_file(&to).await;
             }
         }

@@ -11,9 +11,11 @@ pub mod multipart;
 pub(crate) mod preview;
 mod spool;
 pub mod store;
+pub mod store_crypt;
 mod store_fs;
 mod store_s3;
 pub mod thumbnail;
+pub mod uses;
 
 use std::{
     ops::Range,
@@ -58,6 +60,8 @@ const MAX_VARIANTS: usize = 32;
 const ANIMATED_PASSTHROUGH_BYTES: u64 = 4 * 1024 * 1024;
 /// Preview fetches at once.
 const PREVIEW_CONCURRENCY: usize = 8;
+/// Media accesses are recorded to within this much (one write per item a day at most).
+const ACCESS_RESOLUTION_MS: u64 = 24 * 3600 * 1000;
 const RENDITION: &str = "rendition";
 
 /// Something to send to a client: a stored file and how to present it.
@@ -153,15 +157,43 @@ impl Drop for DeletionHold {
     }
 }
 
-/// The configured file store (`media.backend`).
+/// Copies stored file `hash` out of `store` into `to`, with the SHA-256 and length of what
+/// it read; `None` when the store lacks the file.
+async fn copy_from(store: &dyn BlobStore, hash: &str, to: &Path) -> Result<Option<(String, u64)>> {
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    if !store.contains(hash).await? {
+        return Ok(None);
+    }
+    let mut stream = store.open(hash, None).await?;
+    let io = |e| Error::io("copying a media file", e);
+    let mut out = tokio::fs::File::create(to).await.map_err(io)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut len = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(io)?;
+        hasher.update(&chunk);
+        len += chunk.len() as u64;
+        out.write_all(&chunk).await.map_err(io)?;
+    }
+    out.flush().await.map_err(io)?;
+    Ok(Some((hex(&hasher.finalize()), len)))
+}
+
+/// The configured file store (`media.backend`), encrypting when keys are configured.
 pub fn open_store(config: &trellis_core::Config) -> Result<Box<dyn BlobStore>, String> {
     let root = config.media_path();
-    Ok(match config.media.backend {
+    let store: Box<dyn BlobStore> = match config.media.backend {
         MediaBackend::Filesystem => Box::new(
             store_fs::FsStore::new(root.join("blobs"), config.storage.sync_writes)
                 .map_err(|e| format!("creating {}: {e}", root.display()))?,
         ),
         MediaBackend::S3 => Box::new(store_s3::S3Store::new(&config.media)?),
+    };
+    Ok(match store_crypt::MediaKeys::from_config(&config.media)? {
+        Some(keys) => Box::new(store_crypt::EncryptedStore::new(store, keys, root.join("tmp"))),
+        None => store,
     })
 }
 
@@ -312,6 +344,7 @@ impl Media {
             quarantined_by: None,
             protected: false,
             dimensions: None,
+            last_access_ms: None,
         };
         let mut batch = Batch::new();
         MEDIA.put(&mut batch, &(self.0.server_name.clone(), id.clone()), &Json(record));
@@ -420,6 +453,7 @@ impl Media {
                 quarantined_by: None,
                 protected: false,
                 dimensions,
+                last_access_ms: None,
             };
             if pending {
                 self.pending_for(&key.0, id, &upload.owner)?;
@@ -530,28 +564,72 @@ impl Media {
         Ok(out)
     }
 
-    /// Copies the stored file `hash` to `to`, answering the SHA-256 of what it read and
-    /// its length, or `None` when the store lacks it.
+    /// Copies the content of stored file `hash` to `to`, answering the SHA-256 of what it
+    /// read and its length, or `None` when the store lacks it.
     pub async fn copy_file_to(&self, hash: &str, to: &Path) -> Result<Option<(String, u64)>> {
-        use futures_util::StreamExt;
-        use sha2::Digest;
-        use tokio::io::AsyncWriteExt;
-        if !self.0.store.contains(hash).await? {
-            return Ok(None);
+        copy_from(&*self.0.store, hash, to).await
+    }
+
+    /// Copies stored file `hash` as it lies in the store (encrypted when media are), with
+    /// the SHA-256 and length of those bytes; `None` when the store lacks it.
+    pub async fn copy_stored_bytes_to(
+        &self,
+        hash: &str,
+        to: &Path,
+    ) -> Result<Option<(String, u64)>> {
+        copy_from(self.0.store.raw(), hash, to).await
+    }
+
+    /// How stored file `hash` is sealed (plaintext without encryption at rest).
+    pub async fn sealing(&self, hash: &str) -> Result<store_crypt::Sealing> {
+        self.0.store.sealing(hash).await
+    }
+
+    /// Rewrites every stored file that is not sealed under the current key: files from
+    /// before encryption was turned on and files under a retired key. Answers how many
+    /// were rewritten. A marker file remembers a finished pass, so that later starts with
+    /// the same key skip the scan (every file written since is sealed under it).
+    pub async fn reseal(&self) -> Result<usize> {
+        let Some(current) = self.0.store.current_key() else { return Ok(0) };
+        let marker = self.0.tmp_dir.with_file_name("sealed-under");
+        let current_hex = hex(&current);
+        if tokio::fs::read_to_string(&marker).await.is_ok_and(|m| m.trim() == current_hex) {
+            return Ok(0);
         }
-        let mut stream = self.0.store.open(hash, None).await?;
-        let io = |e| Error::io("copying a media file", e);
-        let mut out = tokio::fs::File::create(to).await.map_err(io)?;
-        let mut hasher = sha2::Sha256::new();
-        let mut len = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(io)?;
-            hasher.update(&chunk);
-            len += chunk.len() as u64;
-            out.write_all(&chunk).await.map_err(io)?;
+        let mut resealed = 0;
+        for hash in self.stored_hashes()? {
+            if self.0.store.sealing(&hash).await?.key() == Some(current) {
+                continue;
+            }
+            let tmp = self.0.tmp_dir.join(format!("{hash}.reseal"));
+            let copied = self.copy_file_to(&hash, &tmp).await;
+            let result = match copied {
+                // A damaged file is left as it is (and stays unservable), not sealed.
+                Ok(Some((sha, len))) if sha == hash => {
+                    self.0.store.replace_file(&hash, &tmp, len).await.map(|()| true)
+                }
+                Ok(other) => {
+                    tracing::warn!(
+                        hash,
+                        ?other,
+                        "a media file is missing or damaged; not resealed"
+                    );
+                    Ok(false)
+                }
+                Err(e) => Err(e),
+            };
+            let _ = tokio::fs::remove_file(&tmp).await;
+            if result? {
+                resealed += 1;
+                if resealed % 1000 == 0 {
+                    tracing::info!(resealed, "resealing media files");
+                }
+            }
         }
-        out.flush().await.map_err(io)?;
-        Ok(Some((hex(&hasher.finalize()), len)))
+        tokio::fs::write(&marker, &current_hex)
+            .await
+            .map_err(|e| Error::io("writing the media sealing marker", e))?;
+        Ok(resealed)
     }
 
     /// The content of a servable media item, waiting up to `wait` for an async upload.
@@ -580,6 +658,7 @@ impl Media {
                 return Err(not_found());
             }
             if record.sha256.is_some() {
+                self.touch(server, id, &record).await;
                 return Ok(record);
             }
             if record.expires_ms.is_some_and(|t| t < now_millis()) {
@@ -590,6 +669,73 @@ impl Media {
                 _ => return Err(Error::not_yet_uploaded()),
             }
         }
+    }
+
+    /// Notes that an item is served, at most once a day per item.
+    async fn touch(&self, server: &str, id: &str, record: &MediaRecord) {
+        let now = now_millis();
+        if now.saturating_sub(record.last_access_ms.unwrap_or(0)) < ACCESS_RESOLUTION_MS {
+            return;
+        }
+        let _commit = self.0.commit.lock().await;
+        // Read again under the lock: an admin action may have changed the record.
+        let Ok(Some(mut fresh)) = self.record(server, id) else { return };
+        fresh.last_access_ms = Some(now);
+        let mut batch = Batch::new();
+        MEDIA.put(&mut batch, &(server.to_owned(), id.to_owned()), &Json(fresh));
+        if let Err(e) = crate::commit(&self.0.db, batch).await {
+            tracing::debug!(error = %e, "recording a media access");
+        }
+    }
+
+    /// Media retention: deletes local items not served for `local_days` and copies of
+    /// remote ones not served for `remote_days` (0: never), sparing protected items and
+    /// the URIs in `keep` (avatars in use). Items never served yet are given the time of
+    /// the first sweep that sees them, so turning retention on deletes nothing at once.
+    /// Answers how many went.
+    pub async fn expire_unused(
+        &self,
+        local_days: u64,
+        remote_days: u64,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<usize> {
+        if local_days == 0 && remote_days == 0 {
+            return Ok(0);
+        }
+        let now = now_millis();
+        let day = 24 * 3600 * 1000u64;
+        let mut stale = Vec::new();
+        {
+            let _commit = self.0.commit.lock().await;
+            let mut stamped = Batch::new();
+            for row in MEDIA.scan_prefix(&*self.0.db, &(), Direction::Forward)? {
+                let ((server, id), Json(mut record)) = row?;
+                if record.sha256.is_none() || record.protected {
+                    continue;
+                }
+                let Some(last) = record.last_access_ms else {
+                    record.last_access_ms = Some(now);
+                    MEDIA.put(&mut stamped, &(server, id), &Json(record));
+                    continue;
+                };
+                let days = if server == self.0.server_name { local_days } else { remote_days };
+                if days > 0
+                    && now.saturating_sub(last) > days.saturating_mul(day)
+                    && !keep.contains(&format!("mxc://{server}/{id}"))
+                {
+                    stale.push((server, id));
+                }
+            }
+            crate::commit(&self.0.db, stamped).await?;
+        }
+        let mut deleted = 0;
+        for (server, id) in stale {
+            match self.delete(&server, &id).await {
+                Ok(()) => deleted += 1,
+                Err(e) => tracing::warn!(media = %id, error = %e, "deleting unused media"),
+            }
+        }
+        Ok(deleted)
     }
 
     /// Streams `range` of `content` (all of it when `None`).

@@ -16,6 +16,9 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Stores the complete file at `file` under `hash`. The store may move the file away;
     /// storing a hash that is already present is a no-op.
     async fn put_file(&self, hash: &str, file: &Path, len: u64) -> Result<()>;
+    /// Stores `file` under `hash` even when the hash is present, atomically for readers
+    /// (re-encryption rewrites files in place).
+    async fn replace_file(&self, hash: &str, file: &Path, len: u64) -> Result<()>;
     /// Streams `range` (all when `None`) of a stored file.
     async fn open(&self, hash: &str, range: Option<Range<u64>>) -> Result<BlobStream>;
     /// The whole file in memory; callers bound `len` first.
@@ -24,6 +27,17 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn delete(&self, hash: &str) -> Result<()>;
     /// Whether a file is stored (for tests and repair tools).
     async fn contains(&self, hash: &str) -> Result<bool>;
+    /// The store beneath any encryption: backups copy its bytes as they are, so that a
+    /// backup of encrypted media is encrypted too.
+    fn raw(&self) -> &dyn BlobStore;
+    /// How a stored file is sealed; a store without encryption stores plaintext.
+    async fn sealing(&self, _hash: &str) -> Result<super::store_crypt::Sealing> {
+        Ok(super::store_crypt::Sealing::Plain)
+    }
+    /// The id of the key new files are sealed with, when files are encrypted.
+    fn current_key(&self) -> Option<[u8; 8]> {
+        None
+    }
 }
 
 /// Hex of a SHA-256 digest.

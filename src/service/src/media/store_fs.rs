@@ -44,11 +44,16 @@ fn io_error(context: &'static str) -> impl Fn(std::io::Error) -> Error {
 
 #[async_trait::async_trait]
 impl BlobStore for FsStore {
-    async fn put_file(&self, hash: &str, file: &Path, _len: u64) -> Result<()> {
-        let target = self.path(hash)?;
-        if tokio::fs::try_exists(&target).await.map_err(io_error("media store"))? {
+    async fn put_file(&self, hash: &str, file: &Path, len: u64) -> Result<()> {
+        if tokio::fs::try_exists(self.path(hash)?).await.map_err(io_error("media store"))? {
             return Ok(());
         }
+        self.replace_file(hash, file, len).await
+    }
+
+    /// A rename over the old file: readers have the old file or the new, never neither.
+    async fn replace_file(&self, hash: &str, file: &Path, _len: u64) -> Result<()> {
+        let target = self.path(hash)?;
         let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
         tokio::fs::create_dir_all(&dir).await.map_err(io_error("creating a media directory"))?;
         tokio::fs::rename(file, &target).await.map_err(io_error("storing a media file"))?;
@@ -89,5 +94,9 @@ impl BlobStore for FsStore {
 
     async fn contains(&self, hash: &str) -> Result<bool> {
         tokio::fs::try_exists(self.path(hash)?).await.map_err(io_error("media store"))
+    }
+
+    fn raw(&self) -> &dyn BlobStore {
+        self
     }
 }

@@ -105,6 +105,11 @@ impl BlobStore for S3Store {
         if self.contains(hash).await? {
             return Ok(());
         }
+        self.replace_file(hash, file, len).await
+    }
+
+    /// An S3 put replaces an object atomically.
+    async fn replace_file(&self, hash: &str, file: &Path, len: u64) -> Result<()> {
         upload_file(&*self.store, &self.path(hash)?, file, len).await
     }
 
@@ -133,5 +138,9 @@ impl BlobStore for S3Store {
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(Error::internal("S3 head", e)),
         }
+    }
+
+    fn raw(&self) -> &dyn BlobStore {
+        self
     }
 }

@@ -273,6 +273,33 @@ impl Notifier {
         Ok(())
     }
 
+    /// Adds to `batch` the removal of what the event at `position` of `room_id` counts
+    /// as, for everyone (an expired message): its shared row, and the rows of `members`
+    /// (the room's local members; those evaluated on their own are found too). Call
+    /// `forget_room` once the batch is written.
+    pub fn forget_event_into(
+        &self,
+        batch: &mut Batch,
+        room_id: &str,
+        position: u64,
+        members: &[String],
+    ) -> Result<()> {
+        let room = room_id.to_owned();
+        SHARED.delete(batch, &(room.clone(), position));
+        let mut users: Vec<String> =
+            members.iter().filter(|u| u.ends_with(&self.own_suffix)).cloned().collect();
+        for row in EXCLUDED.scan_prefix(&*self.db, &(room.clone(), position), Direction::Forward)? {
+            let (key, ()) = row?;
+            EXCLUDED.delete(batch, &key);
+            users.push(key.2);
+        }
+        for user in users {
+            UNREAD.delete(batch, &(user.clone(), room.clone(), position));
+            HISTORY.delete(batch, &(user, position));
+        }
+        Ok(())
+    }
+
     /// Drops the counts kept in memory for `room_id` (after its rows were purged).
     pub fn forget_room(&self, room_id: &str) {
         let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());

@@ -694,7 +694,20 @@ impl Rooms {
         let Some(event) = self.cached(short)? else { return Ok(None) };
         let in_room = event.pdu.room_id.as_ref().is_some_and(|r| r.as_str() == room_id)
             || self.short.get(Kind::Room, room_id)? == Some(event.room);
-        Ok((in_room && !event.rejected).then(|| (*event.pdu).clone()))
+        if !in_room || event.rejected {
+            return Ok(None);
+        }
+        // Between expiry and the purge, an expired message leaves as the purge will
+        // leave it: redacted, still a valid link of the DAG.
+        if Self::is_expired(&event.pdu, self.expired_before(room_id)?)
+            && let Some((_, record)) = self.room(room_id)?
+        {
+            let (_, rules) = record.rules()?;
+            return Ok(Some(
+                (*super::erasure::redacted_copy(&event.pdu, &rules.redaction)?).clone(),
+            ));
+        }
+        Ok(Some((*event.pdu).clone()))
     }
 
     /// The forward extremities of a room, as event ids.

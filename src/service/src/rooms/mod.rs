@@ -21,6 +21,7 @@ pub mod purge;
 pub mod reads;
 pub mod relations;
 pub mod resolve;
+pub mod retention;
 pub mod send;
 pub mod short;
 pub mod state;

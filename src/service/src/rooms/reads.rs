@@ -156,6 +156,8 @@ pub struct Rooms {
     pub(super) position_states: ShortCache<StateSet, (String, u64)>,
     /// Erased users, whose events later joiners get redacted.
     pub erasures: super::erasure::Erasures,
+    /// How long messages live (see `retention.rs`).
+    pub(super) retention: super::retention::RetentionSettings,
 }
 
 impl Rooms {
@@ -189,6 +191,7 @@ impl Rooms {
             summaries: ShortCache::new(JOINED_CACHE_ENTRIES),
             states: StateCache::new(STATE_CACHE_ENTRIES),
             position_states: ShortCache::new(POSITION_STATE_CACHE_ENTRIES),
+            retention: Default::default(),
         };
         rooms.backfill_indexes()?;
         Ok(rooms)

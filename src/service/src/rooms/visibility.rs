@@ -226,6 +226,7 @@ impl Rooms {
         let Some(room) = self.short.get(Kind::Room, room_id)? else { return Ok(view) };
         view.memberships = self.membership_log(room_id, user)?;
         view.visibilities = self.visibility_log(room)?;
+        view.expired_before = self.expired_before(room_id)?;
         Ok(view)
     }
 
@@ -299,6 +300,9 @@ pub struct VisibilityView {
     memberships: Arc<Vec<(u64, String)>>,
     /// `(position, history visibility)` in position order.
     visibilities: Arc<Vec<(u64, String)>>,
+    /// Messages sent before this time (ms) have expired under the room's retention
+    /// policy: nobody sees them any more. 0 when none expire.
+    expired_before: u64,
 }
 
 /// The stretches of `memberships` (a [`Rooms::membership_log`]) during which the user
@@ -331,6 +335,9 @@ fn before(entries: &[(u64, String)], position: u64) -> Option<&str> {
 impl VisibilityView {
     /// The spec's history visibility rules for the event at `position`.
     pub fn may_see(&self, position: u64, pdu: &Pdu) -> bool {
+        if Rooms::is_expired(pdu, self.expired_before) {
+            return false;
+        }
         // Users always see their own membership changes (a kick or ban included).
         if pdu.state_key.as_deref() == Some(self.user.as_str())
             && pdu.kind.to_string() == "m.room.member"
@@ -402,6 +409,7 @@ mod tests {
             user: "@u:x".into(),
             memberships: own(memberships),
             visibilities: own(visibilities),
+            expired_before: 0,
         }
     }
 
@@ -412,6 +420,21 @@ mod tests {
         }))
         .unwrap();
         Pdu::from_json(ruma::OwnedEventId::try_from("$e").unwrap(), json).unwrap()
+    }
+
+    #[test]
+    fn expired_messages_are_seen_by_nobody_but_state_stays() {
+        let mut v = view(&[(1, "join")], &[(1, "world_readable")]);
+        let m = message();
+        assert!(v.may_see(5, &m));
+        v.expired_before = 2;
+        assert!(!v.may_see(5, &m), "sent at 1, expired before 2");
+        v.expired_before = 1;
+        assert!(v.may_see(5, &m), "sent at 1 is not before 1");
+        let mut state = message();
+        state.state_key = Some(String::new());
+        v.expired_before = 1_000;
+        assert!(v.may_see(5, &state), "state never expires");
     }
 
     #[test]
