@@ -333,7 +333,12 @@ pub async fn run_janitor(services: Arc<Services>) {
             let avatars = admin::media::avatars(&services)?;
             services
                 .media
-                .expire_unused(media.local_retention_days, media.remote_retention_days, &avatars)
+                .expire_unused(
+                    trellis_core::now_millis(),
+                    media.local_retention_days,
+                    media.remote_retention_days,
+                    &avatars,
+                )
                 .await
         }
         .instrument(tracing::info_span!("media_retention"))

@@ -688,13 +688,14 @@ impl Media {
         }
     }
 
-    /// Media retention: deletes local items not served for `local_days` and copies of
-    /// remote ones not served for `remote_days` (0: never), sparing protected items and
-    /// the URIs in `keep` (avatars in use). Items never served yet are given the time of
-    /// the first sweep that sees them, so turning retention on deletes nothing at once.
-    /// Answers how many went.
+    /// Media retention at time `now` (ms): deletes local items not served for
+    /// `local_days` and copies of remote ones not served for `remote_days` (0: never),
+    /// sparing protected items and the URIs in `keep` (avatars in use). Items never
+    /// served yet are given the time of the first sweep that sees them, so turning
+    /// retention on deletes nothing at once. Answers how many went.
     pub async fn expire_unused(
         &self,
+        now: u64,
         local_days: u64,
         remote_days: u64,
         keep: &std::collections::HashSet<String>,
@@ -702,7 +703,6 @@ impl Media {
         if local_days == 0 && remote_days == 0 {
             return Ok(0);
         }
-        let now = now_millis();
         let day = 24 * 3600 * 1000u64;
         let mut stale = Vec::new();
         {
@@ -1225,5 +1225,46 @@ mod tests {
         assert_eq!(media.sweep().await.unwrap(), 2);
         assert!(!media.known(&config.server.server_name, &id).unwrap());
         assert_eq!(media.sweep().await.unwrap(), 0, "nothing left to sweep");
+    }
+
+    #[tokio::test]
+    async fn media_nobody_asked_for_in_a_while_go_but_avatars_and_protected_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = trellis_core::Config::default();
+        config.server.data_dir = dir.path().to_owned();
+        let storage =
+            trellis_core::config::StorageConfig { sync_writes: false, ..Default::default() };
+        let db = trellis_store::open(&dir.path().join("db"), &storage).unwrap();
+        let media = Media::new(&config, db, None).unwrap();
+        let server = config.server.server_name.clone();
+        let mut ids = Vec::new();
+        for n in 0..3u8 {
+            let upload = Upload {
+                info: UploadInfo {
+                    owner: "alice".into(),
+                    content_type: Some("application/octet-stream".into()),
+                    filename: None,
+                    declared_len: None,
+                },
+                body: futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::from(
+                    vec![n; 100],
+                ))]),
+            };
+            let mxc = media.upload(upload).await.unwrap();
+            ids.push(mxc.rsplit('/').next().unwrap().to_owned());
+        }
+        media.protect(&server, &ids[2], true).await.unwrap();
+        let keep = [format!("mxc://{server}/{}", ids[1])].into_iter().collect();
+        let now = now_millis();
+        let day = 24 * 3600 * 1000;
+        assert_eq!(media.expire_unused(now, 1, 0, &keep).await.unwrap(), 0, "first seen now");
+        assert_eq!(media.expire_unused(now + 2 * day, 0, 1, &keep).await.unwrap(), 0, "local kept");
+        assert_eq!(media.expire_unused(now + 2 * day, 1, 0, &keep).await.unwrap(), 1);
+        assert!(!media.known(&server, &ids[0]).unwrap());
+        assert!(media.known(&server, &ids[1]).unwrap() && media.known(&server, &ids[2]).unwrap());
+        // Serving an item counts as a use.
+        media.content(&server, &ids[1], Duration::ZERO).await.unwrap();
+        let record = media.record(&server, &ids[1]).unwrap().unwrap();
+        assert!(record.last_access_ms.unwrap() >= now);
     }
 }

@@ -42,13 +42,17 @@ impl Limits {
         }
     }
 
-    /// How long a room's messages live, in ms, given its policy's `max_lifetime`; `None`
-    /// keeps them forever.
-    pub fn lifetime(&self, room_max: Option<u64>) -> Option<u64> {
+    /// How long a room's messages live, in ms, given its policy's `max_lifetime` and
+    /// `min_lifetime` (the room asks that messages be kept at least that long); `None`
+    /// keeps them forever. The server's bounds have the last word.
+    pub fn lifetime(&self, room_max: Option<u64>, room_min: Option<u64>) -> Option<u64> {
         if !self.enabled {
             return None;
         }
         let mut lifetime = room_max.or((self.default_max_ms > 0).then_some(self.default_max_ms))?;
+        if let Some(min) = room_min {
+            lifetime = lifetime.max(min);
+        }
         if self.min_ms > 0 {
             lifetime = lifetime.max(self.min_ms);
         }
@@ -61,7 +65,11 @@ impl Limits {
 
 /// `max_lifetime` of an `m.room.retention` content: a positive integer of ms.
 fn policy_max_lifetime(content: &Value) -> Option<u64> {
-    content.get("max_lifetime")?.as_u64().filter(|ms| *ms > 0)
+    policy_field(content, "max_lifetime")
+}
+
+fn policy_field(content: &Value, field: &str) -> Option<u64> {
+    content.get(field)?.as_u64().filter(|ms| *ms > 0)
 }
 
 /// Where a message event refers to media of this server: `url`, `file.url` and the
@@ -128,13 +136,14 @@ impl Rooms {
         if !limits.enabled {
             return Ok(0);
         }
-        let room_max = self.state_of(room_id, "m.room.retention", "")?.and_then(|pdu| {
-            serde_json::from_str::<Value>(pdu.content.get())
-                .ok()
-                .as_ref()
-                .and_then(policy_max_lifetime)
-        });
-        Ok(limits.lifetime(room_max).map_or(0, |ms| now_millis().saturating_sub(ms)))
+        let policy = self
+            .state_of(room_id, "m.room.retention", "")?
+            .and_then(|pdu| serde_json::from_str::<Value>(pdu.content.get()).ok());
+        let (room_max, room_min) = match &policy {
+            Some(content) => (policy_max_lifetime(content), policy_field(content, "min_lifetime")),
+            None => (None, None),
+        };
+        Ok(limits.lifetime(room_max, room_min).map_or(0, |ms| now_millis().saturating_sub(ms)))
     }
 
     /// Whether `pdu` in a room whose cutoff is `expired_before` has expired.
@@ -309,15 +318,18 @@ mod tests {
     #[test]
     fn room_policies_are_held_within_the_servers_bounds() {
         let off = Limits { enabled: false, default_max_ms: 5, ..Limits::default() };
-        assert_eq!(off.lifetime(Some(10)), None);
+        assert_eq!(off.lifetime(Some(10), None), None);
         let open = Limits { enabled: true, ..Limits::default() };
-        assert_eq!(open.lifetime(None), None, "no policy, no default: forever");
-        assert_eq!(open.lifetime(Some(10)), Some(10));
+        assert_eq!(open.lifetime(None, None), None, "no policy, no default: forever");
+        assert_eq!(open.lifetime(None, Some(10)), None, "a minimum alone expires nothing");
+        assert_eq!(open.lifetime(Some(10), None), Some(10));
+        assert_eq!(open.lifetime(Some(10), Some(50)), Some(50), "the room's own minimum");
         let bounded = Limits { enabled: true, default_max_ms: 500, min_ms: 100, max_ms: 1000 };
-        assert_eq!(bounded.lifetime(None), Some(500));
-        assert_eq!(bounded.lifetime(Some(10)), Some(100));
-        assert_eq!(bounded.lifetime(Some(5000)), Some(1000));
-        assert_eq!(bounded.lifetime(Some(700)), Some(700));
+        assert_eq!(bounded.lifetime(None, None), Some(500));
+        assert_eq!(bounded.lifetime(Some(10), None), Some(100));
+        assert_eq!(bounded.lifetime(Some(5000), None), Some(1000));
+        assert_eq!(bounded.lifetime(Some(700), None), Some(700));
+        assert_eq!(bounded.lifetime(Some(700), Some(5000)), Some(1000), "the server's bound wins");
     }
 
     #[test]
