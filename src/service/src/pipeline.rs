@@ -20,10 +20,12 @@
 //! 8. delayed events (`delayed_events::DelayedEvents`): a state event cancels the
 //!    delayed state events other users have waiting for its type and state key;
 //! 9. call history (`call_history::CallHistory`): calls read from their signalling;
-//! 10. (next) retention: a `Consumer` added to the list in
-//!     `Services::new`. Queues that leave the process write their items here, in
-//!     RocksDB, and are drained by their own background workers, so a slow consumer
-//!     never holds up sending.
+//! 10. media uses (`media::uses::MediaUses`): which events refer to this server's
+//!     media, so that retention deletes the media only expired messages used.
+//!
+//! A new capability adds a `Consumer` to the list in `Services::new`. Queues that leave
+//! the process write their items here, in RocksDB, and are drained by their own
+//! background workers, so a slow consumer never holds up sending.
 
 use std::sync::Arc;
 
