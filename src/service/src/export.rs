@@ -293,10 +293,13 @@ fn sent_in(services: &Services, room_id: &str, user_id: &str) -> Result<Vec<Valu
     use std::ops::Bound::{Excluded, Unbounded};
     let mut out = Vec::new();
     let mut after = Unbounded;
+    // Messages the room's retention policy expired are nobody's to read, the sender's too.
+    let expired_before = services.rooms.expired_before(room_id)?;
     loop {
         let page =
             services.rooms.scan_timeline(room_id, after, Unbounded, true, PAGE, |_, pdu| {
-                Ok(pdu.sender.as_str() == user_id)
+                Ok(pdu.sender.as_str() == user_id
+                    && !crate::rooms::Rooms::is_expired(pdu, expired_before))
             })?;
         for (_, pdu) in &page.events {
             let mut event = json!({"event_id": pdu.event_id, "type": pdu.kind.to_string(),

@@ -159,7 +159,12 @@ async fn messages(
                     .min(1000),
                 filter: &filter,
             };
-            let page = history::messages(&s, query, &|_, _| true).await?;
+            // Admins see every message but those retention expired, as every reader.
+            let expired_before = s.rooms.expired_before(&id)?;
+            let sees = move |_: u64, pdu: &trellis_service::rooms::Pdu| {
+                !trellis_service::rooms::Rooms::is_expired(pdu, expired_before)
+            };
+            let page = history::messages(&s, query, &sees).await?;
             let mut body = json!({
                 "start": history::token(page.start),
                 "chunk": page.events.iter().map(|(_, pdu)| client_event(pdu)).collect::<Vec<_>>(),

@@ -302,10 +302,16 @@ pub async fn run(services: Arc<crate::Services>) {
         if !services.config.retention.enabled {
             continue;
         }
+        let started = std::time::Instant::now();
         let purged = purge_expired(&services).instrument(tracing::info_span!("retention")).await;
         match purged {
             Ok(p) if p.events == 0 => {}
-            Ok(p) => tracing::info!(events = p.events, media = p.media, "purged expired messages"),
+            Ok(p) => tracing::info!(
+                events = p.events,
+                media = p.media,
+                ms = started.elapsed().as_millis() as u64,
+                "purged expired messages"
+            ),
             Err(e) => tracing::warn!(error = %e, "purging expired messages failed"),
         }
     }
