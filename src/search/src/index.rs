@@ -392,10 +392,22 @@ impl SearchIndex {
         for position in positions {
             self.remove(*position)?;
         }
-        // An index never committed has no progress to keep: the indexer's next commit
-        // carries the removals.
-        let Some(progress) = self.progress() else { return Ok(()) };
-        self.commit(progress)?;
+        // Committed with the progress the index has: documents the indexer added since
+        // its last commit go in with it, and a catch-up after a crash replaces them. An
+        // index never committed, or catching up (which may roll back), is left to the
+        // indexer's next commit.
+        {
+            // Under the writer's lock, so no commit of the indexer's comes in between
+            // reading the progress and writing it back.
+            let mut writer = self.writer();
+            let Some(progress) = self.progress().filter(|p| p.catching_up.is_none()) else {
+                return Ok(());
+            };
+            let mut prepared =
+                writer.prepare_commit().map_err(internal("committing the search index"))?;
+            prepared.set_payload(&progress.encode());
+            prepared.commit().map_err(internal("committing the search index"))?;
+        }
         let merge = {
             let mut writer = self.writer();
             let ids: Vec<_> = writer

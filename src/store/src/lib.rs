@@ -152,10 +152,10 @@ pub trait Engine: Send + Sync + 'static {
     /// write made before the call, none after. Table files are hard-linked where `dir` is
     /// on the same file system, so this is quick and takes little space.
     fn checkpoint(&self, dir: &std::path::Path) -> StoreResult<()>;
-    /// Writes memtables out, then rewrites `table`'s keys from `start` to `end` (both
-    /// included) down to the last level, so that values deleted or overwritten there
-    /// leave the disk (expired messages), the write-ahead log holding them included.
-    fn compact(&self, table: &'static TableDef, start: &[u8], end: &[u8]) -> StoreResult<()>;
+    /// Writes memtables out, then rewrites `table`'s keys in each `(start, end)` range
+    /// (both included) down to the last level, so that values deleted or overwritten
+    /// there leave the disk (expired messages), the write-ahead log holding them included.
+    fn compact(&self, table: &'static TableDef, ranges: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()>;
 
     fn put(&self, table: &'static TableDef, key: &[u8], value: &[u8]) -> StoreResult<()> {
         let mut b = Batch::new();

@@ -346,14 +346,16 @@ impl Engine for RocksEngine {
         self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default()).map_err(engine_err)
     }
 
-    fn compact(&self, table: &'static TableDef, start: &[u8], end: &[u8]) -> StoreResult<()> {
+    fn compact(&self, table: &'static TableDef, ranges: &[(Vec<u8>, Vec<u8>)]) -> StoreResult<()> {
         // After a flush of every family the log files holding the old values are
         // obsolete, and RocksDB deletes them.
         self.flush()?;
         let mut options = rocksdb::CompactOptions::default();
         options.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
-        let (start, end) = (stored_key(table, start), stored_key(table, end));
-        self.db.compact_range_cf_opt(self.cf(table)?, Some(start), Some(end), &options);
+        for (start, end) in ranges {
+            let (start, end) = (stored_key(table, start), stored_key(table, end));
+            self.db.compact_range_cf_opt(self.cf(table)?, Some(start), Some(end), &options);
+        }
         Ok(())
     }
 

@@ -25,9 +25,10 @@ impl<K: KeyCodec + 'static, V: ValueCodec + 'static> Table<K, V> {
         db.get(self.def, &key.to_key())?.map(|bytes| V::from_value(&bytes)).transpose()
     }
 
-    /// Compacts the keys from `start` to `end` (see [`Engine::compact`]).
-    pub fn compact(&self, db: &dyn Engine, start: &K, end: &K) -> StoreResult<()> {
-        db.compact(self.def, &start.to_key(), &end.to_key())
+    /// Compacts the keys of each `(start, end)` range (see [`Engine::compact`]).
+    pub fn compact(&self, db: &dyn Engine, ranges: &[(K, K)]) -> StoreResult<()> {
+        let ranges: Vec<_> = ranges.iter().map(|(a, b)| (a.to_key(), b.to_key())).collect();
+        db.compact(self.def, &ranges)
     }
 
     pub fn contains(&self, db: &dyn Engine, key: &K) -> StoreResult<bool> {

@@ -581,6 +581,12 @@ pub async fn restore(repo: &Repository, id: &str, config: &Config) -> Result<Res
     let media_tmp = config.media_path().join("tmp");
     std::fs::create_dir_all(&media_tmp).map_err(io_failure("creating the media directory"))?;
     let store = crate::media::open_store(config).map_err(|e| failure("the media store")(&e))?;
+    let sealed = manifest.files.iter().any(|f| matches!(f.place(), Some(Place::SealedMedia(_))));
+    if sealed && store.current_key().is_none() {
+        let why = "the backup's media are encrypted: set media.encryption_keys (or \
+                   media.encryption_key_file) to the keys they were sealed with";
+        return Err(failure("restoring")(&why));
+    }
     let mut bytes = 0;
     for file in &manifest.files {
         let place = file

@@ -119,6 +119,8 @@ struct Inner {
     fetcher: preview::Fetcher,
     /// File deletions put off while a backup copies files (see [`Media::hold_deletions`]).
     held: std::sync::Mutex<Held>,
+    /// See `uses_tracked_since`.
+    uses_since: u64,
 }
 
 #[derive(Default)]
@@ -219,6 +221,17 @@ impl Media {
             None => open_store(config)?,
         };
         let fetcher = preview::Fetcher::new(&media)?;
+        let since_file = root.join("uses-since");
+        let uses_since =
+            match std::fs::read_to_string(&since_file).ok().and_then(|t| t.trim().parse().ok()) {
+                Some(ms) => ms,
+                None => {
+                    let now = now_millis();
+                    std::fs::write(&since_file, now.to_string())
+                        .map_err(|e| format!("writing {}: {e}", since_file.display()))?;
+                    now
+                }
+            };
         Ok(Self(Arc::new(Inner {
             db,
             server_name: config.server.server_name.clone(),
@@ -232,12 +245,20 @@ impl Media {
             previews: Semaphore::new(PREVIEW_CONCURRENCY),
             fetcher,
             held: Default::default(),
+            uses_since,
             config: media,
         })))
     }
 
     pub fn config(&self) -> &MediaConfig {
         &self.0.config
+    }
+
+    /// Since when (ms) the events that use media are recorded (`uses.rs`): media older
+    /// than that may be used by events the record lacks. Kept in `uses-since` beside the
+    /// media; a data directory restored without it starts counting again (more is kept).
+    pub fn uses_tracked_since(&self) -> u64 {
+        self.0.uses_since
     }
 
     fn mxc(&self, id: &str) -> String {
@@ -590,46 +611,63 @@ impl Media {
     /// were rewritten. A marker file remembers a finished pass, so that later starts with
     /// the same key skip the scan (every file written since is sealed under it).
     pub async fn reseal(&self) -> Result<usize> {
-        let Some(current) = self.0.store.current_key() else { return Ok(0) };
         let marker = self.0.tmp_dir.with_file_name("sealed-under");
+        let Some(current) = self.0.store.current_key() else {
+            // Files stored now are plaintext: a later start with keys must look again.
+            let _ = tokio::fs::remove_file(&marker).await;
+            return Ok(0);
+        };
         let current_hex = hex(&current);
         if tokio::fs::read_to_string(&marker).await.is_ok_and(|m| m.trim() == current_hex) {
             return Ok(0);
         }
-        let mut resealed = 0;
+        let (mut resealed, mut skipped) = (0, 0);
         for hash in self.stored_hashes()? {
-            if self.0.store.sealing(&hash).await?.key() == Some(current) {
-                continue;
-            }
-            let tmp = self.0.tmp_dir.join(format!("{hash}.reseal"));
-            let copied = self.copy_file_to(&hash, &tmp).await;
-            let result = match copied {
-                // A damaged file is left as it is (and stays unservable), not sealed.
-                Ok(Some((sha, len))) if sha == hash => {
-                    self.0.store.replace_file(&hash, &tmp, len).await.map(|()| true)
+            match self.reseal_one(&hash, current).await {
+                Ok(true) => {
+                    resealed += 1;
+                    if resealed % 1000 == 0 {
+                        tracing::info!(resealed, "resealing media files");
+                    }
                 }
-                Ok(other) => {
-                    tracing::warn!(
-                        hash,
-                        ?other,
-                        "a media file is missing or damaged; not resealed"
-                    );
-                    Ok(false)
-                }
-                Err(e) => Err(e),
-            };
-            let _ = tokio::fs::remove_file(&tmp).await;
-            if result? {
-                resealed += 1;
-                if resealed % 1000 == 0 {
-                    tracing::info!(resealed, "resealing media files");
+                Ok(false) => {}
+                Err(e) => {
+                    // Missing, damaged or under a key no longer configured: left as it is
+                    // (and unservable if it cannot be read), the others go on.
+                    tracing::warn!(hash, error = %e, "a media file was not resealed");
+                    skipped += 1;
                 }
             }
         }
-        tokio::fs::write(&marker, &current_hex)
-            .await
-            .map_err(|e| Error::io("writing the media sealing marker", e))?;
+        if skipped == 0 {
+            tokio::fs::write(&marker, &current_hex)
+                .await
+                .map_err(|e| Error::io("writing the media sealing marker", e))?;
+        }
         Ok(resealed)
+    }
+
+    /// Seals file `hash` under key `current` unless it is already; `true` if it was
+    /// rewritten. Under the file's lock, and only while something still refers to it,
+    /// so a file deleted meanwhile is not brought back.
+    async fn reseal_one(&self, hash: &str, current: [u8; 8]) -> Result<bool> {
+        let _file = self.stripe(hash).lock().await;
+        let referred =
+            MEDIA_BLOB_REFS.scan_prefix(&*self.0.db, &hash.to_owned(), Direction::Forward)?.next();
+        if referred.is_none() || self.0.store.sealing(hash).await?.key() == Some(current) {
+            return Ok(false);
+        }
+        let tmp = self.0.tmp_dir.join(format!("{hash}.reseal"));
+        let copied = self.copy_file_to(hash, &tmp).await;
+        let result = match copied {
+            Ok(Some((sha, len))) if sha == hash => {
+                self.0.store.replace_file(hash, &tmp, len).await.map(|()| true)
+            }
+            Ok(other) => Err(Error::internal("resealing media", format!("content is {other:?}"))),
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result
     }
 
     /// The content of a servable media item, waiting up to `wait` for an async upload.
@@ -683,7 +721,8 @@ impl Media {
         fresh.last_access_ms = Some(now);
         let mut batch = Batch::new();
         MEDIA.put(&mut batch, &(server.to_owned(), id.to_owned()), &Json(fresh));
-        if let Err(e) = crate::commit(&self.0.db, batch).await {
+        // Unsynced: a day's resolution survives losing the last second of writes.
+        if let Err(e) = self.0.db.write_unsynced(batch) {
             tracing::debug!(error = %e, "recording a media access");
         }
     }
@@ -710,7 +749,8 @@ impl Media {
             let mut stamped = Batch::new();
             for row in MEDIA.scan_prefix(&*self.0.db, &(), Direction::Forward)? {
                 let ((server, id), Json(mut record)) = row?;
-                if record.sha256.is_none() || record.protected {
+                // Quarantined items are kept as evidence until an admin deletes them.
+                if record.sha256.is_none() || record.protected || record.quarantined {
                     continue;
                 }
                 let Some(last) = record.last_access_ms else {
@@ -729,7 +769,16 @@ impl Media {
             crate::commit(&self.0.db, stamped).await?;
         }
         let mut deleted = 0;
+        let cutoff = |server: &str| {
+            let days = if server == self.0.server_name { local_days } else { remote_days };
+            now.saturating_sub(days.saturating_mul(day))
+        };
         for (server, id) in stale {
+            // Served or protected since the scan: kept.
+            let Ok(Some(record)) = self.record(&server, &id) else { continue };
+            if record.protected || record.last_access_ms.is_none_or(|t| t >= cutoff(&server)) {
+                continue;
+            }
             match self.delete(&server, &id).await {
                 Ok(()) => deleted += 1,
                 Err(e) => tracing::warn!(media = %id, error = %e, "deleting unused media"),

@@ -1,10 +1,12 @@
 //! Media encryption at rest: a [`BlobStore`] that encrypts every file it stores with
 //! AES-256-GCM and decrypts what it serves, above any backend.
 //!
-//! A stored file is a 32-byte header followed by the plaintext cut in 64 KiB segments,
-//! each sealed on its own (the STREAM construction: nonce = 7-byte random prefix, the
-//! segment's number, a last-segment flag), so a range request decrypts only the segments
-//! it touches. The header (magic, key id, nonce prefix, plaintext length) is the
+//! A stored file is a 40-byte header followed by the plaintext cut in 64 KiB segments,
+//! each sealed on its own (the STREAM construction: nonce = 7-byte prefix, the segment's
+//! number, a last-segment flag), so a range request decrypts only the segments it
+//! touches. Each file is sealed under its own key, the SHA-256 of the configured key and
+//! a random 16-byte salt in the header, so nonces never repeat under one AES key however
+//! many files there are. The header (magic, key id, salt, plaintext length) is the
 //! associated data of every segment, so nothing in it can be changed, and with the last
 //! flag a file can neither be cut short nor extended.
 //!
@@ -34,18 +36,18 @@ use trellis_core::{Error, Result};
 use super::store::{BlobStore, BlobStream};
 
 const MAGIC: &[u8; 8] = b"TRLSENC1";
-pub const HEADER_LEN: u64 = 32;
+pub const HEADER_LEN: u64 = 40;
 /// Plaintext bytes per sealed segment.
 const SEGMENT: u64 = 64 * 1024;
 const TAG: u64 = 16;
 const SEALED: u64 = SEGMENT + TAG;
 
-/// One AES-256 key and its id: the first 8 bytes of the key's SHA-256, written into every
-/// file it seals so that reads find the right key after a rotation.
+/// One configured key and its id: the first 8 bytes of the key's SHA-256, written into
+/// every file it seals so that reads find the right key after a rotation.
 #[derive(Clone)]
 pub struct MediaKey {
     id: [u8; 8],
-    cipher: Aes256Gcm,
+    secret: [u8; 32],
 }
 
 impl MediaKey {
@@ -62,8 +64,19 @@ impl MediaKey {
         let digest = sha2::Sha256::digest(key);
         let mut id = [0u8; 8];
         id.copy_from_slice(&digest[..8]);
-        let cipher = Aes256Gcm::new(GenericArray::from_slice(&key));
-        Ok(Self { id, cipher })
+        Ok(Self { id, secret: key })
+    }
+
+    /// The AES key of the file with `salt`.
+    fn file_cipher(&self, salt: &[u8; 16]) -> Aes256Gcm {
+        // The secret key is fixed-length and the digest is never shown, so a plain hash
+        // of key and salt serves as the derivation (no length extension to fear).
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"trellis media file key\0");
+        hasher.update(self.secret);
+        hasher.update(salt);
+        let derived: [u8; 32] = hasher.finalize().into();
+        Aes256Gcm::new(GenericArray::from_slice(&derived))
     }
 
     /// The id as hex, for logs and the admin API.
@@ -112,9 +125,9 @@ impl MediaKeys {
 pub enum Sealing {
     /// Written before encryption was turned on.
     Plain,
-    /// Sealed under the key with id `key`, with the random nonce prefix `prefix` (which
-    /// tells one sealing of a file from another).
-    Sealed { key: [u8; 8], prefix: [u8; 7] },
+    /// Sealed under the key with id `key`, with the random salt `salt` (which tells one
+    /// sealing of a file from another).
+    Sealed { key: [u8; 8], salt: [u8; 16] },
 }
 
 impl Sealing {
@@ -122,8 +135,8 @@ impl Sealing {
     pub fn tag(&self) -> Option<String> {
         match self {
             Sealing::Plain => None,
-            Sealing::Sealed { key, prefix } => {
-                Some(format!("{}{}", super::store::hex(key), super::store::hex(prefix)))
+            Sealing::Sealed { key, salt } => {
+                Some(format!("{}{}", super::store::hex(key), super::store::hex(salt)))
             }
         }
     }
@@ -136,9 +149,10 @@ impl Sealing {
     }
 }
 
+#[derive(Clone)]
 struct Header {
     key: [u8; 8],
-    prefix: [u8; 7],
+    salt: [u8; 16],
     len: u64,
     bytes: [u8; HEADER_LEN as usize],
 }
@@ -149,24 +163,25 @@ impl Header {
             return None;
         }
         let mut header =
-            Header { key: [0; 8], prefix: [0; 7], len: 0, bytes: [0; HEADER_LEN as usize] };
+            Header { key: [0; 8], salt: [0; 16], len: 0, bytes: [0; HEADER_LEN as usize] };
         header.bytes.copy_from_slice(&bytes[..HEADER_LEN as usize]);
         header.key.copy_from_slice(&bytes[8..16]);
-        header.prefix.copy_from_slice(&bytes[16..23]);
+        header.salt.copy_from_slice(&bytes[16..32]);
         let mut len = [0u8; 8];
-        len.copy_from_slice(&bytes[24..32]);
+        len.copy_from_slice(&bytes[32..40]);
         header.len = u64::from_be_bytes(len);
-        Some(header)
+        // More than 2^32 segments cannot be numbered: a damaged header.
+        (header.len.div_ceil(SEGMENT) <= u64::from(u32::MAX)).then_some(header)
     }
 
     fn new(key: &MediaKey, len: u64) -> Self {
-        let prefix: [u8; 7] = crate::random::bytes();
+        let salt: [u8; 16] = crate::random::bytes();
         let mut bytes = [0u8; HEADER_LEN as usize];
         bytes[..8].copy_from_slice(MAGIC);
         bytes[8..16].copy_from_slice(&key.id);
-        bytes[16..23].copy_from_slice(&prefix);
-        bytes[24..32].copy_from_slice(&len.to_be_bytes());
-        Header { key: key.id, prefix, len, bytes }
+        bytes[16..32].copy_from_slice(&salt);
+        bytes[32..40].copy_from_slice(&len.to_be_bytes());
+        Header { key: key.id, salt, len, bytes }
     }
 
     /// Segments in the file: an empty file still has one (empty, last) segment, so that
@@ -175,8 +190,9 @@ impl Header {
         self.len.div_ceil(SEGMENT).max(1)
     }
 
+    /// The file's own key makes every nonce unique already; the prefix is fixed.
     fn stream(&self, key: &MediaKey) -> StreamBE32<Aes256Gcm> {
-        StreamBE32::from_aead(key.cipher.clone(), GenericArray::from_slice(&self.prefix))
+        StreamBE32::from_aead(key.file_cipher(&self.salt), GenericArray::from_slice(&[0u8; 7]))
     }
 }
 
@@ -221,6 +237,29 @@ pub struct EncryptedStore {
 }
 
 impl EncryptedStore {
+    async fn open_sealed(
+        &self,
+        hash: &str,
+        header: &Header,
+        range: Option<Range<u64>>,
+    ) -> Result<BlobStream> {
+        let key = self
+            .keys
+            .by_id(&header.key)
+            .ok_or_else(|| damaged("sealed under a key that is not configured"))?
+            .clone();
+        let range = range.unwrap_or(0..header.len);
+        let end = range.end.min(header.len);
+        let start = range.start.min(end);
+        let first = start / SEGMENT;
+        let last = if end > start { (end - 1) / SEGMENT } else { first };
+        let sealed_start = HEADER_LEN + first * SEALED;
+        let sealed_end = (HEADER_LEN + (last + 1) * SEALED)
+            .min(HEADER_LEN + header.len + header.segments() * TAG);
+        let sealed = self.inner.open(hash, Some(sealed_start..sealed_end)).await?;
+        Ok(open_segments(sealed, header.clone(), key, first, start - first * SEGMENT, end - start))
+    }
+
     pub fn new(inner: Box<dyn BlobStore>, keys: MediaKeys, tmp_dir: PathBuf) -> Self {
         Self { inner, keys, tmp_dir }
     }
@@ -273,6 +312,9 @@ fn open_segments(
         header: Header,
         stream: StreamBE32<Aes256Gcm>,
         done: bool,
+        /// Whether a segment was opened: an empty answer still checks one tag, so that a
+        /// header changed to say "empty" is caught.
+        checked: bool,
     }
     let stream = header.stream(&key);
     let state = State {
@@ -284,10 +326,11 @@ fn open_segments(
         header,
         stream,
         done: false,
+        checked: false,
     };
     let out = futures_util::stream::try_unfold(state, |mut st| async move {
         loop {
-            if st.left == 0 || st.done {
+            if (st.left == 0 && st.checked) || st.done {
                 return Ok(None);
             }
             let segments = st.header.segments();
@@ -316,6 +359,7 @@ fn open_segments(
             )?;
             st.segment += 1;
             st.done = last;
+            st.checked = true;
             let from = st.skip.min(buf.len() as u64) as usize;
             st.skip -= from as u64;
             let to = (from as u64 + st.left).min(buf.len() as u64) as usize;
@@ -342,23 +386,21 @@ impl BlobStore for EncryptedStore {
     }
 
     async fn open(&self, hash: &str, range: Option<Range<u64>>) -> Result<BlobStream> {
-        let Some(header) = self.header(hash).await? else {
-            return self.inner.open(hash, range).await;
-        };
-        let key = self
-            .keys
-            .by_id(&header.key)
-            .ok_or_else(|| damaged("sealed under a key that is not configured"))?
-            .clone();
-        let range = range.unwrap_or(0..header.len);
-        let (start, end) = (range.start.min(header.len), range.end.min(header.len));
-        let first = start / SEGMENT;
-        let last = if end > start { (end - 1) / SEGMENT } else { first };
-        let sealed_start = HEADER_LEN + first * SEALED;
-        let sealed_end = (HEADER_LEN + (last + 1) * SEALED)
-            .min(HEADER_LEN + header.len + header.segments() * TAG);
-        let sealed = self.inner.open(hash, Some(sealed_start..sealed_end)).await?;
-        Ok(open_segments(sealed, header, key, first, start - first * SEGMENT, end - start))
+        // The header and the body are two reads: a reseal renaming a new file into place
+        // between them would pair one file's header with the other's bytes. The header
+        // is read again once the body is open; a change means a reseal, and a retry.
+        for _ in 0..3 {
+            let header = self.header(hash).await?;
+            let body = match &header {
+                None => self.inner.open(hash, range.clone()).await?,
+                Some(header) => self.open_sealed(hash, header, range.clone()).await?,
+            };
+            let again = self.header(hash).await?;
+            if again.as_ref().map(|h| h.bytes) == header.as_ref().map(|h| h.bytes) {
+                return Ok(body);
+            }
+        }
+        Err(damaged("the file kept changing while it was opened"))
     }
 
     async fn read(&self, hash: &str) -> Result<Vec<u8>> {
@@ -382,7 +424,7 @@ impl BlobStore for EncryptedStore {
 
     async fn sealing(&self, hash: &str) -> Result<Sealing> {
         Ok(match self.header(hash).await? {
-            Some(header) => Sealing::Sealed { key: header.key, prefix: header.prefix },
+            Some(header) => Sealing::Sealed { key: header.key, salt: header.salt },
             None => Sealing::Plain,
         })
     }
@@ -466,6 +508,12 @@ mod tests {
         let got: Result<Vec<Bytes>, _> = rotated.open(H, None).await.unwrap().try_collect().await;
         assert!(got.is_err());
         std::fs::write(&path, &sealed[..sealed.len() - 100]).unwrap();
+        let got: Result<Vec<Bytes>, _> = rotated.open(H, None).await.unwrap().try_collect().await;
+        assert!(got.is_err());
+        // A header changed to say "empty" fails too.
+        let mut emptied = sealed.clone();
+        emptied[32..40].copy_from_slice(&0u64.to_be_bytes());
+        std::fs::write(&path, &emptied).unwrap();
         let got: Result<Vec<Bytes>, _> = rotated.open(H, None).await.unwrap().try_collect().await;
         assert!(got.is_err());
         // Dropping whole trailing segments is caught by the last-segment flag.

@@ -121,6 +121,10 @@ async fn maybe_mail(
     for (_, n) in &due {
         let Some(event) = services.rooms.cached_event(&n.event_id)? else { continue };
         let pdu = &event.pdu;
+        // Expired under the room's retention policy: not mailed either.
+        if crate::rooms::Rooms::is_expired(pdu, services.rooms.expired_before(&n.room_id)?) {
+            continue;
+        }
         let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
         let invite = content["membership"] == "invite" && pdu.kind.to_string() == "m.room.member";
         // An invite the user has accepted since is no news.
