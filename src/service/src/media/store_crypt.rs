@@ -312,11 +312,12 @@ fn open_segments(
         header: Header,
         stream: StreamBE32<Aes256Gcm>,
         done: bool,
-        /// Whether a segment was opened: an empty answer still checks one tag, so that a
-        /// header changed to say "empty" is caught.
+        /// Whether a tag was checked, or need not be. An empty file still checks its one
+        /// (empty) segment, so that a header changed to say "empty" is caught.
         checked: bool,
     }
     let stream = header.stream(&key);
+    let checked = header.len > 0;
     let state = State {
         input: sealed,
         pending: BytesMut::new(),
@@ -326,7 +327,7 @@ fn open_segments(
         header,
         stream,
         done: false,
-        checked: false,
+        checked,
     };
     let out = futures_util::stream::try_unfold(state, |mut st| async move {
         loop {
