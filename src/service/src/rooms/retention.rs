@@ -310,6 +310,13 @@ async fn purge_room(
                 .map_err(|e| trellis_core::Error::internal("pruning an expired event", e))?;
             EVENTS.put(&mut batch, &event.short, &Json(kept));
             done.push((event.short, stored.position));
+            // A thread's latest reply falls back to the one before, read from the
+            // database: written now, so that the next reply of the same thread purged
+            // in this batch does not fall back to this one.
+            if content.pointer("/m.relates_to/rel_type").and_then(Value::as_str) == Some("m.thread")
+            {
+                crate::commit(&services.db, std::mem::take(&mut batch)).await?;
+            }
         }
         crate::commit(&services.db, batch).await?;
         for (short, position) in &done {
