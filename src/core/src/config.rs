@@ -451,6 +451,10 @@ pub struct RetentionConfig {
     /// How often expired messages are purged from storage, in seconds. They are hidden
     /// from every read as soon as they expire; the purge removes them from disk.
     pub purge_interval_seconds: u64,
+    /// Erased users' messages are served redacted to everyone, also to those who saw
+    /// them before the erasure. Off, as the spec describes erasure: only users who join
+    /// afterwards get redacted copies.
+    pub erase_for_everyone: bool,
 }
 
 impl Default for RetentionConfig {
@@ -461,6 +465,7 @@ impl Default for RetentionConfig {
             min_lifetime_seconds: 0,
             max_lifetime_seconds: 0,
             purge_interval_seconds: 3600,
+            erase_for_everyone: false,
         }
     }
 }

@@ -880,3 +880,28 @@ async fn erasing_offline_redacts_for_later_joiners_too() {
         s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/event/{secret}"), &bob).await;
     assert_eq!(event["content"], json!({}), "{event}");
 }
+
+#[tokio::test]
+async fn erasure_can_redact_for_everyone() {
+    let s = TestServer::start(&format!("{OPEN}[retention]\nerase_for_everyone = true\n")).await;
+    let (_, alice) = s.register("alice").await;
+    let (_, bob) = s.register("bob").await;
+    let room = s.create_room(&alice, json!({"preset": "public_chat"})).await;
+    s.join_room(&bob, &room).await;
+    let secret = s.send_text(&alice, &room, "soon erased").await;
+    let event = format!("/_matrix/client/v3/rooms/{room}/event/{secret}");
+    let (_, seen) = s.get_auth(&event, &bob).await;
+    assert_eq!(seen["content"]["body"], "soon erased");
+    let deactivate = "/_matrix/client/v3/account/deactivate";
+    let (_, body) = s.post_auth(deactivate, &alice, &json!({})).await;
+    let session = body["session"].as_str().unwrap();
+    let auth = json!({"erase": true, "auth": password_auth("alice", "password123", session)});
+    let (status, body) = s.post_auth(deactivate, &alice, &auth).await;
+    assert_eq!(status, 200, "{body}");
+    // Bob saw it before the erasure; with the stricter setting he gets it redacted too.
+    let (_, seen) = s.get_auth(&event, &bob).await;
+    assert_eq!(seen["content"], json!({}), "{seen}");
+    let (_, page) =
+        s.get_auth(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), &bob).await;
+    assert!(!page.to_string().contains("soon erased"), "{page}");
+}

@@ -119,7 +119,7 @@ impl Viewer {
     ) -> Result<Option<Arc<Pdu>>> {
         // Nearly always nobody is erased: one map lookup.
         let Some(&erased_at) = self.erased.get(pdu.sender.as_str()) else { return Ok(None) };
-        if view.joined_by(erased_at) {
+        if !services.config.retention.erase_for_everyone && view.joined_by(erased_at) {
             return Ok(None);
         }
         let room = pdu.room_id.as_ref().map(|r| services.rooms.room(r.as_str())).transpose()?;
