@@ -19,18 +19,7 @@ use serde_json::{Value, json};
 const BACKUPS: &str = "/_trellis/admin/v1/backups";
 
 async fn upload(s: &TestServer, token: &str, data: Vec<u8>) -> String {
-    let resp = s
-        .client
-        .post(s.url("/_matrix/media/v3/upload"))
-        .bearer_auth(token)
-        .header("content-type", "application/octet-stream")
-        .body(data)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = common::json_of(resp).await;
-    assert_eq!(status, 200, "{body}");
-    body["content_uri"].as_str().unwrap().to_owned()
+    s.upload_bytes(token, &data).await
 }
 
 async fn download(s: &TestServer, token: &str, mxc: &str) -> Vec<u8> {

@@ -37,18 +37,7 @@ async fn restart_with(s: &mut TestServer, extra: &str) {
 }
 
 async fn upload(s: &TestServer, token: &str, data: &[u8]) -> String {
-    let resp = s
-        .client
-        .post(s.url("/_matrix/media/v3/upload"))
-        .bearer_auth(token)
-        .header("content-type", "application/octet-stream")
-        .body(data.to_vec())
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = common::json_of(resp).await;
-    assert_eq!(status, 200, "{body}");
-    body["content_uri"].as_str().unwrap().to_owned()
+    s.upload_bytes(token, data).await
 }
 
 async fn download(s: &TestServer, token: &str, mxc: &str, range: Option<&str>) -> Vec<u8> {

@@ -102,17 +102,7 @@ async fn expired_messages_leave_every_read_path_and_the_disk() {
         json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": doomed, "key": "👍"}}),
     )
     .await;
-    let file = noise(5_000, 3);
-    let resp = s
-        .client
-        .post(s.url("/_matrix/media/v3/upload?filename=doomed.bin"))
-        .bearer_auth(&alice)
-        .header("content-type", "application/octet-stream")
-        .body(file.clone())
-        .send()
-        .await
-        .unwrap();
-    let mxc = resp.json::<Value>().await.unwrap()["content_uri"].as_str().unwrap().to_owned();
+    let mxc = s.upload_bytes(&alice, &noise(5_000, 3)).await;
     send(
         &s,
         &alice,

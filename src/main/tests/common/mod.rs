@@ -225,6 +225,22 @@ impl TestServer {
         resp["event_id"].as_str().unwrap().to_owned()
     }
 
+    /// Uploads `data` as `application/octet-stream`; its `mxc://` URI.
+    pub async fn upload_bytes(&self, token: &str, data: &[u8]) -> String {
+        let resp = self
+            .client
+            .post(self.url("/_matrix/media/v3/upload"))
+            .bearer_auth(token)
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = json_of(resp).await;
+        assert_eq!(status, 200, "{body}");
+        body["content_uri"].as_str().unwrap().to_owned()
+    }
+
     /// Joins a room by id or alias.
     pub async fn join_room(&self, token: &str, room: &str) {
         let (status, resp) = self
