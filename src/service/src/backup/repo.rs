@@ -8,17 +8,15 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use object_store::{
     ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder,
     local::LocalFileSystem, path::Path as ObjectPath,
 };
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use trellis_core::{Error, Result, config::BackupConfig};
 
 use super::{failure, manifest::Manifest};
-use crate::media::{hex, upload_file};
+use crate::media::upload_file;
 
 /// A pending marker older than this is from a backup that died; prune ignores it.
 const PENDING_EXPIRY: Duration = Duration::from_secs(24 * 3600);
@@ -126,18 +124,12 @@ impl Repository {
     pub async fn get_file(&self, sha: &str, to: &Path) -> Result<(String, u64)> {
         let result =
             self.store.get(&Self::file_path(sha)?).await.map_err(store_err("reading a backup"))?;
-        let mut stream = result.into_stream();
-        let mut out = tokio::fs::File::create(to).await.map_err(io_err("restoring a file"))?;
-        let mut hasher = Sha256::new();
-        let mut len = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(store_err("reading a backup"))?;
-            hasher.update(&chunk);
-            len += chunk.len() as u64;
-            out.write_all(&chunk).await.map_err(io_err("restoring a file"))?;
-        }
+        let stream = Box::pin(result.into_stream().map_err(std::io::Error::other));
+        let (out, sha, len) = crate::media::write_hashed(stream, to)
+            .await
+            .map_err(io_err("restoring a file from a backup"))?;
         out.sync_all().await.map_err(io_err("restoring a file"))?;
-        Ok((hex(&hasher.finalize()), len))
+        Ok((sha, len))
     }
 
     /// Removes `path`; a missing one is not an error.

@@ -162,25 +162,35 @@ impl Drop for DeletionHold {
 /// Copies stored file `hash` out of `store` into `to`, with the SHA-256 and length of what
 /// it read; `None` when the store lacks the file.
 async fn copy_from(store: &dyn BlobStore, hash: &str, to: &Path) -> Result<Option<(String, u64)>> {
-    use futures_util::StreamExt;
-    use sha2::Digest;
-    use tokio::io::AsyncWriteExt;
     if !store.contains(hash).await? {
         return Ok(None);
     }
-    let mut stream = store.open(hash, None).await?;
-    let io = |e| Error::io("copying a media file", e);
-    let mut out = tokio::fs::File::create(to).await.map_err(io)?;
+    let stream = store.open(hash, None).await?;
+    let (_, sha, len) =
+        write_hashed(stream, to).await.map_err(|e| Error::io("copying a media file", e))?;
+    Ok(Some((sha, len)))
+}
+
+/// Writes `stream` into a new file `to`, answering the file (flushed, for a caller that
+/// also wants it synced), the hex SHA-256 of the bytes and their count.
+pub(crate) async fn write_hashed(
+    mut stream: BlobStream,
+    to: &Path,
+) -> std::io::Result<(tokio::fs::File, String, u64)> {
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let mut out = tokio::fs::File::create(to).await?;
     let mut hasher = sha2::Sha256::new();
     let mut len = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(io)?;
+        let chunk = chunk?;
         hasher.update(&chunk);
         len += chunk.len() as u64;
-        out.write_all(&chunk).await.map_err(io)?;
+        out.write_all(&chunk).await?;
     }
-    out.flush().await.map_err(io)?;
-    Ok(Some((hex(&hasher.finalize()), len)))
+    out.flush().await?;
+    Ok((out, hex(&hasher.finalize()), len))
 }
 
 /// The configured file store (`media.backend`), encrypting when keys are configured.
