@@ -4,8 +4,9 @@
 //! asks for, sends data, mutes, joins late, loses its signalling connection and resumes,
 //! unpublishes and republishes, and leaves; LiveKit's Python SDK (its Rust client core)
 //! does much the same with synthetic media, connecting as it does by default, and sees
-//! active speakers, unsubscribes and subscribes again, and unpublishes; a call limited to
-//! one publisher refuses a second.
+//! active speakers, unsubscribes and subscribes again, and unpublishes, sees connection
+//! quality, has its sending paused while nobody watches (dynacast) and restricts who may
+//! receive its tracks; a call limited to one publisher refuses a second.
 
 mod common;
 
@@ -81,6 +82,8 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     assert_eq!(r["low_seen"], true, "the lowest layer asked for is decoded: {r}");
     assert_eq!(r["high_seen"], true, "then the highest: {r}");
     assert!(r["high_width"].as_u64() > r["low_width"].as_u64(), "{r}");
+    assert_eq!(r["high_paused"], true, "dynacast pauses the layer nobody receives: {r}");
+    assert_eq!(r["high_resumed"], true, "and resumes it when asked for: {r}");
     assert_eq!(r["data"][0]["text"], "hello from a", "{r}");
     assert_eq!(r["data"][0]["from"], r["sender_a"], "data names its sender: {r}");
     assert_eq!(r["mute_seen"], true, "{r}");
@@ -177,6 +180,43 @@ async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
     assert_eq!(media["peak_participants"], 2, "{media}");
     assert!(media["forwarded_bytes"].as_u64().unwrap_or(0) > 20_000, "{media}");
     assert!(media["seconds"].as_u64().unwrap_or(0) >= 2, "{media}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_pause_unwatched_video_and_choose_who_receives_it() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+    let (url, _, _, _, token_a, token_b) = two_in_a_call(&s).await;
+    let r = python_call(&url, &token_a, &token_b, "controls").await;
+    assert_eq!(r["media_flowing"], true, "{r}");
+    // On loopback everyone's connection is excellent, and everyone hears of everyone's.
+    for who in ["a_sees_quality", "b_sees_quality"] {
+        let seen = r[who].as_object().unwrap();
+        assert_eq!(seen.len(), 2, "{who}: {r}");
+        assert!(seen.values().all(|q| q == "QUALITY_EXCELLENT"), "{who}: {r}");
+    }
+    assert_eq!(r["a_sends_while_watched"], true, "{r}");
+    assert_eq!(r["a_paused_when_unwatched"], true, "dynacast pauses unwatched video: {r}");
+    assert_eq!(r["frames_after_resume"], true, "{r}");
+    assert_eq!(r["a_sends_when_watched_again"], true, "{r}");
+    assert_eq!(r["video_while_denied"], 0, "a allowed nobody: {r}");
+    assert_eq!(r["audio_while_denied"], 0, "a allowed nobody: {r}");
+    assert_eq!(r["b_receives_when_allowed"], true, "allowed by identity: {r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_keep_to_the_calls_bitrate_cap() {
+    // The same noise, sent under a cap of 150 kbit/s and under the default (8 Mbit/s).
+    let mut kbps = Vec::new();
+    for cap in ["sfu_max_publish_kbps = 150\n", ""] {
+        let s = TestServer::start(&format!("{OPEN}{SFU}{cap}")).await;
+        let (url, _, _, _, token_a, token_b) = two_in_a_call(&s).await;
+        let r = python_call(&url, &token_a, &token_b, "cap").await;
+        assert_eq!(r["media_flowing"], true, "{r}");
+        kbps.push(r["a_video_kbps"].as_u64().unwrap());
+    }
+    let (capped, free) = (kbps[0], kbps[1]);
+    assert!(capped <= 150 * 5 / 4, "under a 150 kbit/s cap the publisher sent {capped}");
+    assert!(free > 2 * capped, "uncapped it sends more: {free} against {capped}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,8 @@ microphone.
 
 Usage: sfu_call.py PAGE_URL LIVEKIT_URL TOKEN_A TOKEN_B TOKEN_C
 Prints one JSON object: video frames each participant decoded of the others, the frame
-widths decoded after asking for the lowest and then the highest simulcast layer, the data
+widths decoded after asking for the lowest and then the highest simulcast layer (with the
+top layer paused meanwhile by dynacast, and resumed), the data
 message received, whether mute and unmute were seen, what the late joiner decoded,
 whether a dropped signalling connection was resumed with media flowing on, whether an
 unpublished camera was seen to go and its republished successor decoded, and whether a
@@ -64,7 +65,8 @@ async function waitFor(cond, ms) {
   return false;
 }
 async function join(token) {
-  const room = new LK.Room({adaptiveStream: false, dynacast: false});
+  // Dynacast on, as Element Call has it: publishers pause layers nobody receives.
+  const room = new LK.Room({adaptiveStream: false, dynacast: true});
   room.on(LK.RoomEvent.TrackSubscribed, track => {
     const el = track.attach();
     el.muted = true;
@@ -93,9 +95,14 @@ try {
   remoteVideo(b, a).setVideoQuality(LK.VideoQuality.LOW);
   result.low_seen = await waitFor(async () => { const w = await widthOf(b, a); return w > 0 && w <= 480; }, 20000);
   result.low_width = await widthOf(b, a);
+  // Nobody receives a's top layer now: a is told so and stops sending it.
+  const encodings = () =>
+    a.localParticipant.getTrackPublication(LK.Track.Source.Camera).track.sender.getParameters().encodings || [];
+  result.high_paused = await waitFor(async () => encodings().some(e => e.rid === 'f' && e.active === false), 15000);
   remoteVideo(b, a).setVideoQuality(LK.VideoQuality.HIGH);
   result.high_seen = await waitFor(async () => (await widthOf(b, a)) >= 2 * result.low_width, 20000);
   result.high_width = await widthOf(b, a);
+  result.high_resumed = encodings().some(e => e.rid === 'f' && e.active !== false);
 
   const got = [];
   b.on(LK.RoomEvent.DataReceived, (payload, participant) =>

@@ -10,6 +10,12 @@ message B received from A, whether B saw A mute its microphone and unpublish its
 and `exception` only on failure.
 With SFU_PYTHON_SCENARIO=limit (a server allowing one publisher a call): A publishes, B's
 publish is refused (`b_refused` names the error) and B still receives A's video.
+With SFU_PYTHON_SCENARIO=controls: both publish (A with dynacast on) and see each
+other's connection quality; B unsubscribing from A's video pauses A's sending of it
+(dynacast) until B subscribes again; A allowing nobody to receive its tracks takes them
+from B, and allowing B by identity gives them back.
+With SFU_PYTHON_SCENARIO=cap: A publishes noise at 640x360 and `a_video_kbps` is the
+video bitrate A sends, all layers together, once its encoder has settled.
 Set SFU_PYTHON_LOG=DEBUG (or INFO) for the SDK's logs on stderr; RUST_LOG is also honoured
 by the native core.
 """
@@ -26,6 +32,8 @@ import time
 from livekit import rtc
 
 WIDTH, HEIGHT, FPS = 320, 240, 20
+# Noise, which no encoder squeezes: the bitrate is what the encoder is allowed.
+NOISE_WIDTH, NOISE_HEIGHT, NOISE_FPS = 640, 360, 15
 RATE, CHUNK = 48000, 480  # 10 ms of 48 kHz mono
 TOTAL_SECONDS = 75
 
@@ -33,16 +41,17 @@ result = {}
 stage = ["start"]  # the step under way, reported with an exception
 
 
-def room_options():
+def room_options(dynacast=False):
     """The SDK's defaults, as an unchanged app connects: it tries the single-connection
     path first, gets 404 and falls back to the two-connection protocol. With
     SFU_PYTHON_TWO_PC=1 it asks for the two-connection protocol directly."""
     if os.environ.get("SFU_PYTHON_TWO_PC") == "1":
         try:
-            return rtc.RoomOptions(auto_subscribe=True, single_peer_connection=False)
+            return rtc.RoomOptions(
+                auto_subscribe=True, dynacast=dynacast, single_peer_connection=False)
         except TypeError:
             pass
-    return rtc.RoomOptions(auto_subscribe=True)
+    return rtc.RoomOptions(auto_subscribe=True, dynacast=dynacast)
 
 
 async def wait_for(cond, seconds):
@@ -68,6 +77,10 @@ class Participant:
         self.speakers = set()  # identities ever reported speaking
         self.unsubscribed = []  # (identity, kind) of remote tracks unsubscribed
         self.unpublished = []  # (identity, kind) of remote tracks unpublished
+        self.dynacast = False
+        self.noise = False
+        self.qualities = {}  # identity -> the connection quality last reported
+        self.room.on("connection_quality_changed", self._on_quality)
         self.room.on("track_subscribed", self._on_track)
         self.room.on("active_speakers_changed",
                      lambda speakers: self.speakers.update(p.identity for p in speakers))
@@ -104,18 +117,24 @@ class Participant:
         sender = packet.participant.identity if packet.participant else None
         self.data.append({"from": sender, "text": packet.data.decode("utf-8", "replace")})
 
+    def _on_quality(self, participant, quality):
+        if participant is not None:
+            self.qualities[participant.identity] = quality.name
+
     def _on_muted(self, participant, publication):
         self.muted.append((participant.identity, publication.kind))
 
     async def connect(self, url, token):
-        await self.room.connect(url, token, room_options())
+        await self.room.connect(url, token, room_options(self.dynacast))
 
     async def publish(self):
-        video = rtc.VideoSource(WIDTH, HEIGHT)
+        width, height = (NOISE_WIDTH, NOISE_HEIGHT) if self.noise else (WIDTH, HEIGHT)
+        video = rtc.VideoSource(width, height)
         vtrack = rtc.LocalVideoTrack.create_video_track(f"{self.name}-video", video)
         vopts = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA)
         self.video_track = await self.room.local_participant.publish_track(vtrack, vopts)
-        self.spawn(self._video_loop(video))
+        self.local_video = vtrack
+        self.spawn(self._noise_loop(video) if self.noise else self._video_loop(video))
 
         audio = rtc.AudioSource(RATE, 1)
         self.audio_track = rtc.LocalAudioTrack.create_audio_track(f"{self.name}-audio", audio)
@@ -133,6 +152,16 @@ class Participant:
             source.capture_frame(frame)
             n += 1
             await asyncio.sleep(max(0.0, start + n / FPS - time.monotonic()))
+
+    async def _noise_loop(self, source):
+        n = 0
+        start = time.monotonic()
+        while True:
+            data = os.urandom(NOISE_WIDTH * NOISE_HEIGHT * 4)
+            frame = rtc.VideoFrame(NOISE_WIDTH, NOISE_HEIGHT, rtc.VideoBufferType.RGBA, data)
+            source.capture_frame(frame)
+            n += 1
+            await asyncio.sleep(max(0.0, start + n / NOISE_FPS - time.monotonic()))
 
     async def _audio_loop(self, source):
         pitch = 440 if self.name == "a" else 660
@@ -242,6 +271,97 @@ async def scenario(url, token_a, token_b, a, b):
         lambda: b.audio_frames.get(a.identity, 0) > heard + 10, 10)
 
 
+async def video_bytes_sent(p):
+    """The bytes of video `p` has sent, all layers together."""
+    stats = await p.local_video.get_stats()
+    return sum(s.outbound_rtp.sent.bytes_sent for s in stats if s.HasField("outbound_rtp"))
+
+
+async def cap_scenario(url, token_a, token_b, a, b):
+    a.noise = True
+    await join(a, url, token_a)
+    await join(b, url, token_b)
+    stage[0] = "media"
+    result["media_flowing"] = await wait_for(
+        lambda: b.video_frames.get(a.identity, 0) > 10, 20)
+    stage[0] = "bitrate"
+    # The encoder ramps up, and down to what it is told, over a few seconds.
+    await asyncio.sleep(8)
+    before, t0 = await video_bytes_sent(a), time.monotonic()
+    await asyncio.sleep(6)
+    sent = await video_bytes_sent(a) - before
+    result["a_video_kbps"] = round(sent * 8 / 1000 / (time.monotonic() - t0))
+    counts(a, b)
+
+
+async def video_frames_sent(p):
+    """The frames `p` has encoded and sent of its video, all layers together."""
+    stats = await p.local_video.get_stats()
+    return sum(s.outbound_rtp.outbound.frames_sent for s in stats if s.HasField("outbound_rtp"))
+
+
+async def sending(p, seconds=2.0):
+    """Whether `p` sends video over `seconds`."""
+    before = await video_frames_sent(p)
+    await asyncio.sleep(seconds)
+    return await video_frames_sent(p) > before
+
+
+async def controls_scenario(url, token_a, token_b, a, b):
+    a.dynacast = True
+    await join(a, url, token_a)
+    await join(b, url, token_b)
+
+    def flowing():
+        counts(a, b)
+        return result["b_frames_from_a"] > 10 and result["a_frames_from_b"] > 10
+
+    stage[0] = "media"
+    result["media_flowing"] = await wait_for(flowing, 20)
+
+    stage[0] = "connection quality"
+    both = (a.identity, b.identity)
+    await wait_for(lambda: all(i in a.qualities and i in b.qualities for i in both), 10)
+    result["a_sees_quality"] = {i: a.qualities.get(i) for i in both}
+    result["b_sees_quality"] = {i: b.qualities.get(i) for i in both}
+
+    stage[0] = "dynacast"
+    result["a_sends_while_watched"] = await sending(a)
+    a_video = b.remote_video(a.identity)
+    a_video.set_subscribed(False)
+    await wait_for(lambda: (a.identity, rtc.TrackKind.KIND_VIDEO) in b.unsubscribed, 10)
+    # The SFU waits 3 s before telling a publisher to pause.
+    paused = False
+    end = time.monotonic() + 12
+    while not paused and time.monotonic() < end:
+        paused = not await sending(a, 1.5)
+    result["a_paused_when_unwatched"] = paused
+    b.video_frames[a.identity] = 0
+    a_video.set_subscribed(True)
+    result["frames_after_resume"] = await wait_for(
+        lambda: b.video_frames.get(a.identity, 0) > 10, 15)
+    result["a_sends_when_watched_again"] = await sending(a)
+
+    stage[0] = "permissions"
+    b.unsubscribed.clear()
+    a.room.local_participant.set_track_subscription_permissions(allow_all_participants=False)
+    # The SFU takes A's tracks from B's connection: nothing more of A arrives.
+    await asyncio.sleep(1.5)
+    b.video_frames[a.identity] = 0
+    b.audio_frames[a.identity] = 0
+    await asyncio.sleep(2)
+    result["video_while_denied"] = b.video_frames.get(a.identity, 0)
+    result["audio_while_denied"] = b.audio_frames.get(a.identity, 0)
+    a.room.local_participant.set_track_subscription_permissions(
+        allow_all_participants=False,
+        participant_permissions=[
+            rtc.ParticipantTrackPermission(participant_identity=b.identity, allow_all=True)],
+    )
+    result["b_receives_when_allowed"] = await wait_for(
+        lambda: b.video_frames.get(a.identity, 0) > 10, 15)
+    counts(a, b)
+
+
 async def limit_scenario(url, token_a, token_b, a, b):
     await join(a, url, token_a)
     stage[0] = "b connects"
@@ -260,7 +380,8 @@ async def limit_scenario(url, token_a, token_b, a, b):
 async def main():
     url, token_a, token_b = sys.argv[1:4]
     a, b = Participant("a"), Participant("b")
-    chosen = limit_scenario if os.environ.get("SFU_PYTHON_SCENARIO") == "limit" else scenario
+    chosen = {"limit": limit_scenario, "controls": controls_scenario, "cap": cap_scenario}.get(
+        os.environ.get("SFU_PYTHON_SCENARIO"), scenario)
     try:
         await asyncio.wait_for(chosen(url, token_a, token_b, a, b), TOTAL_SECONDS - 5)
     except BaseException as e:  # noqa: BLE001 - reported, not raised

@@ -6,7 +6,9 @@
 //! otherwise forwarded untouched but for their SSRC, payload type and header extensions
 //! (whose ids belong to the publisher's connection), so encrypted frames pass.
 //! Subscribers' picture-loss reports become keyframe requests to the publisher;
-//! retransmissions are answered from each subscriber connection's packet cache.
+//! retransmissions are answered from each subscriber connection's packet cache. The
+//! publisher is told which layers anyone receives (dynacast), so that it can pause the
+//! others.
 
 use std::{
     sync::{
@@ -50,6 +52,10 @@ const LAYER_TIMEOUT: Duration = Duration::from_millis(1500);
 const RETARGET_INTERVAL: Duration = Duration::from_millis(500);
 /// Keyframe requests for one layer are at most this frequent.
 const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(500);
+/// A publisher is told to pause layers only once nobody has wanted them for this long,
+/// so that a subscriber changing its mind (or reconnecting) does not stop and restart
+/// them; more layers are asked for at once.
+const DYNACAST_PAUSE_DELAY: Duration = Duration::from_secs(3);
 
 /// Receivers one task writes a packet to; more are shared among tasks on every core.
 const RECEIVERS_PER_TASK: usize = 32;
@@ -110,14 +116,49 @@ impl Downtrack {
     }
 }
 
+/// What the publisher was last told of its layers (dynacast).
+struct Dynacast {
+    /// The highest layer anyone receives, with all below it; `None`: nothing is.
+    told: Option<Quality>,
+    /// Since when fewer layers have been wanted than told.
+    fewer_since: Option<Instant>,
+}
+
+impl Dynacast {
+    /// `wanted` is now the highest layer wanted: whether to tell the publisher (more
+    /// layers at once, fewer after [`DYNACAST_PAUSE_DELAY`]).
+    fn update(&mut self, wanted: Option<Quality>, now: Instant) -> bool {
+        let tell = if wanted > self.told {
+            true
+        } else if wanted < self.told {
+            let since = *self.fewer_since.get_or_insert(now);
+            now.duration_since(since) >= DYNACAST_PAUSE_DELAY
+        } else {
+            self.fewer_since = None;
+            false
+        };
+        if tell {
+            self.told = wanted;
+            self.fewer_since = None;
+        }
+        tell
+    }
+}
+
 pub(crate) struct Forwarder {
     pub track_sid: String,
     pub publisher_sid: String,
+    publisher: Weak<Participant>,
     kind: RTPCodecType,
     codec: VideoCodec,
     capability: RTCRtpCodecCapability,
     /// The layers the publisher announced (sizes, bitrates, stream ids).
-    declared: Vec<lk::VideoLayer>,
+    declared: RwLock<Vec<lk::VideoLayer>>,
+    dynacast: Mutex<Dynacast>,
+    /// Packets that arrived, and that should have (by sequence number), since the last
+    /// [`Self::take_reception`]: the publisher's loss.
+    received: AtomicU64,
+    expected: AtomicU64,
     layers: RwLock<Vec<Arc<Layer>>>,
     publisher_pc: Weak<RTCPeerConnection>,
     downtracks: RwLock<Arc<Vec<Arc<Downtrack>>>>,
@@ -137,7 +178,7 @@ impl Forwarder {
     /// with it (and each further simulcast layer).
     pub fn new(
         track_sid: String,
-        publisher_sid: String,
+        publisher: &Arc<Participant>,
         remote: &TrackRemote,
         declared: Vec<lk::VideoLayer>,
         publisher_pc: Weak<RTCPeerConnection>,
@@ -148,11 +189,16 @@ impl Forwarder {
         let capability = remote.codec().capability;
         let me = Arc::new(Self {
             track_sid,
-            publisher_sid,
+            publisher_sid: publisher.sid.clone(),
+            publisher: Arc::downgrade(publisher),
             kind,
             codec: VideoCodec::from_mime(&capability.mime_type),
             capability,
-            declared,
+            declared: RwLock::new(declared),
+            // Publishers start sending every layer.
+            dynacast: Mutex::new(Dynacast { told: Some(layers::HIGH), fewer_since: None }),
+            received: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
             layers: RwLock::new(Vec::new()),
             publisher_pc,
             downtracks: RwLock::new(Arc::new(Vec::new())),
@@ -173,6 +219,26 @@ impl Forwarder {
         self.kind == RTPCodecType::Video
     }
 
+    fn declared(&self) -> std::sync::RwLockReadGuard<'_, Vec<lk::VideoLayer>> {
+        self.declared.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The layers the publisher now says it sends (`UpdateVideoLayers`).
+    pub fn set_layers(&self, declared: Vec<lk::VideoLayer>) {
+        *self.declared.write().unwrap_or_else(|p| p.into_inner()) = declared;
+        self.retarget();
+    }
+
+    /// Whether `subscriber_sid` receives this track.
+    pub fn has_subscriber(&self, subscriber_sid: &str) -> bool {
+        self.snapshot().iter().any(|d| d.subscriber_sid == subscriber_sid)
+    }
+
+    /// Packets received and expected since the last call.
+    pub fn take_reception(&self) -> (u64, u64) {
+        (self.received.swap(0, Ordering::Relaxed), self.expected.swap(0, Ordering::Relaxed))
+    }
+
     /// The SSRCs of a video track's streams (none for audio).
     pub fn video_ssrcs(&self) -> Vec<u32> {
         if !self.is_video() {
@@ -186,7 +252,7 @@ impl Forwarder {
     /// ends; `true` when it was the last of the track's streams still running.
     pub async fn add_layer(self: Arc<Self>, remote: Arc<TrackRemote>) -> bool {
         let quality = if self.is_video() {
-            layers::quality_of_rid(remote.rid(), &self.declared)
+            layers::quality_of_rid(remote.rid(), &self.declared())
         } else {
             layers::HIGH
         };
@@ -273,6 +339,7 @@ impl Forwarder {
             subscriber.video_subscriptions(1);
         }
         self.replace(|list| list.push(downtrack.clone()));
+        self.update_dynacast();
         self.retarget_one(&downtrack);
         // A new subscriber can decode from the next keyframe: one is asked for now.
         self.keyframe_for(&downtrack).await;
@@ -293,10 +360,12 @@ impl Forwarder {
                         s.set_estimate(remb.bitrate);
                     } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
                         for report in &rr.reports {
-                            me.observer.receiver_report(
-                                f32::from(report.fraction_lost) / 256.0,
-                                round_trip(report.last_sender_report, report.delay),
-                            );
+                            let loss = f32::from(report.fraction_lost) / 256.0;
+                            let rtt = round_trip(report.last_sender_report, report.delay);
+                            me.observer.receiver_report(loss, rtt);
+                            if let Some(s) = subscriber.upgrade() {
+                                s.reception_reported(loss, rtt);
+                            }
                         }
                     }
                 }
@@ -314,6 +383,7 @@ impl Forwarder {
             }
         });
         let gone = gone?;
+        self.update_dynacast();
         if self.is_video()
             && let Some(s) = gone.subscriber.upgrade()
         {
@@ -338,20 +408,58 @@ impl Forwarder {
                 state.current = None;
             }
         }
+        self.update_dynacast();
         self.retarget_one(&downtrack);
         if !settings.disabled {
             self.keyframe_for(&downtrack).await;
         }
     }
 
+    /// The highest quality any subscriber wants (`None`: nobody receives the track).
+    fn wanted(&self) -> Option<Quality> {
+        self.snapshot()
+            .iter()
+            .filter_map(|d| {
+                let state = d.state();
+                (!state.settings.disabled).then_some(state.settings.max_quality)
+            })
+            .max()
+    }
+
+    /// Tells the publisher which layers are wanted when that changed: more at once,
+    /// fewer after [`DYNACAST_PAUSE_DELAY`].
+    fn update_dynacast(&self) {
+        if !self.is_video() || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let wanted = self.wanted();
+        let tell =
+            self.dynacast.lock().unwrap_or_else(|p| p.into_inner()).update(wanted, Instant::now());
+        if tell && let Some(publisher) = self.publisher.upgrade() {
+            tracing::debug!(track = %self.track_sid, ?wanted, "dynacast: the publisher is told the layers wanted");
+            publisher.send(super::signal::subscribed_qualities(
+                &self.track_sid,
+                &self.codec_name(),
+                wanted,
+            ));
+        }
+    }
+
+    /// The codec as LiveKit names it (`vp8`, `h264`, ...).
+    fn codec_name(&self) -> String {
+        let mime = &self.capability.mime_type;
+        mime.split_once('/').map_or(mime.as_str(), |(_, name)| name).to_ascii_lowercase()
+    }
+
     /// The quality a subscriber showing this track at `width` x `height` needs.
     pub fn quality_for_size(&self, width: u32, height: u32) -> Quality {
-        layers::quality_for_size(&self.declared, width, height)
+        layers::quality_for_size(&self.declared(), width, height)
     }
 
     fn layer_views(&self) -> Vec<LayerView> {
         let now_ms = self.now_ms();
         let timeout = LAYER_TIMEOUT.as_millis() as u64;
+        let declared = self.declared();
         self.layers
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -360,8 +468,7 @@ impl Forwarder {
                 let last = l.last_packet_ms.load(Ordering::Relaxed);
                 LayerView {
                     quality: l.quality,
-                    bitrate: self
-                        .declared
+                    bitrate: declared
                         .iter()
                         .find(|d| layers::quality(d.quality) == l.quality)
                         .map_or(0, |d| d.bitrate),
@@ -524,12 +631,25 @@ impl Forwarder {
         let video = self.is_video();
         let mut packets = 0u64;
         let mut bytes = 0u64;
+        let mut last_seq: Option<u16> = None;
+        let timeout = LAYER_TIMEOUT.as_millis() as u64;
         while let Ok((mut packet, _)) = layer.remote.read_rtp().await {
             let arrived = Instant::now();
-            if layer.last_packet_ms.swap(self.now_ms(), Ordering::Relaxed) == 0 {
-                // The layer is live from now: subscribers may be waiting for it.
+            let now_ms = self.now_ms();
+            let last = layer.last_packet_ms.swap(now_ms, Ordering::Relaxed);
+            if last == 0 || now_ms.saturating_sub(last) >= timeout {
+                // The layer is live from now (or again, after a pause): subscribers may
+                // be waiting for it.
                 self.retarget();
             }
+            let seq = packet.header.sequence_number;
+            let ahead = last_seq.map_or(1, |l| seq.wrapping_sub(l));
+            // Ahead by less than half the sequence space: newer (the rest is reordered).
+            if ahead != 0 && ahead < 0x8000 {
+                self.expected.fetch_add(u64::from(ahead), Ordering::Relaxed);
+                last_seq = Some(seq);
+            }
+            self.received.fetch_add(1, Ordering::Relaxed);
             if let (Some(meter), Some(id)) = (&self.meter, audio_level_id)
                 && let Some(level) =
                     packet.header.get_extension(id).and_then(|e| packet::audio_level(&e))
@@ -607,6 +727,7 @@ async fn retarget_loop(forwarder: Weak<Forwarder>) {
             return;
         }
         me.retarget();
+        me.update_dynacast();
         for downtrack in me.snapshot().iter() {
             let waiting = {
                 let state = downtrack.state();
@@ -642,5 +763,29 @@ mod tests {
         assert!(rtt >= Duration::from_millis(45) && rtt < Duration::from_millis(100), "{rtt:?}");
         // A report from the future is refused, not a huge round trip.
         assert_eq!(round_trip(middle.wrapping_add(65_536), 0), None);
+    }
+
+    #[test]
+    fn dynacast_asks_for_more_at_once_and_pauses_only_after_a_while() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut d = Dynacast { told: Some(layers::HIGH), fewer_since: None };
+        assert!(!d.update(Some(layers::HIGH), at(0)));
+        // Nobody receives it: paused only after the delay, and told once.
+        assert!(!d.update(None, at(100)));
+        assert!(!d.update(None, at(3000)));
+        assert!(d.update(None, at(3100)));
+        assert_eq!(d.told, None);
+        assert!(!d.update(None, at(9000)));
+        // A subscriber comes: at once.
+        assert!(d.update(Some(layers::LOW), at(9100)));
+        assert_eq!(d.told, Some(layers::LOW));
+        // Fewer wanted for a moment only: nothing is paused, and the wait starts over.
+        assert!(d.update(Some(layers::HIGH), at(9200)));
+        assert!(!d.update(Some(layers::LOW), at(9300)));
+        assert!(!d.update(Some(layers::HIGH), at(10000)));
+        assert!(!d.update(Some(layers::LOW), at(12000)));
+        assert!(!d.update(Some(layers::LOW), at(14000)));
+        assert!(d.update(Some(layers::LOW), at(15000)));
     }
 }

@@ -15,6 +15,7 @@ mod media;
 mod munge;
 mod packet;
 mod participant;
+mod quality;
 mod room;
 mod signal;
 mod speakers;

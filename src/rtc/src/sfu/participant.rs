@@ -30,6 +30,7 @@ use super::{
     JoinGrant, RESUME_WINDOW, Sfu,
     forward::{self, Forwarder, TrackSettings},
     ids, layers, media,
+    quality::{self, Reception},
     room::Room,
     signal::{self, Request},
 };
@@ -112,6 +113,16 @@ pub(crate) struct Participant {
     publish_cap_running: AtomicBool,
     /// Tracks received so far, and how many times in all (see [`Self::local_track_id`]).
     received: Mutex<(HashSet<String>, u64)>,
+    /// Who may receive this participant's tracks (`SubscriptionPermission`); `None`:
+    /// everyone.
+    permissions: Mutex<Option<lk::SubscriptionPermission>>,
+    /// Tracks this participant subscribed to (`true`) or unsubscribed from by name,
+    /// over what it gets by default ([`Self::auto_subscribes`]).
+    choices: Mutex<HashMap<String, bool>>,
+    /// What its receiving connection reported since it was last rated.
+    reception: Mutex<Reception>,
+    /// Its signalling connection dropped and it has not resumed yet.
+    detached: AtomicBool,
     left: AtomicBool,
 }
 
@@ -158,6 +169,7 @@ impl SessionHandle {
             return;
         }
         let generation = self.generation;
+        p.detached.store(true, Ordering::Release);
         tokio::spawn(async move {
             tokio::time::sleep(RESUME_WINDOW).await;
             let current = p.signal.lock().unwrap_or_else(|e| e.into_inner()).generation;
@@ -235,6 +247,10 @@ impl Participant {
             video_subscriptions: AtomicI64::new(0),
             publish_cap_running: AtomicBool::new(false),
             received: Mutex::new((HashSet::new(), 0)),
+            permissions: Mutex::new(None),
+            choices: Mutex::new(HashMap::new()),
+            reception: Mutex::new(Reception::default()),
+            detached: AtomicBool::new(false),
             left: AtomicBool::new(false),
         });
         participant.wire();
@@ -318,6 +334,54 @@ impl Participant {
         !self.state.lock().unwrap_or_else(|e| e.into_inner()).tracks.is_empty()
     }
 
+    /// Whether it receives the track `track_sid` when allowed: it asked for it, or it
+    /// gets everything and did not turn it down.
+    pub fn wants(&self, track_sid: &str) -> bool {
+        if !self.grant.can_subscribe {
+            return false;
+        }
+        let choices = self.choices.lock().unwrap_or_else(|e| e.into_inner());
+        choices.get(track_sid).copied().unwrap_or_else(|| self.auto_subscribes())
+    }
+
+    /// Whether this participant lets `subscriber` receive its track `track_sid`.
+    pub fn allows(&self, subscriber: &Participant, track_sid: &str) -> bool {
+        let permissions = self.permissions.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(permissions) = permissions.as_ref() else { return true };
+        permissions.all_participants
+            || permissions.track_permissions.iter().any(|p| {
+                let names = p.participant_sid == subscriber.sid
+                    || (!p.participant_identity.is_empty()
+                        && p.participant_identity == subscriber.identity);
+                names && (p.all_tracks || p.track_sids.iter().any(|t| t == track_sid))
+            })
+    }
+
+    /// A receiver report from its receiving connection.
+    pub fn reception_reported(&self, loss: f32, rtt: Option<Duration>) {
+        self.reception.lock().unwrap_or_else(|e| e.into_inner()).add(loss, rtt);
+    }
+
+    /// Its connection quality since it was last rated, and the score that gave: the
+    /// worse of what it loses publishing and what its receiving connection reports;
+    /// lost while its signalling is gone.
+    pub fn rate(&self) -> (lk::ConnectionQuality, f32) {
+        if self.detached.load(Ordering::Acquire) {
+            return (lk::ConnectionQuality::Lost, 1.0);
+        }
+        let (mut received, mut expected) = (0, 0);
+        for forwarder in self.forwarders() {
+            let (r, e) = forwarder.take_reception();
+            received += r;
+            expected += e;
+        }
+        let reception =
+            std::mem::take(&mut *self.reception.lock().unwrap_or_else(|e| e.into_inner()));
+        let loss = quality::loss(received, expected).max(reception.loss);
+        let score = quality::score(loss, reception.rtt);
+        (quality::quality(score), score)
+    }
+
     /// What this participant asked of the track `track_sid` (defaults until it asks).
     pub fn settings_for(&self, track_sid: &str) -> TrackSettings {
         self.track_settings
@@ -343,6 +407,7 @@ impl Participant {
     }
 
     pub fn set_estimate(&self, bits_per_second: f32) {
+        tracing::trace!(identity = %self.identity, bits_per_second, "a receiver's estimate");
         self.estimate.store(bits_per_second.max(0.0) as u64, Ordering::Relaxed);
     }
 
@@ -417,6 +482,7 @@ impl Participant {
             signal.generation += 1;
             signal.generation
         };
+        self.detached.store(false, Ordering::Release);
         Session {
             responses: rx,
             handle: SessionHandle { participant: Some(self.clone()), generation },
@@ -433,6 +499,7 @@ impl Participant {
         self.negotiate_subscriber().await;
     }
 
+    #[allow(deprecated)] // `UpdateLayers`: what clients still send
     async fn handle(self: &Arc<Self>, request: Request) -> bool {
         match request {
             Request::Offer(offer) => self.answer_offer(offer).await,
@@ -442,6 +509,10 @@ impl Participant {
             Request::Mute(mute) => self.mute(&mute.sid, mute.muted),
             Request::Subscription(update) => self.update_subscription(update).await,
             Request::TrackSetting(settings) => self.update_track_settings(settings).await,
+            Request::UpdateLayers(update) => self.update_layers(update),
+            Request::SubscriptionPermission(permission) => {
+                self.set_permissions(permission).await;
+            }
             Request::Leave(_) => {
                 self.leave().await;
                 return false;
@@ -450,8 +521,8 @@ impl Participant {
             Request::PingReq(ping) => {
                 self.send(signal::pong_resp(ping.timestamp, signal::now_ms()));
             }
-            // Publishers' layer updates, subscription permissions, sync state and
-            // metadata changes are not acted on.
+            // Sync state (a migration between servers) and metadata changes are not
+            // acted on.
             _ => {}
         }
         true
@@ -684,7 +755,7 @@ impl Participant {
     /// Finds (or creates) the forwarder for arriving media.
     #[allow(deprecated)] // the announced layers: what clients still send
     fn claim_track(
-        &self,
+        self: &Arc<Self>,
         remote: &TrackRemote,
         mid: Option<String>,
         sfu: &Sfu,
@@ -710,7 +781,7 @@ impl Participant {
         track.mid = mid;
         let forwarder = Forwarder::new(
             track.info.sid.clone(),
-            self.sid.clone(),
+            self,
             remote,
             track.info.layers.clone(),
             Arc::downgrade(&self.publisher),
@@ -775,6 +846,12 @@ impl Participant {
         }
         sids.sort();
         sids.dedup();
+        {
+            let mut choices = self.choices.lock().unwrap_or_else(|e| e.into_inner());
+            for sid in &sids {
+                choices.insert(sid.clone(), update.subscribe);
+            }
+        }
         room.set_subscriptions(self, &sids, update.subscribe).await;
     }
 
@@ -798,6 +875,38 @@ impl Participant {
             if let Some(forwarder) = forwarder {
                 forwarder.apply(&self.sid, settings).await;
             }
+        }
+    }
+
+    /// The layers a publisher now sends of one of its tracks.
+    #[allow(deprecated)] // the track's layers: what clients still read
+    fn update_layers(&self, update: lk::UpdateVideoLayers) {
+        let forwarder = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(track) = state.tracks.iter_mut().find(|t| t.info.sid == update.track_sid)
+            else {
+                return;
+            };
+            track.info.layers = update.layers.clone();
+            track.info.simulcast = update.layers.len() > 1;
+            let forwarder = track.forwarder.clone();
+            state.version = state.version.saturating_add(1);
+            forwarder
+        };
+        if let Some(forwarder) = forwarder {
+            forwarder.set_layers(update.layers);
+            if let Some(room) = self.room.upgrade() {
+                room.broadcast(&self.sid, &signal::update(vec![self.info()]));
+            }
+        }
+    }
+
+    /// Who may receive this participant's tracks: those no longer allowed lose them at
+    /// once, those allowed again get them back.
+    async fn set_permissions(self: &Arc<Self>, permission: lk::SubscriptionPermission) {
+        *self.permissions.lock().unwrap_or_else(|e| e.into_inner()) = Some(permission);
+        if let Some(room) = self.room.upgrade() {
+            room.permissions_changed(self).await;
         }
     }
 

@@ -17,7 +17,7 @@ use super::{
     forward::Forwarder,
     ids,
     participant::{Participant, Session},
-    signal,
+    quality, signal,
     speakers::{self, Speakers},
 };
 
@@ -50,6 +50,7 @@ impl Room {
             forwarded_bytes: Arc::new(AtomicU64::new(0)),
         });
         tokio::spawn(speaker_loop(Arc::downgrade(&room)));
+        tokio::spawn(quality_loop(Arc::downgrade(&room)));
         room
     }
 
@@ -100,6 +101,10 @@ impl Room {
         }
     }
 
+    fn participant(&self, sid: &str) -> Option<Arc<Participant>> {
+        self.inner().participants.iter().find(|p| p.sid == sid).cloned()
+    }
+
     fn others(&self, sid: &str) -> Vec<Arc<Participant>> {
         self.inner().participants.iter().filter(|p| p.sid != sid).cloned().collect()
     }
@@ -146,7 +151,7 @@ impl Room {
         tracing::info!(room = %self.name, identity = %participant.identity, "participant joined");
         if participant.auto_subscribes() && !forwarders.is_empty() {
             for forwarder in &forwarders {
-                forwarder.subscribe(&participant).await;
+                self.subscribe(forwarder, &participant).await;
             }
             participant.negotiate_subscriber().await;
         }
@@ -179,8 +184,55 @@ impl Room {
         self.inner().forwarders.insert(forwarder.track_sid.clone(), forwarder.clone());
         self.broadcast(&publisher.sid, &signal::update(vec![publisher.info()]));
         for other in self.others(&publisher.sid) {
-            if other.auto_subscribes() {
-                forwarder.subscribe(&other).await;
+            if other.wants(&forwarder.track_sid) && self.subscribe(&forwarder, &other).await {
+                other.negotiate_subscriber().await;
+            }
+        }
+    }
+
+    /// Subscribes `subscriber` to `forwarder`'s track if its publisher allows that, and
+    /// tells the subscriber if not; answers whether it subscribed (the caller
+    /// renegotiates).
+    async fn subscribe(&self, forwarder: &Arc<Forwarder>, subscriber: &Arc<Participant>) -> bool {
+        let publisher = self.participant(&forwarder.publisher_sid);
+        if publisher.is_some_and(|p| !p.allows(subscriber, &forwarder.track_sid)) {
+            subscriber.send(signal::permission_update(
+                &forwarder.publisher_sid,
+                &forwarder.track_sid,
+                false,
+            ));
+            return false;
+        }
+        forwarder.subscribe(subscriber).await;
+        true
+    }
+
+    /// `publisher` changed who may receive its tracks: subscribers no longer allowed
+    /// lose them, and those allowed again who want them get them back; each is told.
+    pub async fn permissions_changed(&self, publisher: &Arc<Participant>) {
+        let forwarders = publisher.forwarders();
+        for other in self.others(&publisher.sid) {
+            let mut changed = false;
+            for forwarder in &forwarders {
+                let allowed = publisher.allows(&other, &forwarder.track_sid);
+                let receiving = forwarder.has_subscriber(&other.sid);
+                if !allowed && receiving {
+                    if let Some(sender) = forwarder.forget(&other.sid) {
+                        let _ = other.subscriber.remove_track(&sender).await;
+                    }
+                } else if allowed && !receiving && other.wants(&forwarder.track_sid) {
+                    forwarder.subscribe(&other).await;
+                } else {
+                    continue;
+                }
+                other.send(signal::permission_update(
+                    &publisher.sid,
+                    &forwarder.track_sid,
+                    allowed,
+                ));
+                changed = true;
+            }
+            if changed {
                 other.negotiate_subscriber().await;
             }
         }
@@ -224,7 +276,7 @@ impl Room {
         }
         for forwarder in forwarders {
             if subscribe {
-                forwarder.subscribe(subscriber).await;
+                self.subscribe(&forwarder, subscriber).await;
             } else if let Some(sender) = forwarder.forget(&subscriber.sid) {
                 let _ = subscriber.subscriber.remove_track(&sender).await;
             }
@@ -303,5 +355,35 @@ async fn speaker_loop(room: Weak<Room>) {
                 p.send(bytes.clone());
             }
         }
+    }
+}
+
+/// Rates every participant's connection every [`quality::INTERVAL`] until the call ends:
+/// a participant hears everyone's rating when it first can, then the changes.
+async fn quality_loop(room: Weak<Room>) {
+    let mut told: HashMap<String, lk::ConnectionQuality> = HashMap::new();
+    loop {
+        tokio::time::sleep(quality::INTERVAL).await;
+        let Some(room) = room.upgrade() else { return };
+        let participants = room.inner().participants.clone();
+        let ratings: Vec<(String, lk::ConnectionQuality, f32)> = participants
+            .iter()
+            .map(|p| {
+                let (quality, score) = p.rate();
+                (p.sid.clone(), quality, score)
+            })
+            .collect();
+        let changed: Vec<_> =
+            ratings.iter().filter(|(sid, q, _)| told.get(sid) != Some(q)).cloned().collect();
+        let all = signal::connection_quality(&ratings);
+        let changes = (!changed.is_empty()).then(|| signal::connection_quality(&changed));
+        for p in &participants {
+            if !told.contains_key(&p.sid) {
+                p.send(all.clone());
+            } else if let Some(changes) = &changes {
+                p.send(changes.clone());
+            }
+        }
+        told = ratings.into_iter().map(|(sid, quality, _)| (sid, quality)).collect();
     }
 }

@@ -162,6 +162,51 @@ pub fn speakers(changes: &[(String, Option<f32>)]) -> Vec<u8> {
     encode(Response::SpeakersChanged(lk::SpeakersChanged { speakers }))
 }
 
+/// Dynacast: which of a track's layers anyone receives (`max`, and those below it), so
+/// that the publisher may pause the others; `None`: none at all. Sent per codec too, as
+/// current clients read it.
+#[allow(deprecated)] // the plain qualities: what older clients read
+pub fn subscribed_qualities(track_sid: &str, codec: &str, max: Option<u8>) -> Vec<u8> {
+    let qualities: Vec<lk::SubscribedQuality> =
+        [lk::VideoQuality::Low, lk::VideoQuality::Medium, lk::VideoQuality::High]
+            .into_iter()
+            .map(|q| lk::SubscribedQuality {
+                quality: q as i32,
+                enabled: max.is_some_and(|max| q as i32 <= i32::from(max)),
+            })
+            .collect();
+    encode(Response::SubscribedQualityUpdate(lk::SubscribedQualityUpdate {
+        track_sid: track_sid.to_owned(),
+        subscribed_codecs: vec![lk::SubscribedCodec {
+            codec: codec.to_owned(),
+            qualities: qualities.clone(),
+        }],
+        subscribed_qualities: qualities,
+    }))
+}
+
+/// Whether a subscriber may receive `publisher_sid`'s track `track_sid`.
+pub fn permission_update(publisher_sid: &str, track_sid: &str, allowed: bool) -> Vec<u8> {
+    encode(Response::SubscriptionPermissionUpdate(lk::SubscriptionPermissionUpdate {
+        participant_sid: publisher_sid.to_owned(),
+        track_sid: track_sid.to_owned(),
+        allowed,
+    }))
+}
+
+/// Participants' connection quality, with a score from 1 (bad) to 5 (excellent).
+pub fn connection_quality(ratings: &[(String, lk::ConnectionQuality, f32)]) -> Vec<u8> {
+    let updates = ratings
+        .iter()
+        .map(|(sid, quality, score)| lk::ConnectionQualityInfo {
+            participant_sid: sid.clone(),
+            quality: *quality as i32,
+            score: *score,
+        })
+        .collect();
+    encode(Response::ConnectionQuality(lk::ConnectionQualityUpdate { updates }))
+}
+
 pub fn pong(now_ms: i64) -> Vec<u8> {
     encode(Response::Pong(now_ms))
 }
