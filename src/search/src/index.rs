@@ -216,8 +216,9 @@ struct Fields {
     position: Field,
     /// `position >> BLOCK_BITS`, the only index of positions.
     block: Field,
-    /// The words (lowercased, folded) and their stems ([`STEM`]), without positions:
-    /// searches match words, not phrases.
+    /// The words (lowercased, folded) and their stems ([`STEM`]), without positions
+    /// (searches match words, not phrases) or frequencies (a word rarely comes twice in
+    /// a message; block-max scores of frequencies were the dearest part of indexing).
     words: Field,
 }
 
@@ -544,7 +545,7 @@ impl SearchIndex {
         for (i, word) in words.iter().enumerate() {
             let term = |text: &str| -> Box<dyn TantivyQuery> {
                 let term = Term::from_field_text(f.words, text);
-                Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs))
+                Box::new(TermQuery::new(term, IndexRecordOption::Basic))
             };
             let mut either: Vec<(Occur, Box<dyn TantivyQuery>)> =
                 vec![(Occur::Should, term(&word.plain))];
