@@ -84,6 +84,7 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     assert!(r["high_width"].as_u64() > r["low_width"].as_u64(), "{r}");
     assert_eq!(r["high_paused"], true, "dynacast pauses the layer nobody receives: {r}");
     assert_eq!(r["high_resumed"], true, "and resumes it when asked for: {r}");
+    assert_eq!(r["srtp_ciphers"], json!(["SRTP_AES128_CM_HMAC_SHA1_80"]), "{r}");
     assert_eq!(r["data"][0]["text"], "hello from a", "{r}");
     assert_eq!(r["data"][0]["from"], r["sender_a"], "data names its sender: {r}");
     assert_eq!(r["mute_seen"], true, "{r}");

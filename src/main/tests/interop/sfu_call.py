@@ -103,6 +103,9 @@ try {
   result.high_seen = await waitFor(async () => (await widthOf(b, a)) >= 2 * result.low_width, 20000);
   result.high_width = await widthOf(b, a);
   result.high_resumed = encodings().some(e => e.rid === 'f' && e.active !== false);
+  // The media is protected with the SRTP profile the SFU insists on.
+  const report = await remoteVideo(b, a).track.getRTCStatsReport();
+  result.srtp_ciphers = report ? [...report.values()].filter(s => s.type === 'transport').map(s => s.srtpCipher) : [];
 
   const got = [];
   b.on(LK.RoomEvent.DataReceived, (payload, participant) =>

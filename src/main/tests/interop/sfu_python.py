@@ -271,10 +271,12 @@ async def scenario(url, token_a, token_b, a, b):
         lambda: b.audio_frames.get(a.identity, 0) > heard + 10, 10)
 
 
-async def video_bytes_sent(p):
-    """The bytes of video `p` has sent, all layers together."""
-    stats = await p.local_video.get_stats()
-    return sum(s.outbound_rtp.sent.bytes_sent for s in stats if s.HasField("outbound_rtp"))
+async def video_sent(p, what):
+    """`p`'s video sent so far, all layers together: `bytes` or `frames`."""
+    stats = [s.outbound_rtp for s in await p.local_video.get_stats() if s.HasField("outbound_rtp")]
+    if what == "bytes":
+        return sum(s.sent.bytes_sent for s in stats)
+    return sum(s.outbound.frames_sent for s in stats)
 
 
 async def cap_scenario(url, token_a, token_b, a, b):
@@ -287,24 +289,18 @@ async def cap_scenario(url, token_a, token_b, a, b):
     stage[0] = "bitrate"
     # The encoder ramps up, and down to what it is told, over a few seconds.
     await asyncio.sleep(8)
-    before, t0 = await video_bytes_sent(a), time.monotonic()
+    before, t0 = await video_sent(a, "bytes"), time.monotonic()
     await asyncio.sleep(6)
-    sent = await video_bytes_sent(a) - before
+    sent = await video_sent(a, "bytes") - before
     result["a_video_kbps"] = round(sent * 8 / 1000 / (time.monotonic() - t0))
     counts(a, b)
 
 
-async def video_frames_sent(p):
-    """The frames `p` has encoded and sent of its video, all layers together."""
-    stats = await p.local_video.get_stats()
-    return sum(s.outbound_rtp.outbound.frames_sent for s in stats if s.HasField("outbound_rtp"))
-
-
 async def sending(p, seconds=2.0):
     """Whether `p` sends video over `seconds`."""
-    before = await video_frames_sent(p)
+    before = await video_sent(p, "frames")
     await asyncio.sleep(seconds)
-    return await video_frames_sent(p) > before
+    return await video_sent(p, "frames") > before
 
 
 async def controls_scenario(url, token_a, token_b, a, b):

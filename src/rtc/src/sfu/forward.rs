@@ -13,7 +13,7 @@
 use std::{
     sync::{
         Arc, Mutex, RwLock, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -159,6 +159,9 @@ pub(crate) struct Forwarder {
     /// [`Self::take_reception`]: the publisher's loss.
     received: AtomicU64,
     expected: AtomicU64,
+    /// The share of the publisher's packets lost over the last rating (`f32` bits):
+    /// receivers see those gaps too, and are not to blame for them.
+    upstream_loss: AtomicU32,
     layers: RwLock<Vec<Arc<Layer>>>,
     publisher_pc: Weak<RTCPeerConnection>,
     downtracks: RwLock<Arc<Vec<Arc<Downtrack>>>>,
@@ -199,6 +202,7 @@ impl Forwarder {
             dynacast: Mutex::new(Dynacast { told: Some(layers::HIGH), fewer_since: None }),
             received: AtomicU64::new(0),
             expected: AtomicU64::new(0),
+            upstream_loss: AtomicU32::new(0),
             layers: RwLock::new(Vec::new()),
             publisher_pc,
             downtracks: RwLock::new(Arc::new(Vec::new())),
@@ -234,9 +238,17 @@ impl Forwarder {
         self.snapshot().iter().any(|d| d.subscriber_sid == subscriber_sid)
     }
 
-    /// Packets received and expected since the last call.
+    /// Packets received and expected since the last call (the publisher's rating).
     pub fn take_reception(&self) -> (u64, u64) {
-        (self.received.swap(0, Ordering::Relaxed), self.expected.swap(0, Ordering::Relaxed))
+        let counts =
+            (self.received.swap(0, Ordering::Relaxed), self.expected.swap(0, Ordering::Relaxed));
+        let loss = super::quality::loss(counts.0, counts.1);
+        self.upstream_loss.store(loss.to_bits(), Ordering::Relaxed);
+        counts
+    }
+
+    fn upstream_loss(&self) -> f32 {
+        f32::from_bits(self.upstream_loss.load(Ordering::Relaxed))
     }
 
     /// The SSRCs of a video track's streams (none for audio).
@@ -303,10 +315,10 @@ impl Forwarder {
     }
 
     /// Adds `subscriber`'s local track for this one to its receiving connection (the
-    /// caller renegotiates).
-    pub async fn subscribe(self: &Arc<Self>, subscriber: &Arc<Participant>) {
-        if self.snapshot().iter().any(|d| d.subscriber_sid == subscriber.sid) {
-            return;
+    /// caller renegotiates); answers whether it was added (not there already).
+    pub async fn subscribe(self: &Arc<Self>, subscriber: &Arc<Participant>) -> bool {
+        if self.has_subscriber(&subscriber.sid) {
+            return false;
         }
         // The stream id tells the client whose track this is: `<participant>|<track>`.
         let track = Arc::new(TrackLocalStaticRTP::new(
@@ -319,7 +331,7 @@ impl Forwarder {
             Ok(sender) => sender,
             Err(e) => {
                 tracing::warn!(error = %e, track = %self.track_sid, "adding a forwarded track failed");
-                return;
+                return false;
             }
         };
         let settings = subscriber.settings_for(&self.track_sid);
@@ -335,10 +347,21 @@ impl Forwarder {
                 munger: Munger::new(self.capability.clock_rate),
             }),
         });
+        // Another subscription of the same subscriber may have finished meanwhile.
+        let mut added = false;
+        self.replace(|list| {
+            if !list.iter().any(|d| d.subscriber_sid == subscriber.sid) {
+                list.push(downtrack.clone());
+                added = true;
+            }
+        });
+        if !added {
+            let _ = subscriber.subscriber.remove_track(&sender).await;
+            return false;
+        }
         if self.is_video() {
             subscriber.video_subscriptions(1);
         }
-        self.replace(|list| list.push(downtrack.clone()));
         self.update_dynacast();
         self.retarget_one(&downtrack);
         // A new subscriber can decode from the next keyframe: one is asked for now.
@@ -364,13 +387,14 @@ impl Forwarder {
                             let rtt = round_trip(report.last_sender_report, report.delay);
                             me.observer.receiver_report(loss, rtt);
                             if let Some(s) = subscriber.upgrade() {
-                                s.reception_reported(loss, rtt);
+                                s.reception_reported((loss - me.upstream_loss()).max(0.0), rtt);
                             }
                         }
                     }
                 }
             }
         });
+        true
     }
 
     /// Takes `subscriber_sid`'s local track out of the list: its connection is closing,
@@ -441,6 +465,22 @@ impl Forwarder {
                 &self.track_sid,
                 &self.codec_name(),
                 wanted,
+            ));
+        }
+    }
+
+    /// Tells the publisher again what it was last told (it resumed, and what was sent
+    /// meanwhile was lost).
+    pub fn resend_dynacast(&self) {
+        if !self.is_video() {
+            return;
+        }
+        let told = self.dynacast.lock().unwrap_or_else(|p| p.into_inner()).told;
+        if let Some(publisher) = self.publisher.upgrade() {
+            publisher.send(super::signal::subscribed_qualities(
+                &self.track_sid,
+                &self.codec_name(),
+                told,
             ));
         }
     }
@@ -631,7 +671,7 @@ impl Forwarder {
         let video = self.is_video();
         let mut packets = 0u64;
         let mut bytes = 0u64;
-        let mut last_seq: Option<u16> = None;
+        let mut sequence = super::quality::Sequence::default();
         let timeout = LAYER_TIMEOUT.as_millis() as u64;
         while let Ok((mut packet, _)) = layer.remote.read_rtp().await {
             let arrived = Instant::now();
@@ -642,13 +682,8 @@ impl Forwarder {
                 // be waiting for it.
                 self.retarget();
             }
-            let seq = packet.header.sequence_number;
-            let ahead = last_seq.map_or(1, |l| seq.wrapping_sub(l));
-            // Ahead by less than half the sequence space: newer (the rest is reordered).
-            if ahead != 0 && ahead < 0x8000 {
-                self.expected.fetch_add(u64::from(ahead), Ordering::Relaxed);
-                last_seq = Some(seq);
-            }
+            let expected = sequence.advance(packet.header.sequence_number);
+            self.expected.fetch_add(expected, Ordering::Relaxed);
             self.received.fetch_add(1, Ordering::Relaxed);
             if let (Some(meter), Some(id)) = (&self.meter, audio_level_id)
                 && let Some(level) =

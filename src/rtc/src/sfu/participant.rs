@@ -37,6 +37,8 @@ use super::{
 
 /// How often a publisher is reminded of the bitrate it may send (a REMB).
 const PUBLISH_CAP_INTERVAL: Duration = Duration::from_secs(1);
+/// Entries of a `SubscriptionPermission` kept (participants, and tracks of each).
+const MAX_PERMISSIONS: usize = 1000;
 
 struct Signal {
     tx: mpsc::UnboundedSender<Vec<u8>>,
@@ -123,6 +125,10 @@ pub(crate) struct Participant {
     reception: Mutex<Reception>,
     /// Its signalling connection dropped and it has not resumed yet.
     detached: AtomicBool,
+    /// It is to hear everyone's connection quality again (it resumed).
+    needs_qualities: AtomicBool,
+    /// Tracks (by sid) it was told it may not receive, to be told when it may again.
+    denied: Mutex<HashSet<String>>,
     left: AtomicBool,
 }
 
@@ -169,7 +175,14 @@ impl SessionHandle {
             return;
         }
         let generation = self.generation;
-        p.detached.store(true, Ordering::Release);
+        {
+            // A resume replaces the connection (and so ends the old one): only the
+            // current connection's end detaches the participant.
+            let signal = p.signal.lock().unwrap_or_else(|e| e.into_inner());
+            if signal.generation == generation {
+                p.detached.store(true, Ordering::Release);
+            }
+        }
         tokio::spawn(async move {
             tokio::time::sleep(RESUME_WINDOW).await;
             let current = p.signal.lock().unwrap_or_else(|e| e.into_inner()).generation;
@@ -251,6 +264,8 @@ impl Participant {
             choices: Mutex::new(HashMap::new()),
             reception: Mutex::new(Reception::default()),
             detached: AtomicBool::new(false),
+            needs_qualities: AtomicBool::new(false),
+            denied: Mutex::new(HashSet::new()),
             left: AtomicBool::new(false),
         });
         participant.wire();
@@ -355,6 +370,24 @@ impl Participant {
                         && p.participant_identity == subscriber.identity);
                 names && (p.all_tracks || p.track_sids.iter().any(|t| t == track_sid))
             })
+    }
+
+    /// Whether it must hear everyone's connection quality again (once).
+    pub fn take_needs_qualities(&self) -> bool {
+        self.needs_qualities.swap(false, Ordering::AcqRel)
+    }
+
+    /// Notes that it was told it may not receive `track_sid` (`true`), or that it may
+    /// again; answers whether that changes what it was told.
+    pub fn note_denied(&self, track_sid: &str, denied: bool) -> bool {
+        let mut set = self.denied.lock().unwrap_or_else(|e| e.into_inner());
+        if denied { set.insert(track_sid.to_owned()) } else { set.remove(track_sid) }
+    }
+
+    /// Forgets what it chose or was told about a track that is gone.
+    pub fn forget_track(&self, track_sid: &str) {
+        self.choices.lock().unwrap_or_else(|e| e.into_inner()).remove(track_sid);
+        self.denied.lock().unwrap_or_else(|e| e.into_inner()).remove(track_sid);
     }
 
     /// A receiver report from its receiving connection.
@@ -480,9 +513,15 @@ impl Participant {
             let mut signal = self.signal.lock().unwrap_or_else(|e| e.into_inner());
             signal.tx = tx;
             signal.generation += 1;
+            self.detached.store(false, Ordering::Release);
             signal.generation
         };
-        self.detached.store(false, Ordering::Release);
+        // What was sent while the client was away is lost with its connection: what it
+        // must know of its tracks' layers and of everyone's connection is sent again.
+        for forwarder in self.forwarders() {
+            forwarder.resend_dynacast();
+        }
+        self.needs_qualities.store(true, Ordering::Release);
         Session {
             responses: rx,
             handle: SessionHandle { participant: Some(self.clone()), generation },
@@ -846,6 +885,8 @@ impl Participant {
         }
         sids.sort();
         sids.dedup();
+        // Only tracks that exist are remembered (and forgotten when they go).
+        sids.retain(|sid| room.forwarder(sid).is_some());
         {
             let mut choices = self.choices.lock().unwrap_or_else(|e| e.into_inner());
             for sid in &sids {
@@ -903,7 +944,12 @@ impl Participant {
 
     /// Who may receive this participant's tracks: those no longer allowed lose them at
     /// once, those allowed again get them back.
-    async fn set_permissions(self: &Arc<Self>, permission: lk::SubscriptionPermission) {
+    async fn set_permissions(self: &Arc<Self>, mut permission: lk::SubscriptionPermission) {
+        // Each is looked through whenever one of its tracks is subscribed to.
+        permission.track_permissions.truncate(MAX_PERMISSIONS);
+        for p in &mut permission.track_permissions {
+            p.track_sids.truncate(MAX_PERMISSIONS);
+        }
         *self.permissions.lock().unwrap_or_else(|e| e.into_inner()) = Some(permission);
         if let Some(room) = self.room.upgrade() {
             room.permissions_changed(self).await;

@@ -53,6 +53,42 @@ pub fn quality(score: f32) -> lk::ConnectionQuality {
     }
 }
 
+/// Packets in a row that seem far behind the newest before they are taken as the
+/// stream's numbering starting again.
+const RESYNC_AFTER: u32 = 64;
+
+/// Counts the packets a stream should have delivered, from their sequence numbers.
+#[derive(Debug, Default)]
+pub struct Sequence {
+    newest: Option<u16>,
+    behind: u32,
+}
+
+impl Sequence {
+    /// What the packet numbered `seq` adds to those expected: how far past the newest
+    /// it is, 0 for one reordered or repeated.
+    pub fn advance(&mut self, seq: u16) -> u64 {
+        let Some(newest) = self.newest else {
+            self.newest = Some(seq);
+            return 1;
+        };
+        let ahead = seq.wrapping_sub(newest);
+        // Less than half the sequence space ahead: newer.
+        if ahead != 0 && ahead < 0x8000 {
+            self.newest = Some(seq);
+            self.behind = 0;
+            return u64::from(ahead);
+        }
+        self.behind += 1;
+        if self.behind > RESYNC_AFTER {
+            self.newest = Some(seq);
+            self.behind = 0;
+            return 1;
+        }
+        0
+    }
+}
+
 /// The share of `expected` packets that did not arrive (`received` may exceed it, with
 /// duplicates).
 pub fn loss(received: u64, expected: u64) -> f32 {
@@ -77,6 +113,26 @@ mod tests {
         assert!(score(0.0, far) < score(0.0, lan));
         assert_eq!(quality(score(0.0, far)), lk::ConnectionQuality::Poor);
         assert!((1.0..=4.5).contains(&score(1.0, far)));
+    }
+
+    #[test]
+    fn sequence_numbers_count_what_should_have_arrived() {
+        let mut s = Sequence::default();
+        let expected: u64 = [10u16, 11, 13, 12, 13, 14].iter().map(|&n| s.advance(n)).sum();
+        // 10 to 14: five, whatever the order and the repeat.
+        assert_eq!(expected, 5);
+        // Across the wrap.
+        let mut s = Sequence::default();
+        let expected: u64 = [65534u16, 65535, 0, 2].iter().map(|&n| s.advance(n)).sum();
+        assert_eq!(expected, 5);
+        // A numbering that starts again far away is followed after a run of packets.
+        let mut s = Sequence::default();
+        s.advance(100);
+        let mut after = 0;
+        for n in 0..200u16 {
+            after += s.advance(40_000 + n);
+        }
+        assert!(after >= 200 - u64::from(RESYNC_AFTER) - 1 && after <= 200, "{after}");
     }
 
     #[test]

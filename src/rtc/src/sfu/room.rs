@@ -85,8 +85,7 @@ impl Room {
         }
     }
 
-    pub fn info(&self) -> lk::Room {
-        let inner = self.inner();
+    fn info_of(&self, inner: &Inner) -> lk::Room {
         lk::Room {
             sid: self.sid.clone(),
             name: self.name.clone(),
@@ -132,20 +131,22 @@ impl Room {
         let (participant, session) = Participant::new(sfu, self, grant)
             .await
             .map_err(|e| JoinError::Media(e.to_string()))?;
-        let (others, forwarders) = {
+        let forwarders = {
             let mut inner = self.inner();
             let others: Vec<_> = inner.participants.iter().map(|p| p.info()).collect();
             inner.participants.push(participant.clone());
             self.peak_participants.fetch_max(inner.participants.len(), Ordering::Relaxed);
-            (others, inner.forwarders.values().cloned().collect::<Vec<_>>())
+            // Queued before anything else can reach it: clients take the first message
+            // for the join response.
+            participant.send(signal::join(
+                self.info_of(&inner),
+                participant.info(),
+                others,
+                &ice_servers,
+                &sfu.settings.server_version,
+            ));
+            inner.forwarders.values().cloned().collect::<Vec<_>>()
         };
-        participant.send(signal::join(
-            self.info(),
-            participant.info(),
-            others,
-            &ice_servers,
-            &sfu.settings.server_version,
-        ));
         self.broadcast(&participant.sid, &signal::update(vec![participant.info()]));
         sfu.observer().participant_joined(&self.name, &participant.identity);
         tracing::info!(room = %self.name, identity = %participant.identity, "participant joined");
@@ -194,45 +195,68 @@ impl Room {
     /// tells the subscriber if not; answers whether it subscribed (the caller
     /// renegotiates).
     async fn subscribe(&self, forwarder: &Arc<Forwarder>, subscriber: &Arc<Participant>) -> bool {
-        let publisher = self.participant(&forwarder.publisher_sid);
-        if publisher.is_some_and(|p| !p.allows(subscriber, &forwarder.track_sid)) {
-            subscriber.send(signal::permission_update(
-                &forwarder.publisher_sid,
-                &forwarder.track_sid,
-                false,
-            ));
+        let allowed = || {
+            self.participant(&forwarder.publisher_sid)
+                .is_none_or(|p| p.allows(subscriber, &forwarder.track_sid))
+        };
+        if !allowed() {
+            self.deny(forwarder, subscriber);
             return false;
         }
-        forwarder.subscribe(subscriber).await;
+        if !forwarder.subscribe(subscriber).await {
+            return false;
+        }
+        // The publisher may have changed its mind while the track was being added.
+        if !allowed() {
+            self.unsubscribe(forwarder, subscriber).await;
+            self.deny(forwarder, subscriber);
+            return false;
+        }
         true
     }
 
+    /// Tells `subscriber` it may not receive `forwarder`'s track.
+    fn deny(&self, forwarder: &Forwarder, subscriber: &Participant) {
+        subscriber.note_denied(&forwarder.track_sid, true);
+        subscriber.send(signal::permission_update(
+            &forwarder.publisher_sid,
+            &forwarder.track_sid,
+            false,
+        ));
+    }
+
+    /// Takes `forwarder`'s track from `subscriber` (the caller renegotiates).
+    async fn unsubscribe(&self, forwarder: &Forwarder, subscriber: &Participant) {
+        if let Some(sender) = forwarder.forget(&subscriber.sid) {
+            let _ = subscriber.subscriber.remove_track(&sender).await;
+        }
+    }
+
     /// `publisher` changed who may receive its tracks: subscribers no longer allowed
-    /// lose them, and those allowed again who want them get them back; each is told.
+    /// lose them and are told; those told so before and now allowed are told, and get
+    /// back what they want.
     pub async fn permissions_changed(&self, publisher: &Arc<Participant>) {
         let forwarders = publisher.forwarders();
         for other in self.others(&publisher.sid) {
-            let mut changed = false;
+            let mut renegotiate = false;
             for forwarder in &forwarders {
-                let allowed = publisher.allows(&other, &forwarder.track_sid);
-                let receiving = forwarder.has_subscriber(&other.sid);
-                if !allowed && receiving {
-                    if let Some(sender) = forwarder.forget(&other.sid) {
-                        let _ = other.subscriber.remove_track(&sender).await;
+                let track = &forwarder.track_sid;
+                if !publisher.allows(&other, track) {
+                    if forwarder.has_subscriber(&other.sid) {
+                        self.unsubscribe(forwarder, &other).await;
+                        renegotiate = true;
+                        self.deny(forwarder, &other);
                     }
-                } else if allowed && !receiving && other.wants(&forwarder.track_sid) {
-                    forwarder.subscribe(&other).await;
-                } else {
                     continue;
                 }
-                other.send(signal::permission_update(
-                    &publisher.sid,
-                    &forwarder.track_sid,
-                    allowed,
-                ));
-                changed = true;
+                if other.note_denied(track, false) {
+                    other.send(signal::permission_update(&publisher.sid, track, true));
+                }
+                if other.wants(track) && !forwarder.has_subscriber(&other.sid) {
+                    renegotiate |= self.subscribe(forwarder, &other).await;
+                }
             }
-            if changed {
+            if renegotiate {
                 other.negotiate_subscriber().await;
             }
         }
@@ -252,6 +276,9 @@ impl Room {
     /// closes its forwarder).
     pub async fn track_unpublished(&self, publisher: &Arc<Participant>, track_sid: &str) {
         self.inner().forwarders.remove(track_sid);
+        for other in self.others(&publisher.sid) {
+            other.forget_track(track_sid);
+        }
         self.broadcast(&publisher.sid, &signal::update(vec![publisher.info()]));
     }
 
@@ -277,8 +304,8 @@ impl Room {
         for forwarder in forwarders {
             if subscribe {
                 self.subscribe(&forwarder, subscriber).await;
-            } else if let Some(sender) = forwarder.forget(&subscriber.sid) {
-                let _ = subscriber.subscriber.remove_track(&sender).await;
+            } else {
+                self.unsubscribe(&forwarder, subscriber).await;
             }
         }
         subscriber.negotiate_subscriber().await;
@@ -378,7 +405,8 @@ async fn quality_loop(room: Weak<Room>) {
         let all = signal::connection_quality(&ratings);
         let changes = (!changed.is_empty()).then(|| signal::connection_quality(&changed));
         for p in &participants {
-            if !told.contains_key(&p.sid) {
+            // New here, or back after its signalling dropped.
+            if p.take_needs_qualities() || !told.contains_key(&p.sid) {
                 p.send(all.clone());
             } else if let Some(changes) = &changes {
                 p.send(changes.clone());
