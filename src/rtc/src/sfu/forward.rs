@@ -459,13 +459,9 @@ impl Forwarder {
         let wanted = self.wanted();
         let tell =
             self.dynacast.lock().unwrap_or_else(|p| p.into_inner()).update(wanted, Instant::now());
-        if tell && let Some(publisher) = self.publisher.upgrade() {
+        if tell {
             tracing::debug!(track = %self.track_sid, ?wanted, "dynacast: the publisher is told the layers wanted");
-            publisher.send(super::signal::subscribed_qualities(
-                &self.track_sid,
-                &self.codec_name(),
-                wanted,
-            ));
+            self.tell_layers(wanted);
         }
     }
 
@@ -476,13 +472,20 @@ impl Forwarder {
             return;
         }
         let told = self.dynacast.lock().unwrap_or_else(|p| p.into_inner()).told;
-        if let Some(publisher) = self.publisher.upgrade() {
-            publisher.send(super::signal::subscribed_qualities(
-                &self.track_sid,
-                &self.codec_name(),
-                told,
-            ));
+        self.tell_layers(told);
+    }
+
+    /// Tells the publisher the highest layer anyone receives (`None`: none).
+    fn tell_layers(&self, max: Option<Quality>) {
+        if let Some(publisher) = self.publisher() {
+            let codec = self.codec_name();
+            publisher.send(super::signal::subscribed_qualities(&self.track_sid, &codec, max));
         }
+    }
+
+    /// The participant publishing this track, while it is here.
+    pub fn publisher(&self) -> Option<Arc<Participant>> {
+        self.publisher.upgrade()
     }
 
     /// The codec as LiveKit names it (`vp8`, `h264`, ...).

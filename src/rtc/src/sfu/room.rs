@@ -100,10 +100,6 @@ impl Room {
         }
     }
 
-    fn participant(&self, sid: &str) -> Option<Arc<Participant>> {
-        self.inner().participants.iter().find(|p| p.sid == sid).cloned()
-    }
-
     fn others(&self, sid: &str) -> Vec<Arc<Participant>> {
         self.inner().participants.iter().filter(|p| p.sid != sid).cloned().collect()
     }
@@ -195,10 +191,8 @@ impl Room {
     /// tells the subscriber if not; answers whether it subscribed (the caller
     /// renegotiates).
     async fn subscribe(&self, forwarder: &Arc<Forwarder>, subscriber: &Arc<Participant>) -> bool {
-        let allowed = || {
-            self.participant(&forwarder.publisher_sid)
-                .is_none_or(|p| p.allows(subscriber, &forwarder.track_sid))
-        };
+        let allowed =
+            || forwarder.publisher().is_none_or(|p| p.allows(subscriber, &forwarder.track_sid));
         if !allowed() {
             self.deny(forwarder, subscriber);
             return false;
