@@ -6,7 +6,8 @@
 //! does much the same with synthetic media, connecting as it does by default, and sees
 //! active speakers, unsubscribes and subscribes again, and unpublishes, sees connection
 //! quality, has its sending paused while nobody watches (dynacast) and restricts who may
-//! receive its tracks; a call limited to one publisher refuses a second.
+//! receive its tracks; a call limited to one publisher refuses a second. Element Call
+//! itself, hosted as a widget, holds an end-to-end encrypted call through it.
 
 mod common;
 
@@ -107,6 +108,64 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     };
     assert!(value("trellis_sfu_forwarded_packets_total") > 100.0, "{metrics}");
     assert!(value("trellis_sfu_forwarded_bytes_total") > 10_000.0, "{metrics}");
+}
+
+/// Element Call itself (its embedded build, as Element Web hosts it) in two headless
+/// Chromiums: each joins the room's call through MatrixRTC state, the advertised focus
+/// and the token exchange, and decodes the other's camera through the built-in SFU with
+/// the call end-to-end encrypted by a shared key (so the SFU forwards encrypted
+/// frames); one hanging up ends its call membership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn element_call_calls_through_the_built_in_sfu() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    // Members may post their call membership, as Element Web sets up rooms for calls.
+    let levels = json!({"events": {"org.matrix.msc3401.call.member": 0}});
+    let room = s
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "name": "Standup", "power_level_content_override": levels}),
+        )
+        .await;
+    s.join_room(&bob, &room).await;
+    let device = |token: String| {
+        let s = &s;
+        async move {
+            let (status, me) = s.get_auth("/_matrix/client/v3/account/whoami", &token).await;
+            assert_eq!(status, 200, "{me}");
+            me["device_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (alice_device, bob_device) = (device(alice.clone()).await, device(bob.clone()).await);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/element_call.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([&s.base, &room, &alice_id, &alice, &alice_device, &bob_id, &bob, &bob_device])
+        .env("EC_PASSWORD", "correct horse battery staple")
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.get("exception").is_none(), "{r}");
+    assert_eq!(r["both_decode"], true, "each decodes the other's camera: {r}");
+    assert_eq!(r["encrypted_seen"], true, "the media is end-to-end encrypted: {r}");
+    let mut both = vec![alice_id.clone(), bob_id.clone()];
+    both.sort();
+    assert_eq!(r["members_in_call"], json!(both), "{r}");
+    assert_eq!(r["hangup_ends_membership"], true, "{r}");
+
+    // Both were in the SFU's call, which carried their media.
+    let metrics = s.metrics().await;
+    let forwarded = metrics
+        .lines()
+        .find(|l| l.starts_with("trellis_sfu_forwarded_packets_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(forwarded > 100.0, "{metrics}");
 }
 
 /// Alice and Bob in a room of their own, with LiveKit tokens for its call:
