@@ -7,7 +7,8 @@
 //! active speakers, unsubscribes and subscribes again, and unpublishes, sees connection
 //! quality, has its sending paused while nobody watches (dynacast) and restricts who may
 //! receive its tracks; a call limited to one publisher refuses a second. Element Call
-//! itself, hosted as a widget, holds an end-to-end encrypted call through it.
+//! itself, hosted as a widget, holds an end-to-end encrypted call through it. A receiver
+//! behind a narrow relay is moved to a simulcast layer that fits its link.
 
 mod common;
 
@@ -166,6 +167,52 @@ async fn element_call_calls_through_the_built_in_sfu() {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(forwarded > 100.0, "{metrics}");
+}
+
+/// The built-in TURN relay on every interface, dropping what a user relays beyond
+/// 600 kbit/s: a receiver limited to it has a narrow link.
+const NARROW_TURN: &str = "[turn]\nlisten_udp = \"0.0.0.0:0\"\nlisten_tcp = \"0.0.0.0:0\"\n\
+                           user_bandwidth_kbps = 600\ndeny_private_peers = false\n\
+                           allowed_peer_ips = [\"127.0.0.0/8\"]\n";
+
+/// A receiver on a narrow link asks for the best layer of a 720p simulcast camera, more
+/// than its link carries: the SFU's send-side estimate (from the transport-wide
+/// congestion feedback the browser sends about what arrives) moves it to a layer that
+/// fits, where it decodes steadily.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_on_a_narrow_link_gets_a_layer_that_fits() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}{NARROW_TURN}")).await;
+    let (url, _, _, _, token_a, token_b) = two_in_a_call(&s).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_congestion.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(s.url("/_matrix/client/versions"))
+        .args([&url, &token_a, &token_b])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.get("exception").is_none(), "{r}");
+    let samples = r["samples"].as_array().expect("samples");
+    let field = |i: usize, k: &str| samples[i][k].as_u64().unwrap_or(0);
+    let last = samples.len() - 1;
+    let top = r["top_width"].as_u64().unwrap_or(0);
+    assert!(top >= 1280, "{r}");
+    // The relay dropped what did not fit at first, so the top layer was too much.
+    let metrics = s.metrics().await;
+    assert!(
+        !metrics.contains("trellis_turn_refusals_total{reason=\"bandwidth\"} 0\n"),
+        "{metrics}"
+    );
+    // At the end: a lower layer, still decoding over the last 5 s (at least 5 frames a
+    // second on a machine the other tests share), and under 5 % of the last 10 s's
+    // packets lost.
+    assert!(field(last, "width") > 0 && field(last, "width") < top, "{r}");
+    assert!(field(last, "decoded") - field(last - 5, "decoded") >= 25, "{r}");
+    let received = field(last, "received") - field(last - 10, "received");
+    let lost = field(last, "lost") - field(last - 10, "lost");
+    assert!(lost * 20 < received, "{r}");
 }
 
 /// Alice and Bob in a room of their own, with LiveKit tokens for its call:

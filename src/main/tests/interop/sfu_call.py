@@ -158,8 +158,9 @@ done(result);
 """
 
 
-def main():
-    page, url, tokens = sys.argv[1], sys.argv[2], sys.argv[3:6]
+def run(scenario, page, *args):
+    """Runs `scenario` (an async script ending in `done(result)`) in headless Chromium on
+    `page`, with livekit-client loaded and `args` passed; prints its result as JSON."""
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in (
@@ -184,12 +185,17 @@ def main():
         driver.get(page)
         with open(UMD, encoding="utf-8") as f:
             driver.execute_script(f.read())
-        result = driver.execute_async_script(SCENARIO, url, tokens)
+        result = driver.execute_async_script(scenario, *args)
         if os.environ.get("SFU_CALL_LOG"):
             result["console"] = [e["message"] for e in driver.get_log("browser")][-80:]
         print(json.dumps(result))
     finally:
         driver.quit()
+
+
+def main():
+    page, url, tokens = sys.argv[1], sys.argv[2], sys.argv[3:6]
+    run(SCENARIO, page, url, tokens)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 //! The WebRTC stack every peer connection is made from: the codecs browsers send
 //! (Opus, VP8, VP9, H.264, AV1), the RTP header extensions simulcast needs, the default
 //! interceptors (NACK answered from a packet cache, RTCP reports, transport-wide
-//! congestion feedback) and one UDP socket shared by all connections.
+//! congestion feedback), the send-side estimate from that feedback, and one UDP socket
+//! shared by all connections.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -49,7 +50,10 @@ pub async fn build_api(settings: &SfuSettings) -> std::io::Result<(API, SocketAd
                 .map_err(io_error)?;
         }
     }
-    let registry = register_default_interceptors(Registry::new(), &mut media).map_err(io_error)?;
+    let mut registry =
+        register_default_interceptors(Registry::new(), &mut media).map_err(io_error)?;
+    // Added last, so it stamps each packet before the others see it.
+    registry.add(Box::new(super::congestion::Builder));
 
     let socket = tokio::net::UdpSocket::bind(settings.udp_listen).await?;
     let udp_addr = socket.local_addr()?;

@@ -8,6 +8,7 @@
 //! The transport of the signalling (the WebSocket, the token check) is the caller's: a
 //! [`Session`] takes each request's bytes and hands back responses' bytes.
 
+mod congestion;
 mod forward;
 mod ids;
 mod layers;
