@@ -42,6 +42,13 @@ pub struct WindowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// Where a bandwidth estimate came from: `receiver` (its REMB) or `send_side` (the
+    /// SFU's own, from transport-wide congestion feedback).
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     /// Why something was refused or cut (TURN: `auth`, `quota`, `peer`, `bandwidth`;
     /// connections: `total`, `per_ip`, `slow_body`).
@@ -91,6 +98,7 @@ pub struct SfuMetrics {
     pub forward_seconds: Histogram,
     pub subscriber_loss: Histogram,
     pub rtt_seconds: Histogram,
+    pub estimates: Family<SourceLabels, Counter>,
 }
 
 impl Default for SfuMetrics {
@@ -106,6 +114,7 @@ impl Default for SfuMetrics {
             ]),
             subscriber_loss: Histogram::new([0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]),
             rtt_seconds: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]),
+            estimates: Family::default(),
         }
     }
 }
@@ -137,6 +146,11 @@ impl SfuMetrics {
             "sfu_rtt_seconds",
             "Round-trip time between the built-in SFU and its receivers, per receiver report",
             self.rtt_seconds.clone(),
+        );
+        registry.register(
+            "sfu_bandwidth_estimates",
+            "Bandwidth estimates taken for receiving connections, by source",
+            self.estimates.clone(),
         );
         registry.register(
             "sfu_forwarded_bytes",

@@ -205,6 +205,16 @@ async fn a_receiver_on_a_narrow_link_gets_a_layer_that_fits() {
         !metrics.contains("trellis_turn_refusals_total{reason=\"bandwidth\"} 0\n"),
         "{metrics}"
     );
+    // The estimate was the SFU's own: the browser, getting stamped packets, sends
+    // transport-wide feedback instead of REMB.
+    assert!(
+        !metrics.contains("trellis_sfu_bandwidth_estimates_total{source=\"receiver\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_sfu_bandwidth_estimates_total{source=\"send_side\"}"),
+        "{metrics}"
+    );
     // At the end: a lower layer, still decoding over the last 5 s (at least 5 frames a
     // second on a machine the other tests share), and under 5 % of the last 10 s's
     // packets lost.

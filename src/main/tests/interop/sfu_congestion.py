@@ -2,8 +2,8 @@
 (livekit-client) in headless Chromium: A publishes its camera with simulcast; B reaches
 the SFU only through the built-in TURN relay, whose per-user bandwidth limit drops what
 does not fit, and asks for A's best layer. The SFU's send-side estimate (from the
-transport-wide congestion feedback B's browser sends) should move B to a layer that
-fits, where it keeps decoding.
+transport-wide congestion feedback B's browser sends about the packets it stamps) should
+move B to a layer that fits, where it keeps decoding.
 
 Usage: sfu_congestion.py PAGE_URL LIVEKIT_URL TOKEN_A TOKEN_B
 Prints one JSON object: A's top layer width, and B's inbound video each second (frame

@@ -527,6 +527,12 @@ impl RTPWriter for Stamper {
     }
 }
 
+/// Whether a REMB is the one this module hands on: it names no sender and no stream,
+/// which a receiver's own REMB always does.
+pub fn is_send_side(remb: &ReceiverEstimatedMaximumBitrate) -> bool {
+    remb.sender_ssrc == 0 && remb.ssrcs.is_empty()
+}
+
 /// Turns each transport-wide feedback into the REMB the estimate stands for, after it.
 struct FeedbackReader {
     inner: Arc<dyn RTCPReader + Send + Sync>,

@@ -37,7 +37,7 @@ use webrtc::{
 };
 
 use super::{
-    SfuObserver,
+    SfuObserver, congestion,
     layers::{self, LayerView, Quality, Wants},
     munge::Munger,
     packet::{self, VideoCodec},
@@ -380,6 +380,7 @@ impl Forwarder {
                     } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>()
                         && let Some(s) = subscriber.upgrade()
                     {
+                        me.observer.estimate(congestion::is_send_side(remb));
                         s.set_estimate(remb.bitrate);
                     } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
                         for report in &rr.reports {

@@ -110,6 +110,9 @@ pub trait SfuObserver: Send + Sync + 'static {
     /// A subscriber's receiver report: the share of packets it lost since its last
     /// report, and the round trip when the report says.
     fn receiver_report(&self, _loss: f32, _rtt: Option<Duration>) {}
+    /// A receiving connection's bandwidth estimate was taken: the SFU's own (from
+    /// transport-wide congestion feedback) or the receiver's REMB.
+    fn estimate(&self, _send_side: bool) {}
 }
 
 struct NoObserver;
