@@ -585,6 +585,10 @@ pub struct RtcConfig {
     /// kbit/s: the SFU tells its client so (REMB) and the client keeps under it. 0: no
     /// ceiling.
     pub sfu_max_publish_kbps: u64,
+    /// Estimate each receiver's bandwidth from transport-wide congestion feedback on
+    /// packets the SFU stamps (receivers then send that instead of REMB); off: receivers'
+    /// own REMB, for less CPU per forwarded packet.
+    pub sfu_send_side_estimate: bool,
 }
 
 impl Default for RtcConfig {
@@ -601,6 +605,7 @@ impl Default for RtcConfig {
             sfu_max_participants: 100,
             sfu_max_publishers: 0,
             sfu_max_publish_kbps: 8000,
+            sfu_send_side_estimate: true,
         }
     }
 }

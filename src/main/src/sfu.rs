@@ -103,6 +103,7 @@ pub async fn prepare(config: &mut Config, keys: &trellis_service::ServerKeys) ->
         max_participants: rtc.sfu_max_participants,
         max_publishers: rtc.sfu_max_publishers,
         max_publish_bitrate: rtc.sfu_max_publish_kbps.saturating_mul(1000),
+        send_side_estimate: rtc.sfu_send_side_estimate,
         server_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let sfu = match Sfu::start(settings).await {

@@ -225,6 +225,29 @@ async fn a_receiver_on_a_narrow_link_gets_a_layer_that_fits() {
     assert!(lost * 20 < received, "{r}");
 }
 
+/// A client that resumes on a new signalling connection while its old one is still open
+/// (it gave up on it before the server noticed) keeps its place: the old one's end does
+/// not count as losing it, so the others never hear it rated lost or gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_over_a_still_open_connection_keeps_the_participant() {
+    let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+    let (url, _, _, _, token_a, token_b) = two_in_a_call(&s).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_resume.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([&url, &token_a, &token_b])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["resumed"], true, "{r}");
+    assert_eq!(r["a_left"], false, "{r}");
+    let qualities = r["qualities_of_a"].as_array().expect("qualities");
+    assert!(!qualities.is_empty(), "B hears A's rating (on joining, at least): {r}");
+    assert!(qualities.iter().all(|q| q != "LOST"), "{r}");
+}
+
 /// Alice and Bob in a room of their own, with LiveKit tokens for its call:
 /// (url, alice's id, alice's access token, room, token A, token B).
 async fn two_in_a_call(s: &TestServer) -> (String, String, String, String, String, String) {

@@ -52,8 +52,10 @@ pub async fn build_api(settings: &SfuSettings) -> std::io::Result<(API, SocketAd
     }
     let mut registry =
         register_default_interceptors(Registry::new(), &mut media).map_err(io_error)?;
-    // Added last, so it stamps each packet before the others see it.
-    registry.add(Box::new(super::congestion::Builder));
+    if settings.send_side_estimate {
+        // Added last, so it stamps each packet before the others see it.
+        registry.add(Box::new(super::congestion::Builder));
+    }
 
     let socket = tokio::net::UdpSocket::bind(settings.udp_listen).await?;
     let udp_addr = socket.local_addr()?;

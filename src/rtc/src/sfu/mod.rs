@@ -47,6 +47,9 @@ pub struct SfuSettings {
     /// Video one publisher may send, all its tracks and layers together, in bits per
     /// second (0: no ceiling).
     pub max_publish_bitrate: u64,
+    /// Estimate receivers' bandwidth from transport-wide congestion feedback
+    /// (`congestion.rs`) rather than take their REMB.
+    pub send_side_estimate: bool,
     /// Shown to clients as the server's version.
     pub server_version: String,
 }
