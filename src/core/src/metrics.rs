@@ -147,6 +147,10 @@ impl SfuMetrics {
             "Round-trip time between the built-in SFU and its receivers, per receiver report",
             self.rtt_seconds.clone(),
         );
+        // Both sources shown from the start, at 0 until counted.
+        for source in ["receiver", "send_side"] {
+            drop(self.estimates.get_or_create(&SourceLabels { source: source.into() }));
+        }
         registry.register(
             "sfu_bandwidth_estimates",
             "Bandwidth estimates taken for receiving connections, by source",

@@ -45,6 +45,7 @@ const HISTORY: usize = 8192;
 /// on a good network is not held to a low one while the estimate climbs.
 const START_BPS: f64 = 2_500_000.0;
 const MIN_BPS: f64 = 50_000.0;
+const MAX_BPS: f64 = 100_000_000.0;
 /// Growth while the network shows no queueing: 8 % a second, as GCC's multiplicative
 /// increase.
 const GROWTH_PER_SECOND: f64 = 1.08;
@@ -54,6 +55,11 @@ const GROUP_US: i64 = 5_000;
 /// Delay-variation points the trendline is fitted over.
 const TREND_WINDOW: usize = 20;
 const TREND_GAIN: f64 = 4.0;
+/// The first hold after a loss-based decrease, its longest, and how long a loss is
+/// remembered for doubling it.
+const LOSS_BACKOFF_MIN_US: i64 = 2_000_000;
+const LOSS_BACKOFF_MAX_US: i64 = 60_000_000;
+const LOSS_MEMORY_US: i64 = 60_000_000;
 /// How far back the received rate is measured.
 const ACKED_WINDOW_US: i64 = 1_000_000;
 
@@ -71,35 +77,46 @@ struct Congestion {
     shared: Arc<Shared>,
 }
 
+/// The history is locked for every packet sent; the estimator only for feedback, and
+/// apart, so that sending never waits for the estimator.
 struct Shared {
     epoch: Instant,
-    state: Mutex<State>,
+    history: Mutex<History>,
+    estimator: Mutex<Estimator>,
 }
 
-struct State {
+struct History {
     /// The sequence number (unwrapped) the next packet gets.
     next: u64,
-    /// Sent packets from `next - history.len()` on.
-    history: VecDeque<Sent>,
-    estimator: Estimator,
+    /// Sent packets from `next - sent.len()` on.
+    sent: VecDeque<Sent>,
 }
 
 #[derive(Clone, Copy)]
 struct Sent {
     at_us: i64,
     size: u32,
-    reported: bool,
+    report: Report,
+}
+
+/// What feedback said of a sent packet so far. A packet reported lost may be reported
+/// received later (it arrived late: libwebrtc reports it again, and webrtc-rs marks
+/// packets not received around a late one); one reported received stays so. The same
+/// feedback also reaches this connection once per stream it names (webrtc-srtp hands a
+/// compound packet to each destination), so a packet is counted once.
+#[derive(Clone, Copy, PartialEq)]
+enum Report {
+    None,
+    Lost,
+    Received,
 }
 
 impl Shared {
     fn new() -> Self {
         Shared {
             epoch: Instant::now(),
-            state: Mutex::new(State {
-                next: 0,
-                history: VecDeque::with_capacity(256),
-                estimator: Estimator::new(),
-            }),
+            history: Mutex::new(History { next: 0, sent: VecDeque::with_capacity(256) }),
+            estimator: Mutex::new(Estimator::new()),
         }
     }
 
@@ -107,51 +124,62 @@ impl Shared {
         i64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(i64::MAX)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The next sequence number, with the packet remembered as sent now.
     fn stamp(&self, size: usize) -> u16 {
+        let mut history = self.history();
+        // Read under the lock, so send times rise with sequence numbers.
         let at_us = self.now_us();
-        let mut state = self.lock();
-        let seq = state.next;
-        state.next += 1;
-        if state.history.len() == HISTORY {
-            state.history.pop_front();
+        let seq = history.next;
+        history.next += 1;
+        if history.sent.len() == HISTORY {
+            history.sent.pop_front();
         }
         let size = u32::try_from(size).unwrap_or(u32::MAX);
-        state.history.push_back(Sent { at_us, size, reported: false });
+        history.sent.push_back(Sent { at_us, size, report: Report::None });
         seq as u16
     }
 
     /// Reads a feedback against the history; the new estimate (bits per second).
     fn feedback(&self, fb: &TransportLayerCc) -> Option<f64> {
-        let now_us = self.now_us();
-        let mut state = self.lock();
-        let State { next, history, estimator } = &mut *state;
-        let first = *next - history.len() as u64;
-        let base = unwrap_seq(*next, fb.base_sequence_number)?;
-        let mut results = Vec::with_capacity(usize::from(fb.packet_status_count));
-        for (i, arrival) in arrivals(fb).into_iter().enumerate() {
-            let seq = base + i as u64;
-            if seq < first || seq >= *next {
-                continue;
+        let results = {
+            let mut history = self.history();
+            let History { next, sent } = &mut *history;
+            let first = *next - sent.len() as u64;
+            let base = unwrap_seq(*next, fb.base_sequence_number)?;
+            let mut results = Vec::new();
+            for (i, fate) in fates(fb).into_iter().enumerate() {
+                let seq = base + i as u64;
+                if seq < first || seq >= *next {
+                    continue;
+                }
+                let packet = &mut sent[(seq - first) as usize];
+                let was_lost = match (packet.report, fate) {
+                    (Report::None, Fate::Lost) => false,
+                    (Report::None | Report::Lost, Fate::Received(_)) => {
+                        packet.report == Report::Lost
+                    }
+                    _ => continue,
+                };
+                packet.report =
+                    if matches!(fate, Fate::Lost) { Report::Lost } else { Report::Received };
+                results.push(PacketResult {
+                    sent_us: packet.at_us,
+                    size: packet.size,
+                    fate,
+                    was_lost,
+                });
             }
-            let sent = &mut history[(seq - first) as usize];
-            if sent.reported {
-                continue;
-            }
-            sent.reported = true;
-            results.push(PacketResult {
-                sent_us: sent.at_us,
-                size: sent.size,
-                arrival_us: arrival,
-            });
-        }
+            results
+        };
         if results.is_empty() {
             return None;
         }
+        let now_us = self.now_us();
+        let mut estimator = self.estimator.lock().unwrap_or_else(|e| e.into_inner());
         Some(estimator.update(now_us, &results))
     }
 }
@@ -163,10 +191,11 @@ fn unwrap_seq(next: u64, seq: u16) -> Option<u64> {
     last.checked_sub(behind)
 }
 
-/// Each reported packet's arrival time (microseconds on the receiver's clock), `None`
-/// for one that did not arrive (or arrived without a time), in sequence order.
-fn arrivals(fb: &TransportLayerCc) -> Vec<Option<i64>> {
-    let count = usize::from(fb.packet_status_count);
+/// What became of each packet a feedback reports on, in sequence order: lost, or
+/// received with its arrival time (microseconds on the receiver's clock) when given.
+fn fates(fb: &TransportLayerCc) -> Vec<Fate> {
+    // No more than the history holds: the count is the receiver's word.
+    let count = usize::from(fb.packet_status_count).min(HISTORY);
     let mut symbols = Vec::with_capacity(count);
     for chunk in &fb.packet_chunks {
         match chunk {
@@ -192,13 +221,22 @@ fn arrivals(fb: &TransportLayerCc) -> Vec<Option<i64>> {
         .into_iter()
         .map(|symbol| match symbol {
             SymbolTypeTcc::PacketReceivedSmallDelta | SymbolTypeTcc::PacketReceivedLargeDelta => {
-                let delta = deltas.next()?;
-                at += delta.delta;
-                Some(at)
+                Fate::Received(deltas.next().map(|delta| {
+                    at += delta.delta;
+                    at
+                }))
             }
-            _ => None,
+            SymbolTypeTcc::PacketReceivedWithoutDelta => Fate::Received(None),
+            SymbolTypeTcc::PacketNotReceived => Fate::Lost,
         })
         .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fate {
+    Lost,
+    /// With its arrival time, when the feedback gives one.
+    Received(Option<i64>),
 }
 
 /// A packet's fate as a feedback reports it.
@@ -206,8 +244,9 @@ fn arrivals(fb: &TransportLayerCc) -> Vec<Option<i64>> {
 struct PacketResult {
     sent_us: i64,
     size: u32,
-    /// On the receiver's clock; `None`: lost.
-    arrival_us: Option<i64>,
+    fate: Fate,
+    /// An earlier feedback reported it lost.
+    was_lost: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -230,7 +269,8 @@ struct Estimator {
     rate: f64,
     loss_cap: f64,
     last_update_us: Option<i64>,
-    /// Received (arrival time, bytes) over the last `ACKED_WINDOW_US`.
+    /// Received bytes by when their feedback came (our clock, not the receiver's, which
+    /// is its word and wraps), over the last `ACKED_WINDOW_US`.
     acked: VecDeque<(i64, u32)>,
     current: Option<Group>,
     previous: Option<Group>,
@@ -249,6 +289,12 @@ struct Estimator {
     received: u32,
     lost: u32,
     loss_since_us: Option<i64>,
+    /// After a loss-based decrease the cap is held this long before it climbs again,
+    /// twice as long each time loss comes back within `LOSS_MEMORY_US`: on a link that
+    /// drops rather than queues (a policer), the only test of a higher rate is loss.
+    loss_backoff_us: i64,
+    loss_hold_until_us: i64,
+    last_loss_decrease_us: Option<i64>,
 }
 
 impl Estimator {
@@ -273,36 +319,46 @@ impl Estimator {
             received: 0,
             lost: 0,
             loss_since_us: None,
+            loss_backoff_us: LOSS_BACKOFF_MIN_US,
+            loss_hold_until_us: 0,
+            last_loss_decrease_us: None,
         }
     }
 
     /// Takes one feedback's packets (in sequence order); the estimate after it.
     fn update(&mut self, now_us: i64, results: &[PacketResult]) -> f64 {
         for r in results {
-            match r.arrival_us {
-                Some(arrival) => {
+            match r.fate {
+                Fate::Received(arrival) => {
                     self.received += 1;
-                    self.acked.push_back((arrival, r.size));
-                    self.packet_arrived(r.sent_us, arrival);
+                    if r.was_lost {
+                        self.lost = self.lost.saturating_sub(1);
+                    }
+                    self.acked.push_back((now_us, r.size));
+                    if let Some(arrival) = arrival {
+                        self.packet_arrived(r.sent_us, arrival);
+                    }
                 }
-                None => self.lost += 1,
+                Fate::Lost => self.lost += 1,
             }
         }
-        if let Some(&(newest, _)) = self.acked.back() {
-            while self.acked.front().is_some_and(|&(at, _)| at < newest - ACKED_WINDOW_US) {
-                self.acked.pop_front();
-            }
+        while self.acked.len() > HISTORY
+            || self.acked.front().is_some_and(|&(at, _)| at < now_us - ACKED_WINDOW_US)
+        {
+            self.acked.pop_front();
         }
         self.update_loss(now_us);
         self.update_rate(now_us);
-        self.rate.min(self.loss_cap).max(MIN_BPS)
+        let estimate = self.rate.min(self.loss_cap).clamp(MIN_BPS, MAX_BPS);
+        if estimate.is_finite() { estimate } else { MIN_BPS }
     }
 
     /// The rate the receiver got over the last second, bits per second.
     fn acked_bps(&self) -> Option<f64> {
         let (first, _) = *self.acked.front()?;
         let (last, _) = *self.acked.back()?;
-        let span = (last - first).max(100_000) as f64 / 1e6;
+        // Feedback comes every 50-100 ms: a shorter span would read one as a burst.
+        let span = (last - first).max(250_000) as f64 / 1e6;
         let bytes: u64 = self.acked.iter().map(|&(_, size)| u64::from(size)).sum();
         Some(bytes as f64 * 8.0 / span)
     }
@@ -318,6 +374,14 @@ impl Estimator {
         };
         if sent_us < current.first_sent_us {
             // Reordered from an earlier group: too late to count.
+            return;
+        }
+        if (arrival_us - current.last_arrival_us).abs() > 10_000_000 {
+            // The receiver's clock jumped (its 24-bit reference time wrapped, or it
+            // says so): start the delay measurement again.
+            self.reset_trend();
+            self.current = None;
+            self.previous = None;
             return;
         }
         if sent_us - current.first_sent_us <= GROUP_US {
@@ -387,18 +451,38 @@ impl Estimator {
         }
     }
 
+    fn reset_trend(&mut self) {
+        self.points.clear();
+        self.accumulated = 0.0;
+        self.smoothed = 0.0;
+        self.first_arrival_us = None;
+    }
+
     fn update_loss(&mut self, now_us: i64) {
         let since = *self.loss_since_us.get_or_insert(now_us);
         let total = self.received + self.lost;
         if total < 20 || now_us - since < 500_000 {
             return;
         }
-        // GCC's loss-based rate: down by half the loss over 10 %, up 5 % under 2 %, held
-        // between; it stops counting once it is back above the delay-based rate.
+        // GCC's loss-based rate: down by half the loss over 10 %, up 5 % under 2 % once
+        // the hold is over, kept between; it stops counting once it is back above the
+        // delay-based rate.
         let loss = f64::from(self.lost) / f64::from(total);
         if loss > 0.1 {
-            self.loss_cap = self.rate.min(self.loss_cap) * (1.0 - 0.5 * loss);
-        } else if loss < 0.02 && self.loss_cap < f64::MAX {
+            let remembered =
+                self.last_loss_decrease_us.is_some_and(|t| now_us - t < LOSS_MEMORY_US);
+            if !remembered {
+                self.loss_backoff_us = LOSS_BACKOFF_MIN_US;
+            } else if now_us >= self.loss_hold_until_us {
+                // A climb after the hold met loss again: wait longer next time.
+                self.loss_backoff_us = (self.loss_backoff_us * 2).min(LOSS_BACKOFF_MAX_US);
+            }
+            self.loss_hold_until_us = now_us + self.loss_backoff_us;
+            self.last_loss_decrease_us = Some(now_us);
+            // From what got through, not from what was sent.
+            let from = self.acked_bps().unwrap_or(self.rate).min(self.rate).min(self.loss_cap);
+            self.loss_cap = (from * (1.0 - 0.5 * loss)).max(MIN_BPS);
+        } else if loss < 0.02 && self.loss_cap < f64::MAX && now_us >= self.loss_hold_until_us {
             self.loss_cap *= 1.05;
             if self.loss_cap > self.rate {
                 self.loss_cap = f64::MAX;
@@ -421,9 +505,7 @@ impl Estimator {
                 }
                 // Once: the next decrease needs the queue to build again.
                 self.usage = Usage::Normal;
-                self.points.clear();
-                self.accumulated = 0.0;
-                self.smoothed = 0.0;
+                self.reset_trend();
             }
             Usage::Under => {}
             Usage::Normal => {
@@ -435,7 +517,7 @@ impl Estimator {
                 }
             }
         }
-        self.rate = self.rate.max(MIN_BPS);
+        self.rate = self.rate.clamp(MIN_BPS, MAX_BPS);
     }
 }
 
@@ -517,10 +599,13 @@ impl RTPWriter for Stamper {
         pkt: &webrtc::rtp::packet::Packet,
         attributes: &Attributes,
     ) -> Result<usize> {
-        // Header, payload and the extension's own bytes: what the wire carries.
-        let size = pkt.header.marshal_size() + pkt.payload.len() + 4;
-        let seq = self.shared.stamp(size);
         let mut pkt = pkt.clone();
+        // The extension in place first (its value is two bytes whatever the number), so
+        // the size recorded is what the wire carries and a packet that cannot take it is
+        // never recorded as sent.
+        let placeholder = TransportCcExtension { transport_sequence: 0 }.marshal()?;
+        pkt.header.set_extension(self.id, placeholder)?;
+        let seq = self.shared.stamp(pkt.header.marshal_size() + pkt.payload.len());
         let ext = TransportCcExtension { transport_sequence: seq }.marshal()?;
         pkt.header.set_extension(self.id, ext)?;
         self.inner.write(&pkt, attributes).await
@@ -585,7 +670,12 @@ mod tests {
             for p in 0..per_frame {
                 let sent = start_us + f * 33_333 + p * 200;
                 let arrival = sent + 20_000 + (extra_ms(f) * 1000.0) as i64;
-                out.push(PacketResult { sent_us: sent, size: 1200, arrival_us: Some(arrival) });
+                out.push(PacketResult {
+                    sent_us: sent,
+                    size: 1200,
+                    fate: Fate::Received(Some(arrival)),
+                    was_lost: false,
+                });
             }
         }
         out
@@ -635,7 +725,7 @@ mod tests {
         let mut all = frames(0, 60, 10, |_| 0.0);
         for (i, r) in all.iter_mut().enumerate() {
             if i % 4 == 0 {
-                r.arrival_us = None;
+                r.fate = Fate::Lost;
             }
         }
         let rates = feed(&mut e, &all);
@@ -649,13 +739,14 @@ mod tests {
         let mut lossy = frames(0, 60, 10, |_| 0.0);
         for (i, r) in lossy.iter_mut().enumerate() {
             if i % 4 == 0 {
-                r.arrival_us = None;
+                r.fate = Fate::Lost;
             }
         }
         let capped = *feed(&mut e, &lossy).last().unwrap();
-        let clean = frames(2_000_000, 120, 10, |_| 0.0);
+        let clean = frames(2_000_000, 180, 10, |_| 0.0);
         let after = feed(&mut e, &clean);
-        // Seconds without loss raise it, by steps of 5 %, not back to the start at once.
+        // Seconds without loss raise it after a hold, by steps of 5 %, not back to the
+        // start at once.
         assert!(after.windows(2).all(|w| w[1] <= w[0] * 1.051), "{capped} then {after:?}");
         assert!(after[0] <= capped * 1.051, "{capped} then {after:?}");
         assert!(*after.last().unwrap() > capped, "{capped} then {after:?}");
@@ -695,14 +786,54 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        let base = 128_000;
-        assert_eq!(
-            arrivals(&fb),
-            vec![Some(base + 1000), Some(base + 1250), None, Some(base + 750), Some(base + 1500)]
-        );
+        let base: i64 = 128_000;
+        let at = |t: i64| Fate::Received(Some(base + t));
+        assert_eq!(fates(&fb), vec![at(1000), at(1250), Fate::Lost, at(750), at(1500)]);
         // Sequence numbers wrap: 65534 is two before 0.
         assert_eq!(unwrap_seq(65_536 + 3, 65534), Some(65_534));
         assert_eq!(unwrap_seq(0, 1), None);
+    }
+
+    #[test]
+    fn a_jump_in_the_receivers_clock_starts_the_delay_measurement_again() {
+        let mut e = Estimator::new();
+        let mut all = frames(0, 60, 10, |_| 0.0);
+        // Then the receiver's reference time wraps: arrivals 12 days earlier.
+        all.extend(frames(2_000_000, 60, 10, |_| -1.0e9));
+        let rates = feed(&mut e, &all);
+        assert!(rates.iter().all(|r| r.is_finite() && *r >= START_BPS * 0.95), "{rates:?}");
+    }
+
+    #[test]
+    fn a_late_packet_first_reported_lost_counts_once_as_received() {
+        let shared = Shared::new();
+        for _ in 0..3 {
+            shared.stamp(1000);
+        }
+        let report = |symbols: Vec<SymbolTypeTcc>| {
+            let received =
+                symbols.iter().filter(|s| **s != SymbolTypeTcc::PacketNotReceived).count();
+            TransportLayerCc {
+                base_sequence_number: 0,
+                packet_status_count: symbols.len() as u16,
+                packet_chunks: vec![PacketStatusChunk::StatusVectorChunk(StatusVectorChunk {
+                    type_tcc: StatusChunkTypeTcc::StatusVectorChunk,
+                    symbol_size: SymbolSizeTypeTcc::TwoBit,
+                    symbol_list: symbols,
+                })],
+                recv_deltas: vec![RecvDelta { delta: 1000, ..Default::default() }; received],
+                ..Default::default()
+            }
+        };
+        use SymbolTypeTcc::{PacketNotReceived as Lost, PacketReceivedSmallDelta as Got};
+        assert!(shared.feedback(&report(vec![Got, Lost, Got])).is_some());
+        // The late one arrives and is reported again: it counts.
+        assert!(shared.feedback(&report(vec![Got, Got, Got])).is_some());
+        // Reported again as lost, or received again: nothing new.
+        assert!(shared.feedback(&report(vec![Got, Lost, Got])).is_none());
+        assert!(shared.feedback(&report(vec![Got, Got, Got])).is_none());
+        let e = shared.estimator.lock().unwrap();
+        assert_eq!((e.received, e.lost), (3, 0));
     }
 
     #[test]

@@ -50,12 +50,13 @@ pub async fn build_api(settings: &SfuSettings) -> std::io::Result<(API, SocketAd
                 .map_err(io_error)?;
         }
     }
-    let mut registry =
-        register_default_interceptors(Registry::new(), &mut media).map_err(io_error)?;
+    let mut registry = Registry::new();
     if settings.send_side_estimate {
-        // Added last, so it stamps each packet before the others see it.
+        // Added first, it is innermost: it stamps what reaches the wire, the NACK
+        // responder's retransmissions included (each with a number of its own).
         registry.add(Box::new(super::congestion::Builder));
     }
+    let registry = register_default_interceptors(registry, &mut media).map_err(io_error)?;
 
     let socket = tokio::net::UdpSocket::bind(settings.udp_listen).await?;
     let udp_addr = socket.local_addr()?;
