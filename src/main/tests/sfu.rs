@@ -39,6 +39,39 @@ async fn livekit_token(s: &TestServer, user: &str, token: &str, room: &str) -> (
     (got["url"].as_str().unwrap().to_owned(), got["jwt"].as_str().unwrap().to_owned())
 }
 
+/// Calls with real media run one at a time: browsers and SDK clients encoding video
+/// side by side on a 2-core machine starve each other's encoders, and a test would then
+/// measure the machine rather than the SFU.
+static MEDIA: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Runs `tests/interop/<script>` with `args` (and `env`), and returns the one JSON object
+/// it prints, which must name no exception.
+async fn run_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
+    let _turn = MEDIA.acquire().await.expect("the semaphore is never closed");
+    let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new("python3")
+        .arg(path)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r.get("exception").is_none(), "{r}");
+    r
+}
+
+/// A metric's value in the server's exposition (0 when absent).
+fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn livekit_clients_call_through_the_built_in_sfu() {
     let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
@@ -68,18 +101,8 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     let bad = s.client.get(format!("{validate}?access_token=x.y.z")).send().await.unwrap();
     assert_eq!(bad.status(), 401);
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_call.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg(s.url("/_matrix/client/versions"))
-        .arg(&url)
-        .args([&token_a, &token_b, &token_c])
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(r.get("exception").is_none(), "{r}");
+    let page = s.url("/_matrix/client/versions");
+    let r = run_script("sfu_call.py", &[&page, &url, &token_a, &token_b, &token_c], &[]).await;
     assert_eq!(r["both_decode"], true, "each decodes the other's video: {r}");
     assert_eq!(r["low_seen"], true, "the lowest layer asked for is decoded: {r}");
     assert_eq!(r["high_seen"], true, "then the highest: {r}");
@@ -99,16 +122,8 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
     assert_eq!(r["leave_seen"], true, "{r}");
 
     let metrics = s.metrics().await;
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    assert!(value("trellis_sfu_forwarded_packets_total") > 100.0, "{metrics}");
-    assert!(value("trellis_sfu_forwarded_bytes_total") > 10_000.0, "{metrics}");
+    assert!(metric(&metrics, "trellis_sfu_forwarded_packets_total") > 100.0, "{metrics}");
+    assert!(metric(&metrics, "trellis_sfu_forwarded_bytes_total") > 10_000.0, "{metrics}");
 }
 
 /// Element Call itself (its embedded build, as Element Web hosts it) in two headless
@@ -140,17 +155,9 @@ async fn element_call_calls_through_the_built_in_sfu() {
     };
     let (alice_device, bob_device) = (device(alice.clone()).await, device(bob.clone()).await);
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/element_call.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .args([&s.base, &room, &alice_id, &alice, &alice_device, &bob_id, &bob, &bob_device])
-        .env("EC_PASSWORD", "correct horse battery staple")
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(r.get("exception").is_none(), "{r}");
+    let args = [&s.base, &room, &alice_id, &alice, &alice_device, &bob_id, &bob, &bob_device];
+    let password = [("EC_PASSWORD", "correct horse battery staple")];
+    let r = run_script("element_call.py", &args.map(String::as_str), &password).await;
     assert_eq!(r["both_decode"], true, "each decodes the other's camera: {r}");
     assert_eq!(r["encrypted_seen"], true, "the media is end-to-end encrypted: {r}");
     let mut both = vec![alice_id.clone(), bob_id.clone()];
@@ -160,13 +167,7 @@ async fn element_call_calls_through_the_built_in_sfu() {
 
     // Both were in the SFU's call, which carried their media.
     let metrics = s.metrics().await;
-    let forwarded = metrics
-        .lines()
-        .find(|l| l.starts_with("trellis_sfu_forwarded_packets_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    assert!(forwarded > 100.0, "{metrics}");
+    assert!(metric(&metrics, "trellis_sfu_forwarded_packets_total") > 100.0, "{metrics}");
 }
 
 /// The built-in TURN relay on every interface, dropping what a user relays beyond
@@ -183,17 +184,8 @@ const NARROW_TURN: &str = "[turn]\nlisten_udp = \"0.0.0.0:0\"\nlisten_tcp = \"0.
 async fn a_receiver_on_a_narrow_link_gets_a_layer_that_fits() {
     let s = TestServer::start(&format!("{OPEN}{SFU}{NARROW_TURN}")).await;
     let (url, _, _, _, token_a, token_b) = two_in_a_call(&s).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_congestion.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg(s.url("/_matrix/client/versions"))
-        .args([&url, &token_a, &token_b])
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(r.get("exception").is_none(), "{r}");
+    let page = s.url("/_matrix/client/versions");
+    let r = run_script("sfu_congestion.py", &[&page, &url, &token_a, &token_b], &[]).await;
     let samples = r["samples"].as_array().expect("samples");
     assert!(samples.len() >= 20, "{r}");
     let field = |i: usize, k: &str| samples[i][k].as_i64().unwrap_or(0);
@@ -240,15 +232,7 @@ async fn a_receiver_on_a_narrow_link_gets_a_layer_that_fits() {
 async fn a_resume_over_a_still_open_connection_keeps_the_participant() {
     let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
     let (url, _, _, _, token_a, token_b) = two_in_a_call(&s).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_resume.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(script)
-        .args([&url, &token_a, &token_b])
-        .output()
-        .await
-        .expect("python3 runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = run_script("sfu_resume.py", &[&url, &token_a, &token_b], &[]).await;
     assert_eq!(r["resumed"], true, "{r}");
     assert_eq!(r["a_left"], false, "{r}");
     let qualities = r["qualities_of_a"].as_array().expect("qualities");
@@ -270,6 +254,7 @@ async fn two_in_a_call(s: &TestServer) -> (String, String, String, String, Strin
 
 /// Runs `sfu_python.py` (its `scenario`, or the default one) and returns its report.
 async fn python_call(url: &str, token_a: &str, token_b: &str, scenario: &str) -> Value {
+    let _turn = MEDIA.acquire().await.expect("the semaphore is never closed");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/sfu_python.py");
     let out = tokio::process::Command::new("python3")
         .arg(script)

@@ -158,9 +158,8 @@ done(result);
 """
 
 
-def run(scenario, page, *args):
-    """Runs `scenario` (an async script ending in `done(result)`) in headless Chromium on
-    `page`, with livekit-client loaded and `args` passed; prints its result as JSON."""
+def chromium(*extra_flags):
+    """Headless Chromium (through chromedriver) with fake camera and microphone."""
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in (
@@ -173,10 +172,17 @@ def run(scenario, page, *args):
         "--autoplay-policy=no-user-gesture-required",
         # Host candidates as addresses, not mDNS names the SFU would have to resolve.
         "--disable-features=WebRtcHideLocalIpsWithMdns",
+        *extra_flags,
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def run(scenario, page, *args):
+    """Runs `scenario` (an async script ending in `done(result)`) in headless Chromium on
+    `page`, with livekit-client loaded and `args` passed; prints its result as JSON."""
+    driver = chromium()
     try:
         driver.set_script_timeout(240)
         # The scenario is one long script: the HTTP call to the driver waits as long.
