@@ -99,10 +99,17 @@ pub struct SfuMetrics {
     pub subscriber_loss: Histogram,
     pub rtt_seconds: Histogram,
     pub estimates: Family<SourceLabels, Counter>,
+    /// The family's two members, held so that counting needs no lookup.
+    pub send_side_estimates: Counter,
+    pub receiver_estimates: Counter,
 }
 
 impl Default for SfuMetrics {
     fn default() -> Self {
+        let estimates = Family::<SourceLabels, Counter>::default();
+        let member =
+            |source: &str| estimates.get_or_create(&SourceLabels { source: source.into() }).clone();
+        let (send_side_estimates, receiver_estimates) = (member("send_side"), member("receiver"));
         Self {
             calls: Gauge::default(),
             participants: Gauge::default(),
@@ -114,7 +121,9 @@ impl Default for SfuMetrics {
             ]),
             subscriber_loss: Histogram::new([0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]),
             rtt_seconds: Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]),
-            estimates: Family::default(),
+            estimates,
+            send_side_estimates,
+            receiver_estimates,
         }
     }
 }
@@ -147,10 +156,6 @@ impl SfuMetrics {
             "Round-trip time between the built-in SFU and its receivers, per receiver report",
             self.rtt_seconds.clone(),
         );
-        // Both sources shown from the start, at 0 until counted.
-        for source in ["receiver", "send_side"] {
-            drop(self.estimates.get_or_create(&SourceLabels { source: source.into() }));
-        }
         registry.register(
             "sfu_bandwidth_estimates",
             "Bandwidth estimates taken for receiving connections, by source",

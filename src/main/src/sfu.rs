@@ -18,7 +18,7 @@ use axum::{
 use http::{HeaderMap, StatusCode, header};
 use tracing::Instrument;
 use trellis_core::config::Config;
-use trellis_core::metrics::{SfuMetrics, SourceLabels};
+use trellis_core::metrics::SfuMetrics;
 use trellis_rtc::sfu::{
     CallReport, IceServer, JoinError, JoinGrant, Session, Sfu, SfuObserver, SfuSettings,
 };
@@ -64,8 +64,9 @@ impl SfuObserver for Observer {
         self.0.forward_seconds.observe(took.as_secs_f64());
     }
     fn estimate(&self, send_side: bool) {
-        let source = if send_side { "send_side" } else { "receiver" };
-        self.0.estimates.get_or_create(&SourceLabels { source: source.into() }).inc();
+        let counter =
+            if send_side { &self.0.send_side_estimates } else { &self.0.receiver_estimates };
+        counter.inc();
     }
     fn receiver_report(&self, loss: f32, rtt: Option<std::time::Duration>) {
         self.0.subscriber_loss.observe(f64::from(loss));

@@ -35,9 +35,6 @@ use webrtc_util::{Marshal, MarshalSize};
 
 type Result<T> = std::result::Result<T, webrtc::interceptor::Error>;
 
-const TRANSPORT_CC_URI: &str =
-    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
-
 /// Sent packets remembered for their feedback: several seconds of video at the rates a
 /// receiver gets.
 const HISTORY: usize = 8192;
@@ -264,14 +261,22 @@ struct Group {
     last_arrival_us: i64,
 }
 
+impl Group {
+    fn starting(sent_us: i64, arrival_us: i64) -> Self {
+        Group { first_sent_us: sent_us, last_sent_us: sent_us, last_arrival_us: arrival_us }
+    }
+}
+
 /// GCC's estimator, fed one feedback at a time.
 struct Estimator {
     rate: f64,
     loss_cap: f64,
     last_update_us: Option<i64>,
-    /// Received bytes by when their feedback came (our clock, not the receiver's, which
-    /// is its word and wraps), over the last `ACKED_WINDOW_US`.
-    acked: VecDeque<(i64, u32)>,
+    /// Bytes each feedback reported received, by when it came (our clock, not the
+    /// receiver's, which is its word and wraps), over the last `ACKED_WINDOW_US`, and
+    /// their sum.
+    acked: VecDeque<(i64, u64)>,
+    acked_bytes: u64,
     current: Option<Group>,
     previous: Option<Group>,
     /// The trendline's input: accumulated and smoothed delay variation (ms) by arrival (ms).
@@ -304,6 +309,7 @@ impl Estimator {
             loss_cap: f64::MAX,
             last_update_us: None,
             acked: VecDeque::new(),
+            acked_bytes: 0,
             current: None,
             previous: None,
             accumulated: 0.0,
@@ -327,6 +333,7 @@ impl Estimator {
 
     /// Takes one feedback's packets (in sequence order); the estimate after it.
     fn update(&mut self, now_us: i64, results: &[PacketResult]) -> f64 {
+        let mut bytes = 0;
         for r in results {
             match r.fate {
                 Fate::Received(arrival) => {
@@ -334,7 +341,7 @@ impl Estimator {
                     if r.was_lost {
                         self.lost = self.lost.saturating_sub(1);
                     }
-                    self.acked.push_back((now_us, r.size));
+                    bytes += u64::from(r.size);
                     if let Some(arrival) = arrival {
                         self.packet_arrived(r.sent_us, arrival);
                     }
@@ -342,10 +349,18 @@ impl Estimator {
                 Fate::Lost => self.lost += 1,
             }
         }
-        while self.acked.len() > HISTORY
-            || self.acked.front().is_some_and(|&(at, _)| at < now_us - ACKED_WINDOW_US)
-        {
+        if bytes > 0 {
+            self.acked.push_back((now_us, bytes));
+            self.acked_bytes += bytes;
+        }
+        // One entry per feedback, which comes from the receiver at its pace: bounded by
+        // count as well as by age.
+        while let Some(&(at, old)) = self.acked.front() {
+            if self.acked.len() <= HISTORY && at >= now_us - ACKED_WINDOW_US {
+                break;
+            }
             self.acked.pop_front();
+            self.acked_bytes -= old;
         }
         self.update_loss(now_us);
         self.update_rate(now_us);
@@ -359,17 +374,12 @@ impl Estimator {
         let (last, _) = *self.acked.back()?;
         // Feedback comes every 50-100 ms: a shorter span would read one as a burst.
         let span = (last - first).max(250_000) as f64 / 1e6;
-        let bytes: u64 = self.acked.iter().map(|&(_, size)| u64::from(size)).sum();
-        Some(bytes as f64 * 8.0 / span)
+        Some(self.acked_bytes as f64 * 8.0 / span)
     }
 
     fn packet_arrived(&mut self, sent_us: i64, arrival_us: i64) {
         let Some(mut current) = self.current else {
-            self.current = Some(Group {
-                first_sent_us: sent_us,
-                last_sent_us: sent_us,
-                last_arrival_us: arrival_us,
-            });
+            self.current = Some(Group::starting(sent_us, arrival_us));
             return;
         };
         if sent_us < current.first_sent_us {
@@ -399,11 +409,7 @@ impl Estimator {
             }
         }
         self.previous = Some(current);
-        self.current = Some(Group {
-            first_sent_us: sent_us,
-            last_sent_us: sent_us,
-            last_arrival_us: arrival_us,
-        });
+        self.current = Some(Group::starting(sent_us, arrival_us));
     }
 
     /// One group's delay variation into the trendline, and the usage it shows.
@@ -559,7 +565,7 @@ impl Interceptor for Congestion {
         let id = info
             .rtp_header_extensions
             .iter()
-            .find(|e| e.uri == TRANSPORT_CC_URI)
+            .find(|e| e.uri == webrtc::sdp::extmap::TRANSPORT_CC_URI)
             .and_then(|e| u8::try_from(e.id).ok())
             .filter(|&id| id != 0);
         match id {

@@ -31,27 +31,27 @@ const enc = encodeURIComponent;
 let txn = 0;
 const txnId = () => `host${Date.now()}.${txn++}`;
 
+// Where a room event (no state key) or a state event is sent.
+function eventPath(room, type, stateKey, query) {
+  const base = `/_matrix/client/v3/rooms/${enc(room)}`;
+  return stateKey === null || stateKey === undefined
+    ? `${base}/send/${enc(type)}/${txnId()}${query}`
+    : `${base}/state/${enc(type)}/${enc(stateKey)}${query}`;
+}
+
 class Driver extends mxwidgets.WidgetDriver {
   async validateCapabilities(requested) {
     return requested;
   }
   async sendEvent(type, content, stateKey, room) {
     const r = room || roomId;
-    const path =
-      stateKey === null || stateKey === undefined
-        ? `/_matrix/client/v3/rooms/${enc(r)}/send/${enc(type)}/${txnId()}`
-        : `/_matrix/client/v3/rooms/${enc(r)}/state/${enc(type)}/${enc(stateKey)}`;
-    const { event_id } = await call("PUT", path, content);
+    const { event_id } = await call("PUT", eventPath(r, type, stateKey, ""), content);
     return { roomId: r, eventId: event_id };
   }
   async sendDelayedEvent(delay, type, content, stateKey, room) {
     const r = room || roomId;
-    const q = `?org.matrix.msc4140.delay=${delay}`;
-    const path =
-      stateKey === null || stateKey === undefined
-        ? `/_matrix/client/v3/rooms/${enc(r)}/send/${enc(type)}/${txnId()}${q}`
-        : `/_matrix/client/v3/rooms/${enc(r)}/state/${enc(type)}/${enc(stateKey)}${q}`;
-    const { delay_id } = await call("PUT", path, content);
+    const query = `?org.matrix.msc4140.delay=${delay}`;
+    const { delay_id } = await call("PUT", eventPath(r, type, stateKey, query), content);
     return { roomId: r, delayId: delay_id };
   }
   async updateDelayed(delayId, action) {
