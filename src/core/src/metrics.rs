@@ -102,6 +102,10 @@ pub struct SfuMetrics {
     /// The family's two members, held so that counting needs no lookup.
     pub send_side_estimates: Counter,
     pub receiver_estimates: Counter,
+    /// Members' delayed call leaves handed over to the server, and those it posted
+    /// because the member's participant left the call.
+    pub leaves_handed_over: Counter,
+    pub leaves_posted: Counter,
 }
 
 impl Default for SfuMetrics {
@@ -124,6 +128,8 @@ impl Default for SfuMetrics {
             estimates,
             send_side_estimates,
             receiver_estimates,
+            leaves_handed_over: Counter::default(),
+            leaves_posted: Counter::default(),
         }
     }
 }
@@ -165,6 +171,16 @@ impl SfuMetrics {
             "sfu_forwarded_bytes",
             "RTP payload bytes the built-in SFU forwarded (one copy per receiver)",
             self.forwarded_bytes.clone(),
+        );
+        registry.register(
+            "sfu_leaves_handed_over",
+            "Members' delayed call leaves handed over to the server (MSC4195)",
+            self.leaves_handed_over.clone(),
+        );
+        registry.register(
+            "sfu_leaves_posted",
+            "Handed-over call leaves posted because the member left the SFU's call",
+            self.leaves_posted.clone(),
         );
     }
 }

@@ -22,7 +22,9 @@ use trellis_core::metrics::SfuMetrics;
 use trellis_rtc::sfu::{
     CallReport, IceServer, JoinError, JoinGrant, Session, Sfu, SfuObserver, SfuSettings,
 };
-use trellis_service::{Services, call_history::SfuMedia, rtc::verify_token, voip};
+use trellis_service::{
+    Services, call_history::SfuMedia, call_leaves::CallLeaves, rtc::verify_token, voip,
+};
 
 /// The SFU's calls and forwarding, counted in the metrics; an ended call's figures go
 /// to call history.
@@ -50,11 +52,17 @@ impl SfuObserver for Observer {
             .in_current_span(),
         );
     }
-    fn participant_joined(&self, _room: &str, _identity: &str) {
+    fn participant_joined(&self, room: &str, identity: &str) {
         self.0.participants.inc();
+        if let Some(services) = self.1.upgrade() {
+            services.call_leaves.joined(room, identity);
+        }
     }
-    fn participant_left(&self, _room: &str, _identity: &str) {
+    fn participant_left(&self, room: &str, identity: &str) {
         self.0.participants.dec();
+        if let Some(services) = self.1.upgrade() {
+            services.call_leaves.left(room, identity);
+        }
     }
     fn forwarded(&self, packets: u64, bytes: u64) {
         self.0.forwarded_packets.inc_by(packets);
@@ -126,6 +134,8 @@ pub async fn prepare(config: &mut Config, keys: &trellis_service::ServerKeys) ->
 /// The SFU's routes, to be tried before the main router; its calls feed the metrics.
 pub fn routes(services: Arc<Services>, sfu: Arc<Sfu>) -> Router {
     sfu.observe(Arc::new(Observer(services.metrics.sfu.clone(), Arc::downgrade(&services))));
+    // The SFU tells who leaves its calls: delayed leaves may be handed over.
+    CallLeaves::attach(&services);
     Router::new()
         .route(&format!("{PATH}/rtc"), get(rtc))
         .route(&format!("{PATH}/rtc/validate"), get(validate))

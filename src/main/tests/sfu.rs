@@ -8,11 +8,13 @@
 //! quality, has its sending paused while nobody watches (dynacast) and restricts who may
 //! receive its tracks; a call limited to one publisher refuses a second. Element Call
 //! itself, hosted as a widget, holds an end-to-end encrypted call through it. A receiver
-//! behind a narrow relay is moved to a simulcast layer that fits its link.
+//! behind a narrow relay is moved to a simulcast layer that fits its link. A member's
+//! delayed leave handed over to the server is posted when its participant leaves.
 
 mod common;
 
 use common::{OPEN, TestServer, urlencode};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 /// The built-in SFU on an ephemeral port of every interface (the browser reaches it at
@@ -165,9 +167,11 @@ async fn element_call_calls_through_the_built_in_sfu() {
     assert_eq!(r["members_in_call"], json!(both), "{r}");
     assert_eq!(r["hangup_ends_membership"], true, "{r}");
 
-    // Both were in the SFU's call, which carried their media.
+    // Both were in the SFU's call, which carried their media, and each handed its
+    // delayed leave over to the server, seeing it offered.
     let metrics = s.metrics().await;
     assert!(metric(&metrics, "trellis_sfu_forwarded_packets_total") > 100.0, "{metrics}");
+    assert!(metric(&metrics, "trellis_sfu_leaves_handed_over_total") >= 2.0, "{metrics}");
 }
 
 /// The built-in TURN relay on every interface, dropping what a user relays beyond
@@ -359,4 +363,139 @@ async fn a_call_takes_no_more_publishers_than_configured() {
     let r = python_call(&url, &token_a, &token_b, "limit").await;
     assert!(r["b_refused"].is_string(), "the second publisher is refused: {r}");
     assert_eq!(r["b_receives"], true, "and still receives the first: {r}");
+}
+
+/// A member's call membership and its leave, scheduled an hour out as a client that
+/// hands it over schedules it; then its token, with the leave handed over, and its
+/// participant in the SFU's call (its signalling socket, which the caller keeps open).
+/// Answers (membership state path, delay id, socket).
+async fn member_with_handed_over_leave(
+    s: &TestServer,
+    user: &str,
+    token: &str,
+    room: &str,
+) -> (String, String, SignalSocket) {
+    let (_, me) = s.get_auth("/_matrix/client/v3/account/whoami", token).await;
+    let device = me["device_id"].as_str().unwrap().to_owned();
+    let state = format!(
+        "/_matrix/client/v3/rooms/{room}/state/org.matrix.msc3401.call.member/{}",
+        urlencode(&format!("_{user}_{device}_m.call"))
+    );
+    let membership = json!({"application": "m.call", "call_id": "", "scope": "m.room",
+                            "device_id": device});
+    let (status, resp) = s.put_auth(&state, token, &membership).await;
+    assert_eq!(status, 200, "{resp}");
+    let (status, resp) =
+        s.put_auth(&format!("{state}?org.matrix.msc4140.delay=3600000"), token, &json!({})).await;
+    assert_eq!(status, 200, "{resp}");
+    let delay_id = resp["delay_id"].as_str().unwrap().to_owned();
+
+    let openid_path = format!("/_matrix/client/v3/user/{}/openid/request_token", urlencode(user));
+    let (_, openid) = s.post_auth(&openid_path, token, &json!({})).await;
+    let request = |delay_id: &str| {
+        json!({"room_id": room, "slot_id": "m.call#ROOM", "openid_token": openid,
+               "member": {"id": format!("member-{device}"), "claimed_user_id": user,
+                          "claimed_device_id": device},
+               "delay_id": delay_id, "delay_timeout": 3600000, "delay_cs_api_url": s.base})
+    };
+    // A delay id that is not one of the caller's waiting ones is refused as lk-jwt-service
+    // refuses it, so that clients ask again without handing over.
+    let (status, refused) = s.post("/_trellis/livekit/get_token", &request("syd_nope")).await;
+    assert_eq!((status, refused["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{refused}");
+    let (status, got) = s.post("/_trellis/livekit/get_token", &request(&delay_id)).await;
+    assert_eq!(status, 200, "{got}");
+
+    let url = format!(
+        "{}/rtc?access_token={}",
+        got["url"].as_str().unwrap(),
+        got["jwt"].as_str().unwrap()
+    );
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(url).await.expect("the SFU takes the socket");
+    // The join response: the participant is in the call.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next()).await;
+    assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+    (state, delay_id, socket)
+}
+
+type SignalSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Polls `state` until its content is the (empty) leave, for up to `seconds`.
+async fn leave_posted(s: &TestServer, token: &str, state: &str, seconds: u64) -> bool {
+    for _ in 0..seconds * 5 {
+        let (status, content) = s.get_auth(state, token).await;
+        if status == 200 && content == json!({}) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Members hand their call's delayed leave over to the server (MSC4195's delegation, as
+/// Element Call does when a server offers it, scheduling the leave an hour out): while a
+/// member's participant is in the SFU's call the leave waits; once the participant is
+/// gone from the call (its connection dropped, past the resume window) the leave is
+/// posted, the hour notwithstanding; and a restart of the server, which ends every call,
+/// gives the participant a while to come back, after which its leave is posted too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_leave_is_posted_when_the_participant_leaves_the_call() {
+    let mut s = TestServer::start(&format!("{OPEN}{SFU}")).await;
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let levels = json!({"events": {"org.matrix.msc3401.call.member": 0}});
+    let room = s
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "power_level_content_override": levels}),
+        )
+        .await;
+    s.join_room(&bob, &room).await;
+
+    // Clients probe both forms of the hand-over with an empty request: anything but a 404
+    // says it is offered.
+    let (status, _) = s.post("/_trellis/livekit/delegate_delayed_leave", &Value::Null).await;
+    assert_eq!(status, 400);
+    let hs_form = "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave";
+    let (status, _) = s.post(hs_form, &Value::Null).await;
+    assert_eq!(status, 401);
+
+    let (alice_state, _, alice_socket) =
+        member_with_handed_over_leave(&s, &alice_id, &alice, &room).await;
+    let (bob_state, bob_delay, _bob_socket) =
+        member_with_handed_over_leave(&s, &bob_id, &bob, &room).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    for (state, token) in [(&alice_state, &alice), (&bob_state, &bob)] {
+        let (_, content) = s.get_auth(state, token).await;
+        assert_eq!(content["application"], "m.call", "in the call, the membership stays");
+    }
+
+    // Alice's client dies: its socket drops without a leave. Once the SFU has given up on
+    // it her leave is posted; Bob, still in the call, keeps his membership.
+    drop(alice_socket);
+    assert!(leave_posted(&s, &alice, &alice_state, 60).await, "alice's leave was posted");
+    let (_, content) = s.get_auth(&bob_state, &bob).await;
+    assert_eq!(content["application"], "m.call", "{content}");
+    let metrics = s.metrics().await;
+    assert_eq!(metric(&metrics, "trellis_sfu_leaves_handed_over_total"), 2.0, "{metrics}");
+    assert_eq!(metric(&metrics, "trellis_sfu_leaves_posted_total"), 1.0, "{metrics}");
+    let (_, list) =
+        s.get_auth("/_matrix/client/unstable/org.matrix.msc4140/delayed_events", &bob).await;
+    assert!(
+        list["delayed_events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["delay_id"] == bob_delay.as_str()),
+        "{list}"
+    );
+
+    // The server restarts: every call ends, and Bob never comes back. His leave is posted
+    // once he has had a while to.
+    s.kill9();
+    s.launch().await;
+    assert!(leave_posted(&s, &bob, &bob_state, 120).await, "bob's leave was posted");
+    let metrics = s.metrics().await;
+    assert_eq!(metric(&metrics, "trellis_sfu_leaves_posted_total"), 1.0, "{metrics}");
 }

@@ -26,6 +26,7 @@ use trellis_store::{Batch, Db, Direction, Json, Table, catalog};
 
 use crate::{
     Services,
+    call_leaves::SfuSeat,
     pipeline::{Appended, Consumer},
     rooms::send::{self, Sender},
 };
@@ -55,6 +56,10 @@ pub struct Delayed {
     pub txn_id: Option<String>,
     /// Absent while it waits.
     pub outcome: Option<Outcome>,
+    /// The SFU participant whose departure sends it, when its user handed it over
+    /// ([`crate::call_leaves`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leave_with: Option<SfuSeat>,
 }
 
 impl Delayed {
@@ -226,6 +231,38 @@ impl DelayedEvents {
         Ok(self.list(user)?.into_iter().filter(|(_, r)| r.outcome.is_none()).collect())
     }
 
+    /// The delayed event `id` if it still waits.
+    pub fn waiting_record(&self, id: &str) -> Result<Option<Delayed>> {
+        Ok(self.load(id)?.filter(|r| r.outcome.is_none()))
+    }
+
+    /// Records that `id`, one of `user`'s waiting delayed events, goes out when `seat`
+    /// leaves its call.
+    pub async fn delegate(&self, user: &UserId, id: &str, seat: &SfuSeat) -> Result<()> {
+        let _writing = self.writes.lock().await;
+        let waiting = self.schedule().waiting.contains_key(id);
+        let record = self.load(id)?.filter(|r| waiting && r.user_id == user.as_str());
+        let Some(mut record) = record else {
+            return Err(Error::not_found("No such delayed event waiting"));
+        };
+        record.leave_with = Some(seat.clone());
+        let mut batch = Batch::new();
+        DELAYED_EVENTS.put(&mut batch, &id.to_owned(), &Json(record));
+        crate::commit(&self.db, batch).await
+    }
+
+    /// The waiting delayed events handed over to an SFU participant.
+    pub fn delegated(&self) -> Result<Vec<(String, SfuSeat)>> {
+        let ids: Vec<String> = self.schedule().waiting.keys().cloned().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(seat) = self.waiting_record(&id)?.and_then(|r| r.leave_with) {
+                out.push((id, seat));
+            }
+        }
+        Ok(out)
+    }
+
     /// One of `user`'s delayed events.
     pub fn get(&self, user: &UserId, id: &str) -> Result<Delayed> {
         self.load(id)?
@@ -270,6 +307,7 @@ impl DelayedEvents {
             running_since: now_millis(),
             txn_id: new.txn_id.map(|t| t.to_string()),
             outcome: None,
+            leave_with: None,
         };
         {
             let schedule = self.schedule();
@@ -323,7 +361,8 @@ impl DelayedEvents {
                 if !self.schedule().waiting.contains_key(id) {
                     return Err(not_found());
                 }
-                let mut record = record;
+                // Read again under the lock: a hand-over may have been written meanwhile.
+                let mut record = self.load(id)?.ok_or_else(not_found)?;
                 record.running_since = now_millis();
                 let mut batch = Batch::new();
                 DELAYED_EVENTS.put(&mut batch, &id.to_owned(), &Json(record.clone()));
@@ -525,6 +564,7 @@ mod tests {
             running_since: since,
             txn_id: None,
             outcome: None,
+            leave_with: None,
         }
     }
 

@@ -20,6 +20,7 @@ pub mod appservice;
 pub mod audit;
 pub mod backup;
 pub mod call_history;
+pub mod call_leaves;
 pub mod delayed_events;
 pub mod durable;
 pub mod e2ee;
@@ -110,6 +111,8 @@ pub struct Services {
     pub delayed_events: Arc<delayed_events::DelayedEvents>,
     /// Calls, read from their signalling (a pipeline step).
     pub call_history: Arc<call_history::CallHistory>,
+    /// Delayed call leaves handed over to the server, sent when the SFU sees the member go.
+    pub call_leaves: call_leaves::CallLeaves,
     /// The built-in TURN server, once it listens.
     pub builtin_turn: std::sync::OnceLock<voip::BuiltinTurn>,
 }
@@ -241,6 +244,7 @@ impl Services {
             delayed_events,
             builtin_turn: std::sync::OnceLock::new(),
             call_history,
+            call_leaves: call_leaves::CallLeaves::default(),
         });
         guest_eviction.attach(&services);
         appservice_delivery.attach(&services);

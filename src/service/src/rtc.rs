@@ -6,13 +6,18 @@
 //! lk-jwt-service and matrix-js-sdk derive them, since clients map encryption keys to
 //! participants by those identities.
 
+use std::sync::Arc;
+
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use trellis_core::{Error, ErrorKind, Result, config::RtcConfig, error::code, now_millis};
 
-use crate::Services;
+use crate::{
+    Services,
+    call_leaves::{CallLeaves, SfuSeat},
+};
 
 /// The slot of a room's own call, which the legacy `/sfu/get` always means.
 pub const ROOM_CALL_SLOT: &str = "m.call#ROOM";
@@ -228,10 +233,11 @@ pub struct SfuAccess {
 
 /// The legacy exchange (`POST /sfu/get`): an OpenID token for access to `room`'s call.
 pub async fn legacy_token(
-    services: &Services,
+    services: &Arc<Services>,
     room: &str,
     token: &OpenIdToken,
     device_id: &str,
+    delay_id: Option<&str>,
 ) -> Result<SfuAccess> {
     let config = configured(services)?;
     if ruma::RoomId::parse(room).is_err() || device_id.is_empty() {
@@ -250,7 +256,12 @@ pub async fn legacy_token(
         user_id: &user,
         may_create: false,
     };
-    Ok(SfuAccess { url: config.livekit_url.clone(), jwt: access_token(config, &grant)? })
+    let jwt = access_token(config, &grant)?;
+    if let Some(delay_id) = delay_id {
+        let seat = SfuSeat { room: grant.room, identity: grant.identity };
+        hand_over_with_token(services, &user, seat, delay_id).await?;
+    }
+    Ok(SfuAccess { url: config.livekit_url.clone(), jwt })
 }
 
 /// The member a `/get_token` request claims to be.
@@ -263,11 +274,12 @@ pub struct ClaimedMember {
 
 /// The MSC4195 exchange (`POST /get_token`): an OpenID token for a call slot.
 pub async fn slot_token(
-    services: &Services,
+    services: &Arc<Services>,
     room_id: &str,
     slot_id: &str,
     token: &OpenIdToken,
     member: &ClaimedMember,
+    delay_id: Option<&str>,
 ) -> Result<SfuAccess> {
     let config = configured(services)?;
     if ruma::RoomId::parse(room_id).is_err() || slot_id.is_empty() || member.id.is_empty() {
@@ -289,7 +301,89 @@ pub async fn slot_token(
         user_id: &user,
         may_create: false,
     };
-    Ok(SfuAccess { url: config.livekit_url.clone(), jwt: access_token(config, &grant)? })
+    let jwt = access_token(config, &grant)?;
+    if let Some(delay_id) = delay_id {
+        let seat = SfuSeat { room: grant.room, identity: grant.identity };
+        hand_over_with_token(services, &user, seat, delay_id).await?;
+    }
+    Ok(SfuAccess { url: config.livekit_url.clone(), jwt })
+}
+
+/// Hands over a leave asked for with a token (the earlier form of the delegation, which
+/// Element Call uses): any refusal is `M_BAD_JSON`, on which clients ask again without
+/// handing over, as lk-jwt-service answers.
+async fn hand_over_with_token(
+    services: &Arc<Services>,
+    user: &str,
+    seat: SfuSeat,
+    delay_id: &str,
+) -> Result<()> {
+    let user = local_user(services, user)?;
+    CallLeaves::delegate(services, &user, seat, delay_id)
+        .await
+        .map_err(|e| Error::bad_json(format!("The delayed leave is not taken over: {}", e.message)))
+}
+
+/// `user` as one of this server's users: only their delayed events are here to take over.
+fn local_user(services: &Services, user: &str) -> Result<ruma::OwnedUserId> {
+    ruma::UserId::parse(user).ok().filter(|u| u.server_name() == services.server_name()).ok_or_else(
+        || Error::bad_json("Only this server's users may hand their delayed leave over to it"),
+    )
+}
+
+/// The MSC4195 hand-over as lk-jwt-service serves it (`POST /delegate_delayed_leave`,
+/// with an OpenID token): `delay_id` is sent when the member leaves the call.
+pub async fn delegate_leave_with_openid(
+    services: &Arc<Services>,
+    room_id: &str,
+    slot_id: &str,
+    token: &OpenIdToken,
+    member: &ClaimedMember,
+    delay_id: &str,
+) -> Result<()> {
+    configured(services)?;
+    if ruma::RoomId::parse(room_id).is_err() || slot_id.is_empty() || member.id.is_empty() {
+        return Err(Error::bad_json("`room_id`, `slot_id` and `member.id` are required"));
+    }
+    if delay_id.is_empty() {
+        return Err(Error::bad_json("`delay_id` is required"));
+    }
+    let user = openid_user(services, token).await?;
+    if user != member.claimed_user_id {
+        return Err(unauthorised());
+    }
+    let user = local_user(services, &user).map_err(|e| Error::forbidden(e.message))?;
+    require_member(services, room_id, user.as_str())?;
+    let seat = SfuSeat {
+        room: room_alias(room_id, slot_id),
+        identity: member_identity(user.as_str(), &member.claimed_device_id, &member.id),
+    };
+    CallLeaves::delegate(services, &user, seat, delay_id).await
+}
+
+/// The homeserver form of the MSC4195 hand-over (`POST /rtc/livekit/delegate_delayed_leave`
+/// with an access token): the caller's `delay_id` is sent when its member leaves the call.
+#[allow(clippy::too_many_arguments)] // the request's fields, each needed
+pub async fn delegate_leave(
+    services: &Arc<Services>,
+    user: &ruma::UserId,
+    device_id: &str,
+    room_id: &ruma::RoomId,
+    slot_id: &str,
+    member_id: &str,
+    url: &str,
+    delay_id: &str,
+) -> Result<()> {
+    let config = configured(services)?;
+    if url.trim_end_matches('/') != config.livekit_url.trim_end_matches('/') {
+        return Err(Error::invalid_param("This server takes over leaves only for its own SFU"));
+    }
+    require_member(services, room_id.as_str(), user.as_str())?;
+    let seat = SfuSeat {
+        room: room_alias(room_id.as_str(), slot_id),
+        identity: member_identity(user.as_str(), device_id, member_id),
+    };
+    CallLeaves::delegate(services, user, seat, delay_id).await
 }
 
 /// Makes sure the call's room exists on the SFU before a member of this server (or of a

@@ -5,7 +5,7 @@
 use axum::{
     Router,
     body::Bytes,
-    extract::State,
+    extract::{FromRequestParts, State},
     http::request::Parts,
     response::Response,
     routing::{get, post},
@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     AppState,
-    ruma_route::{self, Ctx, client_of, json_error},
+    ruma_route::{self, Authenticated, Ctx, client_of, json_error},
 };
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
@@ -33,7 +33,15 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         .route("/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", get(transports))
         .route("/_matrix/client/v1/rtc/transports", get(transports))
         .route(&format!("{}/sfu/get", rtc::JWT_SERVICE_PATH), post(sfu_get))
-        .route(&format!("{}/get_token", rtc::JWT_SERVICE_PATH), post(slot_token));
+        .route(&format!("{}/get_token", rtc::JWT_SERVICE_PATH), post(slot_token))
+        .route(
+            &format!("{}/delegate_delayed_leave", rtc::JWT_SERVICE_PATH),
+            post(delegate_with_openid),
+        )
+        .route(
+            "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave",
+            post(delegate),
+        );
     ruma_route::add::<get_token::v1::Request, _, _>(router, member_token)
 }
 
@@ -54,6 +62,10 @@ struct LegacyRequest {
     room: String,
     openid_token: OpenIdToken,
     device_id: String,
+    /// A delayed leave handed over with the token (with `delay_timeout` and
+    /// `delay_cs_api_url`, which the server does not need: the delay is its own).
+    #[serde(default)]
+    delay_id: Option<String>,
 }
 
 /// The exchanges take no access token: limited by the caller's address, since each may
@@ -69,8 +81,14 @@ async fn sfu_get(State(services): State<AppState>, parts: Parts, body: Bytes) ->
         async {
             limit(&services, &parts)?;
             let req: LegacyRequest = serde_json::from_slice(&body).map_err(json_error)?;
-            let granted =
-                rtc::legacy_token(&services, &req.room, &req.openid_token, &req.device_id).await?;
+            let granted = rtc::legacy_token(
+                &services,
+                &req.room,
+                &req.openid_token,
+                &req.device_id,
+                req.delay_id.as_deref(),
+            )
+            .await?;
             Ok(access(granted))
         }
         .await,
@@ -83,6 +101,9 @@ struct SlotRequest {
     slot_id: String,
     openid_token: OpenIdToken,
     member: ClaimedMember,
+    /// As in [`LegacyRequest`].
+    #[serde(default)]
+    delay_id: Option<String>,
 }
 
 /// POST /_trellis/livekit/get_token
@@ -97,6 +118,7 @@ async fn slot_token(State(services): State<AppState>, parts: Parts, body: Bytes)
                 &req.slot_id,
                 &req.openid_token,
                 &req.member,
+                req.delay_id.as_deref(),
             )
             .await?;
             Ok(access(granted))
@@ -120,4 +142,89 @@ async fn member_token(ctx: Ctx, req: get_token::v1::Request) -> Result<get_token
     )
     .await?;
     Ok(get_token::v1::Response::new(jwt))
+}
+
+/// Answers 404 `M_UNRECOGNIZED` where leaves cannot be handed over (no built-in SFU),
+/// before anything else: clients probe with an empty request and take any other
+/// answer to mean the hand-over is offered.
+fn hand_over_offered(services: &AppState) -> Result<()> {
+    if services.call_leaves.offered() {
+        return Ok(());
+    }
+    Err(trellis_core::Error::unrecognized("Delayed leaves are not taken over by this server"))
+}
+
+#[derive(Deserialize)]
+struct OpenIdHandOver {
+    room_id: String,
+    slot_id: String,
+    openid_token: OpenIdToken,
+    member: ClaimedMember,
+    delay_id: String,
+}
+
+/// POST /_trellis/livekit/delegate_delayed_leave
+async fn delegate_with_openid(
+    State(services): State<AppState>,
+    parts: Parts,
+    body: Bytes,
+) -> Response {
+    respond(
+        async {
+            hand_over_offered(&services)?;
+            limit(&services, &parts)?;
+            let req: OpenIdHandOver = serde_json::from_slice(&body).map_err(json_error)?;
+            rtc::delegate_leave_with_openid(
+                &services,
+                &req.room_id,
+                &req.slot_id,
+                &req.openid_token,
+                &req.member,
+                &req.delay_id,
+            )
+            .await?;
+            Ok(json!({}))
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct HandOver {
+    url: String,
+    room_id: ruma::OwnedRoomId,
+    slot_id: String,
+    member_id: String,
+    delay_id: String,
+}
+
+/// POST /_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave
+async fn delegate(State(services): State<AppState>, mut parts: Parts, body: Bytes) -> Response {
+    if let Err(e) = hand_over_offered(&services) {
+        return respond(Err(e));
+    }
+    let ctx = match Authenticated::from_request_parts(&mut parts, &services).await {
+        Ok(Authenticated(ctx)) => ctx,
+        Err(rejection) => return rejection,
+    };
+    respond(
+        async {
+            ctx.rate_limit(Class::Default)?;
+            let req: HandOver = serde_json::from_slice(&body).map_err(json_error)?;
+            let (user, device) = (user(&ctx)?, device(&ctx)?);
+            rtc::delegate_leave(
+                &services,
+                &user,
+                device.as_str(),
+                &req.room_id,
+                &req.slot_id,
+                &req.member_id,
+                &req.url,
+                &req.delay_id,
+            )
+            .await?;
+            Ok(json!({}))
+        }
+        .await,
+    )
 }
