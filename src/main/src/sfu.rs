@@ -238,6 +238,7 @@ async fn rtc(
         can_subscribe: verified.can_subscribe,
         can_publish_data: verified.can_publish_data,
         may_create: verified.room_create,
+        can_update_metadata: verified.can_update_metadata,
         // What livekit clients send (`1`/`0`); LiveKit's default is on.
         auto_subscribe: !matches!(
             query.get("auto_subscribe").map(String::as_str),

@@ -297,6 +297,10 @@ async fn the_livekit_python_sdk_calls_through_the_built_in_sfu() {
     }
     assert_eq!(r["data"][0]["text"], "hello from a", "{r}");
     assert_eq!(r["data"][0]["from"], alice_id.clone() + ":DEVICE", "{r}");
+    // A changed its attributes (one set, then removed), metadata and name; B sees them.
+    let a_seen = json!({"attributes": {"hand": "raised"}, "metadata": "{\"status\": \"presenting\"}",
+                        "name": "Alice, presenting"});
+    assert_eq!(r["a_as_b_sees_it"], a_seen, "{r}");
     assert_eq!(r["mute_seen"], true, "{r}");
     assert_eq!(r["speakers_seen"], true, "both are active speakers: {r}");
     assert_eq!(r["unsubscribe_seen"], true, "{r}");

@@ -137,6 +137,7 @@ pub struct VerifiedToken {
     pub can_publish: bool,
     pub can_subscribe: bool,
     pub can_publish_data: bool,
+    pub can_update_metadata: bool,
 }
 
 /// Checks a LiveKit access token: signed with the API secret, issued by the API key, in
@@ -158,6 +159,7 @@ pub fn verify_token(config: &RtcConfig, jwt: &str) -> Result<VerifiedToken> {
         can_publish: claims.video.can_publish,
         can_subscribe: claims.video.can_subscribe,
         can_publish_data: claims.video.can_publish_data,
+        can_update_metadata: claims.video.can_update_own_metadata,
     })
 }
 

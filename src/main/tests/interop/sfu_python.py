@@ -6,7 +6,8 @@ Two participants each publish a synthetic video track (320x240, changing colour,
 and a synthetic audio track (48 kHz mono sine). Prints one JSON object: the video and
 audio frames each received of the other's tracks, who B saw as active speakers, whether
 B could unsubscribe from A's video and subscribe again (frames flowing again), the data
-message B received from A, whether B saw A mute its microphone and unpublish its video,
+message B received from A, A's attributes, metadata and name as B sees them after A
+changed them, whether B saw A mute its microphone and unpublish its video,
 and `exception` only on failure.
 With SFU_PYTHON_SCENARIO=limit (a server allowing one publisher a call): A publishes, B's
 publish is refused (`b_refused` names the error) and B still receives A's video.
@@ -255,6 +256,20 @@ async def scenario(url, token_a, token_b, a, b):
     await wait_for(lambda: len(b.data) > 0, 5)
     result["data"] = b.data
     result["sender_a"] = a.identity
+
+    stage[0] = "metadata"
+    mine = a.room.local_participant
+    await asyncio.wait_for(mine.set_attributes({"hand": "raised", "role": "host"}), 10)
+    await asyncio.wait_for(mine.set_attributes({"role": ""}), 10)
+    await asyncio.wait_for(mine.set_metadata('{"status": "presenting"}'), 10)
+    await asyncio.wait_for(mine.set_name("Alice, presenting"), 10)
+
+    def a_as_b_sees_it():
+        p = next((p for p in b.room.remote_participants.values() if p.identity == a.identity), None)
+        return p and {"attributes": dict(p.attributes), "metadata": p.metadata, "name": p.name}
+
+    await wait_for(lambda: (a_as_b_sees_it() or {}).get("name") == "Alice, presenting", 5)
+    result["a_as_b_sees_it"] = a_as_b_sees_it()
 
     stage[0] = "mute"
     a.mute_audio()

@@ -16,6 +16,7 @@ mod media;
 mod munge;
 mod packet;
 mod participant;
+mod profile;
 mod quality;
 mod room;
 mod signal;
@@ -74,6 +75,9 @@ pub struct JoinGrant {
     pub can_publish_data: bool,
     /// The token may create the room (LiveKit's `roomCreate`).
     pub may_create: bool,
+    /// The participant may change its own name, metadata and attributes (LiveKit's
+    /// `canUpdateOwnMetadata`).
+    pub can_update_metadata: bool,
     /// Receives every published track without asking (the client's `auto_subscribe`).
     pub auto_subscribe: bool,
 }

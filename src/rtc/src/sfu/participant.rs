@@ -30,6 +30,7 @@ use super::{
     JoinGrant, RESUME_WINDOW, Sfu,
     forward::{self, Forwarder, TrackSettings},
     ids, layers, media,
+    profile::Profile,
     quality::{self, Reception},
     room::Room,
     signal::{self, Request},
@@ -75,6 +76,8 @@ enum Claim {
 struct State {
     version: u32,
     tracks: Vec<Track>,
+    /// What the participant may change of itself.
+    profile: Profile,
 }
 
 /// The receiving connection's offers: one outstanding at a time, ids increasing.
@@ -89,8 +92,6 @@ struct Negotiation {
 pub(crate) struct Participant {
     pub sid: String,
     pub identity: String,
-    name: String,
-    metadata: String,
     grant: JoinGrant,
     joined_ms: i64,
     room: Weak<Room>,
@@ -241,16 +242,22 @@ impl Participant {
         let participant = Arc::new(Self {
             sid: ids::participant(),
             identity: grant.identity.clone(),
-            name: grant.name.clone(),
-            metadata: grant.metadata.clone(),
-            grant,
             joined_ms: signal::now_ms(),
             room: Arc::downgrade(room),
             sfu: Arc::downgrade(sfu),
             publisher,
             subscriber,
             signal: Mutex::new(Signal { tx, generation: 0 }),
-            state: Mutex::new(State { version: 1, tracks: Vec::new() }),
+            state: Mutex::new(State {
+                version: 1,
+                tracks: Vec::new(),
+                profile: Profile {
+                    name: grant.name.clone(),
+                    metadata: grant.metadata.clone(),
+                    attributes: HashMap::new(),
+                },
+            }),
+            grant,
             channels: Mutex::new(HashMap::new()),
             negotiation: tokio::sync::Mutex::new(Negotiation::default()),
             answering: tokio::sync::Mutex::new(()),
@@ -466,7 +473,7 @@ impl Participant {
             can_subscribe: self.grant.can_subscribe,
             can_publish: self.grant.can_publish,
             can_publish_data: self.grant.can_publish_data,
-            can_update_metadata: false,
+            can_update_metadata: self.grant.can_update_metadata,
             ..Default::default()
         }
     }
@@ -479,8 +486,9 @@ impl Participant {
         lk::ParticipantInfo {
             sid: self.sid.clone(),
             identity: self.identity.clone(),
-            name: self.name.clone(),
-            metadata: self.metadata.clone(),
+            name: state.profile.name.clone(),
+            metadata: state.profile.metadata.clone(),
+            attributes: state.profile.attributes.clone(),
             state: if tracks.is_empty() {
                 lk::participant_info::State::Joined as i32
             } else {
@@ -560,8 +568,8 @@ impl Participant {
             Request::PingReq(ping) => {
                 self.send(signal::pong_resp(ping.timestamp, signal::now_ms()));
             }
-            // Sync state (a migration between servers) and metadata changes are not
-            // acted on.
+            Request::UpdateMetadata(update) => self.update_metadata(update),
+            // Sync state (a migration between servers) is not acted on.
             _ => {}
         }
         true
@@ -938,6 +946,41 @@ impl Participant {
             forwarder.set_layers(update.layers);
             if let Some(room) = self.room.upgrade() {
                 room.broadcast(&self.sid, &signal::update(vec![self.info()]));
+            }
+        }
+    }
+
+    /// The participant changes its own name, metadata or attributes (an empty attribute
+    /// value removes it), as its token allows; everyone, itself included, hears of it,
+    /// which is how its client learns the change took.
+    fn update_metadata(&self, update: lk::UpdateParticipantMetadata) {
+        let request_id = update.request_id;
+        let refused = |reason, message: &str| {
+            let request = lk::request_response::Request::UpdateMetadata(update.clone());
+            signal::request_refused(request_id, reason, message, request)
+        };
+        if !self.grant.can_update_metadata {
+            use lk::request_response::Reason;
+            self.send(refused(Reason::NotAllowed, "the token does not allow updating metadata"));
+            return;
+        }
+        let changed = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = state.profile.apply(&update);
+            if changed == Ok(true) {
+                state.version = state.version.saturating_add(1);
+            }
+            changed
+        };
+        match changed {
+            Err((reason, message)) => self.send(refused(reason, message)),
+            Ok(false) => {}
+            Ok(true) => {
+                let update = signal::update(vec![self.info()]);
+                self.send(update.clone());
+                if let Some(room) = self.room.upgrade() {
+                    room.broadcast(&self.sid, &update);
+                }
             }
         }
     }

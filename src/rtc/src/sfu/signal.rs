@@ -141,11 +141,22 @@ pub fn track_unpublished(track_sid: &str) -> Vec<u8> {
 
 /// An `AddTrack` the SFU will not publish, and why.
 pub fn refused_track(add: lk::AddTrackRequest, message: &str) -> Vec<u8> {
+    let reason = lk::request_response::Reason::LimitExceeded;
+    request_refused(0, reason, message, lk::request_response::Request::AddTrack(add))
+}
+
+/// A request (with the id the client gave it) the SFU refused, and why.
+pub fn request_refused(
+    request_id: u32,
+    reason: lk::request_response::Reason,
+    message: &str,
+    request: lk::request_response::Request,
+) -> Vec<u8> {
     encode(Response::RequestResponse(lk::RequestResponse {
-        request_id: 0,
-        reason: lk::request_response::Reason::LimitExceeded as i32,
+        request_id,
+        reason: reason as i32,
         message: message.to_owned(),
-        request: Some(lk::request_response::Request::AddTrack(add)),
+        request: Some(request),
     }))
 }
 
