@@ -378,6 +378,7 @@ async fn member_with_handed_over_leave(
     user: &str,
     token: &str,
     room: &str,
+    via: HandOver,
 ) -> (String, String, SignalSocket) {
     let (_, me) = s.get_auth("/_matrix/client/v3/account/whoami", token).await;
     let device = me["device_id"].as_str().unwrap().to_owned();
@@ -396,18 +397,38 @@ async fn member_with_handed_over_leave(
 
     let openid_path = format!("/_matrix/client/v3/user/{}/openid/request_token", urlencode(user));
     let (_, openid) = s.post_auth(&openid_path, token, &json!({})).await;
-    let request = |delay_id: &str| {
-        json!({"room_id": room, "slot_id": "m.call#ROOM", "openid_token": openid,
-               "member": {"id": format!("member-{device}"), "claimed_user_id": user,
-                          "claimed_device_id": device},
-               "delay_id": delay_id, "delay_timeout": 3600000, "delay_cs_api_url": s.base})
+    let member_id = format!("member-{device}");
+    let mut request = json!({"room_id": room, "slot_id": "m.call#ROOM", "openid_token": openid,
+                             "member": {"id": member_id, "claimed_user_id": user,
+                                        "claimed_device_id": device}});
+    let got = match via {
+        HandOver::WithToken => {
+            // A delay id that is not one of the caller's waiting ones is refused as
+            // lk-jwt-service refuses it, so that clients ask again without handing over.
+            let delay = json!({"delay_timeout": 3600000, "delay_cs_api_url": s.base});
+            request.as_object_mut().unwrap().extend(delay.as_object().unwrap().clone());
+            request["delay_id"] = json!("syd_nope");
+            let (status, refused) = s.post("/_trellis/livekit/get_token", &request).await;
+            assert_eq!(
+                (status, refused["errcode"].as_str()),
+                (400, Some("M_BAD_JSON")),
+                "{refused}"
+            );
+            request["delay_id"] = json!(delay_id);
+            let (status, got) = s.post("/_trellis/livekit/get_token", &request).await;
+            assert_eq!(status, 200, "{got}");
+            got
+        }
+        HandOver::Homeserver => {
+            let (status, got) = s.post("/_trellis/livekit/get_token", &request).await;
+            assert_eq!(status, 200, "{got}");
+            let hand_over = json!({"url": got["url"], "room_id": room, "slot_id": "m.call#ROOM",
+                                   "member_id": member_id, "delay_id": delay_id});
+            let (status, resp) = s.post_auth(HS_HAND_OVER, token, &hand_over).await;
+            assert_eq!((status, resp), (200, json!({})));
+            got
+        }
     };
-    // A delay id that is not one of the caller's waiting ones is refused as lk-jwt-service
-    // refuses it, so that clients ask again without handing over.
-    let (status, refused) = s.post("/_trellis/livekit/get_token", &request("syd_nope")).await;
-    assert_eq!((status, refused["errcode"].as_str()), (400, Some("M_BAD_JSON")), "{refused}");
-    let (status, got) = s.post("/_trellis/livekit/get_token", &request(&delay_id)).await;
-    assert_eq!(status, 200, "{got}");
 
     let url = format!(
         "{}/rtc?access_token={}",
@@ -421,6 +442,16 @@ async fn member_with_handed_over_leave(
     assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
     (state, delay_id, socket)
 }
+
+/// How a member hands its leave over: with its token request (what Element Call does),
+/// or at the homeserver's endpoint with its access token.
+enum HandOver {
+    WithToken,
+    Homeserver,
+}
+
+const HS_HAND_OVER: &str =
+    "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave";
 
 type SignalSocket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -461,14 +492,19 @@ async fn a_handed_over_leave_is_posted_when_the_participant_leaves_the_call() {
     // says it is offered.
     let (status, _) = s.post("/_trellis/livekit/delegate_delayed_leave", &Value::Null).await;
     assert_eq!(status, 400);
-    let hs_form = "/_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave";
-    let (status, _) = s.post(hs_form, &Value::Null).await;
+    let (status, _) = s.post(HS_HAND_OVER, &Value::Null).await;
     assert_eq!(status, 401);
 
-    let (alice_state, _, alice_socket) =
-        member_with_handed_over_leave(&s, &alice_id, &alice, &room).await;
+    let (alice_state, alice_delay, alice_socket) =
+        member_with_handed_over_leave(&s, &alice_id, &alice, &room, HandOver::WithToken).await;
     let (bob_state, bob_delay, _bob_socket) =
-        member_with_handed_over_leave(&s, &bob_id, &bob, &room).await;
+        member_with_handed_over_leave(&s, &bob_id, &bob, &room, HandOver::Homeserver).await;
+    // Nobody takes over another's leave.
+    let sfu = format!("{}/_trellis/sfu", s.base.replacen("http://", "ws://", 1));
+    let theirs = json!({"url": sfu, "room_id": room, "slot_id": "m.call#ROOM",
+                        "member_id": "member-x", "delay_id": alice_delay});
+    let (status, resp) = s.post_auth(HS_HAND_OVER, &bob, &theirs).await;
+    assert_eq!((status, resp["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{resp}");
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     for (state, token) in [(&alice_state, &alice), (&bob_state, &bob)] {
         let (_, content) = s.get_auth(state, token).await;
