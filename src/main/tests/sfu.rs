@@ -136,17 +136,7 @@ async fn livekit_clients_call_through_the_built_in_sfu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn element_call_calls_through_the_built_in_sfu() {
     let s = TestServer::start(&format!("{OPEN}{SFU}")).await;
-    let (alice_id, alice) = s.register("alice").await;
-    let (bob_id, bob) = s.register("bob").await;
-    // Members may post their call membership, as Element Web sets up rooms for calls.
-    let levels = json!({"events": {"org.matrix.msc3401.call.member": 0}});
-    let room = s
-        .create_room(
-            &alice,
-            json!({"preset": "public_chat", "name": "Standup", "power_level_content_override": levels}),
-        )
-        .await;
-    s.join_room(&bob, &room).await;
+    let (alice_id, alice, bob_id, bob, room) = call_room(&s).await;
     let device = |token: String| {
         let s = &s;
         async move {
@@ -172,6 +162,23 @@ async fn element_call_calls_through_the_built_in_sfu() {
     let metrics = s.metrics().await;
     assert!(metric(&metrics, "trellis_sfu_forwarded_packets_total") > 100.0, "{metrics}");
     assert!(metric(&metrics, "trellis_sfu_leaves_handed_over_total") >= 2.0, "{metrics}");
+}
+
+/// Alice's room for calls, which Bob joined: (alice's id, her token, bob's id, his
+/// token, room). Members may post their call membership, as Element Web sets up rooms
+/// for calls.
+async fn call_room(s: &TestServer) -> (String, String, String, String, String) {
+    let (alice_id, alice) = s.register("alice").await;
+    let (bob_id, bob) = s.register("bob").await;
+    let levels = json!({"events": {"org.matrix.msc3401.call.member": 0}});
+    let room = s
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "name": "Standup", "power_level_content_override": levels}),
+        )
+        .await;
+    s.join_room(&bob, &room).await;
+    (alice_id, alice, bob_id, bob, room)
 }
 
 /// The built-in TURN relay on every interface, dropping what a user relays beyond
@@ -477,16 +484,7 @@ async fn leave_posted(s: &TestServer, token: &str, state: &str, seconds: u64) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handed_over_leave_is_posted_when_the_participant_leaves_the_call() {
     let mut s = TestServer::start(&format!("{OPEN}{SFU}")).await;
-    let (alice_id, alice) = s.register("alice").await;
-    let (bob_id, bob) = s.register("bob").await;
-    let levels = json!({"events": {"org.matrix.msc3401.call.member": 0}});
-    let room = s
-        .create_room(
-            &alice,
-            json!({"preset": "public_chat", "power_level_content_override": levels}),
-        )
-        .await;
-    s.join_room(&bob, &room).await;
+    let (alice_id, alice, bob_id, bob, room) = call_room(&s).await;
 
     // Clients probe both forms of the hand-over with an empty request: anything but a 404
     // says it is offered.

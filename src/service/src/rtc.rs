@@ -363,31 +363,6 @@ pub async fn delegate_leave_with_openid(
     CallLeaves::delegate(services, &user, seat, delay_id).await
 }
 
-/// The homeserver form of the MSC4195 hand-over (`POST /rtc/livekit/delegate_delayed_leave`
-/// with an access token): the caller's `delay_id` is sent when its member leaves the call.
-#[allow(clippy::too_many_arguments)] // the request's fields, each needed
-pub async fn delegate_leave(
-    services: &Arc<Services>,
-    user: &ruma::UserId,
-    device_id: &str,
-    room_id: &ruma::RoomId,
-    slot_id: &str,
-    member_id: &str,
-    url: &str,
-    delay_id: &str,
-) -> Result<()> {
-    let config = configured(services)?;
-    if url.trim_end_matches('/') != config.livekit_url.trim_end_matches('/') {
-        return Err(Error::invalid_param("This server takes over leaves only for its own SFU"));
-    }
-    require_member(services, room_id.as_str(), user.as_str())?;
-    let seat = SfuSeat {
-        room: room_alias(room_id.as_str(), slot_id),
-        identity: member_identity(user.as_str(), device_id, member_id),
-    };
-    CallLeaves::delegate(services, user, seat, delay_id).await
-}
-
 /// Makes sure the call's room exists on the SFU before a member of this server (or of a
 /// full-access server) joins, as lk-jwt-service does: with LiveKit's `room.auto_create`
 /// off, only rooms made this way exist, so users of other servers join calls but cannot
@@ -433,32 +408,56 @@ async fn create_sfu_room(config: &RtcConfig, room: &str) {
     }
 }
 
+/// A member of a call slot as the homeserver forms of MSC4195 name it: the caller (with
+/// an access token), the room and slot, its member id, and the SFU it means.
+pub struct SlotMember<'a> {
+    pub user: &'a ruma::UserId,
+    pub device_id: &'a str,
+    pub room_id: &'a ruma::RoomId,
+    pub slot_id: &'a str,
+    pub member_id: &'a str,
+    pub sfu_url: &'a str,
+}
+
+impl SlotMember<'_> {
+    /// Checks that it means this server's SFU and is in the room; answers its seat.
+    fn seat(&self, config: &RtcConfig, services: &Services) -> Result<SfuSeat> {
+        if self.sfu_url.trim_end_matches('/') != config.livekit_url.trim_end_matches('/') {
+            return Err(Error::invalid_param("This server serves only its own SFU"));
+        }
+        require_member(services, self.room_id.as_str(), self.user.as_str())?;
+        Ok(SfuSeat {
+            room: room_alias(self.room_id.as_str(), self.slot_id),
+            identity: member_identity(self.user.as_str(), self.device_id, self.member_id),
+        })
+    }
+}
+
 /// The homeserver form of MSC4195 (`POST /rtc/livekit/get_token` with an access token):
 /// the caller, joined to the room, gets a token for the slot.
-pub async fn member_token(
-    services: &Services,
-    user: &ruma::UserId,
-    device_id: &str,
-    room_id: &ruma::RoomId,
-    slot_id: &str,
-    member_id: &str,
-    url: &str,
-) -> Result<String> {
+pub async fn member_token(services: &Services, member: &SlotMember<'_>) -> Result<String> {
     let config = configured(services)?;
-    if url.trim_end_matches('/') != config.livekit_url.trim_end_matches('/') {
-        return Err(Error::invalid_param("This server issues tokens only for its own SFU"));
-    }
-    require_member(services, room_id.as_str(), user.as_str())?;
-    let alias = room_alias(room_id.as_str(), slot_id);
-    services.call_history.note_sfu_room(&alias, room_id.as_str());
-    create_sfu_room(config, &alias).await;
+    let seat = member.seat(config, services)?;
+    services.call_history.note_sfu_room(&seat.room, member.room_id.as_str());
+    create_sfu_room(config, &seat.room).await;
     let grant = Grant {
-        identity: member_identity(user.as_str(), device_id, member_id),
-        room: alias,
-        user_id: user.as_str(),
+        identity: seat.identity,
+        room: seat.room,
+        user_id: member.user.as_str(),
         may_create: false,
     };
     access_token(config, &grant)
+}
+
+/// The homeserver form of the MSC4195 hand-over (`POST /rtc/livekit/delegate_delayed_leave`
+/// with an access token): the caller's `delay_id` is sent when its member leaves the call.
+pub async fn delegate_leave(
+    services: &Arc<Services>,
+    member: &SlotMember<'_>,
+    delay_id: &str,
+) -> Result<()> {
+    let seat = member.seat(configured(services)?, services)?;
+    CallLeaves::delegate(services, member.user, seat, delay_id).await
 }
 
 #[cfg(test)]

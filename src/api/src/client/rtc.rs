@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use trellis_core::Result;
 use trellis_service::{
     ratelimit::Class,
-    rtc::{self, ClaimedMember, OpenIdToken, SfuAccess},
+    rtc::{self, ClaimedMember, OpenIdToken, SfuAccess, SlotMember},
 };
 
 use super::{
@@ -131,16 +131,15 @@ async fn slot_token(State(services): State<AppState>, parts: Parts, body: Bytes)
 async fn member_token(ctx: Ctx, req: get_token::v1::Request) -> Result<get_token::v1::Response> {
     ctx.rate_limit(Class::Default)?;
     let (user, device) = (user(&ctx)?, device(&ctx)?);
-    let jwt = rtc::member_token(
-        &ctx.services,
-        &user,
-        device.as_str(),
-        &req.room_id,
-        &req.slot_id,
-        &req.member_id,
-        &req.url,
-    )
-    .await?;
+    let member = SlotMember {
+        user: &user,
+        device_id: device.as_str(),
+        room_id: &req.room_id,
+        slot_id: &req.slot_id,
+        member_id: &req.member_id,
+        sfu_url: &req.url,
+    };
+    let jwt = rtc::member_token(&ctx.services, &member).await?;
     Ok(get_token::v1::Response::new(jwt))
 }
 
@@ -212,17 +211,15 @@ async fn delegate(State(services): State<AppState>, mut parts: Parts, body: Byte
             ctx.rate_limit(Class::Default)?;
             let req: HandOver = serde_json::from_slice(&body).map_err(json_error)?;
             let (user, device) = (user(&ctx)?, device(&ctx)?);
-            rtc::delegate_leave(
-                &services,
-                &user,
-                device.as_str(),
-                &req.room_id,
-                &req.slot_id,
-                &req.member_id,
-                &req.url,
-                &req.delay_id,
-            )
-            .await?;
+            let member = SlotMember {
+                user: &user,
+                device_id: device.as_str(),
+                room_id: &req.room_id,
+                slot_id: &req.slot_id,
+                member_id: &req.member_id,
+                sfu_url: &req.url,
+            };
+            rtc::delegate_leave(&services, &member, &req.delay_id).await?;
             Ok(json!({}))
         }
         .await,
