@@ -40,6 +40,11 @@ pub struct SfuSeat {
 /// was handed over before the participant joined, or was watched again after a restart.
 /// Past that it is sent.
 const CONNECT_WAIT: Duration = Duration::from_secs(60);
+/// How long a participant must stay gone before its leave is sent: a client rejoining
+/// with the same identity is taken out of the call a moment before it is taken in.
+const LEFT_GRACE: Duration = Duration::from_secs(3);
+/// The shortest time between two restarts of one leave, whatever its delay.
+const RESTART_GAP_MS: u64 = 1_000;
 /// The longest a watch sleeps before looking again (clocks may jump).
 const LONGEST_SLEEP: Duration = Duration::from_secs(60);
 /// After a restart failed for another reason than the event being gone.
@@ -47,15 +52,20 @@ const RETRY: Duration = Duration::from_secs(10);
 
 struct Watch {
     delay_id: String,
+    /// Tells this watch from a later one of the same seat and leave.
+    generation: u64,
     wake: Arc<Notify>,
 }
 
 #[derive(Default)]
 struct State {
-    /// Connections per participant: a participant that rejoins may be counted in before
-    /// its old connection is counted out.
+    /// Connections per participant: a participant may be counted in again before its
+    /// old connection is counted out.
     present: HashMap<SfuSeat, usize>,
     watches: HashMap<SfuSeat, Watch>,
+    /// delay id -> the seat whose watch holds it: one watch per leave.
+    seats: HashMap<String, SfuSeat>,
+    generations: u64,
 }
 
 #[derive(Default)]
@@ -77,13 +87,16 @@ impl CallLeaves {
     }
 
     /// The built-in SFU runs: leaves may be handed over, and those handed over before a
-    /// restart are watched again.
+    /// restart are watched again (the latest one where two name the same participant).
     pub fn attach(services: &Arc<Services>) {
         services.call_leaves.offered.store(true, Ordering::Release);
         match services.delayed_events.delegated() {
             Ok(delegated) => {
                 for (delay_id, seat) in delegated {
-                    services.call_leaves.watch(services, seat, delay_id);
+                    if let Some(replaced) = services.call_leaves.watch(services, seat, delay_id) {
+                        let services = services.clone();
+                        tokio::spawn(async move { undelegate(&services, &replaced).await });
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading the leaves handed over failed"),
@@ -115,55 +128,94 @@ impl CallLeaves {
         }
     }
 
-    /// Takes over `delay_id`, one of `user`'s waiting delayed events: sent when `seat`
-    /// leaves its call. A leave handed over for the same participant before is no
-    /// longer watched (it runs out on its own delay).
+    /// Takes over `delay_id`, one of `user`'s delayed events waiting in `room_id`: sent
+    /// when `seat` leaves its call. A leave handed over for the same participant before
+    /// is no longer (it runs out on its own delay), nor is this one for another
+    /// participant; handing the same over again changes nothing.
     pub async fn delegate(
         services: &Arc<Services>,
         user: &UserId,
+        room_id: &str,
         seat: SfuSeat,
         delay_id: &str,
     ) -> Result<()> {
         if !services.call_leaves.offered() {
             return Err(Error::unrecognized("This server's SFU does not take over delayed leaves"));
         }
-        services.delayed_events.delegate(user, delay_id, &seat).await?;
-        tracing::info!(delay_id, room = %seat.room, "a delayed leave was handed over");
+        services.delayed_events.delegate(user, delay_id, room_id, &seat).await?;
+        tracing::info!(room = %seat.room, "a delayed leave was handed over");
         services.metrics.sfu.leaves_handed_over.inc();
-        services.call_leaves.watch(services, seat, delay_id.to_owned());
+        if let Some(replaced) = services.call_leaves.watch(services, seat, delay_id.to_owned()) {
+            undelegate(services, &replaced).await;
+        }
         Ok(())
     }
 
-    fn watch(&self, services: &Arc<Services>, seat: SfuSeat, delay_id: String) {
-        let wake = Arc::new(Notify::new());
-        let watch = Watch { delay_id: delay_id.clone(), wake: wake.clone() };
-        if let Some(previous) = self.state().watches.insert(seat.clone(), watch) {
-            // It sees it was replaced and ends.
-            previous.wake.notify_one();
-        }
-        let span = tracing::info_span!("delegated_leave", %delay_id, room = %seat.room);
-        tokio::spawn(run(services.clone(), seat, delay_id, wake).instrument(span));
+    /// Watches `delay_id` for `seat`, unless it is already. Answers the leave this one
+    /// replaced for the seat, if any.
+    fn watch(&self, services: &Arc<Services>, seat: SfuSeat, delay_id: String) -> Option<String> {
+        let (generation, wake, replaced) = {
+            let mut state = self.state();
+            if let Some(watch) = state.watches.get(&seat)
+                && watch.delay_id == delay_id
+            {
+                watch.wake.notify_one();
+                return None;
+            }
+            // Watched for another participant until now: that watch ends.
+            if let Some(other) = state.seats.remove(&delay_id)
+                && let Some(watch) = state.watches.remove(&other)
+            {
+                watch.wake.notify_one();
+            }
+            state.generations += 1;
+            let generation = state.generations;
+            let wake = Arc::new(Notify::new());
+            let watch = Watch { delay_id: delay_id.clone(), generation, wake: wake.clone() };
+            state.seats.insert(delay_id.clone(), seat.clone());
+            let replaced = state.watches.insert(seat.clone(), watch).map(|old| {
+                // It sees it was replaced and ends.
+                old.wake.notify_one();
+                state.seats.remove(&old.delay_id);
+                old.delay_id
+            });
+            (generation, wake, replaced)
+        };
+        let span = tracing::info_span!("delegated_leave", room = %seat.room);
+        tokio::spawn(run(services.clone(), seat, delay_id, generation, wake).instrument(span));
+        replaced
     }
 
-    /// Whether `seat` is in its call, or `None` when the watch of `delay_id` was
-    /// replaced by another.
-    fn look(&self, seat: &SfuSeat, delay_id: &str) -> Option<bool> {
+    /// Whether `seat` is in its call, or `None` when watch `generation` has ended.
+    fn look(&self, seat: &SfuSeat, generation: u64) -> Option<bool> {
         let state = self.state();
-        let current = state.watches.get(seat).is_some_and(|w| w.delay_id == delay_id);
+        let current = state.watches.get(seat).is_some_and(|w| w.generation == generation);
         current.then(|| state.present.contains_key(seat))
     }
 
-    /// Ends the watch of `delay_id` (unless another replaced it).
-    fn forget(&self, seat: &SfuSeat, delay_id: &str) {
+    /// Ends watch `generation` of `seat` (unless another replaced it).
+    fn forget(&self, seat: &SfuSeat, generation: u64) {
         let mut state = self.state();
-        if state.watches.get(seat).is_some_and(|w| w.delay_id == delay_id) {
+        if let Some(watch) = state.watches.get(seat)
+            && watch.generation == generation
+        {
+            let delay_id = watch.delay_id.clone();
             state.watches.remove(seat);
+            state.seats.remove(&delay_id);
         }
     }
 
     /// Participants with a leave watched (for tests and the admin view).
     pub fn watched(&self) -> usize {
         self.state().watches.len()
+    }
+}
+
+/// A replaced leave is no longer handed over, so that only the latest is watched again
+/// after a restart.
+async fn undelegate(services: &Services, delay_id: &str) {
+    if let Err(e) = services.delayed_events.undelegate(delay_id).await {
+        tracing::warn!(error = %e, "a replaced leave is still marked handed over");
     }
 }
 
@@ -177,21 +229,22 @@ enum Step {
 }
 
 /// The next step for a watched leave: `present` says whether the participant is in the
-/// call, `seen` whether it ever was since the watch began, `restart_due` (ms) when the
-/// delayed event wants restarting (when 80 % of its delay has run).
+/// call, `gone_since` since when it has been out of it after being in it, and
+/// `restart_due` (ms) when the delayed event wants restarting.
 fn next_step(
     present: bool,
-    seen: bool,
+    gone_since: Option<Instant>,
     now: Instant,
     connect_by: Instant,
     now_ms: u64,
     restart_due: u64,
 ) -> Step {
     if !present {
-        if seen || now >= connect_by {
+        let send_at = gone_since.map_or(connect_by, |since| since + LEFT_GRACE);
+        if now >= send_at {
             return Step::Send;
         }
-        return Step::Sleep(connect_by - now);
+        return Step::Sleep(send_at - now);
     }
     if now_ms >= restart_due {
         return Step::Restart;
@@ -199,8 +252,10 @@ fn next_step(
     Step::Sleep(Duration::from_millis(restart_due - now_ms))
 }
 
+/// When a delay that started at `running_since` wants restarting: once four fifths of
+/// it have run, and no sooner than [`RESTART_GAP_MS`].
 fn restart_due(running_since: u64, delay_ms: u64) -> u64 {
-    running_since.saturating_add(delay_ms / 5 * 4)
+    running_since.saturating_add((delay_ms / 5 * 4).max(RESTART_GAP_MS))
 }
 
 fn gone(e: &Error) -> bool {
@@ -208,22 +263,35 @@ fn gone(e: &Error) -> bool {
 }
 
 /// Watches one handed-over leave until it is sent, the client finishes it itself, or
-/// another replaces it.
-async fn run(services: Arc<Services>, seat: SfuSeat, delay_id: String, wake: Arc<Notify>) {
+/// another watch replaces this one.
+async fn run(
+    services: Arc<Services>,
+    seat: SfuSeat,
+    delay_id: String,
+    generation: u64,
+    wake: Arc<Notify>,
+) {
     let leaves = &services.call_leaves;
     let delayed = &services.delayed_events;
     let connect_by = Instant::now() + CONNECT_WAIT;
-    let mut seen = false;
+    let (mut seen, mut gone_since) = (false, None);
     loop {
-        let Some(present) = leaves.look(&seat, &delay_id) else { return };
+        let Some(present) = leaves.look(&seat, generation) else { return };
         seen |= present;
-        let Some(record) = delayed.waiting_record(&delay_id).ok().flatten() else {
-            // Sent or cancelled: by the client itself, or its delay ran out.
-            leaves.forget(&seat, &delay_id);
+        gone_since = match (present, seen) {
+            (false, true) => Some(gone_since.unwrap_or_else(Instant::now)),
+            _ => None,
+        };
+        let record = delayed.waiting_record(&delay_id).ok().flatten();
+        let Some(record) = record.filter(|r| r.leave_with.as_ref() == Some(&seat)) else {
+            // Sent or cancelled (by the client, or its delay ran out), or handed over
+            // for another participant since.
+            leaves.forget(&seat, generation);
             return;
         };
         let due = restart_due(record.running_since, record.delay_ms);
-        let pause = match next_step(present, seen, Instant::now(), connect_by, now_millis(), due) {
+        let step = next_step(present, gone_since, Instant::now(), connect_by, now_millis(), due);
+        let pause = match step {
             Step::Send => {
                 match delayed.update(&services, &delay_id, Action::Send, None).await {
                     Ok(()) => {
@@ -233,14 +301,14 @@ async fn run(services: Arc<Services>, seat: SfuSeat, delay_id: String, wake: Arc
                     Err(e) if gone(&e) => {}
                     Err(e) => tracing::warn!(error = %e, "sending a handed-over leave failed"),
                 }
-                leaves.forget(&seat, &delay_id);
+                leaves.forget(&seat, generation);
                 return;
             }
             Step::Restart => {
                 match delayed.update(&services, &delay_id, Action::Restart, None).await {
                     Ok(()) => continue,
                     Err(e) if gone(&e) => {
-                        leaves.forget(&seat, &delay_id);
+                        leaves.forget(&seat, generation);
                         return;
                     }
                     Err(e) => {
@@ -266,20 +334,18 @@ mod tests {
     fn a_leave_goes_out_once_its_participant_has_gone() {
         let now = Instant::now();
         let later = now + Duration::from_secs(30);
+        let step =
+            |present, gone_since, now| next_step(present, gone_since, now, later, 1_000, 61_000);
         // In the call, the delay far from running out: it sleeps until the restart.
-        assert_eq!(
-            next_step(true, true, now, later, 1_000, 61_000),
-            Step::Sleep(Duration::from_secs(60))
-        );
-        // Left after being there: sent at once, however long the delay has to run.
-        assert_eq!(next_step(false, true, now, later, 1_000, 61_000), Step::Send);
+        assert_eq!(step(true, None, now), Step::Sleep(Duration::from_secs(60)));
+        // Left after being there: sent once it has stayed gone a moment, however long
+        // the delay has to run.
+        assert_eq!(step(false, Some(now), now), Step::Sleep(LEFT_GRACE));
+        assert_eq!(step(false, Some(now), now + LEFT_GRACE), Step::Send);
         // Not there yet: it waits for the participant until the connect deadline...
-        assert_eq!(
-            next_step(false, false, now, later, 1_000, 61_000),
-            Step::Sleep(Duration::from_secs(30))
-        );
+        assert_eq!(step(false, None, now), Step::Sleep(Duration::from_secs(30)));
         // ...and sends the leave if it never came.
-        assert_eq!(next_step(false, false, later, later, 1_000, 61_000), Step::Send);
+        assert_eq!(step(false, None, later), Step::Send);
     }
 
     #[test]
@@ -289,38 +355,46 @@ mod tests {
         let due = restart_due(0, 3_600_000);
         assert_eq!(due, 2_880_000);
         assert_eq!(
-            next_step(true, true, now, now, due - 1, due),
+            next_step(true, None, now, now, due - 1, due),
             Step::Sleep(Duration::from_millis(1))
         );
-        assert_eq!(next_step(true, true, now, now, due, due), Step::Restart);
+        assert_eq!(next_step(true, None, now, now, due, due), Step::Restart);
+        // A tiny delay is not restarted in a loop.
+        assert_eq!(restart_due(5_000, 3), 5_000 + RESTART_GAP_MS);
         assert_eq!(restart_due(u64::MAX, 10), u64::MAX);
+    }
+
+    fn watch(leaves: &CallLeaves, seat: &SfuSeat, delay_id: &str) -> u64 {
+        let mut state = leaves.state();
+        state.generations += 1;
+        let generation = state.generations;
+        let watch = Watch { delay_id: delay_id.into(), generation, wake: Arc::default() };
+        state.watches.insert(seat.clone(), watch);
+        state.seats.insert(delay_id.into(), seat.clone());
+        generation
     }
 
     #[test]
     fn presence_counts_connections_and_a_replaced_watch_ends() {
         let leaves = CallLeaves::default();
         let seat = SfuSeat { room: "r".into(), identity: "i".into() };
-        leaves
-            .state()
-            .watches
-            .insert(seat.clone(), Watch { delay_id: "a".into(), wake: Arc::default() });
-        assert_eq!(leaves.look(&seat, "a"), Some(false));
+        let first = watch(&leaves, &seat, "a");
+        assert_eq!(leaves.look(&seat, first), Some(false));
         // A rejoin counted in before the old connection is counted out.
         leaves.joined("r", "i");
         leaves.joined("r", "i");
         leaves.left("r", "i");
-        assert_eq!(leaves.look(&seat, "a"), Some(true));
+        assert_eq!(leaves.look(&seat, first), Some(true));
         leaves.left("r", "i");
-        assert_eq!(leaves.look(&seat, "a"), Some(false));
-        // Replaced by another delay id: the old watch sees it and stops.
-        leaves
-            .state()
-            .watches
-            .insert(seat.clone(), Watch { delay_id: "b".into(), wake: Arc::default() });
-        assert_eq!(leaves.look(&seat, "a"), None);
-        leaves.forget(&seat, "a");
-        assert_eq!(leaves.watched(), 1, "forgetting a replaced watch leaves the new one");
-        leaves.forget(&seat, "b");
+        assert_eq!(leaves.look(&seat, first), Some(false));
+        // Replaced (by the same leave handed over again, or another): the old watch
+        // sees it and stops, and forgetting it leaves the new one.
+        let second = watch(&leaves, &seat, "a");
+        assert_eq!(leaves.look(&seat, first), None);
+        leaves.forget(&seat, first);
+        assert_eq!(leaves.watched(), 1);
+        leaves.forget(&seat, second);
         assert_eq!(leaves.watched(), 0);
+        assert!(leaves.state().seats.is_empty());
     }
 }

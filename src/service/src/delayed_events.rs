@@ -236,31 +236,55 @@ impl DelayedEvents {
         Ok(self.load(id)?.filter(|r| r.outcome.is_none()))
     }
 
-    /// Records that `id`, one of `user`'s waiting delayed events, goes out when `seat`
-    /// leaves its call.
-    pub async fn delegate(&self, user: &UserId, id: &str, seat: &SfuSeat) -> Result<()> {
+    /// Records that `id`, one of `user`'s delayed events waiting in `room_id`, goes out
+    /// when `seat` leaves its call.
+    pub async fn delegate(
+        &self,
+        user: &UserId,
+        id: &str,
+        room_id: &str,
+        seat: &SfuSeat,
+    ) -> Result<()> {
+        self.set_leave_with(id, Some(seat), |r| r.user_id == user.as_str() && r.room_id == room_id)
+            .await
+    }
+
+    /// `id` no longer goes out when a participant leaves (another leave replaced it).
+    pub async fn undelegate(&self, id: &str) -> Result<()> {
+        self.set_leave_with(id, None, |r| r.leave_with.is_some()).await
+    }
+
+    async fn set_leave_with(
+        &self,
+        id: &str,
+        seat: Option<&SfuSeat>,
+        allowed: impl Fn(&Delayed) -> bool,
+    ) -> Result<()> {
         let _writing = self.writes.lock().await;
         let waiting = self.schedule().waiting.contains_key(id);
-        let record = self.load(id)?.filter(|r| waiting && r.user_id == user.as_str());
-        let Some(mut record) = record else {
+        let Some(mut record) = self.load(id)?.filter(|r| waiting && allowed(r)) else {
             return Err(Error::not_found("No such delayed event waiting"));
         };
-        record.leave_with = Some(seat.clone());
+        record.leave_with = seat.cloned();
         let mut batch = Batch::new();
         DELAYED_EVENTS.put(&mut batch, &id.to_owned(), &Json(record));
         crate::commit(&self.db, batch).await
     }
 
-    /// The waiting delayed events handed over to an SFU participant.
+    /// The waiting delayed events handed over to an SFU participant, the most recently
+    /// (re)started last.
     pub fn delegated(&self) -> Result<Vec<(String, SfuSeat)>> {
         let ids: Vec<String> = self.schedule().waiting.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
-            if let Some(seat) = self.waiting_record(&id)?.and_then(|r| r.leave_with) {
-                out.push((id, seat));
+            if let Some(record) = self.waiting_record(&id)?
+                && let Some(seat) = record.leave_with
+            {
+                out.push((record.running_since, id, seat));
             }
         }
-        Ok(out)
+        out.sort_by_key(|(since, _, _)| *since);
+        Ok(out.into_iter().map(|(_, id, seat)| (id, seat)).collect())
     }
 
     /// One of `user`'s delayed events.

@@ -247,23 +247,39 @@ pub async fn legacy_token(
     }
     let user = openid_user(services, token).await?;
     require_member(services, room, &user)?;
-    let alias = room_alias(room, ROOM_CALL_SLOT);
-    services.call_history.note_sfu_room(&alias, room);
-    if full_access(services, &user) {
-        create_sfu_room(config, &alias).await;
+    let seat =
+        SfuSeat { room: room_alias(room, ROOM_CALL_SLOT), identity: format!("{user}:{device_id}") };
+    grant_with_hand_over(services, config, &user, room, seat, delay_id).await
+}
+
+/// The token for `user` to take `seat` in `room_id`'s call (whose SFU room is made
+/// first for users who may start calls), its leave `delay_id` handed over first when
+/// given. Any refusal of the hand-over is `M_BAD_JSON`, on which clients ask again
+/// without, as lk-jwt-service answers.
+async fn grant_with_hand_over(
+    services: &Arc<Services>,
+    config: &RtcConfig,
+    user: &str,
+    room_id: &str,
+    seat: SfuSeat,
+    delay_id: Option<&str>,
+) -> Result<SfuAccess> {
+    if let Some(delay_id) = delay_id.filter(|id| !id.is_empty()) {
+        let handed_over = async {
+            let local = local_user(services, user)?;
+            CallLeaves::delegate(services, &local, room_id, seat.clone(), delay_id).await
+        };
+        handed_over.await.map_err(|e| {
+            Error::bad_json(format!("The delayed leave is not taken over: {}", e.message))
+        })?;
     }
-    let grant = Grant {
-        identity: format!("{user}:{device_id}"),
-        room: alias,
-        user_id: &user,
-        may_create: false,
-    };
-    let jwt = access_token(config, &grant)?;
-    if let Some(delay_id) = delay_id {
-        let seat = SfuSeat { room: grant.room, identity: grant.identity };
-        hand_over_with_token(services, &user, seat, delay_id).await?;
+    services.call_history.note_sfu_room(&seat.room, room_id);
+    if full_access(services, user) {
+        create_sfu_room(config, &seat.room).await;
     }
-    Ok(SfuAccess { url: config.livekit_url.clone(), jwt })
+    let grant =
+        Grant { identity: seat.identity, room: seat.room, user_id: user, may_create: false };
+    Ok(SfuAccess { url: config.livekit_url.clone(), jwt: access_token(config, &grant)? })
 }
 
 /// The member a `/get_token` request claims to be.
@@ -292,38 +308,21 @@ pub async fn slot_token(
         return Err(unauthorised());
     }
     require_member(services, room_id, &user)?;
-    let alias = room_alias(room_id, slot_id);
-    services.call_history.note_sfu_room(&alias, room_id);
-    if full_access(services, &user) {
-        create_sfu_room(config, &alias).await;
-    }
-    let grant = Grant {
+    let seat = SfuSeat {
+        room: room_alias(room_id, slot_id),
         identity: member_identity(&user, &member.claimed_device_id, &member.id),
-        room: alias,
-        user_id: &user,
-        may_create: false,
     };
-    let jwt = access_token(config, &grant)?;
-    if let Some(delay_id) = delay_id {
-        let seat = SfuSeat { room: grant.room, identity: grant.identity };
-        hand_over_with_token(services, &user, seat, delay_id).await?;
-    }
-    Ok(SfuAccess { url: config.livekit_url.clone(), jwt })
+    grant_with_hand_over(services, config, &user, room_id, seat, delay_id).await
 }
 
-/// Hands over a leave asked for with a token (the earlier form of the delegation, which
-/// Element Call uses): any refusal is `M_BAD_JSON`, on which clients ask again without
-/// handing over, as lk-jwt-service answers.
-async fn hand_over_with_token(
-    services: &Arc<Services>,
-    user: &str,
-    seat: SfuSeat,
-    delay_id: &str,
-) -> Result<()> {
-    let user = local_user(services, user)?;
-    CallLeaves::delegate(services, &user, seat, delay_id)
-        .await
-        .map_err(|e| Error::bad_json(format!("The delayed leave is not taken over: {}", e.message)))
+/// Where leaves cannot be handed over (no built-in SFU) the hand-over endpoints answer
+/// 404 `M_UNRECOGNIZED` before anything else: clients probe them with an empty request
+/// and take any other answer to mean the hand-over is offered.
+pub fn hand_over_offered(services: &Services) -> Result<()> {
+    if services.call_leaves.offered() {
+        return Ok(());
+    }
+    Err(Error::unrecognized("Delayed leaves are not taken over by this server"))
 }
 
 /// `user` as one of this server's users: only their delayed events are here to take over.
@@ -350,6 +349,11 @@ pub async fn delegate_leave_with_openid(
     if delay_id.is_empty() {
         return Err(Error::bad_json("`delay_id` is required"));
     }
+    // Only this server's users can succeed: others are refused before their server is
+    // asked about the token.
+    if token.matrix_server_name != services.server_name() {
+        return Err(Error::forbidden("Only this server's users may hand their delayed leave over"));
+    }
     let user = openid_user(services, token).await?;
     if user != member.claimed_user_id {
         return Err(unauthorised());
@@ -360,7 +364,7 @@ pub async fn delegate_leave_with_openid(
         room: room_alias(room_id, slot_id),
         identity: member_identity(user.as_str(), &member.claimed_device_id, &member.id),
     };
-    CallLeaves::delegate(services, &user, seat, delay_id).await
+    CallLeaves::delegate(services, &user, room_id, seat, delay_id).await
 }
 
 /// Makes sure the call's room exists on the SFU before a member of this server (or of a
@@ -422,6 +426,9 @@ pub struct SlotMember<'a> {
 impl SlotMember<'_> {
     /// Checks that it means this server's SFU and is in the room; answers its seat.
     fn seat(&self, config: &RtcConfig, services: &Services) -> Result<SfuSeat> {
+        if self.slot_id.is_empty() || self.member_id.is_empty() {
+            return Err(Error::bad_json("`slot_id` and `member_id` are required"));
+        }
         if self.sfu_url.trim_end_matches('/') != config.livekit_url.trim_end_matches('/') {
             return Err(Error::invalid_param("This server serves only its own SFU"));
         }
@@ -457,7 +464,7 @@ pub async fn delegate_leave(
     delay_id: &str,
 ) -> Result<()> {
     let seat = member.seat(configured(services)?, services)?;
-    CallLeaves::delegate(services, member.user, seat, delay_id).await
+    CallLeaves::delegate(services, member.user, member.room_id.as_str(), seat, delay_id).await
 }
 
 #[cfg(test)]

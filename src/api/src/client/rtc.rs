@@ -143,16 +143,6 @@ async fn member_token(ctx: Ctx, req: get_token::v1::Request) -> Result<get_token
     Ok(get_token::v1::Response::new(jwt))
 }
 
-/// Answers 404 `M_UNRECOGNIZED` where leaves cannot be handed over (no built-in SFU),
-/// before anything else: clients probe with an empty request and take any other
-/// answer to mean the hand-over is offered.
-fn hand_over_offered(services: &AppState) -> Result<()> {
-    if services.call_leaves.offered() {
-        return Ok(());
-    }
-    Err(trellis_core::Error::unrecognized("Delayed leaves are not taken over by this server"))
-}
-
 #[derive(Deserialize)]
 struct OpenIdHandOver {
     room_id: String,
@@ -170,7 +160,7 @@ async fn delegate_with_openid(
 ) -> Response {
     respond(
         async {
-            hand_over_offered(&services)?;
+            rtc::hand_over_offered(&services)?;
             limit(&services, &parts)?;
             let req: OpenIdHandOver = serde_json::from_slice(&body).map_err(json_error)?;
             rtc::delegate_leave_with_openid(
@@ -199,7 +189,7 @@ struct HandOver {
 
 /// POST /_matrix/client/unstable/io.element.msc4195/rtc/livekit/delegate_delayed_leave
 async fn delegate(State(services): State<AppState>, mut parts: Parts, body: Bytes) -> Response {
-    if let Err(e) = hand_over_offered(&services) {
+    if let Err(e) = rtc::hand_over_offered(&services) {
         return respond(Err(e));
     }
     let ctx = match Authenticated::from_request_parts(&mut parts, &services).await {

@@ -954,14 +954,14 @@ impl Participant {
     /// value removes it), as its token allows; everyone, itself included, hears of it,
     /// which is how its client learns the change took.
     fn update_metadata(&self, update: lk::UpdateParticipantMetadata) {
+        use lk::request_response::Reason;
         let request_id = update.request_id;
-        let refused = |reason, message: &str| {
+        let answer = |reason, message: &str| {
             let request = lk::request_response::Request::UpdateMetadata(update.clone());
-            signal::request_refused(request_id, reason, message, request)
+            signal::request_answer(request_id, reason, message, request)
         };
         if !self.grant.can_update_metadata {
-            use lk::request_response::Reason;
-            self.send(refused(Reason::NotAllowed, "the token does not allow updating metadata"));
+            self.send(answer(Reason::NotAllowed, "the token does not allow updating metadata"));
             return;
         }
         let changed = {
@@ -973,14 +973,17 @@ impl Participant {
             changed
         };
         match changed {
-            Err((reason, message)) => self.send(refused(reason, message)),
-            Ok(false) => {}
-            Ok(true) => {
-                let update = signal::update(vec![self.info()]);
-                self.send(update.clone());
-                if let Some(room) = self.room.upgrade() {
-                    room.broadcast(&self.sid, &update);
+            Err((reason, message)) => self.send(answer(reason, message)),
+            Ok(changed) => {
+                if changed {
+                    let update = signal::update(vec![self.info()]);
+                    self.send(update.clone());
+                    if let Some(room) = self.room.upgrade() {
+                        room.broadcast(&self.sid, &update);
+                    }
                 }
+                // After the update, as LiveKit answers: clients waiting on either see it.
+                self.send(answer(Reason::Ok, ""));
             }
         }
     }

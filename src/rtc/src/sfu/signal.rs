@@ -142,11 +142,11 @@ pub fn track_unpublished(track_sid: &str) -> Vec<u8> {
 /// An `AddTrack` the SFU will not publish, and why.
 pub fn refused_track(add: lk::AddTrackRequest, message: &str) -> Vec<u8> {
     let reason = lk::request_response::Reason::LimitExceeded;
-    request_refused(0, reason, message, lk::request_response::Request::AddTrack(add))
+    request_answer(0, reason, message, lk::request_response::Request::AddTrack(add))
 }
 
-/// A request (with the id the client gave it) the SFU refused, and why.
-pub fn request_refused(
+/// The SFU's answer to a request (with the id the client gave it): `Ok`, or why not.
+pub fn request_answer(
     request_id: u32,
     reason: lk::request_response::Reason,
     message: &str,
