@@ -62,9 +62,8 @@ struct State {
     /// Connections per participant: a participant may be counted in again before its
     /// old connection is counted out.
     present: HashMap<SfuSeat, usize>,
+    /// One per seat, and one per leave.
     watches: HashMap<SfuSeat, Watch>,
-    /// delay id -> the seat whose watch holds it: one watch per leave.
-    seats: HashMap<String, SfuSeat>,
     generations: u64,
 }
 
@@ -163,20 +162,18 @@ impl CallLeaves {
                 return None;
             }
             // Watched for another participant until now: that watch ends.
-            if let Some(other) = state.seats.remove(&delay_id)
-                && let Some(watch) = state.watches.remove(&other)
-            {
+            let other =
+                state.watches.iter().find(|(_, w)| w.delay_id == delay_id).map(|(s, _)| s.clone());
+            if let Some(watch) = other.and_then(|other| state.watches.remove(&other)) {
                 watch.wake.notify_one();
             }
             state.generations += 1;
             let generation = state.generations;
             let wake = Arc::new(Notify::new());
             let watch = Watch { delay_id: delay_id.clone(), generation, wake: wake.clone() };
-            state.seats.insert(delay_id.clone(), seat.clone());
             let replaced = state.watches.insert(seat.clone(), watch).map(|old| {
                 // It sees it was replaced and ends.
                 old.wake.notify_one();
-                state.seats.remove(&old.delay_id);
                 old.delay_id
             });
             (generation, wake, replaced)
@@ -196,18 +193,9 @@ impl CallLeaves {
     /// Ends watch `generation` of `seat` (unless another replaced it).
     fn forget(&self, seat: &SfuSeat, generation: u64) {
         let mut state = self.state();
-        if let Some(watch) = state.watches.get(seat)
-            && watch.generation == generation
-        {
-            let delay_id = watch.delay_id.clone();
+        if state.watches.get(seat).is_some_and(|w| w.generation == generation) {
             state.watches.remove(seat);
-            state.seats.remove(&delay_id);
         }
-    }
-
-    /// Participants with a leave watched (for tests and the admin view).
-    pub fn watched(&self) -> usize {
-        self.state().watches.len()
     }
 }
 
@@ -370,7 +358,6 @@ mod tests {
         let generation = state.generations;
         let watch = Watch { delay_id: delay_id.into(), generation, wake: Arc::default() };
         state.watches.insert(seat.clone(), watch);
-        state.seats.insert(delay_id.into(), seat.clone());
         generation
     }
 
@@ -392,9 +379,8 @@ mod tests {
         let second = watch(&leaves, &seat, "a");
         assert_eq!(leaves.look(&seat, first), None);
         leaves.forget(&seat, first);
-        assert_eq!(leaves.watched(), 1);
+        assert_eq!(leaves.state().watches.len(), 1);
         leaves.forget(&seat, second);
-        assert_eq!(leaves.watched(), 0);
-        assert!(leaves.state().seats.is_empty());
+        assert!(leaves.state().watches.is_empty());
     }
 }
